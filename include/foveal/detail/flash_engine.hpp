@@ -1,0 +1,472 @@
+// foveal/detail/flash_engine.hpp — the ONE tiled online-softmax attention engine.
+//
+// Every attention variant is this engine plus a visit policy that says which key blocks a tile
+// of query rows visits and which positions inside a visited block are masked.
+//
+// Layout of the work. A tile is up to kBlockQ query rows of one (batch, kv head); with GQA the
+// rows are the (position, query head) pairs of the group, position-major, so the query heads of
+// a group share every K/V row the tile loads. The tile's queries are packed once, transposed
+// and pre-scaled, into q_t[D][kBlockQ]; K and V rows are read in place from the caller's memory
+// (any row stride, unit inner stride), so nothing of K or V is ever copied. Scores are kept
+// transposed, s_t[key][row]: the softmax statistics of kLanes rows are then plain vertical
+// vector operations (no horizontal reductions), and the two products are register-blocked
+// micro-kernels:
+//   scores   s_t[j][rows]   += k[j][d] (broadcast) * q_t[d][rows]     6 keys x 4 vectors
+//   output   acc[row][cols] += p[j][row] (broadcast) * v[j][cols]     6 rows x 4 vectors
+// Logits are kept in base 2 (the scale includes log2 e) so the softmax uses exp2.
+//
+// Policy interface (see BandPolicy):
+//   template <class Visit> void for_each_block(Index position_lo, Index position_hi,
+//                                              Visit&& visit) const;
+//       calls visit(KeyBlock) for every key block the rows at those positions may see, in
+//       increasing key order; a block's keys are [begin, begin + count) or index[0..count).
+//   bool sees(Index position, Index key) const;   consulted only inside blocks marked
+//                                                 needs_mask.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "foveal/core/parallel.hpp"
+#include "foveal/core/tensor.hpp"
+#include "foveal/detail/mask.hpp"
+#include "foveal/detail/simd.hpp"
+#include "foveal/detail/softmax_math.hpp"
+
+namespace foveal::detail {
+
+inline constexpr Index kBlockQ = 64;  // query rows per tile
+inline constexpr Index kBlockK = 64;  // keys per block
+inline constexpr int kKeysPerMicro = 6;
+inline constexpr int kRowVectorsPerMicro = 4;
+inline constexpr int kRowsPerMicro = 6;
+inline constexpr int kColVectorsPerMicro = 4;
+
+// Everything the engine needs, validated by the entry point before the engine runs.
+// q: [B, Hq, Lq, D]  k: [B, Hkv, Lk, D]  v: [B, Hkv, Lk, Dv]  out: [B, Hq, Lq, Dv]
+// lse: [B, Hq, Lq] or null; bias: [B, Hq, Lq, Lk] (broadcast dims have stride 0) or null.
+template <typename T>
+struct FlashParams {
+  TensorView<const T, 4> q, k, v;
+  TensorView<T, 4> out;
+  TensorView<T, 3> lse;
+  TensorView<const T, 4> bias;
+  Index q_offset = 0;   // position of query 0
+  double scale = 1;     // applied to q.k
+  double softcap = 0;   // 0: off
+  int num_threads = 1;
+};
+
+// A block of keys to visit: [begin, begin + count), or index[0..count) when index is set.
+struct KeyBlock {
+  Index begin = 0;
+  Index count = 0;
+  const Index* index = nullptr;
+  bool needs_mask = false;
+};
+
+// Visits the keys of `range` in blocks aligned to multiples of kBlockK, so that any two
+// policies covering the same keys use identical blocks (and identical arithmetic).
+template <typename Visit>
+void for_each_aligned_block(KeyRange range, const Visibility& visibility, Index position_lo,
+                            Index position_hi, Visit&& visit) {
+  for (Index begin = range.begin; begin < range.end;) {
+    const Index end = std::min(range.end, (begin / kBlockK + 1) * kBlockK);
+    visit(KeyBlock{begin, end - begin, nullptr,
+                   !visibility.sees_all(position_lo, position_hi, begin, end)});
+    begin = end;
+  }
+}
+
+// Dense attention with windows and sinks: visits the sink keys and the band of the tile.
+class BandPolicy {
+ public:
+  explicit BandPolicy(const Visibility& visibility) : visibility_(visibility) {}
+
+  template <typename Visit>
+  void for_each_block(Index position_lo, Index position_hi, Visit&& visit) const {
+    const KeyRange band = visibility_.band(position_lo, position_hi);
+    const Index sink_end = visibility_.sink_tokens;
+    if (band.end <= band.begin) {
+      for_each_aligned_block({0, sink_end}, visibility_, position_lo, position_hi, visit);
+    } else if (sink_end < band.begin) {
+      for_each_aligned_block({0, sink_end}, visibility_, position_lo, position_hi, visit);
+      for_each_aligned_block(band, visibility_, position_lo, position_hi, visit);
+    } else {
+      for_each_aligned_block({0, std::max(band.end, sink_end)}, visibility_, position_lo,
+                             position_hi, visit);
+    }
+  }
+
+  bool sees(Index position, Index key) const { return visibility_.sees(position, key); }
+
+ private:
+  Visibility visibility_;
+};
+
+// ---------------------------------------------------------------------------------------------
+// Micro-kernels.
+
+// s_t[j][0 .. QV*kLanes) = sum_d k_rows[j][d] * q_t[d][0 .. QV*kLanes), for j < NK.
+// q_t and s_t have row stride kBlockQ.
+template <typename T, int NK, int QV>
+inline void score_micro(const T* q_t, const T* const* k_rows, Index dim, T* s_t) {
+  constexpr int L = kLanes<T>;
+  Vec<T> acc[NK][QV];
+  for (int j = 0; j < NK; ++j)
+    for (int c = 0; c < QV; ++c) acc[j][c] = Vec<T>{};
+  for (Index d = 0; d < dim; ++d) {
+    const T* q_column = q_t + d * kBlockQ;
+    Vec<T> q_vectors[QV];
+    for (int c = 0; c < QV; ++c) q_vectors[c] = load(q_column + c * L);
+    for (int j = 0; j < NK; ++j) {
+      const Vec<T> key = splat(k_rows[j][d]);
+      for (int c = 0; c < QV; ++c) acc[j][c] += key * q_vectors[c];
+    }
+  }
+  for (int j = 0; j < NK; ++j)
+    for (int c = 0; c < QV; ++c) store(s_t + j * kBlockQ + c * L, acc[j][c]);
+}
+
+template <typename T, int NK>
+inline void score_dispatch_rows(int row_vectors, const T* q_t, const T* const* k_rows, Index dim,
+                                T* s_t) {
+  switch (row_vectors) {
+    case 1: return score_micro<T, NK, 1>(q_t, k_rows, dim, s_t);
+    case 2: return score_micro<T, NK, 2>(q_t, k_rows, dim, s_t);
+    case 3: return score_micro<T, NK, 3>(q_t, k_rows, dim, s_t);
+    default: return score_micro<T, NK, 4>(q_t, k_rows, dim, s_t);
+  }
+}
+
+// Scores of `num_keys` keys against the first `row_vectors` vectors of packed queries.
+template <typename T>
+inline void compute_scores(const T* q_t, const T* const* k_rows, Index num_keys, Index dim,
+                           int row_vectors, T* s_t) {
+  constexpr int L = kLanes<T>;
+  for (Index j0 = 0; j0 < num_keys; j0 += kKeysPerMicro) {
+    const int keys = static_cast<int>(std::min<Index>(kKeysPerMicro, num_keys - j0));
+    for (int c0 = 0; c0 < row_vectors; c0 += kRowVectorsPerMicro) {
+      const int vectors = std::min(kRowVectorsPerMicro, row_vectors - c0);
+      const T* q_part = q_t + c0 * L;
+      T* s_part = s_t + j0 * kBlockQ + c0 * L;
+      const T* const* k_part = k_rows + j0;
+      switch (keys) {
+        case 1: score_dispatch_rows<T, 1>(vectors, q_part, k_part, dim, s_part); break;
+        case 2: score_dispatch_rows<T, 2>(vectors, q_part, k_part, dim, s_part); break;
+        case 3: score_dispatch_rows<T, 3>(vectors, q_part, k_part, dim, s_part); break;
+        case 4: score_dispatch_rows<T, 4>(vectors, q_part, k_part, dim, s_part); break;
+        case 5: score_dispatch_rows<T, 5>(vectors, q_part, k_part, dim, s_part); break;
+        default: score_dispatch_rows<T, 6>(vectors, q_part, k_part, dim, s_part); break;
+      }
+    }
+  }
+}
+
+// acc[r][cols] = acc[r][cols] * alpha[r] + sum_j p_t[j][r] * v_rows[j][cols] for r < NR,
+// cols = col0 .. col0 + CV*kLanes. p_t has row stride kBlockQ; acc has row stride acc_stride.
+template <typename T, int NR, int CV>
+inline void output_micro(const T* p_t, const T* alpha, const T* const* v_rows, Index num_keys,
+                         Index col0, T* acc, Index acc_stride) {
+  constexpr int L = kLanes<T>;
+  Vec<T> sums[NR][CV];
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < CV; ++c) sums[r][c] = load(acc + r * acc_stride + col0 + c * L) * alpha[r];
+  for (Index j = 0; j < num_keys; ++j) {
+    const T* v_row = v_rows[j] + col0;
+    Vec<T> values[CV];
+    for (int c = 0; c < CV; ++c) values[c] = load(v_row + c * L);
+    const T* p_row = p_t + j * kBlockQ;
+    for (int r = 0; r < NR; ++r) {
+      const Vec<T> weight = splat(p_row[r]);
+      for (int c = 0; c < CV; ++c) sums[r][c] += weight * values[c];
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int c = 0; c < CV; ++c) store(acc + r * acc_stride + col0 + c * L, sums[r][c]);
+}
+
+template <typename T, int NR>
+inline void output_dispatch_cols(int col_vectors, const T* p_t, const T* alpha,
+                                 const T* const* v_rows, Index num_keys, Index col0, T* acc,
+                                 Index acc_stride) {
+  switch (col_vectors) {
+    case 1: return output_micro<T, NR, 1>(p_t, alpha, v_rows, num_keys, col0, acc, acc_stride);
+    case 2: return output_micro<T, NR, 2>(p_t, alpha, v_rows, num_keys, col0, acc, acc_stride);
+    case 3: return output_micro<T, NR, 3>(p_t, alpha, v_rows, num_keys, col0, acc, acc_stride);
+    default: return output_micro<T, NR, 4>(p_t, alpha, v_rows, num_keys, col0, acc, acc_stride);
+  }
+}
+
+// acc[r][:] = acc[r][:] * alpha[r] + sum_j p_t[j][r] * v_rows[j][:] for r < num_rows.
+template <typename T>
+inline void accumulate_output(const T* p_t, const T* alpha, const T* const* v_rows,
+                              Index num_keys, Index num_rows, Index dim_v, T* acc,
+                              Index acc_stride) {
+  constexpr int L = kLanes<T>;
+  const Index full_vectors = dim_v / L;
+  for (Index r0 = 0; r0 < num_rows; r0 += kRowsPerMicro) {
+    const int rows = static_cast<int>(std::min<Index>(kRowsPerMicro, num_rows - r0));
+    for (Index c0 = 0; c0 < full_vectors; c0 += kColVectorsPerMicro) {
+      const int vectors = static_cast<int>(std::min<Index>(kColVectorsPerMicro, full_vectors - c0));
+      const T* p_part = p_t + r0;
+      T* acc_part = acc + r0 * acc_stride;
+      const Index col0 = c0 * L;
+      switch (rows) {
+        case 1: output_dispatch_cols<T, 1>(vectors, p_part, alpha + r0, v_rows, num_keys, col0, acc_part, acc_stride); break;
+        case 2: output_dispatch_cols<T, 2>(vectors, p_part, alpha + r0, v_rows, num_keys, col0, acc_part, acc_stride); break;
+        case 3: output_dispatch_cols<T, 3>(vectors, p_part, alpha + r0, v_rows, num_keys, col0, acc_part, acc_stride); break;
+        case 4: output_dispatch_cols<T, 4>(vectors, p_part, alpha + r0, v_rows, num_keys, col0, acc_part, acc_stride); break;
+        case 5: output_dispatch_cols<T, 5>(vectors, p_part, alpha + r0, v_rows, num_keys, col0, acc_part, acc_stride); break;
+        default: output_dispatch_cols<T, 6>(vectors, p_part, alpha + r0, v_rows, num_keys, col0, acc_part, acc_stride); break;
+      }
+    }
+  }
+  // Columns past the last full vector (Dv not a multiple of kLanes).
+  for (Index col = full_vectors * L; col < dim_v; ++col) {
+    for (Index r = 0; r < num_rows; ++r) {
+      T sum = acc[r * acc_stride + col] * alpha[r];
+      for (Index j = 0; j < num_keys; ++j) sum += p_t[j * kBlockQ + r] * v_rows[j][col];
+      acc[r * acc_stride + col] = sum;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One tile of query rows.
+
+// Logits are produced in base 2: queries are packed times `query`; with a softcap (cap > 0)
+// the engine then computes cap * tanh(q.k) with query = scale / softcap, cap = softcap * log2 e.
+template <typename T>
+struct Multipliers {
+  T query;
+  T cap;
+};
+
+template <typename T>
+Multipliers<T> logit_multipliers(double scale, double softcap) {
+  if (softcap > 0) return {static_cast<T>(scale / softcap), static_cast<T>(softcap * kLog2E)};
+  return {static_cast<T>(scale * kLog2E), T(0)};
+}
+
+template <typename T>
+struct TileScratch {
+  T* q_t;   // [D][kBlockQ]: queries, transposed and pre-scaled
+  T* s_t;   // [kBlockK][kBlockQ]: scores, then probabilities, of the current key block
+  T* acc;   // [kBlockQ][acc_stride]: unnormalized output
+};
+
+template <typename T>
+class TileRunner {
+ public:
+  TileRunner(const FlashParams<T>& params, Index acc_stride)
+      : params_(params),
+        group_(params.q.size(1) / params.k.size(1)),
+        dim_(params.q.size(3)),
+        dim_v_(params.v.size(3)),
+        acc_stride_(acc_stride) {
+    // Logits are produced in base 2. With a softcap the queries carry scale / softcap and the
+    // cap multiplies tanh by softcap * log2 e afterwards.
+    const Multipliers multipliers = logit_multipliers<T>(params.scale, params.softcap);
+    q_multiplier_ = multipliers.query;
+    cap_multiplier_ = multipliers.cap;
+  }
+
+  // Runs rows [flat_begin, flat_begin + kBlockQ) of (batch, kv_head); a flat row is
+  // position * group + head_in_group.
+  template <typename Policy>
+  void run(const Policy& policy, Index batch, Index kv_head, Index flat_begin,
+           const TileScratch<T>& scratch) const {
+    constexpr int L = kLanes<T>;
+    const Index num_rows = std::min(kBlockQ, params_.q.size(2) * group_ - flat_begin);
+    const int row_vectors = static_cast<int>((num_rows + L - 1) / L);
+
+    Index positions[kBlockQ];
+    Index query_index[kBlockQ];
+    Index head[kBlockQ];
+    for (Index r = 0; r < kBlockQ; ++r) {
+      const Index flat = flat_begin + std::min(r, num_rows - 1);
+      query_index[r] = flat / group_;
+      head[r] = kv_head * group_ + flat % group_;
+      positions[r] = params_.q_offset + query_index[r];
+    }
+
+    pack_queries(batch, num_rows, query_index, head, scratch.q_t);
+
+    T row_max[kBlockQ];
+    T row_sum[kBlockQ];
+    T alpha[kBlockQ];
+    std::fill(row_max, row_max + kBlockQ, -std::numeric_limits<T>::infinity());
+    std::fill(row_sum, row_sum + kBlockQ, T(0));
+    for (Index r = 0; r < num_rows; ++r) std::fill_n(scratch.acc + r * acc_stride_, dim_v_, T(0));
+
+    const T* k_base = params_.k.data() + batch * params_.k.stride(0) + kv_head * params_.k.stride(1);
+    const T* v_base = params_.v.data() + batch * params_.v.stride(0) + kv_head * params_.v.stride(1);
+    const Index k_row_stride = params_.k.stride(2);
+    const Index v_row_stride = params_.v.stride(2);
+
+    policy.for_each_block(positions[0], positions[num_rows - 1], [&](const KeyBlock& block) {
+      const T* k_rows[kBlockK];
+      const T* v_rows[kBlockK];
+      Index keys[kBlockK];
+      for (Index j = 0; j < block.count; ++j) {
+        keys[j] = block.index != nullptr ? block.index[j] : block.begin + j;
+        k_rows[j] = k_base + keys[j] * k_row_stride;
+        v_rows[j] = v_base + keys[j] * v_row_stride;
+      }
+      compute_scores(scratch.q_t, k_rows, block.count, dim_, row_vectors, scratch.s_t);
+      transform_logits(batch, block, keys, num_rows, row_vectors, query_index, head, positions,
+                       policy, scratch.s_t);
+      online_softmax(block.count, row_vectors, scratch.s_t, row_max, row_sum, alpha);
+      accumulate_output(scratch.s_t, alpha, v_rows, block.count, num_rows, dim_v_, scratch.acc,
+                        acc_stride_);
+    });
+
+    write_rows(batch, num_rows, query_index, head, row_max, row_sum, scratch.acc);
+  }
+
+ private:
+  // q_t[d][r] = q[batch, head[r], query_index[r], d] * q_multiplier; rows past num_rows are 0.
+  void pack_queries(Index batch, Index num_rows, const Index* query_index, const Index* head,
+                    T* q_t) const {
+    const auto& q = params_.q;
+    for (Index r = 0; r < num_rows; ++r) {
+      const T* q_row = q.data() + batch * q.stride(0) + head[r] * q.stride(1) +
+                       query_index[r] * q.stride(2);
+      for (Index d = 0; d < dim_; ++d) q_t[d * kBlockQ + r] = q_row[d] * q_multiplier_;
+    }
+    for (Index d = 0; d < dim_; ++d)
+      std::fill(q_t + d * kBlockQ + num_rows, q_t + (d + 1) * kBlockQ, T(0));
+  }
+
+  // Softcap, additive bias and mask, in that order, on s_t[j][r] (base-2 logits).
+  template <typename Policy>
+  void transform_logits(Index batch, const KeyBlock& block, const Index* keys, Index num_rows,
+                        int row_vectors, const Index* query_index, const Index* head,
+                        const Index* positions, const Policy& policy, T* s_t) const {
+    constexpr int L = kLanes<T>;
+    if (cap_multiplier_ > 0) {
+      for (Index j = 0; j < block.count; ++j)
+        for (int c = 0; c < row_vectors; ++c) {
+          T* slot = s_t + j * kBlockQ + c * L;
+          store(slot, tanh(load(slot)) * cap_multiplier_);
+        }
+    }
+    if (params_.bias.data() != nullptr) {
+      const auto& bias = params_.bias;
+      const T log2e = static_cast<T>(kLog2E);
+      for (Index r = 0; r < num_rows; ++r) {
+        const T* bias_row = bias.data() + batch * bias.stride(0) + head[r] * bias.stride(1) +
+                            query_index[r] * bias.stride(2);
+        for (Index j = 0; j < block.count; ++j)
+          s_t[j * kBlockQ + r] += bias_row[keys[j] * bias.stride(3)] * log2e;
+      }
+    }
+    if (block.needs_mask) {
+      const T masked = -std::numeric_limits<T>::infinity();
+      for (Index j = 0; j < block.count; ++j)
+        for (Index r = 0; r < num_rows; ++r)
+          if (!policy.sees(positions[r], keys[j])) s_t[j * kBlockQ + r] = masked;
+    }
+  }
+
+  // Turns the block's logits into probabilities relative to the updated running max and
+  // updates the running max and sum; alpha[r] rescales what the row accumulated before.
+  static void online_softmax(Index num_keys, int row_vectors, T* s_t, T* row_max, T* row_sum,
+                             T* alpha) {
+    constexpr int L = kLanes<T>;
+    const T negative_infinity = -std::numeric_limits<T>::infinity();
+    for (int c = 0; c < row_vectors; ++c) {
+      T* column = s_t + c * L;
+      Vec<T> block_max = splat(negative_infinity);
+      for (Index j = 0; j < num_keys; ++j) block_max = vector_max(block_max, load(column + j * kBlockQ));
+      const Vec<T> old_max = load(row_max + c * L);
+      const Vec<T> new_max = vector_max(old_max, block_max);
+      // A row that has seen only masked keys keeps max -inf; subtracting 0 keeps exp2 at 0.
+      const Vec<T> safe_max = new_max == negative_infinity ? Vec<T>{} : new_max;
+      const Vec<T> rescale = exp2_nonpositive(old_max - safe_max);
+      Vec<T> block_sum{};
+      for (Index j = 0; j < num_keys; ++j) {
+        const Vec<T> p = exp2_nonpositive(load(column + j * kBlockQ) - safe_max);
+        store(column + j * kBlockQ, p);
+        block_sum += p;
+      }
+      store(row_max + c * L, new_max);
+      store(row_sum + c * L, load(row_sum + c * L) * rescale + block_sum);
+      store(alpha + c * L, rescale);
+    }
+  }
+
+  // out = acc / row_sum (0 for rows that saw no key); lse = ln 2 * (max + log2 sum).
+  void write_rows(Index batch, Index num_rows, const Index* query_index, const Index* head,
+                  const T* row_max, const T* row_sum, const T* acc) const {
+    const auto& out = params_.out;
+    const auto& lse = params_.lse;
+    for (Index r = 0; r < num_rows; ++r) {
+      const bool saw_keys = row_sum[r] > T(0);
+      const T inverse = saw_keys ? T(1) / row_sum[r] : T(0);
+      T* out_row = out.data() + batch * out.stride(0) + head[r] * out.stride(1) +
+                   query_index[r] * out.stride(2);
+      const T* acc_row = acc + r * acc_stride_;
+      for (Index d = 0; d < dim_v_; ++d) out_row[d] = acc_row[d] * inverse;
+      if (lse.data() != nullptr) {
+        lse(batch, head[r], query_index[r]) =
+            saw_keys ? static_cast<T>(kLn2 * (static_cast<double>(row_max[r]) +
+                                              std::log2(static_cast<double>(row_sum[r]))))
+                     : -std::numeric_limits<T>::infinity();
+      }
+    }
+  }
+
+  const FlashParams<T>& params_;
+  Index group_;
+  Index dim_;
+  Index dim_v_;
+  Index acc_stride_;
+  T q_multiplier_ = 1;
+  T cap_multiplier_ = 0;
+};
+
+// Runs the engine over every tile of every (batch, kv head) with the given policy.
+template <typename T, typename Policy>
+void run_flash_attention(const FlashParams<T>& params, const Policy& policy) {
+  constexpr int L = kLanes<T>;
+  const Index batch = params.q.size(0);
+  const Index heads_kv = params.k.size(1);
+  const Index group = heads_kv > 0 ? params.q.size(1) / heads_kv : 0;
+  const Index rows_per_head = params.q.size(2) * group;
+  const Index tiles_per_head = (rows_per_head + kBlockQ - 1) / kBlockQ;
+  const Index num_tasks = batch * heads_kv * tiles_per_head;
+  if (num_tasks == 0) return;
+
+  const Index dim = params.q.size(3);
+  const Index acc_stride = (params.v.size(3) + L - 1) / L * L;
+  // Per-thread scratch, each part a whole number of 64-byte lines.
+  const auto round_up = [](Index count) {
+    constexpr Index line = static_cast<Index>(kTensorAlignment / sizeof(T));
+    return (count + line - 1) / line * line;
+  };
+  const Index q_t_size = round_up(dim * kBlockQ);
+  const Index s_t_size = round_up(kBlockK * kBlockQ);
+  const Index acc_size = round_up(kBlockQ * acc_stride);
+  const Index per_thread = q_t_size + s_t_size + acc_size;
+  const int num_threads =
+      static_cast<int>(std::min<Index>(std::max(params.num_threads, 1), num_tasks));
+  auto scratch = allocate_aligned<T>(static_cast<std::size_t>(per_thread * num_threads));
+
+  const TileRunner<T> runner(params, acc_stride);
+  parallel_for(num_tasks, num_threads, [&](Index task) {
+    // Tiles late in the sequence see the most keys under a causal mask: hand them out first.
+    const Index tile = tiles_per_head - 1 - task % tiles_per_head;
+    const Index head_task = task / tiles_per_head;
+    const Index kv_head = head_task % heads_kv;
+    const Index batch_index = head_task / heads_kv;
+    T* base = scratch.get() + per_thread * thread_index();
+    const TileScratch<T> tile_scratch{base, base + q_t_size, base + q_t_size + s_t_size};
+    runner.run(policy, batch_index, kv_head, tile * kBlockQ, tile_scratch);
+  });
+}
+
+}  // namespace foveal::detail

@@ -1,0 +1,63 @@
+// foveal/detail/mask.hpp — the mask algebra: which keys a query position sees.
+//
+// Everything is a window: causal is (left = unbounded, right = 0), -1 means unbounded, and
+// the first `sink_tokens` keys are always visible. Positions are absolute (q_offset + i).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "foveal/core/tensor.hpp"
+
+namespace foveal::detail {
+
+// Half-open key range [begin, end); empty when end <= begin.
+struct KeyRange {
+  Index begin = 0;
+  Index end = 0;
+};
+
+struct Visibility {
+  Index window_left = -1;   // -1: unbounded
+  Index window_right = -1;  // -1: unbounded
+  Index sink_tokens = 0;
+  Index len_k = 0;
+
+  // Builds the normalized form: causal folded into window_right, windows so wide that they
+  // cannot bound anything (>= Lk + Lq) turned into -1, so position arithmetic cannot overflow.
+  static Visibility make(bool causal, Index window_left, Index window_right, Index sink_tokens,
+                         Index len_q, Index len_k) {
+    const Index reach = len_k + len_q;
+    Visibility visibility;
+    visibility.window_left = window_left >= reach ? -1 : window_left;
+    const Index right = causal ? 0 : window_right;
+    visibility.window_right = right >= reach ? -1 : right;
+    visibility.sink_tokens = std::min(sink_tokens, len_k);
+    visibility.len_k = len_k;
+    return visibility;
+  }
+
+  // True when a query at `position` sees `key`.
+  bool sees(Index position, Index key) const {
+    if (key < sink_tokens) return true;
+    return (window_left < 0 || key >= position - window_left) &&
+           (window_right < 0 || key <= position + window_right);
+  }
+
+  // The keys inside the window of at least one position in [position_lo, position_hi],
+  // clamped to [0, Lk). Sinks are not included.
+  KeyRange band(Index position_lo, Index position_hi) const {
+    const Index begin = window_left < 0 ? 0 : position_lo - window_left;
+    const Index end = window_right < 0 ? len_k : position_hi + window_right + 1;
+    return {std::clamp<Index>(begin, 0, len_k), std::clamp<Index>(end, 0, len_k)};
+  }
+
+  // True when every position in [position_lo, position_hi] sees every key in [key_begin, key_end).
+  bool sees_all(Index position_lo, Index position_hi, Index key_begin, Index key_end) const {
+    if (key_end <= sink_tokens) return true;
+    return (window_left < 0 || key_begin >= position_hi - window_left) &&
+           (window_right < 0 || key_end - 1 <= position_lo + window_right);
+  }
+};
+
+}  // namespace foveal::detail

@@ -1,0 +1,86 @@
+// foveal/detail/softmax_math.hpp — vectorized exp2 and tanh for the online softmax.
+#pragma once
+
+#include <cmath>
+#include <limits>
+
+#include "foveal/detail/simd.hpp"
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace foveal::detail {
+
+inline constexpr double kLog2E = 1.4426950408889634073599246810019;
+inline constexpr double kLn2 = 0.69314718055994530941723212145818;
+
+// Returns 2^x lane-wise for x <= 0 (the softmax only ever exponentiates x - max): a degree-5
+// polynomial on the fraction (relative error 2.1e-7) scaled by 2^round(x). x <= -160 (and -inf)
+// gives exactly 0, x in (-149, -126) a subnormal, and NaN stays NaN.
+inline Vec<float> exp2_nonpositive(Vec<float> x) {
+#if defined(__AVX512F__)
+  // max(-160, x) keeps NaN (vmaxps returns its second operand when one is NaN), and vscalefps
+  // inserts the exponent with correct underflow to 0, so no masks or integer tricks are needed.
+  // (The all-lanes masked forms avoid GCC 12's false -Wmaybe-uninitialized on the plain ones.)
+  const __mmask16 all = static_cast<__mmask16>(0xFFFF);
+  const __m512 floor = _mm512_set1_ps(-160.0f);
+  const __m512 clamped = _mm512_mask_max_ps(floor, all, floor, (__m512)x);
+  const __m512 rounded = _mm512_mask_roundscale_ps(clamped, all, clamped,
+                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const Vec<float> fraction = (Vec<float>)_mm512_sub_ps(clamped, rounded);  // in [-0.5, 0.5]
+#else
+  using Bits = SimdTraits<float>::Bits;
+  const Vec<float> clamped = x < -127.0f ? splat(-127.0f) : x;
+  // Adding 1.5 * 2^23 rounds to the nearest integer and leaves it in the low mantissa bits.
+  const Vec<float> shifted = clamped + 12582912.0f;
+  const Vec<float> rounded = shifted - 12582912.0f;
+  const Vec<float> fraction = clamped - rounded;  // in [-0.5, 0.5]
+#endif
+  // Minimax-fitted with the constant term pinned to 1, so that 2^0 is exactly 1 (a row that
+  // sees a single key copies its value exactly).
+  Vec<float> poly = splat(0.001326472731307149f);
+  poly = poly * fraction + 0.009671512991189957f;
+  poly = poly * fraction + 0.05550733581185341f;
+  poly = poly * fraction + 0.24022242426872253f;
+  poly = poly * fraction + 0.6931470036506653f;
+  poly = poly * fraction + 1.0f;
+#if defined(__AVX512F__)
+  return (Vec<float>)_mm512_mask_scalef_ps((__m512)poly, all, (__m512)poly, rounded);
+#else
+  const Bits exponent = ((Bits)shifted - (Bits)splat(12582912.0f)) << 23;
+  const Vec<float> result = (Vec<float>)((Bits)poly + exponent);
+  const Vec<float> flushed = x < -126.0f ? Vec<float>{} : result;
+  return x == x ? flushed : x;  // NaN in, NaN out
+#endif
+}
+
+// Double lanes go through the C library: the float64 path is for accuracy, not speed.
+inline Vec<double> exp2_nonpositive(Vec<double> x) {
+  Vec<double> result{};
+  for (int lane = 0; lane < kLanes<double>; ++lane) result[lane] = std::exp2(x[lane]);
+  return result;
+}
+
+// Returns tanh(x) lane-wise. Float: odd Taylor series near 0 (no cancellation), else
+// sign(x) * (1 - e) / (1 + e) with e = 2^(-2|x| log2 e); relative error below 4e-7.
+inline Vec<float> tanh(Vec<float> x) {
+  const Vec<float> magnitude = x < 0.0f ? -x : x;
+  const Vec<float> e = exp2_nonpositive(magnitude * static_cast<float>(-2.0 * kLog2E));
+  const Vec<float> far = (1.0f - e) / (1.0f + e);
+  const Vec<float> x2 = magnitude * magnitude;
+  // x - x^3/3 + 2x^5/15 - 17x^7/315, exact to float rounding for |x| < 1/16.
+  const Vec<float> near =
+      magnitude *
+      (1.0f + x2 * (-1.0f / 3.0f + x2 * (2.0f / 15.0f + x2 * (-17.0f / 315.0f))));
+  const Vec<float> value = magnitude < 0.0625f ? near : far;
+  return x < 0.0f ? -value : value;
+}
+
+inline Vec<double> tanh(Vec<double> x) {
+  Vec<double> result{};
+  for (int lane = 0; lane < kLanes<double>; ++lane) result[lane] = std::tanh(x[lane]);
+  return result;
+}
+
+}  // namespace foveal::detail

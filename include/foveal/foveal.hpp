@@ -1,0 +1,11 @@
+// foveal/foveal.hpp — the umbrella header: everything a user of foveal needs.
+#pragma once
+
+#include "foveal/attention/dense.hpp"
+#include "foveal/attention/options.hpp"
+#include "foveal/attention/registry.hpp"
+#include "foveal/core/dtype.hpp"
+#include "foveal/core/error.hpp"
+#include "foveal/core/parallel.hpp"
+#include "foveal/core/tensor.hpp"
+#include "foveal/version.hpp"
