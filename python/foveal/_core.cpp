@@ -5,8 +5,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "foveal/foveal.hpp"
@@ -36,6 +38,9 @@ foveal::TensorView<T, Rank> view_of(const char* function, const char* name, cons
                   " bytes is not a multiple of the element size ", sizeof(Element));
     strides[dim] = array.strides(dim) / static_cast<py::ssize_t>(sizeof(Element));
   }
+  foveal::check(reinterpret_cast<std::uintptr_t>(array.data()) % alignof(Element) == 0, function,
+                ": ", name, " is not aligned to its element size ", alignof(Element),
+                " (a view at an odd byte offset)");
   T* data;
   if constexpr (std::is_const_v<T>) {
     data = static_cast<T*>(array.data());

@@ -9,7 +9,7 @@
 namespace foveal {
 
 // Thrown for every rejected input. The message names the function, the argument, what was
-// expected and what came: "foveal: attention: k.shape[3] (D) must equal q.shape[3] = 64, got 32".
+// expected and what came: "foveal: attention: k.shape[3] must equal q.shape[3] (D) = 64, got 32".
 class Error : public std::invalid_argument {
  public:
   explicit Error(const std::string& message) : std::invalid_argument(message) {}

@@ -38,7 +38,7 @@
 namespace foveal::detail {
 
 inline constexpr Index kBlockQ = 64;  // query rows per tile
-inline constexpr Index kBlockK = 64;  // keys per block
+inline constexpr Index kBlockK = 128;  // keys per block
 inline constexpr int kKeysPerMicro = 6;
 inline constexpr int kRowVectorsPerMicro = 4;
 inline constexpr int kRowsPerMicro = 6;

@@ -1,0 +1,112 @@
+"""Shared fixtures and the float64 numpy reference of dense attention (OPERATORS.md §1).
+
+The reference is the executable spec in Python: plain numpy in float64, no tiling, no online
+softmax, mirroring tests/reference/attention_reference.hpp.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import numpy as np
+import pytest
+
+SEED = 20240611
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    """A seeded generator; every test that draws numbers starts from the same state."""
+    return np.random.default_rng(SEED)
+
+
+@pytest.fixture
+def torch() -> Any:
+    """The torch module; the test is skipped where torch is not installed."""
+    return pytest.importorskip("torch")
+
+
+def visible_keys(
+    len_q: int,
+    len_k: int,
+    causal: bool = False,
+    window_left: int = -1,
+    window_right: int = -1,
+    sink_tokens: int = 0,
+    q_offset: Optional[int] = None,
+) -> np.ndarray:
+    """[Lq, Lk] booleans: query i (at position q_offset + i) sees key j (DESIGN.md)."""
+    offset = len_k - len_q if q_offset is None or q_offset == -1 else q_offset
+    position = offset + np.arange(len_q)[:, None]
+    key = np.arange(len_k)[None, :]
+    right = 0 if causal else window_right
+    visible = np.ones((len_q, len_k), dtype=bool)
+    if window_left >= 0:
+        visible &= key >= position - window_left
+    if right >= 0:
+        visible &= key <= position + right
+    return visible | (key < sink_tokens)
+
+
+def bias_as_float(bias: Any) -> np.ndarray:
+    """A boolean mask (True = attend) as 0 / -inf; a float bias as float64."""
+    bias = np.asarray(bias)
+    if bias.dtype == np.bool_:
+        return np.where(bias, 0.0, -np.inf)
+    return bias.astype(np.float64)
+
+
+def reference_attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    scale: Optional[float] = None,
+    causal: bool = False,
+    window_left: int = -1,
+    window_right: int = -1,
+    sink_tokens: int = 0,
+    softcap: float = 0.0,
+    q_offset: Optional[int] = None,
+    bias: Any = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(out [B, Hq, Lq, Dv], lse [B, Hq, Lq]) in float64.
+
+    l_ij = scale * q_i . k_j ; softcap: l = c * tanh(l / c) ; + bias_ij ; keys not visible (or
+    with l = -inf) are dropped ; P_i = softmax over the rest ; O_i = sum_j P_ij v_j ;
+    lse_i = log sum_j exp(l_ij). A row without a visible key gives O = 0 and lse = -inf.
+    """
+    q, k, v = (np.asarray(x, dtype=np.float64) for x in (q, k, v))
+    batch, heads_q, len_q, dim = q.shape
+    heads_kv, len_k, dim_v = k.shape[1], k.shape[2], v.shape[3]
+    out = np.zeros((batch, heads_q, len_q, dim_v))
+    lse = np.full((batch, heads_q, len_q), -np.inf)
+    if out.size == 0 or len_k == 0:
+        return out, lse
+    group = heads_q // heads_kv
+    k = np.repeat(k, group, axis=1)  # query head h reads kv head h // group
+    v = np.repeat(v, group, axis=1)
+    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    logits = scale * np.einsum("bhid,bhjd->bhij", q, k)
+    if softcap > 0:
+        logits = softcap * np.tanh(logits / softcap)
+    if bias is not None:
+        logits = logits + bias_as_float(bias)  # broadcasts [Lq, Lk], [Hq|1, ...], [B|1, ...]
+    visible = visible_keys(len_q, len_k, causal, window_left, window_right, sink_tokens, q_offset)
+    visible = visible & (logits > -np.inf)
+    logits = np.where(visible, logits, -np.inf)
+    any_visible = visible.any(axis=-1)
+    row_max = np.where(any_visible, logits.max(axis=-1), 0.0)
+    weights = np.where(visible, np.exp(logits - row_max[..., None]), 0.0)
+    row_sum = weights.sum(axis=-1)
+    safe_sum = np.where(any_visible, row_sum, 1.0)
+    out = np.einsum("bhij,bhjd->bhid", weights / safe_sum[..., None], v)
+    with np.errstate(divide="ignore"):
+        lse = np.where(any_visible, row_max + np.log(safe_sum), -np.inf)
+    return out, lse
+
+
+@pytest.fixture
+def reference() -> Any:
+    """The reference function, for tests that prefer a fixture over an import."""
+    return reference_attention
