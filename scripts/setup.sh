@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what foveal needs on a fresh Debian machine (run as root), skipping what is there:
+# compilers and libraries from apt, Python packages from PyPI (torch pinned to the CPU build
+# on this machine's disk), then builds and installs the foveal Python package from this tree.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v g++ >/dev/null || need_apt+=(g++)
+command -v cmake >/dev/null || need_apt+=(cmake)
+[ -f /usr/include/eigen3/Eigen/Core ] || need_apt+=(libeigen3-dev)
+[ -f /usr/include/gtest/gtest.h ] || need_apt+=(libgtest-dev)
+[ -f /usr/include/benchmark/benchmark.h ] || need_apt+=(libbenchmark-dev)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "setup: apt-get install ${need_apt[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+python3 - <<'PY' || python3 -m pip install -q --disable-pip-version-check \
+  numpy pytest pybind11 scikit-build-core matplotlib "torch==2.13.0"
+import importlib.metadata as m
+for name in ("numpy", "pytest", "pybind11", "scikit-build-core", "matplotlib"):
+    m.version(name)
+assert m.version("torch").startswith("2.13.0"), m.version("torch")
+PY
+
+echo "setup: building and installing the foveal Python package"
+python3 -m pip install -q --disable-pip-version-check --no-build-isolation .
