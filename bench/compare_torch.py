@@ -3,6 +3,7 @@
 
     python3 bench/compare_torch.py            # quick demo grid (under a minute)
     python3 bench/compare_torch.py --full     # the foundation issue's grid (several minutes)
+    python3 bench/compare_torch.py --markdown bench/results/dense_full.json   # table for docs
 
 Both libraries run interleaved on identical float32 tensors at each thread count, so machine
 noise hits both alike; each time is the median of the repetitions. Writes
@@ -97,7 +98,6 @@ L, D = int(sys.argv[1]), 64
 rng = np.random.default_rng(0)
 q, k, v = (rng.standard_normal((1, 1, L, D), dtype=np.float32) for _ in range(3))
 out = np.zeros_like(q)
-foveal.attention(q[:, :, :64], k[:, :, :64], v[:, :, :64], out=out[:, :, :64])  # load the library
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the peak resident set (VmHWM) to the current one
 before = status("VmRSS:")
@@ -107,8 +107,9 @@ print(status("VmHWM:") - before)
 
 
 def peak_extra_memory(length: int, threads: int) -> int:
-    """Growth of the peak resident set of a fresh process during one forward pass, in bytes
-    (inputs and output are allocated and touched before the peak is reset)."""
+    """Growth of the peak resident set of a fresh process during its first forward pass, in
+    bytes: inputs and output are allocated and touched before the peak is reset, so what
+    remains is foveal's workspace, the code pages of the first call and the OpenMP threads."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     result = subprocess.run(
         [sys.executable, "-c", MEMORY_PROBE, str(length)], env=env, check=True,
@@ -142,6 +143,27 @@ def plot(rows: list[dict], path: Path) -> bool:
     return True
 
 
+def markdown(path: Path) -> str:
+    """The results file at `path` as the markdown table docs/benchmarks.md shows."""
+    report = json.loads(path.read_text())
+    lines = [f"`{report['command']}` — foveal {report['foveal']}, torch {report['torch']}, "
+             f"{report['machine']['cpus']} cpus ({report['machine']['processor'] or report['machine']['machine']})",
+             "",
+             "| threads | D | L | mask | foveal ms | torch ms | torch / foveal | foveal GFLOP/s | of torch.matmul |",
+             "|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for row in report["rows"]:
+        lines.append(f"| {row['threads']} | {row['D']} | {row['L']} | {'causal' if row['causal'] else 'none'} "
+                     f"| {row['foveal_ms']:.1f} | {row['torch_ms']:.1f} | {row['ratio']:.2f}x "
+                     f"| {row['foveal_gflops']:.1f} | {row['foveal_gflops'] / row['matmul_gflops']:.0%} |")
+    lines.append("")
+    lines.append(f"Geometric mean of torch / foveal: **{report['geomean_ratio']:.2f}x** over "
+                 f"{len(report['rows'])} cells (min {min(r['ratio'] for r in report['rows']):.2f}x).")
+    for threads, extra in report.get("peak_extra_memory_bytes", {}).items():
+        lines.append(f"Peak extra memory of one causal forward at L = 32768, D = 64, {threads} thread(s): "
+                     f"{extra / 2**10:.0f} KiB.")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="the foundation issue's full grid")
@@ -149,7 +171,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=None, help="measuring time per case and library")
     parser.add_argument("--name", default=None, help="results file name (default: dense_quick / dense_full)")
     parser.add_argument("--memory-length", type=int, default=32768)
+    parser.add_argument("--markdown", type=Path, default=None,
+                        help="print the results file as a markdown table and exit")
     args = parser.parse_args()
+    if args.markdown is not None:
+        print(markdown(args.markdown))
+        return
     seconds = args.seconds if args.seconds is not None else (2.0 if args.full else 0.6)
     name = args.name or ("dense_full" if args.full else "dense_quick")
 
@@ -184,7 +211,7 @@ def main() -> None:
             memory[str(threads)] = extra
             scores = args.memory_length**2 * 4
             print(f"peak extra memory, causal L={args.memory_length} D=64, {threads} thread(s): "
-                  f"{extra / 2**20:.2f} MiB (an [L, L] fp32 score matrix would be {scores / 2**30:.0f} GiB)")
+                  f"{extra / 2**10:.0f} KiB (an [L, L] fp32 score matrix would be {scores / 2**30:.0f} GiB)")
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     report = dict(machine=dict(processor=platform.processor(), machine=platform.machine(),

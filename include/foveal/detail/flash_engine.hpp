@@ -22,12 +22,17 @@
 //       increasing key order; a block's keys are [begin, begin + count) or index[0..count).
 //   bool sees(Index position, Index key) const;   consulted only inside blocks marked
 //                                                 needs_mask.
+//   KeyRange keys_seen(Index position_lo, Index position_hi) const;
+//   PositionRange positions_seeing(Index key_begin, Index key_end) const;
+//       conservative bounds used inside masked contiguous blocks to skip the rows and keys
+//       that cannot contribute (the triangle of a causal diagonal block, the edges of a band).
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <utility>
 
 #include "foveal/core/parallel.hpp"
 #include "foveal/core/tensor.hpp"
@@ -101,6 +106,12 @@ class BandPolicy {
   }
 
   bool sees(Index position, Index key) const { return visibility_.sees(position, key); }
+  KeyRange keys_seen(Index position_lo, Index position_hi) const {
+    return visibility_.keys_seen(position_lo, position_hi);
+  }
+  PositionRange positions_seeing(Index key_begin, Index key_end) const {
+    return visibility_.positions_seeing(key_begin, key_end);
+  }
 
  private:
   Visibility visibility_;
@@ -142,14 +153,23 @@ inline void score_dispatch_rows(int row_vectors, const T* q_t, const T* const* k
 }
 
 // Scores of `num_keys` keys against the first `row_vectors` vectors of packed queries.
-template <typename T>
+// row_vector_range(j0, j1) -> {c_begin, c_end} names the row vectors that can see any key of
+// [j0, j1); the scores of the other row vectors for those keys are set to -inf uncomputed.
+template <typename T, typename RowVectorRange>
 inline void compute_scores(const T* q_t, const T* const* k_rows, Index num_keys, Index dim,
-                           int row_vectors, T* s_t) {
+                           int row_vectors, RowVectorRange&& row_vector_range, T* s_t) {
   constexpr int L = kLanes<T>;
+  const Vec<T> masked = splat(-std::numeric_limits<T>::infinity());
   for (Index j0 = 0; j0 < num_keys; j0 += kKeysPerMicro) {
     const int keys = static_cast<int>(std::min<Index>(kKeysPerMicro, num_keys - j0));
-    for (int c0 = 0; c0 < row_vectors; c0 += kRowVectorsPerMicro) {
-      const int vectors = std::min(kRowVectorsPerMicro, row_vectors - c0);
+    const auto [c_begin, c_end] = row_vector_range(j0, j0 + keys);
+    for (int j = 0; j < keys; ++j) {
+      for (int c = 0; c < c_begin; ++c) store(s_t + (j0 + j) * kBlockQ + c * L, masked);
+      for (int c = std::max(c_end, c_begin); c < row_vectors; ++c)
+        store(s_t + (j0 + j) * kBlockQ + c * L, masked);
+    }
+    for (int c0 = c_begin; c0 < c_end; c0 += kRowVectorsPerMicro) {
+      const int vectors = std::min(kRowVectorsPerMicro, c_end - c0);
       const T* q_part = q_t + c0 * L;
       T* s_part = s_t + j0 * kBlockQ + c0 * L;
       const T* const* k_part = k_rows + j0;
@@ -201,35 +221,40 @@ inline void output_dispatch_cols(int col_vectors, const T* p_t, const T* alpha,
 }
 
 // acc[r][:] = acc[r][:] * alpha[r] + sum_j p_t[j][r] * v_rows[j][:] for r < num_rows.
-template <typename T>
+// key_range(r0, r1) -> {j_begin, j_end} bounds the keys that rows [r0, r1) can see; the
+// probabilities of the others are 0 and are skipped.
+template <typename T, typename KeyRangeOfRows>
 inline void accumulate_output(const T* p_t, const T* alpha, const T* const* v_rows,
-                              Index num_keys, Index num_rows, Index dim_v, T* acc,
+                              Index num_rows, Index dim_v, KeyRangeOfRows&& key_range, T* acc,
                               Index acc_stride) {
   constexpr int L = kLanes<T>;
   const Index full_vectors = dim_v / L;
   for (Index r0 = 0; r0 < num_rows; r0 += kRowsPerMicro) {
     const int rows = static_cast<int>(std::min<Index>(kRowsPerMicro, num_rows - r0));
+    const auto [j_begin, j_end] = key_range(r0, r0 + rows);
+    const Index num_keys = std::max<Index>(j_end - j_begin, 0);
+    const T* p_part = p_t + j_begin * kBlockQ + r0;
+    const T* const* v_part = v_rows + j_begin;
+    T* acc_part = acc + r0 * acc_stride;
     for (Index c0 = 0; c0 < full_vectors; c0 += kColVectorsPerMicro) {
       const int vectors = static_cast<int>(std::min<Index>(kColVectorsPerMicro, full_vectors - c0));
-      const T* p_part = p_t + r0;
-      T* acc_part = acc + r0 * acc_stride;
       const Index col0 = c0 * L;
       switch (rows) {
-        case 1: output_dispatch_cols<T, 1>(vectors, p_part, alpha + r0, v_rows, num_keys, col0, acc_part, acc_stride); break;
-        case 2: output_dispatch_cols<T, 2>(vectors, p_part, alpha + r0, v_rows, num_keys, col0, acc_part, acc_stride); break;
-        case 3: output_dispatch_cols<T, 3>(vectors, p_part, alpha + r0, v_rows, num_keys, col0, acc_part, acc_stride); break;
-        case 4: output_dispatch_cols<T, 4>(vectors, p_part, alpha + r0, v_rows, num_keys, col0, acc_part, acc_stride); break;
-        case 5: output_dispatch_cols<T, 5>(vectors, p_part, alpha + r0, v_rows, num_keys, col0, acc_part, acc_stride); break;
-        default: output_dispatch_cols<T, 6>(vectors, p_part, alpha + r0, v_rows, num_keys, col0, acc_part, acc_stride); break;
+        case 1: output_dispatch_cols<T, 1>(vectors, p_part, alpha + r0, v_part, num_keys, col0, acc_part, acc_stride); break;
+        case 2: output_dispatch_cols<T, 2>(vectors, p_part, alpha + r0, v_part, num_keys, col0, acc_part, acc_stride); break;
+        case 3: output_dispatch_cols<T, 3>(vectors, p_part, alpha + r0, v_part, num_keys, col0, acc_part, acc_stride); break;
+        case 4: output_dispatch_cols<T, 4>(vectors, p_part, alpha + r0, v_part, num_keys, col0, acc_part, acc_stride); break;
+        case 5: output_dispatch_cols<T, 5>(vectors, p_part, alpha + r0, v_part, num_keys, col0, acc_part, acc_stride); break;
+        default: output_dispatch_cols<T, 6>(vectors, p_part, alpha + r0, v_part, num_keys, col0, acc_part, acc_stride); break;
       }
     }
-  }
-  // Columns past the last full vector (Dv not a multiple of kLanes).
-  for (Index col = full_vectors * L; col < dim_v; ++col) {
-    for (Index r = 0; r < num_rows; ++r) {
-      T sum = acc[r * acc_stride + col] * alpha[r];
-      for (Index j = 0; j < num_keys; ++j) sum += p_t[j * kBlockQ + r] * v_rows[j][col];
-      acc[r * acc_stride + col] = sum;
+    // Columns past the last full vector (Dv not a multiple of kLanes).
+    for (Index col = full_vectors * L; col < dim_v; ++col) {
+      for (Index r = r0; r < r0 + rows; ++r) {
+        T sum = acc[r * acc_stride + col] * alpha[r];
+        for (Index j = j_begin; j < j_end; ++j) sum += p_t[j * kBlockQ + r] * v_rows[j][col];
+        acc[r * acc_stride + col] = sum;
+      }
     }
   }
 }
@@ -316,12 +341,38 @@ class TileRunner {
         k_rows[j] = k_base + keys[j] * k_row_stride;
         v_rows[j] = v_base + keys[j] * v_row_stride;
       }
-      compute_scores(scratch.q_t, k_rows, block.count, dim_, row_vectors, scratch.s_t);
+      // Inside a masked contiguous block (a causal diagonal, a band edge) whole row vectors
+      // miss some key groups and whole row groups miss some keys: the policy's bounds skip them.
+      const bool trim = block.needs_mask && block.index == nullptr;
+      const auto all_rows = [&](Index, Index) { return std::pair<int, int>(0, row_vectors); };
+      const auto seeing_rows = [&](Index j0, Index j1) {
+        const PositionRange seeing = policy.positions_seeing(block.begin + j0, block.begin + j1);
+        const Index r_begin = std::lower_bound(positions, positions + num_rows, seeing.first) - positions;
+        const Index r_end = std::upper_bound(positions, positions + num_rows, seeing.last) - positions;
+        if (r_end <= r_begin) return std::pair<int, int>(0, 0);
+        return std::pair<int, int>(static_cast<int>(r_begin / L), static_cast<int>((r_end + L - 1) / L));
+      };
+      const auto all_keys = [&](Index, Index) { return std::pair<Index, Index>(0, block.count); };
+      const auto seen_keys = [&](Index r0, Index r1) {
+        const KeyRange seen = policy.keys_seen(positions[r0], positions[r1 - 1]);
+        return std::pair<Index, Index>(std::clamp<Index>(seen.begin - block.begin, 0, block.count),
+                                       std::clamp<Index>(seen.end - block.begin, 0, block.count));
+      };
+      if (trim) {
+        compute_scores(scratch.q_t, k_rows, block.count, dim_, row_vectors, seeing_rows, scratch.s_t);
+      } else {
+        compute_scores(scratch.q_t, k_rows, block.count, dim_, row_vectors, all_rows, scratch.s_t);
+      }
       transform_logits(batch, block, keys, num_rows, row_vectors, query_index, head, positions,
                        policy, scratch.s_t);
       online_softmax(block.count, row_vectors, scratch.s_t, row_max, row_sum, alpha);
-      accumulate_output(scratch.s_t, alpha, v_rows, block.count, num_rows, dim_v_, scratch.acc,
-                        acc_stride_);
+      if (trim) {
+        accumulate_output(scratch.s_t, alpha, v_rows, num_rows, dim_v_, seen_keys, scratch.acc,
+                          acc_stride_);
+      } else {
+        accumulate_output(scratch.s_t, alpha, v_rows, num_rows, dim_v_, all_keys, scratch.acc,
+                          acc_stride_);
+      }
     });
 
     write_rows(batch, num_rows, query_index, head, row_max, row_sum, scratch.acc);

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 
 #include "foveal/core/tensor.hpp"
 
@@ -15,6 +16,12 @@ namespace foveal::detail {
 struct KeyRange {
   Index begin = 0;
   Index end = 0;
+};
+
+// Closed position range [first, last]; empty when last < first.
+struct PositionRange {
+  Index first = 0;
+  Index last = -1;
 };
 
 struct Visibility {
@@ -50,6 +57,23 @@ struct Visibility {
     const Index begin = window_left < 0 ? 0 : position_lo - window_left;
     const Index end = window_right < 0 ? len_k : position_hi + window_right + 1;
     return {std::clamp<Index>(begin, 0, len_k), std::clamp<Index>(end, 0, len_k)};
+  }
+
+  // The smallest key range holding every key that some position in [position_lo, position_hi]
+  // sees, sinks included.
+  KeyRange keys_seen(Index position_lo, Index position_hi) const {
+    KeyRange range = band(position_lo, position_hi);
+    if (sink_tokens == 0) return range;
+    if (range.end <= range.begin) return {0, sink_tokens};
+    return {0, std::max(range.end, sink_tokens)};
+  }
+
+  // The positions that see at least one key of [key_begin, key_end) (a non-empty range).
+  PositionRange positions_seeing(Index key_begin, Index key_end) const {
+    constexpr Index kUnbounded = std::numeric_limits<Index>::max() / 4;
+    if (key_begin < sink_tokens) return {-kUnbounded, kUnbounded};
+    return {window_right < 0 ? -kUnbounded : key_begin - window_right,
+            window_left < 0 ? kUnbounded : key_end - 1 + window_left};
   }
 
   // True when every position in [position_lo, position_hi] sees every key in [key_begin, key_end).
