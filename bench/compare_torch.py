@@ -134,10 +134,12 @@ def plot(rows: list[dict], path: Path) -> bool:
         x = np.arange(len(subset))
         axis.bar(x - 0.2, [r["foveal_gflops"] for r in subset], 0.4, label="foveal")
         axis.bar(x + 0.2, [r["torch_gflops"] for r in subset], 0.4, label="torch SDPA")
+        axis.axhline(subset[0]["matmul_gflops"], color="gray", linestyle="--", linewidth=1,
+                     label="torch.matmul 2048³")
         axis.set_xticks(x, labels, rotation=60, ha="right", fontsize=8)
         axis.set_ylabel("GFLOP/s (fp32)")
         axis.set_title(f"dense attention, B=1 H=16, {thread_count} thread(s)")
-        axis.legend()
+        axis.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True

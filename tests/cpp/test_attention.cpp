@@ -559,6 +559,19 @@ TYPED_TEST(Attention, MixedLayoutsGiveIdenticalBits) {
   expect_layout_gives_identical_bits<TypeParam>(layout_problem(), layout_options(), layouts);
 }
 
+// Runs attention on contiguous copies of q, k and v with `bias` given as a view as it is.
+template <typename T>
+Outputs run_with_bias_view(const Problem& p, const Inputs& in, const AttentionOptions& options,
+                           const TensorView<const T, 4>& bias) {
+  const StridedBuffer<T, 4> q(in.q, p.q_shape(), Layout::kContiguous, T(0));
+  const StridedBuffer<T, 4> k(in.k, p.k_shape(), Layout::kContiguous, T(0));
+  const StridedBuffer<T, 4> v(in.v, p.v_shape(), Layout::kContiguous, T(0));
+  const StridedBuffer<T, 4> out(p.out_shape(), Layout::kContiguous, T(0));
+  const StridedBuffer<T, 3> lse(p.lse_shape(), Layout::kContiguous, T(0));
+  attention(q.const_view(), k.const_view(), v.const_view(), out.view(), options, lse.view(), bias);
+  return Outputs{test::gather(out.view()), test::gather(lse.view())};
+}
+
 TYPED_TEST(Attention, ExpandedBiasGivesTheBitsOfABroadcastBias) {
   // A [1, 1, Lq, Lk] bias, and the same memory seen as [B, Hq, Lq, Lk] with stride 0 (what
   // torch's expand() hands over).
@@ -568,19 +581,13 @@ TYPED_TEST(Attention, ExpandedBiasGivesTheBitsOfABroadcastBias) {
   AttentionOptions options;
   options.causal = true;
   const Outputs broadcast = run_attention<T>(p, in, options);
-  const StridedBuffer<T, 4> q(in.q, p.q_shape(), Layout::kContiguous, T(0));
-  const StridedBuffer<T, 4> k(in.k, p.k_shape(), Layout::kContiguous, T(0));
-  const StridedBuffer<T, 4> v(in.v, p.v_shape(), Layout::kContiguous, T(0));
   const StridedBuffer<T, 4> bias(in.bias, p.bias_shape(), Layout::kContiguous, T(0));
-  const StridedBuffer<T, 4> out(p.out_shape(), Layout::kContiguous, T(0));
-  const StridedBuffer<T, 3> lse(p.lse_shape(), Layout::kContiguous, T(0));
   const TensorView<const T, 4> expanded(bias.const_view().data(),
                                         {p.batch, p.heads_q, p.len_q, p.len_k},
                                         {0, 0, p.len_k, 1});
-  attention(q.const_view(), k.const_view(), v.const_view(), out.view(), options, lse.view(),
-            expanded);
-  EXPECT_TRUE(test::bitwise_equal(test::gather(out.view()), broadcast.out));
-  EXPECT_TRUE(test::bitwise_equal(test::gather(lse.view()), broadcast.lse));
+  const Outputs got = run_with_bias_view<T>(p, in, options, expanded);
+  EXPECT_TRUE(test::bitwise_equal(got.out, broadcast.out));
+  EXPECT_TRUE(test::bitwise_equal(got.lse, broadcast.lse));
 }
 
 TYPED_TEST(Attention, TransposedBiasGivesTheBitsOfAContiguousBias) {
@@ -603,14 +610,9 @@ TYPED_TEST(Attention, TransposedBiasGivesTheBitsOfAContiguousBias) {
   const TensorView<const T, 4> bias(transposed.data(), shape,
                                     {shape[1] * shape[2] * shape[3], shape[2] * shape[3], 1,
                                      shape[2]});
-  const StridedBuffer<T, 4> q(in.q, p.q_shape(), Layout::kContiguous, T(0));
-  const StridedBuffer<T, 4> k(in.k, p.k_shape(), Layout::kContiguous, T(0));
-  const StridedBuffer<T, 4> v(in.v, p.v_shape(), Layout::kContiguous, T(0));
-  const StridedBuffer<T, 4> out(p.out_shape(), Layout::kContiguous, T(0));
-  const StridedBuffer<T, 3> lse(p.lse_shape(), Layout::kContiguous, T(0));
-  attention(q.const_view(), k.const_view(), v.const_view(), out.view(), options, lse.view(), bias);
-  EXPECT_TRUE(test::bitwise_equal(test::gather(out.view()), contiguous.out));
-  EXPECT_TRUE(test::bitwise_equal(test::gather(lse.view()), contiguous.lse));
+  const Outputs got = run_with_bias_view<T>(p, in, options, bias);
+  EXPECT_TRUE(test::bitwise_equal(got.out, contiguous.out));
+  EXPECT_TRUE(test::bitwise_equal(got.lse, contiguous.lse));
 }
 
 TYPED_TEST(Attention, SizeOneDimensionsAcceptAnyStride) {
