@@ -45,8 +45,9 @@ void BM_Dense(benchmark::State& state) {
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   }
-  state.counters["GFLOP/s"] = benchmark::Counter(
-      attention_flops(batch, heads, len, dim, causal) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(attention_flops(batch, heads, len, dim, causal) * 1e-9,
+                         benchmark::Counter::kIsIterationInvariantRate);
 }
 BENCHMARK(BM_Dense)
     ->ArgNames({"L", "D", "causal", "threads"})

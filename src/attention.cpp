@@ -76,10 +76,10 @@ void attention_impl(TensorView<const T, 4> q, TensorView<const T, 4> k,
   check(options.sink_tokens >= 0, kFunction, ": sink_tokens must be >= 0, got ",
         options.sink_tokens);
   check(options.q_offset == -1 || (options.q_offset >= 0 && options.q_offset <= len_k),
-        kFunction, ": q_offset must be in [0, Lk = ", len_k, "] or -1 (bottom-right: Lk - Lq), got ",
-        options.q_offset);
-  check(options.num_threads >= 0, kFunction, ": num_threads must be >= 0 (0 = global setting), got ",
-        options.num_threads);
+        kFunction, ": q_offset must be in [0, Lk = ", len_k,
+        "] or -1 (bottom-right: Lk - Lq), got ", options.q_offset);
+  check(options.num_threads >= 0, kFunction,
+        ": num_threads must be >= 0 (0 = global setting), got ", options.num_threads);
 
   detail::FlashParams<T> params;
   params.q = q;

@@ -24,8 +24,8 @@ int main() {
                     as_bhld(v.data(), heads_kv), as_bhld(out.data(), heads_q), options, lse);
 
   // Query 0 sees only key 0 under the causal mask: its output is v's row 0 of its kv head.
-  std::printf("out[0, 0, 0, :3] = %.4f %.4f %.4f (v[0, 0, 0, :3] = %.4f %.4f %.4f)\n", out[0], out[1],
-              out[2], v[0], v[1], v[2]);
+  std::printf("out[0, 0, 0, :3] = %.4f %.4f %.4f (v[0, 0, 0, :3] = %.4f %.4f %.4f)\n", out[0],
+              out[1], out[2], v[0], v[1], v[2]);
   std::printf("lse[0, 0, 99] = %.4f\n", lse(0, 0, 99));
   try {
     foveal::AttentionOptions bad;

@@ -20,7 +20,8 @@ namespace {
 // A view of `array` (shape and strides taken as they are; strides converted from bytes).
 // The dtype must be T and, for outputs, the array writable.
 template <typename T, int Rank>
-foveal::TensorView<T, Rank> view_of(const char* function, const char* name, const py::array& array) {
+foveal::TensorView<T, Rank> view_of(const char* function, const char* name,
+                                    const py::array& array) {
   using Element = std::remove_const_t<T>;
   foveal::check(array.ndim() == Rank, function, ": ", name, " must have ", Rank,
                 " dimensions, got ", array.ndim());
@@ -59,7 +60,8 @@ foveal::TensorView<T, Rank> optional_view_of(const char* function, const char* n
 }
 
 template <typename T>
-void attention_typed(const py::array& q, const py::array& k, const py::array& v, const py::array& out,
+void attention_typed(const py::array& q, const py::array& k, const py::array& v,
+                     const py::array& out,
                      const std::optional<py::array>& lse, const std::optional<py::array>& bias,
                      const foveal::AttentionOptions& options) {
   constexpr const char* fn = "attention";
@@ -103,7 +105,8 @@ foveal::AttentionArgs<T> kernel_args(const py::array& q, const py::array& k, con
   args.out = view_of<T, 4>(fn, "out", out);
   args.lse = optional_view_of<T, 3>(fn, "lse", lse);
   args.bias = optional_view_of<const T, 4>(fn, "bias", bias);
-  for (const auto& [name, array] : extras) args.extras[name] = view_of<const T, 3>(fn, name.c_str(), array);
+  for (const auto& [name, array] : extras)
+    args.extras[name] = view_of<const T, 3>(fn, name.c_str(), array);
   return args;
 }
 

@@ -32,6 +32,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <utility>
 
 #include "foveal/core/parallel.hpp"
@@ -141,15 +142,14 @@ inline void score_micro(const T* q_t, const T* const* k_rows, Index dim, T* s_t)
     for (int c = 0; c < QV; ++c) store(s_t + j * kBlockQ + c * L, acc[j][c]);
 }
 
-template <typename T, int NK>
-inline void score_dispatch_rows(int row_vectors, const T* q_t, const T* const* k_rows, Index dim,
-                                T* s_t) {
-  switch (row_vectors) {
-    case 1: return score_micro<T, NK, 1>(q_t, k_rows, dim, s_t);
-    case 2: return score_micro<T, NK, 2>(q_t, k_rows, dim, s_t);
-    case 3: return score_micro<T, NK, 3>(q_t, k_rows, dim, s_t);
-    default: return score_micro<T, NK, 4>(q_t, k_rows, dim, s_t);
+// Calls body(std::integral_constant<int, N>{}) with N = count, for a run-time count in
+// [1, Max]: how a micro-kernel of compile-time size is picked for a partial tile.
+template <int Max, typename Body>
+inline void with_count(int count, Body&& body) {
+  if constexpr (Max > 1) {
+    if (count < Max) return with_count<Max - 1>(count, body);
   }
+  body(std::integral_constant<int, Max>{});
 }
 
 // Scores of `num_keys` keys against the first `row_vectors` vectors of packed queries.
@@ -170,17 +170,12 @@ inline void compute_scores(const T* q_t, const T* const* k_rows, Index num_keys,
     }
     for (int c0 = c_begin; c0 < c_end; c0 += kRowVectorsPerMicro) {
       const int vectors = std::min(kRowVectorsPerMicro, c_end - c0);
-      const T* q_part = q_t + c0 * L;
-      T* s_part = s_t + j0 * kBlockQ + c0 * L;
-      const T* const* k_part = k_rows + j0;
-      switch (keys) {
-        case 1: score_dispatch_rows<T, 1>(vectors, q_part, k_part, dim, s_part); break;
-        case 2: score_dispatch_rows<T, 2>(vectors, q_part, k_part, dim, s_part); break;
-        case 3: score_dispatch_rows<T, 3>(vectors, q_part, k_part, dim, s_part); break;
-        case 4: score_dispatch_rows<T, 4>(vectors, q_part, k_part, dim, s_part); break;
-        case 5: score_dispatch_rows<T, 5>(vectors, q_part, k_part, dim, s_part); break;
-        default: score_dispatch_rows<T, 6>(vectors, q_part, k_part, dim, s_part); break;
-      }
+      with_count<kKeysPerMicro>(keys, [&](auto nk) {
+        with_count<kRowVectorsPerMicro>(vectors, [&](auto qv) {
+          score_micro<T, decltype(nk)::value, decltype(qv)::value>(
+              q_t + c0 * L, k_rows + j0, dim, s_t + j0 * kBlockQ + c0 * L);
+        });
+      });
     }
   }
 }
@@ -208,18 +203,6 @@ inline void output_micro(const T* p_t, const T* alpha, const T* const* v_rows, I
     for (int c = 0; c < CV; ++c) store(acc + r * acc_stride + col0 + c * L, sums[r][c]);
 }
 
-template <typename T, int NR>
-inline void output_dispatch_cols(int col_vectors, const T* p_t, const T* alpha,
-                                 const T* const* v_rows, Index num_keys, Index col0, T* acc,
-                                 Index acc_stride) {
-  switch (col_vectors) {
-    case 1: return output_micro<T, NR, 1>(p_t, alpha, v_rows, num_keys, col0, acc, acc_stride);
-    case 2: return output_micro<T, NR, 2>(p_t, alpha, v_rows, num_keys, col0, acc, acc_stride);
-    case 3: return output_micro<T, NR, 3>(p_t, alpha, v_rows, num_keys, col0, acc, acc_stride);
-    default: return output_micro<T, NR, 4>(p_t, alpha, v_rows, num_keys, col0, acc, acc_stride);
-  }
-}
-
 // acc[r][:] = acc[r][:] * alpha[r] + sum_j p_t[j][r] * v_rows[j][:] for r < num_rows.
 // key_range(r0, r1) -> {j_begin, j_end} bounds the keys that rows [r0, r1) can see; the
 // probabilities of the others are 0 and are skipped.
@@ -239,14 +222,12 @@ inline void accumulate_output(const T* p_t, const T* alpha, const T* const* v_ro
     for (Index c0 = 0; c0 < full_vectors; c0 += kColVectorsPerMicro) {
       const int vectors = static_cast<int>(std::min<Index>(kColVectorsPerMicro, full_vectors - c0));
       const Index col0 = c0 * L;
-      switch (rows) {
-        case 1: output_dispatch_cols<T, 1>(vectors, p_part, alpha + r0, v_part, num_keys, col0, acc_part, acc_stride); break;
-        case 2: output_dispatch_cols<T, 2>(vectors, p_part, alpha + r0, v_part, num_keys, col0, acc_part, acc_stride); break;
-        case 3: output_dispatch_cols<T, 3>(vectors, p_part, alpha + r0, v_part, num_keys, col0, acc_part, acc_stride); break;
-        case 4: output_dispatch_cols<T, 4>(vectors, p_part, alpha + r0, v_part, num_keys, col0, acc_part, acc_stride); break;
-        case 5: output_dispatch_cols<T, 5>(vectors, p_part, alpha + r0, v_part, num_keys, col0, acc_part, acc_stride); break;
-        default: output_dispatch_cols<T, 6>(vectors, p_part, alpha + r0, v_part, num_keys, col0, acc_part, acc_stride); break;
-      }
+      with_count<kRowsPerMicro>(rows, [&](auto nr) {
+        with_count<kColVectorsPerMicro>(vectors, [&](auto cv) {
+          output_micro<T, decltype(nr)::value, decltype(cv)::value>(
+              p_part, alpha + r0, v_part, num_keys, col0, acc_part, acc_stride);
+        });
+      });
     }
     // Columns past the last full vector (Dv not a multiple of kLanes).
     for (Index col = full_vectors * L; col < dim_v; ++col) {
@@ -327,10 +308,12 @@ class TileRunner {
     std::fill(row_sum, row_sum + kBlockQ, T(0));
     for (Index r = 0; r < num_rows; ++r) std::fill_n(scratch.acc + r * acc_stride_, dim_v_, T(0));
 
-    const T* k_base = params_.k.data() + batch * params_.k.stride(0) + kv_head * params_.k.stride(1);
-    const T* v_base = params_.v.data() + batch * params_.v.stride(0) + kv_head * params_.v.stride(1);
-    const Index k_row_stride = params_.k.stride(2);
-    const Index v_row_stride = params_.v.stride(2);
+    const auto& k = params_.k;
+    const auto& v = params_.v;
+    const T* k_base = k.data() + batch * k.stride(0) + kv_head * k.stride(1);
+    const T* v_base = v.data() + batch * v.stride(0) + kv_head * v.stride(1);
+    const Index k_row_stride = k.stride(2);
+    const Index v_row_stride = v.stride(2);
 
     policy.for_each_block(positions[0], positions[num_rows - 1], [&](const KeyBlock& block) {
       const T* k_rows[kBlockK];
@@ -344,35 +327,30 @@ class TileRunner {
       // Inside a masked contiguous block (a causal diagonal, a band edge) whole row vectors
       // miss some key groups and whole row groups miss some keys: the policy's bounds skip them.
       const bool trim = block.needs_mask && block.index == nullptr;
-      const auto all_rows = [&](Index, Index) { return std::pair<int, int>(0, row_vectors); };
-      const auto seeing_rows = [&](Index j0, Index j1) {
+      const auto row_vectors_seeing = [&](Index j0, Index j1) {
+        if (!trim) return std::pair<int, int>(0, row_vectors);
         const PositionRange seeing = policy.positions_seeing(block.begin + j0, block.begin + j1);
-        const Index r_begin = std::lower_bound(positions, positions + num_rows, seeing.first) - positions;
-        const Index r_end = std::upper_bound(positions, positions + num_rows, seeing.last) - positions;
+        const Index* first = positions;
+        const Index* last = positions + num_rows;
+        const Index r_begin = std::lower_bound(first, last, seeing.first) - first;
+        const Index r_end = std::upper_bound(first, last, seeing.last) - first;
         if (r_end <= r_begin) return std::pair<int, int>(0, 0);
-        return std::pair<int, int>(static_cast<int>(r_begin / L), static_cast<int>((r_end + L - 1) / L));
+        return std::pair<int, int>(static_cast<int>(r_begin / L),
+                                   static_cast<int>((r_end + L - 1) / L));
       };
-      const auto all_keys = [&](Index, Index) { return std::pair<Index, Index>(0, block.count); };
-      const auto seen_keys = [&](Index r0, Index r1) {
+      const auto keys_seen_by = [&](Index r0, Index r1) {
+        if (!trim) return std::pair<Index, Index>(0, block.count);
         const KeyRange seen = policy.keys_seen(positions[r0], positions[r1 - 1]);
         return std::pair<Index, Index>(std::clamp<Index>(seen.begin - block.begin, 0, block.count),
                                        std::clamp<Index>(seen.end - block.begin, 0, block.count));
       };
-      if (trim) {
-        compute_scores(scratch.q_t, k_rows, block.count, dim_, row_vectors, seeing_rows, scratch.s_t);
-      } else {
-        compute_scores(scratch.q_t, k_rows, block.count, dim_, row_vectors, all_rows, scratch.s_t);
-      }
+      compute_scores(scratch.q_t, k_rows, block.count, dim_, row_vectors, row_vectors_seeing,
+                     scratch.s_t);
       transform_logits(batch, block, keys, num_rows, row_vectors, query_index, head, positions,
                        policy, scratch.s_t);
       online_softmax(block.count, row_vectors, scratch.s_t, row_max, row_sum, alpha);
-      if (trim) {
-        accumulate_output(scratch.s_t, alpha, v_rows, num_rows, dim_v_, seen_keys, scratch.acc,
-                          acc_stride_);
-      } else {
-        accumulate_output(scratch.s_t, alpha, v_rows, num_rows, dim_v_, all_keys, scratch.acc,
-                          acc_stride_);
-      }
+      accumulate_output(scratch.s_t, alpha, v_rows, num_rows, dim_v_, keys_seen_by, scratch.acc,
+                        acc_stride_);
     });
 
     write_rows(batch, num_rows, query_index, head, row_max, row_sum, scratch.acc);
@@ -432,7 +410,8 @@ class TileRunner {
     for (int c = 0; c < row_vectors; ++c) {
       T* column = s_t + c * L;
       Vec<T> block_max = splat(negative_infinity);
-      for (Index j = 0; j < num_keys; ++j) block_max = vector_max(block_max, load(column + j * kBlockQ));
+      for (Index j = 0; j < num_keys; ++j)
+        block_max = vector_max(block_max, load(column + j * kBlockQ));
       const Vec<T> old_max = load(row_max + c * L);
       const Vec<T> new_max = vector_max(old_max, block_max);
       // A row that has seen only masked keys keeps max -inf; subtracting 0 keeps exp2 at 0.
