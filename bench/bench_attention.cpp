@@ -24,8 +24,8 @@ foveal::Tensor<float, 4> random_tensor(Index b, Index h, Index l, Index d, unsig
 
 // Multiply-add flops of one forward pass (QK^T and PV), only visible pairs when causal.
 double attention_flops(Index batch, Index heads, Index len, Index dim, bool causal) {
-  const double pairs = causal ? 0.5 * static_cast<double>(len) * (len + 1)
-                              : static_cast<double>(len) * len;
+  const double pairs =
+      causal ? 0.5 * static_cast<double>(len) * (len + 1) : static_cast<double>(len) * len;
   return 4.0 * batch * heads * pairs * dim;
 }
 

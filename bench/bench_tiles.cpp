@@ -3,9 +3,9 @@
 // behind DESIGN.md's "Eigen::Map over tiles, or a hand-written micro-kernel where it wins".
 //
 //   build/bench/bench/bench_tiles
-#include <Eigen/Dense>
 #include <benchmark/benchmark.h>
 
+#include <Eigen/Dense>
 #include <utility>
 #include <vector>
 

@@ -17,17 +17,15 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import foveal
 import numpy as np
 import torch
-
-import foveal
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -52,7 +50,9 @@ def interleaved(foveal_fn, torch_fn, min_seconds: float, rounds: int = 3) -> tup
     return statistics.median(foveal_times), statistics.median(torch_times)
 
 
-def attention_flops(batch: int, heads: int, len_q: int, len_k: int, dim: int, causal: bool) -> float:
+def attention_flops(
+    batch: int, heads: int, len_q: int, len_k: int, dim: int, causal: bool
+) -> float:
     pairs = len_q * (len_q + 1) / 2 if causal else len_q * len_k
     return 4.0 * batch * heads * pairs * dim
 
@@ -112,8 +112,11 @@ def peak_extra_memory(length: int, threads: int) -> int:
     remains is foveal's workspace, the code pages of the first call and the OpenMP threads."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     result = subprocess.run(
-        [sys.executable, "-c", MEMORY_PROBE, str(length)], env=env, check=True,
-        capture_output=True, text=True,
+        [sys.executable, "-c", MEMORY_PROBE, str(length)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return int(result.stdout.strip())
 
@@ -134,8 +137,13 @@ def plot(rows: list[dict], path: Path) -> bool:
         x = np.arange(len(subset))
         axis.bar(x - 0.2, [r["foveal_gflops"] for r in subset], 0.4, label="foveal")
         axis.bar(x + 0.2, [r["torch_gflops"] for r in subset], 0.4, label="torch SDPA")
-        axis.axhline(subset[0]["matmul_gflops"], color="gray", linestyle="--", linewidth=1,
-                     label="torch.matmul 2048³")
+        axis.axhline(
+            subset[0]["matmul_gflops"],
+            color="gray",
+            linestyle="--",
+            linewidth=1,
+            label="torch.matmul 2048³",
+        )
         axis.set_xticks(x, labels, rotation=60, ha="right", fontsize=8)
         axis.set_ylabel("GFLOP/s (fp32)")
         axis.set_title(f"dense attention, B=1 H=16, {thread_count} thread(s)")
@@ -148,33 +156,56 @@ def plot(rows: list[dict], path: Path) -> bool:
 def markdown(path: Path) -> str:
     """The results file at `path` as the markdown table docs/benchmarks.md shows."""
     report = json.loads(path.read_text())
-    lines = [f"`{report['command']}` — foveal {report['foveal']}, torch {report['torch']}, "
-             f"{report['machine']['cpus']} cpus ({report['machine']['processor'] or report['machine']['machine']})",
-             "",
-             "| threads | D | L | mask | foveal ms | torch ms | torch / foveal | foveal GFLOP/s | of torch.matmul |",
-             "|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+    machine = report["machine"]
+    columns = ["threads", "D", "L", "mask", "foveal ms", "torch ms", "torch / foveal"]
+    columns += ["foveal GFLOP/s", "of torch.matmul"]
+    lines = [
+        f"`{report['command']}` — foveal {report['foveal']}, torch {report['torch']}, "
+        f"{machine['cpus']} cpus ({machine['processor'] or machine['machine']})",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for row in report["rows"]:
-        lines.append(f"| {row['threads']} | {row['D']} | {row['L']} | {'causal' if row['causal'] else 'none'} "
-                     f"| {row['foveal_ms']:.1f} | {row['torch_ms']:.1f} | {row['ratio']:.2f}x "
-                     f"| {row['foveal_gflops']:.1f} | {row['foveal_gflops'] / row['matmul_gflops']:.0%} |")
+        mask = "causal" if row["causal"] else "none"
+        of_matmul = row["foveal_gflops"] / row["matmul_gflops"]
+        lines.append(
+            f"| {row['threads']} | {row['D']} | {row['L']} | {mask} "
+            f"| {row['foveal_ms']:.1f} | {row['torch_ms']:.1f} | {row['ratio']:.2f}x "
+            f"| {row['foveal_gflops']:.1f} | {of_matmul:.0%} |"
+        )
     lines.append("")
-    lines.append(f"Geometric mean of torch / foveal: **{report['geomean_ratio']:.2f}x** over "
-                 f"{len(report['rows'])} cells (min {min(r['ratio'] for r in report['rows']):.2f}x).")
+    lines.append(
+        f"Geometric mean of torch / foveal: **{report['geomean_ratio']:.2f}x** over "
+        f"{len(report['rows'])} cells (min {min(r['ratio'] for r in report['rows']):.2f}x)."
+    )
     for threads, extra in report.get("peak_extra_memory_bytes", {}).items():
-        lines.append(f"Peak extra memory of one causal forward at L = 32768, D = 64, {threads} thread(s): "
-                     f"{extra / 2**10:.0f} KiB.")
+        lines.append(
+            f"Peak extra memory of one causal forward at L = 32768, D = 64, {threads} thread(s): "
+            f"{extra / 2**10:.0f} KiB."
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--full", action="store_true", help="the foundation issue's full grid")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--seconds", type=float, default=None, help="measuring time per case and library")
-    parser.add_argument("--name", default=None, help="results file name (default: dense_quick / dense_full)")
+    parser.add_argument(
+        "--seconds", type=float, default=None, help="measuring time per case and library"
+    )
+    parser.add_argument(
+        "--name", default=None, help="results file name (default: dense_quick / dense_full)"
+    )
     parser.add_argument("--memory-length", type=int, default=32768)
-    parser.add_argument("--markdown", type=Path, default=None,
-                        help="print the results file as a markdown table and exit")
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        default=None,
+        help="print the results file as a markdown table and exit",
+    )
     args = parser.parse_args()
     if args.markdown is not None:
         print(markdown(args.markdown))
@@ -182,29 +213,47 @@ def main() -> None:
     seconds = args.seconds if args.seconds is not None else (2.0 if args.full else 0.6)
     name = args.name or ("dense_full" if args.full else "dense_quick")
 
-    print(f"foveal {foveal.__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cpus")
+    processor = platform.processor() or platform.machine()
+    versions = f"foveal {foveal.__version__}, torch {torch.__version__}"
+    print(f"{versions}, {processor}, {os.cpu_count()} cpus")
     rows = []
     for threads in args.threads:
         torch.set_num_threads(threads)
         foveal.set_num_threads(threads)
         matmul = matmul_gflops(seconds)
         print(f"\nthreads={threads}: torch.matmul fp32 2048^3 = {matmul:.1f} GFLOP/s")
-        print(f"{'case':<34}{'foveal ms':>11}{'torch ms':>11}{'ratio':>8}{'GFLOP/s':>9}{'of mm':>7}{'max|diff|':>11}")
+        print(
+            f"{'case':<34}{'foveal ms':>11}{'torch ms':>11}{'ratio':>8}{'GFLOP/s':>9}"
+            f"{'of mm':>7}{'max|diff|':>11}"
+        )
         for case in dense_cases(args.full):
             foveal_s, torch_s, error = run_dense(case, seconds)
-            flops = attention_flops(case["B"], case["H"], case["L"], case["L"], case["D"], case["causal"])
-            row = dict(case, threads=threads, foveal_ms=foveal_s * 1e3, torch_ms=torch_s * 1e3,
-                       ratio=torch_s / foveal_s, foveal_gflops=flops / foveal_s * 1e-9,
-                       torch_gflops=flops / torch_s * 1e-9, matmul_gflops=matmul, max_abs_diff=error)
+            flops = attention_flops(
+                case["B"], case["H"], case["L"], case["L"], case["D"], case["causal"]
+            )
+            row = dict(
+                case,
+                threads=threads,
+                foveal_ms=foveal_s * 1e3,
+                torch_ms=torch_s * 1e3,
+                ratio=torch_s / foveal_s,
+                foveal_gflops=flops / foveal_s * 1e-9,
+                torch_gflops=flops / torch_s * 1e-9,
+                matmul_gflops=matmul,
+                max_abs_diff=error,
+            )
             rows.append(row)
             label = f"B1 H16 L{case['L']} D{case['D']} {'causal' if case['causal'] else 'full'}"
-            print(f"{label:<34}{row['foveal_ms']:>11.2f}{row['torch_ms']:>11.2f}{row['ratio']:>7.2f}x"
-                  f"{row['foveal_gflops']:>9.1f}{row['foveal_gflops'] / matmul:>7.0%}{error:>11.1e}")
+            print(
+                f"{label:<34}{row['foveal_ms']:>11.2f}{row['torch_ms']:>11.2f}{row['ratio']:>7.2f}x"
+                f"{row['foveal_gflops']:>9.1f}{row['foveal_gflops'] / matmul:>7.0%}{error:>11.1e}"
+            )
     ratios = [row["ratio"] for row in rows]
     geomean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
-    print(f"\ntorch_time / foveal_time: geometric mean {geomean:.2f}x, min {min(ratios):.2f}x, "
-          f"max {max(ratios):.2f}x over {len(rows)} cells")
+    print(
+        f"\ntorch_time / foveal_time: geometric mean {geomean:.2f}x, min {min(ratios):.2f}x, "
+        f"max {max(ratios):.2f}x over {len(rows)} cells"
+    )
 
     memory = {}
     if args.memory_length > 0:
@@ -212,14 +261,27 @@ def main() -> None:
             extra = peak_extra_memory(args.memory_length, threads)
             memory[str(threads)] = extra
             scores = args.memory_length**2 * 4
-            print(f"peak extra memory, causal L={args.memory_length} D=64, {threads} thread(s): "
-                  f"{extra / 2**10:.0f} KiB (an [L, L] fp32 score matrix would be {scores / 2**30:.0f} GiB)")
+            print(
+                f"peak extra memory, causal L={args.memory_length} D=64, {threads} thread(s): "
+                f"{extra / 2**10:.0f} KiB (an [L, L] fp32 score matrix would be "
+                f"{scores / 2**30:.0f} GiB)"
+            )
 
     RESULTS.mkdir(parents=True, exist_ok=True)
-    report = dict(machine=dict(processor=platform.processor(), machine=platform.machine(),
-                               cpus=os.cpu_count(), python=platform.python_version()),
-                  foveal=foveal.__version__, torch=torch.__version__, command=" ".join(sys.argv),
-                  geomean_ratio=geomean, rows=rows, peak_extra_memory_bytes=memory)
+    report = dict(
+        machine=dict(
+            processor=platform.processor(),
+            machine=platform.machine(),
+            cpus=os.cpu_count(),
+            python=platform.python_version(),
+        ),
+        foveal=foveal.__version__,
+        torch=torch.__version__,
+        command=" ".join(sys.argv),
+        geomean_ratio=geomean,
+        rows=rows,
+        peak_extra_memory_bytes=memory,
+    )
     (RESULTS / f"{name}.json").write_text(json.dumps(report, indent=1))
     print(f"wrote {RESULTS / (name + '.json')}")
     if plot(rows, RESULTS / f"{name}.png"):

@@ -1,8 +1,7 @@
 // foveal::attention: validation, then the flash engine with the band policy.
-#include "foveal/attention/dense.hpp"
-
 #include <cmath>
 
+#include "foveal/attention/dense.hpp"
 #include "foveal/core/dtype.hpp"
 #include "foveal/detail/flash_engine.hpp"
 #include "foveal/detail/validate.hpp"
@@ -13,9 +12,8 @@ namespace {
 constexpr const char* kFunction = "attention";
 
 template <typename T>
-void attention_impl(TensorView<const T, 4> q, TensorView<const T, 4> k,
-                    TensorView<const T, 4> v, TensorView<T, 4> out,
-                    const AttentionOptions& options, TensorView<T, 3> lse,
+void attention_impl(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorView<const T, 4> v,
+                    TensorView<T, 4> out, const AttentionOptions& options, TensorView<T, 3> lse,
                     TensorView<const T, 4> bias) {
   using detail::require_extent;
   detail::require_valid_view(kFunction, "q", q);
@@ -75,9 +73,9 @@ void attention_impl(TensorView<const T, 4> q, TensorView<const T, 4> k,
         ": causal=true means window_right = 0, but window_right = ", options.window_right);
   check(options.sink_tokens >= 0, kFunction, ": sink_tokens must be >= 0, got ",
         options.sink_tokens);
-  check(options.q_offset == -1 || (options.q_offset >= 0 && options.q_offset <= len_k),
-        kFunction, ": q_offset must be in [0, Lk = ", len_k,
-        "] or -1 (bottom-right: Lk - Lq), got ", options.q_offset);
+  check(options.q_offset == -1 || (options.q_offset >= 0 && options.q_offset <= len_k), kFunction,
+        ": q_offset must be in [0, Lk = ", len_k, "] or -1 (bottom-right: Lk - Lq), got ",
+        options.q_offset);
   check(options.num_threads >= 0, kFunction,
         ": num_threads must be >= 0 (0 = global setting), got ", options.num_threads);
 
@@ -103,9 +101,8 @@ void attention_impl(TensorView<const T, 4> q, TensorView<const T, 4> k,
         " is out of the range of ", dtype_name(dtype_of<T>()));
   params.num_threads = detail::resolve_num_threads(options.num_threads);
 
-  const auto visibility = detail::Visibility::make(options.causal, options.window_left,
-                                                   options.window_right, options.sink_tokens,
-                                                   len_q, len_k);
+  const auto visibility = detail::Visibility::make(
+      options.causal, options.window_left, options.window_right, options.sink_tokens, len_q, len_k);
   detail::run_flash_attention(params, detail::BandPolicy(visibility));
 }
 

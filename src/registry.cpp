@@ -67,8 +67,7 @@ void AttentionKernel::forward(const AttentionArgs<double>&) const {
 
 void register_attention_kernel(const std::string& name, AttentionKernelFactory factory) {
   check(!name.empty(), "register_attention_kernel: name must not be empty");
-  check(static_cast<bool>(factory), "register_attention_kernel: factory for '", name,
-        "' is empty");
+  check(static_cast<bool>(factory), "register_attention_kernel: factory for '", name, "' is empty");
   Registry& instance = registry();
   std::lock_guard<std::mutex> lock(instance.mutex);
   check(instance.factories.count(name) == 0, "register_attention_kernel: '", name,

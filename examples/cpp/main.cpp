@@ -1,9 +1,8 @@
 // Causal GQA attention over [B, L, H, D] activations, passed without copies as [B, H, L, D].
 #include <cmath>
 #include <cstdio>
-#include <vector>
-
 #include <foveal/foveal.hpp>
+#include <vector>
 
 int main() {
   const foveal::Index batch = 2, len = 100, heads_q = 8, heads_kv = 2, dim = 64;

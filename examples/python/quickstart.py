@@ -1,8 +1,7 @@
 """foveal in five lines, then a check against PyTorch when it is installed."""
 
-import numpy as np
-
 import foveal
+import numpy as np
 
 rng = np.random.default_rng(0)
 q = rng.standard_normal((1, 8, 256, 64), dtype=np.float32)  # [B, Hq, Lq, D]
@@ -17,7 +16,10 @@ except ImportError:
     torch = None
 if torch is not None:
     expected = torch.nn.functional.scaled_dot_product_attention(
-        torch.from_numpy(q), torch.from_numpy(k), torch.from_numpy(v), is_causal=True,
+        torch.from_numpy(q),
+        torch.from_numpy(k),
+        torch.from_numpy(v),
+        is_causal=True,
         enable_gqa=True,
     )
     print("max |foveal - torch| =", float(np.abs(out - expected.numpy()).max()))

@@ -64,7 +64,9 @@ def _to_numpy(function: str, name: str, x: Any) -> np.ndarray:
         return x
     if _is_torch(x):
         if x.device.type != "cpu":
-            raise ValueError(f"foveal: {function}: {name} must be on the CPU, got device {x.device}")
+            raise ValueError(
+                f"foveal: {function}: {name} must be on the CPU, got device {x.device}"
+            )
         import torch
 
         # Under torch.no_grad() no graph is recorded, so such a tensor is a plain input.
@@ -232,7 +234,14 @@ def attention(
     """
     function = "attention"
     options = _option_args(
-        function, scale, causal, window_left, window_right, sink_tokens, softcap, q_offset,
+        function,
+        scale,
+        causal,
+        window_left,
+        window_right,
+        sink_tokens,
+        softcap,
+        q_offset,
         num_threads,
     )
     q_array, k_array, v_array, bias_array, dtype = _attention_arrays(function, q, k, v, bias)
@@ -261,8 +270,15 @@ class AttentionKernel:
         return self._kernel.name
 
     def __call__(
-        self, q: Any, k: Any, v: Any, *, bias: Any = None, return_lse: bool = False,
-        out: Any = None, **extras: Any,
+        self,
+        q: Any,
+        k: Any,
+        v: Any,
+        *,
+        bias: Any = None,
+        return_lse: bool = False,
+        out: Any = None,
+        **extras: Any,
     ):
         """Runs the kernel: same shapes and returns as foveal.attention; extras are named
         kernel inputs of shape [*, *, *] (e.g. SparseK's scores)."""
@@ -278,8 +294,9 @@ class AttentionKernel:
         lse_tensor, lse_array = (None, None)
         if return_lse:
             lse_tensor, lse_array = _new_like(q, out_shape[:3], dtype)
-        self._kernel.forward(q_array, k_array, v_array, out_array, lse_array, bias_array,
-                             extra_arrays)
+        self._kernel.forward(
+            q_array, k_array, v_array, out_array, lse_array, bias_array, extra_arrays
+        )
         return (out_tensor, lse_tensor) if return_lse else out_tensor
 
     def __repr__(self) -> str:
@@ -304,7 +321,14 @@ def make_attention(
     ValueError listing the known ones."""
     function = "make_attention"
     options = _option_args(
-        function, scale, causal, window_left, window_right, sink_tokens, softcap, q_offset,
+        function,
+        scale,
+        causal,
+        window_left,
+        window_right,
+        sink_tokens,
+        softcap,
+        q_offset,
         num_threads,
     )
     string_params = {key: str(value) for key, value in params.items()}

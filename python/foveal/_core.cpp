@@ -61,8 +61,8 @@ foveal::TensorView<T, Rank> optional_view_of(const char* function, const char* n
 
 template <typename T>
 void attention_typed(const py::array& q, const py::array& k, const py::array& v,
-                     const py::array& out,
-                     const std::optional<py::array>& lse, const std::optional<py::array>& bias,
+                     const py::array& out, const std::optional<py::array>& lse,
+                     const std::optional<py::array>& bias,
                      const foveal::AttentionOptions& options) {
   constexpr const char* fn = "attention";
   auto q_view = view_of<const T, 4>(fn, "q", q);
@@ -156,8 +156,8 @@ PYBIND11_MODULE(_core, m) {
               kernel.forward(args);
             }
           },
-          py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
-          py::arg("bias"), py::arg("extras"));
+          py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("bias"),
+          py::arg("extras"));
 
   m.def(
       "make_attention",

@@ -81,9 +81,7 @@ class RandomSource {
   }
 
   // True with probability `probability`.
-  bool chance(double probability) {
-    return std::bernoulli_distribution(probability)(engine_);
-  }
+  bool chance(double probability) { return std::bernoulli_distribution(probability)(engine_); }
 
   // One element of `choices`, uniformly.
   template <typename Choices>
@@ -159,8 +157,8 @@ inline ::testing::AssertionResult matches_reference(const std::vector<double>& g
   if (error.value <= tolerance) return ::testing::AssertionSuccess();
   return ::testing::AssertionFailure()
          << "normalized error " << error.value << " > tolerance " << tolerance
-         << " (worst at flat index " << error.worst_index << ": got "
-         << got[error.worst_index] << ", reference " << ref[error.worst_index] << ")";
+         << " (worst at flat index " << error.worst_index << ": got " << got[error.worst_index]
+         << ", reference " << ref[error.worst_index] << ")";
 }
 
 // Passes when both hold the same bits element by element (so -0 != 0, -inf == -inf).
@@ -171,8 +169,8 @@ inline ::testing::AssertionResult bitwise_equal(const std::vector<double>& got,
   }
   for (std::size_t i = 0; i < got.size(); ++i) {
     if (std::memcmp(&got[i], &want[i], sizeof(double)) != 0) {
-      return ::testing::AssertionFailure() << "first difference at flat index " << i << ": "
-                                           << got[i] << " vs " << want[i];
+      return ::testing::AssertionFailure()
+             << "first difference at flat index " << i << ": " << got[i] << " vs " << want[i];
     }
   }
   return ::testing::AssertionSuccess();
@@ -290,20 +288,25 @@ TensorView<T, Rank> with_odd_unit_strides(const TensorView<T, Rank>& view) {
 
 // How a StridedBuffer places its logical tensor in memory.
 enum class Layout {
-  kContiguous,   // row-major
-  kSwapped12,    // dims 1 and 2 swapped in memory ([B, L, H, D] seen as [B, H, L, D])
-  kPadded,       // padded_strides with 3 elements of padding
-  kReversed,     // row-major, dimension Rank - 2 walked backwards (negative stride)
+  kContiguous,      // row-major
+  kSwapped12,       // dims 1 and 2 swapped in memory ([B, L, H, D] seen as [B, H, L, D])
+  kPadded,          // padded_strides with 3 elements of padding
+  kReversed,        // row-major, dimension Rank - 2 walked backwards (negative stride)
   kOddUnitStrides,  // row-major, size-1 dimensions with unusual strides
 };
 
 inline const char* layout_name(Layout layout) {
   switch (layout) {
-    case Layout::kContiguous: return "contiguous";
-    case Layout::kSwapped12: return "swapped dims 1 and 2";
-    case Layout::kPadded: return "padded rows";
-    case Layout::kReversed: return "reversed dim Rank-2";
-    case Layout::kOddUnitStrides: return "odd strides on size-1 dims";
+    case Layout::kContiguous:
+      return "contiguous";
+    case Layout::kSwapped12:
+      return "swapped dims 1 and 2";
+    case Layout::kPadded:
+      return "padded rows";
+    case Layout::kReversed:
+      return "reversed dim Rank-2";
+    case Layout::kOddUnitStrides:
+      return "odd strides on size-1 dims";
   }
   return "?";
 }
@@ -317,8 +320,8 @@ class StridedBuffer {
     constexpr Index kPadding = 3;
     switch (layout) {
       case Layout::kPadded:
-        storage_.assign(static_cast<std::size_t>(span_elements<Rank>(
-                            shape, padded_strides<Rank>(shape, kPadding))),
+        storage_.assign(static_cast<std::size_t>(
+                            span_elements<Rank>(shape, padded_strides<Rank>(shape, kPadding))),
                         fill);
         view_ = padded_view<T, Rank>(storage_.data(), shape, kPadding);
         break;
@@ -344,8 +347,7 @@ class StridedBuffer {
         break;
     }
   }
-  StridedBuffer(const std::vector<double>& values, const Shape<Rank>& shape, Layout layout,
-                T fill)
+  StridedBuffer(const std::vector<double>& values, const Shape<Rank>& shape, Layout layout, T fill)
       : StridedBuffer(shape, layout, fill) {
     scatter(values, view_);
   }

@@ -49,9 +49,9 @@ constexpr Index kGroupRatios[] = {1, 2, 3, 4, 8};
 
 struct Problem {
   Index batch = 1, heads_q = 1, heads_kv = 1, len_q = 1, len_k = 1, dim = 1, dim_v = 1;
-  Index bias_batch = 0;            // 0: no bias; else 1 (broadcast) or batch
-  Index bias_heads = 0;            // 1 (broadcast) or heads_q when there is a bias
-  double masked_bias_share = 0;    // share of bias entries that are -inf
+  Index bias_batch = 0;          // 0: no bias; else 1 (broadcast) or batch
+  Index bias_heads = 0;          // 1 (broadcast) or heads_q when there is a bias
+  double masked_bias_share = 0;  // share of bias entries that are -inf
   std::uint64_t seed = 1;
 
   Shape<4> q_shape() const { return {batch, heads_q, len_q, dim}; }
@@ -82,8 +82,7 @@ Problem make_problem(Index batch, Index heads_q, Index heads_kv, Index len_q, In
   return problem;
 }
 
-Problem with_bias(Problem problem, Index bias_batch, Index bias_heads,
-                  double masked_share = 0) {
+Problem with_bias(Problem problem, Index bias_batch, Index bias_heads, double masked_share = 0) {
   problem.bias_batch = bias_batch;
   problem.bias_heads = bias_heads;
   problem.masked_bias_share = masked_share;
@@ -171,9 +170,8 @@ Outputs reference_outputs(const Problem& p, const Inputs& in, const AttentionOpt
   const reference::AttentionShape shape{p.batch, p.heads_q, p.heads_kv, p.len_q,
                                         p.len_k, p.dim,     p.dim_v};
   Outputs result;
-  reference::attention_reference(shape, in.q, in.k, in.v, options, result.out, result.lse,
-                                 in.bias, p.has_bias() ? p.bias_batch : 1,
-                                 p.has_bias() ? p.bias_heads : 1);
+  reference::attention_reference(shape, in.q, in.k, in.v, options, result.out, result.lse, in.bias,
+                                 p.has_bias() ? p.bias_batch : 1, p.has_bias() ? p.bias_heads : 1);
   return result;
 }
 
@@ -193,8 +191,8 @@ Outputs run_attention(const Problem& p, const Inputs& in, const AttentionOptions
   const StridedBuffer<T, 4> q(in.q, p.q_shape(), layouts.q, nan);
   const StridedBuffer<T, 4> k(in.k, p.k_shape(), layouts.k, nan);
   const StridedBuffer<T, 4> v(in.v, p.v_shape(), layouts.v, nan);
-  const StridedBuffer<T, 4> bias(in.bias, p.has_bias() ? p.bias_shape() : Shape<4>{},
-                                 layouts.bias, nan);
+  const StridedBuffer<T, 4> bias(in.bias, p.has_bias() ? p.bias_shape() : Shape<4>{}, layouts.bias,
+                                 nan);
   const StridedBuffer<T, 4> out(p.out_shape(), layouts.out, nan);
   const StridedBuffer<T, 3> lse(p.lse_shape(), layouts.lse, nan);
   attention(q.const_view(), k.const_view(), v.const_view(), out.view(), o,
@@ -365,8 +363,8 @@ TYPED_TEST(Attention, SinkTokensMatchReference) {
     Index left, right;
   };
   for (Index sinks : {0, 1, 4, 70, 1000})
-    for (const Window& window : {Window{false, -1, -1}, Window{true, -1, -1},
-                                 Window{true, 5, -1}, Window{false, 0, 0}, Window{false, 3, 2}}) {
+    for (const Window& window : {Window{false, -1, -1}, Window{true, -1, -1}, Window{true, 5, -1},
+                                 Window{false, 0, 0}, Window{false, 3, 2}}) {
       AttentionOptions options;
       options.sink_tokens = sinks;
       options.causal = window.causal;
@@ -445,8 +443,8 @@ TYPED_TEST(Attention, RandomOptionCombinationsMatchReference) {
     options.causal = random.chance(0.4);
     const Index windows[] = {-1, -1, 0, 1, 5, 63, 64, 100, 1000};
     options.window_left = random.pick(windows);
-    options.window_right = options.causal ? random.pick({Index{-1}, Index{0}})
-                                          : random.pick(windows);
+    options.window_right =
+        options.causal ? random.pick({Index{-1}, Index{0}}) : random.pick(windows);
     options.sink_tokens = random.pick({Index{0}, Index{0}, Index{1}, Index{4}, p.len_k + 3});
     options.softcap = random.pick({0.0f, 0.0f, 3.0f, 20.0f});
     options.q_offset = random.chance(0.5) ? -1 : random.integer(0, p.len_k);
@@ -474,9 +472,8 @@ TYPED_TEST(Attention, CausalRowsBeforeTheFirstKeyAreEmpty) {
   const Problem p = make_problem(2, 2, 1, 100, 30, 8, 6, 15000);
   AttentionOptions options;
   options.causal = true;
-  expect_masked_rows_empty<TypeParam>(p, random_inputs(p), options, [&](Index, Index, Index i) {
-    return i < p.len_q - p.len_k;
-  });
+  expect_masked_rows_empty<TypeParam>(p, random_inputs(p), options,
+                                      [&](Index, Index, Index i) { return i < p.len_q - p.len_k; });
 }
 
 TYPED_TEST(Attention, ZeroWindowRowsPastTheLastKeyAreEmpty) {
@@ -495,9 +492,8 @@ TYPED_TEST(Attention, RowsWhoseWindowStartsPastTheLastKeyAreEmpty) {
   AttentionOptions options;
   options.window_left = 5;
   options.q_offset = 10;  // query i sees keys >= 5 + i: none once i >= 15
-  expect_masked_rows_empty<TypeParam>(p, random_inputs(p), options, [&](Index, Index, Index i) {
-    return i >= 15;
-  });
+  expect_masked_rows_empty<TypeParam>(p, random_inputs(p), options,
+                                      [&](Index, Index, Index i) { return i >= 15; });
 }
 
 TYPED_TEST(Attention, AllNegativeInfinityBiasRowIsEmpty) {
@@ -583,8 +579,7 @@ TYPED_TEST(Attention, ExpandedBiasGivesTheBitsOfABroadcastBias) {
   const Outputs broadcast = run_attention<T>(p, in, options);
   const StridedBuffer<T, 4> bias(in.bias, p.bias_shape(), Layout::kContiguous, T(0));
   const TensorView<const T, 4> expanded(bias.const_view().data(),
-                                        {p.batch, p.heads_q, p.len_q, p.len_k},
-                                        {0, 0, p.len_k, 1});
+                                        {p.batch, p.heads_q, p.len_q, p.len_k}, {0, 0, p.len_k, 1});
   const Outputs got = run_with_bias_view<T>(p, in, options, expanded);
   EXPECT_TRUE(test::bitwise_equal(got.out, broadcast.out));
   EXPECT_TRUE(test::bitwise_equal(got.lse, broadcast.lse));
@@ -607,9 +602,8 @@ TYPED_TEST(Attention, TransposedBiasGivesTheBitsOfAContiguousBias) {
         for (Index j = 0; j < shape[3]; ++j)
           transposed[((b * shape[1] + h) * shape[3] + j) * shape[2] + i] =
               static_cast<T>(in.bias[((b * shape[1] + h) * shape[2] + i) * shape[3] + j]);
-  const TensorView<const T, 4> bias(transposed.data(), shape,
-                                    {shape[1] * shape[2] * shape[3], shape[2] * shape[3], 1,
-                                     shape[2]});
+  const TensorView<const T, 4> bias(
+      transposed.data(), shape, {shape[1] * shape[2] * shape[3], shape[2] * shape[3], 1, shape[2]});
   const Outputs got = run_with_bias_view<T>(p, in, options, bias);
   EXPECT_TRUE(test::bitwise_equal(got.out, contiguous.out));
   EXPECT_TRUE(test::bitwise_equal(got.lse, contiguous.lse));
@@ -703,8 +697,7 @@ TYPED_TEST(Attention, EmptyBatchIsAccepted) {
   Tensor<T, 4> q(p.q_shape()), k(p.k_shape()), v(p.v_shape()), out(p.out_shape());
   Tensor<T, 3> lse(p.lse_shape());
   Tensor<T, 4> bias({1, 4, 9, 11});
-  EXPECT_NO_THROW(attention(q.view(), k.view(), v.view(), out.view(), {}, lse.view(),
-                            bias.view()));
+  EXPECT_NO_THROW(attention(q.view(), k.view(), v.view(), out.view(), {}, lse.view(), bias.view()));
 }
 
 TYPED_TEST(Attention, ZeroHeadsAreAccepted) {
@@ -779,8 +772,7 @@ TYPED_TEST(Attention, ZeroWindowCopiesTheValueAtTheQueryPosition) {
         for (Index i = 0; i < p.len_q; ++i) {
           const Index key = first_position + i;
           for (Index d = 0; d < p.dim_v; ++d) {
-            const double value =
-                in.v[((b * p.heads_kv + h / group) * p.len_k + key) * p.dim_v + d];
+            const double value = in.v[((b * p.heads_kv + h / group) * p.len_k + key) * p.dim_v + d];
             ASSERT_EQ(got.out[((b * p.heads_q + h) * p.len_q + i) * p.dim_v + d], value)
                 << "b=" << b << " h=" << h << " i=" << i << " d=" << d;
           }

@@ -22,8 +22,7 @@ using test::Shape;
 
 // B = 2, Hq = 4, Hkv = 2, Lq = 5, Lk = 7, D = 3, Dv = 6: every extent distinct where the
 // messages must tell them apart.
-constexpr Index kBatch = 2, kHeadsQ = 4, kHeadsKv = 2, kLenQ = 5, kLenK = 7, kDim = 3,
-                kDimV = 6;
+constexpr Index kBatch = 2, kHeadsQ = 4, kHeadsKv = 2, kLenQ = 5, kLenK = 7, kDim = 3, kDimV = 6;
 constexpr float kSentinel = 12345.0f;
 
 // A valid call whose arguments the tests break one at a time. Buffers are twice the size the
@@ -75,8 +74,7 @@ class AttentionErrors : public ::testing::Test {
     return TensorView<T, 4>(view.data(), view.shape(), strides);
   }
 
-  std::vector<float> q_storage_, k_storage_, v_storage_, out_storage_, lse_storage_,
-      bias_storage_;
+  std::vector<float> q_storage_, k_storage_, v_storage_, out_storage_, lse_storage_, bias_storage_;
 
  public:
   TensorView<const float, 4> q, k, v;
@@ -251,8 +249,7 @@ TEST_F(AttentionErrors, LseMustNotOverlapOut) {
 
 TEST_F(AttentionErrors, LseMustNotOverlapQuery) {
   // Every query row reads the same kDim elements at the start of lse (stride 0).
-  q = TensorView<const float, 4>(lse_storage_.data(), {kBatch, kHeadsQ, kLenQ, kDim},
-                                 {0, 0, 0, 1});
+  q = TensorView<const float, 4>(lse_storage_.data(), {kBatch, kHeadsQ, kLenQ, kDim}, {0, 0, 0, 1});
   expect_rejected({"lse must not overlap q in memory"});
 }
 

@@ -92,8 +92,8 @@ void register_test_kernels() {
 
 template <typename T>
 struct Call {
-  static constexpr Index kBatch = 2, kHeadsQ = 4, kHeadsKv = 2, kLenQ = 37, kLenK = 70,
-                         kDim = 16, kDimV = 12;
+  static constexpr Index kBatch = 2, kHeadsQ = 4, kHeadsKv = 2, kLenQ = 37, kLenK = 70, kDim = 16,
+                         kDimV = 12;
   Tensor<T, 4> q{{kBatch, kHeadsQ, kLenQ, kDim}};
   Tensor<T, 4> k{{kBatch, kHeadsKv, kLenK, kDim}};
   Tensor<T, 4> v{{kBatch, kHeadsKv, kLenK, kDimV}};
@@ -154,9 +154,7 @@ TYPED_TEST_SUITE(Registry, ElementTypes, ElementTypeNames);
 // ---------------------------------------------------------------------------------------------
 // The kernels foveal registers.
 
-TEST(RegistryNames, DenseIsRegistered) {
-  EXPECT_TRUE(contains(attention_kernel_names(), "dense"));
-}
+TEST(RegistryNames, DenseIsRegistered) { EXPECT_TRUE(contains(attention_kernel_names(), "dense")); }
 
 TEST(RegistryNames, NamesAreSorted) {
   register_test_kernels();
@@ -177,16 +175,16 @@ TYPED_TEST(Registry, DenseKernelEqualsFunctionalAttention) {
   make_attention("dense", config)->forward(call.args(kernel_out, kernel_lse));
   attention(call.q.view(), call.k.view(), call.v.view(), direct_out.view(), config.options,
             direct_lse.view(), call.bias.view());
-  EXPECT_TRUE(test::bitwise_equal(test::gather(kernel_out.view()),
-                                  test::gather(direct_out.view())));
-  EXPECT_TRUE(test::bitwise_equal(test::gather(kernel_lse.view()),
-                                  test::gather(direct_lse.view())));
+  EXPECT_TRUE(
+      test::bitwise_equal(test::gather(kernel_out.view()), test::gather(direct_out.view())));
+  EXPECT_TRUE(
+      test::bitwise_equal(test::gather(kernel_lse.view()), test::gather(direct_lse.view())));
 }
 
 TEST(RegistryErrors, UnknownNameIsRejectedListingTheKnownNames) {
-  EXPECT_TRUE(test::throws_error_with([] { make_attention("flash9"); },
-                                      {"foveal: make_attention: unknown kernel 'flash9'",
-                                       "known kernels: ", "'dense'"}));
+  EXPECT_TRUE(test::throws_error_with(
+      [] { make_attention("flash9"); },
+      {"foveal: make_attention: unknown kernel 'flash9'", "known kernels: ", "'dense'"}));
 }
 
 TEST(RegistryErrors, DenseRejectsParams) {
@@ -256,8 +254,8 @@ TEST(UserKernels, AreListedOnceRegistered) {
 
 TEST(UserKernels, UnknownNameMessageListsThem) {
   register_test_kernels();
-  EXPECT_TRUE(test::throws_error_with([] { make_attention("nope"); },
-                                      {"'dense'", "'test_scaled_dense'"}));
+  EXPECT_TRUE(
+      test::throws_error_with([] { make_attention("nope"); }, {"'dense'", "'test_scaled_dense'"}));
 }
 
 TEST(UserKernels, RunThroughMakeAttentionWithTheirConfig) {
@@ -275,8 +273,7 @@ TEST(UserKernels, RunThroughMakeAttentionWithTheirConfig) {
   test::for_each_element(dense_out.view(),
                          [&](float& element) { expected.push_back(element * 2.5f); });
   EXPECT_TRUE(test::bitwise_equal(test::gather(scaled_out.view()), expected));
-  EXPECT_TRUE(test::bitwise_equal(test::gather(scaled_lse.view()),
-                                  test::gather(dense_lse.view())));
+  EXPECT_TRUE(test::bitwise_equal(test::gather(scaled_lse.view()), test::gather(dense_lse.view())));
 }
 
 TEST(UserKernels, ConfigErrorsComeFromTheirFactory) {
@@ -306,10 +303,8 @@ TYPED_TEST(Registry, UserKernelReadsItsExtraInput) {
           gated_v(b, h, j, d) = call.v(b, h, j, d) * call.key_gate(b, h, j);
   attention(call.q.view(), call.k.view(), gated_v.view(), direct_out.view(), config.options,
             direct_lse.view(), call.bias.view());
-  EXPECT_TRUE(test::bitwise_equal(test::gather(gated_out.view()),
-                                  test::gather(direct_out.view())));
-  EXPECT_TRUE(test::bitwise_equal(test::gather(gated_lse.view()),
-                                  test::gather(direct_lse.view())));
+  EXPECT_TRUE(test::bitwise_equal(test::gather(gated_out.view()), test::gather(direct_out.view())));
+  EXPECT_TRUE(test::bitwise_equal(test::gather(gated_lse.view()), test::gather(direct_lse.view())));
 }
 
 TEST(UserKernels, KernelWithoutFloat64PathRejectsDoubleInputs) {

@@ -147,8 +147,11 @@ TEST(Tensor, EmptyTensorHasNoStorage) {
 }
 
 TEST(Tensor, NegativeExtentIsRejected) {
-  EXPECT_TRUE(test::throws_error_with([] { Tensor<float, 2> tensor({3, -2}); },
-                                      {"foveal: Tensor: shape[1] must be >= 0, got -2"}));
+  EXPECT_TRUE(test::throws_error_with(
+      [] {
+        Tensor<float, 2> tensor({3, -2});
+      },
+      {"foveal: Tensor: shape[1] must be >= 0, got -2"}));
 }
 
 TEST(Tensor, MoveTransfersTheStorage) {

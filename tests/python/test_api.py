@@ -6,10 +6,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import foveal
 import numpy as np
 import pytest
-
-import foveal
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 
@@ -107,11 +106,17 @@ def test_wrong_ndim(name):
 
 def test_dtype_mismatch():
     q, k, v = qkv()
-    with pytest.raises(TypeError, match=r"k must have dtype float32 \(the dtype of q\), "
-                                        r"got float64"):
+    with pytest.raises(
+        TypeError,
+        match=r"k must have dtype float32 \(the dtype of q\), "
+        r"got float64",
+    ):
         foveal.attention(q, k.astype(np.float64), v)
-    with pytest.raises(TypeError, match=r"v must have dtype float64 \(the dtype of q\), "
-                                        r"got float32"):
+    with pytest.raises(
+        TypeError,
+        match=r"v must have dtype float64 \(the dtype of q\), "
+        r"got float32",
+    ):
         foveal.attention(q.astype(np.float64), k.astype(np.float64), v)
 
 
@@ -130,8 +135,10 @@ def test_non_float_dtype(dtype):
         (dict(k=(2, 2, 7, 5)), r"k.shape\[3\] must equal q.shape\[3\] \(D\) = 8, got 5"),
         (dict(v=(2, 1, 7, 6)), r"v.shape\[1\] must equal k.shape\[1\] \(Hkv\) = 2, got 1"),
         (dict(v=(2, 2, 8, 6)), r"v.shape\[2\] must equal k.shape\[2\] \(Lk\) = 7, got 8"),
-        (dict(k=(2, 3, 7, 8), v=(2, 3, 7, 6)),
-         r"q.shape\[1\] \(Hq = 4\) must be a multiple of k.shape\[1\] \(Hkv = 3\)"),
+        (
+            dict(k=(2, 3, 7, 8), v=(2, 3, 7, 6)),
+            r"q.shape\[1\] \(Hq = 4\) must be a multiple of k.shape\[1\] \(Hkv = 3\)",
+        ),
         (dict(q=(2, 4, 5, 0), k=(2, 2, 7, 0)), r"q.shape\[3\] \(D\) must be >= 1, got 0"),
     ],
     ids=["B-k", "B-v", "D", "Hkv", "Lk", "Hq-multiple", "D-zero"],
@@ -148,8 +155,11 @@ def test_mismatched_shapes(shapes, message):
 def test_non_unit_innermost_stride(name):
     tensors = dict(zip("qkv", qkv(dim=16, dim_v=12)))
     tensors[name] = np.repeat(tensors[name], 2, axis=-1)[..., ::2]
-    with pytest.raises(ValueError, match=rf"{name} must have stride 1 in its last dimension, "
-                                         r"got stride 2"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{name} must have stride 1 in its last dimension, "
+        r"got stride 2",
+    ):
         foveal.attention(tensors["q"], tensors["k"], tensors["v"])
 
 
@@ -222,8 +232,11 @@ def test_softcap_negative_or_not_finite(softcap):
 @pytest.mark.parametrize("q_offset", [-2, 8, 10**6])
 def test_q_offset_out_of_range(q_offset):
     q, k, v = qkv(len_k=7)
-    with pytest.raises(ValueError, match=rf"q_offset must be in \[0, Lk = 7\] or -1 .*, "
-                                         rf"got {q_offset}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"q_offset must be in \[0, Lk = 7\] or -1 .*, "
+        rf"got {q_offset}",
+    ):
         foveal.attention(q, k, v, q_offset=q_offset)
 
 
@@ -263,10 +276,13 @@ def test_bias_wrong_shape(shape, message):
 
 def test_bias_wrong_dtype():
     q, k, v = qkv()
-    with pytest.raises(TypeError, match=r"bias must have dtype float32 \(the dtype of q\) or bool, "
-                                        r"got float64"):
+    with pytest.raises(
+        TypeError,
+        match=r"bias must have dtype float32 \(the dtype of q\) or bool, "
+        r"got float64",
+    ):
         foveal.attention(q, k, v, bias=np.zeros((5, 7)))
-    with pytest.raises(TypeError, match="bias must have dtype float32 .* got int64"):
+    with pytest.raises(TypeError, match=r"bias must have dtype float32 .* got int64"):
         foveal.attention(q, k, v, bias=np.zeros((5, 7), np.int64))
 
 
@@ -280,8 +296,11 @@ def test_out_wrong_shape():
 
 def test_out_wrong_dtype():
     q, k, v = qkv()
-    with pytest.raises(TypeError, match=r"out must have dtype float32 \(the dtype of q\), "
-                                        r"got float64"):
+    with pytest.raises(
+        TypeError,
+        match=r"out must have dtype float32 \(the dtype of q\), "
+        r"got float64",
+    ):
         foveal.attention(q, k, v, out=np.empty((2, 4, 5, 6), np.float64))
 
 
@@ -323,18 +342,21 @@ def test_read_only_inputs_are_fine():
 
 def test_python_list():
     q, k, v = qkv()
-    with pytest.raises(TypeError, match="q must be a numpy array, a torch CPU tensor .*got list"):
+    with pytest.raises(TypeError, match=r"q must be a numpy array, a torch CPU tensor .*got list"):
         foveal.attention(q.tolist(), k, v)
-    with pytest.raises(TypeError, match="k must be a numpy array, .*got list"):
+    with pytest.raises(TypeError, match=r"k must be a numpy array, .*got list"):
         foveal.attention(q, k.tolist(), v)
-    with pytest.raises(TypeError, match="out must be a numpy array, .*got list"):
+    with pytest.raises(TypeError, match=r"out must be a numpy array, .*got list"):
         foveal.attention(q, k, v, out=[])
 
 
 def test_torch_requires_grad(torch):
     q, k, v = (torch.from_numpy(x) for x in qkv())
-    with pytest.raises(ValueError, match=r"q requires grad; foveal.attention computes the forward "
-                                         r"pass only"):
+    with pytest.raises(
+        ValueError,
+        match=r"q requires grad; foveal.attention computes the forward "
+        r"pass only",
+    ):
         foveal.attention(q.requires_grad_(), k, v)
     with pytest.raises(ValueError, match="bias requires grad"):
         foveal.attention(q.detach(), k, v, bias=torch.zeros(5, 7, requires_grad=True))
@@ -347,8 +369,11 @@ def test_torch_requires_grad(torch):
 
 def test_torch_dtype_mismatch_and_int(torch):
     q, k, v = (torch.from_numpy(x) for x in qkv())
-    with pytest.raises(TypeError, match=r"k must have dtype float32 \(the dtype of q\), "
-                                        r"got float64"):
+    with pytest.raises(
+        TypeError,
+        match=r"k must have dtype float32 \(the dtype of q\), "
+        r"got float64",
+    ):
         foveal.attention(q, k.double(), v)
     with pytest.raises(TypeError, match="q must have dtype float32 or float64, got int64"):
         foveal.attention(q.long(), k.long(), v.long())

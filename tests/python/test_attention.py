@@ -11,10 +11,9 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
+import foveal
 import numpy as np
 import pytest
-
-import foveal
 from conftest import SEED, reference_attention, visible_keys
 
 DTYPES = [np.float32, np.float64]
@@ -30,8 +29,9 @@ def assert_close(actual: Any, expected: np.ndarray, dtype: Any, what: str = "out
     actual = np.asarray(actual, dtype=np.float64)
     finite = expected[np.isfinite(expected)]
     size = max(1.0, float(np.abs(finite).max())) if finite.size else 1.0
-    np.testing.assert_allclose(actual, expected, rtol=0, atol=tolerance(dtype) * size,
-                               err_msg=f"{what} (seed {SEED})")
+    np.testing.assert_allclose(
+        actual, expected, rtol=0, atol=tolerance(dtype) * size, err_msg=f"{what} (seed {SEED})"
+    )
     assert not np.isnan(actual).any(), f"{what} has NaN"
 
 
@@ -101,8 +101,13 @@ OPTIONS: dict[str, Callable[[int, int], dict]] = {
     "mask-2d": lambda lq, lk: {"bias": "bool2d"},
     "mask-4d": lambda lq, lk: {"bias": "bool4d"},
     "everything": lambda lq, lk: {
-        "scale": 0.25, "causal": True, "window_left": 9, "sink_tokens": 2, "softcap": 3.0,
-        "q_offset": lk // 3, "bias": "4d-b1",
+        "scale": 0.25,
+        "causal": True,
+        "window_left": 9,
+        "sink_tokens": 2,
+        "softcap": 3.0,
+        "q_offset": lk // 3,
+        "bias": "4d-b1",
     },
 }
 
@@ -124,7 +129,7 @@ def test_matches_reference(shape, option_name, dtype, rng):
     options = OPTIONS[option_name](shape[3], shape[4])
     out, lse, expected_out, expected_lse = run_case(shape, options, dtype, rng)
     assert isinstance(out, np.ndarray) and out.dtype == dtype and lse.dtype == dtype
-    assert out.shape == shape[:2] + (shape[3], shape[6]) and lse.shape == shape[:2] + (shape[3],)
+    assert out.shape == (*shape[:2], shape[3], shape[6]) and lse.shape == (*shape[:2], shape[3])
     assert_close(out, expected_out, dtype, "out")
     assert_close(lse, expected_lse, dtype, "lse")
 
@@ -136,9 +141,16 @@ def random_case(seed: int):
     heads_kv = pick([1, 2, 3])
     lengths = [1, 2, 3, 7, 13, 31, 63, 64, 65, 97, 128, 131]
     dim = pick([1, 2, 3, 8, 17, 32, 63, 80])
-    shape = (pick([1, 2, 3]), heads_kv * pick([1, 2, 3, 4]), heads_kv, pick(lengths),
-             pick(lengths), dim, pick([dim, dim, 1, 5, 16, 24]))
-    len_q, len_k = shape[3], shape[4]
+    shape = (
+        pick([1, 2, 3]),
+        heads_kv * pick([1, 2, 3, 4]),
+        heads_kv,
+        pick(lengths),
+        pick(lengths),
+        dim,
+        pick([dim, dim, 1, 5, 16, 24]),
+    )
+    len_k = shape[4]
     options: dict = {}
     if case_rng.random() < 0.3:
         options["scale"] = float(np.float32(case_rng.uniform(0.05, 1.5)))
@@ -163,8 +175,9 @@ def random_case(seed: int):
 @pytest.mark.parametrize("seed", range(30), ids=lambda s: f"seed{s}")
 def test_matches_reference_random(seed, dtype):
     shape, options = random_case(seed)
-    out, lse, expected_out, expected_lse = run_case(shape, options, dtype,
-                                                    np.random.default_rng(seed))
+    out, lse, expected_out, expected_lse = run_case(
+        shape, options, dtype, np.random.default_rng(seed)
+    )
     context = f"seed {seed}: shape {shape}, options {options}"
     try:
         assert_close(out, expected_out, dtype, "out")
@@ -204,22 +217,29 @@ def test_default_scale_is_inverse_sqrt_of_d(dtype, rng):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 def test_window_zero_sees_only_its_own_position(dtype, rng):
     q, k, v = make_qkv(rng, (2, 3, 1, 20, 50, 8, 8), dtype)
-    out, lse = foveal.attention(q, k, v, window_left=0, window_right=0, q_offset=17,
-                                return_lse=True)
+    out, lse = foveal.attention(
+        q, k, v, window_left=0, window_right=0, q_offset=17, return_lse=True
+    )
     expected = np.broadcast_to(v[:, :, 17:37], out.shape)
     assert_close(out, expected.astype(np.float64), dtype)
-    logits = np.einsum("bhid,bhid->bhi", q.astype(np.float64),
-                       np.broadcast_to(k[:, :, 17:37], q.shape).astype(np.float64))
+    logits = np.einsum(
+        "bhid,bhid->bhi",
+        q.astype(np.float64),
+        np.broadcast_to(k[:, :, 17:37], q.shape).astype(np.float64),
+    )
     assert_close(lse, logits / math.sqrt(8), dtype, "lse")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 def test_causal_is_window_right_zero(dtype, rng):
     q, k, v = make_qkv(rng, (1, 4, 2, 77, 100, 16, 16), dtype)
-    assert np.array_equal(foveal.attention(q, k, v, causal=True),
-                          foveal.attention(q, k, v, window_right=0))
-    assert np.array_equal(foveal.attention(q, k, v, causal=True),
-                          foveal.attention(q, k, v, causal=True, window_right=0))
+    assert np.array_equal(
+        foveal.attention(q, k, v, causal=True), foveal.attention(q, k, v, window_right=0)
+    )
+    assert np.array_equal(
+        foveal.attention(q, k, v, causal=True),
+        foveal.attention(q, k, v, causal=True, window_right=0),
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
@@ -244,8 +264,9 @@ def test_boolean_mask_equals_zero_minus_inf_bias(dtype, rng):
     q, k, v = make_qkv(rng, (2, 2, 2, 50, 66, 8, 8), dtype)
     mask = rng.random((2, 1, 50, 66)) > 0.5
     as_bias = np.where(mask, 0.0, -np.inf).astype(dtype)
-    assert np.array_equal(foveal.attention(q, k, v, bias=mask),
-                          foveal.attention(q, k, v, bias=as_bias))
+    assert np.array_equal(
+        foveal.attention(q, k, v, bias=mask), foveal.attention(q, k, v, bias=as_bias)
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
@@ -256,16 +277,20 @@ def test_broadcast_bias_equals_expanded_bias(dtype, rng):
     for kind in ["2d", "3d", "4d-b1", "4d-h1", "bool2d", "bool4d"]:
         bias = make_bias(rng, kind, shape, dtype)
         expanded = np.ascontiguousarray(np.broadcast_to(bias, full))
-        assert np.array_equal(foveal.attention(q, k, v, bias=bias),
-                              foveal.attention(q, k, v, bias=expanded)), kind
+        assert np.array_equal(
+            foveal.attention(q, k, v, bias=bias), foveal.attention(q, k, v, bias=expanded)
+        ), kind
     # A stride-0 view and a transposed view of a bias are read in place.
     bias = make_bias(rng, "2d", shape, dtype)
     expanded = np.ascontiguousarray(np.broadcast_to(bias, full))
-    assert np.array_equal(foveal.attention(q, k, v, bias=np.broadcast_to(bias, full)),
-                          foveal.attention(q, k, v, bias=expanded))
+    assert np.array_equal(
+        foveal.attention(q, k, v, bias=np.broadcast_to(bias, full)),
+        foveal.attention(q, k, v, bias=expanded),
+    )
     transposed = np.ascontiguousarray(bias.T).T
-    assert np.array_equal(foveal.attention(q, k, v, bias=transposed),
-                          foveal.attention(q, k, v, bias=expanded))
+    assert np.array_equal(
+        foveal.attention(q, k, v, bias=transposed), foveal.attention(q, k, v, bias=expanded)
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
@@ -310,8 +335,14 @@ def test_fully_masked_rows_give_zero_and_minus_inf(dtype, rng):
         # Every query sits past the last key and sees only its own position.
         "window": ({"q_offset": 30, "window_left": 0, "window_right": 0}, np.ones(70, bool)),
         "bool-mask": ({"bias": np.arange(70)[:, None] % 3 != np.zeros((1, 30))}, None),
-        "float-mask": ({"bias": np.where(np.arange(70)[:, None] % 3 == 0, -np.inf,
-                                         np.zeros((1, 30))).astype(dtype)}, None),
+        "float-mask": (
+            {
+                "bias": np.where(
+                    np.arange(70)[:, None] % 3 == 0, -np.inf, np.zeros((1, 30))
+                ).astype(dtype)
+            },
+            None,
+        ),
     }
     for name, (options, masked_rows) in cases.items():
         if masked_rows is None:
@@ -355,10 +386,9 @@ def test_empty_inputs(name, dtype, rng):
 def test_empty_torch_inputs(torch):
     q = torch.zeros(1, 2, 0, 4)
     k = torch.ones(1, 1, 5, 4)
-    out, lse = foveal.attention(q, k, k, return_lse=True)
+    out, _ = foveal.attention(q, k, k, return_lse=True)
     assert isinstance(out, torch.Tensor) and tuple(out.shape) == (1, 2, 0, 4)
-    out = foveal.attention(torch.ones(1, 2, 3, 4), torch.zeros(1, 1, 0, 4),
-                           torch.zeros(1, 1, 0, 4))
+    out = foveal.attention(torch.ones(1, 2, 3, 4), torch.zeros(1, 1, 0, 4), torch.zeros(1, 1, 0, 4))
     assert torch.equal(out, torch.zeros(1, 2, 3, 4))
 
 
@@ -388,8 +418,9 @@ def test_torch_non_causal(shape, dtype, torch, rng):
 def test_torch_causal_square(dtype, torch, rng):
     *_, tq, tk, tv = torch_case(torch, rng, (2, 4, 4, 100, 100, 16, 16), dtype)
     expected = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
-    assert_close(foveal.attention(tq, tk, tv, causal=True).numpy(), expected.double().numpy(),
-                 dtype)
+    assert_close(
+        foveal.attention(tq, tk, tv, causal=True).numpy(), expected.double().numpy(), dtype
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
@@ -400,15 +431,19 @@ def test_torch_causal_bottom_right(lengths, dtype, torch, rng):
     *_, tq, tk, tv = torch_case(torch, rng, (1, 2, 2, len_q, len_k, 16, 16), dtype)
     mask = visible_keys(len_q, len_k, causal=True)
     seen = mask.any(axis=1)  # torch gives NaN for rows that see nothing; foveal gives 0
-    expected = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv,
-                                                                attn_mask=torch.from_numpy(mask))
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        tq, tk, tv, attn_mask=torch.from_numpy(mask)
+    )
     out = foveal.attention(tq, tk, tv, causal=True).numpy()
     assert_close(out[:, :, seen], expected.double().numpy()[:, :, seen], dtype)
     assert np.all(out[:, :, ~seen] == 0)
     # And q_offset=0 is torch's top-left alignment.
     top_left = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True)
-    assert_close(foveal.attention(tq, tk, tv, causal=True, q_offset=0).numpy(),
-                 top_left.double().numpy(), dtype)
+    assert_close(
+        foveal.attention(tq, tk, tv, causal=True, q_offset=0).numpy(),
+        top_left.double().numpy(),
+        dtype,
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
@@ -425,8 +460,12 @@ def test_torch_explicit_scale(dtype, torch, rng):
     *_, tq, tk, tv = torch_case(torch, rng, (1, 2, 2, 40, 50, 24, 24), dtype)
     for scale in [0.0625, 0.5, 1.25]:  # float32 numbers (see test_float64_scale_keeps_...)
         expected = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, scale=scale)
-        assert_close(foveal.attention(tq, tk, tv, scale=scale).numpy(),
-                     expected.double().numpy(), dtype, f"scale {scale}")
+        assert_close(
+            foveal.attention(tq, tk, tv, scale=scale).numpy(),
+            expected.double().numpy(),
+            dtype,
+            f"scale {scale}",
+        )
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
@@ -437,8 +476,12 @@ def test_torch_masks_as_bias(dtype, torch, rng):
     bool_mask[:, 0] = True  # every row sees a key (torch gives NaN otherwise)
     for mask in [float_mask, bool_mask]:
         expected = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=mask)
-        assert_close(foveal.attention(tq, tk, tv, bias=mask).numpy(), expected.double().numpy(),
-                     dtype, f"mask {mask.dtype}")
+        assert_close(
+            foveal.attention(tq, tk, tv, bias=mask).numpy(),
+            expected.double().numpy(),
+            dtype,
+            f"mask {mask.dtype}",
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -528,8 +571,9 @@ def thread_inputs(rng: np.random.Generator, dtype: Any):
 def test_results_identical_for_any_thread_count(dtype, rng):
     q, k, v = thread_inputs(rng, dtype)
     bias = rng.standard_normal((150, 200)).astype(dtype)
-    options = dict(causal=True, window_left=90, sink_tokens=5, softcap=4.0, bias=bias,
-                   return_lse=True)
+    options = dict(
+        causal=True, window_left=90, sink_tokens=5, softcap=4.0, bias=bias, return_lse=True
+    )
     out_1, lse_1 = foveal.attention(q, k, v, num_threads=1, **options)
     for num_threads in (2, 3):
         out, lse = foveal.attention(q, k, v, num_threads=num_threads, **options)
@@ -554,6 +598,7 @@ def test_kernel_matches_function(rng):
     q, k, v = make_qkv(rng, (1, 4, 2, 30, 40, 8, 8), np.float64)
     kernel = foveal.make_attention("dense", window_left=5, sink_tokens=2)
     out, lse = kernel(q, k, v, return_lse=True)
-    expected_out, expected_lse = foveal.attention(q, k, v, window_left=5, sink_tokens=2,
-                                                  return_lse=True)
+    expected_out, expected_lse = foveal.attention(
+        q, k, v, window_left=5, sink_tokens=2, return_lse=True
+    )
     assert np.array_equal(out, expected_out) and np.array_equal(lse, expected_lse)

@@ -42,8 +42,8 @@ class TensorView {
       : data_(data), shape_(shape), strides_(strides) {}
 
   // View of T -> view of const T.
-  template <typename U, typename = std::enable_if_t<std::is_same_v<const U, T> &&
-                                                    !std::is_same_v<U, T>>>
+  template <typename U,
+            typename = std::enable_if_t<std::is_same_v<const U, T> && !std::is_same_v<U, T>>>
   TensorView(const TensorView<U, Rank>& other)  // NOLINT(google-explicit-constructor)
       : data_(other.data()), shape_(other.shape()), strides_(other.strides()) {}
 
@@ -64,8 +64,8 @@ class TensorView {
 
   // True for the default-constructed "not given" view.
   bool is_null() const {
-    return data_ == nullptr && std::all_of(shape_.begin(), shape_.end(),
-                                           [](Index extent) { return extent == 0; });
+    return data_ == nullptr &&
+           std::all_of(shape_.begin(), shape_.end(), [](Index extent) { return extent == 0; });
   }
 
   // True when the strides are those of a row-major contiguous array (size-1 dims ignored).
@@ -178,8 +178,8 @@ class Tensor {
   TensorView<const T, Rank> view() const {
     return TensorView<const T, Rank>(storage_.get(), shape_);
   }
-  operator TensorView<T, Rank>() { return view(); }                    // NOLINT
-  operator TensorView<const T, Rank>() const { return view(); }        // NOLINT
+  operator TensorView<T, Rank>() { return view(); }              // NOLINT
+  operator TensorView<const T, Rank>() const { return view(); }  // NOLINT
 
   template <typename... Indices>
   T& operator()(Indices... indices) {

@@ -43,7 +43,7 @@
 
 namespace foveal::detail {
 
-inline constexpr Index kBlockQ = 64;  // query rows per tile
+inline constexpr Index kBlockQ = 64;   // query rows per tile
 inline constexpr Index kBlockK = 128;  // keys per block
 inline constexpr int kKeysPerMicro = 6;
 inline constexpr int kRowVectorsPerMicro = 4;
@@ -59,9 +59,9 @@ struct FlashParams {
   TensorView<T, 4> out;
   TensorView<T, 3> lse;
   TensorView<const T, 4> bias;
-  Index q_offset = 0;   // position of query 0
-  double scale = 1;     // applied to q.k
-  double softcap = 0;   // 0: off
+  Index q_offset = 0;  // position of query 0
+  double scale = 1;    // applied to q.k
+  double softcap = 0;  // 0: off
   int num_threads = 1;
 };
 
@@ -172,8 +172,8 @@ inline void compute_scores(const T* q_t, const T* const* k_rows, Index num_keys,
       const int vectors = std::min(kRowVectorsPerMicro, c_end - c0);
       with_count<kKeysPerMicro>(keys, [&](auto nk) {
         with_count<kRowVectorsPerMicro>(vectors, [&](auto qv) {
-          score_micro<T, decltype(nk)::value, decltype(qv)::value>(
-              q_t + c0 * L, k_rows + j0, dim, s_t + j0 * kBlockQ + c0 * L);
+          score_micro<T, decltype(nk)::value, decltype(qv)::value>(q_t + c0 * L, k_rows + j0, dim,
+                                                                   s_t + j0 * kBlockQ + c0 * L);
         });
       });
     }
@@ -207,9 +207,8 @@ inline void output_micro(const T* p_t, const T* alpha, const T* const* v_rows, I
 // key_range(r0, r1) -> {j_begin, j_end} bounds the keys that rows [r0, r1) can see; the
 // probabilities of the others are 0 and are skipped.
 template <typename T, typename KeyRangeOfRows>
-inline void accumulate_output(const T* p_t, const T* alpha, const T* const* v_rows,
-                              Index num_rows, Index dim_v, KeyRangeOfRows&& key_range, T* acc,
-                              Index acc_stride) {
+inline void accumulate_output(const T* p_t, const T* alpha, const T* const* v_rows, Index num_rows,
+                              Index dim_v, KeyRangeOfRows&& key_range, T* acc, Index acc_stride) {
   constexpr int L = kLanes<T>;
   const Index full_vectors = dim_v / L;
   for (Index r0 = 0; r0 < num_rows; r0 += kRowsPerMicro) {
@@ -259,9 +258,9 @@ Multipliers<T> logit_multipliers(double scale, double softcap) {
 
 template <typename T>
 struct TileScratch {
-  T* q_t;   // [D][kBlockQ]: queries, transposed and pre-scaled
-  T* s_t;   // [kBlockK][kBlockQ]: scores, then probabilities, of the current key block
-  T* acc;   // [kBlockQ][acc_stride]: unnormalized output
+  T* q_t;  // [D][kBlockQ]: queries, transposed and pre-scaled
+  T* s_t;  // [kBlockK][kBlockQ]: scores, then probabilities, of the current key block
+  T* acc;  // [kBlockQ][acc_stride]: unnormalized output
 };
 
 template <typename T>
@@ -362,8 +361,8 @@ class TileRunner {
                     T* q_t) const {
     const auto& q = params_.q;
     for (Index r = 0; r < num_rows; ++r) {
-      const T* q_row = q.data() + batch * q.stride(0) + head[r] * q.stride(1) +
-                       query_index[r] * q.stride(2);
+      const T* q_row =
+          q.data() + batch * q.stride(0) + head[r] * q.stride(1) + query_index[r] * q.stride(2);
       for (Index d = 0; d < dim_; ++d) q_t[d * kBlockQ + r] = q_row[d] * q_multiplier_;
     }
     for (Index d = 0; d < dim_; ++d)

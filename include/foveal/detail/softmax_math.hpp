@@ -71,8 +71,7 @@ inline Vec<float> tanh(Vec<float> x) {
   const Vec<float> x2 = magnitude * magnitude;
   // x - x^3/3 + 2x^5/15 - 17x^7/315, exact to float rounding for |x| < 1/16.
   const Vec<float> near =
-      magnitude *
-      (1.0f + x2 * (-1.0f / 3.0f + x2 * (2.0f / 15.0f + x2 * (-17.0f / 315.0f))));
+      magnitude * (1.0f + x2 * (-1.0f / 3.0f + x2 * (2.0f / 15.0f + x2 * (-17.0f / 315.0f))));
   const Vec<float> value = magnitude < 0.0625f ? near : far;
   return x < 0.0f ? -value : value;
 }

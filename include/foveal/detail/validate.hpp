@@ -28,8 +28,7 @@ template <typename T, int Rank>
 void require_unit_inner_stride(const char* function, const char* name,
                                const TensorView<T, Rank>& view) {
   check(view.size(Rank - 1) <= 1 || view.empty() || view.stride(Rank - 1) == 1, function, ": ",
-        name,
-        " must have stride 1 in its last dimension, got stride ", view.stride(Rank - 1),
+        name, " must have stride 1 in its last dimension, got stride ", view.stride(Rank - 1),
         " (make that dimension contiguous; other dimensions may have any stride)");
 }
 
@@ -53,8 +52,8 @@ void require_disjoint(const char* function, const char* written_name,
 // A finite, non-negative scalar option.
 inline void require_finite_nonnegative(const char* function, const char* name, double value,
                                        const char* meaning) {
-  check(std::isfinite(value) && value >= 0, function, ": ", name,
-        " must be finite and >= 0 (", meaning, "), got ", value);
+  check(std::isfinite(value) && value >= 0, function, ": ", name, " must be finite and >= 0 (",
+        meaning, "), got ", value);
 }
 
 // A window bound: >= 0, or -1 for unbounded.

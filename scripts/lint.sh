@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Checks formatting and lint: clang-format (.clang-format) on the C++ sources, ruff on the
+# Python ones. Installs either tool when it is missing. Fails on any finding.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v clang-format >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq clang-format >/dev/null
+fi
+command -v ruff >/dev/null || python3 -m pip install -q --disable-pip-version-check ruff
+
+git ls-files '*.hpp' '*.cpp' | xargs clang-format --dry-run --Werror
+ruff check python tests/python bench examples
+ruff format --check python tests/python bench examples
+echo "lint: clean"
