@@ -188,6 +188,19 @@ TEST_F(AttentionErrors, OutNeedsUnitInnerStride) {
   expect_rejected({"out must have stride 1 in its last dimension", "got stride 2"});
 }
 
+TEST_F(AttentionErrors, StridesBeyondAddressableMemoryAreRejected) {
+  Shape<4> strides = k.strides();
+  strides[0] = std::numeric_limits<Index>::max() / 2;
+  k = TensorView<const float, 4>(k.data(), k.shape(), strides);
+  expect_rejected({"k's shape and strides reach beyond what a 64-bit byte offset can address"});
+}
+
+TEST_F(AttentionErrors, ElementCountBeyondIndexRangeIsRejected) {
+  const Index huge = Index(1) << 40;
+  v = TensorView<const float, 4>(v.data(), {huge, huge, 7, 6}, {0, 0, 6, 1});
+  expect_rejected({"v's shape and strides reach beyond what a 64-bit byte offset can address"});
+}
+
 TEST_F(AttentionErrors, NullQueryWithElementsIsRejected) {
   q = TensorView<const float, 4>(nullptr, q.shape());
   expect_rejected({"q has 120 elements but its data pointer is null"});

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cmath>
+#include <limits>
 #include <string>
 
 #include "foveal/core/error.hpp"
@@ -18,6 +19,23 @@ void require_valid_view(const char* function, const char* name, const TensorView
   for (int dim = 0; dim < Rank; ++dim)
     check(view.size(dim) >= 0, function, ": ", name, ".shape[", dim, "] must be >= 0, got ",
           view.size(dim));
+  // The element count and the span of the strides must fit in an Index (in bytes), so that
+  // no later index arithmetic can overflow.
+  Index count = 1;
+  Index span = 0;
+  bool overflow = false;
+  for (int dim = 0; dim < Rank; ++dim) {
+    overflow |= __builtin_mul_overflow(count, view.size(dim), &count);
+    if (view.size(dim) <= 1) continue;
+    const Index stride = view.stride(dim);
+    Index term = 0;
+    overflow |= stride == std::numeric_limits<Index>::min() ||
+                __builtin_mul_overflow(view.size(dim) - 1, stride < 0 ? -stride : stride, &term) ||
+                __builtin_add_overflow(span, term, &span);
+  }
+  check(!overflow && span <= std::numeric_limits<Index>::max() / static_cast<Index>(sizeof(T)),
+        function, ": ", name,
+        "'s shape and strides reach beyond what a 64-bit byte offset can address");
   check(view.data() != nullptr || view.empty(), function, ": ", name, " has ", view.numel(),
         " elements but its data pointer is null");
 }
