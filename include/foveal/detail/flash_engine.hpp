@@ -45,10 +45,13 @@ namespace foveal::detail {
 
 inline constexpr Index kBlockQ = 64;   // query rows per tile
 inline constexpr Index kBlockK = 128;  // keys per block
-inline constexpr int kKeysPerMicro = 6;
-inline constexpr int kRowVectorsPerMicro = 4;
-inline constexpr int kRowsPerMicro = 6;
-inline constexpr int kColVectorsPerMicro = 4;
+// Micro-kernel shapes: as many accumulators as the register file holds next to the operands
+// (24 of 32 registers with AVX-512, 12 of 16 otherwise; more spills and halves the speed).
+inline constexpr bool kWideRegisterFile = kVectorRegisters >= 32;
+inline constexpr int kKeysPerMicro = kWideRegisterFile ? 6 : 4;
+inline constexpr int kRowVectorsPerMicro = kWideRegisterFile ? 4 : 3;
+inline constexpr int kRowsPerMicro = kWideRegisterFile ? 6 : 4;
+inline constexpr int kColVectorsPerMicro = kWideRegisterFile ? 4 : 3;
 
 // Everything the engine needs, validated by the entry point before the engine runs.
 // q: [B, Hq, Lq, D]  k: [B, Hkv, Lk, D]  v: [B, Hkv, Lk, Dv]  out: [B, Hq, Lq, Dv]

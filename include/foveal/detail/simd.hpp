@@ -11,10 +11,16 @@ namespace foveal::detail {
 
 #if defined(__AVX512F__)
 inline constexpr int kVectorBytes = 64;
+inline constexpr int kVectorRegisters = 32;
 #elif defined(__AVX__)
 inline constexpr int kVectorBytes = 32;
+inline constexpr int kVectorRegisters = 16;
+#elif defined(__x86_64__)
+inline constexpr int kVectorBytes = 16;
+inline constexpr int kVectorRegisters = 16;
 #else
 inline constexpr int kVectorBytes = 16;
+inline constexpr int kVectorRegisters = 32;  // AArch64 NEON
 #endif
 
 template <typename T>
