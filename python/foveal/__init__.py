@@ -198,6 +198,31 @@ def _attention_arrays(function: str, q: Any, k: Any, v: Any, bias: Any):
     return q_array, k_array, v_array, bias_array, dtype
 
 
+class _AttentionOutputs:
+    """out [B, Hq, Lq, Dv] (given or new) and, when asked for, lse [B, Hq, Lq], as tensors of
+    q's kind and as the numpy views the kernels write."""
+
+    def __init__(
+        self,
+        function: str,
+        q: Any,
+        q_array: np.ndarray,
+        v_array: np.ndarray,
+        out: Any,
+        return_lse: bool,
+        dtype: np.dtype,
+    ) -> None:
+        out_shape = (*q_array.shape[:3], v_array.shape[3])
+        self.out_tensor, self.out_array = _output(function, "out", out, q, out_shape, dtype)
+        self.return_lse = return_lse
+        self.lse_tensor, self.lse_array = (
+            _new_like(q, out_shape[:3], dtype) if return_lse else (None, None)
+        )
+
+    def result(self):
+        return (self.out_tensor, self.lse_tensor) if self.return_lse else self.out_tensor
+
+
 def attention(
     q: Any,
     k: Any,
@@ -245,13 +270,11 @@ def attention(
         num_threads,
     )
     q_array, k_array, v_array, bias_array, dtype = _attention_arrays(function, q, k, v, bias)
-    out_shape = (q_array.shape[0], q_array.shape[1], q_array.shape[2], v_array.shape[3])
-    out_tensor, out_array = _output(function, "out", out, q, out_shape, dtype)
-    lse_tensor, lse_array = (None, None)
-    if return_lse:
-        lse_tensor, lse_array = _new_like(q, out_shape[:3], dtype)
-    _core.attention(q_array, k_array, v_array, out_array, lse_array, bias_array, **options)
-    return (out_tensor, lse_tensor) if return_lse else out_tensor
+    outputs = _AttentionOutputs(function, q, q_array, v_array, out, return_lse, dtype)
+    _core.attention(
+        q_array, k_array, v_array, outputs.out_array, outputs.lse_array, bias_array, **options
+    )
+    return outputs.result()
 
 
 def attention_kernel_names() -> list[str]:
@@ -289,15 +312,17 @@ class AttentionKernel:
             array = _to_numpy(function, extra_name, extra)
             _check_array(function, extra_name, array, "?, ?, ?", dtype)
             extra_arrays[extra_name] = array
-        out_shape = (q_array.shape[0], q_array.shape[1], q_array.shape[2], v_array.shape[3])
-        out_tensor, out_array = _output(function, "out", out, q, out_shape, dtype)
-        lse_tensor, lse_array = (None, None)
-        if return_lse:
-            lse_tensor, lse_array = _new_like(q, out_shape[:3], dtype)
+        outputs = _AttentionOutputs(function, q, q_array, v_array, out, return_lse, dtype)
         self._kernel.forward(
-            q_array, k_array, v_array, out_array, lse_array, bias_array, extra_arrays
+            q_array,
+            k_array,
+            v_array,
+            outputs.out_array,
+            outputs.lse_array,
+            bias_array,
+            extra_arrays,
         )
-        return (out_tensor, lse_tensor) if return_lse else out_tensor
+        return outputs.result()
 
     def __repr__(self) -> str:
         return f"foveal.AttentionKernel({self.name!r})"
