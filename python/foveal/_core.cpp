@@ -59,22 +59,6 @@ foveal::TensorView<T, Rank> optional_view_of(const char* function, const char* n
   return array ? view_of<T, Rank>(function, name, *array) : foveal::TensorView<T, Rank>();
 }
 
-template <typename T>
-void attention_typed(const py::array& q, const py::array& k, const py::array& v,
-                     const py::array& out, const std::optional<py::array>& lse,
-                     const std::optional<py::array>& bias,
-                     const foveal::AttentionOptions& options) {
-  constexpr const char* fn = "attention";
-  auto q_view = view_of<const T, 4>(fn, "q", q);
-  auto k_view = view_of<const T, 4>(fn, "k", k);
-  auto v_view = view_of<const T, 4>(fn, "v", v);
-  auto out_view = view_of<T, 4>(fn, "out", out);
-  auto lse_view = optional_view_of<T, 3>(fn, "lse", lse);
-  auto bias_view = optional_view_of<const T, 4>(fn, "bias", bias);
-  py::gil_scoped_release release;
-  foveal::attention(q_view, k_view, v_view, out_view, options, lse_view, bias_view);
-}
-
 foveal::AttentionOptions make_options(double scale, bool causal, int64_t window_left,
                                       int64_t window_right, int64_t sink_tokens, double softcap,
                                       int64_t q_offset, int num_threads) {
@@ -92,12 +76,15 @@ foveal::AttentionOptions make_options(double scale, bool causal, int64_t window_
 
 bool is_float64(const py::array& array) { return array.dtype().is(py::dtype::of<double>()); }
 
+using Extras = std::map<std::string, py::array>;
+
+// The views of one attention call, for element type T.
 template <typename T>
-foveal::AttentionArgs<T> kernel_args(const py::array& q, const py::array& k, const py::array& v,
-                                     const py::array& out, const std::optional<py::array>& lse,
-                                     const std::optional<py::array>& bias,
-                                     const std::map<std::string, py::array>& extras) {
-  constexpr const char* fn = "AttentionKernel.forward";
+foveal::AttentionArgs<T> attention_args(const char* fn, const py::array& q, const py::array& k,
+                                        const py::array& v, const py::array& out,
+                                        const std::optional<py::array>& lse,
+                                        const std::optional<py::array>& bias,
+                                        const Extras& extras) {
   foveal::AttentionArgs<T> args;
   args.q = view_of<const T, 4>(fn, "q", q);
   args.k = view_of<const T, 4>(fn, "k", k);
@@ -108,6 +95,23 @@ foveal::AttentionArgs<T> kernel_args(const py::array& q, const py::array& k, con
   for (const auto& [name, array] : extras)
     args.extras[name] = view_of<const T, 3>(fn, name.c_str(), array);
   return args;
+}
+
+// Calls run(args) with the views typed after q's dtype (float64, else float32), the GIL
+// released around the call.
+template <typename Run>
+void run_typed(const char* fn, const py::array& q, const py::array& k, const py::array& v,
+               const py::array& out, const std::optional<py::array>& lse,
+               const std::optional<py::array>& bias, const Extras& extras, Run&& run) {
+  if (is_float64(q)) {
+    const auto args = attention_args<double>(fn, q, k, v, out, lse, bias, extras);
+    py::gil_scoped_release release;
+    run(args);
+  } else {
+    const auto args = attention_args<float>(fn, q, k, v, out, lse, bias, extras);
+    py::gil_scoped_release release;
+    run(args);
+  }
 }
 
 }  // namespace
@@ -127,11 +131,9 @@ PYBIND11_MODULE(_core, m) {
          double softcap, int64_t q_offset, int num_threads) {
         const auto options = make_options(scale, causal, window_left, window_right, sink_tokens,
                                           softcap, q_offset, num_threads);
-        if (is_float64(q)) {
-          attention_typed<double>(q, k, v, out, lse, bias, options);
-        } else {
-          attention_typed<float>(q, k, v, out, lse, bias, options);
-        }
+        run_typed("attention", q, k, v, out, lse, bias, {}, [&](const auto& args) {
+          foveal::attention(args.q, args.k, args.v, args.out, options, args.lse, args.bias);
+        });
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("bias"),
       py::arg("scale"), py::arg("causal"), py::arg("window_left"), py::arg("window_right"),
@@ -145,16 +147,9 @@ PYBIND11_MODULE(_core, m) {
           "forward",
           [](const foveal::AttentionKernel& kernel, const py::array& q, const py::array& k,
              const py::array& v, const py::array& out, const std::optional<py::array>& lse,
-             const std::optional<py::array>& bias, const std::map<std::string, py::array>& extras) {
-            if (is_float64(q)) {
-              const auto args = kernel_args<double>(q, k, v, out, lse, bias, extras);
-              py::gil_scoped_release release;
-              kernel.forward(args);
-            } else {
-              const auto args = kernel_args<float>(q, k, v, out, lse, bias, extras);
-              py::gil_scoped_release release;
-              kernel.forward(args);
-            }
+             const std::optional<py::array>& bias, const Extras& extras) {
+            run_typed("AttentionKernel.forward", q, k, v, out, lse, bias, extras,
+                      [&](const auto& args) { kernel.forward(args); });
           },
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("bias"),
           py::arg("extras"));
