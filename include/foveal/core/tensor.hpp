@@ -78,14 +78,21 @@ class TensorView {
     return true;
   }
 
-  // Element at the given indices (no bounds checks: validated code only).
+  // Address of the element at the given indices (no bounds checks: validated code only). Also
+  // valid for index 0 of an empty dimension, where no element may be read.
   template <typename... Indices>
-  T& operator()(Indices... indices) const {
+  T* address(Indices... indices) const {
     static_assert(sizeof...(Indices) == Rank, "one index per dimension");
     const Index index_array[Rank] = {static_cast<Index>(indices)...};
     Index offset = 0;
     for (int dim = 0; dim < Rank; ++dim) offset += index_array[dim] * strides_[dim];
-    return data_[offset];
+    return data_ + offset;
+  }
+
+  // Element at the given indices (no bounds checks: validated code only).
+  template <typename... Indices>
+  T& operator()(Indices... indices) const {
+    return *address(indices...);
   }
 
   // The same memory with dimensions `a` and `b` swapped: [B, L, H, D] -> [B, H, L, D].
@@ -134,9 +141,12 @@ struct AlignedDeleter {
   void operator()(void* pointer) const { std::free(pointer); }
 };
 
+template <typename T>
+using AlignedArray = std::unique_ptr<T[], AlignedDeleter>;
+
 // 64-byte aligned, uninitialized storage for `count` elements of T (null when count is 0).
 template <typename T>
-std::unique_ptr<T[], AlignedDeleter> allocate_aligned(std::size_t count) {
+AlignedArray<T> allocate_aligned(std::size_t count) {
   if (count == 0) return nullptr;
   check(count <= (SIZE_MAX - kTensorAlignment) / sizeof(T), "allocation of ", count,
         " elements overflows");

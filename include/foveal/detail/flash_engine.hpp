@@ -52,6 +52,13 @@ inline constexpr int kKeysPerMicro = kWideRegisterFile ? 6 : 4;
 inline constexpr int kRowVectorsPerMicro = kWideRegisterFile ? 4 : 3;
 inline constexpr int kRowsPerMicro = kWideRegisterFile ? 6 : 4;
 inline constexpr int kColVectorsPerMicro = kWideRegisterFile ? 4 : 3;
+// Tiles of at most this many rows (decode: one query per head of a GQA group) compute their
+// scores as dot products along D, so no vector lane is spent on a row that does not exist.
+template <typename T>
+inline constexpr Index kFewRows = std::max(1, kLanes<T> / 2);
+// Rows per dot-product micro-kernel: 1, 2 or 4 rows with kLanes / rows keys each.
+template <typename T>
+inline constexpr int kMaxDotRows = std::min(4, kLanes<T>);
 
 // Everything the engine needs, validated by the entry point before the engine runs.
 // q: [B, Hq, Lq, D]  k: [B, Hkv, Lk, D]  v: [B, Hkv, Lk, Dv]  out: [B, Hq, Lq, Dv]
@@ -68,23 +75,27 @@ struct FlashParams {
   int num_threads = 1;
 };
 
-// A block of keys to visit: [begin, begin + count), or index[0..count) when index is set.
+// A block of keys to visit: the K/V rows [begin, begin + count), or index[0..count) when index
+// is set. The key stored in row i sits at position i + position_offset (nonzero only where
+// storage wraps, as in a ring-buffer KV cache); masks and policy bounds speak of positions.
 struct KeyBlock {
   Index begin = 0;
   Index count = 0;
   const Index* index = nullptr;
   bool needs_mask = false;
+  Index position_offset = 0;
 };
 
-// Visits the keys of `range` in blocks aligned to multiples of kBlockK, so that any two
-// policies covering the same keys use identical blocks (and identical arithmetic).
+// Visits the keys at `positions` in blocks aligned to multiples of kBlockK positions, so that
+// any two policies covering the same keys use identical blocks (and identical arithmetic). The
+// key at position p is stored in row p - position_offset.
 template <typename Visit>
-void for_each_aligned_block(KeyRange range, const Visibility& visibility, Index position_lo,
-                            Index position_hi, Visit&& visit) {
-  for (Index begin = range.begin; begin < range.end;) {
-    const Index end = std::min(range.end, (begin / kBlockK + 1) * kBlockK);
-    visit(KeyBlock{begin, end - begin, nullptr,
-                   !visibility.sees_all(position_lo, position_hi, begin, end)});
+void for_each_aligned_block(KeyRange positions, Index position_offset, const Visibility& visibility,
+                            Index position_lo, Index position_hi, Visit&& visit) {
+  for (Index begin = positions.begin; begin < positions.end;) {
+    const Index end = std::min(positions.end, (begin / kBlockK + 1) * kBlockK);
+    visit(KeyBlock{begin - position_offset, end - begin, nullptr,
+                   !visibility.sees_all(position_lo, position_hi, begin, end), position_offset});
     begin = end;
   }
 }
@@ -96,17 +107,9 @@ class BandPolicy {
 
   template <typename Visit>
   void for_each_block(Index position_lo, Index position_hi, Visit&& visit) const {
-    const KeyRange band = visibility_.band(position_lo, position_hi);
-    const Index sink_end = visibility_.sink_tokens;
-    if (band.end <= band.begin) {
-      for_each_aligned_block({0, sink_end}, visibility_, position_lo, position_hi, visit);
-    } else if (sink_end < band.begin) {
-      for_each_aligned_block({0, sink_end}, visibility_, position_lo, position_hi, visit);
-      for_each_aligned_block(band, visibility_, position_lo, position_hi, visit);
-    } else {
-      for_each_aligned_block({0, std::max(band.end, sink_end)}, visibility_, position_lo,
-                             position_hi, visit);
-    }
+    const KeyRanges visible = visibility_.visible_ranges(position_lo, position_hi);
+    for (int i = 0; i < visible.count; ++i)
+      for_each_aligned_block(visible.ranges[i], 0, visibility_, position_lo, position_hi, visit);
   }
 
   bool sees(Index position, Index key) const { return visibility_.sees(position, key); }
@@ -145,6 +148,35 @@ inline void score_micro(const T* q_t, const T* const* k_rows, Index dim, T* s_t)
     for (int c = 0; c < QV; ++c) store(s_t + j * kBlockQ + c * L, acc[j][c]);
 }
 
+// Scores of a few rows as dot products along D: s_t[j][r] = sum_d k_rows[j][d] * q_rows[r][d]
+// for j < kLanes / NR, r < NR. q_rows has row stride q_stride (a multiple of kLanes, zero
+// padded past D); the kLanes (key, row) sums are reduced together by one transposing sum.
+template <typename T, int NR>
+inline void dot_score_micro(const T* q_rows, Index q_stride, const T* const* k_rows, Index dim,
+                            T* s_t) {
+  constexpr int L = kLanes<T>;
+  constexpr int NK = L / NR;
+  Vec<T> acc[L];  // acc[key * NR + row]
+  for (int i = 0; i < L; ++i) acc[i] = Vec<T>{};
+  const auto accumulate = [&](Index d, auto load_key) {
+    Vec<T> q_vectors[NR];
+    for (int r = 0; r < NR; ++r) q_vectors[r] = load(q_rows + r * q_stride + d);
+    for (int j = 0; j < NK; ++j) {
+      const Vec<T> key = load_key(k_rows[j] + d);
+      for (int r = 0; r < NR; ++r) acc[j * NR + r] += key * q_vectors[r];
+    }
+  };
+  const Index full = dim / L * L;
+  for (Index d = 0; d < full; d += L) accumulate(d, [](const T* from) { return load(from); });
+  if (full < dim) {
+    const int tail = static_cast<int>(dim - full);
+    accumulate(full, [tail](const T* from) { return load_partial(from, tail); });
+  }
+  const Vec<T> sums = sum_lanes_of_each<T>(acc);
+  for (int j = 0; j < NK; ++j)
+    for (int r = 0; r < NR; ++r) s_t[j * kBlockQ + r] = sums[j * NR + r];
+}
+
 // Calls body(std::integral_constant<int, N>{}) with N = count, for a run-time count in
 // [1, Max]: how a micro-kernel of compile-time size is picked for a partial tile.
 template <int Max, typename Body>
@@ -179,6 +211,32 @@ inline void compute_scores(const T* q_t, const T* const* k_rows, Index num_keys,
                                                                    s_t + j0 * kBlockQ + c0 * L);
         });
       });
+    }
+  }
+}
+
+// Scores of num_rows <= kFewRows rows (see dot_score_micro). k_rows must hold valid pointers up
+// to num_keys rounded up to kLanes; s_t rows past num_keys receive scores of those repeats.
+template <typename T>
+inline void compute_few_row_scores(const T* q_rows, Index q_stride, const T* const* k_rows,
+                                   Index num_keys, Index dim, Index num_rows, T* s_t) {
+  constexpr int L = kLanes<T>;
+  const auto rows_at_a_time = [&](Index r0, auto nr) {
+    constexpr int NR = decltype(nr)::value;
+    for (Index j0 = 0; j0 < num_keys; j0 += L / NR)
+      dot_score_micro<T, NR>(q_rows + r0 * q_stride, q_stride, k_rows + j0, dim,
+                             s_t + j0 * kBlockQ + r0);
+    return NR;
+  };
+  // 4, 2 or 1 rows at a time (never more than kMaxDotRows).
+  for (Index r0 = 0; r0 < num_rows;) {
+    const Index remaining = num_rows - r0;
+    if (kMaxDotRows<T> >= 4 && remaining >= 4) {
+      r0 += rows_at_a_time(r0, std::integral_constant < int, kMaxDotRows<T> >= 4 ? 4 : 1 > {});
+    } else if (kMaxDotRows<T> >= 2 && remaining >= 2) {
+      r0 += rows_at_a_time(r0, std::integral_constant < int, kMaxDotRows<T> >= 2 ? 2 : 1 > {});
+    } else {
+      r0 += rows_at_a_time(r0, std::integral_constant<int, 1>{});
     }
   }
 }
@@ -261,7 +319,7 @@ Multipliers<T> logit_multipliers(double scale, double softcap) {
 
 template <typename T>
 struct TileScratch {
-  T* q_t;  // [D][kBlockQ]: queries, transposed and pre-scaled
+  T* q_t;  // [D][kBlockQ]: queries, transposed and pre-scaled (few-row tiles: [rows][D'])
   T* s_t;  // [kBlockK][kBlockQ]: scores, then probabilities, of the current key block
   T* acc;  // [kBlockQ][acc_stride]: unnormalized output
 };
@@ -301,7 +359,12 @@ class TileRunner {
       positions[r] = params_.q_offset + query_index[r];
     }
 
-    pack_queries(batch, num_rows, query_index, head, scratch.q_t);
+    const bool few_rows = num_rows <= kFewRows<T>;
+    if (few_rows) {
+      pack_query_rows(batch, num_rows, query_index, head, scratch.q_t);
+    } else {
+      pack_queries(batch, num_rows, query_index, head, scratch.q_t);
+    }
 
     T row_max[kBlockQ];
     T row_sum[kBlockQ];
@@ -326,12 +389,14 @@ class TileRunner {
         k_rows[j] = k_base + keys[j] * k_row_stride;
         v_rows[j] = v_base + keys[j] * v_row_stride;
       }
+      const Index first_position = block.begin + block.position_offset;
       // Inside a masked contiguous block (a causal diagonal, a band edge) whole row vectors
       // miss some key groups and whole row groups miss some keys: the policy's bounds skip them.
       const bool trim = block.needs_mask && block.index == nullptr;
       const auto row_vectors_seeing = [&](Index j0, Index j1) {
         if (!trim) return std::pair<int, int>(0, row_vectors);
-        const PositionRange seeing = policy.positions_seeing(block.begin + j0, block.begin + j1);
+        const PositionRange seeing =
+            policy.positions_seeing(first_position + j0, first_position + j1);
         const Index* first = positions;
         const Index* last = positions + num_rows;
         const Index r_begin = std::lower_bound(first, last, seeing.first) - first;
@@ -343,11 +408,20 @@ class TileRunner {
       const auto keys_seen_by = [&](Index r0, Index r1) {
         if (!trim) return std::pair<Index, Index>(0, block.count);
         const KeyRange seen = policy.keys_seen(positions[r0], positions[r1 - 1]);
-        return std::pair<Index, Index>(std::clamp<Index>(seen.begin - block.begin, 0, block.count),
-                                       std::clamp<Index>(seen.end - block.begin, 0, block.count));
+        return std::pair<Index, Index>(
+            std::clamp<Index>(seen.begin - first_position, 0, block.count),
+            std::clamp<Index>(seen.end - first_position, 0, block.count));
       };
-      compute_scores(scratch.q_t, k_rows, block.count, dim_, row_vectors, row_vectors_seeing,
-                     scratch.s_t);
+      if (few_rows) {
+        // The micro-kernel reads whole groups of keys: repeat the last row to fill the group.
+        const Index padded = (block.count + L - 1) / L * L;
+        std::fill(k_rows + block.count, k_rows + padded, k_rows[block.count - 1]);
+        compute_few_row_scores(scratch.q_t, query_row_stride(), k_rows, block.count, dim_, num_rows,
+                               scratch.s_t);
+      } else {
+        compute_scores(scratch.q_t, k_rows, block.count, dim_, row_vectors, row_vectors_seeing,
+                       scratch.s_t);
+      }
       transform_logits(batch, block, keys, num_rows, row_vectors, query_index, head, positions,
                        policy, scratch.s_t);
       online_softmax(block.count, row_vectors, scratch.s_t, row_max, row_sum, alpha);
@@ -359,6 +433,23 @@ class TileRunner {
   }
 
  private:
+  // Row stride of the packed queries of a few-row tile: D rounded up to whole vectors.
+  Index query_row_stride() const { return (dim_ + kLanes<T> - 1) / kLanes<T> * kLanes<T>; }
+
+  // q_rows[r][d] = q[batch, head[r], query_index[r], d] * q_multiplier, zero past D.
+  void pack_query_rows(Index batch, Index num_rows, const Index* query_index, const Index* head,
+                       T* q_rows) const {
+    const auto& q = params_.q;
+    const Index stride = query_row_stride();
+    for (Index r = 0; r < num_rows; ++r) {
+      const T* q_row =
+          q.data() + batch * q.stride(0) + head[r] * q.stride(1) + query_index[r] * q.stride(2);
+      T* packed = q_rows + r * stride;
+      for (Index d = 0; d < dim_; ++d) packed[d] = q_row[d] * q_multiplier_;
+      std::fill(packed + dim_, packed + stride, T(0));
+    }
+  }
+
   // q_t[d][r] = q[batch, head[r], query_index[r], d] * q_multiplier; rows past num_rows are 0.
   void pack_queries(Index batch, Index num_rows, const Index* query_index, const Index* head,
                     T* q_t) const {
@@ -399,7 +490,8 @@ class TileRunner {
       const T masked = -std::numeric_limits<T>::infinity();
       for (Index j = 0; j < block.count; ++j)
         for (Index r = 0; r < num_rows; ++r)
-          if (!policy.sees(positions[r], keys[j])) s_t[j * kBlockQ + r] = masked;
+          if (!policy.sees(positions[r], keys[j] + block.position_offset))
+            s_t[j * kBlockQ + r] = masked;
     }
   }
 
@@ -461,10 +553,52 @@ class TileRunner {
   T cap_multiplier_ = 0;
 };
 
+// Per-thread scratch of TileRunner::run for tiles of queries of dimension D and values of
+// dimension Dv, allocated once per call; each part is a whole number of 64-byte lines.
+template <typename T>
+class TileWorkspace {
+ public:
+  TileWorkspace(Index dim, Index dim_v, int num_threads)
+      : acc_stride_((dim_v + kLanes<T> - 1) / kLanes<T> * kLanes<T>),
+        q_t_size_(round_up(std::max(dim * kBlockQ, kFewRows<T> * round_up_lanes(dim)))),
+        s_t_size_(round_up(kBlockK * kBlockQ)),
+        acc_size_(round_up(kBlockQ * acc_stride_)),
+        memory_(allocate_aligned<T>(
+            static_cast<std::size_t>(per_thread() * std::max(num_threads, 1)))) {}
+
+  Index acc_stride() const { return acc_stride_; }
+
+  // The scratch of the calling thread inside a parallel_for body.
+  TileScratch<T> for_this_thread() const {
+    T* base = memory_.get() + per_thread() * thread_index();
+    return {base, base + q_t_size_, base + q_t_size_ + s_t_size_};
+  }
+
+ private:
+  static Index round_up(Index count) {
+    constexpr Index line = static_cast<Index>(kTensorAlignment / sizeof(T));
+    return (count + line - 1) / line * line;
+  }
+  static Index round_up_lanes(Index count) {
+    return (count + kLanes<T> - 1) / kLanes<T> * kLanes<T>;
+  }
+  Index per_thread() const { return q_t_size_ + s_t_size_ + acc_size_; }
+
+  Index acc_stride_;
+  Index q_t_size_;
+  Index s_t_size_;
+  Index acc_size_;
+  AlignedArray<T> memory_;
+};
+
+// The thread count of a call with `num_tasks` tasks: the request, at least 1, at most the tasks.
+inline int threads_for(Index num_tasks, int requested) {
+  return static_cast<int>(std::max<Index>(std::min<Index>(std::max(requested, 1), num_tasks), 1));
+}
+
 // Runs the engine over every tile of every (batch, kv head) with the given policy.
 template <typename T, typename Policy>
 void run_flash_attention(const FlashParams<T>& params, const Policy& policy) {
-  constexpr int L = kLanes<T>;
   const Index batch = params.q.size(0);
   const Index heads_kv = params.k.size(1);
   const Index group = heads_kv > 0 ? params.q.size(1) / heads_kv : 0;
@@ -473,31 +607,16 @@ void run_flash_attention(const FlashParams<T>& params, const Policy& policy) {
   const Index num_tasks = batch * heads_kv * tiles_per_head;
   if (num_tasks == 0) return;
 
-  const Index dim = params.q.size(3);
-  const Index acc_stride = (params.v.size(3) + L - 1) / L * L;
-  // Per-thread scratch, each part a whole number of 64-byte lines.
-  const auto round_up = [](Index count) {
-    constexpr Index line = static_cast<Index>(kTensorAlignment / sizeof(T));
-    return (count + line - 1) / line * line;
-  };
-  const Index q_t_size = round_up(dim * kBlockQ);
-  const Index s_t_size = round_up(kBlockK * kBlockQ);
-  const Index acc_size = round_up(kBlockQ * acc_stride);
-  const Index per_thread = q_t_size + s_t_size + acc_size;
-  const int num_threads =
-      static_cast<int>(std::min<Index>(std::max(params.num_threads, 1), num_tasks));
-  auto scratch = allocate_aligned<T>(static_cast<std::size_t>(per_thread * num_threads));
-
-  const TileRunner<T> runner(params, acc_stride);
+  const int num_threads = threads_for(num_tasks, params.num_threads);
+  const TileWorkspace<T> workspace(params.q.size(3), params.v.size(3), num_threads);
+  const TileRunner<T> runner(params, workspace.acc_stride());
   parallel_for(num_tasks, num_threads, [&](Index task) {
     // Tiles late in the sequence see the most keys under a causal mask: hand them out first.
     const Index tile = tiles_per_head - 1 - task % tiles_per_head;
     const Index head_task = task / tiles_per_head;
     const Index kv_head = head_task % heads_kv;
     const Index batch_index = head_task / heads_kv;
-    T* base = scratch.get() + per_thread * thread_index();
-    const TileScratch<T> tile_scratch{base, base + q_t_size, base + q_t_size + s_t_size};
-    runner.run(policy, batch_index, kv_head, tile * kBlockQ, tile_scratch);
+    runner.run(policy, batch_index, kv_head, tile * kBlockQ, workspace.for_this_thread());
   });
 }
 

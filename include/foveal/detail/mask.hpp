@@ -18,6 +18,12 @@ struct KeyRange {
   Index end = 0;
 };
 
+// At most two disjoint key ranges in increasing order.
+struct KeyRanges {
+  KeyRange ranges[2];
+  int count = 0;
+};
+
 // Closed position range [first, last]; empty when last < first.
 struct PositionRange {
   Index first = 0;
@@ -57,6 +63,25 @@ struct Visibility {
     const Index begin = window_left < 0 ? 0 : position_lo - window_left;
     const Index end = window_right < 0 ? len_k : position_hi + window_right + 1;
     return {std::clamp<Index>(begin, 0, len_k), std::clamp<Index>(end, 0, len_k)};
+  }
+
+  // The keys that some position in [position_lo, position_hi] may see, as the sinks and the
+  // band (one range when they touch); empty ranges are left out.
+  KeyRanges visible_ranges(Index position_lo, Index position_hi) const {
+    const KeyRange band = this->band(position_lo, position_hi);
+    KeyRanges visible;
+    const auto add = [&visible](KeyRange range) {
+      if (range.begin < range.end) visible.ranges[visible.count++] = range;
+    };
+    if (band.end <= band.begin) {
+      add({0, sink_tokens});
+    } else if (sink_tokens < band.begin) {
+      add({0, sink_tokens});
+      add(band);
+    } else {
+      add({0, std::max(band.end, sink_tokens)});
+    }
+    return visible;
   }
 
   // The smallest key range holding every key that some position in [position_lo, position_hi]

@@ -4,8 +4,10 @@
 // same kernels compile to the widest registers the target has without intrinsics.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 namespace foveal::detail {
 
@@ -71,6 +73,57 @@ inline Vec<T> splat(T value) {
 template <typename V>
 inline V vector_max(const V& a, const V& b) {
   return a < b ? b : a;
+}
+
+// Loads the first `count` (< kLanes<T>) elements from `source`; the other lanes are 0.
+template <typename T>
+inline Vec<T> load_partial(const T* source, int count) {
+  Vec<T> vector{};
+  std::memcpy(&vector, source, sizeof(T) * static_cast<std::size_t>(count));
+  return vector;
+}
+
+namespace simd_detail {
+
+// Source lane of output `lane` in one step of sum_lanes_of_each: u and v each hold
+// lanes / group sums of `group` lanes; the output holds twice as many sums of group / 2 lanes,
+// u's first. `upper` selects the second half of each group. Indices >= lanes name v's lanes.
+constexpr int halving_index(int lanes, int group, int lane, bool upper) {
+  const int half = group / 2;
+  const int groups_per_vector = lanes / group;
+  const int out_group = lane / half;
+  return (out_group < groups_per_vector ? 0 : lanes) + (out_group % groups_per_vector) * group +
+         lane % half + (upper ? half : 0);
+}
+
+template <typename T, int Group, int... Lane>
+inline Vec<T> halving_step(const Vec<T>& u, const Vec<T>& v,
+                           std::integer_sequence<int, Lane...> /*lanes*/) {
+  using Bits = typename SimdTraits<T>::Bits;
+  constexpr int L = kLanes<T>;
+  constexpr Bits lower{halving_index(L, Group, Lane, false)...};
+  constexpr Bits upper{halving_index(L, Group, Lane, true)...};
+  return __builtin_shuffle(u, v, lower) + __builtin_shuffle(u, v, upper);
+}
+
+template <typename T, int Group>
+inline void halve_all(Vec<T>* x) {
+  constexpr int count = Group;  // vectors entering this step, each holding kLanes / Group sums
+  for (int i = 0; i < count / 2; ++i)
+    x[i] = halving_step<T, Group>(x[2 * i], x[2 * i + 1],
+                                  std::make_integer_sequence<int, kLanes<T>>{});
+  if constexpr (Group > 2) halve_all<T, Group / 2>(x);
+}
+
+}  // namespace simd_detail
+
+// Returns the vector whose lane i is the sum of the lanes of x[i] (a transposing reduction:
+// kLanes - 1 shuffle pairs for kLanes sums instead of log2(kLanes) shuffles per sum).
+// Overwrites x.
+template <typename T>
+inline Vec<T> sum_lanes_of_each(Vec<T> (&x)[kLanes<T>]) {
+  if constexpr (kLanes < T >> 1) simd_detail::halve_all<T, kLanes<T>>(x);
+  return x[0];
 }
 
 }  // namespace foveal::detail

@@ -1,0 +1,152 @@
+// Checks and parameter setup shared by the attention entry points (attention,
+// sliding_window_attention, decode_attention). Internal to the library.
+#pragma once
+
+#include <cmath>
+#include <string>
+
+#include "foveal/attention/options.hpp"
+#include "foveal/core/dtype.hpp"
+#include "foveal/detail/flash_engine.hpp"
+#include "foveal/detail/validate.hpp"
+
+namespace foveal::detail {
+
+// The options every attention entry point takes (the q_offset check is the caller's: its
+// allowed range depends on where the keys come from).
+inline void require_attention_options(const char* function, const AttentionOptions& options) {
+  require_finite_nonnegative(function, "scale", options.scale, "0 = 1/sqrt(D)");
+  require_finite_nonnegative(function, "softcap", options.softcap, "0 = off");
+  require_window(function, "window_left", options.window_left);
+  require_window(function, "window_right", options.window_right);
+  check(!options.causal || options.window_right == -1 || options.window_right == 0, function,
+        ": causal=true means window_right = 0, but window_right = ", options.window_right);
+  check(options.sink_tokens >= 0, function, ": sink_tokens must be >= 0, got ",
+        options.sink_tokens);
+  check(options.num_threads >= 0, function, ": num_threads must be >= 0 (0 = global setting), got ",
+        options.num_threads);
+}
+
+// Where the key/value geometry of a call comes from, for messages: e.g. {"k.shape[1]", Hkv,
+// "v.shape[3]", Dv}.
+struct KeyValueShape {
+  const char* heads_kv_name;
+  Index heads_kv;
+  const char* dim_v_name;
+  Index dim_v;
+};
+
+// q: [B, Hq, Lq, D] -> out: [B, Hq, Lq, Dv], lse: [B, Hq, Lq] or null, against keys and values
+// of the given shape.
+template <typename T>
+void require_queries_and_outputs(const char* function, const TensorView<const T, 4>& q,
+                                 const TensorView<T, 4>& out, const TensorView<T, 3>& lse,
+                                 const KeyValueShape& kv) {
+  require_valid_view(function, "q", q);
+  require_valid_view(function, "out", out);
+  const Index batch = q.size(0), heads_q = q.size(1), len_q = q.size(2);
+  check(q.size(3) >= 1, function, ": q.shape[3] (D) must be >= 1, got ", q.size(3));
+  check(kv.heads_kv > 0 ? heads_q % kv.heads_kv == 0 : heads_q == 0, function,
+        ": q.shape[1] (Hq = ", heads_q, ") must be a multiple of ", kv.heads_kv_name,
+        " (Hkv = ", kv.heads_kv, ")");
+  require_extent(function, "out", out, 0, "q.shape[0] (B)", batch);
+  require_extent(function, "out", out, 1, "q.shape[1] (Hq)", heads_q);
+  require_extent(function, "out", out, 2, "q.shape[2] (Lq)", len_q);
+  require_extent(function, "out", out, 3, std::string(kv.dim_v_name) + " (Dv)", kv.dim_v);
+  require_unit_inner_stride(function, "q", q);
+  require_unit_inner_stride(function, "out", out);
+  require_disjoint(function, "out", out, "q", q);
+  if (lse.is_null()) return;
+  require_valid_view(function, "lse", lse);
+  require_extent(function, "lse", lse, 0, "q.shape[0] (B)", batch);
+  require_extent(function, "lse", lse, 1, "q.shape[1] (Hq)", heads_q);
+  require_extent(function, "lse", lse, 2, "q.shape[2] (Lq)", len_q);
+  require_disjoint(function, "lse", lse, "q", q);
+  require_disjoint(function, "lse", lse, "out", out);
+}
+
+// The logit scale of a call (0 -> 1/sqrt(D)), checked to be representable with the softcap in
+// the compute type T.
+template <typename T>
+double resolve_scale(const char* function, const AttentionOptions& options, Index dim) {
+  const double scale =
+      options.scale > 0 ? options.scale : 1.0 / std::sqrt(static_cast<double>(dim));
+  const auto multipliers = logit_multipliers<T>(scale, options.softcap);
+  check(std::isfinite(multipliers.query) && (options.softcap == 0 || multipliers.cap > 0), function,
+        ": scale = ", scale, " with softcap = ", options.softcap, " is out of the range of ",
+        dtype_name(dtype_of<T>()));
+  return scale;
+}
+
+// Validates a call with explicit K/V (attention, sliding_window_attention) and builds the
+// engine parameters.
+template <typename T>
+FlashParams<T> prepare_attention(const char* function, TensorView<const T, 4> q,
+                                 TensorView<const T, 4> k, TensorView<const T, 4> v,
+                                 TensorView<T, 4> out, const AttentionOptions& options,
+                                 TensorView<T, 3> lse, TensorView<const T, 4> bias) {
+  require_valid_view(function, "k", k);
+  require_valid_view(function, "v", v);
+  require_queries_and_outputs(function, q, out, lse,
+                              {"k.shape[1]", k.size(1), "v.shape[3]", v.size(3)});
+  const Index batch = q.size(0), heads_q = q.size(1), len_q = q.size(2), dim = q.size(3);
+  const Index heads_kv = k.size(1), len_k = k.size(2);
+  require_extent(function, "k", k, 0, "q.shape[0] (B)", batch);
+  require_extent(function, "k", k, 3, "q.shape[3] (D)", dim);
+  require_extent(function, "v", v, 0, "q.shape[0] (B)", batch);
+  require_extent(function, "v", v, 1, "k.shape[1] (Hkv)", heads_kv);
+  require_extent(function, "v", v, 2, "k.shape[2] (Lk)", len_k);
+  require_unit_inner_stride(function, "k", k);
+  require_unit_inner_stride(function, "v", v);
+  require_disjoint(function, "out", out, "k", k);
+  require_disjoint(function, "out", out, "v", v);
+  if (!lse.is_null()) {
+    require_disjoint(function, "lse", lse, "k", k);
+    require_disjoint(function, "lse", lse, "v", v);
+  }
+  if (!bias.is_null()) {
+    require_valid_view(function, "bias", bias);
+    check(bias.size(0) == 1 || bias.size(0) == batch, function,
+          ": bias.shape[0] must be 1 or q.shape[0] (B) = ", batch, ", got ", bias.size(0));
+    check(bias.size(1) == 1 || bias.size(1) == heads_q, function,
+          ": bias.shape[1] must be 1 or q.shape[1] (Hq) = ", heads_q, ", got ", bias.size(1));
+    require_extent(function, "bias", bias, 2, "q.shape[2] (Lq)", len_q);
+    require_extent(function, "bias", bias, 3, "k.shape[2] (Lk)", len_k);
+    require_disjoint(function, "out", out, "bias", bias);
+    if (!lse.is_null()) require_disjoint(function, "lse", lse, "bias", bias);
+  }
+  require_attention_options(function, options);
+  check(options.q_offset == -1 || (options.q_offset >= 0 && options.q_offset <= len_k), function,
+        ": q_offset must be in [0, Lk = ", len_k, "] or -1 (bottom-right: Lk - Lq), got ",
+        options.q_offset);
+
+  FlashParams<T> params;
+  params.q = q;
+  params.k = k;
+  params.v = v;
+  params.out = out;
+  params.lse = lse;
+  if (!bias.is_null()) {
+    // Broadcast dimensions read the same row: stride 0.
+    params.bias = TensorView<const T, 4>(
+        bias.data(), {batch, heads_q, len_q, len_k},
+        {bias.size(0) == 1 ? 0 : bias.stride(0), bias.size(1) == 1 ? 0 : bias.stride(1),
+         bias.stride(2), bias.stride(3)});
+  }
+  params.q_offset = options.q_offset == -1 ? len_k - len_q : options.q_offset;
+  params.scale = resolve_scale<T>(function, options, dim);
+  params.softcap = options.softcap;
+  params.num_threads = resolve_num_threads(options.num_threads);
+  return params;
+}
+
+// Runs the engine with the band policy of `options` (windows, causal, sinks).
+template <typename T>
+void run_band_attention(const FlashParams<T>& params, const AttentionOptions& options) {
+  const auto visibility =
+      Visibility::make(options.causal, options.window_left, options.window_right,
+                       options.sink_tokens, params.q.size(2), params.k.size(2));
+  run_flash_attention(params, BandPolicy(visibility));
+}
+
+}  // namespace foveal::detail
