@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "foveal/attention/dense.hpp"
+#include "foveal/attention/sliding_window.hpp"
 #include "foveal/core/error.hpp"
 
 namespace foveal {
@@ -25,22 +26,52 @@ void require_no_extras(const std::string& kernel, const AttentionArgs<T>& args) 
   check(false, kernel, ": unexpected extra input '", args.extras.begin()->first, "'");
 }
 
-class DenseKernel final : public AttentionKernel {
+// A kernel that calls one functional entry point with the options it was made with; Derived
+// names it (kName) and makes the call (call(args, options)).
+template <typename Derived>
+class OptionsKernel : public AttentionKernel {
  public:
-  explicit DenseKernel(const AttentionConfig& config) : options_(config.options) {
-    require_no_params(name(), config);
+  explicit OptionsKernel(const AttentionConfig& config) : options_(config.options) {
+    require_no_params(Derived::kName, config);
   }
-  std::string name() const override { return "dense"; }
+  std::string name() const override { return Derived::kName; }
   void forward(const AttentionArgs<float>& args) const override { run(args); }
   void forward(const AttentionArgs<double>& args) const override { run(args); }
+
+ protected:
+  const AttentionOptions& options() const { return options_; }
 
  private:
   template <typename T>
   void run(const AttentionArgs<T>& args) const {
     require_no_extras(name(), args);
-    attention(args.q, args.k, args.v, args.out, options_, args.lse, args.bias);
+    Derived::call(args, options_);
   }
   AttentionOptions options_;
+};
+
+class DenseKernel final : public OptionsKernel<DenseKernel> {
+ public:
+  static constexpr const char* kName = "dense";
+  using OptionsKernel::OptionsKernel;
+  template <typename T>
+  static void call(const AttentionArgs<T>& args, const AttentionOptions& options) {
+    attention(args.q, args.k, args.v, args.out, options, args.lse, args.bias);
+  }
+};
+
+// Sliding-window attention: the window comes from config.options and is checked at creation.
+class SlidingWindowKernel final : public OptionsKernel<SlidingWindowKernel> {
+ public:
+  static constexpr const char* kName = "sliding_window";
+  explicit SlidingWindowKernel(const AttentionConfig& config) : OptionsKernel(config) {
+    detail::require_bounded_window("make_attention(\"sliding_window\")", options());
+  }
+  template <typename T>
+  static void call(const AttentionArgs<T>& args, const AttentionOptions& options) {
+    check(args.bias.is_null(), kName, ": takes no bias (it would be an [Lq, Lk] input)");
+    sliding_window_attention(args.q, args.k, args.v, args.out, options, args.lse);
+  }
 };
 
 struct Registry {
@@ -50,6 +81,9 @@ struct Registry {
   Registry() {
     factories["dense"] = [](const AttentionConfig& config) {
       return std::make_unique<DenseKernel>(config);
+    };
+    factories["sliding_window"] = [](const AttentionConfig& config) {
+      return std::make_unique<SlidingWindowKernel>(config);
     };
   }
 };

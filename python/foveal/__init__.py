@@ -18,11 +18,15 @@ __version__: str = _core.__version__
 
 __all__ = [
     "AttentionKernel",
+    "KVCache",
     "attention",
     "attention_kernel_names",
+    "decode_attention",
     "get_num_threads",
     "make_attention",
+    "merge_states",
     "set_num_threads",
+    "sliding_window_attention",
 ]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -87,6 +91,18 @@ def _to_numpy(function: str, name: str, x: Any) -> np.ndarray:
             f"with __dlpack__ or the buffer protocol, got {type(x).__name__}"
         ) from None
     return np.asarray(view)
+
+
+def _int_list(function: str, name: str, values: Any) -> list[int]:
+    """A sequence of ints (a list, tuple or integer array) as a list; None gives []."""
+    if values is None:
+        return []
+    array = np.asarray(values)
+    if array.ndim != 1 or not (array.size == 0 or np.issubdtype(array.dtype, np.integer)):
+        raise TypeError(
+            f"foveal: {function}: {name} must be a sequence of ints, got {type(values).__name__}"
+        )
+    return [int(value) for value in array]
 
 
 def _check_array(function: str, name: str, array: np.ndarray, dims: str, dtype: np.dtype) -> None:
@@ -275,6 +291,286 @@ def attention(
         q_array, k_array, v_array, outputs.out_array, outputs.lse_array, bias_array, **options
     )
     return outputs.result()
+
+
+def sliding_window_attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    window_left: int,
+    window_right: int = -1,
+    causal: bool = False,
+    sink_tokens: int = 0,
+    scale: Optional[float] = None,
+    softcap: float = 0.0,
+    q_offset: Optional[int] = None,
+    return_lse: bool = False,
+    out: Any = None,
+    num_threads: Optional[int] = None,
+):
+    """Local attention whose cost grows with ``L * window``, not ``L^2``.
+
+    Same shapes, options and returns as :func:`attention` (no bias), but the window must be
+    bounded: ``window_left >= 0`` keys before each query, and on the right ``causal=True`` or
+    ``window_right >= 0``; the first ``sink_tokens`` keys stay visible (attention sinks). Runs
+    the same kernel as ``attention`` with these options and gives the same bits; a window of at
+    least Lk gives full (causal) attention.
+    """
+    function = "sliding_window_attention"
+    options = _option_args(
+        function,
+        scale,
+        causal,
+        window_left,
+        window_right,
+        sink_tokens,
+        softcap,
+        q_offset,
+        num_threads,
+    )
+    q_array, k_array, v_array, _, dtype = _attention_arrays(function, q, k, v, None)
+    outputs = _AttentionOutputs(function, q, q_array, v_array, out, return_lse, dtype)
+    _core.sliding_window_attention(
+        q_array, k_array, v_array, outputs.out_array, outputs.lse_array, **options
+    )
+    return outputs.result()
+
+
+def merge_states(
+    out_a: Any,
+    lse_a: Any,
+    out_b: Any,
+    lse_b: Any,
+    *,
+    out: Any = None,
+    lse: Any = None,
+    num_threads: Optional[int] = None,
+):
+    """Merges two attention states over disjoint sets of keys into the state over their union.
+
+    ``out_a``, ``out_b``: ``[B, H, L, Dv]``; ``lse_a``, ``lse_b``: ``[B, H, L]`` (as returned by
+    ``attention(..., return_lse=True)``). With ``m = max(lse_a, lse_b)``,
+    ``w = exp(lse - m)``: ``out = (w_a out_a + w_b out_b) / (w_a + w_b)``,
+    ``lse = m + log(w_a + w_b)``; a state with ``lse = -inf`` (no keys) has weight 0. Returns
+    ``(out, lse)``. Pass ``out=out_a, lse=lse_a`` to merge in place. Every lse must be finite
+    or -inf.
+    """
+    function = "merge_states"
+    out_a_array = _to_numpy(function, "out_a", out_a)
+    dtype = _float_dtype(function, "out_a", out_a_array)
+    _check_array(function, "out_a", out_a_array, "B, H, L, Dv", dtype)
+    lse_a_array = _to_numpy(function, "lse_a", lse_a)
+    _check_array(function, "lse_a", lse_a_array, "B, H, L", dtype)
+    out_b_array = _to_numpy(function, "out_b", out_b)
+    _check_array(function, "out_b", out_b_array, "B, H, L, Dv", dtype)
+    lse_b_array = _to_numpy(function, "lse_b", lse_b)
+    _check_array(function, "lse_b", lse_b_array, "B, H, L", dtype)
+    out_tensor, out_array = _output(function, "out", out, out_a, out_a_array.shape, dtype)
+    lse_tensor, lse_array = _output(function, "lse", lse, out_a, out_a_array.shape[:3], dtype)
+    _core.merge_states(
+        out_a_array,
+        lse_a_array,
+        out_b_array,
+        lse_b_array,
+        out_array,
+        lse_array,
+        num_threads=0 if num_threads is None else _as_int(function, "num_threads", num_threads),
+    )
+    return out_tensor, lse_tensor
+
+
+def _forwarded(name: str, doc: str) -> property:
+    """A read-only property that reads the compiled cache's attribute `name`."""
+    return property(lambda self: getattr(self._cache, name), doc=doc)
+
+
+class KVCache:
+    """Key/value storage for incremental decoding: keys ``[B, Hkv, capacity, D]`` and values
+    ``[B, Hkv, capacity, Dv]`` with one length per sequence (a ragged batch).
+
+    ``KVCache(batch, heads_kv, capacity, dim, dim_v=None, dtype="float32")`` owns zeroed
+    storage; ``KVCache.wrap(keys, values)`` uses the caller's arrays or tensors (kept alive by
+    the cache). With ``ring=True`` the cache is a ring buffer for sliding-window layers: once
+    full, a new token overwrites the oldest one that is not among the first ``sink_tokens``;
+    without it, appending past capacity raises ValueError. A rejected call changes nothing.
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        heads_kv: int,
+        capacity: int,
+        dim: int,
+        dim_v: Optional[int] = None,
+        *,
+        dtype: Any = "float32",
+        ring: bool = False,
+        sink_tokens: int = 0,
+    ) -> None:
+        function = "KVCache"
+        dtype = np.dtype(dtype)
+        if dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"foveal: {function}: dtype must be float32 or float64, got {dtype}")
+        sizes = [
+            _as_int(function, name, value)
+            for name, value in (
+                ("batch", batch),
+                ("heads_kv", heads_kv),
+                ("capacity", capacity),
+                ("dim", dim),
+                ("dim_v", dim if dim_v is None else dim_v),
+            )
+        ]
+        cache_class = _core.KVCacheF32 if dtype == np.float32 else _core.KVCacheF64
+        self._cache = cache_class(
+            *sizes, ring=bool(ring), sink_tokens=_as_int(function, "sink_tokens", sink_tokens)
+        )
+        self._dtype = dtype
+
+    @classmethod
+    def wrap(
+        cls,
+        keys: Any,
+        values: Any,
+        *,
+        ring: bool = False,
+        sink_tokens: int = 0,
+        lengths: Any = None,
+    ) -> KVCache:
+        """A cache over existing storage: keys ``[B, Hkv, capacity, D]`` and values
+        ``[B, Hkv, capacity, Dv]``, float32 or float64, writable, innermost dimension
+        contiguous. The cache writes appended tokens into them. ``lengths`` (default all 0)
+        says how many tokens each sequence already holds there (laid out as the cache lays them
+        out), so storage filled elsewhere is adopted without a copy."""
+        function = "KVCache.wrap"
+        keys_array = _to_numpy(function, "keys", keys)
+        dtype = _float_dtype(function, "keys", keys_array)
+        _check_array(function, "keys", keys_array, "B, Hkv, capacity, D", dtype)
+        values_array = _to_numpy(function, "values", values)
+        _check_array(function, "values", values_array, "B, Hkv, capacity, Dv", dtype)
+        cache_class = _core.KVCacheF32 if dtype == np.float32 else _core.KVCacheF64
+        self = cls.__new__(cls)
+        self._cache = cache_class.wrap(
+            keys_array,
+            values_array,
+            ring=bool(ring),
+            sink_tokens=_as_int(function, "sink_tokens", sink_tokens),
+            lengths=_int_list(function, "lengths", lengths),
+        )
+        self._dtype = dtype
+        return self
+
+    dtype = property(lambda self: self._dtype, doc="float32 or float64 (numpy dtype).")
+    batch = _forwarded("batch", "Number of sequences B.")
+    heads_kv = _forwarded("heads_kv", "Number of key/value heads Hkv.")
+    capacity = _forwarded("capacity", "Rows of storage per sequence and head.")
+    dim = _forwarded("dim", "Key dimension D.")
+    dim_v = _forwarded("dim_v", "Value dimension Dv.")
+    ring = _forwarded("ring", "True for a ring buffer.")
+    sink_tokens = _forwarded("sink_tokens", "Leading tokens a ring buffer never overwrites.")
+
+    @property
+    def lengths(self) -> list[int]:
+        """Tokens appended to each sequence so far (the position of its next token)."""
+        return list(self._cache.lengths)
+
+    def first_retained(self, sequence: int) -> int:
+        """Where the stored non-sink tokens of ``sequence`` begin (ring mode drops older ones):
+        positions ``[max(first_retained, sink_tokens), length)`` are held."""
+        return self._cache.first_retained(_as_int("KVCache.first_retained", "sequence", sequence))
+
+    @property
+    def keys(self) -> np.ndarray:
+        """The key storage ``[B, Hkv, capacity, D]``, read-only (ring rows wrap)."""
+        return self._cache.keys
+
+    @property
+    def values(self) -> np.ndarray:
+        """The value storage ``[B, Hkv, capacity, Dv]``, read-only (ring rows wrap)."""
+        return self._cache.values
+
+    def append(self, k: Any, v: Any, *, counts: Any = None) -> None:
+        """Appends ``k`` ``[B, Hkv, n, D]`` and ``v`` ``[B, Hkv, n, Dv]`` to every sequence; with
+        ``counts`` (B ints in [0, n]) sequence b takes only its first ``counts[b]`` steps."""
+        function = "KVCache.append"
+        k_array = _to_numpy(function, "k", k)
+        _check_array(function, "k", k_array, "B, Hkv, n, D", self._dtype)
+        v_array = _to_numpy(function, "v", v)
+        _check_array(function, "v", v_array, "B, Hkv, n, Dv", self._dtype)
+        count_list = None if counts is None else _int_list(function, "counts", counts)
+        self._cache.append(k_array, v_array, counts=count_list)
+
+    def truncate(self, length: int, *, sequence: Optional[int] = None) -> None:
+        """Cuts every sequence longer than ``length`` to ``length`` (speculative-decoding
+        rollback); with ``sequence``, cuts only that one (``length`` <= its length)."""
+        function = "KVCache.truncate"
+        length = _as_int(function, "length", length)
+        if sequence is None:
+            self._cache.truncate(length)
+        else:
+            self._cache.truncate_sequence(_as_int(function, "sequence", sequence), length)
+
+    def reset(self) -> None:
+        """Empties every sequence."""
+        self._cache.reset()
+
+    def __repr__(self) -> str:
+        mode = f", ring=True, sink_tokens={self.sink_tokens}" if self.ring else ""
+        return (
+            f"foveal.KVCache(batch={self.batch}, heads_kv={self.heads_kv}, "
+            f"capacity={self.capacity}, dim={self.dim}, dim_v={self.dim_v}, "
+            f"dtype={self._dtype.name}{mode}, lengths={self.lengths})"
+        )
+
+
+def decode_attention(
+    q: Any,
+    cache: KVCache,
+    *,
+    scale: Optional[float] = None,
+    causal: bool = False,
+    window_left: int = -1,
+    window_right: int = -1,
+    sink_tokens: int = 0,
+    softcap: float = 0.0,
+    return_lse: bool = False,
+    out: Any = None,
+    num_threads: Optional[int] = None,
+):
+    """Attention of the newest ``Lq`` tokens of every sequence over its cached keys.
+
+    ``q``: ``[B, Hq, Lq, D]`` (Hq a multiple of the cache's Hkv) -> out ``[B, Hq, Lq, Dv]``.
+    Query i of sequence b sits at position ``length_b - Lq + i``: append the new tokens' keys
+    and values first. Options as in :func:`attention` (``causal=True`` for verifying Lq > 1
+    speculative drafts; windows and sinks for local layers, also over a ring buffer). The
+    keys are split into fixed chunks computed in parallel and merged in order, so results do not
+    depend on the thread count.
+    """
+    function = "decode_attention"
+    if not isinstance(cache, KVCache):
+        raise TypeError(
+            f"foveal: {function}: cache must be a foveal.KVCache, got {type(cache).__name__}"
+        )
+    options = _option_args(
+        function,
+        scale,
+        causal,
+        window_left,
+        window_right,
+        sink_tokens,
+        softcap,
+        None,
+        num_threads,
+    )
+    del options["q_offset"]
+    q_array = _to_numpy(function, "q", q)
+    _check_array(function, "q", q_array, "B, Hq, Lq, D", cache.dtype)
+    out_shape = (*q_array.shape[:3], cache.dim_v)
+    out_tensor, out_array = _output(function, "out", out, q, out_shape, cache.dtype)
+    lse_tensor, lse_array = _new_like(q, out_shape[:3], cache.dtype) if return_lse else (None, None)
+    cache._cache.decode(q_array, out_array, lse_array, **options)
+    return (out_tensor, lse_tensor) if return_lse else out_tensor
 
 
 def attention_kernel_names() -> list[str]:

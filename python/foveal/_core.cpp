@@ -10,6 +10,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "foveal/foveal.hpp"
 
@@ -114,6 +115,132 @@ void run_typed(const char* fn, const py::array& q, const py::array& k, const py:
   }
 }
 
+// A KVCache and, when it wraps caller memory, the arrays that own that memory.
+template <typename T>
+struct PyKVCache {
+  foveal::KVCache<T> cache;
+  py::object keys_owner;
+  py::object values_owner;
+};
+
+// A read-only numpy array over `view`, keeping `owner` alive.
+template <typename T>
+py::array readonly_array(const foveal::TensorView<const T, 4>& view, const py::object& owner) {
+  std::vector<py::ssize_t> shape(view.shape().begin(), view.shape().end());
+  std::vector<py::ssize_t> strides;
+  for (foveal::Index stride : view.strides())
+    strides.push_back(static_cast<py::ssize_t>(stride * static_cast<foveal::Index>(sizeof(T))));
+  py::array array(py::dtype::of<T>(), shape, strides, view.data(), owner);
+  array.attr("setflags")(py::arg("write") = false);
+  return array;
+}
+
+template <typename T>
+void bind_kv_cache(py::module_& m, const char* class_name) {
+  using Cache = PyKVCache<T>;
+  py::class_<Cache>(m, class_name)
+      .def(py::init([](int64_t batch, int64_t heads_kv, int64_t capacity, int64_t dim,
+                       int64_t dim_v, bool ring, int64_t sink_tokens) {
+             return new Cache{foveal::KVCache<T>(batch, heads_kv, capacity, dim, dim_v,
+                                                 foveal::KVCacheOptions{ring, sink_tokens}),
+                              py::none(), py::none()};
+           }),
+           py::arg("batch"), py::arg("heads_kv"), py::arg("capacity"), py::arg("dim"),
+           py::arg("dim_v"), py::arg("ring"), py::arg("sink_tokens"))
+      .def_static(
+          "wrap",
+          [](const py::array& keys, const py::array& values, bool ring, int64_t sink_tokens,
+             const std::vector<int64_t>& lengths) {
+            const char* fn = "KVCache.wrap";
+            return new Cache{
+                foveal::KVCache<T>(view_of<T, 4>(fn, "keys", keys),
+                                   view_of<T, 4>(fn, "values", values),
+                                   foveal::KVCacheOptions{ring, sink_tokens},
+                                   std::vector<foveal::Index>(lengths.begin(), lengths.end())),
+                keys, values};
+          },
+          py::arg("keys"), py::arg("values"), py::arg("ring"), py::arg("sink_tokens"),
+          py::arg("lengths"))
+      .def_property_readonly("batch", [](const Cache& c) { return c.cache.batch(); })
+      .def_property_readonly("heads_kv", [](const Cache& c) { return c.cache.heads_kv(); })
+      .def_property_readonly("capacity", [](const Cache& c) { return c.cache.capacity(); })
+      .def_property_readonly("dim", [](const Cache& c) { return c.cache.dim(); })
+      .def_property_readonly("dim_v", [](const Cache& c) { return c.cache.dim_v(); })
+      .def_property_readonly("ring", [](const Cache& c) { return c.cache.ring(); })
+      .def_property_readonly("sink_tokens", [](const Cache& c) { return c.cache.sink_tokens(); })
+      .def_property_readonly("lengths", [](const Cache& c) { return c.cache.lengths(); })
+      .def(
+          "first_retained",
+          [](const Cache& c, int64_t sequence) { return c.cache.first_retained(sequence); },
+          py::arg("sequence"))
+      .def_property_readonly("keys",
+                             [](py::object self) {
+                               return readonly_array<T>(self.cast<const Cache&>().cache.keys(),
+                                                        self);
+                             })
+      .def_property_readonly("values",
+                             [](py::object self) {
+                               return readonly_array<T>(self.cast<const Cache&>().cache.values(),
+                                                        self);
+                             })
+      .def(
+          "append",
+          [](Cache& c, const py::array& k, const py::array& v,
+             const std::optional<std::vector<int64_t>>& counts) {
+            const char* fn = "KVCache.append";
+            const auto k_view = view_of<const T, 4>(fn, "k", k);
+            const auto v_view = view_of<const T, 4>(fn, "v", v);
+            py::gil_scoped_release release;
+            if (counts) {
+              c.cache.append(k_view, v_view,
+                             std::vector<foveal::Index>(counts->begin(), counts->end()));
+            } else {
+              c.cache.append(k_view, v_view);
+            }
+          },
+          py::arg("k"), py::arg("v"), py::arg("counts"))
+      .def(
+          "truncate", [](Cache& c, int64_t length) { c.cache.truncate(length); }, py::arg("length"))
+      .def(
+          "truncate_sequence",
+          [](Cache& c, int64_t sequence, int64_t length) { c.cache.truncate(sequence, length); },
+          py::arg("sequence"), py::arg("length"))
+      .def("reset", [](Cache& c) { c.cache.reset(); })
+      .def(
+          "decode",
+          [](const Cache& c, const py::array& q, const py::array& out,
+             const std::optional<py::array>& lse, double scale, bool causal, int64_t window_left,
+             int64_t window_right, int64_t sink_tokens, double softcap, int num_threads) {
+            const char* fn = "decode_attention";
+            const auto options = make_options(scale, causal, window_left, window_right, sink_tokens,
+                                              softcap, -1, num_threads);
+            const auto q_view = view_of<const T, 4>(fn, "q", q);
+            const auto out_view = view_of<T, 4>(fn, "out", out);
+            const auto lse_view = optional_view_of<T, 3>(fn, "lse", lse);
+            py::gil_scoped_release release;
+            foveal::decode_attention(q_view, c.cache, options, out_view, lse_view);
+          },
+          py::arg("q"), py::arg("out"), py::arg("lse"), py::arg("scale"), py::arg("causal"),
+          py::arg("window_left"), py::arg("window_right"), py::arg("sink_tokens"),
+          py::arg("softcap"), py::arg("num_threads"));
+}
+
+template <typename T>
+void merge_typed(const py::array& out_a, const py::array& lse_a, const py::array& out_b,
+                 const py::array& lse_b, const py::array& out, const std::optional<py::array>& lse,
+                 int num_threads) {
+  const char* fn = "merge_states";
+  const auto out_a_view = view_of<const T, 4>(fn, "out_a", out_a);
+  const auto lse_a_view = view_of<const T, 3>(fn, "lse_a", lse_a);
+  const auto out_b_view = view_of<const T, 4>(fn, "out_b", out_b);
+  const auto lse_b_view = view_of<const T, 3>(fn, "lse_b", lse_b);
+  const auto out_view = view_of<T, 4>(fn, "out", out);
+  const auto lse_view = optional_view_of<T, 3>(fn, "lse", lse);
+  py::gil_scoped_release release;
+  foveal::merge_states(out_a_view, lse_a_view, out_b_view, lse_b_view, out_view, lse_view,
+                       num_threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -138,6 +265,40 @@ PYBIND11_MODULE(_core, m) {
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("bias"),
       py::arg("scale"), py::arg("causal"), py::arg("window_left"), py::arg("window_right"),
       py::arg("sink_tokens"), py::arg("softcap"), py::arg("q_offset"), py::arg("num_threads"));
+
+  m.def(
+      "sliding_window_attention",
+      [](const py::array& q, const py::array& k, const py::array& v, const py::array& out,
+         const std::optional<py::array>& lse, double scale, bool causal, int64_t window_left,
+         int64_t window_right, int64_t sink_tokens, double softcap, int64_t q_offset,
+         int num_threads) {
+        const auto options = make_options(scale, causal, window_left, window_right, sink_tokens,
+                                          softcap, q_offset, num_threads);
+        run_typed(
+            "sliding_window_attention", q, k, v, out, lse, std::nullopt, {}, [&](const auto& args) {
+              foveal::sliding_window_attention(args.q, args.k, args.v, args.out, options, args.lse);
+            });
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("scale"),
+      py::arg("causal"), py::arg("window_left"), py::arg("window_right"), py::arg("sink_tokens"),
+      py::arg("softcap"), py::arg("q_offset"), py::arg("num_threads"));
+
+  m.def(
+      "merge_states",
+      [](const py::array& out_a, const py::array& lse_a, const py::array& out_b,
+         const py::array& lse_b, const py::array& out, const std::optional<py::array>& lse,
+         int num_threads) {
+        if (is_float64(out_a)) {
+          merge_typed<double>(out_a, lse_a, out_b, lse_b, out, lse, num_threads);
+        } else {
+          merge_typed<float>(out_a, lse_a, out_b, lse_b, out, lse, num_threads);
+        }
+      },
+      py::arg("out_a"), py::arg("lse_a"), py::arg("out_b"), py::arg("lse_b"), py::arg("out"),
+      py::arg("lse"), py::arg("num_threads"));
+
+  bind_kv_cache<float>(m, "KVCacheF32");
+  bind_kv_cache<double>(m, "KVCacheF64");
 
   m.def("attention_kernel_names", &foveal::attention_kernel_names);
 

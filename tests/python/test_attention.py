@@ -14,34 +14,14 @@ from typing import Any, Callable
 import foveal
 import numpy as np
 import pytest
-from conftest import SEED, reference_attention, visible_keys
-
-DTYPES = [np.float32, np.float64]
-TOLERANCE = {np.dtype(np.float32): 2e-5, np.dtype(np.float64): 1e-10}
-
-
-def tolerance(dtype: Any) -> float:
-    return TOLERANCE[np.dtype(dtype)]
-
-
-def assert_close(actual: Any, expected: np.ndarray, dtype: Any, what: str = "out") -> None:
-    """|actual - expected| <= tol(dtype) * max(1, max|expected|), infinities equal in place."""
-    actual = np.asarray(actual, dtype=np.float64)
-    finite = expected[np.isfinite(expected)]
-    size = max(1.0, float(np.abs(finite).max())) if finite.size else 1.0
-    np.testing.assert_allclose(
-        actual, expected, rtol=0, atol=tolerance(dtype) * size, err_msg=f"{what} (seed {SEED})"
-    )
-    assert not np.isnan(actual).any(), f"{what} has NaN"
-
-
-def make_qkv(rng: np.random.Generator, shape: tuple, dtype: Any):
-    """q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv] with standard normal entries."""
-    batch, heads_q, heads_kv, len_q, len_k, dim, dim_v = shape
-    q = rng.standard_normal((batch, heads_q, len_q, dim)).astype(dtype)
-    k = rng.standard_normal((batch, heads_kv, len_k, dim)).astype(dtype)
-    v = rng.standard_normal((batch, heads_kv, len_k, dim_v)).astype(dtype)
-    return q, k, v
+from conftest import (
+    DTYPES,
+    SEED,
+    assert_close,
+    make_qkv,
+    reference_attention,
+    visible_keys,
+)
 
 
 def make_bias(rng: np.random.Generator, kind: str, shape: tuple, dtype: Any) -> np.ndarray:

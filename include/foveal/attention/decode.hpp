@@ -1,0 +1,33 @@
+// foveal/attention/decode.hpp — attention of a few new queries over a KV cache (split-KV).
+#pragma once
+
+#include "foveal/attention/kv_cache.hpp"
+#include "foveal/attention/options.hpp"
+#include "foveal/core/tensor.hpp"
+
+namespace foveal {
+
+// Keys per split-KV chunk of decode_attention: fixed, so results never depend on the number
+// of threads. A multiple of the engine's key block.
+inline constexpr Index kDecodeChunkKeys = 1024;
+
+// q: [B, Hq, Lq, D]  cache: B sequences of Hkv heads, D, Dv  ->  out: [B, Hq, Lq, Dv]
+// lse (optional): [B, Hq, Lq].
+// Attention of the newest Lq tokens of every sequence over that sequence's cached keys: query
+// i of sequence b sits at position length_b - Lq + i (its own K/V must already be appended) and
+// sees the keys options allow among positions [0, length_b) (causal for speculative
+// verification of Lq > 1 drafts; windows and sinks for local layers, also over a ring buffer
+// whose positions wrap). The query heads of a GQA group share every K/V load; the keys are
+// split into chunks of kDecodeChunkKeys positions computed in parallel and merged in chunk
+// order (merge_states), so results are bitwise identical for any thread count and equal
+// foveal::attention over the same keys to rounding. Lq must be <= every length; every key a
+// query may see must still be stored (a ring buffer too small for the window is an error);
+// options.q_offset must be -1. Throws foveal::Error on any invalid argument before writing.
+void decode_attention(TensorView<const float, 4> q, const KVCache<float>& cache,
+                      const AttentionOptions& options, TensorView<float, 4> out,
+                      TensorView<float, 3> lse = {});
+void decode_attention(TensorView<const double, 4> q, const KVCache<double>& cache,
+                      const AttentionOptions& options, TensorView<double, 4> out,
+                      TensorView<double, 3> lse = {});
+
+}  // namespace foveal

@@ -1,0 +1,283 @@
+// foveal/attention/kv_cache.hpp — key/value storage for incremental decoding.
+#pragma once
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "foveal/core/error.hpp"
+#include "foveal/core/tensor.hpp"
+#include "foveal/detail/validate.hpp"
+
+namespace foveal {
+
+struct KVCacheOptions {
+  // Ring buffer for sliding-window layers: once full, a new token overwrites the oldest one
+  // that is not a sink. Without it, appending past capacity is an error.
+  bool ring = false;
+  // The first tokens of every sequence, never overwritten in ring mode (attention sinks).
+  Index sink_tokens = 0;
+};
+
+// Rows [row, row + count) of a sequence's storage hold positions [position, position + count).
+struct KVCacheSpan {
+  Index row = 0;
+  Index position = 0;
+  Index count = 0;
+};
+
+// Where a sequence's stored tokens are: at most three spans, in increasing position order
+// (the sinks, then the older and the newer part of a wrapped ring).
+struct KVCacheLayout {
+  KVCacheSpan spans[3];
+  int count = 0;
+};
+
+// K and V storage of a batch of sequences, [B, Hkv, capacity, D] and [B, Hkv, capacity, Dv],
+// either owned (64-byte aligned, zeroed) or wrapping caller memory, with one length per
+// sequence (a ragged batch). A sequence's tokens sit at positions 0, 1, ..., length - 1. In
+// ring mode, position p is stored in row p for p < sink_tokens and otherwise in row
+// sink_tokens + (p - sink_tokens) % (capacity - sink_tokens); the rows keep the sinks and the
+// newest capacity - sink_tokens other tokens. Every rejected call leaves the cache unchanged.
+template <typename T>
+class KVCache {
+ public:
+  // An owned cache of `batch` empty sequences.
+  KVCache(Index batch, Index heads_kv, Index capacity, Index dim, Index dim_v,
+          const KVCacheOptions& options = {})
+      : options_(options) {
+    check(batch >= 0 && heads_kv >= 0 && capacity >= 0 && dim >= 1 && dim_v >= 0,
+          "KVCache: sizes must be >= 0 (D >= 1), got batch = ", batch, ", heads_kv = ", heads_kv,
+          ", capacity = ", capacity, ", dim = ", dim, ", dim_v = ", dim_v);
+    require_options(capacity);
+    keys_owned_ = Tensor<T, 4>({batch, heads_kv, capacity, dim});
+    values_owned_ = Tensor<T, 4>({batch, heads_kv, capacity, dim_v});
+    keys_ = keys_owned_.view();
+    values_ = values_owned_.view();
+    reset();
+  }
+
+  // A cache over caller memory (which must outlive it): keys [B, Hkv, capacity, D], values
+  // [B, Hkv, capacity, Dv], any strides with a unit innermost stride, not overlapping.
+  // `lengths` (empty: all 0) says how many tokens each sequence already holds there, laid out
+  // as this cache lays them out (so a cache can adopt storage that was filled elsewhere).
+  KVCache(TensorView<T, 4> keys, TensorView<T, 4> values, const KVCacheOptions& options = {},
+          const std::vector<Index>& lengths = {})
+      : options_(options), keys_(keys), values_(values) {
+    constexpr const char* kFunction = "KVCache";
+    detail::require_valid_view(kFunction, "keys", keys);
+    detail::require_valid_view(kFunction, "values", values);
+    detail::require_extent(kFunction, "values", values, 0, "keys.shape[0] (B)", keys.size(0));
+    detail::require_extent(kFunction, "values", values, 1, "keys.shape[1] (Hkv)", keys.size(1));
+    detail::require_extent(kFunction, "values", values, 2, "keys.shape[2] (capacity)",
+                           keys.size(2));
+    check(keys.size(3) >= 1, kFunction, ": keys.shape[3] (D) must be >= 1, got ", keys.size(3));
+    detail::require_unit_inner_stride(kFunction, "keys", keys);
+    detail::require_unit_inner_stride(kFunction, "values", values);
+    detail::require_disjoint(kFunction, "keys", keys, "values", values);
+    require_options(keys.size(2));
+    check(lengths.empty() || static_cast<Index>(lengths.size()) == batch(), kFunction,
+          ": lengths must be empty or have one entry per sequence (", batch(), "), got ",
+          lengths.size());
+    for (std::size_t b = 0; b < lengths.size(); ++b)
+      check(lengths[b] >= 0 && (options_.ring || lengths[b] <= capacity()), kFunction, ": lengths[",
+            b, "] must be >= 0", options_.ring ? "" : " and <= capacity = ",
+            options_.ring ? "" : std::to_string(capacity()), ", got ", lengths[b]);
+    reset();
+    for (std::size_t b = 0; b < lengths.size(); ++b) {
+      lengths_[b] = lengths[b];
+      if (options_.ring)
+        first_retained_[b] = std::max(options_.sink_tokens, lengths[b] - ring_rows());
+    }
+  }
+
+  Index batch() const { return keys_.size(0); }
+  Index heads_kv() const { return keys_.size(1); }
+  Index capacity() const { return keys_.size(2); }
+  Index dim() const { return keys_.size(3); }
+  Index dim_v() const { return values_.size(3); }
+  bool ring() const { return options_.ring; }
+  Index sink_tokens() const { return options_.sink_tokens; }
+
+  // Tokens appended to `sequence` so far (its next position).
+  Index length(Index sequence) const {
+    require_sequence("length", sequence);
+    return lengths_[static_cast<std::size_t>(sequence)];
+  }
+  const std::vector<Index>& lengths() const { return lengths_; }
+
+  // Where the stored non-sink tokens of `sequence` begin: they are the positions
+  // [max(first_retained, sink_tokens), length). Always sink_tokens without ring mode.
+  Index first_retained(Index sequence) const {
+    require_sequence("first_retained", sequence);
+    return first_retained_[static_cast<std::size_t>(sequence)];
+  }
+
+  // True when `position` of `sequence` is stored (appended and not overwritten).
+  bool holds(Index sequence, Index position) const {
+    const Index length = this->length(sequence);
+    if (position < 0 || position >= length) return false;
+    return position < options_.sink_tokens ||
+           position >= first_retained_[static_cast<std::size_t>(sequence)];
+  }
+
+  // The storage row of `position` (stored or not).
+  Index row_of(Index position) const {
+    if (!options_.ring || position < options_.sink_tokens) return position;
+    return options_.sink_tokens + (position - options_.sink_tokens) % ring_rows();
+  }
+
+  // The spans of stored tokens of `sequence`, in increasing position order.
+  KVCacheLayout layout(Index sequence) const {
+    const Index length = this->length(sequence);
+    KVCacheLayout layout;
+    const auto add = [&layout](Index row, Index position, Index count) {
+      if (count > 0) layout.spans[layout.count++] = {row, position, count};
+    };
+    if (!options_.ring) {
+      add(0, 0, length);
+      return layout;
+    }
+    const Index sinks = std::min(options_.sink_tokens, length);
+    add(0, 0, sinks);
+    const Index first = first_retained_[static_cast<std::size_t>(sequence)];
+    const Index count = length - first;
+    if (count <= 0) return layout;
+    const Index first_row = row_of(first);
+    const Index before_wrap = std::min(count, capacity() - first_row);
+    add(first_row, first, before_wrap);
+    add(options_.sink_tokens, first + before_wrap, count - before_wrap);
+    return layout;
+  }
+
+  // The storage: [B, Hkv, capacity, D] and [B, Hkv, capacity, Dv].
+  TensorView<const T, 4> keys() const { return keys_; }
+  TensorView<const T, 4> values() const { return values_; }
+
+  // k: [B, Hkv, n, D]  v: [B, Hkv, n, Dv]
+  // Appends n steps to every sequence (positions length .. length + n - 1).
+  void append(TensorView<const T, 4> k, TensorView<const T, 4> v) {
+    append(k, v, std::vector<Index>(static_cast<std::size_t>(batch()), k.size(2)));
+  }
+
+  // k: [B, Hkv, n, D]  v: [B, Hkv, n, Dv]  counts: B values in [0, n]
+  // Appends the first counts[b] steps of k[b] and v[b] to sequence b (a ragged append). Without
+  // ring mode a sequence may not grow past capacity.
+  void append(TensorView<const T, 4> k, TensorView<const T, 4> v,
+              const std::vector<Index>& counts) {
+    constexpr const char* kFunction = "KVCache::append";
+    detail::require_valid_view(kFunction, "k", k);
+    detail::require_valid_view(kFunction, "v", v);
+    detail::require_extent(kFunction, "k", k, 0, "the cache's batch (B)", batch());
+    detail::require_extent(kFunction, "k", k, 1, "the cache's heads_kv (Hkv)", heads_kv());
+    detail::require_extent(kFunction, "k", k, 3, "the cache's dim (D)", dim());
+    detail::require_extent(kFunction, "v", v, 0, "the cache's batch (B)", batch());
+    detail::require_extent(kFunction, "v", v, 1, "the cache's heads_kv (Hkv)", heads_kv());
+    detail::require_extent(kFunction, "v", v, 2, "k.shape[2] (n)", k.size(2));
+    detail::require_extent(kFunction, "v", v, 3, "the cache's dim_v (Dv)", dim_v());
+    detail::require_disjoint(kFunction, "the cache's keys", keys_, "k", k);
+    detail::require_disjoint(kFunction, "the cache's keys", keys_, "v", v);
+    detail::require_disjoint(kFunction, "the cache's values", values_, "k", k);
+    detail::require_disjoint(kFunction, "the cache's values", values_, "v", v);
+    check(static_cast<Index>(counts.size()) == batch(), kFunction,
+          ": counts must have one entry per sequence (", batch(), "), got ", counts.size());
+    for (Index b = 0; b < batch(); ++b) {
+      const Index count = counts[static_cast<std::size_t>(b)];
+      check(count >= 0 && count <= k.size(2), kFunction, ": counts[", b,
+            "] must be in [0, n = ", k.size(2), "], got ", count);
+      const Index length = lengths_[static_cast<std::size_t>(b)];
+      check(options_.ring || count <= capacity() - length, kFunction, ": sequence ", b, " holds ",
+            length, " tokens; appending ", count, " would exceed the capacity of ", capacity(),
+            " (not a ring buffer)");
+    }
+    for (Index b = 0; b < batch(); ++b) {
+      const auto index = static_cast<std::size_t>(b);
+      const Index count = counts[index];
+      const Index start = lengths_[index];
+      for (Index step = 0; step < count; ++step) {
+        const Index position = start + step;
+        // In a ring, a step that a later step of this call overwrites is never written.
+        if (options_.ring && position >= options_.sink_tokens &&
+            start + count - position > ring_rows())
+          continue;
+        const Index row = row_of(position);
+        for (Index h = 0; h < heads_kv(); ++h) {
+          copy_row(k.address(b, h, step, 0), k.stride(3), keys_.address(b, h, row, 0), dim());
+          copy_row(v.address(b, h, step, 0), v.stride(3), values_.address(b, h, row, 0), dim_v());
+        }
+      }
+      lengths_[index] = start + count;
+      if (options_.ring)
+        first_retained_[index] = std::max(first_retained_[index], start + count - ring_rows());
+    }
+  }
+
+  // Every sequence longer than `length` is cut to `length` (speculative-decoding rollback).
+  void truncate(Index length) {
+    check(length >= 0, "KVCache::truncate: length must be >= 0, got ", length);
+    for (Index b = 0; b < batch(); ++b)
+      if (lengths_[static_cast<std::size_t>(b)] > length) cut(b, length);
+  }
+
+  // Cuts `sequence` to `length` <= its length.
+  void truncate(Index sequence, Index length) {
+    require_sequence("truncate", sequence);
+    const Index current = lengths_[static_cast<std::size_t>(sequence)];
+    check(length >= 0 && length <= current, "KVCache::truncate: length of sequence ", sequence,
+          " must be in [0, ", current, "], got ", length);
+    cut(sequence, length);
+  }
+
+  // Empties every sequence (the storage keeps its contents until overwritten).
+  void reset() {
+    lengths_.assign(static_cast<std::size_t>(batch()), 0);
+    first_retained_.assign(static_cast<std::size_t>(batch()), options_.sink_tokens);
+  }
+
+ private:
+  void require_options(Index capacity) const {
+    check(options_.sink_tokens >= 0 && options_.sink_tokens <= capacity,
+          "KVCache: sink_tokens must be in [0, capacity = ", capacity, "], got ",
+          options_.sink_tokens);
+    check(!options_.ring || options_.sink_tokens < capacity,
+          "KVCache: a ring buffer needs capacity > sink_tokens (room for non-sink tokens), got "
+          "capacity = ",
+          capacity, " and sink_tokens = ", options_.sink_tokens);
+  }
+
+  void require_sequence(const char* method, Index sequence) const {
+    check(sequence >= 0 && sequence < batch(), "KVCache::", method, ": sequence must be in [0, ",
+          batch(), "), got ", sequence);
+  }
+
+  Index ring_rows() const { return capacity() - options_.sink_tokens; }
+
+  // Positions from `length` on are dropped; stored ones before it stay.
+  void cut(Index sequence, Index length) {
+    const auto index = static_cast<std::size_t>(sequence);
+    lengths_[index] = length;
+    // Positions in [length, first_retained) were overwritten: nothing but sinks is left, and
+    // the tokens appended next start a fresh run.
+    if (length < first_retained_[index])
+      first_retained_[index] = std::max(length, options_.sink_tokens);
+  }
+
+  static void copy_row(const T* from, Index stride, T* to, Index count) {
+    if (stride == 1 || count <= 1) {
+      if (count > 0) std::memcpy(to, from, sizeof(T) * static_cast<std::size_t>(count));
+      return;
+    }
+    for (Index d = 0; d < count; ++d) to[d] = from[d * stride];
+  }
+
+  KVCacheOptions options_;
+  Tensor<T, 4> keys_owned_;
+  Tensor<T, 4> values_owned_;
+  TensorView<T, 4> keys_;
+  TensorView<T, 4> values_;
+  std::vector<Index> lengths_;
+  std::vector<Index> first_retained_;
+};
+
+}  // namespace foveal

@@ -1,0 +1,51 @@
+// foveal/detail/merge_math.hpp — the log-sum-exp merge of attention states, one row at a time.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "foveal/core/tensor.hpp"
+#include "foveal/detail/simd.hpp"
+
+namespace foveal::detail {
+
+// Merges `count` states (outs[c][0..dim_v), lses[c]) of one query row, in order c = 0, 1, ...:
+// out = sum_c w_c outs[c] / sum_c w_c, w_c = e^(lses[c] - max lse), lse = max + log sum_c w_c;
+// all -inf (or count = 0) gives out = 0, lse = -inf. `out` may be one of outs (each element is
+// written after every state's element is read). `weights` is scratch for count values; lse may
+// be null.
+template <typename T>
+void merge_state_row(Index count, const T* const* outs, const T* lses, Index dim_v, T* weights,
+                     T* out, T* lse) {
+  constexpr int L = kLanes<T>;
+  const T negative_infinity = -std::numeric_limits<T>::infinity();
+  T max = negative_infinity;
+  for (Index c = 0; c < count; ++c) max = std::max(max, lses[c]);
+  if (max == negative_infinity) {
+    std::fill(out, out + dim_v, T(0));
+    if (lse != nullptr) *lse = negative_infinity;
+    return;
+  }
+  T total = 0;
+  for (Index c = 0; c < count; ++c) {
+    weights[c] = std::exp(lses[c] - max);
+    total += weights[c];
+  }
+  const T inverse = T(1) / total;
+  for (Index c = 0; c < count; ++c) weights[c] *= inverse;
+  Index d = 0;
+  for (; d + L <= dim_v; d += L) {
+    Vec<T> sum{};
+    for (Index c = 0; c < count; ++c) sum += splat(weights[c]) * load(outs[c] + d);
+    store(out + d, sum);
+  }
+  for (; d < dim_v; ++d) {
+    T sum = 0;
+    for (Index c = 0; c < count; ++c) sum += weights[c] * outs[c][d];
+    out[d] = sum;
+  }
+  if (lse != nullptr) *lse = max + std::log(total);
+}
+
+}  // namespace foveal::detail
