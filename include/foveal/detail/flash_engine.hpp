@@ -133,19 +133,28 @@ template <typename T, int NK, int QV>
 inline void score_micro(const T* q_t, const T* const* k_rows, Index dim, T* s_t) {
   constexpr int L = kLanes<T>;
   Vec<T> acc[NK][QV];
-  for (int j = 0; j < NK; ++j)
+  FOVEAL_UNROLL
+  for (int j = 0; j < NK; ++j) {
+    FOVEAL_UNROLL
     for (int c = 0; c < QV; ++c) acc[j][c] = Vec<T>{};
+  }
   for (Index d = 0; d < dim; ++d) {
     const T* q_column = q_t + d * kBlockQ;
     Vec<T> q_vectors[QV];
+    FOVEAL_UNROLL
     for (int c = 0; c < QV; ++c) q_vectors[c] = load(q_column + c * L);
+    FOVEAL_UNROLL
     for (int j = 0; j < NK; ++j) {
       const Vec<T> key = splat(k_rows[j][d]);
+      FOVEAL_UNROLL
       for (int c = 0; c < QV; ++c) acc[j][c] += key * q_vectors[c];
     }
   }
-  for (int j = 0; j < NK; ++j)
+  FOVEAL_UNROLL
+  for (int j = 0; j < NK; ++j) {
+    FOVEAL_UNROLL
     for (int c = 0; c < QV; ++c) store(s_t + j * kBlockQ + c * L, acc[j][c]);
+  }
 }
 
 // Scores of a few rows as dot products along D: s_t[j][r] = sum_d k_rows[j][d] * q_rows[r][d]
@@ -157,12 +166,16 @@ inline void dot_score_micro(const T* q_rows, Index q_stride, const T* const* k_r
   constexpr int L = kLanes<T>;
   constexpr int NK = L / NR;
   Vec<T> acc[L];  // acc[key * NR + row]
+  FOVEAL_UNROLL
   for (int i = 0; i < L; ++i) acc[i] = Vec<T>{};
   const auto accumulate = [&](Index d, auto load_key) {
     Vec<T> q_vectors[NR];
+    FOVEAL_UNROLL
     for (int r = 0; r < NR; ++r) q_vectors[r] = load(q_rows + r * q_stride + d);
+    FOVEAL_UNROLL
     for (int j = 0; j < NK; ++j) {
       const Vec<T> key = load_key(k_rows[j] + d);
+      FOVEAL_UNROLL
       for (int r = 0; r < NR; ++r) acc[j * NR + r] += key * q_vectors[r];
     }
   };
@@ -173,8 +186,11 @@ inline void dot_score_micro(const T* q_rows, Index q_stride, const T* const* k_r
     accumulate(full, [tail](const T* from) { return load_partial(from, tail); });
   }
   const Vec<T> sums = sum_lanes_of_each<T>(acc);
-  for (int j = 0; j < NK; ++j)
+  FOVEAL_UNROLL
+  for (int j = 0; j < NK; ++j) {
+    FOVEAL_UNROLL
     for (int r = 0; r < NR; ++r) s_t[j * kBlockQ + r] = sums[j * NR + r];
+  }
 }
 
 // Calls body(std::integral_constant<int, N>{}) with N = count, for a run-time count in
@@ -248,20 +264,29 @@ inline void output_micro(const T* p_t, const T* alpha, const T* const* v_rows, I
                          Index col0, T* acc, Index acc_stride) {
   constexpr int L = kLanes<T>;
   Vec<T> sums[NR][CV];
-  for (int r = 0; r < NR; ++r)
+  FOVEAL_UNROLL
+  for (int r = 0; r < NR; ++r) {
+    FOVEAL_UNROLL
     for (int c = 0; c < CV; ++c) sums[r][c] = load(acc + r * acc_stride + col0 + c * L) * alpha[r];
+  }
   for (Index j = 0; j < num_keys; ++j) {
     const T* v_row = v_rows[j] + col0;
     Vec<T> values[CV];
+    FOVEAL_UNROLL
     for (int c = 0; c < CV; ++c) values[c] = load(v_row + c * L);
     const T* p_row = p_t + j * kBlockQ;
+    FOVEAL_UNROLL
     for (int r = 0; r < NR; ++r) {
       const Vec<T> weight = splat(p_row[r]);
+      FOVEAL_UNROLL
       for (int c = 0; c < CV; ++c) sums[r][c] += weight * values[c];
     }
   }
-  for (int r = 0; r < NR; ++r)
+  FOVEAL_UNROLL
+  for (int r = 0; r < NR; ++r) {
+    FOVEAL_UNROLL
     for (int c = 0; c < CV; ++c) store(acc + r * acc_stride + col0 + c * L, sums[r][c]);
+  }
 }
 
 // acc[r][:] = acc[r][:] * alpha[r] + sum_j p_t[j][r] * v_rows[j][:] for r < num_rows.
