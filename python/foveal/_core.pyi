@@ -74,3 +74,95 @@ def make_attention(
     num_threads: _Int,
     params: Mapping[str, str],
 ) -> AttentionKernel: ...
+
+# Same as attention() without bias; the window must be bounded (window_left >= 0, and causal
+# or window_right >= 0).
+def sliding_window_attention(
+    q: _Array,
+    k: _Array,
+    v: _Array,
+    out: _Array,
+    lse: _Array | None,
+    scale: _Float,
+    causal: bool,
+    window_left: _Int,
+    window_right: _Int,
+    sink_tokens: _Int,
+    softcap: _Float,
+    q_offset: _Int,
+    num_threads: _Int,
+) -> None: ...
+
+# out_a, out_b, out: [B, H, L, Dv]; lse_a, lse_b, lse: [B, H, L]. Writes the merged state; out
+# may be out_a or out_b (in place).
+def merge_states(
+    out_a: _Array,
+    lse_a: _Array,
+    out_b: _Array,
+    lse_b: _Array,
+    out: _Array,
+    lse: _Array | None,
+    num_threads: _Int,
+) -> None: ...
+
+# KVCache<float> / KVCache<double>: storage [B, Hkv, capacity, D] and [B, Hkv, capacity, Dv].
+class _KVCache:
+    def __init__(
+        self,
+        batch: _Int,
+        heads_kv: _Int,
+        capacity: _Int,
+        dim: _Int,
+        dim_v: _Int,
+        ring: bool,
+        sink_tokens: _Int,
+    ) -> None: ...
+    # Adopts caller storage (kept alive) holding `lengths` tokens per sequence ([] = none).
+    @staticmethod
+    def wrap(
+        keys: _Array, values: _Array, ring: bool, sink_tokens: _Int, lengths: list[int]
+    ) -> _KVCache: ...
+    @property
+    def batch(self) -> int: ...
+    @property
+    def heads_kv(self) -> int: ...
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def dim(self) -> int: ...
+    @property
+    def dim_v(self) -> int: ...
+    @property
+    def ring(self) -> bool: ...
+    @property
+    def sink_tokens(self) -> int: ...
+    @property
+    def lengths(self) -> list[int]: ...
+    def first_retained(self, sequence: _Int) -> int: ...
+    # Read-only numpy views of the storage.
+    @property
+    def keys(self) -> _Array: ...
+    @property
+    def values(self) -> _Array: ...
+    # k: [B, Hkv, n, D], v: [B, Hkv, n, Dv]; counts (B values in [0, n]) or None for n each.
+    def append(self, k: _Array, v: _Array, counts: list[int] | None) -> None: ...
+    def truncate(self, length: _Int) -> None: ...
+    def truncate_sequence(self, sequence: _Int, length: _Int) -> None: ...
+    def reset(self) -> None: ...
+    # decode_attention(q, cache, options, out, lse) with q_offset -1.
+    def decode(
+        self,
+        q: _Array,
+        out: _Array,
+        lse: _Array | None,
+        scale: _Float,
+        causal: bool,
+        window_left: _Int,
+        window_right: _Int,
+        sink_tokens: _Int,
+        softcap: _Float,
+        num_threads: _Int,
+    ) -> None: ...
+
+class KVCacheF32(_KVCache): ...
+class KVCacheF64(_KVCache): ...
