@@ -200,6 +200,7 @@ def main() -> None:
         "--name", default=None, help="results file name (default: dense_quick / dense_full)"
     )
     parser.add_argument("--memory-length", type=int, default=32768)
+    parser.add_argument("--only", choices=["spade"], help="only this case (bench/spade_cases.py)")
     parser.add_argument(
         "--markdown",
         type=Path,
@@ -212,6 +213,11 @@ def main() -> None:
         return
     seconds = args.seconds if args.seconds is not None else (2.0 if args.full else 0.6)
     name = args.name or ("dense_full" if args.full else "dense_quick")
+    if args.only == "spade":
+        import spade_cases
+
+        spade_cases.run(args.threads, seconds, interleaved, median_time)
+        return
 
     processor = platform.processor() or platform.machine()
     versions = f"foveal {foveal.__version__}, torch {torch.__version__}"

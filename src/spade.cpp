@@ -94,35 +94,74 @@ void require_feature_tensor(const char* function, const char* name, const Tensor
   detail::require_extent(function, name, view, 2, count_name, columns);
 }
 
-// Every id of `ids` [B, L, Fd] inside its feature's vocabulary and every value of `values`
-// [B, L, Fc] finite, at positions below each sequence's length (lengths null: all L).
-void require_valid_tokens(const char* function, const SpadeSchema& schema,
-                          TensorView<const std::int64_t, 3> ids, TensorView<const float, 3> values,
-                          TensorView<const std::int64_t, 1> lengths) {
-  const auto length_of = [&](Index b, Index steps) {
-    return lengths.is_null() ? steps : lengths(b);
-  };
-  for (Index column = 0; column < schema.num_discrete(); ++column) {
-    const SpadeFeature& feature = schema.feature(schema.discrete_features()[column]);
-    for (Index b = 0; b < ids.size(0); ++b)
-      for (Index i = 0, end = length_of(b, ids.size(1)); i < end; ++i) {
+// The tokens of one call to check: ids [B, L, Fd] and values [B, L, Fc] at positions below
+// each sequence's length (lengths null: all L).
+struct TokenCheck {
+  const SpadeSchema& schema;
+  TensorView<const std::int64_t, 3> ids;
+  TensorView<const float, 3> values;
+  TensorView<const std::int64_t, 1> lengths;
+  std::vector<std::uint64_t> vocab_sizes;  // per discrete column
+
+  Index length(Index b, Index steps) const { return lengths.is_null() ? steps : lengths(b); }
+
+  // True when sequence b holds an id outside its vocabulary or a non-finite value; only
+  // accumulates a flag, so that it stays cheap.
+  bool has_bad_token(Index b) const {
+    bool bad = false;
+    if (schema.num_discrete() > 0) {
+      for (Index i = 0, end = length(b, ids.size(1)); i < end; ++i) {
+        const std::int64_t* row = &ids(b, i, 0);
+        for (Index column = 0; column < schema.num_discrete(); ++column)
+          bad |= static_cast<std::uint64_t>(row[column * ids.stride(2)]) >=
+                 vocab_sizes[static_cast<std::size_t>(column)];
+      }
+    }
+    if (schema.num_continuous() > 0) {
+      for (Index i = 0, end = length(b, values.size(1)); i < end; ++i) {
+        const float* row = &values(b, i, 0);
+        for (Index column = 0; column < schema.num_continuous(); ++column)
+          bad |= !std::isfinite(row[column * values.stride(2)]);
+      }
+    }
+    return bad;
+  }
+
+  // Throws naming the feature and position of the first bad token of sequence b, if any.
+  void report_bad_token(const char* function, Index b) const {
+    for (Index i = 0, end = length(b, ids.size(1)); i < end; ++i)
+      for (Index column = 0; column < schema.num_discrete(); ++column) {
+        const SpadeFeature& feature = schema.feature(schema.discrete_features()[column]);
         const std::int64_t id = ids(b, i, column);
         check(id >= 0 && id < feature.vocab_size, function, ": ids[", b, ", ", i, ", ", column,
               "] (feature \"", feature.name, "\", sequence ", b, ", position ", i,
               ") must be in [0, ", feature.vocab_size, "), got ", id);
       }
-  }
-  if (values.is_null()) return;
-  for (Index column = 0; column < schema.num_continuous(); ++column) {
-    const SpadeFeature& feature = schema.feature(schema.continuous_features()[column]);
-    for (Index b = 0; b < values.size(0); ++b)
-      for (Index i = 0, end = length_of(b, values.size(1)); i < end; ++i) {
+    for (Index i = 0, end = length(b, values.size(1)); i < end; ++i)
+      for (Index column = 0; column < schema.num_continuous(); ++column) {
+        const SpadeFeature& feature = schema.feature(schema.continuous_features()[column]);
         const float value = values(b, i, column);
         check(std::isfinite(value), function, ": values[", b, ", ", i, ", ", column,
               "] (feature \"", feature.name, "\", sequence ", b, ", position ", i,
               ") must be finite, got ", value);
       }
   }
+};
+
+// Every id of `ids` [B, L, Fd] inside its feature's vocabulary and every value of `values`
+// [B, L, Fc] finite, at positions below each sequence's length (lengths null: all L). The
+// sequences are scanned in parallel; the first bad one (in order) is reported.
+void require_valid_tokens(const char* function, const SpadeSchema& schema,
+                          TensorView<const std::int64_t, 3> ids, TensorView<const float, 3> values,
+                          TensorView<const std::int64_t, 1> lengths, int num_threads) {
+  TokenCheck tokens{schema, ids, values, lengths, {}};
+  for (Index f : schema.discrete_features())
+    tokens.vocab_sizes.push_back(static_cast<std::uint64_t>(schema.feature(f).vocab_size));
+  const Index batch = schema.num_discrete() > 0 ? ids.size(0) : values.size(0);
+  std::vector<std::uint8_t> bad(static_cast<std::size_t>(batch), 0);
+  parallel_for(batch, num_threads, [&](Index b) { bad[b] = tokens.has_bad_token(b); });
+  for (Index b = 0; b < batch; ++b)
+    if (bad[b]) tokens.report_bad_token(function, b);
 }
 
 // lengths [B]: valid, B entries, each in [0, max_length].
@@ -164,10 +203,12 @@ void delay_stream(const T* source, Index source_stride, Index length, Index shif
 // Writes one stream's validity: 1 at steps first_step + t in [begin, end), else 0, t < steps.
 void validity_stream(Index first_step, Index begin, Index end, std::uint8_t* out, Index out_stride,
                      Index steps) {
-  for (Index t = 0; t < steps; ++t) {
-    const Index step = first_step + t;
-    out[t * out_stride] = static_cast<std::uint8_t>(step >= begin && step < end);
-  }
+  const Index data_begin = std::clamp<Index>(begin - first_step, 0, steps);
+  const Index data_end = std::clamp<Index>(end - first_step, data_begin, steps);
+  Index t = 0;
+  for (; t < data_begin; ++t) out[t * out_stride] = 0;
+  for (; t < data_end; ++t) out[t * out_stride] = 1;
+  for (; t < steps; ++t) out[t * out_stride] = 0;
 }
 
 // mask [B, steps, F]: validity of steps first_step .. first_step + steps - 1 of every stream
@@ -209,13 +250,18 @@ template <typename T>
 void undelay_rows(const std::vector<Index>& shifts, TensorView<const T, 4> delayed,
                   TensorView<T, 4> out, int num_threads) {
   parallel_for(out.size(0), num_threads, [&](Index b) {
-    for (Index i = 0; i < out.size(1); ++i)
-      for (Index c = 0; c < out.size(2); ++c) {
-        const T* source = &delayed(b, i + shifts[static_cast<std::size_t>(c)], c, 0);
-        T* target = &out(b, i, c, 0);
+    for (Index c = 0; c < out.size(2); ++c) {
+      const T* source = delayed.data() + b * delayed.stride(0) +
+                        shifts[static_cast<std::size_t>(c)] * delayed.stride(1) +
+                        c * delayed.stride(2);
+      T* target = out.data() + b * out.stride(0) + c * out.stride(2);
+      for (Index i = 0; i < out.size(1); ++i) {
         for (Index v = 0; v < out.size(3); ++v)
           target[v * out.stride(3)] = source[v * delayed.stride(3)];
+        source += delayed.stride(1);
+        target += out.stride(1);
       }
+    }
   });
 }
 
@@ -264,6 +310,14 @@ int resolve_threads(const char* function, int num_threads) {
   return detail::resolve_num_threads(num_threads);
 }
 
+// The threads worth starting for a pass over `elements` tokens: the delay kernels move a few
+// bytes per element, so a thread below ~128k elements costs more to wake than it saves (and
+// far more on a loaded machine). The split never changes results.
+int threads_for(int threads, Index elements) {
+  constexpr Index kElementsPerThread = Index{1} << 17;
+  return static_cast<int>(std::clamp<Index>(elements / kElementsPerThread, 1, threads));
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -288,8 +342,8 @@ void spade_delay(const SpadeSchema& schema, TensorView<const std::int64_t, 3> id
   detail::require_disjoint(kFunction, "mask", mask, "delayed_ids", delayed_ids);
   detail::require_disjoint(kFunction, "mask", mask, "delayed_values", delayed_values);
   require_lengths(kFunction, lengths, batch, length);
-  require_valid_tokens(kFunction, schema, ids, values, lengths);
-  const int threads = resolve_threads(kFunction, num_threads);
+  const int threads = threads_for(resolve_threads(kFunction, num_threads), mask.numel());
+  require_valid_tokens(kFunction, schema, ids, values, lengths, threads);
   delay_columns<std::int64_t>(
       schema, schema.discrete_features(), ids, lengths, delayed_ids,
       [](const SpadeFeature& feature) {
@@ -317,7 +371,8 @@ void spade_undelay(const SpadeSchema& schema, TensorView<const std::int64_t, 3> 
         ": the delayed sequence length (T) must be >= max shift = ", schema.max_shift(), ", got ",
         steps);
   require_delay_pairs(kFunction, schema, delayed_ids, delayed_values, ids, values, batch, length);
-  const int threads = resolve_threads(kFunction, num_threads);
+  const int threads =
+      threads_for(resolve_threads(kFunction, num_threads), batch * length * schema.num_features());
   if (has_ids) {
     undelay_rows<std::int64_t>(shifts_of(schema, schema.discrete_features()),
                                with_unit_last_dim(delayed_ids), with_unit_last_dim(ids), threads);
@@ -347,7 +402,7 @@ void undelay_logits_impl(const SpadeSchema& schema, TensorView<const T, 4> logit
                          schema.num_features());
   detail::require_extent(kFunction, "out", out, 3, "logits.shape[3] (V)", logits.size(3));
   detail::require_disjoint(kFunction, "out", out, "logits", logits);
-  const int threads = resolve_threads(kFunction, num_threads);
+  const int threads = threads_for(resolve_threads(kFunction, num_threads), out.numel());
   std::vector<Index> all_features(static_cast<std::size_t>(schema.num_features()));
   for (Index f = 0; f < schema.num_features(); ++f) all_features[static_cast<std::size_t>(f)] = f;
   undelay_rows<T>(shifts_of(schema, all_features), logits, out, threads);
@@ -650,13 +705,14 @@ void SpadeEmbedding::forward(TensorView<const std::int64_t, 3> ids,
   detail::require_disjoint(kFunction, "out", out, "values", values);
   detail::require_disjoint(kFunction, "out", out, "condition", condition);
   const int threads = resolve_threads(kFunction, num_threads);
-  require_valid_tokens(kFunction, schema_, ids, values, {});
+  require_valid_tokens(kFunction, schema_, ids, values, {}, threads);
   if (!condition.is_null()) {
     for (Index b = 0; b < batch; ++b)
       for (Index t = 0; t < steps; ++t)
         for (Index c = 0; c < condition_dim_; ++c)
-          check(std::isfinite(condition(b, t, c)), kFunction, ": condition[", b, ", ", t, ", ", c,
-                "] (sequence ", b, ", step ", t, ") must be finite, got ", condition(b, t, c));
+          if (!std::isfinite(condition(b, t, c)))  // (check's arguments cost even when it passes)
+            check(false, kFunction, ": condition[", b, ", ", t, ", ", c, "] (sequence ", b,
+                  ", step ", t, ") must be finite, got ", condition(b, t, c));
   }
 
   const Index num_discrete = schema_.num_discrete();
@@ -777,7 +833,7 @@ void SpadeDecoder::step(TensorView<const std::int64_t, 2> predicted_ids,
     detail::require_extent(kFunction, "completed", completed, 0, "B", batch_);
   }
   require_valid_tokens(kFunction, schema_, as_single_step(predicted_ids),
-                       as_single_step(predicted_values), {});
+                       as_single_step(predicted_values), {}, 1);
 
   const Index step = current_step_ + 1;
   const Index max_shift = schema_.max_shift();

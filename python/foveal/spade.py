@@ -178,16 +178,16 @@ def _lengths(function: str, lengths: Any, batch: int) -> Optional[np.ndarray]:
 
 
 def _new(like: Any, shape: tuple, dtype: Any) -> tuple[Any, np.ndarray]:
-    """A new zeroed tensor of the kind of `like`, and the numpy view the kernels write (bool
-    tensors are written as uint8)."""
+    """A new uninitialized tensor of the kind of `like` (the kernels write every element), and
+    the numpy view they write (bool tensors as uint8)."""
     name = np.dtype(dtype).name
     if _is_torch(like):
         import torch
 
-        tensor = torch.zeros(shape, dtype=getattr(torch, name))
+        tensor = torch.empty(shape, dtype=getattr(torch, name))
         array = tensor.numpy()
     else:
-        tensor = array = np.zeros(shape, dtype=dtype)
+        tensor = array = np.empty(shape, dtype=dtype)
     return tensor, array.view(np.uint8) if name == "bool" else array
 
 

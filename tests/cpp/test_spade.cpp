@@ -339,14 +339,18 @@ TEST(SpadeUndelay, LogitsComeBackInTokenOrder) {
 }
 
 TEST(SpadeDelay, IdenticalForOneTwoAndThreeThreads) {
+  // Large enough (B * T * F > 3 * 2^17) that three threads really start.
   RandomSource random(kSeed + 5);
-  const SpadeSchema schema = random_schema(random, 5, false);
-  const auto tokens = random_tokens(random, schema, 7, 29, false);
-  const auto lengths = random_lengths(random, 7, 29);
-  const DelayCase single(schema, 7, 29, tokens, lengths, Layout::kContiguous, 0);
+  const SpadeSchema schema({SpadeFeature::binned("z", 30), SpadeFeature::binned("x", 30),
+                            SpadeFeature::continuous("E"), SpadeFeature::binned("y", 7),
+                            SpadeFeature::continuous("t")});
+  const Index batch = 97, n = 1001;
+  const auto tokens = random_tokens(random, schema, batch, n, false);
+  const auto lengths = random_lengths(random, batch, n);
+  const DelayCase single(schema, batch, n, tokens, lengths, Layout::kContiguous, 0);
   single.run(1);
   for (int threads : {2, 3}) {
-    const DelayCase multi(schema, 7, 29, tokens, lengths, Layout::kContiguous, 0);
+    const DelayCase multi(schema, batch, n, tokens, lengths, Layout::kContiguous, 0);
     multi.run(threads);
     EXPECT_TRUE(test::bitwise_equal(multi.delayed_tokens(), single.delayed_tokens()));
     EXPECT_TRUE(
