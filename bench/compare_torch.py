@@ -3,12 +3,13 @@
 
     python3 bench/compare_torch.py                  # quick demo of every suite (~2 minutes)
     python3 bench/compare_torch.py --full           # the issues' grids (many minutes)
-    python3 bench/compare_torch.py --suite decode   # one suite: dense, window, decode, ring
+    python3 bench/compare_torch.py --suite decode   # one suite: dense, window, decode, ring, spade
     python3 bench/compare_torch.py --markdown bench/results/dense_full.json   # table for docs
 
 Suites: dense attention (vs SDPA), sliding-window attention (vs SDPA with the equivalent
 boolean mask), decode over a KV cache (vs SDPA with enable_gqa, and against the machine's copy
-bandwidth), and a 10,000-step ring-buffer decode checked against a dense masked reference.
+bandwidth), a 10,000-step ring-buffer decode checked against a dense masked reference, and
+the SPADE embedding (vs the same module in PyTorch, bench/spade_cases.py).
 Both libraries run interleaved on identical float32 tensors at each thread count, so machine
 noise hits both alike; each time is the median of the repetitions. Writes
 bench/results/<suite>_<quick|full>.json and, when matplotlib is installed, a .png beside it.
@@ -317,6 +318,8 @@ def peak_extra_memory(length: int, threads: int) -> int:
 
 
 def plot(suite: str, rows: list[dict], path: Path) -> bool:
+    if suite == "spade":  # a table says it all
+        return False
     try:
         import matplotlib
 
@@ -449,6 +452,18 @@ def markdown(path: Path) -> str:
                 f"| {row['torch_ms']:.2f} | **{row['ratio']:.2f}x** | {row['foveal_gbps']:.1f} "
                 f"| {row['copy_gbps']:.1f} | {row['foveal_gbps'] / row['copy_gbps']:.0%} |"
             )
+    elif suite == "spade":
+        lines += [
+            "| case | threads | foveal ms | torch ms | torch / foveal | (delay + undelay) / "
+            "embedding |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for row in rows:
+            case = "concat + LayerNorm" if row["layer_norm"] else "concat"
+            lines.append(
+                f"| {case} | {row['threads']} | {row['foveal_ms']:.2f} | {row['torch_ms']:.2f} "
+                f"| **{row['ratio']:.2f}x** | {row['delay_undelay_fraction']:.1%} |"
+            )
     else:
         lines += [
             "| threads | step | max abs diff vs masked SDPA | resident MiB |",
@@ -495,7 +510,7 @@ def dense_suite(threads: int, full: bool, seconds: float) -> list[dict]:
     return rows
 
 
-SUITES = ("dense", "window", "decode", "ring")
+SUITES = ("dense", "window", "decode", "ring", "spade")
 
 
 def main() -> None:
@@ -534,7 +549,12 @@ def main() -> None:
     print(f"{versions}, {processor}, {os.cpu_count()} cpus")
     for suite in args.suite:
         rows = []
-        for threads in args.threads:
+        if suite == "spade":  # bench/spade_cases.py runs its own thread counts
+            import spade_cases
+
+            print("\n[spade]")
+            rows = spade_cases.run(args.threads, seconds, interleaved, median_time)
+        for threads in args.threads if suite != "spade" else []:
             torch.set_num_threads(threads)
             foveal.set_num_threads(threads)
             print(f"\n[{suite}] threads={threads}")

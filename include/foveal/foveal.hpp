@@ -12,4 +12,5 @@
 #include "foveal/core/error.hpp"
 #include "foveal/core/parallel.hpp"
 #include "foveal/core/tensor.hpp"
+#include "foveal/embedding/spade.hpp"
 #include "foveal/version.hpp"

@@ -654,3 +654,6 @@ def make_attention(
     )
     string_params = {key: str(value) for key, value in params.items()}
     return AttentionKernel(_core.make_attention(name, params=string_params, **options))
+
+
+from . import spade as spade  # noqa: E402  (after the helpers it uses)

@@ -15,6 +15,7 @@
 #include "foveal/foveal.hpp"
 
 namespace py = pybind11;
+void bind_spade(py::module_& m);  // _spade.cpp
 
 namespace {
 
@@ -249,6 +250,7 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("set_num_threads", &foveal::set_num_threads, py::arg("num_threads"));
   m.def("get_num_threads", &foveal::get_num_threads);
+  bind_spade(m);
 
   m.def(
       "attention",

@@ -166,3 +166,105 @@ class _KVCache:
 
 class KVCacheF32(_KVCache): ...
 class KVCacheF64(_KVCache): ...
+
+# ---------------------------------------------------------------------------------------------
+# SPADE (python/foveal/_spade.cpp). ids: int64, values / weights: float32, masks: uint8. A
+# None array stands for a part the schema does not have (no discrete or no continuous feature).
+
+class SpadeSchema:
+    # One entry per feature in each list; shift 0 -> the default f + 1. Validates.
+    def __init__(
+        self,
+        names: list[str],
+        discrete: list[bool],
+        vocab_sizes: list[_Int],
+        pad_ids: list[_Int],
+        missing_ids: list[_Int],
+        shifts: list[_Int],
+    ) -> None: ...
+    @property
+    def shifts(self) -> list[int]: ...
+    @property
+    def max_shift(self) -> int: ...
+
+# ids: [B, n, Fd]  values: [B, n, Fc]  lengths: [B] or None  ->  delayed_ids: [B, T, Fd]
+# delayed_values: [B, T, Fc]  mask: [B, T, F]; T = n + max shift.
+def spade_delay(
+    schema: SpadeSchema,
+    ids: _Array | None,
+    values: _Array | None,
+    lengths: _Array | None,
+    delayed_ids: _Array | None,
+    delayed_values: _Array | None,
+    mask: _Array,
+    num_threads: _Int,
+) -> None: ...
+
+# delayed_ids: [B, T, Fd]  delayed_values: [B, T, Fc]  ->  ids: [B, n, Fd]  values: [B, n, Fc]
+def spade_undelay(
+    schema: SpadeSchema,
+    delayed_ids: _Array | None,
+    delayed_values: _Array | None,
+    ids: _Array | None,
+    values: _Array | None,
+    num_threads: _Int,
+) -> None: ...
+
+# logits: [B, T, F, V]  ->  out: [B, n, F, V] (float32 or float64, both the same)
+def spade_undelay_logits(
+    schema: SpadeSchema, logits: _Array, out: _Array, num_threads: _Int
+) -> None: ...
+
+# lengths: [B] or None  ->  loss_mask: [B, T - 1, F], the validity of the target step.
+def spade_loss_mask(
+    schema: SpadeSchema, lengths: _Array | None, loss_mask: _Array, include_stop: bool
+) -> None: ...
+
+class SpadeEmbedding:
+    # features: per schema feature a dict of arrays keyed by SpadeFeatureWeights' member names;
+    # combine: "concat" or "sum". Validates, copies and folds the weights.
+    def __init__(
+        self,
+        schema: SpadeSchema,
+        features: list[Mapping[str, _Array]],
+        combine: str,
+        projection_weight: _Array | None,
+        projection_bias: _Array | None,
+        condition_dim: _Int,
+        norm_eps: _Float,
+        pad_vector: _Array | None,
+    ) -> None: ...
+    @property
+    def d_model(self) -> int: ...
+    @property
+    def condition_dim(self) -> int: ...
+    # ids: [B, T, Fd]  values: [B, T, Fc]  condition: [B, T, C] or None  ->  out: [B, T, d_model]
+    def forward(
+        self,
+        ids: _Array | None,
+        values: _Array | None,
+        out: _Array,
+        condition: _Array | None,
+        num_threads: _Int,
+    ) -> None: ...
+
+class SpadeDecoder:
+    def __init__(self, schema: SpadeSchema, batch: _Int, max_tokens: _Int) -> None: ...
+    # predicted_ids: [B, Fd]  predicted_values: [B, Fc]  ->  step_ids: [B, Fd]
+    # step_values: [B, Fc]  completed: [B] (token index completed at this step, or -1)
+    def step(
+        self,
+        predicted_ids: _Array | None,
+        predicted_values: _Array | None,
+        step_ids: _Array | None,
+        step_values: _Array | None,
+        completed: _Array,
+    ) -> None: ...
+    @property
+    def current_step(self) -> int: ...
+    def length(self, b: _Int) -> int: ...
+    def finished(self, b: _Int) -> bool: ...
+    def done(self) -> bool: ...
+    # Copies: [B, max_tokens, Fd] int64 and [B, max_tokens, Fc] float32.
+    def ids(self) -> _Array: ...
+    def values(self) -> _Array: ...
