@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cmath>
+#include <limits>
 #include <string>
 
 #include "foveal/attention/options.hpp"
@@ -116,9 +117,12 @@ FlashParams<T> prepare_attention(const char* function, TensorView<const T, 4> q,
     if (!lse.is_null()) require_disjoint(function, "lse", lse, "bias", bias);
   }
   require_attention_options(function, options);
-  check(options.q_offset == -1 || (options.q_offset >= 0 && options.q_offset <= len_k), function,
-        ": q_offset must be in [0, Lk = ", len_k, "] or -1 (bottom-right: Lk - Lq), got ",
-        options.q_offset);
+  // Any position >= 0 works (queries past the last key: keys that are a piece of a longer
+  // sequence); the bound keeps position arithmetic far from overflow.
+  constexpr Index kMaxOffset = std::numeric_limits<Index>::max() / 8;
+  check(options.q_offset == -1 || (options.q_offset >= 0 && options.q_offset <= kMaxOffset),
+        function, ": q_offset must be in [0, ", kMaxOffset,
+        "] (the position of query 0) or -1 (bottom-right: Lk - Lq), got ", options.q_offset);
 
   FlashParams<T> params;
   params.q = q;
@@ -145,7 +149,7 @@ template <typename T>
 void run_band_attention(const FlashParams<T>& params, const AttentionOptions& options) {
   const auto visibility =
       Visibility::make(options.causal, options.window_left, options.window_right,
-                       options.sink_tokens, params.q.size(2), params.k.size(2));
+                       options.sink_tokens, params.q.size(2), params.k.size(2), params.q_offset);
   run_flash_attention(params, BandPolicy(visibility));
 }
 

@@ -96,7 +96,7 @@ void decode_impl(TensorView<const T, 4> q, const KVCache<T>& cache, const Attent
           " queries need their keys appended first (Lq must be <= every length)");
     const Visibility seen =
         Visibility::make(options.causal, options.window_left, options.window_right,
-                         options.sink_tokens, len_q, length);
+                         options.sink_tokens, len_q, length, length - len_q);
     // Every key a query may see must still be stored (a ring buffer overwrites old tokens).
     if (len_q > 0) {
       const KeyRanges visible = seen.visible_ranges(length - len_q, length - 1);

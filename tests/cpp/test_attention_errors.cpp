@@ -365,12 +365,13 @@ TEST_F(AttentionErrors, NegativeSoftcapIsRejected) {
 
 TEST_F(AttentionErrors, QueryOffsetBelowMinusOneIsRejected) {
   options.q_offset = -2;
-  expect_rejected({"q_offset must be in [0, Lk = 7] or -1", "got -2"});
+  expect_rejected(
+      {"q_offset must be in [0, 1152921504606846975] (the position of query 0) or -1", "got -2"});
 }
 
-TEST_F(AttentionErrors, QueryOffsetPastKeyLengthIsRejected) {
-  options.q_offset = kLenK + 1;
-  expect_rejected({"q_offset must be in [0, Lk = 7] or -1", "got 8"});
+TEST_F(AttentionErrors, QueryOffsetNearOverflowIsRejected) {
+  options.q_offset = std::numeric_limits<Index>::max() / 4;
+  expect_rejected({"q_offset must be in [0, 1152921504606846975]", "got 2305843009213693951"});
 }
 
 TEST_F(AttentionErrors, NegativeThreadCountIsRejected) {

