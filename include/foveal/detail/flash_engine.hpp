@@ -233,28 +233,15 @@ inline void compute_scores(const T* q_t, const T* const* k_rows, Index num_keys,
 
 // Scores of num_rows <= kFewRows rows (see dot_score_micro). k_rows must hold valid pointers up
 // to num_keys rounded up to kLanes; s_t rows past num_keys receive scores of those repeats.
-// Few rows do little arithmetic per key, so this is where the memory stream is: while the
-// first rows are scored, the K rows kPrefetchKeys ahead and the V rows of the same keys (read
-// by accumulate_output next) are prefetched, keeping more loads in flight than the hardware
-// prefetcher alone does (+10-20% GB/s in decode on the development machine).
 template <typename T>
 inline void compute_few_row_scores(const T* q_rows, Index q_stride, const T* const* k_rows,
-                                   const T* const* v_rows, Index num_keys, Index dim, Index dim_v,
-                                   Index num_rows, T* s_t) {
+                                   Index num_keys, Index dim, Index num_rows, T* s_t) {
   constexpr int L = kLanes<T>;
-  constexpr Index kPrefetchKeys = 8;
   const auto rows_at_a_time = [&](Index r0, auto nr) {
     constexpr int NR = decltype(nr)::value;
-    for (Index j0 = 0; j0 < num_keys; j0 += L / NR) {
-      if (r0 == 0) {
-        const Index group_end = std::min(num_keys, j0 + L / NR);
-        for (Index j = j0 + kPrefetchKeys; j < std::min(num_keys, group_end + kPrefetchKeys); ++j)
-          prefetch_row(k_rows[j], dim);
-        for (Index j = j0; j < group_end; ++j) prefetch_row(v_rows[j], dim_v);
-      }
+    for (Index j0 = 0; j0 < num_keys; j0 += L / NR)
       dot_score_micro<T, NR>(q_rows + r0 * q_stride, q_stride, k_rows + j0, dim,
                              s_t + j0 * kBlockQ + r0);
-    }
     return NR;
   };
   // 4, 2 or 1 rows at a time (never more than kMaxDotRows).
@@ -456,8 +443,8 @@ class TileRunner {
         // The micro-kernel reads whole groups of keys: repeat the last row to fill the group.
         const Index padded = (block.count + L - 1) / L * L;
         std::fill(k_rows + block.count, k_rows + padded, k_rows[block.count - 1]);
-        compute_few_row_scores(scratch.q_t, query_row_stride(), k_rows, v_rows, block.count, dim_,
-                               dim_v_, num_rows, scratch.s_t);
+        compute_few_row_scores(scratch.q_t, query_row_stride(), k_rows, block.count, dim_, num_rows,
+                               scratch.s_t);
       } else {
         compute_scores(scratch.q_t, k_rows, block.count, dim_, row_vectors, row_vectors_seeing,
                        scratch.s_t);

@@ -88,13 +88,6 @@ inline Vec<T> load_partial(const T* source, int count) {
   return vector;
 }
 
-// Asks for every cache line of row[0 .. count) to be brought into the caches.
-template <typename T>
-inline void prefetch_row(const T* row, std::int64_t count) {
-  constexpr std::int64_t kLine = 64 / static_cast<std::int64_t>(sizeof(T));
-  for (std::int64_t i = 0; i < count; i += kLine) __builtin_prefetch(row + i);
-}
-
 namespace simd_detail {
 
 // Source lane of output `lane` in one step of sum_lanes_of_each: u and v each hold
