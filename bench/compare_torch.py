@@ -466,13 +466,13 @@ def markdown(path: Path) -> str:
             )
     else:
         lines += [
-            "| threads | step | max abs diff vs masked SDPA | resident MiB |",
-            "|---:|---:|---:|---:|",
+            "| threads | step | max abs diff vs masked SDPA | resident MiB | µs per step (mean) |",
+            "|---:|---:|---:|---:|---:|",
         ]
         for row in rows:
             lines.append(
                 f"| {row['threads']} | {row['step']} | {row['max_abs_diff']:.1e} "
-                f"| {row['resident_mib']:.1f} |"
+                f"| {row['resident_mib']:.1f} | {row['us_per_step']:.0f} |"
             )
     return "\n".join(lines)
 

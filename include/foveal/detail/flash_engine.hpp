@@ -13,17 +13,20 @@
 // micro-kernels:
 //   scores   s_t[j][rows]   += k[j][d] (broadcast) * q_t[d][rows]     6 keys x 4 vectors
 //   output   acc[row][cols] += p[j][row] (broadcast) * v[j][cols]     6 rows x 4 vectors
-// Logits are kept in base 2 (the scale includes log2 e) so the softmax uses exp2.
+// Logits are kept in base 2 (the scale includes log2 e) so the softmax uses exp2. Tiles of at
+// most kFewRows rows (decode: the queries of one GQA group) score keys as dot products along D
+// instead, so no lane is spent on rows that do not exist.
 //
-// Policy interface (see BandPolicy):
+// Policy interface (see BandPolicy, and CachePolicy in src/decode.cpp):
 //   template <class Visit> void for_each_block(Index position_lo, Index position_hi,
 //                                              Visit&& visit) const;
-//       calls visit(KeyBlock) for every key block the rows at those positions may see, in
-//       increasing key order; a block's keys are [begin, begin + count) or index[0..count).
-//   bool sees(Index position, Index key) const;   consulted only inside blocks marked
-//                                                 needs_mask.
-//   KeyRange keys_seen(Index position_lo, Index position_hi) const;
-//   PositionRange positions_seeing(Index key_begin, Index key_end) const;
+//       calls visit(KeyBlock) for every key block the rows at those positions may see; a
+//       block's K/V rows are [begin, begin + count) or index[0..count), and the key in row i
+//       sits at position i + position_offset.
+//   bool sees(Index position, Index key_position) const;   consulted only inside blocks
+//                                                          marked needs_mask.
+//   KeyRange keys_seen(Index position_lo, Index position_hi) const;       (key positions)
+//   PositionRange positions_seeing(Index key_begin, Index key_end) const; (key positions)
 //       conservative bounds used inside masked contiguous blocks to skip the rows and keys
 //       that cannot contribute (the triangle of a causal diagonal block, the edges of a band).
 #pragma once
