@@ -9,213 +9,19 @@
 
 #include <cmath>
 #include <cstdint>
-#include <limits>
-#include <sstream>
-#include <string>
-#include <type_traits>
 #include <vector>
 
+#include "attention_cases.hpp"
 #include "foveal/attention/dense.hpp"
 #include "foveal/core/parallel.hpp"
 #include "harness.hpp"
-#include "reference/attention_reference.hpp"
 
-namespace foveal {
+namespace foveal::test {
 namespace {
 
-using test::Layout;
-using test::Shape;
-using test::StridedBuffer;
-
-constexpr double kInfinity = std::numeric_limits<double>::infinity();
-
-// Tolerances on the normalized error (harness.hpp: max |got - ref| / max |ref|).
-// float: each logit sums D products and each output Lk weighted values in fp32 (eps 1.2e-7),
-// through a polynomial exp2 (relative error 2.4e-7) and tanh; for D and Lk up to a few hundred
-// that stays within a few hundred ulps of the output scale, so 2e-5 has margin while a wrong
-// mask, scale or bias (an O(1) change) misses by orders of magnitude.
-// double: the same sums in fp64 with libm exp2 / tanh (~1e-14); 1e-10 still catches any
-// computation that drops to fp32 on the way.
-template <typename T>
-constexpr double kTolerance = std::is_same_v<T, float> ? 2e-5 : 1e-10;
-
-// The lengths, head dims and GQA ratios the sweeps draw from.
+// The lengths the sweeps draw from, and the most query heads of a random MQA problem.
 constexpr Index kLengths[] = {1, 2, 7, 13, 63, 64, 65, 127, 129, 200};
-constexpr Index kHeadDims[] = {1, 3, 16, 31, 64, 80, 128};
-constexpr Index kGroupRatios[] = {1, 2, 3, 4, 8};
-
-// ---------------------------------------------------------------------------------------------
-// One attention problem: shapes, bias layout and the seed of its inputs.
-
-struct Problem {
-  Index batch = 1, heads_q = 1, heads_kv = 1, len_q = 1, len_k = 1, dim = 1, dim_v = 1;
-  Index bias_batch = 0;          // 0: no bias; else 1 (broadcast) or batch
-  Index bias_heads = 0;          // 1 (broadcast) or heads_q when there is a bias
-  double masked_bias_share = 0;  // share of bias entries that are -inf
-  std::uint64_t seed = 1;
-
-  Shape<4> q_shape() const { return {batch, heads_q, len_q, dim}; }
-  Shape<4> k_shape() const { return {batch, heads_kv, len_k, dim}; }
-  Shape<4> v_shape() const { return {batch, heads_kv, len_k, dim_v}; }
-  Shape<4> out_shape() const { return {batch, heads_q, len_q, dim_v}; }
-  Shape<3> lse_shape() const { return {batch, heads_q, len_q}; }
-  Shape<4> bias_shape() const { return {bias_batch, bias_heads, len_q, len_k}; }
-  bool has_bias() const { return bias_batch > 0; }
-  // Multiply-adds of the reference: what a case costs.
-  double work() const {
-    return static_cast<double>(batch * heads_q * len_q) * static_cast<double>(len_k) *
-           static_cast<double>(dim + dim_v);
-  }
-};
-
-Problem make_problem(Index batch, Index heads_q, Index heads_kv, Index len_q, Index len_k,
-                     Index dim, Index dim_v, std::uint64_t seed) {
-  Problem problem;
-  problem.batch = batch;
-  problem.heads_q = heads_q;
-  problem.heads_kv = heads_kv;
-  problem.len_q = len_q;
-  problem.len_k = len_k;
-  problem.dim = dim;
-  problem.dim_v = dim_v;
-  problem.seed = seed;
-  return problem;
-}
-
-Problem with_bias(Problem problem, Index bias_batch, Index bias_heads, double masked_share = 0) {
-  problem.bias_batch = bias_batch;
-  problem.bias_heads = bias_heads;
-  problem.masked_bias_share = masked_share;
-  return problem;
-}
-
-std::string problem_string(const Problem& p) {
-  std::ostringstream text;
-  text << "seed=" << p.seed << " q=" << test::shape_string(p.q_shape())
-       << " k=" << test::shape_string(p.k_shape()) << " v=" << test::shape_string(p.v_shape());
-  if (p.has_bias()) {
-    text << " bias=" << test::shape_string(p.bias_shape())
-         << " masked share=" << p.masked_bias_share;
-  }
-  return text.str();
-}
-
-std::string options_string(const AttentionOptions& o) {
-  std::ostringstream text;
-  text << "scale=" << o.scale << " causal=" << o.causal << " window_left=" << o.window_left
-       << " window_right=" << o.window_right << " sink_tokens=" << o.sink_tokens
-       << " softcap=" << o.softcap << " q_offset=" << o.q_offset
-       << " num_threads=" << o.num_threads;
-  return text.str();
-}
-
-// A random problem drawn from the sweep lists whose reference costs at most `max_work`.
-Problem random_problem(std::uint64_t seed, double max_work) {
-  test::RandomSource random(seed);
-  for (;;) {
-    Problem p;
-    p.seed = seed;
-    p.batch = random.integer(1, 3);
-    if (random.chance(0.2)) {  // MQA: one kv head for all query heads
-      p.heads_kv = 1;
-      p.heads_q = random.integer(2, 6);
-    } else {
-      p.heads_kv = random.integer(1, 2);
-      p.heads_q = p.heads_kv * random.pick(kGroupRatios);
-    }
-    p.len_q = random.pick(kLengths);
-    p.len_k = random.pick(kLengths);
-    p.dim = random.pick(kHeadDims);
-    p.dim_v = random.chance(0.5) ? p.dim : random.pick(kHeadDims);
-    if (p.work() <= max_work) return p;
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Inputs, the reference and the call under test.
-
-// q, k, v ~ N(0, 1); bias ~ N(0, 1) with a share of entries -inf. All values are rounded to
-// float, so one set of inputs is exact for float, double and the float64 reference alike.
-struct Inputs {
-  std::vector<double> q, k, v, bias;
-};
-
-Inputs random_inputs(const Problem& p) {
-  test::RandomSource random(p.seed);
-  Inputs in;
-  in.q = test::round_to<float>(random.normal(test::shape_numel<4>(p.q_shape())));
-  in.k = test::round_to<float>(random.normal(test::shape_numel<4>(p.k_shape())));
-  in.v = test::round_to<float>(random.normal(test::shape_numel<4>(p.v_shape())));
-  if (p.has_bias()) {
-    in.bias = test::round_to<float>(random.normal(test::shape_numel<4>(p.bias_shape())));
-    for (double& entry : in.bias)
-      if (random.chance(p.masked_bias_share)) entry = -kInfinity;
-  }
-  return in;
-}
-
-struct Outputs {
-  std::vector<double> out, lse;  // logical row-major
-};
-
-Outputs reference_outputs(const Problem& p, const Inputs& in, const AttentionOptions& o) {
-  reference::ReferenceOptions options;
-  options.scale = o.scale;
-  options.causal = o.causal;
-  options.window_left = o.window_left;
-  options.window_right = o.window_right;
-  options.sink_tokens = o.sink_tokens;
-  options.softcap = o.softcap;
-  options.q_offset = o.q_offset;
-  const reference::AttentionShape shape{p.batch, p.heads_q, p.heads_kv, p.len_q,
-                                        p.len_k, p.dim,     p.dim_v};
-  Outputs result;
-  reference::attention_reference(shape, in.q, in.k, in.v, options, result.out, result.lse, in.bias,
-                                 p.has_bias() ? p.bias_batch : 1, p.has_bias() ? p.bias_heads : 1);
-  return result;
-}
-
-// Where each tensor of a call lives in memory.
-struct Layouts {
-  Layout q = Layout::kContiguous, k = Layout::kContiguous, v = Layout::kContiguous;
-  Layout out = Layout::kContiguous, lse = Layout::kContiguous, bias = Layout::kContiguous;
-  static Layouts all(Layout layout) { return {layout, layout, layout, layout, layout, layout}; }
-};
-
-// Runs foveal::attention on T copies of the inputs placed as `layouts` (padding holds NaN) and
-// returns out and, when `with_lse`, lse. Fails the test if anything outside out or lse changed.
-template <typename T>
-Outputs run_attention(const Problem& p, const Inputs& in, const AttentionOptions& o,
-                      const Layouts& layouts = {}, bool with_lse = true) {
-  const T nan = std::numeric_limits<T>::quiet_NaN();
-  const StridedBuffer<T, 4> q(in.q, p.q_shape(), layouts.q, nan);
-  const StridedBuffer<T, 4> k(in.k, p.k_shape(), layouts.k, nan);
-  const StridedBuffer<T, 4> v(in.v, p.v_shape(), layouts.v, nan);
-  const StridedBuffer<T, 4> bias(in.bias, p.has_bias() ? p.bias_shape() : Shape<4>{}, layouts.bias,
-                                 nan);
-  const StridedBuffer<T, 4> out(p.out_shape(), layouts.out, nan);
-  const StridedBuffer<T, 3> lse(p.lse_shape(), layouts.lse, nan);
-  attention(q.const_view(), k.const_view(), v.const_view(), out.view(), o,
-            with_lse ? lse.view() : TensorView<T, 3>(),
-            p.has_bias() ? bias.const_view() : TensorView<const T, 4>());
-  EXPECT_TRUE(out.outside_untouched()) << "attention wrote outside out";
-  EXPECT_TRUE(lse.outside_untouched()) << "attention wrote outside lse";
-  Outputs result;
-  result.out = test::gather(out.view());
-  if (with_lse) result.lse = test::gather(lse.view());
-  return result;
-}
-
-// foveal::attention<T> agrees with the float64 reference on out and lse.
-template <typename T>
-void expect_matches_reference(const Problem& p, const AttentionOptions& o) {
-  SCOPED_TRACE(test::describe(problem_string(p), "\n  ", options_string(o)));
-  const Inputs in = random_inputs(p);
-  const Outputs want = reference_outputs(p, in, o);
-  const Outputs got = run_attention<T>(p, in, o);
-  EXPECT_TRUE(test::matches_reference(got.out, want.out, kTolerance<T>)) << "out";
-  EXPECT_TRUE(test::matches_reference(got.lse, want.lse, kTolerance<T>)) << "lse";
-}
+constexpr Index kMaxMqaHeads = 6;
 
 // foveal::attention<T> gives the same bits with `layouts` as with contiguous tensors.
 template <typename T>
@@ -223,10 +29,7 @@ void expect_layout_gives_identical_bits(const Problem& p, const AttentionOptions
                                         const Layouts& layouts) {
   SCOPED_TRACE(test::describe(problem_string(p), "\n  ", options_string(o)));
   const Inputs in = random_inputs(p);
-  const Outputs contiguous = run_attention<T>(p, in, o);
-  const Outputs strided = run_attention<T>(p, in, o, layouts);
-  EXPECT_TRUE(test::bitwise_equal(strided.out, contiguous.out)) << "out";
-  EXPECT_TRUE(test::bitwise_equal(strided.lse, contiguous.lse)) << "lse";
+  expect_identical(run_attention<T>(p, in, o, layouts), run_attention<T>(p, in, o));
 }
 
 // With inputs `in`, the rows (b, h, i) for which `masked(b, h, i)` holds are exactly 0 with
@@ -259,24 +62,12 @@ void expect_masked_rows_empty(const Problem& p, const Inputs& in, const Attentio
 
 template <typename T>
 class Attention : public ::testing::Test {};
-
-struct ElementTypeNames {
-  template <typename T>
-  static std::string GetName(int) {
-    return std::is_same_v<T, float> ? "float" : "double";
-  }
-};
-
-using ElementTypes = ::testing::Types<float, double>;
 TYPED_TEST_SUITE(Attention, ElementTypes, ElementTypeNames);
 
-// A few shapes the option tests run on: GQA with Lq < Lk, Lq > Lk with MQA, square with
-// Dv < D, and a single query against a long key sequence.
+// The shapes the option tests run on: option_problems with a square of 200 and a single query
+// against 127 keys.
 std::vector<Problem> option_problems(std::uint64_t seed) {
-  return {make_problem(2, 4, 2, 65, 129, 16, 24, seed),
-          make_problem(1, 3, 1, 129, 65, 31, 31, seed + 1),
-          make_problem(1, 2, 2, 200, 200, 8, 5, seed + 2),
-          make_problem(3, 1, 1, 1, 127, 64, 80, seed + 3)};
+  return test::option_problems(seed, 200, 127);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -284,7 +75,8 @@ std::vector<Problem> option_problems(std::uint64_t seed) {
 
 TYPED_TEST(Attention, MatchesReferenceOnRandomShapes) {
   for (std::uint64_t seed = 1000; seed < 1048; ++seed)
-    expect_matches_reference<TypeParam>(random_problem(seed, 1.2e7), AttentionOptions{});
+    expect_matches_reference<TypeParam>(random_problem(seed, 1.2e7, kLengths, kMaxMqaHeads),
+                                        AttentionOptions{});
 }
 
 TYPED_TEST(Attention, MatchesReferenceForEveryLengthPair) {
@@ -334,6 +126,19 @@ TYPED_TEST(Attention, CausalWithExplicitZeroRightWindowMatchesReference) {
   options.causal = true;
   options.window_right = 0;
   for (const Problem& p : option_problems(6100)) expect_matches_reference<TypeParam>(p, options);
+}
+
+TYPED_TEST(Attention, WindowsBindWhenQueriesOutnumberKeys) {
+  // Bottom-right with Lq > Lk puts the first queries at negative positions: a right window
+  // wider than Lk + Lq - Lk still hides the only key from them (found by the pytest sweep).
+  for (Index right : {0, 6, 12, 13})
+    for (Index left : {-1, 3}) {
+      AttentionOptions options;
+      options.window_left = left;
+      options.window_right = right;
+      expect_matches_reference<TypeParam>(make_problem(2, 3, 3, 13, 1, 8, 1, 7100), options);
+      expect_matches_reference<TypeParam>(make_problem(1, 2, 1, 70, 5, 8, 4, 7101), options);
+    }
 }
 
 TYPED_TEST(Attention, WindowMatchesReference) {
@@ -433,7 +238,7 @@ TYPED_TEST(Attention, NegativeInfinityBiasEntriesAreNeverAttended) {
 TYPED_TEST(Attention, RandomOptionCombinationsMatchReference) {
   for (std::uint64_t seed = 13000; seed < 13080; ++seed) {
     test::RandomSource random(seed + 1);  // a stream apart from the one that made the shapes
-    Problem p = random_problem(seed, 3e6);
+    Problem p = random_problem(seed, 3e6, kLengths, kMaxMqaHeads);
     if (random.chance(0.5)) {
       p = with_bias(p, random.pick({Index{1}, p.batch}), random.pick({Index{1}, p.heads_q}),
                     random.pick({0.0, 0.0, 0.2}));
@@ -555,17 +360,21 @@ TYPED_TEST(Attention, MixedLayoutsGiveIdenticalBits) {
   expect_layout_gives_identical_bits<TypeParam>(layout_problem(), layout_options(), layouts);
 }
 
-// Runs attention on contiguous copies of q, k and v with `bias` given as a view as it is.
+// Causal attention on contiguous copies of q, k and v with `bias` given as a view as it is
+// (the bias of `p` in other memory) gives the bits of run_attention with the bias of `p`.
 template <typename T>
-Outputs run_with_bias_view(const Problem& p, const Inputs& in, const AttentionOptions& options,
-                           const TensorView<const T, 4>& bias) {
+void expect_bias_view_gives_identical_bits(const Problem& p, const Inputs& in,
+                                           const TensorView<const T, 4>& bias) {
+  AttentionOptions options;
+  options.causal = true;
   const StridedBuffer<T, 4> q(in.q, p.q_shape(), Layout::kContiguous, T(0));
   const StridedBuffer<T, 4> k(in.k, p.k_shape(), Layout::kContiguous, T(0));
   const StridedBuffer<T, 4> v(in.v, p.v_shape(), Layout::kContiguous, T(0));
   const StridedBuffer<T, 4> out(p.out_shape(), Layout::kContiguous, T(0));
   const StridedBuffer<T, 3> lse(p.lse_shape(), Layout::kContiguous, T(0));
   attention(q.const_view(), k.const_view(), v.const_view(), out.view(), options, lse.view(), bias);
-  return Outputs{test::gather(out.view()), test::gather(lse.view())};
+  expect_identical(Outputs{test::gather(out.view()), test::gather(lse.view())},
+                   run_attention<T>(p, in, options));
 }
 
 TYPED_TEST(Attention, ExpandedBiasGivesTheBitsOfABroadcastBias) {
@@ -574,15 +383,11 @@ TYPED_TEST(Attention, ExpandedBiasGivesTheBitsOfABroadcastBias) {
   using T = TypeParam;
   const Problem p = with_bias(make_problem(2, 4, 2, 70, 90, 12, 10, 18500), 1, 1, 0.1);
   const Inputs in = random_inputs(p);
-  AttentionOptions options;
-  options.causal = true;
-  const Outputs broadcast = run_attention<T>(p, in, options);
   const StridedBuffer<T, 4> bias(in.bias, p.bias_shape(), Layout::kContiguous, T(0));
-  const TensorView<const T, 4> expanded(bias.const_view().data(),
-                                        {p.batch, p.heads_q, p.len_q, p.len_k}, {0, 0, p.len_k, 1});
-  const Outputs got = run_with_bias_view<T>(p, in, options, expanded);
-  EXPECT_TRUE(test::bitwise_equal(got.out, broadcast.out));
-  EXPECT_TRUE(test::bitwise_equal(got.lse, broadcast.lse));
+  expect_bias_view_gives_identical_bits<T>(
+      p, in,
+      TensorView<const T, 4>(bias.const_view().data(), {p.batch, p.heads_q, p.len_q, p.len_k},
+                             {0, 0, p.len_k, 1}));
 }
 
 TYPED_TEST(Attention, TransposedBiasGivesTheBitsOfAContiguousBias) {
@@ -591,9 +396,6 @@ TYPED_TEST(Attention, TransposedBiasGivesTheBitsOfAContiguousBias) {
   using T = TypeParam;
   const Problem p = with_bias(make_problem(2, 4, 2, 70, 90, 12, 10, 18600), 2, 4, 0.1);
   const Inputs in = random_inputs(p);
-  AttentionOptions options;
-  options.causal = true;
-  const Outputs contiguous = run_attention<T>(p, in, options);
   const Shape<4> shape = p.bias_shape();
   std::vector<T> transposed(in.bias.size());
   for (Index b = 0; b < shape[0]; ++b)
@@ -602,11 +404,10 @@ TYPED_TEST(Attention, TransposedBiasGivesTheBitsOfAContiguousBias) {
         for (Index j = 0; j < shape[3]; ++j)
           transposed[((b * shape[1] + h) * shape[3] + j) * shape[2] + i] =
               static_cast<T>(in.bias[((b * shape[1] + h) * shape[2] + i) * shape[3] + j]);
-  const TensorView<const T, 4> bias(
-      transposed.data(), shape, {shape[1] * shape[2] * shape[3], shape[2] * shape[3], 1, shape[2]});
-  const Outputs got = run_with_bias_view<T>(p, in, options, bias);
-  EXPECT_TRUE(test::bitwise_equal(got.out, contiguous.out));
-  EXPECT_TRUE(test::bitwise_equal(got.lse, contiguous.lse));
+  expect_bias_view_gives_identical_bits<T>(
+      p, in,
+      TensorView<const T, 4>(transposed.data(), shape,
+                             {shape[1] * shape[2] * shape[3], shape[2] * shape[3], 1, shape[2]}));
 }
 
 TYPED_TEST(Attention, SizeOneDimensionsAcceptAnyStride) {
@@ -633,8 +434,7 @@ TYPED_TEST(Attention, IdenticalBitsForAnyPerCallThreadCount) {
     SCOPED_TRACE(test::describe("num_threads=", threads));
     options.num_threads = threads;
     const Outputs multi = run_attention<TypeParam>(p, in, options);
-    EXPECT_TRUE(test::bitwise_equal(multi.out, single.out)) << "out";
-    EXPECT_TRUE(test::bitwise_equal(multi.lse, single.lse)) << "lse";
+    expect_identical(multi, single);
   }
 }
 
@@ -650,8 +450,7 @@ TYPED_TEST(Attention, IdenticalBitsForAnyGlobalThreadCount) {
     SCOPED_TRACE(test::describe("set_num_threads(", threads, ")"));
     set_num_threads(threads);
     const Outputs multi = run_attention<TypeParam>(p, in, options);
-    EXPECT_TRUE(test::bitwise_equal(multi.out, single.out)) << "out";
-    EXPECT_TRUE(test::bitwise_equal(multi.lse, single.lse)) << "lse";
+    expect_identical(multi, single);
   }
 }
 
@@ -797,4 +596,4 @@ TYPED_TEST(Attention, LseStaysAccurateOverManyKeyBlocks) {
 }
 
 }  // namespace
-}  // namespace foveal
+}  // namespace foveal::test

@@ -14,43 +14,33 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <string>
-#include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "attention_cases.hpp"
 #include "foveal/attention/decode.hpp"
 #include "foveal/attention/dense.hpp"
 #include "harness.hpp"
 #include "reference/decode_reference.hpp"
 
-namespace foveal {
+namespace foveal::test {
 namespace {
 
-using test::Layout;
-using test::Shape;
-using test::StridedBuffer;
+// The tolerances are kTolerance, those of foveal::attention: decode runs the same engine per
+// chunk of keys and merges the chunks' states in order, which adds a handful of roundings per
+// output (a weight, a product, a sum per chunk, at most 3 chunks here) to the few hundred ulps
+// of the engine. float: 2e-5 keeps a margin of more than 10x over what a correct fp32
+// computation reaches on these sizes, while one key wrongly in or out (an O(1 / keys) change,
+// at least 3e-4 at 3000 keys with outputs of size ~0.02 and above) misses by an order of
+// magnitude. double: 1e-10 catches any step done in fp32.
 
-// Tolerances on the normalized error (harness.hpp: max |got - ref| / max |ref|), those of
-// test_attention.cpp: decode runs the same engine per chunk of keys and merges the chunks'
-// states in order, which adds a handful of roundings per output (a weight, a product, a sum
-// per chunk, at most 3 chunks here) to the few hundred ulps of the engine. float: 2e-5 keeps
-// a margin of more than 10x over what a correct fp32 computation reaches on these sizes, while
-// one key wrongly in or out (an O(1 / keys) change, at least 3e-4 at 3000 keys with outputs of
-// size ~0.02 and above) misses by an order of magnitude. double: 1e-10 catches any step done in
-// fp32.
-template <typename T>
-constexpr double kTolerance = std::is_same_v<T, float> ? 2e-5 : 1e-10;
-
-// What the sweeps draw from.
+// What the sweeps draw from, besides kHeadDims: cache lengths around the 1024-key chunks, query
+// lengths of a decode step or a few drafts, and every GQA ratio up to 8.
 constexpr Index kLengths[] = {1, 2, 127, 128, 129, 1023, 1024, 1025, 3000};
 constexpr Index kQueryLengths[] = {1, 2, 3, 4, 5, 8};
-constexpr Index kHeadDims[] = {1, 3, 16, 31, 64, 80, 128};
-constexpr Index kGroupRatios[] = {1, 2, 3, 4, 5, 6, 7, 8};
+constexpr Index kEveryGroupRatio[] = {1, 2, 3, 4, 5, 6, 7, 8};
 
 // ---------------------------------------------------------------------------------------------
 // One decode problem: shapes, the length of every sequence and the seed of its data.
@@ -75,15 +65,7 @@ struct DecodeProblem {
 
 DecodeProblem make_problem(Index heads_q, Index heads_kv, Index len_q, Index dim, Index dim_v,
                            std::vector<Index> lengths, std::uint64_t seed) {
-  DecodeProblem problem;
-  problem.heads_q = heads_q;
-  problem.heads_kv = heads_kv;
-  problem.len_q = len_q;
-  problem.dim = dim;
-  problem.dim_v = dim_v;
-  problem.lengths = std::move(lengths);
-  problem.seed = seed;
-  return problem;
+  return DecodeProblem{heads_q, heads_kv, len_q, dim, dim_v, std::move(lengths), seed};
 }
 
 std::string problem_string(const DecodeProblem& p) {
@@ -91,12 +73,6 @@ std::string problem_string(const DecodeProblem& p) {
   for (Index length : p.lengths) lengths += test::describe(lengths.empty() ? "" : ", ", length);
   return test::describe("seed=", p.seed, " q=", test::shape_string(p.q_shape()),
                         " Hkv=", p.heads_kv, " Dv=", p.dim_v, " lengths=[", lengths, "]");
-}
-
-std::string options_string(const AttentionOptions& o) {
-  return test::describe("scale=", o.scale, " causal=", o.causal, " window_left=", o.window_left,
-                        " window_right=", o.window_right, " sink_tokens=", o.sink_tokens,
-                        " softcap=", o.softcap, " num_threads=", o.num_threads);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -192,29 +168,15 @@ std::vector<double> random_queries(const DecodeProblem& p) {
   return test::round_to<float>(random.normal(test::shape_numel<4>(p.q_shape())));
 }
 
-struct Outputs {
-  std::vector<double> out, lse;  // logical row-major
-};
-
+// The float64 reference over `records` for the queries q.
 Outputs reference_outputs(const DecodeProblem& p, const std::vector<double>& q,
                           const std::vector<reference::SequenceRecord>& records,
                           const AttentionOptions& o) {
-  reference::ReferenceOptions options;
-  options.scale = o.scale;
-  options.causal = o.causal;
-  options.window_left = o.window_left;
-  options.window_right = o.window_right;
-  options.sink_tokens = o.sink_tokens;
-  options.softcap = o.softcap;
   const reference::DecodeShape shape{p.heads_q, p.heads_kv, p.len_q, p.dim, p.dim_v};
   Outputs result;
-  reference::decode_reference(shape, q, records, options, result.out, result.lse);
+  reference::decode_reference(shape, q, records, reference_options(o), result.out, result.lse);
   return result;
 }
-
-struct Layouts {
-  Layout q = Layout::kContiguous, out = Layout::kContiguous, lse = Layout::kContiguous;
-};
 
 // Runs decode_attention<T> with q, out and lse placed as `layouts` (padding holds NaN); returns
 // out and, when `with_lse`, lse. Fails the test if anything outside out or lse changed.
@@ -253,22 +215,8 @@ void expect_decode_matches_reference(const DecodeProblem& p, const AttentionOpti
   expect_decode_matches_reference<T>(p, filled_cache<T>(p), o);
 }
 
-void expect_identical(const Outputs& got, const Outputs& want) {
-  EXPECT_TRUE(test::bitwise_equal(got.out, want.out)) << "out";
-  EXPECT_TRUE(test::bitwise_equal(got.lse, want.lse)) << "lse";
-}
-
 template <typename T>
 class DecodeAttention : public ::testing::Test {};
-
-struct ElementTypeNames {
-  template <typename T>
-  static std::string GetName(int) {
-    return std::is_same_v<T, float> ? "float" : "double";
-  }
-};
-
-using ElementTypes = ::testing::Types<float, double>;
 TYPED_TEST_SUITE(DecodeAttention, ElementTypes, ElementTypeNames);
 
 // ---------------------------------------------------------------------------------------------
@@ -287,7 +235,7 @@ TYPED_TEST(DecodeAttention, MatchesReferenceOnRandomRaggedBatches) {
         p.len_q = random.pick(kQueryLengths);
       } while (p.len_q > shortest);
       p.heads_kv = random.integer(1, 4);
-      p.heads_q = p.heads_kv * random.pick(kGroupRatios);
+      p.heads_q = p.heads_kv * random.pick(kEveryGroupRatio);
       p.dim = random.pick(kHeadDims);
       p.dim_v = random.chance(0.5) ? p.dim : random.pick(kHeadDims);
     } while (p.work() > 4e6);
@@ -421,12 +369,8 @@ TYPED_TEST(DecodeAttention, RingBufferOverThousandsOfSingleSteps) {
   using T = TypeParam;
   RecordedCache<T> recorded(KVCache<T>(2, 2, 260, 16, 8, ring_options(4)), 8000);
   recorded.append(300, {300, 37});
-  AttentionOptions options;
-  options.causal = true;
-  options.window_left = 255;
-  options.sink_tokens = 4;
-  expect_ring_decoding_matches_reference(recorded, make_problem(4, 2, 1, 16, 8, {}, 8001), options,
-                                         3000, 250);
+  expect_ring_decoding_matches_reference(recorded, make_problem(4, 2, 1, 16, 8, {}, 8001),
+                                         causal_window(255, 4), 3000, 250);
 }
 
 TYPED_TEST(DecodeAttention, RingBufferLongerThanAChunk) {
@@ -435,12 +379,8 @@ TYPED_TEST(DecodeAttention, RingBufferLongerThanAChunk) {
   using T = TypeParam;
   RecordedCache<T> recorded(KVCache<T>(1, 1, 1300, 8, 8, ring_options(3)), 8100);
   recorded.append(1000);
-  AttentionOptions options;
-  options.causal = true;
-  options.window_left = 1200;
-  options.sink_tokens = 3;
-  expect_ring_decoding_matches_reference(recorded, make_problem(2, 1, 2, 8, 8, {}, 8101), options,
-                                         4000, 400);
+  expect_ring_decoding_matches_reference(recorded, make_problem(2, 1, 2, 8, 8, {}, 8101),
+                                         causal_window(1200, 3), 4000, 400);
 }
 
 TYPED_TEST(DecodeAttention, RingBufferWithManyQueryRowsPerKvHead) {
@@ -448,12 +388,8 @@ TYPED_TEST(DecodeAttention, RingBufferWithManyQueryRowsPerKvHead) {
   using T = TypeParam;
   RecordedCache<T> recorded(KVCache<T>(2, 1, 200, 16, 8, ring_options(2)), 8200);
   recorded.append(60, {60, 5});
-  AttentionOptions options;
-  options.causal = true;
-  options.window_left = 150;
-  options.sink_tokens = 2;
-  expect_ring_decoding_matches_reference(recorded, make_problem(16, 1, 5, 16, 8, {}, 8201), options,
-                                         1500, 300);
+  expect_ring_decoding_matches_reference(recorded, make_problem(16, 1, 5, 16, 8, {}, 8201),
+                                         causal_window(150, 2), 1500, 300);
 }
 
 TYPED_TEST(DecodeAttention, RingBufferVerifyingDraftsWithRollback) {
@@ -464,10 +400,7 @@ TYPED_TEST(DecodeAttention, RingBufferVerifyingDraftsWithRollback) {
   RecordedCache<T> recorded(KVCache<T>(2, 1, 130, 8, 5, ring_options(2)), 9000);
   recorded.append(10, {10, 4});
   DecodeProblem p = make_problem(3, 1, 3, 8, 5, {}, 9001);
-  AttentionOptions options;
-  options.causal = true;
-  options.window_left = 120;
-  options.sink_tokens = 2;
+  const AttentionOptions options = causal_window(120, 2);
   test::RandomSource random(9002);
   for (int round = 1; round <= 1200; ++round) {
     recorded.append(3);
@@ -594,10 +527,7 @@ TYPED_TEST(DecodeAttention, StridedQueriesOutputsAndCacheStorageGiveIdenticalBit
   RecordedCache<T> wrapped(KVCache<T>(keys.view(), values.view()), p.seed + 1);
   wrapped.grow_to(p.lengths);  // the same seed: the same steps in the same pieces
   const std::vector<double> q = random_queries(p);
-  AttentionOptions options;
-  options.causal = true;
-  options.window_left = 1100;
-  options.sink_tokens = 1;
+  const AttentionOptions options = causal_window(1100, 1);
   const Outputs contiguous = run_decode<T>(p, q, owned.cache(), options);
   Layouts layouts;
   layouts.q = Layout::kSwapped12;
@@ -608,42 +538,23 @@ TYPED_TEST(DecodeAttention, StridedQueriesOutputsAndCacheStorageGiveIdenticalBit
 }
 
 #ifdef _OPENMP
-// Makes `calls` decode_attention calls with `num_threads` from inside an OpenMP parallel region
-// of 4 threads, as a server decoding several requests at once from its own loop would, and
-// exits with the number of calls whose out differs from the same call made outside any
-// parallel region (0: all equal).
-template <typename T>
-[[noreturn]] void exit_with_calls_differing_inside_a_parallel_region(int num_threads) {
-  // One chunk of one kv head: a single task, which runs on the calling thread.
+TYPED_TEST(DecodeAttention, CallsFromInsideAnOpenMPParallelRegionGiveTheBitsOfSerialCalls) {
+  // Calls from a server's own threads, each decoding a request. One chunk of one kv head: a
+  // single task, which runs on the calling thread.
+  using T = TypeParam;
   const DecodeProblem p = make_problem(4, 1, 1, 64, 64, {1000}, 16000);
   const RecordedCache<T> recorded = filled_cache<T>(p);
   const std::vector<double> q_values = random_queries(p);
   const std::vector<T> q(q_values.begin(), q_values.end());
   const TensorView<const T, 4> q_view(q.data(), p.q_shape());
-  AttentionOptions options;
-  options.num_threads = num_threads;
-  Tensor<T, 4> alone(p.out_shape());
-  decode_attention(q_view, recorded.cache(), options, alone.view());
-  constexpr int kCalls = 16;
-  int differing = 0;
-#pragma omp parallel for num_threads(4) reduction(+ : differing)
-  for (int call = 0; call < kCalls; ++call) {
-    Tensor<T, 4> out(p.out_shape());
-    decode_attention(q_view, recorded.cache(), options, out.view());
-    differing += std::memcmp(out.data(), alone.data(), sizeof(T) * out.numel()) != 0;
-  }
-  std::fprintf(stderr, "%d of %d calls differ\n", differing, kCalls);
-  std::exit(differing);
-}
-
-TYPED_TEST(DecodeAttention, CallsFromInsideAnOpenMPParallelRegionGiveTheBitsOfSerialCalls) {
-  // Each call runs in a child process: a broken per-thread scratch crashes rather than fails.
-  GTEST_FLAG_SET(death_test_style, "threadsafe");
-  for (int threads : {1, 0}) {
-    SCOPED_TRACE(test::describe("num_threads=", threads));
-    EXPECT_EXIT(exit_with_calls_differing_inside_a_parallel_region<TypeParam>(threads),
-                ::testing::ExitedWithCode(0), "0 of 16 calls differ");
-  }
+  expect_parallel_region_calls_give_serial_bits([&](int num_threads) {
+    AttentionOptions options;
+    options.num_threads = num_threads;
+    exit_with_calls_differing_inside_a_parallel_region<T>(
+        p.out_shape(), [&](const TensorView<T, 4>& out) {
+          decode_attention(q_view, recorded.cache(), options, out);
+        });
+  });
 }
 #endif
 
@@ -661,7 +572,6 @@ TYPED_TEST(DecodeAttention, EmptyQueriesAreAccepted) {
 // Cache: B = 2, Hkv = 2, capacity 16, D = 3, Dv = 6, lengths 5 and 2. q: Hq = 4, Lq = 2.
 constexpr Index kBatch = 2, kHeadsQ = 4, kHeadsKv = 2, kCapacity = 16, kLenQ = 2, kDim = 3,
                 kDimV = 6;
-constexpr double kSentinel = 12345.0;
 
 template <typename T>
 class DecodeErrors : public ::testing::Test {
@@ -691,17 +601,11 @@ class DecodeErrors : public ::testing::Test {
   // call(cache) throws foveal::Error naming every piece, and out and lse keep their sentinel.
   void expect_rejected(const KVCache<T>& cache, std::initializer_list<std::string> pieces) {
     EXPECT_TRUE(test::throws_error_with([&] { call(cache); }, pieces));
-    EXPECT_TRUE(untouched(out_storage_)) << "out was written before the error";
-    EXPECT_TRUE(untouched(lse_storage_)) << "lse was written before the error";
+    EXPECT_TRUE(holds_sentinel(out_storage_)) << "out was written before the error";
+    EXPECT_TRUE(holds_sentinel(lse_storage_)) << "lse was written before the error";
   }
   void expect_rejected(std::initializer_list<std::string> pieces) {
     expect_rejected(recorded.cache(), pieces);
-  }
-
-  static bool untouched(const std::vector<T>& storage) {
-    for (T value : storage)
-      if (value != T(kSentinel)) return false;
-    return true;
   }
 
   // A ring of capacity 8 with 2 sinks (6 other rows) holding 20 tokens in one sequence: it
@@ -727,7 +631,7 @@ TYPED_TEST_SUITE(DecodeErrors, ElementTypes, ElementTypeNames);
 
 TYPED_TEST(DecodeErrors, ValidCallIsAccepted) {
   EXPECT_NO_THROW(this->call());
-  EXPECT_FALSE(this->untouched(this->out_storage_));
+  EXPECT_FALSE(holds_sentinel(this->out_storage_));
 }
 
 TYPED_TEST(DecodeErrors, MoreQueriesThanASequenceHoldsAreRejected) {
@@ -840,8 +744,8 @@ TYPED_TEST(DecodeErrors, OutOverlappingTheCacheStorageIsRejected) {
       [&] { this->call(wrapped.cache()); },
       {"foveal: decode_attention: out must not overlap the cache's keys in memory"}));
   EXPECT_TRUE(test::bitwise_equal(test::gather(wrapped.cache().keys()), keys_before));
-  EXPECT_TRUE(this->untouched(this->lse_storage_));
+  EXPECT_TRUE(holds_sentinel(this->lse_storage_));
 }
 
 }  // namespace
-}  // namespace foveal
+}  // namespace foveal::test

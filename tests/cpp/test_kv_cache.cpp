@@ -14,18 +14,14 @@
 #include <cstring>
 #include <limits>
 #include <string>
-#include <type_traits>
 #include <vector>
 
+#include "attention_cases.hpp"
 #include "foveal/attention/kv_cache.hpp"
 #include "harness.hpp"
 
-namespace foveal {
+namespace foveal::test {
 namespace {
-
-using test::Layout;
-using test::Shape;
-using test::StridedBuffer;
 
 struct CacheShape {
   Index batch = 1, heads_kv = 1, capacity = 1, dim = 1, dim_v = 1;
@@ -37,15 +33,7 @@ struct CacheShape {
 
 CacheShape make_shape(Index batch, Index heads_kv, Index capacity, Index dim, Index dim_v,
                       bool ring = false, Index sink_tokens = 0) {
-  CacheShape shape;
-  shape.batch = batch;
-  shape.heads_kv = heads_kv;
-  shape.capacity = capacity;
-  shape.dim = dim;
-  shape.dim_v = dim_v;
-  shape.options.ring = ring;
-  shape.options.sink_tokens = sink_tokens;
-  return shape;
+  return CacheShape{batch, heads_kv, capacity, dim, dim_v, KVCacheOptions{ring, sink_tokens}};
 }
 
 std::string shape_string(const CacheShape& s) {
@@ -258,17 +246,41 @@ void expect_cache_matches(const KVCache<T>& cache, const CacheModel& model) {
   }
 }
 
+// A cache of shape `s` and its model, changed in lockstep: every append puts the same random
+// steps into both, every truncate or reset cuts both.
+template <typename T>
+struct CacheInLockstep {
+  CacheInLockstep(const CacheShape& s, std::uint64_t seed)
+      : cache(s.batch, s.heads_kv, s.capacity, s.dim, s.dim_v, s.options), model(s), random(seed) {}
+
+  // append_random(cache, model, random, ...).
+  void append(Index n, const std::vector<Index>& counts = {}, Layout layout = Layout::kContiguous,
+              Index inner_stride = 1) {
+    append_random(cache, model, random, n, counts, layout, inner_stride);
+  }
+  void truncate(Index b, Index length) {
+    cache.truncate(b, length);
+    model.truncate(b, length);
+  }
+  void truncate(Index length) {
+    cache.truncate(length);
+    for (Index b = 0; b < model.shape().batch; ++b) model.truncate(b, length);
+  }
+  void reset() {
+    cache.reset();
+    model.reset();
+  }
+  // The cache agrees with the model (expect_cache_matches).
+  void expect_matches() const { expect_cache_matches(cache, model); }
+
+  KVCache<T> cache;
+  CacheModel model;
+  test::RandomSource random;
+};
+
 template <typename T>
 class KVCacheTest : public ::testing::Test {};
 
-struct ElementTypeNames {
-  template <typename T>
-  static std::string GetName(int) {
-    return std::is_same_v<T, float> ? "float" : "double";
-  }
-};
-
-using ElementTypes = ::testing::Types<float, double>;
 TYPED_TEST_SUITE(KVCacheTest, ElementTypes, ElementTypeNames);
 
 // ---------------------------------------------------------------------------------------------
@@ -364,24 +376,20 @@ TYPED_TEST(KVCacheTest, WrappingStorageWithLengthsAdoptsItsTokens) {
 TYPED_TEST(KVCacheTest, AppendOneStepAtATime) {
   const CacheShape s = make_shape(3, 2, 37, 5, 3);
   SCOPED_TRACE(shape_string(s));
-  KVCache<TypeParam> cache(s.batch, s.heads_kv, s.capacity, s.dim, s.dim_v);
-  CacheModel model(s);
-  test::RandomSource random(200);
+  CacheInLockstep<TypeParam> tracked(s, 200);
   for (Index step = 0; step < s.capacity; ++step) {
-    append_random(cache, model, random, 1);
-    expect_cache_matches(cache, model);
+    tracked.append(1);
+    tracked.expect_matches();
   }
 }
 
 TYPED_TEST(KVCacheTest, AppendManyStepsAtOnce) {
   const CacheShape s = make_shape(2, 3, 129, 16, 31);
   SCOPED_TRACE(shape_string(s));
-  KVCache<TypeParam> cache(s.batch, s.heads_kv, s.capacity, s.dim, s.dim_v);
-  CacheModel model(s);
-  test::RandomSource random(300);
+  CacheInLockstep<TypeParam> tracked(s, 300);
   for (Index n : {7, 0, 64, 1, 13, 44}) {  // exactly fills the capacity
-    append_random(cache, model, random, n);
-    expect_cache_matches(cache, model);
+    tracked.append(n);
+    tracked.expect_matches();
   }
 }
 
@@ -391,33 +399,29 @@ TYPED_TEST(KVCacheTest, AppendReadsStepsOfAnyLayout) {
   for (bool ring : {false, true}) {
     const CacheShape s = make_shape(2, 3, 40, 5, 4, ring, 1);
     SCOPED_TRACE(shape_string(s));
-    KVCache<TypeParam> cache(s.batch, s.heads_kv, s.capacity, s.dim, s.dim_v, s.options);
-    CacheModel model(s);
-    test::RandomSource random(350 + ring);
+    CacheInLockstep<TypeParam> tracked(s, 350 + ring);
     for (Layout layout : {Layout::kSwapped12, Layout::kPadded, Layout::kReversed}) {
       SCOPED_TRACE(test::layout_name(layout));
-      append_random(cache, model, random, 6, {}, layout);
-      expect_cache_matches(cache, model);
-      append_random(cache, model, random, 1, {1, 0}, layout);
-      expect_cache_matches(cache, model);
+      tracked.append(6, {}, layout);
+      tracked.expect_matches();
+      tracked.append(1, {1, 0}, layout);
+      tracked.expect_matches();
     }
-    append_random(cache, model, random, 5, {5, 2}, Layout::kContiguous, 2);
-    expect_cache_matches(cache, model);
+    tracked.append(5, {5, 2}, Layout::kContiguous, 2);
+    tracked.expect_matches();
   }
 }
 
 TYPED_TEST(KVCacheTest, RaggedAppendGrowsEachSequenceByItsCount) {
   const CacheShape s = make_shape(3, 2, 64, 3, 5);
   SCOPED_TRACE(shape_string(s));
-  KVCache<TypeParam> cache(s.batch, s.heads_kv, s.capacity, s.dim, s.dim_v);
-  CacheModel model(s);
-  test::RandomSource random(400);
+  CacheInLockstep<TypeParam> tracked(s, 400);
   const std::vector<std::vector<Index>> rounds = {{0, 5, 5}, {3, 0, 1}, {7, 7, 0}, {1, 2, 3}};
   for (const std::vector<Index>& counts : rounds) {
-    append_random(cache, model, random, 7, counts);
-    expect_cache_matches(cache, model);
+    tracked.append(7, counts);
+    tracked.expect_matches();
   }
-  EXPECT_EQ(cache.lengths(), (std::vector<Index>{11, 14, 9}));
+  EXPECT_EQ(tracked.cache.lengths(), (std::vector<Index>{11, 14, 9}));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -443,15 +447,13 @@ TYPED_TEST(KVCacheTest, RingKeepsTheSinksAndTheNewestTokensStepByStep) {
   for (Index sinks : {0, 1, 3}) {
     const CacheShape s = make_shape(2, 2, 20, 3, 4, true, sinks);
     SCOPED_TRACE(shape_string(s));
-    KVCache<TypeParam> cache(s.batch, s.heads_kv, s.capacity, s.dim, s.dim_v, s.options);
-    CacheModel model(s);
-    test::RandomSource random(500 + static_cast<std::uint64_t>(sinks));
+    CacheInLockstep<TypeParam> tracked(s, 500 + static_cast<std::uint64_t>(sinks));
     for (Index step = 0; step < 150; ++step) {
-      append_random(cache, model, random, 1);
-      expect_cache_matches(cache, model);
+      tracked.append(1);
+      tracked.expect_matches();
       if (::testing::Test::HasFatalFailure()) return;
     }
-    EXPECT_EQ(cache.first_retained(0), 150 - (20 - sinks));
+    EXPECT_EQ(tracked.cache.first_retained(0), 150 - (20 - sinks));
   }
 }
 
@@ -460,15 +462,14 @@ TYPED_TEST(KVCacheTest, RingKeepsTheNewestTokensOverRaggedAppendsOfAnySize) {
   for (Index sinks : {0, 2, 5}) {
     const CacheShape s = make_shape(3, 2, 13, 5, 3, true, sinks);
     SCOPED_TRACE(shape_string(s));
-    KVCache<TypeParam> cache(s.batch, s.heads_kv, s.capacity, s.dim, s.dim_v, s.options);
-    CacheModel model(s);
-    test::RandomSource random(600 + static_cast<std::uint64_t>(sinks));
+    CacheInLockstep<TypeParam> tracked(s, 600 + static_cast<std::uint64_t>(sinks));
     for (int round = 0; round < 40; ++round) {
-      const Index n = random.pick({Index{1}, Index{3}, Index{12}, Index{13}, Index{14}, Index{29}});
+      const Index n =
+          tracked.random.pick({Index{1}, Index{3}, Index{12}, Index{13}, Index{14}, Index{29}});
       std::vector<Index> counts;
-      for (Index b = 0; b < s.batch; ++b) counts.push_back(random.integer(0, n));
-      append_random(cache, model, random, n, counts);
-      expect_cache_matches(cache, model);
+      for (Index b = 0; b < s.batch; ++b) counts.push_back(tracked.random.integer(0, n));
+      tracked.append(n, counts);
+      tracked.expect_matches();
       if (::testing::Test::HasFatalFailure()) return;
     }
   }
@@ -481,13 +482,12 @@ TYPED_TEST(KVCacheTest, OneAppendLongerThanTheRingKeepsItsNewestSteps) {
     for (Index before : {0, 2, 23}) {
       const CacheShape s = make_shape(2, 3, 10, 4, 6, true, sinks);
       SCOPED_TRACE(test::describe(shape_string(s), " steps before: ", before));
-      KVCache<TypeParam> cache(s.batch, s.heads_kv, s.capacity, s.dim, s.dim_v, s.options);
-      CacheModel model(s);
-      test::RandomSource random(700 + static_cast<std::uint64_t>(sinks * 100 + before));
-      if (before > 0) append_random(cache, model, random, before);
-      append_random(cache, model, random, 3 * s.capacity + 2);
-      expect_cache_matches(cache, model);
-      EXPECT_EQ(cache.first_retained(0), before + 3 * s.capacity + 2 - (s.capacity - sinks));
+      CacheInLockstep<TypeParam> tracked(s, 700 + static_cast<std::uint64_t>(sinks * 100 + before));
+      if (before > 0) tracked.append(before);
+      tracked.append(3 * s.capacity + 2);
+      tracked.expect_matches();
+      EXPECT_EQ(tracked.cache.first_retained(0),
+                before + 3 * s.capacity + 2 - (s.capacity - sinks));
     }
   }
 }
@@ -501,23 +501,19 @@ TYPED_TEST(KVCacheTest, TruncateEverySequenceThenAppendAgain) {
   for (bool ring : {false, true}) {
     const CacheShape s = make_shape(3, 2, 16, 3, 5, ring, 2);
     SCOPED_TRACE(shape_string(s));
-    KVCache<TypeParam> cache(s.batch, s.heads_kv, s.capacity, s.dim, s.dim_v, s.options);
-    CacheModel model(s);
-    test::RandomSource random(800 + ring);
-    append_random(cache, model, random, 12, {12, 4, 9});
+    CacheInLockstep<TypeParam> tracked(s, 800 + ring);
+    tracked.append(12, {12, 4, 9});
     for (Index length : {10, 10, 5, 1, 0}) {
       SCOPED_TRACE(test::describe("truncate(", length, ")"));
-      cache.truncate(length);
-      for (Index b = 0; b < s.batch; ++b) model.truncate(b, length);
-      expect_cache_matches(cache, model);
-      append_random(cache, model, random, 4, {4, 1, 3});
-      expect_cache_matches(cache, model);
+      tracked.truncate(length);
+      tracked.expect_matches();
+      tracked.append(4, {4, 1, 3});
+      tracked.expect_matches();
       if (ring) {  // wrap around, then cut again
-        append_random(cache, model, random, 20, {20, 7, 15});
-        expect_cache_matches(cache, model);
-        cache.truncate(length + 17);
-        for (Index b = 0; b < s.batch; ++b) model.truncate(b, length + 17);
-        expect_cache_matches(cache, model);
+        tracked.append(20, {20, 7, 15});
+        tracked.expect_matches();
+        tracked.truncate(length + 17);
+        tracked.expect_matches();
       }
     }
   }
@@ -527,39 +523,33 @@ TYPED_TEST(KVCacheTest, TruncateOneSequenceThenAppendAgain) {
   for (bool ring : {false, true}) {
     const CacheShape s = make_shape(2, 2, 12, 4, 3, ring, 3);
     SCOPED_TRACE(shape_string(s));
-    KVCache<TypeParam> cache(s.batch, s.heads_kv, s.capacity, s.dim, s.dim_v, s.options);
-    CacheModel model(s);
-    test::RandomSource random(900 + ring);
-    append_random(cache, model, random, 10);
+    CacheInLockstep<TypeParam> tracked(s, 900 + ring);
+    tracked.append(10);
     // Speculative decoding: 3 drafted steps, 1 accepted, on sequence 1 only.
-    append_random(cache, model, random, 3, {0, 2});
-    cache.truncate(1, 11);
-    model.truncate(1, 11);
-    expect_cache_matches(cache, model);
+    tracked.append(3, {0, 2});
+    tracked.truncate(1, 11);
+    tracked.expect_matches();
     // Cut to the current length (no change), into the sinks, and to 0.
     for (Index length : {11, 2, 0}) {
       SCOPED_TRACE(test::describe("truncate(1, ", length, ")"));
-      cache.truncate(1, length);
-      model.truncate(1, length);
-      expect_cache_matches(cache, model);
-      append_random(cache, model, random, 1, {0, 1});
-      expect_cache_matches(cache, model);
-      cache.truncate(1, length);
-      model.truncate(1, length);
+      tracked.truncate(1, length);
+      tracked.expect_matches();
+      tracked.append(1, {0, 1});
+      tracked.expect_matches();
+      tracked.truncate(1, length);
     }
     if (ring) {
       // Wrapped: a cut inside the retained positions keeps the rest; a cut below them leaves
       // only the sinks; appending afterwards refills the rows in order.
-      append_random(cache, model, random, 30, {1, 30});
+      tracked.append(30, {1, 30});
       for (Index length : {27, 20, 8}) {
         SCOPED_TRACE(test::describe("wrapped, truncate(1, ", length, ")"));
-        cache.truncate(1, length);
-        model.truncate(1, length);
-        expect_cache_matches(cache, model);
-        append_random(cache, model, random, 5, {0, 5});
-        expect_cache_matches(cache, model);
-        append_random(cache, model, random, 14, {0, 14});
-        expect_cache_matches(cache, model);
+        tracked.truncate(1, length);
+        tracked.expect_matches();
+        tracked.append(5, {0, 5});
+        tracked.expect_matches();
+        tracked.append(14, {0, 14});
+        tracked.expect_matches();
       }
     }
   }
@@ -612,21 +602,18 @@ TYPED_TEST(KVCacheTest, ResetEmptiesEverySequenceAndKeepsTheStorage) {
   for (bool ring : {false, true}) {
     const CacheShape s = make_shape(2, 2, 9, 3, 3, ring, 1);
     SCOPED_TRACE(shape_string(s));
-    KVCache<TypeParam> cache(s.batch, s.heads_kv, s.capacity, s.dim, s.dim_v, s.options);
-    CacheModel model(s);
-    test::RandomSource random(1100 + ring);
-    append_random(cache, model, random, ring ? 9 : 7, {ring ? 9 : 7, 3});
-    if (ring) append_random(cache, model, random, 9);
-    const std::vector<double> keys = test::gather(cache.keys());
-    const std::vector<double> values = test::gather(cache.values());
-    cache.reset();
-    model.reset();
-    expect_cache_matches(cache, model);
-    EXPECT_EQ(cache.first_retained(0), 1);
-    EXPECT_TRUE(test::bitwise_equal(test::gather(cache.keys()), keys));
-    EXPECT_TRUE(test::bitwise_equal(test::gather(cache.values()), values));
-    append_random(cache, model, random, 9);
-    expect_cache_matches(cache, model);
+    CacheInLockstep<TypeParam> tracked(s, 1100 + ring);
+    tracked.append(ring ? 9 : 7, {ring ? 9 : 7, 3});
+    if (ring) tracked.append(9);
+    const std::vector<double> keys = test::gather(tracked.cache.keys());
+    const std::vector<double> values = test::gather(tracked.cache.values());
+    tracked.reset();
+    tracked.expect_matches();
+    EXPECT_EQ(tracked.cache.first_retained(0), 1);
+    EXPECT_TRUE(test::bitwise_equal(test::gather(tracked.cache.keys()), keys));
+    EXPECT_TRUE(test::bitwise_equal(test::gather(tracked.cache.values()), values));
+    tracked.append(9);
+    tracked.expect_matches();
   }
 }
 
@@ -921,4 +908,4 @@ TYPED_TEST(KVCacheErrors, WrappedStorageMustFitTogether) {
 }
 
 }  // namespace
-}  // namespace foveal
+}  // namespace foveal::test

@@ -17,20 +17,14 @@
 #include <utility>
 #include <vector>
 
+#include "attention_cases.hpp"
 #include "foveal/attention/dense.hpp"
 #include "foveal/attention/merge.hpp"
 #include "harness.hpp"
-#include "reference/attention_reference.hpp"
 #include "reference/decode_reference.hpp"
 
-namespace foveal {
+namespace foveal::test {
 namespace {
-
-using test::Layout;
-using test::Shape;
-using test::StridedBuffer;
-
-constexpr double kInfinity = std::numeric_limits<double>::infinity();
 
 // Tolerance of one merge against the formulas, on the normalized error (harness.hpp): each
 // output is two products, a sum and a scaling by the normalized weights, each weight one exp
@@ -39,11 +33,8 @@ constexpr double kInfinity = std::numeric_limits<double>::infinity();
 template <typename T>
 constexpr double kMergeTolerance = std::is_same_v<T, float> ? 1e-6 : 2e-15;
 
-// Tolerance of merged attention pieces against the float64 reference over all keys: the one
-// of test_attention.cpp (the engine's few hundred ulps for these sizes) — the up to four merges
-// add a few ulps each.
-template <typename T>
-constexpr double kAttentionTolerance = std::is_same_v<T, float> ? 2e-5 : 1e-10;
+// Merged attention pieces are held to kTolerance against the float64 reference over all keys:
+// the engine's few hundred ulps for these sizes; the up to four merges add a few ulps each.
 
 // ---------------------------------------------------------------------------------------------
 // Two random states and the call under test.
@@ -58,9 +49,8 @@ std::string shape_string(const MergeShape& s) {
   return test::describe("out=", test::shape_string(s.out_shape()));
 }
 
-struct State {
-  std::vector<double> out, lse;  // logical row-major
-};
+// An attention state: out and lse, as attention returns them.
+using State = Outputs;
 
 // out ~ N(0, 1); lse uniform in [-8, 8], -inf with probability `empty_share`, and now and then
 // far from every other (weights that underflow to 0). Rounded to float.
@@ -82,11 +72,13 @@ State reference_merge(const MergeShape& s, const State& a, const State& b) {
   return merged;
 }
 
-struct Layouts {
+struct MergeLayouts {
   Layout out_a = Layout::kContiguous, lse_a = Layout::kContiguous;
   Layout out_b = Layout::kContiguous, lse_b = Layout::kContiguous;
   Layout out = Layout::kContiguous, lse = Layout::kContiguous;
-  static Layouts all(Layout layout) { return {layout, layout, layout, layout, layout, layout}; }
+  static MergeLayouts all(Layout layout) {
+    return {layout, layout, layout, layout, layout, layout};
+  }
 };
 
 // Where the result goes.
@@ -102,7 +94,7 @@ enum class Destination {
 // the views changed.
 template <typename T>
 State run_merge(const MergeShape& s, const State& a, const State& b, int num_threads = 0,
-                Destination destination = Destination::kSeparate, const Layouts& layouts = {},
+                Destination destination = Destination::kSeparate, const MergeLayouts& layouts = {},
                 bool with_lse = true) {
   const T nan = std::numeric_limits<T>::quiet_NaN();
   const StridedBuffer<T, 4> out_a(a.out, s.out_shape(), layouts.out_a, nan);
@@ -135,11 +127,6 @@ State run_merge(const MergeShape& s, const State& a, const State& b, int num_thr
   return merged;
 }
 
-void expect_identical(const State& got, const State& want) {
-  EXPECT_TRUE(test::bitwise_equal(got.out, want.out)) << "out";
-  EXPECT_TRUE(test::bitwise_equal(got.lse, want.lse)) << "lse";
-}
-
 // Shapes with 1, primes and non-multiples of the 64-row tasks and of the vector width.
 MergeShape random_shape(test::RandomSource& random) {
   MergeShape s;
@@ -153,14 +140,6 @@ MergeShape random_shape(test::RandomSource& random) {
 template <typename T>
 class MergeStates : public ::testing::Test {};
 
-struct ElementTypeNames {
-  template <typename T>
-  static std::string GetName(int) {
-    return std::is_same_v<T, float> ? "float" : "double";
-  }
-};
-
-using ElementTypes = ::testing::Types<float, double>;
 TYPED_TEST_SUITE(MergeStates, ElementTypes, ElementTypeNames);
 
 // ---------------------------------------------------------------------------------------------
@@ -229,30 +208,8 @@ TYPED_TEST(MergeStates, MergingAStateWithItselfKeepsOutAndAddsLogTwo) {
 // ---------------------------------------------------------------------------------------------
 // The property: attention over key pieces, merged, is attention over all keys.
 
-struct AttentionProblem {
-  Index batch = 1, heads_q = 1, heads_kv = 1, len_q = 1, len_k = 1, dim = 1, dim_v = 1;
-  std::uint64_t seed = 1;
-  Shape<4> q_shape() const { return {batch, heads_q, len_q, dim}; }
-  Shape<4> k_shape() const { return {batch, heads_kv, len_k, dim}; }
-  Shape<4> v_shape() const { return {batch, heads_kv, len_k, dim_v}; }
-  MergeShape state_shape() const { return {batch, heads_q, len_q, dim_v}; }
-  // Multiply-adds of the reference.
-  double work() const {
-    return static_cast<double>(batch * heads_q * len_q * len_k) * static_cast<double>(dim + dim_v);
-  }
-};
-
-std::string problem_string(const AttentionProblem& p) {
-  return test::describe("seed=", p.seed, " q=", test::shape_string(p.q_shape()),
-                        " k=", test::shape_string(p.k_shape()),
-                        " v=", test::shape_string(p.v_shape()));
-}
-
-std::string options_string(const AttentionOptions& o) {
-  return test::describe("causal=", o.causal, " window_left=", o.window_left,
-                        " window_right=", o.window_right, " sink_tokens=", o.sink_tokens,
-                        " softcap=", o.softcap, " q_offset=", o.q_offset);
-}
+// The shape of the states of attention on `p`.
+MergeShape state_shape(const Problem& p) { return {p.batch, p.heads_q, p.len_q, p.dim_v}; }
 
 // The options that make attention over the keys [begin, end) — given as their own K/V, key j
 // being key begin + j of the whole — see what `whole` sees of them, for queries from position
@@ -269,7 +226,7 @@ AttentionOptions piece_options(const AttentionOptions& whole, Index begin) {
 
 // attention<T>(q, k[:, :, begin:end], v[:, :, begin:end]) with `options`: the state of a piece.
 template <typename T>
-State attention_state(const AttentionProblem& p, const std::vector<T>& q, const std::vector<T>& k,
+State attention_state(const Problem& p, const std::vector<T>& q, const std::vector<T>& k,
                       const std::vector<T>& v, Index begin, Index end,
                       const AttentionOptions& options) {
   const TensorView<const T, 4> q_view(q.data(), p.q_shape());
@@ -281,8 +238,8 @@ State attention_state(const AttentionProblem& p, const std::vector<T>& q, const 
   const TensorView<const T, 4> v_piece(v.data() + begin * v_whole.stride(2),
                                        {p.batch, p.heads_kv, end - begin, p.dim_v},
                                        v_whole.strides());
-  Tensor<T, 4> out(p.state_shape().out_shape());
-  Tensor<T, 3> lse(p.state_shape().lse_shape());
+  Tensor<T, 4> out(state_shape(p).out_shape());
+  Tensor<T, 3> lse(state_shape(p).lse_shape());
   attention(q_view, k_piece, v_piece, out.view(), options, lse.view());
   return State{test::gather(out.view()), test::gather(lse.view())};
 }
@@ -292,7 +249,7 @@ TYPED_TEST(MergeStates, MergedKeyPiecesEqualAttentionOverAllKeys) {
   Index empty_piece_rows = 0;  // rows some piece gave no key: the merges saw -inf states
   for (std::uint64_t seed = 400; seed < 440; ++seed) {
     test::RandomSource random(seed);
-    AttentionProblem p;
+    Problem p;
     do {  // a reference of at most 2e6 multiply-adds
       p.seed = seed;
       p.batch = random.integer(1, 2);
@@ -328,7 +285,7 @@ TYPED_TEST(MergeStates, MergedKeyPiecesEqualAttentionOverAllKeys) {
     const std::vector<T> q_t(q.begin(), q.end()), k_t(k.begin(), k.end()), v_t(v.begin(), v.end());
 
     // Merge the pieces one by one, in place into the running state or into a new one.
-    const MergeShape s = p.state_shape();
+    const MergeShape s = state_shape(p);
     State merged;
     for (std::size_t i = 0; i + 1 < cuts.size(); ++i) {
       SCOPED_TRACE(test::describe("piece [", cuts[i], ", ", cuts[i + 1], ")"));
@@ -351,23 +308,13 @@ TYPED_TEST(MergeStates, MergedKeyPiecesEqualAttentionOverAllKeys) {
       }
     }
 
-    reference::ReferenceOptions options;
-    options.causal = whole.causal;
-    options.window_left = whole.window_left;
-    options.window_right = whole.window_right;
-    options.sink_tokens = whole.sink_tokens;
-    options.softcap = whole.softcap;
-    options.q_offset = whole.q_offset;
-    State want;
-    reference::attention_reference(
-        {p.batch, p.heads_q, p.heads_kv, p.len_q, p.len_k, p.dim, p.dim_v}, q, k, v, options,
-        want.out, want.lse);
-    EXPECT_TRUE(test::matches_reference(merged.out, want.out, kAttentionTolerance<T>)) << "out";
-    EXPECT_TRUE(test::matches_reference(merged.lse, want.lse, kAttentionTolerance<T>)) << "lse";
+    const State want = reference_outputs(p, Inputs{q, k, v, {}}, whole);
+    EXPECT_TRUE(test::matches_reference(merged.out, want.out, kTolerance<T>)) << "out";
+    EXPECT_TRUE(test::matches_reference(merged.lse, want.lse, kTolerance<T>)) << "lse";
     const State at_once = attention_state<T>(p, q_t, k_t, v_t, 0, p.len_k, whole);
-    EXPECT_TRUE(test::matches_reference(merged.out, at_once.out, kAttentionTolerance<T>))
+    EXPECT_TRUE(test::matches_reference(merged.out, at_once.out, kTolerance<T>))
         << "out against one attention call";
-    EXPECT_TRUE(test::matches_reference(merged.lse, at_once.lse, kAttentionTolerance<T>))
+    EXPECT_TRUE(test::matches_reference(merged.lse, at_once.lse, kTolerance<T>))
         << "lse against one attention call";
   }
   EXPECT_GT(empty_piece_rows, 0) << "no piece was fully masked for any row";
@@ -388,7 +335,7 @@ TYPED_TEST(MergeStates, InPlaceGivesTheBitsOfOutOfPlace) {
     expect_identical(run_merge<TypeParam>(s, a, b, 0, Destination::kIntoB), separate);
     expect_identical(run_merge<TypeParam>(s, a, b, 0, Destination::kCrossed), separate);
     expect_identical(
-        run_merge<TypeParam>(s, a, b, 0, Destination::kIntoA, Layouts::all(Layout::kPadded)),
+        run_merge<TypeParam>(s, a, b, 0, Destination::kIntoA, MergeLayouts::all(Layout::kPadded)),
         separate);
   }
 }
@@ -426,22 +373,23 @@ TYPED_TEST(MergeStates, StridedViewsGiveIdenticalBits) {
   const State a = random_state(s, random, 0.1);
   const State b = random_state(s, random, 0.1);
   const State contiguous = run_merge<TypeParam>(s, a, b);
-  Layouts mixed;
+  MergeLayouts mixed;
   mixed.out_a = Layout::kSwapped12;
   mixed.lse_a = Layout::kReversed;
   mixed.out_b = Layout::kPadded;
   mixed.lse_b = Layout::kSwapped12;
   mixed.out = Layout::kReversed;
   mixed.lse = Layout::kPadded;
-  for (const Layouts& layouts : {Layouts::all(Layout::kSwapped12), Layouts::all(Layout::kPadded),
-                                 Layouts::all(Layout::kReversed), mixed}) {
+  for (const MergeLayouts& layouts :
+       {MergeLayouts::all(Layout::kSwapped12), MergeLayouts::all(Layout::kPadded),
+        MergeLayouts::all(Layout::kReversed), mixed}) {
     SCOPED_TRACE(test::describe("out_a layout: ", test::layout_name(layouts.out_a)));
     expect_identical(run_merge<TypeParam>(s, a, b, 0, Destination::kSeparate, layouts), contiguous);
   }
   const MergeShape ones{1, 1, 1, 9};
   const State a1 = random_state(ones, random, 0), b1 = random_state(ones, random, 0);
   expect_identical(run_merge<TypeParam>(ones, a1, b1, 0, Destination::kSeparate,
-                                        Layouts::all(Layout::kOddUnitStrides)),
+                                        MergeLayouts::all(Layout::kOddUnitStrides)),
                    run_merge<TypeParam>(ones, a1, b1));
 }
 
@@ -462,7 +410,6 @@ TYPED_TEST(MergeStates, EmptyStatesAreAccepted) {
 
 // B = 2, H = 3, L = 5, Dv = 4: every extent distinct where the messages must tell them apart.
 constexpr Index kBatch = 2, kHeads = 3, kLen = 5, kDimV = 4;
-constexpr double kSentinel = 12345.0;
 
 template <typename T>
 class MergeErrors : public ::testing::Test {
@@ -499,17 +446,12 @@ class MergeErrors : public ::testing::Test {
   void expect_rejected(std::initializer_list<std::string> pieces) {
     const std::vector<T> out_a_before = out_a_storage_, lse_a_before = lse_a_storage_;
     EXPECT_TRUE(test::throws_error_with([&] { call(); }, pieces));
-    EXPECT_TRUE(untouched(out_storage_)) << "out was written before the error";
-    EXPECT_TRUE(untouched(lse_storage_)) << "lse was written before the error";
+    EXPECT_TRUE(holds_sentinel(out_storage_)) << "out was written before the error";
+    EXPECT_TRUE(holds_sentinel(lse_storage_)) << "lse was written before the error";
     EXPECT_TRUE(same_bits(out_a_storage_, out_a_before)) << "out_a's memory was written";
     EXPECT_TRUE(same_bits(lse_a_storage_, lse_a_before)) << "lse_a's memory was written";
   }
 
-  static bool untouched(const std::vector<T>& storage) {
-    for (T value : storage)
-      if (value != T(kSentinel)) return false;
-    return true;
-  }
   static bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
     return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
   }
@@ -525,7 +467,7 @@ TYPED_TEST_SUITE(MergeErrors, ElementTypes, ElementTypeNames);
 
 TYPED_TEST(MergeErrors, ValidCallIsAccepted) {
   EXPECT_NO_THROW(this->call());
-  EXPECT_FALSE(this->untouched(this->out_storage_));
+  EXPECT_FALSE(holds_sentinel(this->out_storage_));
 }
 
 TYPED_TEST(MergeErrors, StateShapesMustMatch) {
@@ -605,4 +547,4 @@ TYPED_TEST(MergeErrors, NegativeThreadCountIsRejected) {
 }
 
 }  // namespace
-}  // namespace foveal
+}  // namespace foveal::test

@@ -36,12 +36,13 @@ struct Visibility {
   Index sink_tokens = 0;
   Index len_k = 0;
 
-  // Builds the normalized form for queries at positions [q_offset, q_offset + Lq): causal
-  // folded into window_right, and windows so wide that they cannot bound anything
-  // (>= q_offset + Lq + Lk) turned into -1, so position arithmetic cannot overflow.
+  // Builds the normalized form for queries at positions [q_offset, q_offset + Lq) (q_offset is
+  // negative when bottom-right aligned with Lq > Lk): causal folded into window_right, and
+  // windows so wide that they cannot bound anything (>= |q_offset| + Lq + Lk) turned into -1,
+  // so position arithmetic cannot overflow.
   static Visibility make(bool causal, Index window_left, Index window_right, Index sink_tokens,
                          Index len_q, Index len_k, Index q_offset) {
-    const Index reach = q_offset + len_q + len_k;
+    const Index reach = (q_offset < 0 ? -q_offset : q_offset) + len_q + len_k;
     Visibility visibility;
     visibility.window_left = window_left >= reach ? -1 : window_left;
     const Index right = causal ? 0 : window_right;
