@@ -3,13 +3,14 @@
 
     python3 bench/compare_torch.py                  # quick demo of every suite (~2 minutes)
     python3 bench/compare_torch.py --full           # the issues' grids (many minutes)
-    python3 bench/compare_torch.py --suite decode   # one suite: dense, window, decode, ring, spade
+    python3 bench/compare_torch.py --suite vq       # one suite: dense window decode ring spade vq
     python3 bench/compare_torch.py --markdown bench/results/dense_full.json   # table for docs
 
 Suites: dense attention (vs SDPA), sliding-window attention (vs SDPA with the equivalent
 boolean mask), decode over a KV cache (vs SDPA with enable_gqa, and against the machine's copy
 bandwidth), a 10,000-step ring-buffer decode checked against a dense masked reference, and
-the SPADE embedding (vs the same module in PyTorch, bench/spade_cases.py).
+the SPADE embedding (vs the same module in PyTorch, bench/spade_cases.py) and VQ assign (vs
+torch.cdist and matmul + argmin, bench/vq_cases.py).
 Both libraries run interleaved on identical float32 tensors at each thread count, so machine
 noise hits both alike; each time is the median of the repetitions. Writes
 bench/results/<suite>_<quick|full>.json and, when matplotlib is installed, a .png beside it.
@@ -318,7 +319,7 @@ def peak_extra_memory(length: int, threads: int) -> int:
 
 
 def plot(suite: str, rows: list[dict], path: Path) -> bool:
-    if suite == "spade":  # a table says it all
+    if suite in ("spade", "vq"):  # a table says it all
         return False
     try:
         import matplotlib
@@ -464,6 +465,19 @@ def markdown(path: Path) -> str:
                 f"| {case} | {row['threads']} | {row['foveal_ms']:.2f} | {row['torch_ms']:.2f} "
                 f"| **{row['ratio']:.2f}x** | {row['delay_undelay_fraction']:.1%} |"
             )
+    elif suite == "vq":
+        lines += [
+            "| K | threads | foveal ms | cdist ms | vs cdist | matmul ms | vs matmul | GFLOP/s "
+            "| peak extra MiB (foveal / matmul) |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in rows:
+            lines.append(
+                f"| {row['K']} | {row['threads']} | {row['foveal_ms']:.1f} | {row['cdist_ms']:.1f} "
+                f"| **{row['ratio_cdist']:.2f}x** | {row['matmul_ms']:.1f} "
+                f"| **{row['ratio_matmul']:.2f}x** | {row['foveal_gflops']:.0f} "
+                f"| {row['foveal_peak_extra_mib']:.1f} / {row['matmul_peak_extra_mib']:.0f} |"
+            )
     else:
         lines += [
             "| threads | step | max abs diff vs masked SDPA | resident MiB | µs per step (mean) |",
@@ -510,7 +524,7 @@ def dense_suite(threads: int, full: bool, seconds: float) -> list[dict]:
     return rows
 
 
-SUITES = ("dense", "window", "decode", "ring", "spade")
+SUITES = ("dense", "window", "decode", "ring", "spade", "vq")
 
 
 def main() -> None:
@@ -554,7 +568,12 @@ def main() -> None:
 
             print("\n[spade]")
             rows = spade_cases.run(args.threads, seconds, interleaved, median_time)
-        for threads in args.threads if suite != "spade" else []:
+        if suite == "vq":  # bench/vq_cases.py, likewise
+            import vq_cases
+
+            print("\n[vq]")
+            rows = vq_cases.run(args.threads, seconds, interleaved, median_time)
+        for threads in args.threads if suite not in ("spade", "vq") else []:
             torch.set_num_threads(threads)
             foveal.set_num_threads(threads)
             print(f"\n[{suite}] threads={threads}")

@@ -13,4 +13,5 @@
 #include "foveal/core/parallel.hpp"
 #include "foveal/core/tensor.hpp"
 #include "foveal/embedding/spade.hpp"
+#include "foveal/embedding/vq.hpp"
 #include "foveal/version.hpp"

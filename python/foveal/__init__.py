@@ -657,3 +657,4 @@ def make_attention(
 
 
 from . import spade as spade  # noqa: E402  (after the helpers it uses)
+from . import vq as vq  # noqa: E402

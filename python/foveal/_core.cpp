@@ -16,6 +16,7 @@
 
 namespace py = pybind11;
 void bind_spade(py::module_& m);  // _spade.cpp
+void bind_vq(py::module_& m);     // _vq.cpp
 
 namespace {
 
@@ -251,6 +252,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_num_threads", &foveal::set_num_threads, py::arg("num_threads"));
   m.def("get_num_threads", &foveal::get_num_threads);
   bind_spade(m);
+  bind_vq(m);
 
   m.def(
       "attention",
