@@ -8,6 +8,7 @@
 #include "foveal/attention/options.hpp"
 #include "foveal/attention/registry.hpp"
 #include "foveal/attention/sliding_window.hpp"
+#include "foveal/attention/sparsek.hpp"
 #include "foveal/core/dtype.hpp"
 #include "foveal/core/error.hpp"
 #include "foveal/core/parallel.hpp"
