@@ -3,14 +3,15 @@
 
     python3 bench/compare_torch.py                  # quick demo of every suite (~2 minutes)
     python3 bench/compare_torch.py --full           # the issues' grids (many minutes)
-    python3 bench/compare_torch.py --suite vq       # one suite: dense window decode ring spade vq
+    python3 bench/compare_torch.py --suite vq       # one suite (any of SUITES)
     python3 bench/compare_torch.py --markdown bench/results/dense_full.json   # table for docs
 
 Suites: dense attention (vs SDPA), sliding-window attention (vs SDPA with the equivalent
 boolean mask), decode over a KV cache (vs SDPA with enable_gqa, and against the machine's copy
 bandwidth), a 10,000-step ring-buffer decode checked against a dense masked reference, and
 the SPADE embedding (vs the same module in PyTorch, bench/spade_cases.py) and VQ assign (vs
-torch.cdist and matmul + argmin, bench/vq_cases.py).
+torch.cdist and matmul + argmin, bench/vq_cases.py) and the SPARSEK projection (vs a torch
+implementation by sort, bench/sparsek_cases.py).
 Both libraries run interleaved on identical float32 tensors at each thread count, so machine
 noise hits both alike; each time is the median of the repetitions. Writes
 bench/results/<suite>_<quick|full>.json and, when matplotlib is installed, a .png beside it.
@@ -319,7 +320,7 @@ def peak_extra_memory(length: int, threads: int) -> int:
 
 
 def plot(suite: str, rows: list[dict], path: Path) -> bool:
-    if suite in ("spade", "vq"):  # a table says it all
+    if suite in ("spade", "vq", "sparsek"):  # a table says it all
         return False
     try:
         import matplotlib
@@ -465,6 +466,20 @@ def markdown(path: Path) -> str:
                 f"| {case} | {row['threads']} | {row['foveal_ms']:.2f} | {row['torch_ms']:.2f} "
                 f"| **{row['ratio']:.2f}x** | {row['delay_undelay_fraction']:.1%} |"
             )
+    elif suite == "sparsek":
+        lines += [
+            "| case | rows | n | k | threads | foveal ms | torch sort ms | vs torch "
+            "| ns / element |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in rows:
+            torch_ms = f"{row['torch_ms']:.1f}" if "torch_ms" in row else "-"
+            ratio = f"**{row['ratio']:.2f}x**" if "ratio" in row else "-"
+            lines.append(
+                f"| {row['case']} | {row['rows']} | {row['n']} | {row['k']} | {row['threads']} "
+                f"| {row['foveal_ms']:.1f} | {torch_ms} | {ratio} "
+                f"| {row['foveal_ns_per_element']:.2f} |"
+            )
     elif suite == "vq":
         lines += [
             "| K | threads | foveal ms | cdist ms | vs cdist | matmul ms | vs matmul | GFLOP/s "
@@ -524,7 +539,7 @@ def dense_suite(threads: int, full: bool, seconds: float) -> list[dict]:
     return rows
 
 
-SUITES = ("dense", "window", "decode", "ring", "spade", "vq")
+SUITES = ("dense", "window", "decode", "ring", "spade", "vq", "sparsek")
 
 
 def main() -> None:
@@ -573,7 +588,12 @@ def main() -> None:
 
             print("\n[vq]")
             rows = vq_cases.run(args.threads, seconds, interleaved, median_time)
-        for threads in args.threads if suite not in ("spade", "vq") else []:
+        if suite == "sparsek":  # bench/sparsek_cases.py, likewise
+            import sparsek_cases
+
+            print("\n[sparsek]")
+            rows = sparsek_cases.run(args.threads, seconds, interleaved, median_time)
+        for threads in args.threads if suite not in ("spade", "vq", "sparsek") else []:
             torch.set_num_threads(threads)
             foveal.set_num_threads(threads)
             print(f"\n[{suite}] threads={threads}")

@@ -657,4 +657,5 @@ def make_attention(
 
 
 from . import spade as spade  # noqa: E402  (after the helpers it uses)
+from . import sparsek as sparsek  # noqa: E402
 from . import vq as vq  # noqa: E402

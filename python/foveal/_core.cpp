@@ -15,8 +15,9 @@
 #include "foveal/foveal.hpp"
 
 namespace py = pybind11;
-void bind_spade(py::module_& m);  // _spade.cpp
-void bind_vq(py::module_& m);     // _vq.cpp
+void bind_sparsek(py::module_& m);  // _sparsek.cpp
+void bind_spade(py::module_& m);    // _spade.cpp
+void bind_vq(py::module_& m);       // _vq.cpp
 
 namespace {
 
@@ -253,6 +254,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("get_num_threads", &foveal::get_num_threads);
   bind_spade(m);
   bind_vq(m);
+  bind_sparsek(m);
 
   m.def(
       "attention",

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -19,16 +20,12 @@ using test::describe;
 using test::RandomSource;
 using test::throws_error_with;
 
-template <typename T>
-TensorView<const T, 2> rows_view(const std::vector<T>& values, Index rows, Index n) {
-  return TensorView<const T, 2>(values.data(), {rows, n});
+// Views of a vector's memory: [rows, n] rows, or the whole vector as [size].
+template <typename Vector>
+auto rows_view(Vector& values, Index rows, Index n) {
+  using Element = std::remove_reference_t<decltype(*values.data())>;
+  return TensorView<Element, 2>(values.data(), {rows, n});
 }
-
-template <typename T>
-TensorView<T, 2> rows_view(std::vector<T>& values, Index rows, Index n) {
-  return TensorView<T, 2>(values.data(), {rows, n});
-}
-
 template <typename T>
 TensorView<T, 1> vector_view(std::vector<T>& values) {
   return TensorView<T, 1>(values.data(), {static_cast<Index>(values.size())});
