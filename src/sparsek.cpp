@@ -146,8 +146,9 @@ void require_finite_scores(const char* function, TensorView<const T, 2> z, int n
       }
   });
   for (Index r = 0; r < rows; ++r)
-    check(first_bad[r] < 0, function, ": z[", r, ", ", first_bad[r], "] must be finite, got ",
-          z(r, first_bad[r] < 0 ? 0 : first_bad[r]));
+    if (first_bad[r] >= 0)
+      check(false, function, ": z[", r, ", ", first_bad[r], "] must be finite, got ",
+            z(r, first_bad[r]));
 }
 
 template <typename T>
@@ -171,7 +172,10 @@ void sparsek_checked(TensorView<const T, 2> z, Index k, TensorView<T, 2> p, Tens
   require_finite_scores(kFunction, z, threads);
 
   const Index rows = z.size(0), n = z.size(1);
-  if (rows == 0) return;
+  if (n == 0) {  // empty rows: nothing to project, and no finite threshold
+    for (Index r = 0; r < rows && !tau.is_null(); ++r) tau(r) = -std::numeric_limits<T>::infinity();
+    return;
+  }
   std::vector<RowScratch<T>> scratch;
   scratch.reserve(static_cast<std::size_t>(threads));
   for (int t = 0; t < threads; ++t) scratch.emplace_back(k >= n ? 0 : n);
@@ -222,6 +226,7 @@ void sparsek_backward_checked(TensorView<const T, 2> p, TensorView<const T, 2> g
   detail::require_disjoint(kFunction, "grad_z", grad_z, "grad_p", grad_p);
   const int threads = detail::resolve_num_threads(num_threads);
   const Index rows = p.size(0), n = p.size(1);
+  if (n == 0) return;
   const Index block = rows_per_task(n);
   parallel_for((rows + block - 1) / block, threads, [&](std::int64_t task) {
     const Index end = std::min(rows, (task + 1) * block);

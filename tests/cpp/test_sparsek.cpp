@@ -193,6 +193,17 @@ TEST(SparseK, BudgetAtLeastLengthGivesAllOnes) {
   }
 }
 
+TEST(SparseK, EmptyRowsAndNoRows) {
+  std::vector<float> tau(3, 0.0f);
+  sparsek(TensorView<const float, 2>(nullptr, {3, 0}), 2, TensorView<float, 2>(nullptr, {3, 0}),
+          vector_view(tau));
+  for (float value : tau) EXPECT_EQ(value, -std::numeric_limits<float>::infinity());
+  sparsek(TensorView<const float, 2>(nullptr, {0, 5}), 2, TensorView<float, 2>(nullptr, {0, 5}));
+  sparsek_backward(TensorView<const float, 2>(nullptr, {3, 0}),
+                   TensorView<const float, 2>(nullptr, {3, 0}),
+                   TensorView<float, 2>(nullptr, {3, 0}));
+}
+
 TEST(SparseK, ResultsIdenticalForOneTwoThreeThreads) {
   RandomSource random(77);
   const Index rows = 37, n = 1000;
