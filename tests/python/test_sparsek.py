@@ -94,3 +94,13 @@ def test_bad_input():
     with pytest.raises(ValueError, match="grad_p must have the shape of p"):
         sk.sparsek_backward(np.zeros((2, 3)), np.zeros((3, 2)))
     assert foveal.sparsek is sk
+
+
+def test_one_dimensional_row_and_strided_out():
+    z = np.array([5.0, 0.0, 0.0, 0.0, -10.0])
+    p, tau = sk.sparsek(z, 2, return_tau=True)
+    assert tau.shape == () and np.isclose(tau, -1 / 3)
+    np.testing.assert_allclose(p, [1, 1 / 3, 1 / 3, 1 / 3, 0], atol=1e-15)
+    out = np.zeros((3, 2, 4)).transpose(1, 0, 2)  # [2, 3, 4] whose rows do not flatten to a view
+    with pytest.raises(ValueError, match="flatten without a copy"):
+        sk.sparsek(np.zeros((2, 3, 4)), 1, out=out)
