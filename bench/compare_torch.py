@@ -592,7 +592,7 @@ def main() -> None:
             import sparsek_cases
 
             print("\n[sparsek]")
-            rows = sparsek_cases.run(args.threads, seconds, interleaved, median_time)
+            rows = sparsek_cases.run(args.threads, seconds, interleaved, median_time, args.full)
         for threads in args.threads if suite not in ("spade", "vq", "sparsek") else []:
             torch.set_num_threads(threads)
             foveal.set_num_threads(threads)

@@ -40,14 +40,19 @@ def sort_block(z: torch.Tensor, k: int) -> torch.Tensor:
     return (z - tau).clamp_(0, 1)
 
 
-def run(threads_list: list, seconds: float, interleaved: Callable, median_time) -> list:
-    """Prints the tables of compare_torch.py --suite sparsek and returns their rows."""
-    print(f"\nSPARSEK fp32 rows={ROWS} n={LENGTH} k={BUDGET}: foveal.sparsek vs torch sort")
+def run(
+    threads_list: list, seconds: float, interleaved: Callable, median_time, full: bool = True
+) -> list:
+    """Prints the tables of compare_torch.py --suite sparsek and returns their rows. Without
+    `full` (the quick demo) the main case has 4096 rows and the sweep 2^22 elements per call."""
+    num_rows = ROWS if full else 4096
+    sweep_elements = SWEEP_ELEMENTS if full else 1 << 22
+    print(f"\nSPARSEK fp32 rows={num_rows} n={LENGTH} k={BUDGET}: foveal.sparsek vs torch sort")
     print(
         f"{'threads':>8}{'foveal ms':>11}{'torch ms':>10}{'ratio':>8}{'ns/elem':>9}{'max|dp|':>10}"
     )
     generator = torch.Generator().manual_seed(0)
-    z = torch.randn(ROWS, LENGTH, generator=generator)
+    z = torch.randn(num_rows, LENGTH, generator=generator)
     rows = []
     for threads in threads_list:
         torch.set_num_threads(threads)
@@ -68,14 +73,14 @@ def run(threads_list: list, seconds: float, interleaved: Callable, median_time) 
         row = dict(
             op="sparsek",
             case="main",
-            rows=ROWS,
+            rows=num_rows,
             n=LENGTH,
             k=BUDGET,
             threads=threads,
             foveal_ms=foveal_s * 1e3,
             torch_ms=torch_s * 1e3,
             ratio=torch_s / foveal_s,
-            foveal_ns_per_element=foveal_s * 1e9 / (ROWS * LENGTH),
+            foveal_ns_per_element=foveal_s * 1e9 / (num_rows * LENGTH),
             max_abs_difference=difference,
         )
         rows.append(row)
@@ -83,11 +88,11 @@ def run(threads_list: list, seconds: float, interleaved: Callable, median_time) 
             f"{threads:>8}{row['foveal_ms']:>11.1f}{row['torch_ms']:>10.1f}{row['ratio']:>7.2f}x"
             f"{row['foveal_ns_per_element']:>9.2f}{difference:>10.1e}"
         )
-    print(f"\nsize sweep (foveal, {SWEEP_ELEMENTS} elements per call, k = n / 16, 1 thread)")
+    print(f"\nsize sweep (foveal, {sweep_elements} elements per call, k = n / 16, 1 thread)")
     print(f"{'n':>8}{'rows':>8}{'foveal ms':>11}{'ns/elem':>9}")
     foveal.set_num_threads(1)
     for length in SWEEP_LENGTHS:
-        count = SWEEP_ELEMENTS // length
+        count = sweep_elements // length
         z = torch.randn(count, length, generator=generator)
         budget = length // 16
         foveal_s = median_time(lambda z=z, budget=budget: sk.sparsek(z, budget), seconds, 3)
@@ -99,7 +104,7 @@ def run(threads_list: list, seconds: float, interleaved: Callable, median_time) 
             k=budget,
             threads=1,
             foveal_ms=foveal_s * 1e3,
-            foveal_ns_per_element=foveal_s * 1e9 / SWEEP_ELEMENTS,
+            foveal_ns_per_element=foveal_s * 1e9 / sweep_elements,
         )
         rows.append(row)
         print(f"{length:>8}{count:>8}{row['foveal_ms']:>11.1f}{row['foveal_ns_per_element']:>9.2f}")
