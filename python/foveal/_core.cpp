@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "_views.hpp"
 #include "foveal/foveal.hpp"
 
 namespace py = pybind11;
@@ -21,47 +22,8 @@ void bind_vq(py::module_& m);       // _vq.cpp
 
 namespace {
 
-// A view of `array` (shape and strides taken as they are; strides converted from bytes).
-// The dtype must be T and, for outputs, the array writable.
-template <typename T, int Rank>
-foveal::TensorView<T, Rank> view_of(const char* function, const char* name,
-                                    const py::array& array) {
-  using Element = std::remove_const_t<T>;
-  foveal::check(array.ndim() == Rank, function, ": ", name, " must have ", Rank,
-                " dimensions, got ", array.ndim());
-  if (!array.dtype().is(py::dtype::of<Element>())) {
-    throw py::type_error(std::string("foveal: ") + function + ": " + name + " must have dtype " +
-                         foveal::dtype_name(foveal::dtype_of<Element>()) + ", got " +
-                         std::string(py::str(array.dtype())));
-  }
-  std::array<foveal::Index, Rank> shape{};
-  std::array<foveal::Index, Rank> strides{};
-  for (int dim = 0; dim < Rank; ++dim) {
-    shape[dim] = array.shape(dim);
-    foveal::check(array.strides(dim) % static_cast<py::ssize_t>(sizeof(Element)) == 0, function,
-                  ": ", name, ".strides[", dim, "] = ", array.strides(dim),
-                  " bytes is not a multiple of the element size ", sizeof(Element));
-    strides[dim] = array.strides(dim) / static_cast<py::ssize_t>(sizeof(Element));
-  }
-  foveal::check(reinterpret_cast<std::uintptr_t>(array.data()) % alignof(Element) == 0, function,
-                ": ", name, " is not aligned to its element size ", alignof(Element),
-                " (a view at an odd byte offset)");
-  T* data;
-  if constexpr (std::is_const_v<T>) {
-    data = static_cast<T*>(array.data());
-  } else {
-    foveal::check(array.writeable(), function, ": ", name, " must be writable");
-    data = static_cast<T*>(const_cast<py::array&>(array).mutable_data());
-  }
-  return foveal::TensorView<T, Rank>(data, shape, strides);
-}
-
-// The view of an optional array: the "not given" view for None.
-template <typename T, int Rank>
-foveal::TensorView<T, Rank> optional_view_of(const char* function, const char* name,
-                                             const std::optional<py::array>& array) {
-  return array ? view_of<T, Rank>(function, name, *array) : foveal::TensorView<T, Rank>();
-}
+using foveal::python::array_view;
+using foveal::python::optional_array_view;
 
 foveal::AttentionOptions make_options(double scale, bool causal, int64_t window_left,
                                       int64_t window_right, int64_t sink_tokens, double softcap,
@@ -90,14 +52,14 @@ foveal::AttentionArgs<T> attention_args(const char* fn, const py::array& q, cons
                                         const std::optional<py::array>& bias,
                                         const Extras& extras) {
   foveal::AttentionArgs<T> args;
-  args.q = view_of<const T, 4>(fn, "q", q);
-  args.k = view_of<const T, 4>(fn, "k", k);
-  args.v = view_of<const T, 4>(fn, "v", v);
-  args.out = view_of<T, 4>(fn, "out", out);
-  args.lse = optional_view_of<T, 3>(fn, "lse", lse);
-  args.bias = optional_view_of<const T, 4>(fn, "bias", bias);
+  args.q = array_view<const T, 4>(fn, "q", q);
+  args.k = array_view<const T, 4>(fn, "k", k);
+  args.v = array_view<const T, 4>(fn, "v", v);
+  args.out = array_view<T, 4>(fn, "out", out);
+  args.lse = optional_array_view<T, 3>(fn, "lse", lse);
+  args.bias = optional_array_view<const T, 4>(fn, "bias", bias);
   for (const auto& [name, array] : extras)
-    args.extras[name] = view_of<const T, 3>(fn, name.c_str(), array);
+    args.extras[name] = array_view<const T, 3>(fn, name.c_str(), array);
   return args;
 }
 
@@ -156,8 +118,8 @@ void bind_kv_cache(py::module_& m, const char* class_name) {
              const std::vector<int64_t>& lengths) {
             const char* fn = "KVCache.wrap";
             return new Cache{
-                foveal::KVCache<T>(view_of<T, 4>(fn, "keys", keys),
-                                   view_of<T, 4>(fn, "values", values),
+                foveal::KVCache<T>(array_view<T, 4>(fn, "keys", keys),
+                                   array_view<T, 4>(fn, "values", values),
                                    foveal::KVCacheOptions{ring, sink_tokens},
                                    std::vector<foveal::Index>(lengths.begin(), lengths.end())),
                 keys, values};
@@ -191,8 +153,8 @@ void bind_kv_cache(py::module_& m, const char* class_name) {
           [](Cache& c, const py::array& k, const py::array& v,
              const std::optional<std::vector<int64_t>>& counts) {
             const char* fn = "KVCache.append";
-            const auto k_view = view_of<const T, 4>(fn, "k", k);
-            const auto v_view = view_of<const T, 4>(fn, "v", v);
+            const auto k_view = array_view<const T, 4>(fn, "k", k);
+            const auto v_view = array_view<const T, 4>(fn, "v", v);
             py::gil_scoped_release release;
             if (counts) {
               c.cache.append(k_view, v_view,
@@ -217,9 +179,9 @@ void bind_kv_cache(py::module_& m, const char* class_name) {
             const char* fn = "decode_attention";
             const auto options = make_options(scale, causal, window_left, window_right, sink_tokens,
                                               softcap, -1, num_threads);
-            const auto q_view = view_of<const T, 4>(fn, "q", q);
-            const auto out_view = view_of<T, 4>(fn, "out", out);
-            const auto lse_view = optional_view_of<T, 3>(fn, "lse", lse);
+            const auto q_view = array_view<const T, 4>(fn, "q", q);
+            const auto out_view = array_view<T, 4>(fn, "out", out);
+            const auto lse_view = optional_array_view<T, 3>(fn, "lse", lse);
             py::gil_scoped_release release;
             foveal::decode_attention(q_view, c.cache, options, out_view, lse_view);
           },
@@ -233,12 +195,12 @@ void merge_typed(const py::array& out_a, const py::array& lse_a, const py::array
                  const py::array& lse_b, const py::array& out, const std::optional<py::array>& lse,
                  int num_threads) {
   const char* fn = "merge_states";
-  const auto out_a_view = view_of<const T, 4>(fn, "out_a", out_a);
-  const auto lse_a_view = view_of<const T, 3>(fn, "lse_a", lse_a);
-  const auto out_b_view = view_of<const T, 4>(fn, "out_b", out_b);
-  const auto lse_b_view = view_of<const T, 3>(fn, "lse_b", lse_b);
-  const auto out_view = view_of<T, 4>(fn, "out", out);
-  const auto lse_view = optional_view_of<T, 3>(fn, "lse", lse);
+  const auto out_a_view = array_view<const T, 4>(fn, "out_a", out_a);
+  const auto lse_a_view = array_view<const T, 3>(fn, "lse_a", lse_a);
+  const auto out_b_view = array_view<const T, 4>(fn, "out_b", out_b);
+  const auto lse_b_view = array_view<const T, 3>(fn, "lse_b", lse_b);
+  const auto out_view = array_view<T, 4>(fn, "out", out);
+  const auto lse_view = optional_array_view<T, 3>(fn, "lse", lse);
   py::gil_scoped_release release;
   foveal::merge_states(out_a_view, lse_a_view, out_b_view, lse_b_view, out_view, lse_view,
                        num_threads);

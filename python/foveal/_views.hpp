@@ -42,7 +42,8 @@ TensorView<T, Rank> array_view(const char* function, const char* name, const py:
     strides[dim] = array.strides(dim) / element_bytes;
   }
   check(reinterpret_cast<std::uintptr_t>(array.data()) % alignof(Element) == 0, function, ": ",
-        name, " is not aligned to its element size ", alignof(Element));
+        name, " is not aligned to its element size ", alignof(Element),
+        " (a view at an odd byte offset)");
   if constexpr (std::is_const_v<T>) {
     return TensorView<T, Rank>(static_cast<T*>(array.data()), shape, strides);
   } else {
