@@ -1,0 +1,92 @@
+// foveal/attention/sparsek_attention.hpp — SparseK attention (OPERATORS.md §4): every query
+// attends to the `topk` keys with the largest scores u among the keys it may select from, each
+// weighted by its SPARSEK gate, plus an optional sliding window and sinks that are always
+// visible. Also: the causal SPARSEK thresholds of every prefix, the selection itself for
+// inspection, and the linear scorer.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "foveal/core/tensor.hpp"
+
+namespace foveal {
+
+// Where the SPARSEK gate m_ij of a selected key enters the attention (OPERATORS.md §4):
+//   value: O_i = Σ_j softmax_j(s q_i·k_j) m_ij v_j    (the softmax normalizer is ungated)
+//   kv:    k_j and v_j both scaled by m_ij:  O_i = Σ_j softmax_j(m_ij s q_i·k_j) m_ij v_j
+//   none:  hard top-k, m_ij = 1
+// Window and sink keys always have gate 1.
+enum class SparseKGate { value, kv, none };
+
+// Parses "value", "kv", "none"; anything else is a foveal::Error naming the choices.
+SparseKGate parse_sparsek_gate(const std::string& name);
+const char* to_string(SparseKGate gate);
+
+// Query i sits at position p_i = q_offset + i. It always sees the sinks (keys j < sink_tokens,
+// j <= p_i when causal) and, when causal, the window of the last `window` keys
+// (p_i − window < j <= p_i). The rest of the keys it may see form its pool:
+//   causal:      pool(p) = { j : sink_tokens <= j <= p − window }
+//   non-causal:  pool    = { j : sink_tokens <= j < Lk }   (one selection shared by all queries)
+// From its pool it selects S(p) = the `topk` keys with the largest u (ties: lower index first)
+// with gates m_j = SPARSEK(u_pool, topk)_j (all 1 when the pool has <= topk keys). Thresholds
+// of nested pools never decrease, so a key that leaves the selection never returns.
+struct SparseKOptions {
+  std::int64_t topk = 0;        // >= 1; a topk >= the pool size selects the whole pool
+  std::int64_t window = 0;      // >= 0 (0: no window); non-causal calls need window = 0
+  std::int64_t sink_tokens = 0; // >= 0
+  SparseKGate gate = SparseKGate::value;
+  bool causal = true;
+  double scale = 0;             // logit scale; 0 -> 1/sqrt(D)
+  double softcap = 0;           // 0: off; else logits = softcap * tanh(logits / softcap)
+  std::int64_t q_offset = -1;   // absolute position of query 0; -1 -> Lk - Lq (bottom-right)
+  int num_threads = 0;          // 0 -> the global setting (foveal::set_num_threads)
+};
+
+// q: [B, Hq, Lq, D]  k: [B, Hkv, Lk, D]  v: [B, Hkv, Lk, Dv]  u: [B, Hkv, Lk]
+//   ->  out: [B, Hq, Lq, Dv]  lse: [B, Hq, Lq] (optional; ln Σ exp of the gated logits)
+// SparseK attention: softmax over the visible keys (sinks, window, selection) with gates as
+// `options.gate` says. Hq must be a multiple of Hkv; the query heads of a group share their kv
+// head's selection. u must be finite. A query that sees no key gets 0 and lse = -inf. Work is
+// O(Lq·(topk + window + sinks)·D) plus the selection, O(Lk log topk) per (batch, kv head).
+// Results are bitwise identical for any thread count; with topk >= Lk, window = 0, no sinks
+// and gate none it is causal (or full) attention.
+void sparsek_attention(TensorView<const float, 4> q, TensorView<const float, 4> k,
+                       TensorView<const float, 4> v, TensorView<const float, 3> u,
+                       const SparseKOptions& options, TensorView<float, 4> out,
+                       TensorView<float, 3> lse = {});
+void sparsek_attention(TensorView<const double, 4> q, TensorView<const double, 4> k,
+                       TensorView<const double, 4> v, TensorView<const double, 3> u,
+                       const SparseKOptions& options, TensorView<double, 4> out,
+                       TensorView<double, 3> lse = {});
+
+// u: [B, Hkv, Lk]  ->  indices: [B, Hkv, Lq, topk] (int64)  gates: [B, Hkv, Lq, topk]
+// The selection sparsek_attention makes for each query position, for inspection: the selected
+// keys in increasing order, then -1 (gate 0) where the pool holds fewer than topk keys. Sinks
+// and window keys are not listed (they are always visible with gate 1). Lq and the options
+// determine the query positions exactly as in sparsek_attention; options.gate does not matter.
+void sparsek_select(TensorView<const float, 3> u, Index len_q, const SparseKOptions& options,
+                    TensorView<std::int64_t, 4> indices, TensorView<float, 4> gates);
+void sparsek_select(TensorView<const double, 3> u, Index len_q, const SparseKOptions& options,
+                    TensorView<std::int64_t, 4> indices, TensorView<double, 4> gates);
+
+// z: [N, n]  ->  tau: [N, n]  evicted_at: [N, n] (int64, optional)
+// The SPARSEK threshold of every prefix: tau[r][m - 1] = τ of SPARSEK(z[r][0 .. m), k) for
+// m = 1..n (−inf while m <= k, where every entry is 1). The top-k set of the prefix of length m
+// is { j < m : m < evicted_at[r][j] }: key j is selected from prefix length j + 1 until
+// evicted_at[r][j] (j + 1: never selected; n + 1: still selected at the end). O(n log n) per
+// row, not O(n²): thresholds never decrease along the prefix.
+void sparsek_prefix_thresholds(TensorView<const float, 2> z, Index k, TensorView<float, 2> tau,
+                               TensorView<std::int64_t, 2> evicted_at = {}, int num_threads = 0);
+void sparsek_prefix_thresholds(TensorView<const double, 2> z, Index k, TensorView<double, 2> tau,
+                               TensorView<std::int64_t, 2> evicted_at = {}, int num_threads = 0);
+
+// x: [B, L, Dm]  w: [H, Dm]  ->  u: [B, H, L]
+// The linear scorer of the paper: u[b, h, j] = x[b, j]·w[h] + slope * j (the position slope
+// keeps scores from having to grow with the length). slope must be finite.
+void sparsek_linear_scores(TensorView<const float, 3> x, TensorView<const float, 2> w,
+                           double slope, TensorView<float, 3> u, int num_threads = 0);
+void sparsek_linear_scores(TensorView<const double, 3> x, TensorView<const double, 2> w,
+                           double slope, TensorView<double, 3> u, int num_threads = 0);
+
+}  // namespace foveal
