@@ -205,6 +205,16 @@ void prefix_thresholds_of(const std::vector<double>& z, Index rows, Index n, Ind
   tau.assign(tau_t.begin(), tau_t.end());
 }
 
+// prefix_thresholds_of<float> when `in_float`, else <double>.
+void prefix_thresholds_in(bool in_float, const std::vector<double>& z, Index rows, Index n, Index k,
+                          std::vector<double>& tau, std::vector<std::int64_t>& evicted_at) {
+  if (in_float) {
+    prefix_thresholds_of<float>(z, rows, n, k, tau, evicted_at);
+  } else {
+    prefix_thresholds_of<double>(z, rows, n, k, tau, evicted_at);
+  }
+}
+
 // τ (of type T) solves SPARSEK of the prefix: it lies in the reference's interval of solutions
 // (a point unless every entry is 0 or 1), up to one rounding to T and the double sums of m
 // scores; exactly −inf while the prefix holds <= k keys.
@@ -298,11 +308,7 @@ TEST(SparseKPrefixThresholds, NeverDecrease) {
         SCOPED_TRACE(is_float ? "float" : "double");
         std::vector<double> tau;
         std::vector<std::int64_t> evicted;
-        if (is_float) {
-          prefix_thresholds_of<float>(z, rows, n, k, tau, evicted);
-        } else {
-          prefix_thresholds_of<double>(z, rows, n, k, tau, evicted);
-        }
+        prefix_thresholds_in(is_float, z, rows, n, k, tau, evicted);
         for (Index r = 0; r < rows; ++r)
           for (Index m = 2; m <= n; ++m)
             ASSERT_GE(tau[r * n + m - 1], tau[r * n + m - 2]) << "row " << r << " prefix " << m;
@@ -325,11 +331,7 @@ TEST(SparseKPrefixThresholds, EvictedAtGivesTheTopKSetOfEveryPrefix) {
           SCOPED_TRACE(is_float ? "float" : "double");
           std::vector<double> tau;
           std::vector<std::int64_t> evicted;
-          if (is_float) {
-            prefix_thresholds_of<float>(z, rows, n, k, tau, evicted);
-          } else {
-            prefix_thresholds_of<double>(z, rows, n, k, tau, evicted);
-          }
+          prefix_thresholds_in(is_float, z, rows, n, k, tau, evicted);
           for (Index r = 0; r < rows; ++r) {
             const std::vector<double> row(z.begin() + r * n, z.begin() + (r + 1) * n);
             const std::vector<std::vector<std::int64_t>> sets =
