@@ -27,6 +27,7 @@ __all__ = [
     "merge_states",
     "set_num_threads",
     "sliding_window_attention",
+    "sparsek_attention",
 ]
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -658,4 +659,5 @@ def make_attention(
 
 from . import spade as spade  # noqa: E402  (after the helpers it uses)
 from . import sparsek as sparsek  # noqa: E402
+from .sparsek import sparsek_attention as sparsek_attention  # noqa: E402
 from . import vq as vq  # noqa: E402

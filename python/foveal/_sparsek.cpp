@@ -9,6 +9,7 @@
 
 #include "_views.hpp"
 #include "foveal/attention/sparsek.hpp"
+#include "foveal/attention/sparsek_attention.hpp"
 
 namespace py = pybind11;
 
@@ -40,6 +41,73 @@ void backward(const py::array& p, const py::array& grad_p, const py::array& grad
   foveal::sparsek_backward(p_view, grad_p_view, grad_z_view, num_threads);
 }
 
+foveal::SparseKOptions attention_options(int64_t topk, int64_t window, int64_t sink_tokens,
+                                         const std::string& gate, bool causal, double scale,
+                                         double softcap, int64_t q_offset, int num_threads) {
+  foveal::SparseKOptions options;
+  options.topk = topk;
+  options.window = window;
+  options.sink_tokens = sink_tokens;
+  options.gate = foveal::parse_sparsek_gate(gate);
+  options.causal = causal;
+  options.scale = scale;
+  options.softcap = softcap;
+  options.q_offset = q_offset;
+  options.num_threads = num_threads;
+  return options;
+}
+
+template <typename T>
+void attend(const py::array& q, const py::array& k, const py::array& v, const py::array& u,
+            const foveal::SparseKOptions& options, const py::array& out,
+            const std::optional<py::array>& lse) {
+  constexpr const char* kFunction = "sparsek_attention";
+  const auto q_view = array_view<const T, 4>(kFunction, "q", q);
+  const auto k_view = array_view<const T, 4>(kFunction, "k", k);
+  const auto v_view = array_view<const T, 4>(kFunction, "v", v);
+  const auto u_view = array_view<const T, 3>(kFunction, "u", u);
+  const auto out_view = array_view<T, 4>(kFunction, "out", out);
+  const auto lse_view = optional_array_view<T, 3>(kFunction, "lse", lse);
+  py::gil_scoped_release release;
+  foveal::sparsek_attention(q_view, k_view, v_view, u_view, options, out_view, lse_view);
+}
+
+template <typename T>
+void select(const py::array& u, Index len_q, const foveal::SparseKOptions& options,
+            const py::array& indices, const py::array& gates) {
+  constexpr const char* kFunction = "sparsek_select";
+  const auto u_view = array_view<const T, 3>(kFunction, "u", u);
+  const auto indices_view = array_view<std::int64_t, 4>(kFunction, "indices", indices);
+  const auto gates_view = array_view<T, 4>(kFunction, "gates", gates);
+  py::gil_scoped_release release;
+  foveal::sparsek_select(u_view, len_q, options, indices_view, gates_view);
+}
+
+template <typename T>
+void prefix_thresholds(const py::array& z, Index k, const py::array& tau,
+                       const std::optional<py::array>& evicted_at, int num_threads) {
+  constexpr const char* kFunction = "sparsek_prefix_thresholds";
+  const auto z_view = array_view<const T, 2>(kFunction, "z", z);
+  const auto tau_view = array_view<T, 2>(kFunction, "tau", tau);
+  const auto evicted_view =
+      optional_array_view<std::int64_t, 2>(kFunction, "evicted_at", evicted_at);
+  py::gil_scoped_release release;
+  foveal::sparsek_prefix_thresholds(z_view, k, tau_view, evicted_view, num_threads);
+}
+
+template <typename T>
+void linear_scores(const py::array& x, const py::array& w, double slope, const py::array& u,
+                   int num_threads) {
+  constexpr const char* kFunction = "sparsek_linear_scores";
+  const auto x_view = array_view<const T, 3>(kFunction, "x", x);
+  const auto w_view = array_view<const T, 2>(kFunction, "w", w);
+  const auto u_view = array_view<T, 3>(kFunction, "u", u);
+  py::gil_scoped_release release;
+  foveal::sparsek_linear_scores(x_view, w_view, slope, u_view, num_threads);
+}
+
+bool is_double(const py::array& x) { return x.dtype().is(py::dtype::of<double>()); }
+
 }  // namespace
 
 void bind_sparsek(py::module_& m) {
@@ -47,7 +115,7 @@ void bind_sparsek(py::module_& m) {
       "sparsek",
       [](const py::array& z, Index k, const py::array& p, const std::optional<py::array>& tau,
          int num_threads) {
-        if (z.dtype().is(py::dtype::of<double>()))
+        if (is_double(z))
           project<double>(z, k, p, tau, num_threads);
         else
           project<float>(z, k, p, tau, num_threads);
@@ -56,10 +124,63 @@ void bind_sparsek(py::module_& m) {
   m.def(
       "sparsek_backward",
       [](const py::array& p, const py::array& grad_p, const py::array& grad_z, int num_threads) {
-        if (p.dtype().is(py::dtype::of<double>()))
+        if (is_double(p))
           backward<double>(p, grad_p, grad_z, num_threads);
         else
           backward<float>(p, grad_p, grad_z, num_threads);
       },
       py::arg("p"), py::arg("grad_p"), py::arg("grad_z"), py::arg("num_threads"));
+
+  m.def(
+      "sparsek_attention",
+      [](const py::array& q, const py::array& k, const py::array& v, const py::array& u,
+         const py::array& out, const std::optional<py::array>& lse, int64_t topk, int64_t window,
+         int64_t sink_tokens, const std::string& gate, bool causal, double scale, double softcap,
+         int64_t q_offset, int num_threads) {
+        const auto options = attention_options(topk, window, sink_tokens, gate, causal, scale,
+                                               softcap, q_offset, num_threads);
+        if (is_double(q))
+          attend<double>(q, k, v, u, options, out, lse);
+        else
+          attend<float>(q, k, v, u, options, out, lse);
+      },
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("u"), py::arg("out"), py::arg("lse"),
+      py::arg("topk"), py::arg("window"), py::arg("sink_tokens"), py::arg("gate"),
+      py::arg("causal"), py::arg("scale"), py::arg("softcap"), py::arg("q_offset"),
+      py::arg("num_threads"));
+  m.def(
+      "sparsek_select",
+      [](const py::array& u, Index len_q, const py::array& indices, const py::array& gates,
+         int64_t topk, int64_t window, int64_t sink_tokens, bool causal, int64_t q_offset,
+         int num_threads) {
+        const auto options = attention_options(topk, window, sink_tokens, "value", causal, 0, 0,
+                                               q_offset, num_threads);
+        if (is_double(u))
+          select<double>(u, len_q, options, indices, gates);
+        else
+          select<float>(u, len_q, options, indices, gates);
+      },
+      py::arg("u"), py::arg("len_q"), py::arg("indices"), py::arg("gates"), py::arg("topk"),
+      py::arg("window"), py::arg("sink_tokens"), py::arg("causal"), py::arg("q_offset"),
+      py::arg("num_threads"));
+  m.def(
+      "sparsek_prefix_thresholds",
+      [](const py::array& z, Index k, const py::array& tau,
+         const std::optional<py::array>& evicted_at, int num_threads) {
+        if (is_double(z))
+          prefix_thresholds<double>(z, k, tau, evicted_at, num_threads);
+        else
+          prefix_thresholds<float>(z, k, tau, evicted_at, num_threads);
+      },
+      py::arg("z"), py::arg("k"), py::arg("tau"), py::arg("evicted_at"), py::arg("num_threads"));
+  m.def(
+      "sparsek_linear_scores",
+      [](const py::array& x, const py::array& w, double slope, const py::array& u,
+         int num_threads) {
+        if (is_double(x))
+          linear_scores<double>(x, w, slope, u, num_threads);
+        else
+          linear_scores<float>(x, w, slope, u, num_threads);
+      },
+      py::arg("x"), py::arg("w"), py::arg("slope"), py::arg("u"), py::arg("num_threads"));
 }

@@ -14,9 +14,30 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import _as_int, _core, _float_dtype, _output, _to_numpy
+from . import (
+    _as_float,
+    _as_int,
+    _attention_arrays,
+    _AttentionOutputs,
+    _check_array,
+    _core,
+    _float_dtype,
+    _is_torch,
+    _new_like,
+    _output,
+    _to_numpy,
+)
 
-__all__ = ["sparsek", "sparsek_backward"]
+__all__ = [
+    "linear_scores",
+    "prefix_thresholds",
+    "sparsek",
+    "sparsek_attention",
+    "sparsek_backward",
+    "sparsek_select",
+]
+
+_GATES = ("value", "kv", "none")
 
 
 def _rows(function: str, name: str, x: Any) -> np.ndarray:
@@ -100,3 +121,190 @@ def sparsek_backward(p: Any, grad_p: Any, *, num_threads: Optional[int] = None) 
         threads,
     )
     return grad_z
+
+
+# --------------------------------------------------------------------------------------------
+# SparseK attention (docs/sparsek.md).
+
+
+def _selection_args(
+    function: str,
+    topk: int,
+    window: int,
+    sink_tokens: int,
+    causal: bool,
+    q_offset: Optional[int],
+    num_threads: Optional[int],
+) -> dict:
+    topk = _as_int(function, "topk", topk)
+    if topk < 1:
+        raise ValueError(f"foveal: {function}: topk must be >= 1, got {topk}")
+    window = _as_int(function, "window", window)
+    if window < 0:
+        raise ValueError(f"foveal: {function}: window must be >= 0 (0: no window), got {window}")
+    return dict(
+        topk=topk,
+        window=window,
+        sink_tokens=_as_int(function, "sink_tokens", sink_tokens),
+        causal=bool(causal),
+        q_offset=-1 if q_offset is None else _as_int(function, "q_offset", q_offset),
+        num_threads=_threads(function, num_threads),
+    )
+
+
+def _scores(function: str, u: Any, dtype: np.dtype) -> np.ndarray:
+    array = _to_numpy(function, "u", u)
+    _check_array(function, "u", array, "B, Hkv, Lk", dtype)
+    return array
+
+
+def sparsek_attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    u: Any,
+    topk: int,
+    *,
+    window: int = 0,
+    sink_tokens: int = 0,
+    gate: str = "value",
+    causal: bool = True,
+    scale: Optional[float] = None,
+    softcap: float = 0.0,
+    q_offset: Optional[int] = None,
+    return_lse: bool = False,
+    out: Any = None,
+    num_threads: Optional[int] = None,
+) -> Any:
+    """SparseK attention: each query attends to the ``topk`` keys with the highest scores ``u``
+    among the keys it may select from, weighted by their SPARSEK gates, plus the last ``window``
+    keys and the first ``sink_tokens`` keys, which are always visible with gate 1.
+
+    Shapes: q ``[B, Hq, Lq, D]``, k ``[B, Hkv, Lk, D]``, v ``[B, Hkv, Lk, Dv]``, u
+    ``[B, Hkv, Lk]`` (one score per key and kv head, e.g. from :func:`linear_scores`) -> out
+    ``[B, Hq, Lq, Dv]``. Query i sits at position ``q_offset + i`` (default ``Lk - Lq``).
+    Causal: the query at position p selects from the keys ``sink_tokens <= j <= p - window``
+    (thresholds of nested prefixes, so a key evicted once never returns); non-causal: all
+    queries share one selection from every key after the sinks (``window`` must be 0).
+    ``gate``: ``"value"`` scales each selected value by its gate, ``"kv"`` scales key and
+    value, ``"none"`` is hard top-k. ``topk`` larger than the pool selects all of it.
+
+    Returns ``out``, or ``(out, lse)`` with ``return_lse=True``. Forward only (no autograd).
+    """
+    function = "sparsek_attention"
+    if not isinstance(gate, str) or gate not in _GATES:
+        raise ValueError(
+            f"foveal: {function}: gate must be one of {', '.join(map(repr, _GATES))}, got {gate!r}"
+        )
+    selection = _selection_args(function, topk, window, sink_tokens, causal, q_offset, num_threads)
+    if scale is not None:
+        scale = _as_float(function, "scale", scale)
+        if not scale > 0:
+            raise ValueError(
+                f"foveal: {function}: scale must be finite and > 0 (None = 1/sqrt(D)), got {scale}"
+            )
+    q_array, k_array, v_array, _, dtype = _attention_arrays(function, q, k, v, None)
+    u_array = _scores(function, u, dtype)
+    outputs = _AttentionOutputs(function, q, q_array, v_array, out, return_lse, dtype)
+    _core.sparsek_attention(
+        q_array,
+        k_array,
+        v_array,
+        u_array,
+        outputs.out_array,
+        outputs.lse_array,
+        gate=gate,
+        scale=0.0 if scale is None else scale,
+        softcap=_as_float(function, "softcap", softcap),
+        **selection,
+    )
+    return outputs.result()
+
+
+def sparsek_select(
+    u: Any,
+    topk: int,
+    len_q: int,
+    *,
+    window: int = 0,
+    sink_tokens: int = 0,
+    causal: bool = True,
+    q_offset: Optional[int] = None,
+    num_threads: Optional[int] = None,
+) -> tuple[Any, Any]:
+    """u ``[B, Hkv, Lk]`` -> (indices int64 ``[B, Hkv, Lq, topk]``, gates ``[B, Hkv, Lq, topk]``):
+    the keys :func:`sparsek_attention` selects for each of ``len_q`` query positions, in
+    increasing order, padded with -1 (gate 0) where fewer keys are available. Sinks and window
+    keys are not listed (always visible, gate 1)."""
+    function = "sparsek_select"
+    selection = _selection_args(function, topk, window, sink_tokens, causal, q_offset, num_threads)
+    len_q = _as_int(function, "len_q", len_q)
+    if len_q < 0:
+        raise ValueError(f"foveal: {function}: len_q must be >= 0, got {len_q}")
+    u_array = _to_numpy(function, "u", u)
+    dtype = _float_dtype(function, "u", u_array)
+    _check_array(function, "u", u_array, "B, Hkv, Lk", dtype)
+    shape = (*u_array.shape[:2], len_q, selection["topk"])
+    if _is_torch(u):
+        import torch
+
+        indices = torch.empty(shape, dtype=torch.int64)
+        indices_array = indices.numpy()
+    else:
+        indices = indices_array = np.empty(shape, dtype=np.int64)
+    gates, gates_array = _new_like(u, shape, dtype)
+    _core.sparsek_select(u_array, len_q, indices_array, gates_array, **selection)
+    return indices, gates
+
+
+def prefix_thresholds(
+    z: Any, k: int, *, return_evicted: bool = False, num_threads: Optional[int] = None
+) -> Any:
+    """z ``[..., n]`` -> tau ``[..., n]``: ``tau[..., m - 1]`` is the SPARSEK threshold of the
+    prefix ``z[..., :m]`` (-inf while ``m <= k``), all n of them in O(n log n) per row. With
+    ``return_evicted=True`` also ``evicted_at`` (int64 ``[..., n]``): key j is in the top-k set of
+    the prefixes of length ``j + 1 .. evicted_at - 1`` (``j + 1``: never; ``n + 1``: to the end)."""
+    function = "sparsek_prefix_thresholds"
+    k = _as_int(function, "k", k)
+    threads = _threads(function, num_threads)
+    array = _rows(function, "z", z)
+    shape = tuple(array.shape)
+    tau, tau_array = _new_like(z, shape, array.dtype)
+    evicted = evicted_array = None
+    if return_evicted:
+        if _is_torch(z):
+            import torch
+
+            evicted = torch.empty(shape, dtype=torch.int64)
+            evicted_array = evicted.numpy()
+        else:
+            evicted = evicted_array = np.empty(shape, dtype=np.int64)
+    _core.sparsek_prefix_thresholds(
+        _flat(function, "z", array),
+        k,
+        _flat(function, "tau", tau_array, written=True),
+        None if evicted_array is None else _flat(function, "evicted_at", evicted_array, True),
+        threads,
+    )
+    return (tau, evicted) if return_evicted else tau
+
+
+def linear_scores(x: Any, w: Any, *, slope: float = 0.0, num_threads: Optional[int] = None) -> Any:
+    """x ``[B, L, Dm]``, w ``[H, Dm]`` -> u ``[B, H, L]`` with ``u[b, h, j] = x[b, j] · w[h] +
+    slope * j``: the paper's linear scorer (one per kv head) with its position slope."""
+    function = "sparsek_linear_scores"
+    slope = _as_float(function, "slope", slope)
+    threads = _threads(function, num_threads)
+    x_array = _to_numpy(function, "x", x)
+    dtype = _float_dtype(function, "x", x_array)
+    _check_array(function, "x", x_array, "B, L, Dm", dtype)
+    w_array = _to_numpy(function, "w", w)
+    _check_array(function, "w", w_array, "H, Dm", dtype)
+    if w_array.shape[1] != x_array.shape[2]:
+        raise ValueError(
+            f"foveal: {function}: w.shape[1] must equal x.shape[2] (Dm) = {x_array.shape[2]}, "
+            f"got {w_array.shape[1]}"
+        )
+    u, u_array = _new_like(x, (x_array.shape[0], w_array.shape[0], x_array.shape[1]), dtype)
+    _core.sparsek_linear_scores(x_array, w_array, slope, u_array, threads)
+    return u

@@ -24,7 +24,7 @@ SparseKGate parse_sparsek_gate(const std::string& name);
 const char* to_string(SparseKGate gate);
 
 // Query i sits at position p_i = q_offset + i. It always sees the sinks (keys j < sink_tokens,
-// j <= p_i when causal) and, when causal, the window of the last `window` keys
+// as in foveal::attention) and, when causal, the window of the last `window` keys
 // (p_i − window < j <= p_i). The rest of the keys it may see form its pool:
 //   causal:      pool(p) = { j : sink_tokens <= j <= p − window }
 //   non-causal:  pool    = { j : sink_tokens <= j < Lk }   (one selection shared by all queries)
@@ -32,19 +32,20 @@ const char* to_string(SparseKGate gate);
 // with gates m_j = SPARSEK(u_pool, topk)_j (all 1 when the pool has <= topk keys). Thresholds
 // of nested pools never decrease, so a key that leaves the selection never returns.
 struct SparseKOptions {
-  std::int64_t topk = 0;        // >= 1; a topk >= the pool size selects the whole pool
-  std::int64_t window = 0;      // >= 0 (0: no window); non-causal calls need window = 0
-  std::int64_t sink_tokens = 0; // >= 0
+  std::int64_t topk = 0;         // >= 1; a topk >= the pool size selects the whole pool
+  std::int64_t window = 0;       // >= 0 (0: no window); non-causal calls need window = 0
+  std::int64_t sink_tokens = 0;  // >= 0
   SparseKGate gate = SparseKGate::value;
   bool causal = true;
-  double scale = 0;             // logit scale; 0 -> 1/sqrt(D)
-  double softcap = 0;           // 0: off; else logits = softcap * tanh(logits / softcap)
-  std::int64_t q_offset = -1;   // absolute position of query 0; -1 -> Lk - Lq (bottom-right)
-  int num_threads = 0;          // 0 -> the global setting (foveal::set_num_threads)
+  double scale = 0;            // logit scale; 0 -> 1/sqrt(D)
+  double softcap = 0;          // 0: off; else logits = softcap * tanh(logits / softcap)
+  std::int64_t q_offset = -1;  // absolute position of query 0; -1 -> Lk - Lq (bottom-right)
+  int num_threads = 0;         // 0 -> the global setting (foveal::set_num_threads)
 };
 
 // q: [B, Hq, Lq, D]  k: [B, Hkv, Lk, D]  v: [B, Hkv, Lk, Dv]  u: [B, Hkv, Lk]
-//   ->  out: [B, Hq, Lq, Dv]  lse: [B, Hq, Lq] (optional; ln Σ exp of the gated logits)
+//   ->  out: [B, Hq, Lq, Dv]  lse: [B, Hq, Lq] (optional; ln of the softmax normalizer: Σ exp of
+//   the logits, which only the kv gate scales)
 // SparseK attention: softmax over the visible keys (sinks, window, selection) with gates as
 // `options.gate` says. Hq must be a multiple of Hkv; the query heads of a group share their kv
 // head's selection. u must be finite. A query that sees no key gets 0 and lse = -inf. Work is
@@ -84,8 +85,8 @@ void sparsek_prefix_thresholds(TensorView<const double, 2> z, Index k, TensorVie
 // x: [B, L, Dm]  w: [H, Dm]  ->  u: [B, H, L]
 // The linear scorer of the paper: u[b, h, j] = x[b, j]·w[h] + slope * j (the position slope
 // keeps scores from having to grow with the length). slope must be finite.
-void sparsek_linear_scores(TensorView<const float, 3> x, TensorView<const float, 2> w,
-                           double slope, TensorView<float, 3> u, int num_threads = 0);
+void sparsek_linear_scores(TensorView<const float, 3> x, TensorView<const float, 2> w, double slope,
+                           TensorView<float, 3> u, int num_threads = 0);
 void sparsek_linear_scores(TensorView<const double, 3> x, TensorView<const double, 2> w,
                            double slope, TensorView<double, 3> u, int num_threads = 0);
 

@@ -29,6 +29,14 @@
 //   PositionRange positions_seeing(Index key_begin, Index key_end) const; (key positions)
 //       conservative bounds used inside masked contiguous blocks to skip the rows and keys
 //       that cannot contribute (the triangle of a causal diagonal block, the edges of a band).
+// Policies that gather keys by index and weight them per row (SparseK) also declare
+// `static constexpr bool kGatesKeys = true` and provide, for the blocks they visit with an
+// index (they find their own per-key data from block.index):
+//   void scale_logits(const KeyBlock&, int row_vectors, T* s_t) const;   before the softcap
+//   void mask_logits(const KeyBlock&, Index num_rows, T* s_t) const;     for needs_mask blocks,
+//                                                                        instead of sees()
+//   void gate_probabilities(const KeyBlock&, int row_vectors, T* s_t) const;  after the softmax,
+//       scaling what a key adds to the output but not the softmax normalizer.
 #pragma once
 
 #include <algorithm>
@@ -126,6 +134,13 @@ class BandPolicy {
  private:
   Visibility visibility_;
 };
+
+// True for policies with the gathered-key hooks (see the file comment).
+template <typename Policy, typename = void>
+struct GatesKeys : std::false_type {};
+template <typename Policy>
+struct GatesKeys<Policy, std::void_t<decltype(Policy::kGatesKeys)>>
+    : std::bool_constant<Policy::kGatesKeys> {};
 
 // ---------------------------------------------------------------------------------------------
 // Micro-kernels.
@@ -455,6 +470,9 @@ class TileRunner {
       transform_logits(batch, block, keys, num_rows, row_vectors, query_index, head, positions,
                        policy, scratch.s_t);
       online_softmax(block.count, row_vectors, scratch.s_t, row_max, row_sum, alpha);
+      if constexpr (GatesKeys<Policy>::value) {
+        if (block.index != nullptr) policy.gate_probabilities(block, row_vectors, scratch.s_t);
+      }
       accumulate_output(scratch.s_t, alpha, v_rows, num_rows, dim_v_, keys_seen_by, scratch.acc,
                         acc_stride_);
     });
@@ -499,6 +517,10 @@ class TileRunner {
                         int row_vectors, const Index* query_index, const Index* head,
                         const Index* positions, const Policy& policy, T* s_t) const {
     constexpr int L = kLanes<T>;
+    constexpr bool kGathered = GatesKeys<Policy>::value;
+    if constexpr (kGathered) {
+      if (block.index != nullptr) policy.scale_logits(block, row_vectors, s_t);
+    }
     if (cap_multiplier_ > 0) {
       for (Index j = 0; j < block.count; ++j)
         for (int c = 0; c < row_vectors; ++c) {
@@ -514,6 +536,12 @@ class TileRunner {
                             query_index[r] * bias.stride(2);
         for (Index j = 0; j < block.count; ++j)
           s_t[j * kBlockQ + r] += bias_row[keys[j] * bias.stride(3)] * log2e;
+      }
+    }
+    if constexpr (kGathered) {
+      if (block.needs_mask && block.index != nullptr) {
+        policy.mask_logits(block, num_rows, s_t);
+        return;
       }
     }
     if (block.needs_mask) {

@@ -1,0 +1,67 @@
+// foveal/detail/sparsek_selection.hpp — the selection phase of SparseK attention: which keys
+// each query position selects, described compactly. Internal to the library (benchmarks use it
+// to time the selection on its own).
+#pragma once
+
+#include <vector>
+
+#include "foveal/attention/sparsek_attention.hpp"
+#include "foveal/core/tensor.hpp"
+
+namespace foveal::detail {
+
+// Positions and pools of one call (SparseKOptions, with the sizes applied).
+struct SparseKGeometry {
+  Index len_q = 0, len_k = 0;
+  Index q_offset = 0;   // position of query 0 (resolved)
+  Index window = 0;     // clamped to the reach of the call
+  Index sinks = 0;      // clamped to Lk
+  Index pool_size = 0;  // Lk - sinks: the keys a selection can draw from
+  Index topk = 1;       // clamped to max(pool_size, 1)
+  bool causal = true;
+
+  static SparseKGeometry make(const SparseKOptions& options, Index len_q, Index len_k);
+  // How many pool keys (in key order) a query at `position` selects from.
+  Index pool_length(Index position) const;
+};
+
+// The selection of one (batch, kv head), pool keys numbered from 0 (key = sinks + pool key).
+struct HeadSelection {
+  std::vector<double> tau;        // [pool_size + 1]: τ of the pool prefix of each length
+  std::vector<Index> evicted_at;  // [pool_size]: the prefix length at which the key leaves the
+                                  // top-k set (key + 1: never enters; pool_size + 1: never leaves)
+};
+
+// Pushes the pool keys of u[sinks ..] (stride u_stride) through the prefix threshold and top-k.
+template <typename T>
+void select_head(const T* u, Index u_stride, const SparseKGeometry& geometry,
+                 HeadSelection& selection);
+
+// The top-k set of increasing pool lengths, in increasing key order.
+class SelectionSweep {
+ public:
+  explicit SelectionSweep(const HeadSelection& selection) : selection_(selection) {}
+  // Moves to pool length `length` (never backwards).
+  void advance_to(Index length);
+  // The set at the current length (pool keys, increasing).
+  const std::vector<Index>& live() const { return live_; }
+  // Appends the pool keys in [length_lo, length_hi) that are ever selected.
+  void append_entering(Index length_lo, Index length_hi, std::vector<Index>& keys) const;
+
+ private:
+  const HeadSelection& selection_;
+  std::vector<Index> live_;
+  Index next_ = 0;
+};
+
+// Per tile of kBlockQ query rows of one head: the keys (positions, increasing) that some row of
+// the tile selects: keys[offsets[t] .. offsets[t + 1]).
+struct TileUnions {
+  std::vector<Index> offsets;
+  std::vector<Index> keys;
+};
+
+void build_tile_unions(const HeadSelection& selection, const SparseKGeometry& geometry, Index group,
+                       TileUnions& unions);
+
+}  // namespace foveal::detail

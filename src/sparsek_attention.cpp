@@ -1,0 +1,576 @@
+// SparseK attention (OPERATORS.md §4) on the shared engine.
+//
+// Two phases per call.
+// 1. Selection, one task per (batch, kv head): the pool keys are pushed one at a time through
+//    detail::PrefixThreshold (τ of every pool prefix) and detail::PrefixTopK (the top-k set);
+//    a key enters the set when it is pushed and leaves it for good when a better key displaces
+//    it, so one number per key (the prefix length at which it leaves) describes every query's
+//    selection. A sweep over the tiles then lists, per tile of query rows, the union of their
+//    selections in increasing key order: the set of the tile's first row plus the keys that
+//    enter within the tile, at most topk + kBlockQ keys.
+// 2. Attention, one task per (batch, kv head, tile): the engine visits the tile's union in
+//    blocks of kBlockK gathered rows, then the sinks and the window as contiguous blocks. In a
+//    gathered block each key serves a contiguous range of the tile's rows (rows are sorted by
+//    position and a key is selected over an interval of positions), so the mask and the gates
+//    clip(u_j − τ_row, 0, 1) are vector operations over rows.
+// Nothing depends on the thread count, so results are bitwise identical for any of them.
+#include "foveal/attention/sparsek_attention.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "attention_setup.hpp"
+#include "foveal/detail/sparsek_prefix.hpp"
+#include "foveal/detail/sparsek_selection.hpp"
+
+namespace foveal {
+
+SparseKGate parse_sparsek_gate(const std::string& name) {
+  if (name == "value") return SparseKGate::value;
+  if (name == "kv") return SparseKGate::kv;
+  if (name == "none") return SparseKGate::none;
+  throw Error("foveal: sparsek_attention: gate must be \"value\", \"kv\" or \"none\", got \"" +
+              name + "\"");
+}
+
+const char* to_string(SparseKGate gate) {
+  switch (gate) {
+    case SparseKGate::value:
+      return "value";
+    case SparseKGate::kv:
+      return "kv";
+    case SparseKGate::none:
+      return "none";
+  }
+  return "unknown";
+}
+
+namespace detail {
+
+Index SparseKGeometry::pool_length(Index position) const {
+  if (!causal) return pool_size;
+  // Positions are at most |q_offset| + Lq away from 0 (validated), so this cannot overflow.
+  return std::clamp<Index>(position - window - sinks + 1, 0, pool_size);
+}
+
+SparseKGeometry SparseKGeometry::make(const SparseKOptions& options, Index len_q, Index len_k) {
+  SparseKGeometry geometry;
+  geometry.len_q = len_q;
+  geometry.len_k = len_k;
+  geometry.q_offset = options.q_offset == -1 ? len_k - len_q : options.q_offset;
+  geometry.causal = options.causal;
+  geometry.sinks = std::min<Index>(options.sink_tokens, len_k);
+  // A window wider than every distance between a query and a key shows every earlier key.
+  const Index reach = std::abs(geometry.q_offset) + len_q + len_k;
+  geometry.window = std::min<Index>(options.window, reach);
+  geometry.pool_size = len_k - geometry.sinks;
+  geometry.topk = std::min<Index>(options.topk, std::max<Index>(geometry.pool_size, 1));
+  return geometry;
+}
+
+template <typename T>
+void select_head(const T* u, Index u_stride, const SparseKGeometry& geometry,
+                 HeadSelection& selection) {
+  const Index pool = geometry.pool_size;
+  selection.tau.assign(static_cast<std::size_t>(pool) + 1,
+                       -std::numeric_limits<double>::infinity());
+  selection.evicted_at.assign(static_cast<std::size_t>(pool), pool + 1);
+  PrefixThreshold threshold(geometry.topk);
+  PrefixTopK top(geometry.topk);
+  for (Index key = 0; key < pool; ++key) {
+    const double z = static_cast<double>(u[(geometry.sinks + key) * u_stride]);
+    threshold.push(z);
+    const Index evicted = top.push(key, z);
+    if (evicted >= 0) selection.evicted_at[static_cast<std::size_t>(evicted)] = key + 1;
+    selection.tau[static_cast<std::size_t>(key) + 1] = threshold.threshold();
+  }
+}
+
+template void select_head(const float*, Index, const SparseKGeometry&, HeadSelection&);
+template void select_head(const double*, Index, const SparseKGeometry&, HeadSelection&);
+
+void SelectionSweep::advance_to(Index length) {
+  const auto& evicted_at = selection_.evicted_at;
+  for (; next_ < length; ++next_)
+    if (evicted_at[static_cast<std::size_t>(next_)] > next_ + 1) live_.push_back(next_);
+  // Keys selected at `length` are those pushed before it and not evicted by then.
+  live_.erase(std::remove_if(
+                  live_.begin(), live_.end(),
+                  [&](Index key) { return evicted_at[static_cast<std::size_t>(key)] <= length; }),
+              live_.end());
+}
+
+void SelectionSweep::append_entering(Index length_lo, Index length_hi,
+                                     std::vector<Index>& keys) const {
+  const auto& evicted_at = selection_.evicted_at;
+  for (Index key = length_lo; key < length_hi; ++key)
+    if (evicted_at[static_cast<std::size_t>(key)] > key + 1) keys.push_back(key);
+}
+
+void build_tile_unions(const HeadSelection& selection, const SparseKGeometry& geometry, Index group,
+                       TileUnions& unions) {
+  const Index rows = geometry.len_q * group;
+  const Index tiles = (rows + kBlockQ - 1) / kBlockQ;
+  unions.offsets.assign(static_cast<std::size_t>(tiles) + 1, 0);
+  unions.keys.clear();
+  SelectionSweep sweep(selection);
+  for (Index tile = 0; tile < tiles; ++tile) {
+    const Index flat_lo = tile * kBlockQ;
+    const Index flat_hi = std::min(rows, flat_lo + kBlockQ) - 1;
+    const Index length_lo = geometry.pool_length(geometry.q_offset + flat_lo / group);
+    const Index length_hi = geometry.pool_length(geometry.q_offset + flat_hi / group);
+    sweep.advance_to(length_lo);
+    unions.keys.insert(unions.keys.end(), sweep.live().begin(), sweep.live().end());
+    sweep.append_entering(length_lo, length_hi, unions.keys);
+    unions.offsets[static_cast<std::size_t>(tile) + 1] = static_cast<Index>(unions.keys.size());
+  }
+  // Pool indices -> key positions.
+  for (Index& key : unions.keys) key += geometry.sinks;
+}
+
+}  // namespace detail
+
+namespace {
+
+constexpr const char* kAttention = "sparsek_attention";
+
+using detail::HeadSelection;
+using detail::KeyBlock;
+using detail::KeyRange;
+using detail::SparseKGeometry;
+using detail::TileUnions;
+using detail::Visibility;
+
+AttentionOptions shared_options(const SparseKOptions& options) {
+  AttentionOptions shared;
+  shared.scale = options.scale;
+  shared.causal = options.causal;
+  shared.sink_tokens = options.sink_tokens;
+  shared.softcap = options.softcap;
+  shared.q_offset = options.q_offset;
+  shared.num_threads = options.num_threads;
+  return shared;
+}
+
+// The checks of the SparseK-specific options.
+void require_sparsek_options(const char* function, const SparseKOptions& options) {
+  check(options.topk >= 1, function, ": topk must be >= 1, got ", options.topk);
+  check(options.window >= 0, function, ": window must be >= 0 (0: no window), got ",
+        options.window);
+  check(options.sink_tokens >= 0, function, ": sink_tokens must be >= 0, got ",
+        options.sink_tokens);
+  check(options.causal || options.window == 0, function,
+        ": a window needs causal = true (non-causal SparseK shares one selection and has no "
+        "window), got window = ",
+        options.window);
+  check(options.gate == SparseKGate::value || options.gate == SparseKGate::kv ||
+            options.gate == SparseKGate::none,
+        function, ": gate must be value, kv or none");
+}
+
+// u: [B, Hkv, Lk], finite.
+template <typename T>
+void require_scores(const char* function, const TensorView<const T, 3>& u, Index batch,
+                    Index heads_kv, Index len_k) {
+  detail::require_valid_view(function, "u", u);
+  detail::require_extent(function, "u", u, 0, "k.shape[0] (B)", batch);
+  detail::require_extent(function, "u", u, 1, "k.shape[1] (Hkv)", heads_kv);
+  detail::require_extent(function, "u", u, 2, "k.shape[2] (Lk)", len_k);
+  for (Index b = 0; b < batch; ++b)
+    for (Index h = 0; h < heads_kv; ++h)
+      for (Index j = 0; j < len_k; ++j)
+        check(std::isfinite(u(b, h, j)), function, ": u must be finite, got ", u(b, h, j), " at u[",
+              b, ", ", h, ", ", j, "]");
+}
+
+// The selection of every (batch, kv head), one task each.
+template <typename T>
+std::vector<HeadSelection> select_all(const TensorView<const T, 3>& u,
+                                      const SparseKGeometry& geometry, int num_threads) {
+  const Index batch = u.size(0), heads_kv = u.size(1);
+  std::vector<HeadSelection> selections(static_cast<std::size_t>(batch * heads_kv));
+  parallel_for(batch * heads_kv, detail::threads_for(batch * heads_kv, num_threads),
+               [&](Index task) {
+                 detail::select_head(u.address(task / heads_kv, task % heads_kv, 0), u.stride(2),
+                                     geometry, selections[static_cast<std::size_t>(task)]);
+               });
+  return selections;
+}
+
+// Per-thread memory of the policy: one entry per key of a tile's union, one per tile row.
+template <typename T>
+struct PolicyScratch {
+  std::vector<Index> row_begin, row_end;
+  std::vector<T> score;
+  std::vector<T> row_threshold;
+};
+
+// The visit policy of one tile: its union of selected keys in gathered blocks, then the sinks
+// and the window as contiguous blocks.
+template <typename T>
+class SparseKPolicy {
+ public:
+  static constexpr bool kGatesKeys = true;
+
+  SparseKPolicy(const SparseKGeometry& geometry, const Visibility& always_visible,
+                const HeadSelection& selection, const T* u, Index u_stride, const Index* keys,
+                Index key_count, Index group, Index flat_begin, SparseKGate gate,
+                PolicyScratch<T>& scratch)
+      : geometry_(geometry),
+        always_visible_(always_visible),
+        keys_(keys),
+        key_count_(key_count),
+        gate_(gate),
+        scratch_(scratch) {
+    const Index rows = std::min(detail::kBlockQ, geometry.len_q * group - flat_begin);
+    num_rows_ = rows;
+    // The first row of the tile at or after a position; positions are clamped to the queries'
+    // span first so that "never" (a huge bound) cannot overflow.
+    const auto first_row_at = [&](Index position) {
+      const Index clamped =
+          std::clamp(position, geometry.q_offset, geometry.q_offset + geometry.len_q);
+      return std::clamp<Index>((clamped - geometry.q_offset) * group - flat_begin, 0, rows);
+    };
+    constexpr Index kNever = std::numeric_limits<Index>::max() / 4;
+    for (Index i = 0; i < key_count; ++i) {
+      const Index key = keys[i];
+      Index row_begin = 0, row_end = rows;
+      if (geometry.causal) {
+        // Pool key key - sinks is selected for pool lengths [key - sinks + 1, evicted_at), i.e.
+        // positions [key + window, evicted_at + window + sinks - 1).
+        const Index evicted = selection.evicted_at[static_cast<std::size_t>(key - geometry.sinks)];
+        const Index end_position =
+            evicted > geometry.pool_size ? kNever : evicted + geometry.window + geometry.sinks - 1;
+        row_begin = first_row_at(key + geometry.window);
+        row_end = first_row_at(end_position);
+      }
+      scratch.row_begin[static_cast<std::size_t>(i)] = row_begin;
+      scratch.row_end[static_cast<std::size_t>(i)] = row_end;
+      scratch.score[static_cast<std::size_t>(i)] = u[key * u_stride];
+    }
+    for (Index r = 0; r < detail::kBlockQ; ++r) {
+      const Index flat = flat_begin + std::min(r, rows - 1);
+      const Index length = geometry.pool_length(geometry.q_offset + flat / group);
+      scratch.row_threshold[static_cast<std::size_t>(r)] =
+          static_cast<T>(selection.tau[static_cast<std::size_t>(length)]);
+    }
+  }
+
+  template <typename Visit>
+  void for_each_block(Index position_lo, Index position_hi, Visit&& visit) const {
+    for (Index begin = 0; begin < key_count_; begin += detail::kBlockK) {
+      const Index count = std::min(detail::kBlockK, key_count_ - begin);
+      bool partial = false;
+      for (Index i = begin; i < begin + count; ++i)
+        partial = partial || scratch_.row_begin[static_cast<std::size_t>(i)] > 0 ||
+                  scratch_.row_end[static_cast<std::size_t>(i)] < num_rows_;
+      visit(KeyBlock{0, count, keys_ + begin, partial, 0});
+    }
+    if (geometry_.window > 0) {
+      const detail::KeyRanges visible = always_visible_.visible_ranges(position_lo, position_hi);
+      for (int r = 0; r < visible.count; ++r)
+        detail::for_each_aligned_block(visible.ranges[r], 0, always_visible_, position_lo,
+                                       position_hi, visit);
+    } else if (geometry_.sinks > 0) {
+      detail::for_each_aligned_block(KeyRange{0, geometry_.sinks}, 0, always_visible_, position_lo,
+                                     position_hi, visit);
+    }
+  }
+
+  bool sees(Index position, Index key) const { return always_visible_.sees(position, key); }
+  KeyRange keys_seen(Index position_lo, Index position_hi) const {
+    return always_visible_.keys_seen(position_lo, position_hi);
+  }
+  detail::PositionRange positions_seeing(Index key_begin, Index key_end) const {
+    return always_visible_.positions_seeing(key_begin, key_end);
+  }
+
+  // kv gate: the logit of a selected key is m * s q·k.
+  void scale_logits(const KeyBlock& block, int row_vectors, T* s_t) const {
+    if (gate_ == SparseKGate::kv) multiply_by_gates(block, row_vectors, s_t);
+  }
+
+  // Rows outside the interval in which they select a key do not see it.
+  void mask_logits(const KeyBlock& block, Index num_rows, T* s_t) const {
+    const T masked = -std::numeric_limits<T>::infinity();
+    const Index first = block.index - keys_;
+    for (Index j = 0; j < block.count; ++j) {
+      const auto i = static_cast<std::size_t>(first + j);
+      T* column = s_t + j * detail::kBlockQ;
+      std::fill(column, column + std::min(scratch_.row_begin[i], num_rows), masked);
+      std::fill(column + std::min(scratch_.row_end[i], num_rows), column + num_rows, masked);
+    }
+  }
+
+  // value and kv gates: what a selected key adds to the output is scaled by m.
+  void gate_probabilities(const KeyBlock& block, int row_vectors, T* s_t) const {
+    if (gate_ != SparseKGate::none) multiply_by_gates(block, row_vectors, s_t);
+  }
+
+ private:
+  // s_t[j][r] *= clip(u_j − τ_r, 0, 1) over whole row vectors.
+  void multiply_by_gates(const KeyBlock& block, int row_vectors, T* s_t) const {
+    using detail::load;
+    using detail::splat;
+    using detail::store;
+    using detail::Vec;
+    constexpr int L = detail::kLanes<T>;
+    const Index first = block.index - keys_;
+    const Vec<T> zero{};
+    const Vec<T> one = splat(T(1));
+    for (Index j = 0; j < block.count; ++j) {
+      const Vec<T> score = splat(scratch_.score[static_cast<std::size_t>(first + j)]);
+      T* column = s_t + j * detail::kBlockQ;
+      for (int c = 0; c < row_vectors; ++c) {
+        Vec<T> gate = score - load(scratch_.row_threshold.data() + c * L);
+        gate = gate < zero ? zero : gate;
+        gate = gate > one ? one : gate;
+        store(column + c * L, load(column + c * L) * gate);
+      }
+    }
+  }
+
+  const SparseKGeometry& geometry_;
+  const Visibility& always_visible_;
+  const Index* keys_;
+  Index key_count_;
+  Index num_rows_ = 0;
+  SparseKGate gate_;
+  PolicyScratch<T>& scratch_;
+};
+
+template <typename T>
+void attention_impl(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorView<const T, 4> v,
+                    TensorView<const T, 3> u, const SparseKOptions& options, TensorView<T, 4> out,
+                    TensorView<T, 3> lse) {
+  require_sparsek_options(kAttention, options);
+  const detail::FlashParams<T> params =
+      detail::prepare_attention<T>(kAttention, q, k, v, out, shared_options(options), lse, {});
+  const Index batch = q.size(0), heads_kv = k.size(1), len_q = q.size(2), len_k = k.size(2);
+  require_scores(kAttention, u, batch, heads_kv, len_k);
+  detail::require_disjoint(kAttention, "out", out, "u", u);
+  if (!lse.is_null()) detail::require_disjoint(kAttention, "lse", lse, "u", u);
+  if (batch == 0 || heads_kv == 0 || len_q == 0) return;
+
+  const Index group = q.size(1) / heads_kv;
+  SparseKGeometry geometry = SparseKGeometry::make(options, len_q, len_k);
+  geometry.q_offset = params.q_offset;
+  const std::vector<HeadSelection> selections = select_all(u, geometry, params.num_threads);
+
+  // Tile unions of every head (non-causal: every tile shares the one selection).
+  const Index tiles_per_head = (len_q * group + detail::kBlockQ - 1) / detail::kBlockQ;
+  std::vector<TileUnions> unions(static_cast<std::size_t>(batch * heads_kv));
+  parallel_for(batch * heads_kv, detail::threads_for(batch * heads_kv, params.num_threads),
+               [&](Index task) {
+                 detail::build_tile_unions(selections[static_cast<std::size_t>(task)], geometry,
+                                           group, unions[static_cast<std::size_t>(task)]);
+               });
+  Index widest_union = 0;
+  for (const TileUnions& head : unions)
+    for (std::size_t t = 0; t + 1 < head.offsets.size(); ++t)
+      widest_union = std::max(widest_union, head.offsets[t + 1] - head.offsets[t]);
+
+  // Sinks and window: causal with window_left = window - 1 (window > 0); with no window only
+  // the sinks are visited, and every query sees them.
+  const Visibility always_visible =
+      geometry.window > 0
+          ? Visibility::make(true, geometry.window - 1, 0, geometry.sinks, len_q, len_k,
+                             geometry.q_offset)
+          : Visibility::make(false, -1, -1, geometry.sinks, len_q, len_k, geometry.q_offset);
+
+  const Index num_tasks = batch * heads_kv * tiles_per_head;
+  const int num_threads = detail::threads_for(num_tasks, params.num_threads);
+  const detail::TileWorkspace<T> workspace(q.size(3), v.size(3), num_threads);
+  std::vector<PolicyScratch<T>> policy_scratch(static_cast<std::size_t>(num_threads));
+  for (PolicyScratch<T>& scratch : policy_scratch) {
+    scratch.row_begin.resize(static_cast<std::size_t>(widest_union));
+    scratch.row_end.resize(static_cast<std::size_t>(widest_union));
+    scratch.score.resize(static_cast<std::size_t>(widest_union));
+    scratch.row_threshold.resize(static_cast<std::size_t>(detail::kBlockQ));
+  }
+  const detail::TileRunner<T> runner(params, workspace.acc_stride());
+  parallel_for(num_tasks, num_threads, [&](Index task) {
+    // Late tiles see the most keys (the window and sinks are the same for all): first.
+    const Index tile = tiles_per_head - 1 - task % tiles_per_head;
+    const Index head_task = task / tiles_per_head;
+    const Index kv_head = head_task % heads_kv;
+    const Index b = head_task / heads_kv;
+    const TileUnions& head_unions = unions[static_cast<std::size_t>(head_task)];
+    const Index union_begin = head_unions.offsets[static_cast<std::size_t>(tile)];
+    const Index union_end = head_unions.offsets[static_cast<std::size_t>(tile) + 1];
+    const SparseKPolicy<T> policy(
+        geometry, always_visible, selections[static_cast<std::size_t>(head_task)],
+        u.address(b, kv_head, 0), u.stride(2), head_unions.keys.data() + union_begin,
+        union_end - union_begin, group, tile * detail::kBlockQ, options.gate,
+        policy_scratch[static_cast<std::size_t>(detail::thread_index())]);
+    runner.run(policy, b, kv_head, tile * detail::kBlockQ, workspace.for_this_thread());
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Inspection, prefix thresholds, linear scores.
+
+template <typename T>
+void select_impl(TensorView<const T, 3> u, Index len_q, const SparseKOptions& options,
+                 TensorView<std::int64_t, 4> indices, TensorView<T, 4> gates) {
+  constexpr const char* kFunction = "sparsek_select";
+  require_sparsek_options(kFunction, options);
+  check(len_q >= 0, kFunction, ": len_q must be >= 0, got ", len_q);
+  detail::require_valid_view(kFunction, "u", u);
+  const Index batch = u.size(0), heads_kv = u.size(1), len_k = u.size(2);
+  require_scores(kFunction, u, batch, heads_kv, len_k);
+  constexpr Index kMaxOffset = std::numeric_limits<Index>::max() / 8;
+  check(options.q_offset == -1 || (options.q_offset >= 0 && options.q_offset <= kMaxOffset),
+        kFunction, ": q_offset must be in [0, ", kMaxOffset, "] or -1 (Lk - Lq), got ",
+        options.q_offset);
+  check(options.num_threads >= 0, kFunction, ": num_threads must be >= 0, got ",
+        options.num_threads);
+  detail::require_valid_view(kFunction, "indices", indices);
+  detail::require_valid_view(kFunction, "gates", gates);
+  const Index shape[4] = {batch, heads_kv, len_q, options.topk};
+  const char* names[4] = {"u.shape[0] (B)", "u.shape[1] (Hkv)", "len_q", "topk"};
+  for (int d = 0; d < 4; ++d) {
+    detail::require_extent(kFunction, "indices", indices, d, names[d], shape[d]);
+    detail::require_extent(kFunction, "gates", gates, d, names[d], shape[d]);
+  }
+  detail::require_disjoint(kFunction, "gates", gates, "u", u);
+  detail::require_disjoint(kFunction, "indices", indices, "u", u);
+  detail::require_disjoint(kFunction, "indices", indices, "gates", gates);
+  if (batch == 0 || heads_kv == 0 || len_q == 0) return;
+
+  const SparseKGeometry geometry = SparseKGeometry::make(options, len_q, len_k);
+  const int threads = detail::resolve_num_threads(options.num_threads);
+  const std::vector<HeadSelection> selections = select_all(u, geometry, threads);
+  parallel_for(batch * heads_kv, detail::threads_for(batch * heads_kv, threads), [&](Index task) {
+    const Index b = task / heads_kv, h = task % heads_kv;
+    const HeadSelection& selection = selections[static_cast<std::size_t>(task)];
+    detail::SelectionSweep sweep(selection);
+    for (Index i = 0; i < len_q; ++i) {
+      const Index length = geometry.pool_length(geometry.q_offset + i);
+      sweep.advance_to(length);
+      const double tau = selection.tau[static_cast<std::size_t>(length)];
+      const auto& live = sweep.live();
+      for (Index slot = 0; slot < options.topk; ++slot) {
+        const bool used = slot < static_cast<Index>(live.size());
+        const Index key = used ? live[static_cast<std::size_t>(slot)] + geometry.sinks : -1;
+        indices(b, h, i, slot) = key;
+        gates(b, h, i, slot) =
+            used ? static_cast<T>(std::clamp(static_cast<double>(u(b, h, key)) - tau, 0.0, 1.0))
+                 : T(0);
+      }
+    }
+  });
+}
+
+template <typename T>
+void prefix_thresholds_impl(TensorView<const T, 2> z, Index k, TensorView<T, 2> tau,
+                            TensorView<std::int64_t, 2> evicted_at, int num_threads) {
+  constexpr const char* kFunction = "sparsek_prefix_thresholds";
+  check(k >= 1, kFunction, ": k must be >= 1, got ", k);
+  check(num_threads >= 0, kFunction, ": num_threads must be >= 0, got ", num_threads);
+  detail::require_valid_view(kFunction, "z", z);
+  detail::require_valid_view(kFunction, "tau", tau);
+  const Index rows = z.size(0), n = z.size(1);
+  detail::require_extent(kFunction, "tau", tau, 0, "z.shape[0]", rows);
+  detail::require_extent(kFunction, "tau", tau, 1, "z.shape[1]", n);
+  detail::require_disjoint(kFunction, "tau", tau, "z", z);
+  if (!evicted_at.is_null()) {
+    detail::require_valid_view(kFunction, "evicted_at", evicted_at);
+    detail::require_extent(kFunction, "evicted_at", evicted_at, 0, "z.shape[0]", rows);
+    detail::require_extent(kFunction, "evicted_at", evicted_at, 1, "z.shape[1]", n);
+    detail::require_disjoint(kFunction, "evicted_at", evicted_at, "z", z);
+    detail::require_disjoint(kFunction, "evicted_at", evicted_at, "tau", tau);
+  }
+  for (Index r = 0; r < rows; ++r)
+    for (Index j = 0; j < n; ++j)
+      check(std::isfinite(z(r, j)), kFunction, ": z must be finite, got ", z(r, j), " at z[", r,
+            ", ", j, "]");
+  if (rows == 0 || n == 0) return;
+
+  SparseKOptions options;
+  options.topk = k;
+  options.causal = true;
+  const SparseKGeometry geometry = SparseKGeometry::make(options, 0, n);
+  const int threads = detail::resolve_num_threads(num_threads);
+  parallel_for(rows, detail::threads_for(rows, threads), [&](Index r) {
+    HeadSelection selection;
+    detail::select_head(z.address(r, 0), z.stride(1), geometry, selection);
+    for (Index m = 1; m <= n; ++m) tau(r, m - 1) = static_cast<T>(selection.tau[m]);
+    if (!evicted_at.is_null())
+      for (Index j = 0; j < n; ++j) evicted_at(r, j) = selection.evicted_at[j];
+  });
+}
+
+template <typename T>
+void linear_scores_impl(TensorView<const T, 3> x, TensorView<const T, 2> w, double slope,
+                        TensorView<T, 3> u, int num_threads) {
+  constexpr const char* kFunction = "sparsek_linear_scores";
+  detail::require_valid_view(kFunction, "x", x);
+  detail::require_valid_view(kFunction, "w", w);
+  detail::require_valid_view(kFunction, "u", u);
+  check(std::isfinite(slope), kFunction, ": slope must be finite, got ", slope);
+  check(num_threads >= 0, kFunction, ": num_threads must be >= 0, got ", num_threads);
+  const Index batch = x.size(0), len = x.size(1), dim = x.size(2), heads = w.size(0);
+  detail::require_extent(kFunction, "w", w, 1, "x.shape[2] (Dm)", dim);
+  detail::require_extent(kFunction, "u", u, 0, "x.shape[0] (B)", batch);
+  detail::require_extent(kFunction, "u", u, 1, "w.shape[0] (H)", heads);
+  detail::require_extent(kFunction, "u", u, 2, "x.shape[1] (L)", len);
+  detail::require_disjoint(kFunction, "u", u, "x", x);
+  detail::require_disjoint(kFunction, "u", u, "w", w);
+  const int threads = detail::resolve_num_threads(num_threads);
+  parallel_for(batch * len, detail::threads_for(batch * len, threads), [&](Index task) {
+    const Index b = task / len, j = task % len;
+    for (Index h = 0; h < heads; ++h) {
+      double sum = 0;
+      for (Index d = 0; d < dim; ++d)
+        sum += static_cast<double>(x(b, j, d)) * static_cast<double>(w(h, d));
+      u(b, h, j) = static_cast<T>(sum + slope * static_cast<double>(j));
+    }
+  });
+}
+
+}  // namespace
+
+void sparsek_attention(TensorView<const float, 4> q, TensorView<const float, 4> k,
+                       TensorView<const float, 4> v, TensorView<const float, 3> u,
+                       const SparseKOptions& options, TensorView<float, 4> out,
+                       TensorView<float, 3> lse) {
+  attention_impl<float>(q, k, v, u, options, out, lse);
+}
+void sparsek_attention(TensorView<const double, 4> q, TensorView<const double, 4> k,
+                       TensorView<const double, 4> v, TensorView<const double, 3> u,
+                       const SparseKOptions& options, TensorView<double, 4> out,
+                       TensorView<double, 3> lse) {
+  attention_impl<double>(q, k, v, u, options, out, lse);
+}
+
+void sparsek_select(TensorView<const float, 3> u, Index len_q, const SparseKOptions& options,
+                    TensorView<std::int64_t, 4> indices, TensorView<float, 4> gates) {
+  select_impl<float>(u, len_q, options, indices, gates);
+}
+void sparsek_select(TensorView<const double, 3> u, Index len_q, const SparseKOptions& options,
+                    TensorView<std::int64_t, 4> indices, TensorView<double, 4> gates) {
+  select_impl<double>(u, len_q, options, indices, gates);
+}
+
+void sparsek_prefix_thresholds(TensorView<const float, 2> z, Index k, TensorView<float, 2> tau,
+                               TensorView<std::int64_t, 2> evicted_at, int num_threads) {
+  prefix_thresholds_impl<float>(z, k, tau, evicted_at, num_threads);
+}
+void sparsek_prefix_thresholds(TensorView<const double, 2> z, Index k, TensorView<double, 2> tau,
+                               TensorView<std::int64_t, 2> evicted_at, int num_threads) {
+  prefix_thresholds_impl<double>(z, k, tau, evicted_at, num_threads);
+}
+
+void sparsek_linear_scores(TensorView<const float, 3> x, TensorView<const float, 2> w, double slope,
+                           TensorView<float, 3> u, int num_threads) {
+  linear_scores_impl<float>(x, w, slope, u, num_threads);
+}
+void sparsek_linear_scores(TensorView<const double, 3> x, TensorView<const double, 2> w,
+                           double slope, TensorView<double, 3> u, int num_threads) {
+  linear_scores_impl<double>(x, w, slope, u, num_threads);
+}
+
+}  // namespace foveal
