@@ -1,12 +1,14 @@
 // The attention-kernel registry and the kernels foveal registers itself.
 #include "foveal/attention/registry.hpp"
 
+#include <cstdint>
 #include <mutex>
 #include <sstream>
 #include <utility>
 
 #include "foveal/attention/dense.hpp"
 #include "foveal/attention/sliding_window.hpp"
+#include "foveal/attention/sparsek_attention.hpp"
 #include "foveal/core/error.hpp"
 
 namespace foveal {
@@ -74,6 +76,72 @@ class SlidingWindowKernel final : public OptionsKernel<SlidingWindowKernel> {
   }
 };
 
+// SparseK attention: params "topk" (required), "window" (default 0), "gate" (default "value");
+// sinks, causal, scale, softcap, q_offset and threads from config.options; scores as the extra
+// input "u" [B, Hkv, Lk].
+class SparseKKernel final : public AttentionKernel {
+ public:
+  static constexpr const char* kName = "sparsek";
+  explicit SparseKKernel(const AttentionConfig& config) {
+    const char* function = "make_attention(\"sparsek\")";
+    const AttentionOptions& shared = config.options;
+    check(shared.window_left == -1 && shared.window_right == -1, function,
+          ": the window is the param \"window\" (keys before the query); window_left and "
+          "window_right must stay -1, got ",
+          shared.window_left, " and ", shared.window_right);
+    for (const auto& [key, value] : config.params)
+      check(key == "topk" || key == "window" || key == "gate", function, ": unknown param '", key,
+            "'; known: topk, window, gate");
+    const auto found = config.params.find("topk");
+    check(found != config.params.end(), function, ": the param \"topk\" is required");
+    options_.topk = parse_int(function, "topk", found->second);
+    const auto window = config.params.find("window");
+    if (window != config.params.end())
+      options_.window = parse_int(function, "window", window->second);
+    const auto gate = config.params.find("gate");
+    if (gate != config.params.end()) options_.gate = parse_sparsek_gate(gate->second);
+    options_.sink_tokens = shared.sink_tokens;
+    options_.causal = shared.causal;
+    options_.scale = shared.scale;
+    options_.softcap = shared.softcap;
+    options_.q_offset = shared.q_offset;
+    options_.num_threads = shared.num_threads;
+    check(options_.topk >= 1, function, ": topk must be >= 1, got ", options_.topk);
+    check(options_.window >= 0, function, ": window must be >= 0, got ", options_.window);
+    check(options_.causal || options_.window == 0, function,
+          ": a window needs causal = true, got window = ", options_.window);
+  }
+  std::string name() const override { return kName; }
+  void forward(const AttentionArgs<float>& args) const override { run(args); }
+  void forward(const AttentionArgs<double>& args) const override { run(args); }
+
+ private:
+  static std::int64_t parse_int(const char* function, const char* name, const std::string& text) {
+    std::size_t used = 0;
+    long long value = 0;
+    try {
+      value = std::stoll(text, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    check(used == text.size() && used > 0, function, ": param \"", name,
+          "\" must be an integer, got '", text, "'");
+    return value;
+  }
+
+  template <typename T>
+  void run(const AttentionArgs<T>& args) const {
+    check(args.bias.is_null(), kName, ": takes no bias");
+    const auto u = args.extras.find("u");
+    check(u != args.extras.end(), kName, ": needs the scores as the extra input 'u' [B, Hkv, Lk]");
+    for (const auto& entry : args.extras)
+      check(entry.first == "u", kName, ": unexpected extra input '", entry.first, "'");
+    sparsek_attention(args.q, args.k, args.v, u->second, options_, args.out, args.lse);
+  }
+
+  SparseKOptions options_;
+};
+
 struct Registry {
   std::mutex mutex;
   std::map<std::string, AttentionKernelFactory> factories;
@@ -84,6 +152,9 @@ struct Registry {
     };
     factories["sliding_window"] = [](const AttentionConfig& config) {
       return std::make_unique<SlidingWindowKernel>(config);
+    };
+    factories["sparsek"] = [](const AttentionConfig& config) {
+      return std::make_unique<SparseKKernel>(config);
     };
   }
 };
