@@ -604,6 +604,25 @@ TEST(SparseKAttention, QueriesThatSeeNoKeyGetZeroAndMinusInfinityLse) {
   }
 }
 
+TEST(SparseKAttention, CausalSinksAfterTheQueryAreNotVisible) {
+  // Causal sinks need j <= position: with q = k = 0 every visible key weighs the same, so out is
+  // the mean of the visible v_j = j. Lq = Lk = 4, sinks 3, topk 1: query i sees keys 0 .. i
+  // (query 3 adds key 3, its pool's only key).
+  const std::vector<double> zeros(4, 0.0), v = {0, 1, 2, 3};
+  std::vector<double> out(4), lse(4);
+  SparseKOptions o = sparsek_options(1, 0, 3, SparseKGate::none);
+  sparsek_attention(TensorView<const double, 4>(zeros.data(), {1, 1, 4, 1}),
+                    TensorView<const double, 4>(zeros.data(), {1, 1, 4, 1}),
+                    TensorView<const double, 4>(v.data(), {1, 1, 4, 1}),
+                    TensorView<const double, 3>(zeros.data(), {1, 1, 4}), o,
+                    TensorView<double, 4>(out.data(), {1, 1, 4, 1}),
+                    TensorView<double, 3>(lse.data(), {1, 1, 4}));
+  for (Index i = 0; i < 4; ++i) {
+    EXPECT_NEAR(out[i], static_cast<double>(i) / 2, 1e-15) << "query " << i;
+    EXPECT_NEAR(lse[i], std::log(static_cast<double>(i + 1)), 1e-15) << "query " << i;
+  }
+}
+
 TEST(SparseKAttention, LseOutputDoesNotChangeOut) {
   const Problem p = make_problem(2, 4, 2, 70, 90, 12, 10, 49000);
   const Inputs in = random_inputs(p);

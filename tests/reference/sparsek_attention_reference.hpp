@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <vector>
 
@@ -22,9 +23,12 @@ namespace foveal::reference {
 // ---------------------------------------------------------------------------------------------
 // SPARSEK thresholds.
 
-// Every τ that solves SPARSEK(z, k), i.e. Σ clip(z_i − τ, 0, 1) = k: one point when some p_i is
-// fractional; when every p_i is 0 or 1, every τ from the largest zero's score up to the smallest
-// one's score minus 1. Both −inf when k >= n (all ones; no finite τ is singled out).
+// Every τ that solves SPARSEK(z, k), i.e. Σ clip(z_i − τ, 0, 1) = k. With z_(k) the k-th
+// largest score: when z_(k) − 1 >= z_(k+1), the top k can all be 1 and the rest 0, and every τ
+// in [z_(k+1), z_(k) − 1] does that; otherwise some p_i is fractional and τ is the single point
+// the sort-and-scan finds. Both −inf when k >= n (all ones; no finite τ is singled out).
+// (Deciding by the gap rather than by looking for a fractional p keeps a p that rounds to
+// 1 − 1e-16 from hiding a whole interval.)
 struct ThresholdInterval {
   double low = 0, high = 0;
 };
@@ -33,14 +37,11 @@ inline ThresholdInterval sparsek_threshold_interval(const std::vector<double>& z
   std::vector<double> p;
   const double tau = sparsek_reference(z, k, p);
   if (k >= static_cast<std::int64_t>(z.size())) return {tau, tau};
-  double largest_zero = -std::numeric_limits<double>::infinity();
-  double smallest_one = std::numeric_limits<double>::infinity();
-  for (std::size_t i = 0; i < z.size(); ++i) {
-    if (p[i] > 0 && p[i] < 1) return {tau, tau};
-    if (p[i] == 0) largest_zero = std::max(largest_zero, z[i]);
-    if (p[i] == 1) smallest_one = std::min(smallest_one, z[i]);
-  }
-  return {largest_zero, smallest_one - 1};
+  std::vector<double> descending = z;
+  std::sort(descending.begin(), descending.end(), std::greater<>());
+  const double kth = descending[k - 1], next = descending[k];
+  if (kth - 1 >= next) return {next, kth - 1};
+  return {tau, tau};
 }
 
 // z: [n]  ->  [n]: entry m − 1 is the interval of τ of SPARSEK(z[0 .. m), k).
