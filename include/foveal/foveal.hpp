@@ -9,6 +9,7 @@
 #include "foveal/attention/registry.hpp"
 #include "foveal/attention/sliding_window.hpp"
 #include "foveal/attention/sparsek.hpp"
+#include "foveal/attention/sparsek_attention.hpp"
 #include "foveal/core/dtype.hpp"
 #include "foveal/core/error.hpp"
 #include "foveal/core/parallel.hpp"
