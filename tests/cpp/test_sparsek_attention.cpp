@@ -244,31 +244,42 @@ std::vector<double> threshold_scores(std::uint64_t seed, Index count, Scores sco
   return z;
 }
 
-TEST(SparseKPrefixThresholds, MatchReferenceForEveryPrefix) {
-  std::uint64_t seed = 20000;
-  const Index rows = 2;
+// The rows each sweep case holds.
+constexpr Index kSweepRows = 2;
+
+// Calls check(z, n, k) for every score kind, row length of kRowLengths and budget of
+// prefix_budgets, z holding kSweepRows rows of n scores drawn from a seed counted up from
+// `first_seed` (traced).
+template <typename Check>
+void for_each_threshold_case(std::uint64_t first_seed, Check&& check) {
+  std::uint64_t seed = first_seed;
   for (Scores scores : {Scores::kNormal, Scores::kIntegers, Scores::kEqual})
     for (Index n : kRowLengths)
       for (Index k : prefix_budgets(n)) {
         ++seed;
         SCOPED_TRACE(describe("seed=", seed, " n=", n, " k=", k, " scores=", scores_name(scores)));
-        const std::vector<double> z = threshold_scores(seed, rows * n, scores);
-        std::vector<double> tau_float, tau_double;
-        std::vector<std::int64_t> evicted;
-        prefix_thresholds_of<float>(z, rows, n, k, tau_float, evicted);
-        prefix_thresholds_of<double>(z, rows, n, k, tau_double, evicted);
-        for (Index r = 0; r < rows; ++r) {
-          const std::vector<double> row(z.begin() + r * n, z.begin() + (r + 1) * n);
-          const std::vector<reference::ThresholdInterval> want =
-              reference::prefix_threshold_intervals(row, k);
-          for (Index m = 1; m <= n; ++m) {
-            ASSERT_TRUE(threshold_matches<float>(tau_float[r * n + m - 1], want[m - 1], m, k))
-                << "float, row " << r;
-            ASSERT_TRUE(threshold_matches<double>(tau_double[r * n + m - 1], want[m - 1], m, k))
-                << "double, row " << r;
-          }
-        }
+        check(threshold_scores(seed, kSweepRows * n, scores), n, k);
       }
+}
+
+TEST(SparseKPrefixThresholds, MatchReferenceForEveryPrefix) {
+  for_each_threshold_case(20000, [](const std::vector<double>& z, Index n, Index k) {
+    std::vector<double> tau_float, tau_double;
+    std::vector<std::int64_t> evicted;
+    prefix_thresholds_of<float>(z, kSweepRows, n, k, tau_float, evicted);
+    prefix_thresholds_of<double>(z, kSweepRows, n, k, tau_double, evicted);
+    for (Index r = 0; r < kSweepRows; ++r) {
+      const std::vector<double> row(z.begin() + r * n, z.begin() + (r + 1) * n);
+      const std::vector<reference::ThresholdInterval> want =
+          reference::prefix_threshold_intervals(row, k);
+      for (Index m = 1; m <= n; ++m) {
+        ASSERT_TRUE(threshold_matches<float>(tau_float[r * n + m - 1], want[m - 1], m, k))
+            << "float, row " << r;
+        ASSERT_TRUE(threshold_matches<double>(tau_double[r * n + m - 1], want[m - 1], m, k))
+            << "double, row " << r;
+      }
+    }
+  });
 }
 
 TEST(SparseKPrefixThresholds, MatchReferenceOnLongRowsAtSampledPrefixes) {
@@ -319,36 +330,28 @@ TEST(SparseKPrefixThresholds, NeverDecrease) {
 TEST(SparseKPrefixThresholds, EvictedAtGivesTheTopKSetOfEveryPrefix) {
   // The top-k set of the prefix of length m is { j < m : m < evicted_at[j] }, with
   // j + 1 <= evicted_at[j] <= n + 1; ties go to the lower index.
-  std::uint64_t seed = 23000;
-  const Index rows = 2;
-  for (Scores scores : {Scores::kNormal, Scores::kIntegers, Scores::kEqual})
-    for (Index n : kRowLengths)
-      for (Index k : prefix_budgets(n)) {
-        ++seed;
-        SCOPED_TRACE(describe("seed=", seed, " n=", n, " k=", k, " scores=", scores_name(scores)));
-        const std::vector<double> z = threshold_scores(seed, rows * n, scores);
-        for (bool is_float : {true, false}) {
-          SCOPED_TRACE(is_float ? "float" : "double");
-          std::vector<double> tau;
-          std::vector<std::int64_t> evicted;
-          prefix_thresholds_in(is_float, z, rows, n, k, tau, evicted);
-          for (Index r = 0; r < rows; ++r) {
-            const std::vector<double> row(z.begin() + r * n, z.begin() + (r + 1) * n);
-            const std::vector<std::vector<std::int64_t>> sets =
-                reference::prefix_top_k_sets(row, k);
-            for (Index j = 0; j < n; ++j) {
-              ASSERT_GE(evicted[r * n + j], j + 1) << "row " << r << " key " << j;
-              ASSERT_LE(evicted[r * n + j], n + 1) << "row " << r << " key " << j;
-            }
-            for (Index m = 1; m <= n; ++m) {
-              std::vector<std::int64_t> selected;
-              for (Index j = 0; j < m; ++j)
-                if (m < evicted[r * n + j]) selected.push_back(j);
-              ASSERT_EQ(selected, sets[m]) << "row " << r << " prefix " << m;
-            }
-          }
+  for_each_threshold_case(23000, [](const std::vector<double>& z, Index n, Index k) {
+    for (bool is_float : {true, false}) {
+      SCOPED_TRACE(is_float ? "float" : "double");
+      std::vector<double> tau;
+      std::vector<std::int64_t> evicted;
+      prefix_thresholds_in(is_float, z, kSweepRows, n, k, tau, evicted);
+      for (Index r = 0; r < kSweepRows; ++r) {
+        const std::vector<double> row(z.begin() + r * n, z.begin() + (r + 1) * n);
+        const std::vector<std::vector<std::int64_t>> sets = reference::prefix_top_k_sets(row, k);
+        for (Index j = 0; j < n; ++j) {
+          ASSERT_GE(evicted[r * n + j], j + 1) << "row " << r << " key " << j;
+          ASSERT_LE(evicted[r * n + j], n + 1) << "row " << r << " key " << j;
+        }
+        for (Index m = 1; m <= n; ++m) {
+          std::vector<std::int64_t> selected;
+          for (Index j = 0; j < m; ++j)
+            if (m < evicted[r * n + j]) selected.push_back(j);
+          ASSERT_EQ(selected, sets[m]) << "row " << r << " prefix " << m;
         }
       }
+    }
+  });
 }
 
 TEST(SparseKPrefixThresholds, IdenticalForOneTwoThreeThreads) {
