@@ -659,5 +659,5 @@ def make_attention(
 
 from . import spade as spade  # noqa: E402  (after the helpers it uses)
 from . import sparsek as sparsek  # noqa: E402
-from .sparsek import sparsek_attention as sparsek_attention  # noqa: E402
 from . import vq as vq  # noqa: E402
+from .sparsek import sparsek_attention as sparsek_attention  # noqa: E402
