@@ -135,9 +135,10 @@ Index require_parameter(const char* name, const TensorView<const T, Rank>& view,
         groups);
   for (Index g = 0; g < groups; ++g)
     for (Index j = 0; j < columns; ++j) {
-      const double value = Rank == 2 ? static_cast<double>(view.data()[g * view.stride(0) +
-                                                                       j * view.stride(Rank - 1)])
-                                     : static_cast<double>(view.data()[g * view.stride(0)]);
+      const double value =
+          Rank == 2
+              ? static_cast<double>(view.data()[g * view.stride(0) + j * view.stride(Rank - 1)])
+              : static_cast<double>(view.data()[g * view.stride(0)]);
       check(std::isfinite(value), kFunction, ": ", name, "[", g, Rank == 2 ? ", " : "",
             Rank == 2 ? std::to_string(j) : std::string(), "] must be finite, got ", value);
     }
@@ -252,8 +253,7 @@ inline void multiply_complex(T& re, T& im, T m_re, T m_im) {
 
 // spectrum *= table, bin by bin (conj(table) when `kConjugate`).
 template <typename T, bool kConjugate>
-void multiply_spectrum(T* __restrict spectrum, const T* __restrict table, Index bins,
-                       Index lanes) {
+void multiply_spectrum(T* __restrict spectrum, const T* __restrict table, Index bins, Index lanes) {
   for (Index bin = 0; bin < bins; ++bin) {
     T* __restrict re = spectrum + 2 * bin * lanes;
     T* __restrict im = re + lanes;
@@ -267,14 +267,14 @@ void multiply_spectrum(T* __restrict spectrum, const T* __restrict table, Index 
 // What the backward's fused pass over one chunk needs besides the spectra.
 template <typename T>
 struct MomentPass {
-  const T* multiplier;  // the chunk's table (skip folded in)
-  const T* derivative;  // the chunk's ∂m/∂λ table (forced mode), else null: τ (m − D)
-  const T* time;        // [lanes] τ
-  const T* skip;        // [lanes] D
-  const T* column_weight;    // [Ws] w(kx) (1 on self-conjugate columns, else 2)
-  const T* column_weight_k;  // [Ws] w(kx) kx
-  const T* column_weight_kk; // [Ws] w(kx) kx²
-  const double* row_k;       // [Ht] ky
+  const T* multiplier;        // the chunk's table (skip folded in)
+  const T* derivative;        // the chunk's ∂m/∂λ table (forced mode), else null: τ (m − D)
+  const T* time;              // [lanes] τ
+  const T* skip;              // [lanes] D
+  const T* column_weight;     // [Ws] w(kx) (1 on self-conjugate columns, else 2)
+  const T* column_weight_k;   // [Ws] w(kx) kx
+  const T* column_weight_kk;  // [Ws] w(kx) kx²
+  const double* row_k;        // [Ht] ky
   Index rows, columns, lanes;
 };
 
@@ -425,25 +425,24 @@ struct PdeSsm<T>::State {
     run_begins.push_back(channels);
     const Index runs = static_cast<Index>(run_begins.size()) - 1;
     T* values = table.get();
-    parallel_for(runs * transform_height, detail::resolve_num_threads(num_threads),
-                 [&](Index task) {
-                   const Index run = task / transform_height, row = task % transform_height;
-                   const Index first = run_begins[static_cast<std::size_t>(run)];
-                   const Index end = run_begins[static_cast<std::size_t>(run) + 1];
-                   const ChannelCoefficients& pde = coefficients[static_cast<std::size_t>(first)];
-                   const double k_y = row_wavenumber(row);
-                   for (Index column = 0; column < spectrum_width; ++column) {
-                     const MultiplierValues m =
-                         multiplier_at(pde, options.mode, k_y, column_wavenumber(column));
-                     const std::complex<double> value =
-                         derivative ? m.derivative : m.multiplier + pde.skip;
-                     const Index bin = row * spectrum_width + column;
-                     for (Index c = first; c < end; ++c) {
-                       values[table_offset(c, bin, 0)] = static_cast<T>(value.real());
-                       values[table_offset(c, bin, 1)] = static_cast<T>(value.imag());
-                     }
-                   }
-                 });
+    parallel_for(
+        runs * transform_height, detail::resolve_num_threads(num_threads), [&](Index task) {
+          const Index run = task / transform_height, row = task % transform_height;
+          const Index first = run_begins[static_cast<std::size_t>(run)];
+          const Index end = run_begins[static_cast<std::size_t>(run) + 1];
+          const ChannelCoefficients& pde = coefficients[static_cast<std::size_t>(first)];
+          const double k_y = row_wavenumber(row);
+          for (Index column = 0; column < spectrum_width; ++column) {
+            const MultiplierValues m =
+                multiplier_at(pde, options.mode, k_y, column_wavenumber(column));
+            const std::complex<double> value = derivative ? m.derivative : m.multiplier + pde.skip;
+            const Index bin = row * spectrum_width + column;
+            for (Index c = first; c < end; ++c) {
+              values[table_offset(c, bin, 0)] = static_cast<T>(value.real());
+              values[table_offset(c, bin, 1)] = static_cast<T>(value.imag());
+            }
+          }
+        });
     return table;
   }
 
@@ -458,9 +457,8 @@ struct PdeSsm<T>::State {
 };
 
 template <typename T>
-PdeSsm<T>::PdeSsm(Index height, Index width, Index channels,
-                  const PdeSsmParameters<T>& parameters, const PdeSsmOptions& options,
-                  int num_threads)
+PdeSsm<T>::PdeSsm(Index height, Index width, Index channels, const PdeSsmParameters<T>& parameters,
+                  const PdeSsmOptions& options, int num_threads)
     : state_(std::make_shared<const State>(height, width, channels, parameters, options,
                                            num_threads)) {}
 
@@ -519,8 +517,7 @@ namespace {
 // Writes the per-group sums of per-channel values value(c, j) (j < columns) into `gradient`
 // [G, columns] or [G], channels of a group summed in order; a null view is skipped.
 template <typename T, int Rank, typename Value>
-void write_group_sums(TensorView<T, Rank> gradient, Index channels, Index columns,
-                      Value&& value) {
+void write_group_sums(TensorView<T, Rank> gradient, Index channels, Index columns, Value&& value) {
   if (gradient.is_null()) return;
   const Index groups = gradient.size(0), per_group = channels / groups;
   for (Index g = 0; g < groups; ++g)
@@ -559,8 +556,7 @@ void PdeSsm<T>::backward(TensorView<const T, 4> x, TensorView<const T, 4> grad_o
   const bool want_parameters = !gradients.diffusion.is_null() || !gradients.velocity.is_null() ||
                                !gradients.reaction.is_null() || !gradients.time.is_null() ||
                                !gradients.skip.is_null();
-  if (want_parameters)
-    require_grid_tensor(kBackward, "x", x, s.height, s.width, s.channels, batch);
+  if (want_parameters) require_grid_tensor(kBackward, "x", x, s.height, s.width, s.channels, batch);
   if (!grad_x.is_null()) {
     require_grid_tensor(kBackward, "grad_x", grad_x, s.height, s.width, s.channels, batch);
     detail::require_disjoint(kBackward, "grad_x", grad_x, "grad_out", grad_out);
@@ -639,8 +635,7 @@ void PdeSsm<T>::backward(TensorView<const T, 4> x, TensorView<const T, 4> grad_o
           moments_and_adjoint<T, false>(pass, spectrum_g, spectrum_u, chunk_moments);
         }
       } else {
-        multiply_spectrum<T, true>(spectrum_g, s.multiplier.get() + table_begin, s.bins(),
-                                   lanes);
+        multiply_spectrum<T, true>(spectrum_g, s.multiplier.get() + table_begin, s.bins(), lanes);
       }
       if (!grad_x.is_null())
         s.fft.inverse(spectrum_g, grad_x.address(b, 0, 0, begin), grad_x.stride(1),
@@ -668,9 +663,8 @@ void PdeSsm<T>::backward(TensorView<const T, 4> x, TensorView<const T, 4> grad_o
     // λ = −(K_yy ky² + 2 K_xy ky kx + K_xx kx²) + r − i (b_y ky + b_x kx).
     const double grad_k_yy = -re_a_yy, grad_k_xy = -2 * re_a_yx, grad_k_xx = -re_a_xx;
     // ∂m/∂τ = λ m (initial value) or (m + λ ∂m/∂λ) / τ... both as (c_f m P + λ A) / τ.
-    const double re_lambda_a = pde.reaction * re_a + pde.k_yy * grad_k_yy +
-                               pde.k_xy * grad_k_xy + pde.k_xx * grad_k_xx + pde.b_y * im_a_y +
-                               pde.b_x * im_a_x;
+    const double re_lambda_a = pde.reaction * re_a + pde.k_yy * grad_k_yy + pde.k_xy * grad_k_xy +
+                               pde.k_xx * grad_k_xx + pde.b_y * im_a_y + pde.b_x * im_a_x;
     std::array<double, 3> grad_diffusion{grad_k_yy, grad_k_xy, grad_k_xx};
     if (s.options.diffusion_form == PdeSsmDiffusionForm::cholesky) {
       const auto& [l_yy, l_xy, l_xx] = pde.diffusion_parameters;

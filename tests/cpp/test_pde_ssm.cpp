@@ -244,10 +244,9 @@ void check_against_reference() {
       for (PdeSsmBoundary boundary : kBoundaries)
         for (bool channels_first : {false, true}) {
           RandomSource random(++seed);
-          const test::Shape<4> shape = {random.integer(1, 2), random.pick(kExtents),
-                                        random.pick(kExtents),
-                                        random.pick({Index{1}, Index{3}, Index{6}, Index{17},
-                                                     Index{36}, Index{40}})};
+          const test::Shape<4> shape = {
+              random.integer(1, 2), random.pick(kExtents), random.pick(kExtents),
+              random.pick({Index{1}, Index{3}, Index{6}, Index{17}, Index{36}, Index{40}})};
           const PdeSsmDiffusionForm parameterization =
               random.chance(0.5) ? PdeSsmDiffusionForm::raw : PdeSsmDiffusionForm::cholesky;
           const PdeSsmOptions options = make_options(mode, boundary, parameterization);
@@ -428,11 +427,11 @@ TEST(PdeSsm, VanishingTimeIsTheIdentity) {
   const std::vector<double> x = random.normal(test::shape_numel<4>(shape));
   for (PdeSsmBoundary boundary : kBoundaries) {
     // Initial value: y → x. Forced: y ≈ τ x (the input held for a vanishing time).
-    const std::vector<double> y_initial = run_forward<double>(
-        x, shape, p, make_options(PdeSsmMode::initial_value, boundary), false);
+    const std::vector<double> y_initial =
+        run_forward<double>(x, shape, p, make_options(PdeSsmMode::initial_value, boundary), false);
     EXPECT_TRUE(test::matches_reference(y_initial, x, 1e-7));
-    std::vector<double> y_forced = run_forward<double>(
-        x, shape, p, make_options(PdeSsmMode::forced, boundary), false);
+    std::vector<double> y_forced =
+        run_forward<double>(x, shape, p, make_options(PdeSsmMode::forced, boundary), false);
     for (double& value : y_forced) value /= 1e-9;
     EXPECT_TRUE(test::matches_reference(y_forced, x, 1e-7));
   }
@@ -450,8 +449,8 @@ TEST(PdeSsm, ForcedModeIsExactWhereTheSymbolVanishes) {
     std::vector<double> expected = x;
     for (double& value : expected) value *= factor;
     EXPECT_TRUE(test::matches_reference(
-        run_forward<double>(x, shape, p,
-                            make_options(PdeSsmMode::forced, PdeSsmBoundary::periodic), false),
+        run_forward<double>(x, shape, p, make_options(PdeSsmMode::forced, PdeSsmBoundary::periodic),
+                            false),
         expected, 1e-14))
         << "r = " << r;
   }
@@ -507,7 +506,8 @@ TEST(PdeSsm, BackwardMatchesAdjointReferenceAndFiniteDifferences) {
   std::uint64_t seed = 1000;
   for (PdeSsmMode mode : kModes)
     for (PdeSsmBoundary boundary : kBoundaries)
-      for (PdeSsmDiffusionForm parameterization : {PdeSsmDiffusionForm::cholesky, PdeSsmDiffusionForm::raw}) {
+      for (PdeSsmDiffusionForm parameterization :
+           {PdeSsmDiffusionForm::cholesky, PdeSsmDiffusionForm::raw}) {
         RandomSource random(++seed);
         const test::Shape<4> shape = {2, random.pick(kExtents), random.pick(kExtents),
                                       random.pick({Index{1}, Index{4}, Index{6}})};
@@ -520,16 +520,16 @@ TEST(PdeSsm, BackwardMatchesAdjointReferenceAndFiniteDifferences) {
         const std::vector<double> grad_out = random.normal(test::shape_numel<4>(shape));
         const auto [grad_x, gradients] =
             run_backward<double>(x, grad_out, shape, p, options, random.chance(0.5));
-        EXPECT_TRUE(test::matches_reference(grad_x, run_reference(grad_out, shape, p, options, true),
-                                            1e-12));
+        EXPECT_TRUE(test::matches_reference(
+            grad_x, run_reference(grad_out, shape, p, options, true), 1e-12));
         EXPECT_TRUE(test::matches_reference(
             gradients, finite_difference_gradients(x, grad_out, shape, p, options), 1e-7));
         // Float accumulates its moments in float rows: a looser bound against double.
         const auto [grad_x_float, gradients_float] =
             run_backward<float>(x, grad_out, shape, p.rounded<float>(), options, false);
-        const auto [grad_x_rounded, gradients_rounded] = run_backward<double>(
-            test::round_to<float>(x), test::round_to<float>(grad_out), shape, p.rounded<float>(),
-            options, false);
+        const auto [grad_x_rounded, gradients_rounded] =
+            run_backward<double>(test::round_to<float>(x), test::round_to<float>(grad_out), shape,
+                                 p.rounded<float>(), options, false);
         EXPECT_TRUE(test::matches_reference(grad_x_float, grad_x_rounded, 3e-6));
         EXPECT_TRUE(test::matches_reference(gradients_float, gradients_rounded, 2e-5));
       }
@@ -553,8 +553,8 @@ TEST(PdeSsm, BackwardComputesOnlyWhatIsAsked) {
   // Parameter gradients only.
   const GridTensor<double> input(x, shape, false);
   GradientBuffers<double> only_parameters(p);
-  pde_ssm_backward(input.const_view(), grad.const_view(), typed.views(),
-                   TensorView<double, 4>(), only_parameters.views(), options);
+  pde_ssm_backward(input.const_view(), grad.const_view(), typed.views(), TensorView<double, 4>(),
+                   only_parameters.views(), options);
   EXPECT_TRUE(test::bitwise_equal(only_parameters.all(), gradients));
 }
 
@@ -572,8 +572,8 @@ TEST(PdeSsm, ResultsAreIdenticalForAnyThreadCount) {
       const std::vector<double> y1 = run_forward<float>(x, shape, p, options, false, 1);
       const auto backward1 = run_backward<float>(x, g, shape, p, options, false, 1);
       for (int threads : {2, 3}) {
-        EXPECT_TRUE(test::bitwise_equal(run_forward<float>(x, shape, p, options, false, threads),
-                                        y1));
+        EXPECT_TRUE(
+            test::bitwise_equal(run_forward<float>(x, shape, p, options, false, threads), y1));
         const auto backward = run_backward<float>(x, g, shape, p, options, false, threads);
         EXPECT_TRUE(test::bitwise_equal(backward[0], backward1[0]));
         EXPECT_TRUE(test::bitwise_equal(backward[1], backward1[1]));
@@ -625,13 +625,14 @@ TEST(PdeSsm, RejectsBadInputAndLeavesTheOutputUntouched) {
   EXPECT_TRUE(rejects(p, periodic, {"time[0]", "must be > 0", "got -1"}));
   p = good;
   p.diffusion = {1, 2, 1};
-  EXPECT_TRUE(rejects(p, make_options(PdeSsmMode::initial_value, PdeSsmBoundary::periodic,
-                                      PdeSsmDiffusionForm::raw),
-                      {"diffusion[0]", "positive semi-definite", "(1, 2, 1)"}));
+  EXPECT_TRUE(rejects(
+      p,
+      make_options(PdeSsmMode::initial_value, PdeSsmBoundary::periodic, PdeSsmDiffusionForm::raw),
+      {"diffusion[0]", "positive semi-definite", "(1, 2, 1)"}));
   p.diffusion = {-1, 0, 1};
-  EXPECT_TRUE(rejects(p, make_options(PdeSsmMode::forced, PdeSsmBoundary::zero,
-                                      PdeSsmDiffusionForm::raw),
-                      {"diffusion[0]", "positive semi-definite"}));
+  EXPECT_TRUE(
+      rejects(p, make_options(PdeSsmMode::forced, PdeSsmBoundary::zero, PdeSsmDiffusionForm::raw),
+              {"diffusion[0]", "positive semi-definite"}));
   p.diffusion = {1, 2, 1};  // fine as a Cholesky factor
   const TypedParameters<float> cholesky(p);
   pde_ssm(x.const_view(), cholesky.views(), out.view, periodic);
@@ -668,8 +669,8 @@ TEST(PdeSsm, RejectsBadInputAndLeavesTheOutputUntouched) {
                 periodic);
       },
       {"height (H) must be >= 1", "got 0"}));
-  EXPECT_TRUE(throws_error_with(
-      [&] { PdeSsm<float>(4, 0, 6, typed.views(), periodic); }, {"width (W) must be >= 1"}));
+  EXPECT_TRUE(throws_error_with([&] { PdeSsm<float>(4, 0, 6, typed.views(), periodic); },
+                                {"width (W) must be >= 1"}));
   // Shapes of the tensors against the block.
   const PdeSsm<float> block(4, 5, 6, typed.views(), periodic);
   GridTensor<float> wrong(test::Shape<4>{2, 4, 5, 3}, false);
@@ -680,8 +681,8 @@ TEST(PdeSsm, RejectsBadInputAndLeavesTheOutputUntouched) {
                                 {"out.shape[0]", "B = 2", "got 1"}));
   EXPECT_TRUE(throws_error_with(
       [&] {
-        block.forward(x.const_view(), TensorView<float, 4>(const_cast<float*>(x.storage.data()),
-                                                           shape));
+        block.forward(x.const_view(),
+                      TensorView<float, 4>(const_cast<float*>(x.storage.data()), shape));
       },
       {"out must not overlap x"}));
   // Gradients of the wrong shape, or for a skip the block does not have.

@@ -89,9 +89,8 @@ class PdeSsm {
   // gradients (OPERATORS.md §5): grad_x = F⁻¹[conj(m) F grad_out] + D ⊙ grad_out, and
   // ∂L/∂θ = Σ_k Re(conj(ĝ_k) ∂m_k/∂θ û_k) summed over channels of a group and the batch in a
   // fixed order. Bitwise identical for any thread count.
-  void backward(TensorView<const T, 4> x, TensorView<const T, 4> grad_out,
-                TensorView<T, 4> grad_x, const PdeSsmGradients<T>& gradients,
-                int num_threads = 0) const;
+  void backward(TensorView<const T, 4> x, TensorView<const T, 4> grad_out, TensorView<T, 4> grad_x,
+                const PdeSsmGradients<T>& gradients, int num_threads = 0) const;
 
   Index height() const;
   Index width() const;
