@@ -69,54 +69,45 @@ struct ChannelCoefficients {
 // The signed FFT frequency of bin `index` of an n-point transform: 0..n/2, then -(n/2-1)..-1.
 Index signed_frequency(Index index, Index n) { return index <= n / 2 ? index : index - n; }
 
-// φ(z) = (e^z − 1)/z and φ'(z), accurate for every z: Taylor series where |z| < 1/2 (where
-// e^z − 1 cancels), e^z − 1 from expm1 of the real part elsewhere.
+// φ(z) = (e^z − 1)/z and φ'(z) given e^z, accurate for every z: Taylor series where
+// |z| < 1/2 (where e^z − 1 cancels), the closed forms elsewhere (|e^z − 1| is not small there,
+// or, near z = 2πik, φ itself is).
 struct PhiValues {
   std::complex<double> phi;
   std::complex<double> derivative;
 };
 
-PhiValues phi_and_derivative(std::complex<double> z) {
-  if (std::abs(z) < 0.5) {
-    // φ = Σ_{n≥0} z^n/(n+1)!, φ' = Σ_{n≥1} n z^{n-1}/(n+1)!; 20 terms leave < 1e-24.
-    constexpr int kTerms = 20;
-    double inverse_factorial[kTerms + 2];
-    inverse_factorial[0] = 1;
-    for (int n = 1; n < kTerms + 2; ++n) inverse_factorial[n] = inverse_factorial[n - 1] / n;
+PhiValues phi_and_derivative(std::complex<double> z, std::complex<double> exp_z) {
+  if (std::norm(z) < 0.25) {
+    // φ = Σ_{n≥0} z^n/(n+1)!, φ' = Σ_{n≥1} n z^{n-1}/(n+1)!; 16 terms leave < 1e-18.
+    constexpr int kTerms = 16;
     std::complex<double> phi = 0, derivative = 0;
-    for (int n = kTerms; n >= 0; --n) phi = phi * z + inverse_factorial[n + 1];
-    for (int n = kTerms; n >= 1; --n)
-      derivative = derivative * z + static_cast<double>(n) * inverse_factorial[n + 1];
+    double inverse_factorial = 1;  // 1/(n+1)!, built up to n = kTerms
+    for (int n = 1; n <= kTerms + 1; ++n) inverse_factorial /= n;
+    for (int n = kTerms; n >= 0; --n) {
+      phi = phi * z + inverse_factorial;
+      if (n >= 1) derivative = derivative * z + static_cast<double>(n) * inverse_factorial;
+      inverse_factorial *= n + 1;
+    }
     return {phi, derivative};
   }
-  const double half_sin = std::sin(0.5 * z.imag());
-  // e^z − 1 = (expm1(a) cos θ − 2 sin²(θ/2)) + i e^a sin θ, free of cancellation.
-  const std::complex<double> exp_minus_one(
-      std::expm1(z.real()) * std::cos(z.imag()) - 2 * half_sin * half_sin,
-      std::exp(z.real()) * std::sin(z.imag()));
-  const std::complex<double> phi = exp_minus_one / z;
-  return {phi, (exp_minus_one + 1.0 - phi) / z};
+  const std::complex<double> phi = (exp_z - 1.0) / z;
+  return {phi, (exp_z - phi) / z};
 }
 
-// The solution multiplier m(k) of one channel and, for forced mode, ∂m/∂λ, at wavenumber k.
+// The solution multiplier m(k) of one channel and, for forced mode, ∂m/∂λ, at one wavenumber,
+// from z = τλ and e^{i Im z} (the caller builds the phase from per-row and per-column tables).
 struct MultiplierValues {
   std::complex<double> multiplier;
-  std::complex<double> derivative;  // ∂m/∂λ (forced mode only; initial value: τ m)
+  std::complex<double> derivative;  // ∂m/∂λ: τ m (initial value), τ² φ'(z) (forced)
 };
 
-MultiplierValues multiplier_at(const ChannelCoefficients& c, PdeSsmMode mode, double k_y,
-                               double k_x) {
-  const double quadratic = c.k_yy * k_y * k_y + 2 * c.k_xy * k_y * k_x + c.k_xx * k_x * k_x;
-  // z = τ λ, λ = −kᵀKk + r − i b·k.
-  const std::complex<double> z(c.time * (c.reaction - quadratic),
-                               -c.time * (c.b_y * k_y + c.b_x * k_x));
-  if (mode == PdeSsmMode::initial_value) {
-    const double magnitude = std::exp(z.real());
-    const std::complex<double> m(magnitude * std::cos(z.imag()), magnitude * std::sin(z.imag()));
-    return {m, c.time * m};
-  }
-  const PhiValues phi = phi_and_derivative(z);
-  return {c.time * phi.phi, c.time * c.time * phi.derivative};
+MultiplierValues multiplier_at(double time, PdeSsmMode mode, std::complex<double> z,
+                               std::complex<double> phase) {
+  const std::complex<double> exp_z = std::exp(z.real()) * phase;
+  if (mode == PdeSsmMode::initial_value) return {exp_z, time * exp_z};
+  const PhiValues phi = phi_and_derivative(z, exp_z);
+  return {time * phi.phi, time * time * phi.derivative};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -389,7 +380,8 @@ struct PdeSsm<T>::State {
         spectrum_width(transform_width / 2 + 1),
         coefficients(resolve_coefficients(parameters, options_, channels_, groups)),
         fft(transform_height, transform_width),
-        chunk_lanes(std::min(channels_, kChunkLanes<T>)) {
+        chunk_lanes(std::min(channels_, kChunkLanes<T>)),
+        chunk_places(make_chunk_places()) {
     multiplier = fill_table(false, num_threads);
   }
 
@@ -398,12 +390,6 @@ struct PdeSsm<T>::State {
   Index chunk_begin(Index chunk) const { return chunk * chunk_lanes; }
   Index chunk_size(Index chunk) const {
     return std::min(chunk_lanes, channels - chunk_begin(chunk));
-  }
-  // Offset of channel c's entry for (bin, part) in a chunked table.
-  Index table_offset(Index c, Index bin, Index part) const {
-    const Index begin = c / chunk_lanes * chunk_lanes;
-    const Index lanes = std::min(chunk_lanes, channels - begin);
-    return begin * bins() * 2 + (bin * 2 + part) * lanes + (c - begin);
   }
   double row_wavenumber(Index row) const {
     return kTwoPi * static_cast<double>(signed_frequency(row, transform_height)) /
@@ -414,7 +400,9 @@ struct PdeSsm<T>::State {
   }
 
   // The chunked table of every channel's multiplier with its skip added (or, with
-  // `derivative`, of ∂m/∂λ), one task per (run of channels with the same PDE, row).
+  // `derivative`, of ∂m/∂λ), one task per (run of channels with the same PDE, row). The phase
+  // e^{−iτ b·k} is the product of a per-row and a per-column factor: one sine and cosine per
+  // row and column instead of per bin.
   detail::AlignedArray<T> fill_table(bool derivative, int num_threads) const {
     auto table = detail::allocate_aligned<T>(static_cast<std::size_t>(channels * bins() * 2));
     std::vector<Index> run_begins;
@@ -424,26 +412,59 @@ struct PdeSsm<T>::State {
         run_begins.push_back(c);
     run_begins.push_back(channels);
     const Index runs = static_cast<Index>(run_begins.size()) - 1;
+    const int threads = detail::resolve_num_threads(num_threads);
+    std::vector<std::complex<double>> column_phase(static_cast<std::size_t>(runs * spectrum_width));
+    parallel_for(runs, threads, [&](Index run) {
+      const ChannelCoefficients& pde =
+          coefficients[static_cast<std::size_t>(run_begins[static_cast<std::size_t>(run)])];
+      for (Index column = 0; column < spectrum_width; ++column)
+        column_phase[static_cast<std::size_t>(run * spectrum_width + column)] =
+            std::polar(1.0, -pde.time * pde.b_x * column_wavenumber(column));
+    });
     T* values = table.get();
-    parallel_for(
-        runs * transform_height, detail::resolve_num_threads(num_threads), [&](Index task) {
-          const Index run = task / transform_height, row = task % transform_height;
-          const Index first = run_begins[static_cast<std::size_t>(run)];
-          const Index end = run_begins[static_cast<std::size_t>(run) + 1];
-          const ChannelCoefficients& pde = coefficients[static_cast<std::size_t>(first)];
-          const double k_y = row_wavenumber(row);
-          for (Index column = 0; column < spectrum_width; ++column) {
-            const MultiplierValues m =
-                multiplier_at(pde, options.mode, k_y, column_wavenumber(column));
-            const std::complex<double> value = derivative ? m.derivative : m.multiplier + pde.skip;
-            const Index bin = row * spectrum_width + column;
-            for (Index c = first; c < end; ++c) {
-              values[table_offset(c, bin, 0)] = static_cast<T>(value.real());
-              values[table_offset(c, bin, 1)] = static_cast<T>(value.imag());
-            }
-          }
-        });
+    parallel_for(runs * transform_height, threads, [&](Index task) {
+      const Index run = task / transform_height, row = task % transform_height;
+      const Index first = run_begins[static_cast<std::size_t>(run)];
+      const Index end = run_begins[static_cast<std::size_t>(run) + 1];
+      const ChannelCoefficients& pde = coefficients[static_cast<std::size_t>(first)];
+      const double k_y = row_wavenumber(row);
+      const std::complex<double> row_phase = std::polar(1.0, -pde.time * pde.b_y * k_y);
+      const std::complex<double>* phases =
+          column_phase.data() + static_cast<std::size_t>(run * spectrum_width);
+      for (Index column = 0; column < spectrum_width; ++column) {
+        const double k_x = column_wavenumber(column);
+        const double quadratic =
+            pde.k_yy * k_y * k_y + 2 * pde.k_xy * k_y * k_x + pde.k_xx * k_x * k_x;
+        // z = τλ, λ = −kᵀKk + r − i b·k.
+        const std::complex<double> z(pde.time * (pde.reaction - quadratic),
+                                     -pde.time * (pde.b_y * k_y + pde.b_x * k_x));
+        const MultiplierValues m =
+            multiplier_at(pde.time, options.mode, z, row_phase * phases[column]);
+        const std::complex<double> value = derivative ? m.derivative : m.multiplier + pde.skip;
+        const Index bin = row * spectrum_width + column;
+        for (Index c = first; c < end; ++c) {
+          const ChunkPlace& place = chunk_places[static_cast<std::size_t>(c)];
+          values[place.base + 2 * bin * place.lanes] = static_cast<T>(value.real());
+          values[place.base + (2 * bin + 1) * place.lanes] = static_cast<T>(value.imag());
+        }
+      }
+    });
     return table;
+  }
+
+  // Where channel c sits in a chunked table: entry (bin, part) at base + (2 bin + part) lanes.
+  struct ChunkPlace {
+    Index base = 0;   // chunk begin · bins · 2 + lane
+    Index lanes = 0;  // channels in the chunk
+  };
+  std::vector<ChunkPlace> make_chunk_places() const {
+    std::vector<ChunkPlace> places(static_cast<std::size_t>(channels));
+    for (Index c = 0; c < channels; ++c) {
+      const Index begin = c / chunk_lanes * chunk_lanes;
+      places[static_cast<std::size_t>(c)] = {begin * bins() * 2 + (c - begin),
+                                             std::min(chunk_lanes, channels - begin)};
+    }
+    return places;
   }
 
   Index height, width, channels;
@@ -453,7 +474,8 @@ struct PdeSsm<T>::State {
   std::vector<ChannelCoefficients> coefficients;
   detail::RealFft2d<T> fft;
   Index chunk_lanes;
-  detail::AlignedArray<T> multiplier;  // chunked: [chunk][bin][re, im][lane], skip folded in
+  std::vector<ChunkPlace> chunk_places;  // per channel
+  detail::AlignedArray<T> multiplier;    // chunked: [chunk][bin][re, im][lane], skip folded in
 };
 
 template <typename T>
