@@ -153,6 +153,14 @@ def run(
     return rows
 
 
+def cached_forward(side: int, batch: int, params: dict, generator) -> Callable:
+    """A call of PdeSsm.forward (multiplier cached) on a fresh [batch, side, side, C] input."""
+    x = torch.randn(batch, side, side, CHANNELS, generator=generator)
+    out = torch.empty_like(x)
+    block = pde.PdeSsm(side, side, CHANNELS, *(value.detach().numpy() for value in params.values()))
+    return lambda: block(x, out=out)
+
+
 def size_sweep(seconds: float, median_time, generator, params: dict, full: bool) -> list:
     """foveal forward (cached multiplier, periodic, 1 thread) over a fixed token count."""
     tokens = BATCH * 128 * 128 if full else 2 * 128 * 128
@@ -161,13 +169,9 @@ def size_sweep(seconds: float, median_time, generator, params: dict, full: bool)
     print(f"{'grid':>8}{'batch':>7}{'foveal ms':>11}{'ns/token':>10}{'vs 32x32':>10}")
     foveal.set_num_threads(1)
     rows = []
-    numpy_params = [value.detach().numpy() for value in params.values()]
     for side in sides:
         batch = max(1, tokens // (side * side))
-        x = torch.randn(batch, side, side, CHANNELS, generator=generator)
-        out = torch.empty_like(x)
-        block = pde.PdeSsm(side, side, CHANNELS, *numpy_params)
-        seconds_per_call = median_time(lambda x=x, out=out, b=block: b(x, out=out), seconds, 3)
+        seconds_per_call = median_time(cached_forward(side, batch, params, generator), seconds, 3)
         per_token = seconds_per_call * 1e9 / (batch * side * side)
         growth = per_token / rows[0]["foveal_ns_per_token"] if rows else 1.0
         rows.append(
@@ -199,16 +203,13 @@ def crossover(seconds: float, median_time, generator, params: dict, full: bool) 
     )
     print(f"{'grid':>8}{'L':>7}{'pde ms':>10}{'attention ms':>14}{'attn / pde':>12}")
     foveal.set_num_threads(1)
-    numpy_params = [value.detach().numpy() for value in params.values()]
     rows = []
     for side in sides:
         length = side * side
-        x = torch.randn(1, side, side, CHANNELS, generator=generator)
-        out = torch.empty_like(x)
-        block = pde.PdeSsm(side, side, CHANNELS, *numpy_params)
+        run_pde = cached_forward(side, 1, params, generator)
         q, k, v = (torch.randn(1, heads, length, dim, generator=generator) for _ in range(3))
         attention_out = torch.empty_like(q)
-        pde_s = median_time(lambda x=x, out=out, b=block: b(x, out=out), seconds / 2, 3)
+        pde_s = median_time(run_pde, seconds / 2, 3)
         attention_s = median_time(
             lambda q=q, k=k, v=v, o=attention_out: foveal.attention(q, k, v, out=o), seconds / 2, 3
         )

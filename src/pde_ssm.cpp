@@ -720,24 +720,32 @@ void PdeSsm<T>::backward(TensorView<const T, 4> x, TensorView<const T, 4> grad_o
 template class PdeSsm<float>;
 template class PdeSsm<double>;
 
+namespace {
+
+// The free functions: a block built for the call (grid and channels from the tensor).
+template <typename T>
+PdeSsm<T> block_for(TensorView<const T, 4> grid, const PdeSsmParameters<T>& parameters,
+                    const PdeSsmOptions& options, int num_threads) {
+  return PdeSsm<T>(grid.size(1), grid.size(2), grid.size(3), parameters, options, num_threads);
+}
+
+}  // namespace
+
 void pde_ssm(TensorView<const float, 4> x, const PdeSsmParameters<float>& parameters,
              TensorView<float, 4> out, const PdeSsmOptions& options, int num_threads) {
-  PdeSsm<float>(x.size(1), x.size(2), x.size(3), parameters, options, num_threads)
-      .forward(x, out, num_threads);
+  block_for(x, parameters, options, num_threads).forward(x, out, num_threads);
 }
 
 void pde_ssm(TensorView<const double, 4> x, const PdeSsmParameters<double>& parameters,
              TensorView<double, 4> out, const PdeSsmOptions& options, int num_threads) {
-  PdeSsm<double>(x.size(1), x.size(2), x.size(3), parameters, options, num_threads)
-      .forward(x, out, num_threads);
+  block_for(x, parameters, options, num_threads).forward(x, out, num_threads);
 }
 
 void pde_ssm_backward(TensorView<const float, 4> x, TensorView<const float, 4> grad_out,
                       const PdeSsmParameters<float>& parameters, TensorView<float, 4> grad_x,
                       const PdeSsmGradients<float>& gradients, const PdeSsmOptions& options,
                       int num_threads) {
-  PdeSsm<float>(grad_out.size(1), grad_out.size(2), grad_out.size(3), parameters, options,
-                num_threads)
+  block_for(grad_out, parameters, options, num_threads)
       .backward(x, grad_out, grad_x, gradients, num_threads);
 }
 
@@ -745,8 +753,7 @@ void pde_ssm_backward(TensorView<const double, 4> x, TensorView<const double, 4>
                       const PdeSsmParameters<double>& parameters, TensorView<double, 4> grad_x,
                       const PdeSsmGradients<double>& gradients, const PdeSsmOptions& options,
                       int num_threads) {
-  PdeSsm<double>(grad_out.size(1), grad_out.size(2), grad_out.size(3), parameters, options,
-                 num_threads)
+  block_for(grad_out, parameters, options, num_threads)
       .backward(x, grad_out, grad_x, gradients, num_threads);
 }
 

@@ -30,6 +30,7 @@ from typing import Any, NamedTuple, Optional
 import numpy as np
 
 from . import _as_int, _core, _float_dtype, _new_like, _output, _to_numpy
+from .sparsek import _threads
 
 __all__ = ["PdeSsm", "PdeSsmGradients", "pde_ssm", "pde_ssm_backward"]
 
@@ -46,10 +47,6 @@ class PdeSsmGradients(NamedTuple):
     reaction: Any
     time: Any
     skip: Any
-
-
-def _threads(function: str, num_threads: Optional[int]) -> int:
-    return 0 if num_threads is None else _as_int(function, "num_threads", num_threads)
 
 
 def _check_layout(function: str, layout: str) -> None:
@@ -233,7 +230,7 @@ class PdeSsm:
         if out is None:
             result, out_array = self._new_grid(x, tuple(array.shape), layout)
         else:
-            memory_shape = x_shape_in_layout(array.shape, layout)
+            memory_shape = _shape_in_layout(array.shape, layout)
             result, out_array = _output(function, "out", out, x, memory_shape, self._dtype)
             if layout == "channels_first":
                 out_array = out_array.transpose(0, 2, 3, 1)
@@ -265,8 +262,8 @@ class PdeSsm:
         if x_array is not None and x_array.shape != grad_array.shape:
             raise ValueError(
                 f"foveal: {function}: grad_out must have the shape of x "
-                f"{x_shape_in_layout(x_array.shape, layout)}, got "
-                f"{x_shape_in_layout(grad_array.shape, layout)}"
+                f"{_shape_in_layout(x_array.shape, layout)}, got "
+                f"{_shape_in_layout(grad_array.shape, layout)}"
             )
         grad_x, grad_x_array = (None, None)
         if input_grad:
@@ -293,7 +290,7 @@ class PdeSsm:
         return PdeSsmGradients(grad_x, **shaped)
 
 
-def x_shape_in_layout(shape: tuple, layout: str) -> tuple:
+def _shape_in_layout(shape: tuple, layout: str) -> tuple:
     """A [B, H, W, C] shape as the caller's layout writes it."""
     batch, height, width, channels = shape
     return tuple(shape) if layout == "channels_last" else (batch, channels, height, width)
@@ -308,10 +305,15 @@ def _first_array_dtype(function: str, *values: Any) -> np.dtype:
     return np.dtype(np.float32)
 
 
-def _block_for(x: np.ndarray, parameters: tuple, options: dict) -> PdeSsm:
-    """The block of x's grid, channels and dtype with these parameters and options."""
-    _, height, width, channels = x.shape
-    return PdeSsm(height, width, channels, *parameters, dtype=x.dtype, **options)
+def _block_for(
+    function: str, name: str, like: Any, layout: str, parameters: tuple, **options: Any
+) -> PdeSsm:
+    """The block of the grid, channels and dtype of `like` (x or grad_out, in `layout`) with
+    these parameters and options."""
+    _check_layout(function, layout)
+    grid = _grid(function, name, like, layout)
+    _, height, width, channels = grid.shape
+    return PdeSsm(height, width, channels, *parameters, dtype=grid.dtype, **options)
 
 
 def pde_ssm(
@@ -331,13 +333,18 @@ def pde_ssm(
 ) -> Any:
     """x: [B, H, W, C] (or [B, C, H, W])  ->  y, same shape and layout: the block with these
     parameters (module docstring), its multiplier computed for this call."""
-    function = "pde_ssm"
-    _check_layout(function, layout)
-    array = _grid(function, "x", x, layout)
-    options = dict(
-        mode=mode, boundary=boundary, diffusion_form=diffusion_form, num_threads=num_threads
+    parameters = (diffusion, velocity, reaction, time, skip)
+    block = _block_for(
+        "pde_ssm",
+        "x",
+        x,
+        layout,
+        parameters,
+        mode=mode,
+        boundary=boundary,
+        diffusion_form=diffusion_form,
+        num_threads=num_threads,
     )
-    block = _block_for(array, (diffusion, velocity, reaction, time, skip), options)
     return block.forward(x, layout=layout, out=out, num_threads=num_threads)
 
 
@@ -358,11 +365,16 @@ def pde_ssm_backward(
 ) -> PdeSsmGradients:
     """x, grad_out: [B, H, W, C] (or [B, C, H, W])  ->  PdeSsmGradients of the input and of
     every parameter (``PdeSsm.backward``)."""
-    function = "pde_ssm_backward"
-    _check_layout(function, layout)
-    array = _grid(function, "grad_out", grad_out, layout)
-    options = dict(
-        mode=mode, boundary=boundary, diffusion_form=diffusion_form, num_threads=num_threads
+    parameters = (diffusion, velocity, reaction, time, skip)
+    block = _block_for(
+        "pde_ssm_backward",
+        "grad_out",
+        grad_out,
+        layout,
+        parameters,
+        mode=mode,
+        boundary=boundary,
+        diffusion_form=diffusion_form,
+        num_threads=num_threads,
     )
-    block = _block_for(array, (diffusion, velocity, reaction, time, skip), options)
     return block.backward(x, grad_out, layout=layout, num_threads=num_threads)
