@@ -329,11 +329,12 @@ class ComplexFftPlan {
   // Elements of scratch execute needs beside the data.
   Index scratch_elements() const { return bluestein_length_ > 0 ? 2 * bluestein_length_ : length_; }
 
-  // data: [n] elements -> [n]: DFT(data) (e^{-2πi} forward, e^{+2πi} inverse, unnormalized),
-  // left in `data` or in `scratch` (the passes ping-pong; copying back would cost a pass):
-  // returns which. Both buffers are overwritten. scratch: scratch_elements() elements.
+  // data: [n, batch] elements -> [n, batch]: the DFT of each of the `batch` interleaved
+  // sequences (e^{-2πi} forward, e^{+2πi} inverse, unnormalized), left in `data` or in
+  // `scratch` (the passes ping-pong; copying back would cost a pass): returns which. Both
+  // buffers are overwritten. scratch: batch * scratch_elements() elements.
   template <bool Inverse, typename P>
-  Complex<P>* execute(Complex<P>* data, Complex<P>* scratch) const;
+  Complex<P>* execute(Complex<P>* data, Complex<P>* scratch, Index batch) const;
 
  private:
   struct Pass {
@@ -344,9 +345,9 @@ class ComplexFftPlan {
   };
 
   template <bool Inverse, typename P>
-  void run_pass(const Pass& pass, const Complex<P>* in, Complex<P>* out) const;
+  void run_pass(const Pass& pass, const Complex<P>* in, Complex<P>* out, Index batch) const;
   template <bool Inverse, typename P>
-  Complex<P>* execute_bluestein(Complex<P>* data, Complex<P>* scratch) const;
+  Complex<P>* execute_bluestein(Complex<P>* data, Complex<P>* scratch, Index batch) const;
 
   Index length_;
   std::vector<Pass> passes_;
@@ -387,7 +388,7 @@ ComplexFftPlan<T>::ComplexFftPlan(Index n) : length_(n) {
         if (j > 0) kernel[m - j] = {re, im};
       }
       const Complex<double>* transformed =
-          kernel_plan.execute<false, double>(kernel.data(), scratch.data());
+          kernel_plan.execute<false, double>(kernel.data(), scratch.data(), 1);
       std::vector<T>& target = direction == 0 ? kernel_forward_ : kernel_inverse_;
       target.resize(2 * m);
       for (Index j = 0; j < m; ++j) {
@@ -427,47 +428,51 @@ ComplexFftPlan<T>::ComplexFftPlan(Index n) : length_(n) {
 
 template <typename T>
 template <bool Inverse, typename P>
-void ComplexFftPlan<T>::run_pass(const Pass& pass, const Complex<P>* in, Complex<P>* out) const {
+void ComplexFftPlan<T>::run_pass(const Pass& pass, const Complex<P>* in, Complex<P>* out,
+                                 Index batch) const {
   const T* twiddles = twiddles_.data() + pass.twiddle_offset;
   const T* cosines = cosines_.data() + pass.cosine_offset;
+  // Interleaved sequences are more interleaved sub-transforms: element (j, b) of sub-transform
+  // k sits at (k + l j) batch + b = (k batch + b) + (l batch) j.
+  const Index l = pass.l * batch;
   switch (pass.radix) {
     case 2:
-      return pass_radix2<Inverse>(in, out, pass.l, pass.m, twiddles);
+      return pass_radix2<Inverse>(in, out, l, pass.m, twiddles);
     case 4:
-      return pass_radix4<Inverse>(in, out, pass.l, pass.m, twiddles);
+      return pass_radix4<Inverse>(in, out, l, pass.m, twiddles);
     case 8:
-      return pass_radix8<Inverse>(in, out, pass.l, pass.m, twiddles);
+      return pass_radix8<Inverse>(in, out, l, pass.m, twiddles);
     case 3:
-      return pass_odd<3, Inverse>(in, out, pass.l, pass.m, twiddles, cosines);
+      return pass_odd<3, Inverse>(in, out, l, pass.m, twiddles, cosines);
     case 5:
-      return pass_odd<5, Inverse>(in, out, pass.l, pass.m, twiddles, cosines);
+      return pass_odd<5, Inverse>(in, out, l, pass.m, twiddles, cosines);
     case 7:
-      return pass_odd<7, Inverse>(in, out, pass.l, pass.m, twiddles, cosines);
+      return pass_odd<7, Inverse>(in, out, l, pass.m, twiddles, cosines);
     case 11:
-      return pass_odd<11, Inverse>(in, out, pass.l, pass.m, twiddles, cosines);
+      return pass_odd<11, Inverse>(in, out, l, pass.m, twiddles, cosines);
     case 13:
-      return pass_odd<13, Inverse>(in, out, pass.l, pass.m, twiddles, cosines);
+      return pass_odd<13, Inverse>(in, out, l, pass.m, twiddles, cosines);
     case 17:
-      return pass_odd<17, Inverse>(in, out, pass.l, pass.m, twiddles, cosines);
+      return pass_odd<17, Inverse>(in, out, l, pass.m, twiddles, cosines);
     case 19:
-      return pass_odd<19, Inverse>(in, out, pass.l, pass.m, twiddles, cosines);
+      return pass_odd<19, Inverse>(in, out, l, pass.m, twiddles, cosines);
     case 23:
-      return pass_odd<23, Inverse>(in, out, pass.l, pass.m, twiddles, cosines);
+      return pass_odd<23, Inverse>(in, out, l, pass.m, twiddles, cosines);
     case 29:
-      return pass_odd<29, Inverse>(in, out, pass.l, pass.m, twiddles, cosines);
+      return pass_odd<29, Inverse>(in, out, l, pass.m, twiddles, cosines);
     default:
-      return pass_odd<31, Inverse>(in, out, pass.l, pass.m, twiddles, cosines);
+      return pass_odd<31, Inverse>(in, out, l, pass.m, twiddles, cosines);
   }
 }
 
 template <typename T>
 template <bool Inverse, typename P>
-Complex<P>* ComplexFftPlan<T>::execute(Complex<P>* data, Complex<P>* scratch) const {
-  if (bluestein_length_ > 0) return execute_bluestein<Inverse>(data, scratch);
+Complex<P>* ComplexFftPlan<T>::execute(Complex<P>* data, Complex<P>* scratch, Index batch) const {
+  if (bluestein_length_ > 0) return execute_bluestein<Inverse>(data, scratch, batch);
   Complex<P>* source = data;
   Complex<P>* destination = scratch;
   for (const Pass& pass : passes_) {
-    run_pass<Inverse>(pass, source, destination);
+    run_pass<Inverse>(pass, source, destination, batch);
     std::swap(source, destination);
   }
   return source;
@@ -475,22 +480,29 @@ Complex<P>* ComplexFftPlan<T>::execute(Complex<P>* data, Complex<P>* scratch) co
 
 template <typename T>
 template <bool Inverse, typename P>
-Complex<P>* ComplexFftPlan<T>::execute_bluestein(Complex<P>* data, Complex<P>* scratch) const {
+Complex<P>* ComplexFftPlan<T>::execute_bluestein(Complex<P>* data, Complex<P>* scratch,
+                                                 Index batch) const {
   const Index n = length_, m = bluestein_length_;
   Complex<P>* padded = scratch;
-  Complex<P>* other = scratch + m;
+  Complex<P>* other = scratch + m * batch;
   // The inverse transform is the forward one with every chirp conjugated.
   for (Index k = 0; k < n; ++k)
-    padded[k] = rotate<Inverse>(data[k], chirp_[2 * k], chirp_[2 * k + 1]);
-  for (Index k = n; k < m; ++k) padded[k] = {P{}, P{}};
-  Complex<P>* spectrum = convolution_plan_->template execute<false>(padded, other);
+    for (Index b = 0; b < batch; ++b)
+      padded[k * batch + b] =
+          rotate<Inverse>(data[k * batch + b], chirp_[2 * k], chirp_[2 * k + 1]);
+  for (Index i = n * batch; i < m * batch; ++i) padded[i] = {P{}, P{}};
+  Complex<P>* spectrum = convolution_plan_->template execute<false>(padded, other, batch);
   const std::vector<T>& kernel = Inverse ? kernel_inverse_ : kernel_forward_;
   for (Index k = 0; k < m; ++k)
-    spectrum[k] = rotate<false>(spectrum[k], kernel[2 * k], kernel[2 * k + 1]);
-  const Complex<P>* convolved =
-      convolution_plan_->template execute<true>(spectrum, spectrum == padded ? other : padded);
+    for (Index b = 0; b < batch; ++b)
+      spectrum[k * batch + b] =
+          rotate<false>(spectrum[k * batch + b], kernel[2 * k], kernel[2 * k + 1]);
+  const Complex<P>* convolved = convolution_plan_->template execute<true>(
+      spectrum, spectrum == padded ? other : padded, batch);
   for (Index k = 0; k < n; ++k)
-    data[k] = rotate<Inverse>(convolved[k], chirp_[2 * k], chirp_[2 * k + 1]);
+    for (Index b = 0; b < batch; ++b)
+      data[k * batch + b] =
+          rotate<Inverse>(convolved[k * batch + b], chirp_[2 * k], chirp_[2 * k + 1]);
   return data;
 }
 
@@ -512,6 +524,14 @@ RealFft2d<T>::RealFft2d(Index height, Index width) : height_(height), width_(wid
   check(width >= 1, "RealFft2d: width must be >= 1, got ", width);
   column_plan_ = std::make_shared<const ComplexFftPlan<T>>(height);
   row_plan_ = width == height ? column_plan_ : std::make_shared<const ComplexFftPlan<T>>(width);
+  // Columns go through in strips of column_batch_ neighbours: a strip's row is contiguous in
+  // the spectrum (long vector reads instead of one element per row), the passes' inner loops
+  // get longer, and the two strip buffers (about kStripElements elements each) stay in L2.
+  constexpr Index kStripElements = 2048, kMostColumns = 16;
+  const Index column_elements = std::max(height, column_plan_->scratch_elements());
+  const Index most = std::clamp<Index>(kStripElements / column_elements, 1, kMostColumns);
+  const Index strips = (spectrum_width() + most - 1) / most;
+  column_batch_ = (spectrum_width() + strips - 1) / strips;
 }
 
 namespace {
@@ -524,10 +544,11 @@ constexpr Index kElementTs = 2 * kLanes<T>;
 
 template <typename T>
 Index RealFft2d<T>::work_size(Index /*lanes*/) const {
-  // [line: max(H, W) elements][scratch: the larger plan's scratch], elements of one vector.
-  const Index line = std::max(height_, width_);
-  const Index scratch = std::max(column_plan_->scratch_elements(), row_plan_->scratch_elements());
-  return (line + scratch) * kElementTs<T>;
+  // [line][scratch] in elements of one vector: a row (W + its plan's scratch) or a strip of
+  // columns (column_batch_ (H + its plan's scratch)), whichever is larger.
+  const Index row = width_ + row_plan_->scratch_elements();
+  const Index strip = column_batch_ * (height_ + column_plan_->scratch_elements());
+  return std::max(row, strip) * kElementTs<T>;
 }
 
 template <typename T>
@@ -536,7 +557,8 @@ void RealFft2d<T>::forward_lanes(const T* in, Index stride_y, Index stride_x, In
                                  Index h_in, Index w_in, Index lanes, T* spectrum, T* work) const {
   const Index width = width_, height = height_, spectrum_width = width / 2 + 1;
   Complex<P>* line = reinterpret_cast<Complex<P>*>(work);
-  Complex<P>* scratch = line + std::max(height, width);
+  Complex<P>* row_scratch = line + width;
+  Complex<P>* strip_scratch = line + column_batch_ * height;
   const Index element_stride = 2 * lanes;  // T elements between neighbouring spectrum bins
   const Index row_stride = spectrum_width * element_stride;
   const P half = broadcast<P>(static_cast<T>(0.5));
@@ -550,7 +572,7 @@ void RealFft2d<T>::forward_lanes(const T* in, Index stride_y, Index stride_x, In
       line[x].im = pair ? load_lanes<P>(row_b + x * stride_x, stride_c) : P{};
     }
     for (Index x = w_in; x < width; ++x) line[x] = {P{}, P{}};
-    const Complex<P>* transformed = row_plan_->template execute<false>(line, scratch);
+    const Complex<P>* transformed = row_plan_->template execute<false>(line, row_scratch, 1);
     T* out_a = spectrum + y * row_stride;
     T* out_b = out_a + row_stride;
     for (Index kx = 0; kx < spectrum_width; ++kx) {
@@ -566,18 +588,23 @@ void RealFft2d<T>::forward_lanes(const T* in, Index stride_y, Index stride_x, In
     }
   }
 
-  for (Index kx = 0; kx < spectrum_width; ++kx) {
-    T* column = spectrum + kx * element_stride;
-    for (Index ky = 0; ky < h_in; ++ky) {
-      line[ky].re = load_lanes<P>(column + ky * row_stride, 1);
-      line[ky].im = load_lanes<P>(column + ky * row_stride + lanes, 1);
-    }
-    for (Index ky = h_in; ky < height; ++ky) line[ky] = {P{}, P{}};
-    const Complex<P>* transformed = column_plan_->template execute<false>(line, scratch);
-    for (Index ky = 0; ky < height; ++ky) {
-      store_lanes<P>(column + ky * row_stride, 1, transformed[ky].re);
-      store_lanes<P>(column + ky * row_stride + lanes, 1, transformed[ky].im);
-    }
+  for (Index kx0 = 0; kx0 < spectrum_width; kx0 += column_batch_) {
+    const Index count = std::min(column_batch_, spectrum_width - kx0);
+    T* strip = spectrum + kx0 * element_stride;
+    for (Index ky = 0; ky < h_in; ++ky)
+      for (Index b = 0; b < count; ++b) {
+        const T* bin = strip + ky * row_stride + b * element_stride;
+        line[ky * count + b] = {load_lanes<P>(bin, 1), load_lanes<P>(bin + lanes, 1)};
+      }
+    for (Index i = h_in * count; i < height * count; ++i) line[i] = {P{}, P{}};
+    const Complex<P>* transformed =
+        column_plan_->template execute<false>(line, strip_scratch, count);
+    for (Index ky = 0; ky < height; ++ky)
+      for (Index b = 0; b < count; ++b) {
+        T* bin = strip + ky * row_stride + b * element_stride;
+        store_lanes<P>(bin, 1, transformed[ky * count + b].re);
+        store_lanes<P>(bin + lanes, 1, transformed[ky * count + b].im);
+      }
   }
 }
 
@@ -588,21 +615,27 @@ void RealFft2d<T>::inverse_lanes(T* spectrum, T* out, Index stride_y, Index stri
                                  T* work) const {
   const Index width = width_, height = height_, spectrum_width = width / 2 + 1;
   Complex<P>* line = reinterpret_cast<Complex<P>*>(work);
-  Complex<P>* scratch = line + std::max(height, width);
+  Complex<P>* row_scratch = line + width;
+  Complex<P>* strip_scratch = line + column_batch_ * height;
   const Index element_stride = 2 * lanes;
   const Index row_stride = spectrum_width * element_stride;
 
-  for (Index kx = 0; kx < spectrum_width; ++kx) {
-    T* column = spectrum + kx * element_stride;
-    for (Index ky = 0; ky < height; ++ky) {
-      line[ky].re = load_lanes<P>(column + ky * row_stride, 1);
-      line[ky].im = load_lanes<P>(column + ky * row_stride + lanes, 1);
-    }
-    const Complex<P>* transformed = column_plan_->template execute<true>(line, scratch);
-    for (Index y = 0; y < h_out; ++y) {
-      store_lanes<P>(column + y * row_stride, 1, transformed[y].re);
-      store_lanes<P>(column + y * row_stride + lanes, 1, transformed[y].im);
-    }
+  for (Index kx0 = 0; kx0 < spectrum_width; kx0 += column_batch_) {
+    const Index count = std::min(column_batch_, spectrum_width - kx0);
+    T* strip = spectrum + kx0 * element_stride;
+    for (Index ky = 0; ky < height; ++ky)
+      for (Index b = 0; b < count; ++b) {
+        const T* bin = strip + ky * row_stride + b * element_stride;
+        line[ky * count + b] = {load_lanes<P>(bin, 1), load_lanes<P>(bin + lanes, 1)};
+      }
+    const Complex<P>* transformed =
+        column_plan_->template execute<true>(line, strip_scratch, count);
+    for (Index y = 0; y < h_out; ++y)
+      for (Index b = 0; b < count; ++b) {
+        T* bin = strip + y * row_stride + b * element_stride;
+        store_lanes<P>(bin, 1, transformed[y * count + b].re);
+        store_lanes<P>(bin + lanes, 1, transformed[y * count + b].im);
+      }
   }
 
   const P scale = broadcast<P>(static_cast<T>(1.0 / (static_cast<double>(height) * width)));
@@ -623,7 +656,7 @@ void RealFft2d<T>::inverse_lanes(T* spectrum, T* out, Index stride_y, Index stri
       line[kx] = {a_re - b_im, a_im + b_re};
       if (width - kx >= spectrum_width) line[width - kx] = {a_re + b_im, b_re - a_im};
     }
-    const Complex<P>* transformed = row_plan_->template execute<true>(line, scratch);
+    const Complex<P>* transformed = row_plan_->template execute<true>(line, row_scratch, 1);
     T* out_a = out + y * stride_y;
     T* out_b = out_a + stride_y;
     for (Index x = 0; x < w_out; ++x) {

@@ -70,6 +70,7 @@ class RealFft2d {
 
   Index height_;
   Index width_;
+  Index column_batch_;  // columns transformed together (a strip), see the constructor
   std::shared_ptr<const ComplexFftPlan<T>> column_plan_;  // length height, along y
   std::shared_ptr<const ComplexFftPlan<T>> row_plan_;     // length width, along x
 };
