@@ -551,55 +551,78 @@ Index RealFft2d<T>::work_size(Index /*lanes*/) const {
   return std::max(row, strip) * kElementTs<T>;
 }
 
+namespace {
+
+// The lane type P of a group of channels, passed to a generic lambda.
+template <typename P>
+struct LaneGroup {
+  using type = P;
+};
+
+// Calls visit(LaneGroup<P>{}, lane) for every group of a chunk of `lanes` channels: vectors of
+// kLanes<T> channels first (P = Vec<T>), then the remainder one channel at a time (P = T).
+template <typename T, typename Visit>
+void for_each_lane_group(Index lanes, Visit&& visit) {
+  Index lane = 0;
+  for (; lane + kLanes<T> <= lanes; lane += kLanes<T>) visit(LaneGroup<Vec<T>>{}, lane);
+  for (; lane < lanes; ++lane) visit(LaneGroup<T>{}, lane);
+}
+
+}  // namespace
+
 template <typename T>
 template <typename P>
-void RealFft2d<T>::forward_lanes(const T* in, Index stride_y, Index stride_x, Index stride_c,
-                                 Index h_in, Index w_in, Index lanes, T* spectrum, T* work) const {
-  const Index width = width_, height = height_, spectrum_width = width / 2 + 1;
+void RealFft2d<T>::forward_row_pair(const T* row_a, Index stride_y, Index stride_x, Index stride_c,
+                                    bool pair, Index w_in, Index lanes, T* spectrum_row,
+                                    T* work) const {
+  const Index width = width_, spectrum_width = width / 2 + 1;
   Complex<P>* line = reinterpret_cast<Complex<P>*>(work);
   Complex<P>* row_scratch = line + width;
-  Complex<P>* strip_scratch = line + column_batch_ * height;
   const Index element_stride = 2 * lanes;  // T elements between neighbouring spectrum bins
-  const Index row_stride = spectrum_width * element_stride;
   const P half = broadcast<P>(static_cast<T>(0.5));
-
-  for (Index y = 0; y < h_in; y += 2) {
-    const bool pair = y + 1 < h_in;
-    const T* row_a = in + y * stride_y;
-    const T* row_b = row_a + stride_y;
-    for (Index x = 0; x < w_in; ++x) {
-      line[x].re = load_lanes<P>(row_a + x * stride_x, stride_c);
-      line[x].im = pair ? load_lanes<P>(row_b + x * stride_x, stride_c) : P{};
-    }
-    for (Index x = w_in; x < width; ++x) line[x] = {P{}, P{}};
-    const Complex<P>* transformed = row_plan_->template execute<false>(line, row_scratch, 1);
-    T* out_a = spectrum + y * row_stride;
-    T* out_b = out_a + row_stride;
-    for (Index kx = 0; kx < spectrum_width; ++kx) {
-      const Complex<P> z = transformed[kx], mirror = transformed[kx == 0 ? 0 : width - kx];
-      T* bin_a = out_a + kx * element_stride;
-      store_lanes<P>(bin_a, 1, (z.re + mirror.re) * half);
-      store_lanes<P>(bin_a + lanes, 1, (z.im - mirror.im) * half);
-      if (pair) {
-        T* bin_b = out_b + kx * element_stride;
-        store_lanes<P>(bin_b, 1, (z.im + mirror.im) * half);
-        store_lanes<P>(bin_b + lanes, 1, (mirror.re - z.re) * half);
-      }
+  const T* row_b = row_a + stride_y;
+  for (Index x = 0; x < w_in; ++x) {
+    line[x].re = load_lanes<P>(row_a + x * stride_x, stride_c);
+    line[x].im = pair ? load_lanes<P>(row_b + x * stride_x, stride_c) : P{};
+  }
+  for (Index x = w_in; x < width; ++x) line[x] = {P{}, P{}};
+  const Complex<P>* transformed = row_plan_->template execute<false>(line, row_scratch, 1);
+  T* out_a = spectrum_row;
+  T* out_b = out_a + spectrum_width * element_stride;
+  for (Index kx = 0; kx < spectrum_width; ++kx) {
+    const Complex<P> z = transformed[kx], mirror = transformed[kx == 0 ? 0 : width - kx];
+    T* bin_a = out_a + kx * element_stride;
+    store_lanes<P>(bin_a, 1, (z.re + mirror.re) * half);
+    store_lanes<P>(bin_a + lanes, 1, (z.im - mirror.im) * half);
+    if (pair) {
+      T* bin_b = out_b + kx * element_stride;
+      store_lanes<P>(bin_b, 1, (z.im + mirror.im) * half);
+      store_lanes<P>(bin_b + lanes, 1, (mirror.re - z.re) * half);
     }
   }
+}
 
+template <typename T>
+template <bool Inverse, typename P>
+void RealFft2d<T>::transform_columns(Index rows_in, Index rows_out, Index lanes, T* spectrum,
+                                     T* work) const {
+  const Index height = height_, spectrum_width = width_ / 2 + 1;
+  Complex<P>* line = reinterpret_cast<Complex<P>*>(work);
+  Complex<P>* strip_scratch = line + column_batch_ * height;
+  const Index element_stride = 2 * lanes;
+  const Index row_stride = spectrum_width * element_stride;
   for (Index kx0 = 0; kx0 < spectrum_width; kx0 += column_batch_) {
     const Index count = std::min(column_batch_, spectrum_width - kx0);
     T* strip = spectrum + kx0 * element_stride;
-    for (Index ky = 0; ky < h_in; ++ky)
+    for (Index ky = 0; ky < rows_in; ++ky)
       for (Index b = 0; b < count; ++b) {
         const T* bin = strip + ky * row_stride + b * element_stride;
         line[ky * count + b] = {load_lanes<P>(bin, 1), load_lanes<P>(bin + lanes, 1)};
       }
-    for (Index i = h_in * count; i < height * count; ++i) line[i] = {P{}, P{}};
+    for (Index i = rows_in * count; i < height * count; ++i) line[i] = {P{}, P{}};
     const Complex<P>* transformed =
-        column_plan_->template execute<false>(line, strip_scratch, count);
-    for (Index ky = 0; ky < height; ++ky)
+        column_plan_->template execute<Inverse>(line, strip_scratch, count);
+    for (Index ky = 0; ky < rows_out; ++ky)
       for (Index b = 0; b < count; ++b) {
         T* bin = strip + ky * row_stride + b * element_stride;
         store_lanes<P>(bin, 1, transformed[ky * count + b].re);
@@ -610,84 +633,70 @@ void RealFft2d<T>::forward_lanes(const T* in, Index stride_y, Index stride_x, In
 
 template <typename T>
 template <typename P>
-void RealFft2d<T>::inverse_lanes(T* spectrum, T* out, Index stride_y, Index stride_x,
-                                 Index stride_c, Index h_out, Index w_out, Index lanes,
-                                 T* work) const {
+void RealFft2d<T>::inverse_row_pair(const T* spectrum_row, T* row_a, Index stride_y, Index stride_x,
+                                    Index stride_c, bool pair, Index w_out, Index lanes,
+                                    T* work) const {
   const Index width = width_, height = height_, spectrum_width = width / 2 + 1;
   Complex<P>* line = reinterpret_cast<Complex<P>*>(work);
   Complex<P>* row_scratch = line + width;
-  Complex<P>* strip_scratch = line + column_batch_ * height;
   const Index element_stride = 2 * lanes;
-  const Index row_stride = spectrum_width * element_stride;
-
-  for (Index kx0 = 0; kx0 < spectrum_width; kx0 += column_batch_) {
-    const Index count = std::min(column_batch_, spectrum_width - kx0);
-    T* strip = spectrum + kx0 * element_stride;
-    for (Index ky = 0; ky < height; ++ky)
-      for (Index b = 0; b < count; ++b) {
-        const T* bin = strip + ky * row_stride + b * element_stride;
-        line[ky * count + b] = {load_lanes<P>(bin, 1), load_lanes<P>(bin + lanes, 1)};
-      }
-    const Complex<P>* transformed =
-        column_plan_->template execute<true>(line, strip_scratch, count);
-    for (Index y = 0; y < h_out; ++y)
-      for (Index b = 0; b < count; ++b) {
-        T* bin = strip + y * row_stride + b * element_stride;
-        store_lanes<P>(bin, 1, transformed[y * count + b].re);
-        store_lanes<P>(bin + lanes, 1, transformed[y * count + b].im);
-      }
-  }
-
   const P scale = broadcast<P>(static_cast<T>(1.0 / (static_cast<double>(height) * width)));
   const Index nyquist = width % 2 == 0 ? width / 2 : -1;
-  for (Index y = 0; y < h_out; y += 2) {
-    const bool pair = y + 1 < h_out;
-    const T* row_a = spectrum + y * row_stride;
-    const T* row_b = row_a + row_stride;
-    for (Index kx = 0; kx < spectrum_width; ++kx) {
-      const T* bin_a = row_a + kx * element_stride;
-      const T* bin_b = row_b + kx * element_stride;
-      const bool real_bin = kx == 0 || kx == nyquist;
-      const P a_re = load_lanes<P>(bin_a, 1);
-      const P a_im = real_bin ? P{} : load_lanes<P>(bin_a + lanes, 1);
-      const P b_re = pair ? load_lanes<P>(bin_b, 1) : P{};
-      const P b_im = pair && !real_bin ? load_lanes<P>(bin_b + lanes, 1) : P{};
-      // Z[k] = X_a[k] + i X_b[k]; Z[W-k] = conj X_a[k] + i conj X_b[k].
-      line[kx] = {a_re - b_im, a_im + b_re};
-      if (width - kx >= spectrum_width) line[width - kx] = {a_re + b_im, b_re - a_im};
-    }
-    const Complex<P>* transformed = row_plan_->template execute<true>(line, row_scratch, 1);
-    T* out_a = out + y * stride_y;
-    T* out_b = out_a + stride_y;
-    for (Index x = 0; x < w_out; ++x) {
-      store_lanes<P>(out_a + x * stride_x, stride_c, transformed[x].re * scale);
-      if (pair) store_lanes<P>(out_b + x * stride_x, stride_c, transformed[x].im * scale);
-    }
+  const T* spectrum_row_b = spectrum_row + spectrum_width * element_stride;
+  for (Index kx = 0; kx < spectrum_width; ++kx) {
+    const T* bin_a = spectrum_row + kx * element_stride;
+    const T* bin_b = spectrum_row_b + kx * element_stride;
+    const bool real_bin = kx == 0 || kx == nyquist;
+    const P a_re = load_lanes<P>(bin_a, 1);
+    const P a_im = real_bin ? P{} : load_lanes<P>(bin_a + lanes, 1);
+    const P b_re = pair ? load_lanes<P>(bin_b, 1) : P{};
+    const P b_im = pair && !real_bin ? load_lanes<P>(bin_b + lanes, 1) : P{};
+    // Z[k] = X_a[k] + i X_b[k]; Z[W-k] = conj X_a[k] + i conj X_b[k].
+    line[kx] = {a_re - b_im, a_im + b_re};
+    if (width - kx >= spectrum_width) line[width - kx] = {a_re + b_im, b_re - a_im};
+  }
+  const Complex<P>* transformed = row_plan_->template execute<true>(line, row_scratch, 1);
+  T* row_b = row_a + stride_y;
+  for (Index x = 0; x < w_out; ++x) {
+    store_lanes<P>(row_a + x * stride_x, stride_c, transformed[x].re * scale);
+    if (pair) store_lanes<P>(row_b + x * stride_x, stride_c, transformed[x].im * scale);
   }
 }
 
+// Rows go through a row pair at a time with every lane group of the chunk before the next
+// pair, so the channels of a pixel are read (forward) or written (inverse) together: whole
+// cache lines, once, instead of once per lane group a full 2-D transform apart. Columns then
+// go through one lane group at a time.
 template <typename T>
 void RealFft2d<T>::forward(const T* in, Index stride_y, Index stride_x, Index stride_c, Index h_in,
                            Index w_in, Index lanes, T* spectrum, T* work) const {
-  Index lane = 0;
-  for (; lane + kLanes<T> <= lanes; lane += kLanes<T>)
-    forward_lanes<Vec<T>>(in + lane * stride_c, stride_y, stride_x, stride_c, h_in, w_in, lanes,
-                          spectrum + lane, work);
-  for (; lane < lanes; ++lane)
-    forward_lanes<T>(in + lane * stride_c, stride_y, stride_x, stride_c, h_in, w_in, lanes,
-                     spectrum + lane, work);
+  const Index row_stride = spectrum_width() * 2 * lanes;
+  for (Index y = 0; y < h_in; y += 2)
+    for_each_lane_group<T>(lanes, [&](auto group, Index lane) {
+      using P = typename decltype(group)::type;
+      forward_row_pair<P>(in + y * stride_y + lane * stride_c, stride_y, stride_x, stride_c,
+                          y + 1 < h_in, w_in, lanes, spectrum + y * row_stride + lane, work);
+    });
+  for_each_lane_group<T>(lanes, [&](auto group, Index lane) {
+    using P = typename decltype(group)::type;
+    transform_columns<false, P>(h_in, height_, lanes, spectrum + lane, work);
+  });
 }
 
 template <typename T>
 void RealFft2d<T>::inverse(T* spectrum, T* out, Index stride_y, Index stride_x, Index stride_c,
                            Index h_out, Index w_out, Index lanes, T* work) const {
-  Index lane = 0;
-  for (; lane + kLanes<T> <= lanes; lane += kLanes<T>)
-    inverse_lanes<Vec<T>>(spectrum + lane, out + lane * stride_c, stride_y, stride_x, stride_c,
-                          h_out, w_out, lanes, work);
-  for (; lane < lanes; ++lane)
-    inverse_lanes<T>(spectrum + lane, out + lane * stride_c, stride_y, stride_x, stride_c, h_out,
-                     w_out, lanes, work);
+  const Index row_stride = spectrum_width() * 2 * lanes;
+  for_each_lane_group<T>(lanes, [&](auto group, Index lane) {
+    using P = typename decltype(group)::type;
+    transform_columns<true, P>(height_, h_out, lanes, spectrum + lane, work);
+  });
+  for (Index y = 0; y < h_out; y += 2)
+    for_each_lane_group<T>(lanes, [&](auto group, Index lane) {
+      using P = typename decltype(group)::type;
+      inverse_row_pair<P>(spectrum + y * row_stride + lane, out + y * stride_y + lane * stride_c,
+                          stride_y, stride_x, stride_c, y + 1 < h_out, w_out, lanes, work);
+    });
 }
 
 template class RealFft2d<float>;
