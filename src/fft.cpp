@@ -152,6 +152,68 @@ void pass_radix4(const Complex<P>* in, Complex<P>* out, Index l, Index m, const 
   }
 }
 
+// The 4-point DFT of v0..v3 in place (forward sign unless Inverse).
+template <bool Inverse, typename P>
+inline void dft4(Complex<P>& v0, Complex<P>& v1, Complex<P>& v2, Complex<P>& v3) {
+  const Complex<P> sum02 = v0 + v2, difference02 = v0 - v2, sum13 = v1 + v3;
+  const Complex<P> turned13 = quarter_turn<Inverse>(v1 - v3);
+  v0 = sum02 + sum13;
+  v1 = difference02 + turned13;
+  v2 = sum02 - sum13;
+  v3 = difference02 - turned13;
+}
+
+// Radix 8 as 2 x 4: y_{2q} = DFT4(x_j + x_{j+4}), y_{2q+1} = DFT4((x_j - x_{j+4}) ω_8^j).
+// Fewer passes over the line than radix 4 (same layout contract as pass_radix2).
+template <bool Inverse, typename P, typename T>
+void pass_radix8(const Complex<P>* in, Complex<P>* out, Index l, Index m, const T* twiddles) {
+  const Index stride_in = l * m;
+  const P root_half = broadcast<P>(static_cast<T>(0.70710678118654752440));
+  for (Index n1 = 0; n1 < m; ++n1) {
+    const Complex<P>* source = in + l * n1;
+    Complex<P>* destination = out + 8 * l * n1;
+    const T* w = twiddles + 14 * n1;
+    for (Index k = 0; k < l; ++k) {
+      Complex<P> even[4], odd[4];
+      FOVEAL_UNROLL
+      for (int j = 0; j < 4; ++j) {
+        const Complex<P> low = source[k + j * stride_in], high = source[k + (j + 4) * stride_in];
+        even[j] = low + high;
+        odd[j] = low - high;
+      }
+      // odd[j] *= ω_8^j (conjugated for the inverse): 45, 90 and 135 degrees.
+      const Complex<P> o1 = odd[1], o3 = odd[3];
+      if constexpr (Inverse) {
+        odd[1] = {(o1.re - o1.im) * root_half, (o1.re + o1.im) * root_half};
+        odd[3] = {-(o3.re + o3.im) * root_half, (o3.re - o3.im) * root_half};
+      } else {
+        odd[1] = {(o1.re + o1.im) * root_half, (o1.im - o1.re) * root_half};
+        odd[3] = {(o3.im - o3.re) * root_half, -(o3.re + o3.im) * root_half};
+      }
+      odd[2] = quarter_turn<Inverse>(odd[2]);
+      dft4<Inverse>(even[0], even[1], even[2], even[3]);
+      dft4<Inverse>(odd[0], odd[1], odd[2], odd[3]);
+      destination[k] = even[0];
+      if (n1 == 0) {
+        FOVEAL_UNROLL
+        for (int q = 0; q < 4; ++q) {
+          if (q > 0) destination[k + 2 * q * l] = even[q];
+          destination[k + (2 * q + 1) * l] = odd[q];
+        }
+      } else {
+        FOVEAL_UNROLL
+        for (int q = 0; q < 4; ++q) {
+          if (q > 0)
+            destination[k + 2 * q * l] =
+                rotate<Inverse>(even[q], w[2 * (2 * q - 1)], w[2 * (2 * q - 1) + 1]);
+          destination[k + (2 * q + 1) * l] =
+              rotate<Inverse>(odd[q], w[2 * (2 * q)], w[2 * (2 * q) + 1]);
+        }
+      }
+    }
+  }
+}
+
 // Odd radix R (3, 5, 7, ..., 31) by the symmetric direct DFT: inputs j and R - j are paired,
 // so each output pair k, R - k costs (R - 1) / 2 real-coefficient products of sums and of
 // differences. cosines: [(R-1)/2, (R-1)/2] pairs (cos, sin) of 2π j k / R, k and j from 1.
@@ -209,17 +271,19 @@ void pass_odd(const Complex<P>* in, Complex<P>* out, Index l, Index m, const T* 
 constexpr int kLargestDirectRadix = 31;
 constexpr int kOddRadices[] = {3, 5, 7, 11, 13, 17, 19, 23, 29, 31};
 
-// The radices of n in pass order (4s first, then 2, then odd primes up to
+// The radices of n in pass order (8s first, then one 4 or 2, then odd primes up to
 // kLargestDirectRadix), or an empty list when a larger prime divides n.
 std::vector<int> factor_into_radices(Index n) {
   std::vector<int> radices;
-  while (n % 4 == 0) {
-    radices.push_back(4);
-    n /= 4;
+  while (n % 8 == 0) {
+    radices.push_back(8);
+    n /= 8;
   }
-  if (n % 2 == 0) {
-    radices.push_back(2);
-    n /= 2;
+  for (int radix : {4, 2}) {
+    if (n % radix == 0) {
+      radices.push_back(radix);
+      n /= radix;
+    }
   }
   for (int prime : kOddRadices) {
     while (n % prime == 0) {
@@ -265,10 +329,12 @@ class ComplexFftPlan {
   // Elements of scratch execute needs beside the data.
   Index scratch_elements() const { return bluestein_length_ > 0 ? 2 * bluestein_length_ : length_; }
 
-  // data: [n] elements -> [n]: data = DFT(data) (e^{-2πi} forward, e^{+2πi} inverse,
-  // unnormalized). scratch: scratch_elements() elements.
+  // data: [n, batch] elements -> [n, batch]: the DFT of each of the `batch` interleaved
+  // sequences (e^{-2πi} forward, e^{+2πi} inverse, unnormalized), left in `data` or in
+  // `scratch` (the passes ping-pong; copying back would cost a pass): returns which. Both
+  // buffers are overwritten. scratch: batch * scratch_elements() elements.
   template <bool Inverse, typename P>
-  void execute(Complex<P>* data, Complex<P>* scratch) const;
+  Complex<P>* execute(Complex<P>* data, Complex<P>* scratch, Index batch) const;
 
  private:
   struct Pass {
@@ -279,9 +345,9 @@ class ComplexFftPlan {
   };
 
   template <bool Inverse, typename P>
-  void run_pass(const Pass& pass, const Complex<P>* in, Complex<P>* out) const;
+  void run_pass(const Pass& pass, const Complex<P>* in, Complex<P>* out, Index batch) const;
   template <bool Inverse, typename P>
-  void execute_bluestein(Complex<P>* data, Complex<P>* scratch) const;
+  Complex<P>* execute_bluestein(Complex<P>* data, Complex<P>* scratch, Index batch) const;
 
   Index length_;
   std::vector<Pass> passes_;
@@ -321,12 +387,13 @@ ComplexFftPlan<T>::ComplexFftPlan(Index n) : length_(n) {
         kernel[j] = {re, im};
         if (j > 0) kernel[m - j] = {re, im};
       }
-      kernel_plan.execute<false, double>(kernel.data(), scratch.data());
+      const Complex<double>* transformed =
+          kernel_plan.execute<false, double>(kernel.data(), scratch.data(), 1);
       std::vector<T>& target = direction == 0 ? kernel_forward_ : kernel_inverse_;
       target.resize(2 * m);
       for (Index j = 0; j < m; ++j) {
-        target[2 * j] = static_cast<T>(kernel[j].re / static_cast<double>(m));
-        target[2 * j + 1] = static_cast<T>(kernel[j].im / static_cast<double>(m));
+        target[2 * j] = static_cast<T>(transformed[j].re / static_cast<double>(m));
+        target[2 * j + 1] = static_cast<T>(transformed[j].im / static_cast<double>(m));
       }
     }
     return;
@@ -361,67 +428,82 @@ ComplexFftPlan<T>::ComplexFftPlan(Index n) : length_(n) {
 
 template <typename T>
 template <bool Inverse, typename P>
-void ComplexFftPlan<T>::run_pass(const Pass& pass, const Complex<P>* in, Complex<P>* out) const {
+void ComplexFftPlan<T>::run_pass(const Pass& pass, const Complex<P>* in, Complex<P>* out,
+                                 Index batch) const {
   const T* twiddles = twiddles_.data() + pass.twiddle_offset;
   const T* cosines = cosines_.data() + pass.cosine_offset;
+  // Interleaved sequences are more interleaved sub-transforms: element (j, b) of sub-transform
+  // k sits at (k + l j) batch + b = (k batch + b) + (l batch) j.
+  const Index l = pass.l * batch;
   switch (pass.radix) {
     case 2:
-      return pass_radix2<Inverse>(in, out, pass.l, pass.m, twiddles);
+      return pass_radix2<Inverse>(in, out, l, pass.m, twiddles);
     case 4:
-      return pass_radix4<Inverse>(in, out, pass.l, pass.m, twiddles);
+      return pass_radix4<Inverse>(in, out, l, pass.m, twiddles);
+    case 8:
+      return pass_radix8<Inverse>(in, out, l, pass.m, twiddles);
     case 3:
-      return pass_odd<3, Inverse>(in, out, pass.l, pass.m, twiddles, cosines);
+      return pass_odd<3, Inverse>(in, out, l, pass.m, twiddles, cosines);
     case 5:
-      return pass_odd<5, Inverse>(in, out, pass.l, pass.m, twiddles, cosines);
+      return pass_odd<5, Inverse>(in, out, l, pass.m, twiddles, cosines);
     case 7:
-      return pass_odd<7, Inverse>(in, out, pass.l, pass.m, twiddles, cosines);
+      return pass_odd<7, Inverse>(in, out, l, pass.m, twiddles, cosines);
     case 11:
-      return pass_odd<11, Inverse>(in, out, pass.l, pass.m, twiddles, cosines);
+      return pass_odd<11, Inverse>(in, out, l, pass.m, twiddles, cosines);
     case 13:
-      return pass_odd<13, Inverse>(in, out, pass.l, pass.m, twiddles, cosines);
+      return pass_odd<13, Inverse>(in, out, l, pass.m, twiddles, cosines);
     case 17:
-      return pass_odd<17, Inverse>(in, out, pass.l, pass.m, twiddles, cosines);
+      return pass_odd<17, Inverse>(in, out, l, pass.m, twiddles, cosines);
     case 19:
-      return pass_odd<19, Inverse>(in, out, pass.l, pass.m, twiddles, cosines);
+      return pass_odd<19, Inverse>(in, out, l, pass.m, twiddles, cosines);
     case 23:
-      return pass_odd<23, Inverse>(in, out, pass.l, pass.m, twiddles, cosines);
+      return pass_odd<23, Inverse>(in, out, l, pass.m, twiddles, cosines);
     case 29:
-      return pass_odd<29, Inverse>(in, out, pass.l, pass.m, twiddles, cosines);
+      return pass_odd<29, Inverse>(in, out, l, pass.m, twiddles, cosines);
     default:
-      return pass_odd<31, Inverse>(in, out, pass.l, pass.m, twiddles, cosines);
+      return pass_odd<31, Inverse>(in, out, l, pass.m, twiddles, cosines);
   }
 }
 
 template <typename T>
 template <bool Inverse, typename P>
-void ComplexFftPlan<T>::execute(Complex<P>* data, Complex<P>* scratch) const {
-  if (bluestein_length_ > 0) return execute_bluestein<Inverse>(data, scratch);
+Complex<P>* ComplexFftPlan<T>::execute(Complex<P>* data, Complex<P>* scratch, Index batch) const {
+  if (bluestein_length_ > 0) return execute_bluestein<Inverse>(data, scratch, batch);
   Complex<P>* source = data;
   Complex<P>* destination = scratch;
   for (const Pass& pass : passes_) {
-    run_pass<Inverse>(pass, source, destination);
+    run_pass<Inverse>(pass, source, destination, batch);
     std::swap(source, destination);
   }
-  if (source != data) std::memcpy(data, source, sizeof(Complex<P>) * length_);
+  return source;
 }
 
 template <typename T>
 template <bool Inverse, typename P>
-void ComplexFftPlan<T>::execute_bluestein(Complex<P>* data, Complex<P>* scratch) const {
+Complex<P>* ComplexFftPlan<T>::execute_bluestein(Complex<P>* data, Complex<P>* scratch,
+                                                 Index batch) const {
   const Index n = length_, m = bluestein_length_;
   Complex<P>* padded = scratch;
-  Complex<P>* convolution_scratch = scratch + m;
+  Complex<P>* other = scratch + m * batch;
   // The inverse transform is the forward one with every chirp conjugated.
   for (Index k = 0; k < n; ++k)
-    padded[k] = rotate<Inverse>(data[k], chirp_[2 * k], chirp_[2 * k + 1]);
-  for (Index k = n; k < m; ++k) padded[k] = {P{}, P{}};
-  convolution_plan_->template execute<false>(padded, convolution_scratch);
+    for (Index b = 0; b < batch; ++b)
+      padded[k * batch + b] =
+          rotate<Inverse>(data[k * batch + b], chirp_[2 * k], chirp_[2 * k + 1]);
+  for (Index i = n * batch; i < m * batch; ++i) padded[i] = {P{}, P{}};
+  Complex<P>* spectrum = convolution_plan_->template execute<false>(padded, other, batch);
   const std::vector<T>& kernel = Inverse ? kernel_inverse_ : kernel_forward_;
   for (Index k = 0; k < m; ++k)
-    padded[k] = rotate<false>(padded[k], kernel[2 * k], kernel[2 * k + 1]);
-  convolution_plan_->template execute<true>(padded, convolution_scratch);
+    for (Index b = 0; b < batch; ++b)
+      spectrum[k * batch + b] =
+          rotate<false>(spectrum[k * batch + b], kernel[2 * k], kernel[2 * k + 1]);
+  const Complex<P>* convolved = convolution_plan_->template execute<true>(
+      spectrum, spectrum == padded ? other : padded, batch);
   for (Index k = 0; k < n; ++k)
-    data[k] = rotate<Inverse>(padded[k], chirp_[2 * k], chirp_[2 * k + 1]);
+    for (Index b = 0; b < batch; ++b)
+      data[k * batch + b] =
+          rotate<Inverse>(convolved[k * batch + b], chirp_[2 * k], chirp_[2 * k + 1]);
+  return data;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -442,6 +524,14 @@ RealFft2d<T>::RealFft2d(Index height, Index width) : height_(height), width_(wid
   check(width >= 1, "RealFft2d: width must be >= 1, got ", width);
   column_plan_ = std::make_shared<const ComplexFftPlan<T>>(height);
   row_plan_ = width == height ? column_plan_ : std::make_shared<const ComplexFftPlan<T>>(width);
+  // Columns go through in strips of column_batch_ neighbours: a strip's row is contiguous in
+  // the spectrum (long vector reads instead of one element per row), the passes' inner loops
+  // get longer, and the two strip buffers (about kStripElements elements each) stay in L2.
+  constexpr Index kStripElements = 2048, kMostColumns = 16;
+  const Index column_elements = std::max(height, column_plan_->scratch_elements());
+  const Index most = std::clamp<Index>(kStripElements / column_elements, 1, kMostColumns);
+  const Index strips = (spectrum_width() + most - 1) / most;
+  column_batch_ = (spectrum_width() + strips - 1) / strips;
 }
 
 namespace {
@@ -454,137 +544,159 @@ constexpr Index kElementTs = 2 * kLanes<T>;
 
 template <typename T>
 Index RealFft2d<T>::work_size(Index /*lanes*/) const {
-  // [line: max(H, W) elements][scratch: the larger plan's scratch], elements of one vector.
-  const Index line = std::max(height_, width_);
-  const Index scratch = std::max(column_plan_->scratch_elements(), row_plan_->scratch_elements());
-  return (line + scratch) * kElementTs<T>;
+  // [line][scratch] in elements of one vector: a row (W + its plan's scratch) or a strip of
+  // columns (column_batch_ (H + its plan's scratch)), whichever is larger.
+  const Index row = width_ + row_plan_->scratch_elements();
+  const Index strip = column_batch_ * (height_ + column_plan_->scratch_elements());
+  return std::max(row, strip) * kElementTs<T>;
 }
+
+namespace {
+
+// The lane type P of a group of channels, passed to a generic lambda.
+template <typename P>
+struct LaneGroup {
+  using type = P;
+};
+
+// Calls visit(LaneGroup<P>{}, lane) for every group of a chunk of `lanes` channels: vectors of
+// kLanes<T> channels first (P = Vec<T>), then the remainder one channel at a time (P = T).
+template <typename T, typename Visit>
+void for_each_lane_group(Index lanes, Visit&& visit) {
+  Index lane = 0;
+  for (; lane + kLanes<T> <= lanes; lane += kLanes<T>) visit(LaneGroup<Vec<T>>{}, lane);
+  for (; lane < lanes; ++lane) visit(LaneGroup<T>{}, lane);
+}
+
+}  // namespace
 
 template <typename T>
 template <typename P>
-void RealFft2d<T>::forward_lanes(const T* in, Index stride_y, Index stride_x, Index stride_c,
-                                 Index h_in, Index w_in, Index lanes, T* spectrum, T* work) const {
-  const Index width = width_, height = height_, spectrum_width = width / 2 + 1;
+void RealFft2d<T>::forward_row_pair(const T* row_a, Index stride_y, Index stride_x, Index stride_c,
+                                    bool pair, Index w_in, Index lanes, T* spectrum_row,
+                                    T* work) const {
+  const Index width = width_, spectrum_width = width / 2 + 1;
   Complex<P>* line = reinterpret_cast<Complex<P>*>(work);
-  Complex<P>* scratch = line + std::max(height, width);
+  Complex<P>* row_scratch = line + width;
   const Index element_stride = 2 * lanes;  // T elements between neighbouring spectrum bins
-  const Index row_stride = spectrum_width * element_stride;
   const P half = broadcast<P>(static_cast<T>(0.5));
-
-  for (Index y = 0; y < h_in; y += 2) {
-    const bool pair = y + 1 < h_in;
-    const T* row_a = in + y * stride_y;
-    const T* row_b = row_a + stride_y;
-    for (Index x = 0; x < w_in; ++x) {
-      line[x].re = load_lanes<P>(row_a + x * stride_x, stride_c);
-      line[x].im = pair ? load_lanes<P>(row_b + x * stride_x, stride_c) : P{};
-    }
-    for (Index x = w_in; x < width; ++x) line[x] = {P{}, P{}};
-    row_plan_->template execute<false>(line, scratch);
-    T* out_a = spectrum + y * row_stride;
-    T* out_b = out_a + row_stride;
-    for (Index kx = 0; kx < spectrum_width; ++kx) {
-      const Complex<P> z = line[kx], mirror = line[kx == 0 ? 0 : width - kx];
-      T* bin_a = out_a + kx * element_stride;
-      store_lanes<P>(bin_a, 1, (z.re + mirror.re) * half);
-      store_lanes<P>(bin_a + lanes, 1, (z.im - mirror.im) * half);
-      if (pair) {
-        T* bin_b = out_b + kx * element_stride;
-        store_lanes<P>(bin_b, 1, (z.im + mirror.im) * half);
-        store_lanes<P>(bin_b + lanes, 1, (mirror.re - z.re) * half);
-      }
-    }
+  const T* row_b = row_a + stride_y;
+  for (Index x = 0; x < w_in; ++x) {
+    line[x].re = load_lanes<P>(row_a + x * stride_x, stride_c);
+    line[x].im = pair ? load_lanes<P>(row_b + x * stride_x, stride_c) : P{};
   }
-
+  for (Index x = w_in; x < width; ++x) line[x] = {P{}, P{}};
+  const Complex<P>* transformed = row_plan_->template execute<false>(line, row_scratch, 1);
+  T* out_a = spectrum_row;
+  T* out_b = out_a + spectrum_width * element_stride;
   for (Index kx = 0; kx < spectrum_width; ++kx) {
-    T* column = spectrum + kx * element_stride;
-    for (Index ky = 0; ky < h_in; ++ky) {
-      line[ky].re = load_lanes<P>(column + ky * row_stride, 1);
-      line[ky].im = load_lanes<P>(column + ky * row_stride + lanes, 1);
-    }
-    for (Index ky = h_in; ky < height; ++ky) line[ky] = {P{}, P{}};
-    column_plan_->template execute<false>(line, scratch);
-    for (Index ky = 0; ky < height; ++ky) {
-      store_lanes<P>(column + ky * row_stride, 1, line[ky].re);
-      store_lanes<P>(column + ky * row_stride + lanes, 1, line[ky].im);
+    const Complex<P> z = transformed[kx], mirror = transformed[kx == 0 ? 0 : width - kx];
+    T* bin_a = out_a + kx * element_stride;
+    store_lanes<P>(bin_a, 1, (z.re + mirror.re) * half);
+    store_lanes<P>(bin_a + lanes, 1, (z.im - mirror.im) * half);
+    if (pair) {
+      T* bin_b = out_b + kx * element_stride;
+      store_lanes<P>(bin_b, 1, (z.im + mirror.im) * half);
+      store_lanes<P>(bin_b + lanes, 1, (mirror.re - z.re) * half);
     }
   }
 }
 
 template <typename T>
-template <typename P>
-void RealFft2d<T>::inverse_lanes(T* spectrum, T* out, Index stride_y, Index stride_x,
-                                 Index stride_c, Index h_out, Index w_out, Index lanes,
-                                 T* work) const {
-  const Index width = width_, height = height_, spectrum_width = width / 2 + 1;
+template <bool Inverse, typename P>
+void RealFft2d<T>::transform_columns(Index rows_in, Index rows_out, Index lanes, T* spectrum,
+                                     T* work) const {
+  const Index height = height_, spectrum_width = width_ / 2 + 1;
   Complex<P>* line = reinterpret_cast<Complex<P>*>(work);
-  Complex<P>* scratch = line + std::max(height, width);
+  Complex<P>* strip_scratch = line + column_batch_ * height;
   const Index element_stride = 2 * lanes;
   const Index row_stride = spectrum_width * element_stride;
-
-  for (Index kx = 0; kx < spectrum_width; ++kx) {
-    T* column = spectrum + kx * element_stride;
-    for (Index ky = 0; ky < height; ++ky) {
-      line[ky].re = load_lanes<P>(column + ky * row_stride, 1);
-      line[ky].im = load_lanes<P>(column + ky * row_stride + lanes, 1);
-    }
-    column_plan_->template execute<true>(line, scratch);
-    for (Index y = 0; y < h_out; ++y) {
-      store_lanes<P>(column + y * row_stride, 1, line[y].re);
-      store_lanes<P>(column + y * row_stride + lanes, 1, line[y].im);
-    }
-  }
-
-  const P scale = broadcast<P>(static_cast<T>(1.0 / (static_cast<double>(height) * width)));
-  const Index nyquist = width % 2 == 0 ? width / 2 : -1;
-  for (Index y = 0; y < h_out; y += 2) {
-    const bool pair = y + 1 < h_out;
-    const T* row_a = spectrum + y * row_stride;
-    const T* row_b = row_a + row_stride;
-    for (Index kx = 0; kx < spectrum_width; ++kx) {
-      const T* bin_a = row_a + kx * element_stride;
-      const T* bin_b = row_b + kx * element_stride;
-      const bool real_bin = kx == 0 || kx == nyquist;
-      const P a_re = load_lanes<P>(bin_a, 1);
-      const P a_im = real_bin ? P{} : load_lanes<P>(bin_a + lanes, 1);
-      const P b_re = pair ? load_lanes<P>(bin_b, 1) : P{};
-      const P b_im = pair && !real_bin ? load_lanes<P>(bin_b + lanes, 1) : P{};
-      // Z[k] = X_a[k] + i X_b[k]; Z[W-k] = conj X_a[k] + i conj X_b[k].
-      line[kx] = {a_re - b_im, a_im + b_re};
-      if (width - kx >= spectrum_width) line[width - kx] = {a_re + b_im, b_re - a_im};
-    }
-    row_plan_->template execute<true>(line, scratch);
-    T* out_a = out + y * stride_y;
-    T* out_b = out_a + stride_y;
-    for (Index x = 0; x < w_out; ++x) {
-      store_lanes<P>(out_a + x * stride_x, stride_c, line[x].re * scale);
-      if (pair) store_lanes<P>(out_b + x * stride_x, stride_c, line[x].im * scale);
-    }
+  for (Index kx0 = 0; kx0 < spectrum_width; kx0 += column_batch_) {
+    const Index count = std::min(column_batch_, spectrum_width - kx0);
+    T* strip = spectrum + kx0 * element_stride;
+    for (Index ky = 0; ky < rows_in; ++ky)
+      for (Index b = 0; b < count; ++b) {
+        const T* bin = strip + ky * row_stride + b * element_stride;
+        line[ky * count + b] = {load_lanes<P>(bin, 1), load_lanes<P>(bin + lanes, 1)};
+      }
+    for (Index i = rows_in * count; i < height * count; ++i) line[i] = {P{}, P{}};
+    const Complex<P>* transformed =
+        column_plan_->template execute<Inverse>(line, strip_scratch, count);
+    for (Index ky = 0; ky < rows_out; ++ky)
+      for (Index b = 0; b < count; ++b) {
+        T* bin = strip + ky * row_stride + b * element_stride;
+        store_lanes<P>(bin, 1, transformed[ky * count + b].re);
+        store_lanes<P>(bin + lanes, 1, transformed[ky * count + b].im);
+      }
   }
 }
 
+template <typename T>
+template <typename P>
+void RealFft2d<T>::inverse_row_pair(const T* spectrum_row, T* row_a, Index stride_y, Index stride_x,
+                                    Index stride_c, bool pair, Index w_out, Index lanes,
+                                    T* work) const {
+  const Index width = width_, height = height_, spectrum_width = width / 2 + 1;
+  Complex<P>* line = reinterpret_cast<Complex<P>*>(work);
+  Complex<P>* row_scratch = line + width;
+  const Index element_stride = 2 * lanes;
+  const P scale = broadcast<P>(static_cast<T>(1.0 / (static_cast<double>(height) * width)));
+  const Index nyquist = width % 2 == 0 ? width / 2 : -1;
+  const T* spectrum_row_b = spectrum_row + spectrum_width * element_stride;
+  for (Index kx = 0; kx < spectrum_width; ++kx) {
+    const T* bin_a = spectrum_row + kx * element_stride;
+    const T* bin_b = spectrum_row_b + kx * element_stride;
+    const bool real_bin = kx == 0 || kx == nyquist;
+    const P a_re = load_lanes<P>(bin_a, 1);
+    const P a_im = real_bin ? P{} : load_lanes<P>(bin_a + lanes, 1);
+    const P b_re = pair ? load_lanes<P>(bin_b, 1) : P{};
+    const P b_im = pair && !real_bin ? load_lanes<P>(bin_b + lanes, 1) : P{};
+    // Z[k] = X_a[k] + i X_b[k]; Z[W-k] = conj X_a[k] + i conj X_b[k].
+    line[kx] = {a_re - b_im, a_im + b_re};
+    if (width - kx >= spectrum_width) line[width - kx] = {a_re + b_im, b_re - a_im};
+  }
+  const Complex<P>* transformed = row_plan_->template execute<true>(line, row_scratch, 1);
+  T* row_b = row_a + stride_y;
+  for (Index x = 0; x < w_out; ++x) {
+    store_lanes<P>(row_a + x * stride_x, stride_c, transformed[x].re * scale);
+    if (pair) store_lanes<P>(row_b + x * stride_x, stride_c, transformed[x].im * scale);
+  }
+}
+
+// Rows go through a row pair at a time with every lane group of the chunk before the next
+// pair, so the channels of a pixel are read (forward) or written (inverse) together: whole
+// cache lines, once, instead of once per lane group a full 2-D transform apart. Columns then
+// go through one lane group at a time.
 template <typename T>
 void RealFft2d<T>::forward(const T* in, Index stride_y, Index stride_x, Index stride_c, Index h_in,
                            Index w_in, Index lanes, T* spectrum, T* work) const {
-  Index lane = 0;
-  for (; lane + kLanes<T> <= lanes; lane += kLanes<T>)
-    forward_lanes<Vec<T>>(in + lane * stride_c, stride_y, stride_x, stride_c, h_in, w_in, lanes,
-                          spectrum + lane, work);
-  for (; lane < lanes; ++lane)
-    forward_lanes<T>(in + lane * stride_c, stride_y, stride_x, stride_c, h_in, w_in, lanes,
-                     spectrum + lane, work);
+  const Index row_stride = spectrum_width() * 2 * lanes;
+  for (Index y = 0; y < h_in; y += 2)
+    for_each_lane_group<T>(lanes, [&](auto group, Index lane) {
+      using P = typename decltype(group)::type;
+      forward_row_pair<P>(in + y * stride_y + lane * stride_c, stride_y, stride_x, stride_c,
+                          y + 1 < h_in, w_in, lanes, spectrum + y * row_stride + lane, work);
+    });
+  for_each_lane_group<T>(lanes, [&](auto group, Index lane) {
+    using P = typename decltype(group)::type;
+    transform_columns<false, P>(h_in, height_, lanes, spectrum + lane, work);
+  });
 }
 
 template <typename T>
 void RealFft2d<T>::inverse(T* spectrum, T* out, Index stride_y, Index stride_x, Index stride_c,
                            Index h_out, Index w_out, Index lanes, T* work) const {
-  Index lane = 0;
-  for (; lane + kLanes<T> <= lanes; lane += kLanes<T>)
-    inverse_lanes<Vec<T>>(spectrum + lane, out + lane * stride_c, stride_y, stride_x, stride_c,
-                          h_out, w_out, lanes, work);
-  for (; lane < lanes; ++lane)
-    inverse_lanes<T>(spectrum + lane, out + lane * stride_c, stride_y, stride_x, stride_c, h_out,
-                     w_out, lanes, work);
+  const Index row_stride = spectrum_width() * 2 * lanes;
+  for_each_lane_group<T>(lanes, [&](auto group, Index lane) {
+    using P = typename decltype(group)::type;
+    transform_columns<true, P>(height_, h_out, lanes, spectrum + lane, work);
+  });
+  for (Index y = 0; y < h_out; y += 2)
+    for_each_lane_group<T>(lanes, [&](auto group, Index lane) {
+      using P = typename decltype(group)::type;
+      inverse_row_pair<P>(spectrum + y * row_stride + lane, out + y * stride_y + lane * stride_c,
+                          stride_y, stride_x, stride_c, y + 1 < h_out, w_out, lanes, work);
+    });
 }
 
 template class RealFft2d<float>;

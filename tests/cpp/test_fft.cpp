@@ -80,6 +80,28 @@ double tolerance_for(const FftCase& shape) {
   return (sizeof(T) == 4 ? 1e-7 : 4e-16) * passes;
 }
 
+// One case's random input in its layout and its forward transform.
+template <typename T>
+struct ForwardRun {
+  GridLayout layout;
+  std::vector<double> input;  // values representable in T
+  std::vector<T> input_t;
+  RealFft2d<T> plan;
+  std::vector<T> spectrum;
+  Tensor<T, 1> work;
+
+  ForwardRun(const FftCase& shape, RandomSource& random)
+      : layout(shape.h_data, shape.w_data, shape.lanes, shape.channels_last),
+        input(test::round_to<T>(random.normal(layout.size))),
+        input_t(test::convert<T>(input)),
+        plan(shape.height, shape.width),
+        spectrum(plan.spectrum_size(shape.lanes), T(-7)),
+        work(make_work(plan, shape.lanes)) {
+    plan.forward(input_t.data() + layout.offset, layout.stride_y, layout.stride_x, layout.stride_c,
+                 shape.h_data, shape.w_data, shape.lanes, spectrum.data(), work.data());
+  }
+};
+
 template <typename T>
 std::string case_name(const FftCase& shape, std::uint64_t seed) {
   return describe(sizeof(T) == 4 ? "float" : "double", " seed=", seed, " H=", shape.height,
@@ -94,16 +116,11 @@ void check_forward_matches_reference() {
   for (const FftCase& shape : kCases) {
     RandomSource random(++seed);
     SCOPED_TRACE(case_name<T>(shape, seed));
-    const GridLayout layout(shape.h_data, shape.w_data, shape.lanes, shape.channels_last);
-    const std::vector<double> input = test::round_to<T>(random.normal(layout.size));
-    const std::vector<T> input_t = test::convert<T>(input);
-    const RealFft2d<T> plan(shape.height, shape.width);
-    std::vector<T> spectrum(plan.spectrum_size(shape.lanes), T(-7));
-    Tensor<T, 1> work = make_work(plan, shape.lanes);
-    plan.forward(input_t.data() + layout.offset, layout.stride_y, layout.stride_x, layout.stride_c,
-                 shape.h_data, shape.w_data, shape.lanes, spectrum.data(), work.data());
-
-    const Index spectrum_width = plan.spectrum_width();
+    const ForwardRun<T> run(shape, random);
+    const GridLayout& layout = run.layout;
+    const std::vector<double>& input = run.input;
+    const std::vector<T>& spectrum = run.spectrum;
+    const Index spectrum_width = run.plan.spectrum_width();
     std::vector<double> got, want;
     for (Index c = 0; c < shape.lanes; ++c) {
       std::vector<double> channel(shape.h_data * shape.w_data);
@@ -183,18 +200,13 @@ void check_round_trip() {
   for (const FftCase& shape : kCases) {
     RandomSource random(++seed);
     SCOPED_TRACE(case_name<T>(shape, seed));
-    const GridLayout layout(shape.h_data, shape.w_data, shape.lanes, shape.channels_last);
-    const std::vector<double> input = test::round_to<T>(random.normal(layout.size));
-    const std::vector<T> input_t = test::convert<T>(input);
-    const RealFft2d<T> plan(shape.height, shape.width);
-    std::vector<T> spectrum(plan.spectrum_size(shape.lanes));
-    Tensor<T, 1> work = make_work(plan, shape.lanes);
-    plan.forward(input_t.data() + layout.offset, layout.stride_y, layout.stride_x, layout.stride_c,
-                 shape.h_data, shape.w_data, shape.lanes, spectrum.data(), work.data());
-    std::vector<T> out(input_t);
-    plan.inverse(spectrum.data(), out.data() + layout.offset, layout.stride_y, layout.stride_x,
-                 layout.stride_c, shape.h_data, shape.w_data, shape.lanes, work.data());
-    EXPECT_TRUE(test::matches_reference(std::vector<double>(out.begin(), out.end()), input,
+    ForwardRun<T> run(shape, random);
+    const GridLayout& layout = run.layout;
+    std::vector<T> out(run.input_t);
+    run.plan.inverse(run.spectrum.data(), out.data() + layout.offset, layout.stride_y,
+                     layout.stride_x, layout.stride_c, shape.h_data, shape.w_data, shape.lanes,
+                     run.work.data());
+    EXPECT_TRUE(test::matches_reference(std::vector<double>(out.begin(), out.end()), run.input,
                                         tolerance_for<T>(shape)));
   }
 }

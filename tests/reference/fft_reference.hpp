@@ -26,32 +26,45 @@ inline std::vector<std::complex<double>> roots_reference(std::int64_t n, int sig
   return roots;
 }
 
+// The columns of a [rows, cols] row-major grid, each a sequence of the first `rows` entries
+// of a length-n DFT (zero beyond), transformed: out[k][col] = Σ_j in[j][col] e^{sign 2πi jk/n}
+// for k < n. Rows of a grid are the columns of its transpose: callers pick the orientation.
+inline std::vector<std::complex<double>> dft_columns_reference(
+    const std::vector<std::complex<double>>& in, std::int64_t rows, std::int64_t cols,
+    std::int64_t n, int sign) {
+  const std::vector<std::complex<double>> roots = roots_reference(n, sign);
+  std::vector<std::complex<double>> out(n * cols);
+  for (std::int64_t k = 0; k < n; ++k)
+    for (std::int64_t col = 0; col < cols; ++col) {
+      std::complex<double> sum = 0;
+      for (std::int64_t j = 0; j < rows; ++j) sum += in[j * cols + col] * roots[(j * k) % n];
+      out[k * cols + col] = sum;
+    }
+  return out;
+}
+
+// The transpose of a [rows, cols] row-major grid.
+inline std::vector<std::complex<double>> transpose_reference(
+    const std::vector<std::complex<double>>& in, std::int64_t rows, std::int64_t cols) {
+  std::vector<std::complex<double>> out(in.size());
+  for (std::int64_t row = 0; row < rows; ++row)
+    for (std::int64_t col = 0; col < cols; ++col) out[col * rows + row] = in[row * cols + col];
+  return out;
+}
+
 // x: [h_in, w_in] row-major  ->  [H, W/2 + 1] row-major.
 inline std::vector<std::complex<double>> rfft2_reference(const std::vector<double>& x,
                                                          std::int64_t h_in, std::int64_t w_in,
                                                          std::int64_t height, std::int64_t width) {
   const std::int64_t spectrum_width = width / 2 + 1;
-  const std::vector<std::complex<double>> roots_x = roots_reference(width, -1);
-  const std::vector<std::complex<double>> roots_y = roots_reference(height, -1);
-  // Along x: rows[y][kx].
-  std::vector<std::complex<double>> rows(h_in * spectrum_width);
-  for (std::int64_t y = 0; y < h_in; ++y)
-    for (std::int64_t kx = 0; kx < spectrum_width; ++kx) {
-      std::complex<double> sum = 0;
-      for (std::int64_t col = 0; col < w_in; ++col)
-        sum += x[y * w_in + col] * roots_x[(kx * col) % width];
-      rows[y * spectrum_width + kx] = sum;
-    }
+  // Along x (the columns of the transpose), keeping kx <= W/2.
+  const std::vector<std::complex<double>> x_t =
+      transpose_reference(std::vector<std::complex<double>>(x.begin(), x.end()), h_in, w_in);
+  std::vector<std::complex<double>> rows_t = dft_columns_reference(x_t, w_in, h_in, width, -1);
+  rows_t.resize(spectrum_width * h_in);
   // Along y.
-  std::vector<std::complex<double>> spectrum(height * spectrum_width);
-  for (std::int64_t ky = 0; ky < height; ++ky)
-    for (std::int64_t kx = 0; kx < spectrum_width; ++kx) {
-      std::complex<double> sum = 0;
-      for (std::int64_t y = 0; y < h_in; ++y)
-        sum += rows[y * spectrum_width + kx] * roots_y[(ky * y) % height];
-      spectrum[ky * spectrum_width + kx] = sum;
-    }
-  return spectrum;
+  return dft_columns_reference(transpose_reference(rows_t, spectrum_width, h_in), h_in,
+                               spectrum_width, height, -1);
 }
 
 // spectrum: [H, W/2 + 1] row-major (any values: not necessarily Hermitian)  ->  [H, W].
@@ -59,16 +72,9 @@ inline std::vector<double> irfft2_reference(const std::vector<std::complex<doubl
                                             std::int64_t height, std::int64_t width) {
   const std::int64_t spectrum_width = width / 2 + 1;
   const std::vector<std::complex<double>> roots_x = roots_reference(width, +1);
-  const std::vector<std::complex<double>> roots_y = roots_reference(height, +1);
   // Along y: columns[y][kx], complex.
-  std::vector<std::complex<double>> columns(height * spectrum_width);
-  for (std::int64_t y = 0; y < height; ++y)
-    for (std::int64_t kx = 0; kx < spectrum_width; ++kx) {
-      std::complex<double> sum = 0;
-      for (std::int64_t ky = 0; ky < height; ++ky)
-        sum += spectrum[ky * spectrum_width + kx] * roots_y[(ky * y) % height];
-      columns[y * spectrum_width + kx] = sum;
-    }
+  const std::vector<std::complex<double>> columns =
+      dft_columns_reference(spectrum, height, spectrum_width, height, +1);
   // Along x: the real inverse, each interior bin standing for itself and its conjugate mirror.
   std::vector<double> out(height * width);
   for (std::int64_t y = 0; y < height; ++y)

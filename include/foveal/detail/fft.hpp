@@ -26,7 +26,8 @@ class ComplexFftPlan;
 template <typename T>
 class RealFft2d {
  public:
-  // A good chunk of channels for callers that choose one: two vectors of T on this build.
+  // A good chunk of channels for callers that choose one: 128 bytes of each pixel (32 floats,
+  // 16 doubles), whole cache lines of a channels-last input; any lanes >= 1 works.
   static constexpr Index kPreferredLanes = 32 * 4 / static_cast<Index>(sizeof(T));
 
   // Plans the transform of an [height, width] grid; both must be >= 1 (foveal::Error if not).
@@ -61,15 +62,23 @@ class RealFft2d {
                Index w_out, Index lanes, T* work) const;
 
  private:
+  // One pair of rows y, y + 1 (only y when !pair) of one lane group: the row transforms, read
+  // from the input and written to the spectrum rows.
   template <typename P>
-  void forward_lanes(const T* in, Index stride_y, Index stride_x, Index stride_c, Index h_in,
-                     Index w_in, Index lanes, T* spectrum, T* work) const;
+  void forward_row_pair(const T* row_a, Index stride_y, Index stride_x, Index stride_c, bool pair,
+                        Index w_in, Index lanes, T* spectrum_row, T* work) const;
+  // The column transforms of one lane group in place: rows [0, rows_in) are read (the rest are
+  // zero), rows [0, rows_out) are written.
+  template <bool Inverse, typename P>
+  void transform_columns(Index rows_in, Index rows_out, Index lanes, T* spectrum, T* work) const;
+  // The inverse row transforms of one pair of rows of one lane group, written to the output.
   template <typename P>
-  void inverse_lanes(T* spectrum, T* out, Index stride_y, Index stride_x, Index stride_c,
-                     Index h_out, Index w_out, Index lanes, T* work) const;
+  void inverse_row_pair(const T* spectrum_row, T* row_a, Index stride_y, Index stride_x,
+                        Index stride_c, bool pair, Index w_out, Index lanes, T* work) const;
 
   Index height_;
   Index width_;
+  Index column_batch_;  // columns transformed together (a strip), see the constructor
   std::shared_ptr<const ComplexFftPlan<T>> column_plan_;  // length height, along y
   std::shared_ptr<const ComplexFftPlan<T>> row_plan_;     // length width, along x
 };
