@@ -632,7 +632,25 @@ void RealFft2d<T>::forward_row_pair(const T* row_a, Index stride_y, Index stride
   const Index element_stride = 2 * lanes;  // T elements between neighbouring spectrum bins
   const P half = broadcast<P>(static_cast<T>(0.5));
   const T* row_b = row_a + stride_y;
-  for (Index x = 0; x < w_in; ++x) {
+  Index x = 0;
+  if constexpr (!kIsScalar<P>) {
+    // Channels-first rows (x contiguous): kLanes<T> pixels of kLanes<T> channels at a time,
+    // one vector load per channel and an in-register transpose instead of a gather per pixel.
+    if (stride_x == 1 && stride_c != 1)
+      for (; x + kLanes<T> <= w_in; x += kLanes<T>) {
+        P block_a[kLanes<T>], block_b[kLanes<T>];
+        FOVEAL_UNROLL
+        for (int c = 0; c < kLanes<T>; ++c) {
+          block_a[c] = load<T>(row_a + c * stride_c + x);
+          block_b[c] = pair ? load<T>(row_b + c * stride_c + x) : P{};
+        }
+        transpose<T>(block_a);
+        transpose<T>(block_b);
+        FOVEAL_UNROLL
+        for (int i = 0; i < kLanes<T>; ++i) line[x + i] = {block_a[i], block_b[i]};
+      }
+  }
+  for (; x < w_in; ++x) {
     line[x].re = load_lanes<P>(row_a + x * stride_x, stride_c);
     line[x].im = pair ? load_lanes<P>(row_b + x * stride_x, stride_c) : P{};
   }
@@ -708,7 +726,27 @@ void RealFft2d<T>::inverse_row_pair(const T* spectrum_row, T* row_a, Index strid
   }
   const Complex<P>* transformed = row_plan_->template execute<true>(line, row_scratch, 1);
   T* row_b = row_a + stride_y;
-  for (Index x = 0; x < w_out; ++x) {
+  Index x = 0;
+  if constexpr (!kIsScalar<P>) {
+    // Channels-first rows: the forward's transpose backwards (kLanes<T> pixels at a time).
+    if (stride_x == 1 && stride_c != 1)
+      for (; x + kLanes<T> <= w_out; x += kLanes<T>) {
+        P block_a[kLanes<T>], block_b[kLanes<T>];
+        FOVEAL_UNROLL
+        for (int i = 0; i < kLanes<T>; ++i) {
+          block_a[i] = transformed[x + i].re * scale;
+          block_b[i] = transformed[x + i].im * scale;
+        }
+        transpose<T>(block_a);
+        FOVEAL_UNROLL
+        for (int c = 0; c < kLanes<T>; ++c) store<T>(row_a + c * stride_c + x, block_a[c]);
+        if (!pair) continue;
+        transpose<T>(block_b);
+        FOVEAL_UNROLL
+        for (int c = 0; c < kLanes<T>; ++c) store<T>(row_b + c * stride_c + x, block_b[c]);
+      }
+  }
+  for (; x < w_out; ++x) {
     store_lanes<P>(row_a + x * stride_x, stride_c, transformed[x].re * scale);
     if (pair) store_lanes<P>(row_b + x * stride_x, stride_c, transformed[x].im * scale);
   }
