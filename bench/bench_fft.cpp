@@ -57,9 +57,10 @@ void set_counters(benchmark::State& state, const Problem& problem) {
       benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
 }
 
-// x: [B, grid, grid, C] -> out: same, through forward + inverse of every (batch, chunk) on
-// `threads` threads (1: a plain loop, as a caller that parallelizes elsewhere runs it).
-void run_foveal(benchmark::State& state, int threads) {
+// x: [B, grid, grid, C] (or [B, C, grid, grid] when !channels_last) -> out: same, through
+// forward + inverse of every (batch, chunk) on `threads` threads (1: a plain loop, as a caller
+// that parallelizes elsewhere runs it).
+void run_foveal(benchmark::State& state, int threads, bool channels_last = true) {
   const Problem problem(state);
   const Index lanes = RealFft2d<float>::kPreferredLanes;
   const Index chunks = kChannels / lanes;
@@ -72,16 +73,21 @@ void run_foveal(benchmark::State& state, int threads) {
     spectra.emplace_back(Tensor<float, 1>::Shape{plan.spectrum_size(lanes)});
     works.emplace_back(Tensor<float, 1>::Shape{plan.work_size(lanes)});
   }
-  const Index stride_y = grid * kChannels, stride_x = kChannels;
+  const Index pixels = grid * grid;
+  const Index stride_y = channels_last ? grid * kChannels : grid;
+  const Index stride_x = channels_last ? kChannels : 1;
+  const Index stride_c = channels_last ? 1 : pixels;
   for (auto _ : state) {
     foveal::parallel_for(kBatch * chunks, threads, [&](Index task) {
       const Index batch = task / chunks, chunk = task % chunks;
       const int slot = foveal::detail::thread_index();
-      const Index offset = batch * grid * grid * kChannels + chunk * lanes;
+      const Index offset = batch * pixels * kChannels + chunk * lanes * stride_c;
       float* spectrum = spectra[slot].data();
       float* work = works[slot].data();
-      plan.forward(x.data() + offset, stride_y, stride_x, 1, grid, grid, lanes, spectrum, work);
-      plan.inverse(spectrum, out.data() + offset, stride_y, stride_x, 1, grid, grid, lanes, work);
+      plan.forward(x.data() + offset, stride_y, stride_x, stride_c, grid, grid, lanes, spectrum,
+                   work);
+      plan.inverse(spectrum, out.data() + offset, stride_y, stride_x, stride_c, grid, grid, lanes,
+                   work);
     });
     benchmark::DoNotOptimize(out.data());
   }
@@ -90,6 +96,7 @@ void run_foveal(benchmark::State& state, int threads) {
 
 void BM_FovealForwardInverse(benchmark::State& state) { run_foveal(state, 1); }
 void BM_FovealForwardInverse2Threads(benchmark::State& state) { run_foveal(state, 2); }
+void BM_FovealForwardInverseChannelsFirst(benchmark::State& state) { run_foveal(state, 1, false); }
 
 void grids(benchmark::internal::Benchmark* bench) {
   bench->ArgNames({"grid", "padded"})->Unit(benchmark::kMillisecond);
@@ -101,6 +108,7 @@ void grids(benchmark::internal::Benchmark* bench) {
 // kernel cost; two threads: real time, the only measure of a team.
 BENCHMARK(BM_FovealForwardInverse)->Apply(grids);
 BENCHMARK(BM_FovealForwardInverse2Threads)->Apply(grids)->UseRealTime();
+BENCHMARK(BM_FovealForwardInverseChannelsFirst)->Apply(grids);
 
 #ifdef FOVEAL_BENCH_HAS_EIGEN
 // The same transforms with Eigen's FFT module, one channel at a time: real FFTs of the rows

@@ -26,7 +26,8 @@ struct FftCase {
 };
 
 // Sizes 1, primes on both sides of the direct-radix limit (31; 37, 97, 127, 251 go through
-// Bluestein), smooth sizes, rectangles, zero padding / crops, lanes 1, 3, 16 and 33.
+// Bluestein), smooth sizes, rectangles, zero padding / crops, lanes 1, 3, 16 and 33;
+// channels-first rows of whole vectors plus a tail (the transposing loads), paired or not.
 const FftCase kCases[] = {
     {1, 1, 1, 1, 1, true},          {2, 2, 2, 2, 3, true},          {3, 5, 3, 5, 16, false},
     {5, 7, 5, 7, 33, true},         {7, 11, 7, 11, 1, false},       {11, 13, 11, 13, 16, true},
@@ -37,6 +38,7 @@ const FftCase kCases[] = {
     {243, 256, 243, 256, 1, false}, {256, 256, 128, 128, 16, true}, {64, 127, 64, 127, 16, true},
     {251, 16, 200, 10, 16, false},  {2, 1, 2, 1, 16, true},         {1, 9, 1, 9, 16, true},
     {74, 34, 37, 17, 16, true},     {162, 125, 81, 100, 3, true},   {40, 24, 33, 20, 8, false},
+    {33, 40, 33, 40, 16, false},
 };
 
 // Where a [h, w] grid of `lanes` channels lives: channels-last inside a tensor of lanes + 5
