@@ -10,8 +10,9 @@ Suites: dense attention (vs SDPA), sliding-window attention (vs SDPA with the eq
 boolean mask), decode over a KV cache (vs SDPA with enable_gqa, and against the machine's copy
 bandwidth), a 10,000-step ring-buffer decode checked against a dense masked reference, and
 the SPADE embedding (vs the same module in PyTorch, bench/spade_cases.py) and VQ assign (vs
-torch.cdist and matmul + argmin, bench/vq_cases.py) and the SPARSEK projection (vs a torch
-implementation by sort, bench/sparsek_cases.py).
+torch.cdist and matmul + argmin, bench/vq_cases.py), the SPARSEK projection (vs a torch
+implementation by sort, bench/sparsek_cases.py) and SparseK attention (vs foveal's dense causal
+attention and SDPA, bench/sparsek_attention_cases.py).
 Both libraries run interleaved on identical float32 tensors at each thread count, so machine
 noise hits both alike; each time is the median of the repetitions. Writes
 bench/results/<suite>_<quick|full>.json and, when matplotlib is installed, a .png beside it.
@@ -322,6 +323,10 @@ def peak_extra_memory(length: int, threads: int) -> int:
 def plot(suite: str, rows: list[dict], path: Path) -> bool:
     if suite in ("spade", "vq", "sparsek"):  # a table says it all
         return False
+    if suite == "sparsek_attn":
+        import sparsek_attention_cases
+
+        return sparsek_attention_cases.plot(rows, path)
     try:
         import matplotlib
 
@@ -406,6 +411,10 @@ def markdown(path: Path) -> str:
         "",
     ]
     rows = report["rows"]
+    if suite == "sparsek_attn":
+        import sparsek_attention_cases
+
+        lines += sparsek_attention_cases.markdown_lines(rows)
     if suite == "dense":
         lines += [
             "| threads | D | L | mask | foveal ms | torch ms | torch / foveal | foveal GFLOP/s "
@@ -539,7 +548,7 @@ def dense_suite(threads: int, full: bool, seconds: float) -> list[dict]:
     return rows
 
 
-SUITES = ("dense", "window", "decode", "ring", "spade", "vq", "sparsek")
+SUITES = ("dense", "window", "decode", "ring", "spade", "vq", "sparsek", "sparsek_attn")
 
 
 def main() -> None:
@@ -593,7 +602,15 @@ def main() -> None:
 
             print("\n[sparsek]")
             rows = sparsek_cases.run(args.threads, seconds, interleaved, median_time, args.full)
-        for threads in args.threads if suite not in ("spade", "vq", "sparsek") else []:
+        if suite == "sparsek_attn":  # bench/sparsek_attention_cases.py, likewise
+            import sparsek_attention_cases
+
+            print("\n[sparsek_attn]")
+            rows = sparsek_attention_cases.run(
+                args.threads, seconds, interleaved, median_time, args.full
+            )
+        own_threads = ("spade", "vq", "sparsek", "sparsek_attn")
+        for threads in args.threads if suite not in own_threads else []:
             torch.set_num_threads(threads)
             foveal.set_num_threads(threads)
             print(f"\n[{suite}] threads={threads}")

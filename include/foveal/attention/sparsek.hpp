@@ -1,7 +1,6 @@
 // foveal/attention/sparsek.hpp — the SPARSEK projection (OPERATORS.md §4): the Euclidean
 // projection of each row of scores onto the capped simplex {0 <= p <= 1, Σp = k}, and its
-// backward. Part 1 of issue 5; the SparseK attention, causal thresholds and decode cache that
-// build on it are separate.
+// backward. SparseK attention, which builds on it, is in sparsek_attention.hpp.
 #pragma once
 
 #include "foveal/core/tensor.hpp"

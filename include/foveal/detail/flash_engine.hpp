@@ -24,11 +24,14 @@
 //       block's K/V rows are [begin, begin + count) or index[0..count), and the key in row i
 //       sits at position i + position_offset.
 //   bool sees(Index position, Index key_position) const;   consulted only inside blocks
-//                                                          marked needs_mask.
+//                                                          marked needs_mask and visited by
+//                                                          index (without gating hooks).
 //   KeyRange keys_seen(Index position_lo, Index position_hi) const;       (key positions)
 //   PositionRange positions_seeing(Index key_begin, Index key_end) const; (key positions)
 //       conservative bounds used inside masked contiguous blocks to skip the rows and keys
-//       that cannot contribute (the triangle of a causal diagonal block, the edges of a band).
+//       that cannot contribute (the triangle of a causal diagonal block, the edges of a band);
+//       for a single key (key_end = key_begin + 1) exact: the masks of contiguous blocks are
+//       built from it, so sees() is consulted only inside masked blocks visited by index.
 // Policies that gather keys by index and weight them per row (SparseK) also declare
 // `static constexpr bool kGatesKeys = true` and provide, for the blocks they visit with an
 // index (they find their own per-key data from block.index):
@@ -544,12 +547,27 @@ class TileRunner {
         return;
       }
     }
-    if (block.needs_mask) {
-      const T masked = -std::numeric_limits<T>::infinity();
+    if (!block.needs_mask) return;
+    const T masked = -std::numeric_limits<T>::infinity();
+    if (block.index != nullptr) {
       for (Index j = 0; j < block.count; ++j)
         for (Index r = 0; r < num_rows; ++r)
           if (!policy.sees(positions[r], keys[j] + block.position_offset))
             s_t[j * kBlockQ + r] = masked;
+      return;
+    }
+    // A key is seen by one interval of positions, and rows are sorted by position: mask the
+    // rows before and after it, two fills per key instead of a test per (row, key).
+    for (Index j = 0; j < block.count; ++j) {
+      const Index key = keys[j] + block.position_offset;
+      const PositionRange seeing = policy.positions_seeing(key, key + 1);
+      const Index* first = positions;
+      const Index* last = positions + num_rows;
+      const Index r_begin = std::lower_bound(first, last, seeing.first) - first;
+      const Index r_end = std::max(r_begin, std::upper_bound(first, last, seeing.last) - first);
+      T* column = s_t + j * kBlockQ;
+      std::fill(column, column + r_begin, masked);
+      std::fill(column + r_end, column + num_rows, masked);
     }
   }
 
