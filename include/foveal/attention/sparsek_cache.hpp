@@ -21,8 +21,8 @@ struct SparseKCacheSelection {
 
 // K, V and scores u of a batch of sequences that grow together, one token or a few at a time,
 // for SparseK decode: the query at the newest position p = length() − 1 of every sequence sees
-// exactly what foveal::sparsek_attention(q, k, v, u, options) shows the query at position p of
-// the whole sequence: the sinks (positions < sink_tokens), the window (the last `window`
+// what foveal::sparsek_attention(q, k, v, u, options) over the tokens 0 .. p shows its last
+// query: the sinks (positions < sink_tokens, among 0 .. p), the window (the last `window`
 // positions), and the `topk` best-scored tokens of its pool (positions sink_tokens ..
 // p − window) with their SPARSEK gates.
 //
