@@ -11,8 +11,9 @@ boolean mask), decode over a KV cache (vs SDPA with enable_gqa, and against the 
 bandwidth), a 10,000-step ring-buffer decode checked against a dense masked reference, and
 the SPADE embedding (vs the same module in PyTorch, bench/spade_cases.py) and VQ assign (vs
 torch.cdist and matmul + argmin, bench/vq_cases.py), the SPARSEK projection (vs a torch
-implementation by sort, bench/sparsek_cases.py) and SparseK attention (vs foveal's dense causal
-attention and SDPA, bench/sparsek_attention_cases.py).
+implementation by sort, bench/sparsek_cases.py), SparseK attention (vs foveal's dense causal
+attention and SDPA, bench/sparsek_attention_cases.py) and the PDE-SSM block (vs torch rfft2 ·
+multiplier · irfft2, bench/pde_cases.py).
 Both libraries run interleaved on identical float32 tensors at each thread count, so machine
 noise hits both alike; each time is the median of the repetitions. Writes
 bench/results/<suite>_<quick|full>.json and, when matplotlib is installed, a .png beside it.
@@ -321,7 +322,7 @@ def peak_extra_memory(length: int, threads: int) -> int:
 
 
 def plot(suite: str, rows: list[dict], path: Path) -> bool:
-    if suite in ("spade", "vq", "sparsek"):  # a table says it all
+    if suite in ("spade", "vq", "sparsek", "pde"):  # a table says it all
         return False
     if suite == "sparsek_attn":
         import sparsek_attention_cases
@@ -489,6 +490,8 @@ def markdown(path: Path) -> str:
                 f"| {row['foveal_ms']:.1f} | {torch_ms} | {ratio} "
                 f"| {row['foveal_ns_per_element']:.2f} |"
             )
+    elif suite == "pde":
+        lines += pde_markdown(rows)
     elif suite == "vq":
         lines += [
             "| K | threads | foveal ms | cdist ms | vs cdist | matmul ms | vs matmul | GFLOP/s "
@@ -513,6 +516,38 @@ def markdown(path: Path) -> str:
                 f"| {row['resident_mib']:.1f} | {row['us_per_step']:.0f} |"
             )
     return "\n".join(lines)
+
+
+def pde_markdown(rows: list[dict]) -> list[str]:
+    """The three tables of the pde suite: vs torch, the size sweep, the crossover."""
+    lines = [
+        "| grid | boundary | threads | pass | foveal ms | torch ms | torch / foveal | ns / token |",
+        "|---:|---|---:|---|---:|---:|---:|---:|",
+    ]
+    for row in (r for r in rows if r["case"] == "main"):
+        lines.append(
+            f"| {row['side']}² | {row['boundary']} | {row['threads']} | {row['passes']} "
+            f"| {row['foveal_ms']:.1f} | {row['torch_ms']:.1f} | **{row['ratio']:.2f}x** "
+            f"| {row['foveal_ns_per_token']:.1f} |"
+        )
+    lines += [
+        "",
+        "| grid | batch | foveal ms | ns / token | vs 32² |",
+        "|---:|---:|---:|---:|---:|",
+    ]
+    for row in (r for r in rows if r["case"] == "sweep"):
+        lines.append(
+            f"| {row['side']}² | {row['batch']} | {row['foveal_ms']:.1f} "
+            f"| {row['foveal_ns_per_token']:.1f} | {row['growth']:.2f}x |"
+        )
+    lines += ["", "| grid | L | PdeSsm ms | attention ms | attention / PdeSsm |"]
+    lines.append("|---:|---:|---:|---:|---:|")
+    for row in (r for r in rows if r["case"] == "crossover"):
+        lines.append(
+            f"| {row['side']}² | {row['L']} | {row['foveal_ms']:.3f} | {row['attention_ms']:.3f} "
+            f"| {row['ratio']:.2f}x |"
+        )
+    return lines
 
 
 def dense_suite(threads: int, full: bool, seconds: float) -> list[dict]:
@@ -548,7 +583,7 @@ def dense_suite(threads: int, full: bool, seconds: float) -> list[dict]:
     return rows
 
 
-SUITES = ("dense", "window", "decode", "ring", "spade", "vq", "sparsek", "sparsek_attn")
+SUITES = ("dense", "window", "decode", "ring", "spade", "vq", "sparsek", "sparsek_attn", "pde")
 
 
 def main() -> None:
@@ -609,7 +644,12 @@ def main() -> None:
             rows = sparsek_attention_cases.run(
                 args.threads, seconds, interleaved, median_time, args.full
             )
-        own_threads = ("spade", "vq", "sparsek", "sparsek_attn")
+        if suite == "pde":  # bench/pde_cases.py, likewise
+            import pde_cases
+
+            print("\n[pde]")
+            rows = pde_cases.run(args.threads, seconds, interleaved, median_time, args.full)
+        own_threads = ("spade", "vq", "sparsek", "sparsek_attn", "pde")
         for threads in args.threads if suite not in own_threads else []:
             torch.set_num_threads(threads)
             foveal.set_num_threads(threads)

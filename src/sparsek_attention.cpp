@@ -164,12 +164,12 @@ namespace {
 
 constexpr const char* kAttention = "sparsek_attention";
 
+using detail::AlwaysVisible;
 using detail::HeadSelection;
 using detail::KeyBlock;
 using detail::KeyRange;
 using detail::SparseKGeometry;
 using detail::TileUnions;
-using detail::Visibility;
 
 // u: [B, Hkv, Lk], finite.
 template <typename T>
@@ -182,8 +182,8 @@ void require_scores(const char* function, const TensorView<const T, 3>& u, Index
   for (Index b = 0; b < batch; ++b)
     for (Index h = 0; h < heads_kv; ++h)
       for (Index j = 0; j < len_k; ++j)
-        check(std::isfinite(u(b, h, j)), function, ": u must be finite, got ", u(b, h, j), " at u[",
-              b, ", ", h, ", ", j, "]");
+        check(std::isfinite(u(b, h, j)), function, ": u[", b, ", ", h, ", ", j,
+              "] must be finite, got ", u(b, h, j));
 }
 
 // The selection of every (batch, kv head), one task each.
@@ -213,7 +213,7 @@ struct PolicyScratch {
 template <typename T>
 class SparseKPolicy : public detail::GatedKeyHooks<T> {
  public:
-  SparseKPolicy(const SparseKGeometry& geometry, const Visibility& always_visible,
+  SparseKPolicy(const SparseKGeometry& geometry, const AlwaysVisible& always_visible,
                 const HeadSelection& selection, const T* u, Index u_stride, const Index* keys,
                 Index key_count, Index group, Index flat_begin, SparseKGate gate,
                 PolicyScratch<T>& scratch)
@@ -268,15 +268,10 @@ class SparseKPolicy : public detail::GatedKeyHooks<T> {
                   scratch_.row_end[static_cast<std::size_t>(i)] < num_rows_;
       visit(KeyBlock{0, count, keys_ + begin, partial, 0});
     }
-    if (geometry_.window > 0) {
-      const detail::KeyRanges visible = always_visible_.visible_ranges(position_lo, position_hi);
-      for (int r = 0; r < visible.count; ++r)
-        detail::for_each_aligned_block(visible.ranges[r], 0, always_visible_, position_lo,
-                                       position_hi, visit);
-    } else if (geometry_.sinks > 0) {
-      detail::for_each_aligned_block(KeyRange{0, geometry_.sinks}, 0, always_visible_, position_lo,
+    const detail::KeyRanges visible = always_visible_.visible_ranges(position_lo, position_hi);
+    for (int r = 0; r < visible.count; ++r)
+      detail::for_each_aligned_block(visible.ranges[r], 0, always_visible_, position_lo,
                                      position_hi, visit);
-    }
   }
 
   bool sees(Index position, Index key) const { return always_visible_.sees(position, key); }
@@ -289,7 +284,7 @@ class SparseKPolicy : public detail::GatedKeyHooks<T> {
 
  private:
   const SparseKGeometry& geometry_;
-  const Visibility& always_visible_;
+  const AlwaysVisible& always_visible_;
   const Index* keys_;
   Index key_count_;
   Index num_rows_ = 0;
@@ -327,13 +322,7 @@ void attention_impl(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorVi
     for (std::size_t t = 0; t + 1 < head.offsets.size(); ++t)
       widest_union = std::max(widest_union, head.offsets[t + 1] - head.offsets[t]);
 
-  // Sinks and window: causal with window_left = window - 1 (window > 0); with no window only
-  // the sinks are visited, and every query sees them.
-  const Visibility always_visible =
-      geometry.window > 0
-          ? Visibility::make(true, geometry.window - 1, 0, geometry.sinks, len_q, len_k,
-                             geometry.q_offset)
-          : Visibility::make(false, -1, -1, geometry.sinks, len_q, len_k, geometry.q_offset);
+  const AlwaysVisible always_visible{geometry.window, geometry.sinks, len_k, geometry.causal};
 
   const Index num_tasks = batch * heads_kv * tiles_per_head;
   const int num_threads = detail::threads_for(num_tasks, params.num_threads);
@@ -440,8 +429,8 @@ void prefix_thresholds_impl(TensorView<const T, 2> z, Index k, TensorView<T, 2> 
   }
   for (Index r = 0; r < rows; ++r)
     for (Index j = 0; j < n; ++j)
-      check(std::isfinite(z(r, j)), kFunction, ": z must be finite, got ", z(r, j), " at z[", r,
-            ", ", j, "]");
+      check(std::isfinite(z(r, j)), kFunction, ": z[", r, ", ", j, "] must be finite, got ",
+            z(r, j));
   if (rows == 0 || n == 0) return;
 
   SparseKOptions options;

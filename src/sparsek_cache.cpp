@@ -203,8 +203,8 @@ void SparseKCache<T>::append(TensorView<const T, 4> k, TensorView<const T, 4> v,
   for (Index b = 0; b < batch(); ++b)
     for (Index h = 0; h < heads_kv(); ++h)
       for (Index j = 0; j < count; ++j)
-        check(std::isfinite(u(b, h, j)), kFunction, ": u must be finite, got ", u(b, h, j),
-              " at u[", b, ", ", h, ", ", j, "] (position ", length_ + j, ")");
+        check(std::isfinite(u(b, h, j)), kFunction, ": u[", b, ", ", h, ", ", j, "] (position ",
+              length_ + j, ") must be finite, got ", u(b, h, j));
 
   // Heads are independent; a few tokens are not worth waking threads for.
   const Index heads = batch() * heads_kv();

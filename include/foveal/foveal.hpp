@@ -17,4 +17,5 @@
 #include "foveal/core/tensor.hpp"
 #include "foveal/embedding/spade.hpp"
 #include "foveal/embedding/vq.hpp"
+#include "foveal/ssm/pde_ssm.hpp"
 #include "foveal/version.hpp"

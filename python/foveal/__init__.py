@@ -657,7 +657,8 @@ def make_attention(
     return AttentionKernel(_core.make_attention(name, params=string_params, **options))
 
 
+from . import pde_ssm as pde_ssm  # noqa: E402  (after the helpers it uses)
 from . import spade as spade  # noqa: E402  (after the helpers it uses)
 from . import sparsek as sparsek  # noqa: E402
-from .sparsek import sparsek_attention as sparsek_attention  # noqa: E402
 from . import vq as vq  # noqa: E402
+from .sparsek import sparsek_attention as sparsek_attention  # noqa: E402

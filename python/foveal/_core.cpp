@@ -19,6 +19,7 @@ namespace py = pybind11;
 void bind_sparsek(py::module_& m);  // _sparsek.cpp
 void bind_spade(py::module_& m);    // _spade.cpp
 void bind_vq(py::module_& m);       // _vq.cpp
+void bind_pde_ssm(py::module_& m);  // _pde_ssm.cpp
 
 namespace {
 
@@ -217,6 +218,7 @@ PYBIND11_MODULE(_core, m) {
   bind_spade(m);
   bind_vq(m);
   bind_sparsek(m);
+  bind_pde_ssm(m);
 
   m.def(
       "attention",

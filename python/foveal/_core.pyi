@@ -403,3 +403,53 @@ class _SparseKCache:
 
 class SparseKCacheF32(_SparseKCache): ...
 class SparseKCacheF64(_SparseKCache): ...
+
+# The PDE-SSM block (python/foveal/_pde_ssm.cpp): parameters diffusion [G, 3], velocity [G, 2],
+# reaction, time, skip [G] (skip may be None), copied at construction with the multiplier
+# computed; mode "initial_value" | "forced", boundary "periodic" | "zero", diffusion_form
+# "cholesky" | "raw" (unknown names raise ValueError). x, out: [B, H, W, C] views (any strides).
+class PdeSsmF32:
+    def __init__(
+        self,
+        height: _Int,
+        width: _Int,
+        channels: _Int,
+        diffusion: _Array,
+        velocity: _Array,
+        reaction: _Array,
+        time: _Array,
+        skip: _Array | None,
+        mode: str,
+        boundary: str,
+        diffusion_form: str,
+        num_threads: _Int,
+    ) -> None: ...
+    @property
+    def height(self) -> int: ...
+    @property
+    def width(self) -> int: ...
+    @property
+    def channels(self) -> int: ...
+    @property
+    def transform_height(self) -> int: ...
+    @property
+    def transform_width(self) -> int: ...
+    # x: [B, H, W, C]  ->  out: [B, H, W, C]; releases the GIL.
+    def forward(self, x: _Array, out: _Array, num_threads: _Int) -> None: ...
+    # x (None: no parameter gradients), grad_out: [B, H, W, C]  ->  grad_x [B, H, W, C] and
+    # the parameter gradients (each None: not computed); releases the GIL.
+    def backward(
+        self,
+        x: _Array | None,
+        grad_out: _Array,
+        grad_x: _Array | None,
+        grad_diffusion: _Array | None,
+        grad_velocity: _Array | None,
+        grad_reaction: _Array | None,
+        grad_time: _Array | None,
+        grad_skip: _Array | None,
+        num_threads: _Int,
+    ) -> None: ...
+
+# The same for float64 arrays.
+class PdeSsmF64(PdeSsmF32): ...

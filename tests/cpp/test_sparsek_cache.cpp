@@ -183,15 +183,7 @@ void check_every_step_against_prefill(Index batch, Index length) {
         const SparseKOptions options = make_options(32, window, sinks, gate);
         SCOPED_TRACE(describe("seed=", seed, " B=", batch, " L=", length,
                               " ties=", scores == Scores::ties, " ", describe_options(options)));
-        Outputs<T> prefill = run_prefill(s, options);
-        // Sinks are visible to every query (as in foveal::attention), also to the queries before
-        // them; a decode step sees only the tokens appended so far, i.e. the prefill of its
-        // prefix, which differs from the whole sequence's prefill for the positions before the
-        // last sink.
-        for (Index p = 0; p + 1 < std::min(sinks, length); ++p)
-          sparsek_attention(s.q_steps(p, 1), s.k_steps(0, p + 1), s.v_steps(0, p + 1),
-                            s.u_steps(0, p + 1), options, prefill.out_step(s, p),
-                            prefill.lse_step(s, p));
+        const Outputs<T> prefill = run_prefill(s, options);
 
         SparseKCache<T> cache(s.batch, s.heads_kv, s.dim, s.dim_v, options);
         const T* keys_storage = cache.keys().data();
@@ -590,7 +582,7 @@ TEST(SparseKCache, BadInputIsRejectedAndCacheUnchanged) {
     u[static_cast<std::size_t>(1 * s.heads_kv * s.length + 1 * s.length + 10)] = bad;
     const TensorView<const float, 3> u_bad(u.data() + 8, {2, 2, 3}, {2 * s.length, s.length, 1});
     rejected_append(s.k_steps(8, 3), s.v_steps(8, 3), u_bad,
-                    {"u must be finite", "u[1, 1, 2]", "(position 10)"});
+                    {"u[1, 1, 2] (position 10) must be finite"});
   }
 
   const auto rejected_attend = [&](TensorView<const float, 4> q, TensorView<float, 4> o,

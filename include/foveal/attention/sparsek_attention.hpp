@@ -23,9 +23,9 @@ enum class SparseKGate { value, kv, none };
 SparseKGate parse_sparsek_gate(const std::string& name);
 const char* to_string(SparseKGate gate);
 
-// Query i sits at position p_i = q_offset + i. It always sees the sinks (keys j < sink_tokens,
-// as in foveal::attention) and, when causal, the window of the last `window` keys
-// (p_i − window < j <= p_i). The rest of the keys it may see form its pool:
+// Query i sits at position p_i = q_offset + i. It always sees the sinks (keys j < sink_tokens;
+// when causal only those with j <= p_i: no query sees a later key) and, when causal, the window of
+// the last `window` keys (p_i − window < j <= p_i). The rest of the keys it may see form its pool:
 //   causal:      pool(p) = { j : sink_tokens <= j <= p − window }
 //   non-causal:  pool    = { j : sink_tokens <= j < Lk }   (one selection shared by all queries)
 // From its pool it selects S(p) = the `topk` keys with the largest u (ties: lower index first)

@@ -21,9 +21,9 @@ struct SparseKCacheSelection {
 
 // K, V and scores u of a batch of sequences that grow together, one token or a few at a time,
 // for SparseK decode: the query at the newest position p = length() − 1 of every sequence sees
-// what foveal::sparsek_attention(q, k, v, u, options) over the tokens 0 .. p shows its last
-// query: the sinks (positions < sink_tokens, among 0 .. p), the window (the last `window`
-// positions), and the `topk` best-scored tokens of its pool (positions sink_tokens ..
+// what foveal::sparsek_attention(q, k, v, u, options) over the whole sequence shows the query
+// at position p: the sinks (positions < sink_tokens, at or before p), the window (the last
+// `window` positions), and the `topk` best-scored tokens of its pool (positions sink_tokens ..
 // p − window) with their SPARSEK gates.
 //
 // Per (sequence, kv head) it stores only those tokens, in (sink_tokens + window + topk) rows

@@ -103,8 +103,8 @@ struct KeyBlock {
 // Visits the keys at `positions` in blocks aligned to multiples of kBlockK positions, so that
 // any two policies covering the same keys use identical blocks (and identical arithmetic). The
 // key at position p is stored in row p - position_offset.
-template <typename Visit>
-void for_each_aligned_block(KeyRange positions, Index position_offset, const Visibility& visibility,
+template <typename Seen, typename Visit>
+void for_each_aligned_block(KeyRange positions, Index position_offset, const Seen& visibility,
                             Index position_lo, Index position_hi, Visit&& visit) {
   for (Index begin = positions.begin; begin < positions.end;) {
     const Index end = std::min(positions.end, (begin / kBlockK + 1) * kBlockK);

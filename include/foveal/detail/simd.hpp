@@ -123,6 +123,42 @@ inline void halve_all(Vec<T>* x) {
 
 }  // namespace simd_detail
 
+namespace simd_detail {
+
+// Lane j of the transposition step at distance d for the row pair (i, i + d), (i & d) == 0:
+// the d x d blocks off the diagonal of each 2d x 2d block trade places.
+constexpr int transpose_index(int lanes, int distance, int lane, bool upper) {
+  const bool odd = (lane & distance) != 0;
+  if (!upper) return odd ? lanes + lane - distance : lane;
+  return odd ? lanes + lane : lane + distance;
+}
+
+template <typename T, int Distance, int... Lane>
+inline void transpose_step(Vec<T>* x, std::integer_sequence<int, Lane...> /*lanes*/) {
+  using Bits = typename SimdTraits<T>::Bits;
+  constexpr int L = kLanes<T>;
+  constexpr Bits lower{transpose_index(L, Distance, Lane, false)...};
+  constexpr Bits upper{transpose_index(L, Distance, Lane, true)...};
+  FOVEAL_UNROLL
+  for (int i = 0; i < L; ++i) {
+    if ((i & Distance) != 0) continue;
+    const Vec<T> u = x[i], v = x[i + Distance];
+    x[i] = __builtin_shuffle(u, v, lower);
+    x[i + Distance] = __builtin_shuffle(u, v, upper);
+  }
+  if constexpr (2 * Distance < L)
+    transpose_step<T, 2 * Distance>(x, std::make_integer_sequence<int, L>{});
+}
+
+}  // namespace simd_detail
+
+// Transposes the kLanes x kLanes matrix whose row r is x[r] in place: lane c of x[r] becomes
+// lane r of x[c] (log2(kLanes) rounds of two-vector shuffles).
+template <typename T>
+inline void transpose(Vec<T> (&x)[kLanes<T>]) {
+  simd_detail::transpose_step<T, 1>(x, std::make_integer_sequence<int, kLanes<T>>{});
+}
+
 // Returns the vector whose lane i is the sum of the lanes of x[i] (a transposing reduction:
 // kLanes - 1 shuffle pairs for kLanes sums instead of log2(kLanes) shuffles per sum).
 // Overwrites x.

@@ -3,11 +3,14 @@
 // to time the selection on its own).
 #pragma once
 
+#include <algorithm>
+#include <limits>
 #include <vector>
 
 #include "foveal/attention/options.hpp"
 #include "foveal/attention/sparsek_attention.hpp"
 #include "foveal/core/tensor.hpp"
+#include "foveal/detail/mask.hpp"
 
 namespace foveal::detail {
 
@@ -32,6 +35,65 @@ struct SparseKGeometry {
   static SparseKGeometry make(const SparseKOptions& options, Index len_q, Index len_k);
   // How many pool keys (in key order) a query at `position` selects from.
   Index pool_length(Index position) const;
+};
+
+// The keys a SparseK query sees besides its selection, with gate 1: the sinks (j < sinks) and,
+// causal, the window (position − window < j); causal queries never see a key after their own
+// position, sinks included. Same interface as detail::Visibility, for the engine's blocks.
+struct AlwaysVisible {
+  Index window = 0;  // 0: none
+  Index sinks = 0;
+  Index len_k = 0;
+  bool causal = true;
+
+  bool sees(Index position, Index key) const {
+    if (causal && key > position) return false;
+    return key < sinks || (window > 0 && key > position - window);
+  }
+
+  // Sinks, then the window, as at most two ranges (one when they touch), clamped to [0, Lk).
+  KeyRanges visible_ranges(Index position_lo, Index position_hi) const {
+    const Index last = causal ? std::min(position_hi + 1, len_k) : len_k;
+    const KeyRange sink_range{0, std::min(sinks, std::max<Index>(last, 0))};
+    KeyRange band{0, 0};
+    if (causal && window > 0) band = {std::max<Index>(position_lo - window + 1, 0), last};
+    KeyRanges visible;
+    const auto add = [&visible](KeyRange range) {
+      if (range.begin < range.end) visible.ranges[visible.count++] = range;
+    };
+    if (band.end <= band.begin) {
+      add(sink_range);
+    } else if (sink_range.end < band.begin) {
+      add(sink_range);
+      add(band);
+    } else {
+      add({0, std::max(band.end, sink_range.end)});
+    }
+    return visible;
+  }
+
+  // The smallest key range holding every key some position in [position_lo, position_hi] sees.
+  KeyRange keys_seen(Index position_lo, Index position_hi) const {
+    const KeyRanges visible = visible_ranges(position_lo, position_hi);
+    if (visible.count == 0) return {0, 0};
+    return {visible.ranges[0].begin, visible.ranges[visible.count - 1].end};
+  }
+
+  // The positions that see some key of [key_begin, key_end); exact for a single key.
+  PositionRange positions_seeing(Index key_begin, Index key_end) const {
+    constexpr Index kUnbounded = std::numeric_limits<Index>::max() / 4;
+    const Index first = causal ? key_begin : -kUnbounded;
+    if (key_begin < sinks) return {first, kUnbounded};
+    if (!causal || window == 0) return {0, -1};
+    return {first, key_end - 1 + window - 1};
+  }
+
+  // True when every position in [position_lo, position_hi] sees every key in [key_begin, key_end).
+  bool sees_all(Index position_lo, Index position_hi, Index key_begin, Index key_end) const {
+    if (causal && key_end - 1 > position_lo) return false;
+    if (key_end <= sinks) return true;
+    return causal && window > 0 && key_begin > position_hi - window;
+  }
 };
 
 // The selection of one (batch, kv head), pool keys numbered from 0 (key = sinks + pool key).
