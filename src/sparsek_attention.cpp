@@ -24,6 +24,7 @@
 #include "attention_setup.hpp"
 #include "foveal/detail/sparsek_prefix.hpp"
 #include "foveal/detail/sparsek_selection.hpp"
+#include "sparsek_gates.hpp"
 
 namespace foveal {
 
@@ -130,20 +131,7 @@ void build_tile_unions(const HeadSelection& selection, const SparseKGeometry& ge
   for (Index& key : unions.keys) key += geometry.sinks;
 }
 
-}  // namespace detail
-
-namespace {
-
-constexpr const char* kAttention = "sparsek_attention";
-
-using detail::AlwaysVisible;
-using detail::HeadSelection;
-using detail::KeyBlock;
-using detail::KeyRange;
-using detail::SparseKGeometry;
-using detail::TileUnions;
-
-AttentionOptions shared_options(const SparseKOptions& options) {
+AttentionOptions attention_options_of(const SparseKOptions& options) {
   AttentionOptions shared;
   shared.scale = options.scale;
   shared.causal = options.causal;
@@ -169,6 +157,19 @@ void require_sparsek_options(const char* function, const SparseKOptions& options
             options.gate == SparseKGate::none,
         function, ": gate must be value, kv or none");
 }
+
+}  // namespace detail
+
+namespace {
+
+constexpr const char* kAttention = "sparsek_attention";
+
+using detail::AlwaysVisible;
+using detail::HeadSelection;
+using detail::KeyBlock;
+using detail::KeyRange;
+using detail::SparseKGeometry;
+using detail::TileUnions;
 
 // u: [B, Hkv, Lk], finite.
 template <typename T>
@@ -210,19 +211,18 @@ struct PolicyScratch {
 // The visit policy of one tile: its union of selected keys in gathered blocks, then the sinks
 // and the window as contiguous blocks.
 template <typename T>
-class SparseKPolicy {
+class SparseKPolicy : public detail::GatedKeyHooks<T> {
  public:
-  static constexpr bool kGatesKeys = true;
-
   SparseKPolicy(const SparseKGeometry& geometry, const AlwaysVisible& always_visible,
                 const HeadSelection& selection, const T* u, Index u_stride, const Index* keys,
                 Index key_count, Index group, Index flat_begin, SparseKGate gate,
                 PolicyScratch<T>& scratch)
-      : geometry_(geometry),
+      : detail::GatedKeyHooks<T>({keys, scratch.score.data(), scratch.row_threshold.data(),
+                                  scratch.row_begin.data(), scratch.row_end.data(), gate}),
+        geometry_(geometry),
         always_visible_(always_visible),
         keys_(keys),
         key_count_(key_count),
-        gate_(gate),
         scratch_(scratch) {
     const Index rows = std::min(detail::kBlockQ, geometry.len_q * group - flat_begin);
     num_rows_ = rows;
@@ -282,67 +282,22 @@ class SparseKPolicy {
     return always_visible_.positions_seeing(key_begin, key_end);
   }
 
-  // kv gate: the logit of a selected key is m * s q·k.
-  void scale_logits(const KeyBlock& block, int row_vectors, T* s_t) const {
-    if (gate_ == SparseKGate::kv) multiply_by_gates(block, row_vectors, s_t);
-  }
-
-  // Rows outside the interval in which they select a key do not see it.
-  void mask_logits(const KeyBlock& block, Index num_rows, T* s_t) const {
-    const T masked = -std::numeric_limits<T>::infinity();
-    const Index first = block.index - keys_;
-    for (Index j = 0; j < block.count; ++j) {
-      const auto i = static_cast<std::size_t>(first + j);
-      T* column = s_t + j * detail::kBlockQ;
-      std::fill(column, column + std::min(scratch_.row_begin[i], num_rows), masked);
-      std::fill(column + std::min(scratch_.row_end[i], num_rows), column + num_rows, masked);
-    }
-  }
-
-  // value and kv gates: what a selected key adds to the output is scaled by m.
-  void gate_probabilities(const KeyBlock& block, int row_vectors, T* s_t) const {
-    if (gate_ != SparseKGate::none) multiply_by_gates(block, row_vectors, s_t);
-  }
-
  private:
-  // s_t[j][r] *= clip(u_j − τ_r, 0, 1) over whole row vectors.
-  void multiply_by_gates(const KeyBlock& block, int row_vectors, T* s_t) const {
-    using detail::load;
-    using detail::splat;
-    using detail::store;
-    using detail::Vec;
-    constexpr int L = detail::kLanes<T>;
-    const Index first = block.index - keys_;
-    const Vec<T> zero{};
-    const Vec<T> one = splat(T(1));
-    for (Index j = 0; j < block.count; ++j) {
-      const Vec<T> score = splat(scratch_.score[static_cast<std::size_t>(first + j)]);
-      T* column = s_t + j * detail::kBlockQ;
-      for (int c = 0; c < row_vectors; ++c) {
-        Vec<T> gate = score - load(scratch_.row_threshold.data() + c * L);
-        gate = gate < zero ? zero : gate;
-        gate = gate > one ? one : gate;
-        store(column + c * L, load(column + c * L) * gate);
-      }
-    }
-  }
-
   const SparseKGeometry& geometry_;
   const AlwaysVisible& always_visible_;
   const Index* keys_;
   Index key_count_;
   Index num_rows_ = 0;
-  SparseKGate gate_;
-  PolicyScratch<T>& scratch_;
+  const PolicyScratch<T>& scratch_;
 };
 
 template <typename T>
 void attention_impl(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorView<const T, 4> v,
                     TensorView<const T, 3> u, const SparseKOptions& options, TensorView<T, 4> out,
                     TensorView<T, 3> lse) {
-  require_sparsek_options(kAttention, options);
-  const detail::FlashParams<T> params =
-      detail::prepare_attention<T>(kAttention, q, k, v, out, shared_options(options), lse, {});
+  detail::require_sparsek_options(kAttention, options);
+  const detail::FlashParams<T> params = detail::prepare_attention<T>(
+      kAttention, q, k, v, out, detail::attention_options_of(options), lse, {});
   const Index batch = q.size(0), heads_kv = k.size(1), len_q = q.size(2), len_k = k.size(2);
   require_scores(kAttention, u, batch, heads_kv, len_k);
   detail::require_disjoint(kAttention, "out", out, "u", u);
@@ -405,7 +360,7 @@ template <typename T>
 void select_impl(TensorView<const T, 3> u, Index len_q, const SparseKOptions& options,
                  TensorView<std::int64_t, 4> indices, TensorView<T, 4> gates) {
   constexpr const char* kFunction = "sparsek_select";
-  require_sparsek_options(kFunction, options);
+  detail::require_sparsek_options(kFunction, options);
   check(len_q >= 0, kFunction, ": len_q must be >= 0, got ", len_q);
   detail::require_valid_view(kFunction, "u", u);
   const Index batch = u.size(0), heads_kv = u.size(1), len_k = u.size(2);

@@ -10,6 +10,7 @@
 #include "foveal/attention/sliding_window.hpp"
 #include "foveal/attention/sparsek.hpp"
 #include "foveal/attention/sparsek_attention.hpp"
+#include "foveal/attention/sparsek_cache.hpp"
 #include "foveal/core/dtype.hpp"
 #include "foveal/core/error.hpp"
 #include "foveal/core/parallel.hpp"

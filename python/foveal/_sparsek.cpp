@@ -6,10 +6,13 @@
 #include <pybind11/stl.h>
 
 #include <optional>
+#include <string>
+#include <vector>
 
 #include "_views.hpp"
 #include "foveal/attention/sparsek.hpp"
 #include "foveal/attention/sparsek_attention.hpp"
+#include "foveal/attention/sparsek_cache.hpp"
 
 namespace py = pybind11;
 
@@ -108,6 +111,67 @@ void linear_scores(const py::array& x, const py::array& w, double slope, const p
 
 bool is_double(const py::array& x) { return x.dtype().is(py::dtype::of<double>()); }
 
+// SparseKCache<T> as the class `class_name`; foveal/sparsek.py wraps it.
+template <typename T>
+void bind_sparsek_cache(py::module_& m, const char* class_name) {
+  using Cache = foveal::SparseKCache<T>;
+  py::class_<Cache>(m, class_name)
+      .def(py::init([](int64_t batch, int64_t heads_kv, int64_t dim, int64_t dim_v, int64_t topk,
+                       int64_t window, int64_t sink_tokens, const std::string& gate, double scale,
+                       double softcap, int num_threads) {
+             return new Cache(batch, heads_kv, dim, dim_v,
+                              attention_options(topk, window, sink_tokens, gate, true, scale,
+                                                softcap, -1, num_threads));
+           }),
+           py::arg("batch"), py::arg("heads_kv"), py::arg("dim"), py::arg("dim_v"), py::arg("topk"),
+           py::arg("window"), py::arg("sink_tokens"), py::arg("gate"), py::arg("scale"),
+           py::arg("softcap"), py::arg("num_threads"))
+      .def_property_readonly("batch", &Cache::batch)
+      .def_property_readonly("heads_kv", &Cache::heads_kv)
+      .def_property_readonly("dim", &Cache::dim)
+      .def_property_readonly("dim_v", &Cache::dim_v)
+      .def_property_readonly("capacity", &Cache::capacity)
+      .def_property_readonly("length", &Cache::length)
+      .def_property_readonly("stored_rows", &Cache::stored_rows)
+      .def_property_readonly("threshold_entries", &Cache::threshold_entries)
+      .def(
+          "append",
+          [](Cache& cache, const py::array& k, const py::array& v, const py::array& u) {
+            constexpr const char* kFunction = "SparseKCache.append";
+            const auto k_view = array_view<const T, 4>(kFunction, "k", k);
+            const auto v_view = array_view<const T, 4>(kFunction, "v", v);
+            const auto u_view = array_view<const T, 3>(kFunction, "u", u);
+            py::gil_scoped_release release;
+            cache.append(k_view, v_view, u_view);
+          },
+          py::arg("k"), py::arg("v"), py::arg("u"))
+      .def(
+          "attend",
+          [](const Cache& cache, const py::array& q, const py::array& out,
+             const std::optional<py::array>& lse) {
+            constexpr const char* kFunction = "SparseKCache.attend";
+            const auto q_view = array_view<const T, 4>(kFunction, "q", q);
+            const auto out_view = array_view<T, 4>(kFunction, "out", out);
+            const auto lse_view = optional_array_view<T, 3>(kFunction, "lse", lse);
+            py::gil_scoped_release release;
+            cache.attend(q_view, out_view, lse_view);
+          },
+          py::arg("q"), py::arg("out"), py::arg("lse"))
+      .def("reset", &Cache::reset)
+      .def(
+          "selected",
+          [](const Cache& cache, int64_t sequence, int64_t head) {
+            const foveal::SparseKCacheSelection<T> selection = cache.selected(sequence, head);
+            return py::make_tuple(
+                py::array_t<int64_t>(static_cast<py::ssize_t>(selection.positions.size()),
+                                     selection.positions.data()),
+                py::array_t<T>(static_cast<py::ssize_t>(selection.gates.size()),
+                               selection.gates.data()));
+          },
+          py::arg("sequence"), py::arg("head"))
+      .def("threshold", &Cache::threshold, py::arg("sequence"), py::arg("head"));
+}
+
 }  // namespace
 
 void bind_sparsek(py::module_& m) {
@@ -183,4 +247,7 @@ void bind_sparsek(py::module_& m) {
           linear_scores<float>(x, w, slope, u, num_threads);
       },
       py::arg("x"), py::arg("w"), py::arg("slope"), py::arg("u"), py::arg("num_threads"));
+
+  bind_sparsek_cache<float>(m, "SparseKCacheF32");
+  bind_sparsek_cache<double>(m, "SparseKCacheF64");
 }

@@ -29,6 +29,7 @@ from . import (
 )
 
 __all__ = [
+    "SparseKCache",
     "linear_scores",
     "prefix_thresholds",
     "sparsek",
@@ -152,6 +153,22 @@ def _selection_args(
     )
 
 
+def _gate_and_scale(function: str, gate: Any, scale: Optional[float]) -> float:
+    """Checks the gate name and the scale; returns the scale for _core (0 = 1/sqrt(D))."""
+    if not isinstance(gate, str) or gate not in _GATES:
+        raise ValueError(
+            f"foveal: {function}: gate must be one of {', '.join(map(repr, _GATES))}, got {gate!r}"
+        )
+    if scale is None:
+        return 0.0
+    scale = _as_float(function, "scale", scale)
+    if not scale > 0:
+        raise ValueError(
+            f"foveal: {function}: scale must be finite and > 0 (None = 1/sqrt(D)), got {scale}"
+        )
+    return scale
+
+
 def _scores(function: str, u: Any, dtype: np.dtype) -> np.ndarray:
     array = _to_numpy(function, "u", u)
     _check_array(function, "u", array, "B, Hkv, Lk", dtype)
@@ -192,17 +209,8 @@ def sparsek_attention(
     Returns ``out``, or ``(out, lse)`` with ``return_lse=True``. Forward only (no autograd).
     """
     function = "sparsek_attention"
-    if not isinstance(gate, str) or gate not in _GATES:
-        raise ValueError(
-            f"foveal: {function}: gate must be one of {', '.join(map(repr, _GATES))}, got {gate!r}"
-        )
+    scale = _gate_and_scale(function, gate, scale)
     selection = _selection_args(function, topk, window, sink_tokens, causal, q_offset, num_threads)
-    if scale is not None:
-        scale = _as_float(function, "scale", scale)
-        if not scale > 0:
-            raise ValueError(
-                f"foveal: {function}: scale must be finite and > 0 (None = 1/sqrt(D)), got {scale}"
-            )
     q_array, k_array, v_array, _, dtype = _attention_arrays(function, q, k, v, None)
     u_array = _scores(function, u, dtype)
     outputs = _AttentionOutputs(function, q, q_array, v_array, out, return_lse, dtype)
@@ -214,7 +222,7 @@ def sparsek_attention(
         outputs.out_array,
         outputs.lse_array,
         gate=gate,
-        scale=0.0 if scale is None else scale,
+        scale=scale,
         softcap=_as_float(function, "softcap", softcap),
         **selection,
     )
@@ -308,3 +316,159 @@ def linear_scores(x: Any, w: Any, *, slope: float = 0.0, num_threads: Optional[i
     u, u_array = _new_like(x, (x_array.shape[0], w_array.shape[0], x_array.shape[1]), dtype)
     _core.sparsek_linear_scores(x_array, w_array, slope, u_array, threads)
     return u
+
+
+# --------------------------------------------------------------------------------------------
+# Constant-memory decode (docs/sparsek_cache.md).
+
+
+class SparseKCache:
+    """Constant-memory SparseK decode: the state that answers :func:`sparsek_attention` for the
+    newest token of ``batch`` sequences that grow together, one token or a few at a time.
+
+    ``SparseKCache(batch, heads_kv, dim, dim_v=None, topk=..., window=0, sink_tokens=0,
+    gate="value", scale=None, softcap=0.0, dtype="float32")``. After appending the tokens at
+    positions ``0 .. p`` (keys, values and their scores ``u``), :meth:`attend` with the query of
+    position ``p`` equals row ``p`` of ``sparsek_attention(q, k, v, u, topk, window=...,
+    sink_tokens=..., gate=...)`` over the whole sequence, to rounding.
+
+    Per sequence and kv head only ``sink_tokens + window + topk`` rows of K and V are kept,
+    allocated once: the sinks, the last ``window`` tokens, and the ``topk`` best-scored tokens of
+    the pool (the tokens that left the window). A token that falls out of the top-k set is
+    dropped for good: SPARSEK thresholds of a growing pool never decrease, so no later query can
+    select it again. The threshold's own state holds one float64 per pool token with a gate
+    above 0 (see :attr:`threshold_entries`). Sequences cannot have different lengths and tokens
+    cannot be removed (no truncate). A rejected call raises ValueError or TypeError naming the
+    argument and changes nothing.
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        heads_kv: int,
+        dim: int,
+        dim_v: Optional[int] = None,
+        *,
+        topk: int,
+        window: int = 0,
+        sink_tokens: int = 0,
+        gate: str = "value",
+        scale: Optional[float] = None,
+        softcap: float = 0.0,
+        dtype: Any = "float32",
+        num_threads: Optional[int] = None,
+    ) -> None:
+        function = "SparseKCache"
+        dtype = np.dtype(dtype)
+        if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise TypeError(f"foveal: {function}: dtype must be float32 or float64, got {dtype}")
+        scale = _gate_and_scale(function, gate, scale)
+        selection = _selection_args(function, topk, window, sink_tokens, True, None, num_threads)
+        sizes = [
+            _as_int(function, name, value)
+            for name, value in (
+                ("batch", batch),
+                ("heads_kv", heads_kv),
+                ("dim", dim),
+                ("dim_v", dim if dim_v is None else dim_v),
+            )
+        ]
+        cache_class = _core.SparseKCacheF32 if dtype == np.float32 else _core.SparseKCacheF64
+        self._cache = cache_class(
+            *sizes,
+            topk=selection["topk"],
+            window=selection["window"],
+            sink_tokens=selection["sink_tokens"],
+            gate=gate,
+            scale=scale,
+            softcap=_as_float(function, "softcap", softcap),
+            num_threads=selection["num_threads"],
+        )
+        self._dtype = dtype
+        self._options = dict(
+            topk=selection["topk"],
+            window=selection["window"],
+            sink_tokens=selection["sink_tokens"],
+            gate=gate,
+        )
+
+    dtype = property(lambda self: self._dtype, doc="float32 or float64 (numpy dtype).")
+    batch = property(lambda self: self._cache.batch, doc="Number of sequences B.")
+    heads_kv = property(lambda self: self._cache.heads_kv, doc="Number of key/value heads Hkv.")
+    dim = property(lambda self: self._cache.dim, doc="Key dimension D.")
+    dim_v = property(lambda self: self._cache.dim_v, doc="Value dimension Dv.")
+    topk = property(lambda self: self._options["topk"], doc="Selection budget per query.")
+    window = property(lambda self: self._options["window"], doc="Always-visible last tokens.")
+    sink_tokens = property(lambda self: self._options["sink_tokens"], doc="Always-visible first.")
+    gate = property(lambda self: self._options["gate"], doc='"value", "kv" or "none".')
+    capacity = property(
+        lambda self: self._cache.capacity,
+        doc="Rows of K/V storage per sequence and kv head: sink_tokens + window + topk.",
+    )
+    length = property(
+        lambda self: self._cache.length, doc="Tokens appended so far (the next position)."
+    )
+    stored_rows = property(
+        lambda self: self._cache.stored_rows,
+        doc="Rows in use per sequence and kv head (never more than capacity).",
+    )
+    threshold_entries = property(
+        lambda self: self._cache.threshold_entries,
+        doc="The most float64 scores the threshold state holds for any sequence and kv head: "
+        "at most topk with gate 1 plus those with a fractional gate (scores within 1 above tau).",
+    )
+
+    def append(self, k: Any, v: Any, u: Any) -> None:
+        """Appends ``k`` ``[B, Hkv, n, D]``, ``v`` ``[B, Hkv, n, Dv]`` and their scores ``u``
+        ``[B, Hkv, n]`` (finite) to every sequence: the same as n appends of one token."""
+        function = "SparseKCache.append"
+        k_array = _to_numpy(function, "k", k)
+        _check_array(function, "k", k_array, "B, Hkv, n, D", self._dtype)
+        v_array = _to_numpy(function, "v", v)
+        _check_array(function, "v", v_array, "B, Hkv, n, Dv", self._dtype)
+        u_array = _to_numpy(function, "u", u)
+        _check_array(function, "u", u_array, "B, Hkv, n", self._dtype)
+        self._cache.append(k_array, v_array, u_array)
+
+    def attend(self, q: Any, *, return_lse: bool = False, out: Any = None) -> Any:
+        """q ``[B, Hq, 1, D]`` (the query of the newest token; Hq a multiple of Hkv) -> out
+        ``[B, Hq, 1, Dv]``, or ``(out, lse)`` with ``return_lse=True``: SparseK attention over the
+        sinks, the window and the selected tokens with their gates. Results do not depend on the
+        thread count."""
+        function = "SparseKCache.attend"
+        q_array = _to_numpy(function, "q", q)
+        _check_array(function, "q", q_array, "B, Hq, 1, D", self._dtype)
+        out_shape = (*q_array.shape[:3], self.dim_v)
+        out_tensor, out_array = _output(function, "out", out, q, out_shape, self._dtype)
+        lse_tensor, lse_array = (
+            _new_like(q, out_shape[:3], self._dtype) if return_lse else (None, None)
+        )
+        self._cache.attend(q_array, out_array, lse_array)
+        return (out_tensor, lse_tensor) if return_lse else out_tensor
+
+    def selected(self, sequence: int, head: int) -> tuple[np.ndarray, np.ndarray]:
+        """(positions int64, gates) of the tokens the newest query of ``sequence`` selects on kv
+        head ``head``, positions increasing (sinks and window tokens are not listed)."""
+        function = "SparseKCache.selected"
+        return self._cache.selected(
+            _as_int(function, "sequence", sequence), _as_int(function, "head", head)
+        )
+
+    def threshold(self, sequence: int, head: int) -> float:
+        """The SPARSEK threshold tau of the newest query's pool (-inf while it holds <= topk)."""
+        function = "SparseKCache.threshold"
+        return self._cache.threshold(
+            _as_int(function, "sequence", sequence), _as_int(function, "head", head)
+        )
+
+    def reset(self) -> None:
+        """Empties every sequence."""
+        self._cache.reset()
+
+    def __repr__(self) -> str:
+        return (
+            f"foveal.sparsek.SparseKCache(batch={self.batch}, heads_kv={self.heads_kv}, "
+            f"dim={self.dim}, dim_v={self.dim_v}, topk={self.topk}, window={self.window}, "
+            f"sink_tokens={self.sink_tokens}, gate={self.gate!r}, dtype={self._dtype.name}, "
+            f"length={self.length})"
+        )

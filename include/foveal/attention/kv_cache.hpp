@@ -12,6 +12,20 @@
 
 namespace foveal {
 
+namespace detail {
+
+// to[0 .. count) = from[0], from[stride], ...: one row of a strided view into contiguous memory.
+template <typename T>
+void copy_strided_row(const T* from, Index stride, T* to, Index count) {
+  if (stride == 1 || count <= 1) {
+    if (count > 0) std::memcpy(to, from, sizeof(T) * static_cast<std::size_t>(count));
+    return;
+  }
+  for (Index d = 0; d < count; ++d) to[d] = from[d * stride];
+}
+
+}  // namespace detail
+
 struct KVCacheOptions {
   // Ring buffer for sliding-window layers: once full, a new token overwrites the oldest one
   // that is not a sink. Without it, appending past capacity is an error.
@@ -203,8 +217,10 @@ class KVCache {
           continue;
         const Index row = row_of(position);
         for (Index h = 0; h < heads_kv(); ++h) {
-          copy_row(k.address(b, h, step, 0), k.stride(3), keys_.address(b, h, row, 0), dim());
-          copy_row(v.address(b, h, step, 0), v.stride(3), values_.address(b, h, row, 0), dim_v());
+          detail::copy_strided_row(k.address(b, h, step, 0), k.stride(3),
+                                   keys_.address(b, h, row, 0), dim());
+          detail::copy_strided_row(v.address(b, h, step, 0), v.stride(3),
+                                   values_.address(b, h, row, 0), dim_v());
         }
       }
       lengths_[index] = start + count;
@@ -261,14 +277,6 @@ class KVCache {
     // the tokens appended next start a fresh run.
     if (length < first_retained_[index])
       first_retained_[index] = std::max(length, options_.sink_tokens);
-  }
-
-  static void copy_row(const T* from, Index stride, T* to, Index count) {
-    if (stride == 1 || count <= 1) {
-      if (count > 0) std::memcpy(to, from, sizeof(T) * static_cast<std::size_t>(count));
-      return;
-    }
-    for (Index d = 0; d < count; ++d) to[d] = from[d * stride];
   }
 
   KVCacheOptions options_;

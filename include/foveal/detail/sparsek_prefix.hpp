@@ -44,6 +44,10 @@ class PrefixThreshold {
   // τ of the prefix so far; -inf while it holds <= k scores (every p = 1).
   double threshold() const { return tau_; }
 
+  // How many scores it holds: those with p > 0 now (at most k with p = 1, and the fractional
+  // ones); a score with p = 0 is dropped for good.
+  Index held() const { return static_cast<Index>(ones_.size() + fractional_.size()); }
+
   // Adds the finite score z to the prefix and raises τ until Σ p = k again.
   void push(double z) {
     if (z <= tau_) return;  // p = 0 now, and τ never comes back down

@@ -7,11 +7,20 @@
 #include <limits>
 #include <vector>
 
+#include "foveal/attention/options.hpp"
 #include "foveal/attention/sparsek_attention.hpp"
 #include "foveal/core/tensor.hpp"
 #include "foveal/detail/mask.hpp"
 
 namespace foveal::detail {
+
+// The checks of SparseKOptions' own fields (topk, window, sink_tokens, gate, and window = 0 when
+// not causal); messages begin with `function`.
+void require_sparsek_options(const char* function, const SparseKOptions& options);
+
+// The options SparseK attention shares with foveal::attention (scale, softcap, causal, sinks,
+// q_offset, threads), for their checks and the engine's setup.
+AttentionOptions attention_options_of(const SparseKOptions& options);
 
 // Positions and pools of one call (SparseKOptions, with the sizes applied).
 struct SparseKGeometry {

@@ -1,0 +1,326 @@
+// foveal::SparseKCache: constant-memory SparseK decode on the shared engine.
+//
+// append pushes each token through the window ring into the pool of every (sequence, kv head):
+// detail::PrefixThreshold and detail::PrefixTopK, the same state machines, fed the same scores
+// in the same order, as the prefill's selection phase, so τ and the top-k set of the newest
+// query are exactly those of sparsek_attention. attend runs one engine tile per (sequence,
+// kv head) (more when a GQA group has more than kBlockQ query heads) with a policy that visits
+// the selected slots as gathered blocks gated like the prefill (src/sparsek_gates.hpp), then the
+// sinks and the window, which sit in contiguous rows. Tasks share nothing that depends on the
+// thread count, so results are bitwise identical for any of them.
+#include "foveal/attention/sparsek_cache.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <utility>
+
+#include "attention_setup.hpp"
+#include "foveal/attention/kv_cache.hpp"
+#include "foveal/detail/sparsek_selection.hpp"
+#include "sparsek_gates.hpp"
+
+namespace foveal {
+namespace {
+
+using detail::KeyBlock;
+using detail::KeyRange;
+
+// Visits the selected slots of one (sequence, kv head) as gathered blocks, then the sinks and
+// the window (rows [0, always_visible)) as contiguous ones. Every query row of the tile sits at
+// the newest position and sees every one of these keys, so nothing is masked.
+template <typename T>
+class CachePolicy : public detail::GatedKeyHooks<T> {
+ public:
+  CachePolicy(const detail::GatedKeyData<T>& selected, Index selected_count, Index always_visible)
+      : detail::GatedKeyHooks<T>(selected),
+        slot_rows_(selected.keys),
+        selected_count_(selected_count),
+        always_visible_(always_visible) {}
+
+  template <typename Visit>
+  void for_each_block(Index, Index, Visit&& visit) const {
+    for (Index begin = 0; begin < selected_count_; begin += detail::kBlockK)
+      visit(KeyBlock{0, std::min(detail::kBlockK, selected_count_ - begin), slot_rows_ + begin,
+                     false, 0});
+    for (Index begin = 0; begin < always_visible_; begin += detail::kBlockK)
+      visit(KeyBlock{begin, std::min(detail::kBlockK, always_visible_ - begin), nullptr, false, 0});
+  }
+
+  // Consulted only for blocks marked needs_mask, and none is.
+  bool sees(Index, Index) const { return true; }
+  KeyRange keys_seen(Index, Index) const { return {0, always_visible_}; }
+  detail::PositionRange positions_seeing(Index, Index) const {
+    return {std::numeric_limits<Index>::min(), std::numeric_limits<Index>::max()};
+  }
+
+ private:
+  const Index* slot_rows_;
+  Index selected_count_;
+  Index always_visible_;
+};
+
+}  // namespace
+
+template <typename T>
+SparseKCache<T>::SparseKCache(Index batch, Index heads_kv, Index dim, Index dim_v,
+                              const SparseKOptions& options)
+    : options_(options) {
+  constexpr const char* kFunction = "SparseKCache";
+  check(batch >= 0 && heads_kv >= 0 && dim >= 1 && dim_v >= 0, kFunction,
+        ": sizes must be >= 0 (dim >= 1), got batch = ", batch, ", heads_kv = ", heads_kv,
+        ", dim = ", dim, ", dim_v = ", dim_v);
+  detail::require_sparsek_options(kFunction, options);
+  check(options.causal, kFunction,
+        ": causal must be true (the query is the newest token and sees only earlier ones)");
+  check(options.q_offset == -1, kFunction,
+        ": q_offset must be -1 (the query sits at the newest position), got ", options.q_offset);
+  const AttentionOptions shared = detail::attention_options_of(options);
+  detail::require_attention_options(kFunction, shared);
+  scale_ = detail::resolve_scale<T>(kFunction, shared, dim);
+  // Storage is allocated once, for every row the cache may ever hold.
+  const double rows = static_cast<double>(options.sink_tokens) +
+                      static_cast<double>(options.window) + static_cast<double>(options.topk);
+  const double elements = std::max(static_cast<double>(batch * heads_kv), 1.0) * rows *
+                          static_cast<double>(std::max(dim, dim_v) + 1);
+  constexpr double kMaxElements = 1ull << 40;
+  check(elements <= kMaxElements, kFunction, ": sink_tokens + window + topk = ", rows,
+        " rows per head of ", dim, " + ", dim_v, " + 1 numbers are more than can be allocated");
+  const auto capacity = static_cast<Index>(rows);
+
+  keys_ = Tensor<T, 4>({batch, heads_kv, capacity, dim});
+  values_ = Tensor<T, 4>({batch, heads_kv, capacity, dim_v});
+  scores_ = Tensor<T, 3>({batch, heads_kv, capacity});
+  heads_.reserve(static_cast<std::size_t>(batch * heads_kv));
+  for (Index head = 0; head < batch * heads_kv; ++head) heads_.emplace_back(options.topk);
+  slot_rows_.resize(static_cast<std::size_t>(options.topk));
+  for (Index slot = 0; slot < options.topk; ++slot)
+    slot_rows_[static_cast<std::size_t>(slot)] = options.sink_tokens + options.window + slot;
+}
+
+template <typename T>
+Index SparseKCache<T>::selected_count() const {
+  const Index pool = std::max<Index>(length_ - options_.sink_tokens - options_.window, 0);
+  return std::min(pool, options_.topk);
+}
+
+template <typename T>
+Index SparseKCache<T>::always_visible_rows() const {
+  const Index sinks = std::min(length_, options_.sink_tokens);
+  const Index window = std::clamp<Index>(length_ - options_.sink_tokens, 0, options_.window);
+  return sinks + window;
+}
+
+template <typename T>
+Index SparseKCache<T>::stored_rows() const {
+  return always_visible_rows() + selected_count();
+}
+
+template <typename T>
+Index SparseKCache<T>::threshold_entries() const {
+  Index most = 0;
+  for (const HeadState& head : heads_) most = std::max(most, head.threshold.held());
+  return most;
+}
+
+template <typename T>
+Index SparseKCache<T>::ring_row(Index position) const {
+  return options_.sink_tokens + (position - options_.sink_tokens) % options_.window;
+}
+
+template <typename T>
+void SparseKCache<T>::write_row(Index head_index, Index row, const T* k_row, Index k_stride,
+                                const T* v_row, Index v_stride, T score) {
+  const Index b = head_index / heads_kv(), h = head_index % heads_kv();
+  detail::copy_strided_row(k_row, k_stride, keys_.view().address(b, h, row, 0), dim());
+  detail::copy_strided_row(v_row, v_stride, values_.view().address(b, h, row, 0), dim_v());
+  scores_(b, h, row) = score;
+}
+
+template <typename T>
+void SparseKCache<T>::enter_pool(Index head_index, Index position, const T* k_row, Index k_stride,
+                                 const T* v_row, Index v_stride, T score) {
+  HeadState& head = heads_[static_cast<std::size_t>(head_index)];
+  const auto z = static_cast<double>(score);
+  head.threshold.push(z);
+  const Index evicted = head.top.push(position, z);
+  if (evicted == position) return;  // not among the top k: dropped for good
+  // A free slot while the set grows (slots fill in order), else the displaced token's slot.
+  const auto slot = evicted < 0
+                        ? std::find(head.slot_position.begin(), head.slot_position.end(), Index(-1))
+                        : std::find(head.slot_position.begin(), head.slot_position.end(), evicted);
+  *slot = position;
+  write_row(head_index, slot_rows_[static_cast<std::size_t>(slot - head.slot_position.begin())],
+            k_row, k_stride, v_row, v_stride, score);
+}
+
+template <typename T>
+void SparseKCache<T>::push_token(Index head_index, Index position, const T* k_row, Index k_stride,
+                                 const T* v_row, Index v_stride, T score) {
+  const Index sinks = options_.sink_tokens, window = options_.window;
+  if (position < sinks) {
+    write_row(head_index, position, k_row, k_stride, v_row, v_stride, score);
+    return;
+  }
+  if (window == 0) {
+    enter_pool(head_index, position, k_row, k_stride, v_row, v_stride, score);
+    return;
+  }
+  // The token leaving the window shares the ring row of the new one: move it to the pool first.
+  const Index row = ring_row(position);
+  const Index leaving = position - window;
+  if (leaving >= sinks) {
+    const Index b = head_index / heads_kv(), h = head_index % heads_kv();
+    enter_pool(head_index, leaving, keys_.view().address(b, h, row, 0), 1,
+               values_.view().address(b, h, row, 0), 1, scores_(b, h, row));
+  }
+  write_row(head_index, row, k_row, k_stride, v_row, v_stride, score);
+}
+
+template <typename T>
+void SparseKCache<T>::append(TensorView<const T, 4> k, TensorView<const T, 4> v,
+                             TensorView<const T, 3> u) {
+  constexpr const char* kFunction = "SparseKCache::append";
+  detail::require_valid_view(kFunction, "k", k);
+  detail::require_valid_view(kFunction, "v", v);
+  detail::require_valid_view(kFunction, "u", u);
+  const Index count = k.size(2);
+  detail::require_extent(kFunction, "k", k, 0, "the cache's batch (B)", batch());
+  detail::require_extent(kFunction, "k", k, 1, "the cache's heads_kv (Hkv)", heads_kv());
+  detail::require_extent(kFunction, "k", k, 3, "the cache's dim (D)", dim());
+  detail::require_extent(kFunction, "v", v, 0, "the cache's batch (B)", batch());
+  detail::require_extent(kFunction, "v", v, 1, "the cache's heads_kv (Hkv)", heads_kv());
+  detail::require_extent(kFunction, "v", v, 2, "k.shape[2] (n)", count);
+  detail::require_extent(kFunction, "v", v, 3, "the cache's dim_v (Dv)", dim_v());
+  detail::require_extent(kFunction, "u", u, 0, "the cache's batch (B)", batch());
+  detail::require_extent(kFunction, "u", u, 1, "the cache's heads_kv (Hkv)", heads_kv());
+  detail::require_extent(kFunction, "u", u, 2, "k.shape[2] (n)", count);
+  const TensorView<const T, 4> keys = keys_.view(), values = values_.view();
+  const TensorView<const T, 3> scores = scores_.view();
+  detail::require_disjoint(kFunction, "the cache's keys", keys, "k", k);
+  detail::require_disjoint(kFunction, "the cache's values", values, "v", v);
+  detail::require_disjoint(kFunction, "the cache's scores", scores, "u", u);
+  for (Index b = 0; b < batch(); ++b)
+    for (Index h = 0; h < heads_kv(); ++h)
+      for (Index j = 0; j < count; ++j)
+        check(std::isfinite(u(b, h, j)), kFunction, ": u[", b, ", ", h, ", ", j, "] (position ",
+              length_ + j, ") must be finite, got ", u(b, h, j));
+
+  // Heads are independent; a few tokens are not worth waking threads for.
+  const Index heads = batch() * heads_kv();
+  const int requested = count >= 64 ? detail::resolve_num_threads(options_.num_threads) : 1;
+  parallel_for(heads, detail::threads_for(heads, requested), [&](Index head_index) {
+    const Index b = head_index / heads_kv(), h = head_index % heads_kv();
+    for (Index j = 0; j < count; ++j)
+      push_token(head_index, length_ + j, k.address(b, h, j, 0), k.stride(3), v.address(b, h, j, 0),
+                 v.stride(3), u(b, h, j));
+  });
+  length_ += count;
+}
+
+template <typename T>
+void SparseKCache<T>::attend(TensorView<const T, 4> q, TensorView<T, 4> out,
+                             TensorView<T, 3> lse) const {
+  constexpr const char* kFunction = "SparseKCache::attend";
+  detail::require_queries_and_outputs(
+      kFunction, q, out, lse, {"the cache's heads_kv", heads_kv(), "the cache's dim_v", dim_v()});
+  detail::require_extent(kFunction, "q", q, 0, "the cache's batch (B)", batch());
+  check(q.size(2) == 1, kFunction,
+        ": q.shape[2] (Lq) must be 1 (one query per sequence, at the newest position), got ",
+        q.size(2));
+  detail::require_extent(kFunction, "q", q, 3, "the cache's dim (D)", dim());
+  detail::require_disjoint(kFunction, "out", out, "the cache's keys", keys());
+  detail::require_disjoint(kFunction, "out", out, "the cache's values", values());
+  if (!lse.is_null()) {
+    detail::require_disjoint(kFunction, "lse", lse, "the cache's keys", keys());
+    detail::require_disjoint(kFunction, "lse", lse, "the cache's values", values());
+  }
+  check(length_ >= 1, kFunction,
+        ": the cache is empty; append the newest token's k, v and u before attending");
+  const Index heads_q = q.size(1);
+  if (batch() == 0 || heads_q == 0) return;
+
+  detail::FlashParams<T> params;
+  params.q = q;
+  params.k = keys();
+  params.v = values();
+  params.out = out;
+  params.lse = lse;
+  params.q_offset = length_ - 1;
+  params.scale = scale_;
+  params.softcap = options_.softcap;
+
+  const Index group = heads_q / heads_kv();
+  const Index tiles_per_head = (group + detail::kBlockQ - 1) / detail::kBlockQ;
+  const Index num_tasks = batch() * heads_kv() * tiles_per_head;
+  const int num_threads =
+      detail::threads_for(num_tasks, detail::resolve_num_threads(options_.num_threads));
+  const detail::TileWorkspace<T> workspace(dim(), dim_v(), num_threads);
+  std::vector<T> row_thresholds(static_cast<std::size_t>(num_threads * detail::kBlockQ));
+  const detail::TileRunner<T> runner(params, workspace.acc_stride());
+  const Index selected = selected_count(), always_visible = always_visible_rows();
+  const Index first_slot_row = options_.sink_tokens + options_.window;
+  parallel_for(num_tasks, num_threads, [&](Index task) {
+    const Index tile = task % tiles_per_head, head_index = task / tiles_per_head;
+    const Index b = head_index / heads_kv(), h = head_index % heads_kv();
+    // Every row of the tile is the newest query: one τ for all.
+    T* row_threshold = row_thresholds.data() + detail::thread_index() * detail::kBlockQ;
+    std::fill_n(row_threshold, detail::kBlockQ,
+                static_cast<T>(heads_[static_cast<std::size_t>(head_index)].threshold.threshold()));
+    detail::GatedKeyData<T> gated;
+    gated.keys = slot_rows_.data();
+    gated.score = scores_.data() + (b * heads_kv() + h) * capacity() + first_slot_row;
+    gated.row_threshold = row_threshold;
+    gated.gate = options_.gate;
+    const CachePolicy<T> policy(gated, selected, always_visible);
+    runner.run(policy, b, h, tile * detail::kBlockQ, workspace.for_this_thread());
+  });
+}
+
+template <typename T>
+void SparseKCache<T>::reset() {
+  length_ = 0;
+  for (HeadState& head : heads_) {
+    head.threshold.reset();
+    head.top.reset();
+    std::fill(head.slot_position.begin(), head.slot_position.end(), Index(-1));
+  }
+}
+
+template <typename T>
+void SparseKCache<T>::require_head(const char* method, Index sequence, Index head) const {
+  check(sequence >= 0 && sequence < batch(), "SparseKCache::", method, ": sequence must be in [0, ",
+        batch(), "), got ", sequence);
+  check(head >= 0 && head < heads_kv(), "SparseKCache::", method, ": head must be in [0, ",
+        heads_kv(), "), got ", head);
+}
+
+template <typename T>
+double SparseKCache<T>::threshold(Index sequence, Index head) const {
+  require_head("threshold", sequence, head);
+  return heads_[static_cast<std::size_t>(sequence * heads_kv() + head)].threshold.threshold();
+}
+
+template <typename T>
+SparseKCacheSelection<T> SparseKCache<T>::selected(Index sequence, Index head) const {
+  require_head("selected", sequence, head);
+  const HeadState& state = heads_[static_cast<std::size_t>(sequence * heads_kv() + head)];
+  const double tau = state.threshold.threshold();
+  std::vector<std::pair<Index, Index>> by_position;  // (position, slot)
+  for (Index slot = 0; slot < selected_count(); ++slot)
+    by_position.emplace_back(state.slot_position[static_cast<std::size_t>(slot)], slot);
+  std::sort(by_position.begin(), by_position.end());
+  SparseKCacheSelection<T> selection;
+  for (const auto& [position, slot] : by_position) {
+    const T score = scores_(sequence, head, slot_rows_[static_cast<std::size_t>(slot)]);
+    selection.positions.push_back(position);
+    selection.gates.push_back(
+        static_cast<T>(std::clamp(static_cast<double>(score) - tau, 0.0, 1.0)));
+  }
+  return selection;
+}
+
+template class SparseKCache<float>;
+template class SparseKCache<double>;
+
+}  // namespace foveal

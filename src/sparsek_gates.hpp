@@ -1,0 +1,84 @@
+// The engine's gated-key hooks (detail/flash_engine.hpp) for SparseK's selected keys, shared by
+// the prefill policy (src/sparsek_attention.cpp) and the decode policy of SparseKCache
+// (src/sparsek_cache.cpp). Internal to the library.
+//
+// A policy visits its selected keys as gathered blocks whose index points into one array of
+// keys; everything a hook needs per key (its score u, the rows that may see it) sits at the
+// same offset in parallel arrays, and the threshold τ of every tile row in one more.
+#pragma once
+
+#include <algorithm>
+#include <limits>
+
+#include "foveal/attention/sparsek_attention.hpp"
+#include "foveal/detail/flash_engine.hpp"
+
+namespace foveal::detail {
+
+// Where a policy keeps the per-key and per-row data of its gathered keys.
+template <typename T>
+struct GatedKeyData {
+  const Index* keys = nullptr;       // the gathered rows; a block's index points in here
+  const T* score = nullptr;          // score[i] = u of keys[i]
+  const T* row_threshold = nullptr;  // [kBlockQ]: τ of each tile row (padding rows too)
+  const Index* row_begin = nullptr;  // rows [row_begin[i], row_end[i]) of the tile select
+  const Index* row_end = nullptr;    // keys[i]; null when every row selects every key
+  SparseKGate gate = SparseKGate::value;
+};
+
+// The gated-key hooks over GatedKeyData: a policy derives from it and visits blocks with an
+// index into data.keys. Gates are m = clip(u_j − τ_r, 0, 1), computed in T over whole row
+// vectors.
+template <typename T>
+class GatedKeyHooks {
+ public:
+  static constexpr bool kGatesKeys = true;
+
+  explicit GatedKeyHooks(const GatedKeyData<T>& data) : data_(data) {}
+
+  // kv gate: the logit of a selected key is m * s q·k.
+  void scale_logits(const KeyBlock& block, int row_vectors, T* s_t) const {
+    if (data_.gate == SparseKGate::kv) multiply_by_gates(block, row_vectors, s_t);
+  }
+
+  // Rows outside the interval in which they select a key do not see it (only blocks a policy
+  // marks needs_mask come here, and only policies with row ranges mark them).
+  void mask_logits(const KeyBlock& block, Index num_rows, T* s_t) const {
+    const T masked = -std::numeric_limits<T>::infinity();
+    const Index first = block.index - data_.keys;
+    for (Index j = 0; j < block.count; ++j) {
+      const Index i = first + j;
+      T* column = s_t + j * kBlockQ;
+      std::fill(column, column + std::min(data_.row_begin[i], num_rows), masked);
+      std::fill(column + std::min(data_.row_end[i], num_rows), column + num_rows, masked);
+    }
+  }
+
+  // value and kv gates: what a selected key adds to the output is scaled by m.
+  void gate_probabilities(const KeyBlock& block, int row_vectors, T* s_t) const {
+    if (data_.gate != SparseKGate::none) multiply_by_gates(block, row_vectors, s_t);
+  }
+
+ private:
+  // s_t[j][r] *= clip(u_j − τ_r, 0, 1) over whole row vectors.
+  void multiply_by_gates(const KeyBlock& block, int row_vectors, T* s_t) const {
+    constexpr int L = kLanes<T>;
+    const Index first = block.index - data_.keys;
+    const Vec<T> zero{};
+    const Vec<T> one = splat(T(1));
+    for (Index j = 0; j < block.count; ++j) {
+      const Vec<T> score = splat(data_.score[first + j]);
+      T* column = s_t + j * kBlockQ;
+      for (int c = 0; c < row_vectors; ++c) {
+        Vec<T> gate = score - load(data_.row_threshold + c * L);
+        gate = gate < zero ? zero : gate;
+        gate = gate > one ? one : gate;
+        store(column + c * L, load(column + c * L) * gate);
+      }
+    }
+  }
+
+  GatedKeyData<T> data_;
+};
+
+}  // namespace foveal::detail
