@@ -412,10 +412,6 @@ def markdown(path: Path) -> str:
         "",
     ]
     rows = report["rows"]
-    if suite == "sparsek_attn":
-        import sparsek_attention_cases
-
-        lines += sparsek_attention_cases.markdown_lines(rows)
     if suite == "dense":
         lines += [
             "| threads | D | L | mask | foveal ms | torch ms | torch / foveal | foveal GFLOP/s "
@@ -492,6 +488,10 @@ def markdown(path: Path) -> str:
             )
     elif suite == "pde":
         lines += pde_markdown(rows)
+    elif suite == "sparsek_attn":
+        import sparsek_attention_cases
+
+        lines += sparsek_attention_cases.markdown_lines(rows)
     elif suite == "vq":
         lines += [
             "| K | threads | foveal ms | cdist ms | vs cdist | matmul ms | vs matmul | GFLOP/s "
