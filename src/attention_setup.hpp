@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <string>
 
@@ -26,6 +27,16 @@ inline void require_attention_options(const char* function, const AttentionOptio
         options.sink_tokens);
   check(options.num_threads >= 0, function, ": num_threads must be >= 0 (0 = global setting), got ",
         options.num_threads);
+}
+
+// Any position >= 0 works (queries past the last key: keys that are a piece of a longer
+// sequence), or -1 for bottom-right alignment; the bound keeps position arithmetic far from
+// overflow.
+inline void require_q_offset(const char* function, std::int64_t q_offset) {
+  constexpr Index kMaxOffset = std::numeric_limits<Index>::max() / 8;
+  check(q_offset == -1 || (q_offset >= 0 && q_offset <= kMaxOffset), function,
+        ": q_offset must be in [0, ", kMaxOffset,
+        "] (the position of query 0) or -1 (bottom-right: Lk - Lq), got ", q_offset);
 }
 
 // Where the key/value geometry of a call comes from, for messages: e.g. {"k.shape[1]", Hkv,
@@ -117,12 +128,7 @@ FlashParams<T> prepare_attention(const char* function, TensorView<const T, 4> q,
     if (!lse.is_null()) require_disjoint(function, "lse", lse, "bias", bias);
   }
   require_attention_options(function, options);
-  // Any position >= 0 works (queries past the last key: keys that are a piece of a longer
-  // sequence); the bound keeps position arithmetic far from overflow.
-  constexpr Index kMaxOffset = std::numeric_limits<Index>::max() / 8;
-  check(options.q_offset == -1 || (options.q_offset >= 0 && options.q_offset <= kMaxOffset),
-        function, ": q_offset must be in [0, ", kMaxOffset,
-        "] (the position of query 0) or -1 (bottom-right: Lk - Lq), got ", options.q_offset);
+  require_q_offset(function, options.q_offset);
 
   FlashParams<T> params;
   params.q = q;

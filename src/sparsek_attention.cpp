@@ -219,7 +219,6 @@ class SparseKPolicy : public detail::GatedKeyHooks<T> {
                 PolicyScratch<T>& scratch)
       : detail::GatedKeyHooks<T>({keys, scratch.score.data(), scratch.row_threshold.data(),
                                   scratch.row_begin.data(), scratch.row_end.data(), gate}),
-        geometry_(geometry),
         always_visible_(always_visible),
         keys_(keys),
         key_count_(key_count),
@@ -283,7 +282,6 @@ class SparseKPolicy : public detail::GatedKeyHooks<T> {
   }
 
  private:
-  const SparseKGeometry& geometry_;
   const AlwaysVisible& always_visible_;
   const Index* keys_;
   Index key_count_;
@@ -362,13 +360,9 @@ void select_impl(TensorView<const T, 3> u, Index len_q, const SparseKOptions& op
   constexpr const char* kFunction = "sparsek_select";
   detail::require_sparsek_options(kFunction, options);
   check(len_q >= 0, kFunction, ": len_q must be >= 0, got ", len_q);
-  detail::require_valid_view(kFunction, "u", u);
   const Index batch = u.size(0), heads_kv = u.size(1), len_k = u.size(2);
   require_scores(kFunction, u, batch, heads_kv, len_k);
-  constexpr Index kMaxOffset = std::numeric_limits<Index>::max() / 8;
-  check(options.q_offset == -1 || (options.q_offset >= 0 && options.q_offset <= kMaxOffset),
-        kFunction, ": q_offset must be in [0, ", kMaxOffset, "] or -1 (Lk - Lq), got ",
-        options.q_offset);
+  detail::require_q_offset(kFunction, options.q_offset);
   check(options.num_threads >= 0, kFunction, ": num_threads must be >= 0, got ",
         options.num_threads);
   detail::require_valid_view(kFunction, "indices", indices);

@@ -30,6 +30,24 @@ struct PositionRange {
   Index last = -1;
 };
 
+// The sinks [0, sinks_end) and a band, as at most two ranges in increasing order (one when they
+// touch or overlap); empty ranges are left out.
+inline KeyRanges sinks_and_band(Index sinks_end, KeyRange band) {
+  KeyRanges visible;
+  const auto add = [&visible](KeyRange range) {
+    if (range.begin < range.end) visible.ranges[visible.count++] = range;
+  };
+  if (band.end <= band.begin) {
+    add({0, sinks_end});
+  } else if (sinks_end < band.begin) {
+    add({0, sinks_end});
+    add(band);
+  } else {
+    add({0, std::max(band.end, sinks_end)});
+  }
+  return visible;
+}
+
 struct Visibility {
   Index window_left = -1;   // -1: unbounded
   Index window_right = -1;  // -1: unbounded
@@ -70,20 +88,7 @@ struct Visibility {
   // The keys that some position in [position_lo, position_hi] may see, as the sinks and the
   // band (one range when they touch); empty ranges are left out.
   KeyRanges visible_ranges(Index position_lo, Index position_hi) const {
-    const KeyRange band = this->band(position_lo, position_hi);
-    KeyRanges visible;
-    const auto add = [&visible](KeyRange range) {
-      if (range.begin < range.end) visible.ranges[visible.count++] = range;
-    };
-    if (band.end <= band.begin) {
-      add({0, sink_tokens});
-    } else if (sink_tokens < band.begin) {
-      add({0, sink_tokens});
-      add(band);
-    } else {
-      add({0, std::max(band.end, sink_tokens)});
-    }
-    return visible;
+    return sinks_and_band(sink_tokens, band(position_lo, position_hi));
   }
 
   // The smallest key range holding every key that some position in [position_lo, position_hi]

@@ -54,22 +54,9 @@ struct AlwaysVisible {
   // Sinks, then the window, as at most two ranges (one when they touch), clamped to [0, Lk).
   KeyRanges visible_ranges(Index position_lo, Index position_hi) const {
     const Index last = causal ? std::min(position_hi + 1, len_k) : len_k;
-    const KeyRange sink_range{0, std::min(sinks, std::max<Index>(last, 0))};
     KeyRange band{0, 0};
     if (causal && window > 0) band = {std::max<Index>(position_lo - window + 1, 0), last};
-    KeyRanges visible;
-    const auto add = [&visible](KeyRange range) {
-      if (range.begin < range.end) visible.ranges[visible.count++] = range;
-    };
-    if (band.end <= band.begin) {
-      add(sink_range);
-    } else if (sink_range.end < band.begin) {
-      add(sink_range);
-      add(band);
-    } else {
-      add({0, std::max(band.end, sink_range.end)});
-    }
-    return visible;
+    return sinks_and_band(std::min(sinks, std::max<Index>(last, 0)), band);
   }
 
   // The smallest key range holding every key some position in [position_lo, position_hi] sees.
