@@ -128,6 +128,14 @@ def _float_dtype(function: str, name: str, array: np.ndarray) -> np.dtype:
     return array.dtype
 
 
+def _float_dtype_arg(function: str, dtype: Any) -> np.dtype:
+    """A ``dtype=`` argument as a numpy dtype, float32 or float64 (TypeError otherwise)."""
+    dtype = np.dtype(dtype)
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"foveal: {function}: dtype must be float32 or float64, got {dtype}")
+    return dtype
+
+
 def _new_like(reference: Any, shape: tuple, dtype: np.dtype) -> tuple[Any, np.ndarray]:
     """A new uninitialized tensor of the reference's kind, and a numpy view of it."""
     if _is_torch(reference):
@@ -410,9 +418,7 @@ class KVCache:
         sink_tokens: int = 0,
     ) -> None:
         function = "KVCache"
-        dtype = np.dtype(dtype)
-        if dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"foveal: {function}: dtype must be float32 or float64, got {dtype}")
+        dtype = _float_dtype_arg(function, dtype)
         sizes = [
             _as_int(function, name, value)
             for name, value in (

@@ -22,6 +22,7 @@ from . import (
     _check_array,
     _core,
     _float_dtype,
+    _float_dtype_arg,
     _is_torch,
     _new_like,
     _output,
@@ -359,9 +360,7 @@ class SparseKCache:
         num_threads: Optional[int] = None,
     ) -> None:
         function = "SparseKCache"
-        dtype = np.dtype(dtype)
-        if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
-            raise TypeError(f"foveal: {function}: dtype must be float32 or float64, got {dtype}")
+        dtype = _float_dtype_arg(function, dtype)
         scale = _gate_and_scale(function, gate, scale)
         selection = _selection_args(function, topk, window, sink_tokens, True, None, num_threads)
         sizes = [
