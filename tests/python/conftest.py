@@ -36,17 +36,19 @@ def visible_keys(
     sink_tokens: int = 0,
     q_offset: Optional[int] = None,
 ) -> np.ndarray:
-    """[Lq, Lk] booleans: query i (at position q_offset + i) sees key j (DESIGN.md)."""
+    """[Lq, Lk] booleans: query i (at position q_offset + i) sees key j (docs/attention.md):
+    j inside the window, or j a sink not past the window's right edge (causal always wins)."""
     offset = len_k - len_q if q_offset is None or q_offset == -1 else q_offset
     position = offset + np.arange(len_q)[:, None]
     key = np.arange(len_k)[None, :]
     right = 0 if causal else window_right
-    visible = np.ones((len_q, len_k), dtype=bool)
-    if window_left >= 0:
-        visible &= key >= position - window_left
+    before_right_edge = np.ones((len_q, len_k), dtype=bool)
     if right >= 0:
-        visible &= key <= position + right
-    return visible | (key < sink_tokens)
+        before_right_edge &= key <= position + right
+    inside_left_edge = np.ones((len_q, len_k), dtype=bool)
+    if window_left >= 0:
+        inside_left_edge &= key >= position - window_left
+    return before_right_edge & (inside_left_edge | (key < sink_tokens))
 
 
 def bias_as_float(bias: Any) -> np.ndarray:

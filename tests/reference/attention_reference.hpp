@@ -25,13 +25,13 @@ struct ReferenceOptions {
   std::int64_t q_offset = -1;  // -1 -> Lk - Lq
 };
 
-// True when the query at absolute position `pos` sees key `j` (DESIGN.md).
+// True when the query at absolute position `pos` sees key `j` (docs/attention.md): j inside
+// the window, or j a sink that is not past the window's right edge (causal always wins).
 inline bool reference_sees(const ReferenceOptions& o, std::int64_t pos, std::int64_t j) {
-  if (j < o.sink_tokens) return true;
   const std::int64_t right = o.causal ? 0 : o.window_right;
-  const bool left_ok = o.window_left < 0 || j >= pos - o.window_left;
   const bool right_ok = right < 0 || j <= pos + right;
-  return left_ok && right_ok;
+  const bool left_ok = o.window_left < 0 || j >= pos - o.window_left;
+  return right_ok && (left_ok || j < o.sink_tokens);
 }
 
 // Inputs are contiguous row-major: q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv],

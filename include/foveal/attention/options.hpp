@@ -8,13 +8,15 @@ namespace foveal {
 // Which keys a query sees, how logits are formed, and how many threads run the call.
 // Query i sits at position q_offset + i and sees key j when
 //   pos(i) - window_left <= j <= pos(i) + window_right   (a bound is dropped when it is -1)
-// or j < sink_tokens. A query that sees no key gets output 0 and lse = -inf.
+// or when j < sink_tokens and j <= pos(i) + window_right: sinks widen the window to the left,
+// never past its right edge, so causal always wins (no causal query sees a later key, sinks
+// included). A query that sees no key gets output 0 and lse = -inf.
 struct AttentionOptions {
   double scale = 0;                // logit scale; 0 -> 1/sqrt(D)
   bool causal = false;             // same as window_right = 0
   std::int64_t window_left = -1;   // -1: unbounded
   std::int64_t window_right = -1;  // -1: unbounded
-  std::int64_t sink_tokens = 0;    // the first keys are always visible (attention sinks)
+  std::int64_t sink_tokens = 0;    // the first keys widen the window (attention sinks)
   double softcap = 0;              // 0: off; else logits = softcap * tanh(logits / softcap)
   std::int64_t q_offset = -1;      // absolute position of query 0; -1 -> Lk - Lq (bottom-right)
   int num_threads = 0;             // 0 -> the global setting (foveal::set_num_threads)

@@ -1,7 +1,9 @@
 // foveal/detail/mask.hpp — the mask algebra: which keys a query position sees.
 //
 // Everything is a window: causal is (left = unbounded, right = 0), -1 means unbounded, and
-// the first `sink_tokens` keys are always visible. Positions are absolute (q_offset + i).
+// the first `sink_tokens` keys widen the window to the left: a sink is visible from every
+// position that the window's right edge has reached, so causal always wins (no causal query sees
+// a later key, sinks included). Positions are absolute (q_offset + i).
 #pragma once
 
 #include <algorithm>
@@ -72,9 +74,9 @@ struct Visibility {
 
   // True when a query at `position` sees `key`.
   bool sees(Index position, Index key) const {
-    if (key < sink_tokens) return true;
-    return (window_left < 0 || key >= position - window_left) &&
-           (window_right < 0 || key <= position + window_right);
+    const bool before_right_edge = window_right < 0 || key <= position + window_right;
+    if (key < sink_tokens) return before_right_edge;
+    return before_right_edge && (window_left < 0 || key >= position - window_left);
   }
 
   // The keys inside the window of at least one position in [position_lo, position_hi],
@@ -85,35 +87,58 @@ struct Visibility {
     return {std::clamp<Index>(begin, 0, len_k), std::clamp<Index>(end, 0, len_k)};
   }
 
+  // The end of the sinks that some position <= position_hi sees: sinks past the right edge of
+  // its window are not visible yet.
+  Index sinks_end(Index position_hi) const {
+    if (window_right < 0) return sink_tokens;
+    return std::clamp<Index>(position_hi + window_right + 1, 0, sink_tokens);
+  }
+
   // The keys that some position in [position_lo, position_hi] may see, as the sinks and the
   // band (one range when they touch); empty ranges are left out.
   KeyRanges visible_ranges(Index position_lo, Index position_hi) const {
-    return sinks_and_band(sink_tokens, band(position_lo, position_hi));
+    return sinks_and_band(sinks_end(position_hi), band(position_lo, position_hi));
   }
 
   // The smallest key range holding every key that some position in [position_lo, position_hi]
   // sees, sinks included.
   KeyRange keys_seen(Index position_lo, Index position_hi) const {
-    KeyRange range = band(position_lo, position_hi);
-    if (sink_tokens == 0) return range;
-    if (range.end <= range.begin) return {0, sink_tokens};
-    return {0, std::max(range.end, sink_tokens)};
+    const KeyRange range = band(position_lo, position_hi);
+    const Index sinks = sinks_end(position_hi);
+    if (sinks == 0) return range;
+    if (range.end <= range.begin) return {0, sinks};
+    return {0, std::max(range.end, sinks)};
   }
 
   // The positions that see at least one key of [key_begin, key_end) (a non-empty range).
   PositionRange positions_seeing(Index key_begin, Index key_end) const {
     constexpr Index kUnbounded = std::numeric_limits<Index>::max() / 4;
-    if (key_begin < sink_tokens) return {-kUnbounded, kUnbounded};
-    return {window_right < 0 ? -kUnbounded : key_begin - window_right,
-            window_left < 0 ? kUnbounded : key_end - 1 + window_left};
+    const Index first = window_right < 0 ? -kUnbounded : key_begin - window_right;
+    if (key_begin < sink_tokens) return {first, kUnbounded};
+    return {first, window_left < 0 ? kUnbounded : key_end - 1 + window_left};
   }
 
   // True when every position in [position_lo, position_hi] sees every key in [key_begin, key_end).
   bool sees_all(Index position_lo, Index position_hi, Index key_begin, Index key_end) const {
-    if (key_end <= sink_tokens) return true;
-    return (window_left < 0 || key_begin >= position_hi - window_left) &&
-           (window_right < 0 || key_end - 1 <= position_lo + window_right);
+    const bool before_right_edge = window_right < 0 || key_end - 1 <= position_lo + window_right;
+    if (key_end <= sink_tokens) return before_right_edge;
+    return before_right_edge && (window_left < 0 || key_begin >= position_hi - window_left);
   }
+};
+
+// Every one of `len_k` keys is visible from every position: a decode step whose query rows all
+// sit at the newest position, over rows that hold only keys it sees.
+struct AllKeys {
+  Index len_k = 0;
+
+  bool sees(Index, Index) const { return true; }
+  KeyRanges visible_ranges(Index, Index) const { return sinks_and_band(len_k, {0, 0}); }
+  KeyRange keys_seen(Index, Index) const { return {0, len_k}; }
+  PositionRange positions_seeing(Index, Index) const {
+    constexpr Index kUnbounded = std::numeric_limits<Index>::max() / 4;
+    return {-kUnbounded, kUnbounded};
+  }
+  bool sees_all(Index, Index, Index, Index) const { return true; }
 };
 
 }  // namespace foveal::detail
