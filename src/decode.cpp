@@ -28,35 +28,26 @@ KeyRange intersect(KeyRange a, KeyRange b) {
 }
 
 // Visits the stored keys of one sequence inside one chunk of positions.
-class CachePolicy {
+class CachePolicy : public detail::RulePolicy<Visibility> {
  public:
   CachePolicy(const Visibility& visibility, const KVCacheLayout& layout, KeyRange chunk)
-      : visibility_(visibility), layout_(layout), chunk_(chunk) {}
+      : RulePolicy(visibility), layout_(layout), chunk_(chunk) {}
 
   template <typename Visit>
   void for_each_block(Index position_lo, Index position_hi, Visit&& visit) const {
-    const KeyRanges visible = visibility_.visible_ranges(position_lo, position_hi);
+    const KeyRanges visible = rule().visible_ranges(position_lo, position_hi);
     for (int r = 0; r < visible.count; ++r) {
       const KeyRange wanted = intersect(visible.ranges[r], chunk_);
       for (int s = 0; s < layout_.count; ++s) {
         const KVCacheSpan& span = layout_.spans[s];
         const KeyRange stored = intersect(wanted, {span.position, span.position + span.count});
-        detail::for_each_aligned_block(stored, span.position - span.row, visibility_, position_lo,
+        detail::for_each_aligned_block(stored, span.position - span.row, rule(), position_lo,
                                        position_hi, visit);
       }
     }
   }
 
-  bool sees(Index position, Index key) const { return visibility_.sees(position, key); }
-  KeyRange keys_seen(Index position_lo, Index position_hi) const {
-    return visibility_.keys_seen(position_lo, position_hi);
-  }
-  detail::PositionRange positions_seeing(Index key_begin, Index key_end) const {
-    return visibility_.positions_seeing(key_begin, key_end);
-  }
-
  private:
-  Visibility visibility_;
   KVCacheLayout layout_;
   KeyRange chunk_;
 };
@@ -117,16 +108,17 @@ void decode_impl(TensorView<const T, 4> q, const KVCache<T>& cache, const Attent
   params.q = q;
   params.k = cache.keys();
   params.v = cache.values();
+  params.out = out;
+  params.lse = lse;
   params.scale = detail::resolve_scale<T>(kFunction, options, dim);
   params.softcap = options.softcap;
-  const int requested_threads = detail::resolve_num_threads(options.num_threads);
+  params.num_threads = detail::resolve_num_threads(options.num_threads);
   if (batch == 0 || heads_q == 0 || len_q == 0) return;
 
   const Index group = heads_q / heads_kv;
-  const Index tiles_per_head = (len_q * group + detail::kBlockQ - 1) / detail::kBlockQ;
   // Split the keys when a head's queries fit one tile; otherwise the tiles themselves are
   // enough parallel work and each visits all its keys.
-  const bool split = tiles_per_head == 1;
+  const bool split = len_q * group <= detail::kBlockQ;
   std::vector<Chunk> chunks;
   std::vector<Index> first_chunk(static_cast<std::size_t>(batch) + 1, 0);
   for (Index b = 0; b < batch; ++b) {
@@ -158,32 +150,23 @@ void decode_impl(TensorView<const T, 4> q, const KVCache<T>& cache, const Attent
     partial_lse = detail::allocate_aligned<T>(static_cast<std::size_t>(num_chunks * lse_size));
   }
 
-  const Index num_tasks = num_chunks * heads_kv * tiles_per_head;
-  const int num_threads = detail::threads_for(num_tasks, requested_threads);
-  const detail::TileWorkspace<T> workspace(dim, dim_v, num_threads);
-  parallel_for(num_tasks, num_threads, [&](Index task) {
-    const Index tile = task % tiles_per_head;
-    const Index kv_head = task / tiles_per_head % heads_kv;
-    const Index chunk_index = task / tiles_per_head / heads_kv;
-    const Chunk& chunk = chunks[static_cast<std::size_t>(chunk_index)];
-    detail::FlashParams<T> task_params = params;
-    task_params.q_offset = cache.length(chunk.sequence) - len_q;
+  // One task per (chunk, kv head, tile); a chunk's rows go to its own state (stride 0 over the
+  // batch dimension) when split, else straight to the outputs.
+  const detail::TileGrid grid(num_chunks, heads_kv, len_q * group);
+  detail::run_engine(params, grid.num_tasks(), [&](Index task, detail::NoPolicyScratch&) {
+    const detail::TileGrid::Cell cell = grid.cell(task);
+    const Chunk& chunk = chunks[static_cast<std::size_t>(cell.outer)];
+    detail::Tile<T> tile = detail::tile_of(params, chunk.sequence, cell.kv_head, cell.flat_begin);
+    tile.q_offset = cache.length(chunk.sequence) - len_q;
     if (split) {
-      // The chunk's state goes to its own scratch; stride 0 over the batch dimension.
-      task_params.out =
-          TensorView<T, 4>(partial_out.get() + chunk_index * state_size,
-                           {batch, heads_q, len_q, dim_v}, {0, len_q * dim_v, dim_v, 1});
-      task_params.lse = TensorView<T, 3>(partial_lse.get() + chunk_index * lse_size,
-                                         {batch, heads_q, len_q}, {0, len_q, 1});
-    } else {
-      task_params.out = out;
-      task_params.lse = lse;
+      tile.out = TensorView<T, 4>(partial_out.get() + cell.outer * state_size,
+                                  {batch, heads_q, len_q, dim_v}, {0, len_q * dim_v, dim_v, 1});
+      tile.lse = TensorView<T, 3>(partial_lse.get() + cell.outer * lse_size,
+                                  {batch, heads_q, len_q}, {0, len_q, 1});
     }
-    const detail::TileRunner<T> runner(task_params, workspace.acc_stride());
-    const CachePolicy policy(visibility[static_cast<std::size_t>(chunk.sequence)],
-                             cache.layout(chunk.sequence), chunk.positions);
-    runner.run(policy, chunk.sequence, kv_head, tile * detail::kBlockQ,
-               workspace.for_this_thread());
+    return detail::plan_tile(CachePolicy(visibility[static_cast<std::size_t>(chunk.sequence)],
+                                         cache.layout(chunk.sequence), chunk.positions),
+                             tile);
   });
   if (!split) return;
 
@@ -192,7 +175,7 @@ void decode_impl(TensorView<const T, 4> q, const KVCache<T>& cache, const Attent
   for (Index b = 0; b < batch; ++b)
     max_chunks = std::max(max_chunks, first_chunk[static_cast<std::size_t>(b) + 1] -
                                           first_chunk[static_cast<std::size_t>(b)]);
-  const int merge_threads = detail::threads_for(batch * heads_q, requested_threads);
+  const int merge_threads = detail::threads_for(batch * heads_q, params.num_threads);
   const auto scratch_size =
       static_cast<std::size_t>(std::max<Index>(max_chunks, 1) * merge_threads);
   std::vector<const T*> state_rows(scratch_size);

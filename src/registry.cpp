@@ -10,6 +10,7 @@
 #include "foveal/attention/sliding_window.hpp"
 #include "foveal/attention/sparsek_attention.hpp"
 #include "foveal/core/error.hpp"
+#include "foveal/detail/sparsek_selection.hpp"
 
 namespace foveal {
 namespace {
@@ -84,32 +85,19 @@ class SparseKKernel final : public AttentionKernel {
   static constexpr const char* kName = "sparsek";
   explicit SparseKKernel(const AttentionConfig& config) {
     const char* function = "make_attention(\"sparsek\")";
-    const AttentionOptions& shared = config.options;
-    check(shared.window_left == -1 && shared.window_right == -1, function,
-          ": the window is the param \"window\" (keys before the query); window_left and "
-          "window_right must stay -1, got ",
-          shared.window_left, " and ", shared.window_right);
     for (const auto& [key, value] : config.params)
       check(key == "topk" || key == "window" || key == "gate", function, ": unknown param '", key,
             "'; known: topk, window, gate");
     const auto found = config.params.find("topk");
     check(found != config.params.end(), function, ": the param \"topk\" is required");
+    static_cast<AttentionOptions&>(options_) = config.options;
     options_.topk = parse_int(function, "topk", found->second);
     const auto window = config.params.find("window");
     if (window != config.params.end())
       options_.window = parse_int(function, "window", window->second);
     const auto gate = config.params.find("gate");
     if (gate != config.params.end()) options_.gate = parse_sparsek_gate(gate->second);
-    options_.sink_tokens = shared.sink_tokens;
-    options_.causal = shared.causal;
-    options_.scale = shared.scale;
-    options_.softcap = shared.softcap;
-    options_.q_offset = shared.q_offset;
-    options_.num_threads = shared.num_threads;
-    check(options_.topk >= 1, function, ": topk must be >= 1, got ", options_.topk);
-    check(options_.window >= 0, function, ": window must be >= 0, got ", options_.window);
-    check(options_.causal || options_.window == 0, function,
-          ": a window needs causal = true, got window = ", options_.window);
+    detail::require_sparsek_options(function, options_);
   }
   std::string name() const override { return kName; }
   void forward(const AttentionArgs<float>& args) const override { run(args); }

@@ -131,24 +131,17 @@ void build_tile_unions(const HeadSelection& selection, const SparseKGeometry& ge
   for (Index& key : unions.keys) key += geometry.sinks;
 }
 
-AttentionOptions attention_options_of(const SparseKOptions& options) {
-  AttentionOptions shared;
-  shared.scale = options.scale;
-  shared.causal = options.causal;
-  shared.sink_tokens = options.sink_tokens;
-  shared.softcap = options.softcap;
-  shared.q_offset = options.q_offset;
-  shared.num_threads = options.num_threads;
-  return shared;
-}
-
-// The checks of the SparseK-specific options.
 void require_sparsek_options(const char* function, const SparseKOptions& options) {
+  require_attention_options(function, options);
+  check(options.window_left == -1 &&
+            (options.window_right == -1 || (options.causal && options.window_right == 0)),
+        function,
+        ": SparseK's window is `window` (the keys before the query); window_left and "
+        "window_right must stay -1, got ",
+        options.window_left, " and ", options.window_right);
   check(options.topk >= 1, function, ": topk must be >= 1, got ", options.topk);
   check(options.window >= 0, function, ": window must be >= 0 (0: no window), got ",
         options.window);
-  check(options.sink_tokens >= 0, function, ": sink_tokens must be >= 0, got ",
-        options.sink_tokens);
   check(options.causal || options.window == 0, function,
         ": a window needs causal = true (non-causal SparseK shares one selection and has no "
         "window), got window = ",
@@ -206,12 +199,18 @@ struct PolicyScratch {
   std::vector<Index> row_begin, row_end;
   std::vector<T> score;
   std::vector<T> row_threshold;
+
+  explicit PolicyScratch(Index widest_union)
+      : row_begin(static_cast<std::size_t>(widest_union)),
+        row_end(static_cast<std::size_t>(widest_union)),
+        score(static_cast<std::size_t>(widest_union)),
+        row_threshold(static_cast<std::size_t>(detail::kBlockQ)) {}
 };
 
 // The visit policy of one tile: its union of selected keys in gathered blocks, then the sinks
-// and the window as contiguous blocks.
+// and the window (AlwaysVisible) as contiguous blocks.
 template <typename T>
-class SparseKPolicy : public detail::GatedKeyHooks<T> {
+class SparseKPolicy : public detail::GatedKeyHooks<T>, public detail::RulePolicy<AlwaysVisible> {
  public:
   SparseKPolicy(const SparseKGeometry& geometry, const AlwaysVisible& always_visible,
                 const HeadSelection& selection, const T* u, Index u_stride, const Index* keys,
@@ -219,7 +218,7 @@ class SparseKPolicy : public detail::GatedKeyHooks<T> {
                 PolicyScratch<T>& scratch)
       : detail::GatedKeyHooks<T>({keys, scratch.score.data(), scratch.row_threshold.data(),
                                   scratch.row_begin.data(), scratch.row_end.data(), gate}),
-        always_visible_(always_visible),
+        detail::RulePolicy<AlwaysVisible>(always_visible),
         keys_(keys),
         key_count_(key_count),
         scratch_(scratch) {
@@ -267,22 +266,10 @@ class SparseKPolicy : public detail::GatedKeyHooks<T> {
                   scratch_.row_end[static_cast<std::size_t>(i)] < num_rows_;
       visit(KeyBlock{0, count, keys_ + begin, partial, 0});
     }
-    const detail::KeyRanges visible = always_visible_.visible_ranges(position_lo, position_hi);
-    for (int r = 0; r < visible.count; ++r)
-      detail::for_each_aligned_block(visible.ranges[r], 0, always_visible_, position_lo,
-                                     position_hi, visit);
-  }
-
-  bool sees(Index position, Index key) const { return always_visible_.sees(position, key); }
-  KeyRange keys_seen(Index position_lo, Index position_hi) const {
-    return always_visible_.keys_seen(position_lo, position_hi);
-  }
-  detail::PositionRange positions_seeing(Index key_begin, Index key_end) const {
-    return always_visible_.positions_seeing(key_begin, key_end);
+    this->for_each_visible_block(position_lo, position_hi, visit);
   }
 
  private:
-  const AlwaysVisible& always_visible_;
   const Index* keys_;
   Index key_count_;
   Index num_rows_ = 0;
@@ -294,8 +281,8 @@ void attention_impl(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorVi
                     TensorView<const T, 3> u, const SparseKOptions& options, TensorView<T, 4> out,
                     TensorView<T, 3> lse) {
   detail::require_sparsek_options(kAttention, options);
-  const detail::FlashParams<T> params = detail::prepare_attention<T>(
-      kAttention, q, k, v, out, detail::attention_options_of(options), lse, {});
+  const detail::FlashParams<T> params =
+      detail::prepare_attention<T>(kAttention, q, k, v, out, options, lse, {});
   const Index batch = q.size(0), heads_kv = k.size(1), len_q = q.size(2), len_k = k.size(2);
   require_scores(kAttention, u, batch, heads_kv, len_k);
   detail::require_disjoint(kAttention, "out", out, "u", u);
@@ -308,7 +295,6 @@ void attention_impl(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorVi
   const std::vector<HeadSelection> selections = select_all(u, geometry, params.num_threads);
 
   // Tile unions of every head (non-causal: every tile shares the one selection).
-  const Index tiles_per_head = (len_q * group + detail::kBlockQ - 1) / detail::kBlockQ;
   std::vector<TileUnions> unions(static_cast<std::size_t>(batch * heads_kv));
   parallel_for(batch * heads_kv, detail::threads_for(batch * heads_kv, params.num_threads),
                [&](Index task) {
@@ -321,34 +307,25 @@ void attention_impl(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorVi
       widest_union = std::max(widest_union, head.offsets[t + 1] - head.offsets[t]);
 
   const AlwaysVisible always_visible{geometry.window, geometry.sinks, len_k, geometry.causal};
-
-  const Index num_tasks = batch * heads_kv * tiles_per_head;
-  const int num_threads = detail::threads_for(num_tasks, params.num_threads);
-  const detail::TileWorkspace<T> workspace(q.size(3), v.size(3), num_threads);
-  std::vector<PolicyScratch<T>> policy_scratch(static_cast<std::size_t>(num_threads));
-  for (PolicyScratch<T>& scratch : policy_scratch) {
-    scratch.row_begin.resize(static_cast<std::size_t>(widest_union));
-    scratch.row_end.resize(static_cast<std::size_t>(widest_union));
-    scratch.score.resize(static_cast<std::size_t>(widest_union));
-    scratch.row_threshold.resize(static_cast<std::size_t>(detail::kBlockQ));
-  }
-  const detail::TileRunner<T> runner(params, workspace.acc_stride());
-  parallel_for(num_tasks, num_threads, [&](Index task) {
-    // Late tiles see the most keys (the window and sinks are the same for all): first.
-    const Index tile = tiles_per_head - 1 - task % tiles_per_head;
-    const Index head_task = task / tiles_per_head;
-    const Index kv_head = head_task % heads_kv;
-    const Index b = head_task / heads_kv;
-    const TileUnions& head_unions = unions[static_cast<std::size_t>(head_task)];
-    const Index union_begin = head_unions.offsets[static_cast<std::size_t>(tile)];
-    const Index union_end = head_unions.offsets[static_cast<std::size_t>(tile) + 1];
-    const SparseKPolicy<T> policy(
-        geometry, always_visible, selections[static_cast<std::size_t>(head_task)],
-        u.address(b, kv_head, 0), u.stride(2), head_unions.keys.data() + union_begin,
-        union_end - union_begin, group, tile * detail::kBlockQ, options.gate,
-        policy_scratch[static_cast<std::size_t>(detail::thread_index())]);
-    runner.run(policy, b, kv_head, tile * detail::kBlockQ, workspace.for_this_thread());
-  });
+  const detail::TileGrid grid(batch, heads_kv, params.rows_per_head());
+  detail::run_engine(
+      params, grid.num_tasks(),
+      [&](Index task, PolicyScratch<T>& scratch) {
+        const detail::TileGrid::Cell cell = grid.cell(task);
+        const Index head_task = cell.outer * heads_kv + cell.kv_head;
+        const TileUnions& head_unions = unions[static_cast<std::size_t>(head_task)];
+        const auto tile = static_cast<std::size_t>(cell.flat_begin / detail::kBlockQ);
+        const Index union_begin = head_unions.offsets[tile];
+        const Index union_end = head_unions.offsets[tile + 1];
+        return detail::plan_tile(
+            SparseKPolicy<T>(geometry, always_visible,
+                             selections[static_cast<std::size_t>(head_task)],
+                             u.address(cell.outer, cell.kv_head, 0), u.stride(2),
+                             head_unions.keys.data() + union_begin, union_end - union_begin, group,
+                             cell.flat_begin, options.gate, scratch),
+            detail::tile_of(params, cell.outer, cell.kv_head, cell.flat_begin));
+      },
+      PolicyScratch<T>(widest_union));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -363,8 +340,6 @@ void select_impl(TensorView<const T, 3> u, Index len_q, const SparseKOptions& op
   const Index batch = u.size(0), heads_kv = u.size(1), len_k = u.size(2);
   require_scores(kFunction, u, batch, heads_kv, len_k);
   detail::require_q_offset(kFunction, options.q_offset);
-  check(options.num_threads >= 0, kFunction, ": num_threads must be >= 0, got ",
-        options.num_threads);
   detail::require_valid_view(kFunction, "indices", indices);
   detail::require_valid_view(kFunction, "gates", gates);
   const Index shape[4] = {batch, heads_kv, len_q, options.topk};

@@ -30,34 +30,31 @@ using detail::KeyRange;
 // the window (rows [0, always_visible)) as contiguous ones. Every query row of the tile sits at
 // the newest position and sees every one of these keys, so nothing is masked.
 template <typename T>
-class CachePolicy : public detail::GatedKeyHooks<T> {
+class CachePolicy : public detail::GatedKeyHooks<T>, public detail::RulePolicy<detail::AllKeys> {
  public:
   CachePolicy(const detail::GatedKeyData<T>& selected, Index selected_count, Index always_visible)
       : detail::GatedKeyHooks<T>(selected),
+        detail::RulePolicy<detail::AllKeys>({always_visible}),
         slot_rows_(selected.keys),
-        selected_count_(selected_count),
-        always_visible_(always_visible) {}
+        selected_count_(selected_count) {}
 
   template <typename Visit>
-  void for_each_block(Index, Index, Visit&& visit) const {
+  void for_each_block(Index position_lo, Index position_hi, Visit&& visit) const {
     for (Index begin = 0; begin < selected_count_; begin += detail::kBlockK)
       visit(KeyBlock{0, std::min(detail::kBlockK, selected_count_ - begin), slot_rows_ + begin,
                      false, 0});
-    for (Index begin = 0; begin < always_visible_; begin += detail::kBlockK)
-      visit(KeyBlock{begin, std::min(detail::kBlockK, always_visible_ - begin), nullptr, false, 0});
-  }
-
-  // Consulted only for blocks marked needs_mask, and none is.
-  bool sees(Index, Index) const { return true; }
-  KeyRange keys_seen(Index, Index) const { return {0, always_visible_}; }
-  detail::PositionRange positions_seeing(Index, Index) const {
-    return {std::numeric_limits<Index>::min(), std::numeric_limits<Index>::max()};
+    this->for_each_visible_block(position_lo, position_hi, visit);
   }
 
  private:
   const Index* slot_rows_;
   Index selected_count_;
-  Index always_visible_;
+};
+
+// Per-thread memory of the policy: τ of each tile row.
+template <typename T>
+struct RowThresholds {
+  T values[detail::kBlockQ];
 };
 
 }  // namespace
@@ -75,9 +72,7 @@ SparseKCache<T>::SparseKCache(Index batch, Index heads_kv, Index dim, Index dim_
         ": causal must be true (the query is the newest token and sees only earlier ones)");
   check(options.q_offset == -1, kFunction,
         ": q_offset must be -1 (the query sits at the newest position), got ", options.q_offset);
-  const AttentionOptions shared = detail::attention_options_of(options);
-  detail::require_attention_options(kFunction, shared);
-  scale_ = detail::resolve_scale<T>(kFunction, shared, dim);
+  scale_ = detail::resolve_scale<T>(kFunction, options, dim);
   // Storage is allocated once, for every row the cache may ever hold.
   const double rows = static_cast<double>(options.sink_tokens) +
                       static_cast<double>(options.window) + static_cast<double>(options.topk);
@@ -249,32 +244,28 @@ void SparseKCache<T>::attend(TensorView<const T, 4> q, TensorView<T, 4> out,
   params.q_offset = length_ - 1;
   params.scale = scale_;
   params.softcap = options_.softcap;
+  params.num_threads = detail::resolve_num_threads(options_.num_threads);
 
-  const Index group = heads_q / heads_kv();
-  const Index tiles_per_head = (group + detail::kBlockQ - 1) / detail::kBlockQ;
-  const Index num_tasks = batch() * heads_kv() * tiles_per_head;
-  const int num_threads =
-      detail::threads_for(num_tasks, detail::resolve_num_threads(options_.num_threads));
-  const detail::TileWorkspace<T> workspace(dim(), dim_v(), num_threads);
-  std::vector<T> row_thresholds(static_cast<std::size_t>(num_threads * detail::kBlockQ));
-  const detail::TileRunner<T> runner(params, workspace.acc_stride());
   const Index selected = selected_count(), always_visible = always_visible_rows();
   const Index first_slot_row = options_.sink_tokens + options_.window;
-  parallel_for(num_tasks, num_threads, [&](Index task) {
-    const Index tile = task % tiles_per_head, head_index = task / tiles_per_head;
-    const Index b = head_index / heads_kv(), h = head_index % heads_kv();
-    // Every row of the tile is the newest query: one τ for all.
-    T* row_threshold = row_thresholds.data() + detail::thread_index() * detail::kBlockQ;
-    std::fill_n(row_threshold, detail::kBlockQ,
-                static_cast<T>(heads_[static_cast<std::size_t>(head_index)].threshold.threshold()));
-    detail::GatedKeyData<T> gated;
-    gated.keys = slot_rows_.data();
-    gated.score = scores_.data() + (b * heads_kv() + h) * capacity() + first_slot_row;
-    gated.row_threshold = row_threshold;
-    gated.gate = options_.gate;
-    const CachePolicy<T> policy(gated, selected, always_visible);
-    runner.run(policy, b, h, tile * detail::kBlockQ, workspace.for_this_thread());
-  });
+  const detail::TileGrid grid(batch(), heads_kv(), params.rows_per_head());
+  detail::run_engine(
+      params, grid.num_tasks(),
+      [&](Index task, RowThresholds<T>& scratch) {
+        const detail::TileGrid::Cell cell = grid.cell(task);
+        const Index b = cell.outer, h = cell.kv_head;
+        // Every row of the tile is the newest query: one τ for all.
+        const HeadState& head = heads_[static_cast<std::size_t>(b * heads_kv() + h)];
+        std::fill_n(scratch.values, detail::kBlockQ, static_cast<T>(head.threshold.threshold()));
+        detail::GatedKeyData<T> gated;
+        gated.keys = slot_rows_.data();
+        gated.score = scores_.data() + (b * heads_kv() + h) * capacity() + first_slot_row;
+        gated.row_threshold = scratch.values;
+        gated.gate = options_.gate;
+        return detail::plan_tile(CachePolicy<T>(gated, selected, always_visible),
+                                 detail::tile_of(params, b, h, cell.flat_begin));
+      },
+      RowThresholds<T>{});
 }
 
 template <typename T>

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <string>
 
+#include "foveal/attention/options.hpp"
 #include "foveal/core/tensor.hpp"
 
 namespace foveal {
@@ -31,16 +32,15 @@ const char* to_string(SparseKGate gate);
 // From its pool it selects S(p) = the `topk` keys with the largest u (ties: lower index first)
 // with gates m_j = SPARSEK(u_pool, topk)_j (all 1 when the pool has <= topk keys). Thresholds
 // of nested pools never decrease, so a key that leaves the selection never returns.
-struct SparseKOptions {
-  std::int64_t topk = 0;         // >= 1; a topk >= the pool size selects the whole pool
-  std::int64_t window = 0;       // >= 0 (0: no window); non-causal calls need window = 0
-  std::int64_t sink_tokens = 0;  // >= 0
+// The options shared with every attention variant (scale, softcap, causal, sink_tokens, q_offset,
+// num_threads) come from AttentionOptions; causal defaults to true here. SparseK's window is its
+// own `window`, so window_left must stay -1 and window_right -1 (or 0, the same as causal).
+struct SparseKOptions : AttentionOptions {
+  std::int64_t topk = 0;    // >= 1; a topk >= the pool size selects the whole pool
+  std::int64_t window = 0;  // >= 0 (0: no window); non-causal calls need window = 0
   SparseKGate gate = SparseKGate::value;
-  bool causal = true;
-  double scale = 0;            // logit scale; 0 -> 1/sqrt(D)
-  double softcap = 0;          // 0: off; else logits = softcap * tanh(logits / softcap)
-  std::int64_t q_offset = -1;  // absolute position of query 0; -1 -> Lk - Lq (bottom-right)
-  int num_threads = 0;         // 0 -> the global setting (foveal::set_num_threads)
+
+  SparseKOptions() { causal = true; }
 };
 
 // q: [B, Hq, Lq, D]  k: [B, Hkv, Lk, D]  v: [B, Hkv, Lk, Dv]  u: [B, Hkv, Lk]

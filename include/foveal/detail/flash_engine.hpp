@@ -17,7 +17,8 @@
 // most kFewRows rows (decode: the queries of one GQA group) score keys as dot products along D
 // instead, so no lane is spent on rows that do not exist.
 //
-// Policy interface (see BandPolicy, and CachePolicy in src/decode.cpp):
+// Policy interface, checked by the compiler (IsVisitPolicy below); RulePolicy supplies the mask
+// queries of a visibility rule, so a policy usually writes for_each_block alone:
 //   template <class Visit> void for_each_block(Index position_lo, Index position_hi,
 //                                              Visit&& visit) const;
 //       calls visit(KeyBlock) for every key block the rows at those positions may see; a
@@ -40,6 +41,11 @@
 //                                                                        instead of sees()
 //   void gate_probabilities(const KeyBlock&, int row_vectors, T* s_t) const;  after the softmax,
 //       scaling what a key adds to the output but not the softmax normalizer.
+//
+// The driver. run_engine runs a list of tasks; each task names its policy and its Tile (the
+// rows of one (batch, kv head), their position and where they are written) and may use
+// per-thread policy scratch that the driver allocates once per call. TileGrid is the usual task
+// list: every tile of every (batch, kv head), or of every (key chunk, kv head) for split-KV.
 #pragma once
 
 #include <algorithm>
@@ -48,6 +54,7 @@
 #include <limits>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "foveal/core/parallel.hpp"
 #include "foveal/core/tensor.hpp"
@@ -87,7 +94,29 @@ struct FlashParams {
   double scale = 1;    // applied to q.k
   double softcap = 0;  // 0: off
   int num_threads = 1;
+
+  // Query rows per (batch, kv head): Lq times the GQA group (0 without kv heads).
+  Index rows_per_head() const { return k.size(1) > 0 ? q.size(2) * (q.size(1) / k.size(1)) : 0; }
 };
+
+// One engine task: the flat rows [flat_begin, flat_begin + kBlockQ) of (batch, kv_head), a flat
+// row being position * group + head_in_group, with query 0 at position q_offset; the rows are
+// written to out and lse (the call's outputs, or the scratch state of a split-KV chunk).
+template <typename T>
+struct Tile {
+  Index batch = 0;
+  Index kv_head = 0;
+  Index flat_begin = 0;
+  Index q_offset = 0;
+  TensorView<T, 4> out;
+  TensorView<T, 3> lse;
+};
+
+// The tile of the call's own outputs and query positions.
+template <typename T>
+Tile<T> tile_of(const FlashParams<T>& params, Index batch, Index kv_head, Index flat_begin) {
+  return {batch, kv_head, flat_begin, params.q_offset, params.out, params.lse};
+}
 
 // A block of keys to visit: the K/V rows [begin, begin + count), or index[0..count) when index
 // is set. The key stored in row i sits at position i + position_offset (nonzero only where
@@ -114,28 +143,46 @@ void for_each_aligned_block(KeyRange positions, Index position_offset, const See
   }
 }
 
-// Dense attention with windows and sinks: visits the sink keys and the band of the tile.
-class BandPolicy {
+// The base of every visit policy: the engine's mask queries answered by a visibility rule
+// (Visibility, SparseK's AlwaysVisible, AllKeys: anything with sees, keys_seen,
+// positions_seeing, sees_all and visible_ranges), so that a policy writes only what it changes.
+template <typename Rule>
+class RulePolicy {
  public:
-  explicit BandPolicy(const Visibility& visibility) : visibility_(visibility) {}
+  explicit RulePolicy(const Rule& rule) : rule_(rule) {}
 
-  template <typename Visit>
-  void for_each_block(Index position_lo, Index position_hi, Visit&& visit) const {
-    const KeyRanges visible = visibility_.visible_ranges(position_lo, position_hi);
-    for (int i = 0; i < visible.count; ++i)
-      for_each_aligned_block(visible.ranges[i], 0, visibility_, position_lo, position_hi, visit);
-  }
-
-  bool sees(Index position, Index key) const { return visibility_.sees(position, key); }
+  bool sees(Index position, Index key) const { return rule_.sees(position, key); }
   KeyRange keys_seen(Index position_lo, Index position_hi) const {
-    return visibility_.keys_seen(position_lo, position_hi);
+    return rule_.keys_seen(position_lo, position_hi);
   }
   PositionRange positions_seeing(Index key_begin, Index key_end) const {
-    return visibility_.positions_seeing(key_begin, key_end);
+    return rule_.positions_seeing(key_begin, key_end);
+  }
+  const Rule& rule() const { return rule_; }
+
+ protected:
+  // Visits every key the rule shows to some position in [position_lo, position_hi], stored in
+  // rows equal to their positions, in aligned blocks.
+  template <typename Visit>
+  void for_each_visible_block(Index position_lo, Index position_hi, Visit&& visit) const {
+    const KeyRanges visible = rule_.visible_ranges(position_lo, position_hi);
+    for (int i = 0; i < visible.count; ++i)
+      for_each_aligned_block(visible.ranges[i], 0, rule_, position_lo, position_hi, visit);
   }
 
  private:
-  Visibility visibility_;
+  Rule rule_;
+};
+
+// Dense attention with windows and sinks: visits the sink keys and the band of the tile.
+class BandPolicy : public RulePolicy<Visibility> {
+ public:
+  using RulePolicy::RulePolicy;
+
+  template <typename Visit>
+  void for_each_block(Index position_lo, Index position_hi, Visit&& visit) const {
+    for_each_visible_block(position_lo, position_hi, visit);
+  }
 };
 
 // True for policies with the gathered-key hooks (see the file comment).
@@ -144,6 +191,35 @@ struct GatesKeys : std::false_type {};
 template <typename Policy>
 struct GatesKeys<Policy, std::void_t<decltype(Policy::kGatesKeys)>>
     : std::bool_constant<Policy::kGatesKeys> {};
+
+// True for types with the policy interface (see the file comment).
+template <typename Policy, typename = void>
+struct IsVisitPolicy : std::false_type {};
+template <typename Policy>
+struct IsVisitPolicy<
+    Policy,
+    std::void_t<decltype(std::declval<const Policy&>().for_each_block(
+                    Index{}, Index{}, std::declval<void (&)(const KeyBlock&)>())),
+                std::enable_if_t<std::is_same_v<
+                    decltype(std::declval<const Policy&>().sees(Index{}, Index{})), bool>>,
+                std::enable_if_t<std::is_same_v<
+                    decltype(std::declval<const Policy&>().keys_seen(Index{}, Index{})), KeyRange>>,
+                std::enable_if_t<std::is_same_v<
+                    decltype(std::declval<const Policy&>().positions_seeing(Index{}, Index{})),
+                    PositionRange>>>> : std::true_type {};
+
+// True for policies that provide the three gated-key hooks for element type T.
+template <typename Policy, typename T, typename = void>
+struct HasGateHooks : std::false_type {};
+template <typename Policy, typename T>
+struct HasGateHooks<Policy, T,
+                    std::void_t<decltype(std::declval<const Policy&>().scale_logits(
+                                    std::declval<const KeyBlock&>(), int{}, std::declval<T*>())),
+                                decltype(std::declval<const Policy&>().mask_logits(
+                                    std::declval<const KeyBlock&>(), Index{}, std::declval<T*>())),
+                                decltype(std::declval<const Policy&>().gate_probabilities(
+                                    std::declval<const KeyBlock&>(), int{}, std::declval<T*>()))>>
+    : std::true_type {};
 
 // ---------------------------------------------------------------------------------------------
 // Micro-kernels.
@@ -388,12 +464,17 @@ class TileRunner {
     cap_multiplier_ = multipliers.cap;
   }
 
-  // Runs rows [flat_begin, flat_begin + kBlockQ) of (batch, kv_head); a flat row is
-  // position * group + head_in_group.
+  // Runs the rows of `tile` with `policy`.
   template <typename Policy>
-  void run(const Policy& policy, Index batch, Index kv_head, Index flat_begin,
-           const TileScratch<T>& scratch) const {
+  void run(const Policy& policy, const Tile<T>& tile, const TileScratch<T>& scratch) const {
+    static_assert(IsVisitPolicy<Policy>::value,
+                  "a visit policy needs for_each_block, sees, keys_seen and positions_seeing "
+                  "(see the comment at the top of flash_engine.hpp)");
+    static_assert(!GatesKeys<Policy>::value || HasGateHooks<Policy, T>::value,
+                  "a policy with kGatesKeys needs scale_logits, mask_logits and "
+                  "gate_probabilities");
     constexpr int L = kLanes<T>;
+    const Index batch = tile.batch, kv_head = tile.kv_head, flat_begin = tile.flat_begin;
     const Index num_rows = std::min(kBlockQ, params_.q.size(2) * group_ - flat_begin);
     const int row_vectors = static_cast<int>((num_rows + L - 1) / L);
 
@@ -404,7 +485,7 @@ class TileRunner {
       const Index flat = flat_begin + std::min(r, num_rows - 1);
       query_index[r] = flat / group_;
       head[r] = kv_head * group_ + flat % group_;
-      positions[r] = params_.q_offset + query_index[r];
+      positions[r] = tile.q_offset + query_index[r];
     }
 
     const bool few_rows = num_rows <= kFewRows<T>;
@@ -480,7 +561,7 @@ class TileRunner {
                         acc_stride_);
     });
 
-    write_rows(batch, num_rows, query_index, head, row_max, row_sum, scratch.acc);
+    write_rows(tile, num_rows, query_index, head, row_max, row_sum, scratch.acc);
   }
 
  private:
@@ -600,10 +681,11 @@ class TileRunner {
   }
 
   // out = acc / row_sum (0 for rows that saw no key); lse = ln 2 * (max + log2 sum).
-  void write_rows(Index batch, Index num_rows, const Index* query_index, const Index* head,
+  void write_rows(const Tile<T>& tile, Index num_rows, const Index* query_index, const Index* head,
                   const T* row_max, const T* row_sum, const T* acc) const {
-    const auto& out = params_.out;
-    const auto& lse = params_.lse;
+    const Index batch = tile.batch;
+    const auto& out = tile.out;
+    const auto& lse = tile.lse;
     for (Index r = 0; r < num_rows; ++r) {
       const bool saw_keys = row_sum[r] > T(0);
       const T inverse = saw_keys ? T(1) / row_sum[r] : T(0);
@@ -672,27 +754,74 @@ inline int threads_for(Index num_tasks, int requested) {
   return static_cast<int>(std::max<Index>(std::min<Index>(std::max(requested, 1), num_tasks), 1));
 }
 
-// Runs the engine over every tile of every (batch, kv head) with the given policy.
-template <typename T, typename Policy>
-void run_flash_attention(const FlashParams<T>& params, const Policy& policy) {
-  const Index batch = params.q.size(0);
-  const Index heads_kv = params.k.size(1);
-  const Index group = heads_kv > 0 ? params.q.size(1) / heads_kv : 0;
-  const Index rows_per_head = params.q.size(2) * group;
-  const Index tiles_per_head = (rows_per_head + kBlockQ - 1) / kBlockQ;
-  const Index num_tasks = batch * heads_kv * tiles_per_head;
-  if (num_tasks == 0) return;
+// The usual task list: `outer` units (batch entries; split-KV decode: key chunks) times kv
+// heads times tiles of kBlockQ flat rows. Tiles late in the sequence come first: under a causal
+// mask they see the most keys, and handed out first they finish with the rest.
+struct TileGrid {
+  Index outer = 0;
+  Index heads_kv = 0;
+  Index tiles_per_head = 0;
 
-  const int num_threads = threads_for(num_tasks, params.num_threads);
-  const TileWorkspace<T> workspace(params.q.size(3), params.v.size(3), num_threads);
-  const TileRunner<T> runner(params, workspace.acc_stride());
-  parallel_for(num_tasks, num_threads, [&](Index task) {
-    // Tiles late in the sequence see the most keys under a causal mask: hand them out first.
+  TileGrid(Index outer_units, Index kv_heads, Index rows_per_head)
+      : outer(outer_units),
+        heads_kv(kv_heads),
+        tiles_per_head((rows_per_head + kBlockQ - 1) / kBlockQ) {}
+
+  Index num_tasks() const { return outer * heads_kv * tiles_per_head; }
+
+  struct Cell {
+    Index outer;
+    Index kv_head;
+    Index flat_begin;
+  };
+  Cell cell(Index task) const {
     const Index tile = tiles_per_head - 1 - task % tiles_per_head;
     const Index head_task = task / tiles_per_head;
-    const Index kv_head = head_task % heads_kv;
-    const Index batch_index = head_task / heads_kv;
-    runner.run(policy, batch_index, kv_head, tile * kBlockQ, workspace.for_this_thread());
+    return {head_task / heads_kv, head_task % heads_kv, tile * kBlockQ};
+  }
+};
+
+// What a task of run_engine runs: a policy over a tile.
+template <typename Policy, typename T>
+struct PlannedTile {
+  Policy policy;
+  Tile<T> tile;
+};
+
+template <typename Policy, typename T>
+PlannedTile<Policy, T> plan_tile(const Policy& policy, const Tile<T>& tile) {
+  return {policy, tile};
+}
+
+// The per-thread policy scratch of policies that need none.
+struct NoPolicyScratch {};
+
+// The engine's driver: runs tasks [0, num_tasks) on at most params.num_threads threads (never
+// more than there are tasks), with engine scratch and a copy of `policy_scratch` for each
+// thread, allocated once. plan(task, PolicyScratch&) returns the task's PlannedTile; a policy
+// may keep what it builds in the scratch it is given, which is its thread's alone while the
+// task runs. Which thread runs a task never changes what the task computes.
+template <typename T, typename Plan, typename PolicyScratch = NoPolicyScratch>
+void run_engine(const FlashParams<T>& params, Index num_tasks, Plan&& plan,
+                const PolicyScratch& policy_scratch = {}) {
+  if (num_tasks <= 0) return;
+  const int num_threads = threads_for(num_tasks, params.num_threads);
+  const TileWorkspace<T> workspace(params.q.size(3), params.v.size(3), num_threads);
+  std::vector<PolicyScratch> scratch(static_cast<std::size_t>(num_threads), policy_scratch);
+  const TileRunner<T> runner(params, workspace.acc_stride());
+  parallel_for(num_tasks, num_threads, [&](Index task) {
+    const auto planned = plan(task, scratch[static_cast<std::size_t>(thread_index())]);
+    runner.run(planned.policy, planned.tile, workspace.for_this_thread());
+  });
+}
+
+// Runs the engine over every tile of every (batch, kv head) with one policy.
+template <typename T, typename Policy>
+void run_flash_attention(const FlashParams<T>& params, const Policy& policy) {
+  const TileGrid grid(params.q.size(0), params.k.size(1), params.rows_per_head());
+  run_engine(params, grid.num_tasks(), [&](Index task, NoPolicyScratch&) {
+    const TileGrid::Cell cell = grid.cell(task);
+    return plan_tile(policy, tile_of(params, cell.outer, cell.kv_head, cell.flat_begin));
   });
 }
 

@@ -14,13 +14,10 @@
 
 namespace foveal::detail {
 
-// The checks of SparseKOptions' own fields (topk, window, sink_tokens, gate, and window = 0 when
-// not causal); messages begin with `function`.
+// The checks of SparseKOptions: the shared attention options (require_attention_options), then
+// its own fields (topk, window, gate, window = 0 when not causal, the dense windows unused);
+// messages begin with `function`. The q_offset check is the caller's.
 void require_sparsek_options(const char* function, const SparseKOptions& options);
-
-// The options SparseK attention shares with foveal::attention (scale, softcap, causal, sinks,
-// q_offset, threads), for their checks and the engine's setup.
-AttentionOptions attention_options_of(const SparseKOptions& options);
 
 // Positions and pools of one call (SparseKOptions, with the sizes applied).
 struct SparseKGeometry {
