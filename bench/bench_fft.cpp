@@ -17,9 +17,9 @@
 #include <complex>
 #include <vector>
 
+#include "detail/fft.hpp"
 #include "foveal/core/parallel.hpp"
 #include "foveal/core/tensor.hpp"
-#include "foveal/detail/fft.hpp"
 
 #ifdef FOVEAL_BENCH_HAS_EIGEN
 #include <unsupported/Eigen/FFT>

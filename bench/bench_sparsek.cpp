@@ -12,7 +12,7 @@
 #include <random>
 #include <vector>
 
-#include "foveal/detail/sparsek_selection.hpp"
+#include "detail/sparsek_selection.hpp"
 #include "foveal/foveal.hpp"
 
 namespace {

@@ -9,7 +9,7 @@
 #include <utility>
 #include <vector>
 
-#include "foveal/detail/flash_engine.hpp"
+#include "detail/flash_engine.hpp"
 
 namespace {
 

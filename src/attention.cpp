@@ -1,5 +1,5 @@
 // foveal::attention: validation, then the flash engine with the band policy.
-#include "attention_setup.hpp"
+#include "detail/attention_setup.hpp"
 #include "foveal/attention/dense.hpp"
 
 namespace foveal {

@@ -10,8 +10,8 @@
 
 #include <vector>
 
-#include "attention_setup.hpp"
-#include "foveal/detail/merge_math.hpp"
+#include "detail/attention_setup.hpp"
+#include "detail/merge_math.hpp"
 
 namespace foveal {
 namespace {

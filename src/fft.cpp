@@ -1,7 +1,7 @@
 // The FFT backend (detail/fft.hpp): Stockham mixed-radix passes over complex elements whose
 // real and imaginary parts are vectors of channels, Bluestein for large prime factors, and
 // the real 2-D transform built from them.
-#include "foveal/detail/fft.hpp"
+#include "detail/fft.hpp"
 
 #include <algorithm>
 #include <cmath>
@@ -10,8 +10,8 @@
 #include <utility>
 #include <vector>
 
+#include "detail/simd.hpp"
 #include "foveal/core/error.hpp"
-#include "foveal/detail/simd.hpp"
 
 namespace foveal::detail {
 

@@ -3,8 +3,8 @@
 
 #include <cmath>
 
+#include "detail/merge_math.hpp"
 #include "foveal/core/parallel.hpp"
-#include "foveal/detail/merge_math.hpp"
 #include "foveal/detail/validate.hpp"
 
 namespace foveal {

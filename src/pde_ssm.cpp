@@ -11,9 +11,9 @@
 #include <string>
 #include <vector>
 
+#include "detail/fft.hpp"
 #include "foveal/core/error.hpp"
 #include "foveal/core/parallel.hpp"
-#include "foveal/detail/fft.hpp"
 #include "foveal/detail/validate.hpp"
 
 namespace foveal {

@@ -6,11 +6,11 @@
 #include <sstream>
 #include <utility>
 
+#include "detail/sparsek_selection.hpp"
 #include "foveal/attention/dense.hpp"
 #include "foveal/attention/sliding_window.hpp"
-#include "foveal/attention/sparsek_attention.hpp"
 #include "foveal/core/error.hpp"
-#include "foveal/detail/sparsek_selection.hpp"
+#include "foveal/sparsek/attention.hpp"
 
 namespace foveal {
 namespace {

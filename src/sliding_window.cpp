@@ -1,7 +1,7 @@
 // foveal::sliding_window_attention: the band policy of the shared engine.
 #include "foveal/attention/sliding_window.hpp"
 
-#include "attention_setup.hpp"
+#include "detail/attention_setup.hpp"
 
 namespace foveal {
 namespace detail {

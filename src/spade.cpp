@@ -9,10 +9,10 @@
 #include <string>
 #include <utility>
 
+#include "detail/simd.hpp"
+#include "detail/softmax_math.hpp"
 #include "foveal/core/error.hpp"
 #include "foveal/core/parallel.hpp"
-#include "foveal/detail/simd.hpp"
-#include "foveal/detail/softmax_math.hpp"
 #include "foveal/detail/validate.hpp"
 
 namespace foveal {

@@ -10,10 +10,10 @@
 #include <random>
 #include <type_traits>
 
+#include "detail/flash_engine.hpp"
+#include "detail/simd.hpp"
 #include "foveal/core/error.hpp"
 #include "foveal/core/parallel.hpp"
-#include "foveal/detail/flash_engine.hpp"
-#include "foveal/detail/simd.hpp"
 #include "foveal/detail/validate.hpp"
 
 namespace foveal {

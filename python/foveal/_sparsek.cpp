@@ -10,9 +10,9 @@
 #include <vector>
 
 #include "_views.hpp"
-#include "foveal/attention/sparsek.hpp"
-#include "foveal/attention/sparsek_attention.hpp"
-#include "foveal/attention/sparsek_cache.hpp"
+#include "foveal/sparsek/attention.hpp"
+#include "foveal/sparsek/cache.hpp"
+#include "foveal/sparsek/projection.hpp"
 
 namespace py = pybind11;
 

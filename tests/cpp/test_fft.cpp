@@ -7,8 +7,8 @@
 #include <vector>
 
 #include "cpp/harness.hpp"
+#include "detail/fft.hpp"
 #include "foveal/core/tensor.hpp"
-#include "foveal/detail/fft.hpp"
 #include "reference/fft_reference.hpp"
 
 namespace foveal {

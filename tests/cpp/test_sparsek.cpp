@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "cpp/harness.hpp"
-#include "foveal/attention/sparsek.hpp"
+#include "foveal/sparsek/projection.hpp"
 #include "reference/sparsek_reference.hpp"
 
 namespace foveal {

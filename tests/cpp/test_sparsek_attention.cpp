@@ -23,7 +23,7 @@
 #include "attention_cases.hpp"
 #include "foveal/attention/dense.hpp"
 #include "foveal/attention/registry.hpp"
-#include "foveal/attention/sparsek_attention.hpp"
+#include "foveal/sparsek/attention.hpp"
 #include "harness.hpp"
 #include "reference/sparsek_attention_reference.hpp"
 

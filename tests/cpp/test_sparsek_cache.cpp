@@ -18,8 +18,8 @@
 #include <vector>
 
 #include "cpp/harness.hpp"
-#include "foveal/attention/sparsek_attention.hpp"
-#include "foveal/attention/sparsek_cache.hpp"
+#include "foveal/sparsek/attention.hpp"
+#include "foveal/sparsek/cache.hpp"
 #include "reference/sparsek_reference.hpp"
 
 namespace foveal::test {

@@ -1,4 +1,4 @@
-// tests/reference/fft_reference.hpp — the executable spec of the real 2-D FFT (detail/fft.hpp).
+// tests/reference/fft_reference.hpp — the executable spec of the real 2-D FFT (src/detail/fft.hpp).
 //
 // Plain float64 O(N²) DFT sums, one dimension at a time, one channel at a time, no tricks:
 //   rfft2:  X[ky, kx] = Σ_{y < h_in, x < w_in} x[y, x] e^{-2πi (ky y / H + kx x / W)},

@@ -1,4 +1,4 @@
-// foveal/detail/fft.hpp — real 2-D FFT plans whose SIMD lanes are channels.
+// src/detail/fft.hpp (private) — real 2-D FFT plans whose SIMD lanes are channels.
 //
 // The transform of a chunk of `lanes` channels runs all channels at once: one complex element
 // of a 1-D FFT is a vector of lanes real parts plus a vector of lanes imaginary parts, so every

@@ -1,6 +1,6 @@
 // The engine's gated-key hooks (detail/flash_engine.hpp) for SparseK's selected keys, shared by
-// the prefill policy (src/sparsek_attention.cpp) and the decode policy of SparseKCache
-// (src/sparsek_cache.cpp). Internal to the library.
+// the prefill policy (src/sparsek/attention.cpp) and the decode policy of SparseKCache
+// (src/sparsek/cache.cpp). Internal to the library.
 //
 // A policy visits its selected keys as gathered blocks whose index points into one array of
 // keys; everything a hook needs per key (its score u, the rows that may see it) sits at the
@@ -10,8 +10,8 @@
 #include <algorithm>
 #include <limits>
 
-#include "foveal/attention/sparsek_attention.hpp"
-#include "foveal/detail/flash_engine.hpp"
+#include "detail/flash_engine.hpp"
+#include "foveal/sparsek/attention.hpp"
 
 namespace foveal::detail {
 

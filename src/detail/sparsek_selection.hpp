@@ -1,4 +1,4 @@
-// foveal/detail/sparsek_selection.hpp — the selection phase of SparseK attention: which keys
+// src/detail/sparsek_selection.hpp (private) — the selection phase of SparseK attention: which keys
 // each query position selects, described compactly. Internal to the library (benchmarks use it
 // to time the selection on its own).
 #pragma once
@@ -7,10 +7,10 @@
 #include <limits>
 #include <vector>
 
+#include "detail/mask.hpp"
 #include "foveal/attention/options.hpp"
-#include "foveal/attention/sparsek_attention.hpp"
 #include "foveal/core/tensor.hpp"
-#include "foveal/detail/mask.hpp"
+#include "foveal/sparsek/attention.hpp"
 
 namespace foveal::detail {
 

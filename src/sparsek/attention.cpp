@@ -14,17 +14,17 @@
 //    position and a key is selected over an interval of positions), so the mask and the gates
 //    clip(u_j − τ_row, 0, 1) are vector operations over rows.
 // Nothing depends on the thread count, so results are bitwise identical for any of them.
-#include "foveal/attention/sparsek_attention.hpp"
+#include "foveal/sparsek/attention.hpp"
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
-#include "attention_setup.hpp"
+#include "detail/attention_setup.hpp"
+#include "detail/sparsek_gates.hpp"
+#include "detail/sparsek_selection.hpp"
 #include "foveal/detail/sparsek_prefix.hpp"
-#include "foveal/detail/sparsek_selection.hpp"
-#include "sparsek_gates.hpp"
 
 namespace foveal {
 

@@ -1,4 +1,4 @@
-// foveal/detail/flash_engine.hpp — the ONE tiled online-softmax attention engine.
+// src/detail/flash_engine.hpp (private) — the ONE tiled online-softmax attention engine.
 //
 // Every attention variant is this engine plus a visit policy that says which key blocks a tile
 // of query rows visits and which positions inside a visited block are masked.
@@ -56,11 +56,11 @@
 #include <utility>
 #include <vector>
 
+#include "detail/mask.hpp"
+#include "detail/simd.hpp"
+#include "detail/softmax_math.hpp"
 #include "foveal/core/parallel.hpp"
 #include "foveal/core/tensor.hpp"
-#include "foveal/detail/mask.hpp"
-#include "foveal/detail/simd.hpp"
-#include "foveal/detail/softmax_math.hpp"
 
 namespace foveal::detail {
 

@@ -1,10 +1,10 @@
-// foveal/detail/softmax_math.hpp — vectorized exp2 and tanh for the online softmax.
+// src/detail/softmax_math.hpp (private) — vectorized exp2 and tanh for the online softmax.
 #pragma once
 
 #include <cmath>
 #include <limits>
 
-#include "foveal/detail/simd.hpp"
+#include "detail/simd.hpp"
 
 #if defined(__AVX512F__)
 #include <immintrin.h>

@@ -1,4 +1,4 @@
-// foveal/attention/sparsek_attention.hpp — SparseK attention (OPERATORS.md §4): every query
+// foveal/sparsek/attention.hpp — SparseK attention (OPERATORS.md §4): every query
 // attends to the `topk` keys with the largest scores u among the keys it may select from, each
 // weighted by its SPARSEK gate, plus an optional sliding window and sinks that are always
 // visible. Also: the causal SPARSEK thresholds of every prefix, the selection itself for

@@ -1,4 +1,4 @@
-// foveal/detail/mask.hpp — the mask algebra: which keys a query position sees.
+// src/detail/mask.hpp (private) — the mask algebra: which keys a query position sees.
 //
 // Everything is a window: causal is (left = unbounded, right = 0), -1 means unbounded, and
 // the first `sink_tokens` keys widen the window to the left: a sink is visible from every

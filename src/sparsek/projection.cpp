@@ -10,7 +10,7 @@
 // linear on the bracket and s solves it in closed form. Working on d keeps ties exact (tied
 // scores get d = 0 and the same p) and huge scores finite (|d| may round, or overflow to ±inf
 // in double input, where clip saturates).
-#include "foveal/attention/sparsek.hpp"
+#include "foveal/sparsek/projection.hpp"
 
 #include <algorithm>
 #include <cmath>

@@ -1,12 +1,13 @@
-// foveal/detail/merge_math.hpp — the log-sum-exp merge of attention states, one row at a time.
+// src/detail/merge_math.hpp (private) — the log-sum-exp merge of attention states, one row at a
+// time.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 
+#include "detail/simd.hpp"
 #include "foveal/core/tensor.hpp"
-#include "foveal/detail/simd.hpp"
 
 namespace foveal::detail {
 

@@ -5,20 +5,20 @@
 // in the same order, as the prefill's selection phase, so τ and the top-k set of the newest
 // query are exactly those of sparsek_attention. attend runs one engine tile per (sequence,
 // kv head) (more when a GQA group has more than kBlockQ query heads) with a policy that visits
-// the selected slots as gathered blocks gated like the prefill (src/sparsek_gates.hpp), then the
-// sinks and the window, which sit in contiguous rows. Tasks share nothing that depends on the
+// the selected slots as gathered blocks gated like the prefill (src/detail/sparsek_gates.hpp), then
+// the sinks and the window, which sit in contiguous rows. Tasks share nothing that depends on the
 // thread count, so results are bitwise identical for any of them.
-#include "foveal/attention/sparsek_cache.hpp"
+#include "foveal/sparsek/cache.hpp"
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <utility>
 
-#include "attention_setup.hpp"
+#include "detail/attention_setup.hpp"
+#include "detail/sparsek_gates.hpp"
+#include "detail/sparsek_selection.hpp"
 #include "foveal/attention/kv_cache.hpp"
-#include "foveal/detail/sparsek_selection.hpp"
-#include "sparsek_gates.hpp"
 
 namespace foveal {
 namespace {

@@ -1,4 +1,4 @@
-// foveal/detail/simd.hpp — fixed-width vectors through GCC/Clang vector extensions.
+// src/detail/simd.hpp (private) — fixed-width vectors through GCC/Clang vector extensions.
 //
 // The width follows the compile flags (64 bytes with AVX-512, 32 with AVX, else 16), so the
 // same kernels compile to the widest registers the target has without intrinsics.

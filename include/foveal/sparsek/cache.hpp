@@ -1,13 +1,13 @@
-// foveal/attention/sparsek_cache.hpp — constant-memory SparseK decode (OPERATORS.md §4): the
+// foveal/sparsek/cache.hpp — constant-memory SparseK decode (OPERATORS.md §4): the
 // state that answers SparseK attention for the newest token of a growing sequence while keeping
 // only the tokens that query (or any later one) can still see.
 #pragma once
 
 #include <vector>
 
-#include "foveal/attention/sparsek_attention.hpp"
 #include "foveal/core/tensor.hpp"
 #include "foveal/detail/sparsek_prefix.hpp"
+#include "foveal/sparsek/attention.hpp"
 
 namespace foveal {
 

@@ -7,9 +7,9 @@
 #include <limits>
 #include <string>
 
+#include "detail/flash_engine.hpp"
 #include "foveal/attention/options.hpp"
 #include "foveal/core/dtype.hpp"
-#include "foveal/detail/flash_engine.hpp"
 #include "foveal/detail/validate.hpp"
 
 namespace foveal::detail {
