@@ -1,455 +1,681 @@
-"""Stubs for foveal._core, the compiled half of the package (python/foveal/_core.cpp).
-
-Arrays are numpy arrays as they are: no conversion happens here. foveal/__init__.py converts
-the caller's tensors, fills the defaults and checks types before calling these functions.
+"""
+foveal's compiled kernels; use the functions of the foveal package instead.
 """
 
-from collections.abc import Mapping
-from typing import Any, SupportsFloat, SupportsIndex, SupportsInt
+from __future__ import annotations
 
-import numpy.typing as npt
+import collections.abc
+import typing
 
-__version__: str
+import numpy
+import numpy.typing
 
-_Array = npt.NDArray[Any]
-_Float = SupportsFloat | SupportsIndex
-_Int = SupportsInt | SupportsIndex
-
-# Sets the number of threads a call that names none uses; 0 restores the default.
-def set_num_threads(num_threads: _Int) -> None: ...
-
-# The number of threads a call that names none uses (>= 1).
-def get_num_threads() -> int: ...
-
-# q: [B, Hq, Lq, D]  k: [B, Hkv, Lk, D]  v: [B, Hkv, Lk, Dv]  ->  out: [B, Hq, Lq, Dv]
-# lse: [B, Hq, Lq] or None; bias: [B or 1, Hq or 1, Lq, Lk] or None. All float32 or all
-# float64. scale 0 -> 1/sqrt(D); window -1 -> unbounded; q_offset -1 -> Lk - Lq;
-# num_threads 0 -> the global setting. Writes out (and lse); releases the GIL.
-def attention(
-    q: _Array,
-    k: _Array,
-    v: _Array,
-    out: _Array,
-    lse: _Array | None,
-    bias: _Array | None,
-    scale: _Float,
-    causal: bool,
-    window_left: _Int,
-    window_right: _Int,
-    sink_tokens: _Int,
-    softcap: _Float,
-    q_offset: _Int,
-    num_threads: _Int,
-) -> None: ...
-
-# The names make_attention accepts, sorted.
-def attention_kernel_names() -> list[str]: ...
-
-class AttentionKernel:
-    # The name the kernel was registered under.
-    @property
-    def name(self) -> str: ...
-    # Same tensors as attention(); extras are named kernel inputs of shape [*, *, *].
-    def forward(
-        self,
-        q: _Array,
-        k: _Array,
-        v: _Array,
-        out: _Array,
-        lse: _Array | None,
-        bias: _Array | None,
-        extras: Mapping[str, _Array],
-    ) -> None: ...
-
-# Builds the kernel registered as `name` with these options and kernel-specific params.
-def make_attention(
-    name: str,
-    scale: _Float,
-    causal: bool,
-    window_left: _Int,
-    window_right: _Int,
-    sink_tokens: _Int,
-    softcap: _Float,
-    q_offset: _Int,
-    num_threads: _Int,
-    params: Mapping[str, str],
-) -> AttentionKernel: ...
-
-# Same as attention() without bias; the window must be bounded (window_left >= 0, and causal
-# or window_right >= 0).
-def sliding_window_attention(
-    q: _Array,
-    k: _Array,
-    v: _Array,
-    out: _Array,
-    lse: _Array | None,
-    scale: _Float,
-    causal: bool,
-    window_left: _Int,
-    window_right: _Int,
-    sink_tokens: _Int,
-    softcap: _Float,
-    q_offset: _Int,
-    num_threads: _Int,
-) -> None: ...
-
-# out_a, out_b, out: [B, H, L, Dv]; lse_a, lse_b, lse: [B, H, L]. Writes the merged state; out
-# may be out_a or out_b (in place).
-def merge_states(
-    out_a: _Array,
-    lse_a: _Array,
-    out_b: _Array,
-    lse_b: _Array,
-    out: _Array,
-    lse: _Array | None,
-    num_threads: _Int,
-) -> None: ...
-
-# KVCache<float> / KVCache<double>: storage [B, Hkv, capacity, D] and [B, Hkv, capacity, Dv].
-class _KVCache:
-    def __init__(
-        self,
-        batch: _Int,
-        heads_kv: _Int,
-        capacity: _Int,
-        dim: _Int,
-        dim_v: _Int,
-        ring: bool,
-        sink_tokens: _Int,
-    ) -> None: ...
-    # Adopts caller storage (kept alive) holding `lengths` tokens per sequence ([] = none).
-    @staticmethod
-    def wrap(
-        keys: _Array, values: _Array, ring: bool, sink_tokens: _Int, lengths: list[int]
-    ) -> _KVCache: ...
-    @property
-    def batch(self) -> int: ...
-    @property
-    def heads_kv(self) -> int: ...
-    @property
-    def capacity(self) -> int: ...
-    @property
-    def dim(self) -> int: ...
-    @property
-    def dim_v(self) -> int: ...
-    @property
-    def ring(self) -> bool: ...
-    @property
-    def sink_tokens(self) -> int: ...
-    @property
-    def lengths(self) -> list[int]: ...
-    def first_retained(self, sequence: _Int) -> int: ...
-    # Read-only numpy views of the storage.
-    @property
-    def keys(self) -> _Array: ...
-    @property
-    def values(self) -> _Array: ...
-    # k: [B, Hkv, n, D], v: [B, Hkv, n, Dv]; counts (B values in [0, n]) or None for n each.
-    def append(self, k: _Array, v: _Array, counts: list[int] | None) -> None: ...
-    def truncate(self, length: _Int) -> None: ...
-    def truncate_sequence(self, sequence: _Int, length: _Int) -> None: ...
-    def reset(self) -> None: ...
-    # decode_attention(q, cache, options, out, lse) with q_offset -1.
-    def decode(
-        self,
-        q: _Array,
-        out: _Array,
-        lse: _Array | None,
-        scale: _Float,
-        causal: bool,
-        window_left: _Int,
-        window_right: _Int,
-        sink_tokens: _Int,
-        softcap: _Float,
-        num_threads: _Int,
-    ) -> None: ...
-
-class KVCacheF32(_KVCache): ...
-class KVCacheF64(_KVCache): ...
-
-# ---------------------------------------------------------------------------------------------
-# SPADE (python/foveal/_spade.cpp). ids: int64, values / weights: float32, masks: uint8. A
-# None array stands for a part the schema does not have (no discrete or no continuous feature).
+__all__: list[str] = [
+    "AttentionKernel",
+    "KVCacheF32",
+    "KVCacheF64",
+    "PdeSsmF32",
+    "PdeSsmF64",
+    "ResidualVQ",
+    "SpadeDecoder",
+    "SpadeEmbedding",
+    "SpadeSchema",
+    "SparseKCacheF32",
+    "SparseKCacheF64",
+    "VectorQuantizer",
+    "attention",
+    "attention_kernel_names",
+    "effective_rank",
+    "get_num_threads",
+    "make_attention",
+    "merge_states",
+    "set_num_threads",
+    "sliding_window_attention",
+    "spade_delay",
+    "spade_loss_mask",
+    "spade_undelay",
+    "spade_undelay_logits",
+    "sparsek",
+    "sparsek_attention",
+    "sparsek_backward",
+    "sparsek_linear_scores",
+    "sparsek_prefix_thresholds",
+    "sparsek_select",
+    "vq_assign",
+    "vq_perplexity",
+]
 
 class SpadeSchema:
-    # One entry per feature in each list; shift 0 -> the default f + 1. Validates.
     def __init__(
         self,
-        names: list[str],
-        discrete: list[bool],
-        vocab_sizes: list[_Int],
-        pad_ids: list[_Int],
-        missing_ids: list[_Int],
-        shifts: list[_Int],
+        names: collections.abc.Sequence[str],
+        discrete: collections.abc.Sequence[bool],
+        vocab_sizes: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex],
+        pad_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex],
+        missing_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex],
+        shifts: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex],
     ) -> None: ...
     @property
-    def shifts(self) -> list[int]: ...
-    @property
     def max_shift(self) -> int: ...
-
-# ids: [B, n, Fd]  values: [B, n, Fc]  lengths: [B] or None  ->  delayed_ids: [B, T, Fd]
-# delayed_values: [B, T, Fc]  mask: [B, T, F]; T = n + max shift.
-def spade_delay(
-    schema: SpadeSchema,
-    ids: _Array | None,
-    values: _Array | None,
-    lengths: _Array | None,
-    delayed_ids: _Array | None,
-    delayed_values: _Array | None,
-    mask: _Array,
-    num_threads: _Int,
-) -> None: ...
-
-# delayed_ids: [B, T, Fd]  delayed_values: [B, T, Fc]  ->  ids: [B, n, Fd]  values: [B, n, Fc]
-def spade_undelay(
-    schema: SpadeSchema,
-    delayed_ids: _Array | None,
-    delayed_values: _Array | None,
-    ids: _Array | None,
-    values: _Array | None,
-    num_threads: _Int,
-) -> None: ...
-
-# logits: [B, T, F, V]  ->  out: [B, n, F, V] (float32 or float64, both the same)
-def spade_undelay_logits(
-    schema: SpadeSchema, logits: _Array, out: _Array, num_threads: _Int
-) -> None: ...
-
-# lengths: [B] or None  ->  loss_mask: [B, T - 1, F], the validity of the target step.
-def spade_loss_mask(
-    schema: SpadeSchema, lengths: _Array | None, loss_mask: _Array, include_stop: bool
-) -> None: ...
+    @property
+    def shifts(self) -> list[int]: ...
 
 class SpadeEmbedding:
-    # features: per schema feature a dict of arrays keyed by SpadeFeatureWeights' member names;
-    # combine: "concat" or "sum". Validates, copies and folds the weights.
     def __init__(
         self,
         schema: SpadeSchema,
-        features: list[Mapping[str, _Array]],
+        features: collections.abc.Sequence[collections.abc.Mapping[str, numpy.ndarray]],
         combine: str,
-        projection_weight: _Array | None,
-        projection_bias: _Array | None,
-        condition_dim: _Int,
-        norm_eps: _Float,
-        pad_vector: _Array | None,
+        projection_weight: numpy.ndarray | None,
+        projection_bias: numpy.ndarray | None,
+        condition_dim: typing.SupportsInt | typing.SupportsIndex,
+        norm_eps: typing.SupportsFloat | typing.SupportsIndex,
+        pad_vector: numpy.ndarray | None,
     ) -> None: ...
-    @property
-    def d_model(self) -> int: ...
-    @property
-    def condition_dim(self) -> int: ...
-    # ids: [B, T, Fd]  values: [B, T, Fc]  condition: [B, T, C] or None  ->  out: [B, T, d_model]
     def forward(
         self,
-        ids: _Array | None,
-        values: _Array | None,
-        out: _Array,
-        condition: _Array | None,
-        num_threads: _Int,
-    ) -> None: ...
-
-class SpadeDecoder:
-    def __init__(self, schema: SpadeSchema, batch: _Int, max_tokens: _Int) -> None: ...
-    # predicted_ids: [B, Fd]  predicted_values: [B, Fc]  ->  step_ids: [B, Fd]
-    # step_values: [B, Fc]  completed: [B] (token index completed at this step, or -1)
-    def step(
-        self,
-        predicted_ids: _Array | None,
-        predicted_values: _Array | None,
-        step_ids: _Array | None,
-        step_values: _Array | None,
-        completed: _Array,
+        ids: numpy.ndarray | None,
+        values: numpy.ndarray | None,
+        out: numpy.ndarray,
+        condition: numpy.ndarray | None,
+        num_threads: typing.SupportsInt | typing.SupportsIndex,
     ) -> None: ...
     @property
-    def current_step(self) -> int: ...
-    def length(self, b: _Int) -> int: ...
-    def finished(self, b: _Int) -> bool: ...
+    def condition_dim(self) -> int: ...
+    @property
+    def d_model(self) -> int: ...
+
+class SpadeDecoder:
+    def __init__(
+        self,
+        schema: SpadeSchema,
+        batch: typing.SupportsInt | typing.SupportsIndex,
+        max_tokens: typing.SupportsInt | typing.SupportsIndex,
+    ) -> None: ...
     def done(self) -> bool: ...
-    # Copies: [B, max_tokens, Fd] int64 and [B, max_tokens, Fc] float32.
-    def ids(self) -> _Array: ...
-    def values(self) -> _Array: ...
-
-# Vector quantization (_vq.cpp).
-
-# x: [N, D]  codebook: [K, D] (float32 or float64)  ->  indices: [N] int64, sq_distances: [N]
-def vq_assign(
-    x: _Array,
-    codebook: _Array,
-    indices: _Array,
-    sq_distances: _Array | None,
-    cosine: bool,
-    num_threads: _Int,
-) -> None: ...
-def vq_perplexity(counts: _Array) -> float: ...
-def effective_rank(matrix: _Array) -> float: ...
+    def finished(self, b: typing.SupportsInt | typing.SupportsIndex) -> bool: ...
+    def ids(self) -> numpy.typing.NDArray[numpy.int64]: ...
+    def length(self, b: typing.SupportsInt | typing.SupportsIndex) -> int: ...
+    def step(
+        self,
+        predicted_ids: numpy.ndarray | None,
+        predicted_values: numpy.ndarray | None,
+        step_ids: numpy.ndarray | None,
+        step_values: numpy.ndarray | None,
+        completed: numpy.ndarray,
+    ) -> None: ...
+    def values(self) -> numpy.typing.NDArray[numpy.float32]: ...
+    @property
+    def current_step(self) -> int: ...
 
 class VectorQuantizer:
     def __init__(
-        self, codebook: _Array, cosine: bool, decay: float, epsilon: float, dead_threshold: float
+        self,
+        codebook: numpy.ndarray,
+        cosine: bool,
+        decay: typing.SupportsFloat | typing.SupportsIndex,
+        epsilon: typing.SupportsFloat | typing.SupportsIndex,
+        dead_threshold: typing.SupportsFloat | typing.SupportsIndex,
     ) -> None: ...
-    @property
-    def num_codes(self) -> int: ...
-    @property
-    def dim(self) -> int: ...
+    def cluster_size(self) -> numpy.typing.NDArray[numpy.float64]: ...
+    def codebook(self) -> numpy.typing.NDArray[numpy.float32]: ...
+    def codebook_effective_rank(self) -> float: ...
+    def init_kmeans(
+        self,
+        x: numpy.ndarray,
+        lloyd_iterations: typing.SupportsInt | typing.SupportsIndex,
+        seed: typing.SupportsInt | typing.SupportsIndex,
+        num_threads: typing.SupportsInt | typing.SupportsIndex,
+    ) -> None: ...
+    def num_dead_codes(self) -> int: ...
+    def perplexity(self) -> float: ...
+    def quantize(
+        self,
+        x: numpy.ndarray,
+        indices: numpy.ndarray,
+        quantized: numpy.ndarray | None,
+        sq_distances: numpy.ndarray | None,
+        num_threads: typing.SupportsInt | typing.SupportsIndex,
+    ) -> None: ...
+    def reset_usage(self) -> None: ...
+    def restart_dead_codes(
+        self, x: numpy.ndarray, seed: typing.SupportsInt | typing.SupportsIndex
+    ) -> int: ...
+    def set_codebook(self, codebook: numpy.ndarray) -> None: ...
+    def update(
+        self,
+        x: numpy.ndarray,
+        indices: numpy.ndarray | None,
+        update_codebook: bool,
+        num_threads: typing.SupportsInt | typing.SupportsIndex,
+    ) -> None: ...
+    def usage_counts(self) -> numpy.typing.NDArray[numpy.int64]: ...
     @property
     def cosine(self) -> bool: ...
     @property
+    def dead_threshold(self) -> float: ...
+    @property
     def decay(self) -> float: ...
+    @property
+    def dim(self) -> int: ...
     @property
     def epsilon(self) -> float: ...
     @property
-    def dead_threshold(self) -> float: ...
-    # A copy: [K, D] float32.
-    def codebook(self) -> _Array: ...
-    def set_codebook(self, codebook: _Array) -> None: ...
-    # x: [N, D]  ->  indices: [N]  quantized: [N, D] or None  sq_distances: [N] or None
-    def quantize(
-        self,
-        x: _Array,
-        indices: _Array,
-        quantized: _Array | None,
-        sq_distances: _Array | None,
-        num_threads: _Int,
-    ) -> None: ...
-    def init_kmeans(
-        self, x: _Array, lloyd_iterations: _Int, seed: _Int, num_threads: _Int
-    ) -> None: ...
-    def update(
-        self, x: _Array, indices: _Array | None, update_codebook: bool, num_threads: _Int
-    ) -> None: ...
-    def restart_dead_codes(self, x: _Array, seed: _Int) -> int: ...
-    # Copies: [K] int64 and [K] float64.
-    def usage_counts(self) -> _Array: ...
-    def cluster_size(self) -> _Array: ...
-    def reset_usage(self) -> None: ...
-    def perplexity(self) -> float: ...
-    def num_dead_codes(self) -> int: ...
-    def codebook_effective_rank(self) -> float: ...
+    def num_codes(self) -> int: ...
 
 class ResidualVQ:
     def __init__(
         self,
-        num_stages: _Int,
-        num_codes: _Int,
-        dim: _Int,
+        num_stages: typing.SupportsInt | typing.SupportsIndex,
+        num_codes: typing.SupportsInt | typing.SupportsIndex,
+        dim: typing.SupportsInt | typing.SupportsIndex,
         cosine: bool,
-        decay: float,
-        epsilon: float,
-        dead_threshold: float,
+        decay: typing.SupportsFloat | typing.SupportsIndex,
+        epsilon: typing.SupportsFloat | typing.SupportsIndex,
+        dead_threshold: typing.SupportsFloat | typing.SupportsIndex,
     ) -> None: ...
-    @property
-    def num_stages(self) -> int: ...
+    def decode(self, codes: numpy.ndarray, out: numpy.ndarray) -> None: ...
+    def encode(
+        self,
+        x: numpy.ndarray,
+        codes: numpy.ndarray,
+        quantized: numpy.ndarray | None,
+        num_threads: typing.SupportsInt | typing.SupportsIndex,
+    ) -> None: ...
+    def init_kmeans(
+        self,
+        x: numpy.ndarray,
+        lloyd_iterations: typing.SupportsInt | typing.SupportsIndex,
+        seed: typing.SupportsInt | typing.SupportsIndex,
+        num_threads: typing.SupportsInt | typing.SupportsIndex,
+    ) -> None: ...
+    def stage(self, s: typing.SupportsInt | typing.SupportsIndex) -> VectorQuantizer: ...
+    def update(
+        self,
+        x: numpy.ndarray,
+        update_codebook: bool,
+        num_threads: typing.SupportsInt | typing.SupportsIndex,
+    ) -> None: ...
     @property
     def dim(self) -> int: ...
-    def stage(self, s: _Int) -> VectorQuantizer: ...
-    # x: [N, D]  ->  codes: [N, S]  quantized: [N, D] or None
-    def encode(
-        self, x: _Array, codes: _Array, quantized: _Array | None, num_threads: _Int
-    ) -> None: ...
-    def decode(self, codes: _Array, out: _Array) -> None: ...
-    def init_kmeans(
-        self, x: _Array, lloyd_iterations: _Int, seed: _Int, num_threads: _Int
-    ) -> None: ...
-    def update(self, x: _Array, update_codebook: bool, num_threads: _Int) -> None: ...
+    @property
+    def num_stages(self) -> int: ...
 
-# z: [N, n]  ->  p: [N, n]  tau: [N] or None
-def sparsek(z: _Array, k: _Int, p: _Array, tau: _Array | None, num_threads: _Int) -> None: ...
-
-# p, grad_p: [N, n]  ->  grad_z: [N, n]
-def sparsek_backward(p: _Array, grad_p: _Array, grad_z: _Array, num_threads: _Int) -> None: ...
-
-# SparseKCache<float> / SparseKCache<double>: constant-memory SparseK decode (sparsek.py wraps
-# it). Storage of sink_tokens + window + topk rows per (sequence, kv head), allocated once.
-class _SparseKCache:
-    # gate: "value", "kv" or "none"; scale 0 -> 1/sqrt(D); num_threads 0 -> the global setting.
+class SparseKCacheF32:
     def __init__(
         self,
-        batch: _Int,
-        heads_kv: _Int,
-        dim: _Int,
-        dim_v: _Int,
-        topk: _Int,
-        window: _Int,
-        sink_tokens: _Int,
+        batch: typing.SupportsInt | typing.SupportsIndex,
+        heads_kv: typing.SupportsInt | typing.SupportsIndex,
+        dim: typing.SupportsInt | typing.SupportsIndex,
+        dim_v: typing.SupportsInt | typing.SupportsIndex,
+        topk: typing.SupportsInt | typing.SupportsIndex,
+        window: typing.SupportsInt | typing.SupportsIndex,
+        sink_tokens: typing.SupportsInt | typing.SupportsIndex,
         gate: str,
-        scale: _Float,
-        softcap: _Float,
-        num_threads: _Int,
+        scale: typing.SupportsFloat | typing.SupportsIndex,
+        softcap: typing.SupportsFloat | typing.SupportsIndex,
+        num_threads: typing.SupportsInt | typing.SupportsIndex,
     ) -> None: ...
+    def append(self, k: numpy.ndarray, v: numpy.ndarray, u: numpy.ndarray) -> None: ...
+    def attend(self, q: numpy.ndarray, out: numpy.ndarray, lse: numpy.ndarray | None) -> None: ...
+    def reset(self) -> None: ...
+    def selected(
+        self,
+        sequence: typing.SupportsInt | typing.SupportsIndex,
+        head: typing.SupportsInt | typing.SupportsIndex,
+    ) -> tuple[numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.float32]]: ...
+    def threshold(
+        self,
+        sequence: typing.SupportsInt | typing.SupportsIndex,
+        head: typing.SupportsInt | typing.SupportsIndex,
+    ) -> float: ...
     @property
     def batch(self) -> int: ...
     @property
-    def heads_kv(self) -> int: ...
+    def capacity(self) -> int: ...
     @property
     def dim(self) -> int: ...
     @property
     def dim_v(self) -> int: ...
     @property
-    def capacity(self) -> int: ...
+    def heads_kv(self) -> int: ...
     @property
     def length(self) -> int: ...
     @property
     def stored_rows(self) -> int: ...
     @property
     def threshold_entries(self) -> int: ...
-    # k: [B, Hkv, n, D]  v: [B, Hkv, n, Dv]  u: [B, Hkv, n]
-    def append(self, k: _Array, v: _Array, u: _Array) -> None: ...
-    # q: [B, Hq, 1, D]  ->  out: [B, Hq, 1, Dv]  lse: [B, Hq, 1] or None
-    def attend(self, q: _Array, out: _Array, lse: _Array | None) -> None: ...
+
+class SparseKCacheF64:
+    def __init__(
+        self,
+        batch: typing.SupportsInt | typing.SupportsIndex,
+        heads_kv: typing.SupportsInt | typing.SupportsIndex,
+        dim: typing.SupportsInt | typing.SupportsIndex,
+        dim_v: typing.SupportsInt | typing.SupportsIndex,
+        topk: typing.SupportsInt | typing.SupportsIndex,
+        window: typing.SupportsInt | typing.SupportsIndex,
+        sink_tokens: typing.SupportsInt | typing.SupportsIndex,
+        gate: str,
+        scale: typing.SupportsFloat | typing.SupportsIndex,
+        softcap: typing.SupportsFloat | typing.SupportsIndex,
+        num_threads: typing.SupportsInt | typing.SupportsIndex,
+    ) -> None: ...
+    def append(self, k: numpy.ndarray, v: numpy.ndarray, u: numpy.ndarray) -> None: ...
+    def attend(self, q: numpy.ndarray, out: numpy.ndarray, lse: numpy.ndarray | None) -> None: ...
     def reset(self) -> None: ...
-    # (positions int64 [n], gates [n]) of the newest query's selection, positions increasing.
-    def selected(self, sequence: _Int, head: _Int) -> tuple[_Array, _Array]: ...
-    def threshold(self, sequence: _Int, head: _Int) -> float: ...
+    def selected(
+        self,
+        sequence: typing.SupportsInt | typing.SupportsIndex,
+        head: typing.SupportsInt | typing.SupportsIndex,
+    ) -> tuple[numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.float64]]: ...
+    def threshold(
+        self,
+        sequence: typing.SupportsInt | typing.SupportsIndex,
+        head: typing.SupportsInt | typing.SupportsIndex,
+    ) -> float: ...
+    @property
+    def batch(self) -> int: ...
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def dim(self) -> int: ...
+    @property
+    def dim_v(self) -> int: ...
+    @property
+    def heads_kv(self) -> int: ...
+    @property
+    def length(self) -> int: ...
+    @property
+    def stored_rows(self) -> int: ...
+    @property
+    def threshold_entries(self) -> int: ...
 
-class SparseKCacheF32(_SparseKCache): ...
-class SparseKCacheF64(_SparseKCache): ...
-
-# The PDE-SSM block (python/foveal/_pde_ssm.cpp): parameters diffusion [G, 3], velocity [G, 2],
-# reaction, time, skip [G] (skip may be None), copied at construction with the multiplier
-# computed; mode "initial_value" | "forced", boundary "periodic" | "zero", diffusion_form
-# "cholesky" | "raw" (unknown names raise ValueError). x, out: [B, H, W, C] views (any strides).
 class PdeSsmF32:
     def __init__(
         self,
-        height: _Int,
-        width: _Int,
-        channels: _Int,
-        diffusion: _Array,
-        velocity: _Array,
-        reaction: _Array,
-        time: _Array,
-        skip: _Array | None,
+        height: typing.SupportsInt | typing.SupportsIndex,
+        width: typing.SupportsInt | typing.SupportsIndex,
+        channels: typing.SupportsInt | typing.SupportsIndex,
+        diffusion: numpy.ndarray,
+        velocity: numpy.ndarray,
+        reaction: numpy.ndarray,
+        time: numpy.ndarray,
+        skip: numpy.ndarray | None,
         mode: str,
         boundary: str,
         diffusion_form: str,
-        num_threads: _Int,
+        num_threads: typing.SupportsInt | typing.SupportsIndex,
+    ) -> None: ...
+    def backward(
+        self,
+        x: numpy.ndarray | None,
+        grad_out: numpy.ndarray,
+        grad_x: numpy.ndarray | None,
+        grad_diffusion: numpy.ndarray | None,
+        grad_velocity: numpy.ndarray | None,
+        grad_reaction: numpy.ndarray | None,
+        grad_time: numpy.ndarray | None,
+        grad_skip: numpy.ndarray | None,
+        num_threads: typing.SupportsInt | typing.SupportsIndex,
+    ) -> None: ...
+    def forward(
+        self,
+        x: numpy.ndarray,
+        out: numpy.ndarray,
+        num_threads: typing.SupportsInt | typing.SupportsIndex,
     ) -> None: ...
     @property
-    def height(self) -> int: ...
-    @property
-    def width(self) -> int: ...
-    @property
     def channels(self) -> int: ...
+    @property
+    def height(self) -> int: ...
     @property
     def transform_height(self) -> int: ...
     @property
     def transform_width(self) -> int: ...
-    # x: [B, H, W, C]  ->  out: [B, H, W, C]; releases the GIL.
-    def forward(self, x: _Array, out: _Array, num_threads: _Int) -> None: ...
-    # x (None: no parameter gradients), grad_out: [B, H, W, C]  ->  grad_x [B, H, W, C] and
-    # the parameter gradients (each None: not computed); releases the GIL.
+    @property
+    def width(self) -> int: ...
+
+class PdeSsmF64:
+    def __init__(
+        self,
+        height: typing.SupportsInt | typing.SupportsIndex,
+        width: typing.SupportsInt | typing.SupportsIndex,
+        channels: typing.SupportsInt | typing.SupportsIndex,
+        diffusion: numpy.ndarray,
+        velocity: numpy.ndarray,
+        reaction: numpy.ndarray,
+        time: numpy.ndarray,
+        skip: numpy.ndarray | None,
+        mode: str,
+        boundary: str,
+        diffusion_form: str,
+        num_threads: typing.SupportsInt | typing.SupportsIndex,
+    ) -> None: ...
     def backward(
         self,
-        x: _Array | None,
-        grad_out: _Array,
-        grad_x: _Array | None,
-        grad_diffusion: _Array | None,
-        grad_velocity: _Array | None,
-        grad_reaction: _Array | None,
-        grad_time: _Array | None,
-        grad_skip: _Array | None,
-        num_threads: _Int,
+        x: numpy.ndarray | None,
+        grad_out: numpy.ndarray,
+        grad_x: numpy.ndarray | None,
+        grad_diffusion: numpy.ndarray | None,
+        grad_velocity: numpy.ndarray | None,
+        grad_reaction: numpy.ndarray | None,
+        grad_time: numpy.ndarray | None,
+        grad_skip: numpy.ndarray | None,
+        num_threads: typing.SupportsInt | typing.SupportsIndex,
     ) -> None: ...
+    def forward(
+        self,
+        x: numpy.ndarray,
+        out: numpy.ndarray,
+        num_threads: typing.SupportsInt | typing.SupportsIndex,
+    ) -> None: ...
+    @property
+    def channels(self) -> int: ...
+    @property
+    def height(self) -> int: ...
+    @property
+    def transform_height(self) -> int: ...
+    @property
+    def transform_width(self) -> int: ...
+    @property
+    def width(self) -> int: ...
 
-# The same for float64 arrays.
-class PdeSsmF64(PdeSsmF32): ...
+class KVCacheF32:
+    @staticmethod
+    def wrap(
+        keys: numpy.ndarray,
+        values: numpy.ndarray,
+        ring: bool,
+        sink_tokens: typing.SupportsInt | typing.SupportsIndex,
+        lengths: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex],
+    ) -> KVCacheF32: ...
+    def __init__(
+        self,
+        batch: typing.SupportsInt | typing.SupportsIndex,
+        heads_kv: typing.SupportsInt | typing.SupportsIndex,
+        capacity: typing.SupportsInt | typing.SupportsIndex,
+        dim: typing.SupportsInt | typing.SupportsIndex,
+        dim_v: typing.SupportsInt | typing.SupportsIndex,
+        ring: bool,
+        sink_tokens: typing.SupportsInt | typing.SupportsIndex,
+    ) -> None: ...
+    def append(
+        self,
+        k: numpy.ndarray,
+        v: numpy.ndarray,
+        counts: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] | None,
+    ) -> None: ...
+    def decode(
+        self,
+        q: numpy.ndarray,
+        out: numpy.ndarray,
+        lse: numpy.ndarray | None,
+        scale: typing.SupportsFloat | typing.SupportsIndex,
+        causal: bool,
+        window_left: typing.SupportsInt | typing.SupportsIndex,
+        window_right: typing.SupportsInt | typing.SupportsIndex,
+        sink_tokens: typing.SupportsInt | typing.SupportsIndex,
+        softcap: typing.SupportsFloat | typing.SupportsIndex,
+        num_threads: typing.SupportsInt | typing.SupportsIndex,
+    ) -> None: ...
+    def first_retained(self, sequence: typing.SupportsInt | typing.SupportsIndex) -> int: ...
+    def reset(self) -> None: ...
+    def truncate(self, length: typing.SupportsInt | typing.SupportsIndex) -> None: ...
+    def truncate_sequence(
+        self,
+        sequence: typing.SupportsInt | typing.SupportsIndex,
+        length: typing.SupportsInt | typing.SupportsIndex,
+    ) -> None: ...
+    @property
+    def batch(self) -> int: ...
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def dim(self) -> int: ...
+    @property
+    def dim_v(self) -> int: ...
+    @property
+    def heads_kv(self) -> int: ...
+    @property
+    def keys(self) -> numpy.ndarray: ...
+    @property
+    def lengths(self) -> list[int]: ...
+    @property
+    def ring(self) -> bool: ...
+    @property
+    def sink_tokens(self) -> int: ...
+    @property
+    def values(self) -> numpy.ndarray: ...
+
+class KVCacheF64:
+    @staticmethod
+    def wrap(
+        keys: numpy.ndarray,
+        values: numpy.ndarray,
+        ring: bool,
+        sink_tokens: typing.SupportsInt | typing.SupportsIndex,
+        lengths: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex],
+    ) -> KVCacheF64: ...
+    def __init__(
+        self,
+        batch: typing.SupportsInt | typing.SupportsIndex,
+        heads_kv: typing.SupportsInt | typing.SupportsIndex,
+        capacity: typing.SupportsInt | typing.SupportsIndex,
+        dim: typing.SupportsInt | typing.SupportsIndex,
+        dim_v: typing.SupportsInt | typing.SupportsIndex,
+        ring: bool,
+        sink_tokens: typing.SupportsInt | typing.SupportsIndex,
+    ) -> None: ...
+    def append(
+        self,
+        k: numpy.ndarray,
+        v: numpy.ndarray,
+        counts: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] | None,
+    ) -> None: ...
+    def decode(
+        self,
+        q: numpy.ndarray,
+        out: numpy.ndarray,
+        lse: numpy.ndarray | None,
+        scale: typing.SupportsFloat | typing.SupportsIndex,
+        causal: bool,
+        window_left: typing.SupportsInt | typing.SupportsIndex,
+        window_right: typing.SupportsInt | typing.SupportsIndex,
+        sink_tokens: typing.SupportsInt | typing.SupportsIndex,
+        softcap: typing.SupportsFloat | typing.SupportsIndex,
+        num_threads: typing.SupportsInt | typing.SupportsIndex,
+    ) -> None: ...
+    def first_retained(self, sequence: typing.SupportsInt | typing.SupportsIndex) -> int: ...
+    def reset(self) -> None: ...
+    def truncate(self, length: typing.SupportsInt | typing.SupportsIndex) -> None: ...
+    def truncate_sequence(
+        self,
+        sequence: typing.SupportsInt | typing.SupportsIndex,
+        length: typing.SupportsInt | typing.SupportsIndex,
+    ) -> None: ...
+    @property
+    def batch(self) -> int: ...
+    @property
+    def capacity(self) -> int: ...
+    @property
+    def dim(self) -> int: ...
+    @property
+    def dim_v(self) -> int: ...
+    @property
+    def heads_kv(self) -> int: ...
+    @property
+    def keys(self) -> numpy.ndarray: ...
+    @property
+    def lengths(self) -> list[int]: ...
+    @property
+    def ring(self) -> bool: ...
+    @property
+    def sink_tokens(self) -> int: ...
+    @property
+    def values(self) -> numpy.ndarray: ...
+
+class AttentionKernel:
+    def forward(
+        self,
+        q: numpy.ndarray,
+        k: numpy.ndarray,
+        v: numpy.ndarray,
+        out: numpy.ndarray,
+        lse: numpy.ndarray | None,
+        bias: numpy.ndarray | None,
+        extras: collections.abc.Mapping[str, numpy.ndarray],
+    ) -> None: ...
+    @property
+    def name(self) -> str: ...
+
+def attention(
+    q: numpy.ndarray,
+    k: numpy.ndarray,
+    v: numpy.ndarray,
+    out: numpy.ndarray,
+    lse: numpy.ndarray | None,
+    bias: numpy.ndarray | None,
+    scale: typing.SupportsFloat | typing.SupportsIndex,
+    causal: bool,
+    window_left: typing.SupportsInt | typing.SupportsIndex,
+    window_right: typing.SupportsInt | typing.SupportsIndex,
+    sink_tokens: typing.SupportsInt | typing.SupportsIndex,
+    softcap: typing.SupportsFloat | typing.SupportsIndex,
+    q_offset: typing.SupportsInt | typing.SupportsIndex,
+    num_threads: typing.SupportsInt | typing.SupportsIndex,
+) -> None: ...
+def attention_kernel_names() -> list[str]: ...
+def effective_rank(matrix: numpy.ndarray) -> float: ...
+def get_num_threads() -> int: ...
+def make_attention(
+    name: str,
+    scale: typing.SupportsFloat | typing.SupportsIndex,
+    causal: bool,
+    window_left: typing.SupportsInt | typing.SupportsIndex,
+    window_right: typing.SupportsInt | typing.SupportsIndex,
+    sink_tokens: typing.SupportsInt | typing.SupportsIndex,
+    softcap: typing.SupportsFloat | typing.SupportsIndex,
+    q_offset: typing.SupportsInt | typing.SupportsIndex,
+    num_threads: typing.SupportsInt | typing.SupportsIndex,
+    params: collections.abc.Mapping[str, str],
+) -> AttentionKernel: ...
+def merge_states(
+    out_a: numpy.ndarray,
+    lse_a: numpy.ndarray,
+    out_b: numpy.ndarray,
+    lse_b: numpy.ndarray,
+    out: numpy.ndarray,
+    lse: numpy.ndarray | None,
+    num_threads: typing.SupportsInt | typing.SupportsIndex,
+) -> None: ...
+def set_num_threads(num_threads: typing.SupportsInt | typing.SupportsIndex) -> None: ...
+def sliding_window_attention(
+    q: numpy.ndarray,
+    k: numpy.ndarray,
+    v: numpy.ndarray,
+    out: numpy.ndarray,
+    lse: numpy.ndarray | None,
+    scale: typing.SupportsFloat | typing.SupportsIndex,
+    causal: bool,
+    window_left: typing.SupportsInt | typing.SupportsIndex,
+    window_right: typing.SupportsInt | typing.SupportsIndex,
+    sink_tokens: typing.SupportsInt | typing.SupportsIndex,
+    softcap: typing.SupportsFloat | typing.SupportsIndex,
+    q_offset: typing.SupportsInt | typing.SupportsIndex,
+    num_threads: typing.SupportsInt | typing.SupportsIndex,
+) -> None: ...
+def spade_delay(
+    schema: SpadeSchema,
+    ids: numpy.ndarray | None,
+    values: numpy.ndarray | None,
+    lengths: numpy.ndarray | None,
+    delayed_ids: numpy.ndarray | None,
+    delayed_values: numpy.ndarray | None,
+    mask: numpy.ndarray,
+    num_threads: typing.SupportsInt | typing.SupportsIndex,
+) -> None: ...
+def spade_loss_mask(
+    schema: SpadeSchema, lengths: numpy.ndarray | None, loss_mask: numpy.ndarray, include_stop: bool
+) -> None: ...
+def spade_undelay(
+    schema: SpadeSchema,
+    delayed_ids: numpy.ndarray | None,
+    delayed_values: numpy.ndarray | None,
+    ids: numpy.ndarray | None,
+    values: numpy.ndarray | None,
+    num_threads: typing.SupportsInt | typing.SupportsIndex,
+) -> None: ...
+def spade_undelay_logits(
+    schema: SpadeSchema,
+    logits: numpy.ndarray,
+    out: numpy.ndarray,
+    num_threads: typing.SupportsInt | typing.SupportsIndex,
+) -> None: ...
+def sparsek(
+    z: numpy.ndarray,
+    k: typing.SupportsInt | typing.SupportsIndex,
+    p: numpy.ndarray,
+    tau: numpy.ndarray | None,
+    num_threads: typing.SupportsInt | typing.SupportsIndex,
+) -> None: ...
+def sparsek_attention(
+    q: numpy.ndarray,
+    k: numpy.ndarray,
+    v: numpy.ndarray,
+    u: numpy.ndarray,
+    out: numpy.ndarray,
+    lse: numpy.ndarray | None,
+    topk: typing.SupportsInt | typing.SupportsIndex,
+    window: typing.SupportsInt | typing.SupportsIndex,
+    sink_tokens: typing.SupportsInt | typing.SupportsIndex,
+    gate: str,
+    causal: bool,
+    scale: typing.SupportsFloat | typing.SupportsIndex,
+    softcap: typing.SupportsFloat | typing.SupportsIndex,
+    q_offset: typing.SupportsInt | typing.SupportsIndex,
+    num_threads: typing.SupportsInt | typing.SupportsIndex,
+) -> None: ...
+def sparsek_backward(
+    p: numpy.ndarray,
+    grad_p: numpy.ndarray,
+    grad_z: numpy.ndarray,
+    num_threads: typing.SupportsInt | typing.SupportsIndex,
+) -> None: ...
+def sparsek_linear_scores(
+    x: numpy.ndarray,
+    w: numpy.ndarray,
+    slope: typing.SupportsFloat | typing.SupportsIndex,
+    u: numpy.ndarray,
+    num_threads: typing.SupportsInt | typing.SupportsIndex,
+) -> None: ...
+def sparsek_prefix_thresholds(
+    z: numpy.ndarray,
+    k: typing.SupportsInt | typing.SupportsIndex,
+    tau: numpy.ndarray,
+    evicted_at: numpy.ndarray | None,
+    num_threads: typing.SupportsInt | typing.SupportsIndex,
+) -> None: ...
+def sparsek_select(
+    u: numpy.ndarray,
+    len_q: typing.SupportsInt | typing.SupportsIndex,
+    indices: numpy.ndarray,
+    gates: numpy.ndarray,
+    topk: typing.SupportsInt | typing.SupportsIndex,
+    window: typing.SupportsInt | typing.SupportsIndex,
+    sink_tokens: typing.SupportsInt | typing.SupportsIndex,
+    causal: bool,
+    q_offset: typing.SupportsInt | typing.SupportsIndex,
+    num_threads: typing.SupportsInt | typing.SupportsIndex,
+) -> None: ...
+def vq_assign(
+    x: numpy.ndarray,
+    codebook: numpy.ndarray,
+    indices: numpy.ndarray,
+    sq_distances: numpy.ndarray | None,
+    cosine: bool,
+    num_threads: typing.SupportsInt | typing.SupportsIndex,
+) -> None: ...
+def vq_perplexity(counts: numpy.ndarray) -> float: ...
+
+__version__: str = "0.1.0"
