@@ -1,4 +1,4 @@
-// Google Benchmark for the PDE-SSM block (OPERATORS.md §5), on the case of compare_torch.py
+// Google Benchmark for the PDE-SSM block (docs/pde_ssm.md), on the case of compare_torch.py
 // --suite pde: fp32, B = 8, C = 256, H = W in {32, 64, 128}, periodic and zero boundary, 1 and
 // 2 threads; forward with a cached multiplier (PdeSsm::forward), the free function (multiplier
 // built per call) and the backward. Counters: time per token (B·H·W tokens of C channels) and the

@@ -1,4 +1,4 @@
-// Google Benchmark for SPADE (OPERATORS.md §6), on the case of compare_torch.py --only spade:
+// Google Benchmark for SPADE (docs/spade.md), on the case of compare_torch.py --only spade:
 // B = 32 sequences of n = 1024 tokens, z / x / y binned into 30 bins (table width 64) and a
 // continuous energy (MLP 1-16-16), d_model = 256. Counters: tokens/s (delayed steps per second
 // for the embedding, tokens for delay / undelay) and GB/s of the tensors read and written.

@@ -1,6 +1,7 @@
 // The two tile products of the attention engine on one tile (64 query rows, 128 keys, float),
 // foveal's micro-kernels against Eigen 3.4's GEMM on the same operands. This is the measurement
-// behind DESIGN.md's "Eigen::Map over tiles, or a hand-written micro-kernel where it wins".
+// behind the choice of hand-written micro-kernels over Eigen for these tiles (they win here;
+// Eigen serves where a general algorithm is needed, such as VQ's SVD: docs/getting_started.md).
 //
 //   build/bench/bench/bench_tiles
 #include <benchmark/benchmark.h>

@@ -1,4 +1,4 @@
-// Google Benchmark for VQ assign (OPERATORS.md §7), on the case of compare_torch.py --suite vq:
+// Google Benchmark for VQ assign (docs/vq.md), on the case of compare_torch.py --suite vq:
 // fp32, N = 65536 rows, D = 64, K in {512, 1024, 4096}, L2 and cosine, 1 and 2 threads.
 // Counter: flops/s of the x·cᵀ products, 2·N·K·D per call (printed as e.g. flops=150G/s).
 //

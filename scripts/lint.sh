@@ -13,4 +13,13 @@ command -v ruff >/dev/null || python3 -m pip install -q --disable-pip-version-ch
 git ls-files '*.hpp' '*.cpp' | xargs clang-format --dry-run --Werror
 ruff check python tests/python bench examples
 ruff format --check python tests/python bench examples
+# The repository must be self-contained: no tracked file may cite the project's unshipped spec
+# files (their math lives on the pages in docs/) or a path into the sibling shared folder. The pattern is built
+# from pieces so that this script does not match itself.
+spec_files='(DESIGN|OPERATORS|STYLE).md'
+if git grep -n -E "${spec_files}|\.\./shared" -- .; then
+  echo "lint: the files above cite spec files the repository does not ship; cite the docs/" \
+    "page that carries the content instead" >&2
+  exit 1
+fi
 echo "lint: clean"

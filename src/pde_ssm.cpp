@@ -1,4 +1,4 @@
-// PDE-SSM (OPERATORS.md §5): parameter validation, the cached multiplier, and the forward and
+// PDE-SSM (docs/pde_ssm.md): parameter validation, the cached multiplier, and the forward and
 // backward passes as (batch, channel chunk) tasks of FFT · multiply · inverse FFT.
 #include "foveal/ssm/pde_ssm.hpp"
 

@@ -1,4 +1,4 @@
-// SPADE split-and-delay (OPERATORS.md §6): schema validation, the delay kernels, the folded
+// SPADE split-and-delay (docs/spade.md): schema validation, the delay kernels, the folded
 // embedding and the generation state machine.
 #include "foveal/embedding/spade.hpp"
 

@@ -1,4 +1,4 @@
-// Vector quantization (OPERATORS.md §7): the tiled assign kernel, the VectorQuantizer's
+// Vector quantization (docs/vq.md): the tiled assign kernel, the VectorQuantizer's
 // initialization, EMA update, dead-code restart and diagnostics, and the ResidualVQ.
 #include "foveal/embedding/vq.hpp"
 

@@ -1,5 +1,5 @@
-// The effective rank of OPERATORS.md §7 (the embedding-collapse diagnostic), by Eigen's SVD. A
-// file of its own so that the warning exceptions Eigen needs stay away from the VQ kernels.
+// The effective rank exp(H(σ/Σσ)) of docs/vq.md (the embedding-collapse diagnostic), by Eigen's
+// SVD. A file of its own so that the warning exceptions Eigen needs stay away from the VQ kernels.
 #include <Eigen/SVD>
 #include <cmath>
 

@@ -1,4 +1,4 @@
-// foveal._core's PDE-SSM bindings (OPERATORS.md §5). foveal/pde_ssm.py owns the docstrings,
+// foveal._core's PDE-SSM bindings (docs/pde_ssm.md). foveal/pde_ssm.py owns the docstrings,
 // defaults, layouts and messages; these classes take numpy arrays as they are (x as a
 // [B, H, W, C] view with any strides) and release the GIL around every kernel.
 #include <pybind11/numpy.h>

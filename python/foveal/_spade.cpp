@@ -1,4 +1,4 @@
-// foveal._core's SPADE bindings (OPERATORS.md §6). foveal/spade.py owns the docstrings,
+// foveal._core's SPADE bindings (docs/spade.md). foveal/spade.py owns the docstrings,
 // defaults, conversions and messages; these functions take numpy arrays as they are and
 // release the GIL around every kernel.
 #include <pybind11/numpy.h>

@@ -1,4 +1,4 @@
-// foveal._core's SPARSEK bindings (OPERATORS.md §4). foveal/sparsek.py owns the docstrings,
+// foveal._core's SPARSEK bindings (docs/sparsek.md). foveal/sparsek.py owns the docstrings,
 // reshaping of leading dimensions, defaults and messages; these functions take numpy arrays as
 // they are and release the GIL around every kernel.
 #include <pybind11/numpy.h>

@@ -1,4 +1,4 @@
-// foveal._core's vector-quantization bindings (OPERATORS.md §7). foveal/vq.py owns the
+// foveal._core's vector-quantization bindings (docs/vq.md). foveal/vq.py owns the
 // docstrings, defaults, conversions and messages; these functions take numpy arrays as they are
 // and release the GIL around every kernel.
 #include <pybind11/numpy.h>

@@ -1,4 +1,4 @@
-"""The PDE-SSM 2-D Fourier mixing block (OPERATORS.md §5, docs/pde_ssm.md).
+"""The PDE-SSM 2-D Fourier mixing block (docs/pde_ssm.md).
 
 Every channel of an H x W token grid evolves by its own convection-diffusion-reaction PDE
 ``∂u/∂t = ∇·(K∇u) - b·∇u + r u``, solved exactly in the Fourier domain (one real FFT, a

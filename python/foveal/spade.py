@@ -1,4 +1,4 @@
-"""SPADE split-and-delay embeddings (OPERATORS.md §6, docs/spade.md).
+"""SPADE split-and-delay embeddings (docs/spade.md).
 
 A token has F features in schema order: discrete ones (bins with a PAD and a MISSING id) travel
 as int64 ``ids [B, L, Fd]``, continuous ones (energies) as float32 ``values [B, L, Fc]``, each
@@ -352,7 +352,7 @@ def loss_mask(schema: Schema, lengths: Any, num_steps: int, *, include_stop: boo
     lengths delayed to ``num_steps`` = T steps: the validity of each target step, as
     ``next_step(...).loss_mask``, computed without delaying. With ``include_stop`` the first
     stream's step right after its last token also counts: the stop the generator learns
-    (OPERATORS.md §6 masks it out)."""
+    (without it that step is masked out, since the stream holds no data there)."""
     function = "spade.loss_mask"
     num_steps = _as_int(function, "num_steps", num_steps)
     batch = len(lengths)

@@ -1,4 +1,4 @@
-"""The SPARSEK projection (OPERATORS.md §4, docs/sparsek.md).
+"""The SPARSEK projection (docs/sparsek.md).
 
 ``sparsek(z, k)`` projects every row (the last dimension) of the scores ``z`` onto the capped
 simplex ``{0 <= p <= 1, sum(p) = k}``: ``p = clip(z - tau, 0, 1)`` with one threshold ``tau``

@@ -1,4 +1,4 @@
-"""Vector quantization and codebook-collapse diagnostics (OPERATORS.md §7, docs/vq.md).
+"""Vector quantization and codebook-collapse diagnostics (docs/vq.md).
 
 ``assign`` finds each row's nearest code (L2, or cosine: both sides normalized) by register
 tiles with a running argmin, never forming the ``[N, K]`` distance matrix; ties go to the lowest

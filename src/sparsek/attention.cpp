@@ -1,4 +1,4 @@
-// SparseK attention (OPERATORS.md §4) on the shared engine.
+// SparseK attention (docs/sparsek.md) on the shared engine.
 //
 // Two phases per call.
 // 1. Selection, one task per (batch, kv head): the pool keys are pushed one at a time through

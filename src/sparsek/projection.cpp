@@ -1,4 +1,4 @@
-// The SPARSEK projection (OPERATORS.md §4) and its backward.
+// The SPARSEK projection (docs/sparsek.md) and its backward.
 //
 // Per row, in the shifted domain d_i = z_i − z_(k) (double) with s = τ − z_(k) ∈ [−1, 0):
 // f(s) = Σ clip(d_i − s, 0, 1) is continuous and non-increasing, f(−1) >= k > f(0). Scores with

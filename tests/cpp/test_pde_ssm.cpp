@@ -1,4 +1,4 @@
-// The PDE-SSM block (OPERATORS.md §5) against tests/reference/pde_ssm_reference.hpp (a direct
+// The PDE-SSM block (docs/pde_ssm.md) against tests/reference/pde_ssm_reference.hpp (a direct
 // O(N²) convolution, no FFT), its physics (mean conservation, smoothing, exact shifts, no
 // wrap-around with the zero boundary, τ → 0), its backward against finite differences, thread
 // counts, and rejected input.

@@ -1,4 +1,4 @@
-// tests/cpp/test_spade.cpp — SPADE split-and-delay (OPERATORS.md §6) against the float64
+// tests/cpp/test_spade.cpp — SPADE split-and-delay (docs/spade.md) against the float64
 // reference: the delay pattern and its masks, undelay, the training helpers, the folded
 // embedding, the generation state machine, and every rejected input.
 #include <gtest/gtest.h>

@@ -1,4 +1,4 @@
-// The SPARSEK projection (OPERATORS.md §4) against tests/reference/sparsek_reference.hpp, and
+// The SPARSEK projection (docs/sparsek.md) against tests/reference/sparsek_reference.hpp, and
 // its properties: the capped simplex, the KKT conditions, ties, huge scores, the backward.
 #include <gtest/gtest.h>
 

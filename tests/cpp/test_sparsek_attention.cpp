@@ -1,4 +1,4 @@
-// tests/cpp/test_sparsek_attention.cpp — SparseK attention (OPERATORS.md §4) against
+// tests/cpp/test_sparsek_attention.cpp — SparseK attention (docs/sparsek.md) against
 // tests/reference/sparsek_attention_reference.hpp.
 //
 // q: [B, Hq, Lq, D]  k: [B, Hkv, Lk, D]  v: [B, Hkv, Lk, Dv]  u: [B, Hkv, Lk]

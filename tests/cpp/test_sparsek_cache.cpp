@@ -3,7 +3,7 @@
 // The contract: after appending tokens 0 .. p, attend() is row p of foveal::sparsek_attention
 // run once over the whole sequence. Every decode step of long runs is compared with that
 // prefill (itself checked against float64 references by test_sparsek_attention), a few hundred
-// steps with a float64 loop reference written here from OPERATORS.md §4, and the cache's own
+// steps with a float64 loop reference written here from docs/sparsek.md, and the cache's own
 // promises: appending n tokens at once equals n appends, storage that never moves or grows,
 // bitwise identical results for any thread count, rejected calls that change nothing. Every
 // case prints its seed and configuration on failure.
@@ -222,7 +222,7 @@ TEST(SparseKCache, EveryStepOf5000MatchesPrefillDouble) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// A float64 loop reference of the step at position p (OPERATORS.md §4), written from the math:
+// A float64 loop reference of the step at position p (docs/sparsek.md), written from the math:
 // pool = positions sinks .. p − window; S = the topk largest u of the pool (ties: lower
 // position); m = SPARSEK(u_pool, topk); visible = sinks ∪ window ∪ S with gate 1 outside S.
 

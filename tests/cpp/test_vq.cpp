@@ -1,4 +1,4 @@
-// Vector quantization (OPERATORS.md §7) against tests/reference/vq_reference.hpp.
+// Vector quantization (docs/vq.md) against tests/reference/vq_reference.hpp.
 #include <gtest/gtest.h>
 
 #include <cmath>

@@ -1,4 +1,4 @@
-"""Shared fixtures and the float64 numpy reference of dense attention (OPERATORS.md §1).
+"""Shared fixtures and the float64 numpy reference of dense attention (docs/attention.md).
 
 The reference is the executable spec in Python: plain numpy in float64, no tiling, no online
 softmax, mirroring tests/reference/attention_reference.hpp.

@@ -1,4 +1,4 @@
-"""foveal.pde_ssm and foveal.torch.pde_ssm against a torch.fft implementation of OPERATORS.md §5
+"""foveal.pde_ssm and foveal.torch.pde_ssm against a torch.fft implementation of docs/pde_ssm.md
 (rfft2 · multiplier · irfft2, written here), torch.autograd.gradcheck, layouts and bad input."""
 
 from __future__ import annotations

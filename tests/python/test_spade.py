@@ -19,7 +19,7 @@ TOLERANCE = 2e-5
 
 
 def shower_schema() -> spade.Schema:
-    """The calorimeter example of OPERATORS.md §6: z, x, y bins and an energy."""
+    """The calorimeter example of docs/spade.md: z, x, y bins and an energy."""
     return spade.Schema(
         [
             spade.Feature.binned("z", 30),
@@ -40,7 +40,7 @@ def random_tokens(rng: np.random.Generator, schema: spade.Schema, batch: int, le
 
 
 def delay_reference(schema: spade.Schema, ids, values, lengths):
-    """The delay of OPERATORS.md §6 in plain numpy loops: (delayed ids, values, mask)."""
+    """The delay of docs/spade.md in plain numpy loops: (delayed ids, values, mask)."""
     batch, length = ids.shape[:2]
     steps = length + schema.max_shift
     delayed_ids = np.zeros((batch, steps, len(schema.discrete)), np.int64)

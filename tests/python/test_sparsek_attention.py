@@ -1,5 +1,5 @@
 """foveal.sparsek_attention, sparsek_select, prefix_thresholds, linear_scores and the "sparsek"
-registry kernel against a float64 numpy reference written here (OPERATORS.md §4), and for gate
+registry kernel against a float64 numpy reference written here (docs/sparsek.md), and for gate
 "none" also against torch's scaled_dot_product_attention with the reference's selection as
 its boolean mask.
 

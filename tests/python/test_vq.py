@@ -1,4 +1,4 @@
-"""foveal.vq against float64 numpy references and torch.cdist (OPERATORS.md §7)."""
+"""foveal.vq against float64 numpy references and torch.cdist (docs/vq.md)."""
 
 from __future__ import annotations
 

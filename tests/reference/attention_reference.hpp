@@ -1,6 +1,6 @@
 // tests/reference/attention_reference.hpp — the executable spec of dense attention.
 //
-// Plain float64 loops over the formulas of OPERATORS.md §1, no tiling, no tricks:
+// Plain float64 loops over the formulas of docs/attention.md, no tiling, no tricks:
 //   l_ij = s * q_i . k_j ; softcap: l = c * tanh(l / c) ; + bias_ij ; masked when not visible
 //   P_i = softmax_j(l_ij) over visible keys ; O_i = sum_j P_ij v_j ; lse_i = log sum_j e^l_ij
 // A row with no visible key gives O = 0 and lse = -inf.

@@ -1,5 +1,5 @@
 // tests/reference/decode_reference.hpp — the executable spec of decode attention and of merging
-// partial attention states (OPERATORS.md §3).
+// partial attention states (docs/decode.md).
 //
 // Plain float64 loops, no chunks, no tricks:
 //   decode: query i of sequence b sits at position length_b - Lq + i and attends, as in

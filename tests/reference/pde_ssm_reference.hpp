@@ -1,5 +1,5 @@
 // tests/reference/pde_ssm_reference.hpp — the executable spec of the PDE-SSM block
-// (OPERATORS.md §5), float64, without any FFT.
+// (docs/pde_ssm.md), float64, without any FFT.
 //
 // Per channel, the half-spectrum multiplier m(k) (k_y = 2π f_y / Ht with f_y signed, k_x =
 // 2π f_x / Wt, f_x = 0..Wt/2) is completed to the full Ht × Wt grid the way irfft2 reads a

@@ -1,4 +1,4 @@
-// tests/reference/spade_reference.hpp — the executable spec of SPADE (OPERATORS.md §6).
+// tests/reference/spade_reference.hpp — the executable spec of SPADE (docs/spade.md).
 //
 // Plain float64 loops over the formulas, one feature of one token at a time, no folding:
 //   delayed[t, f] = token[t - s_f, f] for s_f <= t < s_f + len ; MISSING (continuous 0) at the

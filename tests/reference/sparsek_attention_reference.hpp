@@ -1,5 +1,5 @@
 // tests/reference/sparsek_attention_reference.hpp — the executable spec of SparseK attention
-// (OPERATORS.md §4, include/foveal/sparsek/attention.hpp), float64.
+// (docs/sparsek.md, include/foveal/sparsek/attention.hpp), float64.
 //
 // Plain loops over the definitions, no incremental tricks:
 //   thresholds: SPARSEK of every prefix solved from scratch by the sort-and-scan reference;

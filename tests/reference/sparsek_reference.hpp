@@ -1,5 +1,5 @@
 // tests/reference/sparsek_reference.hpp — the executable spec of the SPARSEK projection
-// (OPERATORS.md §4), float64.
+// (docs/sparsek.md), float64.
 //
 // f(τ) = Σ clip(z_i − τ, 0, 1) is piecewise linear and non-increasing with breakpoints z_i and
 // z_i − 1: sort all 2n breakpoints descending, walk down them keeping f and its slope, and stop

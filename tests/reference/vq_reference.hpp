@@ -1,4 +1,4 @@
-// tests/reference/vq_reference.hpp — the executable spec of vector quantization (OPERATORS.md §7).
+// tests/reference/vq_reference.hpp — the executable spec of vector quantization (docs/vq.md).
 //
 // Plain float64 loops over the formulas, row-major std::vector<double>:
 //   assign: idx_n = argmin_k ‖x_n − c_k‖² (cosine: of x/‖x‖ and c/‖c‖, zero stays zero), the

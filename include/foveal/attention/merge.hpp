@@ -7,7 +7,7 @@ namespace foveal {
 
 // out_a, out_b: [B, H, L, Dv]  lse_a, lse_b: [B, H, L]  ->  out: [B, H, L, Dv], lse (optional)
 // Merges two attention states computed over disjoint sets of keys into the state over their
-// union (OPERATORS.md §3): with m = max(lse_a, lse_b), w_a = e^(lse_a - m), w_b = e^(lse_b - m),
+// union (docs/decode.md): with m = max(lse_a, lse_b), w_a = e^(lse_a - m), w_b = e^(lse_b - m),
 // out = (w_a out_a + w_b out_b) / (w_a + w_b) and lse = m + log(w_a + w_b). A state with
 // lse = -inf (no keys) has weight 0; two such states merge to out = 0, lse = -inf. Chunked
 // prefill, split-KV decode and attention split across devices or machines combine their pieces

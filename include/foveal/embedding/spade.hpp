@@ -1,4 +1,4 @@
-// foveal/embedding/spade.hpp — SPADE split-and-delay embeddings (OPERATORS.md §6): the feature
+// foveal/embedding/spade.hpp — SPADE split-and-delay embeddings (docs/spade.md): the feature
 // schema, delay / undelay, the embedding module, training helpers and the generation state
 // machine.
 //

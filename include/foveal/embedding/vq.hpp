@@ -1,4 +1,4 @@
-// foveal/embedding/vq.hpp — vector quantization (OPERATORS.md §7): nearest-code assignment by
+// foveal/embedding/vq.hpp — vector quantization (docs/vq.md): nearest-code assignment by
 // register tiles with a running argmin, the VectorQuantizer with its codebook-collapse
 // diagnostics and fixes (k-means++ and Lloyd init, EMA updates with Laplace smoothing, dead-code
 // restart), and the ResidualVQ that stacks quantizers on residuals.

@@ -1,4 +1,4 @@
-// foveal/sparsek/attention.hpp — SparseK attention (OPERATORS.md §4): every query
+// foveal/sparsek/attention.hpp — SparseK attention (docs/sparsek.md): every query
 // attends to the `topk` keys with the largest scores u among the keys it may select from, each
 // weighted by its SPARSEK gate, plus an optional sliding window and sinks that are always
 // visible. Also: the causal SPARSEK thresholds of every prefix, the selection itself for
@@ -13,7 +13,7 @@
 
 namespace foveal {
 
-// Where the SPARSEK gate m_ij of a selected key enters the attention (OPERATORS.md §4):
+// Where the SPARSEK gate m_ij of a selected key enters the attention (docs/sparsek.md):
 //   value: O_i = Σ_j softmax_j(s q_i·k_j) m_ij v_j    (the softmax normalizer is ungated)
 //   kv:    k_j and v_j both scaled by m_ij:  O_i = Σ_j softmax_j(m_ij s q_i·k_j) m_ij v_j
 //   none:  hard top-k, m_ij = 1

@@ -1,4 +1,4 @@
-// foveal/sparsek/cache.hpp — constant-memory SparseK decode (OPERATORS.md §4): the
+// foveal/sparsek/cache.hpp — constant-memory SparseK decode (docs/sparsek_cache.md): the
 // state that answers SparseK attention for the newest token of a growing sequence while keeping
 // only the tokens that query (or any later one) can still see.
 #pragma once
@@ -33,7 +33,7 @@ struct SparseKCacheSelection {
 // once): it updates τ (detail::PrefixThreshold) and the top-k set (detail::PrefixTopK); if it
 // joins the set it takes a free slot or the slot of the token it displaces, otherwise it is
 // dropped for good. Thresholds of growing pools never decrease, so a dropped token is never
-// needed again (OPERATORS.md §4).
+// needed again (docs/sparsek_cache.md).
 //
 // Memory. K/V/u storage is capacity() rows per head, whatever the length. Besides it, τ keeps
 // one double per pool token with gate p > 0: at most topk with p = 1, plus the fractional ones

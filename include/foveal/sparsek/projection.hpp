@@ -1,6 +1,6 @@
-// foveal/sparsek/projection.hpp — the SPARSEK projection (OPERATORS.md §4): the Euclidean
+// foveal/sparsek/projection.hpp — the SPARSEK projection (docs/sparsek.md): the Euclidean
 // projection of each row of scores onto the capped simplex {0 <= p <= 1, Σp = k}, and its
-// backward. SparseK attention, which builds on it, is in sparsek_attention.hpp.
+// backward. SparseK attention, which builds on it, is in foveal/sparsek/attention.hpp.
 #pragma once
 
 #include "foveal/core/tensor.hpp"

@@ -1,4 +1,4 @@
-// foveal/ssm/pde_ssm.hpp — the PDE-SSM 2-D Fourier mixing block (OPERATORS.md §5).
+// foveal/ssm/pde_ssm.hpp — the PDE-SSM 2-D Fourier mixing block (docs/pde_ssm.md).
 //
 // Every channel of an H × W token grid evolves by its own convection–diffusion–reaction PDE
 // ∂u/∂t = ∇·(K∇u) − b·∇u + r u, solved exactly in the Fourier domain: one real 2-D FFT, a
@@ -86,9 +86,10 @@ class PdeSsm {
   void forward(TensorView<const T, 4> x, TensorView<T, 4> out, int num_threads = 0) const;
 
   // x, grad_out: [B, H, W, C]  ->  grad_x: [B, H, W, C] (null: not wanted) and the parameter
-  // gradients (OPERATORS.md §5): grad_x = F⁻¹[conj(m) F grad_out] + D ⊙ grad_out, and
-  // ∂L/∂θ = Σ_k Re(conj(ĝ_k) ∂m_k/∂θ û_k) summed over channels of a group and the batch in a
-  // fixed order. Bitwise identical for any thread count.
+  // gradients (docs/pde_ssm.md): grad_x = F⁻¹[conj(m) F grad_out] + D ⊙ grad_out, and
+  // ∂L/∂θ = Σ_k Re(conj(ĝ_k) ∂m_k/∂θ û_k) (with the half-spectrum weights and normalization
+  // that docs/pde_ssm.md gives) summed over channels of a group and the batch in a fixed order.
+  // Bitwise identical for any thread count.
   void backward(TensorView<const T, 4> x, TensorView<const T, 4> grad_out, TensorView<T, 4> grad_x,
                 const PdeSsmGradients<T>& gradients, int num_threads = 0) const;
 
