@@ -1,6 +1,7 @@
 // foveal/foveal.hpp — the umbrella header: everything a user of foveal needs.
 #pragma once
 
+#include "foveal/attention/backward.hpp"
 #include "foveal/attention/decode.hpp"
 #include "foveal/attention/dense.hpp"
 #include "foveal/attention/kv_cache.hpp"

@@ -20,6 +20,7 @@ __all__ = [
     "AttentionKernel",
     "KVCache",
     "attention",
+    "attention_backward",
     "attention_kernel_names",
     "decode_attention",
     "get_num_threads",
@@ -27,6 +28,7 @@ __all__ = [
     "merge_states",
     "set_num_threads",
     "sliding_window_attention",
+    "sliding_window_attention_backward",
     "sparsek_attention",
 ]
 
@@ -344,6 +346,116 @@ def sliding_window_attention(
         q_array, k_array, v_array, outputs.out_array, outputs.lse_array, **options
     )
     return outputs.result()
+
+
+def _attention_backward(
+    function: str,
+    sliding: bool,
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    lse: Any,
+    grad_out: Any,
+    bias: Any,
+    options: dict,
+):
+    q_array, k_array, v_array, bias_array, dtype = _attention_arrays(function, q, k, v, bias)
+    arrays = []
+    for name, tensor, dims in (
+        ("out", out, "B, Hq, Lq, Dv"),
+        ("lse", lse, "B, Hq, Lq"),
+        ("grad_out", grad_out, "B, Hq, Lq, Dv"),
+    ):
+        array = _to_numpy(function, name, tensor)
+        _check_array(function, name, array, dims, dtype)
+        arrays.append(array)
+    grads = [_new_like(q, array.shape, dtype) for array in (q_array, k_array, v_array)]
+    _core.attention_backward(
+        sliding,
+        q_array,
+        k_array,
+        v_array,
+        *arrays,
+        *(array for _, array in grads),
+        bias_array,
+        **options,
+    )
+    return tuple(tensor for tensor, _ in grads)
+
+
+def attention_backward(
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    lse: Any,
+    grad_out: Any,
+    *,
+    scale: Optional[float] = None,
+    causal: bool = False,
+    window_left: int = -1,
+    window_right: int = -1,
+    sink_tokens: int = 0,
+    softcap: float = 0.0,
+    q_offset: Optional[int] = None,
+    bias: Any = None,
+    num_threads: Optional[int] = None,
+):
+    """The gradients of :func:`attention`: ``(grad_q, grad_k, grad_v)`` for the loss gradient
+    ``grad_out`` ``[B, Hq, Lq, Dv]``, given the forward's ``out`` and ``lse`` (from
+    ``return_lse=True``) and the same inputs and options. ``bias`` is read as in the forward and
+    gets no gradient. grad_k and grad_v sum over the query heads of a GQA group. Recomputes the
+    probabilities tile by tile (never an ``[Lq, Lk]`` matrix); bitwise identical for any
+    thread count. For autograd use :func:`foveal.torch.attention`.
+    """
+    function = "attention_backward"
+    options = _option_args(
+        function,
+        scale,
+        causal,
+        window_left,
+        window_right,
+        sink_tokens,
+        softcap,
+        q_offset,
+        num_threads,
+    )
+    return _attention_backward(function, False, q, k, v, out, lse, grad_out, bias, options)
+
+
+def sliding_window_attention_backward(
+    q: Any,
+    k: Any,
+    v: Any,
+    out: Any,
+    lse: Any,
+    grad_out: Any,
+    *,
+    window_left: int,
+    window_right: int = -1,
+    causal: bool = False,
+    sink_tokens: int = 0,
+    scale: Optional[float] = None,
+    softcap: float = 0.0,
+    q_offset: Optional[int] = None,
+    num_threads: Optional[int] = None,
+):
+    """The gradients of :func:`sliding_window_attention` (see :func:`attention_backward`); work
+    grows with ``L * window`` as in the forward."""
+    function = "sliding_window_attention_backward"
+    options = _option_args(
+        function,
+        scale,
+        causal,
+        window_left,
+        window_right,
+        sink_tokens,
+        softcap,
+        q_offset,
+        num_threads,
+    )
+    return _attention_backward(function, True, q, k, v, out, lse, grad_out, None, options)
 
 
 def merge_states(

@@ -207,6 +207,34 @@ void merge_typed(const py::array& out_a, const py::array& lse_a, const py::array
                        num_threads);
 }
 
+// The gradients of attention (sliding = false) or sliding_window_attention (sliding = true).
+template <typename T>
+void backward_typed(bool sliding, const py::array& q, const py::array& k, const py::array& v,
+                    const py::array& out, const py::array& lse, const py::array& grad_out,
+                    const py::array& grad_q, const py::array& grad_k, const py::array& grad_v,
+                    const std::optional<py::array>& bias, const foveal::AttentionOptions& options) {
+  const char* fn = sliding ? "sliding_window_attention_backward" : "attention_backward";
+  const auto q_view = array_view<const T, 4>(fn, "q", q);
+  const auto k_view = array_view<const T, 4>(fn, "k", k);
+  const auto v_view = array_view<const T, 4>(fn, "v", v);
+  const auto out_view = array_view<const T, 4>(fn, "out", out);
+  const auto lse_view = array_view<const T, 3>(fn, "lse", lse);
+  const auto grad_out_view = array_view<const T, 4>(fn, "grad_out", grad_out);
+  const auto grad_q_view = array_view<T, 4>(fn, "grad_q", grad_q);
+  const auto grad_k_view = array_view<T, 4>(fn, "grad_k", grad_k);
+  const auto grad_v_view = array_view<T, 4>(fn, "grad_v", grad_v);
+  const auto bias_view = optional_array_view<const T, 4>(fn, "bias", bias);
+  py::gil_scoped_release release;
+  if (sliding) {
+    foveal::sliding_window_attention_backward(q_view, k_view, v_view, out_view, lse_view,
+                                              grad_out_view, grad_q_view, grad_k_view, grad_v_view,
+                                              options);
+  } else {
+    foveal::attention_backward(q_view, k_view, v_view, out_view, lse_view, grad_out_view,
+                               grad_q_view, grad_k_view, grad_v_view, options, bias_view);
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
@@ -266,6 +294,29 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("out_a"), py::arg("lse_a"), py::arg("out_b"), py::arg("lse_b"), py::arg("out"),
       py::arg("lse"), py::arg("num_threads"));
+
+  m.def(
+      "attention_backward",
+      [](bool sliding, const py::array& q, const py::array& k, const py::array& v,
+         const py::array& out, const py::array& lse, const py::array& grad_out,
+         const py::array& grad_q, const py::array& grad_k, const py::array& grad_v,
+         const std::optional<py::array>& bias, double scale, bool causal, int64_t window_left,
+         int64_t window_right, int64_t sink_tokens, double softcap, int64_t q_offset,
+         int num_threads) {
+        const auto options = make_options(scale, causal, window_left, window_right, sink_tokens,
+                                          softcap, q_offset, num_threads);
+        if (is_float64(q)) {
+          backward_typed<double>(sliding, q, k, v, out, lse, grad_out, grad_q, grad_k, grad_v, bias,
+                                 options);
+        } else {
+          backward_typed<float>(sliding, q, k, v, out, lse, grad_out, grad_q, grad_k, grad_v, bias,
+                                options);
+        }
+      },
+      py::arg("sliding"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
+      py::arg("grad_out"), py::arg("grad_q"), py::arg("grad_k"), py::arg("grad_v"), py::arg("bias"),
+      py::arg("scale"), py::arg("causal"), py::arg("window_left"), py::arg("window_right"),
+      py::arg("sink_tokens"), py::arg("softcap"), py::arg("q_offset"), py::arg("num_threads"));
 
   bind_kv_cache<float>(m, "KVCacheF32");
   bind_kv_cache<double>(m, "KVCacheF64");

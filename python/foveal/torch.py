@@ -1,5 +1,10 @@
 """foveal operators as torch autograd Functions (imports torch; only for users who have it).
 
+``attention(q, k, v, ...)`` and ``sliding_window_attention(q, k, v, ...)`` are
+``foveal.attention`` / ``foveal.sliding_window_attention`` differentiable in q, k and v
+(``foveal.attention_backward``): deterministic gradients, bitwise identical for any thread
+count.
+
 ``sparsek(z, k)`` is the SPARSEK projection (``foveal.sparsek.sparsek``) with its backward
 (``foveal.sparsek.sparsek_backward``) wired into autograd, for CPU float32 / float64 tensors
 with any leading dimensions.
@@ -15,10 +20,134 @@ from typing import Any, Optional
 
 import torch
 
+import foveal as _foveal
+
 from . import pde_ssm as _pde_ssm
 from . import sparsek as _sparsek
 
-__all__ = ["PdeSsm", "SparseK", "pde_ssm", "sparsek"]
+__all__ = [
+    "Attention",
+    "PdeSsm",
+    "SparseK",
+    "attention",
+    "pde_ssm",
+    "sliding_window_attention",
+    "sparsek",
+]
+
+
+class Attention(torch.autograd.Function):
+    """q, k, v (and a bias that needs no gradient)  ->  out of ``foveal.attention`` (or of
+    ``foveal.sliding_window_attention`` with ``sliding=True``); backward
+    ``foveal.attention_backward`` from the saved out and lse."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        sliding: bool,
+        options: dict,
+    ) -> torch.Tensor:
+        q, k, v = q.detach(), k.detach(), v.detach()
+        if sliding:
+            out, lse = _foveal.sliding_window_attention(q, k, v, return_lse=True, **options)
+        else:
+            bias = None if bias is None else bias.detach()
+            out, lse = _foveal.attention(q, k, v, bias=bias, return_lse=True, **options)
+        ctx.save_for_backward(q, k, v, out, lse, bias)
+        ctx.sliding, ctx.options = sliding, options
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
+        q, k, v, out, lse, bias = ctx.saved_tensors
+        # Autograd may hand over an expanded (stride-0) gradient: the kernel reads unit rows.
+        grad_out = grad_out.detach().contiguous()
+        if ctx.sliding:
+            grads = _foveal.sliding_window_attention_backward(
+                q, k, v, out, lse, grad_out, **ctx.options
+            )
+        else:
+            grads = _foveal.attention_backward(
+                q, k, v, out, lse, grad_out, bias=bias, **ctx.options
+            )
+        needs = ctx.needs_input_grad
+        return (
+            *(gradient if need else None for gradient, need in zip(grads, needs[:3])),
+            None,
+            None,
+            None,
+        )
+
+
+def _no_bias_gradient(bias: Optional[torch.Tensor]) -> None:
+    if bias is not None and bias.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            "foveal: attention: bias requires grad, but foveal computes no bias gradient yet: "
+            "pass bias.detach()"
+        )
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: Optional[float] = None,
+    causal: bool = False,
+    window_left: int = -1,
+    window_right: int = -1,
+    sink_tokens: int = 0,
+    softcap: float = 0.0,
+    q_offset: Optional[int] = None,
+    bias: Optional[torch.Tensor] = None,
+    num_threads: Optional[int] = None,
+) -> torch.Tensor:
+    """``foveal.attention`` differentiable in q, k and v (the arguments are the same; bias gets
+    no gradient)."""
+    _no_bias_gradient(bias)
+    options = dict(
+        scale=scale,
+        causal=causal,
+        window_left=window_left,
+        window_right=window_right,
+        sink_tokens=sink_tokens,
+        softcap=softcap,
+        q_offset=q_offset,
+        num_threads=num_threads,
+    )
+    return Attention.apply(q, k, v, bias, False, options)
+
+
+def sliding_window_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window_left: int,
+    window_right: int = -1,
+    causal: bool = False,
+    sink_tokens: int = 0,
+    scale: Optional[float] = None,
+    softcap: float = 0.0,
+    q_offset: Optional[int] = None,
+    num_threads: Optional[int] = None,
+) -> torch.Tensor:
+    """``foveal.sliding_window_attention`` differentiable in q, k and v."""
+    options = dict(
+        window_left=window_left,
+        window_right=window_right,
+        causal=causal,
+        sink_tokens=sink_tokens,
+        scale=scale,
+        softcap=softcap,
+        q_offset=q_offset,
+        num_threads=num_threads,
+    )
+    return Attention.apply(q, k, v, None, True, options)
 
 
 class SparseK(torch.autograd.Function):

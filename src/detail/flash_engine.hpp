@@ -564,7 +564,8 @@ class TileRunner {
     write_rows(tile, num_rows, query_index, head, row_max, row_sum, scratch.acc);
   }
 
- private:
+  // The pieces of run() that the backward (src/detail/flash_backward.hpp) shares.
+
   // Row stride of the packed queries of a few-row tile: D rounded up to whole vectors.
   Index query_row_stride() const { return (dim_ + kLanes<T> - 1) / kLanes<T> * kLanes<T>; }
 
@@ -595,11 +596,14 @@ class TileRunner {
       std::fill(q_t + d * kBlockQ + num_rows, q_t + (d + 1) * kBlockQ, T(0));
   }
 
-  // Softcap, additive bias and mask, in that order, on s_t[j][r] (base-2 logits).
+  // Softcap, additive bias and mask, in that order, on s_t[j][r] (base-2 logits). With a
+  // softcap, tanh_t (when given; same layout as s_t) receives the tanh of every logit, which
+  // the backward needs for the softcap's derivative.
   template <typename Policy>
   void transform_logits(Index batch, const KeyBlock& block, const Index* keys, Index num_rows,
                         int row_vectors, const Index* query_index, const Index* head,
-                        const Index* positions, const Policy& policy, T* s_t) const {
+                        const Index* positions, const Policy& policy, T* s_t,
+                        T* tanh_t = nullptr) const {
     constexpr int L = kLanes<T>;
     constexpr bool kGathered = GatesKeys<Policy>::value;
     if constexpr (kGathered) {
@@ -609,7 +613,9 @@ class TileRunner {
       for (Index j = 0; j < block.count; ++j)
         for (int c = 0; c < row_vectors; ++c) {
           T* slot = s_t + j * kBlockQ + c * L;
-          store(slot, tanh(load(slot)) * cap_multiplier_);
+          const Vec<T> capped = tanh(load(slot));
+          if (tanh_t != nullptr) store(tanh_t + j * kBlockQ + c * L, capped);
+          store(slot, capped * cap_multiplier_);
         }
     }
     if (params_.bias.data() != nullptr) {
@@ -652,6 +658,7 @@ class TileRunner {
     }
   }
 
+ private:
   // Turns the block's logits into probabilities relative to the updated running max and
   // updates the running max and sum; alpha[r] rescales what the row accumulated before.
   static void online_softmax(Index num_keys, int row_vectors, T* s_t, T* row_max, T* row_sum,

@@ -1,0 +1,132 @@
+// foveal::attention_backward and sliding_window_attention_backward: validation, then the engine's
+// backward (detail/flash_backward.hpp) with the forward's band policy.
+#include "detail/attention_setup.hpp"
+#include "detail/flash_backward.hpp"
+#include "foveal/attention/backward.hpp"
+#include "foveal/attention/sliding_window.hpp"
+
+namespace foveal {
+namespace {
+
+// A view of memory the backward only reads, typed as the forward's output for its checks.
+template <typename T, int Rank>
+TensorView<T, Rank> as_checked_output(const TensorView<const T, Rank>& view) {
+  return TensorView<T, Rank>(const_cast<T*>(view.data()), view.shape(), view.strides());
+}
+
+// Checks every argument (q, k, v, out, lse, bias and the options as the forward checks them; the
+// gradients' shapes, strides and aliasing) and builds the engine's parameters.
+template <typename T>
+detail::BackwardParams<T> prepare_backward(const char* function, TensorView<const T, 4> q,
+                                           TensorView<const T, 4> k, TensorView<const T, 4> v,
+                                           TensorView<const T, 4> out, TensorView<const T, 3> lse,
+                                           TensorView<const T, 4> grad_out, TensorView<T, 4> grad_q,
+                                           TensorView<T, 4> grad_k, TensorView<T, 4> grad_v,
+                                           const AttentionOptions& options,
+                                           TensorView<const T, 4> bias) {
+  check(!lse.is_null(), function, ": lse is required (the forward's, return_lse)");
+  detail::BackwardParams<T> params;
+  // The forward's checks of q, k, v, bias and the options, with out and lse as the forward
+  // returned them; the backward never writes them.
+  params.forward = detail::prepare_attention<T>(function, q, k, v, as_checked_output(out), options,
+                                                as_checked_output(lse), bias);
+  params.forward.out = {};
+  params.forward.lse = {};
+  params.out = out;
+  params.lse = lse;
+  params.grad_out = grad_out;
+  params.grad_q = grad_q;
+  params.grad_k = grad_k;
+  params.grad_v = grad_v;
+
+  detail::require_valid_view(function, "grad_out", grad_out);
+  for (int d = 0; d < 4; ++d)
+    detail::require_extent(function, "grad_out", grad_out, d, "out's", out.size(d));
+  detail::require_unit_inner_stride(function, "grad_out", grad_out);
+  const struct {
+    const char* name;
+    TensorView<T, 4> gradient;
+    const char* like_name;
+    TensorView<const T, 4> like;
+  } gradients[] = {
+      {"grad_q", grad_q, "q's", q}, {"grad_k", grad_k, "k's", k}, {"grad_v", grad_v, "v's", v}};
+  for (const auto& entry : gradients) {
+    detail::require_valid_view(function, entry.name, entry.gradient);
+    for (int d = 0; d < 4; ++d)
+      detail::require_extent(function, entry.name, entry.gradient, d, entry.like_name,
+                             entry.like.size(d));
+    detail::require_unit_inner_stride(function, entry.name, entry.gradient);
+    detail::require_disjoint(function, entry.name, entry.gradient, "q", q);
+    detail::require_disjoint(function, entry.name, entry.gradient, "k", k);
+    detail::require_disjoint(function, entry.name, entry.gradient, "v", v);
+    detail::require_disjoint(function, entry.name, entry.gradient, "out", out);
+    detail::require_disjoint(function, entry.name, entry.gradient, "lse", lse);
+    detail::require_disjoint(function, entry.name, entry.gradient, "grad_out", grad_out);
+    if (!bias.is_null())
+      detail::require_disjoint(function, entry.name, entry.gradient, "bias", bias);
+  }
+  detail::require_disjoint(function, "grad_q", grad_q, "grad_k", grad_k);
+  detail::require_disjoint(function, "grad_q", grad_q, "grad_v", grad_v);
+  detail::require_disjoint(function, "grad_k", grad_k, "grad_v", grad_v);
+  return params;
+}
+
+template <typename T>
+void backward_impl(const char* function, TensorView<const T, 4> q, TensorView<const T, 4> k,
+                   TensorView<const T, 4> v, TensorView<const T, 4> out, TensorView<const T, 3> lse,
+                   TensorView<const T, 4> grad_out, TensorView<T, 4> grad_q,
+                   TensorView<T, 4> grad_k, TensorView<T, 4> grad_v,
+                   const AttentionOptions& options, TensorView<const T, 4> bias) {
+  const detail::BackwardParams<T> params = prepare_backward<T>(
+      function, q, k, v, out, lse, grad_out, grad_q, grad_k, grad_v, options, bias);
+  const detail::Visibility visibility =
+      detail::Visibility::make(options.causal, options.window_left, options.window_right,
+                               options.sink_tokens, q.size(2), k.size(2), params.forward.q_offset);
+  detail::run_flash_backward(params, detail::BandPolicy(visibility));
+}
+
+}  // namespace
+
+void attention_backward(TensorView<const float, 4> q, TensorView<const float, 4> k,
+                        TensorView<const float, 4> v, TensorView<const float, 4> out,
+                        TensorView<const float, 3> lse, TensorView<const float, 4> grad_out,
+                        TensorView<float, 4> grad_q, TensorView<float, 4> grad_k,
+                        TensorView<float, 4> grad_v, const AttentionOptions& options,
+                        TensorView<const float, 4> bias) {
+  backward_impl<float>("attention_backward", q, k, v, out, lse, grad_out, grad_q, grad_k, grad_v,
+                       options, bias);
+}
+
+void attention_backward(TensorView<const double, 4> q, TensorView<const double, 4> k,
+                        TensorView<const double, 4> v, TensorView<const double, 4> out,
+                        TensorView<const double, 3> lse, TensorView<const double, 4> grad_out,
+                        TensorView<double, 4> grad_q, TensorView<double, 4> grad_k,
+                        TensorView<double, 4> grad_v, const AttentionOptions& options,
+                        TensorView<const double, 4> bias) {
+  backward_impl<double>("attention_backward", q, k, v, out, lse, grad_out, grad_q, grad_k, grad_v,
+                        options, bias);
+}
+
+void sliding_window_attention_backward(TensorView<const float, 4> q, TensorView<const float, 4> k,
+                                       TensorView<const float, 4> v, TensorView<const float, 4> out,
+                                       TensorView<const float, 3> lse,
+                                       TensorView<const float, 4> grad_out,
+                                       TensorView<float, 4> grad_q, TensorView<float, 4> grad_k,
+                                       TensorView<float, 4> grad_v,
+                                       const AttentionOptions& options) {
+  detail::require_bounded_window("sliding_window_attention_backward", options);
+  backward_impl<float>("sliding_window_attention_backward", q, k, v, out, lse, grad_out, grad_q,
+                       grad_k, grad_v, options, {});
+}
+
+void sliding_window_attention_backward(
+    TensorView<const double, 4> q, TensorView<const double, 4> k, TensorView<const double, 4> v,
+    TensorView<const double, 4> out, TensorView<const double, 3> lse,
+    TensorView<const double, 4> grad_out, TensorView<double, 4> grad_q,
+    TensorView<double, 4> grad_k, TensorView<double, 4> grad_v, const AttentionOptions& options) {
+  detail::require_bounded_window("sliding_window_attention_backward", options);
+  backward_impl<double>("sliding_window_attention_backward", q, k, v, out, lse, grad_out, grad_q,
+                        grad_k, grad_v, options, {});
+}
+
+}  // namespace foveal

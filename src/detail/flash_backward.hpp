@@ -1,0 +1,313 @@
+// src/detail/flash_backward.hpp (private) — the backward of the tiled attention engine.
+//
+// FlashAttention-2's backward (Dao, 2023): the probabilities P of a tile are recomputed from the
+// forward's lse, D_i = Σ_d dO[i, d] O[i, d], and with dP = dO Vᵀ
+//   dS = P ∘ (dP − D)  (times the softcap's tanh derivative),
+//   dV += Pᵀ dO,   dK += scale dSᵀ Q,   dQ += scale dS K.
+// It runs on the forward's visit policies, so a tile visits exactly the key blocks (and masks)
+// the forward visited and a window costs O(L·W) here too. One task per (batch, kv head): its
+// query tiles (every query head of the group) are visited in increasing order; a tile's dQ is
+// accumulated in scratch over its key blocks and written once, and the kv head's dK and dV are
+// accumulated in place, tile after tile. Every gradient element is therefore a sum in one fixed
+// order, whatever the thread count: no atomics, no per-thread partial sums.
+//
+// Layouts: the tile's queries are packed as in the forward (q_t[D][kBlockQ], pre-scaled to base-2
+// logits) and grad_out likewise (do_t[Dv][kBlockQ]), so S and dP are the forward's score
+// micro-kernel; P and dS stay transposed (s_t[key][row]); the three accumulations read their
+// weights by broadcast, so one micro-kernel serves row-major (dQ) and transposed (dK, dV) weights.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "detail/flash_engine.hpp"
+
+namespace foveal::detail {
+
+// What the backward reads and writes; `forward` holds q, k, v, bias and the options exactly as
+// the forward ran (its out and lse are not used).
+// out, grad_out: [B, Hq, Lq, Dv]  lse: [B, Hq, Lq]  ->  grad_q: [B, Hq, Lq, D]
+// grad_k: [B, Hkv, Lk, D]  grad_v: [B, Hkv, Lk, Dv]
+template <typename T>
+struct BackwardParams {
+  FlashParams<T> forward;
+  TensorView<const T, 4> out;
+  TensorView<const T, 3> lse;
+  TensorView<const T, 4> grad_out;
+  TensorView<T, 4> grad_q, grad_k, grad_v;
+};
+
+// acc_rows[r][col0 + i] += Σ_{j < count} w[j * j_stride + r * r_stride] * src_rows[j][col0 + i]
+// for r < NR and i < CV * kLanes: NR output rows, CV vectors wide, each weight broadcast.
+template <typename T, int NR, int CV>
+inline void accumulate_micro(const T* w, Index j_stride, Index r_stride, const T* const* src_rows,
+                             Index count, Index col0, T* const* acc_rows) {
+  constexpr int L = kLanes<T>;
+  Vec<T> sums[NR][CV];
+  FOVEAL_UNROLL
+  for (int r = 0; r < NR; ++r) {
+    FOVEAL_UNROLL
+    for (int c = 0; c < CV; ++c) sums[r][c] = load(acc_rows[r] + col0 + c * L);
+  }
+  for (Index j = 0; j < count; ++j) {
+    const T* source = src_rows[j] + col0;
+    Vec<T> values[CV];
+    FOVEAL_UNROLL
+    for (int c = 0; c < CV; ++c) values[c] = load(source + c * L);
+    const T* weights = w + j * j_stride;
+    FOVEAL_UNROLL
+    for (int r = 0; r < NR; ++r) {
+      const Vec<T> weight = splat(weights[r * r_stride]);
+      FOVEAL_UNROLL
+      for (int c = 0; c < CV; ++c) sums[r][c] += weight * values[c];
+    }
+  }
+  FOVEAL_UNROLL
+  for (int r = 0; r < NR; ++r) {
+    FOVEAL_UNROLL
+    for (int c = 0; c < CV; ++c) store(acc_rows[r] + col0 + c * L, sums[r][c]);
+  }
+}
+
+// acc_rows[r][0 .. cols) += Σ_{j < count} w[j * j_stride + r * r_stride] * src_rows[j][0 .. cols)
+// for r < num_acc (a product of the weights, read either way round, with rows of `cols`).
+template <typename T>
+inline void accumulate_rows(const T* w, Index j_stride, Index r_stride, const T* const* src_rows,
+                            Index count, Index cols, T* const* acc_rows, Index num_acc) {
+  constexpr int L = kLanes<T>;
+  const Index full_vectors = cols / L;
+  for (Index r0 = 0; r0 < num_acc; r0 += kRowsPerMicro) {
+    const int rows = static_cast<int>(std::min<Index>(kRowsPerMicro, num_acc - r0));
+    for (Index c0 = 0; c0 < full_vectors; c0 += kColVectorsPerMicro) {
+      const int vectors = static_cast<int>(std::min<Index>(kColVectorsPerMicro, full_vectors - c0));
+      with_count<kRowsPerMicro>(rows, [&](auto nr) {
+        with_count<kColVectorsPerMicro>(vectors, [&](auto cv) {
+          accumulate_micro<T, decltype(nr)::value, decltype(cv)::value>(
+              w + r0 * r_stride, j_stride, r_stride, src_rows, count, c0 * L, acc_rows + r0);
+        });
+      });
+    }
+    // Columns past the last full vector.
+    for (Index col = full_vectors * L; col < cols; ++col)
+      for (Index r = r0; r < r0 + rows; ++r) {
+        T sum = acc_rows[r][col];
+        for (Index j = 0; j < count; ++j) sum += w[j * j_stride + r * r_stride] * src_rows[j][col];
+        acc_rows[r][col] = sum;
+      }
+  }
+}
+
+// Per-thread scratch of BackwardRunner::run_head, allocated once per call.
+template <typename T>
+class BackwardWorkspace {
+ public:
+  BackwardWorkspace(Index dim, Index dim_v, int num_threads)
+      : dq_stride_(round_up(dim)),
+        q_t_size_(round_up(dim * kBlockQ)),
+        do_t_size_(round_up(dim_v * kBlockQ)),
+        tile_size_(round_up(kBlockK * kBlockQ)),
+        dq_size_(round_up(kBlockQ * dq_stride_)),
+        memory_(allocate_aligned<T>(
+            static_cast<std::size_t>(per_thread() * std::max(num_threads, 1)))) {}
+
+  struct Scratch {
+    T* q_t;     // [D][kBlockQ]: the tile's queries, transposed, times the logit multiplier
+    T* do_t;    // [Dv][kBlockQ]: the tile's grad_out, transposed
+    T* s_t;     // [kBlockK][kBlockQ]: logits, then P
+    T* dp_t;    // [kBlockK][kBlockQ]: dP, then dS
+    T* tanh_t;  // [kBlockK][kBlockQ]: the softcap's tanh of each logit
+    T* dq;      // [kBlockQ][dq_stride]: the tile's dQ, unscaled
+  };
+
+  Index dq_stride() const { return dq_stride_; }
+
+  Scratch for_this_thread() const {
+    T* base = memory_.get() + per_thread() * thread_index();
+    T* q_t = base;
+    T* do_t = q_t + q_t_size_;
+    T* s_t = do_t + do_t_size_;
+    T* dp_t = s_t + tile_size_;
+    T* tanh_t = dp_t + tile_size_;
+    T* dq = tanh_t + tile_size_;
+    return {q_t, do_t, s_t, dp_t, tanh_t, dq};
+  }
+
+ private:
+  static Index round_up(Index count) {
+    constexpr Index line = static_cast<Index>(kTensorAlignment / sizeof(T));
+    return (count + line - 1) / line * line;
+  }
+  Index per_thread() const { return q_t_size_ + do_t_size_ + 3 * tile_size_ + dq_size_; }
+
+  Index dq_stride_;
+  Index q_t_size_;
+  Index do_t_size_;
+  Index tile_size_;
+  Index dq_size_;
+  AlignedArray<T> memory_;
+};
+
+template <typename T>
+class BackwardRunner {
+ public:
+  explicit BackwardRunner(const BackwardParams<T>& params)
+      : params_(params),
+        forward_(params.forward, 0),
+        group_(params.forward.q.size(1) / params.forward.k.size(1)),
+        dim_(params.forward.q.size(3)),
+        dim_v_(params.forward.v.size(3)),
+        has_softcap_(params.forward.softcap > 0) {}
+
+  // Every gradient of (batch, kv_head): grad_q of the group's query heads, grad_k and grad_v of
+  // the kv head.
+  template <typename Policy>
+  void run_head(const Policy& policy, Index batch, Index kv_head,
+                const BackwardWorkspace<T>& ws) const {
+    const auto& grad_k = params_.grad_k;
+    const auto& grad_v = params_.grad_v;
+    const Index len_k = grad_k.size(2);
+    for (Index key = 0; key < len_k; ++key) {
+      std::fill_n(grad_k.address(batch, kv_head, key, 0), dim_, T(0));
+      std::fill_n(grad_v.address(batch, kv_head, key, 0), dim_v_, T(0));
+    }
+    const typename BackwardWorkspace<T>::Scratch scratch = ws.for_this_thread();
+    const Index rows_per_head = params_.forward.q.size(2) * group_;
+    for (Index flat_begin = 0; flat_begin < rows_per_head; flat_begin += kBlockQ)
+      run_tile(policy, batch, kv_head, flat_begin, scratch, ws.dq_stride());
+    // dK was accumulated from unscaled queries.
+    const T scale = static_cast<T>(params_.forward.scale);
+    for (Index key = 0; key < len_k; ++key) {
+      T* row = grad_k.address(batch, kv_head, key, 0);
+      for (Index d = 0; d < dim_; ++d) row[d] *= scale;
+    }
+  }
+
+ private:
+  template <typename Policy>
+  void run_tile(const Policy& policy, Index batch, Index kv_head, Index flat_begin,
+                const typename BackwardWorkspace<T>::Scratch& scratch, Index dq_stride) const {
+    constexpr int L = kLanes<T>;
+    const FlashParams<T>& forward = params_.forward;
+    const Index num_rows = std::min(kBlockQ, forward.q.size(2) * group_ - flat_begin);
+    const int row_vectors = static_cast<int>((num_rows + L - 1) / L);
+
+    Index positions[kBlockQ];
+    Index query_index[kBlockQ];
+    Index head[kBlockQ];
+    const T* q_rows[kBlockQ];
+    const T* grad_out_rows[kBlockQ];
+    T* dq_rows[kBlockQ];
+    alignas(kTensorAlignment) T row_lse2[kBlockQ];   // lse in base 2; +inf: the row sees nothing
+    alignas(kTensorAlignment) T row_delta[kBlockQ];  // D_i = Σ_d dO[i, d] O[i, d]
+    const T infinity = std::numeric_limits<T>::infinity();
+    for (Index r = 0; r < kBlockQ; ++r) {
+      const Index flat = flat_begin + std::min(r, num_rows - 1);
+      query_index[r] = flat / group_;
+      head[r] = kv_head * group_ + flat % group_;
+      positions[r] = forward.q_offset + query_index[r];
+      dq_rows[r] = scratch.dq + r * dq_stride;
+      if (r >= num_rows) {
+        row_lse2[r] = infinity;
+        row_delta[r] = 0;
+        continue;
+      }
+      q_rows[r] = forward.q.address(batch, head[r], query_index[r], 0);
+      grad_out_rows[r] = params_.grad_out.address(batch, head[r], query_index[r], 0);
+      const T lse = params_.lse(batch, head[r], query_index[r]);
+      row_lse2[r] = lse == -infinity ? infinity : static_cast<T>(lse * kLog2E);
+      const T* out_row = params_.out.address(batch, head[r], query_index[r], 0);
+      T delta = 0;
+      for (Index d = 0; d < dim_v_; ++d) delta += grad_out_rows[r][d] * out_row[d];
+      row_delta[r] = delta;
+    }
+    forward_.pack_queries(batch, num_rows, query_index, head, scratch.q_t);
+    for (Index r = 0; r < num_rows; ++r)
+      for (Index d = 0; d < dim_v_; ++d) scratch.do_t[d * kBlockQ + r] = grad_out_rows[r][d];
+    for (Index d = 0; d < dim_v_; ++d)
+      std::fill(scratch.do_t + d * kBlockQ + num_rows, scratch.do_t + (d + 1) * kBlockQ, T(0));
+    for (Index r = 0; r < num_rows; ++r) std::fill_n(dq_rows[r], dim_, T(0));
+
+    const auto& k = forward.k;
+    const auto& v = forward.v;
+    const T* k_base = k.data() + batch * k.stride(0) + kv_head * k.stride(1);
+    const T* v_base = v.data() + batch * v.stride(0) + kv_head * v.stride(1);
+    const auto all_rows = [row_vectors](Index, Index) {
+      return std::pair<int, int>(0, row_vectors);
+    };
+    policy.for_each_block(positions[0], positions[num_rows - 1], [&](const KeyBlock& block) {
+      const T* k_rows[kBlockK];
+      const T* v_rows[kBlockK];
+      T* grad_k_rows[kBlockK];
+      T* grad_v_rows[kBlockK];
+      Index keys[kBlockK];
+      for (Index j = 0; j < block.count; ++j) {
+        keys[j] = block.index != nullptr ? block.index[j] : block.begin + j;
+        k_rows[j] = k_base + keys[j] * k.stride(2);
+        v_rows[j] = v_base + keys[j] * v.stride(2);
+        grad_k_rows[j] = params_.grad_k.address(batch, kv_head, keys[j], 0);
+        grad_v_rows[j] = params_.grad_v.address(batch, kv_head, keys[j], 0);
+      }
+      // The forward's logits, then P = 2^(s - lse2).
+      compute_scores(scratch.q_t, k_rows, block.count, dim_, row_vectors, all_rows, scratch.s_t);
+      forward_.transform_logits(batch, block, keys, num_rows, row_vectors, query_index, head,
+                                positions, policy, scratch.s_t,
+                                has_softcap_ ? scratch.tanh_t : nullptr);
+      for (Index j = 0; j < block.count; ++j)
+        for (int c = 0; c < row_vectors; ++c) {
+          T* slot = scratch.s_t + j * kBlockQ + c * L;
+          store(slot, exp2_nonpositive(load(slot) - load(row_lse2 + c * L)));
+        }
+      // dP = dO Vᵀ, then dS = P ∘ (dP − D), times 1 − tanh² under a softcap.
+      compute_scores(scratch.do_t, v_rows, block.count, dim_v_, row_vectors, all_rows,
+                     scratch.dp_t);
+      const Vec<T> one = splat(T(1));
+      for (Index j = 0; j < block.count; ++j)
+        for (int c = 0; c < row_vectors; ++c) {
+          const Index at = j * kBlockQ + c * L;
+          Vec<T> ds = load(scratch.s_t + at) * (load(scratch.dp_t + at) - load(row_delta + c * L));
+          if (has_softcap_) {
+            const Vec<T> t = load(scratch.tanh_t + at);
+            ds = ds * (one - t * t);
+          }
+          store(scratch.dp_t + at, ds);
+        }
+      // dV[key] += Σ_r P[key][r] dO[r];  dK[key] += Σ_r dS[key][r] q[r];  dQ[r] += Σ_key dS k.
+      accumulate_rows(scratch.s_t, 1, kBlockQ, grad_out_rows, num_rows, dim_v_, grad_v_rows,
+                      block.count);
+      accumulate_rows(scratch.dp_t, 1, kBlockQ, q_rows, num_rows, dim_, grad_k_rows, block.count);
+      accumulate_rows(scratch.dp_t, kBlockQ, 1, k_rows, block.count, dim_, dq_rows, num_rows);
+    });
+
+    const T scale = static_cast<T>(forward.scale);
+    for (Index r = 0; r < num_rows; ++r) {
+      T* grad_q_row = params_.grad_q.address(batch, head[r], query_index[r], 0);
+      for (Index d = 0; d < dim_; ++d) grad_q_row[d] = dq_rows[r][d] * scale;
+    }
+  }
+
+  const BackwardParams<T>& params_;
+  TileRunner<T> forward_;
+  Index group_;
+  Index dim_;
+  Index dim_v_;
+  bool has_softcap_;
+};
+
+// Runs the backward of every (batch, kv head) with one policy (the forward's).
+template <typename T, typename Policy>
+void run_flash_backward(const BackwardParams<T>& params, const Policy& policy) {
+  const Index batch = params.forward.q.size(0);
+  const Index heads_kv = params.forward.k.size(1);
+  const Index num_tasks = batch * heads_kv;
+  if (num_tasks == 0) return;
+  const int num_threads = threads_for(num_tasks, params.forward.num_threads);
+  const BackwardWorkspace<T> workspace(params.forward.q.size(3), params.forward.v.size(3),
+                                       num_threads);
+  const BackwardRunner<T> runner(params);
+  parallel_for(num_tasks, num_threads, [&](Index task) {
+    runner.run_head(policy, task / heads_kv, task % heads_kv, workspace);
+  });
+}
+
+}  // namespace foveal::detail
