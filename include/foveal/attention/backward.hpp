@@ -1,0 +1,49 @@
+// foveal/attention/backward.hpp — the gradients of foveal::attention and
+// foveal::sliding_window_attention, on the same engine and visit policies as the forward.
+#pragma once
+
+#include "foveal/attention/options.hpp"
+#include "foveal/core/tensor.hpp"
+
+namespace foveal {
+
+// q: [B, Hq, Lq, D]  k: [B, Hkv, Lk, D]  v: [B, Hkv, Lk, Dv]  out: [B, Hq, Lq, Dv]
+// lse: [B, Hq, Lq]  grad_out: [B, Hq, Lq, Dv]  (out and lse as the forward returned them)
+//   ->  grad_q: [B, Hq, Lq, D]  grad_k: [B, Hkv, Lk, D]  grad_v: [B, Hkv, Lk, Dv]
+// The vector-Jacobian product of foveal::attention with the same options and bias (the bias gets
+// no gradient): with P the attention probabilities recomputed from lse and
+// D_i = Σ_d grad_out[i, d] out[i, d],
+//   grad_v = Pᵀ grad_out,   dS = P ∘ (grad_out vᵀ − D),   grad_q = scale dS k,
+//   grad_k = scale dSᵀ q,
+// with dS multiplied by the softcap's tanh derivative when a softcap is set. grad_k and grad_v
+// sum over the query heads of a GQA group. Rows that see no key (lse = -inf) contribute nothing.
+// Never forms an [Lq, Lk] matrix; no atomics and no split that depends on the thread count, so
+// the gradients are bitwise identical for any number of threads. Throws foveal::Error on any
+// invalid argument before touching a gradient.
+void attention_backward(TensorView<const float, 4> q, TensorView<const float, 4> k,
+                        TensorView<const float, 4> v, TensorView<const float, 4> out,
+                        TensorView<const float, 3> lse, TensorView<const float, 4> grad_out,
+                        TensorView<float, 4> grad_q, TensorView<float, 4> grad_k,
+                        TensorView<float, 4> grad_v, const AttentionOptions& options = {},
+                        TensorView<const float, 4> bias = {});
+void attention_backward(TensorView<const double, 4> q, TensorView<const double, 4> k,
+                        TensorView<const double, 4> v, TensorView<const double, 4> out,
+                        TensorView<const double, 3> lse, TensorView<const double, 4> grad_out,
+                        TensorView<double, 4> grad_q, TensorView<double, 4> grad_k,
+                        TensorView<double, 4> grad_v, const AttentionOptions& options = {},
+                        TensorView<const double, 4> bias = {});
+
+// The same for foveal::sliding_window_attention (a bounded window, no bias): work is
+// O(Lq * (window + sinks) * D), like the forward.
+void sliding_window_attention_backward(
+    TensorView<const float, 4> q, TensorView<const float, 4> k, TensorView<const float, 4> v,
+    TensorView<const float, 4> out, TensorView<const float, 3> lse,
+    TensorView<const float, 4> grad_out, TensorView<float, 4> grad_q, TensorView<float, 4> grad_k,
+    TensorView<float, 4> grad_v, const AttentionOptions& options);
+void sliding_window_attention_backward(
+    TensorView<const double, 4> q, TensorView<const double, 4> k, TensorView<const double, 4> v,
+    TensorView<const double, 4> out, TensorView<const double, 3> lse,
+    TensorView<const double, 4> grad_out, TensorView<double, 4> grad_q,
+    TensorView<double, 4> grad_k, TensorView<double, 4> grad_v, const AttentionOptions& options);
+
+}  // namespace foveal
