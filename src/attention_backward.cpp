@@ -39,23 +39,43 @@ detail::BackwardParams<T> prepare_backward(const char* function, TensorView<cons
   params.grad_k = grad_k;
   params.grad_v = grad_v;
 
-  detail::require_valid_view(function, "grad_out", grad_out);
-  for (int d = 0; d < 4; ++d)
-    detail::require_extent(function, "grad_out", grad_out, d, "out's", out.size(d));
-  detail::require_unit_inner_stride(function, "grad_out", grad_out);
+  // Each gradient has the shape of what it is the gradient of; grad_out has out's.
+  const struct {
+    const char* name;
+    TensorView<const T, 4> view;
+    TensorView<const T, 4> like;
+    const char* dims[4];
+  } shapes[] = {
+      {"grad_out",
+       grad_out,
+       out,
+       {"out.shape[0] (B)", "out.shape[1] (Hq)", "out.shape[2] (Lq)", "out.shape[3] (Dv)"}},
+      {"grad_q",
+       grad_q,
+       q,
+       {"q.shape[0] (B)", "q.shape[1] (Hq)", "q.shape[2] (Lq)", "q.shape[3] (D)"}},
+      {"grad_k",
+       grad_k,
+       k,
+       {"k.shape[0] (B)", "k.shape[1] (Hkv)", "k.shape[2] (Lk)", "k.shape[3] (D)"}},
+      {"grad_v",
+       grad_v,
+       v,
+       {"v.shape[0] (B)", "v.shape[1] (Hkv)", "v.shape[2] (Lk)", "v.shape[3] (Dv)"}},
+  };
+  for (const auto& entry : shapes) {
+    detail::require_valid_view(function, entry.name, entry.view);
+    for (int d = 0; d < 4; ++d)
+      detail::require_extent(function, entry.name, entry.view, d, entry.dims[d],
+                             entry.like.size(d));
+    detail::require_unit_inner_stride(function, entry.name, entry.view);
+  }
+  // The gradients overlap nothing the call reads, nor each other.
   const struct {
     const char* name;
     TensorView<T, 4> gradient;
-    const char* like_name;
-    TensorView<const T, 4> like;
-  } gradients[] = {
-      {"grad_q", grad_q, "q's", q}, {"grad_k", grad_k, "k's", k}, {"grad_v", grad_v, "v's", v}};
+  } gradients[] = {{"grad_q", grad_q}, {"grad_k", grad_k}, {"grad_v", grad_v}};
   for (const auto& entry : gradients) {
-    detail::require_valid_view(function, entry.name, entry.gradient);
-    for (int d = 0; d < 4; ++d)
-      detail::require_extent(function, entry.name, entry.gradient, d, entry.like_name,
-                             entry.like.size(d));
-    detail::require_unit_inner_stride(function, entry.name, entry.gradient);
     detail::require_disjoint(function, entry.name, entry.gradient, "q", q);
     detail::require_disjoint(function, entry.name, entry.gradient, "k", k);
     detail::require_disjoint(function, entry.name, entry.gradient, "v", v);
