@@ -13,7 +13,8 @@ the SPADE embedding (vs the same module in PyTorch, bench/spade_cases.py) and VQ
 torch.cdist and matmul + argmin, bench/vq_cases.py), the SPARSEK projection (vs a torch
 implementation by sort, bench/sparsek_cases.py), SparseK attention (vs foveal's dense causal
 attention and SDPA, bench/sparsek_attention_cases.py) and the PDE-SSM block (vs torch rfft2 ·
-multiplier · irfft2, bench/pde_cases.py).
+multiplier · irfft2, bench/pde_cases.py), and training steps of attention, forward + backward
+(vs SDPA forward + backward, bench/backward_cases.py).
 Both libraries run interleaved on identical float32 tensors at each thread count, so machine
 noise hits both alike; each time is the median of the repetitions. Writes
 bench/results/<suite>_<quick|full>.json and, when matplotlib is installed, a .png beside it.
@@ -322,7 +323,7 @@ def peak_extra_memory(length: int, threads: int) -> int:
 
 
 def plot(suite: str, rows: list[dict], path: Path) -> bool:
-    if suite in ("spade", "vq", "sparsek", "pde"):  # a table says it all
+    if suite in ("spade", "vq", "sparsek", "pde", "backward"):  # a table says it all
         return False
     if suite == "sparsek_attn":
         import sparsek_attention_cases
@@ -583,7 +584,18 @@ def dense_suite(threads: int, full: bool, seconds: float) -> list[dict]:
     return rows
 
 
-SUITES = ("dense", "window", "decode", "ring", "spade", "vq", "sparsek", "sparsek_attn", "pde")
+SUITES = (
+    "dense",
+    "window",
+    "decode",
+    "ring",
+    "spade",
+    "vq",
+    "sparsek",
+    "sparsek_attn",
+    "pde",
+    "backward",
+)
 
 
 def main() -> None:
@@ -649,7 +661,12 @@ def main() -> None:
 
             print("\n[pde]")
             rows = pde_cases.run(args.threads, seconds, interleaved, median_time, args.full)
-        own_threads = ("spade", "vq", "sparsek", "sparsek_attn", "pde")
+        if suite == "backward":  # bench/backward_cases.py, likewise
+            import backward_cases
+
+            print("\n[backward]")
+            rows = backward_cases.run(args.threads, seconds, interleaved, median_time, args.full)
+        own_threads = ("spade", "vq", "sparsek", "sparsek_attn", "pde", "backward")
         for threads in args.threads if suite not in own_threads else []:
             torch.set_num_threads(threads)
             foveal.set_num_threads(threads)
