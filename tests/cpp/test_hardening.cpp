@@ -189,20 +189,22 @@ TEST(HardeningConcurrency, KVCacheMutationDuringAReadIsAnErrorAndChangesNothing)
 }
 
 // Two threads appending to and resetting one cache: every call either runs alone or throws
-// foveal::Error; the cache never holds more than its capacity and never crashes.
+// foveal::Error; the cache never holds more than its capacity and never crashes. (Without the
+// guard, two appends of 2 steps pass the capacity check of a batch of 4 sequences and the
+// second starts from the first one's new length: length 10 of 8, rows written out of bounds.)
 TEST(HardeningConcurrency, KVCacheConcurrentAppendAndResetNeverCorruptsIt) {
   constexpr Index kCapacity = 8;
-  KVCache<float> cache(1, 2, kCapacity, 16, 16);
-  Tensor<float, 4> step({1, 2, 1, 16});
+  KVCache<float> cache(4, 4, kCapacity, 2048, 2048);
+  Tensor<float, 4> step({4, 4, 2, 2048});
   fill(step, 4);
   std::atomic<long> rejected{0};
   std::atomic<bool> bad_length{false};
   const auto worker = [&](int id) {
-    for (int i = 0; i < 20000; ++i) {
+    for (int i = 0; i < 4000; ++i) {
       try {
-        if ((i + id) % 5 == 0) {
+        if (i % 40 == id) {
           cache.reset();
-        } else if (cache.length(0) < kCapacity) {
+        } else {
           cache.append(step.view(), step.view());
         }
       } catch (const Error& error) {
@@ -213,14 +215,14 @@ TEST(HardeningConcurrency, KVCacheConcurrentAppendAndResetNeverCorruptsIt) {
           ADD_FAILURE() << message;
         }
       }
-      if (cache.length(0) > kCapacity) bad_length = true;
+      for (Index b = 0; b < 4; ++b)
+        if (cache.length(b) > kCapacity) bad_length = true;
     }
   };
   std::thread a(worker, 0), b(worker, 1);
   a.join();
   b.join();
   EXPECT_FALSE(bad_length.load());
-  EXPECT_LE(cache.length(0), kCapacity);
   std::printf("rejected concurrent calls: %ld\n", rejected.load());
 }
 
@@ -259,33 +261,30 @@ TEST(HardeningConcurrency, KVCacheDecodeConcurrentWithAppendsNeverCrashes) {
 
 TEST(HardeningConcurrency, SparseKCacheConcurrentAppendResetAndAttendNeverCrash) {
   SparseKOptions options;
-  options.topk = 4;
-  options.window = 4;
-  options.num_threads = 1;
-  SparseKCache<float> cache(1, 1, 8, 8, options);
-  Tensor<float, 4> step({1, 1, 1, 8}), q({1, 2, 1, 8}), out({1, 2, 1, 8});
-  Tensor<float, 3> u({1, 1, 1});
-  fill(step, 7);
+  options.topk = 64;
+  options.window = 16;
+  SparseKCache<float> cache(2, 4, 64, 64, options);
+  Tensor<float, 4> k({2, 4, 96, 64}), q({2, 4, 1, 64}), out({2, 4, 1, 64});
+  Tensor<float, 3> u({2, 4, 96});
+  fill(k, 7);
   fill(q, 8);
-  cache.append(step.view(), step.view(), u.view());
-  std::atomic<long> rejected{0};
+  fill(u, 9);
+  cache.append(k.view(), k.view(), u.view());
   const auto worker = [&](int id) {
-    for (int i = 0; i < 5000; ++i) {
+    for (int i = 0; i < 1500; ++i) {
       try {
         if (id == 2) {
           cache.attend(q.view(), out.view());
         } else if ((i + id) % 7 == 0) {
           cache.reset();
         } else {
-          cache.append(step.view(), step.view(), u.view());
+          cache.append(k.view(), k.view(), u.view());
         }
       } catch (const Error& error) {
         const std::string message = error.what();
-        if (message.find("another thread") != std::string::npos) {
-          ++rejected;
-        } else if (message.find("the cache is empty") == std::string::npos) {
+        if (message.find("another thread") == std::string::npos &&
+            message.find("the cache is empty") == std::string::npos)
           ADD_FAILURE() << message;
-        }
       }
     }
   };
