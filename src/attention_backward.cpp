@@ -8,12 +8,6 @@
 namespace foveal {
 namespace {
 
-// A view of memory the backward only reads, typed as the forward's output for its checks.
-template <typename T, int Rank>
-TensorView<T, Rank> as_checked_output(const TensorView<const T, Rank>& view) {
-  return TensorView<T, Rank>(const_cast<T*>(view.data()), view.shape(), view.strides());
-}
-
 // Checks every argument (q, k, v, out, lse, bias and the options as the forward checks them; the
 // gradients' shapes, strides and aliasing) and builds the engine's parameters.
 template <typename T>
@@ -27,11 +21,9 @@ detail::BackwardParams<T> prepare_backward(const char* function, TensorView<cons
   check(!lse.is_null(), function, ": lse is required (the forward's, return_lse)");
   detail::BackwardParams<T> params;
   // The forward's checks of q, k, v, bias and the options, with out and lse as the forward
-  // returned them; the backward never writes them.
-  params.forward = detail::prepare_attention<T>(function, q, k, v, as_checked_output(out), options,
-                                                as_checked_output(lse), bias);
-  params.forward.out = {};
-  params.forward.lse = {};
+  // returned them (read here, not written).
+  params.forward =
+      detail::prepare_attention<T, const T>(function, q, k, v, out, options, lse, bias);
   params.out = out;
   params.lse = lse;
   params.grad_out = grad_out;
@@ -76,6 +68,7 @@ detail::BackwardParams<T> prepare_backward(const char* function, TensorView<cons
     TensorView<T, 4> gradient;
   } gradients[] = {{"grad_q", grad_q}, {"grad_k", grad_k}, {"grad_v", grad_v}};
   for (const auto& entry : gradients) {
+    detail::require_no_self_overlap(function, entry.name, entry.gradient);
     detail::require_disjoint(function, entry.name, entry.gradient, "q", q);
     detail::require_disjoint(function, entry.name, entry.gradient, "k", k);
     detail::require_disjoint(function, entry.name, entry.gradient, "v", v);

@@ -11,6 +11,7 @@ import numpy
 import numpy.typing
 
 __all__: list[str] = [
+    "MAX_THREADS",
     "AttentionKernel",
     "KVCacheF32",
     "KVCacheF64",
@@ -54,7 +55,7 @@ class SpadeSchema:
         vocab_sizes: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex],
         pad_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex],
         missing_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex],
-        shifts: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex],
+        shifts: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex | None],
     ) -> None: ...
     @property
     def max_shift(self) -> int: ...
@@ -700,4 +701,5 @@ def vq_assign(
 ) -> None: ...
 def vq_perplexity(counts: numpy.ndarray) -> float: ...
 
+MAX_THREADS: int = 1024
 __version__: str = "0.1.0"

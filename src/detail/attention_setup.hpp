@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <type_traits>
 
 #include "detail/flash_engine.hpp"
 #include "foveal/attention/options.hpp"
@@ -25,8 +26,7 @@ inline void require_attention_options(const char* function, const AttentionOptio
         ": causal=true means window_right = 0, but window_right = ", options.window_right);
   check(options.sink_tokens >= 0, function, ": sink_tokens must be >= 0, got ",
         options.sink_tokens);
-  check(options.num_threads >= 0, function, ": num_threads must be >= 0 (0 = global setting), got ",
-        options.num_threads);
+  require_num_threads(function, options.num_threads);
 }
 
 // Any position >= 0 works (queries past the last key: keys that are a piece of a longer
@@ -50,9 +50,11 @@ struct KeyValueShape {
 
 // q: [B, Hq, Lq, D] -> out: [B, Hq, Lq, Dv], lse: [B, Hq, Lq] or null, against keys and values
 // of the given shape.
-template <typename T>
+// Out is T, or const T where a backward reads the forward's out and lse (then they are not
+// outputs: no self-overlap check).
+template <typename T, typename Out = T>
 void require_queries_and_outputs(const char* function, const TensorView<const T, 4>& q,
-                                 const TensorView<T, 4>& out, const TensorView<T, 3>& lse,
+                                 const TensorView<Out, 4>& out, const TensorView<Out, 3>& lse,
                                  const KeyValueShape& kv) {
   require_valid_view(function, "q", q);
   require_valid_view(function, "out", out);
@@ -90,17 +92,17 @@ double resolve_scale(const char* function, const AttentionOptions& options, Inde
   return scale;
 }
 
-// Validates a call with explicit K/V (attention, sliding_window_attention) and builds the
-// engine parameters.
-template <typename T>
+// Validates a call with explicit K/V (attention, sliding_window_attention; with Out = const T,
+// the backward, whose out and lse are the forward's) and builds the engine parameters.
+template <typename T, typename Out = T>
 FlashParams<T> prepare_attention(const char* function, TensorView<const T, 4> q,
                                  TensorView<const T, 4> k, TensorView<const T, 4> v,
-                                 TensorView<T, 4> out, const AttentionOptions& options,
-                                 TensorView<T, 3> lse, TensorView<const T, 4> bias) {
+                                 TensorView<Out, 4> out, const AttentionOptions& options,
+                                 TensorView<Out, 3> lse, TensorView<const T, 4> bias) {
   require_valid_view(function, "k", k);
   require_valid_view(function, "v", v);
-  require_queries_and_outputs(function, q, out, lse,
-                              {"k.shape[1]", k.size(1), "v.shape[3]", v.size(3)});
+  require_queries_and_outputs<T, Out>(function, q, out, lse,
+                                      {"k.shape[1]", k.size(1), "v.shape[3]", v.size(3)});
   const Index batch = q.size(0), heads_q = q.size(1), len_q = q.size(2), dim = q.size(3);
   const Index heads_kv = k.size(1), len_k = k.size(2);
   require_extent(function, "k", k, 0, "q.shape[0] (B)", batch);
@@ -134,8 +136,10 @@ FlashParams<T> prepare_attention(const char* function, TensorView<const T, 4> q,
   params.q = q;
   params.k = k;
   params.v = v;
-  params.out = out;
-  params.lse = lse;
+  if constexpr (std::is_same_v<Out, T>) {
+    params.out = out;
+    params.lse = lse;
+  }
   if (!bias.is_null()) {
     // Broadcast dimensions read the same row: stride 0.
     params.bias = TensorView<const T, 4>(

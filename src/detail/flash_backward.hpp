@@ -258,19 +258,23 @@ class BackwardRunner {
           T* slot = scratch.s_t + j * kBlockQ + c * L;
           store(slot, exp2_nonpositive(load(slot) - load(row_lse2 + c * L)));
         }
-      // dP = dO Vᵀ, then dS = P ∘ (dP − D), times 1 − tanh² under a softcap.
+      // dP = dO Vᵀ, then dS = P ∘ (dP − D), times 1 − tanh² under a softcap. Where P = 0 (a
+      // key the row does not see) dS is 0 even if the key's value is NaN: NaN reaches only the
+      // rows that see it, as in the forward.
       compute_scores(scratch.do_t, v_rows, block.count, dim_v_, row_vectors, all_rows,
                      scratch.dp_t);
       const Vec<T> one = splat(T(1));
+      const Vec<T> zero{};
       for (Index j = 0; j < block.count; ++j)
         for (int c = 0; c < row_vectors; ++c) {
           const Index at = j * kBlockQ + c * L;
-          Vec<T> ds = load(scratch.s_t + at) * (load(scratch.dp_t + at) - load(row_delta + c * L));
+          const Vec<T> p = load(scratch.s_t + at);
+          Vec<T> ds = p * (load(scratch.dp_t + at) - load(row_delta + c * L));
           if (has_softcap_) {
             const Vec<T> t = load(scratch.tanh_t + at);
             ds = ds * (one - t * t);
           }
-          store(scratch.dp_t + at, ds);
+          store(scratch.dp_t + at, p == zero ? zero : ds);
         }
       // dV[key] += Σ_r P[key][r] dO[r];  dK[key] += Σ_r dS[key][r] q[r];  dQ[r] += Σ_key dS k.
       accumulate_rows(scratch.s_t, 1, kBlockQ, grad_out_rows, num_rows, dim_v_, grad_v_rows,
