@@ -175,7 +175,7 @@ void decode_impl(TensorView<const T, 4> q, const KVCache<T>& cache, const Attent
   for (Index b = 0; b < batch; ++b)
     max_chunks = std::max(max_chunks, first_chunk[static_cast<std::size_t>(b) + 1] -
                                           first_chunk[static_cast<std::size_t>(b)]);
-  const int merge_threads = detail::threads_for(batch * heads_q, params.num_threads);
+  const int merge_threads = detail::team_size(batch * heads_q, params.num_threads);
   const auto scratch_size =
       static_cast<std::size_t>(std::max<Index>(max_chunks, 1) * merge_threads);
   std::vector<const T*> state_rows(scratch_size);

@@ -312,7 +312,7 @@ int resolve_threads(const char* function, int num_threads) {
 // The threads worth starting for a pass over `elements` tokens: the delay kernels move a few
 // bytes per element, so a thread below ~128k elements costs more to wake than it saves (and
 // far more on a loaded machine). The split never changes results.
-int threads_for(int threads, Index elements) {
+int threads_worth_starting(int threads, Index elements) {
   constexpr Index kElementsPerThread = Index{1} << 17;
   return static_cast<int>(std::clamp<Index>(elements / kElementsPerThread, 1, threads));
 }
@@ -341,7 +341,7 @@ void spade_delay(const SpadeSchema& schema, TensorView<const std::int64_t, 3> id
   detail::require_disjoint(kFunction, "mask", mask, "delayed_ids", delayed_ids);
   detail::require_disjoint(kFunction, "mask", mask, "delayed_values", delayed_values);
   require_lengths(kFunction, lengths, batch, length);
-  const int threads = threads_for(resolve_threads(kFunction, num_threads), mask.numel());
+  const int threads = threads_worth_starting(resolve_threads(kFunction, num_threads), mask.numel());
   require_valid_tokens(kFunction, schema, ids, values, lengths, threads);
   delay_columns<std::int64_t>(
       schema, schema.discrete_features(), ids, lengths, delayed_ids,
@@ -370,8 +370,8 @@ void spade_undelay(const SpadeSchema& schema, TensorView<const std::int64_t, 3> 
         ": the delayed sequence length (T) must be >= max shift = ", schema.max_shift(), ", got ",
         steps);
   require_delay_pairs(kFunction, schema, delayed_ids, delayed_values, ids, values, batch, length);
-  const int threads =
-      threads_for(resolve_threads(kFunction, num_threads), batch * length * schema.num_features());
+  const int threads = threads_worth_starting(resolve_threads(kFunction, num_threads),
+                                             batch * length * schema.num_features());
   if (has_ids) {
     undelay_rows<std::int64_t>(shifts_of(schema, schema.discrete_features()),
                                with_unit_last_dim(delayed_ids), with_unit_last_dim(ids), threads);
@@ -401,7 +401,7 @@ void undelay_logits_impl(const SpadeSchema& schema, TensorView<const T, 4> logit
                          schema.num_features());
   detail::require_extent(kFunction, "out", out, 3, "logits.shape[3] (V)", logits.size(3));
   detail::require_disjoint(kFunction, "out", out, "logits", logits);
-  const int threads = threads_for(resolve_threads(kFunction, num_threads), out.numel());
+  const int threads = threads_worth_starting(resolve_threads(kFunction, num_threads), out.numel());
   std::vector<Index> all_features(static_cast<std::size_t>(schema.num_features()));
   for (Index f = 0; f < schema.num_features(); ++f) all_features[static_cast<std::size_t>(f)] = f;
   undelay_rows<T>(shifts_of(schema, all_features), logits, out, threads);

@@ -10,8 +10,8 @@
 #include <random>
 #include <type_traits>
 
-#include "detail/flash_engine.hpp"
 #include "detail/simd.hpp"
+#include "detail/with_count.hpp"
 #include "foveal/core/error.hpp"
 #include "foveal/core/parallel.hpp"
 #include "foveal/detail/validate.hpp"

@@ -305,7 +305,7 @@ void run_flash_backward(const BackwardParams<T>& params, const Policy& policy) {
   const Index heads_kv = params.forward.k.size(1);
   const Index num_tasks = batch * heads_kv;
   if (num_tasks == 0) return;
-  const int num_threads = threads_for(num_tasks, params.forward.num_threads);
+  const int num_threads = team_size(num_tasks, params.forward.num_threads);
   const BackwardWorkspace<T> workspace(params.forward.q.size(3), params.forward.v.size(3),
                                        num_threads);
   const BackwardRunner<T> runner(params);

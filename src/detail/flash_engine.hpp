@@ -59,6 +59,7 @@
 #include "detail/mask.hpp"
 #include "detail/simd.hpp"
 #include "detail/softmax_math.hpp"
+#include "detail/with_count.hpp"
 #include "foveal/core/parallel.hpp"
 #include "foveal/core/tensor.hpp"
 
@@ -288,16 +289,6 @@ inline void dot_score_micro(const T* q_rows, Index q_stride, const T* const* k_r
     FOVEAL_UNROLL
     for (int r = 0; r < NR; ++r) s_t[j * kBlockQ + r] = sums[j * NR + r];
   }
-}
-
-// Calls body(std::integral_constant<int, N>{}) with N = count, for a run-time count in
-// [1, Max]: how a micro-kernel of compile-time size is picked for a partial tile.
-template <int Max, typename Body>
-inline void with_count(int count, Body&& body) {
-  if constexpr (Max > 1) {
-    if (count < Max) return with_count<Max - 1>(count, body);
-  }
-  body(std::integral_constant<int, Max>{});
 }
 
 // Scores of `num_keys` keys against the first `row_vectors` vectors of packed queries.
@@ -770,11 +761,6 @@ class TileWorkspace {
   AlignedArray<T> memory_;
 };
 
-// The thread count of a call with `num_tasks` tasks: the request, at least 1, at most the tasks.
-inline int threads_for(Index num_tasks, int requested) {
-  return static_cast<int>(std::max<Index>(std::min<Index>(std::max(requested, 1), num_tasks), 1));
-}
-
 // The usual task list: `outer` units (batch entries; split-KV decode: key chunks) times kv
 // heads times tiles of kBlockQ flat rows. Tiles late in the sequence come first: under a causal
 // mask they see the most keys, and handed out first they finish with the rest.
@@ -826,7 +812,7 @@ template <typename T, typename Plan, typename PolicyScratch = NoPolicyScratch>
 void run_engine(const FlashParams<T>& params, Index num_tasks, Plan&& plan,
                 const PolicyScratch& policy_scratch = {}) {
   if (num_tasks <= 0) return;
-  const int num_threads = threads_for(num_tasks, params.num_threads);
+  const int num_threads = team_size(num_tasks, params.num_threads);
   const TileWorkspace<T> workspace(params.q.size(3), params.v.size(3), num_threads);
   std::vector<PolicyScratch> scratch(static_cast<std::size_t>(num_threads), policy_scratch);
   const TileRunner<T> runner(params, workspace.acc_stride());

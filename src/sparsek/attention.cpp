@@ -185,11 +185,10 @@ std::vector<HeadSelection> select_all(const TensorView<const T, 3>& u,
                                       const SparseKGeometry& geometry, int num_threads) {
   const Index batch = u.size(0), heads_kv = u.size(1);
   std::vector<HeadSelection> selections(static_cast<std::size_t>(batch * heads_kv));
-  parallel_for(batch * heads_kv, detail::threads_for(batch * heads_kv, num_threads),
-               [&](Index task) {
-                 detail::select_head(u.address(task / heads_kv, task % heads_kv, 0), u.stride(2),
-                                     geometry, selections[static_cast<std::size_t>(task)]);
-               });
+  parallel_for(batch * heads_kv, detail::team_size(batch * heads_kv, num_threads), [&](Index task) {
+    detail::select_head(u.address(task / heads_kv, task % heads_kv, 0), u.stride(2), geometry,
+                        selections[static_cast<std::size_t>(task)]);
+  });
   return selections;
 }
 
@@ -296,7 +295,7 @@ void attention_impl(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorVi
 
   // Tile unions of every head (non-causal: every tile shares the one selection).
   std::vector<TileUnions> unions(static_cast<std::size_t>(batch * heads_kv));
-  parallel_for(batch * heads_kv, detail::threads_for(batch * heads_kv, params.num_threads),
+  parallel_for(batch * heads_kv, detail::team_size(batch * heads_kv, params.num_threads),
                [&](Index task) {
                  detail::build_tile_unions(selections[static_cast<std::size_t>(task)], geometry,
                                            group, unions[static_cast<std::size_t>(task)]);
@@ -356,7 +355,7 @@ void select_impl(TensorView<const T, 3> u, Index len_q, const SparseKOptions& op
   const SparseKGeometry geometry = SparseKGeometry::make(options, len_q, len_k);
   const int threads = detail::resolve_num_threads(options.num_threads);
   const std::vector<HeadSelection> selections = select_all(u, geometry, threads);
-  parallel_for(batch * heads_kv, detail::threads_for(batch * heads_kv, threads), [&](Index task) {
+  parallel_for(batch * heads_kv, detail::team_size(batch * heads_kv, threads), [&](Index task) {
     const Index b = task / heads_kv, h = task % heads_kv;
     const HeadSelection& selection = selections[static_cast<std::size_t>(task)];
     detail::SelectionSweep sweep(selection);
@@ -407,7 +406,7 @@ void prefix_thresholds_impl(TensorView<const T, 2> z, Index k, TensorView<T, 2> 
   options.causal = true;
   const SparseKGeometry geometry = SparseKGeometry::make(options, 0, n);
   const int threads = detail::resolve_num_threads(num_threads);
-  parallel_for(rows, detail::threads_for(rows, threads), [&](Index r) {
+  parallel_for(rows, detail::team_size(rows, threads), [&](Index r) {
     HeadSelection selection;
     detail::select_head(z.address(r, 0), z.stride(1), geometry, selection);
     for (Index m = 1; m <= n; ++m) tau(r, m - 1) = static_cast<T>(selection.tau[m]);
@@ -433,7 +432,7 @@ void linear_scores_impl(TensorView<const T, 3> x, TensorView<const T, 2> w, doub
   detail::require_disjoint(kFunction, "u", u, "x", x);
   detail::require_disjoint(kFunction, "u", u, "w", w);
   const int threads = detail::resolve_num_threads(num_threads);
-  parallel_for(batch * len, detail::threads_for(batch * len, threads), [&](Index task) {
+  parallel_for(batch * len, detail::team_size(batch * len, threads), [&](Index task) {
     const Index b = task / len, j = task % len;
     for (Index h = 0; h < heads; ++h) {
       double sum = 0;

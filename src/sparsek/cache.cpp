@@ -203,7 +203,7 @@ void SparseKCache<T>::append(TensorView<const T, 4> k, TensorView<const T, 4> v,
   // Heads are independent; a few tokens are not worth waking threads for.
   const Index heads = batch() * heads_kv();
   const int requested = count >= 64 ? detail::resolve_num_threads(options_.num_threads) : 1;
-  parallel_for(heads, detail::threads_for(heads, requested), [&](Index head_index) {
+  parallel_for(heads, detail::team_size(heads, requested), [&](Index head_index) {
     const Index b = head_index / heads_kv(), h = head_index % heads_kv();
     for (Index j = 0; j < count; ++j)
       push_token(head_index, length_ + j, k.address(b, h, j, 0), k.stride(3), v.address(b, h, j, 0),
