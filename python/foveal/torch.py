@@ -3,7 +3,9 @@
 ``attention(q, k, v, ...)`` and ``sliding_window_attention(q, k, v, ...)`` are
 ``foveal.attention`` / ``foveal.sliding_window_attention`` differentiable in q, k and v
 (``foveal.attention_backward``): deterministic gradients, bitwise identical for any thread
-count.
+count. They are the torch.library custom ops ``torch.ops.foveal.attention`` and
+``torch.ops.foveal.attention_backward`` (with fake implementations and registered autograd), so
+``torch.compile(fullgraph=True)`` traces them without graph breaks.
 
 ``sparsek(z, k)`` is the SPARSEK projection (``foveal.sparsek.sparsek``) with its backward
 (``foveal.sparsek.sparsek_backward``) wired into autograd, for CPU float32 / float64 tensors
@@ -26,7 +28,6 @@ from . import pde_ssm as _pde_ssm
 from . import sparsek as _sparsek
 
 __all__ = [
-    "Attention",
     "PdeSsm",
     "SparseK",
     "attention",
@@ -36,51 +37,121 @@ __all__ = [
 ]
 
 
-class Attention(torch.autograd.Function):
-    """q, k, v (and a bias that needs no gradient)  ->  out of ``foveal.attention`` (or of
-    ``foveal.sliding_window_attention`` with ``sliding=True``); backward
-    ``foveal.attention_backward`` from the saved out and lse."""
+# Attention as torch.library custom ops: torch.compile traces them as single nodes (their fake
+# implementations give the output shapes) and autograd reaches the backward op, so a compiled
+# model runs foveal's kernels forward and backward without graph breaks.
 
-    @staticmethod
-    def forward(
-        ctx: Any,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        bias: Optional[torch.Tensor],
-        sliding: bool,
-        options: dict,
-    ) -> torch.Tensor:
-        q, k, v = q.detach(), k.detach(), v.detach()
-        if sliding:
-            out, lse = _foveal.sliding_window_attention(q, k, v, return_lse=True, **options)
-        else:
-            bias = None if bias is None else bias.detach()
-            out, lse = _foveal.attention(q, k, v, bias=bias, return_lse=True, **options)
-        ctx.save_for_backward(q, k, v, out, lse, bias)
-        ctx.sliding, ctx.options = sliding, options
-        return out
 
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
-        q, k, v, out, lse, bias = ctx.saved_tensors
-        # Autograd may hand over an expanded (stride-0) gradient: the kernel reads unit rows.
-        grad_out = grad_out.detach().contiguous()
-        if ctx.sliding:
-            grads = _foveal.sliding_window_attention_backward(
-                q, k, v, out, lse, grad_out, **ctx.options
-            )
-        else:
-            grads = _foveal.attention_backward(
-                q, k, v, out, lse, grad_out, bias=bias, **ctx.options
-            )
-        needs = ctx.needs_input_grad
-        return (
-            *(gradient if need else None for gradient, need in zip(grads, needs[:3])),
-            None,
-            None,
-            None,
-        )
+def _options(options: dict) -> dict:
+    """The custom ops' option arguments (plain numbers: None becomes the kernels' sentinel)."""
+    return dict(
+        scale=0.0 if options["scale"] is None else float(options["scale"]),
+        causal=bool(options["causal"]),
+        window_left=int(options["window_left"]),
+        window_right=int(options["window_right"]),
+        sink_tokens=int(options["sink_tokens"]),
+        softcap=float(options["softcap"]),
+        q_offset=-1 if options["q_offset"] is None else int(options["q_offset"]),
+        num_threads=0 if options["num_threads"] is None else int(options["num_threads"]),
+    )
+
+
+def _keywords(scale, causal, window_left, window_right, sink_tokens, softcap, q_offset, threads):
+    """The Python functions' keywords from the custom ops' option arguments."""
+    return dict(
+        scale=None if scale == 0.0 else scale,
+        causal=causal,
+        window_left=window_left,
+        window_right=window_right,
+        sink_tokens=sink_tokens,
+        softcap=softcap,
+        q_offset=None if q_offset == -1 else q_offset,
+        num_threads=None if threads == 0 else threads,
+    )
+
+
+@torch.library.custom_op("foveal::attention", mutates_args=())
+def _attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    sliding: bool,
+    scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    sink_tokens: int,
+    softcap: float,
+    q_offset: int,
+    num_threads: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    keywords = _keywords(
+        scale, causal, window_left, window_right, sink_tokens, softcap, q_offset, num_threads
+    )
+    q, k, v = q.detach(), k.detach(), v.detach()
+    if sliding:
+        return _foveal.sliding_window_attention(q, k, v, return_lse=True, **keywords)
+    bias = None if bias is None else bias.detach()
+    return _foveal.attention(q, k, v, bias=bias, return_lse=True, **keywords)
+
+
+@_attention_op.register_fake
+def _(q, k, v, bias, sliding, scale, causal, wl, wr, sinks, softcap, q_offset, threads):
+    out = q.new_empty((*q.shape[:3], v.shape[3]))
+    return out, q.new_empty(q.shape[:3])
+
+
+@torch.library.custom_op("foveal::attention_backward", mutates_args=())
+def _attention_backward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    sliding: bool,
+    scale: float,
+    causal: bool,
+    window_left: int,
+    window_right: int,
+    sink_tokens: int,
+    softcap: float,
+    q_offset: int,
+    num_threads: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    keywords = _keywords(
+        scale, causal, window_left, window_right, sink_tokens, softcap, q_offset, num_threads
+    )
+    tensors = [t.detach() for t in (q, k, v, out, lse)]
+    # Autograd may hand over an expanded (stride-0) gradient: the kernel reads unit rows.
+    grad_out = grad_out.detach().contiguous()
+    if sliding:
+        return _foveal.sliding_window_attention_backward(*tensors, grad_out, **keywords)
+    bias = None if bias is None else bias.detach()
+    return _foveal.attention_backward(*tensors, grad_out, bias=bias, **keywords)
+
+
+@_attention_backward_op.register_fake
+def _(q, k, v, out, lse, grad_out, bias, sliding, *options):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attention_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    q, k, v, bias, *options = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, bias)
+    ctx.options = options
+
+
+def _attention_backward(ctx: Any, grad_out: torch.Tensor, _grad_lse: Any) -> tuple:
+    q, k, v, out, lse, bias = ctx.saved_tensors
+    grads = _attention_backward_op(q, k, v, out, lse, grad_out, bias, *ctx.options)
+    return (*grads, None, *(None for _ in ctx.options))
+
+
+_attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
 def _no_bias_gradient(bias: Optional[torch.Tensor]) -> None:
@@ -119,7 +190,7 @@ def attention(
         q_offset=q_offset,
         num_threads=num_threads,
     )
-    return Attention.apply(q, k, v, bias, False, options)
+    return _attention_op(q, k, v, bias, False, **_options(options))[0]
 
 
 def sliding_window_attention(
@@ -147,7 +218,7 @@ def sliding_window_attention(
         q_offset=q_offset,
         num_threads=num_threads,
     )
-    return Attention.apply(q, k, v, None, True, options)
+    return _attention_op(q, k, v, None, True, **_options(options))[0]
 
 
 class SparseK(torch.autograd.Function):
