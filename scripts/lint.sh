@@ -11,6 +11,6 @@ fi
 command -v ruff >/dev/null || python3 -m pip install -q --disable-pip-version-check ruff
 
 git ls-files '*.hpp' '*.cpp' | xargs clang-format --dry-run --Werror
-ruff check python tests/python bench examples
-ruff format --check python tests/python bench examples
+ruff check python tests/python tests/fuzz bench examples
+ruff format --check python tests/python tests/fuzz bench examples
 echo "lint: clean"
