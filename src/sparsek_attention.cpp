@@ -457,6 +457,8 @@ void linear_scores_impl(TensorView<const T, 3> x, TensorView<const T, 2> w, doub
   detail::require_extent(kFunction, "u", u, 2, "x.shape[1] (L)", len);
   detail::require_disjoint(kFunction, "u", u, "x", x);
   detail::require_disjoint(kFunction, "u", u, "w", w);
+  // Nothing to write (H = 0 leaves x unread): return before a loop over B * L rows.
+  if (u.empty()) return;
   const int threads = detail::resolve_num_threads(num_threads);
   parallel_for(batch * len, detail::threads_for(batch * len, threads), [&](Index task) {
     const Index b = task / len, j = task % len;
