@@ -179,6 +179,7 @@ void require_scores(const char* function, const TensorView<const T, 3>& u, Index
   detail::require_extent(function, "u", u, 0, "k.shape[0] (B)", batch);
   detail::require_extent(function, "u", u, 1, "k.shape[1] (Hkv)", heads_kv);
   detail::require_extent(function, "u", u, 2, "k.shape[2] (Lk)", len_k);
+  if (u.empty()) return;  // no loop over a huge B of an empty u
   for (Index b = 0; b < batch; ++b)
     for (Index h = 0; h < heads_kv; ++h)
       for (Index j = 0; j < len_k; ++j)

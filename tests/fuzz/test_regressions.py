@@ -11,6 +11,23 @@ CASES = {
         "x = mk((1, 2**40, 0), 'float32', 'zero')\nw = mk((0, 0), 'float32')",
         "r = foveal.sparsek.linear_scores(x, w)\nexpect(r, (1, 0, 2**40), x)",
     ),
+    # sparsek allocated per-thread scratch of n scores even with no rows: z [0, 2**40] (a
+    # stride-0 view) raised MemoryError instead of returning an empty p.
+    "sparsek_no_rows_huge_n": (
+        "z = mk((0, 2**40), 'float32', 'zero')",
+        "r = foveal.sparsek.sparsek(z, 3)\nexpect(r, (0, 2**40), z)",
+    ),
+    # ... and one flag per row before checking the scores: z [2**31, 0] asked for 16 GiB.
+    "sparsek_huge_rows_empty": (
+        "z = mk((2**31, 0), 'float64', 'zero')",
+        "r = foveal.sparsek.sparsek(z, 2)\nexpect(r, (2**31, 0), z)",
+    ),
+    # sparsek_select checked u's scores in a loop over B even when u was empty: u [2**40, 0, 3]
+    # hung.
+    "sparsek_select_empty_u_huge_batch": (
+        "u = mk((2**40, 0, 3), 'float32', 'zero')",
+        "i, g = foveal.sparsek.sparsek_select(u, 2, 1)\nexpect(i, (2**40, 0, 1, 2), u, 'int64')",
+    ),
     # foveal.torch.pde_ssm called .detach() on every parameter: numbers and lists (accepted by
     # foveal.pde_ssm) raised AttributeError.
     "torch_pde_ssm_number_parameters": (
