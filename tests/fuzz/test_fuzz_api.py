@@ -5,7 +5,7 @@ a result of the documented shape and dtype, or ValueError / TypeError / MemoryEr
 a hang, another exception type or a wrong result fails the test, which prints the case as a
 standalone reproducer.
 
-Budget: FOVEAL_FUZZ_SECONDS (default 150) is shared evenly by the entry points; the examples
+Budget: FOVEAL_FUZZ_SECONDS (default 150; scripts/fuzz.sh gives 90) is shared evenly by the entry points; the examples
 are derandomized (the same cases every run) unless FOVEAL_FUZZ_SEED is set, which draws new
 ones from that seed. ``scripts/fuzz.sh --long`` runs an hour.
 """
