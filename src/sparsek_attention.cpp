@@ -422,11 +422,11 @@ void prefix_thresholds_impl(TensorView<const T, 2> z, Index k, TensorView<T, 2> 
     detail::require_disjoint(kFunction, "evicted_at", evicted_at, "z", z);
     detail::require_disjoint(kFunction, "evicted_at", evicted_at, "tau", tau);
   }
+  if (rows == 0 || n == 0) return;  // before any loop over a huge extent of an empty z
   for (Index r = 0; r < rows; ++r)
     for (Index j = 0; j < n; ++j)
       check(std::isfinite(z(r, j)), kFunction, ": z[", r, ", ", j, "] must be finite, got ",
             z(r, j));
-  if (rows == 0 || n == 0) return;
 
   SparseKOptions options;
   options.topk = k;

@@ -28,6 +28,12 @@ CASES = {
         "u = mk((2**40, 0, 3), 'float32', 'zero')",
         "i, g = foveal.sparsek.sparsek_select(u, 2, 1)\nexpect(i, (2**40, 0, 1, 2), u, 'int64')",
     ),
+    # prefix_thresholds checked z's scores in a loop over its rows even when z was empty:
+    # z [2**40, 0] hung.
+    "prefix_thresholds_huge_rows_empty": (
+        "z = mk((2**40, 0), 'float32', 'zero')",
+        "r = foveal.sparsek.prefix_thresholds(z, 2)\nexpect(r, (2**40, 0), z)",
+    ),
     # foveal.torch.pde_ssm called .detach() on every parameter: numbers and lists (accepted by
     # foveal.pde_ssm) raised AttributeError.
     "torch_pde_ssm_number_parameters": (
