@@ -25,8 +25,7 @@ inline void require_attention_options(const char* function, const AttentionOptio
         ": causal=true means window_right = 0, but window_right = ", options.window_right);
   check(options.sink_tokens >= 0, function, ": sink_tokens must be >= 0, got ",
         options.sink_tokens);
-  check(options.num_threads >= 0, function, ": num_threads must be >= 0 (0 = global setting), got ",
-        options.num_threads);
+  require_num_threads(function, options.num_threads);
 }
 
 // Any position >= 0 works (queries past the last key: keys that are a piece of a longer

@@ -222,12 +222,14 @@ void decode_impl(TensorView<const T, 4> q, const KVCache<T>& cache, const Attent
 void decode_attention(TensorView<const float, 4> q, const KVCache<float>& cache,
                       const AttentionOptions& options, TensorView<float, 4> out,
                       TensorView<float, 3> lse) {
+  const auto reading = cache.read_guard(kFunction);
   decode_impl<float>(q, cache, options, out, lse);
 }
 
 void decode_attention(TensorView<const double, 4> q, const KVCache<double>& cache,
                       const AttentionOptions& options, TensorView<double, 4> out,
                       TensorView<double, 3> lse) {
+  const auto reading = cache.read_guard(kFunction);
   decode_impl<double>(q, cache, options, out, lse);
 }
 

@@ -29,9 +29,10 @@ void require_valid_lse(const char* name, const TensorView<const T, 3>& lse) {
     for (Index h = 0; h < lse.size(1); ++h)
       for (Index i = 0; i < lse.size(2); ++i) {
         const T value = lse(b, h, i);
-        check(std::isfinite(value) || value == -std::numeric_limits<T>::infinity(), kFunction, ": ",
-              name, "[", b, ", ", h, ", ", i, "] = ", value,
-              "; a log-sum-exp must be finite or -inf (a state without keys)");
+        check(!(value == std::numeric_limits<T>::infinity()), kFunction, ": ", name, "[", b, ", ",
+              h, ", ", i, "] = ", value,
+              "; a log-sum-exp must be finite, -inf (a state without keys) or NaN (a state that "
+              "met a NaN: the merged row is NaN)");
       }
 }
 
@@ -72,8 +73,7 @@ void merge_impl(TensorView<const T, 4> out_a, TensorView<const T, 3> lse_a,
     detail::require_disjoint(kFunction, "lse", lse, "out_b", out_b);
     detail::require_disjoint(kFunction, "lse", lse, "out", out);
   }
-  check(num_threads >= 0, kFunction, ": num_threads must be >= 0 (0 = global setting), got ",
-        num_threads);
+  detail::require_num_threads(kFunction, num_threads);
   require_valid_lse("lse_a", lse_a);
   require_valid_lse("lse_b", lse_b);
 

@@ -512,14 +512,16 @@ Index PdeSsm<T>::transform_width() const {
 template <typename T>
 void PdeSsm<T>::forward(TensorView<const T, 4> x, TensorView<T, 4> out, int num_threads) const {
   const State& s = *state_;
+  detail::require_num_threads(kFunction, num_threads);
   require_grid_tensor(kFunction, "x", x, s.height, s.width, s.channels, -1);
   require_grid_tensor(kFunction, "out", out, s.height, s.width, s.channels, x.size(0));
   detail::require_disjoint(kFunction, "out", out, "x", x);
   const Index batch = x.size(0);
   if (batch == 0) return;
-  const int threads = detail::resolve_num_threads(num_threads);
-  const ChunkWorkspace<T> workspace(s.fft, s.chunk_lanes, 1, threads);
   const Index chunks = s.num_chunks();
+  // Scratch for the threads the loop starts (never more than its tasks).
+  const int threads = detail::team_size(chunks * batch, detail::resolve_num_threads(num_threads));
+  const ChunkWorkspace<T> workspace(s.fft, s.chunk_lanes, 1, threads);
   // Task order keeps the batches of one chunk together: they share its multiplier.
   parallel_for(chunks * batch, threads, [&](Index task) {
     const Index chunk = task / batch, b = task % batch;
@@ -573,6 +575,7 @@ void PdeSsm<T>::backward(TensorView<const T, 4> x, TensorView<const T, 4> grad_o
                          TensorView<T, 4> grad_x, const PdeSsmGradients<T>& gradients,
                          int num_threads) const {
   const State& s = *state_;
+  detail::require_num_threads(kBackward, num_threads);
   require_grid_tensor(kBackward, "grad_out", grad_out, s.height, s.width, s.channels, -1);
   const Index batch = grad_out.size(0);
   const bool want_parameters = !gradients.diffusion.is_null() || !gradients.velocity.is_null() ||
@@ -598,8 +601,8 @@ void PdeSsm<T>::backward(TensorView<const T, 4> x, TensorView<const T, 4> grad_o
   require_gradient("gradients.time", gradients.time, shape1(s.groups.time), s.groups.time);
   require_gradient("gradients.skip", gradients.skip, shape1(s.groups.skip), s.groups.skip);
 
-  const int threads = detail::resolve_num_threads(num_threads);
   const Index chunks = s.num_chunks();
+  const int threads = detail::team_size(chunks * batch, detail::resolve_num_threads(num_threads));
   std::vector<double> moments(
       want_parameters ? static_cast<std::size_t>(batch * s.channels * kMomentCount) : 0, 0.0);
   if (batch > 0 && (want_parameters || !grad_x.is_null())) {

@@ -46,9 +46,9 @@ SpadeSchema::SpadeSchema(std::vector<SpadeFeature> features) : features_(std::mo
     SpadeFeature& feature = features_[f];
     check(names.insert(feature.name).second, kFunction, ": features[", f,
           "].name must be unique, got \"", feature.name, "\" twice");
-    if (feature.shift == 0) feature.shift = static_cast<Index>(f) + 1;
+    if (feature.shift == SpadeFeature::kDefaultShift) feature.shift = static_cast<Index>(f) + 1;
     check(feature.shift >= 1, kFunction, ": features[", f, "].shift (feature \"", feature.name,
-          "\") must be >= 1 (0 = default f + 1), got ", feature.shift);
+          "\") must be >= 1 (leave it unset for the default f + 1), got ", feature.shift);
     if (f > 0) {
       check(feature.shift > features_[f - 1].shift, kFunction, ": features[", f,
             "].shift (feature \"", feature.name, "\") must be > features[", f - 1,
@@ -303,10 +303,9 @@ void require_delay_pairs(const char* function, const SpadeSchema& schema,
   detail::require_disjoint(function, "delayed_ids", delayed_ids, "delayed_values", delayed_values);
 }
 
-// num_threads >= 0; returns the thread count to use (0: the global setting).
+// num_threads in [0, kMaxThreads]; returns the thread count to use (0: the global setting).
 int resolve_threads(const char* function, int num_threads) {
-  check(num_threads >= 0, function, ": num_threads must be >= 0 (0 = global setting), got ",
-        num_threads);
+  detail::require_num_threads(function, num_threads);
   return detail::resolve_num_threads(num_threads);
 }
 
@@ -719,13 +718,14 @@ void SpadeEmbedding::forward(TensorView<const std::int64_t, 3> ids,
   const Index hidden_total = dense_inputs_ - condition_dim_;
   const Index hidden_padded = (hidden_total + kLanes<float> - 1) / kLanes<float> * kLanes<float>;
   const Index coefficients_size = std::max(hidden_padded, dense_inputs_);
-  // Per-thread scratch, allocated once: the coefficients and the gathered row pointers.
-  std::vector<float> coefficient_scratch(static_cast<std::size_t>(threads * coefficients_size));
-  std::vector<const float*> gathered_scratch(static_cast<std::size_t>(threads * num_discrete));
-
   const Index rows = batch * steps;
   const Index num_tiles = (rows + kTileRows - 1) / kTileRows;
-  parallel_for(num_tiles, threads, [&](Index tile) {
+  // Per-thread scratch, allocated once, for the threads the loop starts (at most its tiles):
+  // the coefficients and the gathered row pointers.
+  const int team = detail::team_size(num_tiles, threads);
+  std::vector<float> coefficient_scratch(static_cast<std::size_t>(team * coefficients_size));
+  std::vector<const float*> gathered_scratch(static_cast<std::size_t>(team * num_discrete));
+  parallel_for(num_tiles, team, [&](Index tile) {
     const Index thread = detail::thread_index();
     float* coefficients = coefficient_scratch.data() + thread * coefficients_size;
     const float** gathered = gathered_scratch.data() + thread * num_discrete;
@@ -793,9 +793,9 @@ SpadeDecoder::SpadeDecoder(SpadeSchema schema, Index batch, Index max_tokens)
         schema_.feature(0).name, "\"");
   check(batch >= 0, kFunction, ": batch must be >= 0, got ", batch);
   check(max_tokens >= 0, kFunction, ": max_tokens must be >= 0, got ", max_tokens);
+  ids_ = Tensor<std::int64_t, 3>({batch, max_tokens, schema_.num_discrete()}, "SpadeDecoder ids");
+  values_ = Tensor<float, 3>({batch, max_tokens, schema_.num_continuous()}, "SpadeDecoder values");
   lengths_.assign(static_cast<std::size_t>(batch), -1);
-  ids_ = Tensor<std::int64_t, 3>({batch, max_tokens, schema_.num_discrete()});
-  values_ = Tensor<float, 3>({batch, max_tokens, schema_.num_continuous()});
   for (Index column = 0; column < schema_.num_discrete(); ++column) {
     const Index pad = schema_.feature(schema_.discrete_features()[column]).pad_id;
     for (Index b = 0; b < batch; ++b)

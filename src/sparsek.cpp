@@ -156,6 +156,7 @@ template <typename T>
 void sparsek_checked(TensorView<const T, 2> z, Index k, TensorView<T, 2> p, TensorView<T, 1> tau,
                      int num_threads) {
   constexpr const char* kFunction = "sparsek";
+  detail::require_num_threads(kFunction, num_threads);
   check(k >= 1, kFunction, ": k must be >= 1, got ", k);
   detail::require_valid_view(kFunction, "z", z);
   check(!p.is_null() || z.empty(), kFunction, ": p must be given");
@@ -177,11 +178,14 @@ void sparsek_checked(TensorView<const T, 2> z, Index k, TensorView<T, 2> p, Tens
     for (Index r = 0; r < rows && !tau.is_null(); ++r) tau(r) = -std::numeric_limits<T>::infinity();
     return;
   }
-  std::vector<RowScratch<T>> scratch;
-  scratch.reserve(static_cast<std::size_t>(threads));
-  for (int t = 0; t < threads; ++t) scratch.emplace_back(k >= n ? 0 : n);
   const Index block = rows_per_task(n);
-  parallel_for((rows + block - 1) / block, threads, [&](std::int64_t task) {
+  const Index tasks = (rows + block - 1) / block;
+  // Scratch for the threads the loop starts: never more than its tasks.
+  const int team = detail::team_size(tasks, threads);
+  std::vector<RowScratch<T>> scratch;
+  scratch.reserve(static_cast<std::size_t>(team));
+  for (int t = 0; t < team; ++t) scratch.emplace_back(k >= n ? 0 : n);
+  parallel_for(tasks, team, [&](std::int64_t task) {
     RowScratch<T>& mine = scratch[detail::thread_index()];
     const Index end = std::min(rows, (task + 1) * block);
     for (Index r = task * block; r < end; ++r)
@@ -215,6 +219,7 @@ template <typename T>
 void sparsek_backward_checked(TensorView<const T, 2> p, TensorView<const T, 2> grad_p,
                               TensorView<T, 2> grad_z, int num_threads) {
   constexpr const char* kFunction = "sparsek_backward";
+  detail::require_num_threads(kFunction, num_threads);
   detail::require_valid_view(kFunction, "p", p);
   detail::require_valid_view(kFunction, "grad_p", grad_p);
   detail::require_extent(kFunction, "grad_p", grad_p, 0, "p.shape[0] (N)", p.size(0));

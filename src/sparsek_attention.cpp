@@ -364,8 +364,7 @@ void select_impl(TensorView<const T, 3> u, Index len_q, const SparseKOptions& op
   const Index batch = u.size(0), heads_kv = u.size(1), len_k = u.size(2);
   require_scores(kFunction, u, batch, heads_kv, len_k);
   detail::require_q_offset(kFunction, options.q_offset);
-  check(options.num_threads >= 0, kFunction, ": num_threads must be >= 0, got ",
-        options.num_threads);
+  detail::require_num_threads(kFunction, options.num_threads);
   detail::require_valid_view(kFunction, "indices", indices);
   detail::require_valid_view(kFunction, "gates", gates);
   const Index shape[4] = {batch, heads_kv, len_q, options.topk};
@@ -408,7 +407,7 @@ void prefix_thresholds_impl(TensorView<const T, 2> z, Index k, TensorView<T, 2> 
                             TensorView<std::int64_t, 2> evicted_at, int num_threads) {
   constexpr const char* kFunction = "sparsek_prefix_thresholds";
   check(k >= 1, kFunction, ": k must be >= 1, got ", k);
-  check(num_threads >= 0, kFunction, ": num_threads must be >= 0, got ", num_threads);
+  detail::require_num_threads(kFunction, num_threads);
   detail::require_valid_view(kFunction, "z", z);
   detail::require_valid_view(kFunction, "tau", tau);
   const Index rows = z.size(0), n = z.size(1);
@@ -450,7 +449,7 @@ void linear_scores_impl(TensorView<const T, 3> x, TensorView<const T, 2> w, doub
   detail::require_valid_view(kFunction, "w", w);
   detail::require_valid_view(kFunction, "u", u);
   check(std::isfinite(slope), kFunction, ": slope must be finite, got ", slope);
-  check(num_threads >= 0, kFunction, ": num_threads must be >= 0, got ", num_threads);
+  detail::require_num_threads(kFunction, num_threads);
   const Index batch = x.size(0), len = x.size(1), dim = x.size(2), heads = w.size(0);
   detail::require_extent(kFunction, "w", w, 1, "x.shape[2] (Dm)", dim);
   detail::require_extent(kFunction, "u", u, 0, "x.shape[0] (B)", batch);

@@ -79,20 +79,18 @@ SparseKCache<T>::SparseKCache(Index batch, Index heads_kv, Index dim, Index dim_
   detail::require_attention_options(kFunction, shared);
   scale_ = detail::resolve_scale<T>(kFunction, shared, dim);
   // Storage is allocated once, for every row the cache may ever hold.
-  const double rows = static_cast<double>(options.sink_tokens) +
-                      static_cast<double>(options.window) + static_cast<double>(options.topk);
-  const double elements = std::max(static_cast<double>(batch * heads_kv), 1.0) * rows *
-                          static_cast<double>(std::max(dim, dim_v) + 1);
-  constexpr double kMaxElements = 1ull << 40;
-  check(elements <= kMaxElements, kFunction, ": sink_tokens + window + topk = ", rows,
-        " rows per head of ", dim, " + ", dim_v, " + 1 numbers are more than can be allocated");
-  const auto capacity = static_cast<Index>(rows);
-
-  keys_ = Tensor<T, 4>({batch, heads_kv, capacity, dim});
-  values_ = Tensor<T, 4>({batch, heads_kv, capacity, dim_v});
-  scores_ = Tensor<T, 3>({batch, heads_kv, capacity});
-  heads_.reserve(static_cast<std::size_t>(batch * heads_kv));
-  for (Index head = 0; head < batch * heads_kv; ++head) heads_.emplace_back(options.topk);
+  const Index capacity =
+      detail::checked_add("SparseKCache: sink_tokens + window + topk",
+                          detail::checked_add("SparseKCache: sink_tokens + window",
+                                              options.sink_tokens, options.window),
+                          options.topk);
+  const Index heads = detail::checked_numel<HeadState>("SparseKCache heads", {batch, heads_kv});
+  keys_ = Tensor<T, 4>({batch, heads_kv, capacity, dim}, "SparseKCache keys");
+  values_ = Tensor<T, 4>({batch, heads_kv, capacity, dim_v}, "SparseKCache values");
+  scores_ = Tensor<T, 3>({batch, heads_kv, capacity}, "SparseKCache scores");
+  detail::checked_numel<Index>("SparseKCache top-k slots", {heads, options.topk});
+  heads_.reserve(static_cast<std::size_t>(heads));
+  for (Index head = 0; head < heads; ++head) heads_.emplace_back(options.topk);
   slot_rows_.resize(static_cast<std::size_t>(options.topk));
   for (Index slot = 0; slot < options.topk; ++slot)
     slot_rows_[static_cast<std::size_t>(slot)] = options.sink_tokens + options.window + slot;
@@ -181,6 +179,7 @@ template <typename T>
 void SparseKCache<T>::append(TensorView<const T, 4> k, TensorView<const T, 4> v,
                              TensorView<const T, 3> u) {
   constexpr const char* kFunction = "SparseKCache::append";
+  const detail::UseGuard::Mutation mutation(guard_, "cache", kFunction);
   detail::require_valid_view(kFunction, "k", k);
   detail::require_valid_view(kFunction, "v", v);
   detail::require_valid_view(kFunction, "u", u);
@@ -222,6 +221,7 @@ template <typename T>
 void SparseKCache<T>::attend(TensorView<const T, 4> q, TensorView<T, 4> out,
                              TensorView<T, 3> lse) const {
   constexpr const char* kFunction = "SparseKCache::attend";
+  const detail::UseGuard::Read reading(guard_, "cache", kFunction);
   detail::require_queries_and_outputs(
       kFunction, q, out, lse, {"the cache's heads_kv", heads_kv(), "the cache's dim_v", dim_v()});
   detail::require_extent(kFunction, "q", q, 0, "the cache's batch (B)", batch());
@@ -279,6 +279,7 @@ void SparseKCache<T>::attend(TensorView<const T, 4> q, TensorView<T, 4> out,
 
 template <typename T>
 void SparseKCache<T>::reset() {
+  const detail::UseGuard::Mutation mutation(guard_, "cache", "SparseKCache::reset");
   length_ = 0;
   for (HeadState& head : heads_) {
     head.threshold.reset();

@@ -259,6 +259,7 @@ void require_finite(const char* function, const char* name, TensorView<const T, 
 template <typename T>
 void require_rows(const char* function, const char* name, TensorView<const T, 2> rows, Index dim,
                   const char* dim_name, int num_threads) {
+  detail::require_num_threads(function, num_threads);
   detail::require_valid_view(function, name, rows);
   detail::require_unit_inner_stride(function, name, rows);
   if (dim >= 0) detail::require_extent(function, name, rows, 1, dim_name, dim);
@@ -375,7 +376,7 @@ VectorQuantizer::VectorQuantizer(Index num_codes, Index dim, const VqOptions& op
   check(num_codes >= 1, kFunction, ": num_codes (K) must be >= 1, got ", num_codes);
   check(dim >= 1, kFunction, ": dim (D) must be >= 1, got ", dim);
   require_options(kFunction, options);
-  codebook_ = Tensor<float, 2>({num_codes, dim});
+  codebook_ = Tensor<float, 2>({num_codes, dim}, "VectorQuantizer codebook");
   reset_statistics(1.0);
 }
 
@@ -388,7 +389,7 @@ VectorQuantizer::VectorQuantizer(TensorView<const float, 2> codebook, const VqOp
         codebook.size(0));
   check(codebook.size(1) >= 1, kFunction, ": codebook.shape[1] (D) must be >= 1, got ",
         codebook.size(1));
-  codebook_ = Tensor<float, 2>({codebook.size(0), codebook.size(1)});
+  codebook_ = Tensor<float, 2>({codebook.size(0), codebook.size(1)}, "VectorQuantizer codebook");
   set_codebook(codebook);
 }
 
@@ -404,8 +405,8 @@ void VectorQuantizer::set_codebook(TensorView<const float, 2> codebook) {
 }
 
 void VectorQuantizer::reset_statistics(double cluster_size) {
-  cluster_size_ = Tensor<double, 1>({num_codes()});
-  code_sums_ = Tensor<double, 2>({num_codes(), dim()});
+  cluster_size_ = Tensor<double, 1>({num_codes()}, "VectorQuantizer cluster sizes");
+  code_sums_ = Tensor<double, 2>({num_codes(), dim()}, "VectorQuantizer code sums");
   for (Index k = 0; k < num_codes(); ++k) {
     cluster_size_(k) = cluster_size;
     for (Index d = 0; d < dim(); ++d) code_sums_(k, d) = cluster_size * codebook_(k, d);
@@ -445,6 +446,21 @@ void VectorQuantizer::init_kmeans(TensorView<const float, 2> x, Index lloyd_iter
   check(x.size(0) >= 1, kFunction, ": x.shape[0] (N) must be >= 1, got ", x.size(0));
   check(lloyd_iterations >= 0, kFunction, ": lloyd_iterations must be >= 0, got ",
         lloyd_iterations);
+  // An interrupted call (detail::check_interrupt throws) restores the codebook it changed; the
+  // statistics are reset only once the codebook is final.
+  Tensor<float, 2> saved({num_codes(), dim()}, "VectorQuantizer codebook");
+  std::copy(codebook_.data(), codebook_.data() + codebook_.numel(), saved.data());
+  try {
+    kmeans_codebook(x, lloyd_iterations, seed, num_threads);
+  } catch (...) {
+    codebook_ = std::move(saved);
+    throw;
+  }
+  reset_statistics(1.0);
+}
+
+void VectorQuantizer::kmeans_codebook(TensorView<const float, 2> x, Index lloyd_iterations,
+                                      std::uint64_t seed, int num_threads) {
   const Tensor<float, 2> rows = metric_rows(x, options_.metric);
   const Index n_rows = rows.size(0);
   std::mt19937_64 generator(seed);
@@ -456,6 +472,7 @@ void VectorQuantizer::init_kmeans(TensorView<const float, 2> x, Index lloyd_iter
   const Index tasks = (n_rows + kRowsPerTask - 1) / kRowsPerTask;
   Index chosen = std::uniform_int_distribution<Index>(0, n_rows - 1)(generator);
   for (Index k = 0; k < num_codes(); ++k) {
+    detail::check_interrupt();
     if (k > 0) {
       const double total = std::accumulate(nearest.begin(), nearest.end(), 0.0);
       if (total > 0) {
@@ -482,13 +499,21 @@ void VectorQuantizer::init_kmeans(TensorView<const float, 2> x, Index lloyd_iter
     });
   }
   // Lloyd: every code moves to the mean of the rows assigned to it.
-  Tensor<std::int64_t, 1> assignment({n_rows});
+  // Stops early once an assignment repeats the previous one: the codes are already the means
+  // of their rows, so every further step would give the same bits.
+  Tensor<std::int64_t, 1> assignment({n_rows}, "VectorQuantizer k-means assignment");
+  Tensor<std::int64_t, 1> previous({n_rows}, "VectorQuantizer k-means assignment");
   for (Index iteration = 0; iteration < lloyd_iterations; ++iteration) {
+    detail::check_interrupt();
     assign_unchecked(rows.view(), codebook(), assignment.view(), {}, options_.metric, num_threads);
+    if (iteration > 0 && std::equal(assignment.data(), assignment.data() + n_rows, previous.data()))
+      break;
+    std::swap(assignment, previous);
+    const Tensor<std::int64_t, 1>& current = previous;
     std::vector<double> sums(static_cast<std::size_t>(num_codes() * dim()), 0.0);
     std::vector<Index> counts(static_cast<std::size_t>(num_codes()), 0);
     for (Index n = 0; n < n_rows; ++n) {
-      const Index code = assignment(n);
+      const Index code = current(n);
       ++counts[static_cast<std::size_t>(code)];
       for (Index d = 0; d < dim(); ++d) sums[code * dim() + d] += rows(n, d);
     }
@@ -507,7 +532,6 @@ void VectorQuantizer::init_kmeans(TensorView<const float, 2> x, Index lloyd_iter
         codebook_(k, d) = static_cast<float>(sums[k * dim() + d] * factor);
     }
   }
-  reset_statistics(1.0);
 }
 
 void VectorQuantizer::update(TensorView<const float, 2> x, TensorView<std::int64_t, 1> indices,
@@ -669,12 +693,17 @@ void ResidualVQ::init_kmeans(TensorView<const float, 2> x, Index lloyd_iteration
         lloyd_iterations);
   Tensor<float, 2> residual = copy_rows(x);
   Tensor<std::int64_t, 1> stage_codes({x.size(0)});
+  // New stages replace the old ones only once all are trained (an interrupt changes nothing).
+  std::vector<VectorQuantizer> trained;
+  trained.reserve(stages_.size());
   for (Index s = 0; s < num_stages(); ++s) {
-    stage(s).init_kmeans(residual.view(), lloyd_iterations, seed + static_cast<std::uint64_t>(s),
-                         num_threads);
-    stage(s).quantize(residual.view(), stage_codes.view(), {}, {}, num_threads);
-    subtract_codes(stage(s).codebook(), stage_codes.view(), residual);
+    VectorQuantizer& fresh = trained.emplace_back(stage(s).codebook(), stage(s).options());
+    fresh.init_kmeans(residual.view(), lloyd_iterations, seed + static_cast<std::uint64_t>(s),
+                      num_threads);
+    fresh.quantize(residual.view(), stage_codes.view(), {}, {}, num_threads);
+    subtract_codes(fresh.codebook(), stage_codes.view(), residual);
   }
+  stages_.swap(trained);
 }
 
 void ResidualVQ::update(TensorView<const float, 2> x, bool update_codebook, int num_threads) {

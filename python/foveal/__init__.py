@@ -17,6 +17,7 @@ from . import _core
 __version__: str = _core.__version__
 
 __all__ = [
+    "MAX_THREADS",
     "AttentionKernel",
     "KVCache",
     "attention",
@@ -34,7 +35,9 @@ _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def set_num_threads(num_threads: int) -> None:
-    """Sets the number of threads foveal uses when a call names none; 0 restores the default."""
+    """Sets the number of threads foveal uses when a call names none; 0 restores the default
+    (OpenMP's: OMP_NUM_THREADS or the core count, at most MAX_THREADS). Values outside
+    [0, MAX_THREADS] raise ValueError. A call never starts more threads than it has tasks."""
     _core.set_num_threads(_as_int("set_num_threads", "num_threads", num_threads))
 
 
@@ -51,10 +54,30 @@ def _is_torch(x: Any) -> bool:
     return type(x).__module__.split(".")[0] == "torch"
 
 
+MAX_THREADS: int = _core.MAX_THREADS
+"""The most threads a call's ``num_threads`` or :func:`set_num_threads` accepts (1024)."""
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+
+
 def _as_int(function: str, name: str, value: Any) -> int:
+    """An int argument: TypeError for other types, ValueError outside int64; an argument named
+    ``num_threads`` must be in [0, MAX_THREADS]."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"foveal: {function}: {name} must be an int, got {type(value).__name__}")
-    return int(value)
+    value = int(value)
+    if name == "num_threads":
+        if not 0 <= value <= MAX_THREADS:
+            raise ValueError(
+                f"foveal: {function}: num_threads must be in [0, {MAX_THREADS}] "
+                f"(0 = the global setting), got {value}"
+            )
+    elif not _INT64_MIN <= value <= _INT64_MAX:
+        raise ValueError(
+            f"foveal: {function}: {name} must fit in a 64-bit integer "
+            f"([-2**63, 2**63 - 1]), got {value}"
+        )
+    return value
 
 
 def _as_float(function: str, name: str, value: Any) -> float:
@@ -81,7 +104,11 @@ def _to_numpy(function: str, name: str, x: Any) -> np.ndarray:
                 "forward pass only: pass a tensor that does not require grad "
                 "(torch.no_grad() or .detach())"
             )
-        return x.numpy()
+        try:
+            return x.numpy()
+        except TypeError:  # a dtype numpy has no type for (bfloat16, ...)
+            wanted = "float32 or float64" if x.is_floating_point() else "a dtype numpy can view"
+            raise TypeError(f"foveal: {function}: {name} must be {wanted}, got {x.dtype}") from None
     if hasattr(x, "__dlpack__"):
         return np.from_dlpack(x)
     try:
@@ -136,12 +163,28 @@ def _float_dtype_arg(function: str, dtype: Any) -> np.dtype:
     return dtype
 
 
+def _torch_empty(shape: tuple, dtype: np.dtype) -> Any:
+    """torch.empty of a numpy dtype; an allocation failure is MemoryError (torch raises
+    RuntimeError), naming the shape and the byte count."""
+    import torch
+
+    torch_dtype = getattr(torch, np.dtype(dtype).name)
+    try:
+        return torch.empty(shape, dtype=torch_dtype)
+    except RuntimeError as error:
+        if "memory" not in str(error) and "allocat" not in str(error):
+            raise
+        nbytes = int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize
+        raise MemoryError(
+            f"foveal: cannot allocate an output tensor of shape {tuple(shape)} and dtype "
+            f"{np.dtype(dtype).name} ({nbytes} bytes): {error}"
+        ) from None
+
+
 def _new_like(reference: Any, shape: tuple, dtype: np.dtype) -> tuple[Any, np.ndarray]:
     """A new uninitialized tensor of the reference's kind, and a numpy view of it."""
     if _is_torch(reference):
-        import torch
-
-        tensor = torch.empty(shape, dtype=torch.float32 if dtype == np.float32 else torch.float64)
+        tensor = _torch_empty(shape, dtype)
         return tensor, tensor.numpy()
     array = np.empty(shape, dtype=dtype)
     return array, array
@@ -276,7 +319,8 @@ def attention(
     ``causal=True`` is ``window_right=0``) or ``j < sink_tokens``. ``softcap`` > 0 applies
     ``softcap * tanh(logit / softcap)`` before ``bias`` is added. ``bias`` is additive,
     ``[B or 1, Hq or 1, Lq, Lk]`` (or ``[Lq, Lk]``, ``[Hq, Lq, Lk]``); a boolean mask
-    (True = attend) is accepted too. A query that sees no key gets output 0 (and lse -inf).
+    (True = attend) is accepted too. A query that sees no key gets output 0 (and lse -inf); a
+    NaN in q, or in the key or value of a key a query sees, gives NaN in that row only.
 
     Returns ``out``, or ``(out, lse)`` with ``return_lse=True`` (lse ``[B, Hq, Lq]``, natural
     log of each row's softmax denominator). ``out=`` writes into a given tensor.
@@ -403,6 +447,11 @@ class KVCache:
     the cache). With ``ring=True`` the cache is a ring buffer for sliding-window layers: once
     full, a new token overwrites the oldest one that is not among the first ``sink_tokens``;
     without it, appending past capacity raises ValueError. A rejected call changes nothing.
+
+    Storage is zeroed lazily (untouched rows take no memory); a size that cannot be allocated
+    raises MemoryError naming the byte count. Any number of threads may decode over one cache
+    at once, but ``append``, ``truncate`` and ``reset`` must run alone: overlapping misuse
+    raises ValueError ("the cache is being modified by another thread") and changes nothing.
     """
 
     def __init__(
@@ -552,7 +601,8 @@ def decode_attention(
     and values first. Options as in :func:`attention` (``causal=True`` for verifying Lq > 1
     speculative drafts; windows and sinks for local layers, also over a ring buffer). The
     keys are split into fixed chunks computed in parallel and merged in order, so results do not
-    depend on the thread count.
+    depend on the thread count. A NaN in q or in a key or value a query sees makes its row NaN,
+    as in :func:`attention`.
     """
     function = "decode_attention"
     if not isinstance(cache, KVCache):

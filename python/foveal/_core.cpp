@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <exception>
 #include <map>
 #include <memory>
 #include <optional>
@@ -212,6 +213,23 @@ void merge_typed(const py::array& out_a, const py::array& lse_a, const py::array
 PYBIND11_MODULE(_core, m) {
   m.doc() = "foveal's compiled kernels; use the functions of the foveal package instead.";
   m.attr("__version__") = FOVEAL_VERSION;
+
+  // foveal::MemoryError (an allocation that passed every size check but does not fit) is
+  // Python's MemoryError with foveal's message.
+  py::register_exception_translator([](std::exception_ptr pointer) {
+    try {
+      if (pointer) std::rethrow_exception(pointer);
+    } catch (const foveal::MemoryError& error) {
+      PyErr_SetString(PyExc_MemoryError, error.what());
+    }
+  });
+  // Long loops (k-means) poll for Ctrl-C between steps: the check takes the GIL, and a pending
+  // KeyboardInterrupt (or any exception a signal handler raised) propagates as that exception.
+  foveal::set_interrupt_check([] {
+    py::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+  });
+  m.attr("MAX_THREADS") = foveal::kMaxThreads;
 
   m.def("set_num_threads", &foveal::set_num_threads, py::arg("num_threads"));
   m.def("get_num_threads", &foveal::get_num_threads);

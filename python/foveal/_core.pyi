@@ -15,6 +15,9 @@ _Array = npt.NDArray[Any]
 _Float = SupportsFloat | SupportsIndex
 _Int = SupportsInt | SupportsIndex
 
+# The largest num_threads any call or set_num_threads accepts (1024).
+MAX_THREADS: int
+
 # Sets the number of threads a call that names none uses; 0 restores the default.
 def set_num_threads(num_threads: _Int) -> None: ...
 
@@ -180,7 +183,7 @@ class SpadeSchema:
         vocab_sizes: list[_Int],
         pad_ids: list[_Int],
         missing_ids: list[_Int],
-        shifts: list[_Int],
+        shifts: list[_Int | None],
     ) -> None: ...
     @property
     def shifts(self) -> list[int]: ...

@@ -30,7 +30,7 @@ foveal::SpadeSchema make_schema(const std::vector<std::string>& names,
                                 const std::vector<Index>& vocab_sizes,
                                 const std::vector<Index>& pad_ids,
                                 const std::vector<Index>& missing_ids,
-                                const std::vector<Index>& shifts) {
+                                const std::vector<std::optional<Index>>& shifts) {
   const std::size_t count = names.size();
   foveal::check(discrete.size() == count && vocab_sizes.size() == count &&
                     pad_ids.size() == count && missing_ids.size() == count &&
@@ -44,7 +44,7 @@ foveal::SpadeSchema make_schema(const std::vector<std::string>& names,
     features[f].vocab_size = vocab_sizes[f];
     features[f].pad_id = pad_ids[f];
     features[f].missing_id = missing_ids[f];
-    features[f].shift = shifts[f];
+    features[f].shift = shifts[f].value_or(foveal::SpadeFeature::kDefaultShift);  // None: default
   }
   return foveal::SpadeSchema(std::move(features));
 }

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
-from . import _as_float, _as_int, _core, _is_torch, _to_numpy
+from . import _as_float, _as_int, _core, _is_torch, _to_numpy, _torch_empty
 
 __all__ = [
     "Decoder",
@@ -94,7 +94,7 @@ class Schema:
             [_as_int(function, "vocab_size", feature.vocab_size) for feature in features],
             [_as_int(function, "pad_id", feature.pad_id) for feature in features],
             [_as_int(function, "missing_id", feature.missing_id) for feature in features],
-            [0 if f.shift is None else _as_int(function, "shift", f.shift) for f in features],
+            [None if f.shift is None else _as_int(function, "shift", f.shift) for f in features],
         )
         self.features: tuple[Feature, ...] = tuple(
             dataclasses.replace(feature, shift=shift)
@@ -182,9 +182,7 @@ def _new(like: Any, shape: tuple, dtype: Any) -> tuple[Any, np.ndarray]:
     the numpy view they write (bool tensors as uint8)."""
     name = np.dtype(dtype).name
     if _is_torch(like):
-        import torch
-
-        tensor = torch.empty(shape, dtype=getattr(torch, name))
+        tensor = _torch_empty(shape, dtype)
         array = tensor.numpy()
     else:
         tensor = array = np.empty(shape, dtype=dtype)

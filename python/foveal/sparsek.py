@@ -27,6 +27,7 @@ from . import (
     _new_like,
     _output,
     _to_numpy,
+    _torch_empty,
 )
 
 __all__ = [
@@ -255,9 +256,7 @@ def sparsek_select(
     _check_array(function, "u", u_array, "B, Hkv, Lk", dtype)
     shape = (*u_array.shape[:2], len_q, selection["topk"])
     if _is_torch(u):
-        import torch
-
-        indices = torch.empty(shape, dtype=torch.int64)
+        indices = _torch_empty(shape, np.int64)
         indices_array = indices.numpy()
     else:
         indices = indices_array = np.empty(shape, dtype=np.int64)
@@ -282,9 +281,7 @@ def prefix_thresholds(
     evicted = evicted_array = None
     if return_evicted:
         if _is_torch(z):
-            import torch
-
-            evicted = torch.empty(shape, dtype=torch.int64)
+            evicted = _torch_empty(shape, np.int64)
             evicted_array = evicted.numpy()
         else:
             evicted = evicted_array = np.empty(shape, dtype=np.int64)

@@ -689,7 +689,8 @@ TYPED_TEST(DecodeErrors, WindowBelowMinusOneIsRejected) {
 TYPED_TEST(DecodeErrors, NegativeThreadCountIsRejected) {
   this->options.num_threads = -1;
   this->expect_rejected(
-      {"foveal: decode_attention: num_threads must be >= 0 (0 = global setting), got -1"});
+      {"foveal: decode_attention: num_threads must be in [0, 1024] (0 = the global setting), got "
+       "-1"});
 }
 
 TYPED_TEST(DecodeErrors, WindowLargerThanTheRingKeepsIsRejected) {

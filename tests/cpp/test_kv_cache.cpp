@@ -898,8 +898,8 @@ TYPED_TEST(KVCacheErrors, WrappedStorageMustFitTogether) {
                        {"KVCache: values.shape[1] must equal keys.shape[1] (Hkv) = 3, got 1"});
   expect_wrap_rejected(TensorView<T, 4>(keys_memory.data(), {kBatch, kHeadsKv, kCapacity, 0}),
                        values, {"KVCache: keys.shape[3] (D) must be >= 1, got 0"});
-  Shape<4> strided = keys.strides();
-  strided[3] = 2;
+  Shape<4> strided = keys.strides();  // every stride doubled: distinct elements, inner stride 2
+  for (Index& stride : strided) stride *= 2;
   expect_wrap_rejected(TensorView<T, 4>(keys_memory.data(), keys.shape(), strided), values,
                        {"KVCache: keys must have stride 1 in its last dimension", "got stride 2"});
   expect_wrap_rejected(

@@ -517,13 +517,15 @@ TEST(SparseKCache, BadOptionsAreRejected) {
   EXPECT_TRUE(throws_error_with(make(1, 1, 4, 4, o), {"softcap"}));
   o = good;
   o.num_threads = -1;
-  EXPECT_TRUE(throws_error_with(make(1, 1, 4, 4, o), {"num_threads must be >= 0"}));
+  EXPECT_TRUE(throws_error_with(make(1, 1, 4, 4, o), {"num_threads must be in [0, 1024]"}));
   o = good;
   o.gate = static_cast<SparseKGate>(7);
   EXPECT_TRUE(throws_error_with(make(1, 1, 4, 4, o), {"gate must be"}));
   o = good;
-  o.topk = Index(1) << 50;
-  EXPECT_TRUE(throws_error_with(make(1, 1, 4, 4, o), {"more than can be allocated"}));
+  o.topk = Index(1) << 50;  // 2^54 bytes of keys: no overflow, but more than can be allocated
+  EXPECT_THROW(make(1, 1, 4, 4, o)(), MemoryError);
+  o.topk = std::numeric_limits<Index>::max();  // sink_tokens + window + topk overflows
+  EXPECT_TRUE(throws_error_with(make(1, 1, 4, 4, o), {"sink_tokens + window + topk"}));
 }
 
 // The observable state of a cache: length, rows, selections, τ, and the attention of a query.

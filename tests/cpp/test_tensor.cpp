@@ -274,7 +274,7 @@ TEST(NumThreads, NegativeIsRejectedAndKeepsTheSetting) {
   set_num_threads(2);
   EXPECT_TRUE(test::throws_error_with(
       [] { set_num_threads(-1); },
-      {"foveal: set_num_threads: num_threads must be >= 0 (0 = default), got -1"}));
+      {"foveal: set_num_threads: num_threads must be in [0, 1024] (0 = the default), got -1"}));
   EXPECT_EQ(get_num_threads(), 2);
 }
 

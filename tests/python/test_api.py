@@ -46,7 +46,9 @@ def test_set_and_get_num_threads():
 
 
 def test_set_num_threads_rejects_bad_values():
-    with pytest.raises(ValueError, match=r"set_num_threads: num_threads must be >= 0 .* got -1"):
+    with pytest.raises(
+        ValueError, match=r"set_num_threads: num_threads must be in \[0, 1024\] .* got -1"
+    ):
         foveal.set_num_threads(-1)
     with pytest.raises(TypeError, match="num_threads must be an int, got float"):
         foveal.set_num_threads(2.0)
@@ -248,7 +250,7 @@ def test_q_offset_bounds_are_accepted():
 
 def test_negative_num_threads():
     q, k, v = qkv()
-    with pytest.raises(ValueError, match="num_threads must be >= 0"):
+    with pytest.raises(ValueError, match=r"num_threads must be in \[0, 1024\]"):
         foveal.attention(q, k, v, num_threads=-1)
 
 

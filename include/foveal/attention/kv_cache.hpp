@@ -8,6 +8,7 @@
 
 #include "foveal/core/error.hpp"
 #include "foveal/core/tensor.hpp"
+#include "foveal/detail/use_guard.hpp"
 #include "foveal/detail/validate.hpp"
 
 namespace foveal {
@@ -54,6 +55,16 @@ struct KVCacheLayout {
 // ring mode, position p is stored in row p for p < sink_tokens and otherwise in row
 // sink_tokens + (p - sink_tokens) % (capacity - sink_tokens); the rows keep the sinks and the
 // newest capacity - sink_tokens other tokens. Every rejected call leaves the cache unchanged.
+//
+// Owned storage is zeroed lazily: large caches are mapped from the kernel's zero pages, so rows
+// never written take no memory (decode reads only the rows of stored tokens). A size whose byte
+// count overflows throws foveal::Error; storage the system cannot provide throws
+// foveal::MemoryError (a std::bad_alloc) naming the byte count.
+//
+// Threads. Any number of threads may read one cache at once (decode_attention); append,
+// truncate and reset must run alone. A mutation that overlaps another mutation or a read, and a
+// read that overlaps a mutation, throws foveal::Error ("the cache is being modified by another
+// thread") instead of corrupting memory; the call that throws changes nothing.
 template <typename T>
 class KVCache {
  public:
@@ -65,8 +76,8 @@ class KVCache {
           "KVCache: sizes must be >= 0 (D >= 1), got batch = ", batch, ", heads_kv = ", heads_kv,
           ", capacity = ", capacity, ", dim = ", dim, ", dim_v = ", dim_v);
     require_options(capacity);
-    keys_owned_ = Tensor<T, 4>({batch, heads_kv, capacity, dim});
-    values_owned_ = Tensor<T, 4>({batch, heads_kv, capacity, dim_v});
+    keys_owned_ = Tensor<T, 4>({batch, heads_kv, capacity, dim}, "KVCache keys");
+    values_owned_ = Tensor<T, 4>({batch, heads_kv, capacity, dim_v}, "KVCache values");
     keys_ = keys_owned_.view();
     values_ = values_owned_.view();
     reset();
@@ -120,6 +131,12 @@ class KVCache {
     return lengths_[static_cast<std::size_t>(sequence)];
   }
   const std::vector<Index>& lengths() const { return lengths_; }
+
+  // Held by a call that reads the cache (decode_attention) for its whole run: throws
+  // foveal::Error while append, truncate or reset runs on another thread (see Threads above).
+  detail::UseGuard::Read read_guard(const char* function) const {
+    return detail::UseGuard::Read(guard_, "cache", function);
+  }
 
   // Where the stored non-sink tokens of `sequence` begin: they are the positions
   // [max(first_retained, sink_tokens), length). Always sink_tokens without ring mode.
@@ -181,6 +198,7 @@ class KVCache {
   void append(TensorView<const T, 4> k, TensorView<const T, 4> v,
               const std::vector<Index>& counts) {
     constexpr const char* kFunction = "KVCache::append";
+    const detail::UseGuard::Mutation mutation(guard_, "cache", kFunction);
     detail::require_valid_view(kFunction, "k", k);
     detail::require_valid_view(kFunction, "v", v);
     detail::require_extent(kFunction, "k", k, 0, "the cache's batch (B)", batch());
@@ -231,6 +249,7 @@ class KVCache {
 
   // Every sequence longer than `length` is cut to `length` (speculative-decoding rollback).
   void truncate(Index length) {
+    const detail::UseGuard::Mutation mutation(guard_, "cache", "KVCache::truncate");
     check(length >= 0, "KVCache::truncate: length must be >= 0, got ", length);
     for (Index b = 0; b < batch(); ++b)
       if (lengths_[static_cast<std::size_t>(b)] > length) cut(b, length);
@@ -238,6 +257,7 @@ class KVCache {
 
   // Cuts `sequence` to `length` <= its length.
   void truncate(Index sequence, Index length) {
+    const detail::UseGuard::Mutation mutation(guard_, "cache", "KVCache::truncate");
     require_sequence("truncate", sequence);
     const Index current = lengths_[static_cast<std::size_t>(sequence)];
     check(length >= 0 && length <= current, "KVCache::truncate: length of sequence ", sequence,
@@ -247,6 +267,7 @@ class KVCache {
 
   // Empties every sequence (the storage keeps its contents until overwritten).
   void reset() {
+    const detail::UseGuard::Mutation mutation(guard_, "cache", "KVCache::reset");
     lengths_.assign(static_cast<std::size_t>(batch()), 0);
     first_retained_.assign(static_cast<std::size_t>(batch()), options_.sink_tokens);
   }
@@ -286,6 +307,7 @@ class KVCache {
   TensorView<T, 4> values_;
   std::vector<Index> lengths_;
   std::vector<Index> first_retained_;
+  detail::UseGuard guard_;
 };
 
 }  // namespace foveal

@@ -8,6 +8,7 @@
 #include "foveal/attention/sparsek_attention.hpp"
 #include "foveal/core/tensor.hpp"
 #include "foveal/detail/sparsek_prefix.hpp"
+#include "foveal/detail/use_guard.hpp"
 
 namespace foveal {
 
@@ -46,6 +47,11 @@ struct SparseKCacheSelection {
 // All sequences advance together (one length; ragged batches are a non-goal: use one cache per
 // sequence). Tokens cannot be removed again (no truncate: an evicted token is gone). Every
 // rejected call throws foveal::Error naming the argument and leaves the cache unchanged.
+//
+// Threads: like KVCache, any number of threads may attend at once, while append and reset must
+// run alone; an overlapping mutation, or a read that overlaps a mutation, throws foveal::Error
+// ("the cache is being modified by another thread") and changes nothing. Sizes whose byte count
+// overflows throw foveal::Error; storage the system cannot provide throws foveal::MemoryError.
 template <typename T>
 class SparseKCache {
  public:
@@ -131,6 +137,7 @@ class SparseKCache {
   Tensor<T, 3> scores_;           // [B, Hkv, capacity]: u of each stored row
   std::vector<HeadState> heads_;  // B * Hkv, sequence-major
   std::vector<Index> slot_rows_;  // [topk]: the storage row of each top-k slot
+  detail::UseGuard guard_;        // detects concurrent append / reset / attend
 };
 
 extern template class SparseKCache<float>;

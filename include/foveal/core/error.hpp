@@ -1,6 +1,7 @@
 // foveal/core/error.hpp — the one exception type for rejected input, and the check helper.
 #pragma once
 
+#include <new>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -13,6 +14,19 @@ namespace foveal {
 class Error : public std::invalid_argument {
  public:
   explicit Error(const std::string& message) : std::invalid_argument(message) {}
+};
+
+// Thrown when memory that foveal asked the system for could not be allocated (a request that
+// passed every size check but does not fit): "foveal: KVCache keys: cannot allocate 1099511627776
+// bytes ([1, 1, 4294967296, 64] float32)". A std::bad_alloc, so code that handles running out of
+// memory handles it too; Python gets MemoryError.
+class MemoryError : public std::bad_alloc {
+ public:
+  explicit MemoryError(std::string message) : message_(std::move(message)) {}
+  const char* what() const noexcept override { return message_.c_str(); }
+
+ private:
+  std::string message_;
 };
 
 namespace detail {

@@ -3,24 +3,60 @@
 
 #include <cstdint>
 
+#include "foveal/core/error.hpp"
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 namespace foveal {
 
+// The most threads foveal accepts for a call's num_threads or for set_num_threads: larger
+// values throw foveal::Error. A default taken from OpenMP (OMP_NUM_THREADS) is clamped to it.
+// Whatever the setting, a loop never starts more threads than it has tasks.
+inline constexpr int kMaxThreads = 1024;
+
 // Sets the number of threads foveal uses when a call does not name one; 0 restores the
-// default (OpenMP's, usually the number of cores). Negative values are rejected.
+// default (OpenMP's, usually the number of cores, at most kMaxThreads). Values outside
+// [0, kMaxThreads] are rejected.
 void set_num_threads(int num_threads);
 
 // The number of threads a call that names none will use (always >= 1).
 int get_num_threads();
 
+// Long loops (k-means' seeding and Lloyd steps) call the installed interrupt check between
+// steps, on the calling thread; a check that throws stops the call, which restores the state
+// it changed and lets the exception through. The Python bindings install one that raises
+// KeyboardInterrupt on Ctrl-C. nullptr (the default) checks nothing.
+using InterruptCheck = void (*)();
+void set_interrupt_check(InterruptCheck check);
+
 namespace detail {
 
-// The thread count for a call: `requested` when > 0, else the global setting.
+// Calls the installed interrupt check, if any (see set_interrupt_check).
+void check_interrupt();
+
+// A call's num_threads argument: 0 (the global setting) to kMaxThreads.
+inline void require_num_threads(const char* function, std::int64_t num_threads) {
+  check(num_threads >= 0 && num_threads <= kMaxThreads, function, ": num_threads must be in [0, ",
+        kMaxThreads, "] (0 = the global setting), got ", num_threads);
+}
+
+// The thread count for a call: `requested` when > 0, else the global setting. A count above
+// kMaxThreads that no entry point checked is rejected here, before any thread starts.
 inline int resolve_num_threads(int requested) {
+  check(requested <= kMaxThreads, "num_threads must be in [0, ", kMaxThreads,
+        "] (0 = the global setting), got ", requested);
   return requested > 0 ? requested : get_num_threads();
+}
+
+// The team a loop of `num_tasks` tasks starts for `num_threads` requested threads: at least 1,
+// at most num_tasks and kMaxThreads. Per-thread scratch is sized by this count.
+inline int team_size(std::int64_t num_tasks, int num_threads) {
+  std::int64_t team = num_threads < 1 ? 1 : num_threads;
+  if (team > kMaxThreads) team = kMaxThreads;
+  if (team > num_tasks) team = num_tasks < 1 ? 1 : num_tasks;
+  return static_cast<int>(team);
 }
 
 // The slot of the calling thread in the innermost running parallel_for: 0 outside of one.
@@ -48,15 +84,17 @@ class ThreadSlot {
 
 }  // namespace detail
 
-// Runs body(task) for every task in [0, num_tasks) on up to `num_threads` threads. Tasks are
+// Runs body(task) for every task in [0, num_tasks) on up to team_size(num_tasks, num_threads)
+// threads (never more threads than tasks), so detail::thread_index() is below both. Tasks are
 // handed out dynamically, so which thread runs a task varies, but the tasks themselves are
 // fixed by the caller: when every task writes only its own outputs, results are bitwise
 // identical for any thread count. `body` must not throw.
 template <typename Body>
 void parallel_for(std::int64_t num_tasks, int num_threads, Body&& body) {
   if (num_tasks <= 0) return;
+  num_threads = detail::team_size(num_tasks, num_threads);
 #ifdef _OPENMP
-  if (num_threads > 1 && num_tasks > 1) {
+  if (num_threads > 1) {
     // Inside a caller's parallel region (nesting off) this team has one thread: slot 0.
 #pragma omp parallel num_threads(num_threads)
     {

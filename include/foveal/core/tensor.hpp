@@ -7,9 +7,19 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
+#include <limits>
 #include <memory>
 #include <new>
+#include <string>
 #include <type_traits>
+
+#if defined(__unix__) || defined(__APPLE__)
+#include <sys/mman.h>
+#define FOVEAL_HAS_MMAP 1
+#else
+#define FOVEAL_HAS_MMAP 0
+#endif
 
 #include "foveal/core/error.hpp"
 
@@ -135,31 +145,114 @@ ByteRange byte_range(const TensorView<T, Rank>& view) {
 
 namespace detail {
 
+// "[2, 3, 4]"
+inline std::string shape_string(const Index* shape, std::size_t rank) {
+  std::string text = "[";
+  for (std::size_t dim = 0; dim < rank; ++dim)
+    text += (dim == 0 ? "" : ", ") + std::to_string(shape[dim]);
+  return text + "]";
+}
+
+// The element count of an object of `shape` whose elements take `element_bytes` bytes: the one
+// place foveal multiplies sizes before it allocates (tensors, scratch, the vectors sized from
+// user input). Every extent must be >= 0, and the element count and the byte count must fit
+// in an Index (2^63 - 1); otherwise throws foveal::Error naming `what` and the shape. A shape
+// with a zero extent has 0 elements whatever the others.
+inline Index checked_numel(const char* what, const Index* shape, std::size_t rank,
+                           std::size_t element_bytes) {
+  for (std::size_t dim = 0; dim < rank; ++dim)
+    check(shape[dim] >= 0, what, ": shape[", dim, "] must be >= 0, got ", shape[dim], " (shape ",
+          shape_string(shape, rank), ")");
+  for (std::size_t dim = 0; dim < rank; ++dim)
+    if (shape[dim] == 0) return 0;
+  Index count = 1;
+  Index bytes = 0;
+  bool overflow = false;
+  for (std::size_t dim = 0; dim < rank; ++dim)
+    overflow |= __builtin_mul_overflow(count, shape[dim], &count);
+  overflow |= __builtin_mul_overflow(count, static_cast<Index>(element_bytes), &bytes);
+  check(!overflow, what, ": shape ", shape_string(shape, rank), " of ", element_bytes,
+        "-byte elements is too large: its byte count overflows a 64-bit size (2^63 - 1)");
+  return count;
+}
+
+// checked_numel for T elements: checked_numel<float>("VQ codebook", {codes, dim}).
+template <typename T>
+Index checked_numel(const char* what, std::initializer_list<Index> shape) {
+  return checked_numel(what, shape.begin(), shape.size(), sizeof(T));
+}
+
+// a + b for sizes >= 0, checked like checked_numel.
+inline Index checked_add(const char* what, Index a, Index b) {
+  Index sum = 0;
+  check(a >= 0 && b >= 0 && !__builtin_add_overflow(a, b, &sum), what, ": ", a, " + ", b,
+        " must be a size >= 0 that fits in 64 bits");
+  return sum;
+}
+
 inline constexpr std::size_t kTensorAlignment = 64;
+// Zeroed allocations of at least this many bytes come straight from the kernel (mmap on POSIX):
+// zero pages are mapped on first touch, so untouched pages cost no memory and nothing is
+// written to zero them.
+inline constexpr std::size_t kLazyAllocationBytes = std::size_t{1} << 21;
 
 struct AlignedDeleter {
-  void operator()(void* pointer) const { std::free(pointer); }
+  std::size_t mapped_bytes = 0;  // nonzero: the length of an mmap-ed region
+  void operator()(void* pointer) const {
+#if FOVEAL_HAS_MMAP
+    if (mapped_bytes != 0) {
+      munmap(pointer, mapped_bytes);
+      return;
+    }
+#endif
+    std::free(pointer);
+  }
 };
 
 template <typename T>
 using AlignedArray = std::unique_ptr<T[], AlignedDeleter>;
 
-// 64-byte aligned, uninitialized storage for `count` elements of T (null when count is 0).
+// 64-byte aligned storage of `bytes` > 0 bytes, zeroed when asked; null when the system has no
+// memory for it.
+inline std::unique_ptr<void, AlignedDeleter> allocate_bytes(std::size_t bytes, bool zeroed) {
+  const std::size_t rounded = (bytes + kTensorAlignment - 1) / kTensorAlignment * kTensorAlignment;
+#if FOVEAL_HAS_MMAP
+  if (zeroed && rounded >= kLazyAllocationBytes) {
+    void* memory =
+        mmap(nullptr, rounded, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (memory == MAP_FAILED) return {nullptr, AlignedDeleter{}};
+    return {memory, AlignedDeleter{rounded}};
+  }
+#endif
+  void* memory = std::aligned_alloc(kTensorAlignment, rounded);
+  if (memory != nullptr && zeroed) std::memset(memory, 0, rounded);
+  return {memory, AlignedDeleter{}};
+}
+
+// 64-byte aligned storage for `count` elements of T (null when count is 0), uninitialized
+// unless `zeroed`. Throws foveal::Error when the byte count overflows and foveal::MemoryError
+// (naming `what` and the byte count) when the system cannot provide it.
 template <typename T>
-AlignedArray<T> allocate_aligned(std::size_t count) {
+AlignedArray<T> allocate_aligned(std::size_t count, const char* what = "scratch buffer",
+                                 bool zeroed = false) {
   if (count == 0) return nullptr;
-  check(count <= (SIZE_MAX - kTensorAlignment) / sizeof(T), "allocation of ", count,
-        " elements overflows");
-  const std::size_t bytes =
-      (count * sizeof(T) + kTensorAlignment - 1) / kTensorAlignment * kTensorAlignment;
-  void* memory = std::aligned_alloc(kTensorAlignment, bytes);
-  if (memory == nullptr) throw std::bad_alloc();
-  return std::unique_ptr<T[], AlignedDeleter>(static_cast<T*>(memory));
+  check(count <= static_cast<std::size_t>(std::numeric_limits<Index>::max()) / sizeof(T), what,
+        ": ", count, " elements of ", sizeof(T), " bytes overflow a 64-bit size (2^63 - 1)");
+  const std::size_t bytes = count * sizeof(T);
+  auto memory = allocate_bytes(bytes, zeroed);
+  if (memory == nullptr)
+    throw MemoryError("foveal: " + std::string(what) + ": cannot allocate " +
+                      std::to_string(bytes) + " bytes (out of memory)");
+  const AlignedDeleter deleter = memory.get_deleter();
+  return AlignedArray<T>(static_cast<T*>(memory.release()), deleter);
 }
 
 }  // namespace detail
 
-// An owning, row-major contiguous, 64-byte aligned, zero-initialized tensor. Move-only.
+// An owning, row-major contiguous, 64-byte aligned, zero-initialized tensor. Move-only. Sizes
+// are checked (detail::checked_numel): a shape whose byte count overflows throws foveal::Error,
+// one the system cannot provide foveal::MemoryError. Large tensors are zeroed lazily by the
+// kernel (detail::kLazyAllocationBytes): their untouched pages take no memory.
 template <typename T, int Rank>
 class Tensor {
   static_assert(std::is_trivially_copyable_v<T>, "Tensor holds plain numbers");
@@ -168,14 +261,18 @@ class Tensor {
   using Shape = std::array<Index, Rank>;
 
   Tensor() = default;
-  explicit Tensor(const Shape& shape) : shape_(shape) {
-    Index count = 1;
-    for (int dim = 0; dim < Rank; ++dim) {
-      check(shape[dim] >= 0, "Tensor: shape[", dim, "] must be >= 0, got ", shape[dim]);
-      count *= shape[dim];
-    }
-    storage_ = detail::allocate_aligned<T>(static_cast<std::size_t>(count));
-    if (count > 0) std::memset(static_cast<void*>(storage_.get()), 0, sizeof(T) * count);
+  // `what` names the tensor in error messages ("KVCache keys").
+  explicit Tensor(const Shape& shape, const char* what = "Tensor") : shape_(shape) {
+    const Index count = detail::checked_numel(what, shape.data(), Rank, sizeof(T));
+    if (count == 0) return;
+    auto memory = detail::allocate_bytes(static_cast<std::size_t>(count) * sizeof(T), true);
+    if (memory == nullptr)
+      throw MemoryError("foveal: " + std::string(what) + ": cannot allocate " +
+                        std::to_string(static_cast<std::size_t>(count) * sizeof(T)) +
+                        " bytes for shape " + detail::shape_string(shape.data(), Rank) +
+                        " (out of memory)");
+    const detail::AlignedDeleter deleter = memory.get_deleter();
+    storage_ = detail::AlignedArray<T>(static_cast<T*>(memory.release()), deleter);
   }
 
   T* data() { return storage_.get(); }

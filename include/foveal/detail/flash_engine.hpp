@@ -282,7 +282,9 @@ inline void compute_few_row_scores(const T* q_rows, Index q_stride, const T* con
 
 // acc[r][cols] = acc[r][cols] * alpha[r] + sum_j p_t[j][r] * v_rows[j][cols] for r < NR,
 // cols = col0 .. col0 + CV*kLanes. p_t has row stride kBlockQ; acc has row stride acc_stride.
-template <typename T, int NR, int CV>
+// Masked: a zero probability adds nothing even when the value is NaN (a masked-out key's NaN
+// must not reach the rows that do not see it; 0 * NaN would be NaN).
+template <typename T, int NR, int CV, bool Masked = false>
 inline void output_micro(const T* p_t, const T* alpha, const T* const* v_rows, Index num_keys,
                          Index col0, T* acc, Index acc_stride) {
   constexpr int L = kLanes<T>;
@@ -301,6 +303,9 @@ inline void output_micro(const T* p_t, const T* alpha, const T* const* v_rows, I
     FOVEAL_UNROLL
     for (int r = 0; r < NR; ++r) {
       const Vec<T> weight = splat(p_row[r]);
+      if constexpr (Masked) {
+        if (p_row[r] == T(0)) continue;
+      }
       FOVEAL_UNROLL
       for (int c = 0; c < CV; ++c) sums[r][c] += weight * values[c];
     }
@@ -314,10 +319,12 @@ inline void output_micro(const T* p_t, const T* alpha, const T* const* v_rows, I
 
 // acc[r][:] = acc[r][:] * alpha[r] + sum_j p_t[j][r] * v_rows[j][:] for r < num_rows.
 // key_range(r0, r1) -> {j_begin, j_end} bounds the keys that rows [r0, r1) can see; the
-// probabilities of the others are 0 and are skipped.
+// probabilities of the others are 0 and are skipped. In a `masked` block zero probabilities
+// are skipped one by one too, so a masked-out key's NaN value never reaches a row.
 template <typename T, typename KeyRangeOfRows>
 inline void accumulate_output(const T* p_t, const T* alpha, const T* const* v_rows, Index num_rows,
-                              Index dim_v, KeyRangeOfRows&& key_range, T* acc, Index acc_stride) {
+                              Index dim_v, KeyRangeOfRows&& key_range, T* acc, Index acc_stride,
+                              bool masked = false) {
   constexpr int L = kLanes<T>;
   const Index full_vectors = dim_v / L;
   for (Index r0 = 0; r0 < num_rows; r0 += kRowsPerMicro) {
@@ -332,8 +339,13 @@ inline void accumulate_output(const T* p_t, const T* alpha, const T* const* v_ro
       const Index col0 = c0 * L;
       with_count<kRowsPerMicro>(rows, [&](auto nr) {
         with_count<kColVectorsPerMicro>(vectors, [&](auto cv) {
-          output_micro<T, decltype(nr)::value, decltype(cv)::value>(
-              p_part, alpha + r0, v_part, num_keys, col0, acc_part, acc_stride);
+          if (masked) {
+            output_micro<T, decltype(nr)::value, decltype(cv)::value, true>(
+                p_part, alpha + r0, v_part, num_keys, col0, acc_part, acc_stride);
+          } else {
+            output_micro<T, decltype(nr)::value, decltype(cv)::value>(
+                p_part, alpha + r0, v_part, num_keys, col0, acc_part, acc_stride);
+          }
         });
       });
     }
@@ -341,7 +353,8 @@ inline void accumulate_output(const T* p_t, const T* alpha, const T* const* v_ro
     for (Index col = full_vectors * L; col < dim_v; ++col) {
       for (Index r = r0; r < r0 + rows; ++r) {
         T sum = acc[r * acc_stride + col] * alpha[r];
-        for (Index j = j_begin; j < j_end; ++j) sum += p_t[j * kBlockQ + r] * v_rows[j][col];
+        for (Index j = j_begin; j < j_end; ++j)
+          if (!masked || p_t[j * kBlockQ + r] != T(0)) sum += p_t[j * kBlockQ + r] * v_rows[j][col];
         acc[r * acc_stride + col] = sum;
       }
     }
@@ -477,7 +490,7 @@ class TileRunner {
         if (block.index != nullptr) policy.gate_probabilities(block, row_vectors, scratch.s_t);
       }
       accumulate_output(scratch.s_t, alpha, v_rows, num_rows, dim_v_, keys_seen_by, scratch.acc,
-                        acc_stride_);
+                        acc_stride_, block.needs_mask);
     });
 
     write_rows(batch, num_rows, query_index, head, row_max, row_sum, scratch.acc);
@@ -599,13 +612,14 @@ class TileRunner {
     }
   }
 
-  // out = acc / row_sum (0 for rows that saw no key); lse = ln 2 * (max + log2 sum).
+  // out = acc / row_sum (0 for rows that saw no key); lse = ln 2 * (max + log2 sum). A NaN
+  // sum (a NaN in q or in a seen key) gives NaN out and lse: NaN in, NaN out.
   void write_rows(Index batch, Index num_rows, const Index* query_index, const Index* head,
                   const T* row_max, const T* row_sum, const T* acc) const {
     const auto& out = params_.out;
     const auto& lse = params_.lse;
     for (Index r = 0; r < num_rows; ++r) {
-      const bool saw_keys = row_sum[r] > T(0);
+      const bool saw_keys = !(row_sum[r] <= T(0));  // NaN counts as seen
       const T inverse = saw_keys ? T(1) / row_sum[r] : T(0);
       T* out_row = out.data() + batch * out.stride(0) + head[r] * out.stride(1) +
                    query_index[r] * out.stride(2);

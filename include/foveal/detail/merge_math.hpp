@@ -12,7 +12,9 @@ namespace foveal::detail {
 
 // Merges `count` states (outs[c][0..dim_v), lses[c]) of one query row, in order c = 0, 1, ...:
 // out = sum_c w_c outs[c] / sum_c w_c, w_c = e^(lses[c] - max lse), lse = max + log sum_c w_c;
-// all -inf (or count = 0) gives out = 0, lse = -inf. `out` may be one of outs (each element is
+// all -inf (or count = 0) gives out = 0, lse = -inf; a NaN lse (a state that met a NaN in q, k
+// or v) gives out = NaN, lse = NaN: NaN in, NaN out, as in one pass of attention over all the
+// keys (std::max alone would drop it). `out` may be one of outs (each element is
 // written after every state's element is read). `weights` is scratch for count values; lse may
 // be null.
 template <typename T>
@@ -21,7 +23,14 @@ void merge_state_row(Index count, const T* const* outs, const T* lses, Index dim
   constexpr int L = kLanes<T>;
   const T negative_infinity = -std::numeric_limits<T>::infinity();
   T max = negative_infinity;
-  for (Index c = 0; c < count; ++c) max = std::max(max, lses[c]);
+  for (Index c = 0; c < count; ++c) {
+    if (std::isnan(lses[c])) {
+      std::fill(out, out + dim_v, std::numeric_limits<T>::quiet_NaN());
+      if (lse != nullptr) *lse = std::numeric_limits<T>::quiet_NaN();
+      return;
+    }
+    max = std::max(max, lses[c]);
+  }
   if (max == negative_infinity) {
     std::fill(out, out + dim_v, T(0));
     if (lse != nullptr) *lse = negative_infinity;

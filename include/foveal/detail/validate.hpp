@@ -4,16 +4,50 @@
 // expected and what came, so kernels can trust their input.
 #pragma once
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <limits>
 #include <string>
+#include <type_traits>
+#include <utility>
 
 #include "foveal/core/error.hpp"
 #include "foveal/core/tensor.hpp"
 
 namespace foveal::detail {
 
-// Every extent >= 0 and a non-null pointer whenever there is at least one element.
+// An output view writes each of its elements to a memory location of its own: no two index
+// tuples reach the same address (a stride-0 or otherwise self-overlapping view would make
+// elements overwrite each other, a silently wrong result). Dimensions sorted by |stride| must
+// each step over everything the inner ones reach: |stride| > sum over inner dims of
+// (size - 1) * |stride|. Size-1 dimensions are ignored; negative strides are fine. Called by
+// require_valid_view for every writable view, after it has bounded the span.
+template <typename T, int Rank>
+void require_no_self_overlap(const char* function, const char* name,
+                             const TensorView<T, Rank>& view) {
+  if (view.empty()) return;
+  std::array<std::pair<Index, Index>, Rank> dims{};  // (|stride|, size) of dims with size > 1
+  int count = 0;
+  for (int dim = 0; dim < Rank; ++dim)
+    if (view.size(dim) > 1)
+      dims[count++] = {view.stride(dim) < 0 ? -view.stride(dim) : view.stride(dim), view.size(dim)};
+  for (int i = 1; i < count; ++i)  // insertion sort by |stride| (at most Rank entries)
+    for (int j = i; j > 0 && dims[j].first < dims[j - 1].first; --j)
+      std::swap(dims[j], dims[j - 1]);
+  Index reach = 0;  // the largest offset the inner dimensions reach
+  for (int i = 0; i < count; ++i) {
+    check(dims[i].first > reach, function, ": ", name,
+          " is an output whose elements may overlap each other in memory (a dimension of size ",
+          dims[i].second, " has stride ", dims[i].first, ", but must step over the ", reach + 1,
+          " elements the dimensions with smaller strides span); pass a tensor with distinct "
+          "memory per element, e.g. a contiguous one");
+    reach += (dims[i].second - 1) * dims[i].first;
+  }
+}
+
+// Every extent >= 0 and a non-null pointer whenever there is at least one element; a writable
+// view (an output: every non-const view foveal takes is written) must not overlap itself.
 template <typename T, int Rank>
 void require_valid_view(const char* function, const char* name, const TensorView<T, Rank>& view) {
   for (int dim = 0; dim < Rank; ++dim)
@@ -38,6 +72,7 @@ void require_valid_view(const char* function, const char* name, const TensorView
         "'s shape and strides reach beyond what a 64-bit byte offset can address");
   check(view.data() != nullptr || view.empty(), function, ": ", name, " has ", view.numel(),
         " elements but its data pointer is null");
+  if constexpr (!std::is_const_v<T>) require_no_self_overlap(function, name, view);
 }
 
 // The last dimension is contiguous (stride 1) unless it has at most one element or the view

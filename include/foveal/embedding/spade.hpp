@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -18,19 +19,23 @@ namespace foveal {
 enum class SpadeFeatureKind { discrete, continuous };
 
 // One feature of a token: its kind, for discrete features the vocabulary and its PAD and
-// MISSING ids, and its delay `shift` (0 = the default, feature index + 1).
+// MISSING ids, and its delay `shift` (>= 1; kDefaultShift = the default, feature index + 1).
 struct SpadeFeature {
+  // The shift that SpadeSchema replaces by f + 1. Every other value below 1, 0 included, is
+  // rejected.
+  static constexpr Index kDefaultShift = std::numeric_limits<Index>::min();
+
   std::string name;
   SpadeFeatureKind kind = SpadeFeatureKind::discrete;
   Index vocab_size = 0;  // discrete only
   Index pad_id = 0;      // discrete only
   Index missing_id = 0;  // discrete only
-  Index shift = 0;
+  Index shift = kDefaultShift;
 
   // A binned feature: vocabulary num_bins + 2, PAD = 0, bins 1..num_bins, MISSING = num_bins + 1.
-  static SpadeFeature binned(std::string name, Index num_bins, Index shift = 0);
+  static SpadeFeature binned(std::string name, Index num_bins, Index shift = kDefaultShift);
   // A continuous feature (MISSING and PAD are the value 0).
-  static SpadeFeature continuous(std::string name, Index shift = 0);
+  static SpadeFeature continuous(std::string name, Index shift = kDefaultShift);
 };
 
 // The ordered features of a token. Construction validates them (non-empty, unique names,

@@ -71,7 +71,11 @@ class VectorQuantizer {
 
   // x: [N, D], N >= 1  ->  codebook: k-means++ seeding (D² sampling from a generator seeded with
   // `seed`), then `lloyd_iterations` Lloyd steps (a code left without rows keeps its place; for
-  // cosine the means are normalized). Resets the statistics, N_k = 1 for every code.
+  // cosine the means are normalized). The Lloyd steps stop early once the assignment of the
+  // rows no longer changes (the codes are then the means of their rows: more steps would change
+  // nothing), so a huge lloyd_iterations is merely an upper bound. Between steps it calls the
+  // interrupt check (set_interrupt_check); an interrupted call leaves the quantizer unchanged.
+  // Resets the statistics, N_k = 1 for every code.
   void init_kmeans(TensorView<const float, 2> x, Index lloyd_iterations, std::uint64_t seed,
                    int num_threads = 0);
 
@@ -101,6 +105,9 @@ class VectorQuantizer {
 
  private:
   void reset_statistics(double cluster_size);
+  // init_kmeans' work on the codebook (the caller restores it if this throws).
+  void kmeans_codebook(TensorView<const float, 2> x, Index lloyd_iterations, std::uint64_t seed,
+                       int num_threads);
 
   VqOptions options_;
   Tensor<float, 2> codebook_;
@@ -129,7 +136,8 @@ class ResidualVQ {
   void decode(TensorView<const std::int64_t, 2> codes, TensorView<float, 2> out) const;
 
   // x: [N, D]  ->  each stage in turn init_kmeans on the residual of the stages before it
-  // (stage s seeded with seed + s).
+  // (stage s seeded with seed + s). Stops early and checks for interrupts as
+  // VectorQuantizer::init_kmeans does; an interrupted call leaves every stage unchanged.
   void init_kmeans(TensorView<const float, 2> x, Index lloyd_iterations, std::uint64_t seed,
                    int num_threads = 0);
 
