@@ -17,8 +17,6 @@ from __future__ import annotations
 from hypothesis import strategies as st
 
 KNOWN: dict[str, str] = {
-    "num_threads_huge": "unbounded num_threads: a huge num_threads makes libgomp fail to create "
-    "threads and exit the process (harden)",
     # New findings of the fuzzers in include/foveal/attention/kv_cache.hpp (reported for
     # harden, which owns that file); the C++ harness fuzz_kv_cache avoids them too.
     "ring_length_overflow": "KVCache.wrap(ring=True, lengths=[2**63 - 1]) then append: the "

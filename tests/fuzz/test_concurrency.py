@@ -110,7 +110,7 @@ import foveal
 cache = foveal.KVCache(1, 2, 4096, 32, ring=True)
 step = np.ones((1, 2, 8, 32), np.float32)
 q = np.ones((1, 4, 1, 32), np.float32)
-errors, barrier = [], threading.Barrier(2)
+errors, barrier = [], threading.Barrier(3)
 
 def mutate():
     barrier.wait()
@@ -137,9 +137,5 @@ print("ok", len(errors))
 """
 
 
-@pytest.mark.skip(
-    reason="KNOWN finding 'concurrent cache mutation', fixed on branch harden: unskip once it "
-    "is merged (a cache mutated from two threads must raise, not race)"
-)
 def test_cache_mutated_from_two_threads_raises():
     assert _run_child(CACHE_RACE).startswith("ok")

@@ -265,7 +265,11 @@ inline Index draw_index_option(FuzzedDataProvider& data) {
   return draw_extent(data);
 }
 
-// Thread counts stay 1 or 2: a huge num_threads is a known finding (KNOWN "num_threads_huge").
-inline int draw_threads(FuzzedDataProvider& data) { return data.ConsumeIntegralInRange<int>(0, 2); }
+// Thread counts: 0 (the global setting), 1 or 2, now and then negative or huge (rejected).
+inline int draw_threads(FuzzedDataProvider& data) {
+  constexpr int kOdd[] = {-1, 1025, std::numeric_limits<int>::max()};
+  const int pick = data.ConsumeIntegralInRange<int>(0, 15);
+  return pick < 13 ? pick % 3 : kOdd[pick - 13];
+}
 
 }  // namespace foveal_fuzz
