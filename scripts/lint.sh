@@ -11,8 +11,8 @@ fi
 command -v ruff >/dev/null || python3 -m pip install -q --disable-pip-version-check ruff
 
 git ls-files '*.hpp' '*.cpp' | xargs clang-format --dry-run --Werror
-ruff check python tests/python bench examples
-ruff format --check python tests/python bench examples
+ruff check python tests/python tests/fuzz bench examples
+ruff format --check python tests/python tests/fuzz bench examples
 # The repository must be self-contained: no tracked file may cite the project's unshipped spec
 # files (their math lives on the pages in docs/) or a path into the sibling shared folder. The pattern is built
 # from pieces so that this script does not match itself.

@@ -631,7 +631,7 @@ void RealFft2d<T>::forward_row_pair(const T* row_a, Index stride_y, Index stride
   Complex<P>* row_scratch = line + width;
   const Index element_stride = 2 * lanes;  // T elements between neighbouring spectrum bins
   const P half = broadcast<P>(static_cast<T>(0.5));
-  const T* row_b = row_a + stride_y;
+  const T* row_b = pair ? row_a + stride_y : row_a;  // no pointer from an unused stride
   Index x = 0;
   if constexpr (!kIsScalar<P>) {
     // Channels-first rows (x contiguous): kLanes<T> pixels of kLanes<T> channels at a time,
@@ -725,7 +725,7 @@ void RealFft2d<T>::inverse_row_pair(const T* spectrum_row, T* row_a, Index strid
     if (width - kx >= spectrum_width) line[width - kx] = {a_re + b_im, b_re - a_im};
   }
   const Complex<P>* transformed = row_plan_->template execute<true>(line, row_scratch, 1);
-  T* row_b = row_a + stride_y;
+  T* row_b = pair ? row_a + stride_y : row_a;  // no pointer from an unused stride
   Index x = 0;
   if constexpr (!kIsScalar<P>) {
     // Channels-first rows: the forward's transpose backwards (kLanes<T> pixels at a time).

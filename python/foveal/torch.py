@@ -262,8 +262,10 @@ class PdeSsm(torch.autograd.Function):
         layout = options.get("layout", "channels_last")
         block_options = {key: value for key, value in options.items() if key != "layout"}
         grid = x.shape[1:] if layout == "channels_last" else (*x.shape[2:], x.shape[1])
+        # Parameters may also be numbers or lists (no gradient flows to them).
         parameters = [
-            None if p is None else p.detach() for p in (diffusion, velocity, reaction, time, skip)
+            p.detach() if isinstance(p, torch.Tensor) else p
+            for p in (diffusion, velocity, reaction, time, skip)
         ]
         block = _pde_ssm.PdeSsm(*grid, *parameters, dtype=_numpy_dtype(x), **block_options)
         ctx.block, ctx.layout = block, layout

@@ -104,11 +104,16 @@ constexpr int halving_index(int lanes, int group, int lane, bool upper) {
 template <typename T, int Group, int... Lane>
 inline Vec<T> halving_step(const Vec<T>& u, const Vec<T>& v,
                            std::integer_sequence<int, Lane...> /*lanes*/) {
-  using Bits = typename SimdTraits<T>::Bits;
   constexpr int L = kLanes<T>;
+#if defined(__clang__)  // Clang spells GCC's __builtin_shuffle with one constant per lane
+  return __builtin_shufflevector(u, v, halving_index(L, Group, Lane, false)...) +
+         __builtin_shufflevector(u, v, halving_index(L, Group, Lane, true)...);
+#else
+  using Bits = typename SimdTraits<T>::Bits;
   constexpr Bits lower{halving_index(L, Group, Lane, false)...};
   constexpr Bits upper{halving_index(L, Group, Lane, true)...};
   return __builtin_shuffle(u, v, lower) + __builtin_shuffle(u, v, upper);
+#endif
 }
 
 template <typename T, int Group>
@@ -135,16 +140,23 @@ constexpr int transpose_index(int lanes, int distance, int lane, bool upper) {
 
 template <typename T, int Distance, int... Lane>
 inline void transpose_step(Vec<T>* x, std::integer_sequence<int, Lane...> /*lanes*/) {
-  using Bits = typename SimdTraits<T>::Bits;
   constexpr int L = kLanes<T>;
+#if !defined(__clang__)
+  using Bits = typename SimdTraits<T>::Bits;
   constexpr Bits lower{transpose_index(L, Distance, Lane, false)...};
   constexpr Bits upper{transpose_index(L, Distance, Lane, true)...};
+#endif
   FOVEAL_UNROLL
   for (int i = 0; i < L; ++i) {
     if ((i & Distance) != 0) continue;
     const Vec<T> u = x[i], v = x[i + Distance];
+#if defined(__clang__)
+    x[i] = __builtin_shufflevector(u, v, transpose_index(L, Distance, Lane, false)...);
+    x[i + Distance] = __builtin_shufflevector(u, v, transpose_index(L, Distance, Lane, true)...);
+#else
     x[i] = __builtin_shuffle(u, v, lower);
     x[i + Distance] = __builtin_shuffle(u, v, upper);
+#endif
   }
   if constexpr (2 * Distance < L)
     transpose_step<T, 2 * Distance>(x, std::make_integer_sequence<int, L>{});

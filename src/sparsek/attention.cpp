@@ -172,6 +172,7 @@ void require_scores(const char* function, const TensorView<const T, 3>& u, Index
   detail::require_extent(function, "u", u, 0, "k.shape[0] (B)", batch);
   detail::require_extent(function, "u", u, 1, "k.shape[1] (Hkv)", heads_kv);
   detail::require_extent(function, "u", u, 2, "k.shape[2] (Lk)", len_k);
+  if (u.empty()) return;  // no loop over a huge B of an empty u
   for (Index b = 0; b < batch; ++b)
     for (Index h = 0; h < heads_kv; ++h)
       for (Index j = 0; j < len_k; ++j)
@@ -395,11 +396,11 @@ void prefix_thresholds_impl(TensorView<const T, 2> z, Index k, TensorView<T, 2> 
     detail::require_disjoint(kFunction, "evicted_at", evicted_at, "z", z);
     detail::require_disjoint(kFunction, "evicted_at", evicted_at, "tau", tau);
   }
+  if (rows == 0 || n == 0) return;  // before any loop over a huge extent of an empty z
   for (Index r = 0; r < rows; ++r)
     for (Index j = 0; j < n; ++j)
       check(std::isfinite(z(r, j)), kFunction, ": z[", r, ", ", j, "] must be finite, got ",
             z(r, j));
-  if (rows == 0 || n == 0) return;
 
   SparseKOptions options;
   options.topk = k;
@@ -431,6 +432,8 @@ void linear_scores_impl(TensorView<const T, 3> x, TensorView<const T, 2> w, doub
   detail::require_extent(kFunction, "u", u, 2, "x.shape[1] (L)", len);
   detail::require_disjoint(kFunction, "u", u, "x", x);
   detail::require_disjoint(kFunction, "u", u, "w", w);
+  // Nothing to write (H = 0 leaves x unread): return before a loop over B * L rows.
+  if (u.empty()) return;
   const int threads = detail::resolve_num_threads(num_threads);
   parallel_for(batch * len, detail::team_size(batch * len, threads), [&](Index task) {
     const Index b = task / len, j = task % len;

@@ -136,6 +136,7 @@ inline Index rows_per_task(Index n) { return std::max<Index>(1, 16384 / std::max
 // Every z[r, i] finite, else an error naming the first bad position (lowest row, then column).
 template <typename T>
 void require_finite_scores(const char* function, TensorView<const T, 2> z, int num_threads) {
+  if (z.empty()) return;  // nothing to check: no per-row state for a huge N of empty rows
   const Index rows = z.size(0), n = z.size(1);
   std::vector<Index> first_bad(static_cast<std::size_t>(rows), -1);
   parallel_for(rows, num_threads, [&](std::int64_t r) {
@@ -173,7 +174,7 @@ void sparsek_checked(TensorView<const T, 2> z, Index k, TensorView<T, 2> p, Tens
   require_finite_scores(kFunction, z, threads);
 
   const Index rows = z.size(0), n = z.size(1);
-  if (n == 0) {  // empty rows: nothing to project, and no finite threshold
+  if (n == 0 || rows == 0) {  // nothing to project (and no scratch of n scores to allocate)
     for (Index r = 0; r < rows && !tau.is_null(); ++r) tau(r) = -std::numeric_limits<T>::infinity();
     return;
   }

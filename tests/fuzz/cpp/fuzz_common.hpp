@@ -1,0 +1,275 @@
+// Shared pieces of the libFuzzer harnesses (tests/fuzz/cpp, docs/testing.md).
+//
+// Views are drawn over small heap buffers (exactly sized, so AddressSanitizer sees any read or
+// write past them). A drawn view is either
+//   - valid: every element it can reach lies inside its buffer (the library may read it), or
+//   - invalid: a negative extent, or an element count or stride span that no 64-bit byte
+//     offset can address. The library must reject it (foveal::Error) before touching memory.
+// A view that is representable but reaches outside its buffer would break the caller's side of
+// the contract (the library cannot know a buffer's size), so it is never drawn: the harness
+// gives the input up instead (Outcome::skip).
+#pragma once
+
+#include <fuzzer/FuzzedDataProvider.h>
+
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
+#include <new>
+#include <vector>
+
+#include "foveal/foveal.hpp"
+
+namespace foveal_fuzz {
+
+using foveal::Index;
+
+// Elements per buffer: small, so that kernels stay fast under the sanitizers.
+inline constexpr Index kBufferElements = 512;
+// Elements per non-empty view (zero strides reach many with few buffer elements).
+inline constexpr Index kMaxElements = Index{1} << 14;
+
+// A value from a palette of awkward numbers, or a small ordinary one.
+template <typename T>
+T draw_value(FuzzedDataProvider& data) {
+  const auto pick = data.ConsumeIntegral<std::uint8_t>();
+  switch (pick % 16) {
+    case 0:
+      return std::numeric_limits<T>::quiet_NaN();
+    case 1:
+      return std::numeric_limits<T>::infinity();
+    case 2:
+      return -std::numeric_limits<T>::infinity();
+    case 3:
+      return std::numeric_limits<T>::max();
+    case 4:
+      return std::numeric_limits<T>::denorm_min();
+    case 5:
+      return 0;
+    default:
+      return static_cast<T>(static_cast<int>(pick) - 128) / 16;
+  }
+}
+
+// `count` buffers of kBufferElements elements of T, filled from the fuzz data.
+template <typename T>
+struct Arena {
+  std::vector<std::vector<T>> buffers;
+  Arena(FuzzedDataProvider& data, int count) : buffers(static_cast<std::size_t>(count)) {
+    const bool special = data.ConsumeBool();
+    for (auto& buffer : buffers) {
+      buffer.resize(static_cast<std::size_t>(kBufferElements));
+      for (Index i = 0; i < kBufferElements; ++i)
+        buffer[static_cast<std::size_t>(i)] =
+            special && i < 8 ? draw_value<T>(data) : static_cast<T>((i * 37 % 17) - 8) / 8;
+    }
+  }
+};
+
+// a * b, saturated at the largest Index (shapes derived from drawn extents stay drawable).
+inline Index saturated_product(Index a, Index b) {
+  Index product = 0;
+  if (__builtin_mul_overflow(a, b, &product))
+    return (a < 0) != (b < 0) ? std::numeric_limits<Index>::min()
+                              : std::numeric_limits<Index>::max();
+  return product;
+}
+
+// A signed extent: mostly 0..5; sometimes negative or huge.
+inline Index draw_extent(FuzzedDataProvider& data, Index small_max = 5) {
+  const auto pick = data.ConsumeIntegral<std::uint8_t>();
+  if (pick < 236) return pick % (small_max + 1);
+  constexpr Index kSpecial[] = {-1,
+                                -2,
+                                Index{1} << 31,
+                                Index{1} << 40,
+                                Index{1} << 62,
+                                std::numeric_limits<Index>::max(),
+                                std::numeric_limits<Index>::min(),
+                                (Index{1} << 61) + 1};
+  return kSpecial[pick % 8];
+}
+
+enum class Validity { valid, invalid, unusable };
+
+template <typename T, int Rank>
+struct DrawnView {
+  foveal::TensorView<T, Rank> view;
+  Validity validity = Validity::valid;
+};
+
+// Whether the library must reject a view of this shape and these strides (see the top).
+template <int Rank>
+bool must_reject(const std::array<Index, Rank>& shape, const std::array<Index, Rank>& strides,
+                 std::size_t element_size) {
+  __int128 count = 1, span = 0;
+  bool overflow = false;
+  for (int d = 0; d < Rank; ++d) {
+    if (shape[d] < 0) return true;
+  }
+  for (int d = 0; d < Rank; ++d) {
+    if (!overflow) count *= shape[d];
+    if (count > std::numeric_limits<Index>::max()) overflow = true;
+    if (shape[d] > 1) {
+      const __int128 stride = strides[d] < 0 ? -static_cast<__int128>(strides[d]) : strides[d];
+      if (!overflow) span += (static_cast<__int128>(shape[d]) - 1) * stride;
+      if (span > std::numeric_limits<Index>::max()) overflow = true;
+    }
+  }
+  return overflow || span > std::numeric_limits<Index>::max() / static_cast<__int128>(element_size);
+}
+
+// A view over one of the arena's buffers with the given logical shape (perturbed now and then)
+// and drawn strides. `writable_output`: the view is written by the library, so it is never
+// drawn overlapping itself (stride 0 or interleaved rows: a known finding, see
+// tests/fuzz/cases.py KNOWN "overlapping_out").
+template <typename T, typename Elem, int Rank>
+DrawnView<T, Rank> draw_view(FuzzedDataProvider& data, Arena<Elem>& arena,
+                             std::array<Index, Rank> shape, bool writable_output = false) {
+  DrawnView<T, Rank> drawn;
+  if (data.ConsumeIntegralInRange<int>(0, 15) == 0)
+    shape[static_cast<std::size_t>(data.ConsumeIntegralInRange<int>(0, Rank - 1))] =
+        draw_extent(data);
+  std::array<Index, Rank> strides{};
+  const int mode = data.ConsumeIntegralInRange<int>(0, writable_output ? 3 : 5);
+  Index running = 1;
+  for (int d = Rank - 1; d >= 0; --d) {
+    const Index extent = shape[static_cast<std::size_t>(d)] > 0 ? shape[d] : 1;
+    switch (mode) {
+      case 0:  // row-major contiguous
+      case 1:
+        strides[d] = running;
+        break;
+      case 2:  // row-major with gaps
+        strides[d] = running * (d == Rank - 1 ? 1 : 2);
+        break;
+      case 3:  // reversed axis order (column-major)
+        strides[Rank - 1 - d] = 0;
+        break;
+      case 4:  // arbitrary small strides of any sign (may overlap)
+        strides[d] = data.ConsumeIntegralInRange<Index>(-9, 9);
+        break;
+      default:  // all zero but one huge stride now and then
+        strides[d] = data.ConsumeIntegralInRange<int>(0, 7) == 0 ? draw_extent(data) : 0;
+    }
+    if (mode != 4 && mode != 5 && extent < (Index{1} << 20) && running < (Index{1} << 40)) {
+      running *= extent;
+      if (mode == 2) running *= 2;
+    }
+  }
+  if (mode == 3) {
+    Index step = 1;
+    for (int d = 0; d < Rank; ++d) {
+      strides[d] = step;
+      const Index extent = shape[static_cast<std::size_t>(d)] > 0 ? shape[d] : 1;
+      if (extent < (Index{1} << 20) && step < (Index{1} << 40)) step *= extent;
+    }
+  }
+  if (data.ConsumeIntegralInRange<int>(0, 5) == 0 &&
+      strides[0] != std::numeric_limits<Index>::min())
+    strides[0] = -strides[0];
+  auto& buffer = arena.buffers[static_cast<std::size_t>(
+      data.ConsumeIntegralInRange<int>(0, static_cast<int>(arena.buffers.size()) - 1))];
+  if (must_reject<Rank>(shape, strides, sizeof(T))) {
+    drawn.view = foveal::TensorView<T, Rank>(buffer.data(), shape, strides);
+    drawn.validity = Validity::invalid;
+    return drawn;
+  }
+  // The lowest and highest element offsets the view reaches (no overflow: checked above).
+  Index lowest = 0, highest = 0, count = 1;
+  for (int d = 0; d < Rank; ++d) {
+    count *= shape[d];
+    if (shape[d] == 0) continue;
+    const Index reach = (shape[d] - 1) * strides[d];
+    (reach < 0 ? lowest : highest) += reach;
+  }
+  if (count == 0) {  // nothing is read: any base in the buffer
+    drawn.view = foveal::TensorView<T, Rank>(buffer.data(), shape, strides);
+    return drawn;
+  }
+  // Unusable: reaching outside the buffer (the caller's contract), or so many elements (zero
+  // strides) that reading them is legitimately slow. Empty views of huge extents stay: no
+  // work may depend on their extents.
+  if (highest - lowest >= kBufferElements || count > kMaxElements) {
+    drawn.validity = Validity::unusable;
+    return drawn;
+  }
+  const Index base =
+      -lowest + data.ConsumeIntegralInRange<Index>(0, kBufferElements - 1 - (highest - lowest));
+  drawn.view = foveal::TensorView<T, Rank>(buffer.data() + base, shape, strides);
+  return drawn;
+}
+
+// The outcome of one fuzz input, summed over every view it drew.
+struct Expect {
+  bool invalid = false;
+  bool unusable = false;
+  template <typename V>
+  void add(const V& drawn) {
+    invalid |= drawn.validity == Validity::invalid;
+    unusable |= drawn.validity == Validity::unusable;
+  }
+};
+
+// Runs `call`: foveal::Error and std::bad_alloc are accepted answers; an invalid view that is
+// not rejected is a finding (abort with a message). Anything else thrown escapes to libFuzzer,
+// which reports it as a crash.
+template <typename Call>
+void run_call(const Expect& expect, const char* what, Call&& call) {
+  bool rejected = false;
+  try {
+    call();
+  } catch (const foveal::Error&) {
+    rejected = true;
+  } catch (const std::bad_alloc&) {
+    rejected = true;
+  }
+  if (expect.invalid && !rejected) {
+    std::fprintf(stderr, "foveal fuzz: %s accepted a view it must reject\n", what);
+    std::abort();
+  }
+}
+
+// A cost bound: the harnesses skip inputs whose valid views would make the kernels run long
+// (a legitimately large problem is not a finding). A zero factor means no work at all.
+template <typename... Factors>
+bool too_costly(Factors... factors) {
+  double cost = 1;
+  for (double factor : {static_cast<double>(factors)...}) cost *= factor;  // 0: no work
+  return cost > 2e6;
+}
+
+inline double draw_option(FuzzedDataProvider& data) {
+  constexpr double kValues[] = {0.0,
+                                0.125,
+                                1.0,
+                                30.0,
+                                -1.0,
+                                std::numeric_limits<double>::quiet_NaN(),
+                                std::numeric_limits<double>::infinity(),
+                                -std::numeric_limits<double>::infinity(),
+                                1e-300,
+                                1e300,
+                                std::numeric_limits<double>::denorm_min(),
+                                0.5};
+  return kValues[data.ConsumeIntegralInRange<int>(0, 11)];
+}
+
+// An index-like option: mostly small, sometimes negative or huge.
+inline Index draw_index_option(FuzzedDataProvider& data) {
+  const auto pick = data.ConsumeIntegral<std::uint8_t>();
+  if (pick < 200) return static_cast<Index>(pick % 12) - 1;
+  return draw_extent(data);
+}
+
+// Thread counts: 0 (the global setting), 1 or 2, now and then negative or huge (rejected).
+inline int draw_threads(FuzzedDataProvider& data) {
+  constexpr int kOdd[] = {-1, 1025, std::numeric_limits<int>::max()};
+  const int pick = data.ConsumeIntegralInRange<int>(0, 15);
+  return pick < 13 ? pick % 3 : kOdd[pick - 13];
+}
+
+}  // namespace foveal_fuzz

@@ -1,0 +1,178 @@
+// libFuzzer harness: a KVCache (owned or over drawn views) and a drawn sequence of appends,
+// truncations, resets, layout queries and decode_attention calls. A rejected call must leave
+// the cache's lengths unchanged.
+#include <algorithm>
+#include <memory>
+
+#include "fuzz_common.hpp"
+
+namespace {
+
+using namespace foveal_fuzz;
+
+template <typename T>
+void check_unchanged(const foveal::KVCache<T>& cache, const std::vector<Index>& before,
+                     const char* what) {
+  if (cache.lengths() != before) {
+    std::fprintf(stderr, "foveal fuzz: a rejected %s changed the cache's lengths\n", what);
+    std::abort();
+  }
+}
+
+template <typename T>
+void run(FuzzedDataProvider& data) {
+  Arena<T> arena(data, 3);
+  const Index batch = draw_extent(data, 2), heads_kv = draw_extent(data, 2);
+  const Index capacity = draw_extent(data, 6), dim = draw_extent(data, 5);
+  const Index dim_v = draw_extent(data, 5);
+  foveal::KVCacheOptions options;
+  options.ring = data.ConsumeBool();
+  options.sink_tokens = draw_index_option(data);
+  std::unique_ptr<foveal::KVCache<T>> cache;
+  if (data.ConsumeBool()) {
+    // Owned storage. Huge sizes are known findings (harden: size overflow in Tensor
+    // allocation, OOM on huge KVCache): only small or negative ones are drawn.
+    for (Index size : {batch, heads_kv, capacity, dim, dim_v})
+      if (size > 16) return;
+    try {
+      cache = std::make_unique<foveal::KVCache<T>>(batch, heads_kv, capacity, dim, dim_v, options);
+    } catch (const foveal::Error&) {
+      return;
+    }
+  } else {
+    Expect expect;
+    auto keys = draw_view<T, T, 4>(data, arena, {batch, heads_kv, capacity, dim}, true);
+    auto values = draw_view<T, T, 4>(data, arena, {batch, heads_kv, capacity, dim_v}, true);
+    expect.add(keys);
+    expect.add(values);
+    if (expect.unusable) return;
+    // A cache of more than 2**20 sequences or heads allocates in proportion: the known finding
+    // "OOM on huge KVCache" (harden), not drawn.
+    if (!expect.invalid && (batch > (1 << 20) || heads_kv > (1 << 20))) return;
+    // NEW finding (reported, kv_cache.hpp belongs to branch harden): a ring cache adopts any
+    // length, and appending to a length near 2**63 overflows the position (signed overflow).
+    // Not drawn until fixed (KNOWN "ring_length_overflow" in tests/fuzz/cases.py).
+    std::vector<Index> lengths;
+    if (data.ConsumeBool())
+      for (int b = data.ConsumeIntegralInRange<int>(0, 3); b > 0; --b)
+        lengths.push_back(std::min(draw_index_option(data), Index{1} << 40));
+    run_call(expect, "KVCache(keys, values)", [&] {
+      cache = std::make_unique<foveal::KVCache<T>>(keys.view, values.view, options, lengths);
+    });
+    if (!cache) return;
+  }
+  const Index b = cache->batch(), h = cache->heads_kv(), d = cache->dim(), dv = cache->dim_v();
+  for (int step = data.ConsumeIntegralInRange<int>(1, 8); step > 0; --step) {
+    const std::vector<Index> before = cache->lengths();
+    switch (data.ConsumeIntegralInRange<int>(0, 5)) {
+      case 0:
+      case 1: {  // append, maybe ragged
+        const Index n = draw_extent(data, 4);
+        Expect expect;
+        auto k = draw_view<const T, T, 4>(data, arena, {b, h, n, d});
+        auto v = draw_view<const T, T, 4>(data, arena, {b, h, n, dv});
+        expect.add(k);
+        expect.add(v);
+        if (expect.unusable) break;
+        // NEW finding (reported, kv_cache.hpp belongs to branch harden): a ring append loops
+        // over all n steps, also the ones it skips, so a huge n of an empty k hangs. Not drawn
+        // until fixed (KNOWN "ring_append_huge_n" in tests/fuzz/cases.py).
+        if (!expect.invalid && cache->ring() && n > (1 << 20)) break;
+        std::vector<Index> counts;
+        const bool ragged = data.ConsumeBool();
+        for (Index i = 0; ragged && i < b + data.ConsumeIntegralInRange<int>(-1, 1); ++i)
+          counts.push_back(draw_index_option(data));
+        bool rejected = false;
+        run_call(expect, "KVCache::append", [&] {
+          try {
+            if (ragged)
+              cache->append(k.view, v.view, counts);
+            else
+              cache->append(k.view, v.view);
+          } catch (const foveal::Error&) {
+            rejected = true;
+            throw;
+          }
+        });
+        if (rejected) check_unchanged(*cache, before, "append");
+        break;
+      }
+      case 2: {  // decode
+        const Index group = draw_extent(data, 3), len_q = draw_extent(data, 3);
+        Expect expect;
+        auto q = draw_view<const T, T, 4>(data, arena, {b, saturated_product(h, group), len_q, d});
+        auto out =
+            draw_view<T, T, 4>(data, arena, {b, saturated_product(h, group), len_q, dv}, true);
+        expect.add(q);
+        expect.add(out);
+        DrawnView<T, 3> lse;
+        if (data.ConsumeBool()) {
+          lse = draw_view<T, T, 3>(data, arena, {b, saturated_product(h, group), len_q}, true);
+          expect.add(lse);
+        }
+        if (expect.unusable) break;
+        foveal::AttentionOptions attention;
+        attention.scale = data.ConsumeBool() ? 0.0 : draw_option(data);
+        attention.causal = data.ConsumeBool();
+        attention.window_left = draw_index_option(data);
+        attention.window_right = draw_index_option(data);
+        attention.sink_tokens = draw_index_option(data);
+        attention.softcap = data.ConsumeBool() ? 0.0 : draw_option(data);
+        attention.q_offset = data.ConsumeIntegralInRange<int>(0, 7) == 0 ? 3 : -1;
+        attention.num_threads = draw_threads(data);
+        run_call(expect, "decode_attention",
+                 [&] { foveal::decode_attention(q.view, *cache, attention, out.view, lse.view); });
+        check_unchanged(*cache, before, "decode_attention");
+        break;
+      }
+      case 3: {  // truncate all or one sequence
+        const Index length = draw_index_option(data);
+        try {
+          if (data.ConsumeBool())
+            cache->truncate(length);
+          else
+            cache->truncate(draw_index_option(data), length);
+        } catch (const foveal::Error&) {
+          check_unchanged(*cache, before, "truncate");
+        }
+        break;
+      }
+      case 4:
+        cache->reset();
+        break;
+      default: {  // queries
+        const Index sequence = draw_index_option(data);
+        try {
+          const foveal::KVCacheLayout layout = cache->layout(sequence);
+          Index stored = 0;
+          for (int s = 0; s < layout.count; ++s) {
+            const foveal::KVCacheSpan& span = layout.spans[s];
+            if (span.row < 0 || span.count < 0 || span.row + span.count > cache->capacity()) {
+              std::fprintf(stderr, "foveal fuzz: KVCache::layout gave a span outside storage\n");
+              std::abort();
+            }
+            stored += span.count;
+          }
+          if (stored > cache->capacity()) {
+            std::fprintf(stderr, "foveal fuzz: KVCache::layout holds more than capacity\n");
+            std::abort();
+          }
+          (void)cache->holds(sequence, draw_index_option(data));
+          (void)cache->first_retained(sequence);
+        } catch (const foveal::Error&) {
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* bytes, std::size_t size) {
+  FuzzedDataProvider data(bytes, size);
+  if (data.ConsumeBool())
+    run<float>(data);
+  else
+    run<double>(data);
+  return 0;
+}

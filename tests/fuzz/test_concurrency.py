@@ -1,0 +1,141 @@
+"""Concurrency: foveal calls from 8 Python threads at once (the kernels release the GIL) give
+bitwise the results of the same calls run alone; a cache mutated from two threads at once is
+rejected, never corrupted. Each test runs in a child process so a crash fails it cleanly.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+TIMEOUT = 240
+
+
+def _run_child(source: str) -> str:
+    """Runs source in a fresh interpreter; fails the test on a crash, a hang or an error."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(source)],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "2"},
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the child process hung for {TIMEOUT} s")
+    assert done.returncode == 0, (
+        f"child exited with {done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    )
+    return done.stdout
+
+
+CALLS = r"""
+import threading
+import numpy as np
+import foveal, foveal.vq, foveal.sparsek
+
+def calls(index):
+    # One call per index: a different kind, shape and thread count for every thread.
+    rng = np.random.default_rng(index)
+    kind = index % 4
+    threads = 1 + index % 3
+    dtype = np.float32 if index % 2 == 0 else np.float64
+    if kind == 0:
+        b, hkv, g, lq, lk, d = 1, 1 + index % 2, 2, 3 + index, 40 + 7 * index, 16 + index
+        q = rng.standard_normal((b, hkv * g, lq, d)).astype(dtype)
+        k = rng.standard_normal((b, hkv, lk, d)).astype(dtype)
+        v = rng.standard_normal((b, hkv, lk, d + 1)).astype(dtype)
+        return lambda: foveal.attention(q, k, v, causal=index % 3 == 0, return_lse=True,
+                                        num_threads=threads)
+    if kind == 1:
+        b, hkv, d = 2, 2, 8 + index
+        cache = foveal.KVCache(b, hkv, 1500, d, dtype=dtype)
+        cache.append(rng.standard_normal((b, hkv, 1100 + index, d)).astype(dtype),
+                     rng.standard_normal((b, hkv, 1100 + index, d)).astype(dtype))
+        q = rng.standard_normal((b, hkv * 2, 1, d)).astype(dtype)
+        return lambda: foveal.decode_attention(q, cache, return_lse=True, num_threads=threads)
+    if kind == 2:
+        x = rng.standard_normal((300 + index, 12)).astype(dtype)
+        c = rng.standard_normal((37, 12)).astype(dtype)
+        metric = "cosine" if index % 3 == 0 else "l2"
+        return lambda: tuple(foveal.vq.assign(x, c, metric=metric, num_threads=threads))
+    b, hkv, lq, lk, d = 1, 2, 24, 64 + index, 8
+    q = rng.standard_normal((b, hkv, lq, d)).astype(dtype)
+    k = rng.standard_normal((b, hkv, lk, d)).astype(dtype)
+    v = rng.standard_normal((b, hkv, lk, d)).astype(dtype)
+    u = rng.standard_normal((b, hkv, lk)).astype(dtype)
+    return lambda: foveal.sparsek_attention(q, k, v, u, 8, window=4, return_lse=True,
+                                            num_threads=threads)
+
+def as_arrays(result):
+    return [np.asarray(x) for x in (result if isinstance(result, tuple) else (result,))]
+
+THREADS, ROUNDS = 8, 6
+work = [calls(i) for i in range(THREADS)]
+alone = [as_arrays(call()) for call in work]
+results = [[] for _ in range(THREADS)]
+barrier = threading.Barrier(THREADS)
+
+def worker(i):
+    barrier.wait()
+    for _ in range(ROUNDS):
+        results[i].append(as_arrays(work[i]()))
+
+threads = [threading.Thread(target=worker, args=(i,)) for i in range(THREADS)]
+for t in threads: t.start()
+for t in threads: t.join()
+for i in range(THREADS):
+    assert len(results[i]) == ROUNDS, f"thread {i} did not finish"
+    for got in results[i]:
+        for a, b in zip(got, alone[i]):
+            assert a.dtype == b.dtype and a.shape == b.shape
+            assert a.tobytes() == b.tobytes(), f"thread {i}: result differs from the lone run"
+print("ok", THREADS * ROUNDS)
+"""
+
+
+def test_eight_threads_match_lone_runs():
+    assert _run_child(CALLS).startswith("ok")
+
+
+CACHE_RACE = r"""
+import threading
+import numpy as np
+import foveal
+
+cache = foveal.KVCache(1, 2, 4096, 32, ring=True)
+step = np.ones((1, 2, 8, 32), np.float32)
+q = np.ones((1, 4, 1, 32), np.float32)
+errors, barrier = [], threading.Barrier(3)
+
+def mutate():
+    barrier.wait()
+    for _ in range(2000):
+        try:
+            cache.append(step, step)
+            cache.truncate(cache.lengths[0] // 2)
+        except (ValueError, RuntimeError) as error:
+            errors.append(error)
+
+def read():
+    barrier.wait()
+    for _ in range(2000):
+        try:
+            foveal.decode_attention(q, cache)
+        except (ValueError, RuntimeError) as error:
+            errors.append(error)
+
+threads = [threading.Thread(target=f) for f in (mutate, mutate, read)]
+for t in threads: t.start()
+for t in threads: t.join()
+assert errors, "two threads mutated one cache at once and nothing was rejected"
+print("ok", len(errors))
+"""
+
+
+def test_cache_mutated_from_two_threads_raises():
+    assert _run_child(CACHE_RACE).startswith("ok")
