@@ -277,6 +277,54 @@ def attention_case(draw, function: str = "attention"):
 
 
 @st.composite
+def attention_backward_case(draw):
+    """attention_backward / sliding_window_attention_backward on drawn forward outputs, or
+    foveal.torch.attention's autograd."""
+    function = draw(
+        st.sampled_from(
+            ["attention_backward", "sliding_window_attention_backward", "torch_attention"]
+        )
+    )
+    case = Case(draw, function)
+    dims = case.dims(ATTENTION_DIMS, zero_for_huge=("B", "Lq", "Hkv"))
+    _qkv(case, dims)
+    options = draw(_mask_options())
+    hq = dims["Hkv"] * dims["G"]
+    out_shape = (dims["B"], hq, dims["Lq"], dims["Dv"])
+    options["num_threads"] = draw(threads())
+    if function == "torch_attention":
+        if case.lib != "torch":
+            case.lib = "torch"
+            case.lines.clear()
+            case.seed = 0
+            _qkv(case, dims)
+        call = (
+            "import foveal.torch\n"
+            "q, k, v = (t.detach().requires_grad_(t.dtype.is_floating_point) "
+            "for t in (q, k, v))\n"
+            f"r = foveal.torch.attention(q, k, v, {_kw(**options)})\n"
+            "expect(r, (q.shape[0], q.shape[1], q.shape[2], v.shape[3]), q)\n"
+            "if r.requires_grad:\n"
+            "    r.sum().backward()\n"
+            "    for t in (q, k, v):\n"
+            "        expect(t.grad, t.shape, q)\n"
+        )
+        return case.done(call)
+    case.array("out", out_shape)
+    case.array("lse", out_shape[:3])
+    case.array("grad_out", out_shape)
+    if function == "attention_backward" and draw(st.booleans()):
+        bias_shape = (1, 1, dims["Lq"], dims["Lk"])
+        options["bias"] = case.array("bias", bias_shape)
+    call = (
+        f"r = foveal.{function}(q, k, v, out, lse, grad_out, {_kw(**options)})\n"
+        "assert isinstance(r, tuple) and len(r) == 3, type(r)\n"
+        "expect(r[0], q.shape, q)\nexpect(r[1], k.shape, q)\nexpect(r[2], v.shape, q)\n"
+    )
+    return case.done(call)
+
+
+@st.composite
 def merge_states_case(draw):
     case = Case(draw, "merge_states")
     huge = () if known("merge_states_huge_empty") else ("B", "H", "L")
@@ -961,6 +1009,7 @@ def num_threads_case(draw):
 ENTRY_POINTS = {
     "attention": attention_case(),
     "sliding_window_attention": attention_case("sliding_window_attention"),
+    "attention_backward": attention_backward_case(),
     "merge_states": merge_states_case(),
     "kv_cache": kv_cache_case(),
     "make_attention": make_attention_case(),

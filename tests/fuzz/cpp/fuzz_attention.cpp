@@ -1,4 +1,5 @@
-// libFuzzer harness: dense and sliding-window attention over drawn views and options.
+// libFuzzer harness: dense and sliding-window attention, forward and backward, over drawn views
+// and options.
 #include "fuzz_common.hpp"
 
 namespace {
@@ -46,6 +47,32 @@ void run(FuzzedDataProvider& data) {
   options.softcap = data.ConsumeBool() ? 0.0 : draw_option(data);
   options.q_offset = data.ConsumeBool() ? -1 : draw_index_option(data);
   options.num_threads = draw_threads(data);
+  if (data.ConsumeIntegralInRange<int>(0, 2) == 0) {
+    // The backward: out and lse become inputs (the forward's), grad_out and the gradients are
+    // drawn like the rest.
+    auto grad_out = draw_view<const T, T, 4>(data, arena, {batch, heads_q, len_q, dim_v});
+    auto grad_q = draw_view<T, T, 4>(data, arena, {batch, heads_q, len_q, dim}, true);
+    auto grad_k = draw_view<T, T, 4>(data, arena, {batch, heads_kv, len_k, dim}, true);
+    auto grad_v = draw_view<T, T, 4>(data, arena, {batch, heads_kv, len_k, dim_v}, true);
+    for (const auto* view : {&grad_q, &grad_k, &grad_v}) expect.add(*view);
+    expect.add(grad_out);
+    if (expect.unusable) return;
+    const foveal::TensorView<const T, 4> out_read = out.view;
+    const foveal::TensorView<const T, 3> lse_read = lse.view;
+    if (sliding) {
+      run_call(expect, "sliding_window_attention_backward", [&] {
+        foveal::sliding_window_attention_backward(q.view, k.view, v.view, out_read, lse_read,
+                                                  grad_out.view, grad_q.view, grad_k.view,
+                                                  grad_v.view, options);
+      });
+    } else {
+      run_call(expect, "attention_backward", [&] {
+        foveal::attention_backward(q.view, k.view, v.view, out_read, lse_read, grad_out.view,
+                                   grad_q.view, grad_k.view, grad_v.view, options, bias.view);
+      });
+    }
+    return;
+  }
   if (sliding) {
     run_call(expect, "sliding_window_attention", [&] {
       foveal::sliding_window_attention(q.view, k.view, v.view, out.view, options, lse.view);
