@@ -42,6 +42,32 @@ CASES = {
         "r = foveal.torch.pde_ssm(x, [0.1, 0.0, 0.1], [0.0, 0.0], 0.0, 1.0, 0.5)\n"
         "expect(r, (1, 3, 3, 2), x)",
     ),
+    # A ring KVCache adopted a length near 2**63 and an append overflowed the position (it
+    # became negative); now the append is rejected and the length kept.
+    "kv_cache_ring_length_overflow": (
+        "keys = mk((1, 1, 4, 2), 'float32')\nvalues = mk((1, 1, 4, 2), 'float32')\n"
+        "step = mk((1, 1, 1, 2), 'float32')",
+        "cache = foveal.KVCache.wrap(keys, values, ring=True, lengths=[2**63 - 1])\n"
+        "try:\n    cache.append(step, step)\nexcept ValueError:\n    pass\n"
+        "assert cache.lengths == [2**63 - 1], cache.lengths",
+    ),
+    # A ring append looped over every one of its n steps, also those a later step overwrites:
+    # an empty k (Hkv = 0) with n = 2**40 hung.
+    "kv_cache_ring_append_huge_n": (
+        "import numpy as np\n"
+        "k = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), (1, 0, 2**40, 2), "
+        "(0, 0, 0, 0))",
+        "cache = foveal.KVCache(1, 0, 4, 2, ring=True)\ncache.append(k, k)\n"
+        "assert cache.lengths == [2**40], cache.lengths",
+    ),
+    # merge_states checked every lse element in a loop over B and H even when the lse was empty:
+    # B = 2**40 with H = 0 hung.
+    "merge_states_huge_empty": (
+        "import numpy as np\nz = np.zeros(1, np.float32)\n"
+        "o = np.lib.stride_tricks.as_strided(z, (2**40, 0, 1, 4), (0, 0, 0, 0))\n"
+        "l = np.lib.stride_tricks.as_strided(z, (2**40, 0, 1), (0, 0, 0))",
+        "r = foveal.merge_states(o, l, o, l)\nexpect(r[0], o.shape, o)",
+    ),
 }
 
 

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -219,6 +220,9 @@ class KVCache {
       check(count >= 0 && count <= k.size(2), kFunction, ": counts[", b,
             "] must be in [0, n = ", k.size(2), "], got ", count);
       const Index length = lengths_[static_cast<std::size_t>(b)];
+      check(count <= std::numeric_limits<Index>::max() - length, kFunction, ": sequence ", b,
+            " holds ", length, " tokens; appending ", count,
+            " would overflow its position (positions are int64)");
       check(options_.ring || count <= capacity() - length, kFunction, ": sequence ", b, " holds ",
             length, " tokens; appending ", count, " would exceed the capacity of ", capacity(),
             " (not a ring buffer)");
@@ -227,12 +231,15 @@ class KVCache {
       const auto index = static_cast<std::size_t>(b);
       const Index count = counts[index];
       const Index start = lengths_[index];
-      for (Index step = 0; step < count; ++step) {
+      // In a ring, the steps that a later step of this call overwrites, [overwritten_begin,
+      // overwritten_end), are never written (nor visited: n may be huge for an empty k).
+      const Index overwritten_begin = std::clamp<Index>(options_.sink_tokens - start, 0, count);
+      const Index overwritten_end =
+          options_.ring ? std::max(overwritten_begin, count - ring_rows()) : overwritten_begin;
+      for (Index step = 0; step < count && heads_kv() > 0; ++step) {
+        if (step == overwritten_begin) step = overwritten_end;
+        if (step >= count) break;
         const Index position = start + step;
-        // In a ring, a step that a later step of this call overwrites is never written.
-        if (options_.ring && position >= options_.sink_tokens &&
-            start + count - position > ring_rows())
-          continue;
         const Index row = row_of(position);
         for (Index h = 0; h < heads_kv(); ++h) {
           detail::copy_strided_row(k.address(b, h, step, 0), k.stride(3),
