@@ -384,6 +384,25 @@ inline void output_micro(const T* p_t, const T* alpha, const T* const* v_rows, I
   }
 }
 
+// True when rows[j][0 .. cols) is finite for every j < count (x - x is 0 exactly for finite x).
+template <typename T>
+inline bool all_finite(const T* const* rows, Index count, Index cols) {
+  constexpr int L = kLanes<T>;
+  const Index full = cols / L * L;
+  Vec<T> sum{};
+  for (Index j = 0; j < count; ++j) {
+    const T* row = rows[j];
+    for (Index c = 0; c < full; c += L) {
+      const Vec<T> x = load(row + c);
+      sum += x - x;
+    }
+    for (Index c = full; c < cols; ++c) sum[0] += row[c] - row[c];
+  }
+  for (int lane = 0; lane < L; ++lane)
+    if (sum[lane] != T(0)) return false;
+  return true;
+}
+
 // acc[r][:] = acc[r][:] * alpha[r] + sum_j p_t[j][r] * v_rows[j][:] for r < num_rows.
 // key_range(r0, r1) -> {j_begin, j_end} bounds the keys that rows [r0, r1) can see; the
 // probabilities of the others are 0 and are skipped. In a `masked` block zero probabilities
@@ -561,8 +580,12 @@ class TileRunner {
       if constexpr (GatesKeys<Policy>::value) {
         if (block.index != nullptr) policy.gate_probabilities(block, row_vectors, scratch.s_t);
       }
+      // A masked-out key must not reach the rows that do not see it, but 0 * NaN (or 0 * inf)
+      // is NaN: only a masked block with a non-finite value skips zero probabilities one by
+      // one; with finite values adding 0 * v changes nothing.
+      const bool skip_zeros = block.needs_mask && !all_finite(v_rows, block.count, dim_v_);
       accumulate_output(scratch.s_t, alpha, v_rows, num_rows, dim_v_, keys_seen_by, scratch.acc,
-                        acc_stride_, block.needs_mask);
+                        acc_stride_, skip_zeros);
     });
 
     write_rows(tile, num_rows, query_index, head, row_max, row_sum, scratch.acc);
