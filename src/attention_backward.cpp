@@ -92,10 +92,7 @@ void backward_impl(const char* function, TensorView<const T, 4> q, TensorView<co
                    const AttentionOptions& options, TensorView<const T, 4> bias) {
   const detail::BackwardParams<T> params = prepare_backward<T>(
       function, q, k, v, out, lse, grad_out, grad_q, grad_k, grad_v, options, bias);
-  const detail::Visibility visibility =
-      detail::Visibility::make(options.causal, options.window_left, options.window_right,
-                               options.sink_tokens, q.size(2), k.size(2), params.forward.q_offset);
-  detail::run_flash_backward(params, detail::BandPolicy(visibility));
+  detail::run_flash_backward(params, detail::band_policy(params.forward, options));
 }
 
 }  // namespace

@@ -154,13 +154,19 @@ FlashParams<T> prepare_attention(const char* function, TensorView<const T, 4> q,
   return params;
 }
 
-// Runs the engine with the band policy of `options` (windows, causal, sinks).
+// The band policy of `options` (windows, causal, sinks) for the call's queries and keys: what
+// the forward and the backward visit.
+template <typename T>
+BandPolicy band_policy(const FlashParams<T>& params, const AttentionOptions& options) {
+  return BandPolicy(Visibility::make(options.causal, options.window_left, options.window_right,
+                                     options.sink_tokens, params.q.size(2), params.k.size(2),
+                                     params.q_offset));
+}
+
+// Runs the engine with the band policy of `options`.
 template <typename T>
 void run_band_attention(const FlashParams<T>& params, const AttentionOptions& options) {
-  const auto visibility =
-      Visibility::make(options.causal, options.window_left, options.window_right,
-                       options.sink_tokens, params.q.size(2), params.k.size(2), params.q_offset);
-  run_flash_attention(params, BandPolicy(visibility));
+  run_flash_attention(params, band_policy(params, options));
 }
 
 }  // namespace foveal::detail
