@@ -1,7 +1,8 @@
 // foveal::attention_backward and sliding_window_attention_backward: validation, then the engine's
-// backward (detail/flash_backward.hpp) with the forward's band policy.
+// backward (detail/flash_backward.hpp, a kernel of the ISA level in use) with the forward's band
+// policy.
 #include "detail/attention_setup.hpp"
-#include "detail/flash_backward.hpp"
+#include "detail/kernels.hpp"
 #include "foveal/attention/backward.hpp"
 #include "foveal/attention/sliding_window.hpp"
 
@@ -92,7 +93,8 @@ void backward_impl(const char* function, TensorView<const T, 4> q, TensorView<co
                    const AttentionOptions& options, TensorView<const T, 4> bias) {
   const detail::BackwardParams<T> params = prepare_backward<T>(
       function, q, k, v, out, lse, grad_out, grad_q, grad_k, grad_v, options, bias);
-  detail::run_flash_backward(params, detail::band_policy(params.forward, options));
+  detail::kernels<T>().band_attention_backward(params,
+                                               detail::band_policy(params.forward, options));
 }
 
 }  // namespace

@@ -1,62 +1,27 @@
 // foveal::decode_attention: split-KV attention over a KV cache, on the shared engine.
 //
-// The visible keys of each sequence are cut into chunks of kDecodeChunkKeys positions. Every
-// (chunk, kv head) is one engine tile run with a policy that visits only that chunk's stored
-// rows (a ring buffer's rows are contiguous runs of positions, so blocks carry a position
-// offset); the tile writes its chunk's (O, lse) to a scratch state, and a second pass merges the
-// states of each query row in chunk order. Chunking depends only on the data, never on the
-// thread count, so results are bitwise identical for any number of threads.
+// Validation and the chunk plan run here; the engine and the merge are the level's kernel
+// (src/kernels/attention.hpp). The visible keys of each sequence are cut into chunks of
+// kDecodeChunkKeys positions. Every (chunk, kv head) is one engine tile run with a policy that
+// visits only that chunk's stored rows (a ring buffer's rows are contiguous runs of positions, so
+// blocks carry a position offset); the tile writes its chunk's (O, lse) to a scratch state, and a
+// second pass merges the states of each query row in chunk order. Chunking depends only on the
+// data, never on the thread count, so results are bitwise identical for any number of threads.
 #include "foveal/attention/decode.hpp"
 
 #include <vector>
 
 #include "detail/attention_setup.hpp"
-#include "detail/merge_math.hpp"
+#include "detail/kernels.hpp"
 
 namespace foveal {
 namespace {
 
 constexpr const char* kFunction = "decode_attention";
 
-using detail::KeyBlock;
 using detail::KeyRange;
 using detail::KeyRanges;
 using detail::Visibility;
-
-KeyRange intersect(KeyRange a, KeyRange b) {
-  return {std::max(a.begin, b.begin), std::min(a.end, b.end)};
-}
-
-// Visits the stored keys of one sequence inside one chunk of positions.
-class CachePolicy : public detail::RulePolicy<Visibility> {
- public:
-  CachePolicy(const Visibility& visibility, const KVCacheLayout& layout, KeyRange chunk)
-      : RulePolicy(visibility), layout_(layout), chunk_(chunk) {}
-
-  template <typename Visit>
-  void for_each_block(Index position_lo, Index position_hi, Visit&& visit) const {
-    const KeyRanges visible = rule().visible_ranges(position_lo, position_hi);
-    for (int r = 0; r < visible.count; ++r) {
-      const KeyRange wanted = intersect(visible.ranges[r], chunk_);
-      for (int s = 0; s < layout_.count; ++s) {
-        const KVCacheSpan& span = layout_.spans[s];
-        const KeyRange stored = intersect(wanted, {span.position, span.position + span.count});
-        detail::for_each_aligned_block(stored, span.position - span.row, rule(), position_lo,
-                                       position_hi, visit);
-      }
-    }
-  }
-
- private:
-  KVCacheLayout layout_;
-  KeyRange chunk_;
-};
-
-// One unit of key work of one sequence.
-struct Chunk {
-  Index sequence;
-  KeyRange positions;
-};
 
 template <typename T>
 void decode_impl(TensorView<const T, 4> q, const KVCache<T>& cache, const AttentionOptions& options,
@@ -79,7 +44,9 @@ void decode_impl(TensorView<const T, 4> q, const KVCache<T>& cache, const Attent
 
   const Index batch = q.size(0), heads_q = q.size(1), len_q = q.size(2), dim = q.size(3);
   const Index heads_kv = cache.heads_kv();
-  std::vector<Visibility> visibility(static_cast<std::size_t>(batch));
+  detail::DecodePlan<T> plan;
+  std::vector<Visibility>& visibility = plan.visibility;
+  visibility.resize(static_cast<std::size_t>(batch));
   for (Index b = 0; b < batch; ++b) {
     const Index length = cache.length(b);
     check(len_q <= length, kFunction, ": sequence ", b, " holds ", length,
@@ -104,7 +71,7 @@ void decode_impl(TensorView<const T, 4> q, const KVCache<T>& cache, const Attent
     visibility[static_cast<std::size_t>(b)] = seen;
   }
 
-  detail::FlashParams<T> params;
+  detail::FlashParams<T>& params = plan.params;
   params.q = q;
   params.k = cache.keys();
   params.v = cache.values();
@@ -118,12 +85,13 @@ void decode_impl(TensorView<const T, 4> q, const KVCache<T>& cache, const Attent
   const Index group = heads_q / heads_kv;
   // Split the keys when a head's queries fit one tile; otherwise the tiles themselves are
   // enough parallel work and each visits all its keys.
-  const bool split = len_q * group <= detail::kBlockQ;
-  std::vector<Chunk> chunks;
-  std::vector<Index> first_chunk(static_cast<std::size_t>(batch) + 1, 0);
+  plan.cache = &cache;
+  plan.split = len_q * group <= detail::kBlockQ;
+  std::vector<detail::DecodeChunk>& chunks = plan.chunks;
+  plan.first_chunk.assign(static_cast<std::size_t>(batch) + 1, 0);
   for (Index b = 0; b < batch; ++b) {
     const Index length = cache.length(b);
-    if (!split) {
+    if (!plan.split) {
       chunks.push_back({b, {0, length}});
     } else {
       const KeyRanges visible =
@@ -136,68 +104,9 @@ void decode_impl(TensorView<const T, 4> q, const KVCache<T>& cache, const Attent
           begin = end;
         }
     }
-    first_chunk[static_cast<std::size_t>(b) + 1] = static_cast<Index>(chunks.size());
+    plan.first_chunk[static_cast<std::size_t>(b) + 1] = static_cast<Index>(chunks.size());
   }
-
-  const Index num_chunks = static_cast<Index>(chunks.size());
-  const Index dim_v = cache.dim_v();
-  const Index state_size = heads_q * len_q * dim_v;  // one chunk's partial outputs
-  const Index lse_size = heads_q * len_q;
-  detail::AlignedArray<T> partial_out;
-  detail::AlignedArray<T> partial_lse;
-  if (split) {
-    partial_out = detail::allocate_aligned<T>(static_cast<std::size_t>(num_chunks * state_size));
-    partial_lse = detail::allocate_aligned<T>(static_cast<std::size_t>(num_chunks * lse_size));
-  }
-
-  // One task per (chunk, kv head, tile); a chunk's rows go to its own state (stride 0 over the
-  // batch dimension) when split, else straight to the outputs.
-  const detail::TileGrid grid(num_chunks, heads_kv, len_q * group);
-  detail::run_engine(params, grid.num_tasks(), [&](Index task, detail::NoPolicyScratch&) {
-    const detail::TileGrid::Cell cell = grid.cell(task);
-    const Chunk& chunk = chunks[static_cast<std::size_t>(cell.outer)];
-    detail::Tile<T> tile = detail::tile_of(params, chunk.sequence, cell.kv_head, cell.flat_begin);
-    tile.q_offset = cache.length(chunk.sequence) - len_q;
-    if (split) {
-      tile.out = TensorView<T, 4>(partial_out.get() + cell.outer * state_size,
-                                  {batch, heads_q, len_q, dim_v}, {0, len_q * dim_v, dim_v, 1});
-      tile.lse = TensorView<T, 3>(partial_lse.get() + cell.outer * lse_size,
-                                  {batch, heads_q, len_q}, {0, len_q, 1});
-    }
-    return detail::plan_tile(CachePolicy(visibility[static_cast<std::size_t>(chunk.sequence)],
-                                         cache.layout(chunk.sequence), chunk.positions),
-                             tile);
-  });
-  if (!split) return;
-
-  // Merge each query row's chunk states in chunk order.
-  Index max_chunks = 0;
-  for (Index b = 0; b < batch; ++b)
-    max_chunks = std::max(max_chunks, first_chunk[static_cast<std::size_t>(b) + 1] -
-                                          first_chunk[static_cast<std::size_t>(b)]);
-  const int merge_threads = detail::team_size(batch * heads_q, params.num_threads);
-  const auto scratch_size =
-      static_cast<std::size_t>(std::max<Index>(max_chunks, 1) * merge_threads);
-  std::vector<const T*> state_rows(scratch_size);
-  std::vector<T> state_lse(scratch_size);
-  std::vector<T> weights(scratch_size);
-  parallel_for(batch * heads_q, merge_threads, [&](Index task) {
-    const Index b = task / heads_q, h = task % heads_q;
-    const Index first = first_chunk[static_cast<std::size_t>(b)];
-    const Index count = first_chunk[static_cast<std::size_t>(b) + 1] - first;
-    const auto scratch = static_cast<std::size_t>(std::max<Index>(max_chunks, 1)) *
-                         static_cast<std::size_t>(detail::thread_index());
-    for (Index i = 0; i < len_q; ++i) {
-      for (Index c = 0; c < count; ++c) {
-        const Index row = (h * len_q + i);
-        state_rows[scratch + c] = partial_out.get() + (first + c) * state_size + row * dim_v;
-        state_lse[scratch + c] = partial_lse[(first + c) * lse_size + row];
-      }
-      detail::merge_state_row<T>(count, state_rows.data() + scratch, state_lse.data() + scratch,
-                                 dim_v, weights.data() + scratch, out.address(b, h, i, 0),
-                                 lse.is_null() ? nullptr : lse.address(b, h, i));
-    }
-  });
+  detail::kernels<T>().decode_attention(plan);
 }
 
 }  // namespace

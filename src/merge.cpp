@@ -3,7 +3,7 @@
 
 #include <cmath>
 
-#include "detail/merge_math.hpp"
+#include "detail/kernels.hpp"
 #include "foveal/core/parallel.hpp"
 #include "foveal/detail/validate.hpp"
 
@@ -78,22 +78,8 @@ void merge_impl(TensorView<const T, 4> out_a, TensorView<const T, 3> lse_a,
   require_valid_lse("lse_a", lse_a);
   require_valid_lse("lse_b", lse_b);
 
-  const Index heads = out.size(1), len = out.size(2), dim_v = out.size(3);
-  const Index rows = out.size(0) * heads * len;
-  // Rows are independent: a fixed split into blocks of rows, any thread count.
-  constexpr Index kRowsPerTask = 64;
-  const Index num_tasks = (rows + kRowsPerTask - 1) / kRowsPerTask;
-  parallel_for(num_tasks, detail::resolve_num_threads(num_threads), [&](Index task) {
-    const Index row_end = std::min(rows, (task + 1) * kRowsPerTask);
-    for (Index row = task * kRowsPerTask; row < row_end; ++row) {
-      const Index b = row / (heads * len), h = row / len % heads, i = row % len;
-      const T* outs[2] = {out_a.address(b, h, i, 0), out_b.address(b, h, i, 0)};
-      const T lses[2] = {lse_a(b, h, i), lse_b(b, h, i)};
-      T weights[2];
-      detail::merge_state_row<T>(2, outs, lses, dim_v, weights, out.address(b, h, i, 0),
-                                 lse.is_null() ? nullptr : lse.address(b, h, i));
-    }
-  });
+  detail::kernels<T>().merge_states(
+      {out_a, out_b, lse_a, lse_b, out, lse, detail::resolve_num_threads(num_threads)});
 }
 
 }  // namespace

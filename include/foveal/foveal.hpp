@@ -9,6 +9,7 @@
 #include "foveal/attention/options.hpp"
 #include "foveal/attention/registry.hpp"
 #include "foveal/attention/sliding_window.hpp"
+#include "foveal/core/build_info.hpp"
 #include "foveal/core/dtype.hpp"
 #include "foveal/core/error.hpp"
 #include "foveal/core/parallel.hpp"

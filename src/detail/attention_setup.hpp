@@ -8,9 +8,11 @@
 #include <string>
 #include <type_traits>
 
-#include "detail/flash_engine.hpp"
+#include "detail/flash_plan.hpp"
+#include "detail/kernels.hpp"
 #include "foveal/attention/options.hpp"
 #include "foveal/core/dtype.hpp"
+#include "foveal/core/parallel.hpp"
 #include "foveal/detail/validate.hpp"
 
 namespace foveal::detail {
@@ -163,10 +165,10 @@ BandPolicy band_policy(const FlashParams<T>& params, const AttentionOptions& opt
                                      params.q_offset));
 }
 
-// Runs the engine with the band policy of `options`.
+// Runs the level's engine with the band policy of `options`.
 template <typename T>
 void run_band_attention(const FlashParams<T>& params, const AttentionOptions& options) {
-  run_flash_attention(params, band_policy(params, options));
+  kernels<T>().band_attention(params, band_policy(params, options));
 }
 
 }  // namespace foveal::detail

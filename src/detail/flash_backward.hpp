@@ -22,21 +22,11 @@
 #include <limits>
 
 #include "detail/flash_engine.hpp"
+#include "detail/isa.hpp"
 
+FOVEAL_LEVEL_PUSH
 namespace foveal::detail {
-
-// What the backward reads and writes; `forward` holds q, k, v, bias and the options exactly as
-// the forward ran (its out and lse are not used).
-// out, grad_out: [B, Hq, Lq, Dv]  lse: [B, Hq, Lq]  ->  grad_q: [B, Hq, Lq, D]
-// grad_k: [B, Hkv, Lk, D]  grad_v: [B, Hkv, Lk, Dv]
-template <typename T>
-struct BackwardParams {
-  FlashParams<T> forward;
-  TensorView<const T, 4> out;
-  TensorView<const T, 3> lse;
-  TensorView<const T, 4> grad_out;
-  TensorView<T, 4> grad_q, grad_k, grad_v;
-};
+inline namespace FOVEAL_LEVEL {
 
 // acc_rows[r][col0 + i] += Σ_{j < count} w[j * j_stride + r * r_stride] * src_rows[j][col0 + i]
 // for r < NR and i < CV * kLanes: NR output rows, CV vectors wide, each weight broadcast.
@@ -314,4 +304,6 @@ void run_flash_backward(const BackwardParams<T>& params, const Policy& policy) {
   });
 }
 
+}  // namespace FOVEAL_LEVEL
 }  // namespace foveal::detail
+FOVEAL_LEVEL_POP

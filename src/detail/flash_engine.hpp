@@ -56,6 +56,8 @@
 #include <utility>
 #include <vector>
 
+#include "detail/flash_plan.hpp"
+#include "detail/isa.hpp"
 #include "detail/mask.hpp"
 #include "detail/simd.hpp"
 #include "detail/softmax_math.hpp"
@@ -63,10 +65,10 @@
 #include "foveal/core/parallel.hpp"
 #include "foveal/core/tensor.hpp"
 
+FOVEAL_LEVEL_PUSH
 namespace foveal::detail {
+inline namespace FOVEAL_LEVEL {
 
-inline constexpr Index kBlockQ = 64;   // query rows per tile
-inline constexpr Index kBlockK = 128;  // keys per block
 // Micro-kernel shapes: as many accumulators as the register file holds next to the operands
 // (24 of 32 registers with AVX-512, 12 of 16 otherwise; more spills and halves the speed).
 inline constexpr bool kWideRegisterFile = kVectorRegisters >= 32;
@@ -81,146 +83,6 @@ inline constexpr Index kFewRows = std::max(1, kLanes<T> / 2);
 // Rows per dot-product micro-kernel: 1, 2 or 4 rows with kLanes / rows keys each.
 template <typename T>
 inline constexpr int kMaxDotRows = std::min(4, kLanes<T>);
-
-// Everything the engine needs, validated by the entry point before the engine runs.
-// q: [B, Hq, Lq, D]  k: [B, Hkv, Lk, D]  v: [B, Hkv, Lk, Dv]  out: [B, Hq, Lq, Dv]
-// lse: [B, Hq, Lq] or null; bias: [B, Hq, Lq, Lk] (broadcast dims have stride 0) or null.
-template <typename T>
-struct FlashParams {
-  TensorView<const T, 4> q, k, v;
-  TensorView<T, 4> out;
-  TensorView<T, 3> lse;
-  TensorView<const T, 4> bias;
-  Index q_offset = 0;  // position of query 0
-  double scale = 1;    // applied to q.k
-  double softcap = 0;  // 0: off
-  int num_threads = 1;
-
-  // Query rows per (batch, kv head): Lq times the GQA group (0 without kv heads).
-  Index rows_per_head() const { return k.size(1) > 0 ? q.size(2) * (q.size(1) / k.size(1)) : 0; }
-};
-
-// One engine task: the flat rows [flat_begin, flat_begin + kBlockQ) of (batch, kv_head), a flat
-// row being position * group + head_in_group, with query 0 at position q_offset; the rows are
-// written to out and lse (the call's outputs, or the scratch state of a split-KV chunk).
-template <typename T>
-struct Tile {
-  Index batch = 0;
-  Index kv_head = 0;
-  Index flat_begin = 0;
-  Index q_offset = 0;
-  TensorView<T, 4> out;
-  TensorView<T, 3> lse;
-};
-
-// The tile of the call's own outputs and query positions.
-template <typename T>
-Tile<T> tile_of(const FlashParams<T>& params, Index batch, Index kv_head, Index flat_begin) {
-  return {batch, kv_head, flat_begin, params.q_offset, params.out, params.lse};
-}
-
-// A block of keys to visit: the K/V rows [begin, begin + count), or index[0..count) when index
-// is set. The key stored in row i sits at position i + position_offset (nonzero only where
-// storage wraps, as in a ring-buffer KV cache); masks and policy bounds speak of positions.
-struct KeyBlock {
-  Index begin = 0;
-  Index count = 0;
-  const Index* index = nullptr;
-  bool needs_mask = false;
-  Index position_offset = 0;
-};
-
-// Visits the keys at `positions` in blocks aligned to multiples of kBlockK positions, so that
-// any two policies covering the same keys use identical blocks (and identical arithmetic). The
-// key at position p is stored in row p - position_offset.
-template <typename Seen, typename Visit>
-void for_each_aligned_block(KeyRange positions, Index position_offset, const Seen& visibility,
-                            Index position_lo, Index position_hi, Visit&& visit) {
-  for (Index begin = positions.begin; begin < positions.end;) {
-    const Index end = std::min(positions.end, (begin / kBlockK + 1) * kBlockK);
-    visit(KeyBlock{begin - position_offset, end - begin, nullptr,
-                   !visibility.sees_all(position_lo, position_hi, begin, end), position_offset});
-    begin = end;
-  }
-}
-
-// The base of every visit policy: the engine's mask queries answered by a visibility rule
-// (Visibility, SparseK's AlwaysVisible, AllKeys: anything with sees, keys_seen,
-// positions_seeing, sees_all and visible_ranges), so that a policy writes only what it changes.
-template <typename Rule>
-class RulePolicy {
- public:
-  explicit RulePolicy(const Rule& rule) : rule_(rule) {}
-
-  bool sees(Index position, Index key) const { return rule_.sees(position, key); }
-  KeyRange keys_seen(Index position_lo, Index position_hi) const {
-    return rule_.keys_seen(position_lo, position_hi);
-  }
-  PositionRange positions_seeing(Index key_begin, Index key_end) const {
-    return rule_.positions_seeing(key_begin, key_end);
-  }
-  const Rule& rule() const { return rule_; }
-
- protected:
-  // Visits every key the rule shows to some position in [position_lo, position_hi], stored in
-  // rows equal to their positions, in aligned blocks.
-  template <typename Visit>
-  void for_each_visible_block(Index position_lo, Index position_hi, Visit&& visit) const {
-    const KeyRanges visible = rule_.visible_ranges(position_lo, position_hi);
-    for (int i = 0; i < visible.count; ++i)
-      for_each_aligned_block(visible.ranges[i], 0, rule_, position_lo, position_hi, visit);
-  }
-
- private:
-  Rule rule_;
-};
-
-// Dense attention with windows and sinks: visits the sink keys and the band of the tile.
-class BandPolicy : public RulePolicy<Visibility> {
- public:
-  using RulePolicy::RulePolicy;
-
-  template <typename Visit>
-  void for_each_block(Index position_lo, Index position_hi, Visit&& visit) const {
-    for_each_visible_block(position_lo, position_hi, visit);
-  }
-};
-
-// True for policies with the gathered-key hooks (see the file comment).
-template <typename Policy, typename = void>
-struct GatesKeys : std::false_type {};
-template <typename Policy>
-struct GatesKeys<Policy, std::void_t<decltype(Policy::kGatesKeys)>>
-    : std::bool_constant<Policy::kGatesKeys> {};
-
-// True for types with the policy interface (see the file comment).
-template <typename Policy, typename = void>
-struct IsVisitPolicy : std::false_type {};
-template <typename Policy>
-struct IsVisitPolicy<
-    Policy,
-    std::void_t<decltype(std::declval<const Policy&>().for_each_block(
-                    Index{}, Index{}, std::declval<void (&)(const KeyBlock&)>())),
-                std::enable_if_t<std::is_same_v<
-                    decltype(std::declval<const Policy&>().sees(Index{}, Index{})), bool>>,
-                std::enable_if_t<std::is_same_v<
-                    decltype(std::declval<const Policy&>().keys_seen(Index{}, Index{})), KeyRange>>,
-                std::enable_if_t<std::is_same_v<
-                    decltype(std::declval<const Policy&>().positions_seeing(Index{}, Index{})),
-                    PositionRange>>>> : std::true_type {};
-
-// True for policies that provide the three gated-key hooks for element type T.
-template <typename Policy, typename T, typename = void>
-struct HasGateHooks : std::false_type {};
-template <typename Policy, typename T>
-struct HasGateHooks<Policy, T,
-                    std::void_t<decltype(std::declval<const Policy&>().scale_logits(
-                                    std::declval<const KeyBlock&>(), int{}, std::declval<T*>())),
-                                decltype(std::declval<const Policy&>().mask_logits(
-                                    std::declval<const KeyBlock&>(), Index{}, std::declval<T*>())),
-                                decltype(std::declval<const Policy&>().gate_probabilities(
-                                    std::declval<const KeyBlock&>(), int{}, std::declval<T*>()))>>
-    : std::true_type {};
 
 // ---------------------------------------------------------------------------------------------
 // Micro-kernels.
@@ -449,20 +311,6 @@ inline void accumulate_output(const T* p_t, const T* alpha, const T* const* v_ro
 
 // ---------------------------------------------------------------------------------------------
 // One tile of query rows.
-
-// Logits are produced in base 2: queries are packed times `query`; with a softcap (cap > 0)
-// the engine then computes cap * tanh(q.k) with query = scale / softcap, cap = softcap * log2 e.
-template <typename T>
-struct Multipliers {
-  T query;
-  T cap;
-};
-
-template <typename T>
-Multipliers<T> logit_multipliers(double scale, double softcap) {
-  if (softcap > 0) return {static_cast<T>(scale / softcap), static_cast<T>(softcap * kLog2E)};
-  return {static_cast<T>(scale * kLog2E), T(0)};
-}
 
 template <typename T>
 struct TileScratch {
@@ -784,48 +632,6 @@ class TileWorkspace {
   AlignedArray<T> memory_;
 };
 
-// The usual task list: `outer` units (batch entries; split-KV decode: key chunks) times kv
-// heads times tiles of kBlockQ flat rows. Tiles late in the sequence come first: under a causal
-// mask they see the most keys, and handed out first they finish with the rest.
-struct TileGrid {
-  Index outer = 0;
-  Index heads_kv = 0;
-  Index tiles_per_head = 0;
-
-  TileGrid(Index outer_units, Index kv_heads, Index rows_per_head)
-      : outer(outer_units),
-        heads_kv(kv_heads),
-        tiles_per_head((rows_per_head + kBlockQ - 1) / kBlockQ) {}
-
-  Index num_tasks() const { return outer * heads_kv * tiles_per_head; }
-
-  struct Cell {
-    Index outer;
-    Index kv_head;
-    Index flat_begin;
-  };
-  Cell cell(Index task) const {
-    const Index tile = tiles_per_head - 1 - task % tiles_per_head;
-    const Index head_task = task / tiles_per_head;
-    return {head_task / heads_kv, head_task % heads_kv, tile * kBlockQ};
-  }
-};
-
-// What a task of run_engine runs: a policy over a tile.
-template <typename Policy, typename T>
-struct PlannedTile {
-  Policy policy;
-  Tile<T> tile;
-};
-
-template <typename Policy, typename T>
-PlannedTile<Policy, T> plan_tile(const Policy& policy, const Tile<T>& tile) {
-  return {policy, tile};
-}
-
-// The per-thread policy scratch of policies that need none.
-struct NoPolicyScratch {};
-
 // The engine's driver: runs tasks [0, num_tasks) on at most params.num_threads threads (never
 // more than there are tasks), with engine scratch and a copy of `policy_scratch` for each
 // thread, allocated once. plan(task, PolicyScratch&) returns the task's PlannedTile; a policy
@@ -855,4 +661,6 @@ void run_flash_attention(const FlashParams<T>& params, const Policy& policy) {
   });
 }
 
+}  // namespace FOVEAL_LEVEL
 }  // namespace foveal::detail
+FOVEAL_LEVEL_POP

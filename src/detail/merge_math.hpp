@@ -6,10 +6,13 @@
 #include <cmath>
 #include <limits>
 
+#include "detail/isa.hpp"
 #include "detail/simd.hpp"
 #include "foveal/core/tensor.hpp"
 
+FOVEAL_LEVEL_PUSH
 namespace foveal::detail {
+inline namespace FOVEAL_LEVEL {
 
 // Merges `count` states (outs[c][0..dim_v), lses[c]) of one query row, in order c = 0, 1, ...:
 // out = sum_c w_c outs[c] / sum_c w_c, w_c = e^(lses[c] - max lse), lse = max + log sum_c w_c;
@@ -58,4 +61,6 @@ void merge_state_row(Index count, const T* const* outs, const T* lses, Index dim
   if (lse != nullptr) *lse = max + std::log(total);
 }
 
+}  // namespace FOVEAL_LEVEL
 }  // namespace foveal::detail
+FOVEAL_LEVEL_POP

@@ -1,7 +1,8 @@
 // src/detail/simd.hpp (private) — fixed-width vectors through GCC/Clang vector extensions.
 //
-// The width follows the compile flags (64 bytes with AVX-512, 32 with AVX, else 16), so the
-// same kernels compile to the widest registers the target has without intrinsics.
+// The width follows the ISA level being compiled (64 bytes with AVX-512, 32 with AVX2, else 16;
+// detail/isa.hpp), so the same kernels compile to the widest registers of each level without
+// intrinsics.
 #pragma once
 
 #include <cstddef>
@@ -9,26 +10,19 @@
 #include <cstring>
 #include <utility>
 
+#include "detail/isa.hpp"
+
 // Fully unrolls the loop that follows: the loops over a micro-kernel's register arrays must
 // be unrolled at any optimization level, or the arrays live in memory instead of registers
 // (GCC -O2 leaves them rolled: a 5x slower kernel in RelWithDebInfo builds).
 #define FOVEAL_UNROLL _Pragma("GCC unroll 64")
 
+FOVEAL_LEVEL_PUSH
 namespace foveal::detail {
+inline namespace FOVEAL_LEVEL {
 
-#if defined(__AVX512F__)
-inline constexpr int kVectorBytes = 64;
-inline constexpr int kVectorRegisters = 32;
-#elif defined(__AVX__)
-inline constexpr int kVectorBytes = 32;
-inline constexpr int kVectorRegisters = 16;
-#elif defined(__x86_64__)
-inline constexpr int kVectorBytes = 16;
-inline constexpr int kVectorRegisters = 16;
-#else
-inline constexpr int kVectorBytes = 16;
-inline constexpr int kVectorRegisters = 32;  // AArch64 NEON
-#endif
+inline constexpr int kVectorBytes = FOVEAL_SIMD_BYTES;
+inline constexpr int kVectorRegisters = FOVEAL_SIMD_REGISTERS;
 
 template <typename T>
 struct SimdTraits;
@@ -180,4 +174,6 @@ inline Vec<T> sum_lanes_of_each(Vec<T> (&x)[kLanes<T>]) {
   return x[0];
 }
 
+}  // namespace FOVEAL_LEVEL
 }  // namespace foveal::detail
+FOVEAL_LEVEL_POP

@@ -4,22 +4,23 @@
 #include <cmath>
 #include <limits>
 
+#include "detail/flash_plan.hpp"  // kLog2E
+#include "detail/isa.hpp"
 #include "detail/simd.hpp"
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
+#if defined(__x86_64__)
+#include <immintrin.h>  // outside the region: the intrinsics carry their own target attributes
 #endif
 
+FOVEAL_LEVEL_PUSH
 namespace foveal::detail {
-
-inline constexpr double kLog2E = 1.4426950408889634073599246810019;
-inline constexpr double kLn2 = 0.69314718055994530941723212145818;
+inline namespace FOVEAL_LEVEL {
 
 // Returns 2^x lane-wise for x <= 0 (the softmax only ever exponentiates x - max): a degree-5
 // polynomial on the fraction (relative error 2.1e-7) scaled by 2^round(x). x <= -160 (and -inf)
 // gives exactly 0, x in (-149, -126) a subnormal, and NaN stays NaN.
 inline Vec<float> exp2_nonpositive(Vec<float> x) {
-#if defined(__AVX512F__)
+#if FOVEAL_SIMD_BYTES == 64 && defined(__x86_64__)
   // max(-160, x) keeps NaN (vmaxps returns its second operand when one is NaN), and vscalefps
   // inserts the exponent with correct underflow to 0, so no masks or integer tricks are needed.
   // (The all-lanes masked forms avoid GCC 12's false -Wmaybe-uninitialized on the plain ones.)
@@ -45,7 +46,7 @@ inline Vec<float> exp2_nonpositive(Vec<float> x) {
   poly = poly * fraction + 0.24022242426872253f;
   poly = poly * fraction + 0.6931470036506653f;
   poly = poly * fraction + 1.0f;
-#if defined(__AVX512F__)
+#if FOVEAL_SIMD_BYTES == 64 && defined(__x86_64__)
   return (Vec<float>)_mm512_mask_scalef_ps((__m512)poly, all, (__m512)poly, rounded);
 #else
   const Bits exponent = ((Bits)shifted - (Bits)splat(12582912.0f)) << 23;
@@ -82,4 +83,6 @@ inline Vec<double> tanh(Vec<double> x) {
   return result;
 }
 
+}  // namespace FOVEAL_LEVEL
 }  // namespace foveal::detail
+FOVEAL_LEVEL_POP

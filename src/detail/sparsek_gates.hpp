@@ -11,9 +11,12 @@
 #include <limits>
 
 #include "detail/flash_engine.hpp"
+#include "detail/isa.hpp"
 #include "foveal/sparsek/attention.hpp"
 
+FOVEAL_LEVEL_PUSH
 namespace foveal::detail {
+inline namespace FOVEAL_LEVEL {
 
 // Where a policy keeps the per-key and per-row data of its gathered keys.
 template <typename T>
@@ -81,4 +84,6 @@ class GatedKeyHooks {
   GatedKeyData<T> data_;
 };
 
+}  // namespace FOVEAL_LEVEL
 }  // namespace foveal::detail
+FOVEAL_LEVEL_POP

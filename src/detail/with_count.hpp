@@ -3,7 +3,11 @@
 
 #include <type_traits>
 
+#include "detail/isa.hpp"
+
+FOVEAL_LEVEL_PUSH
 namespace foveal::detail {
+inline namespace FOVEAL_LEVEL {
 
 // Calls body(std::integral_constant<int, N>{}) with N = count, for a run-time count in
 // [1, Max]: how a micro-kernel of compile-time size is picked for a partial tile.
@@ -15,4 +19,6 @@ inline void with_count(int count, Body&& body) {
   body(std::integral_constant<int, Max>{});
 }
 
+}  // namespace FOVEAL_LEVEL
 }  // namespace foveal::detail
+FOVEAL_LEVEL_POP

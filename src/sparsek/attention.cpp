@@ -8,7 +8,8 @@
 //    selection. A sweep over the tiles then lists, per tile of query rows, the union of their
 //    selections in increasing key order: the set of the tile's first row plus the keys that
 //    enter within the tile, at most topk + kBlockQ keys.
-// 2. Attention, one task per (batch, kv head, tile): the engine visits the tile's union in
+// 2. Attention (the ISA level's kernel, src/kernels/sparsek.hpp), one task per (batch, kv head,
+// tile): the engine visits the tile's union in
 //    blocks of kBlockK gathered rows, then the sinks and the window as contiguous blocks. In a
 //    gathered block each key serves a contiguous range of the tile's rows (rows are sorted by
 //    position and a key is selected over an interval of positions), so the mask and the gates
@@ -22,7 +23,7 @@
 #include <vector>
 
 #include "detail/attention_setup.hpp"
-#include "detail/sparsek_gates.hpp"
+#include "detail/kernels.hpp"
 #include "detail/sparsek_selection.hpp"
 #include "foveal/detail/sparsek_prefix.hpp"
 
@@ -157,10 +158,7 @@ namespace {
 
 constexpr const char* kAttention = "sparsek_attention";
 
-using detail::AlwaysVisible;
 using detail::HeadSelection;
-using detail::KeyBlock;
-using detail::KeyRange;
 using detail::SparseKGeometry;
 using detail::TileUnions;
 
@@ -193,89 +191,6 @@ std::vector<HeadSelection> select_all(const TensorView<const T, 3>& u,
   return selections;
 }
 
-// Per-thread memory of the policy: one entry per key of a tile's union, one per tile row.
-template <typename T>
-struct PolicyScratch {
-  std::vector<Index> row_begin, row_end;
-  std::vector<T> score;
-  std::vector<T> row_threshold;
-
-  explicit PolicyScratch(Index widest_union)
-      : row_begin(static_cast<std::size_t>(widest_union)),
-        row_end(static_cast<std::size_t>(widest_union)),
-        score(static_cast<std::size_t>(widest_union)),
-        row_threshold(static_cast<std::size_t>(detail::kBlockQ)) {}
-};
-
-// The visit policy of one tile: its union of selected keys in gathered blocks, then the sinks
-// and the window (AlwaysVisible) as contiguous blocks.
-template <typename T>
-class SparseKPolicy : public detail::GatedKeyHooks<T>, public detail::RulePolicy<AlwaysVisible> {
- public:
-  SparseKPolicy(const SparseKGeometry& geometry, const AlwaysVisible& always_visible,
-                const HeadSelection& selection, const T* u, Index u_stride, const Index* keys,
-                Index key_count, Index group, Index flat_begin, SparseKGate gate,
-                PolicyScratch<T>& scratch)
-      : detail::GatedKeyHooks<T>({keys, scratch.score.data(), scratch.row_threshold.data(),
-                                  scratch.row_begin.data(), scratch.row_end.data(), gate}),
-        detail::RulePolicy<AlwaysVisible>(always_visible),
-        keys_(keys),
-        key_count_(key_count),
-        scratch_(scratch) {
-    const Index rows = std::min(detail::kBlockQ, geometry.len_q * group - flat_begin);
-    num_rows_ = rows;
-    // The first row of the tile at or after a position; positions are clamped to the queries'
-    // span first so that "never" (a huge bound) cannot overflow.
-    const auto first_row_at = [&](Index position) {
-      const Index clamped =
-          std::clamp(position, geometry.q_offset, geometry.q_offset + geometry.len_q);
-      return std::clamp<Index>((clamped - geometry.q_offset) * group - flat_begin, 0, rows);
-    };
-    constexpr Index kNever = std::numeric_limits<Index>::max() / 4;
-    for (Index i = 0; i < key_count; ++i) {
-      const Index key = keys[i];
-      Index row_begin = 0, row_end = rows;
-      if (geometry.causal) {
-        // Pool key key - sinks is selected for pool lengths [key - sinks + 1, evicted_at), i.e.
-        // positions [key + window, evicted_at + window + sinks - 1).
-        const Index evicted = selection.evicted_at[static_cast<std::size_t>(key - geometry.sinks)];
-        const Index end_position =
-            evicted > geometry.pool_size ? kNever : evicted + geometry.window + geometry.sinks - 1;
-        row_begin = first_row_at(key + geometry.window);
-        row_end = first_row_at(end_position);
-      }
-      scratch.row_begin[static_cast<std::size_t>(i)] = row_begin;
-      scratch.row_end[static_cast<std::size_t>(i)] = row_end;
-      scratch.score[static_cast<std::size_t>(i)] = u[key * u_stride];
-    }
-    for (Index r = 0; r < detail::kBlockQ; ++r) {
-      const Index flat = flat_begin + std::min(r, rows - 1);
-      const Index length = geometry.pool_length(geometry.q_offset + flat / group);
-      scratch.row_threshold[static_cast<std::size_t>(r)] =
-          static_cast<T>(selection.tau[static_cast<std::size_t>(length)]);
-    }
-  }
-
-  template <typename Visit>
-  void for_each_block(Index position_lo, Index position_hi, Visit&& visit) const {
-    for (Index begin = 0; begin < key_count_; begin += detail::kBlockK) {
-      const Index count = std::min(detail::kBlockK, key_count_ - begin);
-      bool partial = false;
-      for (Index i = begin; i < begin + count; ++i)
-        partial = partial || scratch_.row_begin[static_cast<std::size_t>(i)] > 0 ||
-                  scratch_.row_end[static_cast<std::size_t>(i)] < num_rows_;
-      visit(KeyBlock{0, count, keys_ + begin, partial, 0});
-    }
-    this->for_each_visible_block(position_lo, position_hi, visit);
-  }
-
- private:
-  const Index* keys_;
-  Index key_count_;
-  Index num_rows_ = 0;
-  const PolicyScratch<T>& scratch_;
-};
-
 template <typename T>
 void attention_impl(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorView<const T, 4> v,
                     TensorView<const T, 3> u, const SparseKOptions& options, TensorView<T, 4> out,
@@ -290,42 +205,28 @@ void attention_impl(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorVi
   if (batch == 0 || heads_kv == 0 || len_q == 0) return;
 
   const Index group = q.size(1) / heads_kv;
-  SparseKGeometry geometry = SparseKGeometry::make(options, len_q, len_k);
+  detail::SparseKPlan<T> plan;
+  plan.params = params;
+  plan.u = u;
+  plan.gate = options.gate;
+  SparseKGeometry& geometry = plan.geometry;
+  geometry = SparseKGeometry::make(options, len_q, len_k);
   geometry.q_offset = params.q_offset;
-  const std::vector<HeadSelection> selections = select_all(u, geometry, params.num_threads);
+  plan.selections = select_all(u, geometry, params.num_threads);
+  const std::vector<HeadSelection>& selections = plan.selections;
 
   // Tile unions of every head (non-causal: every tile shares the one selection).
-  std::vector<TileUnions> unions(static_cast<std::size_t>(batch * heads_kv));
+  std::vector<TileUnions>& unions = plan.unions;
+  unions.resize(static_cast<std::size_t>(batch * heads_kv));
   parallel_for(batch * heads_kv, detail::team_size(batch * heads_kv, params.num_threads),
                [&](Index task) {
                  detail::build_tile_unions(selections[static_cast<std::size_t>(task)], geometry,
                                            group, unions[static_cast<std::size_t>(task)]);
                });
-  Index widest_union = 0;
   for (const TileUnions& head : unions)
     for (std::size_t t = 0; t + 1 < head.offsets.size(); ++t)
-      widest_union = std::max(widest_union, head.offsets[t + 1] - head.offsets[t]);
-
-  const AlwaysVisible always_visible{geometry.window, geometry.sinks, len_k, geometry.causal};
-  const detail::TileGrid grid(batch, heads_kv, params.rows_per_head());
-  detail::run_engine(
-      params, grid.num_tasks(),
-      [&](Index task, PolicyScratch<T>& scratch) {
-        const detail::TileGrid::Cell cell = grid.cell(task);
-        const Index head_task = cell.outer * heads_kv + cell.kv_head;
-        const TileUnions& head_unions = unions[static_cast<std::size_t>(head_task)];
-        const auto tile = static_cast<std::size_t>(cell.flat_begin / detail::kBlockQ);
-        const Index union_begin = head_unions.offsets[tile];
-        const Index union_end = head_unions.offsets[tile + 1];
-        return detail::plan_tile(
-            SparseKPolicy<T>(geometry, always_visible,
-                             selections[static_cast<std::size_t>(head_task)],
-                             u.address(cell.outer, cell.kv_head, 0), u.stride(2),
-                             head_unions.keys.data() + union_begin, union_end - union_begin, group,
-                             cell.flat_begin, options.gate, scratch),
-            detail::tile_of(params, cell.outer, cell.kv_head, cell.flat_begin));
-      },
-      PolicyScratch<T>(widest_union));
+      plan.widest_union = std::max(plan.widest_union, head.offsets[t + 1] - head.offsets[t]);
+  detail::kernels<T>().sparsek_attention(plan);
 }
 
 // ---------------------------------------------------------------------------------------------

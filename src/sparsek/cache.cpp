@@ -16,48 +16,11 @@
 #include <utility>
 
 #include "detail/attention_setup.hpp"
-#include "detail/sparsek_gates.hpp"
+#include "detail/kernels.hpp"
 #include "detail/sparsek_selection.hpp"
 #include "foveal/attention/kv_cache.hpp"
 
 namespace foveal {
-namespace {
-
-using detail::KeyBlock;
-using detail::KeyRange;
-
-// Visits the selected slots of one (sequence, kv head) as gathered blocks, then the sinks and
-// the window (rows [0, always_visible)) as contiguous ones. Every query row of the tile sits at
-// the newest position and sees every one of these keys, so nothing is masked.
-template <typename T>
-class CachePolicy : public detail::GatedKeyHooks<T>, public detail::RulePolicy<detail::AllKeys> {
- public:
-  CachePolicy(const detail::GatedKeyData<T>& selected, Index selected_count, Index always_visible)
-      : detail::GatedKeyHooks<T>(selected),
-        detail::RulePolicy<detail::AllKeys>({always_visible}),
-        slot_rows_(selected.keys),
-        selected_count_(selected_count) {}
-
-  template <typename Visit>
-  void for_each_block(Index position_lo, Index position_hi, Visit&& visit) const {
-    for (Index begin = 0; begin < selected_count_; begin += detail::kBlockK)
-      visit(KeyBlock{0, std::min(detail::kBlockK, selected_count_ - begin), slot_rows_ + begin,
-                     false, 0});
-    this->for_each_visible_block(position_lo, position_hi, visit);
-  }
-
- private:
-  const Index* slot_rows_;
-  Index selected_count_;
-};
-
-// Per-thread memory of the policy: τ of each tile row.
-template <typename T>
-struct RowThresholds {
-  T values[detail::kBlockQ];
-};
-
-}  // namespace
 
 template <typename T>
 SparseKCache<T>::SparseKCache(Index batch, Index heads_kv, Index dim, Index dim_v,
@@ -235,7 +198,8 @@ void SparseKCache<T>::attend(TensorView<const T, 4> q, TensorView<T, 4> out,
   const Index heads_q = q.size(1);
   if (batch() == 0 || heads_q == 0) return;
 
-  detail::FlashParams<T> params;
+  detail::SparseKCachePlan<T> plan;
+  detail::FlashParams<T>& params = plan.params;
   params.q = q;
   params.k = keys();
   params.v = values();
@@ -246,26 +210,16 @@ void SparseKCache<T>::attend(TensorView<const T, 4> q, TensorView<T, 4> out,
   params.softcap = options_.softcap;
   params.num_threads = detail::resolve_num_threads(options_.num_threads);
 
-  const Index selected = selected_count(), always_visible = always_visible_rows();
-  const Index first_slot_row = options_.sink_tokens + options_.window;
-  const detail::TileGrid grid(batch(), heads_kv(), params.rows_per_head());
-  detail::run_engine(
-      params, grid.num_tasks(),
-      [&](Index task, RowThresholds<T>& scratch) {
-        const detail::TileGrid::Cell cell = grid.cell(task);
-        const Index b = cell.outer, h = cell.kv_head;
-        // Every row of the tile is the newest query: one τ for all.
-        const HeadState& head = heads_[static_cast<std::size_t>(b * heads_kv() + h)];
-        std::fill_n(scratch.values, detail::kBlockQ, static_cast<T>(head.threshold.threshold()));
-        detail::GatedKeyData<T> gated;
-        gated.keys = slot_rows_.data();
-        gated.score = scores_.data() + (b * heads_kv() + h) * capacity() + first_slot_row;
-        gated.row_threshold = scratch.values;
-        gated.gate = options_.gate;
-        return detail::plan_tile(CachePolicy<T>(gated, selected, always_visible),
-                                 detail::tile_of(params, b, h, cell.flat_begin));
-      },
-      RowThresholds<T>{});
+  plan.slot_rows = slot_rows_.data();
+  plan.scores = scores_.data() + options_.sink_tokens + options_.window;
+  plan.score_stride = capacity();
+  plan.selected = selected_count();
+  plan.always_visible = always_visible_rows();
+  plan.gate = options_.gate;
+  plan.thresholds.resize(heads_.size());
+  for (std::size_t head = 0; head < heads_.size(); ++head)
+    plan.thresholds[head] = static_cast<T>(heads_[head].threshold.threshold());
+  detail::kernels<T>().sparsek_cache_attention(plan);
 }
 
 template <typename T>

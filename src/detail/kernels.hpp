@@ -1,0 +1,117 @@
+// src/detail/kernels.hpp (private) — the kernels of an ISA level, as one table of entry points.
+//
+// An entry point validates its arguments and plans the call in generic code, then hands a plan
+// (the structs below: views, scalars, the results of the setup) to the kernel of the ISA level
+// chosen at the first call (src/dispatch.cpp). FOVEAL_KERNELS lists the kernels once: the table
+// type, each level's table (src/kernels/level.cpp) and the declarations of the level's
+// implementations all come from this one list. A kernel writes outputs; it never throws.
+#pragma once
+
+#include <vector>
+
+#include "detail/flash_plan.hpp"
+#include "detail/isa.hpp"
+#include "detail/mask.hpp"
+#include "detail/sparsek_selection.hpp"
+#include "foveal/attention/kv_cache.hpp"
+#include "foveal/sparsek/attention.hpp"
+
+namespace foveal::detail {
+
+// decode_attention: split-KV over the stored keys of every sequence. A chunk is the positions
+// of one sequence that one group of engine tiles visits; with `split`, each chunk's rows go to a
+// scratch state and the states of a query row are merged in chunk order.
+struct DecodeChunk {
+  Index sequence;
+  KeyRange positions;
+};
+
+template <typename T>
+struct DecodePlan {
+  FlashParams<T> params;
+  const KVCache<T>* cache = nullptr;
+  std::vector<Visibility> visibility;  // one per sequence
+  std::vector<DecodeChunk> chunks;     // in sequence order
+  std::vector<Index> first_chunk;      // [B + 1]: the chunks of sequence b start here
+  bool split = false;
+};
+
+// sparsek_attention: the selection of every (batch, kv head) and the union of selected keys of
+// every tile, made by the generic code.
+template <typename T>
+struct SparseKPlan {
+  FlashParams<T> params;
+  TensorView<const T, 3> u;
+  SparseKGeometry geometry;
+  SparseKGate gate = SparseKGate::value;
+  std::vector<HeadSelection> selections;  // [B * Hkv]
+  std::vector<TileUnions> unions;         // [B * Hkv]
+  Index widest_union = 0;
+};
+
+// SparseKCache::attend: every tile row is the newest query; the selected slots of head
+// (b, h) are the rows slot_rows[0, selected) with scores scores[(b * Hkv + h) * score_stride ..].
+template <typename T>
+struct SparseKCachePlan {
+  FlashParams<T> params;
+  const Index* slot_rows = nullptr;
+  const T* scores = nullptr;
+  Index score_stride = 0;
+  Index selected = 0;
+  Index always_visible = 0;
+  std::vector<T> thresholds;  // [B * Hkv]: τ of each head
+  SparseKGate gate = SparseKGate::value;
+};
+
+// merge_states: out = merge(a, b) row by row, rows [0, B * H * L) of [B, H, L, Dv].
+template <typename T>
+struct MergePlan {
+  TensorView<const T, 4> out_a, out_b;
+  TensorView<const T, 3> lse_a, lse_b;
+  TensorView<T, 4> out;
+  TensorView<T, 3> lse;
+  int num_threads = 1;
+};
+
+// X(name, parameters): every kernel, for T = float and T = double.
+#define FOVEAL_KERNELS(X)                                                   \
+  X(band_attention, (const FlashParams<T>&, const BandPolicy&))             \
+  X(band_attention_backward, (const BackwardParams<T>&, const BandPolicy&)) \
+  X(decode_attention, (const DecodePlan<T>&))                               \
+  X(sparsek_attention, (const SparseKPlan<T>&))                             \
+  X(sparsek_cache_attention, (const SparseKCachePlan<T>&))                  \
+  X(merge_states, (const MergePlan<T>&))
+
+// One level's kernels for element type T.
+template <typename T>
+struct Kernels {
+#define FOVEAL_KERNEL_POINTER(name, parameters) void(*name) parameters;
+  FOVEAL_KERNELS(FOVEAL_KERNEL_POINTER)
+#undef FOVEAL_KERNEL_POINTER
+};
+
+struct KernelTable {
+  Kernels<float> f32;
+  Kernels<double> f64;
+};
+
+// The table of the level in use, chosen at the first call (FOVEAL_ISA or the best level the CPU
+// supports); throws foveal::Error, at every call, when FOVEAL_ISA names no usable level.
+const KernelTable& kernel_table();
+
+template <typename T>
+const Kernels<T>& kernels() {
+  if constexpr (std::is_same_v<T, float>) {
+    return kernel_table().f32;
+  } else {
+    return kernel_table().f64;
+  }
+}
+
+}  // namespace foveal::detail
+
+// Each level's table, defined by src/kernels/level.cpp: foveal_kernels_<namespace>.
+#define FOVEAL_KERNEL_TABLE_DECLARATION(ns, name, check) \
+  extern const foveal::detail::KernelTable foveal_kernels_##ns;
+FOVEAL_ISA_LEVELS(FOVEAL_KERNEL_TABLE_DECLARATION)
+#undef FOVEAL_KERNEL_TABLE_DECLARATION

@@ -1,0 +1,152 @@
+// src/kernels/attention.hpp — the attention kernels of one ISA level (included by level.cpp):
+// the band forward and backward, split-KV decode, merge_states. The entry points in src/*.cpp
+// validate and plan; these run the engine on the plans (detail/kernels.hpp).
+#pragma once
+
+#include <algorithm>
+#include <vector>
+
+#include "detail/flash_backward.hpp"
+#include "detail/flash_engine.hpp"
+#include "detail/isa.hpp"
+#include "detail/kernels.hpp"
+#include "detail/merge_math.hpp"
+#include "foveal/core/parallel.hpp"
+
+FOVEAL_LEVEL_PUSH
+namespace foveal::detail {
+inline namespace FOVEAL_LEVEL {
+
+template <typename T>
+void band_attention(const FlashParams<T>& params, const BandPolicy& policy) {
+  run_flash_attention(params, policy);
+}
+
+template <typename T>
+void band_attention_backward(const BackwardParams<T>& params, const BandPolicy& policy) {
+  run_flash_backward(params, policy);
+}
+
+// Visits the stored keys of one sequence inside one chunk of positions.
+class DecodeChunkPolicy : public RulePolicy<Visibility> {
+ public:
+  DecodeChunkPolicy(const Visibility& visibility, const KVCacheLayout& layout, KeyRange chunk)
+      : RulePolicy(visibility), layout_(layout), chunk_(chunk) {}
+
+  template <typename Visit>
+  void for_each_block(Index position_lo, Index position_hi, Visit&& visit) const {
+    const KeyRanges visible = rule().visible_ranges(position_lo, position_hi);
+    for (int r = 0; r < visible.count; ++r) {
+      const KeyRange wanted = intersect(visible.ranges[r], chunk_);
+      for (int s = 0; s < layout_.count; ++s) {
+        const KVCacheSpan& span = layout_.spans[s];
+        const KeyRange stored = intersect(wanted, {span.position, span.position + span.count});
+        for_each_aligned_block(stored, span.position - span.row, rule(), position_lo, position_hi,
+                               visit);
+      }
+    }
+  }
+
+ private:
+  static KeyRange intersect(KeyRange a, KeyRange b) {
+    return {std::max(a.begin, b.begin), std::min(a.end, b.end)};
+  }
+
+  KVCacheLayout layout_;
+  KeyRange chunk_;
+};
+
+template <typename T>
+void decode_attention(const DecodePlan<T>& plan) {
+  const FlashParams<T>& params = plan.params;
+  const KVCache<T>& cache = *plan.cache;
+  const TensorView<T, 4> out = params.out;
+  const TensorView<T, 3> lse = params.lse;
+  const Index batch = params.q.size(0), heads_q = params.q.size(1), len_q = params.q.size(2);
+  const Index heads_kv = params.k.size(1), group = heads_q / heads_kv;
+  const Index num_chunks = static_cast<Index>(plan.chunks.size());
+  const Index dim_v = params.v.size(3);
+  const Index state_size = heads_q * len_q * dim_v;  // one chunk's partial outputs
+  const Index lse_size = heads_q * len_q;
+  AlignedArray<T> partial_out;
+  AlignedArray<T> partial_lse;
+  if (plan.split) {
+    partial_out = allocate_aligned<T>(static_cast<std::size_t>(num_chunks * state_size));
+    partial_lse = allocate_aligned<T>(static_cast<std::size_t>(num_chunks * lse_size));
+  }
+
+  // One task per (chunk, kv head, tile); a chunk's rows go to its own state (stride 0 over the
+  // batch dimension) when split, else straight to the outputs.
+  const TileGrid grid(num_chunks, heads_kv, len_q * group);
+  run_engine(params, grid.num_tasks(), [&](Index task, NoPolicyScratch&) {
+    const TileGrid::Cell cell = grid.cell(task);
+    const DecodeChunk& chunk = plan.chunks[static_cast<std::size_t>(cell.outer)];
+    Tile<T> tile = tile_of(params, chunk.sequence, cell.kv_head, cell.flat_begin);
+    tile.q_offset = cache.length(chunk.sequence) - len_q;
+    if (plan.split) {
+      tile.out = TensorView<T, 4>(partial_out.get() + cell.outer * state_size,
+                                  {batch, heads_q, len_q, dim_v}, {0, len_q * dim_v, dim_v, 1});
+      tile.lse = TensorView<T, 3>(partial_lse.get() + cell.outer * lse_size,
+                                  {batch, heads_q, len_q}, {0, len_q, 1});
+    }
+    return plan_tile(DecodeChunkPolicy(plan.visibility[static_cast<std::size_t>(chunk.sequence)],
+                                       cache.layout(chunk.sequence), chunk.positions),
+                     tile);
+  });
+  if (!plan.split) return;
+
+  // Merge each query row's chunk states in chunk order.
+  const std::vector<Index>& first_chunk = plan.first_chunk;
+  Index max_chunks = 0;
+  for (Index b = 0; b < batch; ++b)
+    max_chunks = std::max(max_chunks, first_chunk[static_cast<std::size_t>(b) + 1] -
+                                          first_chunk[static_cast<std::size_t>(b)]);
+  const int merge_threads = team_size(batch * heads_q, params.num_threads);
+  const auto scratch_size =
+      static_cast<std::size_t>(std::max<Index>(max_chunks, 1) * merge_threads);
+  std::vector<const T*> state_rows(scratch_size);
+  std::vector<T> state_lse(scratch_size);
+  std::vector<T> weights(scratch_size);
+  parallel_for(batch * heads_q, merge_threads, [&](Index task) {
+    const Index b = task / heads_q, h = task % heads_q;
+    const Index first = first_chunk[static_cast<std::size_t>(b)];
+    const Index count = first_chunk[static_cast<std::size_t>(b) + 1] - first;
+    const auto scratch = static_cast<std::size_t>(std::max<Index>(max_chunks, 1)) *
+                         static_cast<std::size_t>(thread_index());
+    for (Index i = 0; i < len_q; ++i) {
+      for (Index c = 0; c < count; ++c) {
+        const Index row = (h * len_q + i);
+        state_rows[scratch + c] = partial_out.get() + (first + c) * state_size + row * dim_v;
+        state_lse[scratch + c] = partial_lse[(first + c) * lse_size + row];
+      }
+      merge_state_row<T>(count, state_rows.data() + scratch, state_lse.data() + scratch, dim_v,
+                         weights.data() + scratch, out.address(b, h, i, 0),
+                         lse.is_null() ? nullptr : lse.address(b, h, i));
+    }
+  });
+}
+
+template <typename T>
+void merge_states(const MergePlan<T>& plan) {
+  const TensorView<T, 4> out = plan.out;
+  const Index heads = out.size(1), len = out.size(2), dim_v = out.size(3);
+  const Index rows = out.size(0) * heads * len;
+  // Rows are independent: a fixed split into blocks of rows, any thread count.
+  constexpr Index kRowsPerTask = 64;
+  const Index num_tasks = (rows + kRowsPerTask - 1) / kRowsPerTask;
+  parallel_for(num_tasks, plan.num_threads, [&](Index task) {
+    const Index row_end = std::min(rows, (task + 1) * kRowsPerTask);
+    for (Index row = task * kRowsPerTask; row < row_end; ++row) {
+      const Index b = row / (heads * len), h = row / len % heads, i = row % len;
+      const T* outs[2] = {plan.out_a.address(b, h, i, 0), plan.out_b.address(b, h, i, 0)};
+      const T lses[2] = {plan.lse_a(b, h, i), plan.lse_b(b, h, i)};
+      T weights[2];
+      merge_state_row<T>(2, outs, lses, dim_v, weights, out.address(b, h, i, 0),
+                         plan.lse.is_null() ? nullptr : plan.lse.address(b, h, i));
+    }
+  });
+}
+
+}  // namespace FOVEAL_LEVEL
+}  // namespace foveal::detail
+FOVEAL_LEVEL_POP
