@@ -23,6 +23,7 @@ __all__ = [
     "attention",
     "attention_backward",
     "attention_kernel_names",
+    "build_info",
     "decode_attention",
     "get_num_threads",
     "make_attention",
@@ -46,6 +47,21 @@ def set_num_threads(num_threads: int) -> None:
 def get_num_threads() -> int:
     """Returns the number of threads a call that names none will use."""
     return _core.get_num_threads()
+
+
+def build_info() -> dict:
+    """How foveal was built and which ISA level its kernels run (docs/build.md).
+
+    Returns a dict: ``version``; ``compiler``; ``compiled_levels``, the ISA levels the kernels
+    were compiled for, lowest first (``"sse4.2"``, ``"avx2"``, ``"avx512"``; ``"native"`` in a
+    ``FOVEAL_NATIVE`` build); ``supported_levels``, those this CPU runs; ``requested_level``,
+    the environment variable ``FOVEAL_ISA`` (``"auto"`` when unset); ``level``, the level in
+    use. The level is chosen once per process, at the first call that runs a kernel (or this
+    one): ``FOVEAL_ISA``'s level, else the highest supported one. A ``FOVEAL_ISA`` that names
+    no compiled level, or a level this CPU lacks, raises ValueError here and in every call
+    that runs a kernel.
+    """
+    return _core.build_info()
 
 
 # --------------------------------------------------------------------------------------------

@@ -261,6 +261,17 @@ PYBIND11_MODULE(_core, m) {
 
   m.def("set_num_threads", &foveal::set_num_threads, py::arg("num_threads"));
   m.def("get_num_threads", &foveal::get_num_threads);
+  m.def("build_info", [] {
+    const foveal::BuildInfo info = foveal::build_info();
+    py::dict result;
+    result["version"] = info.version;
+    result["compiler"] = info.compiler;
+    result["compiled_levels"] = py::cast(info.compiled_levels);
+    result["supported_levels"] = py::cast(info.supported_levels);
+    result["requested_level"] = info.requested_level;
+    result["level"] = info.level;
+    return result;
+  });
   bind_spade(m);
   bind_vq(m);
   bind_sparsek(m);
