@@ -45,6 +45,7 @@ __all__: list[str] = [
     "sparsek_select",
     "vq_assign",
     "vq_perplexity",
+    "wrap_kv_cache",
 ]
 
 class SpadeSchema:
@@ -384,51 +385,12 @@ class PdeSsmF64:
     def width(self) -> int: ...
 
 class KVCacheF32:
-    @staticmethod
-    def wrap(
-        keys: numpy.ndarray,
-        values: numpy.ndarray,
-        ring: bool,
-        sink_tokens: typing.SupportsInt | typing.SupportsIndex,
-        lengths: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex],
-    ) -> KVCacheF32: ...
-    def __init__(
-        self,
-        batch: typing.SupportsInt | typing.SupportsIndex,
-        heads_kv: typing.SupportsInt | typing.SupportsIndex,
-        capacity: typing.SupportsInt | typing.SupportsIndex,
-        dim: typing.SupportsInt | typing.SupportsIndex,
-        dim_v: typing.SupportsInt | typing.SupportsIndex,
-        ring: bool,
-        sink_tokens: typing.SupportsInt | typing.SupportsIndex,
-    ) -> None: ...
-    def append(
-        self,
-        k: numpy.ndarray,
-        v: numpy.ndarray,
-        counts: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] | None,
-    ) -> None: ...
-    def decode(
-        self,
-        q: numpy.ndarray,
-        out: numpy.ndarray,
-        lse: numpy.ndarray | None,
-        scale: typing.SupportsFloat | typing.SupportsIndex,
-        causal: bool,
-        window_left: typing.SupportsInt | typing.SupportsIndex,
-        window_right: typing.SupportsInt | typing.SupportsIndex,
-        sink_tokens: typing.SupportsInt | typing.SupportsIndex,
-        softcap: typing.SupportsFloat | typing.SupportsIndex,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
-    ) -> None: ...
-    def first_retained(self, sequence: typing.SupportsInt | typing.SupportsIndex) -> int: ...
+    def __init__(self, **kwargs) -> None: ...
+    def append(self, k: typing.Any, v: typing.Any, **kwargs) -> None: ...
+    def decode(self, q: typing.Any, out: typing.Any, lse: typing.Any | None, **kwargs) -> None: ...
+    def first_retained(self, **kwargs) -> int: ...
     def reset(self) -> None: ...
-    def truncate(self, length: typing.SupportsInt | typing.SupportsIndex) -> None: ...
-    def truncate_sequence(
-        self,
-        sequence: typing.SupportsInt | typing.SupportsIndex,
-        length: typing.SupportsInt | typing.SupportsIndex,
-    ) -> None: ...
+    def truncate(self, **kwargs) -> None: ...
     @property
     def batch(self) -> int: ...
     @property
@@ -451,51 +413,12 @@ class KVCacheF32:
     def values(self) -> numpy.ndarray: ...
 
 class KVCacheF64:
-    @staticmethod
-    def wrap(
-        keys: numpy.ndarray,
-        values: numpy.ndarray,
-        ring: bool,
-        sink_tokens: typing.SupportsInt | typing.SupportsIndex,
-        lengths: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex],
-    ) -> KVCacheF64: ...
-    def __init__(
-        self,
-        batch: typing.SupportsInt | typing.SupportsIndex,
-        heads_kv: typing.SupportsInt | typing.SupportsIndex,
-        capacity: typing.SupportsInt | typing.SupportsIndex,
-        dim: typing.SupportsInt | typing.SupportsIndex,
-        dim_v: typing.SupportsInt | typing.SupportsIndex,
-        ring: bool,
-        sink_tokens: typing.SupportsInt | typing.SupportsIndex,
-    ) -> None: ...
-    def append(
-        self,
-        k: numpy.ndarray,
-        v: numpy.ndarray,
-        counts: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] | None,
-    ) -> None: ...
-    def decode(
-        self,
-        q: numpy.ndarray,
-        out: numpy.ndarray,
-        lse: numpy.ndarray | None,
-        scale: typing.SupportsFloat | typing.SupportsIndex,
-        causal: bool,
-        window_left: typing.SupportsInt | typing.SupportsIndex,
-        window_right: typing.SupportsInt | typing.SupportsIndex,
-        sink_tokens: typing.SupportsInt | typing.SupportsIndex,
-        softcap: typing.SupportsFloat | typing.SupportsIndex,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
-    ) -> None: ...
-    def first_retained(self, sequence: typing.SupportsInt | typing.SupportsIndex) -> int: ...
+    def __init__(self, **kwargs) -> None: ...
+    def append(self, k: typing.Any, v: typing.Any, **kwargs) -> None: ...
+    def decode(self, q: typing.Any, out: typing.Any, lse: typing.Any | None, **kwargs) -> None: ...
+    def first_retained(self, **kwargs) -> int: ...
     def reset(self) -> None: ...
-    def truncate(self, length: typing.SupportsInt | typing.SupportsIndex) -> None: ...
-    def truncate_sequence(
-        self,
-        sequence: typing.SupportsInt | typing.SupportsIndex,
-        length: typing.SupportsInt | typing.SupportsIndex,
-    ) -> None: ...
+    def truncate(self, **kwargs) -> None: ...
     @property
     def batch(self) -> int: ...
     @property
@@ -520,93 +443,58 @@ class KVCacheF64:
 class AttentionKernel:
     def forward(
         self,
-        q: numpy.ndarray,
-        k: numpy.ndarray,
-        v: numpy.ndarray,
-        out: numpy.ndarray,
-        lse: numpy.ndarray | None,
-        bias: numpy.ndarray | None,
-        extras: collections.abc.Mapping[str, numpy.ndarray],
+        q: typing.Any,
+        k: typing.Any,
+        v: typing.Any,
+        out: typing.Any,
+        lse: typing.Any | None,
+        bias: typing.Any | None,
+        extras: collections.abc.Mapping[str, typing.Any],
     ) -> None: ...
     @property
     def name(self) -> str: ...
 
 def attention(
-    q: numpy.ndarray,
-    k: numpy.ndarray,
-    v: numpy.ndarray,
-    out: numpy.ndarray,
-    lse: numpy.ndarray | None,
-    bias: numpy.ndarray | None,
-    scale: typing.SupportsFloat | typing.SupportsIndex,
-    causal: bool,
-    window_left: typing.SupportsInt | typing.SupportsIndex,
-    window_right: typing.SupportsInt | typing.SupportsIndex,
-    sink_tokens: typing.SupportsInt | typing.SupportsIndex,
-    softcap: typing.SupportsFloat | typing.SupportsIndex,
-    q_offset: typing.SupportsInt | typing.SupportsIndex,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
+    q: typing.Any,
+    k: typing.Any,
+    v: typing.Any,
+    out: typing.Any,
+    lse: typing.Any | None,
+    bias: typing.Any | None,
+    **kwargs,
 ) -> None: ...
 def attention_backward(
     sliding: bool,
-    q: numpy.ndarray,
-    k: numpy.ndarray,
-    v: numpy.ndarray,
-    out: numpy.ndarray,
-    lse: numpy.ndarray,
-    grad_out: numpy.ndarray,
-    grad_q: numpy.ndarray,
-    grad_k: numpy.ndarray,
-    grad_v: numpy.ndarray,
-    bias: numpy.ndarray | None,
-    scale: typing.SupportsFloat | typing.SupportsIndex,
-    causal: bool,
-    window_left: typing.SupportsInt | typing.SupportsIndex,
-    window_right: typing.SupportsInt | typing.SupportsIndex,
-    sink_tokens: typing.SupportsInt | typing.SupportsIndex,
-    softcap: typing.SupportsFloat | typing.SupportsIndex,
-    q_offset: typing.SupportsInt | typing.SupportsIndex,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
+    q: typing.Any,
+    k: typing.Any,
+    v: typing.Any,
+    out: typing.Any,
+    lse: typing.Any,
+    grad_out: typing.Any,
+    grad_q: typing.Any,
+    grad_k: typing.Any,
+    grad_v: typing.Any,
+    bias: typing.Any | None,
+    **kwargs,
 ) -> None: ...
 def attention_kernel_names() -> list[str]: ...
 def effective_rank(matrix: numpy.ndarray) -> float: ...
 def get_num_threads() -> int: ...
 def make_attention(
-    name: str,
-    scale: typing.SupportsFloat | typing.SupportsIndex,
-    causal: bool,
-    window_left: typing.SupportsInt | typing.SupportsIndex,
-    window_right: typing.SupportsInt | typing.SupportsIndex,
-    sink_tokens: typing.SupportsInt | typing.SupportsIndex,
-    softcap: typing.SupportsFloat | typing.SupportsIndex,
-    q_offset: typing.SupportsInt | typing.SupportsIndex,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
-    params: collections.abc.Mapping[str, str],
+    name: str, params: collections.abc.Mapping[str, str], **kwargs
 ) -> AttentionKernel: ...
 def merge_states(
-    out_a: numpy.ndarray,
-    lse_a: numpy.ndarray,
-    out_b: numpy.ndarray,
-    lse_b: numpy.ndarray,
-    out: numpy.ndarray,
-    lse: numpy.ndarray | None,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
+    out_a: typing.Any,
+    lse_a: typing.Any,
+    out_b: typing.Any,
+    lse_b: typing.Any,
+    out: typing.Any,
+    lse: typing.Any | None,
+    **kwargs,
 ) -> None: ...
-def set_num_threads(num_threads: typing.SupportsInt | typing.SupportsIndex) -> None: ...
+def set_num_threads(**kwargs) -> None: ...
 def sliding_window_attention(
-    q: numpy.ndarray,
-    k: numpy.ndarray,
-    v: numpy.ndarray,
-    out: numpy.ndarray,
-    lse: numpy.ndarray | None,
-    scale: typing.SupportsFloat | typing.SupportsIndex,
-    causal: bool,
-    window_left: typing.SupportsInt | typing.SupportsIndex,
-    window_right: typing.SupportsInt | typing.SupportsIndex,
-    sink_tokens: typing.SupportsInt | typing.SupportsIndex,
-    softcap: typing.SupportsFloat | typing.SupportsIndex,
-    q_offset: typing.SupportsInt | typing.SupportsIndex,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
+    q: typing.Any, k: typing.Any, v: typing.Any, out: typing.Any, lse: typing.Any | None, **kwargs
 ) -> None: ...
 def spade_delay(
     schema: SpadeSchema,
@@ -643,21 +531,13 @@ def sparsek(
     num_threads: typing.SupportsInt | typing.SupportsIndex,
 ) -> None: ...
 def sparsek_attention(
-    q: numpy.ndarray,
-    k: numpy.ndarray,
-    v: numpy.ndarray,
-    u: numpy.ndarray,
-    out: numpy.ndarray,
-    lse: numpy.ndarray | None,
-    topk: typing.SupportsInt | typing.SupportsIndex,
-    window: typing.SupportsInt | typing.SupportsIndex,
-    sink_tokens: typing.SupportsInt | typing.SupportsIndex,
-    gate: str,
-    causal: bool,
-    scale: typing.SupportsFloat | typing.SupportsIndex,
-    softcap: typing.SupportsFloat | typing.SupportsIndex,
-    q_offset: typing.SupportsInt | typing.SupportsIndex,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
+    q: typing.Any,
+    k: typing.Any,
+    v: typing.Any,
+    u: typing.Any,
+    out: typing.Any,
+    lse: typing.Any | None,
+    **kwargs,
 ) -> None: ...
 def sparsek_backward(
     p: numpy.ndarray,
@@ -700,6 +580,7 @@ def vq_assign(
     num_threads: typing.SupportsInt | typing.SupportsIndex,
 ) -> None: ...
 def vq_perplexity(counts: numpy.ndarray) -> float: ...
+def wrap_kv_cache(keys: typing.Any, values: typing.Any, **kwargs) -> typing.Any: ...
 
 MAX_THREADS: int = 1024
 __version__: str = "0.1.0"

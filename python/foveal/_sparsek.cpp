@@ -9,6 +9,8 @@
 #include <string>
 #include <vector>
 
+#include "_keywords.hpp"
+#include "_tensor.hpp"
 #include "_views.hpp"
 #include "foveal/sparsek/attention.hpp"
 #include "foveal/sparsek/cache.hpp"
@@ -20,7 +22,11 @@ namespace {
 
 using foveal::Index;
 using foveal::python::array_view;
+using foveal::python::Keywords;
 using foveal::python::optional_array_view;
+using foveal::python::optional_view;
+using foveal::python::Tensor;
+using foveal::python::with_float_type;
 
 template <typename T>
 void project(const py::array& z, Index k, const py::array& p, const std::optional<py::array>& tau,
@@ -58,21 +64,6 @@ foveal::SparseKOptions attention_options(int64_t topk, int64_t window, int64_t s
   options.q_offset = q_offset;
   options.num_threads = num_threads;
   return options;
-}
-
-template <typename T>
-void attend(const py::array& q, const py::array& k, const py::array& v, const py::array& u,
-            const foveal::SparseKOptions& options, const py::array& out,
-            const std::optional<py::array>& lse) {
-  constexpr const char* kFunction = "sparsek_attention";
-  const auto q_view = array_view<const T, 4>(kFunction, "q", q);
-  const auto k_view = array_view<const T, 4>(kFunction, "k", k);
-  const auto v_view = array_view<const T, 4>(kFunction, "v", v);
-  const auto u_view = array_view<const T, 3>(kFunction, "u", u);
-  const auto out_view = array_view<T, 4>(kFunction, "out", out);
-  const auto lse_view = optional_array_view<T, 3>(kFunction, "lse", lse);
-  py::gil_scoped_release release;
-  foveal::sparsek_attention(q_view, k_view, v_view, u_view, options, out_view, lse_view);
 }
 
 template <typename T>
@@ -197,21 +188,26 @@ void bind_sparsek(py::module_& m) {
 
   m.def(
       "sparsek_attention",
-      [](const py::array& q, const py::array& k, const py::array& v, const py::array& u,
-         const py::array& out, const std::optional<py::array>& lse, int64_t topk, int64_t window,
-         int64_t sink_tokens, const std::string& gate, bool causal, double scale, double softcap,
-         int64_t q_offset, int num_threads) {
-        const auto options = attention_options(topk, window, sink_tokens, gate, causal, scale,
-                                               softcap, q_offset, num_threads);
-        if (is_double(q))
-          attend<double>(q, k, v, u, options, out, lse);
-        else
-          attend<float>(q, k, v, u, options, out, lse);
+      [](const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& u, const Tensor& out,
+         const std::optional<Tensor>& lse, const py::kwargs& kwargs) {
+        const char* fn = "sparsek_attention";
+        const Keywords keywords(fn, kwargs);
+        const auto options = foveal::python::sparsek_options(keywords);
+        keywords.require_all_read();
+        with_float_type(fn, "q", q, [&](auto type) {
+          using T = decltype(type);
+          const char* same = "the dtype of q";
+          const auto q_view = q.view<const T, 4>(fn, "q", "B, Hq, Lq, D");
+          const auto k_view = k.view<const T, 4>(fn, "k", "B, Hkv, Lk, D", same);
+          const auto v_view = v.view<const T, 4>(fn, "v", "B, Hkv, Lk, Dv", same);
+          const auto u_view = u.view<const T, 3>(fn, "u", "B, Hkv, Lk", same);
+          const auto out_view = out.view<T, 4>(fn, "out", "B, Hq, Lq, Dv", same);
+          const auto lse_view = optional_view<T, 3>(lse, fn, "lse", "B, Hq, Lq", same);
+          py::gil_scoped_release release;
+          foveal::sparsek_attention(q_view, k_view, v_view, u_view, options, out_view, lse_view);
+        });
       },
-      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("u"), py::arg("out"), py::arg("lse"),
-      py::arg("topk"), py::arg("window"), py::arg("sink_tokens"), py::arg("gate"),
-      py::arg("causal"), py::arg("scale"), py::arg("softcap"), py::arg("q_offset"),
-      py::arg("num_threads"));
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("u"), py::arg("out"), py::arg("lse"));
   m.def(
       "sparsek_select",
       [](const py::array& u, Index len_q, const py::array& indices, const py::array& gates,

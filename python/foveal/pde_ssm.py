@@ -29,7 +29,8 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
-from . import _as_int, _core, _float_dtype, _float_dtype_arg, _new_like, _output, _to_numpy
+from . import _core
+from ._common import _as_int, _float_dtype, _new_like, _output, _to_numpy, float_dtype_arg
 from .sparsek import _threads
 
 __all__ = ["PdeSsm", "PdeSsmGradients", "pde_ssm", "pde_ssm_backward"]
@@ -129,7 +130,7 @@ class PdeSsm:
         function = "PdeSsm"
         if dtype is None:
             dtype = _first_array_dtype(function, diffusion, velocity, reaction, time, skip)
-        dtype = _float_dtype_arg(function, dtype)
+        dtype = float_dtype_arg(function, dtype)
         for name, value in (("mode", mode), ("boundary", boundary)):
             if not isinstance(value, str):
                 raise TypeError(

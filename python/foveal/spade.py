@@ -18,7 +18,8 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
-from . import _as_float, _as_int, _core, _is_torch, _to_numpy, _torch_empty
+from . import _core
+from ._common import _as_float, _as_int, _to_numpy, _torch_empty, is_torch
 
 __all__ = [
     "Decoder",
@@ -165,7 +166,7 @@ def _lengths(function: str, lengths: Any, batch: int) -> Optional[np.ndarray]:
     """Per-sequence lengths as an int64 array of B entries (any integer input), or None."""
     if lengths is None:
         return None
-    array = np.asarray(_to_numpy(function, "lengths", lengths) if _is_torch(lengths) else lengths)
+    array = np.asarray(_to_numpy(function, "lengths", lengths) if is_torch(lengths) else lengths)
     if array.dtype.kind not in "iu":
         raise TypeError(
             f"foveal: {function}: lengths must hold integers, got dtype {array.dtype.name}"
@@ -181,7 +182,7 @@ def _new(like: Any, shape: tuple, dtype: Any) -> tuple[Any, np.ndarray]:
     """A new uninitialized tensor of the kind of `like` (the kernels write every element), and
     the numpy view they write (bool tensors as uint8)."""
     name = np.dtype(dtype).name
-    if _is_torch(like):
+    if is_torch(like):
         tensor = _torch_empty(shape, dtype)
         array = tensor.numpy()
     else:
@@ -384,7 +385,7 @@ _STATE_KEYS = {
 
 
 def _weight(function: str, name: str, x: Any) -> np.ndarray:
-    if _is_torch(x):
+    if is_torch(x):
         x = x.detach()
     array = _to_numpy(function, name, x)
     if array.dtype != np.float32:

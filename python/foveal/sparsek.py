@@ -14,20 +14,20 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import (
+from . import _core
+from ._common import (
     _as_float,
     _as_int,
-    _attention_arrays,
-    _AttentionOutputs,
     _check_array,
-    _core,
     _float_dtype,
-    _float_dtype_arg,
-    _is_torch,
     _new_like,
     _output,
     _to_numpy,
     _torch_empty,
+    attention_options,
+    attention_outputs,
+    float_dtype_arg,
+    is_torch,
 )
 
 __all__ = [
@@ -171,12 +171,6 @@ def _gate_and_scale(function: str, gate: Any, scale: Optional[float]) -> float:
     return scale
 
 
-def _scores(function: str, u: Any, dtype: np.dtype) -> np.ndarray:
-    array = _to_numpy(function, "u", u)
-    _check_array(function, "u", array, "B, Hkv, Lk", dtype)
-    return array
-
-
 def sparsek_attention(
     q: Any,
     k: Any,
@@ -210,25 +204,20 @@ def sparsek_attention(
 
     Returns ``out``, or ``(out, lse)`` with ``return_lse=True``. Forward only (no autograd).
     """
-    function = "sparsek_attention"
-    scale = _gate_and_scale(function, gate, scale)
-    selection = _selection_args(function, topk, window, sink_tokens, causal, q_offset, num_threads)
-    q_array, k_array, v_array, _, dtype = _attention_arrays(function, q, k, v, None)
-    u_array = _scores(function, u, dtype)
-    outputs = _AttentionOutputs(function, q, q_array, v_array, out, return_lse, dtype)
+    out, lse = attention_outputs(q, v, out, return_lse)
     _core.sparsek_attention(
-        q_array,
-        k_array,
-        v_array,
-        u_array,
-        outputs.out_array,
-        outputs.lse_array,
+        q,
+        k,
+        v,
+        u,
+        out,
+        lse,
+        topk=topk,
+        window=window,
         gate=gate,
-        scale=scale,
-        softcap=_as_float(function, "softcap", softcap),
-        **selection,
+        **attention_options(locals()),
     )
-    return outputs.result()
+    return (out, lse) if return_lse else out
 
 
 def sparsek_select(
@@ -255,7 +244,7 @@ def sparsek_select(
     dtype = _float_dtype(function, "u", u_array)
     _check_array(function, "u", u_array, "B, Hkv, Lk", dtype)
     shape = (*u_array.shape[:2], len_q, selection["topk"])
-    if _is_torch(u):
+    if is_torch(u):
         indices = _torch_empty(shape, np.int64)
         indices_array = indices.numpy()
     else:
@@ -280,7 +269,7 @@ def prefix_thresholds(
     tau, tau_array = _new_like(z, shape, array.dtype)
     evicted = evicted_array = None
     if return_evicted:
-        if _is_torch(z):
+        if is_torch(z):
             evicted = _torch_empty(shape, np.int64)
             evicted_array = evicted.numpy()
         else:
@@ -357,7 +346,7 @@ class SparseKCache:
         num_threads: Optional[int] = None,
     ) -> None:
         function = "SparseKCache"
-        dtype = _float_dtype_arg(function, dtype)
+        dtype = float_dtype_arg(function, dtype)
         scale = _gate_and_scale(function, gate, scale)
         selection = _selection_args(function, topk, window, sink_tokens, True, None, num_threads)
         sizes = [

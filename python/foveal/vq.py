@@ -16,7 +16,8 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
-from . import _as_float, _as_int, _core, _is_torch, _to_numpy
+from . import _core
+from ._common import _as_float, _as_int, _to_numpy, is_torch
 
 __all__ = ["Assignment", "ResidualVQ", "VectorQuantizer", "assign", "effective_rank", "perplexity"]
 
@@ -58,7 +59,7 @@ def _matrix(function: str, name: str, x: Any, dtypes: tuple = (np.float32,)) -> 
 
 def _new(like: Any, shape: tuple, dtype: Any) -> tuple[Any, np.ndarray]:
     """A new uninitialized tensor of like's kind (numpy or torch) and a numpy view of it."""
-    if _is_torch(like):
+    if is_torch(like):
         import torch
 
         tensor = torch.from_numpy(np.empty(shape, dtype=dtype))
