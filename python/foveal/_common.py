@@ -8,6 +8,7 @@ below serve the modules whose bindings still take numpy arrays.
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Optional
 
 import numpy as np
@@ -50,6 +51,16 @@ def shape(x: Any) -> tuple:
         return tuple(x.shape)
     view = _numpy_view(x)
     return () if view is None else view.shape
+
+
+def size(value: Any) -> int:
+    """An output dimension taken from an argument: the int, or 0 when it is no int >= 0 (the
+    compiled call then rejects the argument by name before the output is used)."""
+    try:
+        value = operator.index(value)
+    except TypeError:
+        return 0
+    return value if value >= 0 and not isinstance(value, bool) else 0
 
 
 def new_like(like: Any, shape: tuple, dtype: Any = None) -> Any:

@@ -27,10 +27,13 @@ __all__: list[str] = [
     "attention",
     "attention_backward",
     "attention_kernel_names",
+    "attention_options",
     "effective_rank",
     "get_num_threads",
     "make_attention",
     "merge_states",
+    "pde_ssm",
+    "pde_ssm_backward",
     "set_num_threads",
     "sliding_window_attention",
     "spade_delay",
@@ -205,33 +208,14 @@ class ResidualVQ:
     def num_stages(self) -> int: ...
 
 class SparseKCacheF32:
-    def __init__(
-        self,
-        batch: typing.SupportsInt | typing.SupportsIndex,
-        heads_kv: typing.SupportsInt | typing.SupportsIndex,
-        dim: typing.SupportsInt | typing.SupportsIndex,
-        dim_v: typing.SupportsInt | typing.SupportsIndex,
-        topk: typing.SupportsInt | typing.SupportsIndex,
-        window: typing.SupportsInt | typing.SupportsIndex,
-        sink_tokens: typing.SupportsInt | typing.SupportsIndex,
-        gate: str,
-        scale: typing.SupportsFloat | typing.SupportsIndex,
-        softcap: typing.SupportsFloat | typing.SupportsIndex,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
-    ) -> None: ...
-    def append(self, k: numpy.ndarray, v: numpy.ndarray, u: numpy.ndarray) -> None: ...
-    def attend(self, q: numpy.ndarray, out: numpy.ndarray, lse: numpy.ndarray | None) -> None: ...
+    def __init__(self, **kwargs) -> None: ...
+    def append(self, k: typing.Any, v: typing.Any, u: typing.Any) -> None: ...
+    def attend(self, q: typing.Any, out: typing.Any, lse: typing.Any | None) -> None: ...
     def reset(self) -> None: ...
     def selected(
-        self,
-        sequence: typing.SupportsInt | typing.SupportsIndex,
-        head: typing.SupportsInt | typing.SupportsIndex,
+        self, **kwargs
     ) -> tuple[numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.float32]]: ...
-    def threshold(
-        self,
-        sequence: typing.SupportsInt | typing.SupportsIndex,
-        head: typing.SupportsInt | typing.SupportsIndex,
-    ) -> float: ...
+    def threshold(self, **kwargs) -> float: ...
     @property
     def batch(self) -> int: ...
     @property
@@ -250,33 +234,14 @@ class SparseKCacheF32:
     def threshold_entries(self) -> int: ...
 
 class SparseKCacheF64:
-    def __init__(
-        self,
-        batch: typing.SupportsInt | typing.SupportsIndex,
-        heads_kv: typing.SupportsInt | typing.SupportsIndex,
-        dim: typing.SupportsInt | typing.SupportsIndex,
-        dim_v: typing.SupportsInt | typing.SupportsIndex,
-        topk: typing.SupportsInt | typing.SupportsIndex,
-        window: typing.SupportsInt | typing.SupportsIndex,
-        sink_tokens: typing.SupportsInt | typing.SupportsIndex,
-        gate: str,
-        scale: typing.SupportsFloat | typing.SupportsIndex,
-        softcap: typing.SupportsFloat | typing.SupportsIndex,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
-    ) -> None: ...
-    def append(self, k: numpy.ndarray, v: numpy.ndarray, u: numpy.ndarray) -> None: ...
-    def attend(self, q: numpy.ndarray, out: numpy.ndarray, lse: numpy.ndarray | None) -> None: ...
+    def __init__(self, **kwargs) -> None: ...
+    def append(self, k: typing.Any, v: typing.Any, u: typing.Any) -> None: ...
+    def attend(self, q: typing.Any, out: typing.Any, lse: typing.Any | None) -> None: ...
     def reset(self) -> None: ...
     def selected(
-        self,
-        sequence: typing.SupportsInt | typing.SupportsIndex,
-        head: typing.SupportsInt | typing.SupportsIndex,
+        self, **kwargs
     ) -> tuple[numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.float64]]: ...
-    def threshold(
-        self,
-        sequence: typing.SupportsInt | typing.SupportsIndex,
-        head: typing.SupportsInt | typing.SupportsIndex,
-    ) -> float: ...
+    def threshold(self, **kwargs) -> float: ...
     @property
     def batch(self) -> int: ...
     @property
@@ -297,37 +262,26 @@ class SparseKCacheF64:
 class PdeSsmF32:
     def __init__(
         self,
-        height: typing.SupportsInt | typing.SupportsIndex,
-        width: typing.SupportsInt | typing.SupportsIndex,
-        channels: typing.SupportsInt | typing.SupportsIndex,
-        diffusion: numpy.ndarray,
-        velocity: numpy.ndarray,
-        reaction: numpy.ndarray,
-        time: numpy.ndarray,
-        skip: numpy.ndarray | None,
-        mode: str,
-        boundary: str,
-        diffusion_form: str,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
+        diffusion: typing.Any,
+        velocity: typing.Any,
+        reaction: typing.Any,
+        time: typing.Any,
+        skip: typing.Any | None,
+        **kwargs,
     ) -> None: ...
     def backward(
         self,
-        x: numpy.ndarray | None,
-        grad_out: numpy.ndarray,
-        grad_x: numpy.ndarray | None,
-        grad_diffusion: numpy.ndarray | None,
-        grad_velocity: numpy.ndarray | None,
-        grad_reaction: numpy.ndarray | None,
-        grad_time: numpy.ndarray | None,
-        grad_skip: numpy.ndarray | None,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
+        x: typing.Any | None,
+        grad_out: typing.Any,
+        grad_x: typing.Any | None,
+        grad_diffusion: typing.Any | None,
+        grad_velocity: typing.Any | None,
+        grad_reaction: typing.Any | None,
+        grad_time: typing.Any | None,
+        grad_skip: typing.Any | None,
+        **kwargs,
     ) -> None: ...
-    def forward(
-        self,
-        x: numpy.ndarray,
-        out: numpy.ndarray,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
-    ) -> None: ...
+    def forward(self, x: typing.Any, out: typing.Any, **kwargs) -> None: ...
     @property
     def channels(self) -> int: ...
     @property
@@ -342,37 +296,26 @@ class PdeSsmF32:
 class PdeSsmF64:
     def __init__(
         self,
-        height: typing.SupportsInt | typing.SupportsIndex,
-        width: typing.SupportsInt | typing.SupportsIndex,
-        channels: typing.SupportsInt | typing.SupportsIndex,
-        diffusion: numpy.ndarray,
-        velocity: numpy.ndarray,
-        reaction: numpy.ndarray,
-        time: numpy.ndarray,
-        skip: numpy.ndarray | None,
-        mode: str,
-        boundary: str,
-        diffusion_form: str,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
+        diffusion: typing.Any,
+        velocity: typing.Any,
+        reaction: typing.Any,
+        time: typing.Any,
+        skip: typing.Any | None,
+        **kwargs,
     ) -> None: ...
     def backward(
         self,
-        x: numpy.ndarray | None,
-        grad_out: numpy.ndarray,
-        grad_x: numpy.ndarray | None,
-        grad_diffusion: numpy.ndarray | None,
-        grad_velocity: numpy.ndarray | None,
-        grad_reaction: numpy.ndarray | None,
-        grad_time: numpy.ndarray | None,
-        grad_skip: numpy.ndarray | None,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
+        x: typing.Any | None,
+        grad_out: typing.Any,
+        grad_x: typing.Any | None,
+        grad_diffusion: typing.Any | None,
+        grad_velocity: typing.Any | None,
+        grad_reaction: typing.Any | None,
+        grad_time: typing.Any | None,
+        grad_skip: typing.Any | None,
+        **kwargs,
     ) -> None: ...
-    def forward(
-        self,
-        x: numpy.ndarray,
-        out: numpy.ndarray,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
-    ) -> None: ...
+    def forward(self, x: typing.Any, out: typing.Any, **kwargs) -> None: ...
     @property
     def channels(self) -> int: ...
     @property
@@ -478,6 +421,7 @@ def attention_backward(
     **kwargs,
 ) -> None: ...
 def attention_kernel_names() -> list[str]: ...
+def attention_options(arg0: str, **kwargs) -> dict: ...
 def effective_rank(matrix: numpy.ndarray) -> float: ...
 def get_num_threads() -> int: ...
 def make_attention(
@@ -490,6 +434,32 @@ def merge_states(
     lse_b: typing.Any,
     out: typing.Any,
     lse: typing.Any | None,
+    **kwargs,
+) -> None: ...
+def pde_ssm(
+    x: typing.Any,
+    out: typing.Any,
+    diffusion: typing.Any,
+    velocity: typing.Any,
+    reaction: typing.Any,
+    time: typing.Any,
+    skip: typing.Any | None,
+    **kwargs,
+) -> None: ...
+def pde_ssm_backward(
+    x: typing.Any | None,
+    grad_out: typing.Any,
+    grad_x: typing.Any | None,
+    grad_diffusion: typing.Any | None,
+    grad_velocity: typing.Any | None,
+    grad_reaction: typing.Any | None,
+    grad_time: typing.Any | None,
+    grad_skip: typing.Any | None,
+    diffusion: typing.Any,
+    velocity: typing.Any,
+    reaction: typing.Any,
+    time: typing.Any,
+    skip: typing.Any | None,
     **kwargs,
 ) -> None: ...
 def set_num_threads(**kwargs) -> None: ...
@@ -523,13 +493,7 @@ def spade_undelay_logits(
     out: numpy.ndarray,
     num_threads: typing.SupportsInt | typing.SupportsIndex,
 ) -> None: ...
-def sparsek(
-    z: numpy.ndarray,
-    k: typing.SupportsInt | typing.SupportsIndex,
-    p: numpy.ndarray,
-    tau: numpy.ndarray | None,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
-) -> None: ...
+def sparsek(z: typing.Any, p: typing.Any, tau: typing.Any | None, **kwargs) -> None: ...
 def sparsek_attention(
     q: typing.Any,
     k: typing.Any,
@@ -539,38 +503,12 @@ def sparsek_attention(
     lse: typing.Any | None,
     **kwargs,
 ) -> None: ...
-def sparsek_backward(
-    p: numpy.ndarray,
-    grad_p: numpy.ndarray,
-    grad_z: numpy.ndarray,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
-) -> None: ...
-def sparsek_linear_scores(
-    x: numpy.ndarray,
-    w: numpy.ndarray,
-    slope: typing.SupportsFloat | typing.SupportsIndex,
-    u: numpy.ndarray,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
-) -> None: ...
+def sparsek_backward(p: typing.Any, grad_p: typing.Any, grad_z: typing.Any, **kwargs) -> None: ...
+def sparsek_linear_scores(x: typing.Any, w: typing.Any, u: typing.Any, **kwargs) -> None: ...
 def sparsek_prefix_thresholds(
-    z: numpy.ndarray,
-    k: typing.SupportsInt | typing.SupportsIndex,
-    tau: numpy.ndarray,
-    evicted_at: numpy.ndarray | None,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
+    z: typing.Any, tau: typing.Any, evicted_at: typing.Any | None, **kwargs
 ) -> None: ...
-def sparsek_select(
-    u: numpy.ndarray,
-    len_q: typing.SupportsInt | typing.SupportsIndex,
-    indices: numpy.ndarray,
-    gates: numpy.ndarray,
-    topk: typing.SupportsInt | typing.SupportsIndex,
-    window: typing.SupportsInt | typing.SupportsIndex,
-    sink_tokens: typing.SupportsInt | typing.SupportsIndex,
-    causal: bool,
-    q_offset: typing.SupportsInt | typing.SupportsIndex,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
-) -> None: ...
+def sparsek_select(u: typing.Any, indices: typing.Any, gates: typing.Any, **kwargs) -> None: ...
 def vq_assign(
     x: numpy.ndarray,
     codebook: numpy.ndarray,

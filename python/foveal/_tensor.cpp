@@ -261,6 +261,32 @@ void Tensor::require_usable(const char* function, const char* name) const {
   }
 }
 
+Tensor::Merge Tensor::merge_leading(const char* function, const char* name, int count) const {
+  Merge merge;
+  Index next_extent = -1;  // stride × size of the dimension after, among those of size > 1
+  for (int dim = count - 1; dim >= 0; --dim) {
+    if (__builtin_mul_overflow(merge.size, shape_[dim], &merge.size))
+      value_error(function, ": ", name, " has more elements than a 64-bit count holds (shape ",
+                  shape_string(), ")");
+    if (shape_[dim] == 1) continue;
+    if (next_extent == -1) {
+      merge.stride = strides_[dim];
+    } else if (strides_[dim] != next_extent) {
+      merge.single_stride = false;
+    }
+    next_extent = strides_[dim] * shape_[dim];
+  }
+  if (merge.size == 0) merge.single_stride = true;
+  return merge;
+}
+
+bool Tensor::same_shape(const Tensor& other) const {
+  if (rank_ != other.rank_) return false;
+  for (int dim = 0; dim < rank_ && dim < kMaxRank; ++dim)
+    if (shape_[dim] != other.shape_[dim]) return false;
+  return true;
+}
+
 std::string Tensor::shape_string() const {
   if (rank_ > kMaxRank) return "(" + std::to_string(rank_) + " dimensions)";
   std::string text = "(";

@@ -19,6 +19,7 @@
 #include <sstream>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "foveal/core/error.hpp"
 #include "foveal/core/tensor.hpp"
@@ -105,6 +106,53 @@ class Tensor {
     return typed_view<T, Rank>(function, name, dtype_note);
   }
 
+  // A tensor of rank >= keep + 1... as a view whose dimensions before the last `keep` are merged
+  // into one: keep = 1 gives [rows, n] of a [..., n] tensor, keep = 0 gives [size] of any
+  // tensor (rank 0 included). An input whose merged dimensions have no single stride is copied
+  // into `copy`; an output must merge (foveal::Error otherwise).
+  template <typename T, int Keep>
+  TensorView<T, Keep + 1> merged_view(const char* function, const char* name,
+                                      std::vector<std::remove_const_t<T>>& copy,
+                                      const char* dtype_note = nullptr) const {
+    require_usable(function, name);
+    if (rank_ < Keep || rank_ > kMaxRank)
+      value_error(function, ": ", name, " must have at least ", Keep, " dimension",
+                  Keep == 1 ? "" : "s", ", got ", rank_);
+    if (dtype_ != dtype_of<T>()) reject_dtype(function, name, dtype_of<T>(), dtype_note);
+    const Merge merge = merge_leading(function, name, rank_ - Keep);
+    typename TensorView<T, Keep + 1>::Shape shape{}, strides{};
+    shape[0] = merge.size;
+    strides[0] = merge.stride;
+    for (int dim = 0; dim < Keep; ++dim) {
+      shape[dim + 1] = shape_[rank_ - Keep + dim];
+      strides[dim + 1] = strides_[rank_ - Keep + dim];
+    }
+    const auto view = typed_view<T, Keep + 1>(function, name, dtype_note, shape, strides);
+    if (merge.single_stride) return view;
+    if constexpr (!std::is_const_v<T>) {
+      value_error(function, ": ", name,
+                  " must have leading dimensions that flatten without a copy (an output)");
+    } else {
+      copy.resize(static_cast<std::size_t>(view.numel()));
+      std::size_t at = 0;
+      for_each_leading_offset(rank_ - Keep, [&](Index offset) {
+        if constexpr (Keep == 0) {
+          copy[at++] = static_cast<const std::remove_const_t<T>*>(data_)[offset];
+        } else {
+          for (Index j = 0; j < shape[1]; ++j)
+            copy[at++] = static_cast<const std::remove_const_t<T>*>(data_)[offset + j * strides[1]];
+        }
+      });
+      strides[0] = Keep == 0 ? 1 : shape[1];
+      if constexpr (Keep == 1) strides[1] = 1;
+      return TensorView<T, Keep + 1>(copy.data(), shape, strides);
+    }
+  }
+
+  // Whether both have the same shape; the shape as Python writes it, for messages.
+  bool same_shape(const Tensor& other) const;
+  std::string shape_string() const;
+
   // As view(), but a tensor of rank 1..Rank is accepted with leading size-1 dimensions added
   // (a broadcast bias of shape [Lq, Lk] is [1, 1, Lq, Lk]).
   template <typename T, int Rank>
@@ -126,12 +174,19 @@ class Tensor {
   template <typename T, int Rank>
   TensorView<T, Rank> typed_view(const char* function, const char* name,
                                  const char* dtype_note) const {
-    if (dtype_ != dtype_of<T>()) reject_dtype(function, name, dtype_of<T>(), dtype_note);
     typename TensorView<T, Rank>::Shape shape{}, strides{};
     for (int dim = 0; dim < Rank; ++dim) {
       shape[dim] = shape_[dim];
       strides[dim] = strides_[dim];
     }
+    return typed_view<T, Rank>(function, name, dtype_note, shape, strides);
+  }
+
+  template <typename T, int Rank>
+  TensorView<T, Rank> typed_view(const char* function, const char* name, const char* dtype_note,
+                                 const typename TensorView<T, Rank>::Shape& shape,
+                                 const typename TensorView<T, Rank>::Shape& strides) const {
+    if (dtype_ != dtype_of<T>()) reject_dtype(function, name, dtype_of<T>(), dtype_note);
     check(reinterpret_cast<std::uintptr_t>(data_) % alignof(std::remove_const_t<T>) == 0, function,
           ": ", name, " is not aligned to its element size ", alignof(std::remove_const_t<T>),
           " (a view at an odd byte offset)");
@@ -145,7 +200,27 @@ class Tensor {
                                       int max_rank, const char* dims) const;
   [[noreturn]] void reject_dtype(const char* function, const char* name, DType expected,
                                  const char* dtype_note) const;
-  std::string shape_string() const;
+  // Dimensions [0, count) merged: their element count, and the stride of the merged dimension
+  // when one stride walks them all.
+  struct Merge {
+    Index size = 1;
+    Index stride = 1;
+    bool single_stride = true;
+  };
+  Merge merge_leading(const char* function, const char* name, int count) const;
+  // Calls f(offset) for every index of dimensions [0, count), in row-major order.
+  template <typename F>
+  void for_each_leading_offset(int count, F&& f) const {
+    std::array<Index, kMaxRank> index{};
+    Index total = 1;
+    for (int dim = 0; dim < count; ++dim) total *= shape_[dim];
+    for (Index step = 0; step < total; ++step) {
+      Index offset = 0;
+      for (int dim = 0; dim < count; ++dim) offset += index[dim] * strides_[dim];
+      f(offset);
+      for (int dim = count - 1; dim >= 0 && ++index[dim] == shape_[dim]; --dim) index[dim] = 0;
+    }
+  }
 
   void from_numpy(const py::array& array);
   void from_dlpack(const py::object& capsule_owner);

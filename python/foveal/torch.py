@@ -24,6 +24,7 @@ import torch
 
 import foveal as _foveal
 
+from . import _core
 from . import pde_ssm as _pde_ssm
 from . import sparsek as _sparsek
 from ._common import attention_options
@@ -123,6 +124,14 @@ def _attention_backward(ctx: Any, grad_out: torch.Tensor, _grad_lse: Any) -> tup
 _attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
+def _checked_options(function: str, options: dict) -> dict:
+    """The options with their types checked (the custom ops' schema would raise RuntimeError);
+    under torch.compile they are the traced program's constants and go to the op as they are."""
+    if torch.compiler.is_compiling():
+        return options
+    return _core.attention_options(function, **options)
+
+
 def _no_bias_gradient(bias: Optional[torch.Tensor]) -> None:
     if bias is not None and bias.requires_grad and torch.is_grad_enabled():
         raise ValueError(
@@ -149,7 +158,8 @@ def attention(
     """``foveal.attention`` differentiable in q, k and v (the arguments are the same; bias gets
     no gradient)."""
     _no_bias_gradient(bias)
-    return _attention_op(q, k, v, bias, False, **attention_options(locals()))[0]
+    options = _checked_options("attention", attention_options(locals()))
+    return _attention_op(q, k, v, bias, False, **options)[0]
 
 
 def sliding_window_attention(
@@ -167,7 +177,8 @@ def sliding_window_attention(
     num_threads: Optional[int] = None,
 ) -> torch.Tensor:
     """``foveal.sliding_window_attention`` differentiable in q, k and v."""
-    return _attention_op(q, k, v, None, True, **attention_options(locals()))[0]
+    options = _checked_options("sliding_window_attention", attention_options(locals()))
+    return _attention_op(q, k, v, None, True, **options)[0]
 
 
 class SparseK(torch.autograd.Function):
