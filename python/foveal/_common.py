@@ -8,6 +8,7 @@ below serve the modules whose bindings still take numpy arrays.
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Optional
 
 import numpy as np
@@ -244,3 +245,13 @@ def _output(function: str, name: str, given: Any, like: Any, shape: tuple, dtype
             f"foveal: {function}: {name} must have shape {tuple(shape)}, got {tuple(array.shape)}"
         )
     return given, array
+
+
+def extent(value: Any) -> int:
+    """An int option as the extent of an output to allocate: its value when it is an int in
+    [0, 2**63), else 0 (the compiled call then rejects the option, naming it)."""
+    try:
+        value = operator.index(value)
+    except TypeError:
+        return 0
+    return value if 0 <= value < 2**63 else 0

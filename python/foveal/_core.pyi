@@ -33,6 +33,7 @@ __all__: list[str] = [
     "merge_states",
     "set_num_threads",
     "sliding_window_attention",
+    "spade_binned",
     "spade_delay",
     "spade_loss_mask",
     "spade_undelay",
@@ -49,15 +50,7 @@ __all__: list[str] = [
 ]
 
 class SpadeSchema:
-    def __init__(
-        self,
-        names: collections.abc.Sequence[str],
-        discrete: collections.abc.Sequence[bool],
-        vocab_sizes: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex],
-        pad_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex],
-        missing_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex],
-        shifts: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex | None],
-    ) -> None: ...
+    def __init__(self, features: collections.abc.Sequence[dict]) -> None: ...
     @property
     def max_shift(self) -> int: ...
     @property
@@ -67,21 +60,19 @@ class SpadeEmbedding:
     def __init__(
         self,
         schema: SpadeSchema,
-        features: collections.abc.Sequence[collections.abc.Mapping[str, numpy.ndarray]],
-        combine: str,
-        projection_weight: numpy.ndarray | None,
-        projection_bias: numpy.ndarray | None,
-        condition_dim: typing.SupportsInt | typing.SupportsIndex,
-        norm_eps: typing.SupportsFloat | typing.SupportsIndex,
-        pad_vector: numpy.ndarray | None,
+        features: dict,
+        projection_weight: typing.Any | None,
+        projection_bias: typing.Any | None,
+        pad_vector: typing.Any | None,
+        **kwargs,
     ) -> None: ...
     def forward(
         self,
-        ids: numpy.ndarray | None,
-        values: numpy.ndarray | None,
-        out: numpy.ndarray,
-        condition: numpy.ndarray | None,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
+        ids: typing.Any | None,
+        values: typing.Any | None,
+        out: typing.Any,
+        condition: typing.Any | None,
+        **kwargs,
     ) -> None: ...
     @property
     def condition_dim(self) -> int: ...
@@ -89,27 +80,26 @@ class SpadeEmbedding:
     def d_model(self) -> int: ...
 
 class SpadeDecoder:
-    def __init__(
-        self,
-        schema: SpadeSchema,
-        batch: typing.SupportsInt | typing.SupportsIndex,
-        max_tokens: typing.SupportsInt | typing.SupportsIndex,
-    ) -> None: ...
+    def __init__(self, schema: SpadeSchema, **kwargs) -> None: ...
     def done(self) -> bool: ...
     def finished(self, b: typing.SupportsInt | typing.SupportsIndex) -> bool: ...
     def ids(self) -> numpy.typing.NDArray[numpy.int64]: ...
     def length(self, b: typing.SupportsInt | typing.SupportsIndex) -> int: ...
     def step(
         self,
-        predicted_ids: numpy.ndarray | None,
-        predicted_values: numpy.ndarray | None,
-        step_ids: numpy.ndarray | None,
-        step_values: numpy.ndarray | None,
-        completed: numpy.ndarray,
+        ids: typing.Any | None,
+        values: typing.Any | None,
+        step_ids: typing.Any | None,
+        step_values: typing.Any | None,
+        completed: typing.Any,
     ) -> None: ...
     def values(self) -> numpy.typing.NDArray[numpy.float32]: ...
     @property
+    def batch(self) -> int: ...
+    @property
     def current_step(self) -> int: ...
+    @property
+    def max_tokens(self) -> int: ...
 
 class VectorQuantizer:
     def __init__(
@@ -496,32 +486,27 @@ def set_num_threads(**kwargs) -> None: ...
 def sliding_window_attention(
     q: typing.Any, k: typing.Any, v: typing.Any, out: typing.Any, lse: typing.Any | None, **kwargs
 ) -> None: ...
+def spade_binned(**kwargs) -> tuple[int, int, int]: ...
 def spade_delay(
     schema: SpadeSchema,
-    ids: numpy.ndarray | None,
-    values: numpy.ndarray | None,
-    lengths: numpy.ndarray | None,
-    delayed_ids: numpy.ndarray | None,
-    delayed_values: numpy.ndarray | None,
-    mask: numpy.ndarray,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
+    ids: typing.Any | None,
+    values: typing.Any | None,
+    delayed_ids: typing.Any | None,
+    delayed_values: typing.Any | None,
+    mask: typing.Any,
+    **kwargs,
 ) -> None: ...
-def spade_loss_mask(
-    schema: SpadeSchema, lengths: numpy.ndarray | None, loss_mask: numpy.ndarray, include_stop: bool
-) -> None: ...
+def spade_loss_mask(schema: SpadeSchema, loss_mask: typing.Any, **kwargs) -> None: ...
 def spade_undelay(
     schema: SpadeSchema,
-    delayed_ids: numpy.ndarray | None,
-    delayed_values: numpy.ndarray | None,
-    ids: numpy.ndarray | None,
-    values: numpy.ndarray | None,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
+    delayed_ids: typing.Any | None,
+    delayed_values: typing.Any | None,
+    ids: typing.Any | None,
+    values: typing.Any | None,
+    **kwargs,
 ) -> None: ...
 def spade_undelay_logits(
-    schema: SpadeSchema,
-    logits: numpy.ndarray,
-    out: numpy.ndarray,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
+    schema: SpadeSchema, logits: typing.Any, out: typing.Any, **kwargs
 ) -> None: ...
 def sparsek(
     z: numpy.ndarray,
