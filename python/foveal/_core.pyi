@@ -36,6 +36,7 @@ __all__: list[str] = [
     "pde_ssm_backward",
     "set_num_threads",
     "sliding_window_attention",
+    "spade_binned",
     "spade_delay",
     "spade_loss_mask",
     "spade_undelay",
@@ -52,15 +53,7 @@ __all__: list[str] = [
 ]
 
 class SpadeSchema:
-    def __init__(
-        self,
-        names: collections.abc.Sequence[str],
-        discrete: collections.abc.Sequence[bool],
-        vocab_sizes: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex],
-        pad_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex],
-        missing_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex],
-        shifts: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex | None],
-    ) -> None: ...
+    def __init__(self, features: collections.abc.Sequence[dict]) -> None: ...
     @property
     def max_shift(self) -> int: ...
     @property
@@ -70,21 +63,19 @@ class SpadeEmbedding:
     def __init__(
         self,
         schema: SpadeSchema,
-        features: collections.abc.Sequence[collections.abc.Mapping[str, numpy.ndarray]],
-        combine: str,
-        projection_weight: numpy.ndarray | None,
-        projection_bias: numpy.ndarray | None,
-        condition_dim: typing.SupportsInt | typing.SupportsIndex,
-        norm_eps: typing.SupportsFloat | typing.SupportsIndex,
-        pad_vector: numpy.ndarray | None,
+        features: dict,
+        projection_weight: typing.Any | None,
+        projection_bias: typing.Any | None,
+        pad_vector: typing.Any | None,
+        **kwargs,
     ) -> None: ...
     def forward(
         self,
-        ids: numpy.ndarray | None,
-        values: numpy.ndarray | None,
-        out: numpy.ndarray,
-        condition: numpy.ndarray | None,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
+        ids: typing.Any | None,
+        values: typing.Any | None,
+        out: typing.Any,
+        condition: typing.Any | None,
+        **kwargs,
     ) -> None: ...
     @property
     def condition_dim(self) -> int: ...
@@ -92,69 +83,49 @@ class SpadeEmbedding:
     def d_model(self) -> int: ...
 
 class SpadeDecoder:
-    def __init__(
-        self,
-        schema: SpadeSchema,
-        batch: typing.SupportsInt | typing.SupportsIndex,
-        max_tokens: typing.SupportsInt | typing.SupportsIndex,
-    ) -> None: ...
+    def __init__(self, schema: SpadeSchema, **kwargs) -> None: ...
     def done(self) -> bool: ...
     def finished(self, b: typing.SupportsInt | typing.SupportsIndex) -> bool: ...
     def ids(self) -> numpy.typing.NDArray[numpy.int64]: ...
     def length(self, b: typing.SupportsInt | typing.SupportsIndex) -> int: ...
     def step(
         self,
-        predicted_ids: numpy.ndarray | None,
-        predicted_values: numpy.ndarray | None,
-        step_ids: numpy.ndarray | None,
-        step_values: numpy.ndarray | None,
-        completed: numpy.ndarray,
+        ids: typing.Any | None,
+        values: typing.Any | None,
+        step_ids: typing.Any | None,
+        step_values: typing.Any | None,
+        completed: typing.Any,
     ) -> None: ...
     def values(self) -> numpy.typing.NDArray[numpy.float32]: ...
     @property
+    def batch(self) -> int: ...
+    @property
     def current_step(self) -> int: ...
+    @property
+    def max_tokens(self) -> int: ...
 
 class VectorQuantizer:
-    def __init__(
-        self,
-        codebook: numpy.ndarray,
-        cosine: bool,
-        decay: typing.SupportsFloat | typing.SupportsIndex,
-        epsilon: typing.SupportsFloat | typing.SupportsIndex,
-        dead_threshold: typing.SupportsFloat | typing.SupportsIndex,
-    ) -> None: ...
+    @staticmethod
+    def from_data(x: typing.Any, **kwargs) -> VectorQuantizer: ...
+    def __init__(self, codebook: typing.Any, **kwargs) -> None: ...
     def cluster_size(self) -> numpy.typing.NDArray[numpy.float64]: ...
     def codebook(self) -> numpy.typing.NDArray[numpy.float32]: ...
     def codebook_effective_rank(self) -> float: ...
-    def init_kmeans(
-        self,
-        x: numpy.ndarray,
-        lloyd_iterations: typing.SupportsInt | typing.SupportsIndex,
-        seed: typing.SupportsInt | typing.SupportsIndex,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
-    ) -> None: ...
+    def init_kmeans(self, x: typing.Any, **kwargs) -> None: ...
     def num_dead_codes(self) -> int: ...
     def perplexity(self) -> float: ...
     def quantize(
         self,
-        x: numpy.ndarray,
-        indices: numpy.ndarray,
-        quantized: numpy.ndarray | None,
-        sq_distances: numpy.ndarray | None,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
+        x: typing.Any,
+        indices: typing.Any,
+        quantized: typing.Any | None,
+        sq_distances: typing.Any | None,
+        **kwargs,
     ) -> None: ...
     def reset_usage(self) -> None: ...
-    def restart_dead_codes(
-        self, x: numpy.ndarray, seed: typing.SupportsInt | typing.SupportsIndex
-    ) -> int: ...
-    def set_codebook(self, codebook: numpy.ndarray) -> None: ...
-    def update(
-        self,
-        x: numpy.ndarray,
-        indices: numpy.ndarray | None,
-        update_codebook: bool,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
-    ) -> None: ...
+    def restart_dead_codes(self, x: typing.Any, **kwargs) -> int: ...
+    def set_codebook(self, codebook: typing.Any) -> None: ...
+    def update(self, x: typing.Any, indices: typing.Any | None, **kwargs) -> None: ...
     def usage_counts(self) -> numpy.typing.NDArray[numpy.int64]: ...
     @property
     def cosine(self) -> bool: ...
@@ -170,38 +141,14 @@ class VectorQuantizer:
     def num_codes(self) -> int: ...
 
 class ResidualVQ:
-    def __init__(
-        self,
-        num_stages: typing.SupportsInt | typing.SupportsIndex,
-        num_codes: typing.SupportsInt | typing.SupportsIndex,
-        dim: typing.SupportsInt | typing.SupportsIndex,
-        cosine: bool,
-        decay: typing.SupportsFloat | typing.SupportsIndex,
-        epsilon: typing.SupportsFloat | typing.SupportsIndex,
-        dead_threshold: typing.SupportsFloat | typing.SupportsIndex,
-    ) -> None: ...
-    def decode(self, codes: numpy.ndarray, out: numpy.ndarray) -> None: ...
+    def __init__(self, **kwargs) -> None: ...
+    def decode(self, codes: typing.Any, out: typing.Any) -> None: ...
     def encode(
-        self,
-        x: numpy.ndarray,
-        codes: numpy.ndarray,
-        quantized: numpy.ndarray | None,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
+        self, x: typing.Any, codes: typing.Any, quantized: typing.Any | None, **kwargs
     ) -> None: ...
-    def init_kmeans(
-        self,
-        x: numpy.ndarray,
-        lloyd_iterations: typing.SupportsInt | typing.SupportsIndex,
-        seed: typing.SupportsInt | typing.SupportsIndex,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
-    ) -> None: ...
-    def stage(self, s: typing.SupportsInt | typing.SupportsIndex) -> VectorQuantizer: ...
-    def update(
-        self,
-        x: numpy.ndarray,
-        update_codebook: bool,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
-    ) -> None: ...
+    def init_kmeans(self, x: typing.Any, **kwargs) -> None: ...
+    def stage(self, **kwargs) -> VectorQuantizer: ...
+    def update(self, x: typing.Any, **kwargs) -> None: ...
     @property
     def dim(self) -> int: ...
     @property
@@ -422,7 +369,7 @@ def attention_backward(
 ) -> None: ...
 def attention_kernel_names() -> list[str]: ...
 def attention_options(arg0: str, **kwargs) -> dict: ...
-def effective_rank(matrix: numpy.ndarray) -> float: ...
+def effective_rank(matrix: typing.Any) -> float: ...
 def get_num_threads() -> int: ...
 def make_attention(
     name: str, params: collections.abc.Mapping[str, str], **kwargs
@@ -466,32 +413,27 @@ def set_num_threads(**kwargs) -> None: ...
 def sliding_window_attention(
     q: typing.Any, k: typing.Any, v: typing.Any, out: typing.Any, lse: typing.Any | None, **kwargs
 ) -> None: ...
+def spade_binned(**kwargs) -> tuple[int, int, int]: ...
 def spade_delay(
     schema: SpadeSchema,
-    ids: numpy.ndarray | None,
-    values: numpy.ndarray | None,
-    lengths: numpy.ndarray | None,
-    delayed_ids: numpy.ndarray | None,
-    delayed_values: numpy.ndarray | None,
-    mask: numpy.ndarray,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
+    ids: typing.Any | None,
+    values: typing.Any | None,
+    delayed_ids: typing.Any | None,
+    delayed_values: typing.Any | None,
+    mask: typing.Any,
+    **kwargs,
 ) -> None: ...
-def spade_loss_mask(
-    schema: SpadeSchema, lengths: numpy.ndarray | None, loss_mask: numpy.ndarray, include_stop: bool
-) -> None: ...
+def spade_loss_mask(schema: SpadeSchema, loss_mask: typing.Any, **kwargs) -> None: ...
 def spade_undelay(
     schema: SpadeSchema,
-    delayed_ids: numpy.ndarray | None,
-    delayed_values: numpy.ndarray | None,
-    ids: numpy.ndarray | None,
-    values: numpy.ndarray | None,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
+    delayed_ids: typing.Any | None,
+    delayed_values: typing.Any | None,
+    ids: typing.Any | None,
+    values: typing.Any | None,
+    **kwargs,
 ) -> None: ...
 def spade_undelay_logits(
-    schema: SpadeSchema,
-    logits: numpy.ndarray,
-    out: numpy.ndarray,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
+    schema: SpadeSchema, logits: typing.Any, out: typing.Any, **kwargs
 ) -> None: ...
 def sparsek(z: typing.Any, p: typing.Any, tau: typing.Any | None, **kwargs) -> None: ...
 def sparsek_attention(
@@ -510,14 +452,13 @@ def sparsek_prefix_thresholds(
 ) -> None: ...
 def sparsek_select(u: typing.Any, indices: typing.Any, gates: typing.Any, **kwargs) -> None: ...
 def vq_assign(
-    x: numpy.ndarray,
-    codebook: numpy.ndarray,
-    indices: numpy.ndarray,
-    sq_distances: numpy.ndarray | None,
-    cosine: bool,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
+    x: typing.Any,
+    codebook: typing.Any,
+    indices: typing.Any,
+    sq_distances: typing.Any | None,
+    **kwargs,
 ) -> None: ...
-def vq_perplexity(counts: numpy.ndarray) -> float: ...
+def vq_perplexity(counts: typing.Any) -> float: ...
 def wrap_kv_cache(keys: typing.Any, values: typing.Any, **kwargs) -> typing.Any: ...
 
 MAX_THREADS: int = 1024

@@ -54,6 +54,11 @@ std::optional<std::vector<std::int64_t>> Keywords::integers(const char* name) co
         break;
       }
       const auto index = py::reinterpret_steal<py::object>(PyNumber_Index(item.ptr()));
+      if (!index) {  // an __index__ that refuses (a row of a 2-D array): not an int
+        PyErr_Clear();
+        result.clear();
+        break;
+      }
       int overflow = 0;
       const long long entry = PyLong_AsLongLongAndOverflow(index.ptr(), &overflow);
       if (overflow != 0)
