@@ -5,6 +5,8 @@
 // BM_SparseKSelection: the selection phase alone (thresholds, top-k, tile unions), the part the
 //   issue asks to report separately.
 // BM_DenseCausal: foveal's own dense causal attention on the same tensors, for the ratio.
+// BM_SparseKTraining / BM_DenseCausalTraining: a training step's attention, forward (with lse)
+//   then backward (SparseK: grad_q, grad_k, grad_v and grad_u, gate value), on the same tensors.
 //
 //   build/bench/bench/bench_sparsek --benchmark_filter='L:16384'
 #include <benchmark/benchmark.h>
@@ -40,6 +42,22 @@ struct Inputs {
     fill_random(k.data(), k.numel(), 2);
     fill_random(v.data(), v.numel(), 3);
     fill_random(u.data(), u.numel(), 4);
+  }
+};
+
+// What a training step adds: lse, the incoming gradient and the gradients.
+struct TrainingTensors {
+  foveal::Tensor<float, 3> lse;
+  foveal::Tensor<float, 4> grad_out, grad_q, grad_k, grad_v;
+  foveal::Tensor<float, 3> grad_u;
+  explicit TrainingTensors(Index len)
+      : lse({1, kHeads, len}),
+        grad_out({1, kHeads, len, kDim}),
+        grad_q({1, kHeads, len, kDim}),
+        grad_k({1, kHeads, len, kDim}),
+        grad_v({1, kHeads, len, kDim}),
+        grad_u({1, kHeads, len}) {
+    fill_random(grad_out.data(), grad_out.numel(), 5);
   }
 };
 
@@ -117,6 +135,51 @@ void BM_DenseCausal(benchmark::State& state) {
       benchmark::Counter(pairs * 4 * kDim * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 BENCHMARK(BM_DenseCausal)
+    ->ArgNames({"L", "threads"})
+    ->ArgsProduct({{4096, 16384}, {1, 2}})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+
+// Args: L, window, threads.
+void BM_SparseKTraining(benchmark::State& state) {
+  const Index len = state.range(0);
+  Inputs inputs(len);
+  TrainingTensors t(len);
+  foveal::SparseKOptions options;
+  options.topk = kTopK;
+  options.window = state.range(1);
+  options.num_threads = static_cast<int>(state.range(2));
+  for (auto _ : state) {
+    foveal::sparsek_attention(inputs.q, inputs.k, inputs.v, inputs.u, options, inputs.out, t.lse);
+    foveal::sparsek_attention_backward(inputs.q, inputs.k, inputs.v, inputs.u, inputs.out, t.lse,
+                                       t.grad_out, options, t.grad_q, t.grad_k, t.grad_v, t.grad_u);
+    benchmark::DoNotOptimize(t.grad_u.data());
+    benchmark::ClobberMemory();
+  }
+}
+BENCHMARK(BM_SparseKTraining)
+    ->ArgNames({"L", "W", "threads"})
+    ->ArgsProduct({{4096, 16384}, {0, 256}, {1, 2}})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+
+// Args: L, threads.
+void BM_DenseCausalTraining(benchmark::State& state) {
+  const Index len = state.range(0);
+  Inputs inputs(len);
+  TrainingTensors t(len);
+  foveal::AttentionOptions options;
+  options.causal = true;
+  options.num_threads = static_cast<int>(state.range(1));
+  for (auto _ : state) {
+    foveal::attention(inputs.q, inputs.k, inputs.v, inputs.out, options, t.lse);
+    foveal::attention_backward(inputs.q, inputs.k, inputs.v, inputs.out, t.lse, t.grad_out,
+                               t.grad_q, t.grad_k, t.grad_v, options);
+    benchmark::DoNotOptimize(t.grad_v.data());
+    benchmark::ClobberMemory();
+  }
+}
+BENCHMARK(BM_DenseCausalTraining)
     ->ArgNames({"L", "threads"})
     ->ArgsProduct({{4096, 16384}, {1, 2}})
     ->Unit(benchmark::kMillisecond)

@@ -370,7 +370,7 @@ class ChunkWorkspace {
 template <typename T>
 struct PdeSsm<T>::State {
   State(Index height_, Index width_, Index channels_, const PdeSsmParameters<T>& parameters,
-        const PdeSsmOptions& options_, int num_threads)
+        const PdeSsmOptions& options_, int num_threads, bool build = true)
       : height((validate_grid(height_, width_, channels_), height_)),
         width(width_),
         channels(channels_),
@@ -379,10 +379,10 @@ struct PdeSsm<T>::State {
         transform_width(options_.boundary == PdeSsmBoundary::zero ? 2 * width_ : width_),
         spectrum_width(transform_width / 2 + 1),
         coefficients(resolve_coefficients(parameters, options_, channels_, groups)),
-        fft(transform_height, transform_width),
+        fft(build ? transform_height : 1, build ? transform_width : 1),
         chunk_lanes(std::min(channels_, kChunkLanes<T>)),
         chunk_places(make_chunk_places()) {
-    multiplier = fill_table(false, num_threads);
+    if (build) multiplier = fill_table(false, num_threads);
   }
 
   Index bins() const { return transform_height * spectrum_width; }
@@ -725,11 +725,15 @@ template class PdeSsm<double>;
 
 namespace {
 
-// The free functions: a block built for the call (grid and channels from the tensor).
+// The free functions: a block built for the call (grid and channels from the tensor). An empty
+// batch computes nothing, so its block is validated but gets neither the multiplier table nor
+// the transform plan (both grow with the grid: a [0, 4, 2**31, 3] tensor must not build them).
 template <typename T>
 PdeSsm<T> block_for(TensorView<const T, 4> grid, const PdeSsmParameters<T>& parameters,
                     const PdeSsmOptions& options, int num_threads) {
-  return PdeSsm<T>(grid.size(1), grid.size(2), grid.size(3), parameters, options, num_threads);
+  return PdeSsm<T>(std::make_shared<const typename PdeSsm<T>::State>(
+      grid.size(1), grid.size(2), grid.size(3), parameters, options, num_threads,
+      grid.size(0) > 0));
 }
 
 }  // namespace

@@ -18,8 +18,9 @@
 namespace foveal {
 
 SpadeFeature SpadeFeature::binned(std::string name, Index num_bins, Index shift) {
-  check(num_bins >= 1, "SpadeFeature::binned: num_bins (feature \"", name, "\") must be >= 1, got ",
-        num_bins);
+  check(num_bins >= 1 && num_bins <= std::numeric_limits<Index>::max() - 2,
+        "SpadeFeature::binned: num_bins (feature \"", name,
+        "\") must be >= 1 and leave room for PAD and MISSING (<= 2**63 - 3), got ", num_bins);
   SpadeFeature feature;
   feature.name = std::move(name);
   feature.kind = SpadeFeatureKind::discrete;
@@ -82,12 +83,21 @@ namespace {
 constexpr const char* kDiscreteCount = "number of discrete features (Fd)";
 constexpr const char* kContinuousCount = "number of continuous features (Fc)";
 
+// A tensor of one kind of feature is given (not null) when the schema has such features.
+template <typename T>
+void require_given(const char* function, const char* name, const TensorView<T, 3>& view,
+                   Index columns, const char* count_name) {
+  check(!view.is_null() || columns == 0, function, ": ", name, " must be given: the schema's ",
+        count_name, " is ", columns);
+}
+
 // A [B, L, C] tensor of one kind of feature: valid, C = its feature count, B and L as given
 // (negative: not constrained). A null view is accepted only when C = 0.
 template <typename T>
 void require_feature_tensor(const char* function, const char* name, const TensorView<T, 3>& view,
                             Index columns, const char* count_name, Index batch, Index steps) {
-  if (view.is_null() && columns == 0) return;
+  require_given(function, name, view, columns, count_name);
+  if (view.is_null()) return;
   detail::require_valid_view(function, name, view);
   if (batch >= 0) detail::require_extent(function, name, view, 0, "B", batch);
   if (steps >= 0) detail::require_extent(function, name, view, 1, "the sequence length", steps);
@@ -366,6 +376,9 @@ void spade_undelay(const SpadeSchema& schema, TensorView<const std::int64_t, 3> 
   const Index batch = has_ids ? delayed_ids.size(0) : delayed_values.size(0);
   const Index steps = has_ids ? delayed_ids.size(1) : delayed_values.size(1);
   const Index length = steps - schema.max_shift();
+  require_given(kFunction, "delayed_ids", delayed_ids, schema.num_discrete(), kDiscreteCount);
+  require_given(kFunction, "delayed_values", delayed_values, schema.num_continuous(),
+                kContinuousCount);
   check(length >= 0, kFunction,
         ": the delayed sequence length (T) must be >= max shift = ", schema.max_shift(), ", got ",
         steps);

@@ -17,6 +17,7 @@
 #include "foveal/embedding/spade.hpp"
 #include "foveal/embedding/vq.hpp"
 #include "foveal/sparsek/attention.hpp"
+#include "foveal/sparsek/backward.hpp"
 #include "foveal/sparsek/cache.hpp"
 #include "foveal/sparsek/projection.hpp"
 #include "foveal/ssm/pde_ssm.hpp"

@@ -13,6 +13,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _core
+from ._common import attention_options, attention_outputs, float_dtype_arg, new_like, shape
 
 __version__: str = _core.__version__
 
@@ -34,14 +35,15 @@ __all__ = [
     "sparsek_attention",
 ]
 
-_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+MAX_THREADS: int = _core.MAX_THREADS
+"""The most threads a call's ``num_threads`` or :func:`set_num_threads` accepts (1024)."""
 
 
 def set_num_threads(num_threads: int) -> None:
     """Sets the number of threads foveal uses when a call names none; 0 restores the default
     (OpenMP's: OMP_NUM_THREADS or the core count, at most MAX_THREADS). Values outside
     [0, MAX_THREADS] raise ValueError. A call never starts more threads than it has tasks."""
-    _core.set_num_threads(_as_int("set_num_threads", "num_threads", num_threads))
+    _core.set_num_threads(num_threads=num_threads)
 
 
 def get_num_threads() -> int:
@@ -65,248 +67,7 @@ def build_info() -> dict:
 
 
 # --------------------------------------------------------------------------------------------
-# Conversion between the caller's tensors and numpy views of the same memory.
-
-
-def _is_torch(x: Any) -> bool:
-    return type(x).__module__.split(".")[0] == "torch"
-
-
-MAX_THREADS: int = _core.MAX_THREADS
-"""The most threads a call's ``num_threads`` or :func:`set_num_threads` accepts (1024)."""
-
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-
-
-def _as_int(function: str, name: str, value: Any) -> int:
-    """An int argument: TypeError for other types, ValueError outside int64; an argument named
-    ``num_threads`` must be in [0, MAX_THREADS]."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"foveal: {function}: {name} must be an int, got {type(value).__name__}")
-    value = int(value)
-    if name == "num_threads":
-        if not 0 <= value <= MAX_THREADS:
-            raise ValueError(
-                f"foveal: {function}: num_threads must be in [0, {MAX_THREADS}] "
-                f"(0 = the global setting), got {value}"
-            )
-    elif not _INT64_MIN <= value <= _INT64_MAX:
-        raise ValueError(
-            f"foveal: {function}: {name} must fit in a 64-bit integer "
-            f"([-2**63, 2**63 - 1]), got {value}"
-        )
-    return value
-
-
-def _as_float(function: str, name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise TypeError(f"foveal: {function}: {name} must be a number, got {type(value).__name__}")
-    return float(value)
-
-
-def _to_numpy(function: str, name: str, x: Any) -> np.ndarray:
-    """A numpy view of x's memory (never a copy)."""
-    if isinstance(x, np.ndarray):
-        return x
-    if _is_torch(x):
-        if x.device.type != "cpu":
-            raise ValueError(
-                f"foveal: {function}: {name} must be on the CPU, got device {x.device}"
-            )
-        import torch
-
-        # Under torch.no_grad() no graph is recorded, so such a tensor is a plain input.
-        if x.requires_grad and torch.is_grad_enabled():
-            raise ValueError(
-                f"foveal: {function}: {name} requires grad; foveal.{function} computes the "
-                "forward pass only: pass a tensor that does not require grad "
-                "(torch.no_grad() or .detach())"
-            )
-        try:
-            return x.numpy()
-        except TypeError:  # a dtype numpy has no type for (bfloat16, ...)
-            wanted = "float32 or float64" if x.is_floating_point() else "a dtype numpy can view"
-            raise TypeError(f"foveal: {function}: {name} must be {wanted}, got {x.dtype}") from None
-    if hasattr(x, "__dlpack__"):
-        return np.from_dlpack(x)
-    try:
-        view = memoryview(x)
-    except TypeError:
-        raise TypeError(
-            f"foveal: {function}: {name} must be a numpy array, a torch CPU tensor or an object "
-            f"with __dlpack__ or the buffer protocol, got {type(x).__name__}"
-        ) from None
-    return np.asarray(view)
-
-
-def _int_list(function: str, name: str, values: Any) -> list[int]:
-    """A sequence of ints (a list, tuple or integer array) as a list; None gives []."""
-    if values is None:
-        return []
-    array = np.asarray(values)
-    if array.ndim != 1 or not (array.size == 0 or np.issubdtype(array.dtype, np.integer)):
-        raise TypeError(
-            f"foveal: {function}: {name} must be a sequence of ints, got {type(values).__name__}"
-        )
-    return [int(value) for value in array]
-
-
-def _check_array(function: str, name: str, array: np.ndarray, dims: str, dtype: np.dtype) -> None:
-    ndim = len(dims.split(","))
-    if array.ndim != ndim:
-        raise ValueError(
-            f"foveal: {function}: {name} must have {ndim} dimensions [{dims}], got {array.ndim} "
-            f"(shape {tuple(array.shape)})"
-        )
-    if array.dtype != dtype:
-        raise TypeError(
-            f"foveal: {function}: {name} must have dtype {dtype.name} (the dtype of q), "
-            f"got {array.dtype.name}"
-        )
-
-
-def _float_dtype(function: str, name: str, array: np.ndarray) -> np.dtype:
-    if array.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"foveal: {function}: {name} must have dtype float32 or float64, got {array.dtype.name}"
-        )
-    return array.dtype
-
-
-def _float_dtype_arg(function: str, dtype: Any) -> np.dtype:
-    """A ``dtype=`` argument as a numpy dtype, float32 or float64 (TypeError otherwise)."""
-    dtype = np.dtype(dtype)
-    if dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"foveal: {function}: dtype must be float32 or float64, got {dtype}")
-    return dtype
-
-
-def _torch_empty(shape: tuple, dtype: np.dtype) -> Any:
-    """torch.empty of a numpy dtype; an allocation failure is MemoryError (torch raises
-    RuntimeError), naming the shape and the byte count."""
-    import torch
-
-    torch_dtype = getattr(torch, np.dtype(dtype).name)
-    try:
-        return torch.empty(shape, dtype=torch_dtype)
-    except RuntimeError as error:
-        if "memory" not in str(error) and "allocat" not in str(error):
-            raise
-        nbytes = int(np.prod(shape, dtype=object)) * np.dtype(dtype).itemsize
-        raise MemoryError(
-            f"foveal: cannot allocate an output tensor of shape {tuple(shape)} and dtype "
-            f"{np.dtype(dtype).name} ({nbytes} bytes): {error}"
-        ) from None
-
-
-def _new_like(reference: Any, shape: tuple, dtype: np.dtype) -> tuple[Any, np.ndarray]:
-    """A new uninitialized tensor of the reference's kind, and a numpy view of it."""
-    if _is_torch(reference):
-        tensor = _torch_empty(shape, dtype)
-        return tensor, tensor.numpy()
-    array = np.empty(shape, dtype=dtype)
-    return array, array
-
-
-def _bias_array(function: str, bias: Any, dtype: np.dtype) -> np.ndarray:
-    """bias as a 4-D array of q's dtype; a boolean mask (True = attend) becomes 0 / -inf."""
-    array = _to_numpy(function, "bias", bias)
-    if array.ndim not in (2, 3, 4):
-        raise ValueError(
-            f"foveal: {function}: bias must have 2, 3 or 4 dimensions ([Lq, Lk], [Hq, Lq, Lk] or "
-            f"[B, Hq, Lq, Lk], size-1 B and Hq broadcast), got {array.ndim}"
-        )
-    if array.dtype == np.bool_:
-        array = np.where(array, dtype.type(0), dtype.type(-np.inf))
-    elif array.dtype != dtype:
-        raise TypeError(
-            f"foveal: {function}: bias must have dtype {dtype.name} (the dtype of q) or bool, "
-            f"got {array.dtype.name}"
-        )
-    return array.reshape((1,) * (4 - array.ndim) + array.shape)
-
-
-def _output(function: str, name: str, given: Any, like: Any, shape: tuple, dtype: np.dtype):
-    """The output tensor and its numpy view: `given` when the caller passed one, else new."""
-    if given is None:
-        return _new_like(like, shape, dtype)
-    array = _to_numpy(function, name, given)
-    _check_array(function, name, array, ",".join("?" * len(shape)), dtype)
-    if tuple(array.shape) != tuple(shape):
-        raise ValueError(
-            f"foveal: {function}: {name} must have shape {tuple(shape)}, got {tuple(array.shape)}"
-        )
-    return given, array
-
-
-# --------------------------------------------------------------------------------------------
 # Attention.
-
-
-def _option_args(
-    function: str,
-    scale: Optional[float],
-    causal: bool,
-    window_left: int,
-    window_right: int,
-    sink_tokens: int,
-    softcap: float,
-    q_offset: Optional[int],
-    num_threads: Optional[int],
-) -> dict:
-    if scale is not None:
-        scale = _as_float(function, "scale", scale)
-        if not scale > 0:
-            raise ValueError(
-                f"foveal: {function}: scale must be finite and > 0 (None = 1/sqrt(D)), got {scale}"
-            )
-    return dict(
-        scale=0.0 if scale is None else scale,
-        causal=bool(causal),
-        window_left=_as_int(function, "window_left", window_left),
-        window_right=_as_int(function, "window_right", window_right),
-        sink_tokens=_as_int(function, "sink_tokens", sink_tokens),
-        softcap=_as_float(function, "softcap", softcap),
-        q_offset=-1 if q_offset is None else _as_int(function, "q_offset", q_offset),
-        num_threads=0 if num_threads is None else _as_int(function, "num_threads", num_threads),
-    )
-
-
-def _attention_arrays(function: str, q: Any, k: Any, v: Any, bias: Any):
-    q_array = _to_numpy(function, "q", q)
-    dtype = _float_dtype(function, "q", q_array)
-    _check_array(function, "q", q_array, "B, Hq, Lq, D", dtype)
-    k_array = _to_numpy(function, "k", k)
-    _check_array(function, "k", k_array, "B, Hkv, Lk, D", dtype)
-    v_array = _to_numpy(function, "v", v)
-    _check_array(function, "v", v_array, "B, Hkv, Lk, Dv", dtype)
-    bias_array = None if bias is None else _bias_array(function, bias, dtype)
-    return q_array, k_array, v_array, bias_array, dtype
-
-
-class _AttentionOutputs:
-    """out [B, Hq, Lq, Dv] (given or new) and, when asked for, lse [B, Hq, Lq], as tensors of
-    q's kind and as the numpy views the kernels write."""
-
-    def __init__(
-        self,
-        function: str,
-        q: Any,
-        q_array: np.ndarray,
-        v_array: np.ndarray,
-        out: Any,
-        return_lse: bool,
-        dtype: np.dtype,
-    ) -> None:
-        out_shape = (*q_array.shape[:3], v_array.shape[3])
-        self.out_tensor, self.out_array = _output(function, "out", out, q, out_shape, dtype)
-        self.return_lse = return_lse
-        self.lse_tensor, self.lse_array = (
-            _new_like(q, out_shape[:3], dtype) if return_lse else (None, None)
-        )
-
-    def result(self):
-        return (self.out_tensor, self.lse_tensor) if self.return_lse else self.out_tensor
 
 
 def attention(
@@ -344,24 +105,17 @@ def attention(
     log of each row's softmax denominator). ``out=`` writes into a given tensor.
     ``num_threads`` overrides the global setting for this call.
     """
-    function = "attention"
-    options = _option_args(
-        function,
-        scale,
-        causal,
-        window_left,
-        window_right,
-        sink_tokens,
-        softcap,
-        q_offset,
-        num_threads,
-    )
-    q_array, k_array, v_array, bias_array, dtype = _attention_arrays(function, q, k, v, bias)
-    outputs = _AttentionOutputs(function, q, q_array, v_array, out, return_lse, dtype)
+    out, lse = attention_outputs(q, v, out, return_lse)
     _core.attention(
-        q_array, k_array, v_array, outputs.out_array, outputs.lse_array, bias_array, **options
+        q,
+        k,
+        v,
+        out,
+        lse,
+        bias,
+        **attention_options(locals()),
     )
-    return outputs.result()
+    return (out, lse) if return_lse else out
 
 
 def sliding_window_attention(
@@ -388,28 +142,19 @@ def sliding_window_attention(
     the same kernel as ``attention`` with these options and gives the same bits; a window of at
     least Lk gives full (causal) attention.
     """
-    function = "sliding_window_attention"
-    options = _option_args(
-        function,
-        scale,
-        causal,
-        window_left,
-        window_right,
-        sink_tokens,
-        softcap,
-        q_offset,
-        num_threads,
-    )
-    q_array, k_array, v_array, _, dtype = _attention_arrays(function, q, k, v, None)
-    outputs = _AttentionOutputs(function, q, q_array, v_array, out, return_lse, dtype)
+    out, lse = attention_outputs(q, v, out, return_lse)
     _core.sliding_window_attention(
-        q_array, k_array, v_array, outputs.out_array, outputs.lse_array, **options
+        q,
+        k,
+        v,
+        out,
+        lse,
+        **attention_options(locals()),
     )
-    return outputs.result()
+    return (out, lse) if return_lse else out
 
 
 def _attention_backward(
-    function: str,
     sliding: bool,
     q: Any,
     k: Any,
@@ -419,29 +164,10 @@ def _attention_backward(
     grad_out: Any,
     bias: Any,
     options: dict,
-):
-    q_array, k_array, v_array, bias_array, dtype = _attention_arrays(function, q, k, v, bias)
-    arrays = []
-    for name, tensor, dims in (
-        ("out", out, "B, Hq, Lq, Dv"),
-        ("lse", lse, "B, Hq, Lq"),
-        ("grad_out", grad_out, "B, Hq, Lq, Dv"),
-    ):
-        array = _to_numpy(function, name, tensor)
-        _check_array(function, name, array, dims, dtype)
-        arrays.append(array)
-    grads = [_new_like(q, array.shape, dtype) for array in (q_array, k_array, v_array)]
-    _core.attention_backward(
-        sliding,
-        q_array,
-        k_array,
-        v_array,
-        *arrays,
-        *(array for _, array in grads),
-        bias_array,
-        **options,
-    )
-    return tuple(tensor for tensor, _ in grads)
+) -> tuple[Any, Any, Any]:
+    grads = tuple(new_like(q, shape(x)) for x in (q, k, v))
+    _core.attention_backward(sliding, q, k, v, out, lse, grad_out, *grads, bias, **options)
+    return grads
 
 
 def attention_backward(
@@ -469,19 +195,8 @@ def attention_backward(
     probabilities tile by tile (never an ``[Lq, Lk]`` matrix); bitwise identical for any
     thread count. For autograd use :func:`foveal.torch.attention`.
     """
-    function = "attention_backward"
-    options = _option_args(
-        function,
-        scale,
-        causal,
-        window_left,
-        window_right,
-        sink_tokens,
-        softcap,
-        q_offset,
-        num_threads,
-    )
-    return _attention_backward(function, False, q, k, v, out, lse, grad_out, bias, options)
+    options = attention_options(locals())
+    return _attention_backward(False, q, k, v, out, lse, grad_out, bias, options)
 
 
 def sliding_window_attention_backward(
@@ -503,19 +218,8 @@ def sliding_window_attention_backward(
 ):
     """The gradients of :func:`sliding_window_attention` (see :func:`attention_backward`); work
     grows with ``L * window`` as in the forward."""
-    function = "sliding_window_attention_backward"
-    options = _option_args(
-        function,
-        scale,
-        causal,
-        window_left,
-        window_right,
-        sink_tokens,
-        softcap,
-        q_offset,
-        num_threads,
-    )
-    return _attention_backward(function, True, q, k, v, out, lse, grad_out, None, options)
+    options = attention_options(locals())
+    return _attention_backward(True, q, k, v, out, lse, grad_out, None, options)
 
 
 def merge_states(
@@ -537,28 +241,13 @@ def merge_states(
     ``(out, lse)``. Pass ``out=out_a, lse=lse_a`` to merge in place. Every lse must be finite
     or -inf.
     """
-    function = "merge_states"
-    out_a_array = _to_numpy(function, "out_a", out_a)
-    dtype = _float_dtype(function, "out_a", out_a_array)
-    _check_array(function, "out_a", out_a_array, "B, H, L, Dv", dtype)
-    lse_a_array = _to_numpy(function, "lse_a", lse_a)
-    _check_array(function, "lse_a", lse_a_array, "B, H, L", dtype)
-    out_b_array = _to_numpy(function, "out_b", out_b)
-    _check_array(function, "out_b", out_b_array, "B, H, L, Dv", dtype)
-    lse_b_array = _to_numpy(function, "lse_b", lse_b)
-    _check_array(function, "lse_b", lse_b_array, "B, H, L", dtype)
-    out_tensor, out_array = _output(function, "out", out, out_a, out_a_array.shape, dtype)
-    lse_tensor, lse_array = _output(function, "lse", lse, out_a, out_a_array.shape[:3], dtype)
-    _core.merge_states(
-        out_a_array,
-        lse_a_array,
-        out_b_array,
-        lse_b_array,
-        out_array,
-        lse_array,
-        num_threads=0 if num_threads is None else _as_int(function, "num_threads", num_threads),
-    )
-    return out_tensor, lse_tensor
+    out_shape = shape(out_a)
+    if out is None:
+        out = new_like(out_a, out_shape)
+    if lse is None:
+        lse = new_like(out_a, out_shape[:3])
+    _core.merge_states(out_a, lse_a, out_b, lse_b, out, lse, num_threads=num_threads)
+    return out, lse
 
 
 def _forwarded(name: str, doc: str) -> property:
@@ -594,23 +283,17 @@ class KVCache:
         ring: bool = False,
         sink_tokens: int = 0,
     ) -> None:
-        function = "KVCache"
-        dtype = _float_dtype_arg(function, dtype)
-        sizes = [
-            _as_int(function, name, value)
-            for name, value in (
-                ("batch", batch),
-                ("heads_kv", heads_kv),
-                ("capacity", capacity),
-                ("dim", dim),
-                ("dim_v", dim if dim_v is None else dim_v),
-            )
-        ]
-        cache_class = _core.KVCacheF32 if dtype == np.float32 else _core.KVCacheF64
+        self._dtype = float_dtype_arg("KVCache", dtype)
+        cache_class = _core.KVCacheF32 if self._dtype == np.float32 else _core.KVCacheF64
         self._cache = cache_class(
-            *sizes, ring=bool(ring), sink_tokens=_as_int(function, "sink_tokens", sink_tokens)
+            batch=batch,
+            heads_kv=heads_kv,
+            capacity=capacity,
+            dim=dim,
+            dim_v=dim_v,
+            ring=ring,
+            sink_tokens=sink_tokens,
         )
-        self._dtype = dtype
 
     @classmethod
     def wrap(
@@ -627,22 +310,11 @@ class KVCache:
         contiguous. The cache writes appended tokens into them. ``lengths`` (default all 0)
         says how many tokens each sequence already holds there (laid out as the cache lays them
         out), so storage filled elsewhere is adopted without a copy."""
-        function = "KVCache.wrap"
-        keys_array = _to_numpy(function, "keys", keys)
-        dtype = _float_dtype(function, "keys", keys_array)
-        _check_array(function, "keys", keys_array, "B, Hkv, capacity, D", dtype)
-        values_array = _to_numpy(function, "values", values)
-        _check_array(function, "values", values_array, "B, Hkv, capacity, Dv", dtype)
-        cache_class = _core.KVCacheF32 if dtype == np.float32 else _core.KVCacheF64
         self = cls.__new__(cls)
-        self._cache = cache_class.wrap(
-            keys_array,
-            values_array,
-            ring=bool(ring),
-            sink_tokens=_as_int(function, "sink_tokens", sink_tokens),
-            lengths=_int_list(function, "lengths", lengths),
+        self._cache = _core.wrap_kv_cache(
+            keys, values, ring=ring, sink_tokens=sink_tokens, lengths=lengths
         )
-        self._dtype = dtype
+        self._dtype = np.dtype(np.float32 if type(self._cache) is _core.KVCacheF32 else np.float64)
         return self
 
     dtype = property(lambda self: self._dtype, doc="float32 or float64 (numpy dtype).")
@@ -662,7 +334,7 @@ class KVCache:
     def first_retained(self, sequence: int) -> int:
         """Where the stored non-sink tokens of ``sequence`` begin (ring mode drops older ones):
         positions ``[max(first_retained, sink_tokens), length)`` are held."""
-        return self._cache.first_retained(_as_int("KVCache.first_retained", "sequence", sequence))
+        return self._cache.first_retained(sequence=sequence)
 
     @property
     def keys(self) -> np.ndarray:
@@ -677,23 +349,12 @@ class KVCache:
     def append(self, k: Any, v: Any, *, counts: Any = None) -> None:
         """Appends ``k`` ``[B, Hkv, n, D]`` and ``v`` ``[B, Hkv, n, Dv]`` to every sequence; with
         ``counts`` (B ints in [0, n]) sequence b takes only its first ``counts[b]`` steps."""
-        function = "KVCache.append"
-        k_array = _to_numpy(function, "k", k)
-        _check_array(function, "k", k_array, "B, Hkv, n, D", self._dtype)
-        v_array = _to_numpy(function, "v", v)
-        _check_array(function, "v", v_array, "B, Hkv, n, Dv", self._dtype)
-        count_list = None if counts is None else _int_list(function, "counts", counts)
-        self._cache.append(k_array, v_array, counts=count_list)
+        self._cache.append(k, v, counts=counts)
 
     def truncate(self, length: int, *, sequence: Optional[int] = None) -> None:
         """Cuts every sequence longer than ``length`` to ``length`` (speculative-decoding
         rollback); with ``sequence``, cuts only that one (``length`` <= its length)."""
-        function = "KVCache.truncate"
-        length = _as_int(function, "length", length)
-        if sequence is None:
-            self._cache.truncate(length)
-        else:
-            self._cache.truncate_sequence(_as_int(function, "sequence", sequence), length)
+        self._cache.truncate(length=length, sequence=sequence)
 
     def reset(self) -> None:
         """Empties every sequence."""
@@ -737,25 +398,17 @@ def decode_attention(
         raise TypeError(
             f"foveal: {function}: cache must be a foveal.KVCache, got {type(cache).__name__}"
         )
-    options = _option_args(
-        function,
-        scale,
-        causal,
-        window_left,
-        window_right,
-        sink_tokens,
-        softcap,
-        None,
-        num_threads,
+    q_shape = shape(q)
+    if out is None:
+        out = new_like(q, (*q_shape[:3], cache.dim_v), cache.dtype)
+    lse = new_like(q, q_shape[:3], cache.dtype) if return_lse else None
+    cache._cache.decode(
+        q,
+        out,
+        lse,
+        **attention_options(locals()),
     )
-    del options["q_offset"]
-    q_array = _to_numpy(function, "q", q)
-    _check_array(function, "q", q_array, "B, Hq, Lq, D", cache.dtype)
-    out_shape = (*q_array.shape[:3], cache.dim_v)
-    out_tensor, out_array = _output(function, "out", out, q, out_shape, cache.dtype)
-    lse_tensor, lse_array = _new_like(q, out_shape[:3], cache.dtype) if return_lse else (None, None)
-    cache._cache.decode(q_array, out_array, lse_array, **options)
-    return (out_tensor, lse_tensor) if return_lse else out_tensor
+    return (out, lse) if return_lse else out
 
 
 def attention_kernel_names() -> list[str]:
@@ -786,24 +439,9 @@ class AttentionKernel:
     ):
         """Runs the kernel: same shapes and returns as foveal.attention; extras are named
         kernel inputs of shape [*, *, *] (e.g. SparseK's scores)."""
-        function = f"{self.name} attention"
-        q_array, k_array, v_array, bias_array, dtype = _attention_arrays(function, q, k, v, bias)
-        extra_arrays = {}
-        for extra_name, extra in extras.items():
-            array = _to_numpy(function, extra_name, extra)
-            _check_array(function, extra_name, array, "?, ?, ?", dtype)
-            extra_arrays[extra_name] = array
-        outputs = _AttentionOutputs(function, q, q_array, v_array, out, return_lse, dtype)
-        self._kernel.forward(
-            q_array,
-            k_array,
-            v_array,
-            outputs.out_array,
-            outputs.lse_array,
-            bias_array,
-            extra_arrays,
-        )
-        return outputs.result()
+        out, lse = attention_outputs(q, v, out, return_lse)
+        self._kernel.forward(q, k, v, out, lse, bias, extras)
+        return (out, lse) if return_lse else out
 
     def __repr__(self) -> str:
         return f"foveal.AttentionKernel({self.name!r})"
@@ -825,20 +463,13 @@ def make_attention(
     """Builds the attention kernel registered as ``name`` ("dense", ...) with these options;
     kernel-specific settings go in ``params`` (e.g. ``topk=256``). Unknown names raise
     ValueError listing the known ones."""
-    function = "make_attention"
-    options = _option_args(
-        function,
-        scale,
-        causal,
-        window_left,
-        window_right,
-        sink_tokens,
-        softcap,
-        q_offset,
-        num_threads,
-    )
     string_params = {key: str(value) for key, value in params.items()}
-    return AttentionKernel(_core.make_attention(name, params=string_params, **options))
+    kernel = _core.make_attention(
+        name,
+        string_params,
+        **attention_options(locals()),
+    )
+    return AttentionKernel(kernel)
 
 
 from . import pde_ssm as pde_ssm  # noqa: E402  (after the helpers it uses)

@@ -1,19 +1,21 @@
 // foveal._core — the compiled half of the Python package. The pure-Python layer
-// (foveal/__init__.py) owns docstrings, defaults, input conversion and messages; this module
-// maps numpy arrays onto views without copying and releases the GIL around every kernel.
-#include <pybind11/numpy.h>
+// (foveal/__init__.py) owns docstrings, defaults and output allocation; this module maps the
+// caller's tensors onto views without copying (_tensor.hpp), reads the options (_keywords.hpp)
+// and releases the GIL around every kernel. The library validates everything else.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstdint>
 #include <exception>
+#include <limits>
 #include <map>
-#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
-#include "_views.hpp"
+#include "_keywords.hpp"
+#include "_tensor.hpp"
 #include "foveal/foveal.hpp"
 
 namespace py = pybind11;
@@ -24,65 +26,74 @@ void bind_pde_ssm(py::module_& m);  // _pde_ssm.cpp
 
 namespace {
 
-using foveal::python::array_view;
-using foveal::python::optional_array_view;
+using foveal::python::Keywords;
+using foveal::python::optional_view;
+using foveal::python::Tensor;
+using foveal::python::with_float_type;
 
-foveal::AttentionOptions make_options(double scale, bool causal, int64_t window_left,
-                                      int64_t window_right, int64_t sink_tokens, double softcap,
-                                      int64_t q_offset, int num_threads) {
-  foveal::AttentionOptions options;
-  options.scale = scale;
-  options.causal = causal;
-  options.window_left = window_left;
-  options.window_right = window_right;
-  options.sink_tokens = sink_tokens;
-  options.softcap = softcap;
-  options.q_offset = q_offset;
-  options.num_threads = num_threads;
-  return options;
+// An additive bias [B or 1, Hq or 1, Lq, Lk], also given as [Lq, Lk] or [Hq, Lq, Lk], of q's
+// dtype; a boolean mask (True = attend) becomes 0 / -inf in `mask`, which the view then reads.
+template <typename T>
+foveal::TensorView<const T, 4> bias_view(const char* fn, const std::optional<Tensor>& bias,
+                                         std::vector<T>& mask) {
+  if (!bias) return {};
+  const char* dims = "[Lq, Lk], [Hq, Lq, Lk] or [B, Hq, Lq, Lk], size-1 B and Hq broadcast";
+  bias->require_usable(fn, "bias");
+  if (bias->dtype() != foveal::python::DType::boolean) {
+    if (bias->dtype() != foveal::python::dtype_of<T>())
+      foveal::python::type_error(fn, ": bias must have dtype ",
+                                 foveal::python::dtype_name(foveal::python::dtype_of<T>()),
+                                 " (the dtype of q) or bool, got ", bias->dtype_name());
+    return bias->view_leading_ones<const T, 4>(fn, "bias", 2, dims, nullptr);
+  }
+  const auto allowed = bias->view_leading_ones<const bool, 4>(fn, "bias", 2, dims, nullptr);
+  const auto shape = allowed.shape();
+  mask.resize(static_cast<std::size_t>(shape[0] * shape[1] * shape[2] * shape[3]));
+  std::size_t at = 0;
+  for (foveal::Index b = 0; b < shape[0]; ++b)
+    for (foveal::Index h = 0; h < shape[1]; ++h)
+      for (foveal::Index i = 0; i < shape[2]; ++i)
+        for (foveal::Index j = 0; j < shape[3]; ++j)
+          mask[at++] = allowed(b, h, i, j) ? T(0) : -std::numeric_limits<T>::infinity();
+  return foveal::TensorView<const T, 4>(mask.data(), shape);
 }
-
-bool is_float64(const py::array& array) { return array.dtype().is(py::dtype::of<double>()); }
-
-using Extras = std::map<std::string, py::array>;
 
 // The views of one attention call, for element type T.
 template <typename T>
-foveal::AttentionArgs<T> attention_args(const char* fn, const py::array& q, const py::array& k,
-                                        const py::array& v, const py::array& out,
-                                        const std::optional<py::array>& lse,
-                                        const std::optional<py::array>& bias,
-                                        const Extras& extras) {
+foveal::AttentionArgs<T> attention_args(const char* fn, const Tensor& q, const Tensor& k,
+                                        const Tensor& v, const Tensor& out,
+                                        const std::optional<Tensor>& lse,
+                                        const std::optional<Tensor>& bias, std::vector<T>& mask) {
+  const char* same = "the dtype of q";
   foveal::AttentionArgs<T> args;
-  args.q = array_view<const T, 4>(fn, "q", q);
-  args.k = array_view<const T, 4>(fn, "k", k);
-  args.v = array_view<const T, 4>(fn, "v", v);
-  args.out = array_view<T, 4>(fn, "out", out);
-  args.lse = optional_array_view<T, 3>(fn, "lse", lse);
-  args.bias = optional_array_view<const T, 4>(fn, "bias", bias);
-  for (const auto& [name, array] : extras)
-    args.extras[name] = array_view<const T, 3>(fn, name.c_str(), array);
+  args.q = q.view<const T, 4>(fn, "q", "B, Hq, Lq, D");
+  args.k = k.view<const T, 4>(fn, "k", "B, Hkv, Lk, D", same);
+  args.v = v.view<const T, 4>(fn, "v", "B, Hkv, Lk, Dv", same);
+  args.out = out.view<T, 4>(fn, "out", "B, Hq, Lq, Dv", same);
+  args.lse = optional_view<T, 3>(lse, fn, "lse", "B, Hq, Lq", same);
+  args.bias = bias_view<T>(fn, bias, mask);
   return args;
 }
 
-// Calls run(args) with the views typed after q's dtype (float64, else float32), the GIL
-// released around the call.
+// Runs attention-shaped call `run(args)` with views typed after q's dtype, the GIL released.
 template <typename Run>
-void run_typed(const char* fn, const py::array& q, const py::array& k, const py::array& v,
-               const py::array& out, const std::optional<py::array>& lse,
-               const std::optional<py::array>& bias, const Extras& extras, Run&& run) {
-  if (is_float64(q)) {
-    const auto args = attention_args<double>(fn, q, k, v, out, lse, bias, extras);
+void run_attention(const char* fn, const Tensor& q, const Tensor& k, const Tensor& v,
+                   const Tensor& out, const std::optional<Tensor>& lse,
+                   const std::optional<Tensor>& bias, const std::map<std::string, Tensor>& extras,
+                   Run&& run) {
+  with_float_type(fn, "q", q, [&](auto type) {
+    using T = decltype(type);
+    std::vector<T> mask;
+    auto args = attention_args<T>(fn, q, k, v, out, lse, bias, mask);
+    for (const auto& [name, extra] : extras)
+      args.extras[name] =
+          extra.template view<const T, 3>(fn, name.c_str(), nullptr, "the dtype of q");
     py::gil_scoped_release release;
     run(args);
-  } else {
-    const auto args = attention_args<float>(fn, q, k, v, out, lse, bias, extras);
-    py::gil_scoped_release release;
-    run(args);
-  }
+  });
 }
 
-// A KVCache and, when it wraps caller memory, the arrays that own that memory.
+// A KVCache and, when it wraps caller memory, what owns that memory.
 template <typename T>
 struct PyKVCache {
   foveal::KVCache<T> cache;
@@ -105,29 +116,21 @@ py::array readonly_array(const foveal::TensorView<const T, 4>& view, const py::o
 template <typename T>
 void bind_kv_cache(py::module_& m, const char* class_name) {
   using Cache = PyKVCache<T>;
+  const char* same = "the cache's dtype";
   py::class_<Cache>(m, class_name)
-      .def(py::init([](int64_t batch, int64_t heads_kv, int64_t capacity, int64_t dim,
-                       int64_t dim_v, bool ring, int64_t sink_tokens) {
-             return new Cache{foveal::KVCache<T>(batch, heads_kv, capacity, dim, dim_v,
-                                                 foveal::KVCacheOptions{ring, sink_tokens}),
-                              py::none(), py::none()};
-           }),
-           py::arg("batch"), py::arg("heads_kv"), py::arg("capacity"), py::arg("dim"),
-           py::arg("dim_v"), py::arg("ring"), py::arg("sink_tokens"))
-      .def_static(
-          "wrap",
-          [](const py::array& keys, const py::array& values, bool ring, int64_t sink_tokens,
-             const std::vector<int64_t>& lengths) {
-            const char* fn = "KVCache.wrap";
-            return new Cache{
-                foveal::KVCache<T>(array_view<T, 4>(fn, "keys", keys),
-                                   array_view<T, 4>(fn, "values", values),
-                                   foveal::KVCacheOptions{ring, sink_tokens},
-                                   std::vector<foveal::Index>(lengths.begin(), lengths.end())),
-                keys, values};
-          },
-          py::arg("keys"), py::arg("values"), py::arg("ring"), py::arg("sink_tokens"),
-          py::arg("lengths"))
+      .def(py::init([](const py::kwargs& kwargs) {
+        const Keywords keywords("KVCache", kwargs);
+        const auto batch = keywords.integer("batch");
+        const auto heads_kv = keywords.integer("heads_kv");
+        const auto capacity = keywords.integer("capacity");
+        const auto dim = keywords.integer("dim");
+        const auto dim_v = keywords.integer("dim_v", dim);
+        const foveal::KVCacheOptions options{keywords.flag("ring", false),
+                                             keywords.integer("sink_tokens", 0)};
+        keywords.require_all_read();
+        return new Cache{foveal::KVCache<T>(batch, heads_kv, capacity, dim, dim_v, options),
+                         py::none(), py::none()};
+      }))
       .def_property_readonly("batch", [](const Cache& c) { return c.cache.batch(); })
       .def_property_readonly("heads_kv", [](const Cache& c) { return c.cache.heads_kv(); })
       .def_property_readonly("capacity", [](const Cache& c) { return c.cache.capacity(); })
@@ -136,10 +139,11 @@ void bind_kv_cache(py::module_& m, const char* class_name) {
       .def_property_readonly("ring", [](const Cache& c) { return c.cache.ring(); })
       .def_property_readonly("sink_tokens", [](const Cache& c) { return c.cache.sink_tokens(); })
       .def_property_readonly("lengths", [](const Cache& c) { return c.cache.lengths(); })
-      .def(
-          "first_retained",
-          [](const Cache& c, int64_t sequence) { return c.cache.first_retained(sequence); },
-          py::arg("sequence"))
+      .def("first_retained",
+           [](const Cache& c, const py::kwargs& kwargs) {
+             const Keywords keywords("KVCache.first_retained", kwargs);
+             return c.cache.first_retained(keywords.integer("sequence"));
+           })
       .def_property_readonly("keys",
                              [](py::object self) {
                                return readonly_array<T>(self.cast<const Cache&>().cache.keys(),
@@ -152,11 +156,13 @@ void bind_kv_cache(py::module_& m, const char* class_name) {
                              })
       .def(
           "append",
-          [](Cache& c, const py::array& k, const py::array& v,
-             const std::optional<std::vector<int64_t>>& counts) {
+          [same](Cache& c, const Tensor& k, const Tensor& v, const py::kwargs& kwargs) {
             const char* fn = "KVCache.append";
-            const auto k_view = array_view<const T, 4>(fn, "k", k);
-            const auto v_view = array_view<const T, 4>(fn, "v", v);
+            const Keywords keywords(fn, kwargs);
+            const auto counts = keywords.integers("counts");
+            keywords.require_all_read();
+            const auto k_view = k.view<const T, 4>(fn, "k", "B, Hkv, n, D", same);
+            const auto v_view = v.view<const T, 4>(fn, "v", "B, Hkv, n, Dv", same);
             py::gil_scoped_release release;
             if (counts) {
               c.cache.append(k_view, v_view,
@@ -165,75 +171,111 @@ void bind_kv_cache(py::module_& m, const char* class_name) {
               c.cache.append(k_view, v_view);
             }
           },
-          py::arg("k"), py::arg("v"), py::arg("counts"))
-      .def(
-          "truncate", [](Cache& c, int64_t length) { c.cache.truncate(length); }, py::arg("length"))
-      .def(
-          "truncate_sequence",
-          [](Cache& c, int64_t sequence, int64_t length) { c.cache.truncate(sequence, length); },
-          py::arg("sequence"), py::arg("length"))
+          py::arg("k"), py::arg("v"))
+      .def("truncate",
+           [](Cache& c, const py::kwargs& kwargs) {
+             const Keywords keywords("KVCache.truncate", kwargs);
+             const auto length = keywords.integer("length");
+             if (keywords.given("sequence")) {
+               c.cache.truncate(keywords.integer("sequence"), length);
+             } else {
+               c.cache.truncate(length);
+             }
+           })
       .def("reset", [](Cache& c) { c.cache.reset(); })
       .def(
           "decode",
-          [](const Cache& c, const py::array& q, const py::array& out,
-             const std::optional<py::array>& lse, double scale, bool causal, int64_t window_left,
-             int64_t window_right, int64_t sink_tokens, double softcap, int num_threads) {
+          [same](const Cache& c, const Tensor& q, const Tensor& out,
+                 const std::optional<Tensor>& lse, const py::kwargs& kwargs) {
             const char* fn = "decode_attention";
-            const auto options = make_options(scale, causal, window_left, window_right, sink_tokens,
-                                              softcap, -1, num_threads);
-            const auto q_view = array_view<const T, 4>(fn, "q", q);
-            const auto out_view = array_view<T, 4>(fn, "out", out);
-            const auto lse_view = optional_array_view<T, 3>(fn, "lse", lse);
+            const Keywords keywords(fn, kwargs);
+            const auto options = foveal::python::attention_options(keywords);
+            keywords.require_all_read();
+            const auto q_view = q.view<const T, 4>(fn, "q", "B, Hq, Lq, D", same);
+            const auto out_view = out.view<T, 4>(fn, "out", "B, Hq, Lq, Dv", same);
+            const auto lse_view = optional_view<T, 3>(lse, fn, "lse", "B, Hq, Lq", same);
             py::gil_scoped_release release;
             foveal::decode_attention(q_view, c.cache, options, out_view, lse_view);
           },
-          py::arg("q"), py::arg("out"), py::arg("lse"), py::arg("scale"), py::arg("causal"),
-          py::arg("window_left"), py::arg("window_right"), py::arg("sink_tokens"),
-          py::arg("softcap"), py::arg("num_threads"));
+          py::arg("q"), py::arg("out"), py::arg("lse"));
 }
 
-template <typename T>
-void merge_typed(const py::array& out_a, const py::array& lse_a, const py::array& out_b,
-                 const py::array& lse_b, const py::array& out, const std::optional<py::array>& lse,
-                 int num_threads) {
-  const char* fn = "merge_states";
-  const auto out_a_view = array_view<const T, 4>(fn, "out_a", out_a);
-  const auto lse_a_view = array_view<const T, 3>(fn, "lse_a", lse_a);
-  const auto out_b_view = array_view<const T, 4>(fn, "out_b", out_b);
-  const auto lse_b_view = array_view<const T, 3>(fn, "lse_b", lse_b);
-  const auto out_view = array_view<T, 4>(fn, "out", out);
-  const auto lse_view = optional_array_view<T, 3>(fn, "lse", lse);
-  py::gil_scoped_release release;
-  foveal::merge_states(out_a_view, lse_a_view, out_b_view, lse_b_view, out_view, lse_view,
-                       num_threads);
+// A KVCache over the caller's keys and values, of their dtype.
+py::object wrap_kv_cache(const Tensor& keys, const Tensor& values, const py::kwargs& kwargs) {
+  const char* fn = "KVCache.wrap";
+  const Keywords keywords(fn, kwargs);
+  const foveal::KVCacheOptions options{keywords.flag("ring", false),
+                                       keywords.integer("sink_tokens", 0)};
+  const auto lengths = keywords.integers("lengths").value_or(std::vector<std::int64_t>{});
+  keywords.require_all_read();
+  return with_float_type(fn, "keys", keys, [&](auto type) -> py::object {
+    using T = decltype(type);
+    return py::cast(
+        new PyKVCache<T>{
+            foveal::KVCache<T>(
+                keys.view<T, 4>(fn, "keys", "B, Hkv, capacity, D"),
+                values.view<T, 4>(fn, "values", "B, Hkv, capacity, Dv", "the dtype of keys"),
+                options, std::vector<foveal::Index>(lengths.begin(), lengths.end())),
+            keys.owner(), values.owner()},
+        py::return_value_policy::take_ownership);
+  });
 }
 
 // The gradients of attention (sliding = false) or sliding_window_attention (sliding = true).
-template <typename T>
-void backward_typed(bool sliding, const py::array& q, const py::array& k, const py::array& v,
-                    const py::array& out, const py::array& lse, const py::array& grad_out,
-                    const py::array& grad_q, const py::array& grad_k, const py::array& grad_v,
-                    const std::optional<py::array>& bias, const foveal::AttentionOptions& options) {
+void attention_backward(bool sliding, const Tensor& q, const Tensor& k, const Tensor& v,
+                        const Tensor& out, const Tensor& lse, const Tensor& grad_out,
+                        const Tensor& grad_q, const Tensor& grad_k, const Tensor& grad_v,
+                        const std::optional<Tensor>& bias, const py::kwargs& kwargs) {
   const char* fn = sliding ? "sliding_window_attention_backward" : "attention_backward";
-  const auto q_view = array_view<const T, 4>(fn, "q", q);
-  const auto k_view = array_view<const T, 4>(fn, "k", k);
-  const auto v_view = array_view<const T, 4>(fn, "v", v);
-  const auto out_view = array_view<const T, 4>(fn, "out", out);
-  const auto lse_view = array_view<const T, 3>(fn, "lse", lse);
-  const auto grad_out_view = array_view<const T, 4>(fn, "grad_out", grad_out);
-  const auto grad_q_view = array_view<T, 4>(fn, "grad_q", grad_q);
-  const auto grad_k_view = array_view<T, 4>(fn, "grad_k", grad_k);
-  const auto grad_v_view = array_view<T, 4>(fn, "grad_v", grad_v);
-  const auto bias_view = optional_array_view<const T, 4>(fn, "bias", bias);
-  py::gil_scoped_release release;
-  if (sliding) {
-    foveal::sliding_window_attention_backward(q_view, k_view, v_view, out_view, lse_view,
-                                              grad_out_view, grad_q_view, grad_k_view, grad_v_view,
-                                              options);
-  } else {
-    foveal::attention_backward(q_view, k_view, v_view, out_view, lse_view, grad_out_view,
-                               grad_q_view, grad_k_view, grad_v_view, options, bias_view);
-  }
+  const Keywords keywords(fn, kwargs);
+  const auto options = foveal::python::attention_options(keywords);
+  keywords.require_all_read();
+  with_float_type(fn, "q", q, [&](auto type) {
+    using T = decltype(type);
+    const char* same = "the dtype of q";
+    std::vector<T> mask;
+    const auto q_view = q.view<const T, 4>(fn, "q", "B, Hq, Lq, D");
+    const auto k_view = k.view<const T, 4>(fn, "k", "B, Hkv, Lk, D", same);
+    const auto v_view = v.view<const T, 4>(fn, "v", "B, Hkv, Lk, Dv", same);
+    const auto out_view = out.view<const T, 4>(fn, "out", "B, Hq, Lq, Dv", same);
+    const auto lse_view = lse.view<const T, 3>(fn, "lse", "B, Hq, Lq", same);
+    const auto grad_out_view = grad_out.view<const T, 4>(fn, "grad_out", "B, Hq, Lq, Dv", same);
+    const auto grad_q_view = grad_q.view<T, 4>(fn, "grad_q", "B, Hq, Lq, D", same);
+    const auto grad_k_view = grad_k.view<T, 4>(fn, "grad_k", "B, Hkv, Lk, D", same);
+    const auto grad_v_view = grad_v.view<T, 4>(fn, "grad_v", "B, Hkv, Lk, Dv", same);
+    const auto bias_view_ = bias_view<T>(fn, bias, mask);
+    py::gil_scoped_release release;
+    if (sliding) {
+      foveal::sliding_window_attention_backward(q_view, k_view, v_view, out_view, lse_view,
+                                                grad_out_view, grad_q_view, grad_k_view,
+                                                grad_v_view, options);
+    } else {
+      foveal::attention_backward(q_view, k_view, v_view, out_view, lse_view, grad_out_view,
+                                 grad_q_view, grad_k_view, grad_v_view, options, bias_view_);
+    }
+  });
+}
+
+void merge_states(const Tensor& out_a, const Tensor& lse_a, const Tensor& out_b,
+                  const Tensor& lse_b, const Tensor& out, const std::optional<Tensor>& lse,
+                  const py::kwargs& kwargs) {
+  const char* fn = "merge_states";
+  const Keywords keywords(fn, kwargs);
+  const int num_threads = keywords.threads();
+  keywords.require_all_read();
+  with_float_type(fn, "out_a", out_a, [&](auto type) {
+    using T = decltype(type);
+    const char* same = "the dtype of out_a";
+    const auto out_a_view = out_a.view<const T, 4>(fn, "out_a", "B, H, L, Dv");
+    const auto lse_a_view = lse_a.view<const T, 3>(fn, "lse_a", "B, H, L", same);
+    const auto out_b_view = out_b.view<const T, 4>(fn, "out_b", "B, H, L, Dv", same);
+    const auto lse_b_view = lse_b.view<const T, 3>(fn, "lse_b", "B, H, L", same);
+    const auto out_view = out.view<T, 4>(fn, "out", "B, H, L, Dv", same);
+    const auto lse_view = optional_view<T, 3>(lse, fn, "lse", "B, H, L", same);
+    py::gil_scoped_release release;
+    foveal::merge_states(out_a_view, lse_a_view, out_b_view, lse_b_view, out_view, lse_view,
+                         num_threads);
+  });
 }
 
 }  // namespace
@@ -259,7 +301,12 @@ PYBIND11_MODULE(_core, m) {
   });
   m.attr("MAX_THREADS") = foveal::kMaxThreads;
 
-  m.def("set_num_threads", &foveal::set_num_threads, py::arg("num_threads"));
+  m.def("set_num_threads", [](const py::kwargs& kwargs) {
+    const Keywords keywords("set_num_threads", kwargs);
+    const int num_threads = keywords.threads();
+    keywords.require_all_read();
+    foveal::set_num_threads(num_threads);
+  });
   m.def("get_num_threads", &foveal::get_num_threads);
   m.def("build_info", [] {
     const foveal::BuildInfo info = foveal::build_info();
@@ -279,76 +326,61 @@ PYBIND11_MODULE(_core, m) {
 
   m.def(
       "attention",
-      [](const py::array& q, const py::array& k, const py::array& v, const py::array& out,
-         const std::optional<py::array>& lse, const std::optional<py::array>& bias, double scale,
-         bool causal, int64_t window_left, int64_t window_right, int64_t sink_tokens,
-         double softcap, int64_t q_offset, int num_threads) {
-        const auto options = make_options(scale, causal, window_left, window_right, sink_tokens,
-                                          softcap, q_offset, num_threads);
-        run_typed("attention", q, k, v, out, lse, bias, {}, [&](const auto& args) {
+      [](const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+         const std::optional<Tensor>& lse, const std::optional<Tensor>& bias,
+         const py::kwargs& kwargs) {
+        const Keywords keywords("attention", kwargs);
+        const auto options = foveal::python::attention_options(keywords);
+        keywords.require_all_read();
+        run_attention("attention", q, k, v, out, lse, bias, {}, [&](const auto& args) {
           foveal::attention(args.q, args.k, args.v, args.out, options, args.lse, args.bias);
         });
       },
-      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("bias"),
-      py::arg("scale"), py::arg("causal"), py::arg("window_left"), py::arg("window_right"),
-      py::arg("sink_tokens"), py::arg("softcap"), py::arg("q_offset"), py::arg("num_threads"));
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("bias"));
 
   m.def(
       "sliding_window_attention",
-      [](const py::array& q, const py::array& k, const py::array& v, const py::array& out,
-         const std::optional<py::array>& lse, double scale, bool causal, int64_t window_left,
-         int64_t window_right, int64_t sink_tokens, double softcap, int64_t q_offset,
-         int num_threads) {
-        const auto options = make_options(scale, causal, window_left, window_right, sink_tokens,
-                                          softcap, q_offset, num_threads);
-        run_typed(
-            "sliding_window_attention", q, k, v, out, lse, std::nullopt, {}, [&](const auto& args) {
-              foveal::sliding_window_attention(args.q, args.k, args.v, args.out, options, args.lse);
-            });
+      [](const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+         const std::optional<Tensor>& lse, const py::kwargs& kwargs) {
+        const char* fn = "sliding_window_attention";
+        const Keywords keywords(fn, kwargs);
+        const auto options = foveal::python::attention_options(keywords);
+        keywords.require_all_read();
+        run_attention(fn, q, k, v, out, lse, std::nullopt, {}, [&](const auto& args) {
+          foveal::sliding_window_attention(args.q, args.k, args.v, args.out, options, args.lse);
+        });
       },
-      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("scale"),
-      py::arg("causal"), py::arg("window_left"), py::arg("window_right"), py::arg("sink_tokens"),
-      py::arg("softcap"), py::arg("q_offset"), py::arg("num_threads"));
+      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"));
 
-  m.def(
-      "merge_states",
-      [](const py::array& out_a, const py::array& lse_a, const py::array& out_b,
-         const py::array& lse_b, const py::array& out, const std::optional<py::array>& lse,
-         int num_threads) {
-        if (is_float64(out_a)) {
-          merge_typed<double>(out_a, lse_a, out_b, lse_b, out, lse, num_threads);
-        } else {
-          merge_typed<float>(out_a, lse_a, out_b, lse_b, out, lse, num_threads);
-        }
-      },
-      py::arg("out_a"), py::arg("lse_a"), py::arg("out_b"), py::arg("lse_b"), py::arg("out"),
-      py::arg("lse"), py::arg("num_threads"));
-
-  m.def(
-      "attention_backward",
-      [](bool sliding, const py::array& q, const py::array& k, const py::array& v,
-         const py::array& out, const py::array& lse, const py::array& grad_out,
-         const py::array& grad_q, const py::array& grad_k, const py::array& grad_v,
-         const std::optional<py::array>& bias, double scale, bool causal, int64_t window_left,
-         int64_t window_right, int64_t sink_tokens, double softcap, int64_t q_offset,
-         int num_threads) {
-        const auto options = make_options(scale, causal, window_left, window_right, sink_tokens,
-                                          softcap, q_offset, num_threads);
-        if (is_float64(q)) {
-          backward_typed<double>(sliding, q, k, v, out, lse, grad_out, grad_q, grad_k, grad_v, bias,
-                                 options);
-        } else {
-          backward_typed<float>(sliding, q, k, v, out, lse, grad_out, grad_q, grad_k, grad_v, bias,
-                                options);
-        }
-      },
-      py::arg("sliding"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
-      py::arg("grad_out"), py::arg("grad_q"), py::arg("grad_k"), py::arg("grad_v"), py::arg("bias"),
-      py::arg("scale"), py::arg("causal"), py::arg("window_left"), py::arg("window_right"),
-      py::arg("sink_tokens"), py::arg("softcap"), py::arg("q_offset"), py::arg("num_threads"));
+  m.def("merge_states", &merge_states, py::arg("out_a"), py::arg("lse_a"), py::arg("out_b"),
+        py::arg("lse_b"), py::arg("out"), py::arg("lse"));
+  m.def("attention_backward", &attention_backward, py::arg("sliding"), py::arg("q"), py::arg("k"),
+        py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("grad_out"), py::arg("grad_q"),
+        py::arg("grad_k"), py::arg("grad_v"), py::arg("bias"));
 
   bind_kv_cache<float>(m, "KVCacheF32");
   bind_kv_cache<double>(m, "KVCacheF64");
+  m.def("wrap_kv_cache", &wrap_kv_cache, py::arg("keys"), py::arg("values"));
+
+  // The attention options of a call as plain values (None where the default applies), their
+  // types checked: for callers that forward them to another typed interface (torch custom ops).
+  m.def("attention_options", [](const std::string& function, const py::kwargs& kwargs) {
+    const Keywords keywords(function.c_str(), kwargs);
+    const foveal::AttentionOptions options = foveal::python::attention_options(keywords);
+    keywords.require_all_read();
+    py::dict values;
+    values["scale"] = options.scale == 0 ? py::object(py::none()) : py::float_(options.scale);
+    values["causal"] = options.causal;
+    values["window_left"] = options.window_left;
+    values["window_right"] = options.window_right;
+    values["sink_tokens"] = options.sink_tokens;
+    values["softcap"] = options.softcap;
+    values["q_offset"] =
+        options.q_offset == -1 ? py::object(py::none()) : py::int_(options.q_offset);
+    values["num_threads"] =
+        options.num_threads == 0 ? py::object(py::none()) : py::int_(options.num_threads);
+    return values;
+  });
 
   m.def("attention_kernel_names", &foveal::attention_kernel_names);
 
@@ -356,27 +388,26 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("name", &foveal::AttentionKernel::name)
       .def(
           "forward",
-          [](const foveal::AttentionKernel& kernel, const py::array& q, const py::array& k,
-             const py::array& v, const py::array& out, const std::optional<py::array>& lse,
-             const std::optional<py::array>& bias, const Extras& extras) {
-            run_typed("AttentionKernel.forward", q, k, v, out, lse, bias, extras,
-                      [&](const auto& args) { kernel.forward(args); });
+          [](const foveal::AttentionKernel& kernel, const Tensor& q, const Tensor& k,
+             const Tensor& v, const Tensor& out, const std::optional<Tensor>& lse,
+             const std::optional<Tensor>& bias, const std::map<std::string, Tensor>& extras) {
+            const std::string fn = kernel.name() + " attention";
+            run_attention(fn.c_str(), q, k, v, out, lse, bias, extras,
+                          [&](const auto& args) { kernel.forward(args); });
           },
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("bias"),
           py::arg("extras"));
 
   m.def(
       "make_attention",
-      [](const std::string& name, double scale, bool causal, int64_t window_left,
-         int64_t window_right, int64_t sink_tokens, double softcap, int64_t q_offset,
-         int num_threads, const std::map<std::string, std::string>& params) {
+      [](const std::string& name, const std::map<std::string, std::string>& params,
+         const py::kwargs& kwargs) {
+        const Keywords keywords("make_attention", kwargs);
         foveal::AttentionConfig config;
-        config.options = make_options(scale, causal, window_left, window_right, sink_tokens,
-                                      softcap, q_offset, num_threads);
+        config.options = foveal::python::attention_options(keywords);
+        keywords.require_all_read();
         config.params = params;
         return foveal::make_attention(name, config);
       },
-      py::arg("name"), py::arg("scale"), py::arg("causal"), py::arg("window_left"),
-      py::arg("window_right"), py::arg("sink_tokens"), py::arg("softcap"), py::arg("q_offset"),
-      py::arg("num_threads"), py::arg("params"));
+      py::arg("name"), py::arg("params"));
 }

@@ -27,13 +27,17 @@ __all__: list[str] = [
     "attention",
     "attention_backward",
     "attention_kernel_names",
+    "attention_options",
     "build_info",
     "effective_rank",
     "get_num_threads",
     "make_attention",
     "merge_states",
+    "pde_ssm",
+    "pde_ssm_backward",
     "set_num_threads",
     "sliding_window_attention",
+    "spade_binned",
     "spade_delay",
     "spade_loss_mask",
     "spade_undelay",
@@ -46,18 +50,11 @@ __all__: list[str] = [
     "sparsek_select",
     "vq_assign",
     "vq_perplexity",
+    "wrap_kv_cache",
 ]
 
 class SpadeSchema:
-    def __init__(
-        self,
-        names: collections.abc.Sequence[str],
-        discrete: collections.abc.Sequence[bool],
-        vocab_sizes: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex],
-        pad_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex],
-        missing_ids: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex],
-        shifts: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex | None],
-    ) -> None: ...
+    def __init__(self, features: collections.abc.Sequence[dict]) -> None: ...
     @property
     def max_shift(self) -> int: ...
     @property
@@ -67,21 +64,19 @@ class SpadeEmbedding:
     def __init__(
         self,
         schema: SpadeSchema,
-        features: collections.abc.Sequence[collections.abc.Mapping[str, numpy.ndarray]],
-        combine: str,
-        projection_weight: numpy.ndarray | None,
-        projection_bias: numpy.ndarray | None,
-        condition_dim: typing.SupportsInt | typing.SupportsIndex,
-        norm_eps: typing.SupportsFloat | typing.SupportsIndex,
-        pad_vector: numpy.ndarray | None,
+        features: dict,
+        projection_weight: typing.Any | None,
+        projection_bias: typing.Any | None,
+        pad_vector: typing.Any | None,
+        **kwargs,
     ) -> None: ...
     def forward(
         self,
-        ids: numpy.ndarray | None,
-        values: numpy.ndarray | None,
-        out: numpy.ndarray,
-        condition: numpy.ndarray | None,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
+        ids: typing.Any | None,
+        values: typing.Any | None,
+        out: typing.Any,
+        condition: typing.Any | None,
+        **kwargs,
     ) -> None: ...
     @property
     def condition_dim(self) -> int: ...
@@ -89,69 +84,49 @@ class SpadeEmbedding:
     def d_model(self) -> int: ...
 
 class SpadeDecoder:
-    def __init__(
-        self,
-        schema: SpadeSchema,
-        batch: typing.SupportsInt | typing.SupportsIndex,
-        max_tokens: typing.SupportsInt | typing.SupportsIndex,
-    ) -> None: ...
+    def __init__(self, schema: SpadeSchema, **kwargs) -> None: ...
     def done(self) -> bool: ...
     def finished(self, b: typing.SupportsInt | typing.SupportsIndex) -> bool: ...
     def ids(self) -> numpy.typing.NDArray[numpy.int64]: ...
     def length(self, b: typing.SupportsInt | typing.SupportsIndex) -> int: ...
     def step(
         self,
-        predicted_ids: numpy.ndarray | None,
-        predicted_values: numpy.ndarray | None,
-        step_ids: numpy.ndarray | None,
-        step_values: numpy.ndarray | None,
-        completed: numpy.ndarray,
+        ids: typing.Any | None,
+        values: typing.Any | None,
+        step_ids: typing.Any | None,
+        step_values: typing.Any | None,
+        completed: typing.Any,
     ) -> None: ...
     def values(self) -> numpy.typing.NDArray[numpy.float32]: ...
     @property
+    def batch(self) -> int: ...
+    @property
     def current_step(self) -> int: ...
+    @property
+    def max_tokens(self) -> int: ...
 
 class VectorQuantizer:
-    def __init__(
-        self,
-        codebook: numpy.ndarray,
-        cosine: bool,
-        decay: typing.SupportsFloat | typing.SupportsIndex,
-        epsilon: typing.SupportsFloat | typing.SupportsIndex,
-        dead_threshold: typing.SupportsFloat | typing.SupportsIndex,
-    ) -> None: ...
+    @staticmethod
+    def from_data(x: typing.Any, **kwargs) -> VectorQuantizer: ...
+    def __init__(self, codebook: typing.Any, **kwargs) -> None: ...
     def cluster_size(self) -> numpy.typing.NDArray[numpy.float64]: ...
     def codebook(self) -> numpy.typing.NDArray[numpy.float32]: ...
     def codebook_effective_rank(self) -> float: ...
-    def init_kmeans(
-        self,
-        x: numpy.ndarray,
-        lloyd_iterations: typing.SupportsInt | typing.SupportsIndex,
-        seed: typing.SupportsInt | typing.SupportsIndex,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
-    ) -> None: ...
+    def init_kmeans(self, x: typing.Any, **kwargs) -> None: ...
     def num_dead_codes(self) -> int: ...
     def perplexity(self) -> float: ...
     def quantize(
         self,
-        x: numpy.ndarray,
-        indices: numpy.ndarray,
-        quantized: numpy.ndarray | None,
-        sq_distances: numpy.ndarray | None,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
+        x: typing.Any,
+        indices: typing.Any,
+        quantized: typing.Any | None,
+        sq_distances: typing.Any | None,
+        **kwargs,
     ) -> None: ...
     def reset_usage(self) -> None: ...
-    def restart_dead_codes(
-        self, x: numpy.ndarray, seed: typing.SupportsInt | typing.SupportsIndex
-    ) -> int: ...
-    def set_codebook(self, codebook: numpy.ndarray) -> None: ...
-    def update(
-        self,
-        x: numpy.ndarray,
-        indices: numpy.ndarray | None,
-        update_codebook: bool,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
-    ) -> None: ...
+    def restart_dead_codes(self, x: typing.Any, **kwargs) -> int: ...
+    def set_codebook(self, codebook: typing.Any) -> None: ...
+    def update(self, x: typing.Any, indices: typing.Any | None, **kwargs) -> None: ...
     def usage_counts(self) -> numpy.typing.NDArray[numpy.int64]: ...
     @property
     def cosine(self) -> bool: ...
@@ -167,71 +142,28 @@ class VectorQuantizer:
     def num_codes(self) -> int: ...
 
 class ResidualVQ:
-    def __init__(
-        self,
-        num_stages: typing.SupportsInt | typing.SupportsIndex,
-        num_codes: typing.SupportsInt | typing.SupportsIndex,
-        dim: typing.SupportsInt | typing.SupportsIndex,
-        cosine: bool,
-        decay: typing.SupportsFloat | typing.SupportsIndex,
-        epsilon: typing.SupportsFloat | typing.SupportsIndex,
-        dead_threshold: typing.SupportsFloat | typing.SupportsIndex,
-    ) -> None: ...
-    def decode(self, codes: numpy.ndarray, out: numpy.ndarray) -> None: ...
+    def __init__(self, **kwargs) -> None: ...
+    def decode(self, codes: typing.Any, out: typing.Any) -> None: ...
     def encode(
-        self,
-        x: numpy.ndarray,
-        codes: numpy.ndarray,
-        quantized: numpy.ndarray | None,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
+        self, x: typing.Any, codes: typing.Any, quantized: typing.Any | None, **kwargs
     ) -> None: ...
-    def init_kmeans(
-        self,
-        x: numpy.ndarray,
-        lloyd_iterations: typing.SupportsInt | typing.SupportsIndex,
-        seed: typing.SupportsInt | typing.SupportsIndex,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
-    ) -> None: ...
-    def stage(self, s: typing.SupportsInt | typing.SupportsIndex) -> VectorQuantizer: ...
-    def update(
-        self,
-        x: numpy.ndarray,
-        update_codebook: bool,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
-    ) -> None: ...
+    def init_kmeans(self, x: typing.Any, **kwargs) -> None: ...
+    def stage(self, **kwargs) -> VectorQuantizer: ...
+    def update(self, x: typing.Any, **kwargs) -> None: ...
     @property
     def dim(self) -> int: ...
     @property
     def num_stages(self) -> int: ...
 
 class SparseKCacheF32:
-    def __init__(
-        self,
-        batch: typing.SupportsInt | typing.SupportsIndex,
-        heads_kv: typing.SupportsInt | typing.SupportsIndex,
-        dim: typing.SupportsInt | typing.SupportsIndex,
-        dim_v: typing.SupportsInt | typing.SupportsIndex,
-        topk: typing.SupportsInt | typing.SupportsIndex,
-        window: typing.SupportsInt | typing.SupportsIndex,
-        sink_tokens: typing.SupportsInt | typing.SupportsIndex,
-        gate: str,
-        scale: typing.SupportsFloat | typing.SupportsIndex,
-        softcap: typing.SupportsFloat | typing.SupportsIndex,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
-    ) -> None: ...
-    def append(self, k: numpy.ndarray, v: numpy.ndarray, u: numpy.ndarray) -> None: ...
-    def attend(self, q: numpy.ndarray, out: numpy.ndarray, lse: numpy.ndarray | None) -> None: ...
+    def __init__(self, **kwargs) -> None: ...
+    def append(self, k: typing.Any, v: typing.Any, u: typing.Any) -> None: ...
+    def attend(self, q: typing.Any, out: typing.Any, lse: typing.Any | None) -> None: ...
     def reset(self) -> None: ...
     def selected(
-        self,
-        sequence: typing.SupportsInt | typing.SupportsIndex,
-        head: typing.SupportsInt | typing.SupportsIndex,
+        self, **kwargs
     ) -> tuple[numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.float32]]: ...
-    def threshold(
-        self,
-        sequence: typing.SupportsInt | typing.SupportsIndex,
-        head: typing.SupportsInt | typing.SupportsIndex,
-    ) -> float: ...
+    def threshold(self, **kwargs) -> float: ...
     @property
     def batch(self) -> int: ...
     @property
@@ -250,33 +182,14 @@ class SparseKCacheF32:
     def threshold_entries(self) -> int: ...
 
 class SparseKCacheF64:
-    def __init__(
-        self,
-        batch: typing.SupportsInt | typing.SupportsIndex,
-        heads_kv: typing.SupportsInt | typing.SupportsIndex,
-        dim: typing.SupportsInt | typing.SupportsIndex,
-        dim_v: typing.SupportsInt | typing.SupportsIndex,
-        topk: typing.SupportsInt | typing.SupportsIndex,
-        window: typing.SupportsInt | typing.SupportsIndex,
-        sink_tokens: typing.SupportsInt | typing.SupportsIndex,
-        gate: str,
-        scale: typing.SupportsFloat | typing.SupportsIndex,
-        softcap: typing.SupportsFloat | typing.SupportsIndex,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
-    ) -> None: ...
-    def append(self, k: numpy.ndarray, v: numpy.ndarray, u: numpy.ndarray) -> None: ...
-    def attend(self, q: numpy.ndarray, out: numpy.ndarray, lse: numpy.ndarray | None) -> None: ...
+    def __init__(self, **kwargs) -> None: ...
+    def append(self, k: typing.Any, v: typing.Any, u: typing.Any) -> None: ...
+    def attend(self, q: typing.Any, out: typing.Any, lse: typing.Any | None) -> None: ...
     def reset(self) -> None: ...
     def selected(
-        self,
-        sequence: typing.SupportsInt | typing.SupportsIndex,
-        head: typing.SupportsInt | typing.SupportsIndex,
+        self, **kwargs
     ) -> tuple[numpy.typing.NDArray[numpy.int64], numpy.typing.NDArray[numpy.float64]]: ...
-    def threshold(
-        self,
-        sequence: typing.SupportsInt | typing.SupportsIndex,
-        head: typing.SupportsInt | typing.SupportsIndex,
-    ) -> float: ...
+    def threshold(self, **kwargs) -> float: ...
     @property
     def batch(self) -> int: ...
     @property
@@ -297,37 +210,26 @@ class SparseKCacheF64:
 class PdeSsmF32:
     def __init__(
         self,
-        height: typing.SupportsInt | typing.SupportsIndex,
-        width: typing.SupportsInt | typing.SupportsIndex,
-        channels: typing.SupportsInt | typing.SupportsIndex,
-        diffusion: numpy.ndarray,
-        velocity: numpy.ndarray,
-        reaction: numpy.ndarray,
-        time: numpy.ndarray,
-        skip: numpy.ndarray | None,
-        mode: str,
-        boundary: str,
-        diffusion_form: str,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
+        diffusion: typing.Any,
+        velocity: typing.Any,
+        reaction: typing.Any,
+        time: typing.Any,
+        skip: typing.Any | None,
+        **kwargs,
     ) -> None: ...
     def backward(
         self,
-        x: numpy.ndarray | None,
-        grad_out: numpy.ndarray,
-        grad_x: numpy.ndarray | None,
-        grad_diffusion: numpy.ndarray | None,
-        grad_velocity: numpy.ndarray | None,
-        grad_reaction: numpy.ndarray | None,
-        grad_time: numpy.ndarray | None,
-        grad_skip: numpy.ndarray | None,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
+        x: typing.Any | None,
+        grad_out: typing.Any,
+        grad_x: typing.Any | None,
+        grad_diffusion: typing.Any | None,
+        grad_velocity: typing.Any | None,
+        grad_reaction: typing.Any | None,
+        grad_time: typing.Any | None,
+        grad_skip: typing.Any | None,
+        **kwargs,
     ) -> None: ...
-    def forward(
-        self,
-        x: numpy.ndarray,
-        out: numpy.ndarray,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
-    ) -> None: ...
+    def forward(self, x: typing.Any, out: typing.Any, **kwargs) -> None: ...
     @property
     def channels(self) -> int: ...
     @property
@@ -342,37 +244,26 @@ class PdeSsmF32:
 class PdeSsmF64:
     def __init__(
         self,
-        height: typing.SupportsInt | typing.SupportsIndex,
-        width: typing.SupportsInt | typing.SupportsIndex,
-        channels: typing.SupportsInt | typing.SupportsIndex,
-        diffusion: numpy.ndarray,
-        velocity: numpy.ndarray,
-        reaction: numpy.ndarray,
-        time: numpy.ndarray,
-        skip: numpy.ndarray | None,
-        mode: str,
-        boundary: str,
-        diffusion_form: str,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
+        diffusion: typing.Any,
+        velocity: typing.Any,
+        reaction: typing.Any,
+        time: typing.Any,
+        skip: typing.Any | None,
+        **kwargs,
     ) -> None: ...
     def backward(
         self,
-        x: numpy.ndarray | None,
-        grad_out: numpy.ndarray,
-        grad_x: numpy.ndarray | None,
-        grad_diffusion: numpy.ndarray | None,
-        grad_velocity: numpy.ndarray | None,
-        grad_reaction: numpy.ndarray | None,
-        grad_time: numpy.ndarray | None,
-        grad_skip: numpy.ndarray | None,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
+        x: typing.Any | None,
+        grad_out: typing.Any,
+        grad_x: typing.Any | None,
+        grad_diffusion: typing.Any | None,
+        grad_velocity: typing.Any | None,
+        grad_reaction: typing.Any | None,
+        grad_time: typing.Any | None,
+        grad_skip: typing.Any | None,
+        **kwargs,
     ) -> None: ...
-    def forward(
-        self,
-        x: numpy.ndarray,
-        out: numpy.ndarray,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
-    ) -> None: ...
+    def forward(self, x: typing.Any, out: typing.Any, **kwargs) -> None: ...
     @property
     def channels(self) -> int: ...
     @property
@@ -385,51 +276,12 @@ class PdeSsmF64:
     def width(self) -> int: ...
 
 class KVCacheF32:
-    @staticmethod
-    def wrap(
-        keys: numpy.ndarray,
-        values: numpy.ndarray,
-        ring: bool,
-        sink_tokens: typing.SupportsInt | typing.SupportsIndex,
-        lengths: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex],
-    ) -> KVCacheF32: ...
-    def __init__(
-        self,
-        batch: typing.SupportsInt | typing.SupportsIndex,
-        heads_kv: typing.SupportsInt | typing.SupportsIndex,
-        capacity: typing.SupportsInt | typing.SupportsIndex,
-        dim: typing.SupportsInt | typing.SupportsIndex,
-        dim_v: typing.SupportsInt | typing.SupportsIndex,
-        ring: bool,
-        sink_tokens: typing.SupportsInt | typing.SupportsIndex,
-    ) -> None: ...
-    def append(
-        self,
-        k: numpy.ndarray,
-        v: numpy.ndarray,
-        counts: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] | None,
-    ) -> None: ...
-    def decode(
-        self,
-        q: numpy.ndarray,
-        out: numpy.ndarray,
-        lse: numpy.ndarray | None,
-        scale: typing.SupportsFloat | typing.SupportsIndex,
-        causal: bool,
-        window_left: typing.SupportsInt | typing.SupportsIndex,
-        window_right: typing.SupportsInt | typing.SupportsIndex,
-        sink_tokens: typing.SupportsInt | typing.SupportsIndex,
-        softcap: typing.SupportsFloat | typing.SupportsIndex,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
-    ) -> None: ...
-    def first_retained(self, sequence: typing.SupportsInt | typing.SupportsIndex) -> int: ...
+    def __init__(self, **kwargs) -> None: ...
+    def append(self, k: typing.Any, v: typing.Any, **kwargs) -> None: ...
+    def decode(self, q: typing.Any, out: typing.Any, lse: typing.Any | None, **kwargs) -> None: ...
+    def first_retained(self, **kwargs) -> int: ...
     def reset(self) -> None: ...
-    def truncate(self, length: typing.SupportsInt | typing.SupportsIndex) -> None: ...
-    def truncate_sequence(
-        self,
-        sequence: typing.SupportsInt | typing.SupportsIndex,
-        length: typing.SupportsInt | typing.SupportsIndex,
-    ) -> None: ...
+    def truncate(self, **kwargs) -> None: ...
     @property
     def batch(self) -> int: ...
     @property
@@ -452,51 +304,12 @@ class KVCacheF32:
     def values(self) -> numpy.ndarray: ...
 
 class KVCacheF64:
-    @staticmethod
-    def wrap(
-        keys: numpy.ndarray,
-        values: numpy.ndarray,
-        ring: bool,
-        sink_tokens: typing.SupportsInt | typing.SupportsIndex,
-        lengths: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex],
-    ) -> KVCacheF64: ...
-    def __init__(
-        self,
-        batch: typing.SupportsInt | typing.SupportsIndex,
-        heads_kv: typing.SupportsInt | typing.SupportsIndex,
-        capacity: typing.SupportsInt | typing.SupportsIndex,
-        dim: typing.SupportsInt | typing.SupportsIndex,
-        dim_v: typing.SupportsInt | typing.SupportsIndex,
-        ring: bool,
-        sink_tokens: typing.SupportsInt | typing.SupportsIndex,
-    ) -> None: ...
-    def append(
-        self,
-        k: numpy.ndarray,
-        v: numpy.ndarray,
-        counts: collections.abc.Sequence[typing.SupportsInt | typing.SupportsIndex] | None,
-    ) -> None: ...
-    def decode(
-        self,
-        q: numpy.ndarray,
-        out: numpy.ndarray,
-        lse: numpy.ndarray | None,
-        scale: typing.SupportsFloat | typing.SupportsIndex,
-        causal: bool,
-        window_left: typing.SupportsInt | typing.SupportsIndex,
-        window_right: typing.SupportsInt | typing.SupportsIndex,
-        sink_tokens: typing.SupportsInt | typing.SupportsIndex,
-        softcap: typing.SupportsFloat | typing.SupportsIndex,
-        num_threads: typing.SupportsInt | typing.SupportsIndex,
-    ) -> None: ...
-    def first_retained(self, sequence: typing.SupportsInt | typing.SupportsIndex) -> int: ...
+    def __init__(self, **kwargs) -> None: ...
+    def append(self, k: typing.Any, v: typing.Any, **kwargs) -> None: ...
+    def decode(self, q: typing.Any, out: typing.Any, lse: typing.Any | None, **kwargs) -> None: ...
+    def first_retained(self, **kwargs) -> int: ...
     def reset(self) -> None: ...
-    def truncate(self, length: typing.SupportsInt | typing.SupportsIndex) -> None: ...
-    def truncate_sequence(
-        self,
-        sequence: typing.SupportsInt | typing.SupportsIndex,
-        length: typing.SupportsInt | typing.SupportsIndex,
-    ) -> None: ...
+    def truncate(self, **kwargs) -> None: ...
     @property
     def batch(self) -> int: ...
     @property
@@ -521,187 +334,134 @@ class KVCacheF64:
 class AttentionKernel:
     def forward(
         self,
-        q: numpy.ndarray,
-        k: numpy.ndarray,
-        v: numpy.ndarray,
-        out: numpy.ndarray,
-        lse: numpy.ndarray | None,
-        bias: numpy.ndarray | None,
-        extras: collections.abc.Mapping[str, numpy.ndarray],
+        q: typing.Any,
+        k: typing.Any,
+        v: typing.Any,
+        out: typing.Any,
+        lse: typing.Any | None,
+        bias: typing.Any | None,
+        extras: collections.abc.Mapping[str, typing.Any],
     ) -> None: ...
     @property
     def name(self) -> str: ...
 
 def attention(
-    q: numpy.ndarray,
-    k: numpy.ndarray,
-    v: numpy.ndarray,
-    out: numpy.ndarray,
-    lse: numpy.ndarray | None,
-    bias: numpy.ndarray | None,
-    scale: typing.SupportsFloat | typing.SupportsIndex,
-    causal: bool,
-    window_left: typing.SupportsInt | typing.SupportsIndex,
-    window_right: typing.SupportsInt | typing.SupportsIndex,
-    sink_tokens: typing.SupportsInt | typing.SupportsIndex,
-    softcap: typing.SupportsFloat | typing.SupportsIndex,
-    q_offset: typing.SupportsInt | typing.SupportsIndex,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
+    q: typing.Any,
+    k: typing.Any,
+    v: typing.Any,
+    out: typing.Any,
+    lse: typing.Any | None,
+    bias: typing.Any | None,
+    **kwargs,
 ) -> None: ...
 def attention_backward(
     sliding: bool,
-    q: numpy.ndarray,
-    k: numpy.ndarray,
-    v: numpy.ndarray,
-    out: numpy.ndarray,
-    lse: numpy.ndarray,
-    grad_out: numpy.ndarray,
-    grad_q: numpy.ndarray,
-    grad_k: numpy.ndarray,
-    grad_v: numpy.ndarray,
-    bias: numpy.ndarray | None,
-    scale: typing.SupportsFloat | typing.SupportsIndex,
-    causal: bool,
-    window_left: typing.SupportsInt | typing.SupportsIndex,
-    window_right: typing.SupportsInt | typing.SupportsIndex,
-    sink_tokens: typing.SupportsInt | typing.SupportsIndex,
-    softcap: typing.SupportsFloat | typing.SupportsIndex,
-    q_offset: typing.SupportsInt | typing.SupportsIndex,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
+    q: typing.Any,
+    k: typing.Any,
+    v: typing.Any,
+    out: typing.Any,
+    lse: typing.Any,
+    grad_out: typing.Any,
+    grad_q: typing.Any,
+    grad_k: typing.Any,
+    grad_v: typing.Any,
+    bias: typing.Any | None,
+    **kwargs,
 ) -> None: ...
 def attention_kernel_names() -> list[str]: ...
+def attention_options(arg0: str, **kwargs) -> dict: ...
 def build_info() -> dict: ...
-def effective_rank(matrix: numpy.ndarray) -> float: ...
+def effective_rank(matrix: typing.Any) -> float: ...
 def get_num_threads() -> int: ...
 def make_attention(
-    name: str,
-    scale: typing.SupportsFloat | typing.SupportsIndex,
-    causal: bool,
-    window_left: typing.SupportsInt | typing.SupportsIndex,
-    window_right: typing.SupportsInt | typing.SupportsIndex,
-    sink_tokens: typing.SupportsInt | typing.SupportsIndex,
-    softcap: typing.SupportsFloat | typing.SupportsIndex,
-    q_offset: typing.SupportsInt | typing.SupportsIndex,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
-    params: collections.abc.Mapping[str, str],
+    name: str, params: collections.abc.Mapping[str, str], **kwargs
 ) -> AttentionKernel: ...
 def merge_states(
-    out_a: numpy.ndarray,
-    lse_a: numpy.ndarray,
-    out_b: numpy.ndarray,
-    lse_b: numpy.ndarray,
-    out: numpy.ndarray,
-    lse: numpy.ndarray | None,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
+    out_a: typing.Any,
+    lse_a: typing.Any,
+    out_b: typing.Any,
+    lse_b: typing.Any,
+    out: typing.Any,
+    lse: typing.Any | None,
+    **kwargs,
 ) -> None: ...
-def set_num_threads(num_threads: typing.SupportsInt | typing.SupportsIndex) -> None: ...
+def pde_ssm(
+    x: typing.Any,
+    out: typing.Any,
+    diffusion: typing.Any,
+    velocity: typing.Any,
+    reaction: typing.Any,
+    time: typing.Any,
+    skip: typing.Any | None,
+    **kwargs,
+) -> None: ...
+def pde_ssm_backward(
+    x: typing.Any | None,
+    grad_out: typing.Any,
+    grad_x: typing.Any | None,
+    grad_diffusion: typing.Any | None,
+    grad_velocity: typing.Any | None,
+    grad_reaction: typing.Any | None,
+    grad_time: typing.Any | None,
+    grad_skip: typing.Any | None,
+    diffusion: typing.Any,
+    velocity: typing.Any,
+    reaction: typing.Any,
+    time: typing.Any,
+    skip: typing.Any | None,
+    **kwargs,
+) -> None: ...
+def set_num_threads(**kwargs) -> None: ...
 def sliding_window_attention(
-    q: numpy.ndarray,
-    k: numpy.ndarray,
-    v: numpy.ndarray,
-    out: numpy.ndarray,
-    lse: numpy.ndarray | None,
-    scale: typing.SupportsFloat | typing.SupportsIndex,
-    causal: bool,
-    window_left: typing.SupportsInt | typing.SupportsIndex,
-    window_right: typing.SupportsInt | typing.SupportsIndex,
-    sink_tokens: typing.SupportsInt | typing.SupportsIndex,
-    softcap: typing.SupportsFloat | typing.SupportsIndex,
-    q_offset: typing.SupportsInt | typing.SupportsIndex,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
+    q: typing.Any, k: typing.Any, v: typing.Any, out: typing.Any, lse: typing.Any | None, **kwargs
 ) -> None: ...
+def spade_binned(**kwargs) -> tuple[int, int, int]: ...
 def spade_delay(
     schema: SpadeSchema,
-    ids: numpy.ndarray | None,
-    values: numpy.ndarray | None,
-    lengths: numpy.ndarray | None,
-    delayed_ids: numpy.ndarray | None,
-    delayed_values: numpy.ndarray | None,
-    mask: numpy.ndarray,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
+    ids: typing.Any | None,
+    values: typing.Any | None,
+    delayed_ids: typing.Any | None,
+    delayed_values: typing.Any | None,
+    mask: typing.Any,
+    **kwargs,
 ) -> None: ...
-def spade_loss_mask(
-    schema: SpadeSchema, lengths: numpy.ndarray | None, loss_mask: numpy.ndarray, include_stop: bool
-) -> None: ...
+def spade_loss_mask(schema: SpadeSchema, loss_mask: typing.Any, **kwargs) -> None: ...
 def spade_undelay(
     schema: SpadeSchema,
-    delayed_ids: numpy.ndarray | None,
-    delayed_values: numpy.ndarray | None,
-    ids: numpy.ndarray | None,
-    values: numpy.ndarray | None,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
+    delayed_ids: typing.Any | None,
+    delayed_values: typing.Any | None,
+    ids: typing.Any | None,
+    values: typing.Any | None,
+    **kwargs,
 ) -> None: ...
 def spade_undelay_logits(
-    schema: SpadeSchema,
-    logits: numpy.ndarray,
-    out: numpy.ndarray,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
+    schema: SpadeSchema, logits: typing.Any, out: typing.Any, **kwargs
 ) -> None: ...
-def sparsek(
-    z: numpy.ndarray,
-    k: typing.SupportsInt | typing.SupportsIndex,
-    p: numpy.ndarray,
-    tau: numpy.ndarray | None,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
-) -> None: ...
+def sparsek(z: typing.Any, p: typing.Any, tau: typing.Any | None, **kwargs) -> None: ...
 def sparsek_attention(
-    q: numpy.ndarray,
-    k: numpy.ndarray,
-    v: numpy.ndarray,
-    u: numpy.ndarray,
-    out: numpy.ndarray,
-    lse: numpy.ndarray | None,
-    topk: typing.SupportsInt | typing.SupportsIndex,
-    window: typing.SupportsInt | typing.SupportsIndex,
-    sink_tokens: typing.SupportsInt | typing.SupportsIndex,
-    gate: str,
-    causal: bool,
-    scale: typing.SupportsFloat | typing.SupportsIndex,
-    softcap: typing.SupportsFloat | typing.SupportsIndex,
-    q_offset: typing.SupportsInt | typing.SupportsIndex,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
+    q: typing.Any,
+    k: typing.Any,
+    v: typing.Any,
+    u: typing.Any,
+    out: typing.Any,
+    lse: typing.Any | None,
+    **kwargs,
 ) -> None: ...
-def sparsek_backward(
-    p: numpy.ndarray,
-    grad_p: numpy.ndarray,
-    grad_z: numpy.ndarray,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
-) -> None: ...
-def sparsek_linear_scores(
-    x: numpy.ndarray,
-    w: numpy.ndarray,
-    slope: typing.SupportsFloat | typing.SupportsIndex,
-    u: numpy.ndarray,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
-) -> None: ...
+def sparsek_backward(p: typing.Any, grad_p: typing.Any, grad_z: typing.Any, **kwargs) -> None: ...
+def sparsek_linear_scores(x: typing.Any, w: typing.Any, u: typing.Any, **kwargs) -> None: ...
 def sparsek_prefix_thresholds(
-    z: numpy.ndarray,
-    k: typing.SupportsInt | typing.SupportsIndex,
-    tau: numpy.ndarray,
-    evicted_at: numpy.ndarray | None,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
+    z: typing.Any, tau: typing.Any, evicted_at: typing.Any | None, **kwargs
 ) -> None: ...
-def sparsek_select(
-    u: numpy.ndarray,
-    len_q: typing.SupportsInt | typing.SupportsIndex,
-    indices: numpy.ndarray,
-    gates: numpy.ndarray,
-    topk: typing.SupportsInt | typing.SupportsIndex,
-    window: typing.SupportsInt | typing.SupportsIndex,
-    sink_tokens: typing.SupportsInt | typing.SupportsIndex,
-    causal: bool,
-    q_offset: typing.SupportsInt | typing.SupportsIndex,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
-) -> None: ...
+def sparsek_select(u: typing.Any, indices: typing.Any, gates: typing.Any, **kwargs) -> None: ...
 def vq_assign(
-    x: numpy.ndarray,
-    codebook: numpy.ndarray,
-    indices: numpy.ndarray,
-    sq_distances: numpy.ndarray | None,
-    cosine: bool,
-    num_threads: typing.SupportsInt | typing.SupportsIndex,
+    x: typing.Any,
+    codebook: typing.Any,
+    indices: typing.Any,
+    sq_distances: typing.Any | None,
+    **kwargs,
 ) -> None: ...
-def vq_perplexity(counts: numpy.ndarray) -> float: ...
+def vq_perplexity(counts: typing.Any) -> float: ...
+def wrap_kv_cache(keys: typing.Any, values: typing.Any, **kwargs) -> typing.Any: ...
 
 MAX_THREADS: int = 1024
 __version__: str = "0.1.0"

@@ -1,15 +1,16 @@
 // foveal._core's SPARSEK bindings (docs/sparsek.md). foveal/sparsek.py owns the docstrings,
-// reshaping of leading dimensions, defaults and messages; these functions take numpy arrays as
-// they are and release the GIL around every kernel.
-#include <pybind11/numpy.h>
+// defaults and output allocation; these functions read the caller's tensors as they are
+// (leading dimensions of the projection's rows merged here) and release the GIL around every
+// kernel. The library checks every value.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
 #include <optional>
-#include <string>
 #include <vector>
 
-#include "_views.hpp"
+#include "_keywords.hpp"
+#include "_tensor.hpp"
 #include "foveal/sparsek/attention.hpp"
 #include "foveal/sparsek/cache.hpp"
 #include "foveal/sparsek/projection.hpp"
@@ -19,113 +20,157 @@ namespace py = pybind11;
 namespace {
 
 using foveal::Index;
-using foveal::python::array_view;
-using foveal::python::optional_array_view;
+using foveal::python::Keywords;
+using foveal::python::optional_view;
+using foveal::python::Tensor;
+using foveal::python::with_float_type;
 
-template <typename T>
-void project(const py::array& z, Index k, const py::array& p, const std::optional<py::array>& tau,
-             int num_threads) {
-  constexpr const char* kFunction = "sparsek";
-  const auto z_view = array_view<const T, 2>(kFunction, "z", z);
-  const auto p_view = array_view<T, 2>(kFunction, "p", p);
-  const auto tau_view = optional_array_view<T, 1>(kFunction, "tau", tau);
-  py::gil_scoped_release release;
-  foveal::sparsek(z_view, k, p_view, tau_view, num_threads);
+// An output of the caller's must have the shape of the input it mirrors.
+void require_shape_of(const char* fn, const char* name, const Tensor& tensor, const char* of,
+                      const Tensor& input) {
+  tensor.require_usable(fn, name);
+  if (!tensor.same_shape(input))
+    foveal::python::value_error(fn, ": ", name, " must have the shape of ", of, " ",
+                                input.shape_string(), ", got ", tensor.shape_string());
 }
 
-template <typename T>
-void backward(const py::array& p, const py::array& grad_p, const py::array& grad_z,
-              int num_threads) {
-  constexpr const char* kFunction = "sparsek_backward";
-  const auto p_view = array_view<const T, 2>(kFunction, "p", p);
-  const auto grad_p_view = array_view<const T, 2>(kFunction, "grad_p", grad_p);
-  const auto grad_z_view = array_view<T, 2>(kFunction, "grad_z", grad_z);
-  py::gil_scoped_release release;
-  foveal::sparsek_backward(p_view, grad_p_view, grad_z_view, num_threads);
+// z: [..., n] -> p: [..., n] and, when given, tau: [...] (rows merged).
+void sparsek(const Tensor& z, const Tensor& p, const std::optional<Tensor>& tau,
+             const py::kwargs& kwargs) {
+  const char* fn = "sparsek";
+  const Keywords keywords(fn, kwargs);
+  const Index k = keywords.integer("k");
+  const int num_threads = keywords.threads();
+  keywords.require_all_read();
+  with_float_type(fn, "z", z, [&](auto type) {
+    using T = decltype(type);
+    std::vector<T> z_copy, unused;
+    const auto z_view = z.merged_view<const T, 1>(fn, "z", z_copy);
+    require_shape_of(fn, "out", p, "z", z);
+    const auto p_view = p.merged_view<T, 1>(fn, "out", unused, "the dtype of z");
+    const auto tau_view = tau ? tau->merged_view<T, 0>(fn, "tau", unused, "the dtype of z")
+                              : foveal::TensorView<T, 1>();
+    py::gil_scoped_release release;
+    foveal::sparsek(z_view, k, p_view, tau_view, num_threads);
+  });
 }
 
-foveal::SparseKOptions attention_options(int64_t topk, int64_t window, int64_t sink_tokens,
-                                         const std::string& gate, bool causal, double scale,
-                                         double softcap, int64_t q_offset, int num_threads) {
-  foveal::SparseKOptions options;
-  options.topk = topk;
-  options.window = window;
-  options.sink_tokens = sink_tokens;
-  options.gate = foveal::parse_sparsek_gate(gate);
-  options.causal = causal;
-  options.scale = scale;
-  options.softcap = softcap;
-  options.q_offset = q_offset;
-  options.num_threads = num_threads;
-  return options;
+// p, grad_p: [..., n] -> grad_z: [..., n].
+void sparsek_backward(const Tensor& p, const Tensor& grad_p, const Tensor& grad_z,
+                      const py::kwargs& kwargs) {
+  const char* fn = "sparsek_backward";
+  const Keywords keywords(fn, kwargs);
+  const int num_threads = keywords.threads();
+  keywords.require_all_read();
+  with_float_type(fn, "p", p, [&](auto type) {
+    using T = decltype(type);
+    std::vector<T> p_copy, grad_copy, unused;
+    const auto p_view = p.merged_view<const T, 1>(fn, "p", p_copy);
+    const auto grad_p_view =
+        grad_p.merged_view<const T, 1>(fn, "grad_p", grad_copy, "the dtype of p");
+    require_shape_of(fn, "grad_p", grad_p, "p", p);
+    require_shape_of(fn, "grad_z", grad_z, "p", p);
+    const auto grad_z_view = grad_z.merged_view<T, 1>(fn, "grad_z", unused, "the dtype of p");
+    py::gil_scoped_release release;
+    foveal::sparsek_backward(p_view, grad_p_view, grad_z_view, num_threads);
+  });
 }
 
-template <typename T>
-void attend(const py::array& q, const py::array& k, const py::array& v, const py::array& u,
-            const foveal::SparseKOptions& options, const py::array& out,
-            const std::optional<py::array>& lse) {
-  constexpr const char* kFunction = "sparsek_attention";
-  const auto q_view = array_view<const T, 4>(kFunction, "q", q);
-  const auto k_view = array_view<const T, 4>(kFunction, "k", k);
-  const auto v_view = array_view<const T, 4>(kFunction, "v", v);
-  const auto u_view = array_view<const T, 3>(kFunction, "u", u);
-  const auto out_view = array_view<T, 4>(kFunction, "out", out);
-  const auto lse_view = optional_array_view<T, 3>(kFunction, "lse", lse);
-  py::gil_scoped_release release;
-  foveal::sparsek_attention(q_view, k_view, v_view, u_view, options, out_view, lse_view);
+// z: [..., n] -> tau: [..., n] and, when given, evicted_at: int64 [..., n].
+void prefix_thresholds(const Tensor& z, const Tensor& tau, const std::optional<Tensor>& evicted_at,
+                       const py::kwargs& kwargs) {
+  const char* fn = "sparsek_prefix_thresholds";
+  const Keywords keywords(fn, kwargs);
+  const Index k = keywords.integer("k");
+  const int num_threads = keywords.threads();
+  keywords.require_all_read();
+  with_float_type(fn, "z", z, [&](auto type) {
+    using T = decltype(type);
+    std::vector<T> z_copy, unused;
+    std::vector<std::int64_t> unused_indices;
+    const auto z_view = z.merged_view<const T, 1>(fn, "z", z_copy);
+    require_shape_of(fn, "tau", tau, "z", z);
+    const auto tau_view = tau.merged_view<T, 1>(fn, "tau", unused, "the dtype of z");
+    foveal::TensorView<std::int64_t, 2> evicted_view;
+    if (evicted_at) {
+      require_shape_of(fn, "evicted_at", *evicted_at, "z", z);
+      evicted_view = evicted_at->merged_view<std::int64_t, 1>(fn, "evicted_at", unused_indices);
+    }
+    py::gil_scoped_release release;
+    foveal::sparsek_prefix_thresholds(z_view, k, tau_view, evicted_view, num_threads);
+  });
 }
 
-template <typename T>
-void select(const py::array& u, Index len_q, const foveal::SparseKOptions& options,
-            const py::array& indices, const py::array& gates) {
-  constexpr const char* kFunction = "sparsek_select";
-  const auto u_view = array_view<const T, 3>(kFunction, "u", u);
-  const auto indices_view = array_view<std::int64_t, 4>(kFunction, "indices", indices);
-  const auto gates_view = array_view<T, 4>(kFunction, "gates", gates);
-  py::gil_scoped_release release;
-  foveal::sparsek_select(u_view, len_q, options, indices_view, gates_view);
+void select_keys(const Tensor& u, const Tensor& indices, const Tensor& gates,
+                 const py::kwargs& kwargs) {
+  const char* fn = "sparsek_select";
+  const Keywords keywords(fn, kwargs);
+  const Index len_q = keywords.integer("len_q");
+  const auto options = foveal::python::sparsek_options(keywords);
+  keywords.require_all_read();
+  with_float_type(fn, "u", u, [&](auto type) {
+    using T = decltype(type);
+    const auto u_view = u.view<const T, 3>(fn, "u", "B, Hkv, Lk");
+    const auto indices_view = indices.view<std::int64_t, 4>(fn, "indices", "B, Hkv, Lq, topk");
+    const auto gates_view = gates.view<T, 4>(fn, "gates", "B, Hkv, Lq, topk", "the dtype of u");
+    py::gil_scoped_release release;
+    foveal::sparsek_select(u_view, len_q, options, indices_view, gates_view);
+  });
 }
 
-template <typename T>
-void prefix_thresholds(const py::array& z, Index k, const py::array& tau,
-                       const std::optional<py::array>& evicted_at, int num_threads) {
-  constexpr const char* kFunction = "sparsek_prefix_thresholds";
-  const auto z_view = array_view<const T, 2>(kFunction, "z", z);
-  const auto tau_view = array_view<T, 2>(kFunction, "tau", tau);
-  const auto evicted_view =
-      optional_array_view<std::int64_t, 2>(kFunction, "evicted_at", evicted_at);
-  py::gil_scoped_release release;
-  foveal::sparsek_prefix_thresholds(z_view, k, tau_view, evicted_view, num_threads);
+void linear_scores(const Tensor& x, const Tensor& w, const Tensor& u, const py::kwargs& kwargs) {
+  const char* fn = "sparsek_linear_scores";
+  const Keywords keywords(fn, kwargs);
+  const double slope = keywords.number("slope", 0.0);
+  const int num_threads = keywords.threads();
+  keywords.require_all_read();
+  with_float_type(fn, "x", x, [&](auto type) {
+    using T = decltype(type);
+    const char* same = "the dtype of x";
+    const auto x_view = x.view<const T, 3>(fn, "x", "B, L, Dm");
+    const auto w_view = w.view<const T, 2>(fn, "w", "H, Dm", same);
+    const auto u_view = u.view<T, 3>(fn, "u", "B, H, L", same);
+    py::gil_scoped_release release;
+    foveal::sparsek_linear_scores(x_view, w_view, slope, u_view, num_threads);
+  });
 }
 
-template <typename T>
-void linear_scores(const py::array& x, const py::array& w, double slope, const py::array& u,
-                   int num_threads) {
-  constexpr const char* kFunction = "sparsek_linear_scores";
-  const auto x_view = array_view<const T, 3>(kFunction, "x", x);
-  const auto w_view = array_view<const T, 2>(kFunction, "w", w);
-  const auto u_view = array_view<T, 3>(kFunction, "u", u);
-  py::gil_scoped_release release;
-  foveal::sparsek_linear_scores(x_view, w_view, slope, u_view, num_threads);
+void attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& u,
+               const Tensor& out, const std::optional<Tensor>& lse, const py::kwargs& kwargs) {
+  const char* fn = "sparsek_attention";
+  const Keywords keywords(fn, kwargs);
+  const auto options = foveal::python::sparsek_options(keywords);
+  keywords.require_all_read();
+  with_float_type(fn, "q", q, [&](auto type) {
+    using T = decltype(type);
+    const char* same = "the dtype of q";
+    const auto q_view = q.view<const T, 4>(fn, "q", "B, Hq, Lq, D");
+    const auto k_view = k.view<const T, 4>(fn, "k", "B, Hkv, Lk, D", same);
+    const auto v_view = v.view<const T, 4>(fn, "v", "B, Hkv, Lk, Dv", same);
+    const auto u_view = u.view<const T, 3>(fn, "u", "B, Hkv, Lk", same);
+    const auto out_view = out.view<T, 4>(fn, "out", "B, Hq, Lq, Dv", same);
+    const auto lse_view = optional_view<T, 3>(lse, fn, "lse", "B, Hq, Lq", same);
+    py::gil_scoped_release release;
+    foveal::sparsek_attention(q_view, k_view, v_view, u_view, options, out_view, lse_view);
+  });
 }
-
-bool is_double(const py::array& x) { return x.dtype().is(py::dtype::of<double>()); }
 
 // SparseKCache<T> as the class `class_name`; foveal/sparsek.py wraps it.
 template <typename T>
 void bind_sparsek_cache(py::module_& m, const char* class_name) {
   using Cache = foveal::SparseKCache<T>;
+  const char* same = "the cache's dtype";
   py::class_<Cache>(m, class_name)
-      .def(py::init([](int64_t batch, int64_t heads_kv, int64_t dim, int64_t dim_v, int64_t topk,
-                       int64_t window, int64_t sink_tokens, const std::string& gate, double scale,
-                       double softcap, int num_threads) {
-             return new Cache(batch, heads_kv, dim, dim_v,
-                              attention_options(topk, window, sink_tokens, gate, true, scale,
-                                                softcap, -1, num_threads));
-           }),
-           py::arg("batch"), py::arg("heads_kv"), py::arg("dim"), py::arg("dim_v"), py::arg("topk"),
-           py::arg("window"), py::arg("sink_tokens"), py::arg("gate"), py::arg("scale"),
-           py::arg("softcap"), py::arg("num_threads"))
+      .def(py::init([](const py::kwargs& kwargs) {
+        const Keywords keywords("SparseKCache", kwargs);
+        const Index batch = keywords.integer("batch");
+        const Index heads_kv = keywords.integer("heads_kv");
+        const Index dim = keywords.integer("dim");
+        const Index dim_v = keywords.integer("dim_v", dim);
+        const auto options = foveal::python::sparsek_options(keywords);
+        keywords.require_all_read();
+        return new Cache(batch, heads_kv, dim, dim_v, options);
+      }))
       .def_property_readonly("batch", &Cache::batch)
       .def_property_readonly("heads_kv", &Cache::heads_kv)
       .def_property_readonly("dim", &Cache::dim)
@@ -136,118 +181,59 @@ void bind_sparsek_cache(py::module_& m, const char* class_name) {
       .def_property_readonly("threshold_entries", &Cache::threshold_entries)
       .def(
           "append",
-          [](Cache& cache, const py::array& k, const py::array& v, const py::array& u) {
-            constexpr const char* kFunction = "SparseKCache.append";
-            const auto k_view = array_view<const T, 4>(kFunction, "k", k);
-            const auto v_view = array_view<const T, 4>(kFunction, "v", v);
-            const auto u_view = array_view<const T, 3>(kFunction, "u", u);
+          [same](Cache& cache, const Tensor& k, const Tensor& v, const Tensor& u) {
+            const char* fn = "SparseKCache.append";
+            const auto k_view = k.view<const T, 4>(fn, "k", "B, Hkv, n, D", same);
+            const auto v_view = v.view<const T, 4>(fn, "v", "B, Hkv, n, Dv", same);
+            const auto u_view = u.view<const T, 3>(fn, "u", "B, Hkv, n", same);
             py::gil_scoped_release release;
             cache.append(k_view, v_view, u_view);
           },
           py::arg("k"), py::arg("v"), py::arg("u"))
       .def(
           "attend",
-          [](const Cache& cache, const py::array& q, const py::array& out,
-             const std::optional<py::array>& lse) {
-            constexpr const char* kFunction = "SparseKCache.attend";
-            const auto q_view = array_view<const T, 4>(kFunction, "q", q);
-            const auto out_view = array_view<T, 4>(kFunction, "out", out);
-            const auto lse_view = optional_array_view<T, 3>(kFunction, "lse", lse);
+          [same](const Cache& cache, const Tensor& q, const Tensor& out,
+                 const std::optional<Tensor>& lse) {
+            const char* fn = "SparseKCache.attend";
+            const auto q_view = q.view<const T, 4>(fn, "q", "B, Hq, 1, D", same);
+            const auto out_view = out.view<T, 4>(fn, "out", "B, Hq, 1, Dv", same);
+            const auto lse_view = optional_view<T, 3>(lse, fn, "lse", "B, Hq, 1", same);
             py::gil_scoped_release release;
             cache.attend(q_view, out_view, lse_view);
           },
           py::arg("q"), py::arg("out"), py::arg("lse"))
       .def("reset", &Cache::reset)
-      .def(
-          "selected",
-          [](const Cache& cache, int64_t sequence, int64_t head) {
-            const foveal::SparseKCacheSelection<T> selection = cache.selected(sequence, head);
-            return py::make_tuple(
-                py::array_t<int64_t>(static_cast<py::ssize_t>(selection.positions.size()),
-                                     selection.positions.data()),
-                py::array_t<T>(static_cast<py::ssize_t>(selection.gates.size()),
-                               selection.gates.data()));
-          },
-          py::arg("sequence"), py::arg("head"))
-      .def("threshold", &Cache::threshold, py::arg("sequence"), py::arg("head"));
+      .def("selected",
+           [](const Cache& cache, const py::kwargs& kwargs) {
+             const Keywords keywords("SparseKCache.selected", kwargs);
+             const auto selection =
+                 cache.selected(keywords.integer("sequence"), keywords.integer("head"));
+             keywords.require_all_read();
+             return py::make_tuple(
+                 py::array_t<std::int64_t>(static_cast<py::ssize_t>(selection.positions.size()),
+                                           selection.positions.data()),
+                 py::array_t<T>(static_cast<py::ssize_t>(selection.gates.size()),
+                                selection.gates.data()));
+           })
+      .def("threshold", [](const Cache& cache, const py::kwargs& kwargs) {
+        const Keywords keywords("SparseKCache.threshold", kwargs);
+        const double tau = cache.threshold(keywords.integer("sequence"), keywords.integer("head"));
+        keywords.require_all_read();
+        return tau;
+      });
 }
 
 }  // namespace
 
 void bind_sparsek(py::module_& m) {
-  m.def(
-      "sparsek",
-      [](const py::array& z, Index k, const py::array& p, const std::optional<py::array>& tau,
-         int num_threads) {
-        if (is_double(z))
-          project<double>(z, k, p, tau, num_threads);
-        else
-          project<float>(z, k, p, tau, num_threads);
-      },
-      py::arg("z"), py::arg("k"), py::arg("p"), py::arg("tau"), py::arg("num_threads"));
-  m.def(
-      "sparsek_backward",
-      [](const py::array& p, const py::array& grad_p, const py::array& grad_z, int num_threads) {
-        if (is_double(p))
-          backward<double>(p, grad_p, grad_z, num_threads);
-        else
-          backward<float>(p, grad_p, grad_z, num_threads);
-      },
-      py::arg("p"), py::arg("grad_p"), py::arg("grad_z"), py::arg("num_threads"));
-
-  m.def(
-      "sparsek_attention",
-      [](const py::array& q, const py::array& k, const py::array& v, const py::array& u,
-         const py::array& out, const std::optional<py::array>& lse, int64_t topk, int64_t window,
-         int64_t sink_tokens, const std::string& gate, bool causal, double scale, double softcap,
-         int64_t q_offset, int num_threads) {
-        const auto options = attention_options(topk, window, sink_tokens, gate, causal, scale,
-                                               softcap, q_offset, num_threads);
-        if (is_double(q))
-          attend<double>(q, k, v, u, options, out, lse);
-        else
-          attend<float>(q, k, v, u, options, out, lse);
-      },
-      py::arg("q"), py::arg("k"), py::arg("v"), py::arg("u"), py::arg("out"), py::arg("lse"),
-      py::arg("topk"), py::arg("window"), py::arg("sink_tokens"), py::arg("gate"),
-      py::arg("causal"), py::arg("scale"), py::arg("softcap"), py::arg("q_offset"),
-      py::arg("num_threads"));
-  m.def(
-      "sparsek_select",
-      [](const py::array& u, Index len_q, const py::array& indices, const py::array& gates,
-         int64_t topk, int64_t window, int64_t sink_tokens, bool causal, int64_t q_offset,
-         int num_threads) {
-        const auto options = attention_options(topk, window, sink_tokens, "value", causal, 0, 0,
-                                               q_offset, num_threads);
-        if (is_double(u))
-          select<double>(u, len_q, options, indices, gates);
-        else
-          select<float>(u, len_q, options, indices, gates);
-      },
-      py::arg("u"), py::arg("len_q"), py::arg("indices"), py::arg("gates"), py::arg("topk"),
-      py::arg("window"), py::arg("sink_tokens"), py::arg("causal"), py::arg("q_offset"),
-      py::arg("num_threads"));
-  m.def(
-      "sparsek_prefix_thresholds",
-      [](const py::array& z, Index k, const py::array& tau,
-         const std::optional<py::array>& evicted_at, int num_threads) {
-        if (is_double(z))
-          prefix_thresholds<double>(z, k, tau, evicted_at, num_threads);
-        else
-          prefix_thresholds<float>(z, k, tau, evicted_at, num_threads);
-      },
-      py::arg("z"), py::arg("k"), py::arg("tau"), py::arg("evicted_at"), py::arg("num_threads"));
-  m.def(
-      "sparsek_linear_scores",
-      [](const py::array& x, const py::array& w, double slope, const py::array& u,
-         int num_threads) {
-        if (is_double(x))
-          linear_scores<double>(x, w, slope, u, num_threads);
-        else
-          linear_scores<float>(x, w, slope, u, num_threads);
-      },
-      py::arg("x"), py::arg("w"), py::arg("slope"), py::arg("u"), py::arg("num_threads"));
-
+  m.def("sparsek", &sparsek, py::arg("z"), py::arg("p"), py::arg("tau"));
+  m.def("sparsek_backward", &sparsek_backward, py::arg("p"), py::arg("grad_p"), py::arg("grad_z"));
+  m.def("sparsek_attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("u"),
+        py::arg("out"), py::arg("lse"));
+  m.def("sparsek_select", &select_keys, py::arg("u"), py::arg("indices"), py::arg("gates"));
+  m.def("sparsek_prefix_thresholds", &prefix_thresholds, py::arg("z"), py::arg("tau"),
+        py::arg("evicted_at"));
+  m.def("sparsek_linear_scores", &linear_scores, py::arg("x"), py::arg("w"), py::arg("u"));
   bind_sparsek_cache<float>(m, "SparseKCacheF32");
   bind_sparsek_cache<double>(m, "SparseKCacheF64");
 }

@@ -1,16 +1,20 @@
-// foveal._core's vector-quantization bindings (docs/vq.md). foveal/vq.py owns the
-// docstrings, defaults, conversions and messages; these functions take numpy arrays as they are
-// and release the GIL around every kernel.
+// foveal._core's vector-quantization bindings (docs/vq.md). foveal/vq.py owns the docstrings,
+// defaults and output allocation; these functions read the caller's tensors (_tensor.hpp) and
+// options (_keywords.hpp), the library checks the values, and every kernel runs without the GIL.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <string>
+#include <type_traits>
+#include <vector>
 
-#include "_views.hpp"
+#include "_keywords.hpp"
+#include "_tensor.hpp"
 #include "foveal/embedding/vq.hpp"
 
 namespace py = pybind11;
@@ -18,21 +22,41 @@ namespace py = pybind11;
 namespace {
 
 using foveal::Index;
-using foveal::python::array_view;
-using foveal::python::optional_array_view;
-using Arrays = std::optional<py::array>;
+using foveal::python::Keywords;
+using foveal::python::optional_view;
+using foveal::python::Tensor;
+using foveal::python::value_error;
+using foveal::python::with_float_type;
+using OptionalTensor = std::optional<Tensor>;
 
-foveal::VqMetric metric_of(bool cosine) {
-  return cosine ? foveal::VqMetric::cosine : foveal::VqMetric::l2;
+// The "metric" option: "l2" (the default) or "cosine".
+foveal::VqMetric metric_of(const Keywords& keywords) {
+  const std::string metric = keywords.text("metric", "l2");
+  if (metric != "l2" && metric != "cosine")
+    value_error(keywords.function(), ": metric must be 'l2' or 'cosine', got '", metric, "'");
+  return metric == "cosine" ? foveal::VqMetric::cosine : foveal::VqMetric::l2;
 }
 
-foveal::VqOptions make_options(bool cosine, double decay, double epsilon, double dead_threshold) {
+// metric, decay, epsilon, dead_threshold (the library checks their values).
+foveal::VqOptions options_of(const Keywords& keywords) {
   foveal::VqOptions options;
-  options.metric = metric_of(cosine);
-  options.decay = decay;
-  options.epsilon = epsilon;
-  options.dead_threshold = dead_threshold;
+  options.metric = metric_of(keywords);
+  options.decay = keywords.number("decay", options.decay);
+  options.epsilon = keywords.number("epsilon", options.epsilon);
+  options.dead_threshold = keywords.number("dead_threshold", options.dead_threshold);
   return options;
+}
+
+// The "seed" option: an int in [0, 2**63) (default 0).
+std::uint64_t seed_of(const Keywords& keywords) {
+  const std::int64_t seed = keywords.integer("seed", 0);
+  if (seed < 0) value_error(keywords.function(), ": seed must be >= 0, got ", seed);
+  return static_cast<std::uint64_t>(seed);
+}
+
+// x [N, D] as float32 rows.
+foveal::TensorView<const float, 2> rows(const Tensor& x, const char* fn, const char* name = "x") {
+  return x.view<const float, 2>(fn, name, "N, D");
 }
 
 // A numpy copy of a contiguous view.
@@ -45,191 +69,249 @@ py::array_t<T> to_numpy(foveal::TensorView<const T, Rank> view) {
   return copy;
 }
 
-template <typename T>
-void assign(const py::array& x, const py::array& codebook, const py::array& indices,
-            const Arrays& sq_distances, bool cosine, int num_threads) {
-  constexpr const char* kFunction = "vq_assign";
-  const auto x_view = array_view<const T, 2>(kFunction, "x", x);
-  const auto codebook_view = array_view<const T, 2>(kFunction, "codebook", codebook);
-  const auto indices_view = array_view<std::int64_t, 1>(kFunction, "indices", indices);
-  const auto distances_view = optional_array_view<T, 1>(kFunction, "sq_distances", sq_distances);
+// init_kmeans(x, lloyd_iterations=, seed=, num_threads=) of a VectorQuantizer or ResidualVQ.
+template <typename Quantizer>
+void init_kmeans(Quantizer& quantizer, const char* fn, const Tensor& x, const py::kwargs& kwargs) {
+  const Keywords keywords(fn, kwargs);
+  const auto lloyd_iterations = keywords.integer("lloyd_iterations", 10);
+  const auto seed = seed_of(keywords);
+  const int threads = keywords.threads();
+  keywords.require_all_read();
+  const auto x_view = rows(x, fn);
   py::gil_scoped_release release;
-  foveal::vq_assign(x_view, codebook_view, indices_view, distances_view, metric_of(cosine),
-                    num_threads);
+  quantizer.init_kmeans(x_view, lloyd_iterations, seed, threads);
 }
 
-}  // namespace
+// update(x, update_codebook=, num_threads=) of a VectorQuantizer (which also writes the
+// optional indices) or a ResidualVQ.
+template <typename Quantizer>
+void update(Quantizer& quantizer, const char* fn, const Tensor& x, const OptionalTensor& indices,
+            const py::kwargs& kwargs) {
+  const Keywords keywords(fn, kwargs);
+  const bool update_codebook = keywords.flag("update_codebook", true);
+  const int threads = keywords.threads();
+  keywords.require_all_read();
+  const auto x_view = rows(x, fn);
+  const auto indices_view = optional_view<std::int64_t, 1>(indices, fn, "indices", "N");
+  py::gil_scoped_release release;
+  if constexpr (std::is_same_v<Quantizer, foveal::ResidualVQ>) {
+    quantizer.update(x_view, update_codebook, threads);
+  } else {
+    quantizer.update(x_view, indices_view, update_codebook, threads);
+  }
+}
 
-void bind_vq(py::module_& m) {
+void bind_functions(py::module_& m) {
   m.def(
       "vq_assign",
-      [](const py::array& x, const py::array& codebook, const py::array& indices,
-         const Arrays& sq_distances, bool cosine, int num_threads) {
-        if (x.dtype().is(py::dtype::of<double>()))
-          assign<double>(x, codebook, indices, sq_distances, cosine, num_threads);
-        else
-          assign<float>(x, codebook, indices, sq_distances, cosine, num_threads);
+      [](const Tensor& x, const Tensor& codebook, const Tensor& indices,
+         const OptionalTensor& sq_distances, const py::kwargs& kwargs) {
+        const char* fn = "vq.assign";
+        const Keywords keywords(fn, kwargs);
+        const auto metric = metric_of(keywords);
+        const int threads = keywords.threads();
+        keywords.require_all_read();
+        with_float_type(fn, "x", x, [&](auto type) {
+          using T = decltype(type);
+          const char* same = "the dtype of x";
+          const auto x_view = x.view<const T, 2>(fn, "x", "N, D");
+          const auto codebook_view = codebook.view<const T, 2>(fn, "codebook", "K, D", same);
+          const auto indices_view = indices.view<std::int64_t, 1>(fn, "indices", "N");
+          const auto distances_view =
+              optional_view<T, 1>(sq_distances, fn, "sq_distances", "N", same);
+          py::gil_scoped_release release;
+          foveal::vq_assign(x_view, codebook_view, indices_view, distances_view, metric, threads);
+        });
       },
-      py::arg("x"), py::arg("codebook"), py::arg("indices"), py::arg("sq_distances"),
-      py::arg("cosine"), py::arg("num_threads"));
+      py::arg("x"), py::arg("codebook"), py::arg("indices"), py::arg("sq_distances"));
   m.def(
       "vq_perplexity",
-      [](const py::array& counts) {
-        return foveal::vq_perplexity(
-            array_view<const std::int64_t, 1>("vq_perplexity", "counts", counts));
+      [](const Tensor& counts) {
+        const auto view = counts.view<const std::int64_t, 1>("vq.perplexity", "counts", "K");
+        py::gil_scoped_release release;
+        return foveal::vq_perplexity(view);
       },
       py::arg("counts"));
   m.def(
       "effective_rank",
-      [](const py::array& matrix) {
-        const auto view = array_view<const float, 2>("effective_rank", "matrix", matrix);
+      [](const Tensor& matrix) {
+        const auto view = matrix.view<const float, 2>("vq.effective_rank", "matrix", "M, D");
         py::gil_scoped_release release;
         return foveal::effective_rank(view);
       },
       py::arg("matrix"));
+}
 
-  constexpr const char* kQuantizer = "VectorQuantizer";
-  py::class_<foveal::VectorQuantizer>(m, "VectorQuantizer")
-      .def(py::init([](const py::array& codebook, bool cosine, double decay, double epsilon,
-                       double dead_threshold) {
-             return foveal::VectorQuantizer(
-                 array_view<const float, 2>(kQuantizer, "codebook", codebook),
-                 make_options(cosine, decay, epsilon, dead_threshold));
+void bind_vector_quantizer(py::module_& m) {
+  using foveal::VectorQuantizer;
+  py::class_<VectorQuantizer>(m, "VectorQuantizer")
+      .def(py::init([](const Tensor& codebook, const py::kwargs& kwargs) {
+             const char* fn = "VectorQuantizer";
+             const Keywords keywords(fn, kwargs);
+             const auto options = options_of(keywords);
+             keywords.require_all_read();
+             return VectorQuantizer(rows(codebook, fn, "codebook"), options);
            }),
-           py::arg("codebook"), py::arg("cosine"), py::arg("decay"), py::arg("epsilon"),
-           py::arg("dead_threshold"))
-      .def_property_readonly("num_codes", &foveal::VectorQuantizer::num_codes)
-      .def_property_readonly("dim", &foveal::VectorQuantizer::dim)
+           py::arg("codebook"))
+      .def_static(
+          "from_data",
+          [](const Tensor& x, const py::kwargs& kwargs) {
+            const char* fn = "VectorQuantizer.from_data";
+            const Keywords keywords(fn, kwargs);
+            const auto num_codes = keywords.integer("num_codes");
+            const auto lloyd_iterations = keywords.integer("lloyd_iterations", 10);
+            const auto seed = seed_of(keywords);
+            const int threads = keywords.threads();
+            const auto options = options_of(keywords);
+            keywords.require_all_read();
+            const auto x_view = rows(x, fn);
+            auto quantizer = std::make_unique<VectorQuantizer>(num_codes, x_view.size(1), options);
+            py::gil_scoped_release release;
+            quantizer->init_kmeans(x_view, lloyd_iterations, seed, threads);
+            return quantizer;
+          },
+          py::arg("x"))
+      .def_property_readonly("num_codes", &VectorQuantizer::num_codes)
+      .def_property_readonly("dim", &VectorQuantizer::dim)
       .def_property_readonly("cosine",
-                             [](const foveal::VectorQuantizer& self) {
+                             [](const VectorQuantizer& self) {
                                return self.options().metric == foveal::VqMetric::cosine;
                              })
-      .def_property_readonly(
-          "decay", [](const foveal::VectorQuantizer& self) { return self.options().decay; })
-      .def_property_readonly(
-          "epsilon", [](const foveal::VectorQuantizer& self) { return self.options().epsilon; })
+      .def_property_readonly("decay",
+                             [](const VectorQuantizer& self) { return self.options().decay; })
+      .def_property_readonly("epsilon",
+                             [](const VectorQuantizer& self) { return self.options().epsilon; })
       .def_property_readonly(
           "dead_threshold",
-          [](const foveal::VectorQuantizer& self) { return self.options().dead_threshold; })
-      .def("codebook",
-           [](const foveal::VectorQuantizer& self) { return to_numpy(self.codebook()); })
+          [](const VectorQuantizer& self) { return self.options().dead_threshold; })
+      .def("codebook", [](const VectorQuantizer& self) { return to_numpy(self.codebook()); })
       .def(
           "set_codebook",
-          [](foveal::VectorQuantizer& self, const py::array& codebook) {
-            self.set_codebook(
-                array_view<const float, 2>("VectorQuantizer.set_codebook", "codebook", codebook));
+          [](VectorQuantizer& self, const Tensor& codebook) {
+            self.set_codebook(rows(codebook, "VectorQuantizer.codebook", "codebook"));
           },
           py::arg("codebook"))
       .def(
           "quantize",
-          [](const foveal::VectorQuantizer& self, const py::array& x, const py::array& indices,
-             const Arrays& quantized, const Arrays& sq_distances, int num_threads) {
-            constexpr const char* kFunction = "VectorQuantizer.quantize";
-            const auto x_view = array_view<const float, 2>(kFunction, "x", x);
-            const auto indices_view = array_view<std::int64_t, 1>(kFunction, "indices", indices);
-            const auto quantized_view =
-                optional_array_view<float, 2>(kFunction, "quantized", quantized);
+          [](const VectorQuantizer& self, const Tensor& x, const Tensor& indices,
+             const OptionalTensor& quantized, const OptionalTensor& sq_distances,
+             const py::kwargs& kwargs) {
+            const char* fn = "VectorQuantizer.quantize";
+            const Keywords keywords(fn, kwargs);
+            const int threads = keywords.threads();
+            keywords.require_all_read();
+            const auto x_view = rows(x, fn);
+            const auto indices_view = indices.view<std::int64_t, 1>(fn, "indices", "N");
+            const auto quantized_view = optional_view<float, 2>(quantized, fn, "quantized", "N, D");
             const auto distances_view =
-                optional_array_view<float, 1>(kFunction, "sq_distances", sq_distances);
+                optional_view<float, 1>(sq_distances, fn, "sq_distances", "N");
             py::gil_scoped_release release;
-            self.quantize(x_view, indices_view, quantized_view, distances_view, num_threads);
+            self.quantize(x_view, indices_view, quantized_view, distances_view, threads);
           },
-          py::arg("x"), py::arg("indices"), py::arg("quantized"), py::arg("sq_distances"),
-          py::arg("num_threads"))
+          py::arg("x"), py::arg("indices"), py::arg("quantized"), py::arg("sq_distances"))
       .def(
           "init_kmeans",
-          [](foveal::VectorQuantizer& self, const py::array& x, Index lloyd_iterations,
-             std::uint64_t seed, int num_threads) {
-            const auto x_view = array_view<const float, 2>("VectorQuantizer.init_kmeans", "x", x);
-            py::gil_scoped_release release;
-            self.init_kmeans(x_view, lloyd_iterations, seed, num_threads);
+          [](VectorQuantizer& self, const Tensor& x, const py::kwargs& kwargs) {
+            init_kmeans(self, "VectorQuantizer.init_kmeans", x, kwargs);
           },
-          py::arg("x"), py::arg("lloyd_iterations"), py::arg("seed"), py::arg("num_threads"))
+          py::arg("x"))
       .def(
           "update",
-          [](foveal::VectorQuantizer& self, const py::array& x, const Arrays& indices,
-             bool update_codebook, int num_threads) {
-            constexpr const char* kFunction = "VectorQuantizer.update";
-            const auto x_view = array_view<const float, 2>(kFunction, "x", x);
-            const auto indices_view =
-                optional_array_view<std::int64_t, 1>(kFunction, "indices", indices);
-            py::gil_scoped_release release;
-            self.update(x_view, indices_view, update_codebook, num_threads);
+          [](VectorQuantizer& self, const Tensor& x, const OptionalTensor& indices,
+             const py::kwargs& kwargs) {
+            update(self, "VectorQuantizer.update", x, indices, kwargs);
           },
-          py::arg("x"), py::arg("indices"), py::arg("update_codebook"), py::arg("num_threads"))
+          py::arg("x"), py::arg("indices"))
       .def(
           "restart_dead_codes",
-          [](foveal::VectorQuantizer& self, const py::array& x, std::uint64_t seed) {
-            return self.restart_dead_codes(
-                array_view<const float, 2>("VectorQuantizer.restart_dead_codes", "x", x), seed);
+          [](VectorQuantizer& self, const Tensor& x, const py::kwargs& kwargs) {
+            const char* fn = "VectorQuantizer.restart_dead_codes";
+            const Keywords keywords(fn, kwargs);
+            const auto seed = seed_of(keywords);
+            keywords.require_all_read();
+            const auto x_view = rows(x, fn);
+            py::gil_scoped_release release;
+            return self.restart_dead_codes(x_view, seed);
           },
-          py::arg("x"), py::arg("seed"))
+          py::arg("x"))
       .def("usage_counts",
-           [](const foveal::VectorQuantizer& self) { return to_numpy(self.usage_counts()); })
+           [](const VectorQuantizer& self) { return to_numpy(self.usage_counts()); })
       .def("cluster_size",
-           [](const foveal::VectorQuantizer& self) { return to_numpy(self.cluster_size()); })
-      .def("reset_usage", &foveal::VectorQuantizer::reset_usage)
-      .def("perplexity", &foveal::VectorQuantizer::perplexity)
-      .def("num_dead_codes", &foveal::VectorQuantizer::num_dead_codes)
-      .def("codebook_effective_rank", &foveal::VectorQuantizer::codebook_effective_rank);
+           [](const VectorQuantizer& self) { return to_numpy(self.cluster_size()); })
+      .def("reset_usage", &VectorQuantizer::reset_usage)
+      .def("perplexity", &VectorQuantizer::perplexity)
+      .def("num_dead_codes", &VectorQuantizer::num_dead_codes)
+      .def("codebook_effective_rank", &VectorQuantizer::codebook_effective_rank);
+}
 
-  constexpr const char* kResidual = "ResidualVQ";
-  py::class_<foveal::ResidualVQ>(m, "ResidualVQ")
-      .def(py::init([](Index num_stages, Index num_codes, Index dim, bool cosine, double decay,
-                       double epsilon, double dead_threshold) {
-             return foveal::ResidualVQ(num_stages, num_codes, dim,
-                                       make_options(cosine, decay, epsilon, dead_threshold));
-           }),
-           py::arg("num_stages"), py::arg("num_codes"), py::arg("dim"), py::arg("cosine"),
-           py::arg("decay"), py::arg("epsilon"), py::arg("dead_threshold"))
-      .def_property_readonly("num_stages", &foveal::ResidualVQ::num_stages)
-      .def_property_readonly("dim", &foveal::ResidualVQ::dim)
+void bind_residual_vq(py::module_& m) {
+  using foveal::ResidualVQ;
+  py::class_<ResidualVQ>(m, "ResidualVQ")
+      .def(py::init([](const py::kwargs& kwargs) {
+        const Keywords keywords("ResidualVQ", kwargs);
+        const auto num_stages = keywords.integer("num_stages");
+        const auto num_codes = keywords.integer("num_codes");
+        const auto dim = keywords.integer("dim");
+        const auto options = options_of(keywords);
+        keywords.require_all_read();
+        return ResidualVQ(num_stages, num_codes, dim, options);
+      }))
+      .def_property_readonly("num_stages", &ResidualVQ::num_stages)
+      .def_property_readonly("dim", &ResidualVQ::dim)
       .def(
           "stage",
-          [](foveal::ResidualVQ& self, Index s) -> foveal::VectorQuantizer& {
+          [](ResidualVQ& self, const py::kwargs& kwargs) -> foveal::VectorQuantizer& {
+            const Keywords keywords("ResidualVQ.stage", kwargs);
+            const auto s = keywords.integer("s");
+            keywords.require_all_read();
             foveal::check(s >= 0 && s < self.num_stages(), "ResidualVQ.stage: s must be in [0, ",
                           self.num_stages(), "), got ", s);
             return self.stage(s);
           },
-          py::arg("s"), py::return_value_policy::reference_internal)
+          py::return_value_policy::reference_internal)
       .def(
           "encode",
-          [](const foveal::ResidualVQ& self, const py::array& x, const py::array& codes,
-             const Arrays& quantized, int num_threads) {
-            constexpr const char* kFunction = "ResidualVQ.encode";
-            const auto x_view = array_view<const float, 2>(kFunction, "x", x);
-            const auto codes_view = array_view<std::int64_t, 2>(kFunction, "codes", codes);
-            const auto quantized_view =
-                optional_array_view<float, 2>(kFunction, "quantized", quantized);
+          [](const ResidualVQ& self, const Tensor& x, const Tensor& codes,
+             const OptionalTensor& quantized, const py::kwargs& kwargs) {
+            const char* fn = "ResidualVQ.encode";
+            const Keywords keywords(fn, kwargs);
+            const int threads = keywords.threads();
+            keywords.require_all_read();
+            const auto x_view = rows(x, fn);
+            const auto codes_view = codes.view<std::int64_t, 2>(fn, "codes", "N, S");
+            const auto quantized_view = optional_view<float, 2>(quantized, fn, "quantized", "N, D");
             py::gil_scoped_release release;
-            self.encode(x_view, codes_view, quantized_view, num_threads);
+            self.encode(x_view, codes_view, quantized_view, threads);
           },
-          py::arg("x"), py::arg("codes"), py::arg("quantized"), py::arg("num_threads"))
+          py::arg("x"), py::arg("codes"), py::arg("quantized"))
       .def(
           "decode",
-          [](const foveal::ResidualVQ& self, const py::array& codes, const py::array& out) {
-            constexpr const char* kFunction = "ResidualVQ.decode";
-            const auto codes_view = array_view<const std::int64_t, 2>(kFunction, "codes", codes);
-            const auto out_view = array_view<float, 2>(kFunction, "out", out);
+          [](const ResidualVQ& self, const Tensor& codes, const Tensor& out) {
+            const char* fn = "ResidualVQ.decode";
+            const auto codes_view = codes.view<const std::int64_t, 2>(fn, "codes", "N, S");
+            const auto out_view = out.view<float, 2>(fn, "out", "N, D");
             py::gil_scoped_release release;
             self.decode(codes_view, out_view);
           },
           py::arg("codes"), py::arg("out"))
       .def(
           "init_kmeans",
-          [](foveal::ResidualVQ& self, const py::array& x, Index lloyd_iterations,
-             std::uint64_t seed, int num_threads) {
-            const auto x_view = array_view<const float, 2>("ResidualVQ.init_kmeans", "x", x);
-            py::gil_scoped_release release;
-            self.init_kmeans(x_view, lloyd_iterations, seed, num_threads);
+          [](ResidualVQ& self, const Tensor& x, const py::kwargs& kwargs) {
+            init_kmeans(self, "ResidualVQ.init_kmeans", x, kwargs);
           },
-          py::arg("x"), py::arg("lloyd_iterations"), py::arg("seed"), py::arg("num_threads"))
+          py::arg("x"))
       .def(
           "update",
-          [](foveal::ResidualVQ& self, const py::array& x, bool update_codebook, int num_threads) {
-            const auto x_view = array_view<const float, 2>("ResidualVQ.update", "x", x);
-            py::gil_scoped_release release;
-            self.update(x_view, update_codebook, num_threads);
+          [](ResidualVQ& self, const Tensor& x, const py::kwargs& kwargs) {
+            update(self, "ResidualVQ.update", x, std::nullopt, kwargs);
           },
-          py::arg("x"), py::arg("update_codebook"), py::arg("num_threads"));
+          py::arg("x"));
+}
+
+}  // namespace
+
+void bind_vq(py::module_& m) {
+  bind_functions(m);
+  bind_vector_quantizer(m);
+  bind_residual_vq(m);
 }

@@ -29,12 +29,12 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
-from . import _as_int, _core, _float_dtype, _float_dtype_arg, _new_like, _output, _to_numpy
-from .sparsek import _threads
+from . import _core
+from ._common import float_dtype_arg, new_like, shape
 
 __all__ = ["PdeSsm", "PdeSsmGradients", "pde_ssm", "pde_ssm_backward"]
 
-_LAYOUTS = ("channels_last", "channels_first")
+_PARAMETERS = ("diffusion", "velocity", "reaction", "time", "skip")
 
 
 class PdeSsmGradients(NamedTuple):
@@ -49,56 +49,24 @@ class PdeSsmGradients(NamedTuple):
     skip: Any
 
 
-def _check_layout(function: str, layout: str) -> None:
-    if layout not in _LAYOUTS:
-        raise ValueError(
-            f'foveal: {function}: layout must be "channels_last" ([B, H, W, C]) or '
-            f'"channels_first" ([B, C, H, W]), got {layout!r}'
-        )
+def _dtype_of(value: Any) -> Optional[np.dtype]:
+    """The numpy dtype of a tensor argument (None for numbers and lists, or no tensor)."""
+    if value is None or isinstance(value, (int, float, list, tuple)):
+        return None
+    name = str(value.dtype).replace("torch.", "") if hasattr(value, "dtype") else None
+    try:
+        return np.dtype(name) if name is not None else np.asarray(value).dtype
+    except (TypeError, ValueError):
+        return None
 
 
-def _grid(function: str, name: str, x: Any, layout: str) -> np.ndarray:
-    """x as a numpy [B, H, W, C] view of its memory (channels_first: axes permuted)."""
-    array = _to_numpy(function, name, x)
-    _float_dtype(function, name, array)
-    if array.ndim != 4:
-        dims = "[B, H, W, C]" if layout == "channels_last" else "[B, C, H, W]"
-        raise ValueError(
-            f"foveal: {function}: {name} must have 4 dimensions {dims}, got {array.ndim} "
-            f"(shape {tuple(array.shape)})"
-        )
-    return array if layout == "channels_last" else array.transpose(0, 2, 3, 1)
-
-
-def _parameter(function: str, name: str, value: Any, columns: int, dtype: np.dtype) -> np.ndarray:
-    """A parameter as a numpy [G, columns] (or [G] when columns is 0) array of x's dtype;
-    scalars and lists are converted, arrays must already have x's dtype."""
-    if isinstance(value, (int, float, list, tuple)):
-        array = np.asarray(value, dtype=dtype)
-    else:
-        array = _to_numpy(function, name, value)
-        if array.dtype != dtype:
-            raise TypeError(
-                f"foveal: {function}: {name} must have dtype {dtype.name} (the dtype of x), "
-                f"got {array.dtype.name}"
-            )
-    if columns == 0:
-        if array.ndim == 0:
-            array = array.reshape(1)
-        if array.ndim != 1:
-            raise ValueError(
-                f"foveal: {function}: {name} must have shape [G] (G groups dividing C), got "
-                f"shape {tuple(array.shape)}"
-            )
-        return array
-    if array.ndim == 1 and array.shape[0] == columns:
-        array = array.reshape(1, columns)
-    if array.ndim != 2 or array.shape[1] != columns:
-        raise ValueError(
-            f"foveal: {function}: {name} must have shape [G, {columns}] (G groups dividing C), "
-            f"got shape {tuple(array.shape)}"
-        )
-    return array
+def _parameters(values: tuple, dtype: Any) -> list:
+    """The parameters as the compiled calls read them: numbers and lists become numpy arrays of
+    ``dtype`` (x's, or the block's); tensors pass as they are (their dtype is checked there)."""
+    return [
+        np.asarray(value, dtype=dtype) if isinstance(value, (int, float, list, tuple)) else value
+        for value in values
+    ]
 
 
 class PdeSsm:
@@ -126,52 +94,27 @@ class PdeSsm:
         dtype: Any = None,
         num_threads: Optional[int] = None,
     ) -> None:
-        function = "PdeSsm"
+        values = (diffusion, velocity, reaction, time, skip)
         if dtype is None:
-            dtype = _first_array_dtype(function, diffusion, velocity, reaction, time, skip)
-        dtype = _float_dtype_arg(function, dtype)
-        for name, value in (("mode", mode), ("boundary", boundary)):
-            if not isinstance(value, str):
-                raise TypeError(
-                    f"foveal: {function}: {name} must be a str, got {type(value).__name__}"
-                )
-        if not isinstance(diffusion_form, str):
-            raise TypeError(
-                f"foveal: {function}: diffusion_form must be a str, got "
-                f"{type(diffusion_form).__name__}"
-            )
-        self._shapes = {}
-        arrays = {}
-        for name, value, columns in (
-            ("diffusion", diffusion, 3),
-            ("velocity", velocity, 2),
-            ("reaction", reaction, 0),
-            ("time", time, 0),
-            ("skip", skip, 0),
-        ):
-            if value is None and name == "skip":
-                arrays[name] = None
-                continue
-            self._shapes[name] = tuple(np.shape(value)) if not np.isscalar(value) else ()
-            arrays[name] = _parameter(function, name, value, columns, dtype)
-        self._dtype = dtype
-        self._has_skip = skip is not None
-        core_class = _core.PdeSsmF64 if dtype == np.float64 else _core.PdeSsmF32
+            dtype = next((d for d in map(_dtype_of, values) if d is not None), np.float32)
+        self._dtype = float_dtype_arg("PdeSsm", dtype)
+        parameters = _parameters(values, self._dtype)
+        core_class = _core.PdeSsmF64 if self._dtype == np.float64 else _core.PdeSsmF32
         self._impl = core_class(
-            _as_int(function, "height", height),
-            _as_int(function, "width", width),
-            _as_int(function, "channels", channels),
-            arrays["diffusion"],
-            arrays["velocity"],
-            arrays["reaction"],
-            arrays["time"],
-            arrays["skip"],
-            mode,
-            boundary,
-            diffusion_form,
-            _threads(function, num_threads),
+            *parameters,
+            height=height,
+            width=width,
+            channels=channels,
+            mode=mode,
+            boundary=boundary,
+            diffusion_form=diffusion_form,
+            num_threads=num_threads,
         )
-        self._arrays = arrays  # the group counts of the gradients
+        # The gradients of the parameters have their shapes (None: no skip).
+        self._shapes = {
+            name: None if value is None else shape(value)
+            for name, value in zip(_PARAMETERS, parameters)
+        }
 
     @property
     def height(self) -> int:
@@ -194,23 +137,6 @@ class PdeSsm:
         """The FFT grid: (H, W) periodic, (2H, 2W) zero boundary."""
         return (self._impl.transform_height, self._impl.transform_width)
 
-    def _input(self, function: str, name: str, x: Any, layout: str) -> np.ndarray:
-        array = _grid(function, name, x, layout)
-        if array.dtype != self._dtype:
-            raise TypeError(
-                f"foveal: {function}: {name} must have dtype {self._dtype.name} (the block's), "
-                f"got {array.dtype.name}"
-            )
-        return array
-
-    def _new_grid(self, like: Any, shape: tuple, layout: str) -> tuple[Any, np.ndarray]:
-        """A new tensor of x's kind in x's layout, and its [B, H, W, C] numpy view."""
-        batch, height, width, channels = shape
-        if layout == "channels_last":
-            return _new_like(like, shape, self._dtype)
-        tensor, array = _new_like(like, (batch, channels, height, width), self._dtype)
-        return tensor, array.transpose(0, 2, 3, 1)
-
     def forward(
         self,
         x: Any,
@@ -221,19 +147,10 @@ class PdeSsm:
     ) -> Any:
         """x: [B, H, W, C] (or [B, C, H, W] with ``layout="channels_first"``)  ->  y, same
         shape and layout. ``out`` (same shape and layout) receives y."""
-        function = "pde_ssm"
-        _check_layout(function, layout)
-        threads = _threads(function, num_threads)
-        array = self._input(function, "x", x, layout)
         if out is None:
-            result, out_array = self._new_grid(x, tuple(array.shape), layout)
-        else:
-            memory_shape = _shape_in_layout(array.shape, layout)
-            result, out_array = _output(function, "out", out, x, memory_shape, self._dtype)
-            if layout == "channels_first":
-                out_array = out_array.transpose(0, 2, 3, 1)
-        self._impl.forward(array, out_array, threads)
-        return result
+            out = new_like(x, shape(x), self._dtype)
+        self._impl.forward(x, out, layout=layout, num_threads=num_threads)
+        return out
 
     __call__ = forward
 
@@ -252,66 +169,28 @@ class PdeSsm:
         and ``∂L/∂θ = Σ_k Re(conj(ĝ_k) ∂m_k/∂θ û_k)`` summed over each group's channels and
         the batch. ``input_grad`` / ``parameter_grads`` = False skip those (x is not read
         without parameter gradients)."""
-        function = "pde_ssm_backward"
-        _check_layout(function, layout)
-        threads = _threads(function, num_threads)
-        grad_array = self._input(function, "grad_out", grad_out, layout)
-        x_array = self._input(function, "x", x, layout) if parameter_grads else None
-        if x_array is not None and x_array.shape != grad_array.shape:
-            raise ValueError(
-                f"foveal: {function}: grad_out must have the shape of x "
-                f"{_shape_in_layout(x_array.shape, layout)}, got "
-                f"{_shape_in_layout(grad_array.shape, layout)}"
-            )
-        grad_x, grad_x_array = (None, None)
-        if input_grad:
-            grad_x, grad_x_array = self._new_grid(grad_out, tuple(grad_array.shape), layout)
-        grads = {}
-        for name in ("diffusion", "velocity", "reaction", "time", "skip"):
-            array = self._arrays[name]
-            grads[name] = (
-                _new_like(grad_out, array.shape, self._dtype)
-                if parameter_grads and array is not None
-                else (None, None)
-            )
+        grad_x = new_like(grad_out, shape(grad_out), self._dtype) if input_grad else None
+        grads = [
+            new_like(grad_out, self._shapes[name], self._dtype)
+            if parameter_grads and self._shapes[name] is not None
+            else None
+            for name in _PARAMETERS
+        ]
         self._impl.backward(
-            x_array,
-            grad_array,
-            grad_x_array,
-            *(grads[name][1] for name in ("diffusion", "velocity", "reaction", "time", "skip")),
-            threads,
+            x if parameter_grads else None,
+            grad_out,
+            grad_x,
+            *grads,
+            layout=layout,
+            num_threads=num_threads,
         )
-        shaped = {
-            name: None if tensor is None else tensor.reshape(self._shapes[name])
-            for name, (tensor, _) in grads.items()
-        }
-        return PdeSsmGradients(grad_x, **shaped)
+        return PdeSsmGradients(grad_x, *grads)
 
 
-def _shape_in_layout(shape: tuple, layout: str) -> tuple:
-    """A [B, H, W, C] shape as the caller's layout writes it."""
-    batch, height, width, channels = shape
-    return tuple(shape) if layout == "channels_last" else (batch, channels, height, width)
-
-
-def _first_array_dtype(function: str, *values: Any) -> np.dtype:
-    """The dtype of the first parameter given as an array (float32 when all are numbers)."""
-    for value in values:
-        if value is None or isinstance(value, (int, float, list, tuple)):
-            continue
-        return _float_dtype(function, "parameters", _to_numpy(function, "parameter", value))
-    return np.dtype(np.float32)
-
-
-def _block_for(
-    function: str, name: str, like: Any, layout: str, parameters: tuple, **options: Any
-) -> PdeSsm:
-    """The block of the grid, channels and dtype of `like` (x or grad_out, in `layout`) with
-    these parameters and options."""
-    _check_layout(function, layout)
-    grid = _grid(function, name, like, layout)
-    _, height, width, channels = grid.shape
-    return PdeSsm(height, width, channels, *parameters, dtype=grid.dtype, **options)
+def _x_dtype(x: Any) -> Any:
+    """The dtype numbers and lists are converted to: x's when it is float64, else float32 (a
+    wrong dtype of x is reported by the compiled call)."""
+    return np.float64 if _dtype_of(x) == np.float64 else np.float32
 
 
 def pde_ssm(
@@ -330,20 +209,22 @@ def pde_ssm(
     num_threads: Optional[int] = None,
 ) -> Any:
     """x: [B, H, W, C] (or [B, C, H, W])  ->  y, same shape and layout: the block with these
-    parameters (module docstring), its multiplier computed for this call."""
-    parameters = (diffusion, velocity, reaction, time, skip)
-    block = _block_for(
-        "pde_ssm",
-        "x",
+    parameters (module docstring), its multiplier computed for this call (none for an empty
+    batch)."""
+    parameters = _parameters((diffusion, velocity, reaction, time, skip), _x_dtype(x))
+    if out is None:
+        out = new_like(x, shape(x))
+    _core.pde_ssm(
         x,
-        layout,
-        parameters,
+        out,
+        *parameters,
         mode=mode,
         boundary=boundary,
         diffusion_form=diffusion_form,
+        layout=layout,
         num_threads=num_threads,
     )
-    return block.forward(x, layout=layout, out=out, num_threads=num_threads)
+    return out
 
 
 def pde_ssm_backward(
@@ -363,16 +244,19 @@ def pde_ssm_backward(
 ) -> PdeSsmGradients:
     """x, grad_out: [B, H, W, C] (or [B, C, H, W])  ->  PdeSsmGradients of the input and of
     every parameter (``PdeSsm.backward``)."""
-    parameters = (diffusion, velocity, reaction, time, skip)
-    block = _block_for(
-        "pde_ssm_backward",
-        "grad_out",
+    parameters = _parameters((diffusion, velocity, reaction, time, skip), _x_dtype(grad_out))
+    grad_x = new_like(grad_out, shape(grad_out))
+    grads = [None if p is None else new_like(grad_out, shape(p)) for p in parameters]
+    _core.pde_ssm_backward(
+        x,
         grad_out,
-        layout,
-        parameters,
+        grad_x,
+        *grads,
+        *parameters,
         mode=mode,
         boundary=boundary,
         diffusion_form=diffusion_form,
+        layout=layout,
         num_threads=num_threads,
     )
-    return block.backward(x, grad_out, layout=layout, num_threads=num_threads)
+    return PdeSsmGradients(grad_x, *grads)

@@ -18,7 +18,8 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
-from . import _as_float, _as_int, _core, _is_torch, _to_numpy, _torch_empty
+from . import _core
+from ._common import is_torch, new_like, shape, size
 
 __all__ = [
     "Decoder",
@@ -32,8 +33,6 @@ __all__ = [
     "undelay",
     "undelay_logits",
 ]
-
-_KINDS = ("discrete", "continuous")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,12 +52,8 @@ class Feature:
     def binned(cls, name: str, num_bins: int, shift: Optional[int] = None) -> Feature:
         """A binned feature: vocabulary ``num_bins + 2``, PAD = 0, bins ``1..num_bins``,
         MISSING = ``num_bins + 1``."""
-        num_bins = _as_int("Feature.binned", "num_bins", num_bins)
-        if num_bins < 1:
-            raise ValueError(
-                f"foveal: Feature.binned: num_bins (feature {name!r}) must be >= 1, got {num_bins}"
-            )
-        return cls(name, "discrete", num_bins + 2, 0, num_bins + 1, shift)
+        vocab_size, pad_id, missing_id = _core.spade_binned(name=name, num_bins=num_bins)
+        return cls(name, "discrete", vocab_size, pad_id, missing_id, shift)
 
     @classmethod
     def continuous(cls, name: str, shift: Optional[int] = None) -> Feature:
@@ -75,27 +70,14 @@ class Schema:
     shifts >= 1 and strictly increasing (defaults filled in)."""
 
     def __init__(self, features: Sequence[Feature]) -> None:
-        function = "Schema"
         features = list(features)
         for index, feature in enumerate(features):
             if not isinstance(feature, Feature):
                 raise TypeError(
-                    f"foveal: {function}: features[{index}] must be a foveal.spade.Feature, "
+                    f"foveal: Schema: features[{index}] must be a foveal.spade.Feature, "
                     f"got {type(feature).__name__}"
                 )
-            if feature.kind not in _KINDS:
-                raise ValueError(
-                    f"foveal: {function}: features[{index}].kind (feature {feature.name!r}) must "
-                    f"be 'discrete' or 'continuous', got {feature.kind!r}"
-                )
-        self._core = _core.SpadeSchema(
-            [feature.name for feature in features],
-            [feature.discrete for feature in features],
-            [_as_int(function, "vocab_size", feature.vocab_size) for feature in features],
-            [_as_int(function, "pad_id", feature.pad_id) for feature in features],
-            [_as_int(function, "missing_id", feature.missing_id) for feature in features],
-            [None if f.shift is None else _as_int(function, "shift", f.shift) for f in features],
-        )
+        self._core = _core.SpadeSchema([dataclasses.asdict(feature) for feature in features])
         self.features: tuple[Feature, ...] = tuple(
             dataclasses.replace(feature, shift=shift)
             for feature, shift in zip(features, self._core.shifts)
@@ -132,80 +114,39 @@ class Schema:
 
 
 # --------------------------------------------------------------------------------------------
-# Conversions.
+# Helpers: the compiled calls check every tensor and option, naming it.
 
 
-def _input(function: str, name: str, x: Any, dims: str, dtype: Any) -> np.ndarray:
-    """x as a numpy view with len(dims) dimensions and the given dtype (never converted)."""
-    array = _to_numpy(function, name, x)
-    ndim = len(dims.split(","))
-    if array.ndim != ndim:
-        raise ValueError(
-            f"foveal: {function}: {name} must have {ndim} dimensions [{dims}], got {array.ndim} "
-            f"(shape {tuple(array.shape)})"
-        )
-    if array.dtype != np.dtype(dtype):
-        raise TypeError(
-            f"foveal: {function}: {name} must have dtype {np.dtype(dtype).name}, "
-            f"got {array.dtype.name}"
-        )
-    return array
-
-
-def _optional_input(function: str, name: str, x: Any, dims: str, dtype: Any, needed: bool):
-    """_input for an argument that is required exactly when `needed`."""
-    if x is None:
-        if needed:
-            raise ValueError(f"foveal: {function}: {name} must be given for this schema")
-        return None
-    return _input(function, name, x, dims, dtype)
-
-
-def _lengths(function: str, lengths: Any, batch: int) -> Optional[np.ndarray]:
-    """Per-sequence lengths as an int64 array of B entries (any integer input), or None."""
-    if lengths is None:
-        return None
-    array = np.asarray(_to_numpy(function, "lengths", lengths) if _is_torch(lengths) else lengths)
-    if array.dtype.kind not in "iu":
-        raise TypeError(
-            f"foveal: {function}: lengths must hold integers, got dtype {array.dtype.name}"
-        )
-    if array.shape != (batch,):
-        raise ValueError(
-            f"foveal: {function}: lengths must have shape (B,) = ({batch},), got {array.shape}"
-        )
-    return np.ascontiguousarray(array, dtype=np.int64)
-
-
-def _new(like: Any, shape: tuple, dtype: Any) -> tuple[Any, np.ndarray]:
-    """A new uninitialized tensor of the kind of `like` (the kernels write every element), and
-    the numpy view they write (bool tensors as uint8)."""
-    name = np.dtype(dtype).name
-    if _is_torch(like):
-        tensor = _torch_empty(shape, dtype)
-        array = tensor.numpy()
-    else:
-        tensor = array = np.empty(shape, dtype=dtype)
-    return tensor, array.view(np.uint8) if name == "bool" else array
-
-
-def _threads(function: str, num_threads: Optional[int]) -> int:
-    return 0 if num_threads is None else _as_int(function, "num_threads", num_threads)
-
-
-def _token_inputs(function: str, schema: Schema, ids: Any, values: Any, dims: str):
-    """ids [.., Fd] and values [.., Fc] as numpy views (None where the schema has no such
-    feature), the tensor whose kind results take, and the leading extents (B, L)."""
+def _schema(function: str, schema: Any) -> Schema:
     if not isinstance(schema, Schema):
         raise TypeError(
             f"foveal: {function}: schema must be a foveal.spade.Schema, got {type(schema).__name__}"
         )
-    id_array = _optional_input(function, "ids", ids, f"{dims}, Fd", np.int64, bool(schema.discrete))
-    value_array = _optional_input(
-        function, "values", values, f"{dims}, Fc", np.float32, bool(schema.continuous)
+    return schema
+
+
+def _tokens(ids: Any, values: Any, rank: int) -> tuple[Any, tuple]:
+    """The tensor whose kind results take (ids, else values) and its `rank` leading extents (0
+    for what has fewer: the compiled call then rejects the tensor, naming it)."""
+    like = ids if ids is not None else values
+    extents = shape(like)[:rank]
+    return like, extents + (0,) * (rank - len(extents))
+
+
+def _ints(x: Any) -> Any:
+    """lengths as the compiled calls read them (a sequence of ints): a torch tensor as a list,
+    since its elements are 0-d tensors."""
+    return x.tolist() if is_torch(x) else x
+
+
+def _parts(schema: Schema, like: Any, leading: tuple) -> tuple[Any, Any]:
+    """New ids ``[*leading, Fd]`` (int64) and values ``[*leading, Fc]`` (float32) of like's
+    kind; None where the schema has no such feature."""
+    fd, fc = len(schema.discrete), len(schema.continuous)
+    return (
+        new_like(like, (*leading, fd), np.int64) if fd else None,
+        new_like(like, (*leading, fc), np.float32) if fc else None,
     )
-    like, first = (ids, id_array) if id_array is not None else (values, value_array)
-    return id_array, value_array, like, first.shape[:-1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -229,31 +170,22 @@ def delay(
     [B, T, Fc], mask [B, T, F])`` with T = n + max shift; None stands for an empty part, and
     mask (bool) is True exactly at the data steps.
     """
-    function = "spade.delay"
-    id_array, value_array, like, (batch, length) = _token_inputs(
-        function, schema, ids, values, "B, n"
-    )
+    schema = _schema("spade.delay", schema)
+    like, (batch, length) = _tokens(ids, values, 2)
     steps = schema.delayed_length(length)
-    delayed_ids, delayed_ids_array = _new(like, (batch, steps, len(schema.discrete)), np.int64)
-    delayed_values, delayed_values_array = _new(
-        like, (batch, steps, len(schema.continuous)), np.float32
-    )
-    mask, mask_array = _new(like, (batch, steps, len(schema.features)), np.bool_)
+    delayed_ids, delayed_values = _parts(schema, like, (batch, steps))
+    mask = new_like(like, (batch, steps, len(schema.features)), np.bool_)
     _core.spade_delay(
         schema._core,
-        id_array,
-        value_array,
-        _lengths(function, lengths, batch),
-        delayed_ids_array if schema.discrete else None,
-        delayed_values_array if schema.continuous else None,
-        mask_array,
-        _threads(function, num_threads),
-    )
-    return (
-        delayed_ids if schema.discrete else None,
-        delayed_values if schema.continuous else None,
+        ids,
+        values,
+        delayed_ids,
+        delayed_values,
         mask,
+        lengths=_ints(lengths),
+        num_threads=num_threads,
     )
+    return delayed_ids, delayed_values, mask
 
 
 def undelay(
@@ -266,27 +198,13 @@ def undelay(
     """The inverse of delay: ``token[i, f] = delayed[i + s_f, f]`` for ``i < n = T - max
     shift``. Returns ``(ids [B, n, Fd], values [B, n, Fc])`` (None for an empty part); positions
     past a sequence's length get what its delayed stream holds there (MISSING, then PAD)."""
-    function = "spade.undelay"
-    id_array, value_array, like, (batch, steps) = _token_inputs(
-        function, schema, delayed_ids, delayed_values, "B, T"
-    )
-    length = steps - schema.max_shift
-    if length < 0:
-        raise ValueError(
-            f"foveal: {function}: the delayed length T must be >= max shift = "
-            f"{schema.max_shift}, got {steps}"
-        )
-    ids, ids_array = _new(like, (batch, length, len(schema.discrete)), np.int64)
-    values, values_array = _new(like, (batch, length, len(schema.continuous)), np.float32)
+    schema = _schema("spade.undelay", schema)
+    like, (batch, steps) = _tokens(delayed_ids, delayed_values, 2)
+    ids, values = _parts(schema, like, (batch, max(steps - schema.max_shift, 0)))
     _core.spade_undelay(
-        schema._core,
-        id_array,
-        value_array,
-        ids_array if schema.discrete else None,
-        values_array if schema.continuous else None,
-        _threads(function, num_threads),
+        schema._core, delayed_ids, delayed_values, ids, values, num_threads=num_threads
     )
-    return (ids if schema.discrete else None, values if schema.continuous else None)
+    return ids, values
 
 
 def undelay_logits(
@@ -294,20 +212,12 @@ def undelay_logits(
 ):
     """Per-step predictions back in token order: logits ``[B, T, F, V]`` (float32 or float64)
     -> ``[B, n, F, V]``, ``out[i, f, :] = logits[i + s_f, f, :]``, n = T - max shift."""
-    function = "spade.undelay_logits"
-    array = _to_numpy(function, "logits", logits)
-    if array.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
-        raise TypeError(
-            f"foveal: {function}: logits must have dtype float32 or float64, got {array.dtype.name}"
-        )
-    array = _input(function, "logits", array, "B, T, F, V", array.dtype)
-    batch, steps, _, vocab = array.shape
-    shape = (batch, max(steps - schema.max_shift, 0), len(schema.features), vocab)
+    schema = _schema("spade.undelay_logits", schema)
     if out is None:
-        out, out_array = _new(logits, shape, array.dtype)
-    else:
-        out_array = _input(function, "out", out, "B, n, F, V", array.dtype)
-    _core.spade_undelay_logits(schema._core, array, out_array, _threads(function, num_threads))
+        _, (batch, steps, _, vocab) = _tokens(logits, None, 4)
+        shape_ = (batch, max(steps - schema.max_shift, 0), len(schema.features), vocab)
+        out = new_like(logits, shape_)
+    _core.spade_undelay_logits(schema._core, logits, out, num_threads=num_threads)
     return out
 
 
@@ -351,14 +261,15 @@ def loss_mask(schema: Schema, lengths: Any, num_steps: int, *, include_stop: boo
     ``next_step(...).loss_mask``, computed without delaying. With ``include_stop`` the first
     stream's step right after its last token also counts: the stop the generator learns
     (without it that step is masked out, since the stream holds no data there)."""
-    function = "spade.loss_mask"
-    num_steps = _as_int(function, "num_steps", num_steps)
-    batch = len(lengths)
-    if num_steps < 1:
-        raise ValueError(f"foveal: {function}: num_steps must be >= 1, got {num_steps}")
-    mask, mask_array = _new(lengths, (batch, num_steps - 1, len(schema.features)), np.bool_)
+    schema = _schema("spade.loss_mask", schema)
+    try:
+        batch = len(lengths)
+    except TypeError:  # not a sequence: the compiled call names lengths
+        batch = 0
+    steps = max(size(num_steps) - 1, 0)
+    mask = new_like(lengths, (batch, steps, len(schema.features)), np.bool_)
     _core.spade_loss_mask(
-        schema._core, _lengths(function, lengths, batch), mask_array, bool(include_stop)
+        schema._core, mask, lengths=_ints(lengths), num_steps=num_steps, include_stop=include_stop
     )
     return mask
 
@@ -383,15 +294,10 @@ _STATE_KEYS = {
 }
 
 
-def _weight(function: str, name: str, x: Any) -> np.ndarray:
-    if _is_torch(x):
-        x = x.detach()
-    array = _to_numpy(function, name, x)
-    if array.dtype != np.float32:
-        raise TypeError(
-            f"foveal: {function}: {name} must have dtype float32, got {array.dtype.name}"
-        )
-    return array
+def _detached(x: Any) -> Any:
+    """A weight as the constructor reads it: it is copied, so a parameter that requires grad is
+    read detached."""
+    return x.detach() if is_torch(x) else x
 
 
 class SpadeEmbedding:
@@ -420,53 +326,19 @@ class SpadeEmbedding:
         norm_eps: float = 1e-5,
         pad_vector: Any = None,
     ) -> None:
-        function = "SpadeEmbedding"
-        if not isinstance(schema, Schema):
-            raise TypeError(
-                f"foveal: {function}: schema must be a foveal.spade.Schema, "
-                f"got {type(schema).__name__}"
-            )
-        unknown = set(features) - {feature.name for feature in schema.features}
-        if unknown:
-            raise ValueError(
-                f"foveal: {function}: features has no schema feature {sorted(unknown)}"
-            )
-        per_feature = []
-        for feature in schema.features:
-            if feature.name not in features:
-                raise ValueError(
-                    f"foveal: {function}: features must hold the weights of feature "
-                    f"{feature.name!r}"
-                )
-            given = dict(features[feature.name])
-            allowed = _FEATURE_KEYS[feature.kind]
-            extra = set(given) - set(allowed)
-            if extra:
-                raise ValueError(
-                    f"foveal: {function}: feature {feature.name!r} ({feature.kind}) takes weights "
-                    f"{list(allowed)}, got also {sorted(extra)}"
-                )
-            per_feature.append(
-                {
-                    key: _weight(function, f"features[{feature.name!r}][{key!r}]", value)
-                    for key, value in given.items()
-                    if value is not None
-                }
-            )
-
-        def optional(name: str, x: Any) -> Optional[np.ndarray]:
-            return None if x is None else _weight(function, name, x)
-
-        self.schema = schema
+        self.schema = _schema("SpadeEmbedding", schema)
         self._core = _core.SpadeEmbedding(
             schema._core,
-            per_feature,
-            combine,
-            optional("projection_weight", projection_weight),
-            optional("projection_bias", projection_bias),
-            _as_int(function, "condition_dim", condition_dim),
-            _as_float(function, "norm_eps", norm_eps),
-            optional("pad_vector", pad_vector),
+            {
+                name: {key: _detached(value) for key, value in dict(weights).items()}
+                for name, weights in dict(features).items()
+            },
+            _detached(projection_weight),
+            _detached(projection_bias),
+            _detached(pad_vector),
+            combine=combine,
+            condition_dim=condition_dim,
+            norm_eps=norm_eps,
         )
 
     @classmethod
@@ -519,27 +391,10 @@ class SpadeEmbedding:
         """Embeds delayed tokens: ids int64 ``[B, T, Fd]``, values float32 ``[B, T, Fc]``,
         condition float32 ``[B, T, C]`` or ``[B, C]`` (one vector per sequence, not copied)
         -> float32 ``[B, T, d_model]``. Results do not depend on the thread count."""
-        function = "SpadeEmbedding"
-        id_array, value_array, like, (batch, steps) = _token_inputs(
-            function, self.schema, ids, values, "B, T"
-        )
-        condition_array = None
-        if condition is not None:
-            condition_array = _to_numpy(function, "condition", condition)
-            if condition_array.ndim == 2:  # [B, C]: the same vector at every step, stride 0
-                condition_array = np.broadcast_to(
-                    condition_array[:, None, :],
-                    (condition_array.shape[0], steps, condition_array.shape[1]),
-                )
-            condition_array = _input(function, "condition", condition_array, "B, T, C", np.float32)
-        shape = (batch, steps, self.d_model)
         if out is None:
-            out, out_array = _new(like, shape, np.float32)
-        else:
-            out_array = _input(function, "out", out, "B, T, d_model", np.float32)
-        self._core.forward(
-            id_array, value_array, out_array, condition_array, _threads(function, num_threads)
-        )
+            like, leading = _tokens(ids, values, 2)
+            out = new_like(like, (*leading, self.d_model), np.float32)
+        self._core.forward(ids, values, out, condition, num_threads=num_threads)
         return out
 
     def __repr__(self) -> str:
@@ -560,16 +415,10 @@ class Decoder:
     (-1 if none). ``tokens()`` gives the undelayed result so far."""
 
     def __init__(self, schema: Schema, batch: int, max_tokens: int) -> None:
-        function = "Decoder"
-        if not isinstance(schema, Schema):
-            raise TypeError(
-                f"foveal: {function}: schema must be a foveal.spade.Schema, "
-                f"got {type(schema).__name__}"
-            )
-        self.schema = schema
-        self.batch = _as_int(function, "batch", batch)
-        self.max_tokens = _as_int(function, "max_tokens", max_tokens)
-        self._core = _core.SpadeDecoder(schema._core, self.batch, self.max_tokens)
+        self.schema = _schema("Decoder", schema)
+        self._core = _core.SpadeDecoder(schema._core, batch=batch, max_tokens=max_tokens)
+        self.batch: int = self._core.batch
+        self.max_tokens: int = self._core.max_tokens
 
     def first_step(self) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
         """Step 0, the start step: every stream MISSING (continuous 0)."""
@@ -584,25 +433,11 @@ class Decoder:
     def step(self, ids: Any = None, values: Any = None):
         """ids int64 ``[B, Fd]`` and values float32 ``[B, Fc]``: the predictions for the next
         step. Returns ``(step_ids, step_values, completed [B])``, of the kind of the inputs."""
-        function = "Decoder.step"
-        id_array, value_array, like, _ = _token_inputs(function, self.schema, ids, values, "B")
-        step_ids, step_ids_array = _new(like, (self.batch, len(self.schema.discrete)), np.int64)
-        step_values, step_values_array = _new(
-            like, (self.batch, len(self.schema.continuous)), np.float32
-        )
-        completed, completed_array = _new(like, (self.batch,), np.int64)
-        self._core.step(
-            id_array,
-            value_array,
-            step_ids_array if self.schema.discrete else None,
-            step_values_array if self.schema.continuous else None,
-            completed_array,
-        )
-        return (
-            step_ids if self.schema.discrete else None,
-            step_values if self.schema.continuous else None,
-            completed,
-        )
+        like = ids if ids is not None else values
+        step_ids, step_values = _parts(self.schema, like, (self.batch,))
+        completed = new_like(like, (self.batch,), np.int64)
+        self._core.step(ids, values, step_ids, step_values, completed)
+        return step_ids, step_values, completed
 
     @property
     def current_step(self) -> int:

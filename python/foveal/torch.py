@@ -24,8 +24,10 @@ import torch
 
 import foveal as _foveal
 
+from . import _core
 from . import pde_ssm as _pde_ssm
 from . import sparsek as _sparsek
+from ._common import attention_options
 
 __all__ = [
     "PdeSsm",
@@ -42,34 +44,6 @@ __all__ = [
 # model runs foveal's kernels forward and backward without graph breaks.
 
 
-def _options(options: dict) -> dict:
-    """The custom ops' option arguments (plain numbers: None becomes the kernels' sentinel)."""
-    return dict(
-        scale=0.0 if options["scale"] is None else float(options["scale"]),
-        causal=bool(options["causal"]),
-        window_left=int(options["window_left"]),
-        window_right=int(options["window_right"]),
-        sink_tokens=int(options["sink_tokens"]),
-        softcap=float(options["softcap"]),
-        q_offset=-1 if options["q_offset"] is None else int(options["q_offset"]),
-        num_threads=0 if options["num_threads"] is None else int(options["num_threads"]),
-    )
-
-
-def _keywords(scale, causal, window_left, window_right, sink_tokens, softcap, q_offset, threads):
-    """The Python functions' keywords from the custom ops' option arguments."""
-    return dict(
-        scale=None if scale == 0.0 else scale,
-        causal=causal,
-        window_left=window_left,
-        window_right=window_right,
-        sink_tokens=sink_tokens,
-        softcap=softcap,
-        q_offset=None if q_offset == -1 else q_offset,
-        num_threads=None if threads == 0 else threads,
-    )
-
-
 @torch.library.custom_op("foveal::attention", mutates_args=())
 def _attention_op(
     q: torch.Tensor,
@@ -77,18 +51,16 @@ def _attention_op(
     v: torch.Tensor,
     bias: Optional[torch.Tensor],
     sliding: bool,
-    scale: float,
+    scale: Optional[float],
     causal: bool,
     window_left: int,
     window_right: int,
     sink_tokens: int,
     softcap: float,
-    q_offset: int,
-    num_threads: int,
+    q_offset: Optional[int],
+    num_threads: Optional[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    keywords = _keywords(
-        scale, causal, window_left, window_right, sink_tokens, softcap, q_offset, num_threads
-    )
+    keywords = attention_options(locals())
     q, k, v = q.detach(), k.detach(), v.detach()
     if sliding:
         return _foveal.sliding_window_attention(q, k, v, return_lse=True, **keywords)
@@ -112,18 +84,16 @@ def _attention_backward_op(
     grad_out: torch.Tensor,
     bias: Optional[torch.Tensor],
     sliding: bool,
-    scale: float,
+    scale: Optional[float],
     causal: bool,
     window_left: int,
     window_right: int,
     sink_tokens: int,
     softcap: float,
-    q_offset: int,
-    num_threads: int,
+    q_offset: Optional[int],
+    num_threads: Optional[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    keywords = _keywords(
-        scale, causal, window_left, window_right, sink_tokens, softcap, q_offset, num_threads
-    )
+    keywords = attention_options(locals())
     tensors = [t.detach() for t in (q, k, v, out, lse)]
     # Autograd may hand over an expanded (stride-0) gradient: the kernel reads unit rows.
     grad_out = grad_out.detach().contiguous()
@@ -154,6 +124,14 @@ def _attention_backward(ctx: Any, grad_out: torch.Tensor, _grad_lse: Any) -> tup
 _attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
+def _checked_options(function: str, options: dict) -> dict:
+    """The options with their types checked (the custom ops' schema would raise RuntimeError);
+    under torch.compile they are the traced program's constants and go to the op as they are."""
+    if torch.compiler.is_compiling():
+        return options
+    return _core.attention_options(function, **options)
+
+
 def _no_bias_gradient(bias: Optional[torch.Tensor]) -> None:
     if bias is not None and bias.requires_grad and torch.is_grad_enabled():
         raise ValueError(
@@ -180,17 +158,8 @@ def attention(
     """``foveal.attention`` differentiable in q, k and v (the arguments are the same; bias gets
     no gradient)."""
     _no_bias_gradient(bias)
-    options = dict(
-        scale=scale,
-        causal=causal,
-        window_left=window_left,
-        window_right=window_right,
-        sink_tokens=sink_tokens,
-        softcap=softcap,
-        q_offset=q_offset,
-        num_threads=num_threads,
-    )
-    return _attention_op(q, k, v, bias, False, **_options(options))[0]
+    options = _checked_options("attention", attention_options(locals()))
+    return _attention_op(q, k, v, bias, False, **options)[0]
 
 
 def sliding_window_attention(
@@ -208,17 +177,8 @@ def sliding_window_attention(
     num_threads: Optional[int] = None,
 ) -> torch.Tensor:
     """``foveal.sliding_window_attention`` differentiable in q, k and v."""
-    options = dict(
-        window_left=window_left,
-        window_right=window_right,
-        causal=causal,
-        sink_tokens=sink_tokens,
-        scale=scale,
-        softcap=softcap,
-        q_offset=q_offset,
-        num_threads=num_threads,
-    )
-    return _attention_op(q, k, v, None, True, **_options(options))[0]
+    options = _checked_options("sliding_window_attention", attention_options(locals()))
+    return _attention_op(q, k, v, None, True, **options)[0]
 
 
 class SparseK(torch.autograd.Function):

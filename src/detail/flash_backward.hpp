@@ -11,6 +11,13 @@
 // accumulated in place, tile after tile. Every gradient element is therefore a sum in one fixed
 // order, whatever the thread count: no atomics, no per-thread partial sums.
 //
+// Gated keys (SparseK): a policy with kGatesKeys (flash_engine.hpp) may weight the keys of the
+// blocks it visits by index with per-(row, key) gates m. Where its gates_outputs() is true, the
+// backward hands such a block to the policy's gate_gradients hook with P and dP = dO Vᵀ; the hook
+// returns P ∘ m (the weights of dV) and dS (the weights of dQ and dK) in their place and takes
+// the gradient of each gate for itself. With gates_logits() (the logits were scaled by m too) the
+// logits before the gate are kept for it in raw_t.
+//
 // Layouts: the tile's queries are packed as in the forward (q_t[D][kBlockQ], pre-scaled to base-2
 // logits) and grad_out likewise (do_t[Dv][kBlockQ]), so S and dP are the forward's score
 // micro-kernel; P and dS stay transposed (s_t[key][row]); the three accumulations read their
@@ -20,6 +27,9 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "detail/flash_engine.hpp"
 #include "detail/isa.hpp"
@@ -27,6 +37,32 @@
 FOVEAL_LEVEL_PUSH
 namespace foveal::detail {
 inline namespace FOVEAL_LEVEL {
+
+// A gathered block of a gated policy as the backward hands it to gate_gradients: for keys
+// j < block.count and rows r < row_vectors * kLanes, at j * kBlockQ + r.
+template <typename T>
+struct GatedBlockGradients {
+  int row_vectors = 0;
+  Index num_rows = 0;
+  T* p_t = nullptr;              // in: P (the softmax weights, before any gate); out: P ∘ m
+  T* dp_t = nullptr;             // in: dP = dO·v; out: dS = ∂loss/∂(q·k) / scale
+  const T* raw_t = nullptr;      // the logits before the gate scaled them (gates_logits() only)
+  const T* tanh_t = nullptr;     // the softcap's tanh of every logit; null without a softcap
+  const T* row_delta = nullptr;  // [kBlockQ]: D_i = Σ_d dO[i, d] O[i, d]
+  T logit_unit = 1;              // raw_t times this is s q·k
+};
+
+// True for policies with the backward's gated-key hooks for element type T.
+template <typename Policy, typename T, typename = void>
+struct HasGateGradientHooks : std::false_type {};
+template <typename Policy, typename T>
+struct HasGateGradientHooks<Policy, T,
+                            std::void_t<decltype(std::declval<const Policy&>().gates_outputs()),
+                                        decltype(std::declval<const Policy&>().gates_logits()),
+                                        decltype(std::declval<const Policy&>().gate_gradients(
+                                            std::declval<const KeyBlock&>(),
+                                            std::declval<const GatedBlockGradients<T>&>()))>>
+    : std::true_type {};
 
 // acc_rows[r][col0 + i] += Σ_{j < count} w[j * j_stride + r * r_stride] * src_rows[j][col0 + i]
 // for r < NR and i < CV * kLanes: NR output rows, CV vectors wide, each weight broadcast.
@@ -92,12 +128,14 @@ inline void accumulate_rows(const T* w, Index j_stride, Index r_stride, const T*
 template <typename T>
 class BackwardWorkspace {
  public:
-  BackwardWorkspace(Index dim, Index dim_v, int num_threads)
+  // raw_logits: room for the logits before a gate (policies whose gates_logits() is true).
+  BackwardWorkspace(Index dim, Index dim_v, int num_threads, bool raw_logits = false)
       : dq_stride_(round_up(dim)),
         q_t_size_(round_up(dim * kBlockQ)),
         do_t_size_(round_up(dim_v * kBlockQ)),
         tile_size_(round_up(kBlockK * kBlockQ)),
         dq_size_(round_up(kBlockQ * dq_stride_)),
+        raw_size_(raw_logits ? tile_size_ : 0),
         memory_(allocate_aligned<T>(
             static_cast<std::size_t>(per_thread() * std::max(num_threads, 1)))) {}
 
@@ -108,6 +146,7 @@ class BackwardWorkspace {
     T* dp_t;    // [kBlockK][kBlockQ]: dP, then dS
     T* tanh_t;  // [kBlockK][kBlockQ]: the softcap's tanh of each logit
     T* dq;      // [kBlockQ][dq_stride]: the tile's dQ, unscaled
+    T* raw_t;   // [kBlockK][kBlockQ]: logits before a gate; null unless asked for
   };
 
   Index dq_stride() const { return dq_stride_; }
@@ -120,7 +159,8 @@ class BackwardWorkspace {
     T* dp_t = s_t + tile_size_;
     T* tanh_t = dp_t + tile_size_;
     T* dq = tanh_t + tile_size_;
-    return {q_t, do_t, s_t, dp_t, tanh_t, dq};
+    T* raw_t = raw_size_ > 0 ? dq + dq_size_ : nullptr;
+    return {q_t, do_t, s_t, dp_t, tanh_t, dq, raw_t};
   }
 
  private:
@@ -128,13 +168,16 @@ class BackwardWorkspace {
     constexpr Index line = static_cast<Index>(kTensorAlignment / sizeof(T));
     return (count + line - 1) / line * line;
   }
-  Index per_thread() const { return q_t_size_ + do_t_size_ + 3 * tile_size_ + dq_size_; }
+  Index per_thread() const {
+    return q_t_size_ + do_t_size_ + 3 * tile_size_ + dq_size_ + raw_size_;
+  }
 
   Index dq_stride_;
   Index q_t_size_;
   Index do_t_size_;
   Index tile_size_;
   Index dq_size_;
+  Index raw_size_;
   AlignedArray<T> memory_;
 };
 
@@ -147,13 +190,19 @@ class BackwardRunner {
         group_(params.forward.q.size(1) / params.forward.k.size(1)),
         dim_(params.forward.q.size(3)),
         dim_v_(params.forward.v.size(3)),
-        has_softcap_(params.forward.softcap > 0) {}
+        has_softcap_(params.forward.softcap > 0),
+        logit_unit_(static_cast<T>(
+            params.forward.scale /
+            static_cast<double>(
+                logit_multipliers<T>(params.forward.scale, params.forward.softcap).query))) {}
 
   // Every gradient of (batch, kv_head): grad_q of the group's query heads, grad_k and grad_v of
-  // the kv head.
-  template <typename Policy>
-  void run_head(const Policy& policy, Index batch, Index kv_head,
-                const BackwardWorkspace<T>& ws) const {
+  // the kv head. policy_of_tile(flat_begin) gives the visit policy of the tile of rows
+  // [flat_begin, flat_begin + kBlockQ), the forward's for that tile; tiles run in increasing
+  // order.
+  template <typename PolicyOfTile>
+  void run_head(Index batch, Index kv_head, const BackwardWorkspace<T>& ws,
+                PolicyOfTile&& policy_of_tile) const {
     const auto& grad_k = params_.grad_k;
     const auto& grad_v = params_.grad_v;
     const Index len_k = grad_k.size(2);
@@ -164,7 +213,7 @@ class BackwardRunner {
     const typename BackwardWorkspace<T>::Scratch scratch = ws.for_this_thread();
     const Index rows_per_head = params_.forward.q.size(2) * group_;
     for (Index flat_begin = 0; flat_begin < rows_per_head; flat_begin += kBlockQ)
-      run_tile(policy, batch, kv_head, flat_begin, scratch, ws.dq_stride());
+      run_tile(policy_of_tile(flat_begin), batch, kv_head, flat_begin, scratch, ws.dq_stride());
     // dK was accumulated from unscaled queries.
     const T scale = static_cast<T>(params_.forward.scale);
     for (Index key = 0; key < len_k; ++key) {
@@ -177,6 +226,9 @@ class BackwardRunner {
   template <typename Policy>
   void run_tile(const Policy& policy, Index batch, Index kv_head, Index flat_begin,
                 const typename BackwardWorkspace<T>::Scratch& scratch, Index dq_stride) const {
+    static_assert(!GatesKeys<Policy>::value || HasGateGradientHooks<Policy, T>::value,
+                  "a policy with kGatesKeys needs gates_outputs, gates_logits and gate_gradients "
+                  "for the backward (see the comment at the top of flash_backward.hpp)");
     constexpr int L = kLanes<T>;
     const FlashParams<T>& forward = params_.forward;
     const Index num_rows = std::min(kBlockQ, forward.q.size(2) * group_ - flat_begin);
@@ -238,8 +290,16 @@ class BackwardRunner {
         grad_k_rows[j] = params_.grad_k.address(batch, kv_head, keys[j], 0);
         grad_v_rows[j] = params_.grad_v.address(batch, kv_head, keys[j], 0);
       }
+      // A gathered block of a policy with gates: its hook computes dS (below).
+      bool gated = false;
+      if constexpr (GatesKeys<Policy>::value)
+        gated = block.index != nullptr && policy.gates_outputs();
       // The forward's logits, then P = 2^(s - lse2).
       compute_scores(scratch.q_t, k_rows, block.count, dim_, row_vectors, all_rows, scratch.s_t);
+      if constexpr (GatesKeys<Policy>::value) {
+        if (gated && policy.gates_logits())
+          std::copy_n(scratch.s_t, block.count * kBlockQ, scratch.raw_t);
+      }
       forward_.transform_logits(batch, block, keys, num_rows, row_vectors, query_index, head,
                                 positions, policy, scratch.s_t,
                                 has_softcap_ ? scratch.tanh_t : nullptr);
@@ -253,19 +313,15 @@ class BackwardRunner {
       // rows that see it, as in the forward.
       compute_scores(scratch.do_t, v_rows, block.count, dim_v_, row_vectors, all_rows,
                      scratch.dp_t);
-      const Vec<T> one = splat(T(1));
-      const Vec<T> zero{};
-      for (Index j = 0; j < block.count; ++j)
-        for (int c = 0; c < row_vectors; ++c) {
-          const Index at = j * kBlockQ + c * L;
-          const Vec<T> p = load(scratch.s_t + at);
-          Vec<T> ds = p * (load(scratch.dp_t + at) - load(row_delta + c * L));
-          if (has_softcap_) {
-            const Vec<T> t = load(scratch.tanh_t + at);
-            ds = ds * (one - t * t);
-          }
-          store(scratch.dp_t + at, p == zero ? zero : ds);
+      if constexpr (GatesKeys<Policy>::value) {
+        if (gated) {
+          policy.gate_gradients(
+              block, GatedBlockGradients<T>{row_vectors, num_rows, scratch.s_t, scratch.dp_t,
+                                            scratch.raw_t, has_softcap_ ? scratch.tanh_t : nullptr,
+                                            row_delta, logit_unit_});
         }
+      }
+      if (!gated) logit_gradients(block.count, row_vectors, row_delta, scratch);
       // dV[key] += Σ_r P[key][r] dO[r];  dK[key] += Σ_r dS[key][r] q[r];  dQ[r] += Σ_key dS k.
       accumulate_rows(scratch.s_t, 1, kBlockQ, grad_out_rows, num_rows, dim_v_, grad_v_rows,
                       block.count);
@@ -280,27 +336,63 @@ class BackwardRunner {
     }
   }
 
+  // dS = P ∘ (dP − D) in dp_t, times 1 − tanh² under a softcap. Where P = 0 (a key the row
+  // does not see) dS is 0 even if the key's value is NaN: NaN reaches only the rows that see it,
+  // as in the forward.
+  void logit_gradients(Index num_keys, int row_vectors, const T* row_delta,
+                       const typename BackwardWorkspace<T>::Scratch& scratch) const {
+    constexpr int L = kLanes<T>;
+    const Vec<T> one = splat(T(1));
+    const Vec<T> zero{};
+    for (Index j = 0; j < num_keys; ++j)
+      for (int c = 0; c < row_vectors; ++c) {
+        const Index at = j * kBlockQ + c * L;
+        const Vec<T> p = load(scratch.s_t + at);
+        Vec<T> ds = p * (load(scratch.dp_t + at) - load(row_delta + c * L));
+        if (has_softcap_) {
+          const Vec<T> t = load(scratch.tanh_t + at);
+          ds = ds * (one - t * t);
+        }
+        store(scratch.dp_t + at, p == zero ? zero : ds);
+      }
+  }
+
   const BackwardParams<T>& params_;
   TileRunner<T> forward_;
   Index group_;
   Index dim_;
   Index dim_v_;
   bool has_softcap_;
+  T logit_unit_;  // engine logit units (base 2, or over the softcap) -> s q·k
 };
+
+// The backward's driver: runs head_task(runner, batch, kv_head, workspace, scratch) for every
+// (batch, kv head) on at most params.forward.num_threads threads, with engine scratch and a copy
+// of `head_scratch` for each thread (the task's alone while it runs). A task computes every
+// gradient of its head, so which thread runs it never changes a result.
+template <typename T, typename HeadTask, typename HeadScratch = NoPolicyScratch>
+void run_backward_heads(const BackwardParams<T>& params, HeadTask&& head_task,
+                        const HeadScratch& head_scratch = {}, bool raw_logits = false) {
+  const Index heads_kv = params.forward.k.size(1);
+  const Index num_tasks = params.forward.q.size(0) * heads_kv;
+  if (num_tasks == 0) return;
+  const int num_threads = team_size(num_tasks, params.forward.num_threads);
+  const BackwardWorkspace<T> workspace(params.forward.q.size(3), params.forward.v.size(3),
+                                       num_threads, raw_logits);
+  std::vector<HeadScratch> scratch(static_cast<std::size_t>(num_threads), head_scratch);
+  const BackwardRunner<T> runner(params);
+  parallel_for(num_tasks, num_threads, [&](Index task) {
+    head_task(runner, task / heads_kv, task % heads_kv, workspace,
+              scratch[static_cast<std::size_t>(thread_index())]);
+  });
+}
 
 // Runs the backward of every (batch, kv head) with one policy (the forward's).
 template <typename T, typename Policy>
 void run_flash_backward(const BackwardParams<T>& params, const Policy& policy) {
-  const Index batch = params.forward.q.size(0);
-  const Index heads_kv = params.forward.k.size(1);
-  const Index num_tasks = batch * heads_kv;
-  if (num_tasks == 0) return;
-  const int num_threads = team_size(num_tasks, params.forward.num_threads);
-  const BackwardWorkspace<T> workspace(params.forward.q.size(3), params.forward.v.size(3),
-                                       num_threads);
-  const BackwardRunner<T> runner(params);
-  parallel_for(num_tasks, num_threads, [&](Index task) {
-    runner.run_head(policy, task / heads_kv, task % heads_kv, workspace);
+  run_backward_heads(params, [&](const BackwardRunner<T>& runner, Index batch, Index kv_head,
+                                 const BackwardWorkspace<T>& workspace, NoPolicyScratch&) {
+    runner.run_head(batch, kv_head, workspace, [&](Index) -> const Policy& { return policy; });
   });
 }
 

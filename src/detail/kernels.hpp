@@ -49,6 +49,17 @@ struct SparseKPlan {
   Index widest_union = 0;
 };
 
+// sparsek_attention_backward: the kernel selects again per (batch, kv head) (τ and the tile
+// unions, as the forward did) and writes grad_q, grad_k, grad_v and, when not null, grad_u.
+template <typename T>
+struct SparseKBackwardPlan {
+  BackwardParams<T> params;
+  TensorView<const T, 3> u;
+  TensorView<T, 3> grad_u;  // [B, Hkv, Lk] or null
+  SparseKGeometry geometry;
+  SparseKGate gate = SparseKGate::value;
+};
+
 // SparseKCache::attend: every tile row is the newest query; the selected slots of head
 // (b, h) are the rows slot_rows[0, selected) with scores scores[(b * Hkv + h) * score_stride ..].
 template <typename T>
@@ -79,6 +90,7 @@ struct MergePlan {
   X(band_attention_backward, (const BackwardParams<T>&, const BandPolicy&)) \
   X(decode_attention, (const DecodePlan<T>&))                               \
   X(sparsek_attention, (const SparseKPlan<T>&))                             \
+  X(sparsek_attention_backward, (const SparseKBackwardPlan<T>&))            \
   X(sparsek_cache_attention, (const SparseKCachePlan<T>&))                  \
   X(merge_states, (const MergePlan<T>&))
 

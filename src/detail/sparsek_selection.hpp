@@ -4,12 +4,15 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
 #include "detail/mask.hpp"
 #include "foveal/attention/options.hpp"
+#include "foveal/core/parallel.hpp"
 #include "foveal/core/tensor.hpp"
+#include "foveal/detail/validate.hpp"
 #include "foveal/sparsek/attention.hpp"
 
 namespace foveal::detail {
@@ -118,5 +121,34 @@ struct TileUnions {
 
 void build_tile_unions(const HeadSelection& selection, const SparseKGeometry& geometry, Index group,
                        TileUnions& unions);
+
+// u: [B, Hkv, Lk], finite.
+template <typename T>
+void require_scores(const char* function, const TensorView<const T, 3>& u, Index batch,
+                    Index heads_kv, Index len_k) {
+  require_valid_view(function, "u", u);
+  require_extent(function, "u", u, 0, "k.shape[0] (B)", batch);
+  require_extent(function, "u", u, 1, "k.shape[1] (Hkv)", heads_kv);
+  require_extent(function, "u", u, 2, "k.shape[2] (Lk)", len_k);
+  if (u.empty()) return;  // no loop over a huge B of an empty u
+  for (Index b = 0; b < batch; ++b)
+    for (Index h = 0; h < heads_kv; ++h)
+      for (Index j = 0; j < len_k; ++j)
+        check(std::isfinite(u(b, h, j)), function, ": u[", b, ", ", h, ", ", j,
+              "] must be finite, got ", u(b, h, j));
+}
+
+// The selection of every (batch, kv head), one task each.
+template <typename T>
+std::vector<HeadSelection> select_all(const TensorView<const T, 3>& u,
+                                      const SparseKGeometry& geometry, int num_threads) {
+  const Index batch = u.size(0), heads_kv = u.size(1);
+  std::vector<HeadSelection> selections(static_cast<std::size_t>(batch * heads_kv));
+  parallel_for(batch * heads_kv, team_size(batch * heads_kv, num_threads), [&](Index task) {
+    select_head(u.address(task / heads_kv, task % heads_kv, 0), u.stride(2), geometry,
+                selections[static_cast<std::size_t>(task)]);
+  });
+  return selections;
+}
 
 }  // namespace foveal::detail

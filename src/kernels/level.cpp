@@ -5,6 +5,7 @@
 #include "detail/kernels.hpp"
 #include "kernels/attention.hpp"
 #include "kernels/sparsek.hpp"
+#include "kernels/sparsek_backward.hpp"
 
 FOVEAL_LEVEL_PUSH
 namespace foveal::detail {

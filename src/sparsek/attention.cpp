@@ -159,37 +159,10 @@ namespace {
 constexpr const char* kAttention = "sparsek_attention";
 
 using detail::HeadSelection;
+using detail::require_scores;
+using detail::select_all;
 using detail::SparseKGeometry;
 using detail::TileUnions;
-
-// u: [B, Hkv, Lk], finite.
-template <typename T>
-void require_scores(const char* function, const TensorView<const T, 3>& u, Index batch,
-                    Index heads_kv, Index len_k) {
-  detail::require_valid_view(function, "u", u);
-  detail::require_extent(function, "u", u, 0, "k.shape[0] (B)", batch);
-  detail::require_extent(function, "u", u, 1, "k.shape[1] (Hkv)", heads_kv);
-  detail::require_extent(function, "u", u, 2, "k.shape[2] (Lk)", len_k);
-  if (u.empty()) return;  // no loop over a huge B of an empty u
-  for (Index b = 0; b < batch; ++b)
-    for (Index h = 0; h < heads_kv; ++h)
-      for (Index j = 0; j < len_k; ++j)
-        check(std::isfinite(u(b, h, j)), function, ": u[", b, ", ", h, ", ", j,
-              "] must be finite, got ", u(b, h, j));
-}
-
-// The selection of every (batch, kv head), one task each.
-template <typename T>
-std::vector<HeadSelection> select_all(const TensorView<const T, 3>& u,
-                                      const SparseKGeometry& geometry, int num_threads) {
-  const Index batch = u.size(0), heads_kv = u.size(1);
-  std::vector<HeadSelection> selections(static_cast<std::size_t>(batch * heads_kv));
-  parallel_for(batch * heads_kv, detail::team_size(batch * heads_kv, num_threads), [&](Index task) {
-    detail::select_head(u.address(task / heads_kv, task % heads_kv, 0), u.stride(2), geometry,
-                        selections[static_cast<std::size_t>(task)]);
-  });
-  return selections;
-}
 
 template <typename T>
 void attention_impl(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorView<const T, 4> v,

@@ -399,6 +399,27 @@ template <typename Call>
 }
 
 // ---------------------------------------------------------------------------------------------
+// Finite differences.
+
+// The gradient of the scalar f() in every element of `values` by central differences,
+// (f(x + step) − f(x − step)) / 2 step, one element at a time; `values` is what f reads and is
+// left as it was.
+template <typename Scalar>
+std::vector<double> central_differences(std::vector<double>& values, double step, Scalar&& f) {
+  std::vector<double> gradient(values.size());
+  for (std::size_t i = 0; i < values.size(); ++i) {
+    const double original = values[i];
+    values[i] = original + step;
+    const double above = f();
+    values[i] = original - step;
+    const double below = f();
+    values[i] = original;
+    gradient[i] = (above - below) / (2 * step);
+  }
+  return gradient;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Threads.
 
 // Puts foveal's global thread count back to its default (set_num_threads(0)) on scope exit.

@@ -215,17 +215,8 @@ Gradients finite_difference_gradients(const Problem& p, const Inputs& in,
   constexpr double kStep = 1e-5;
   Inputs moved = in;
   const auto differentiate = [&](std::vector<double>& values) {
-    std::vector<double> gradient(values.size());
-    for (std::size_t index = 0; index < values.size(); ++index) {
-      const double original = values[index];
-      values[index] = original + kStep;
-      const double above = weighted_output(p, moved, grad_out, o);
-      values[index] = original - kStep;
-      const double below = weighted_output(p, moved, grad_out, o);
-      values[index] = original;
-      gradient[index] = (above - below) / (2 * kStep);
-    }
-    return gradient;
+    return central_differences(values, kStep,
+                               [&] { return weighted_output(p, moved, grad_out, o); });
   };
   Gradients result;
   result.grad_q = differentiate(moved.q);

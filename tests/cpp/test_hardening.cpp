@@ -243,11 +243,9 @@ TEST(HardeningConcurrency, KVCacheDecodeConcurrentWithAppendsNeverCrashes) {
       }
     }
   });
-  long ok = 0;
   for (int i = 0; i < 3000; ++i) {
     try {
       decode_attention(q.view(), cache, AttentionOptions{}, out.view());
-      ++ok;
     } catch (const Error& error) {
       EXPECT_NE(std::string(error.what()).find("another thread"), std::string::npos)
           << error.what();
@@ -255,7 +253,9 @@ TEST(HardeningConcurrency, KVCacheDecodeConcurrentWithAppendsNeverCrashes) {
   }
   stop = true;
   writer.join();
-  EXPECT_GT(ok, 0);
+  // On a busy machine every decode may have met an append; once the writer is gone the cache
+  // must still be whole and usable.
+  EXPECT_NO_THROW(decode_attention(q.view(), cache, AttentionOptions{}, out.view()));
   EXPECT_TRUE(all_finite(TensorView<const float, 4>(out.view())));
 }
 

@@ -287,6 +287,25 @@ TEST(PdeSsm, ClassReusesItsMultiplierAndMatchesTheFreeFunction) {
   }
 }
 
+// The free functions on an empty batch check their arguments but build nothing: a grid of
+// 4 × (2^31 + 1) × 3 would need a table and a transform plan of hundreds of GB.
+TEST(PdeSsm, FreeFunctionsOnAnEmptyBatchBuildNoTable) {
+  RandomSource random(43);
+  const Parameters p = Parameters::random(random, 3, true).rounded<float>();
+  const TypedParameters<float> typed(p);
+  const PdeSsmOptions options = make_options(PdeSsmMode::forced, PdeSsmBoundary::periodic);
+  const Index width = (Index{1} << 31) + 1;
+  const TensorView<const float, 4> x(nullptr, {0, 4, width, 3});
+  const TensorView<float, 4> out(nullptr, {0, 4, width, 3});
+  pde_ssm(x, typed.views(), out, options);
+  pde_ssm_backward(x, x, typed.views(), TensorView<float, 4>(nullptr, {0, 4, width, 3}), {},
+                   options);
+  // Still checked: a parameter that does not fit the channels.
+  const Parameters wrong = Parameters::random(random, 2, true).rounded<float>();
+  const TypedParameters<float> wrong_typed(wrong);
+  EXPECT_THROW(pde_ssm(x, wrong_typed.views(), out, options), foveal::Error);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Physics.
 

@@ -26,6 +26,7 @@
 #include "foveal/sparsek/attention.hpp"
 #include "harness.hpp"
 #include "reference/sparsek_attention_reference.hpp"
+#include "sparsek_cases.hpp"
 
 namespace foveal::test {
 namespace {
@@ -82,42 +83,7 @@ std::vector<double> problem_scores(const Problem& p, Scores scores) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Options.
-
-SparseKOptions sparsek_options(Index topk, Index window = 0, Index sink_tokens = 0,
-                               SparseKGate gate = SparseKGate::value, bool causal = true) {
-  SparseKOptions options;
-  options.topk = topk;
-  options.window = window;
-  options.sink_tokens = sink_tokens;
-  options.gate = gate;
-  options.causal = causal;
-  return options;
-}
-
-reference::SparseKReferenceOptions reference_options(const SparseKOptions& o) {
-  reference::SparseKReferenceOptions options;
-  options.topk = o.topk;
-  options.window = o.window;
-  options.sink_tokens = o.sink_tokens;
-  options.gate = o.gate == SparseKGate::value ? reference::Gate::value
-                 : o.gate == SparseKGate::kv  ? reference::Gate::kv
-                                              : reference::Gate::none;
-  options.causal = o.causal;
-  options.scale = o.scale;
-  options.softcap = o.softcap;
-  options.q_offset = o.q_offset;
-  return options;
-}
-
-std::string sparsek_options_string(const SparseKOptions& o) {
-  return describe("topk=", o.topk, " window=", o.window, " sink_tokens=", o.sink_tokens,
-                  " gate=", to_string(o.gate), " causal=", o.causal, " scale=", o.scale,
-                  " softcap=", o.softcap, " q_offset=", o.q_offset, " num_threads=", o.num_threads);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Calls and the reference.
+// Calls and the reference (options: sparsek_cases.hpp).
 
 // The float64 reference's out and lse.
 Outputs sparsek_reference_outputs(const Problem& p, const Inputs& in, const std::vector<double>& u,

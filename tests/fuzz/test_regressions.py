@@ -68,6 +68,13 @@ CASES = {
         "l = np.lib.stride_tricks.as_strided(z, (2**40, 0, 1), (0, 0, 0))",
         "r = foveal.merge_states(o, l, o, l)\nexpect(r[0], o.shape, o)",
     ),
+    # pde_ssm built the block's multiplier table and transform plan for the grid even for an
+    # empty batch: x [0, 4, 2**31 + 1, 3] hung.
+    "pde_ssm_empty_batch_huge_grid": (
+        "x = mk((0, 4, 2**31 + 1, 3), 'float32', 'zero')",
+        "r = foveal.pde_ssm.pde_ssm(x, [0.1, 0.0, 0.1], [0.0, 0.0], [0.0], [1.0], "
+        "mode='forced')\nexpect(r, x.shape, x)",
+    ),
 }
 
 

@@ -290,7 +290,9 @@ def test_bias_wrong_dtype():
 
 def test_out_wrong_shape():
     q, k, v = qkv()
-    with pytest.raises(ValueError, match=r"out must have shape \(2, 4, 5, 6\), got \(2, 4, 5, 8\)"):
+    with pytest.raises(
+        ValueError, match=r"out.shape\[3\] must equal v.shape\[3\] \(Dv\) = 6, got 8"
+    ):
         foveal.attention(q, k, v, out=np.empty((2, 4, 5, 8), np.float32))
     with pytest.raises(ValueError, match="out must have 4 dimensions"):
         foveal.attention(q, k, v, out=np.empty((4, 5, 6), np.float32))
@@ -383,5 +385,7 @@ def test_torch_dtype_mismatch_and_int(torch):
 
 def test_torch_out_wrong_shape(torch):
     q, k, v = (torch.from_numpy(x) for x in qkv())
-    with pytest.raises(ValueError, match=r"out must have shape \(2, 4, 5, 6\)"):
+    with pytest.raises(
+        ValueError, match=r"out.shape\[3\] must equal v.shape\[3\] \(Dv\) = 6, got 7"
+    ):
         foveal.attention(q, k, v, out=torch.empty(2, 4, 5, 7))

@@ -347,3 +347,27 @@ def test_bad_weights_raise(torch):
         spade.SpadeEmbedding.from_state_dict(schema, state)
     with pytest.raises(ValueError, match="features must hold the weights of feature 'energy'"):
         spade.SpadeEmbedding(schema, {"z": {}, "x": {}, "y": {}})
+
+
+def test_missing_parts_and_lengths_are_checked_once_in_cpp(rng, torch):
+    schema = shower_schema()
+    ids, values = random_tokens(rng, schema, 2, 5)
+    with pytest.raises(ValueError, match=r"ids must be given: .* \(Fd\) is 3"):
+        spade.delay(schema, None, values)
+    with pytest.raises(ValueError, match=r"delayed_values must be given: .* \(Fc\) is 1"):
+        spade.undelay(schema, spade.delay(schema, ids, values)[0], None)
+    with pytest.raises(ValueError, match=r'num_bins \(feature "q"\) must be >= 1 .* got 0'):
+        spade.Feature.binned("q", 0)
+    with pytest.raises(ValueError, match=r'num_bins \(feature "q"\) .* got 9223372036854775807'):
+        spade.Feature.binned("q", 2**63 - 1)
+    with pytest.raises(TypeError, match="lengths must be a sequence of ints, got ndarray"):
+        spade.delay(schema, ids, values, np.array([[5, 3]]))
+    with pytest.raises(TypeError, match="num_steps must be an int, got str"):
+        spade.loss_mask(schema, [3, 4], "9")
+    expected = spade.delay(schema, ids, values, [5, 3])
+    for lengths in (np.array([5, 3], np.int32), torch.tensor([5, 3])):
+        for got, want in zip(spade.delay(schema, ids, values, lengths), expected):
+            np.testing.assert_array_equal(got, want)
+    mask = spade.loss_mask(schema, torch.tensor([3, 4]), 9)
+    assert isinstance(mask, torch.Tensor) and mask.dtype == torch.bool
+    np.testing.assert_array_equal(mask.numpy(), spade.loss_mask(schema, [3, 4], 9))

@@ -135,7 +135,7 @@ def test_bad_input_raises_and_changes_nothing(rng):
         SparseKCache(1, 1, 2, topk=0)
     with pytest.raises(ValueError, match="window must be >= 0"):
         SparseKCache(1, 1, 2, topk=1, window=-1)
-    with pytest.raises(ValueError, match="gate must be one of"):
+    with pytest.raises(ValueError, match='gate must be "value", "kv" or "none", got "soft"'):
         SparseKCache(1, 1, 2, topk=1, gate="soft")
     with pytest.raises(TypeError, match="dtype must be float32 or float64"):
         SparseKCache(1, 1, 2, topk=1, dtype=np.int32)

@@ -52,7 +52,9 @@ def test_the_ops_are_registered_with_torch():
     assert hasattr(torch.ops.foveal, "attention")
     assert hasattr(torch.ops.foveal, "attention_backward")
     q = torch.randn(1, 2, 5, 8)
-    out, lse = torch.ops.foveal.attention(q, q, q, None, False, 0.0, True, -1, -1, 0, 0.0, -1, 0)
+    out, lse = torch.ops.foveal.attention(
+        q, q, q, None, False, None, True, -1, -1, 0, 0.0, None, None
+    )
     assert out.shape == (1, 2, 5, 8) and lse.shape == (1, 2, 5)
 
 
@@ -62,5 +64,5 @@ def test_opcheck_of_the_attention_op():
     q, k, v = (torch.randn(1, 2, 7, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     torch.library.opcheck(
         torch.ops.foveal.attention.default,
-        (q, k, v, None, False, 0.0, True, -1, -1, 0, 0.0, -1, 0),
+        (q, k, v, None, False, None, True, -1, -1, 0, 0.0, None, None),
     )

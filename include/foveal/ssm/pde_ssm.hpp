@@ -13,6 +13,7 @@
 
 #include <memory>
 #include <string_view>
+#include <utility>
 
 #include "foveal/core/tensor.hpp"
 
@@ -102,6 +103,8 @@ class PdeSsm {
   Index transform_width() const;
 
   struct State;  // the cached multiplier, plan and per-channel coefficients (src/pde_ssm.cpp)
+  // A block over a state built elsewhere (only the library can build one: the free functions).
+  explicit PdeSsm(std::shared_ptr<const State> state) : state_(std::move(state)) {}
 
  private:
   std::shared_ptr<const State> state_;
