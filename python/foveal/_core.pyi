@@ -43,8 +43,10 @@ __all__: list[str] = [
     "spade_undelay_logits",
     "sparsek",
     "sparsek_attention",
+    "sparsek_attention_backward",
     "sparsek_backward",
     "sparsek_linear_scores",
+    "sparsek_options",
     "sparsek_prefix_thresholds",
     "sparsek_select",
     "vq_assign",
@@ -445,8 +447,23 @@ def sparsek_attention(
     lse: typing.Any | None,
     **kwargs,
 ) -> None: ...
+def sparsek_attention_backward(
+    q: typing.Any,
+    k: typing.Any,
+    v: typing.Any,
+    u: typing.Any,
+    out: typing.Any,
+    lse: typing.Any,
+    grad_out: typing.Any,
+    grad_q: typing.Any,
+    grad_k: typing.Any,
+    grad_v: typing.Any,
+    grad_u: typing.Any | None,
+    **kwargs,
+) -> None: ...
 def sparsek_backward(p: typing.Any, grad_p: typing.Any, grad_z: typing.Any, **kwargs) -> None: ...
 def sparsek_linear_scores(x: typing.Any, w: typing.Any, u: typing.Any, **kwargs) -> None: ...
+def sparsek_options(arg0: str, **kwargs) -> dict: ...
 def sparsek_prefix_thresholds(
     z: typing.Any, tau: typing.Any, evicted_at: typing.Any | None, **kwargs
 ) -> None: ...

@@ -36,6 +36,7 @@ __all__ = [
     "pde_ssm",
     "sliding_window_attention",
     "sparsek",
+    "sparsek_attention",
 ]
 
 
@@ -105,7 +106,7 @@ def _attention_backward_op(
 
 @_attention_backward_op.register_fake
 def _(q, k, v, out, lse, grad_out, bias, sliding, *options):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return tuple(t.new_empty(t.shape) for t in (q, k, v))  # contiguous, as the op returns
 
 
 def _attention_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -179,6 +180,118 @@ def sliding_window_attention(
     """``foveal.sliding_window_attention`` differentiable in q, k and v."""
     options = _checked_options("sliding_window_attention", attention_options(locals()))
     return _attention_op(q, k, v, None, True, **options)[0]
+
+
+# SparseK attention as custom ops, differentiable in q, k, v and the scores u.
+
+_SPARSEK_OPTIONS = ("topk", "window", "gate", "sink_tokens", "causal", "scale", "softcap")
+
+
+@torch.library.custom_op("foveal::sparsek_attention", mutates_args=())
+def _sparsek_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    u: torch.Tensor,
+    topk: int,
+    window: int,
+    gate: str,
+    sink_tokens: int,
+    causal: bool,
+    scale: Optional[float],
+    softcap: float,
+    q_offset: Optional[int],
+    num_threads: Optional[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v, u = (t.detach() for t in (q, k, v, u))
+    options = {name: value for name, value in locals().items() if name not in ("q", "k", "v", "u")}
+    return _sparsek.sparsek_attention(q, k, v, u, return_lse=True, **options)
+
+
+@_sparsek_attention_op.register_fake
+def _(q, k, v, u, *options):
+    return q.new_empty((*q.shape[:3], v.shape[3])), q.new_empty(q.shape[:3])
+
+
+@torch.library.custom_op("foveal::sparsek_attention_backward", mutates_args=())
+def _sparsek_attention_backward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    u: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    score_grad: bool,
+    topk: int,
+    window: int,
+    gate: str,
+    sink_tokens: int,
+    causal: bool,
+    scale: Optional[float],
+    softcap: float,
+    q_offset: Optional[int],
+    num_threads: Optional[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    tensors = [t.detach() for t in (q, k, v, u, out, lse)]
+    # Autograd may hand over an expanded (stride-0) gradient: the kernel reads unit rows.
+    grad_out = grad_out.detach().contiguous()
+    options = {
+        name: value
+        for name, value in locals().items()
+        if name in (*_SPARSEK_OPTIONS, "q_offset", "num_threads", "score_grad")
+    }
+    grad_q, grad_k, grad_v, grad_u = _sparsek.sparsek_attention_backward(
+        *tensors, grad_out, **options
+    )
+    return grad_q, grad_k, grad_v, torch.zeros_like(u) if grad_u is None else grad_u
+
+
+@_sparsek_attention_backward_op.register_fake
+def _(q, k, v, u, out, lse, grad_out, *options):
+    return tuple(t.new_empty(t.shape) for t in (q, k, v, u))  # contiguous, as the op returns
+
+
+def _sparsek_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    q, k, v, u, *options = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, u, out, lse)
+    ctx.options = options
+
+
+def _sparsek_backward(ctx: Any, grad_out: torch.Tensor, _grad_lse: Any) -> tuple:
+    q, k, v, u, out, lse = ctx.saved_tensors
+    score_grad = ctx.needs_input_grad[3]
+    grads = _sparsek_attention_backward_op(q, k, v, u, out, lse, grad_out, score_grad, *ctx.options)
+    return (*grads[:3], grads[3] if score_grad else None, *(None for _ in ctx.options))
+
+
+_sparsek_attention_op.register_autograd(_sparsek_backward, setup_context=_sparsek_setup_context)
+
+
+def sparsek_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    u: torch.Tensor,
+    topk: int,
+    *,
+    window: int = 0,
+    sink_tokens: int = 0,
+    gate: str = "value",
+    causal: bool = True,
+    scale: Optional[float] = None,
+    softcap: float = 0.0,
+    q_offset: Optional[int] = None,
+    num_threads: Optional[int] = None,
+) -> torch.Tensor:
+    """``foveal.sparsek.sparsek_attention`` differentiable in q, k, v and the scores u (the
+    arguments are the same): the scores' gradient flows through the SPARSEK gates, so a scorer
+    such as ``foveal.sparsek.linear_scores`` (or any torch module producing u) trains."""
+    options = {name: value for name, value in locals().items() if name not in ("q", "k", "v", "u")}
+    if not torch.compiler.is_compiling():
+        options = _core.sparsek_options("sparsek_attention", **options)
+    return _sparsek_attention_op(q, k, v, u, **options)[0]
 
 
 class SparseK(torch.autograd.Function):

@@ -12,29 +12,34 @@ import foveal.torch as foveal_torch  # noqa: E402
 class TinyBlock(torch.nn.Module):
     """Projections around foveal attention: enough of a model to train."""
 
-    def __init__(self, dim: int, heads: int, sliding: bool) -> None:
+    def __init__(self, dim: int, heads: int, kind: str) -> None:
         super().__init__()
-        self.heads, self.sliding = heads, sliding
+        self.heads, self.kind = heads, kind
         self.qkv = torch.nn.Linear(dim, 3 * dim, dtype=torch.float64)
+        if kind == "sparsek":  # the scores u come from a trained linear scorer
+            self.scorer = torch.nn.Linear(dim, heads, dtype=torch.float64)
         self.proj = torch.nn.Linear(dim, dim, dtype=torch.float64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, dim = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, -1).unbind(2)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        if self.sliding:
+        if self.kind == "sliding-window":
             out = foveal_torch.sliding_window_attention(
                 q, k, v, window_left=5, causal=True, sink_tokens=2
             )
+        elif self.kind == "sparsek":
+            u = self.scorer(x).transpose(1, 2)
+            out = foveal_torch.sparsek_attention(q, k, v, u, 4, window=3, sink_tokens=1)
         else:
             out = foveal_torch.attention(q, k, v, causal=True, softcap=10.0)
         return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
 
 
-@pytest.mark.parametrize("sliding", [False, True], ids=["dense", "sliding-window"])
-def test_compiled_model_runs_without_graph_breaks_and_matches_eager(sliding):
+@pytest.mark.parametrize("kind", ["dense", "sliding-window", "sparsek"])
+def test_compiled_model_runs_without_graph_breaks_and_matches_eager(kind):
     torch.manual_seed(0)
-    model = TinyBlock(32, 4, sliding)
+    model = TinyBlock(32, 4, kind)
     x = torch.randn(2, 19, 32, dtype=torch.float64)
     eager_loss = model(x).square().sum()
     eager_grads = torch.autograd.grad(eager_loss, list(model.parameters()))
