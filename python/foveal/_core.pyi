@@ -48,6 +48,7 @@ __all__: list[str] = [
     "sparsek_linear_scores",
     "sparsek_options",
     "sparsek_prefix_thresholds",
+    "sparsek_projection_options",
     "sparsek_select",
     "vq_assign",
     "vq_perplexity",
@@ -467,6 +468,7 @@ def sparsek_options(arg0: str, **kwargs) -> dict: ...
 def sparsek_prefix_thresholds(
     z: typing.Any, tau: typing.Any, evicted_at: typing.Any | None, **kwargs
 ) -> None: ...
+def sparsek_projection_options(**kwargs) -> dict: ...
 def sparsek_select(u: typing.Any, indices: typing.Any, gates: typing.Any, **kwargs) -> None: ...
 def vq_assign(
     x: typing.Any,

@@ -271,6 +271,15 @@ void bind_sparsek(py::module_& m) {
     keywords.require_all_read();
     return foveal::python::options_dict(options);
   });
+  m.def("sparsek_projection_options", [](const py::kwargs& kwargs) {
+    const Keywords keywords("sparsek", kwargs);
+    py::dict values;
+    values["k"] = keywords.integer("k");
+    const int num_threads = keywords.threads();
+    values["num_threads"] = num_threads == 0 ? py::object(py::none()) : py::int_(num_threads);
+    keywords.require_all_read();
+    return values;
+  });
   m.def("sparsek_select", &select_keys, py::arg("u"), py::arg("indices"), py::arg("gates"));
   m.def("sparsek_prefix_thresholds", &prefix_thresholds, py::arg("z"), py::arg("tau"),
         py::arg("evicted_at"));

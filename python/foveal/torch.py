@@ -1,19 +1,19 @@
-"""foveal operators as torch autograd Functions (imports torch; only for users who have it).
+"""foveal operators for torch autograd (imports torch; only for users who have it).
 
 ``attention(q, k, v, ...)`` and ``sliding_window_attention(q, k, v, ...)`` are
 ``foveal.attention`` / ``foveal.sliding_window_attention`` differentiable in q, k and v
-(``foveal.attention_backward``): deterministic gradients, bitwise identical for any thread
-count. They are the torch.library custom ops ``torch.ops.foveal.attention`` and
-``torch.ops.foveal.attention_backward`` (with fake implementations and registered autograd), so
+(``foveal.attention_backward``); ``sparsek_attention(q, k, v, u, topk, ...)`` is
+``foveal.sparsek.sparsek_attention`` differentiable in q, k, v and the scores u
+(``foveal.sparsek.sparsek_attention_backward``); ``sparsek(z, k)`` is the SPARSEK projection
+differentiable in z. Their gradients are deterministic: bitwise identical for any thread count.
+Each is a torch.library custom op (``torch.ops.foveal.attention``, ``.sparsek_attention``,
+``.sparsek``, with their backward ops) with a fake implementation and registered autograd, so
 ``torch.compile(fullgraph=True)`` traces them without graph breaks.
 
-``sparsek(z, k)`` is the SPARSEK projection (``foveal.sparsek.sparsek``) with its backward
-(``foveal.sparsek.sparsek_backward``) wired into autograd, for CPU float32 / float64 tensors
-with any leading dimensions.
-
 ``pde_ssm(x, diffusion, velocity, reaction, time, skip)`` is the PDE-SSM block
-(``foveal.pde_ssm``) differentiable in the input and every parameter: each call builds the
-block's multiplier once and its backward reuses it.
+(``foveal.pde_ssm``) differentiable in the input and every parameter, as an autograd.Function:
+each call builds the block's multiplier once and its backward reuses it (not yet a custom op:
+torch.compile breaks the graph there).
 """
 
 from __future__ import annotations
@@ -294,26 +294,61 @@ def sparsek_attention(
     return _sparsek_attention_op(q, k, v, u, **options)[0]
 
 
-class SparseK(torch.autograd.Function):
-    """z: [..., n], k  ->  p: [..., n] = SPARSEK(z, k) per row; backward
-    ``1_F * (g - mean_F(g))`` with F = {0 < p < 1}."""
-
-    @staticmethod
-    def forward(ctx: Any, z: torch.Tensor, k: int) -> torch.Tensor:
-        p = _sparsek.sparsek(z.detach().contiguous(), k)
-        ctx.save_for_backward(p)
-        return p
-
-    @staticmethod
-    def backward(ctx: Any, grad_p: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (p,) = ctx.saved_tensors
-        grad_z = _sparsek.sparsek_backward(p, grad_p.detach().contiguous())
-        return grad_z, None
+# The SPARSEK projection as custom ops.
 
 
-def sparsek(z: torch.Tensor, k: int) -> torch.Tensor:
-    """z: [..., n]  ->  p: [..., n], differentiable in z (see ``SparseK``)."""
-    return SparseK.apply(z, k)
+@torch.library.custom_op("foveal::sparsek", mutates_args=())
+def _sparsek_op(z: torch.Tensor, k: int, num_threads: Optional[int]) -> torch.Tensor:
+    return _sparsek.sparsek(z.detach(), k, num_threads=num_threads)
+
+
+@_sparsek_op.register_fake
+def _(z, k, num_threads):
+    return z.new_empty(z.shape)
+
+
+@torch.library.custom_op("foveal::sparsek_backward", mutates_args=())
+def _sparsek_backward_op(
+    p: torch.Tensor, grad_p: torch.Tensor, num_threads: Optional[int]
+) -> torch.Tensor:
+    return _sparsek.sparsek_backward(p.detach(), grad_p.detach(), num_threads=num_threads)
+
+
+@_sparsek_backward_op.register_fake
+def _(p, grad_p, num_threads):
+    return p.new_empty(p.shape)
+
+
+def _sparsek_projection_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    ctx.save_for_backward(output)
+    ctx.num_threads = inputs[2]
+
+
+def _sparsek_projection_backward(ctx: Any, grad_p: torch.Tensor) -> tuple:
+    (p,) = ctx.saved_tensors
+    return _sparsek_backward_op(p, grad_p, ctx.num_threads), None, None
+
+
+_sparsek_op.register_autograd(
+    _sparsek_projection_backward, setup_context=_sparsek_projection_setup_context
+)
+
+
+def sparsek(z: torch.Tensor, k: int, *, num_threads: Optional[int] = None) -> torch.Tensor:
+    """z: [..., n]  ->  p: [..., n] = SPARSEK(z, k) per row (``foveal.sparsek.sparsek``),
+    differentiable in z: ``grad_z = 1_F * (grad_p - mean_F(grad_p))`` with F = {0 < p < 1}.
+    The custom op ``foveal::sparsek`` with its backward op registered for autograd."""
+    if not torch.compiler.is_compiling():
+        options = _core.sparsek_projection_options(k=k, num_threads=num_threads)
+        k, num_threads = options["k"], options["num_threads"]
+    return _sparsek_op(z, k, num_threads)
+
+
+class SparseK:
+    """``SparseK.apply(z, k)``: the same as :func:`sparsek` (kept for code written against the
+    earlier autograd.Function)."""
+
+    apply = staticmethod(sparsek)
 
 
 class PdeSsm(torch.autograd.Function):

@@ -71,3 +71,17 @@ def test_opcheck_of_the_attention_op():
         torch.ops.foveal.attention.default,
         (q, k, v, None, False, None, True, -1, -1, 0, 0.0, None, None),
     )
+
+
+def test_the_sparsek_projection_op_compiles_and_passes_opcheck():
+    """foveal::sparsek (the SPARSEK projection) with its registered backward."""
+    z = torch.randn(3, 5, 11, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.foveal.sparsek.default, (z, 4, None))
+
+    def f(z):
+        return (foveal_torch.sparsek(z, 4) * torch.arange(11.0, dtype=torch.float64)).sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    (eager,) = torch.autograd.grad(f(z), z)
+    (traced,) = torch.autograd.grad(compiled(z), z)
+    assert torch.equal(eager, traced)
