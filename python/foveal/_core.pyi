@@ -34,6 +34,7 @@ __all__: list[str] = [
     "merge_states",
     "pde_ssm",
     "pde_ssm_backward",
+    "pde_ssm_options",
     "set_num_threads",
     "sliding_window_attention",
     "spade_binned",
@@ -412,6 +413,7 @@ def pde_ssm_backward(
     skip: typing.Any | None,
     **kwargs,
 ) -> None: ...
+def pde_ssm_options(arg0: str, **kwargs) -> dict: ...
 def set_num_threads(**kwargs) -> None: ...
 def sliding_window_attention(
     q: typing.Any, k: typing.Any, v: typing.Any, out: typing.Any, lse: typing.Any | None, **kwargs
