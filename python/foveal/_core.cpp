@@ -368,18 +368,7 @@ PYBIND11_MODULE(_core, m) {
     const Keywords keywords(function.c_str(), kwargs);
     const foveal::AttentionOptions options = foveal::python::attention_options(keywords);
     keywords.require_all_read();
-    py::dict values;
-    values["scale"] = options.scale == 0 ? py::object(py::none()) : py::float_(options.scale);
-    values["causal"] = options.causal;
-    values["window_left"] = options.window_left;
-    values["window_right"] = options.window_right;
-    values["sink_tokens"] = options.sink_tokens;
-    values["softcap"] = options.softcap;
-    values["q_offset"] =
-        options.q_offset == -1 ? py::object(py::none()) : py::int_(options.q_offset);
-    values["num_threads"] =
-        options.num_threads == 0 ? py::object(py::none()) : py::int_(options.num_threads);
-    return values;
+    return foveal::python::options_dict(options);
   });
 
   m.def("attention_kernel_names", &foveal::attention_kernel_names);

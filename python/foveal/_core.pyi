@@ -35,6 +35,7 @@ __all__: list[str] = [
     "merge_states",
     "pde_ssm",
     "pde_ssm_backward",
+    "pde_ssm_options",
     "set_num_threads",
     "sliding_window_attention",
     "spade_binned",
@@ -44,9 +45,12 @@ __all__: list[str] = [
     "spade_undelay_logits",
     "sparsek",
     "sparsek_attention",
+    "sparsek_attention_backward",
     "sparsek_backward",
     "sparsek_linear_scores",
+    "sparsek_options",
     "sparsek_prefix_thresholds",
+    "sparsek_projection_options",
     "sparsek_select",
     "vq_assign",
     "vq_perplexity",
@@ -411,6 +415,7 @@ def pde_ssm_backward(
     skip: typing.Any | None,
     **kwargs,
 ) -> None: ...
+def pde_ssm_options(arg0: str, **kwargs) -> dict: ...
 def set_num_threads(**kwargs) -> None: ...
 def sliding_window_attention(
     q: typing.Any, k: typing.Any, v: typing.Any, out: typing.Any, lse: typing.Any | None, **kwargs
@@ -447,11 +452,27 @@ def sparsek_attention(
     lse: typing.Any | None,
     **kwargs,
 ) -> None: ...
+def sparsek_attention_backward(
+    q: typing.Any,
+    k: typing.Any,
+    v: typing.Any,
+    u: typing.Any,
+    out: typing.Any,
+    lse: typing.Any,
+    grad_out: typing.Any,
+    grad_q: typing.Any,
+    grad_k: typing.Any,
+    grad_v: typing.Any,
+    grad_u: typing.Any | None,
+    **kwargs,
+) -> None: ...
 def sparsek_backward(p: typing.Any, grad_p: typing.Any, grad_z: typing.Any, **kwargs) -> None: ...
 def sparsek_linear_scores(x: typing.Any, w: typing.Any, u: typing.Any, **kwargs) -> None: ...
+def sparsek_options(arg0: str, **kwargs) -> dict: ...
 def sparsek_prefix_thresholds(
     z: typing.Any, tau: typing.Any, evicted_at: typing.Any | None, **kwargs
 ) -> None: ...
+def sparsek_projection_options(**kwargs) -> dict: ...
 def sparsek_select(u: typing.Any, indices: typing.Any, gates: typing.Any, **kwargs) -> None: ...
 def vq_assign(
     x: typing.Any,

@@ -2,6 +2,7 @@
 #include "_keywords.hpp"
 
 #include <limits>
+#include <utility>
 
 #include "_tensor.hpp"
 #include "foveal/core/parallel.hpp"
@@ -142,6 +143,32 @@ SparseKOptions sparsek_options(const Keywords& keywords) {
   options.window = keywords.integer("window", 0);
   options.gate = parse_sparsek_gate(keywords.text("gate", "value"));
   return options;
+}
+
+py::dict options_dict(const AttentionOptions& options) {
+  const auto unless = [](bool is_default, py::object value) {
+    return is_default ? py::object(py::none()) : std::move(value);
+  };
+  py::dict values;
+  values["scale"] = unless(options.scale == 0, py::float_(options.scale));
+  values["causal"] = options.causal;
+  values["window_left"] = options.window_left;
+  values["window_right"] = options.window_right;
+  values["sink_tokens"] = options.sink_tokens;
+  values["softcap"] = options.softcap;
+  values["q_offset"] = unless(options.q_offset == -1, py::int_(options.q_offset));
+  values["num_threads"] = unless(options.num_threads == 0, py::int_(options.num_threads));
+  return values;
+}
+
+py::dict options_dict(const SparseKOptions& options) {
+  py::dict values = options_dict(static_cast<const AttentionOptions&>(options));
+  values.attr("pop")("window_left");
+  values.attr("pop")("window_right");
+  values["topk"] = options.topk;
+  values["window"] = options.window;
+  values["gate"] = to_string(options.gate);
+  return values;
 }
 
 }  // namespace foveal::python

@@ -58,6 +58,11 @@ class Keywords {
 // window_right, sink_tokens, softcap, q_offset (None = bottom-right), num_threads.
 AttentionOptions attention_options(const Keywords& keywords, bool causal_default = false);
 
+// The options as Python values, None where the default applies (scale 0, q_offset -1,
+// num_threads 0): for callers that forward them to another typed interface (torch custom ops).
+py::dict options_dict(const AttentionOptions& options);
+py::dict options_dict(const SparseKOptions& options);
+
 // The attention options (causal by default) and topk, window, gate ("value", "kv", "none").
 SparseKOptions sparsek_options(const Keywords& keywords);
 

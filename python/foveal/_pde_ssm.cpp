@@ -241,6 +241,22 @@ void backward(const OptionalTensor& x, const Tensor& grad_out, const OptionalTen
 void bind_pde_ssm(py::module_& m) {
   bind_block<float>(m, "PdeSsmF32");
   bind_block<double>(m, "PdeSsmF64");
+  // The options of a call as plain values, checked (for foveal.torch's custom ops).
+  m.def("pde_ssm_options", [](const std::string& function, const py::kwargs& kwargs) {
+    const Keywords keywords(function.c_str(), kwargs);
+    const bool first = channels_first(keywords);
+    const auto options = block_options(keywords);
+    const int num_threads = keywords.threads();
+    keywords.require_all_read();
+    py::dict values;
+    values["mode"] = keywords.text("mode", "initial_value");
+    values["boundary"] = keywords.text("boundary", "periodic");
+    values["diffusion_form"] = keywords.text("diffusion_form", "cholesky");
+    values["layout"] = first ? "channels_first" : "channels_last";
+    values["num_threads"] = num_threads == 0 ? py::object(py::none()) : py::int_(num_threads);
+    static_cast<void>(options);
+    return values;
+  });
   m.def("pde_ssm", &forward, py::arg("x"), py::arg("out"), py::arg("diffusion"),
         py::arg("velocity"), py::arg("reaction"), py::arg("time"), py::arg("skip"));
   m.def("pde_ssm_backward", &backward, py::arg("x"), py::arg("grad_out"), py::arg("grad_x"),

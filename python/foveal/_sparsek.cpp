@@ -7,11 +7,13 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "_keywords.hpp"
 #include "_tensor.hpp"
 #include "foveal/sparsek/attention.hpp"
+#include "foveal/sparsek/backward.hpp"
 #include "foveal/sparsek/cache.hpp"
 #include "foveal/sparsek/projection.hpp"
 
@@ -155,6 +157,36 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
   });
 }
 
+// The gradients of sparsek_attention; grad_u None skips the scores' gradient.
+void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& u,
+                        const Tensor& out, const Tensor& lse, const Tensor& grad_out,
+                        const Tensor& grad_q, const Tensor& grad_k, const Tensor& grad_v,
+                        const std::optional<Tensor>& grad_u, const py::kwargs& kwargs) {
+  const char* fn = "sparsek_attention_backward";
+  const Keywords keywords(fn, kwargs);
+  const auto options = foveal::python::sparsek_options(keywords);
+  keywords.require_all_read();
+  with_float_type(fn, "q", q, [&](auto type) {
+    using T = decltype(type);
+    const char* same = "the dtype of q";
+    const auto q_view = q.view<const T, 4>(fn, "q", "B, Hq, Lq, D");
+    const auto k_view = k.view<const T, 4>(fn, "k", "B, Hkv, Lk, D", same);
+    const auto v_view = v.view<const T, 4>(fn, "v", "B, Hkv, Lk, Dv", same);
+    const auto u_view = u.view<const T, 3>(fn, "u", "B, Hkv, Lk", same);
+    const auto out_view = out.view<const T, 4>(fn, "out", "B, Hq, Lq, Dv", same);
+    const auto lse_view = lse.view<const T, 3>(fn, "lse", "B, Hq, Lq", same);
+    const auto grad_out_view = grad_out.view<const T, 4>(fn, "grad_out", "B, Hq, Lq, Dv", same);
+    const auto grad_q_view = grad_q.view<T, 4>(fn, "grad_q", "B, Hq, Lq, D", same);
+    const auto grad_k_view = grad_k.view<T, 4>(fn, "grad_k", "B, Hkv, Lk, D", same);
+    const auto grad_v_view = grad_v.view<T, 4>(fn, "grad_v", "B, Hkv, Lk, Dv", same);
+    const auto grad_u_view = optional_view<T, 3>(grad_u, fn, "grad_u", "B, Hkv, Lk", same);
+    py::gil_scoped_release release;
+    foveal::sparsek_attention_backward(q_view, k_view, v_view, u_view, out_view, lse_view,
+                                       grad_out_view, options, grad_q_view, grad_k_view,
+                                       grad_v_view, grad_u_view);
+  });
+}
+
 // SparseKCache<T> as the class `class_name`; foveal/sparsek.py wraps it.
 template <typename T>
 void bind_sparsek_cache(py::module_& m, const char* class_name) {
@@ -230,6 +262,24 @@ void bind_sparsek(py::module_& m) {
   m.def("sparsek_backward", &sparsek_backward, py::arg("p"), py::arg("grad_p"), py::arg("grad_z"));
   m.def("sparsek_attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("u"),
         py::arg("out"), py::arg("lse"));
+  m.def("sparsek_attention_backward", &attention_backward, py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("u"), py::arg("out"), py::arg("lse"), py::arg("grad_out"), py::arg("grad_q"),
+        py::arg("grad_k"), py::arg("grad_v"), py::arg("grad_u"));
+  m.def("sparsek_options", [](const std::string& function, const py::kwargs& kwargs) {
+    const Keywords keywords(function.c_str(), kwargs);
+    const auto options = foveal::python::sparsek_options(keywords);
+    keywords.require_all_read();
+    return foveal::python::options_dict(options);
+  });
+  m.def("sparsek_projection_options", [](const py::kwargs& kwargs) {
+    const Keywords keywords("sparsek", kwargs);
+    py::dict values;
+    values["k"] = keywords.integer("k");
+    const int num_threads = keywords.threads();
+    values["num_threads"] = num_threads == 0 ? py::object(py::none()) : py::int_(num_threads);
+    keywords.require_all_read();
+    return values;
+  });
   m.def("sparsek_select", &select_keys, py::arg("u"), py::arg("indices"), py::arg("gates"));
   m.def("sparsek_prefix_thresholds", &prefix_thresholds, py::arg("z"), py::arg("tau"),
         py::arg("evicted_at"));

@@ -23,6 +23,7 @@ __all__ = [
     "prefix_thresholds",
     "sparsek",
     "sparsek_attention",
+    "sparsek_attention_backward",
     "sparsek_backward",
     "sparsek_select",
 ]
@@ -92,7 +93,8 @@ def sparsek_attention(
     ``gate``: ``"value"`` scales each selected value by its gate, ``"kv"`` scales key and
     value, ``"none"`` is hard top-k. ``topk`` larger than the pool selects all of it.
 
-    Returns ``out``, or ``(out, lse)`` with ``return_lse=True``. Forward only (no autograd).
+    Returns ``out``, or ``(out, lse)`` with ``return_lse=True``. Gradients:
+    :func:`sparsek_attention_backward`; autograd: :func:`foveal.torch.sparsek_attention`.
     """
     out, lse = attention_outputs(q, v, out, return_lse)
     _core.sparsek_attention(
@@ -108,6 +110,58 @@ def sparsek_attention(
         **attention_options(locals()),
     )
     return (out, lse) if return_lse else out
+
+
+def sparsek_attention_backward(
+    q: Any,
+    k: Any,
+    v: Any,
+    u: Any,
+    out: Any,
+    lse: Any,
+    grad_out: Any,
+    topk: int,
+    *,
+    window: int = 0,
+    sink_tokens: int = 0,
+    gate: str = "value",
+    causal: bool = True,
+    scale: Optional[float] = None,
+    softcap: float = 0.0,
+    q_offset: Optional[int] = None,
+    score_grad: bool = True,
+    num_threads: Optional[int] = None,
+) -> tuple[Any, Any, Any, Any]:
+    """The gradients of :func:`sparsek_attention`: ``(grad_q, grad_k, grad_v, grad_u)`` for the
+    loss gradient ``grad_out`` ``[B, Hq, Lq, Dv]``, given the forward's ``out`` and ``lse``
+    (``return_lse=True``) and the same inputs and options.
+
+    ``grad_u`` ``[B, Hkv, Lk]`` is the gradient to the scores through the SPARSEK gates: on the
+    fractional support F of each query's pool (keys with ``0 < u - tau < 1``) a gate moves with
+    its own score and, through tau, against the mean over F (``dm_j/du_l = [j = l] - 1/|F|``).
+    It is what trains a scorer such as :func:`linear_scores`; ``score_grad=False`` skips it
+    (None is returned). Gate ``"none"`` has no derivative in u: zeros. grad_k, grad_v and
+    grad_u sum over the query heads of a group. Bitwise identical for any thread count. For
+    autograd use :func:`foveal.torch.sparsek_attention`.
+    """
+    grads = [new_like(q, shape(x)) for x in (q, k, v)]
+    grad_u = new_like(q, shape(u)) if score_grad else None
+    _core.sparsek_attention_backward(
+        q,
+        k,
+        v,
+        u,
+        out,
+        lse,
+        grad_out,
+        *grads,
+        grad_u,
+        topk=topk,
+        window=window,
+        gate=gate,
+        **attention_options(locals()),
+    )
+    return (*grads, grad_u)
 
 
 def sparsek_select(

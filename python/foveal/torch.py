@@ -1,23 +1,26 @@
-"""foveal operators as torch autograd Functions (imports torch; only for users who have it).
+"""foveal operators for torch autograd (imports torch; only for users who have it).
 
 ``attention(q, k, v, ...)`` and ``sliding_window_attention(q, k, v, ...)`` are
 ``foveal.attention`` / ``foveal.sliding_window_attention`` differentiable in q, k and v
-(``foveal.attention_backward``): deterministic gradients, bitwise identical for any thread
-count. They are the torch.library custom ops ``torch.ops.foveal.attention`` and
-``torch.ops.foveal.attention_backward`` (with fake implementations and registered autograd), so
+(``foveal.attention_backward``); ``sparsek_attention(q, k, v, u, topk, ...)`` is
+``foveal.sparsek.sparsek_attention`` differentiable in q, k, v and the scores u
+(``foveal.sparsek.sparsek_attention_backward``); ``sparsek(z, k)`` is the SPARSEK projection
+differentiable in z. Their gradients are deterministic: bitwise identical for any thread count.
+Each is a torch.library custom op (``torch.ops.foveal.attention``, ``.sparsek_attention``,
+``.sparsek``, with their backward ops) with a fake implementation and registered autograd, so
 ``torch.compile(fullgraph=True)`` traces them without graph breaks.
 
-``sparsek(z, k)`` is the SPARSEK projection (``foveal.sparsek.sparsek``) with its backward
-(``foveal.sparsek.sparsek_backward``) wired into autograd, for CPU float32 / float64 tensors
-with any leading dimensions.
-
 ``pde_ssm(x, diffusion, velocity, reaction, time, skip)`` is the PDE-SSM block
-(``foveal.pde_ssm``) differentiable in the input and every parameter: each call builds the
-block's multiplier once and its backward reuses it.
+(``foveal.pde_ssm``) differentiable in the input and every parameter, as an autograd.Function:
+each call builds the block's multiplier once and its backward reuses it (not yet a custom op:
+torch.compile breaks the graph there).
 """
 
 from __future__ import annotations
 
+import itertools
+import warnings
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -36,6 +39,7 @@ __all__ = [
     "pde_ssm",
     "sliding_window_attention",
     "sparsek",
+    "sparsek_attention",
 ]
 
 
@@ -105,7 +109,7 @@ def _attention_backward_op(
 
 @_attention_backward_op.register_fake
 def _(q, k, v, out, lse, grad_out, bias, sliding, *options):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return tuple(t.new_empty(t.shape) for t in (q, k, v))  # contiguous, as the op returns
 
 
 def _attention_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -181,86 +185,318 @@ def sliding_window_attention(
     return _attention_op(q, k, v, None, True, **options)[0]
 
 
-class SparseK(torch.autograd.Function):
-    """z: [..., n], k  ->  p: [..., n] = SPARSEK(z, k) per row; backward
-    ``1_F * (g - mean_F(g))`` with F = {0 < p < 1}."""
+# SparseK attention as custom ops, differentiable in q, k, v and the scores u.
 
-    @staticmethod
-    def forward(ctx: Any, z: torch.Tensor, k: int) -> torch.Tensor:
-        p = _sparsek.sparsek(z.detach().contiguous(), k)
-        ctx.save_for_backward(p)
-        return p
-
-    @staticmethod
-    def backward(ctx: Any, grad_p: torch.Tensor) -> tuple[torch.Tensor, None]:
-        (p,) = ctx.saved_tensors
-        grad_z = _sparsek.sparsek_backward(p, grad_p.detach().contiguous())
-        return grad_z, None
+_SPARSEK_OPTIONS = ("topk", "window", "gate", "sink_tokens", "causal", "scale", "softcap")
 
 
-def sparsek(z: torch.Tensor, k: int) -> torch.Tensor:
-    """z: [..., n]  ->  p: [..., n], differentiable in z (see ``SparseK``)."""
-    return SparseK.apply(z, k)
+@torch.library.custom_op("foveal::sparsek_attention", mutates_args=())
+def _sparsek_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    u: torch.Tensor,
+    topk: int,
+    window: int,
+    gate: str,
+    sink_tokens: int,
+    causal: bool,
+    scale: Optional[float],
+    softcap: float,
+    q_offset: Optional[int],
+    num_threads: Optional[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v, u = (t.detach() for t in (q, k, v, u))
+    options = {name: value for name, value in locals().items() if name not in ("q", "k", "v", "u")}
+    return _sparsek.sparsek_attention(q, k, v, u, return_lse=True, **options)
 
 
-class PdeSsm(torch.autograd.Function):
-    """x: [B, H, W, C] (or [B, C, H, W] with layout="channels_first") and the block's
-    parameters  ->  y (``foveal.pde_ssm.pde_ssm``); backward
-    ``foveal.pde_ssm.PdeSsm.backward`` on the block the forward built."""
-
-    @staticmethod
-    def forward(
-        ctx: Any,
-        x: torch.Tensor,
-        diffusion: torch.Tensor,
-        velocity: torch.Tensor,
-        reaction: torch.Tensor,
-        time: torch.Tensor,
-        skip: Optional[torch.Tensor],
-        options: dict,
-    ) -> torch.Tensor:
-        layout = options.get("layout", "channels_last")
-        block_options = {key: value for key, value in options.items() if key != "layout"}
-        grid = x.shape[1:] if layout == "channels_last" else (*x.shape[2:], x.shape[1])
-        # Parameters may also be numbers or lists (no gradient flows to them).
-        parameters = [
-            p.detach() if isinstance(p, torch.Tensor) else p
-            for p in (diffusion, velocity, reaction, time, skip)
-        ]
-        block = _pde_ssm.PdeSsm(*grid, *parameters, dtype=_numpy_dtype(x), **block_options)
-        ctx.block, ctx.layout = block, layout
-        ctx.save_for_backward(x)
-        return block.forward(x.detach(), layout=layout)
-
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple:
-        (x,) = ctx.saved_tensors
-        needs = ctx.needs_input_grad
-        grads = ctx.block.backward(
-            x.detach(),
-            grad_out.detach(),
-            layout=ctx.layout,
-            input_grad=needs[0],
-            parameter_grads=any(needs[1:6]),
-        )
-        return (
-            grads.x if needs[0] else None,
-            *(gradient if need else None for gradient, need in zip(grads[1:], needs[1:6])),
-            None,
-        )
+@_sparsek_attention_op.register_fake
+def _(q, k, v, u, *options):
+    return q.new_empty((*q.shape[:3], v.shape[3])), q.new_empty(q.shape[:3])
 
 
-def _numpy_dtype(x: torch.Tensor) -> str:
-    return "float64" if x.dtype == torch.float64 else "float32"
+@torch.library.custom_op("foveal::sparsek_attention_backward", mutates_args=())
+def _sparsek_attention_backward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    u: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    grad_out: torch.Tensor,
+    score_grad: bool,
+    topk: int,
+    window: int,
+    gate: str,
+    sink_tokens: int,
+    causal: bool,
+    scale: Optional[float],
+    softcap: float,
+    q_offset: Optional[int],
+    num_threads: Optional[int],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    tensors = [t.detach() for t in (q, k, v, u, out, lse)]
+    # Autograd may hand over an expanded (stride-0) gradient: the kernel reads unit rows.
+    grad_out = grad_out.detach().contiguous()
+    options = {
+        name: value
+        for name, value in locals().items()
+        if name in (*_SPARSEK_OPTIONS, "q_offset", "num_threads", "score_grad")
+    }
+    grad_q, grad_k, grad_v, grad_u = _sparsek.sparsek_attention_backward(
+        *tensors, grad_out, **options
+    )
+    return grad_q, grad_k, grad_v, torch.zeros_like(u) if grad_u is None else grad_u
 
 
-def pde_ssm(
+@_sparsek_attention_backward_op.register_fake
+def _(q, k, v, u, out, lse, grad_out, *options):
+    return tuple(t.new_empty(t.shape) for t in (q, k, v, u))  # contiguous, as the op returns
+
+
+def _sparsek_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    q, k, v, u, *options = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, u, out, lse)
+    ctx.options = options
+
+
+def _sparsek_backward(ctx: Any, grad_out: torch.Tensor, _grad_lse: Any) -> tuple:
+    q, k, v, u, out, lse = ctx.saved_tensors
+    score_grad = ctx.needs_input_grad[3]
+    grads = _sparsek_attention_backward_op(q, k, v, u, out, lse, grad_out, score_grad, *ctx.options)
+    return (*grads[:3], grads[3] if score_grad else None, *(None for _ in ctx.options))
+
+
+_sparsek_attention_op.register_autograd(_sparsek_backward, setup_context=_sparsek_setup_context)
+
+
+def sparsek_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    u: torch.Tensor,
+    topk: int,
+    *,
+    window: int = 0,
+    sink_tokens: int = 0,
+    gate: str = "value",
+    causal: bool = True,
+    scale: Optional[float] = None,
+    softcap: float = 0.0,
+    q_offset: Optional[int] = None,
+    num_threads: Optional[int] = None,
+) -> torch.Tensor:
+    """``foveal.sparsek.sparsek_attention`` differentiable in q, k, v and the scores u (the
+    arguments are the same): the scores' gradient flows through the SPARSEK gates, so a scorer
+    such as ``foveal.sparsek.linear_scores`` (or any torch module producing u) trains."""
+    options = {name: value for name, value in locals().items() if name not in ("q", "k", "v", "u")}
+    if not torch.compiler.is_compiling():
+        options = _core.sparsek_options("sparsek_attention", **options)
+    return _sparsek_attention_op(q, k, v, u, **options)[0]
+
+
+# The SPARSEK projection as custom ops.
+
+
+@torch.library.custom_op("foveal::sparsek", mutates_args=())
+def _sparsek_op(z: torch.Tensor, k: int, num_threads: Optional[int]) -> torch.Tensor:
+    return _sparsek.sparsek(z.detach(), k, num_threads=num_threads)
+
+
+@_sparsek_op.register_fake
+def _(z, k, num_threads):
+    return z.new_empty(z.shape)
+
+
+@torch.library.custom_op("foveal::sparsek_backward", mutates_args=())
+def _sparsek_backward_op(
+    p: torch.Tensor, grad_p: torch.Tensor, num_threads: Optional[int]
+) -> torch.Tensor:
+    return _sparsek.sparsek_backward(p.detach(), grad_p.detach(), num_threads=num_threads)
+
+
+@_sparsek_backward_op.register_fake
+def _(p, grad_p, num_threads):
+    return p.new_empty(p.shape)
+
+
+def _sparsek_projection_setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    ctx.save_for_backward(output)
+    ctx.num_threads = inputs[2]
+
+
+def _sparsek_projection_backward(ctx: Any, grad_p: torch.Tensor) -> tuple:
+    (p,) = ctx.saved_tensors
+    return _sparsek_backward_op(p, grad_p, ctx.num_threads), None, None
+
+
+_sparsek_op.register_autograd(
+    _sparsek_projection_backward, setup_context=_sparsek_projection_setup_context
+)
+
+
+def sparsek(z: torch.Tensor, k: int, *, num_threads: Optional[int] = None) -> torch.Tensor:
+    """z: [..., n]  ->  p: [..., n] = SPARSEK(z, k) per row (``foveal.sparsek.sparsek``),
+    differentiable in z: ``grad_z = 1_F * (grad_p - mean_F(grad_p))`` with F = {0 < p < 1}.
+    The custom op ``foveal::sparsek`` with its backward op registered for autograd."""
+    if not torch.compiler.is_compiling():
+        options = _core.sparsek_projection_options(k=k, num_threads=num_threads)
+        k, num_threads = options["k"], options["num_threads"]
+    return _sparsek_op(z, k, num_threads)
+
+
+class SparseK:
+    """``SparseK.apply(z, k)``: the same as :func:`sparsek` (kept for code written against the
+    earlier autograd.Function)."""
+
+    apply = staticmethod(sparsek)
+
+
+# PDE-SSM as custom ops. The forward op builds the block (its multiplier table and FFT plan) and
+# keeps it in _BLOCKS under a handle it returns as a tensor; the backward op reuses it while the
+# handle lives (the autograd graph holds it), else builds the block again (same bits).
+
+_BLOCKS: dict[int, Any] = {}
+_next_handle = itertools.count(1)
+_PDE_OPTIONS = ("mode", "boundary", "diffusion_form", "layout", "num_threads")
+
+
+def _grid_of(x: torch.Tensor, layout: str) -> tuple:
+    return tuple(x.shape[1:]) if layout == "channels_last" else (*x.shape[2:], x.shape[1])
+
+
+def _block(x: torch.Tensor, parameters: list, options: dict) -> Any:
+    block_options = {key: options[key] for key in ("mode", "boundary", "diffusion_form")}
+    dtype = "float64" if x.dtype == torch.float64 else "float32"
+    grid = _grid_of(x, options["layout"])
+    if len(grid) != 3:  # the compiled call names x and its rank
+        _pde_ssm.pde_ssm(x, *parameters, **options)
+    return _pde_ssm.PdeSsm(
+        *grid, *parameters, dtype=dtype, num_threads=options["num_threads"], **block_options
+    )
+
+
+@torch.library.custom_op("foveal::pde_ssm", mutates_args=())
+def _pde_ssm_op(
     x: torch.Tensor,
     diffusion: torch.Tensor,
     velocity: torch.Tensor,
     reaction: torch.Tensor,
     time: torch.Tensor,
-    skip: Optional[torch.Tensor] = None,
+    skip: Optional[torch.Tensor],
+    mode: str,
+    boundary: str,
+    diffusion_form: str,
+    layout: str,
+    num_threads: Optional[int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    options = {name: value for name, value in locals().items() if name in _PDE_OPTIONS}
+    parameters = [None if p is None else p.detach() for p in (diffusion, velocity, reaction, time)]
+    parameters.append(None if skip is None else skip.detach())
+    block = _block(x, parameters, options)
+    y = block.forward(x.detach(), layout=layout, num_threads=num_threads)
+    handle = torch.tensor([next(_next_handle)], dtype=torch.int64)
+    _BLOCKS[int(handle)] = block
+    weakref.finalize(handle, _BLOCKS.pop, int(handle), None)
+    return y, handle
+
+
+@_pde_ssm_op.register_fake
+def _(x, *args):
+    return x.new_empty(x.shape), torch.empty(1, dtype=torch.int64)
+
+
+@torch.library.custom_op("foveal::pde_ssm_backward", mutates_args=())
+def _pde_ssm_backward_op(
+    handle: torch.Tensor,
+    x: torch.Tensor,
+    grad_out: torch.Tensor,
+    diffusion: torch.Tensor,
+    velocity: torch.Tensor,
+    reaction: torch.Tensor,
+    time: torch.Tensor,
+    skip: Optional[torch.Tensor],
+    mode: str,
+    boundary: str,
+    diffusion_form: str,
+    layout: str,
+    num_threads: Optional[int],
+    input_grad: bool,
+    parameter_grads: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    options = {name: value for name, value in locals().items() if name in _PDE_OPTIONS}
+    parameters = [p.detach() for p in (diffusion, velocity, reaction, time)]
+    parameters.append(None if skip is None else skip.detach())
+    block = _BLOCKS.get(int(handle)) or _block(x, parameters, options)
+    grads = block.backward(
+        x.detach(),
+        grad_out.detach(),
+        layout=layout,
+        input_grad=input_grad,
+        parameter_grads=parameter_grads,
+        num_threads=num_threads,
+    )
+    # An op returns tensors: an empty one where a gradient was not computed.
+    return tuple(x.new_empty(0) if g is None else g for g in grads)
+
+
+@_pde_ssm_backward_op.register_fake
+def _(handle, x, grad_out, diffusion, velocity, reaction, time, skip, *options):
+    input_grad, parameter_grads = options[-2:]
+    parameters = (diffusion, velocity, reaction, time, skip)
+    return (
+        x.new_empty(x.shape if input_grad else (0,)),
+        *(x.new_empty(p.shape if parameter_grads and p is not None else (0,)) for p in parameters),
+    )
+
+
+def _pde_ssm_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    x, diffusion, velocity, reaction, time, skip, *options = inputs
+    ctx.save_for_backward(output[1], x, diffusion, velocity, reaction, time, skip)
+    ctx.options = options
+
+
+def _pde_ssm_backward(ctx: Any, grad_out: torch.Tensor, _grad_handle: Any) -> tuple:
+    handle, x, diffusion, velocity, reaction, time, skip = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grads = _pde_ssm_backward_op(
+        handle, x, grad_out, diffusion, velocity, reaction, time, skip, *ctx.options,
+        needs[0], any(needs[1:6]),
+    )  # fmt: skip
+    return (
+        *(g if need else None for g, need in zip(grads, needs[:6])),
+        *(None for _ in ctx.options),
+    )
+
+
+_pde_ssm_op.register_autograd(_pde_ssm_backward, setup_context=_pde_ssm_setup_context)
+
+
+def _parameter_tensor(function: str, name: str, value: Any, like: torch.Tensor) -> Any:
+    """A parameter given as a number or list becomes a tensor (no gradient) of x's dtype:
+    float64 for float64 x, else float32 (another dtype of x is rejected by name later)."""
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (int, float, list, tuple)):
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        with warnings.catch_warnings():  # numbers beyond float32 become inf: rejected by name
+            warnings.simplefilter("ignore")
+            return torch.tensor(value, dtype=dtype)
+    raise TypeError(
+        f"foveal: {function}: {name} must be a torch tensor, a number or a list, got "
+        f"{type(value).__name__}"
+    )
+
+
+def pde_ssm(
+    x: torch.Tensor,
+    diffusion: Any,
+    velocity: Any,
+    reaction: Any,
+    time: Any,
+    skip: Any = None,
     *,
     mode: str = "initial_value",
     boundary: str = "periodic",
@@ -268,13 +504,33 @@ def pde_ssm(
     layout: str = "channels_last",
     num_threads: Optional[int] = None,
 ) -> torch.Tensor:
-    """x: [B, H, W, C] (or [B, C, H, W])  ->  y, differentiable in x and every parameter
-    (see ``PdeSsm``; the arguments are those of ``foveal.pde_ssm.pde_ssm``)."""
-    options = dict(
-        mode=mode,
-        boundary=boundary,
-        diffusion_form=diffusion_form,
-        layout=layout,
-        num_threads=num_threads,
-    )
-    return PdeSsm.apply(x, diffusion, velocity, reaction, time, skip, options)
+    """x: [B, H, W, C] (or [B, C, H, W])  ->  y, differentiable in x and every parameter given
+    as a tensor (the arguments are those of ``foveal.pde_ssm.pde_ssm``). The custom op
+    ``foveal::pde_ssm`` with its backward op registered for autograd; the backward reuses the
+    block (multiplier and plan) the forward built."""
+    function = "pde_ssm"
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"foveal: {function}: x must be a torch tensor, got {type(x).__name__}")
+    parameters = [
+        _parameter_tensor(function, name, value, x)
+        for name, value in zip(
+            ("diffusion", "velocity", "reaction", "time", "skip"),
+            (diffusion, velocity, reaction, time, skip),
+        )
+    ]
+    if any(p is None for p in parameters[:4]):
+        raise TypeError(f"foveal: {function}: diffusion, velocity, reaction and time are required")
+    options = {name: value for name, value in locals().items() if name in _PDE_OPTIONS}
+    if not torch.compiler.is_compiling():
+        options = _core.pde_ssm_options(function, **options)
+    return _pde_ssm_op(x, *parameters, **options)[0]
+
+
+class PdeSsm:
+    """``PdeSsm.apply(x, diffusion, velocity, reaction, time, skip, options)``: the same as
+    :func:`pde_ssm` with the options in a dict (kept for code written against the earlier
+    autograd.Function)."""
+
+    @staticmethod
+    def apply(x, diffusion, velocity, reaction, time, skip, options):
+        return pde_ssm(x, diffusion, velocity, reaction, time, skip, **options)

@@ -450,10 +450,19 @@ def make_attention_case(draw):
 
 @st.composite
 def sparsek_attention_case(draw):
-    case = Case(draw, "sparsek_attention")
+    """sparsek_attention, its backward on drawn forward outputs, or the torch op's autograd."""
+    function = draw(
+        st.sampled_from(
+            ["sparsek_attention", "sparsek.sparsek_attention_backward", "torch_sparsek_attention"]
+        )
+    )
+    case = Case(draw, function)
     dims = case.dims(ATTENTION_DIMS, zero_for_huge=("B", "Lq", "Hkv"))
+    if function == "torch_sparsek_attention":
+        case.lib = "torch"
     shape = _qkv(case, dims)
     case.array("u", (dims["B"], dims["Hkv"], dims["Lk"]))
+    out_shape = (dims["B"], dims["Hkv"] * dims["G"], dims["Lq"], dims["Dv"])
     options = dict(
         window=draw(int_option(-1, 5)),
         sink_tokens=draw(int_option(-1, 4)),
@@ -462,13 +471,36 @@ def sparsek_attention_case(draw):
         scale=draw(st.one_of(st.just("None"), float_option("None"))),
         softcap=draw(float_option()),
         q_offset=draw(st.one_of(st.just("None"), int_option(-2, 12))),
-        return_lse=draw(flag()),
-        out=case.out_choice(
-            "out", (dims["B"], dims["Hkv"] * dims["G"], dims["Lq"], dims["Dv"]), ["q", "k"]
-        ),
         num_threads=draw(threads()),
     )
     topk = draw(int_option(-1, 10))
+    if function == "torch_sparsek_attention":
+        call = (
+            "import foveal.torch\n"
+            "q, k, v, u = (t.detach().requires_grad_(t.dtype.is_floating_point) "
+            "for t in (q, k, v, u))\n"
+            f"r = foveal.torch.sparsek_attention(q, k, v, u, {topk}, {_kw(**options)})\n"
+            "expect(r, (q.shape[0], q.shape[1], q.shape[2], v.shape[3]), q)\n"
+            "if r.requires_grad:\n"
+            "    r.sum().backward()\n"
+            "    for t in (q, k, v, u):\n"
+            "        expect(t.grad, t.shape, q)\n"
+        )
+        return case.done(call)
+    if function == "sparsek.sparsek_attention_backward":
+        case.array("out", out_shape)
+        case.array("lse", out_shape[:3])
+        case.array("grad_out", out_shape)
+        options["score_grad"] = draw(flag())
+        call = (
+            f"r = foveal.{function}(q, k, v, u, out, lse, grad_out, {topk}, {_kw(**options)})\n"
+            "assert isinstance(r, tuple) and len(r) == 4, type(r)\n"
+            "expect(r[0], q.shape, q)\nexpect(r[1], k.shape, q)\nexpect(r[2], v.shape, q)\n"
+            "if r[3] is not None:\n    expect(r[3], u.shape, q)\n"
+        )
+        return case.done(call)
+    options["return_lse"] = draw(flag())
+    options["out"] = case.out_choice("out", out_shape, ["q", "k"])
     call = f"r = foveal.sparsek_attention(q, k, v, u, {topk}, {_kw(**options)})\n"
     call += _expect_attention("r", shape, "q", options["return_lse"])
     return case.done(call)
