@@ -1,11 +1,21 @@
 """Times two builds of foveal against each other in one run: the installed one and a baseline
-installed elsewhere (e.g. the previous commit), on the attention cases of compare_torch.py's
-dense, window, decode and sparsek_attn suites. Each build runs in its own worker process; the
-workers take turns case by case, round by round, so both see the same machine state. Prints
-baseline_time / new_time per case (above 1: the new build is faster) and the geometric mean.
+installed elsewhere (e.g. the previous commit). Suites (--suites, default: attention):
+  attention  compare_torch.py's dense, window, decode and sparsek_attn cases, and the SparseK
+             backward (fp32, B = 1, 16 heads, D = 64, L = 4096, topk = 256);
+  pde        PdeSsm.forward (multiplier cached), fp32, B = 2, C = 256, 64x64 and 128x128, periodic
+             and zero boundary;
+  vq         vq.assign, fp32, N = 65536, D = 64, K in {512, 4096}, l2 and cosine;
+  sparsek    the SPARSEK projection sparsek.sparsek, fp32, 1024 rows of n = 4096, k = 256, and
+             its backward; the linear scorer, B = 4, L = 4096, Dm = 256, 16 heads;
+  spade      SpadeEmbedding of compare_torch.py's spade suite (B = 32, n = 1024, 3 binned
+             features of width 64, one continuous, d_model = 256), random weights.
+Each build runs in its own worker process; the workers take turns case by case, round by
+round, so both see the same machine state. Prints baseline_time / new_time per case (above 1:
+the new build is faster) and the geometric mean.
 
     python3 -m pip install --no-build-isolation --target /tmp/base-site <old checkout>
-    python3 bench/compare_builds.py --baseline /tmp/base-site [--threads 1 2] [--seconds 1]
+    python3 bench/compare_builds.py --baseline /tmp/base-site [--threads 1 2] [--seconds 1] \
+        [--suites attention pde vq sparsek spade]
 """
 
 from __future__ import annotations
@@ -22,6 +32,8 @@ WORKER = r"""
 import json, sys, time, statistics
 import numpy as np
 import foveal
+import foveal.sparsek
+import foveal.vq
 
 inputs = {}
 
@@ -31,7 +43,9 @@ def arrays(case):
         return inputs[key]
     rng = np.random.default_rng(0)
     kind = case["kind"]
-    if kind == "decode":
+    if kind in EXTRA:
+        made = EXTRA[kind](rng, case)
+    elif kind == "decode":
         lk = case["Lk"]
         k = rng.standard_normal((1, 8, lk, 128), dtype=np.float32)
         v = rng.standard_normal((1, 8, lk, 128), dtype=np.float32)
@@ -42,14 +56,77 @@ def arrays(case):
         shape = (1, 16, case["L"], case["D"])
         q, k, v = (rng.standard_normal(shape, dtype=np.float32) for _ in range(3))
         made = dict(q=q, k=k, v=v, out=np.empty(shape, np.float32))
-        if kind == "sparsek":
+        if kind in ("sparsek", "sparsek_backward"):
             made["u"] = rng.standard_normal((1, 16, case["L"]), dtype=np.float32)
+        if kind == "sparsek_backward":
+            made["out"], made["lse"] = foveal.sparsek_attention(
+                made["q"], made["k"], made["v"], made["u"], case["topk"], window=case["W"],
+                return_lse=True)
+            made["grad_out"] = rng.standard_normal(shape, dtype=np.float32)
     inputs[key] = made
     return made
+
+def pde_inputs(rng, case):
+    from foveal import pde_ssm
+    c, side = 256, case["side"]
+    params = (0.5 + 0.2 * rng.random((c, 3)), rng.standard_normal((c, 2)),
+              -0.1 * rng.random(c), 0.5 + rng.random(c), rng.standard_normal(c))
+    block = pde_ssm.PdeSsm(side, side, c, *(p.astype(np.float32) for p in params),
+                           boundary=case["boundary"])
+    x = rng.standard_normal((case["B"], side, side, c), dtype=np.float32)
+    return dict(block=block, x=x, out=np.empty_like(x))
+
+def vq_inputs(rng, case):
+    return dict(x=rng.standard_normal((65536, 64), dtype=np.float32),
+                codebook=rng.standard_normal((case["K"], 64), dtype=np.float32))
+
+def projection_inputs(rng, case):
+    z = rng.standard_normal((1024, 4096), dtype=np.float32)
+    made = dict(z=z, x=rng.standard_normal((4, 4096, 256), dtype=np.float32),
+                w=rng.standard_normal((16, 256), dtype=np.float32))
+    made["p"] = foveal.sparsek.sparsek(z, 256)
+    made["grad_p"] = rng.standard_normal(z.shape, dtype=np.float32)
+    return made
+
+def spade_inputs(rng, case):
+    from foveal import spade
+    names = ("z", "x", "y")
+    schema = spade.Schema([spade.Feature.binned(name, 30) for name in names]
+                          + [spade.Feature.continuous("energy")])
+    weight = lambda *shape: (0.1 * rng.standard_normal(shape)).astype(np.float32)
+    features = {name: {"table": weight(32, 64)} for name in names}
+    features["energy"] = dict(hidden_weight=weight(16, 1), hidden_bias=weight(16),
+                              output_weight=weight(16, 16), output_bias=weight(16))
+    embedding = spade.SpadeEmbedding(schema, features, projection_weight=weight(256, 208),
+                                     projection_bias=weight(256))
+    ids = rng.integers(1, 31, (32, 1024, 3))
+    values = (10 * rng.random((32, 1024, 1))).astype(np.float32)
+    delayed_ids, delayed_values, _ = spade.delay(schema, ids, values)
+    return dict(embedding=embedding, ids=delayed_ids, values=delayed_values)
+
+EXTRA = dict(pde=pde_inputs, vq=vq_inputs, projection=projection_inputs,
+             projection_backward=projection_inputs, linear_scores=projection_inputs,
+             spade=spade_inputs)
 
 def call(case):
     a = arrays(case)
     kind = case["kind"]
+    if kind == "pde":
+        return lambda: a["block"](a["x"], out=a["out"])
+    if kind == "vq":
+        return lambda: foveal.vq.assign(a["x"], a["codebook"], metric=case["metric"])
+    if kind == "projection":
+        return lambda: foveal.sparsek.sparsek(a["z"], 256)
+    if kind == "projection_backward":
+        return lambda: foveal.sparsek.sparsek_backward(a["p"], a["grad_p"])
+    if kind == "linear_scores":
+        return lambda: foveal.sparsek.linear_scores(a["x"], a["w"])
+    if kind == "spade":
+        return lambda: a["embedding"](a["ids"], a["values"])
+    if kind == "sparsek_backward":
+        return lambda: foveal.sparsek.sparsek_attention_backward(
+            a["q"], a["k"], a["v"], a["u"], a["out"], a["lse"], a["grad_out"], case["topk"],
+            window=case["W"])
     if kind == "dense":
         return lambda: foveal.attention(a["q"], a["k"], a["v"], causal=case["causal"], out=a["out"])
     if kind == "window":
@@ -74,7 +151,11 @@ for line in sys.stdin:
 """
 
 
-def cases():
+def cases(suites: list) -> list:
+    return [case for suite in suites for case in SUITES[suite]()]
+
+
+def attention_cases():
     for dim in (64, 128):
         for length in (1024, 2048):
             for causal in (False, True):
@@ -85,6 +166,34 @@ def cases():
         yield dict(kind="decode", Lk=len_k)
     for window in (0, 256):
         yield dict(kind="sparsek", L=4096, D=64, topk=256, W=window)
+    yield dict(kind="sparsek_backward", L=4096, D=64, topk=256, W=256)
+
+
+def pde_cases():
+    for side in (64, 128):
+        for boundary in ("periodic", "zero"):
+            yield dict(kind="pde", B=2, side=side, boundary=boundary)
+
+
+def vq_cases():
+    for codes in (512, 4096):
+        for metric in ("l2", "cosine"):
+            yield dict(kind="vq", K=codes, metric=metric)
+
+
+def sparsek_cases():
+    yield dict(kind="projection")
+    yield dict(kind="projection_backward")
+    yield dict(kind="linear_scores")
+
+
+def spade_cases():
+    yield dict(kind="spade")
+
+
+SUITES = dict(
+    attention=attention_cases, pde=pde_cases, vq=vq_cases, sparsek=sparsek_cases, spade=spade_cases
+)
 
 
 def label(case: dict) -> str:
@@ -123,13 +232,14 @@ def main() -> int:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--seconds", type=float, default=0.5, help="per case, build and round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--suites", nargs="+", choices=sorted(SUITES), default=["attention"])
     args = parser.parse_args()
 
     new, base = Worker(None), Worker(args.baseline)
     ratios = []
     print(f"{'case':<46}{'threads':>8}{'base ms':>10}{'new ms':>10}{'base/new':>10}")
     for threads in args.threads:
-        for case in cases():
+        for case in cases(args.suites):
             new_times, base_times = [], []
             for _ in range(args.rounds):
                 base_times.append(base.time(case, threads, args.seconds / args.rounds))
