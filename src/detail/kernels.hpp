@@ -7,6 +7,8 @@
 // implementations all come from this one list. A kernel writes outputs; it never throws.
 #pragma once
 
+#include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "detail/flash_plan.hpp"
@@ -84,6 +86,31 @@ struct MergePlan {
   int num_threads = 1;
 };
 
+// vq_assign (and the VectorQuantizer's assignments): the nearest code of every row of x [N, D]
+// by score offset_k + scale_k · x·c_k, ties to the lowest index.
+// The integer lane type that carries code indices next to T scores (K is at most its maximum).
+template <typename T>
+using VqLaneIndex = std::conditional_t<sizeof(T) == 4, std::int32_t, std::int64_t>;
+
+template <typename T>
+struct VqAssignPlan {
+  const T* x;
+  Index x_stride;
+  Index rows;
+  Index dim;
+  const T* codebook;
+  Index code_stride;
+  Index codes;
+  const T* code_offset;  // [K]: ‖c_k‖² (cosine: 1, or 0 for a zero code)
+  const T* code_scale;   // [K]: −2 (cosine: −2 / ‖c_k‖, or 0)
+  bool cosine;
+  std::int64_t* indices;
+  Index index_stride;
+  T* sq_distances;  // may be null
+  Index distance_stride;
+  int num_threads;  // resolved
+};
+
 // X(name, parameters): every kernel, for T = float and T = double.
 #define FOVEAL_KERNELS(X)                                                   \
   X(band_attention, (const FlashParams<T>&, const BandPolicy&))             \
@@ -92,7 +119,8 @@ struct MergePlan {
   X(sparsek_attention, (const SparseKPlan<T>&))                             \
   X(sparsek_attention_backward, (const SparseKBackwardPlan<T>&))            \
   X(sparsek_cache_attention, (const SparseKCachePlan<T>&))                  \
-  X(merge_states, (const MergePlan<T>&))
+  X(merge_states, (const MergePlan<T>&))                                    \
+  X(vq_assign, (const VqAssignPlan<T>&))
 
 // One level's kernels for element type T.
 template <typename T>

@@ -6,6 +6,7 @@
 #include "kernels/attention.hpp"
 #include "kernels/sparsek.hpp"
 #include "kernels/sparsek_backward.hpp"
+#include "kernels/vq.hpp"
 
 FOVEAL_LEVEL_PUSH
 namespace foveal::detail {
