@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "detail/fft.hpp"
+#include "detail/kernels.hpp"
 #include "foveal/core/error.hpp"
 #include "foveal/core/parallel.hpp"
 #include "foveal/detail/validate.hpp"
@@ -50,7 +51,7 @@ constexpr double kMaxGrowthExponent = 80;
 template <typename T>
 constexpr Index kChunkLanes = detail::RealFft2d<T>::kPreferredLanes;
 // Moments the backward accumulates per channel (see ChannelMoments).
-constexpr int kMomentCount = 8;
+constexpr int kMomentCount = detail::kPdeMomentCount;
 
 // One channel's PDE, resolved from its groups' parameters.
 struct ChannelCoefficients {
@@ -224,112 +225,6 @@ void require_grid_tensor(const char* function, const char* name, const TensorVie
   detail::require_extent(function, name, view, 1, "H", height);
   detail::require_extent(function, name, view, 2, "W", width);
   detail::require_extent(function, name, view, 3, "C", channels);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Kernels on one chunk's spectrum: split complex, [bin][re, im][lane].
-
-// (re, im) *= (m_re, m_im), or by its conjugate: one place, so that every pass rounds alike.
-template <typename T, bool kConjugate>
-inline void multiply_complex(T& re, T& im, T m_re, T m_im) {
-  const T a = re, b = im;
-  if constexpr (kConjugate) {
-    re = a * m_re + b * m_im;
-    im = b * m_re - a * m_im;
-  } else {
-    re = a * m_re - b * m_im;
-    im = b * m_re + a * m_im;
-  }
-}
-
-// spectrum *= table, bin by bin (conj(table) when `kConjugate`).
-template <typename T, bool kConjugate>
-void multiply_spectrum(T* __restrict spectrum, const T* __restrict table, Index bins, Index lanes) {
-  for (Index bin = 0; bin < bins; ++bin) {
-    T* __restrict re = spectrum + 2 * bin * lanes;
-    T* __restrict im = re + lanes;
-    const T* __restrict m_re = table + 2 * bin * lanes;
-    const T* __restrict m_im = m_re + lanes;
-    for (Index lane = 0; lane < lanes; ++lane)
-      multiply_complex<T, kConjugate>(re[lane], im[lane], m_re[lane], m_im[lane]);
-  }
-}
-
-// What the backward's fused pass over one chunk needs besides the spectra.
-template <typename T>
-struct MomentPass {
-  const T* multiplier;        // the chunk's table (skip folded in)
-  const T* derivative;        // the chunk's ∂m/∂λ table (forced mode), else null: τ (m − D)
-  const T* time;              // [lanes] τ
-  const T* skip;              // [lanes] D
-  const T* column_weight;     // [Ws] w(kx) (1 on self-conjugate columns, else 2)
-  const T* column_weight_k;   // [Ws] w(kx) kx
-  const T* column_weight_kk;  // [Ws] w(kx) kx²
-  const double* row_k;        // [Ht] ky
-  Index rows, columns, lanes;
-};
-
-// Per lane, with P = conj(ĝ) û, m = table − D, A = ∂m/∂λ P, sums over the half spectrum with
-// column weights w: Σ w Re A, Σ w Re A ky², Σ w Re A ky kx, Σ w Re A kx², Σ w Im A ky,
-// Σ w Im A kx, Σ w Re(m P), Σ w Re P (lane-major: moments[lane * kMomentCount + j]). Then
-// replaces ĝ by conj(table) ĝ, the spectrum of grad_x. Row sums run in T, totals in double.
-template <typename T, bool kForced>
-void moments_and_adjoint(const MomentPass<T>& pass, T* __restrict spectrum_g,
-                         const T* __restrict spectrum_u, double* moments) {
-  constexpr Index kMaxLanes = kChunkLanes<T>;
-  const Index lanes = pass.lanes;
-  std::fill(moments, moments + lanes * kMomentCount, 0.0);
-  for (Index row = 0; row < pass.rows; ++row) {
-    T re_a[kMaxLanes] = {}, re_a_k[kMaxLanes] = {}, re_a_kk[kMaxLanes] = {};
-    T im_a[kMaxLanes] = {}, im_a_k[kMaxLanes] = {}, re_mp[kMaxLanes] = {}, re_p[kMaxLanes] = {};
-    for (Index column = 0; column < pass.columns; ++column) {
-      const Index offset = 2 * (row * pass.columns + column) * lanes;
-      T* __restrict g_re = spectrum_g + offset;
-      T* __restrict g_im = g_re + lanes;
-      const T* __restrict u_re = spectrum_u + offset;
-      const T* __restrict u_im = u_re + lanes;
-      const T* __restrict m_re = pass.multiplier + offset;
-      const T* __restrict m_im = m_re + lanes;
-      const T weight = pass.column_weight[column];
-      const T weight_k = pass.column_weight_k[column];
-      const T weight_kk = pass.column_weight_kk[column];
-      for (Index lane = 0; lane < lanes; ++lane) {
-        const T gr = g_re[lane], gi = g_im[lane], ur = u_re[lane], ui = u_im[lane];
-        const T p_re = gr * ur + gi * ui, p_im = gr * ui - gi * ur;
-        const T mr = m_re[lane] - pass.skip[lane], mi = m_im[lane];
-        T dr, di;
-        if constexpr (kForced) {
-          dr = pass.derivative[offset + lane];
-          di = pass.derivative[offset + lanes + lane];
-        } else {
-          dr = pass.time[lane] * mr;
-          di = pass.time[lane] * mi;
-        }
-        const T a_re = dr * p_re - di * p_im, a_im = dr * p_im + di * p_re;
-        re_a[lane] += weight * a_re;
-        re_a_k[lane] += weight_k * a_re;
-        re_a_kk[lane] += weight_kk * a_re;
-        im_a[lane] += weight * a_im;
-        im_a_k[lane] += weight_k * a_im;
-        re_mp[lane] += weight * (mr * p_re - mi * p_im);
-        re_p[lane] += weight * p_re;
-        // grad spectrum: conj(table) ĝ.
-        multiply_complex<T, true>(g_re[lane], g_im[lane], m_re[lane], m_im[lane]);
-      }
-    }
-    const double k_y = pass.row_k[row];
-    for (Index lane = 0; lane < lanes; ++lane) {
-      double* sums = moments + lane * kMomentCount;
-      sums[0] += re_a[lane];
-      sums[1] += k_y * k_y * re_a[lane];
-      sums[2] += k_y * re_a_k[lane];
-      sums[3] += re_a_kk[lane];
-      sums[4] += k_y * im_a[lane];
-      sums[5] += im_a_k[lane];
-      sums[6] += re_mp[lane];
-      sums[7] += re_p[lane];
-    }
-  }
 }
 
 // Per-thread scratch of one call: `spectra` chunk spectra and the FFT's work buffer each,
@@ -522,6 +417,7 @@ void PdeSsm<T>::forward(TensorView<const T, 4> x, TensorView<T, 4> out, int num_
   // Scratch for the threads the loop starts (never more than its tasks).
   const int threads = detail::team_size(chunks * batch, detail::resolve_num_threads(num_threads));
   const ChunkWorkspace<T> workspace(s.fft, s.chunk_lanes, 1, threads);
+  const detail::Kernels<T>& kernels = detail::kernels<T>();
   // Task order keeps the batches of one chunk together: they share its multiplier.
   parallel_for(chunks * batch, threads, [&](Index task) {
     const Index chunk = task / batch, b = task % batch;
@@ -529,8 +425,8 @@ void PdeSsm<T>::forward(TensorView<const T, 4> x, TensorView<T, 4> out, int num_
     T* spectrum = workspace.spectrum(0);
     s.fft.forward(x.address(b, 0, 0, begin), x.stride(1), x.stride(2), x.stride(3), s.height,
                   s.width, lanes, spectrum, workspace.work());
-    multiply_spectrum<T, false>(spectrum, s.multiplier.get() + begin * s.bins() * 2, s.bins(),
-                                lanes);
+    kernels.pde_multiply_spectrum(spectrum, s.multiplier.get() + begin * s.bins() * 2, s.bins(),
+                                  lanes, false);
     s.fft.inverse(spectrum, out.address(b, 0, 0, begin), out.stride(1), out.stride(2),
                   out.stride(3), s.height, s.width, lanes, workspace.work());
   });
@@ -630,6 +526,7 @@ void PdeSsm<T>::backward(TensorView<const T, 4> x, TensorView<const T, 4> grad_o
           static_cast<T>(s.coefficients[static_cast<std::size_t>(c)].skip);
     }
     const ChunkWorkspace<T> workspace(s.fft, s.chunk_lanes, 2, threads);
+    const detail::Kernels<T>& kernels = detail::kernels<T>();
     parallel_for(chunks * batch, threads, [&](Index task) {
       const Index chunk = task / batch, b = task % batch;
       const Index begin = s.chunk_begin(chunk), lanes = s.chunk_size(chunk);
@@ -641,26 +538,23 @@ void PdeSsm<T>::backward(TensorView<const T, 4> x, TensorView<const T, 4> grad_o
         T* spectrum_u = workspace.spectrum(1);
         s.fft.forward(x.address(b, 0, 0, begin), x.stride(1), x.stride(2), x.stride(3), s.height,
                       s.width, lanes, spectrum_u, workspace.work());
-        const MomentPass<T> pass{s.multiplier.get() + table_begin,
-                                 forced ? derivative.get() + table_begin : nullptr,
-                                 lane_time.data() + begin,
-                                 lane_skip.data() + begin,
-                                 weight.data(),
-                                 weight_k.data(),
-                                 weight_kk.data(),
-                                 row_k.data(),
-                                 s.transform_height,
-                                 s.spectrum_width,
-                                 lanes};
+        const detail::PdeMomentPass<T> pass{s.multiplier.get() + table_begin,
+                                            forced ? derivative.get() + table_begin : nullptr,
+                                            lane_time.data() + begin,
+                                            lane_skip.data() + begin,
+                                            weight.data(),
+                                            weight_k.data(),
+                                            weight_kk.data(),
+                                            row_k.data(),
+                                            s.transform_height,
+                                            s.spectrum_width,
+                                            lanes};
         double* chunk_moments =
             moments.data() + static_cast<std::size_t>((b * s.channels + begin) * kMomentCount);
-        if (forced) {
-          moments_and_adjoint<T, true>(pass, spectrum_g, spectrum_u, chunk_moments);
-        } else {
-          moments_and_adjoint<T, false>(pass, spectrum_g, spectrum_u, chunk_moments);
-        }
+        kernels.pde_moments_and_adjoint(pass, spectrum_g, spectrum_u, chunk_moments);
       } else {
-        multiply_spectrum<T, true>(spectrum_g, s.multiplier.get() + table_begin, s.bins(), lanes);
+        kernels.pde_multiply_spectrum(spectrum_g, s.multiplier.get() + table_begin, s.bins(), lanes,
+                                      true);
       }
       if (!grad_x.is_null())
         s.fft.inverse(spectrum_g, grad_x.address(b, 0, 0, begin), grad_x.stride(1),

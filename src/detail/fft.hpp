@@ -4,7 +4,8 @@
 // of a 1-D FFT is a vector of lanes real parts plus a vector of lanes imaginary parts, so every
 // butterfly is plain vertical vector arithmetic with no shuffles. Mixed radix 2, 3, 4, 5, 8 and
 // odd primes up to 31; lengths with a larger prime factor go through Bluestein's chirp-z
-// algorithm. The kernels live in src/fft.cpp (docs/fft.md: the choice and the numbers).
+// algorithm. The kernels live in src/kernels/fft.hpp, compiled per ISA level: a RealFft2d holds
+// the plan of the level in use (docs/fft.md: the choice and the numbers).
 #pragma once
 
 #include <memory>
@@ -13,9 +14,17 @@
 
 namespace foveal::detail {
 
-// A 1-D complex FFT of one length (defined in src/fft.cpp).
+// What an ISA level's plan does (src/kernels/fft.hpp); RealFft2d below documents each call.
 template <typename T>
-class ComplexFftPlan;
+class RealFft2dKernel {
+ public:
+  virtual ~RealFft2dKernel() = default;
+  virtual Index work_size(Index lanes) const = 0;
+  virtual void forward(const T* in, Index stride_y, Index stride_x, Index stride_c, Index h_in,
+                       Index w_in, Index lanes, T* spectrum, T* work) const = 0;
+  virtual void inverse(T* spectrum, T* out, Index stride_y, Index stride_x, Index stride_c,
+                       Index h_out, Index w_out, Index lanes, T* work) const = 0;
+};
 
 // Real 2-D DFT over an [H, W] transform grid, batched over `lanes` channels that are
 // transformed together (the channels are the SIMD lanes: channel c of a chunk is lane c).
@@ -38,7 +47,7 @@ class RealFft2d {
   // Number of kx bins kept by the real transform: width / 2 + 1.
   Index spectrum_width() const { return width_ / 2 + 1; }
   // T elements of scratch one forward or inverse call needs for `lanes` channels.
-  Index work_size(Index lanes) const;
+  Index work_size(Index lanes) const { return kernel_->work_size(lanes); }
   // Size in T elements of one spectrum of `lanes` channels: height * spectrum_width * 2 * lanes.
   Index spectrum_size(Index lanes) const { return height_ * spectrum_width() * 2 * lanes; }
 
@@ -51,7 +60,9 @@ class RealFft2d {
   //          im(ky, kx, c) = spectrum[((ky * spectrum_width + kx) * 2 + 1) * lanes + c].
   // `work` has work_size(lanes) elements, 64-byte aligned. Never allocates, never throws.
   void forward(const T* in, Index stride_y, Index stride_x, Index stride_c, Index h_in, Index w_in,
-               Index lanes, T* spectrum, T* work) const;
+               Index lanes, T* spectrum, T* work) const {
+    kernel_->forward(in, stride_y, stride_x, stride_c, h_in, w_in, lanes, spectrum, work);
+  }
 
   // spectrum: [H, W/2+1, 2, lanes]  ->  out: [h_out, w_out, lanes] by strides
   // out(y, x, c) = (1 / (H W)) * real inverse DFT2 of the Hermitian spectrum, for y < h_out,
@@ -59,28 +70,14 @@ class RealFft2d {
   // parts of the kx = 0 column and (even W) of the kx = W/2 column are ignored as the real
   // inverse transform implies. `spectrum` is overwritten (used as scratch).
   void inverse(T* spectrum, T* out, Index stride_y, Index stride_x, Index stride_c, Index h_out,
-               Index w_out, Index lanes, T* work) const;
+               Index w_out, Index lanes, T* work) const {
+    kernel_->inverse(spectrum, out, stride_y, stride_x, stride_c, h_out, w_out, lanes, work);
+  }
 
  private:
-  // One pair of rows y, y + 1 (only y when !pair) of one lane group: the row transforms, read
-  // from the input and written to the spectrum rows.
-  template <typename P>
-  void forward_row_pair(const T* row_a, Index stride_y, Index stride_x, Index stride_c, bool pair,
-                        Index w_in, Index lanes, T* spectrum_row, T* work) const;
-  // The column transforms of one lane group in place: rows [0, rows_in) are read (the rest are
-  // zero), rows [0, rows_out) are written.
-  template <bool Inverse, typename P>
-  void transform_columns(Index rows_in, Index rows_out, Index lanes, T* spectrum, T* work) const;
-  // The inverse row transforms of one pair of rows of one lane group, written to the output.
-  template <typename P>
-  void inverse_row_pair(const T* spectrum_row, T* row_a, Index stride_y, Index stride_x,
-                        Index stride_c, bool pair, Index w_out, Index lanes, T* work) const;
-
   Index height_;
   Index width_;
-  Index column_batch_;  // columns transformed together (a strip), see the constructor
-  std::shared_ptr<const ComplexFftPlan<T>> column_plan_;  // length height, along y
-  std::shared_ptr<const ComplexFftPlan<T>> row_plan_;     // length width, along x
+  std::shared_ptr<const RealFft2dKernel<T>> kernel_;  // the plan of the ISA level in use
 };
 
 extern template class RealFft2d<float>;

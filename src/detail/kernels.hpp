@@ -8,9 +8,11 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
+#include "detail/fft.hpp"
 #include "detail/flash_plan.hpp"
 #include "detail/isa.hpp"
 #include "detail/mask.hpp"
@@ -111,16 +113,37 @@ struct VqAssignPlan {
   int num_threads;  // resolved
 };
 
+// Moments PDE-SSM's backward accumulates per channel (pde_moments_and_adjoint).
+inline constexpr int kPdeMomentCount = 8;
+
+// PDE-SSM's backward: what the fused moments-and-adjoint pass over one chunk's spectra needs
+// (derivative null: the initial-value mode).
+template <typename T>
+struct PdeMomentPass {
+  const T* multiplier;        // the chunk's table (skip folded in)
+  const T* derivative;        // the chunk's ∂m/∂λ table (forced mode), else null: τ (m − D)
+  const T* time;              // [lanes] τ
+  const T* skip;              // [lanes] D
+  const T* column_weight;     // [Ws] w(kx) (1 on self-conjugate columns, else 2)
+  const T* column_weight_k;   // [Ws] w(kx) kx
+  const T* column_weight_kk;  // [Ws] w(kx) kx²
+  const double* row_k;        // [Ht] ky
+  Index rows, columns, lanes;
+};
+
 // X(name, parameters): every kernel, for T = float and T = double.
-#define FOVEAL_KERNELS(X)                                                   \
-  X(band_attention, (const FlashParams<T>&, const BandPolicy&))             \
-  X(band_attention_backward, (const BackwardParams<T>&, const BandPolicy&)) \
-  X(decode_attention, (const DecodePlan<T>&))                               \
-  X(sparsek_attention, (const SparseKPlan<T>&))                             \
-  X(sparsek_attention_backward, (const SparseKBackwardPlan<T>&))            \
-  X(sparsek_cache_attention, (const SparseKCachePlan<T>&))                  \
-  X(merge_states, (const MergePlan<T>&))                                    \
-  X(vq_assign, (const VqAssignPlan<T>&))
+#define FOVEAL_KERNELS(X)                                                    \
+  X(band_attention, (const FlashParams<T>&, const BandPolicy&))              \
+  X(band_attention_backward, (const BackwardParams<T>&, const BandPolicy&))  \
+  X(decode_attention, (const DecodePlan<T>&))                                \
+  X(sparsek_attention, (const SparseKPlan<T>&))                              \
+  X(sparsek_attention_backward, (const SparseKBackwardPlan<T>&))             \
+  X(sparsek_cache_attention, (const SparseKCachePlan<T>&))                   \
+  X(merge_states, (const MergePlan<T>&))                                     \
+  X(vq_assign, (const VqAssignPlan<T>&))                                     \
+  X(real_fft_2d, (Index, Index, std::shared_ptr<const RealFft2dKernel<T>>&)) \
+  X(pde_multiply_spectrum, (T*, const T*, Index, Index, bool))               \
+  X(pde_moments_and_adjoint, (const PdeMomentPass<T>&, T*, const T*, double*))
 
 // One level's kernels for element type T.
 template <typename T>

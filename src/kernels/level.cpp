@@ -4,6 +4,8 @@
 #include "detail/isa.hpp"
 #include "detail/kernels.hpp"
 #include "kernels/attention.hpp"
+#include "kernels/fft.hpp"
+#include "kernels/pde_ssm.hpp"
 #include "kernels/sparsek.hpp"
 #include "kernels/sparsek_backward.hpp"
 #include "kernels/vq.hpp"
