@@ -9,8 +9,7 @@
 #include <string>
 #include <utility>
 
-#include "detail/simd.hpp"
-#include "detail/softmax_math.hpp"
+#include "detail/kernels.hpp"
 #include "foveal/core/error.hpp"
 #include "foveal/core/parallel.hpp"
 #include "foveal/detail/validate.hpp"
@@ -520,44 +519,6 @@ void layer_norm(std::vector<double>& row, const TensorView<const float, 1>& gamm
   }
 }
 
-using detail::kLanes;
-using FloatVec = detail::Vec<float>;
-
-// SiLU(z) = z * sigmoid(z) lane-wise, with sigmoid from e = exp(-|z|) so that nothing overflows.
-inline FloatVec silu(FloatVec z) {
-  const FloatVec magnitude = z < 0.0f ? -z : z;
-  const FloatVec e = detail::exp2_nonpositive(magnitude * static_cast<float>(-detail::kLog2E));
-  const FloatVec reciprocal = 1.0f / (1.0f + e);
-  return z * (z < 0.0f ? e * reciprocal : reciprocal);
-}
-
-// The inputs of one output row: the gathered rows of the folded discrete tables and the
-// coefficients of the dense rows (SiLU activations, then condition values).
-struct RowTerms {
-  const float* const* gathered;
-  Index num_gathered;
-  const float* coefficients;
-  Index num_coefficients;
-};
-
-// acc[0, kVectors) = bias + sum of gathered rows + sum_k coefficients[k] * dense_rows[k], all
-// at columns [column, column + kVectors * lanes).
-template <int kVectors>
-inline void accumulate_columns(const float* bias, const RowTerms& terms, const float* dense_rows,
-                               Index row_stride, Index column, FloatVec* acc) {
-  for (int v = 0; v < kVectors; ++v) acc[v] = detail::load(bias + column + v * kLanes<float>);
-  for (Index g = 0; g < terms.num_gathered; ++g) {
-    const float* row = terms.gathered[g] + column;
-    for (int v = 0; v < kVectors; ++v) acc[v] += detail::load(row + v * kLanes<float>);
-  }
-  for (Index k = 0; k < terms.num_coefficients; ++k) {
-    const FloatVec coefficient = detail::splat(terms.coefficients[k]);
-    const float* row = dense_rows + k * row_stride + column;
-    for (int v = 0; v < kVectors; ++v)
-      acc[v] += coefficient * detail::load(row + v * kLanes<float>);
-  }
-}
-
 // A [B, C] view as [B, 1, C] (a null view stays null).
 template <typename T>
 TensorView<T, 3> as_single_step(const TensorView<T, 2>& view) {
@@ -565,11 +526,6 @@ TensorView<T, 3> as_single_step(const TensorView<T, 2>& view) {
   return TensorView<T, 3>(view.data(), {view.size(0), 1, view.size(1)},
                           {view.stride(0), 0, view.stride(1)});
 }
-
-// Rows of (B, T) handed to one task: fixed, so results never depend on the thread count.
-constexpr Index kTileRows = 64;
-// Vectors per accumulation block: 8 accumulators leave registers for the loads.
-constexpr int kBlockVectors = 8;
 
 }  // namespace
 
@@ -645,7 +601,8 @@ SpadeEmbedding::SpadeEmbedding(SpadeSchema schema, const SpadeEmbeddingWeights& 
   require_optional_weight<1>("pad_vector", weights.pad_vector, {{{"d_model", d_model_}}});
 
   // Fold, in double precision.
-  row_stride_ = (d_model_ + kLanes<float> - 1) / kLanes<float> * kLanes<float>;
+  row_stride_ =
+      (d_model_ + detail::kSpadeRowFloats - 1) / detail::kSpadeRowFloats * detail::kSpadeRowFloats;
   dense_inputs_ = hidden_total + condition_dim_;
   dense_rows_ = Tensor<float, 2>({dense_inputs_, row_stride_});
   bias_ = Tensor<float, 1>({row_stride_});
@@ -727,70 +684,33 @@ void SpadeEmbedding::forward(TensorView<const std::int64_t, 3> ids,
                   ", step ", t, ") must be finite, got ", condition(b, t, c));
   }
 
-  const Index num_discrete = schema_.num_discrete();
-  const Index hidden_total = dense_inputs_ - condition_dim_;
-  const Index hidden_padded = (hidden_total + kLanes<float> - 1) / kLanes<float> * kLanes<float>;
-  const Index coefficients_size = std::max(hidden_padded, dense_inputs_);
-  const Index rows = batch * steps;
-  const Index num_tiles = (rows + kTileRows - 1) / kTileRows;
-  // Per-thread scratch, allocated once, for the threads the loop starts (at most its tiles):
-  // the coefficients and the gathered row pointers.
-  const int team = detail::team_size(num_tiles, threads);
-  std::vector<float> coefficient_scratch(static_cast<std::size_t>(team * coefficients_size));
-  std::vector<const float*> gathered_scratch(static_cast<std::size_t>(team * num_discrete));
-  parallel_for(num_tiles, team, [&](Index tile) {
-    const Index thread = detail::thread_index();
-    float* coefficients = coefficient_scratch.data() + thread * coefficients_size;
-    const float** gathered = gathered_scratch.data() + thread * num_discrete;
-    const RowTerms terms{gathered, num_discrete, coefficients, dense_inputs_};
-    for (Index row = tile * kTileRows, end = std::min(rows, row + kTileRows); row < end; ++row) {
-      const Index b = row / steps, t = row % steps;
-      float* out_row = &out(b, t, 0);
-      bool all_pad = num_discrete > 0;
-      for (Index column = 0; column < num_discrete; ++column) {
-        const Index id = ids(b, t, column);
-        all_pad &= id == schema_.feature(schema_.discrete_features()[column]).pad_id;
-        gathered[column] =
-            discrete_rows_[static_cast<std::size_t>(column)].data() + id * row_stride_;
-      }
-      if (all_pad) {
-        std::memcpy(out_row, pad_row_.data(), sizeof(float) * d_model_);
-        continue;
-      }
-      // SiLU(w1 * x + b1) of every continuous feature, whole vectors (zero padding: SiLU(0) = 0),
-      // then the condition values after them.
-      Index hidden = 0;
-      for (Index column = 0; column < schema_.num_continuous(); ++column) {
-        const float x = values(b, t, column);
-        for (Index k = 0; k < hidden_sizes_[static_cast<std::size_t>(column)]; ++k, ++hidden)
-          coefficients[hidden] = hidden_weight_[hidden] * x + hidden_bias_[hidden];
-      }
-      for (; hidden < hidden_padded; ++hidden) coefficients[hidden] = 0.0f;
-      for (Index k = 0; k < hidden_padded; k += kLanes<float>)
-        detail::store(coefficients + k, silu(detail::load(coefficients + k)));
-      for (Index c = 0; c < condition_dim_; ++c)
-        coefficients[hidden_total + c] = condition(b, t, c);
-
-      FloatVec acc[kBlockVectors];
-      Index column = 0;
-      for (; column + kBlockVectors * kLanes<float> <= d_model_;
-           column += kBlockVectors * kLanes<float>) {
-        accumulate_columns<kBlockVectors>(bias_.data(), terms, dense_rows_.data(), row_stride_,
-                                          column, acc);
-        for (int v = 0; v < kBlockVectors; ++v)
-          detail::store(out_row + column + v * kLanes<float>, acc[v]);
-      }
-      for (; column < d_model_; column += kLanes<float>) {
-        accumulate_columns<1>(bias_.data(), terms, dense_rows_.data(), row_stride_, column, acc);
-        const Index count = std::min<Index>(kLanes<float>, d_model_ - column);
-        if (count == kLanes<float>) {
-          detail::store(out_row + column, acc[0]);
-        } else {
-          std::memcpy(out_row + column, &acc[0], sizeof(float) * count);
-        }
-      }
-    }
-  });
+  detail::SpadeEmbeddingPlan plan;
+  plan.ids = ids;
+  plan.values = values;
+  plan.condition = condition;
+  plan.out = out;
+  std::vector<const float*> tables;
+  std::vector<std::int64_t> pad_ids;
+  for (Index column = 0; column < schema_.num_discrete(); ++column) {
+    tables.push_back(discrete_rows_[static_cast<std::size_t>(column)].data());
+    pad_ids.push_back(schema_.feature(schema_.discrete_features()[column]).pad_id);
+  }
+  plan.tables = tables.data();
+  plan.pad_ids = pad_ids.data();
+  plan.num_discrete = schema_.num_discrete();
+  plan.hidden_sizes = hidden_sizes_.data();
+  plan.num_continuous = schema_.num_continuous();
+  plan.hidden_weight = hidden_weight_.data();
+  plan.hidden_bias = hidden_bias_.data();
+  plan.dense_rows = dense_rows_.data();
+  plan.bias = bias_.data();
+  plan.pad_row = pad_row_.data();
+  plan.row_stride = row_stride_;
+  plan.d_model = d_model_;
+  plan.dense_inputs = dense_inputs_;
+  plan.condition_dim = condition_dim_;
+  plan.num_threads = threads;
+  detail::kernels<float>().spade_embedding(plan);
 }
 
 // ---------------------------------------------------------------------------------------------

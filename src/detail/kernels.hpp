@@ -131,19 +131,43 @@ struct PdeMomentPass {
   Index rows, columns, lanes;
 };
 
+// SpadeEmbedding::forward: the folded rows (padded to kSpadeRowFloats, the widest level's lanes,
+// so that every level reads whole vectors) and the validated inputs. float only.
+inline constexpr Index kSpadeRowFloats = 16;
+
+struct SpadeEmbeddingPlan {
+  TensorView<const std::int64_t, 3> ids;  // [B, T, Fd]
+  TensorView<const float, 3> values;      // [B, T, Fc]
+  TensorView<const float, 3> condition;   // [B, T, condition_dim] or null
+  TensorView<float, 3> out;               // [B, T, d_model]
+  const float* const* tables = nullptr;   // [Fd]: folded rows, row_stride apart
+  const std::int64_t* pad_ids = nullptr;  // [Fd]
+  Index num_discrete = 0;
+  const Index* hidden_sizes = nullptr;  // [Fc]
+  Index num_continuous = 0;
+  const float* hidden_weight = nullptr;  // all continuous features' hidden units, concatenated
+  const float* hidden_bias = nullptr;
+  const float* dense_rows = nullptr;  // [dense_inputs, row_stride]
+  const float* bias = nullptr;        // [row_stride]
+  const float* pad_row = nullptr;     // [d_model]
+  Index row_stride = 0, d_model = 0, dense_inputs = 0, condition_dim = 0;
+  int num_threads = 1;  // resolved
+};
+
 // X(name, parameters): every kernel, for T = float and T = double.
-#define FOVEAL_KERNELS(X)                                                    \
-  X(band_attention, (const FlashParams<T>&, const BandPolicy&))              \
-  X(band_attention_backward, (const BackwardParams<T>&, const BandPolicy&))  \
-  X(decode_attention, (const DecodePlan<T>&))                                \
-  X(sparsek_attention, (const SparseKPlan<T>&))                              \
-  X(sparsek_attention_backward, (const SparseKBackwardPlan<T>&))             \
-  X(sparsek_cache_attention, (const SparseKCachePlan<T>&))                   \
-  X(merge_states, (const MergePlan<T>&))                                     \
-  X(vq_assign, (const VqAssignPlan<T>&))                                     \
-  X(real_fft_2d, (Index, Index, std::shared_ptr<const RealFft2dKernel<T>>&)) \
-  X(pde_multiply_spectrum, (T*, const T*, Index, Index, bool))               \
-  X(pde_moments_and_adjoint, (const PdeMomentPass<T>&, T*, const T*, double*))
+#define FOVEAL_KERNELS(X)                                                      \
+  X(band_attention, (const FlashParams<T>&, const BandPolicy&))                \
+  X(band_attention_backward, (const BackwardParams<T>&, const BandPolicy&))    \
+  X(decode_attention, (const DecodePlan<T>&))                                  \
+  X(sparsek_attention, (const SparseKPlan<T>&))                                \
+  X(sparsek_attention_backward, (const SparseKBackwardPlan<T>&))               \
+  X(sparsek_cache_attention, (const SparseKCachePlan<T>&))                     \
+  X(merge_states, (const MergePlan<T>&))                                       \
+  X(vq_assign, (const VqAssignPlan<T>&))                                       \
+  X(real_fft_2d, (Index, Index, std::shared_ptr<const RealFft2dKernel<T>>&))   \
+  X(pde_multiply_spectrum, (T*, const T*, Index, Index, bool))                 \
+  X(pde_moments_and_adjoint, (const PdeMomentPass<T>&, T*, const T*, double*)) \
+  X(spade_embedding, (const SpadeEmbeddingPlan&))
 
 // One level's kernels for element type T.
 template <typename T>

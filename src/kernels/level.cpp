@@ -6,6 +6,7 @@
 #include "kernels/attention.hpp"
 #include "kernels/fft.hpp"
 #include "kernels/pde_ssm.hpp"
+#include "kernels/spade.hpp"
 #include "kernels/sparsek.hpp"
 #include "kernels/sparsek_backward.hpp"
 #include "kernels/vq.hpp"
