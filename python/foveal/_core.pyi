@@ -369,6 +369,7 @@ def attention_backward(
     grad_k: typing.Any,
     grad_v: typing.Any,
     bias: typing.Any | None,
+    grad_bias: typing.Any | None,
     **kwargs,
 ) -> None: ...
 def attention_kernel_names() -> list[str]: ...

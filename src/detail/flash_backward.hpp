@@ -46,6 +46,9 @@ struct BackwardParams {
   TensorView<const T, 3> lse;
   TensorView<const T, 4> grad_out;
   TensorView<T, 4> grad_q, grad_k, grad_v;
+  // Optional: [B, Hq, Lq, Lk], zeroed, receives ∂loss/∂bias (the logits' gradient) of every key a
+  // task visits; each entry belongs to one (batch, kv head) task.
+  TensorView<T, 4> grad_logits;
 };
 
 // A gathered block of a gated policy as the backward hands it to gate_gradients: for keys
@@ -330,6 +333,15 @@ class BackwardRunner {
                                             scratch.raw_t, has_softcap_ ? scratch.tanh_t : nullptr,
                                             row_delta, logit_unit_});
         }
+      }
+      if (!gated && !params_.grad_logits.is_null()) {
+        // ∂loss/∂logit = P ∘ (dP − D), before the softcap's factor: the bias is added after it.
+        for (Index j = 0; j < block.count; ++j)
+          for (Index r = 0; r < num_rows; ++r) {
+            const T p = scratch.s_t[j * kBlockQ + r];
+            params_.grad_logits(batch, head[r], query_index[r], keys[j]) =
+                p == T(0) ? T(0) : p * (scratch.dp_t[j * kBlockQ + r] - row_delta[r]);
+          }
       }
       if (!gated) logit_gradients(block.count, row_vectors, row_delta, scratch);
       // dV[key] += Σ_r P[key][r] dO[r];  dK[key] += Σ_r dS[key][r] q[r];  dQ[r] += Σ_key dS k.
