@@ -163,11 +163,15 @@ def _attention_backward(
     lse: Any,
     grad_out: Any,
     bias: Any,
+    bias_grad: bool,
     options: dict,
-) -> tuple[Any, Any, Any]:
+) -> tuple:
     grads = tuple(new_like(q, shape(x)) for x in (q, k, v))
-    _core.attention_backward(sliding, q, k, v, out, lse, grad_out, *grads, bias, **options)
-    return grads
+    grad_bias = new_like(q, shape(bias)) if bias_grad else None
+    _core.attention_backward(
+        sliding, q, k, v, out, lse, grad_out, *grads, bias, grad_bias, **options
+    )
+    return (*grads, grad_bias) if bias_grad else grads
 
 
 def attention_backward(
@@ -186,17 +190,20 @@ def attention_backward(
     softcap: float = 0.0,
     q_offset: Optional[int] = None,
     bias: Any = None,
+    return_bias_grad: bool = False,
     num_threads: Optional[int] = None,
 ):
     """The gradients of :func:`attention`: ``(grad_q, grad_k, grad_v)`` for the loss gradient
     ``grad_out`` ``[B, Hq, Lq, Dv]``, given the forward's ``out`` and ``lse`` (from
-    ``return_lse=True``) and the same inputs and options. ``bias`` is read as in the forward and
-    gets no gradient. grad_k and grad_v sum over the query heads of a GQA group. Recomputes the
-    probabilities tile by tile (never an ``[Lq, Lk]`` matrix); bitwise identical for any
-    thread count. For autograd use :func:`foveal.torch.attention`.
+    ``return_lse=True``) and the same inputs and options. ``bias`` is read as in the forward;
+    with ``return_bias_grad=True`` the result also holds ``grad_bias`` (the bias's shape: the
+    logits' gradient summed over the dimensions it broadcasts; a float bias, not a mask).
+    grad_k and grad_v sum over the query heads of a GQA group. Recomputes the probabilities tile
+    by tile (never an ``[Lq, Lk]`` matrix, except grad_bias); bitwise identical for any thread
+    count. For autograd use :func:`foveal.torch.attention`.
     """
     options = attention_options(locals())
-    return _attention_backward(False, q, k, v, out, lse, grad_out, bias, options)
+    return _attention_backward(False, q, k, v, out, lse, grad_out, bias, return_bias_grad, options)
 
 
 def sliding_window_attention_backward(
@@ -219,7 +226,7 @@ def sliding_window_attention_backward(
     """The gradients of :func:`sliding_window_attention` (see :func:`attention_backward`); work
     grows with ``L * window`` as in the forward."""
     options = attention_options(locals())
-    return _attention_backward(True, q, k, v, out, lse, grad_out, None, options)
+    return _attention_backward(True, q, k, v, out, lse, grad_out, None, False, options)
 
 
 def merge_states(

@@ -225,7 +225,8 @@ py::object wrap_kv_cache(const Tensor& keys, const Tensor& values, const py::kwa
 void attention_backward(bool sliding, const Tensor& q, const Tensor& k, const Tensor& v,
                         const Tensor& out, const Tensor& lse, const Tensor& grad_out,
                         const Tensor& grad_q, const Tensor& grad_k, const Tensor& grad_v,
-                        const std::optional<Tensor>& bias, const py::kwargs& kwargs) {
+                        const std::optional<Tensor>& bias, const std::optional<Tensor>& grad_bias,
+                        const py::kwargs& kwargs) {
   const char* fn = sliding ? "sliding_window_attention_backward" : "attention_backward";
   const Keywords keywords(fn, kwargs);
   const auto options = foveal::python::attention_options(keywords);
@@ -244,6 +245,13 @@ void attention_backward(bool sliding, const Tensor& q, const Tensor& k, const Te
     const auto grad_k_view = grad_k.view<T, 4>(fn, "grad_k", "B, Hkv, Lk, D", same);
     const auto grad_v_view = grad_v.view<T, 4>(fn, "grad_v", "B, Hkv, Lk, Dv", same);
     const auto bias_view_ = bias_view<T>(fn, bias, mask);
+    foveal::TensorView<T, 4> grad_bias_view;
+    if (grad_bias) {
+      if (!mask.empty() || (bias && bias->dtype() == foveal::python::DType::boolean))
+        foveal::python::value_error(fn, ": a boolean mask bias has no gradient (grad_bias)");
+      grad_bias_view =
+          grad_bias->view_leading_ones<T, 4>(fn, "grad_bias", 2, "the bias's shape", same);
+    }
     py::gil_scoped_release release;
     if (sliding) {
       foveal::sliding_window_attention_backward(q_view, k_view, v_view, out_view, lse_view,
@@ -251,7 +259,8 @@ void attention_backward(bool sliding, const Tensor& q, const Tensor& k, const Te
                                                 grad_v_view, options);
     } else {
       foveal::attention_backward(q_view, k_view, v_view, out_view, lse_view, grad_out_view,
-                                 grad_q_view, grad_k_view, grad_v_view, options, bias_view_);
+                                 grad_q_view, grad_k_view, grad_v_view, options, bias_view_,
+                                 grad_bias_view);
     }
   });
 }
@@ -356,7 +365,7 @@ PYBIND11_MODULE(_core, m) {
         py::arg("lse_b"), py::arg("out"), py::arg("lse"));
   m.def("attention_backward", &attention_backward, py::arg("sliding"), py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("grad_out"), py::arg("grad_q"),
-        py::arg("grad_k"), py::arg("grad_v"), py::arg("bias"));
+        py::arg("grad_k"), py::arg("grad_v"), py::arg("bias"), py::arg("grad_bias"));
 
   bind_kv_cache<float>(m, "KVCacheF32");
   bind_kv_cache<double>(m, "KVCacheF64");

@@ -28,7 +28,6 @@ __all__: list[str] = [
     "attention_backward",
     "attention_kernel_names",
     "attention_options",
-    "build_info",
     "effective_rank",
     "get_num_threads",
     "make_attention",
@@ -370,11 +369,11 @@ def attention_backward(
     grad_k: typing.Any,
     grad_v: typing.Any,
     bias: typing.Any | None,
+    grad_bias: typing.Any | None,
     **kwargs,
 ) -> None: ...
 def attention_kernel_names() -> list[str]: ...
 def attention_options(arg0: str, **kwargs) -> dict: ...
-def build_info() -> dict: ...
 def effective_rank(matrix: typing.Any) -> float: ...
 def get_num_threads() -> int: ...
 def make_attention(

@@ -87,6 +87,7 @@ def _attention_backward_op(
     lse: torch.Tensor,
     grad_out: torch.Tensor,
     bias: Optional[torch.Tensor],
+    bias_grad: bool,
     sliding: bool,
     scale: Optional[float],
     causal: bool,
@@ -96,20 +97,27 @@ def _attention_backward_op(
     softcap: float,
     q_offset: Optional[int],
     num_threads: Optional[int],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     keywords = attention_options(locals())
     tensors = [t.detach() for t in (q, k, v, out, lse)]
     # Autograd may hand over an expanded (stride-0) gradient: the kernel reads unit rows.
     grad_out = grad_out.detach().contiguous()
     if sliding:
-        return _foveal.sliding_window_attention_backward(*tensors, grad_out, **keywords)
+        grads = _foveal.sliding_window_attention_backward(*tensors, grad_out, **keywords)
+        return (*grads, q.new_empty(0))
     bias = None if bias is None else bias.detach()
-    return _foveal.attention_backward(*tensors, grad_out, bias=bias, **keywords)
+    if not bias_grad:
+        grads = _foveal.attention_backward(*tensors, grad_out, bias=bias, **keywords)
+        return (*grads, q.new_empty(0))  # an op returns tensors: an empty one for no gradient
+    return _foveal.attention_backward(
+        *tensors, grad_out, bias=bias, return_bias_grad=True, **keywords
+    )
 
 
 @_attention_backward_op.register_fake
-def _(q, k, v, out, lse, grad_out, bias, sliding, *options):
-    return tuple(t.new_empty(t.shape) for t in (q, k, v))  # contiguous, as the op returns
+def _(q, k, v, out, lse, grad_out, bias, bias_grad, sliding, *options):
+    grads = tuple(t.new_empty(t.shape) for t in (q, k, v))  # contiguous, as the op returns
+    return (*grads, bias.new_empty(bias.shape) if bias_grad else q.new_empty(0))
 
 
 def _attention_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -121,8 +129,9 @@ def _attention_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
 
 def _attention_backward(ctx: Any, grad_out: torch.Tensor, _grad_lse: Any) -> tuple:
     q, k, v, out, lse, bias = ctx.saved_tensors
-    grads = _attention_backward_op(q, k, v, out, lse, grad_out, bias, *ctx.options)
-    return (*grads, None, *(None for _ in ctx.options))
+    bias_grad = bias is not None and ctx.needs_input_grad[3]
+    grads = _attention_backward_op(q, k, v, out, lse, grad_out, bias, bias_grad, *ctx.options)
+    return (*grads[:3], grads[3] if bias_grad else None, *(None for _ in ctx.options))
 
 
 _attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
@@ -134,14 +143,6 @@ def _checked_options(function: str, options: dict) -> dict:
     if torch.compiler.is_compiling():
         return options
     return _core.attention_options(function, **options)
-
-
-def _no_bias_gradient(bias: Optional[torch.Tensor]) -> None:
-    if bias is not None and bias.requires_grad and torch.is_grad_enabled():
-        raise ValueError(
-            "foveal: attention: bias requires grad, but foveal computes no bias gradient yet: "
-            "pass bias.detach()"
-        )
 
 
 def attention(
@@ -159,9 +160,8 @@ def attention(
     bias: Optional[torch.Tensor] = None,
     num_threads: Optional[int] = None,
 ) -> torch.Tensor:
-    """``foveal.attention`` differentiable in q, k and v (the arguments are the same; bias gets
-    no gradient)."""
-    _no_bias_gradient(bias)
+    """``foveal.attention`` differentiable in q, k, v and a float bias (the arguments are the
+    same; a bias that requires grad gets ``foveal.attention_backward``'s grad_bias)."""
     options = _checked_options("attention", attention_options(locals()))
     return _attention_op(q, k, v, bias, False, **options)[0]
 

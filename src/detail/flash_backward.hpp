@@ -321,6 +321,15 @@ class BackwardRunner {
                                             row_delta, logit_unit_});
         }
       }
+      if (!gated && !params_.grad_logits.is_null()) {
+        // ∂loss/∂logit = P ∘ (dP − D), before the softcap's factor: the bias is added after it.
+        for (Index j = 0; j < block.count; ++j)
+          for (Index r = 0; r < num_rows; ++r) {
+            const T p = scratch.s_t[j * kBlockQ + r];
+            params_.grad_logits(batch, head[r], query_index[r], keys[j]) =
+                p == T(0) ? T(0) : p * (scratch.dp_t[j * kBlockQ + r] - row_delta[r]);
+          }
+      }
       if (!gated) logit_gradients(block.count, row_vectors, row_delta, scratch);
       // dV[key] += Σ_r P[key][r] dO[r];  dK[key] += Σ_r dS[key][r] q[r];  dQ[r] += Σ_key dS k.
       accumulate_rows(scratch.s_t, 1, kBlockQ, grad_out_rows, num_rows, dim_v_, grad_v_rows,

@@ -225,6 +225,9 @@ struct BackwardParams {
   TensorView<const T, 3> lse;
   TensorView<const T, 4> grad_out;
   TensorView<T, 4> grad_q, grad_k, grad_v;
+  // Optional: [B, Hq, Lq, Lk], zeroed, receives ∂loss/∂bias (the logits' gradient) of every key a
+  // task visits; each entry belongs to one (batch, kv head) task.
+  TensorView<T, 4> grad_logits;
 };
 
 }  // namespace foveal::detail

@@ -1606,5 +1606,71 @@ TYPED_TEST(AttentionBackwardErrors, SlidingWindowRejectsUnboundedWindowsAndNames
   this->expect_rejected(call, function, {"grad_v must not overlap lse in memory"});
 }
 
+// grad_bias: only with a bias, of the bias's shape, overlapping nothing; nothing is written
+// when it is rejected. A broadcast bias's gradient is the sum over the broadcast dimensions.
+TYPED_TEST(AttentionBackwardErrors, BiasGradientIsCheckedAndSummedOverBroadcasts) {
+  using T = TypeParam;
+  std::vector<T> grad_bias_storage(kStorage, T(kSentinel));
+  const auto grad_bias_of = [&](const Shape<4>& shape) {
+    return TensorView<T, 4>(grad_bias_storage.data(), shape);
+  };
+  const auto call_with = [&](TensorView<const T, 4> bias, TensorView<T, 4> grad_bias) {
+    attention_backward(this->q, this->k, this->v, this->out, this->lse, this->grad_out,
+                       this->grad_q, this->grad_k, this->grad_v, this->options, bias, grad_bias);
+  };
+  const Shape<4> full = {kBatch, kHeadsQ, kLenQ, kLenK};
+  this->expect_rejected([&] { call_with({}, grad_bias_of(full)); }, "attention_backward",
+                        {"grad_bias needs the bias"});
+  this->expect_rejected(
+      [&] {
+        call_with(this->bias, grad_bias_of({kBatch, kHeadsQ, kLenQ, 1}));
+      },
+      "attention_backward", {"grad_bias.shape[3]", "bias.shape[3] (Lk)"});
+  this->expect_rejected(
+      [&] {
+        call_with(this->bias, TensorView<T, 4>(const_cast<T*>(this->q.data()), this->bias.shape()));
+      },
+      "attention_backward", {"grad_bias", "q"});
+  EXPECT_TRUE(holds_sentinel(grad_bias_storage));
+
+  // Varied inputs, then the gradient of a [1, Hq, Lq, Lk] bias equals the batch sum of the full
+  // one's, in the same order; 1 and 3 threads give the same bits.
+  for (std::vector<T>* storage : {&this->q_storage, &this->k_storage, &this->v_storage,
+                                  &this->grad_out_storage, &this->bias_storage})
+    for (std::size_t i = 0; i < storage->size(); ++i)
+      (*storage)[i] = static_cast<T>(std::sin(0.37 * static_cast<double>(i) + storage->size()));
+  const Shape<4> one_batch = {1, kHeadsQ, kLenQ, kLenK};
+  std::vector<T> full_grad(kStorage), broadcast_grad(kStorage), again(kStorage);
+  const TensorView<const T, 4> broadcast_bias(this->bias_storage.data(), one_batch);
+  std::vector<T> lse_storage(kStorage);
+  std::vector<T> out_storage(kStorage);
+  const TensorView<T, 4> out_view(out_storage.data(), this->out.shape());
+  const TensorView<T, 3> lse_view(lse_storage.data(), this->lse.shape());
+  attention(this->q, this->k, this->v, out_view, this->options, lse_view, broadcast_bias);
+  this->out = out_view;
+  this->lse = lse_view;
+  // The broadcast bias as a full one (its rows repeated over the batch).
+  std::vector<T> repeated(kStorage);
+  const TensorView<T, 4> repeated_view(repeated.data(), full);
+  for (Index b = 0; b < kBatch; ++b)
+    for (Index h = 0; h < kHeadsQ; ++h)
+      for (Index i = 0; i < kLenQ; ++i)
+        for (Index j = 0; j < kLenK; ++j) repeated_view(b, h, i, j) = broadcast_bias(0, h, i, j);
+  call_with(repeated_view, TensorView<T, 4>(full_grad.data(), full));
+  call_with(broadcast_bias, TensorView<T, 4>(broadcast_grad.data(), one_batch));
+  const TensorView<const T, 4> full_view(full_grad.data(), full);
+  const TensorView<const T, 4> sum_view(broadcast_grad.data(), one_batch);
+  for (Index h = 0; h < kHeadsQ; ++h)
+    for (Index i = 0; i < kLenQ; ++i)
+      for (Index j = 0; j < kLenK; ++j) {
+        T sum = 0;
+        for (Index b = 0; b < kBatch; ++b) sum += full_view(b, h, i, j);
+        EXPECT_EQ(sum, sum_view(0, h, i, j));
+      }
+  this->options.num_threads = 3;
+  call_with(broadcast_bias, TensorView<T, 4>(again.data(), one_batch));
+  EXPECT_EQ(again, broadcast_grad);
+}
+
 }  // namespace
 }  // namespace foveal::test

@@ -59,7 +59,9 @@ def torch_reference(
     logits = scale * (q @ keys.transpose(-1, -2))
     if softcap > 0:
         logits = softcap * torch.tanh(logits / softcap)
-    if bias is not None:
+    if isinstance(bias, torch.Tensor):  # a leaf whose gradient is wanted
+        logits = logits + bias
+    elif bias is not None:
         logits = logits + torch.from_numpy(bias_as_float(bias))
     mask = visible_keys(len_q, len_k, causal, window_left, window_right, sink_tokens, q_offset)
     visible = torch.from_numpy(mask) & (logits > -math.inf)
@@ -405,14 +407,75 @@ def test_autograd_through_blhd_views(rng, torch, foveal_torch):
         assert np.array_equal(a.grad.transpose(1, 2).numpy(), b.grad.numpy()), name
 
 
-def test_bias_gets_no_gradient(rng, torch, foveal_torch):
-    # The bias is a constant of the backward: a bias that requires grad is refused by name
-    # rather than silently given none.
+# (bias shape kind, options): full, broadcast over B or Hq, 2-D and 3-D, with masks, softcap.
+BIAS_GRADIENT_CASES = [
+    ((2, 4, 2, 13, 17, 8, 6), "4d", {"causal": True}),
+    ((2, 4, 2, 13, 17, 8, 6), "4d-h1", {"softcap": 2.0}),
+    ((3, 2, 1, 65, 70, 16, 16), "2d", {"window_left": 9, "sink_tokens": 2, "causal": True}),
+    ((1, 3, 3, 7, 129, 5, 4), "3d", {"q_offset": 100, "scale": 0.3}),
+    ((2, 2, 1, 1, 9, 4, 4), "b1", {}),
+]
+
+
+def _bias_of(rng: np.random.Generator, kind: str, shape: tuple, dtype: Any) -> np.ndarray:
+    _, heads_q, _, len_q, len_k, _, _ = shape
+    dims = {"3d": (heads_q, len_q, len_k), "b1": (1, heads_q, len_q, len_k)}
+    if kind in dims:
+        bias = rng.standard_normal(dims[kind])
+        bias[rng.random(dims[kind]) < 0.1] = -np.inf
+        return bias.astype(dtype)
+    return make_bias(rng, kind, shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("case", range(len(BIAS_GRADIENT_CASES)))
+def test_bias_gradient_matches_torch_autograd(case, dtype, rng, torch):
+    shape, kind, options = BIAS_GRADIENT_CASES[case]
+    q, k, v = make_qkv(rng, shape, dtype)
+    bias = _bias_of(rng, kind, shape, dtype)
+    grad_out = make_grad_out(rng, shape, dtype)
+    out, lse = foveal.attention(q, k, v, bias=bias, return_lse=True, **options)
+    grads = foveal.attention_backward(
+        q, k, v, out, lse, grad_out, bias=bias, return_bias_grad=True, **options
+    )
+    assert len(grads) == 4 and grads[3].shape == bias.shape and grads[3].dtype == dtype
+    leaves = [torch.from_numpy(np.asarray(x, dtype=np.float64)).requires_grad_() for x in (q, k, v)]
+    bias_leaf = torch.from_numpy(bias.astype(np.float64)).requires_grad_()
+    expected = torch.autograd.grad(
+        torch_reference(torch, *leaves, bias=bias_leaf, **options),
+        [*leaves, bias_leaf],
+        torch.from_numpy(grad_out.astype(np.float64)),
+    )
+    for name, got, want in zip(("grad_q", "grad_k", "grad_v", "grad_bias"), grads, expected):
+        assert_gradient_close(got, want.numpy(), dtype, name)
+    # The same bits for any thread count (the broadcast sum runs in a fixed order).
+    for threads in (1, 3):
+        again = foveal.attention_backward(
+            q, k, v, out, lse, grad_out, bias=bias, return_bias_grad=True, num_threads=threads,
+            **options,
+        )  # fmt: skip
+        assert again[3].tobytes() == grads[3].tobytes()
+
+
+def test_torch_bias_gets_its_gradient(rng, torch, foveal_torch):
     shape = (1, 2, 1, 5, 6, 3, 2)
     q, k, v = (torch.from_numpy(x).requires_grad_() for x in make_qkv(rng, shape, np.float64))
-    bias = torch.from_numpy(make_bias(rng, "4d", shape, np.float64)).requires_grad_()
-    with pytest.raises(ValueError, match=r"\bbias\b"):
-        foveal_torch.attention(q, k, v, bias=bias)
+    bias = torch.from_numpy(rng.standard_normal((5, 6))).requires_grad_()
+
+    def f(q, k, v, bias):
+        return foveal_torch.attention(q, k, v, bias=bias, causal=True, softcap=4.0)
+
+    assert torch.autograd.gradcheck(f, (q, k, v, bias), eps=1e-6, atol=1e-8)
+
+
+def test_a_mask_has_no_bias_gradient(rng):
+    call = _valid_call(rng)
+    mask = np.ones((5, 7), dtype=bool)
+    with pytest.raises(ValueError, match=r"boolean mask bias has no gradient"):
+        foveal.attention_backward(
+            call["q"], call["k"], call["v"], call["out"], call["lse"], call["out"],
+            bias=mask, return_bias_grad=True,
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
