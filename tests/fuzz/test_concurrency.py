@@ -41,7 +41,7 @@ import foveal, foveal.vq, foveal.sparsek
 def calls(index):
     # One call per index: a different kind, shape and thread count for every thread.
     rng = np.random.default_rng(index)
-    kind = index % 5
+    kind = index % 6
     threads = 1 + index % 3
     dtype = np.float32 if index % 2 == 0 else np.float64
     if kind == 0:
@@ -63,15 +63,28 @@ def calls(index):
         c = rng.standard_normal((37, 12)).astype(dtype)
         metric = "cosine" if index % 3 == 0 else "l2"
         return lambda: tuple(foveal.vq.assign(x, c, metric=metric, num_threads=threads))
+    if kind == 3:
+        b, hkv, l, d = 1, 2, 60 + index, 8
+        q = rng.standard_normal((b, 2 * hkv, l, d)).astype(dtype)
+        k = rng.standard_normal((b, hkv, l, d)).astype(dtype)
+        v = rng.standard_normal((b, hkv, l, d)).astype(dtype)
+        u = rng.standard_normal((b, hkv, l)).astype(dtype)
+        out, lse = foveal.sparsek.sparsek_attention(q, k, v, u, 8, window=4, return_lse=True)
+        g = rng.standard_normal(out.shape).astype(dtype)
+        return lambda: foveal.sparsek.sparsek_attention_backward(
+            q, k, v, u, out, lse, g, 8, window=4, num_threads=threads)
     if kind == 4:
         b, hkv, l, d = 1, 2, 70 + index, 12
         q = rng.standard_normal((b, 2 * hkv, l, d)).astype(dtype)
         k = rng.standard_normal((b, hkv, l, d)).astype(dtype)
         v = rng.standard_normal((b, hkv, l, d)).astype(dtype)
-        out, lse = foveal.attention(q, k, v, causal=True, sink_tokens=2, return_lse=True)
+        bias = rng.standard_normal((l, l)).astype(dtype)
+        out, lse = foveal.attention(q, k, v, causal=True, sink_tokens=2, bias=bias,
+                                    return_lse=True)
         g = rng.standard_normal(out.shape).astype(dtype)
         return lambda: foveal.attention_backward(q, k, v, out, lse, g, causal=True,
-                                                 sink_tokens=2, num_threads=threads)
+                                                 sink_tokens=2, bias=bias, return_bias_grad=True,
+                                                 num_threads=threads)
     b, hkv, lq, lk, d = 1, 2, 24, 64 + index, 8
     q = rng.standard_normal((b, hkv, lq, d)).astype(dtype)
     k = rng.standard_normal((b, hkv, lk, d)).astype(dtype)
