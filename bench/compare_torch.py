@@ -13,8 +13,10 @@ the SPADE embedding (vs the same module in PyTorch, bench/spade_cases.py) and VQ
 torch.cdist and matmul + argmin, bench/vq_cases.py), the SPARSEK projection (vs a torch
 implementation by sort, bench/sparsek_cases.py), SparseK attention (vs foveal's dense causal
 attention and SDPA, bench/sparsek_attention_cases.py) and the PDE-SSM block (vs torch rfft2 ·
-multiplier · irfft2, bench/pde_cases.py), and training steps of attention, forward + backward
-(vs SDPA forward + backward, bench/backward_cases.py).
+multiplier · irfft2, bench/pde_cases.py), training steps of attention, forward + backward
+(vs SDPA forward + backward, bench/backward_cases.py), and serving: batch decode over a paged
+KV cache (vs separate decode calls), shared-prefix decode (vs no sharing) and a server loop
+(bench/serving_cases.py).
 Both libraries run interleaved on identical float32 tensors at each thread count, so machine
 noise hits both alike; each time is the median of the repetitions. Writes
 bench/results/<suite>_<quick|full>.json and, when matplotlib is installed, a .png beside it.
@@ -323,7 +325,7 @@ def peak_extra_memory(length: int, threads: int) -> int:
 
 
 def plot(suite: str, rows: list[dict], path: Path) -> bool:
-    if suite in ("spade", "vq", "sparsek", "pde", "backward"):  # a table says it all
+    if suite in ("spade", "vq", "sparsek", "pde", "backward", "serving"):  # a table says it all
         return False
     if suite == "sparsek_attn":
         import sparsek_attention_cases
@@ -489,6 +491,10 @@ def markdown(path: Path) -> str:
             )
     elif suite == "pde":
         lines += pde_markdown(rows)
+    elif suite == "serving":
+        import serving_cases
+
+        lines += serving_cases.markdown_lines(rows)
     elif suite == "sparsek_attn":
         import sparsek_attention_cases
 
@@ -595,6 +601,7 @@ SUITES = (
     "sparsek_attn",
     "pde",
     "backward",
+    "serving",
 )
 
 
@@ -666,7 +673,14 @@ def main() -> None:
 
             print("\n[backward]")
             rows = backward_cases.run(args.threads, seconds, interleaved, median_time, args.full)
-        own_threads = ("spade", "vq", "sparsek", "sparsek_attn", "pde", "backward")
+        if suite == "serving":  # bench/serving_cases.py, likewise
+            import serving_cases
+
+            print("\n[serving]")
+            rows = serving_cases.run(
+                args.threads, seconds, interleaved, median_time, args.full, copy_bandwidth
+            )
+        own_threads = ("spade", "vq", "sparsek", "sparsek_attn", "pde", "backward", "serving")
         for threads in args.threads if suite not in own_threads else []:
             torch.set_num_threads(threads)
             foveal.set_num_threads(threads)
