@@ -14,7 +14,9 @@ torch.cdist and matmul + argmin, bench/vq_cases.py), the SPARSEK projection (vs 
 implementation by sort, bench/sparsek_cases.py), SparseK attention (vs foveal's dense causal
 attention and SDPA, bench/sparsek_attention_cases.py) and the PDE-SSM block (vs torch rfft2 ·
 multiplier · irfft2, bench/pde_cases.py), and training steps of attention, forward + backward
-(vs SDPA forward + backward, bench/backward_cases.py).
+(vs SDPA forward + backward, bench/backward_cases.py), and training steps of the foveal.nn
+modules (vs vector-quantize-pytorch and other references when installed,
+bench/modules_cases.py).
 Both libraries run interleaved on identical float32 tensors at each thread count, so machine
 noise hits both alike; each time is the median of the repetitions. Writes
 bench/results/<suite>_<quick|full>.json and, when matplotlib is installed, a .png beside it.
@@ -323,7 +325,7 @@ def peak_extra_memory(length: int, threads: int) -> int:
 
 
 def plot(suite: str, rows: list[dict], path: Path) -> bool:
-    if suite in ("spade", "vq", "sparsek", "pde", "backward"):  # a table says it all
+    if suite in ("spade", "vq", "sparsek", "pde", "backward", "modules"):  # a table says it all
         return False
     if suite == "sparsek_attn":
         import sparsek_attention_cases
@@ -493,6 +495,10 @@ def markdown(path: Path) -> str:
         import sparsek_attention_cases
 
         lines += sparsek_attention_cases.markdown_lines(rows)
+    elif suite == "modules":
+        import modules_cases
+
+        lines += modules_cases.markdown_lines(rows)
     elif suite == "vq":
         lines += [
             "| K | threads | foveal ms | cdist ms | vs cdist | matmul ms | vs matmul | GFLOP/s "
@@ -595,6 +601,7 @@ SUITES = (
     "sparsek_attn",
     "pde",
     "backward",
+    "modules",
 )
 
 
@@ -666,7 +673,12 @@ def main() -> None:
 
             print("\n[backward]")
             rows = backward_cases.run(args.threads, seconds, interleaved, median_time, args.full)
-        own_threads = ("spade", "vq", "sparsek", "sparsek_attn", "pde", "backward")
+        if suite == "modules":  # bench/modules_cases.py, likewise
+            import modules_cases
+
+            print("\n[modules]")
+            rows = modules_cases.run(args.threads, seconds, interleaved, median_time, args.full)
+        own_threads = ("spade", "vq", "sparsek", "sparsek_attn", "pde", "backward", "modules")
         for threads in args.threads if suite not in own_threads else []:
             torch.set_num_threads(threads)
             foveal.set_num_threads(threads)
