@@ -315,3 +315,18 @@ def test_foveal_torch_reexports_the_modules():
 
     assert foveal.torch.VectorQuantize is VectorQuantize
     assert foveal.torch.ResidualVQ is ResidualVQ
+
+
+def test_strided_input_gives_the_contiguous_result():
+    wide = torch.randn(3, 40, 8, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    strided = wide[..., ::2]  # inner stride 2: reshape keeps it a view
+    assert strided.reshape(-1, 4).stride(1) == 2
+    one, two = VectorQuantize(4, 8, seed=3), VectorQuantize(4, 8, seed=3)
+    dense = strided.detach().contiguous().requires_grad_()
+    outputs = [one(strided), two(dense)]
+    for quantized, _, loss in outputs:
+        (quantized.sum() + loss).backward()
+    for a, b in zip(*outputs):
+        assert torch.equal(a, b)
+    assert torch.equal(wide.grad[..., ::2], dense.grad)
+    assert torch.equal(one.codebook, two.codebook)

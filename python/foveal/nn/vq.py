@@ -54,7 +54,8 @@ def _assign_op(
     counts [K] int64). The codes are gathered here, not by the caller: a compiled graph could
     otherwise read the codebook after the EMA update has changed it."""
     metric = "cosine" if cosine else "l2"  # vq.assign names a non-finite entry of x
-    indices = _vq.assign(x.detach(), codebook.detach(), metric=metric, num_threads=num_threads)[0]
+    x = x.detach().contiguous()  # the kernel reads unit-stride rows
+    indices = _vq.assign(x, codebook.detach(), metric=metric, num_threads=num_threads)[0]
     codes = codebook.detach().index_select(0, indices)
     return indices, codes, torch.bincount(indices, minlength=codebook.shape[0])
 
@@ -82,7 +83,7 @@ def _kmeans_init_op(
     """Once (while ``initted`` is False): the codebook by k-means++ and Lloyd on x, N_k = 1."""
     if bool(initted):
         return
-    x = x.detach()
+    x = x.detach().contiguous()
     _require_finite("VectorQuantize", x)
     quantizer = _vq.VectorQuantizer.from_data(
         x,
