@@ -198,10 +198,16 @@ def snapshot(module):
     return {k: v.clone() for k, v in module.state_dict().items()}
 
 
+def compiled(module):
+    torch._dynamo.reset()  # a fresh compilation under the current thread count
+    return torch.compile(module, fullgraph=True)
+
+
 @pytest.mark.parametrize("make", [
     lambda threads: VectorQuantize(32, 256, threshold_dead=0.5, num_threads=threads),
     lambda threads: VectorQuantize(32, 256, cosine=True, kmeans_init=False, num_threads=threads),
     lambda threads: ResidualVQ(2, 32, 128, threshold_dead=0.5, num_threads=threads),
+    "compiled",
 ])  # fmt: skip
 def test_bitwise_identical_for_one_and_two_threads(make):
     results = {}
@@ -209,8 +215,12 @@ def test_bitwise_identical_for_one_and_two_threads(make):
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            module = make(threads)
-            outputs = [run_step(module, x) for x in batches(3, 6000, 32)]
+            if make == "compiled":
+                module = VectorQuantize(32, 256, threshold_dead=0.5, num_threads=threads)
+                step_module = compiled(module)
+            else:
+                module = step_module = make(threads)
+            outputs = [run_step(step_module, x) for x in batches(3, 6000, 32)]
             results[threads] = (outputs, snapshot(module))
     finally:
         torch.set_num_threads(saved)
