@@ -119,11 +119,12 @@ def _ema_update_op(
     """The EMA update of the statistics and the codebook, then the dead-code restart."""
     x = x.detach()
     num_codes = codebook.shape[0]
-    # Sums per code in float64, added in row order: the same bits for any thread count.
+    # Sums per code in float64; index_add_ (and _fixed_order_sum below) add in an order that
+    # does not depend on the thread count.
     sums = torch.zeros(code_sums.shape, dtype=torch.float64).index_add_(0, indices, x.double())
     cluster_size.mul_(decay).add_(counts.double(), alpha=1.0 - decay)
     code_sums.mul_(decay).add_(sums, alpha=1.0 - decay)
-    total = cluster_size.sum()
+    total = _fixed_order_sum(cluster_size)
     smoothed = (cluster_size + epsilon) / (total + num_codes * epsilon) * total
     codes = code_sums / smoothed[:, None]
     if cosine:
