@@ -14,9 +14,10 @@ torch.cdist and matmul + argmin, bench/vq_cases.py), the SPARSEK projection (vs 
 implementation by sort, bench/sparsek_cases.py), SparseK attention (vs foveal's dense causal
 attention and SDPA, bench/sparsek_attention_cases.py) and the PDE-SSM block (vs torch rfft2 ·
 multiplier · irfft2, bench/pde_cases.py), training steps of attention, forward + backward
-(vs SDPA forward + backward, bench/backward_cases.py), and serving: batch decode over a paged
+(vs SDPA forward + backward, bench/backward_cases.py), serving: batch decode over a paged
 KV cache (vs separate decode calls), shared-prefix decode (vs no sharing) and a server loop
-(bench/serving_cases.py).
+(bench/serving_cases.py), and training steps of the foveal.nn modules (vs
+vector-quantize-pytorch and other references when installed, bench/modules_cases.py).
 Both libraries run interleaved on identical float32 tensors at each thread count, so machine
 noise hits both alike; each time is the median of the repetitions. Writes
 bench/results/<suite>_<quick|full>.json and, when matplotlib is installed, a .png beside it.
@@ -325,7 +326,8 @@ def peak_extra_memory(length: int, threads: int) -> int:
 
 
 def plot(suite: str, rows: list[dict], path: Path) -> bool:
-    if suite in ("spade", "vq", "sparsek", "pde", "backward", "serving"):  # a table says it all
+    # A table says it all for these suites.
+    if suite in ("spade", "vq", "sparsek", "pde", "backward", "serving", "modules"):
         return False
     if suite == "sparsek_attn":
         import sparsek_attention_cases
@@ -499,6 +501,10 @@ def markdown(path: Path) -> str:
         import sparsek_attention_cases
 
         lines += sparsek_attention_cases.markdown_lines(rows)
+    elif suite == "modules":
+        import modules_cases
+
+        lines += modules_cases.markdown_lines(rows)
     elif suite == "vq":
         lines += [
             "| K | threads | foveal ms | cdist ms | vs cdist | matmul ms | vs matmul | GFLOP/s "
@@ -602,6 +608,7 @@ SUITES = (
     "pde",
     "backward",
     "serving",
+    "modules",
 )
 
 
@@ -680,7 +687,21 @@ def main() -> None:
             rows = serving_cases.run(
                 args.threads, seconds, interleaved, median_time, args.full, copy_bandwidth
             )
-        own_threads = ("spade", "vq", "sparsek", "sparsek_attn", "pde", "backward", "serving")
+        if suite == "modules":  # bench/modules_cases.py, likewise
+            import modules_cases
+
+            print("\n[modules]")
+            rows = modules_cases.run(args.threads, seconds, interleaved, median_time, args.full)
+        own_threads = (
+            "spade",
+            "vq",
+            "sparsek",
+            "sparsek_attn",
+            "pde",
+            "backward",
+            "serving",
+            "modules",
+        )
         for threads in args.threads if suite not in own_threads else []:
             torch.set_num_threads(threads)
             foveal.set_num_threads(threads)

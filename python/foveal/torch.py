@@ -534,3 +534,6 @@ class PdeSsm:
     @staticmethod
     def apply(x, diffusion, velocity, reaction, time, skip, options):
         return pde_ssm(x, diffusion, velocity, reaction, time, skip, **options)
+
+
+from foveal.nn.vq import ResidualVQ, VectorQuantize  # noqa: E402, F401
