@@ -54,10 +54,13 @@ class FovealMask:
     ``q_offset + i - window_left <= j <= q_offset + i`` (causal). ``q_offset``: the key index
     at which query 0 sits (transformers' absolute query position minus the cache's key
     offset). ``key_mask``: ``[B, Lk]`` bool, False for padding keys, or None when no key is
-    padding. ``dense``: ``[B, 1, Lq, Lk]`` bool (True = attend) for patterns that have no
-    flags; the band fields are then unused. ``shape`` is the ``[B, 1, Lq, Lk]`` the mask stands
-    for: transformers' generate builds the mask of a compileable (static) cache ahead of the
-    forward and hands it back through ``attention_mask``, where it is read as a 4-D mask.
+    padding. ``key_ranges``: when each row's real keys are one run (left or right padding,
+    the unwritten tail of a static cache), its ``(start, stop)`` per row, else None; the
+    attention then runs each row over its run, with no bias. ``dense``: ``[B, 1, Lq, Lk]``
+    bool (True = attend) for patterns that have no flags; the band fields are then unused.
+    ``shape`` is the ``[B, 1, Lq, Lk]`` the mask stands for: transformers' generate builds the
+    mask of a compileable (static) cache ahead of the forward and hands it back through
+    ``attention_mask``, where it is read as a 4-D mask.
 
     transformers passes this object from the mask interface to the attention interface
     unchanged; it is not a tensor, and no other attention implementation accepts it."""
@@ -66,6 +69,7 @@ class FovealMask:
     window_left: int = -1
     q_offset: int = 0
     key_mask: Optional[torch.Tensor] = None
+    key_ranges: Optional[tuple] = None
     dense: Optional[torch.Tensor] = None
     shape: tuple = ()
 
@@ -159,7 +163,20 @@ def mask_forward(
     # A static cache passes q_offset as a 0-d tensor (to avoid graph breaks); foveal needs int.
     offset = int(q_offset) - int(kv_offset)
     shape = (batch_size, 1, q_length, kv_length)
-    return FovealMask(causal, window_left, offset, key_mask, None, shape)
+    ranges = None if key_mask is None else _key_ranges(key_mask)
+    return FovealMask(causal, window_left, offset, key_mask, ranges, None, shape)
+
+
+def _key_ranges(key_mask: torch.Tensor) -> Optional[tuple]:
+    """((start, stop) per row) when every row of key_mask is True on one run and False
+    elsewhere (an empty run is (0, 0)), else None."""
+    count = key_mask.sum(dim=1)
+    start = key_mask.to(torch.int8).argmax(dim=1)  # the first True (0 in a row without one)
+    position = torch.arange(key_mask.shape[1], device=key_mask.device)
+    run = (position >= start[:, None]) & (position < (start + count)[:, None])
+    if not bool(torch.equal(run, key_mask)):
+        return None
+    return tuple((int(a), int(a + n)) for a, n in zip(start.tolist(), count.tolist()))
 
 
 def _fail(what: str) -> None:
@@ -175,33 +192,36 @@ def _options_and_bias(
     is_causal: Optional[bool],
     dtype: torch.dtype,
 ) -> tuple:
-    """foveal's band options and bias for transformers' attention_mask argument."""
+    """(foveal's band options, a bias or None, the rows' key runs or None) for transformers'
+    attention_mask argument."""
     if isinstance(mask, FovealMask):
         if mask.dense is not None:
-            return {}, _fit_keys(mask.dense, k_length)
+            return {}, _fit_keys(mask.dense, k_length), None
         options = {"q_offset": mask.q_offset}
         if mask.causal:
             options["causal"] = True
         if mask.window_left >= 0:
             options["window_left"] = mask.window_left
+        if mask.key_ranges is not None and (mask.causal or mask.window_left < 0):
+            return options, None, mask.key_ranges
         bias = None
         if mask.key_mask is not None:
             key_mask = _fit_keys(mask.key_mask[:, None, None, :], k_length)
             bias = key_mask.expand(-1, 1, q_length, -1)
-        return options, bias
+        return options, bias, None
     if mask is None:
         # transformers' convention for a missing mask (sdpa's is_causal): top-left aligned
         # causal attention for several queries, every key for one query.
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         if not (causal and q_length > 1):
-            return {}, None
+            return {}, None, None
         options = {"causal": True, "q_offset": 0}
         if sliding_window:
             options["window_left"] = int(sliding_window) - 1
-        return options, None
+        return options, None, None
     if isinstance(mask, torch.Tensor) and mask.dim() == 4:
         mask = _fit_keys(mask, k_length)
-        return {}, mask if mask.dtype == torch.bool else mask.to(dtype)
+        return {}, mask if mask.dtype == torch.bool else mask.to(dtype), None
     raise TypeError(
         "foveal: transformers attention: attention_mask must be a FovealMask, None or a 4-D "
         f"torch tensor, got {type(mask).__name__}"
@@ -250,27 +270,55 @@ def attention_forward(
     if position_bias is not None:
         _fail("position_bias (a per-layer relative position bias) is not supported")
     q_length, k_length = query.shape[2], key.shape[2]
-    options, bias = _options_and_bias(
+    options, bias, runs = _options_and_bias(
         module, attention_mask, q_length, k_length, sliding_window, is_causal, query.dtype
     )
     if softcap:
         options["softcap"] = float(softcap)
     if scaling is not None:
         options["scale"] = float(scaling)
-    if s_aux is None:
-        out = _ftorch.attention(query, key, value, bias=bias, **options)
+    if runs is None:
+        out = _attend(query, key, value, bias, options, s_aux)
     else:
-        tensors = (query, key, value, s_aux)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            _fail(
-                "learned sink logits (s_aux) are supported without gradients only (under "
-                "torch.no_grad() or torch.inference_mode()); training through them is not"
-            )
-        options = _core.attention_options("attention", **options)  # checked, defaults filled
-        out, lse = _ftorch._attention_op(query, key, value, bias, False, **options)
-        sinks = s_aux.to(lse.dtype).reshape(1, -1, 1)
-        out = out * torch.sigmoid(lse - sinks).unsqueeze(-1)
+        out = _attend_key_runs(query, key, value, runs, options, s_aux)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _attend(query, key, value, bias, options: dict, s_aux) -> torch.Tensor:
+    """[B, Hq, Lq, Dv] from foveal.torch.attention; with sink logits, scaled by each row's
+    share of the softmax that the sink leaves: sigmoid(lse - s_aux)."""
+    if s_aux is None:
+        return _ftorch.attention(query, key, value, bias=bias, **options)
+    tensors = (query, key, value, s_aux)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        _fail(
+            "learned sink logits (s_aux) are supported without gradients only (under "
+            "torch.no_grad() or torch.inference_mode()); training through them is not"
+        )
+    options = _core.attention_options("attention", **options)  # checked, defaults filled
+    out, lse = _ftorch._attention_op(query, key, value, bias, False, **options)
+    sinks = s_aux.to(lse.dtype).reshape(1, -1, 1)
+    return out * torch.sigmoid(lse - sinks).unsqueeze(-1)
+
+
+def _attend_key_runs(query, key, value, runs: tuple, options: dict, s_aux) -> torch.Tensor:
+    """Attention where row b's real keys are the run runs[b] = (start, stop): each row runs
+    over its own keys with the band options and no bias. Under a causal mask the queries
+    before the run see no key and get zeros (as foveal gives a query that sees none)."""
+    heads, q_length, dim = query.shape[1], query.shape[2], value.shape[3]
+    offset, causal = options["q_offset"], options.get("causal", False)
+    rows = []
+    for b, (start, stop) in enumerate(runs):
+        stop = min(stop, key.shape[2])
+        first = min(max(0, start - offset), q_length) if causal else 0
+        pieces = [query.new_zeros(1, heads, first if stop > start else q_length, dim)]
+        if stop > start and first < q_length:
+            # Query `first` sits at key offset + first: offset + first - start in the run.
+            row_options = dict(options, q_offset=offset + first - start if causal else 0)
+            keys = (t[b : b + 1, :, start:stop] for t in (key, value))
+            pieces.append(_attend(query[b : b + 1, :, first:], *keys, None, row_options, s_aux))
+        rows.append(torch.cat(pieces, dim=2))
+    return torch.cat(rows, dim=0)
 
 
 def register(name: str = NAME) -> str:

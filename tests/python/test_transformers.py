@@ -93,7 +93,8 @@ def _model(family: str):
 
 
 def _batch(padding: str):
-    """Three prompts of 23, 17 and 11 tokens, padded to 23 on the given side."""
+    """Three prompts of 23, 17 and 11 tokens, padded to 23 on the given side ("holes": left
+    padding and two masked tokens inside the first prompt, so no row is one run of keys)."""
     generator = torch.Generator().manual_seed(7)
     lengths = (23, 17, 11)
     ids = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
@@ -106,6 +107,8 @@ def _batch(padding: str):
             span = slice(None)
         ids[row, span] = tokens
         mask[row, span] = 1
+    if padding == "holes":
+        mask[0, 5:7] = 0
     return ids, mask
 
 
@@ -115,7 +118,7 @@ def _logits(model, implementation: str, ids, mask):
         return model(input_ids=ids, attention_mask=mask).logits
 
 
-@pytest.mark.parametrize("padding", ["none", "right", "left"])
+@pytest.mark.parametrize("padding", ["none", "right", "left", "holes"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_logits_match_reference(family, padding):
     model, reference = _model(family)
@@ -214,6 +217,11 @@ def test_plain_patterns_become_band_options(pattern, kv_offset):
     assert mask.dense is None  # no [Lq, Lk] matrix: foveal skips the blocks outside the band
     assert torch.equal(_as_dense(mask, 5, 9), expected)
     assert mask.shape == (2, 1, 5, 9)
+    assert mask.key_ranges == ((0, 9), (5 - kv_offset, 9))  # each row's keys are one run
+    padding[0, 7] = False  # a hole: the padding becomes a boolean bias
+    mask, expected = _both(function, padding, kv_offset=kv_offset, q_offset=q_offset)
+    assert mask.key_ranges is None and mask.key_mask is not None
+    assert torch.equal(_as_dense(mask, 5, 9), expected)
     assert _both(function, torch.ones(2, 12, dtype=torch.bool))[0].key_mask is None
 
 
@@ -294,9 +302,10 @@ def test_training_dropout_in_a_model_raises():
         model(input_ids=ids)
 
 
-def test_gradients_flow_through_foveal():
+@pytest.mark.parametrize("padding", ["left", "holes"])
+def test_gradients_flow_through_foveal(padding):
     model, _ = _model("llama")
-    ids, mask = _batch("left")
+    ids, mask = _batch(padding)
     grads = {}
     for implementation in ("sdpa", "foveal"):
         model.set_attn_implementation(implementation)
