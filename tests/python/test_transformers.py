@@ -9,6 +9,9 @@ same tokens (and per-step scores). Skipped when transformers is not installed.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -316,3 +319,17 @@ def test_gradients_flow_through_foveal(padding):
     model.zero_grad()
     scale = grads["sdpa"].abs().max().item()
     assert (grads["foveal"] - grads["sdpa"]).abs().max().item() <= TOL * max(scale, 1.0)
+
+
+def test_foveal_imports_without_transformers():
+    # transformers is optional: hide it, and foveal (foveal.transformers too) still imports;
+    # only register() needs it, and says so.
+    script = (
+        "import sys; sys.modules['transformers'] = None\n"
+        "import foveal, foveal.torch, foveal.transformers\n"
+        "try:\n    foveal.transformers.register()\n"
+        "except ImportError as error:\n    print(error)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "needs Hugging Face transformers" in result.stdout
