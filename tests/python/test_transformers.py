@@ -333,3 +333,25 @@ def test_foveal_imports_without_transformers():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "needs Hugging Face transformers" in result.stdout
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_key_runs_match_the_dense_mask(causal):
+    # Rows over their own run of keys (one whole, one left-padded past the first queries, one
+    # right-padded, one with no key) against the same mask as a [B, 1, Lq, Lk] boolean bias.
+    generator = torch.Generator().manual_seed(5)
+    q = torch.randn(4, 4, 6, 16, generator=generator)
+    k, v = (torch.randn(4, 2, 10, 16, generator=generator) for _ in range(2))
+    key_mask = torch.zeros(4, 10, dtype=torch.bool)
+    key_mask[0], key_mask[1, 7:], key_mask[2, :5] = True, True, True
+    runs = ((0, 10), (7, 10), (0, 5), (0, 0))
+    window = 2 if causal else -1
+    mask = ftransformers.FovealMask(causal, window, 4, key_mask, runs, None, (4, 1, 6, 10))
+    got, _ = ftransformers.attention_forward(_Module(), q, k, v, mask, scaling=0.3)
+    i = torch.arange(6)[:, None] + 4
+    j = torch.arange(10)[None, :]
+    band = (j <= i) & (j >= i - window) if causal else torch.ones(6, 10, dtype=torch.bool)
+    dense = band[None, None] & key_mask[:, None, None, :]
+    expected, _ = ftransformers.attention_forward(_Module(), q, k, v, dense, scaling=0.3)
+    assert torch.equal(got[3], torch.zeros_like(got[3]))
+    assert (got - expected).abs().max().item() <= 1e-6
