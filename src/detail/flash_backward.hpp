@@ -18,10 +18,11 @@
 // the gradient of each gate for itself. With gates_logits() (the logits were scaled by m too) the
 // logits before the gate are kept for it in raw_t.
 //
-// Layouts: the tile's queries are packed as in the forward (q_t[D][kBlockQ], pre-scaled to base-2
-// logits) and grad_out likewise (do_t[Dv][kBlockQ]), so S and dP are the forward's score
-// micro-kernel; P and dS stay transposed (s_t[key][row]); the three accumulations read their
-// weights by broadcast, so one micro-kernel serves row-major (dQ) and transposed (dK, dV) weights.
+// Layouts: the tile's queries are packed as in the forward (q_t[D][kBlockQ]; the score kernel
+// turns q.k into base-2 logits) and grad_out likewise (do_t[Dv][kBlockQ]), so S and dP are the
+// forward's score micro-kernel; P and dS stay transposed (s_t[key][row]); the three accumulations
+// read their weights by broadcast, so one micro-kernel serves row-major (dQ) and transposed (dK,
+// dV) weights.
 #pragma once
 
 #include <algorithm>
@@ -140,7 +141,7 @@ class BackwardWorkspace {
             static_cast<std::size_t>(per_thread() * std::max(num_threads, 1)))) {}
 
   struct Scratch {
-    T* q_t;     // [D][kBlockQ]: the tile's queries, transposed, times the logit multiplier
+    T* q_t;     // [D][kBlockQ]: the tile's queries, transposed
     T* do_t;    // [Dv][kBlockQ]: the tile's grad_out, transposed
     T* s_t;     // [kBlockK][kBlockQ]: logits, then P
     T* dp_t;    // [kBlockK][kBlockQ]: dP, then dS
@@ -295,7 +296,8 @@ class BackwardRunner {
       if constexpr (GatesKeys<Policy>::value)
         gated = block.index != nullptr && policy.gates_outputs();
       // The forward's logits, then P = 2^(s - lse2).
-      compute_scores(scratch.q_t, k_rows, block.count, dim_, row_vectors, all_rows, scratch.s_t);
+      compute_scores(scratch.q_t, k_rows, block.count, dim_, forward_.query_multiplier(),
+                     row_vectors, all_rows, scratch.s_t);
       if constexpr (GatesKeys<Policy>::value) {
         if (gated && policy.gates_logits())
           std::copy_n(scratch.s_t, block.count * kBlockQ, scratch.raw_t);
@@ -311,7 +313,7 @@ class BackwardRunner {
       // dP = dO Vᵀ, then dS = P ∘ (dP − D), times 1 − tanh² under a softcap. Where P = 0 (a
       // key the row does not see) dS is 0 even if the key's value is NaN: NaN reaches only the
       // rows that see it, as in the forward.
-      compute_scores(scratch.do_t, v_rows, block.count, dim_v_, row_vectors, all_rows,
+      compute_scores(scratch.do_t, v_rows, block.count, dim_v_, T(1), row_vectors, all_rows,
                      scratch.dp_t);
       if constexpr (GatesKeys<Policy>::value) {
         if (gated) {

@@ -6,14 +6,15 @@
 // Layout of the work. A tile is up to kBlockQ query rows of one (batch, kv head); with GQA the
 // rows are the (position, query head) pairs of the group, position-major, so the query heads of
 // a group share every K/V row the tile loads. The tile's queries are packed once, transposed
-// and pre-scaled, into q_t[D][kBlockQ]; K and V rows are read in place from the caller's memory
+// into q_t[D][kBlockQ]; K and V rows are read in place from the caller's memory
 // (any row stride, unit inner stride), so nothing of K or V is ever copied. Scores are kept
 // transposed, s_t[key][row]: the softmax statistics of kLanes rows are then plain vertical
 // vector operations (no horizontal reductions), and the two products are register-blocked
 // micro-kernels:
 //   scores   s_t[j][rows]   += k[j][d] (broadcast) * q_t[d][rows]     6 keys x 4 vectors
 //   output   acc[row][cols] += p[j][row] (broadcast) * v[j][cols]     6 rows x 4 vectors
-// Logits are kept in base 2 (the scale includes log2 e) so the softmax uses exp2. Tiles of at
+// Logits are kept in base 2 (each finished dot product is multiplied by the scale times log2 e)
+// so the softmax uses exp2. Tiles of at
 // most kFewRows rows (decode: the queries of one GQA group) score keys as dot products along D
 // instead, so no lane is spent on rows that do not exist.
 //
@@ -95,10 +96,10 @@ inline constexpr int kMaxDotRows = std::min(4, kLanes<T>);
 // and store of the accumulators per run.
 inline constexpr Index kScoreRun = 64;
 
-// s_t[j][0 .. QV*kLanes) = sum_d k_rows[j][d] * q_t[d][0 .. QV*kLanes), for j < NK.
+// s_t[j][0 .. QV*kLanes) = multiplier * sum_d k_rows[j][d] * q_t[d][0 .. QV*kLanes), j < NK.
 // q_t and s_t have row stride kBlockQ.
 template <typename T, int NK, int QV>
-inline void score_micro(const T* q_t, const T* const* k_rows, Index dim, T* s_t) {
+inline void score_micro(const T* q_t, const T* const* k_rows, Index dim, T multiplier, T* s_t) {
   constexpr int L = kLanes<T>;
   for (Index d0 = 0; d0 < dim; d0 += kScoreRun) {
     const Index d1 = std::min(dim, d0 + kScoreRun);
@@ -125,18 +126,19 @@ inline void score_micro(const T* q_t, const T* const* k_rows, Index dim, T* s_t)
       FOVEAL_UNROLL
       for (int c = 0; c < QV; ++c) {
         T* scores = s_t + j * kBlockQ + c * L;
-        store(scores, d0 == 0 ? acc[j][c] : load(scores) + acc[j][c]);
+        const Vec<T> sum = d0 == 0 ? acc[j][c] : load(scores) + acc[j][c];
+        store(scores, d1 == dim ? sum * multiplier : sum);
       }
     }
   }
 }
 
-// Scores of a few rows as dot products along D: s_t[j][r] = sum_d k_rows[j][d] * q_rows[r][d]
-// for j < kLanes / NR, r < NR. q_rows has row stride q_stride (a multiple of kLanes, zero
-// padded past D); the kLanes (key, row) sums are reduced together by one transposing sum.
+// Scores of a few rows as dot products along D: s_t[j][r] = multiplier * sum_d k_rows[j][d] *
+// q_rows[r][d] for j < kLanes / NR, r < NR. q_rows has row stride q_stride (a multiple of kLanes,
+// zero padded past D); the kLanes (key, row) sums are reduced together by one transposing sum.
 template <typename T, int NR>
 inline void dot_score_micro(const T* q_rows, Index q_stride, const T* const* k_rows, Index dim,
-                            T* s_t) {
+                            T multiplier, T* s_t) {
   constexpr int L = kLanes<T>;
   constexpr int NK = L / NR;
   Vec<T> acc[L];  // acc[key * NR + row]
@@ -159,7 +161,7 @@ inline void dot_score_micro(const T* q_rows, Index q_stride, const T* const* k_r
       for (int r = 0; r < NR; ++r) acc[j * NR + r] += key * load(q_rows + r * q_stride + full);
     }
   }
-  const Vec<T> sums = sum_lanes_of_each<T>(acc);
+  const Vec<T> sums = sum_lanes_of_each<T>(acc) * multiplier;
   FOVEAL_UNROLL
   for (int j = 0; j < NK; ++j) {
     FOVEAL_UNROLL
@@ -172,7 +174,8 @@ inline void dot_score_micro(const T* q_rows, Index q_stride, const T* const* k_r
 // [j0, j1); the scores of the other row vectors for those keys are set to -inf uncomputed.
 template <typename T, typename RowVectorRange>
 inline void compute_scores(const T* q_t, const T* const* k_rows, Index num_keys, Index dim,
-                           int row_vectors, RowVectorRange&& row_vector_range, T* s_t) {
+                           T multiplier, int row_vectors, RowVectorRange&& row_vector_range,
+                           T* s_t) {
   constexpr int L = kLanes<T>;
   const Vec<T> masked = splat(-std::numeric_limits<T>::infinity());
   for (Index j0 = 0; j0 < num_keys; j0 += kKeysPerMicro) {
@@ -187,8 +190,8 @@ inline void compute_scores(const T* q_t, const T* const* k_rows, Index num_keys,
       const int vectors = std::min(kRowVectorsPerMicro, c_end - c0);
       with_count<kKeysPerMicro>(keys, [&](auto nk) {
         with_count<kRowVectorsPerMicro>(vectors, [&](auto qv) {
-          score_micro<T, decltype(nk)::value, decltype(qv)::value>(q_t + c0 * L, k_rows + j0, dim,
-                                                                   s_t + j0 * kBlockQ + c0 * L);
+          score_micro<T, decltype(nk)::value, decltype(qv)::value>(
+              q_t + c0 * L, k_rows + j0, dim, multiplier, s_t + j0 * kBlockQ + c0 * L);
         });
       });
     }
@@ -199,12 +202,13 @@ inline void compute_scores(const T* q_t, const T* const* k_rows, Index num_keys,
 // to num_keys rounded up to kLanes; s_t rows past num_keys receive scores of those repeats.
 template <typename T>
 inline void compute_few_row_scores(const T* q_rows, Index q_stride, const T* const* k_rows,
-                                   Index num_keys, Index dim, Index num_rows, T* s_t) {
+                                   Index num_keys, Index dim, T multiplier, Index num_rows,
+                                   T* s_t) {
   constexpr int L = kLanes<T>;
   const auto rows_at_a_time = [&](Index r0, auto nr) {
     constexpr int NR = decltype(nr)::value;
     for (Index j0 = 0; j0 < num_keys; j0 += L / NR)
-      dot_score_micro<T, NR>(q_rows + r0 * q_stride, q_stride, k_rows + j0, dim,
+      dot_score_micro<T, NR>(q_rows + r0 * q_stride, q_stride, k_rows + j0, dim, multiplier,
                              s_t + j0 * kBlockQ + r0);
     return NR;
   };
@@ -334,7 +338,7 @@ inline void accumulate_output(const T* p_t, const T* alpha, const T* const* v_ro
 
 template <typename T>
 struct TileScratch {
-  T* q_t;  // [D][kBlockQ]: queries, transposed and pre-scaled (few-row tiles: [rows][D'])
+  T* q_t;  // [D][kBlockQ]: queries, transposed (few-row tiles: [rows][D'])
   T* s_t;  // [kBlockK][kBlockQ]: scores, then probabilities, of the current key block
   T* acc;  // [kBlockQ][acc_stride]: unnormalized output
 };
@@ -436,11 +440,11 @@ class TileRunner {
         // The micro-kernel reads whole groups of keys: repeat the last row to fill the group.
         const Index padded = (block.count + L - 1) / L * L;
         std::fill(k_rows + block.count, k_rows + padded, k_rows[block.count - 1]);
-        compute_few_row_scores(scratch.q_t, query_row_stride(), k_rows, block.count, dim_, num_rows,
-                               scratch.s_t);
+        compute_few_row_scores(scratch.q_t, query_row_stride(), k_rows, block.count, dim_,
+                               q_multiplier_, num_rows, scratch.s_t);
       } else {
-        compute_scores(scratch.q_t, k_rows, block.count, dim_, row_vectors, row_vectors_seeing,
-                       scratch.s_t);
+        compute_scores(scratch.q_t, k_rows, block.count, dim_, q_multiplier_, row_vectors,
+                       row_vectors_seeing, scratch.s_t);
       }
       transform_logits(batch, block, keys, num_rows, row_vectors, query_index, head, positions,
                        policy, scratch.s_t);
@@ -461,10 +465,17 @@ class TileRunner {
 
   // The pieces of run() that the backward (src/detail/flash_backward.hpp) shares.
 
+  // What the score micro-kernels multiply each finished dot product by: the logit scale times
+  // log2 e (over the softcap with one), turning q.k into a base-2 logit. Applied to the finished
+  // sum, not to the packed queries: rounding each q[d] * multiplier would add D independent
+  // roundings to every logit (the largest fp32 error of the engine, measured on FlashAttention's
+  // grid).
+  T query_multiplier() const { return q_multiplier_; }
+
   // Row stride of the packed queries of a few-row tile: D rounded up to whole vectors.
   Index query_row_stride() const { return (dim_ + kLanes<T> - 1) / kLanes<T> * kLanes<T>; }
 
-  // q_rows[r][d] = q[batch, head[r], query_index[r], d] * q_multiplier, zero past D.
+  // q_rows[r][d] = q[batch, head[r], query_index[r], d], zero past D.
   void pack_query_rows(Index batch, Index num_rows, const Index* query_index, const Index* head,
                        T* q_rows) const {
     const auto& q = params_.q;
@@ -473,19 +484,19 @@ class TileRunner {
       const T* q_row =
           q.data() + batch * q.stride(0) + head[r] * q.stride(1) + query_index[r] * q.stride(2);
       T* packed = q_rows + r * stride;
-      for (Index d = 0; d < dim_; ++d) packed[d] = q_row[d] * q_multiplier_;
+      std::copy_n(q_row, dim_, packed);
       std::fill(packed + dim_, packed + stride, T(0));
     }
   }
 
-  // q_t[d][r] = q[batch, head[r], query_index[r], d] * q_multiplier; rows past num_rows are 0.
+  // q_t[d][r] = q[batch, head[r], query_index[r], d]; rows past num_rows are 0.
   void pack_queries(Index batch, Index num_rows, const Index* query_index, const Index* head,
                     T* q_t) const {
     const auto& q = params_.q;
     for (Index r = 0; r < num_rows; ++r) {
       const T* q_row =
           q.data() + batch * q.stride(0) + head[r] * q.stride(1) + query_index[r] * q.stride(2);
-      for (Index d = 0; d < dim_; ++d) q_t[d * kBlockQ + r] = q_row[d] * q_multiplier_;
+      for (Index d = 0; d < dim_; ++d) q_t[d * kBlockQ + r] = q_row[d];
     }
     for (Index d = 0; d < dim_; ++d)
       std::fill(q_t + d * kBlockQ + num_rows, q_t + (d + 1) * kBlockQ, T(0));
