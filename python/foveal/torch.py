@@ -33,8 +33,11 @@ from . import sparsek as _sparsek
 from ._common import attention_options
 
 __all__ = [
+    "DenseAttention",
     "PdeSsm",
+    "PdeSsm2d",
     "SparseK",
+    "SparseKAttention",
     "attention",
     "pde_ssm",
     "sliding_window_attention",
@@ -534,3 +537,8 @@ class PdeSsm:
     @staticmethod
     def apply(x, diffusion, velocity, reaction, time, skip, options):
         return pde_ssm(x, diffusion, velocity, reaction, time, skip, **options)
+
+
+# Modules on these operators (foveal.nn), re-exported here.
+from foveal.nn.pde import PdeSsm2d  # noqa: E402
+from foveal.nn.sparsek import DenseAttention, SparseKAttention  # noqa: E402

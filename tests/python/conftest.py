@@ -27,6 +27,29 @@ def torch() -> Any:
     return pytest.importorskip("torch")
 
 
+@pytest.fixture
+def at_one_and_two_threads() -> Any:
+    """run(function) -> [function() with torch and foveal at 1 thread, the same at 2 threads]
+    (the thread counts are restored afterwards)."""
+    torch = pytest.importorskip("torch")
+    import foveal
+
+    def run(function: Any) -> list:
+        saved = torch.get_num_threads(), foveal.get_num_threads()
+        results = []
+        try:
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                foveal.set_num_threads(threads)
+                results.append(function())
+        finally:
+            torch.set_num_threads(saved[0])
+            foveal.set_num_threads(saved[1])
+        return results
+
+    return run
+
+
 def visible_keys(
     len_q: int,
     len_k: int,
