@@ -323,7 +323,7 @@ def peak_extra_memory(length: int, threads: int) -> int:
 
 
 def plot(suite: str, rows: list[dict], path: Path) -> bool:
-    if suite in ("spade", "vq", "sparsek", "pde", "backward"):  # a table says it all
+    if suite in ("spade", "vq", "sparsek", "pde", "backward", "modules"):  # a table says it all
         return False
     if suite == "sparsek_attn":
         import sparsek_attention_cases
@@ -493,6 +493,10 @@ def markdown(path: Path) -> str:
         import sparsek_attention_cases
 
         lines += sparsek_attention_cases.markdown_lines(rows)
+    elif suite == "modules":
+        import modules_cases_sparsek
+
+        lines += modules_cases_sparsek.markdown_lines(rows)
     elif suite == "vq":
         lines += [
             "| K | threads | foveal ms | cdist ms | vs cdist | matmul ms | vs matmul | GFLOP/s "
@@ -595,6 +599,7 @@ SUITES = (
     "sparsek_attn",
     "pde",
     "backward",
+    "modules",
 )
 
 
@@ -666,7 +671,14 @@ def main() -> None:
 
             print("\n[backward]")
             rows = backward_cases.run(args.threads, seconds, interleaved, median_time, args.full)
-        own_threads = ("spade", "vq", "sparsek", "sparsek_attn", "pde", "backward")
+        if suite == "modules":  # bench/modules_cases_sparsek.py, likewise
+            import modules_cases_sparsek
+
+            print("\n[modules]")
+            rows += modules_cases_sparsek.run(
+                args.threads, seconds, interleaved, median_time, args.full
+            )
+        own_threads = ("spade", "vq", "sparsek", "sparsek_attn", "pde", "backward", "modules")
         for threads in args.threads if suite not in own_threads else []:
             torch.set_num_threads(threads)
             foveal.set_num_threads(threads)

@@ -93,7 +93,8 @@ def twin_dense(layer: DenseAttention, x: torch.Tensor) -> torch.Tensor:
     k = k.repeat_interleave(heads // kv_heads, dim=1)
     v = v.repeat_interleave(heads // kv_heads, dim=1)
     position = torch.arange(length)
-    mask = position[None, :] <= position[:, None]
+    mask = position[None, :] <= position[:, None] if layer.causal else torch.ones(length, length)
+    mask = mask.bool()
     if layer.window:
         mask &= position[None, :] > position[:, None] - layer.window
     logits = (q @ k.transpose(-1, -2)) / math.sqrt(dim)
@@ -150,6 +151,10 @@ def test_dense_twin_shares_the_weights_and_matches_masked_softmax():
     # topk beyond the length, no window or sinks, hard gates: SparseK is causal dense attention.
     torch.testing.assert_close(layer(x), dense(x), rtol=1e-12, atol=1e-13)
     torch.testing.assert_close(dense(x), twin_dense(dense, x), rtol=1e-10, atol=1e-12)
+    bidirectional = DenseAttention(**CONFIG, causal=False, dtype=torch.float64)
+    torch.testing.assert_close(
+        bidirectional(x), twin_dense(bidirectional, x), rtol=1e-10, atol=1e-12
+    )
     windowed = DenseAttention.from_sparsek(layer, window=4)
     torch.testing.assert_close(windowed(x), twin_dense(windowed, x), rtol=1e-10, atol=1e-12)
     windowed_grads = gradients(windowed, windowed(x).square().sum())

@@ -193,7 +193,8 @@ class DenseAttention(_CausalAttention):
     """Causal multi-head attention (``foveal.torch.attention``, or
     ``foveal.torch.sliding_window_attention`` over the last ``window`` keys when ``window > 0``)
     with the same projections and rotary embedding as :class:`SparseKAttention`: its dense twin
-    (``DenseAttention.from_sparsek(layer)`` copies the weights).
+    (``DenseAttention.from_sparsek(layer)`` copies the weights). ``causal=False``: every query
+    sees every key (``window`` must be 0), e.g. over the tokens of an image.
 
     ``x`` ``[B, L, d_model]`` -> ``[B, L, d_model]``."""
 
@@ -206,6 +207,7 @@ class DenseAttention(_CausalAttention):
         num_kv_heads: Optional[int] = None,
         *,
         window: int = 0,
+        causal: bool = True,
         rotary: bool = True,
         rotary_base: float = 10000.0,
         bias: bool = False,
@@ -216,6 +218,11 @@ class DenseAttention(_CausalAttention):
         shared = (rotary, rotary_base, bias, num_threads, dtype)
         super().__init__(d_model, num_heads, num_kv_heads, *shared)
         self.window = _check_int(self._name, "window", window, 0)
+        if not isinstance(causal, bool):
+            raise TypeError(f"foveal: {self._name}: causal must be a bool, got {causal!r}")
+        if window and not causal:
+            raise ValueError(f"foveal: {self._name}: window must be 0 when causal is False")
+        self.causal = causal
 
     @classmethod
     def from_sparsek(cls, layer: "SparseKAttention", window: int = 0) -> "DenseAttention":
@@ -242,7 +249,7 @@ class DenseAttention(_CausalAttention):
                 q, k, v, window_left=self.window - 1, causal=True, num_threads=self.num_threads
             )
         else:
-            out = _foveal_torch.attention(q, k, v, causal=True, num_threads=self.num_threads)
+            out = _foveal_torch.attention(q, k, v, causal=self.causal, num_threads=self.num_threads)
         return self._merge(out)
 
 
