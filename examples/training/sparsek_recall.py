@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -34,10 +35,18 @@ from foveal.torch import DenseAttention, SparseKAttention
 from torch import nn
 from torch.nn import functional
 
-ROOT = Path(__file__).resolve().parents[2]
-DOC = ROOT / "docs" / "training.md"
-PLOT = ROOT / "docs" / "images" / "training_sparsek_recall.png"
-BEGIN, END = "<!-- sparsek-recall:begin -->", "<!-- sparsek-recall:end -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from training_common import (
+    DOC,
+    IMAGES,
+    ROOT,
+    base_parser,
+    smoothed,
+    train_all,
+    write_section,
+)
+
+PLOT = IMAGES / "training_sparsek_recall.png"
 KINDS = ("dense", "sparsek", "window")
 
 
@@ -208,8 +217,6 @@ def step_time(kind: str, length: int, tokens_per_batch: int, args: argparse.Name
 def markdown(results: list, timing: dict, args: argparse.Namespace) -> str:
     plan = ", ".join(f"{length} x {batch} x {steps}" for length, batch, steps in stages(args))
     lines = [
-        BEGIN,
-        "",
         f"`python3 examples/training/sparsek_recall.py` — foveal {foveal.__version__}, torch "
         f"{torch.__version__}, {args.threads} threads. Length {args.length}, {args.pairs} "
         f"key-value pairs ({args.keys} keys, {args.values} values), d_model {args.d_model}, "
@@ -242,21 +249,8 @@ def markdown(results: list, timing: dict, args: argparse.Namespace) -> str:
     for length, row in timing.items():
         cells = " | ".join(f"{row[k]:.0f}" for k in KINDS)
         lines.append(f"| {length} | {cells} | **{row['dense'] / row['sparsek']:.2f}x** |")
-    lines += ["", "![loss curves](images/training_sparsek_recall.png)", "", END]
+    lines += ["", "![loss curves](images/training_sparsek_recall.png)"]
     return "\n".join(lines)
-
-
-def write_section(section: str) -> None:
-    """Replaces this script's section of docs/training.md (between its markers), or appends
-    it under its own heading."""
-    text = DOC.read_text() if DOC.exists() else "# Training runs\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n## SparseK: long-range associative recall\n\n"
-        text += section + "\n"
-    DOC.write_text(text)
 
 
 def plot(results: list, timing: dict, args: argparse.Namespace) -> None:
@@ -266,12 +260,9 @@ def plot(results: list, timing: dict, args: argparse.Namespace) -> None:
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    window = max(1, len(results[0]["losses"]) // 50)
     for result in results:
-        losses = torch.tensor(result["losses"])
-        smooth = losses.unfold(0, window, 1).mean(dim=1) if len(losses) >= window else losses
         label = f"{result['kind']} ({100 * result['accuracy']:.0f} % recall)"
-        left.plot(range(window - 1, window - 1 + len(smooth)), smooth.numpy(), label=label)
+        left.plot(*smoothed(result["losses"], len(result["losses"]) // 50), label=label)
     boundary = 0
     for length, _, steps in stages(args)[:-1]:
         boundary += steps
@@ -288,35 +279,34 @@ def plot(results: list, timing: dict, args: argparse.Namespace) -> None:
     right.set_title(f"{args.timing_tokens} tokens per batch")
     right.legend()
     figure.tight_layout()
-    PLOT.parent.mkdir(parents=True, exist_ok=True)
+    IMAGES.mkdir(parents=True, exist_ok=True)
     figure.savefig(PLOT, dpi=110)
 
 
 def parse(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="a few steps; asserts the loss falls")
-    parser.add_argument("--length", type=int, default=1024)
-    parser.add_argument("--pairs", type=int, default=8)
-    parser.add_argument("--keys", type=int, default=16)
-    parser.add_argument("--values", type=int, default=16)
-    parser.add_argument("--filler", type=int, default=64)
+    defaults = dict(
+        length=1024,
+        pairs=8,
+        keys=16,
+        values=16,
+        filler=64,
+        eval_batch=256,
+        d_model=64,
+        heads=2,
+        topk=64,
+        window=64,
+        lr=3e-3,
+        timing_tokens=16384,
+        timing_reps=3,
+    )
+    parser = base_parser(__doc__, defaults)
     parser.add_argument(
         "--curriculum",
         nargs="+",
         default=["64:32:200", "256:16:100", "1024:8:100"],
         help="length:batch:steps stages (the last at --length)",
     )
-    parser.add_argument("--eval-batch", type=int, default=256)
-    parser.add_argument("--d-model", type=int, default=64)
-    parser.add_argument("--heads", type=int, default=2)
-    parser.add_argument("--topk", type=int, default=64)
-    parser.add_argument("--window", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timing-lengths", type=int, nargs="*", default=[1024, 2048, 4096, 8192])
-    parser.add_argument("--timing-tokens", type=int, default=16384)
-    parser.add_argument("--timing-reps", type=int, default=3)
     parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     args = parser.parse_args(argv)
     if args.smoke:
@@ -328,21 +318,11 @@ def parse(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> list:
     args = parse(argv)
-    torch.set_num_threads(args.threads)
-    foveal.set_num_threads(args.threads)
-    results = []
-    for kind in args.kinds:
-        result = train(kind, args)
-        results.append(result)
-        print(
-            f"{kind:8s} eval loss {result['eval_loss']:.3f} accuracy "
-            f"{100 * result['accuracy']:.1f} %  {result['step_ms']:.0f} ms/step",
-            flush=True,
-        )
+    results = train_all(args.kinds, train, args, lambda r: (
+        f"eval loss {r['eval_loss']:.3f}, accuracy {100 * r['accuracy']:.1f} %, "
+        f"{r['step_ms']:.0f} ms/step"
+    ))  # fmt: skip
     if args.smoke:
-        for result in results:
-            first, last = result["losses"][:5], result["losses"][-5:]
-            assert sum(last) < sum(first), (result["kind"], first, last)
         return results
     timing = {}
     for length in args.timing_lengths:
@@ -350,7 +330,8 @@ def main(argv=None) -> list:
         print(
             f"length {length}: " + ", ".join(f"{k} {v:.0f} ms" for k, v in timing[length].items())
         )
-    write_section(markdown(results, timing, args))
+    heading = "SparseK: long-range associative recall"
+    write_section("sparsek-recall", heading, markdown(results, timing, args))
     plot(results, timing, args)
     print(f"wrote {DOC.relative_to(ROOT)} and {PLOT.relative_to(ROOT)}")
     return results

@@ -50,6 +50,31 @@ def at_one_and_two_threads() -> Any:
     return run
 
 
+@pytest.fixture
+def smoke_run() -> Any:
+    """run(name) -> the results of examples/training/<name>.py's main(["--smoke"]) (a few steps
+    that assert the loss falls, writing nothing); the thread counts are restored afterwards."""
+    import importlib.util
+    from pathlib import Path
+
+    torch = pytest.importorskip("torch")
+    import foveal
+
+    def run(name: str) -> list:
+        path = Path(__file__).resolve().parents[2] / "examples" / "training" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        script = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(script)
+        saved = torch.get_num_threads(), foveal.get_num_threads()
+        try:
+            return script.main(["--smoke"])
+        finally:  # the script fixes its thread count
+            torch.set_num_threads(saved[0])
+            foveal.set_num_threads(saved[1])
+
+    return run
+
+
 def visible_keys(
     len_q: int,
     len_k: int,

@@ -60,7 +60,7 @@ def _tree_sum(parts: torch.Tensor) -> torch.Tensor:
     return parts[0]
 
 
-_CHUNK = 64  # rows per partial product of a weight gradient
+_CHUNK = 512  # rows per partial product of a weight gradient
 
 
 class _LinearFunction(torch.autograd.Function):
