@@ -2,10 +2,11 @@
 --suite modules (one training step's work: forward, then backward to the input and every
 parameter; fp32, interleaved rounds).
 
-- ``SparseKAttention`` (d_model 256, 4 heads of 64, 4 kv heads, topk 64, window 64, the linear
-  scorer) against its dense twin ``DenseAttention.from_sparsek`` (the same projections, causal
-  ``foveal.torch.attention``), B = 1, L = 2048 and 8192 (--full; the quick run: 2048 and
-  4096). Target: SparseK >= 4x its dense twin at L = 8192, 1 and 2 threads.
+- ``SparseKAttention`` (d_model 256, 4 heads of 64, 4 kv heads, topk 64, window 64, rotary,
+  the linear scorer) against its dense twin ``DenseAttention.from_sparsek`` (the same
+  projections, causal ``foveal.torch.attention``), B = 1, L = 2048 and 8192 (--full; the quick
+  run: 2048 and 4096), and at the longest length also with 1 kv head (grouped-query: smaller
+  k/v projections). Target: SparseK >= 4x its dense twin at L = 8192, 1 and 2 threads.
 - ``PdeSsm2d`` (C = 256, 64 groups, periodic, initial value, skip, [B, H, W, C]) against a
   torch.fft twin of the same module (its parameter maps, then rfft2 · multiplier · irfft2 on
   [B, C, H, W], autograd backward), B = 8, 32² and 64². Target: >= 1.0x.
@@ -55,16 +56,16 @@ def training_step(module: torch.nn.Module, function: Callable, x: torch.Tensor) 
 
 
 def attention_cases(full: bool) -> list:
-    lengths = (2048, 8192) if full else (2048, 4096)
+    top = 8192 if full else 4096
     cases = []
-    for length in lengths:
+    for length, kv_heads in ((2048, HEADS), (top, HEADS), (top, 1)):
         torch.manual_seed(0)
-        sparse = SparseKAttention(D_MODEL, HEADS, HEADS, TOPK, window=WINDOW)
+        sparse = SparseKAttention(D_MODEL, HEADS, kv_heads, TOPK, window=WINDOW)
         dense = DenseAttention.from_sparsek(sparse)
         x = torch.randn(1, length, D_MODEL, requires_grad=True)
         cases.append(
             (
-                f"SparseKAttention L={length}",
+                f"SparseKAttention L={length} Hkv={kv_heads}",
                 training_step(sparse, sparse, x),
                 training_step(dense, dense, x),
             )
@@ -97,7 +98,7 @@ def run(
 ) -> list:
     """Prints the table and returns its rows (see the module docstring)."""
     rows = []
-    print(f"\n{'case':>34}{'threads':>8}{'foveal ms':>11}{'twin ms':>10}{'twin / foveal':>15}")
+    print(f"\n{'case':>40}{'threads':>8}{'foveal ms':>11}{'twin ms':>10}{'twin / foveal':>15}")
     for module, cases in (("SparseKAttention", attention_cases), ("PdeSsm2d", pde_cases)):
         for case, run_foveal, run_twin in cases(full):
             for threads in threads_list:
@@ -115,7 +116,7 @@ def run(
                 )
                 rows.append(row)
                 print(
-                    f"{case:>34}{threads:>8}{row['foveal_ms']:>11.1f}{row['twin_ms']:>10.1f}"
+                    f"{case:>40}{threads:>8}{row['foveal_ms']:>11.1f}{row['twin_ms']:>10.1f}"
                     f"{row['ratio']:>14.2f}x",
                     flush=True,
                 )

@@ -9,10 +9,21 @@ import math
 import pytest
 
 torch = pytest.importorskip("torch")
-from foveal.nn.sparsek import rotary_embedding  # noqa: E402
 from foveal.torch import DenseAttention, SparseKAttention  # noqa: E402
 
 CONFIG = dict(d_model=24, num_heads=4, num_kv_heads=2)
+
+
+def rotary(x: torch.Tensor, base: float) -> torch.Tensor:
+    """x [B, H, L, D]: the pairs (x_i, x_{i + D/2}) of position t, read as the complex number
+    x_i + i x_{i + D/2}, multiplied by exp(i t base^(-2i/D))."""
+    half = x.shape[-1] // 2
+    pairs = torch.complex(x[..., :half], x[..., half:])
+    angles = torch.arange(x.shape[-2], dtype=torch.float64)[:, None] * base ** (
+        -2.0 * torch.arange(half, dtype=torch.float64) / x.shape[-1]
+    )
+    turned = pairs * torch.polar(torch.ones_like(angles), angles)
+    return torch.cat((turned.real, turned.imag), dim=-1)
 
 
 def twin_gates(u: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +61,7 @@ def twin_sparsek(layer: SparseKAttention, x: torch.Tensor) -> torch.Tensor:
     k = layer.k_proj(x).view(batch, length, kv_heads, dim).transpose(1, 2)
     v = layer.v_proj(x).view(batch, length, kv_heads, dim).transpose(1, 2)
     if layer.rotary:
-        q, k = rotary_embedding(q, 0, layer.rotary_base), rotary_embedding(k, 0, layer.rotary_base)
+        q, k = rotary(q, layer.rotary_base), rotary(k, layer.rotary_base)
     u = torch.einsum("hd,bld->bhl", layer.score_weight, x)
     sinks, window, group = layer.sink_tokens, layer.window, heads // kv_heads
     rows = []
@@ -89,7 +100,8 @@ def twin_dense(layer: DenseAttention, x: torch.Tensor) -> torch.Tensor:
     q = layer.q_proj(x).view(batch, length, heads, dim).transpose(1, 2)
     k = layer.k_proj(x).view(batch, length, kv_heads, dim).transpose(1, 2)
     v = layer.v_proj(x).view(batch, length, kv_heads, dim).transpose(1, 2)
-    q, k = rotary_embedding(q, 0, layer.rotary_base), rotary_embedding(k, 0, layer.rotary_base)
+    if layer.rotary:
+        q, k = rotary(q, layer.rotary_base), rotary(k, layer.rotary_base)
     k = k.repeat_interleave(heads // kv_heads, dim=1)
     v = v.repeat_interleave(heads // kv_heads, dim=1)
     position = torch.arange(length)

@@ -38,15 +38,22 @@ def _check_int(owner: str, name: str, value: object, minimum: int) -> int:
     return value
 
 
-def rotary_embedding(x: torch.Tensor, offset: int, base: float) -> torch.Tensor:
-    """x ``[B, H, L, D]`` (D even) -> x with the pairs ``(i, i + D/2)`` of position
-    ``offset + t`` rotated by the angle ``(offset + t) · base^(-2i / D)``."""
-    half = x.shape[-1] // 2
-    exponents = torch.arange(half, dtype=torch.float64) * (-2.0 / x.shape[-1])
+def rotary_tables(
+    offset: int, length: int, dim: int, base: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) ``[length, dim / 2]`` of the angles ``(offset + t) · base^(-2i / dim)``,
+    computed in float64 and rounded to ``dtype``."""
+    exponents = torch.arange(dim // 2, dtype=torch.float64) * (-2.0 / dim)
     frequencies = torch.pow(torch.tensor(base, dtype=torch.float64), exponents)
-    positions = torch.arange(offset, offset + x.shape[-2], dtype=torch.float64)
+    positions = torch.arange(offset, offset + length, dtype=torch.float64)
     angles = positions[:, None] * frequencies[None, :]
-    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotary_embedding(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x ``[B, H, L, D]`` with the pairs ``(i, i + D/2)`` of each position rotated by the angles
+    of :func:`rotary_tables`."""
+    half = x.shape[-1] // 2
     first, second = x[..., :half], x[..., half:]
     return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
 
@@ -179,8 +186,8 @@ class _CausalAttention(nn.Module):
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.rotary:
-            q = rotary_embedding(q, offset, self.rotary_base)
-            k = rotary_embedding(k, offset, self.rotary_base)
+            tables = rotary_tables(offset, length, self.head_dim, self.rotary_base, q.dtype)
+            q, k = rotary_embedding(q, *tables), rotary_embedding(k, *tables)
         return q.contiguous(), k.contiguous(), v.contiguous()
 
     def _merge(self, out: torch.Tensor) -> torch.Tensor:
