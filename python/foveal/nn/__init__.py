@@ -1,10 +1,7 @@
 """torch modules built on foveal's operators (imports torch; only for users who have it).
 foveal.torch is imported first: it re-exports these modules at its end, so either import order
-finds both complete.
-"""
+finds both complete."""
 
 import foveal.torch  # noqa: F401  (first: see above)
-from foveal.nn.pde import PdeSsm2d
-from foveal.nn.sparsek import DenseAttention, SparseKAttention
-
-__all__ = ["DenseAttention", "PdeSsm2d", "SparseKAttention"]
+from foveal.nn.pde import PdeSsm2d  # noqa: F401
+from foveal.nn.sparsek import DenseAttention, DeterministicLinear, SparseKAttention  # noqa: F401
