@@ -13,8 +13,11 @@ the SPADE embedding (vs the same module in PyTorch, bench/spade_cases.py) and VQ
 torch.cdist and matmul + argmin, bench/vq_cases.py), the SPARSEK projection (vs a torch
 implementation by sort, bench/sparsek_cases.py), SparseK attention (vs foveal's dense causal
 attention and SDPA, bench/sparsek_attention_cases.py) and the PDE-SSM block (vs torch rfft2 ·
-multiplier · irfft2, bench/pde_cases.py), and training steps of attention, forward + backward
-(vs SDPA forward + backward, bench/backward_cases.py).
+multiplier · irfft2, bench/pde_cases.py), training steps of attention, forward + backward
+(vs SDPA forward + backward, bench/backward_cases.py), serving: batch decode over a paged
+KV cache (vs separate decode calls), shared-prefix decode (vs no sharing) and a server loop
+(bench/serving_cases.py), and training steps of the foveal.nn modules (vs
+vector-quantize-pytorch and other references when installed, bench/modules_cases.py).
 Both libraries run interleaved on identical float32 tensors at each thread count, so machine
 noise hits both alike; each time is the median of the repetitions. Writes
 bench/results/<suite>_<quick|full>.json and, when matplotlib is installed, a .png beside it.
@@ -323,7 +326,8 @@ def peak_extra_memory(length: int, threads: int) -> int:
 
 
 def plot(suite: str, rows: list[dict], path: Path) -> bool:
-    if suite in ("spade", "vq", "sparsek", "pde", "backward", "modules"):  # a table says it all
+    # A table says it all for these suites.
+    if suite in ("spade", "vq", "sparsek", "pde", "backward", "serving", "modules"):
         return False
     if suite == "sparsek_attn":
         import sparsek_attention_cases
@@ -489,14 +493,22 @@ def markdown(path: Path) -> str:
             )
     elif suite == "pde":
         lines += pde_markdown(rows)
+    elif suite == "serving":
+        import serving_cases
+
+        lines += serving_cases.markdown_lines(rows)
     elif suite == "sparsek_attn":
         import sparsek_attention_cases
 
         lines += sparsek_attention_cases.markdown_lines(rows)
     elif suite == "modules":
+        import modules_cases
         import modules_cases_sparsek
 
-        lines += modules_cases_sparsek.markdown_lines(rows)
+        twinned = [row for row in rows if "twin_ms" in row]  # modules_cases_sparsek's rows
+        others = [row for row in rows if "twin_ms" not in row]
+        lines += modules_cases.markdown_lines(others) if others else []
+        lines += ["", *modules_cases_sparsek.markdown_lines(twinned)] if twinned else []
     elif suite == "vq":
         lines += [
             "| K | threads | foveal ms | cdist ms | vs cdist | matmul ms | vs matmul | GFLOP/s "
@@ -599,6 +611,7 @@ SUITES = (
     "sparsek_attn",
     "pde",
     "backward",
+    "serving",
     "modules",
 )
 
@@ -671,14 +684,33 @@ def main() -> None:
 
             print("\n[backward]")
             rows = backward_cases.run(args.threads, seconds, interleaved, median_time, args.full)
-        if suite == "modules":  # bench/modules_cases_sparsek.py, likewise
-            import modules_cases_sparsek
+        if suite == "serving":  # bench/serving_cases.py, likewise
+            import serving_cases
+
+            print("\n[serving]")
+            rows = serving_cases.run(
+                args.threads, seconds, interleaved, median_time, args.full, copy_bandwidth
+            )
+        if suite == "modules":  # bench/modules_cases.py, likewise
+            import modules_cases
 
             print("\n[modules]")
+            rows = modules_cases.run(args.threads, seconds, interleaved, median_time, args.full)
+            import modules_cases_sparsek  # SparseKAttention and PdeSsm2d against their twins
+
             rows += modules_cases_sparsek.run(
                 args.threads, seconds, interleaved, median_time, args.full
             )
-        own_threads = ("spade", "vq", "sparsek", "sparsek_attn", "pde", "backward", "modules")
+        own_threads = (
+            "spade",
+            "vq",
+            "sparsek",
+            "sparsek_attn",
+            "pde",
+            "backward",
+            "serving",
+            "modules",
+        )
         for threads in args.threads if suite not in own_threads else []:
             torch.set_num_threads(threads)
             foveal.set_num_threads(threads)

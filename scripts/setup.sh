@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what foveal needs on a fresh Debian machine (run as root), skipping what is there:
 # compilers and libraries from apt, Python packages from PyPI (torch pinned to the CPU build
-# on this machine's disk), then builds and installs the foveal Python package from this tree.
+# on this machine's disk; transformers for the tests of the optional integration), then builds
+# and installs the foveal Python package from this tree.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,9 +19,9 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 python3 - <<'PY' || python3 -m pip install -q --disable-pip-version-check \
-  numpy pytest pybind11 scikit-build-core matplotlib "torch==2.13.0"
+  numpy pytest pybind11 scikit-build-core matplotlib "torch==2.13.0" "transformers==5.25.0"
 import importlib.metadata as m
-for name in ("numpy", "pytest", "pybind11", "scikit-build-core", "matplotlib"):
+for name in ("numpy", "pytest", "pybind11", "scikit-build-core", "matplotlib", "transformers"):
     m.version(name)
 assert m.version("torch").startswith("2.13.0"), m.version("torch")
 PY

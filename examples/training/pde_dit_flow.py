@@ -278,7 +278,7 @@ def main(argv=None) -> list:
     ))  # fmt: skip
     if args.smoke:
         return results
-    heading = "PDE-SSM DiT: flow matching on synthetic ellipses"
+    heading = "Run 2: PDE-SSM DiT with flow matching on synthetic ellipses"
     write_section("pde-dit", heading, markdown(results, args))
     plot(results, args)
     print(f"wrote {DOC.relative_to(ROOT)}, {LOSS_PLOT.relative_to(ROOT)}, {SAMPLES_PLOT.name}")

@@ -330,7 +330,7 @@ def main(argv=None) -> list:
         print(
             f"length {length}: " + ", ".join(f"{k} {v:.0f} ms" for k, v in timing[length].items())
         )
-    heading = "SparseK: long-range associative recall"
+    heading = "Run 1: SparseK long-range associative recall"
     write_section("sparsek-recall", heading, markdown(results, timing, args))
     plot(results, timing, args)
     print(f"wrote {DOC.relative_to(ROOT)} and {PLOT.relative_to(ROOT)}")

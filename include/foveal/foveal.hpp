@@ -2,11 +2,13 @@
 #pragma once
 
 #include "foveal/attention/backward.hpp"
+#include "foveal/attention/batch_attention.hpp"
 #include "foveal/attention/decode.hpp"
 #include "foveal/attention/dense.hpp"
 #include "foveal/attention/kv_cache.hpp"
 #include "foveal/attention/merge.hpp"
 #include "foveal/attention/options.hpp"
+#include "foveal/attention/paged_kv_cache.hpp"
 #include "foveal/attention/registry.hpp"
 #include "foveal/attention/sliding_window.hpp"
 #include "foveal/core/build_info.hpp"

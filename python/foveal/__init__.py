@@ -13,7 +13,16 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _core
-from ._common import attention_options, attention_outputs, float_dtype_arg, new_like, shape
+from ._common import (
+    CacheGeometry,
+    attention_options,
+    attention_outputs,
+    cache_outputs,
+    float_dtype_arg,
+    forwarded,
+    new_like,
+    shape,
+)
 
 __version__: str = _core.__version__
 
@@ -21,9 +30,12 @@ __all__ = [
     "MAX_THREADS",
     "AttentionKernel",
     "KVCache",
+    "PagedKVCache",
     "attention",
     "attention_backward",
     "attention_kernel_names",
+    "batch_decode_attention",
+    "batch_prefill_attention",
     "build_info",
     "decode_attention",
     "get_num_threads",
@@ -257,12 +269,7 @@ def merge_states(
     return out, lse
 
 
-def _forwarded(name: str, doc: str) -> property:
-    """A read-only property that reads the compiled cache's attribute `name`."""
-    return property(lambda self: getattr(self._cache, name), doc=doc)
-
-
-class KVCache:
+class KVCache(CacheGeometry):
     """Key/value storage for incremental decoding: keys ``[B, Hkv, capacity, D]`` and values
     ``[B, Hkv, capacity, Dv]`` with one length per sequence (a ragged batch).
 
@@ -324,14 +331,10 @@ class KVCache:
         self._dtype = np.dtype(np.float32 if type(self._cache) is _core.KVCacheF32 else np.float64)
         return self
 
-    dtype = property(lambda self: self._dtype, doc="float32 or float64 (numpy dtype).")
-    batch = _forwarded("batch", "Number of sequences B.")
-    heads_kv = _forwarded("heads_kv", "Number of key/value heads Hkv.")
-    capacity = _forwarded("capacity", "Rows of storage per sequence and head.")
-    dim = _forwarded("dim", "Key dimension D.")
-    dim_v = _forwarded("dim_v", "Value dimension Dv.")
-    ring = _forwarded("ring", "True for a ring buffer.")
-    sink_tokens = _forwarded("sink_tokens", "Leading tokens a ring buffer never overwrites.")
+    batch = forwarded("batch", "Number of sequences B.")
+    capacity = forwarded("capacity", "Rows of storage per sequence and head.")
+    ring = forwarded("ring", "True for a ring buffer.")
+    sink_tokens = forwarded("sink_tokens", "Leading tokens a ring buffer never overwrites.")
 
     @property
     def lengths(self) -> list[int]:
@@ -405,10 +408,7 @@ def decode_attention(
         raise TypeError(
             f"foveal: {function}: cache must be a foveal.KVCache, got {type(cache).__name__}"
         )
-    q_shape = shape(q)
-    if out is None:
-        out = new_like(q, (*q_shape[:3], cache.dim_v), cache.dtype)
-    lse = new_like(q, q_shape[:3], cache.dtype) if return_lse else None
+    out, lse = cache_outputs(q, cache, out, return_lse)
     cache._cache.decode(
         q,
         out,
@@ -479,8 +479,12 @@ def make_attention(
     return AttentionKernel(kernel)
 
 
+from . import paged as paged  # noqa: E402
 from . import pde_ssm as pde_ssm  # noqa: E402  (after the helpers it uses)
 from . import spade as spade  # noqa: E402  (after the helpers it uses)
 from . import sparsek as sparsek  # noqa: E402
 from . import vq as vq  # noqa: E402
+from .paged import PagedKVCache as PagedKVCache  # noqa: E402
+from .paged import batch_decode_attention as batch_decode_attention  # noqa: E402
+from .paged import batch_prefill_attention as batch_prefill_attention  # noqa: E402
 from .sparsek import sparsek_attention as sparsek_attention  # noqa: E402

@@ -83,6 +83,31 @@ def attention_outputs(q: Any, v: Any, out: Any, return_lse: bool) -> tuple[Any, 
     return out, new_like(q, q_shape[:3]) if return_lse else None
 
 
+def cache_outputs(q: Any, cache: Any, out: Any, return_lse: bool) -> tuple[Any, Any]:
+    """out ``[S, Hq, Lq, Dv]`` (the given one, or new of q's kind in the cache's dtype) and, when
+    asked for, lse ``[S, Hq, Lq]``, for attention over a cache (``dim_v`` and ``dtype``)."""
+    q_shape = shape(q)
+    if out is None:
+        out = new_like(q, (*q_shape[:3], cache.dim_v), cache.dtype)
+    return out, new_like(q, q_shape[:3], cache.dtype) if return_lse else None
+
+
+def forwarded(name: str, doc: str) -> property:
+    """A read-only property reading the attribute ``name`` of the compiled object ``_cache``."""
+    return property(lambda self: getattr(self._cache, name), doc=doc)
+
+
+class CacheGeometry:
+    """The properties every cache class shares (it keeps the compiled cache in ``_cache`` and
+    its numpy dtype in ``_dtype``)."""
+
+    _dtype: np.dtype
+    dtype = property(lambda self: self._dtype, doc="float32 or float64 (numpy dtype).")
+    heads_kv = forwarded("heads_kv", "Number of key/value heads Hkv.")
+    dim = forwarded("dim", "Key dimension D.")
+    dim_v = forwarded("dim_v", "Value dimension Dv.")
+
+
 def _allocate(empty: Any, shape: tuple, dtype: Any) -> Any:
     """empty(shape, dtype=dtype); running out of memory is MemoryError naming the shape and the
     byte count (torch raises RuntimeError)."""

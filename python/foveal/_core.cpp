@@ -23,6 +23,7 @@ void bind_sparsek(py::module_& m);  // _sparsek.cpp
 void bind_spade(py::module_& m);    // _spade.cpp
 void bind_vq(py::module_& m);       // _vq.cpp
 void bind_pde_ssm(py::module_& m);  // _pde_ssm.cpp
+void bind_paged(py::module_& m);    // _paged.cpp
 
 namespace {
 
@@ -332,6 +333,7 @@ PYBIND11_MODULE(_core, m) {
   bind_vq(m);
   bind_sparsek(m);
   bind_pde_ssm(m);
+  bind_paged(m);
 
   m.def(
       "attention",

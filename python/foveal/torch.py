@@ -33,11 +33,8 @@ from . import sparsek as _sparsek
 from ._common import attention_options
 
 __all__ = [
-    "DenseAttention",
     "PdeSsm",
-    "PdeSsm2d",
     "SparseK",
-    "SparseKAttention",
     "attention",
     "pde_ssm",
     "sliding_window_attention",
@@ -539,6 +536,6 @@ class PdeSsm:
         return pde_ssm(x, diffusion, velocity, reaction, time, skip, **options)
 
 
-# Modules on these operators (foveal.nn), re-exported here.
-from foveal.nn.pde import PdeSsm2d  # noqa: E402
-from foveal.nn.sparsek import DenseAttention, SparseKAttention  # noqa: E402
+from foveal.nn.pde import PdeSsm2d  # noqa: E402, F401
+from foveal.nn.sparsek import DenseAttention, SparseKAttention  # noqa: E402, F401
+from foveal.nn.vq import ResidualVQ, VectorQuantize  # noqa: E402, F401

@@ -40,6 +40,55 @@ struct DecodePlan {
   bool split = false;
 };
 
+// batch_decode_attention / batch_prefill_attention over a PagedKVCache. A pass is one run of
+// the engine over one query tensor (the call's q, or the stacked queries of a group of
+// sequences that share a prefix); its k and v are the pool seen as [entries (stride 0), Hkv,
+// rows, D], a page's slot r being row page * page_rows + r. A chunk is the key positions one
+// group of tiles visits for one query entry, written to the outputs or to a state; the states of
+// a call's output entry s are merged in the order of sources[first_source[s] ..
+// first_source[s + 1]).
+template <typename T>
+struct PagedChunk {
+  Index entry = 0;       // dim 0 of the pass's q
+  Index table = 0;       // which page table and visibility (PagedPlan::tables)
+  KeyRange positions;    // the key positions visited
+  Index q_offset = 0;    // position of the entry's query 0
+  Index first_task = 0;  // the chunk's tasks start here (heads_kv * tiles of them)
+  TensorView<T, 4> out;  // the outputs, or a state with stride 0 over dim 0
+  TensorView<T, 3> lse;
+};
+
+template <typename T>
+struct PagedPass {
+  FlashParams<T> params;
+  std::vector<PagedChunk<T>> chunks;
+  Index num_tasks = 0;
+};
+
+// One state of output row (s, h, i): out + h * out_head_stride + i * Dv, lse + h *
+// lse_head_stride + i.
+template <typename T>
+struct PagedSource {
+  const T* out;
+  const T* lse;
+  Index out_head_stride;
+  Index lse_head_stride;
+};
+
+template <typename T>
+struct PagedPlan {
+  std::vector<PagedPass<T>> passes;
+  std::vector<const Index*> tables;    // page tables
+  std::vector<Visibility> visibility;  // one per table entry
+  Index page_size = 0;
+  Index page_rows = 0;
+  std::vector<PagedSource<T>> sources;
+  std::vector<Index> first_source;  // [S + 1]
+  TensorView<T, 4> out;             // [S, Hq, Lq, Dv]
+  TensorView<T, 3> lse;
+  int num_threads = 1;
+};
+
 // sparsek_attention: the selection of every (batch, kv head) and the union of selected keys of
 // every tile, made by the generic code.
 template <typename T>
@@ -159,6 +208,7 @@ struct SpadeEmbeddingPlan {
   X(band_attention, (const FlashParams<T>&, const BandPolicy&))                \
   X(band_attention_backward, (const BackwardParams<T>&, const BandPolicy&))    \
   X(decode_attention, (const DecodePlan<T>&))                                  \
+  X(paged_attention, (const PagedPlan<T>&))                                    \
   X(sparsek_attention, (const SparseKPlan<T>&))                                \
   X(sparsek_attention_backward, (const SparseKBackwardPlan<T>&))               \
   X(sparsek_cache_attention, (const SparseKCachePlan<T>&))                     \

@@ -126,6 +126,99 @@ void decode_attention(const DecodePlan<T>& plan) {
   });
 }
 
+// Visits the keys of one sequence of a PagedKVCache inside one chunk of positions, page by
+// page: the key at position p is slot p % page_size of page table[p / page_size], row
+// table[p / page_size] * page_rows + p % page_size of the pool.
+class PagedChunkPolicy : public RulePolicy<Visibility> {
+ public:
+  PagedChunkPolicy(const Visibility& visibility, const Index* table, Index page_size,
+                   Index page_rows, KeyRange chunk)
+      : RulePolicy(visibility),
+        table_(table),
+        page_size_(page_size),
+        page_rows_(page_rows),
+        chunk_(chunk) {}
+
+  template <typename Visit>
+  void for_each_block(Index position_lo, Index position_hi, Visit&& visit) const {
+    const KeyRanges visible = rule().visible_ranges(position_lo, position_hi);
+    for (int r = 0; r < visible.count; ++r) {
+      const Index begin = std::max(visible.ranges[r].begin, chunk_.begin);
+      const Index end = std::min(visible.ranges[r].end, chunk_.end);
+      for (Index page_begin = begin; page_begin < end;) {
+        const Index index = page_begin / page_size_;
+        const Index page_end = std::min(end, (index + 1) * page_size_);
+        const Index offset = index * page_size_ - table_[index] * page_rows_;
+        for_each_aligned_block({page_begin, page_end}, offset, rule(), position_lo, position_hi,
+                               visit);
+        page_begin = page_end;
+      }
+    }
+  }
+
+ private:
+  const Index* table_;
+  Index page_size_;
+  Index page_rows_;
+  KeyRange chunk_;
+};
+
+template <typename T>
+void paged_attention(const PagedPlan<T>& plan) {
+  for (const PagedPass<T>& pass : plan.passes) {
+    const Index tiles = (pass.params.rows_per_head() + kBlockQ - 1) / kBlockQ;
+    const std::vector<PagedChunk<T>>& chunks = pass.chunks;
+    run_engine(pass.params, pass.num_tasks, [&](Index task, NoPolicyScratch&) {
+      const auto found = std::upper_bound(
+          chunks.begin(), chunks.end(), task,
+          [](Index value, const PagedChunk<T>& chunk) { return value < chunk.first_task; });
+      const PagedChunk<T>& chunk = *(found - 1);
+      const Index local = task - chunk.first_task;
+      // Late tiles first: under a causal mask they see the most keys.
+      const Index tile_index = tiles - 1 - local % tiles;
+      const Tile<T> tile{chunk.entry,    local / tiles, tile_index * kBlockQ,
+                         chunk.q_offset, chunk.out,     chunk.lse};
+      const auto table = static_cast<std::size_t>(chunk.table);
+      return plan_tile(PagedChunkPolicy(plan.visibility[table], plan.tables[table], plan.page_size,
+                                        plan.page_rows, chunk.positions),
+                       tile);
+    });
+  }
+
+  // Merge each output row's states in order.
+  const TensorView<T, 4> out = plan.out;
+  const TensorView<T, 3> lse = plan.lse;
+  const Index entries = out.size(0), heads_q = out.size(1), len_q = out.size(2);
+  const Index dim_v = out.size(3);
+  Index max_sources = 1;
+  for (Index s = 0; s < entries; ++s)
+    max_sources = std::max(max_sources, plan.first_source[static_cast<std::size_t>(s) + 1] -
+                                            plan.first_source[static_cast<std::size_t>(s)]);
+  const int merge_threads = team_size(entries * heads_q, plan.num_threads);
+  const auto scratch_size = static_cast<std::size_t>(max_sources * merge_threads);
+  std::vector<const T*> state_rows(scratch_size);
+  std::vector<T> state_lse(scratch_size);
+  std::vector<T> weights(scratch_size);
+  parallel_for(entries * heads_q, merge_threads, [&](Index task) {
+    const Index s = task / heads_q, h = task % heads_q;
+    const Index first = plan.first_source[static_cast<std::size_t>(s)];
+    const Index count = plan.first_source[static_cast<std::size_t>(s) + 1] - first;
+    if (count == 0) return;  // written by its tiles
+    const auto scratch =
+        static_cast<std::size_t>(max_sources) * static_cast<std::size_t>(thread_index());
+    for (Index i = 0; i < len_q; ++i) {
+      for (Index c = 0; c < count; ++c) {
+        const PagedSource<T>& source = plan.sources[static_cast<std::size_t>(first + c)];
+        state_rows[scratch + c] = source.out + h * source.out_head_stride + i * dim_v;
+        state_lse[scratch + c] = source.lse[h * source.lse_head_stride + i];
+      }
+      merge_state_row<T>(count, state_rows.data() + scratch, state_lse.data() + scratch, dim_v,
+                         weights.data() + scratch, out.address(s, h, i, 0),
+                         lse.is_null() ? nullptr : lse.address(s, h, i));
+    }
+  });
+}
+
 template <typename T>
 void merge_states(const MergePlan<T>& plan) {
   const TensorView<T, 4> out = plan.out;

@@ -31,7 +31,7 @@ inline constexpr double kInfinity = std::numeric_limits<double>::infinity();
 
 // Tolerances of the attention engine on the normalized error (harness.hpp: max |got - ref| /
 // max |ref|). float: each logit sums D products and each output Lk weighted values in fp32 (eps
-// 1.2e-7), through a polynomial exp2 (relative error 2.4e-7) and tanh; for D and Lk up to a few
+// 1.2e-7), through a polynomial exp2 (1.2 ulp) and tanh; for D and Lk up to a few
 // hundred that stays within a few hundred ulps of the output scale, so 2e-5 has margin while a
 // wrong mask, scale or bias (an O(1) change) misses by orders of magnitude.
 // double: the same sums in fp64 with libm exp2 / tanh (~1e-14); 1e-10 still catches any

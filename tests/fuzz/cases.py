@@ -419,6 +419,107 @@ def kv_cache_case(draw):
 
 
 @st.composite
+def paged_cache_case(draw):
+    """A paged cache (owned or over a [P, 2, Hkv, page, D] pool) and a sequence of operations
+    on it, batch decode and prefill among them; a rejected operation must leave every
+    sequence, page table and the free pages as they were."""
+    case = Case(draw, "PagedKVCache+batch_attention")
+    d = case.dims({"P": (0, 6), "page": (1, 4), "Hkv": (1, 2), "D": (1, 6), "Dv": (0, 6)}, ("P",))
+    dtype = case.dtype if case.dtype in ("float32", "float64") else "float32"
+    if draw(st.booleans()):
+        sizes = [str(d[n]) for n in ("P", "page", "Hkv", "D", "Dv")]
+        if draw(st.integers(0, 5)) == 0:
+            sizes[draw(st.integers(0, 4))] = draw(int_option())
+        case.call(f"cache = foveal.PagedKVCache({', '.join(sizes)}, dtype={dtype!r})")
+    else:
+        case.array("pool", (d["P"], 2, d["Hkv"], d["page"], d["D"]))
+        case.call("cache = foveal.PagedKVCache.wrap(pool)")
+        d["Dv"] = d["D"]
+    call = [
+        "state = lambda: (cache.sequences, [(cache.length(s), cache.page_table(s)) "
+        "for s in cache.sequences], cache.free_pages)",
+        "ids = [cache.add_sequence(), cache.add_sequence()]",
+    ]
+    id_lists = ["ids", "ids[:1]", "ids[1:]", "[ids[0], ids[0]]", "[ids[0], 99]", "[-1]", "[]"]
+    one_id = ["ids[0]", "ids[1]", "ids[-1]", "99", "-1", "2**62"]
+    for step in range(draw(st.integers(1, 7))):
+        op = draw(st.sampled_from(["append", "append", "decode", "prefill", "fork", "cut", "misc"]))
+        sequences = draw(st.sampled_from(id_lists))
+        count = {"ids": 2, "ids[:1]": 1, "ids[1:]": 1, "[-1]": 1, "[]": 0}.get(sequences, 2)
+        if op in ("append", "prefill"):
+            n = draw(st.integers(0, 4))
+            k = case.array(f"k{step}", (count, d["Hkv"], n, d["D"]))
+            v = case.array(f"v{step}", (count, d["Hkv"], n, d["Dv"]))
+            counts = draw(
+                st.sampled_from(["None", "None", "[1, 0]", "[0]", "[-1, 9]", "[2**63-1]"])
+            )
+            if op == "append":
+                call.append(
+                    f"attempt(cache.append, list({sequences}), {k}, {v}, counts={counts}, "
+                    "state=state)"
+                )
+            else:
+                g = draw(st.integers(0, 2))
+                q = case.array(f"q{step}", (count, d["Hkv"] * g, n, d["D"]))
+                call.append(
+                    f"r = attempt(foveal.batch_prefill_attention, {q}, {k}, {v}, cache, "
+                    f"list({sequences}), counts={counts}, causal={draw(flag())}, "
+                    f"num_threads={draw(threads())}, state=state)"
+                )
+                call.append(
+                    f"assert r is None or tuple(r.shape) == tuple({q}.shape[:3]) + (cache.dim_v,)"
+                )
+        elif op == "decode":
+            g, lq = draw(st.integers(0, 3)), draw(st.integers(0, 3))
+            q = case.array(f"q{step}", (count, d["Hkv"] * g, lq, d["D"]))
+            opts = draw(_mask_options(bias_ok=False))
+            del opts["q_offset"]
+            opts["return_lse"] = draw(flag())
+            opts["share_prefixes"] = draw(flag())
+            opts["out"] = case.out_choice(
+                f"out{step}", (count, d["Hkv"] * g, lq, d["Dv"]), [q, "cache.keys"]
+            )
+            opts["num_threads"] = draw(threads())
+            call.append(
+                f"r = attempt(foveal.batch_decode_attention, {q}, cache, list({sequences}), "
+                f"{_kw(**opts)})"
+            )
+            call.append(
+                "if r is not None:\n    "
+                + _expect_attention(
+                    "r", f"tuple({q}.shape[:3]) + (cache.dim_v,)", q, opts["return_lse"]
+                ).replace("\n", "\n    ")
+            )
+        elif op == "fork":
+            call.append(
+                f"r = attempt(cache.fork, {draw(st.sampled_from(one_id))}, state=state)\n"
+                "if r is not None:\n    ids.append(r)"
+            )
+        elif op == "cut":
+            seq = draw(st.sampled_from(one_id))
+            if draw(st.booleans()):
+                call.append(
+                    f"attempt(cache.truncate, {seq}, {draw(int_option(-1, 6))}, state=state)"
+                )
+            else:
+                call.append(f"attempt(cache.remove, {seq}, state=state)")
+        else:
+            call.append(
+                draw(
+                    st.sampled_from(
+                        [
+                            f"attempt(cache.length, {draw(st.sampled_from(one_id))})",
+                            f"attempt(cache.page_table, {draw(st.sampled_from(one_id))})",
+                            f"attempt(cache.references, {draw(int_option(-1, 8))})",
+                            "repr(cache); cache.keys.shape; cache.pages_in_use; cache.bytes_in_use",
+                        ]
+                    )
+                )
+            )
+    return case.done("\n".join(call) + "\n")
+
+
+@st.composite
 def make_attention_case(draw):
     case = Case(draw, "make_attention")
     name = draw(st.sampled_from(["dense", "sliding_window", "sparsek", "sparsek", "nope", ""]))
@@ -1034,6 +1135,7 @@ ENTRY_POINTS = {
     "attention_backward": attention_backward_case(),
     "merge_states": merge_states_case(),
     "kv_cache": kv_cache_case(),
+    "paged_cache": paged_cache_case(),
     "make_attention": make_attention_case(),
     "sparsek_attention": sparsek_attention_case(),
     "sparsek_functions": sparsek_functions_case(),

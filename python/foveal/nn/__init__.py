@@ -1,7 +1,6 @@
-"""torch modules built on foveal's operators (imports torch; only for users who have it).
-foveal.torch is imported first: it re-exports these modules at its end, so either import order
-finds both complete."""
+"""Trainable torch modules built on foveal's operators (imports torch; only for users who have
+it). One import line per module file."""
 
-import foveal.torch  # noqa: F401  (first: see above)
 from foveal.nn.pde import PdeSsm2d  # noqa: F401
 from foveal.nn.sparsek import DenseAttention, DeterministicLinear, SparseKAttention  # noqa: F401
+from foveal.nn.vq import ResidualVQ, VectorQuantize  # noqa: F401

@@ -26,8 +26,6 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from foveal import torch as _foveal_torch
-
 __all__ = ["PdeSsm2d"]
 
 _MODES = ("initial_value", "forced")
@@ -171,3 +169,8 @@ class PdeSsm2d(nn.Module):
             f"{self.channels}, groups={self.groups}, mode={self.mode!r}, "
             f"boundary={self.boundary!r}, layout={self.layout!r}, skip={self.skip is not None}"
         )
+
+
+# Last: foveal.torch re-exports this module's classes at its end, so it may be importing this
+# module right now; by this line everything it imports from here is defined.
+from foveal import torch as _foveal_torch  # noqa: E402

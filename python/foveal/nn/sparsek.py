@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from foveal import sparsek as _sparsek
-from foveal import torch as _foveal_torch
 
 __all__ = ["DenseAttention", "DeterministicLinear", "SparseKAttention"]
 
@@ -388,3 +387,8 @@ class SparseKAttention(_CausalAttention):
             )
             rows.append(cache.attend(q[:, :, step].contiguous()))
         return self._merge(torch.cat(rows, dim=2))
+
+
+# Last: foveal.torch re-exports this module's classes at its end, so it may be importing this
+# module right now; by this line everything it imports from here is defined.
+from foveal import torch as _foveal_torch  # noqa: E402

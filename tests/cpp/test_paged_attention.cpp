@@ -1,0 +1,440 @@
+// tests/cpp/test_paged_attention.cpp — foveal::PagedKVCache, batch_decode_attention and
+// batch_prefill_attention against the float64 decode reference.
+//
+// The test keeps its own record of every token appended to every sequence (forks copy the
+// record), and the reference reads only that record, never the pool: a page table that points
+// at the wrong page, a copy-on-write that writes into a shared page, or a prefix read for the
+// wrong group all show. Lengths straddle the page sizes and the 1024-key chunks; page sizes
+// include 1 and primes. Every test runs for float and double.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <map>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "attention_cases.hpp"
+#include "foveal/attention/batch_attention.hpp"
+#include "foveal/attention/paged_kv_cache.hpp"
+#include "foveal/core/parallel.hpp"
+#include "harness.hpp"
+#include "reference/decode_reference.hpp"
+
+namespace foveal::test {
+namespace {
+
+// A paged cache and the record of what each of its sequences holds.
+template <typename T>
+class RecordedPool {
+ public:
+  RecordedPool(Index num_pages, Index page_size, Index heads_kv, Index dim, Index dim_v,
+               std::uint64_t seed)
+      : cache_(num_pages, page_size, heads_kv, dim, dim_v), random_(seed) {}
+
+  PagedKVCache<T>& cache() { return cache_; }
+  const reference::SequenceRecord& record(Index id) const { return records_.at(id); }
+
+  Index add() {
+    const Index id = cache_.add_sequence();
+    records_[id] = {};
+    return id;
+  }
+  Index fork(Index parent) {
+    const Index id = cache_.fork(parent);
+    records_[id] = records_.at(parent);
+    return id;
+  }
+  void remove(Index id) {
+    cache_.remove(id);
+    records_.erase(id);
+  }
+  void truncate(Index id, Index length) {
+    cache_.truncate(id, length);
+    reference::SequenceRecord& record = records_.at(id);
+    record.length = length;
+    record.k.resize(static_cast<std::size_t>(length * cache_.heads_kv() * cache_.dim()));
+    record.v.resize(static_cast<std::size_t>(length * cache_.heads_kv() * cache_.dim_v()));
+  }
+
+  // Random keys and values for `ids` (n steps each; k: [S, Hkv, n, D]).
+  std::pair<Tensor<T, 4>, Tensor<T, 4>> random_steps(Index sequences, Index n) {
+    const Index heads_kv = cache_.heads_kv(), dim = cache_.dim(), dim_v = cache_.dim_v();
+    Tensor<T, 4> k({sequences, heads_kv, n, dim});
+    Tensor<T, 4> v({sequences, heads_kv, n, dim_v});
+    scatter(round_to<float>(random_.normal(static_cast<std::size_t>(k.numel()))), k.view());
+    scatter(round_to<float>(random_.normal(static_cast<std::size_t>(v.numel()))), v.view());
+    return {std::move(k), std::move(v)};
+  }
+
+  // Records the first counts[s] steps of k[s], v[s] as appended to ids[s].
+  void record_steps(const std::vector<Index>& ids, const Tensor<T, 4>& k, const Tensor<T, 4>& v,
+                    const std::vector<Index>& counts) {
+    for (std::size_t s = 0; s < ids.size(); ++s) {
+      reference::SequenceRecord& record = records_.at(ids[s]);
+      const Index count = counts.empty() ? k.size(2) : counts[s];
+      const auto entry = static_cast<Index>(s);
+      for (Index step = 0; step < count; ++step)
+        for (Index h = 0; h < cache_.heads_kv(); ++h) {
+          for (Index d = 0; d < cache_.dim(); ++d) record.k.push_back(k(entry, h, step, d));
+          for (Index d = 0; d < cache_.dim_v(); ++d) record.v.push_back(v(entry, h, step, d));
+        }
+      record.length += count;
+    }
+  }
+
+  void append(const std::vector<Index>& ids, Index n, const std::vector<Index>& counts = {}) {
+    auto [k, v] = random_steps(static_cast<Index>(ids.size()), n);
+    cache_.append(ids, k.view(), v.view(), counts);
+    record_steps(ids, k, v, counts);
+  }
+
+  // Grows `id` by `count` tokens in appends of random sizes.
+  void grow(Index id, Index count) {
+    while (count > 0) {
+      const Index n = std::min(count, random_.integer(1, 700));
+      append({id}, n);
+      count -= n;
+    }
+  }
+
+ private:
+  PagedKVCache<T> cache_;
+  RandomSource random_;
+  std::map<Index, reference::SequenceRecord> records_;
+};
+
+struct Call {
+  Index heads_q = 1, len_q = 1;
+  AttentionOptions options;
+  PrefixSharing sharing = PrefixSharing::detect;
+  int num_threads = 0;
+};
+
+// batch_decode_attention over `ids` with random queries; returns (out, lse) and the reference.
+template <typename T>
+std::pair<Outputs, Outputs> decode_and_reference(RecordedPool<T>& pool,
+                                                 const std::vector<Index>& ids, const Call& call,
+                                                 std::uint64_t seed,
+                                                 BatchAttentionInfo* info = nullptr) {
+  const PagedKVCache<T>& cache = pool.cache();
+  const auto entries = static_cast<Index>(ids.size());
+  const Shape<4> q_shape{entries, call.heads_q, call.len_q, cache.dim()};
+  RandomSource random(seed);
+  const std::vector<double> q_values = round_to<float>(random.normal(shape_numel<4>(q_shape)));
+  Tensor<T, 4> q(q_shape);
+  scatter(q_values, q.view());
+  Tensor<T, 4> out({entries, call.heads_q, call.len_q, cache.dim_v()});
+  Tensor<T, 3> lse({entries, call.heads_q, call.len_q});
+  AttentionOptions options = call.options;
+  options.num_threads = call.num_threads;
+  batch_decode_attention(q.view(), cache, ids, options, out.view(), lse.view(), call.sharing, info);
+  Outputs got{gather(out.view()), gather(lse.view())};
+  std::vector<reference::SequenceRecord> records;
+  for (Index id : ids) records.push_back(pool.record(id));
+  const reference::DecodeShape shape{call.heads_q, cache.heads_kv(), call.len_q, cache.dim(),
+                                     cache.dim_v()};
+  Outputs want;
+  reference::decode_reference(shape, q_values, records, reference_options(call.options), want.out,
+                              want.lse);
+  return {got, want};
+}
+
+template <typename T>
+void expect_matches(const std::pair<Outputs, Outputs>& result) {
+  EXPECT_TRUE(matches_reference(result.first.out, result.second.out, kTolerance<T>)) << "out";
+  EXPECT_TRUE(matches_reference(result.first.lse, result.second.lse, kTolerance<T>)) << "lse";
+}
+
+template <typename T>
+class PagedAttention : public ::testing::Test {};
+TYPED_TEST_SUITE(PagedAttention, ElementTypes, ElementTypeNames);
+
+TYPED_TEST(PagedAttention, RaggedBatchesMatchReferenceForEveryPageSize) {
+  using T = TypeParam;
+  const std::vector<Index> lengths = {1, 2, 16, 127, 129, 1023, 1025, 2100};
+  for (Index page_size : {1, 3, 16, 61, 128, 256}) {
+    RecordedPool<T> pool(4423 / page_size + 16, page_size, 2, 24, 16,
+                         100 + static_cast<std::uint64_t>(page_size));
+    std::vector<Index> ids;
+    for (Index length : lengths) {
+      ids.push_back(pool.add());
+      pool.grow(ids.back(), length);
+    }
+    for (const auto& [heads_q, len_q, causal, window, sinks, softcap] :
+         std::vector<std::tuple<Index, Index, bool, Index, Index, double>>{
+             {2, 1, false, -1, 0, 0.0},
+             {8, 1, false, -1, 0, 0.0},
+             {6, 1, false, 100, 4, 0.0},
+             {4, 1, false, -1, 0, 30.0}}) {
+      SCOPED_TRACE(describe("page_size=", page_size, " Hq=", heads_q, " Lq=", len_q,
+                            " window=", window, " sinks=", sinks, " softcap=", softcap));
+      Call call;
+      call.heads_q = heads_q;
+      call.len_q = len_q;
+      call.options.causal = causal;
+      call.options.window_left = window;
+      call.options.sink_tokens = sinks;
+      call.options.softcap = softcap;
+      expect_matches<T>(decode_and_reference(pool, ids, call, 7));
+    }
+  }
+}
+
+TYPED_TEST(PagedAttention, CausalDraftsAndPrefillRowsMatchReference) {
+  using T = TypeParam;
+  RecordedPool<T> pool(4096, 32, 3, 16, 16, 5);
+  std::vector<Index> ids;
+  for (Index length : {70, 134, 1030, 333}) {
+    ids.push_back(pool.add());
+    pool.grow(ids.back(), length);
+  }
+  for (Index len_q : {2, 5, 70}) {  // 70 * 2 rows: the unsplit path
+    SCOPED_TRACE(describe("Lq=", len_q));
+    Call call;
+    call.heads_q = 6;
+    call.len_q = len_q;
+    call.options.causal = true;
+    expect_matches<T>(decode_and_reference(pool, ids, call, 11));
+    call.options.window_left = 40;
+    expect_matches<T>(decode_and_reference(pool, ids, call, 12));
+  }
+}
+
+// Sequences forked from one prompt share its pages: the cascade reads them once and gives the
+// reference's results; without sharing too; the pool holds the prompt once.
+TYPED_TEST(PagedAttention, ForkedSequencesShareThePrefix) {
+  using T = TypeParam;
+  constexpr Index kPage = 16;
+  RecordedPool<T> pool(2048, kPage, 2, 32, 24, 9);
+  const Index prompt = pool.add();
+  pool.grow(prompt, 2500 + 7);  // a partial last page
+  const Index prompt_pages = pool.cache().pages_in_use();
+  EXPECT_EQ(prompt_pages, (2507 + kPage - 1) / kPage);
+  std::vector<Index> ids = {prompt};
+  for (int child = 0; child < 5; ++child) ids.push_back(pool.fork(prompt));
+  // Each fork copies only the partial page.
+  EXPECT_EQ(pool.cache().pages_in_use(), prompt_pages + 5);
+  for (std::size_t s = 0; s < ids.size(); ++s) pool.grow(ids[s], static_cast<Index>(3 * s + 1));
+  const Index unrelated = pool.add();
+  pool.grow(unrelated, 900);
+  ids.push_back(unrelated);
+  for (Index heads_q : {2, 8}) {
+    for (Index len_q : {1, 3}) {
+      SCOPED_TRACE(describe("Hq=", heads_q, " Lq=", len_q));
+      Call call;
+      call.heads_q = heads_q;
+      call.len_q = len_q;
+      call.options.causal = true;
+      BatchAttentionInfo info;
+      const auto shared = decode_and_reference(pool, ids, call, 21, &info);
+      expect_matches<T>(shared);
+      EXPECT_EQ(info.shared_groups, 1);
+      EXPECT_EQ(info.shared_tokens, 2500 / kPage * kPage);  // the full shared pages
+      call.sharing = PrefixSharing::off;
+      const auto alone = decode_and_reference(pool, ids, call, 21, &info);
+      expect_matches<T>(alone);
+      EXPECT_EQ(info.shared_groups, 0);
+      // A window that cuts into the prefix: no sharing, still the reference's result.
+      call.sharing = PrefixSharing::detect;
+      call.options.window_left = 300;
+      expect_matches<T>(decode_and_reference(pool, ids, call, 22, &info));
+      EXPECT_EQ(info.shared_groups, 0);
+    }
+  }
+}
+
+TYPED_TEST(PagedAttention, BitwiseIdenticalForAnyThreadCount) {
+  using T = TypeParam;
+  RecordedPool<T> pool(4096, 64, 2, 16, 16, 13);
+  const Index prompt = pool.add();
+  pool.grow(prompt, 3000);
+  std::vector<Index> ids = {prompt, pool.fork(prompt), pool.fork(prompt)};
+  for (Index s = 0; s < 3; ++s) pool.grow(ids[static_cast<std::size_t>(s)], 10 * s + 1);
+  ids.push_back(pool.add());
+  pool.grow(ids.back(), 4100);
+  Call call;
+  call.heads_q = 8;
+  call.num_threads = 1;
+  const Outputs one = decode_and_reference(pool, ids, call, 3).first;
+  for (int threads : {2, 3, 8}) {
+    call.num_threads = threads;
+    const Outputs many = decode_and_reference(pool, ids, call, 3).first;
+    EXPECT_TRUE(bitwise_equal(many.out, one.out)) << threads << " threads";
+    EXPECT_TRUE(bitwise_equal(many.lse, one.lse)) << threads << " threads";
+  }
+}
+
+// Copy-on-write: a child truncated into the shared pages and grown again leaves the parent's
+// tokens as they were; removing sequences frees exactly their own pages.
+TYPED_TEST(PagedAttention, CopyOnWriteAndPageAccounting) {
+  using T = TypeParam;
+  constexpr Index kPage = 8;
+  RecordedPool<T> pool(64, kPage, 1, 8, 8, 17);
+  const Index parent = pool.add();
+  pool.grow(parent, 40);  // 5 full pages
+  EXPECT_EQ(pool.cache().pages_in_use(), 5);
+  const Index child = pool.fork(parent);
+  EXPECT_EQ(pool.cache().pages_in_use(), 5);
+  EXPECT_EQ(pool.cache().references(pool.cache().page_table(parent)[0]), 2);
+  pool.truncate(child, 21);  // into shared page 2, which stays shared
+  EXPECT_EQ(pool.cache().pages_in_use(), 5);
+  pool.grow(child, 30);                               // copies page 2 first, then 3 new pages
+  EXPECT_EQ(pool.cache().pages_in_use(), 5 + 1 + 4);  // 51 tokens: 7 pages, 4 new
+  EXPECT_NE(pool.cache().page_table(child)[2], pool.cache().page_table(parent)[2]);
+  Call call;
+  call.heads_q = 2;
+  expect_matches<T>(decode_and_reference(pool, {parent, child}, call, 5));
+  pool.remove(parent);
+  EXPECT_EQ(pool.cache().pages_in_use(), 7);  // the child's 7 (2 of them were shared)
+  expect_matches<T>(decode_and_reference(pool, {child}, call, 6));
+  pool.remove(child);
+  EXPECT_EQ(pool.cache().pages_in_use(), 0);
+  EXPECT_EQ(pool.cache().free_pages(), 64);
+}
+
+TYPED_TEST(PagedAttention, ChunkedPrefillMatchesReference) {
+  using T = TypeParam;
+  RecordedPool<T> pool(4096, 16, 2, 16, 8, 23);
+  std::vector<Index> ids = {pool.add(), pool.add(), pool.add()};
+  pool.grow(ids[1], 100);
+  const Index heads_q = 4, chunk = 40;
+  RandomSource random(29);
+  for (int round = 0; round < 3; ++round) {
+    const std::vector<Index> counts = {chunk, 7, round == 1 ? 0 : 33};
+    auto [k, v] = pool.random_steps(3, chunk);
+    Tensor<T, 4> q({3, heads_q, chunk, 16});
+    const std::vector<double> q_values = round_to<float>(random.normal(q.numel()));
+    scatter(q_values, q.view());
+    Tensor<T, 4> out({3, heads_q, chunk, 8});
+    Tensor<T, 3> lse({3, heads_q, chunk});
+    AttentionOptions options;
+    options.causal = true;
+    batch_prefill_attention(q.view(), k.view(), v.view(), pool.cache(), ids, counts, options,
+                            out.view(), lse.view());
+    pool.record_steps(ids, k, v, counts);
+    // The reference, one sequence at a time over its new rows.
+    for (std::size_t s = 0; s < ids.size(); ++s) {
+      const Index rows = counts[s];
+      const reference::DecodeShape shape{heads_q, 2, rows, 16, 8};
+      std::vector<double> q_rows, want_out, want_lse;
+      for (Index h = 0; h < heads_q; ++h)
+        for (Index i = 0; i < rows; ++i)
+          for (Index d = 0; d < 16; ++d) q_rows.push_back(q(static_cast<Index>(s), h, i, d));
+      reference::decode_reference(shape, q_rows, {pool.record(ids[s])}, reference_options(options),
+                                  want_out, want_lse);
+      std::vector<double> got_out, got_lse;
+      for (Index h = 0; h < heads_q; ++h)
+        for (Index i = 0; i < chunk; ++i) {
+          const bool used = i < rows;
+          for (Index d = 0; d < 8; ++d) {
+            if (used) {
+              got_out.push_back(out(static_cast<Index>(s), h, i, d));
+            } else {
+              EXPECT_EQ(out(static_cast<Index>(s), h, i, d), T(0));
+            }
+          }
+          if (used) {
+            got_lse.push_back(lse(static_cast<Index>(s), h, i));
+          } else {
+            EXPECT_EQ(lse(static_cast<Index>(s), h, i), -std::numeric_limits<T>::infinity());
+          }
+        }
+      EXPECT_TRUE(matches_reference(got_out, want_out, kTolerance<T>)) << "round " << round;
+      EXPECT_TRUE(matches_reference(got_lse, want_lse, kTolerance<T>)) << "round " << round;
+    }
+  }
+}
+
+// Every rejected call throws before changing anything.
+TYPED_TEST(PagedAttention, BadInputChangesNothing) {
+  using T = TypeParam;
+  RecordedPool<T> pool(6, 4, 1, 4, 4, 31);
+  const Index a = pool.add();
+  pool.grow(a, 10);              // 3 pages
+  const Index b = pool.fork(a);  // copies the partial page: 4 in use
+  const auto snapshot = [&] {
+    return std::make_tuple(pool.cache().sequences(), pool.cache().length(a), pool.cache().length(b),
+                           pool.cache().page_table(a), pool.cache().page_table(b),
+                           pool.cache().free_pages());
+  };
+  const auto before = snapshot();
+  auto [k, v] = pool.random_steps(2, 9);
+  // Pool exhaustion: 2 free pages, the append needs 2 for a and 2 for b.
+  EXPECT_THROW(pool.cache().append({a, b}, k.view(), v.view()), MemoryError);
+  EXPECT_EQ(snapshot(), before);
+  EXPECT_THROW(pool.cache().append({a, a}, k.view(), v.view()), Error);           // listed twice
+  EXPECT_THROW(pool.cache().append({a, 99}, k.view(), v.view()), Error);          // unknown id
+  EXPECT_THROW(pool.cache().append({a, b}, k.view(), v.view(), {1, 10}), Error);  // count > n
+  EXPECT_THROW(pool.cache().truncate(a, 11), Error);
+  EXPECT_THROW(pool.cache().fork(42), Error);
+  EXPECT_EQ(snapshot(), before);
+  const Index c = pool.add();
+  pool.grow(c, 8);                          // takes the last 2 pages
+  EXPECT_THROW(pool.fork(b), MemoryError);  // b's partial page needs a copy
+  pool.remove(c);
+  EXPECT_THROW(pool.cache().remove(c), Error);  // removed
+  EXPECT_EQ(snapshot(), before);
+
+  Tensor<T, 4> q({2, 2, 1, 4});
+  Tensor<T, 4> out({2, 2, 1, 4});
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  std::fill_n(out.data(), out.numel(), nan);
+  AttentionOptions options;
+  EXPECT_THROW(batch_decode_attention(q.view(), pool.cache(), {a, c}, options, out.view()), Error);
+  EXPECT_THROW(batch_decode_attention(q.view(), pool.cache(), {a}, options, out.view()), Error);
+  Tensor<T, 4> long_q({2, 2, 11, 4});
+  Tensor<T, 4> long_out({2, 2, 11, 4});
+  EXPECT_THROW(
+      batch_decode_attention(long_q.view(), pool.cache(), {a, b}, options, long_out.view()),
+      Error);  // Lq > length
+  options.q_offset = 3;
+  EXPECT_THROW(batch_decode_attention(q.view(), pool.cache(), {a, b}, options, out.view()), Error);
+  for (Index i = 0; i < out.numel(); ++i) EXPECT_TRUE(std::isnan(out.data()[i]));
+  // A prefill that does not fit changes no sequence.
+  Tensor<T, 4> pq({2, 2, 9, 4});
+  Tensor<T, 4> pout({2, 2, 9, 4});
+  options.q_offset = -1;
+  EXPECT_THROW(batch_prefill_attention(pq.view(), k.view(), v.view(), pool.cache(), {a, b}, {},
+                                       options, pout.view()),
+               MemoryError);
+  EXPECT_EQ(snapshot(), before);
+}
+
+TEST(PagedKVCache, WrapsCallerMemoryOfACombinedPool) {
+  // [num_pages, 2, Hkv, page, D]: keys are [:, 0], values [:, 1].
+  constexpr Index kPages = 10, kHeads = 2, kPage = 4, kDim = 8;
+  std::vector<float> memory(static_cast<std::size_t>(kPages * 2 * kHeads * kPage * kDim));
+  const Shape<4> shape{kPages, kHeads, kPage, kDim};
+  const Shape<4> strides{2 * kHeads * kPage * kDim, kPage * kDim, kDim, 1};
+  PagedKVCache<float> cache(
+      TensorView<float, 4>(memory.data(), shape, strides),
+      TensorView<float, 4>(memory.data() + kHeads * kPage * kDim, shape, strides));
+  EXPECT_EQ(cache.page_rows(), 2 * kHeads * kPage);
+  const Index id = cache.add_sequence();
+  Tensor<float, 3> k({kHeads, 6, kDim});
+  Tensor<float, 3> v({kHeads, 6, kDim});
+  for (Index i = 0; i < k.numel(); ++i) {
+    k.data()[i] = static_cast<float>(i);
+    v.data()[i] = static_cast<float>(-i);
+  }
+  cache.append(id, k.view(), v.view());
+  // Token 5 of head 1 is slot 1 of the sequence's second page.
+  const Index page = cache.page_table(id)[1];
+  const float* key = memory.data() + page * strides[0] + 1 * strides[1] + 1 * kDim;
+  const float* value = key + kHeads * kPage * kDim;
+  for (Index d = 0; d < kDim; ++d) {
+    EXPECT_EQ(key[d], k(1, 5, d));
+    EXPECT_EQ(value[d], v(1, 5, d));
+  }
+  // Page strides that are not a whole number of rows are rejected.
+  EXPECT_THROW(
+      PagedKVCache<float>(TensorView<float, 4>(memory.data(), {3, 1, 4, 8}, {33, 32, 8, 1}),
+                          TensorView<float, 4>(memory.data() + 200, {3, 1, 4, 8}, {33, 32, 8, 1})),
+      Error);
+}
+
+}  // namespace
+}  // namespace foveal::test
