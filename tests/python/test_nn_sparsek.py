@@ -52,16 +52,24 @@ def twin_gates(u: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     return selected, (u - tau).clamp(0, 1)
 
 
+def twin_heads(layer: torch.nn.Module, x: torch.Tensor) -> tuple:
+    """q [B, Hq, L, D], k and v [B, Hkv, L, D]: the layer's projections, split into heads, with
+    the rotary embedding of :func:`rotary` on q and k."""
+    batch, length, _ = x.shape
+    q = layer.q_proj(x).view(batch, length, layer.num_heads, -1).transpose(1, 2)
+    k = layer.k_proj(x).view(batch, length, layer.num_kv_heads, -1).transpose(1, 2)
+    v = layer.v_proj(x).view(batch, length, layer.num_kv_heads, -1).transpose(1, 2)
+    if layer.rotary:
+        q, k = rotary(q, layer.rotary_base), rotary(k, layer.rotary_base)
+    return q, k, v
+
+
 def twin_sparsek(layer: SparseKAttention, x: torch.Tensor) -> torch.Tensor:
     """The layer written in plain torch ops: projections, rotary, scorer, then SparseK attention
     one query at a time (float64)."""
     batch, length, _ = x.shape
     heads, kv_heads, dim = layer.num_heads, layer.num_kv_heads, layer.head_dim
-    q = layer.q_proj(x).view(batch, length, heads, dim).transpose(1, 2)
-    k = layer.k_proj(x).view(batch, length, kv_heads, dim).transpose(1, 2)
-    v = layer.v_proj(x).view(batch, length, kv_heads, dim).transpose(1, 2)
-    if layer.rotary:
-        q, k = rotary(q, layer.rotary_base), rotary(k, layer.rotary_base)
+    q, k, v = twin_heads(layer, x)
     u = torch.einsum("hd,bld->bhl", layer.score_weight, x)
     sinks, window, group = layer.sink_tokens, layer.window, heads // kv_heads
     rows = []
@@ -97,11 +105,7 @@ def twin_dense(layer: DenseAttention, x: torch.Tensor) -> torch.Tensor:
     """Causal (optionally windowed) softmax attention with a mask, in plain torch."""
     batch, length, _ = x.shape
     heads, kv_heads, dim = layer.num_heads, layer.num_kv_heads, layer.head_dim
-    q = layer.q_proj(x).view(batch, length, heads, dim).transpose(1, 2)
-    k = layer.k_proj(x).view(batch, length, kv_heads, dim).transpose(1, 2)
-    v = layer.v_proj(x).view(batch, length, kv_heads, dim).transpose(1, 2)
-    if layer.rotary:
-        q, k = rotary(q, layer.rotary_base), rotary(k, layer.rotary_base)
+    q, k, v = twin_heads(layer, x)
     k = k.repeat_interleave(heads // kv_heads, dim=1)
     v = v.repeat_interleave(heads // kv_heads, dim=1)
     position = torch.arange(length)
