@@ -503,8 +503,12 @@ def markdown(path: Path) -> str:
         lines += sparsek_attention_cases.markdown_lines(rows)
     elif suite == "modules":
         import modules_cases
+        import modules_cases_sparsek
 
-        lines += modules_cases.markdown_lines(rows)
+        twinned = [row for row in rows if "twin_ms" in row]  # modules_cases_sparsek's rows
+        others = [row for row in rows if "twin_ms" not in row]
+        lines += modules_cases.markdown_lines(others) if others else []
+        lines += ["", *modules_cases_sparsek.markdown_lines(twinned)] if twinned else []
     elif suite == "vq":
         lines += [
             "| K | threads | foveal ms | cdist ms | vs cdist | matmul ms | vs matmul | GFLOP/s "
@@ -692,6 +696,11 @@ def main() -> None:
 
             print("\n[modules]")
             rows = modules_cases.run(args.threads, seconds, interleaved, median_time, args.full)
+            import modules_cases_sparsek  # SparseKAttention and PdeSsm2d against their twins
+
+            rows += modules_cases_sparsek.run(
+                args.threads, seconds, interleaved, median_time, args.full
+            )
         own_threads = (
             "spade",
             "vq",

@@ -536,4 +536,6 @@ class PdeSsm:
         return pde_ssm(x, diffusion, velocity, reaction, time, skip, **options)
 
 
+from foveal.nn.pde import PdeSsm2d  # noqa: E402, F401
+from foveal.nn.sparsek import DenseAttention, SparseKAttention  # noqa: E402, F401
 from foveal.nn.vq import ResidualVQ, VectorQuantize  # noqa: E402, F401

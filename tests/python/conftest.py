@@ -27,6 +27,54 @@ def torch() -> Any:
     return pytest.importorskip("torch")
 
 
+@pytest.fixture
+def at_one_and_two_threads() -> Any:
+    """run(function) -> [function() with torch and foveal at 1 thread, the same at 2 threads]
+    (the thread counts are restored afterwards)."""
+    torch = pytest.importorskip("torch")
+    import foveal
+
+    def run(function: Any) -> list:
+        saved = torch.get_num_threads(), foveal.get_num_threads()
+        results = []
+        try:
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                foveal.set_num_threads(threads)
+                results.append(function())
+        finally:
+            torch.set_num_threads(saved[0])
+            foveal.set_num_threads(saved[1])
+        return results
+
+    return run
+
+
+@pytest.fixture
+def smoke_run() -> Any:
+    """run(name) -> the results of examples/training/<name>.py's main(["--smoke"]) (a few steps
+    that assert the loss falls, writing nothing); the thread counts are restored afterwards."""
+    import importlib.util
+    from pathlib import Path
+
+    torch = pytest.importorskip("torch")
+    import foveal
+
+    def run(name: str) -> list:
+        path = Path(__file__).resolve().parents[2] / "examples" / "training" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        script = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(script)
+        saved = torch.get_num_threads(), foveal.get_num_threads()
+        try:
+            return script.main(["--smoke"])
+        finally:  # the script fixes its thread count
+            torch.set_num_threads(saved[0])
+            foveal.set_num_threads(saved[1])
+
+    return run
+
+
 def visible_keys(
     len_q: int,
     len_k: int,
