@@ -225,8 +225,15 @@ def server_loop(steps: int, check_every: int = 100) -> dict:
 
 
 def run(threads_list, seconds, interleaved, median_time, full, copy_bandwidth) -> list[dict]:
-    copy = copy_bandwidth(seconds)
-    print(f"copy bandwidth (1 GiB, read + write): {copy:.1f} GB/s")
+    import torch  # the copy yardstick runs on torch's threads, as many as the case's
+
+    copies = {}
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        copies[threads] = copy_bandwidth(seconds)
+        print(
+            f"copy bandwidth (1 GiB, read + write), {threads} threads: {copies[threads]:.1f} GB/s"
+        )
     sequences = 64 if full else 16
     rows = []
     print(
@@ -235,7 +242,7 @@ def run(threads_list, seconds, interleaved, median_time, full, copy_bandwidth) -
     )
     for page in (128,) if not full else (16, 128):
         for threads in threads_list:
-            row = batch_decode_case(threads, seconds, interleaved, copy, sequences, page)
+            row = batch_decode_case(threads, seconds, interleaved, copies[threads], sequences, page)
             rows.append(row)
             label = f"{sequences} seqs, {row['tokens']} tokens, page {page}"
             print(
