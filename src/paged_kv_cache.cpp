@@ -59,11 +59,14 @@ PagedKVCache<T>::PagedKVCache(Index num_pages, Index page_size, Index heads_kv, 
         "dim_v >= 0, got num_pages = ",
         num_pages, ", page_size = ", page_size, ", heads_kv = ", heads_kv, ", dim = ", dim,
         ", dim_v = ", dim_v);
-  keys_owned_ = Tensor<T, 4>({num_pages, heads_kv, page_size, dim}, "PagedKVCache keys");
-  values_owned_ = Tensor<T, 4>({num_pages, heads_kv, page_size, dim_v}, "PagedKVCache values");
-  keys_ = keys_owned_.view();
-  values_ = values_owned_.view();
-  page_rows_ = heads_kv * page_size;
+  // Head-major storage [Hkv, num_pages, page_size, D] seen as [num_pages, Hkv, page_size, D]:
+  // the rows of consecutive pages of one head are consecutive, so a sequence whose pages are
+  // consecutive (what a long append gets from the free stack) is read as long blocks.
+  keys_owned_ = Tensor<T, 4>({heads_kv, num_pages, page_size, dim}, "PagedKVCache keys");
+  values_owned_ = Tensor<T, 4>({heads_kv, num_pages, page_size, dim_v}, "PagedKVCache values");
+  keys_ = keys_owned_.view().transpose(0, 1);
+  values_ = values_owned_.view().transpose(0, 1);
+  page_rows_ = page_size;
   validate_pool();
 }
 

@@ -127,8 +127,9 @@ void decode_attention(const DecodePlan<T>& plan) {
 }
 
 // Visits the keys of one sequence of a PagedKVCache inside one chunk of positions, page by
-// page: the key at position p is slot p % page_size of page table[p / page_size], row
-// table[p / page_size] * page_rows + p % page_size of the pool.
+// page (runs of pages that are consecutive in memory as one): the key at position p is slot
+// p % page_size of page table[p / page_size], row table[p / page_size] * page_rows + p %
+// page_size of the pool.
 class PagedChunkPolicy : public RulePolicy<Visibility> {
  public:
   PagedChunkPolicy(const Visibility& visibility, const Index* table, Index page_size,
@@ -147,7 +148,13 @@ class PagedChunkPolicy : public RulePolicy<Visibility> {
       const Index end = std::min(visible.ranges[r].end, chunk_.end);
       for (Index page_begin = begin; page_begin < end;) {
         const Index index = page_begin / page_size_;
-        const Index page_end = std::min(end, (index + 1) * page_size_);
+        // Consecutive pages whose rows are consecutive too (an owned pool's pages p, p + 1)
+        // are one run of rows: visited as whole blocks of the engine, not page by page.
+        Index last = index;
+        while ((last + 1) * page_size_ < end && page_rows_ == page_size_ &&
+               table_[last + 1] == table_[last] + 1)
+          ++last;
+        const Index page_end = std::min(end, (last + 1) * page_size_);
         const Index offset = index * page_size_ - table_[index] * page_rows_;
         for_each_aligned_block({page_begin, page_end}, offset, rule(), position_lo, position_hi,
                                visit);

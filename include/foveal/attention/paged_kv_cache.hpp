@@ -29,8 +29,11 @@ namespace foveal {
 // to preempt a sequence, and every sequence is as it was.
 //
 // Storage. Owned pools are 64-byte aligned and zeroed lazily (pages never written take no
-// memory); a pool over caller memory (e.g. the two halves of a torch tensor [num_pages, 2, Hkv,
-// page_size, D]) must outlive the cache. Sequence ids are never reused.
+// memory), and stored head-major (keys() is a [num_pages, Hkv, page_size, D] view of
+// [Hkv, num_pages, page_size, D] memory), so the pages p, p + 1, ... of a long append, which
+// the free stack hands out in order, are one run of rows per head that attention reads as
+// whole blocks. A pool over caller memory (e.g. the two halves of a torch tensor [num_pages, 2,
+// Hkv, page_size, D]) must outlive the cache. Sequence ids are never reused.
 //
 // Threads. Any number of threads may read the cache at once (batch_decode_attention); add, fork,
 // append, truncate and remove must run alone: overlapping misuse throws foveal::Error ("the
