@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 
 #include "foveal/core/tensor.hpp"
@@ -62,7 +63,10 @@ struct Visibility {
   // so position arithmetic cannot overflow.
   static Visibility make(bool causal, Index window_left, Index window_right, Index sink_tokens,
                          Index len_q, Index len_k, Index q_offset) {
-    const Index reach = (q_offset < 0 ? -q_offset : q_offset) + len_q + len_k;
+    // Saturating: empty views may have huge extents (a [0, H, 2^62, D] query).
+    constexpr Index kMax = std::numeric_limits<Index>::max();
+    Index reach = q_offset < 0 ? -q_offset : q_offset;
+    for (const Index extent : {len_q, len_k}) reach = extent > kMax - reach ? kMax : reach + extent;
     Visibility visibility;
     visibility.window_left = window_left >= reach ? -1 : window_left;
     const Index right = causal ? 0 : window_right;

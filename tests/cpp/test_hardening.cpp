@@ -16,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include "detail/mask.hpp"
 #include "foveal/foveal.hpp"
 #include "harness.hpp"
 
@@ -67,6 +68,19 @@ TEST(HardeningSizes, TensorShapeWhoseByteCountOverflowsIsAnErrorNamingTheShape) 
   const Tensor<float, 3> empty({Index{1} << 62, 0, Index{1} << 62});
   EXPECT_EQ(empty.data(), nullptr);
   EXPECT_EQ(detail::checked_numel<float>("x", {3, 0, Index{1} << 62}), 0);
+}
+
+// Empty views may have huge extents ([0, H, 2^63 - 1, D] is a valid query of no elements); the
+// window reach |q_offset| + Lq + Lk saturates instead of overflowing (found by fuzz_attention
+// under UBSan).
+TEST(HardeningSizes, VisibilityOfHugeEmptyExtentsDoesNotOverflow) {
+  constexpr Index kHuge = std::numeric_limits<Index>::max();
+  const detail::Visibility both = detail::Visibility::make(false, 5, 7, 2, kHuge, kHuge, -kHuge);
+  EXPECT_EQ(both.window_left, 5);
+  EXPECT_EQ(both.window_right, 7);
+  const detail::Visibility huge_window =
+      detail::Visibility::make(true, kHuge, -1, 0, kHuge, kHuge, kHuge / 8);
+  EXPECT_EQ(huge_window.window_left, -1);  // a window no smaller than the reach bounds nothing
 }
 
 TEST(HardeningSizes, KVCacheWithOverflowingCapacityIsAnError) {
