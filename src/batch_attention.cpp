@@ -117,13 +117,9 @@ struct Planner {
     return buffers.back().get();
   }
 
-  // Cuts `range` into chunks ending at multiples of kDecodeChunkKeys.
+  // Cuts `range` into the chunks of detail::for_each_decode_chunk.
   static void cut(KeyRange range, std::vector<KeyRange>& chunks) {
-    for (Index begin = range.begin; begin < range.end;) {
-      const Index end = std::min(range.end, (begin / kDecodeChunkKeys + 1) * kDecodeChunkKeys);
-      chunks.push_back({begin, end});
-      begin = end;
-    }
+    detail::for_each_decode_chunk(range, [&chunks](KeyRange chunk) { chunks.push_back(chunk); });
   }
 
   struct Group {

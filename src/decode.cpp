@@ -97,12 +97,9 @@ void decode_impl(TensorView<const T, 4> q, const KVCache<T>& cache, const Attent
       const KeyRanges visible =
           visibility[static_cast<std::size_t>(b)].visible_ranges(length - len_q, length - 1);
       for (int r = 0; r < visible.count; ++r)
-        for (Index begin = visible.ranges[r].begin; begin < visible.ranges[r].end;) {
-          const Index end =
-              std::min(visible.ranges[r].end, (begin / kDecodeChunkKeys + 1) * kDecodeChunkKeys);
-          chunks.push_back({b, {begin, end}});
-          begin = end;
-        }
+        detail::for_each_decode_chunk(visible.ranges[r], [&](KeyRange chunk) {
+          chunks.push_back({b, chunk});
+        });
     }
     plan.first_chunk[static_cast<std::size_t>(b) + 1] = static_cast<Index>(chunks.size());
   }

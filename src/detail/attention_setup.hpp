@@ -2,6 +2,7 @@
 // sliding_window_attention, decode_attention). Internal to the library.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -10,6 +11,7 @@
 
 #include "detail/flash_plan.hpp"
 #include "detail/kernels.hpp"
+#include "foveal/attention/decode.hpp"
 #include "foveal/attention/options.hpp"
 #include "foveal/core/dtype.hpp"
 #include "foveal/core/parallel.hpp"
@@ -154,6 +156,18 @@ FlashParams<T> prepare_attention(const char* function, TensorView<const T, 4> q,
   params.softcap = options.softcap;
   params.num_threads = resolve_num_threads(options.num_threads);
   return params;
+}
+
+// Calls chunk(KeyRange) for each piece of `range` cut at the multiples of kDecodeChunkKeys: the
+// split-KV chunks of decode_attention and batch_decode_attention, which depend only on
+// positions, never on the thread count.
+template <typename Chunk>
+void for_each_decode_chunk(KeyRange range, Chunk&& chunk) {
+  for (Index begin = range.begin; begin < range.end;) {
+    const Index end = std::min(range.end, (begin / kDecodeChunkKeys + 1) * kDecodeChunkKeys);
+    chunk(KeyRange{begin, end});
+    begin = end;
+  }
 }
 
 // The band policy of `options` (windows, causal, sinks) for the call's queries and keys: what
