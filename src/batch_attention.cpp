@@ -241,7 +241,8 @@ struct Planner {
       const Index start = own_start[index];
       const Index count = rows[index];
       if (!split) {
-        if (start < length(s)) own[index].push_back({start, length(s)});
+        // An entry that appends nothing has no rows: no chunk over its cached keys either.
+        if (count > 0 && start < length(s)) own[index].push_back({start, length(s)});
       } else if (count > 0) {
         const KeyRanges visible =
             plan.visibility[index].visible_ranges(q_offset(s), q_offset(s) + count - 1);
