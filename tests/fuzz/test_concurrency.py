@@ -41,7 +41,7 @@ import foveal, foveal.vq, foveal.sparsek
 def calls(index):
     # One call per index: a different kind, shape and thread count for every thread.
     rng = np.random.default_rng(index)
-    kind = index % 6
+    kind = index % 7
     threads = 1 + index % 3
     dtype = np.float32 if index % 2 == 0 else np.float64
     if kind == 0:
@@ -85,6 +85,18 @@ def calls(index):
         return lambda: foveal.attention_backward(q, k, v, out, lse, g, causal=True,
                                                  sink_tokens=2, bias=bias, return_bias_grad=True,
                                                  num_threads=threads)
+    if kind == 6:
+        hkv, d = 2, 8 + index
+        cache = foveal.PagedKVCache(64, 16, hkv, d, dtype=dtype)
+        prompt = cache.add_sequence()
+        cache.append(prompt, rng.standard_normal((hkv, 300, d)).astype(dtype),
+                     rng.standard_normal((hkv, 300, d)).astype(dtype))
+        ids = [prompt, cache.fork(prompt), cache.add_sequence()]
+        cache.append(ids, rng.standard_normal((3, hkv, 5, d)).astype(dtype),
+                     rng.standard_normal((3, hkv, 5, d)).astype(dtype))
+        q = rng.standard_normal((3, 2 * hkv, 1, d)).astype(dtype)
+        return lambda: foveal.batch_decode_attention(q, cache, ids, return_lse=True,
+                                                     num_threads=threads)
     b, hkv, lq, lk, d = 1, 2, 24, 64 + index, 8
     q = rng.standard_normal((b, hkv, lq, d)).astype(dtype)
     k = rng.standard_normal((b, hkv, lk, d)).astype(dtype)
