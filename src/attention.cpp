@@ -7,8 +7,8 @@ namespace {
 
 template <typename T>
 void attention_impl(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorView<const T, 4> v,
-                    TensorView<T, 4> out, const AttentionOptions& options, TensorView<T, 3> lse,
-                    TensorView<const T, 4> bias) {
+                    TensorView<T, 4> out, const AttentionOptions& options,
+                    TensorView<compute_type_t<T>, 3> lse, TensorView<const T, 4> bias) {
   const auto params = detail::prepare_attention<T>("attention", q, k, v, out, options, lse, bias);
   detail::run_band_attention(params, options);
 }
@@ -27,6 +27,20 @@ void attention(TensorView<const double, 4> q, TensorView<const double, 4> k,
                const AttentionOptions& options, TensorView<double, 3> lse,
                TensorView<const double, 4> bias) {
   attention_impl<double>(q, k, v, out, options, lse, bias);
+}
+
+void attention(TensorView<const bfloat16, 4> q, TensorView<const bfloat16, 4> k,
+               TensorView<const bfloat16, 4> v, TensorView<bfloat16, 4> out,
+               const AttentionOptions& options, TensorView<float, 3> lse,
+               TensorView<const bfloat16, 4> bias) {
+  attention_impl<bfloat16>(q, k, v, out, options, lse, bias);
+}
+
+void attention(TensorView<const float16, 4> q, TensorView<const float16, 4> k,
+               TensorView<const float16, 4> v, TensorView<float16, 4> out,
+               const AttentionOptions& options, TensorView<float, 3> lse,
+               TensorView<const float16, 4> bias) {
+  attention_impl<float16>(q, k, v, out, options, lse, bias);
 }
 
 }  // namespace foveal

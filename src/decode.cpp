@@ -25,7 +25,7 @@ using detail::Visibility;
 
 template <typename T>
 void decode_impl(TensorView<const T, 4> q, const KVCache<T>& cache, const AttentionOptions& options,
-                 TensorView<T, 4> out, TensorView<T, 3> lse) {
+                 TensorView<T, 4> out, TensorView<compute_type_t<T>, 3> lse) {
   detail::require_queries_and_outputs(
       kFunction, q, out, lse,
       {"cache.heads_kv()", cache.heads_kv(), "cache.dim_v()", cache.dim_v()});
@@ -77,7 +77,7 @@ void decode_impl(TensorView<const T, 4> q, const KVCache<T>& cache, const Attent
   params.v = cache.values();
   params.out = out;
   params.lse = lse;
-  params.scale = detail::resolve_scale<T>(kFunction, options, dim);
+  params.scale = detail::resolve_scale<compute_type_t<T>>(kFunction, options, dim);
   params.softcap = options.softcap;
   params.num_threads = detail::resolve_num_threads(options.num_threads);
   if (batch == 0 || heads_q == 0 || len_q == 0) return;
@@ -120,6 +120,20 @@ void decode_attention(TensorView<const double, 4> q, const KVCache<double>& cach
                       TensorView<double, 3> lse) {
   const auto reading = cache.read_guard(kFunction);
   decode_impl<double>(q, cache, options, out, lse);
+}
+
+void decode_attention(TensorView<const bfloat16, 4> q, const KVCache<bfloat16>& cache,
+                      const AttentionOptions& options, TensorView<bfloat16, 4> out,
+                      TensorView<float, 3> lse) {
+  const auto reading = cache.read_guard(kFunction);
+  decode_impl<bfloat16>(q, cache, options, out, lse);
+}
+
+void decode_attention(TensorView<const float16, 4> q, const KVCache<float16>& cache,
+                      const AttentionOptions& options, TensorView<float16, 4> out,
+                      TensorView<float, 3> lse) {
+  const auto reading = cache.read_guard(kFunction);
+  decode_impl<float16>(q, cache, options, out, lse);
 }
 
 }  // namespace foveal

@@ -26,7 +26,7 @@ constexpr const char* kFunction = "sliding_window_attention";
 template <typename T>
 void sliding_window_impl(TensorView<const T, 4> q, TensorView<const T, 4> k,
                          TensorView<const T, 4> v, TensorView<T, 4> out,
-                         const AttentionOptions& options, TensorView<T, 3> lse) {
+                         const AttentionOptions& options, TensorView<compute_type_t<T>, 3> lse) {
   detail::require_bounded_window(kFunction, options);
   const auto params = detail::prepare_attention<T>(kFunction, q, k, v, out, options, lse, {});
   detail::run_band_attention(params, options);
@@ -44,6 +44,18 @@ void sliding_window_attention(TensorView<const double, 4> q, TensorView<const do
                               TensorView<const double, 4> v, TensorView<double, 4> out,
                               const AttentionOptions& options, TensorView<double, 3> lse) {
   sliding_window_impl<double>(q, k, v, out, options, lse);
+}
+
+void sliding_window_attention(TensorView<const bfloat16, 4> q, TensorView<const bfloat16, 4> k,
+                              TensorView<const bfloat16, 4> v, TensorView<bfloat16, 4> out,
+                              const AttentionOptions& options, TensorView<float, 3> lse) {
+  sliding_window_impl<bfloat16>(q, k, v, out, options, lse);
+}
+
+void sliding_window_attention(TensorView<const float16, 4> q, TensorView<const float16, 4> k,
+                              TensorView<const float16, 4> v, TensorView<float16, 4> out,
+                              const AttentionOptions& options, TensorView<float, 3> lse) {
+  sliding_window_impl<float16>(q, k, v, out, options, lse);
 }
 
 }  // namespace foveal

@@ -18,10 +18,11 @@ from ._common import (
     attention_options,
     attention_outputs,
     cache_outputs,
-    float_dtype_arg,
+    dtype_name,
     forwarded,
     new_like,
     shape,
+    storage_dtype_arg,
 )
 
 __version__: str = _core.__version__
@@ -103,7 +104,9 @@ def attention(
 
     Shapes: q ``[B, Hq, Lq, D]``, k ``[B, Hkv, Lk, D]``, v ``[B, Hkv, Lk, Dv]`` -> out
     ``[B, Hq, Lq, Dv]``; Hq must be a multiple of Hkv (GQA/MQA). ``[B, L, H, D]`` memory is
-    passed as ``x.transpose(1, 2)`` (a view; no copy). Float32 or float64, all the same dtype.
+    passed as ``x.transpose(1, 2)`` (a view; no copy). Float32 or float64, or 16-bit storage
+    (torch.bfloat16, torch.float16, numpy.float16) computed in float32 with out rounded to it
+    (and lse float32); all of q, k, v, out and bias the same dtype.
 
     Query i sits at position ``q_offset + i`` (default ``Lk - Lq``, bottom-right aligned) and
     sees key j when ``pos(i) - window_left <= j <= pos(i) + window_right`` (-1 = unbounded;
@@ -274,10 +277,12 @@ class KVCache(CacheGeometry):
     ``[B, Hkv, capacity, Dv]`` with one length per sequence (a ragged batch).
 
     ``KVCache(batch, heads_kv, capacity, dim, dim_v=None, dtype="float32")`` owns zeroed
-    storage; ``KVCache.wrap(keys, values)`` uses the caller's arrays or tensors (kept alive by
-    the cache). With ``ring=True`` the cache is a ring buffer for sliding-window layers: once
-    full, a new token overwrites the oldest one that is not among the first ``sink_tokens``;
-    without it, appending past capacity raises ValueError. A rejected call changes nothing.
+    storage (``dtype`` float32, float64, "bfloat16" or float16: a 16-bit cache holds half the
+    bytes and decodes in float32); ``KVCache.wrap(keys, values)`` uses the caller's arrays or
+    tensors (kept alive by the cache). With ``ring=True`` the cache is a ring buffer for
+    sliding-window layers: once full, a new token overwrites the oldest one that is not among
+    the first ``sink_tokens``; without it, appending past capacity raises ValueError. A
+    rejected call changes nothing.
 
     Storage is zeroed lazily (untouched rows take no memory); a size that cannot be allocated
     raises MemoryError naming the byte count. Any number of threads may decode over one cache
@@ -297,9 +302,8 @@ class KVCache(CacheGeometry):
         ring: bool = False,
         sink_tokens: int = 0,
     ) -> None:
-        self._dtype = float_dtype_arg("KVCache", dtype)
-        cache_class = _core.KVCacheF32 if self._dtype == np.float32 else _core.KVCacheF64
-        self._cache = cache_class(
+        self._dtype = storage_dtype_arg("KVCache", dtype)
+        self._cache = _KV_CACHE_CLASSES[dtype_name(self._dtype)](
             batch=batch,
             heads_kv=heads_kv,
             capacity=capacity,
@@ -320,15 +324,17 @@ class KVCache(CacheGeometry):
         lengths: Any = None,
     ) -> KVCache:
         """A cache over existing storage: keys ``[B, Hkv, capacity, D]`` and values
-        ``[B, Hkv, capacity, Dv]``, float32 or float64, writable, innermost dimension
-        contiguous. The cache writes appended tokens into them. ``lengths`` (default all 0)
-        says how many tokens each sequence already holds there (laid out as the cache lays them
-        out), so storage filled elsewhere is adopted without a copy."""
+        ``[B, Hkv, capacity, Dv]``, float32, float64, bfloat16 or float16, writable, innermost
+        dimension contiguous. The cache writes appended tokens into them. ``lengths`` (default
+        all 0) says how many tokens each sequence already holds there (laid out as the cache
+        lays them out), so storage filled elsewhere is adopted without a copy."""
         self = cls.__new__(cls)
         self._cache = _core.wrap_kv_cache(
             keys, values, ring=ring, sink_tokens=sink_tokens, lengths=lengths
         )
-        self._dtype = np.dtype(np.float32 if type(self._cache) is _core.KVCacheF32 else np.float64)
+        for name, cache_class in _KV_CACHE_CLASSES.items():
+            if type(self._cache) is cache_class:
+                self._dtype = storage_dtype_arg("KVCache.wrap", name)
         return self
 
     batch = forwarded("batch", "Number of sequences B.")
@@ -347,14 +353,16 @@ class KVCache(CacheGeometry):
         return self._cache.first_retained(sequence=sequence)
 
     @property
-    def keys(self) -> np.ndarray:
-        """The key storage ``[B, Hkv, capacity, D]``, read-only (ring rows wrap)."""
-        return self._cache.keys
+    def keys(self) -> Any:
+        """The key storage ``[B, Hkv, capacity, D]``, read-only (ring rows wrap): a numpy array,
+        or a torch tensor for a bfloat16 cache (numpy has no bfloat16)."""
+        return _storage_array(self._cache.keys, self._dtype)
 
     @property
-    def values(self) -> np.ndarray:
-        """The value storage ``[B, Hkv, capacity, Dv]``, read-only (ring rows wrap)."""
-        return self._cache.values
+    def values(self) -> Any:
+        """The value storage ``[B, Hkv, capacity, Dv]``, read-only (ring rows wrap): a numpy
+        array, or a torch tensor for a bfloat16 cache."""
+        return _storage_array(self._cache.values, self._dtype)
 
     def append(self, k: Any, v: Any, *, counts: Any = None) -> None:
         """Appends ``k`` ``[B, Hkv, n, D]`` and ``v`` ``[B, Hkv, n, Dv]`` to every sequence; with
@@ -379,6 +387,28 @@ class KVCache(CacheGeometry):
         )
 
 
+_KV_CACHE_CLASSES = {
+    "float32": _core.KVCacheF32,
+    "float64": _core.KVCacheF64,
+    "bfloat16": _core.KVCacheBF16,
+    "float16": _core.KVCacheF16,
+}
+
+
+def _storage_array(array: np.ndarray, dtype: Any) -> Any:
+    """The cache's storage as handed out by the compiled module; bfloat16 storage comes as its
+    uint16 bits and is returned as a read-only-in-spirit torch.bfloat16 view of them."""
+    if dtype_name(dtype) != "bfloat16":
+        return array
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():  # torch warns that the array is not writable
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array).view(torch.bfloat16)
+
+
 def decode_attention(
     q: Any,
     cache: KVCache,
@@ -401,7 +431,8 @@ def decode_attention(
     speculative drafts; windows and sinks for local layers, also over a ring buffer). The
     keys are split into fixed chunks computed in parallel and merged in order, so results do not
     depend on the thread count. A NaN in q or in a key or value a query sees makes its row NaN,
-    as in :func:`attention`.
+    as in :func:`attention`. q and out have the cache's dtype; over a bfloat16 or float16 cache
+    lse is float32.
     """
     function = "decode_attention"
     if not isinstance(cache, KVCache):

@@ -13,6 +13,9 @@ from typing import Any, Optional
 import numpy as np
 
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# The 16-bit storage types: computed in float32, lse float32. numpy has float16 only.
+HALF_DTYPES = ("bfloat16", "float16")
+_STORAGE_DTYPES = ("float32", "float64", *HALF_DTYPES)
 
 ATTENTION_OPTIONS = (
     "scale",
@@ -60,36 +63,67 @@ def size(value: Any) -> int:
     return value if 0 <= value < 2**63 and not isinstance(value, bool) else 0
 
 
+def dtype_name(dtype: Any) -> str:
+    """The name of a numpy dtype, a torch dtype or a name ("float32", "bfloat16", ...)."""
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        return dtype
+    if type(dtype).__module__.split(".")[0] == "torch":
+        return str(dtype).replace("torch.", "")
+    return np.dtype(dtype).name
+
+
+def tensor_dtype_name(x: Any) -> str:
+    """The name of x's dtype ("" for what is no tensor)."""
+    if is_torch(x):
+        return str(x.dtype).replace("torch.", "")
+    view = _numpy_view(x)
+    return "" if view is None else view.dtype.name
+
+
+def lse_dtype(dtype: Any) -> Any:
+    """The dtype of lse next to outputs of ``dtype``: float32 for the 16-bit types."""
+    return np.dtype(np.float32) if dtype_name(dtype) in HALF_DTYPES else dtype
+
+
 def new_like(like: Any, shape: tuple, dtype: Any = None) -> Any:
     """A new uninitialized tensor of the kind of ``like`` (torch for a torch tensor, else numpy),
-    with ``like``'s dtype unless ``dtype`` (a numpy dtype) is given."""
+    with ``like``'s dtype unless ``dtype`` (a numpy dtype or a dtype name) is given."""
     if is_torch(like):
         import torch
 
-        torch_dtype = like.dtype if dtype is None else getattr(torch, np.dtype(dtype).name)
+        torch_dtype = like.dtype if dtype is None else getattr(torch, dtype_name(dtype))
         return _allocate(torch.empty, shape, torch_dtype)
     if dtype is None:
         view = _numpy_view(like)
         dtype = np.float32 if view is None else view.dtype
+    if dtype_name(dtype) == "bfloat16":
+        raise TypeError(
+            "foveal: numpy has no bfloat16: pass torch tensors to work with bfloat16 caches"
+        )
     return _allocate(np.empty, shape, dtype)
 
 
 def attention_outputs(q: Any, v: Any, out: Any, return_lse: bool) -> tuple[Any, Any]:
     """out ``[B, Hq, Lq, Dv]`` (the given one, or new of q's kind and dtype) and, when asked for,
-    lse ``[B, Hq, Lq]``. Shapes and dtypes are checked by the compiled call."""
+    lse ``[B, Hq, Lq]`` (float32 for 16-bit q). Shapes and dtypes are checked by the compiled
+    call."""
     q_shape = shape(q)
     if out is None:
         out = new_like(q, q_shape[:3] + shape(v)[3:4])
-    return out, new_like(q, q_shape[:3]) if return_lse else None
+    if not return_lse:
+        return out, None
+    half = tensor_dtype_name(q) in HALF_DTYPES
+    return out, new_like(q, q_shape[:3], np.float32 if half else None)
 
 
 def cache_outputs(q: Any, cache: Any, out: Any, return_lse: bool) -> tuple[Any, Any]:
     """out ``[S, Hq, Lq, Dv]`` (the given one, or new of q's kind in the cache's dtype) and, when
-    asked for, lse ``[S, Hq, Lq]``, for attention over a cache (``dim_v`` and ``dtype``)."""
+    asked for, lse ``[S, Hq, Lq]`` (float32 for a 16-bit cache), for attention over a cache
+    (``dim_v`` and ``dtype``)."""
     q_shape = shape(q)
     if out is None:
         out = new_like(q, (*q_shape[:3], cache.dim_v), cache.dtype)
-    return out, new_like(q, q_shape[:3], cache.dtype) if return_lse else None
+    return out, new_like(q, q_shape[:3], lse_dtype(cache.dtype)) if return_lse else None
 
 
 def forwarded(name: str, doc: str) -> property:
@@ -101,8 +135,11 @@ class CacheGeometry:
     """The properties every cache class shares (it keeps the compiled cache in ``_cache`` and
     its numpy dtype in ``_dtype``)."""
 
-    _dtype: np.dtype
-    dtype = property(lambda self: self._dtype, doc="float32 or float64 (numpy dtype).")
+    _dtype: Any
+    dtype = property(
+        lambda self: self._dtype,
+        doc="float32, float64 or float16 (a numpy dtype), or the name 'bfloat16'.",
+    )
     heads_kv = forwarded("heads_kv", "Number of key/value heads Hkv.")
     dim = forwarded("dim", "Key dimension D.")
     dim_v = forwarded("dim_v", "Value dimension Dv.")
@@ -132,6 +169,21 @@ def _allocate(empty: Any, shape: tuple, dtype: Any) -> Any:
 def is_torch(x: Any) -> bool:
     """Whether x is a torch object (outputs follow the kind of their first tensor argument)."""
     return type(x).__module__.split(".")[0] == "torch"
+
+
+def storage_dtype_arg(function: str, dtype: Any) -> Any:
+    """A ``dtype=`` argument of a cache that may hold 16-bit values: float32, float64 or float16
+    as a numpy dtype, bfloat16 as the name "bfloat16" (names, numpy and torch dtypes accepted;
+    TypeError otherwise)."""
+    try:
+        name = dtype_name(dtype)
+    except TypeError:
+        name = str(dtype)
+    if name not in _STORAGE_DTYPES:
+        raise TypeError(
+            f"foveal: {function}: dtype must be float32, float64, bfloat16 or float16, got {dtype}"
+        )
+    return name if name == "bfloat16" else np.dtype(name)
 
 
 def float_dtype_arg(function: str, dtype: Any) -> np.dtype:

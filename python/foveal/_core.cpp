@@ -12,6 +12,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "_keywords.hpp"
@@ -31,6 +32,26 @@ using foveal::python::Keywords;
 using foveal::python::optional_view;
 using foveal::python::Tensor;
 using foveal::python::with_float_type;
+using foveal::python::with_storage_type;
+
+// `value` as an element of T (float, double, bfloat16 or float16).
+template <typename T>
+T element_of(float value) {
+  if constexpr (std::is_same_v<T, foveal::bfloat16>) {
+    return foveal::to_bfloat16(value);
+  } else if constexpr (std::is_same_v<T, foveal::float16>) {
+    return foveal::to_float16(value);
+  } else {
+    return static_cast<T>(value);
+  }
+}
+
+// True for a 16-bit q; a dtype foveal does not store is a TypeError naming all four.
+bool is_half(const char* fn, const Tensor& q) {
+  with_storage_type(fn, "q", q, [](auto) {});
+  return q.dtype() == foveal::python::DType::bfloat16 ||
+         q.dtype() == foveal::python::DType::float16;
+}
 
 // An additive bias [B or 1, Hq or 1, Lq, Lk], also given as [Lq, Lk] or [Hq, Lq, Lk], of q's
 // dtype; a boolean mask (True = attend) becomes 0 / -inf in `mask`, which the view then reads.
@@ -55,7 +76,8 @@ foveal::TensorView<const T, 4> bias_view(const char* fn, const std::optional<Ten
     for (foveal::Index h = 0; h < shape[1]; ++h)
       for (foveal::Index i = 0; i < shape[2]; ++i)
         for (foveal::Index j = 0; j < shape[3]; ++j)
-          mask[at++] = allowed(b, h, i, j) ? T(0) : -std::numeric_limits<T>::infinity();
+          mask[at++] =
+              element_of<T>(allowed(b, h, i, j) ? 0.0f : -std::numeric_limits<float>::infinity());
   return foveal::TensorView<const T, 4>(mask.data(), shape);
 }
 
@@ -94,6 +116,30 @@ void run_attention(const char* fn, const Tensor& q, const Tensor& k, const Tenso
   });
 }
 
+// Runs attention-shaped call run(q, k, v, out, lse, bias) on views of a 16-bit q's dtype (lse
+// float32), the GIL released.
+template <typename Run>
+void run_half_attention(const char* fn, const Tensor& q, const Tensor& k, const Tensor& v,
+                        const Tensor& out, const std::optional<Tensor>& lse,
+                        const std::optional<Tensor>& bias, Run&& run) {
+  with_storage_type(fn, "q", q, [&](auto type) {
+    using T = decltype(type);
+    if constexpr (foveal::is_half_dtype_v<T>) {
+      const char* same = "the dtype of q";
+      std::vector<T> mask;
+      const auto q_view = q.view<const T, 4>(fn, "q", "B, Hq, Lq, D");
+      const auto k_view = k.view<const T, 4>(fn, "k", "B, Hkv, Lk, D", same);
+      const auto v_view = v.view<const T, 4>(fn, "v", "B, Hkv, Lk, Dv", same);
+      const auto out_view = out.view<T, 4>(fn, "out", "B, Hq, Lq, Dv", same);
+      const auto lse_view =
+          optional_view<float, 3>(lse, fn, "lse", "B, Hq, Lq", "float32 next to 16-bit q");
+      const auto bias_view_ = bias_view<T>(fn, bias, mask);
+      py::gil_scoped_release release;
+      run(q_view, k_view, v_view, out_view, lse_view, bias_view_);
+    }
+  });
+}
+
 // A KVCache and, when it wraps caller memory, what owns that memory.
 template <typename T>
 struct PyKVCache {
@@ -109,7 +155,12 @@ py::array readonly_array(const foveal::TensorView<const T, 4>& view, const py::o
   std::vector<py::ssize_t> strides;
   for (foveal::Index stride : view.strides())
     strides.push_back(static_cast<py::ssize_t>(stride * static_cast<foveal::Index>(sizeof(T))));
-  py::array array(py::dtype::of<T>(), shape, strides, view.data(), owner);
+  // numpy has no bfloat16: its bits are handed out as uint16 (the Python layer views them as
+  // torch.bfloat16).
+  py::dtype dtype = std::is_same_v<T, foveal::bfloat16>  ? py::dtype("uint16")
+                    : std::is_same_v<T, foveal::float16> ? py::dtype("float16")
+                                                         : py::dtype::of<T>();
+  py::array array(dtype, shape, strides, view.data(), owner);
   array.attr("setflags")(py::arg("write") = false);
   return array;
 }
@@ -194,7 +245,9 @@ void bind_kv_cache(py::module_& m, const char* class_name) {
             keywords.require_all_read();
             const auto q_view = q.view<const T, 4>(fn, "q", "B, Hq, Lq, D", same);
             const auto out_view = out.view<T, 4>(fn, "out", "B, Hq, Lq, Dv", same);
-            const auto lse_view = optional_view<T, 3>(lse, fn, "lse", "B, Hq, Lq", same);
+            const auto lse_view = optional_view<foveal::compute_type_t<T>, 3>(
+                lse, fn, "lse", "B, Hq, Lq",
+                foveal::is_half_dtype_v<T> ? "float32 next to a 16-bit cache" : same);
             py::gil_scoped_release release;
             foveal::decode_attention(q_view, c.cache, options, out_view, lse_view);
           },
@@ -209,7 +262,7 @@ py::object wrap_kv_cache(const Tensor& keys, const Tensor& values, const py::kwa
                                        keywords.integer("sink_tokens", 0)};
   const auto lengths = keywords.integers("lengths").value_or(std::vector<std::int64_t>{});
   keywords.require_all_read();
-  return with_float_type(fn, "keys", keys, [&](auto type) -> py::object {
+  return with_storage_type(fn, "keys", keys, [&](auto type) -> py::object {
     using T = decltype(type);
     return py::cast(
         new PyKVCache<T>{
@@ -343,6 +396,13 @@ PYBIND11_MODULE(_core, m) {
         const Keywords keywords("attention", kwargs);
         const auto options = foveal::python::attention_options(keywords);
         keywords.require_all_read();
+        if (is_half("attention", q)) {
+          run_half_attention("attention", q, k, v, out, lse, bias,
+                             [&](auto q_, auto k_, auto v_, auto out_, auto lse_, auto bias_) {
+                               foveal::attention(q_, k_, v_, out_, options, lse_, bias_);
+                             });
+          return;
+        }
         run_attention("attention", q, k, v, out, lse, bias, {}, [&](const auto& args) {
           foveal::attention(args.q, args.k, args.v, args.out, options, args.lse, args.bias);
         });
@@ -357,6 +417,13 @@ PYBIND11_MODULE(_core, m) {
         const Keywords keywords(fn, kwargs);
         const auto options = foveal::python::attention_options(keywords);
         keywords.require_all_read();
+        if (is_half(fn, q)) {
+          run_half_attention(fn, q, k, v, out, lse, std::nullopt,
+                             [&](auto q_, auto k_, auto v_, auto out_, auto lse_, auto) {
+                               foveal::sliding_window_attention(q_, k_, v_, out_, options, lse_);
+                             });
+          return;
+        }
         run_attention(fn, q, k, v, out, lse, std::nullopt, {}, [&](const auto& args) {
           foveal::sliding_window_attention(args.q, args.k, args.v, args.out, options, args.lse);
         });
@@ -371,6 +438,8 @@ PYBIND11_MODULE(_core, m) {
 
   bind_kv_cache<float>(m, "KVCacheF32");
   bind_kv_cache<double>(m, "KVCacheF64");
+  bind_kv_cache<foveal::bfloat16>(m, "KVCacheBF16");
+  bind_kv_cache<foveal::float16>(m, "KVCacheF16");
   m.def("wrap_kv_cache", &wrap_kv_cache, py::arg("keys"), py::arg("values"));
 
   // The attention options of a call as plain values (None where the default applies), their

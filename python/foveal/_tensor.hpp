@@ -21,6 +21,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "foveal/core/dtype.hpp"
 #include "foveal/core/error.hpp"
 #include "foveal/core/tensor.hpp"
 
@@ -50,6 +51,8 @@ constexpr DType dtype_of() {
   if constexpr (std::is_same_v<E, std::int32_t>) return DType::int32;
   if constexpr (std::is_same_v<E, std::uint8_t>) return DType::uint8;
   if constexpr (std::is_same_v<E, bool>) return DType::boolean;
+  if constexpr (std::is_same_v<E, foveal::bfloat16>) return DType::bfloat16;
+  if constexpr (std::is_same_v<E, foveal::float16>) return DType::float16;
   return DType::other;
 }
 
@@ -246,6 +249,21 @@ decltype(auto) with_float_type(const char* function, const char* name, const Ten
   if (tensor.dtype() == DType::float64) return f(double{});
   if (tensor.dtype() != DType::float32)
     type_error(function, ": ", name, " must have dtype float32 or float64, got ",
+               tensor.dtype_name());
+  return f(float{});
+}
+
+// Calls f(float{}), f(double{}), f(bfloat16{}) or f(float16{}) after the tensor's dtype (the
+// element types foveal stores); other dtypes are a TypeError naming the argument.
+template <typename F>
+decltype(auto) with_storage_type(const char* function, const char* name, const Tensor& tensor,
+                                 F&& f) {
+  tensor.require_usable(function, name);
+  if (tensor.dtype() == DType::bfloat16) return f(foveal::bfloat16{});
+  if (tensor.dtype() == DType::float16) return f(foveal::float16{});
+  if (tensor.dtype() == DType::float64) return f(double{});
+  if (tensor.dtype() != DType::float32)
+    type_error(function, ": ", name, " must have dtype float32, float64, bfloat16 or float16, got ",
                tensor.dtype_name());
   return f(float{});
 }

@@ -52,14 +52,19 @@ struct KeyValueShape {
   Index dim_v;
 };
 
+// The element type of lse next to outputs of type Out (float for 16-bit storage; const if Out is).
+template <typename Out>
+using LseOf =
+    std::conditional_t<std::is_const_v<Out>, const compute_type_t<Out>, compute_type_t<Out>>;
+
 // q: [B, Hq, Lq, D] -> out: [B, Hq, Lq, Dv], lse: [B, Hq, Lq] or null, against keys and values
 // of the given shape.
 // Out is T, or const T where a backward reads the forward's out and lse (then they are not
 // outputs: no self-overlap check).
 template <typename T, typename Out = T>
 void require_queries_and_outputs(const char* function, const TensorView<const T, 4>& q,
-                                 const TensorView<Out, 4>& out, const TensorView<Out, 3>& lse,
-                                 const KeyValueShape& kv) {
+                                 const TensorView<Out, 4>& out,
+                                 const TensorView<LseOf<Out>, 3>& lse, const KeyValueShape& kv) {
   require_valid_view(function, "q", q);
   require_valid_view(function, "out", out);
   const Index batch = q.size(0), heads_q = q.size(1), len_q = q.size(2);
@@ -102,7 +107,7 @@ template <typename T, typename Out = T>
 FlashParams<T> prepare_attention(const char* function, TensorView<const T, 4> q,
                                  TensorView<const T, 4> k, TensorView<const T, 4> v,
                                  TensorView<Out, 4> out, const AttentionOptions& options,
-                                 TensorView<Out, 3> lse, TensorView<const T, 4> bias) {
+                                 TensorView<LseOf<Out>, 3> lse, TensorView<const T, 4> bias) {
   require_valid_view(function, "k", k);
   require_valid_view(function, "v", v);
   require_queries_and_outputs<T, Out>(function, q, out, lse,
@@ -152,7 +157,7 @@ FlashParams<T> prepare_attention(const char* function, TensorView<const T, 4> q,
          bias.stride(2), bias.stride(3)});
   }
   params.q_offset = options.q_offset == -1 ? len_k - len_q : options.q_offset;
-  params.scale = resolve_scale<T>(function, options, dim);
+  params.scale = resolve_scale<compute_type_t<T>>(function, options, dim);
   params.softcap = options.softcap;
   params.num_threads = resolve_num_threads(options.num_threads);
   return params;

@@ -57,6 +57,7 @@
 #include <utility>
 #include <vector>
 
+#include "detail/convert.hpp"
 #include "detail/flash_plan.hpp"
 #include "detail/isa.hpp"
 #include "detail/mask.hpp"
@@ -136,8 +137,9 @@ inline void score_micro(const T* q_t, const T* const* k_rows, Index dim, T multi
 // Scores of a few rows as dot products along D: s_t[j][r] = multiplier * sum_d k_rows[j][d] *
 // q_rows[r][d] for j < kLanes / NR, r < NR. q_rows has row stride q_stride (a multiple of kLanes,
 // zero padded past D); the kLanes (key, row) sums are reduced together by one transposing sum.
-template <typename T, int NR>
-inline void dot_score_micro(const T* q_rows, Index q_stride, const T* const* k_rows, Index dim,
+// Keys are stored as S (converted as they are loaded).
+template <typename T, int NR, typename S = T>
+inline void dot_score_micro(const T* q_rows, Index q_stride, const S* const* k_rows, Index dim,
                             T multiplier, T* s_t) {
   constexpr int L = kLanes<T>;
   constexpr int NK = L / NR;
@@ -149,14 +151,14 @@ inline void dot_score_micro(const T* q_rows, Index q_stride, const T* const* k_r
   const Index full = dim / L * L;
   FOVEAL_UNROLL
   for (int j = 0; j < NK; ++j) {
-    const T* key_row = k_rows[j];
+    const S* key_row = k_rows[j];
     for (Index d = 0; d < full; d += L) {
-      const Vec<T> key = load(key_row + d);
+      const Vec<T> key = load_as<T>(key_row + d);
       FOVEAL_UNROLL
       for (int r = 0; r < NR; ++r) acc[j * NR + r] += key * load(q_rows + r * q_stride + d);
     }
     if (full < dim) {
-      const Vec<T> key = load_partial(key_row + full, static_cast<int>(dim - full));
+      const Vec<T> key = load_partial_as<T>(key_row + full, static_cast<int>(dim - full));
       FOVEAL_UNROLL
       for (int r = 0; r < NR; ++r) acc[j * NR + r] += key * load(q_rows + r * q_stride + full);
     }
@@ -200,16 +202,16 @@ inline void compute_scores(const T* q_t, const T* const* k_rows, Index num_keys,
 
 // Scores of num_rows <= kFewRows rows (see dot_score_micro). k_rows must hold valid pointers up
 // to num_keys rounded up to kLanes; s_t rows past num_keys receive scores of those repeats.
-template <typename T>
-inline void compute_few_row_scores(const T* q_rows, Index q_stride, const T* const* k_rows,
+template <typename T, typename S>
+inline void compute_few_row_scores(const T* q_rows, Index q_stride, const S* const* k_rows,
                                    Index num_keys, Index dim, T multiplier, Index num_rows,
                                    T* s_t) {
   constexpr int L = kLanes<T>;
   const auto rows_at_a_time = [&](Index r0, auto nr) {
     constexpr int NR = decltype(nr)::value;
     for (Index j0 = 0; j0 < num_keys; j0 += L / NR)
-      dot_score_micro<T, NR>(q_rows + r0 * q_stride, q_stride, k_rows + j0, dim, multiplier,
-                             s_t + j0 * kBlockQ + r0);
+      dot_score_micro<T, NR, S>(q_rows + r0 * q_stride, q_stride, k_rows + j0, dim, multiplier,
+                                s_t + j0 * kBlockQ + r0);
     return NR;
   };
   // 4, 2 or 1 rows at a time (never more than kMaxDotRows).
@@ -234,8 +236,8 @@ inline void compute_few_row_scores(const T* q_rows, Index q_stride, const T* con
 // rounded term by term would lose accuracy in proportion to Lk.
 // Masked: a zero probability adds nothing even when the value is NaN (a masked-out key's NaN
 // must not reach the rows that do not see it; 0 * NaN would be NaN).
-template <typename T, int NR, int CV, bool Masked = false>
-inline void output_micro(const T* p_t, const T* alpha, const T* const* v_rows, Index num_keys,
+template <typename T, int NR, int CV, bool Masked = false, typename S = T>
+inline void output_micro(const T* p_t, const T* alpha, const S* const* v_rows, Index num_keys,
                          Index col0, T* acc, Index acc_stride) {
   constexpr int L = kLanes<T>;
   Vec<T> sums[NR][CV];
@@ -245,10 +247,10 @@ inline void output_micro(const T* p_t, const T* alpha, const T* const* v_rows, I
     for (int c = 0; c < CV; ++c) sums[r][c] = Vec<T>{};
   }
   for (Index j = 0; j < num_keys; ++j) {
-    const T* v_row = v_rows[j] + col0;
+    const S* v_row = v_rows[j] + col0;
     Vec<T> values[CV];
     FOVEAL_UNROLL
-    for (int c = 0; c < CV; ++c) values[c] = load(v_row + c * L);
+    for (int c = 0; c < CV; ++c) values[c] = load_as<T>(v_row + c * L);
     const T* p_row = p_t + j * kBlockQ;
     FOVEAL_UNROLL
     for (int r = 0; r < NR; ++r) {
@@ -271,18 +273,18 @@ inline void output_micro(const T* p_t, const T* alpha, const T* const* v_rows, I
 }
 
 // True when rows[j][0 .. cols) is finite for every j < count (x - x is 0 exactly for finite x).
-template <typename T>
-inline bool all_finite(const T* const* rows, Index count, Index cols) {
+template <typename T, typename S>
+inline bool all_finite(const S* const* rows, Index count, Index cols) {
   constexpr int L = kLanes<T>;
   const Index full = cols / L * L;
   Vec<T> sum{};
   for (Index j = 0; j < count; ++j) {
-    const T* row = rows[j];
+    const S* row = rows[j];
     for (Index c = 0; c < full; c += L) {
-      const Vec<T> x = load(row + c);
+      const Vec<T> x = load_as<T>(row + c);
       sum += x - x;
     }
-    for (Index c = full; c < cols; ++c) sum[0] += row[c] - row[c];
+    for (Index c = full; c < cols; ++c) sum[0] += to_compute(row[c]) - to_compute(row[c]);
   }
   for (int lane = 0; lane < L; ++lane)
     if (sum[lane] != T(0)) return false;
@@ -293,8 +295,8 @@ inline bool all_finite(const T* const* rows, Index count, Index cols) {
 // key_range(r0, r1) -> {j_begin, j_end} bounds the keys that rows [r0, r1) can see; the
 // probabilities of the others are 0 and are skipped. In a `masked` block zero probabilities
 // are skipped one by one too, so a masked-out key's NaN value never reaches a row.
-template <typename T, typename KeyRangeOfRows>
-inline void accumulate_output(const T* p_t, const T* alpha, const T* const* v_rows, Index num_rows,
+template <typename T, typename S, typename KeyRangeOfRows>
+inline void accumulate_output(const T* p_t, const T* alpha, const S* const* v_rows, Index num_rows,
                               Index dim_v, KeyRangeOfRows&& key_range, T* acc, Index acc_stride,
                               bool masked = false) {
   constexpr int L = kLanes<T>;
@@ -304,7 +306,7 @@ inline void accumulate_output(const T* p_t, const T* alpha, const T* const* v_ro
     const auto [j_begin, j_end] = key_range(r0, r0 + rows);
     const Index num_keys = std::max<Index>(j_end - j_begin, 0);
     const T* p_part = p_t + j_begin * kBlockQ + r0;
-    const T* const* v_part = v_rows + j_begin;
+    const S* const* v_part = v_rows + j_begin;
     T* acc_part = acc + r0 * acc_stride;
     for (Index c0 = 0; c0 < full_vectors; c0 += kColVectorsPerMicro) {
       const int vectors = static_cast<int>(std::min<Index>(kColVectorsPerMicro, full_vectors - c0));
@@ -312,10 +314,10 @@ inline void accumulate_output(const T* p_t, const T* alpha, const T* const* v_ro
       with_count<kRowsPerMicro>(rows, [&](auto nr) {
         with_count<kColVectorsPerMicro>(vectors, [&](auto cv) {
           if (masked) {
-            output_micro<T, decltype(nr)::value, decltype(cv)::value, true>(
+            output_micro<T, decltype(nr)::value, decltype(cv)::value, true, S>(
                 p_part, alpha + r0, v_part, num_keys, col0, acc_part, acc_stride);
           } else {
-            output_micro<T, decltype(nr)::value, decltype(cv)::value>(
+            output_micro<T, decltype(nr)::value, decltype(cv)::value, false, S>(
                 p_part, alpha + r0, v_part, num_keys, col0, acc_part, acc_stride);
           }
         });
@@ -326,7 +328,8 @@ inline void accumulate_output(const T* p_t, const T* alpha, const T* const* v_ro
       for (Index r = r0; r < r0 + rows; ++r) {
         T sum = 0;
         for (Index j = j_begin; j < j_end; ++j)
-          if (!masked || p_t[j * kBlockQ + r] != T(0)) sum += p_t[j * kBlockQ + r] * v_rows[j][col];
+          if (!masked || p_t[j * kBlockQ + r] != T(0))
+            sum += p_t[j * kBlockQ + r] * to_compute(v_rows[j][col]);
         acc[r * acc_stride + col] = acc[r * acc_stride + col] * alpha[r] + sum;
       }
     }
@@ -338,15 +341,22 @@ inline void accumulate_output(const T* p_t, const T* alpha, const T* const* v_ro
 
 template <typename T>
 struct TileScratch {
-  T* q_t;  // [D][kBlockQ]: queries, transposed (few-row tiles: [rows][D'])
-  T* s_t;  // [kBlockK][kBlockQ]: scores, then probabilities, of the current key block
-  T* acc;  // [kBlockQ][acc_stride]: unnormalized output
+  T* q_t;           // [D][kBlockQ]: queries, transposed (few-row tiles: [rows][D'])
+  T* s_t;           // [kBlockK][kBlockQ]: scores, then probabilities, of the current key block
+  T* acc;           // [kBlockQ][acc_stride]: unnormalized output
+  T* kv = nullptr;  // 16-bit storage: the key block's K rows, then its V rows, as T
 };
 
-template <typename T>
+// S is the stored element type of q, k, v, out and bias; the tile computes in T =
+// compute_type_t<S>. Few-row tiles convert K and V rows as the micro-kernels load them; larger
+// tiles convert each key block once into scratch.kv (a cost of 1 / kBlockQ of the block's
+// arithmetic) and run the float micro-kernels on it.
+template <typename S>
 class TileRunner {
+  using T = compute_type_t<S>;
+
  public:
-  TileRunner(const FlashParams<T>& params, Index acc_stride)
+  TileRunner(const FlashParams<S>& params, Index acc_stride)
       : params_(params),
         group_(params.q.size(1) / params.k.size(1)),
         dim_(params.q.size(3)),
@@ -361,7 +371,7 @@ class TileRunner {
 
   // Runs the rows of `tile` with `policy`.
   template <typename Policy>
-  void run(const Policy& policy, const Tile<T>& tile, const TileScratch<T>& scratch) const {
+  void run(const Policy& policy, const Tile<S>& tile, const TileScratch<T>& scratch) const {
     static_assert(IsVisitPolicy<Policy>::value,
                   "a visit policy needs for_each_block, sees, keys_seen and positions_seeing "
                   "(see the comment at the top of flash_engine.hpp)");
@@ -399,68 +409,113 @@ class TileRunner {
 
     const auto& k = params_.k;
     const auto& v = params_.v;
-    const T* k_base = k.data() + batch * k.stride(0) + kv_head * k.stride(1);
-    const T* v_base = v.data() + batch * v.stride(0) + kv_head * v.stride(1);
+    const S* k_base = k.data() + batch * k.stride(0) + kv_head * k.stride(1);
+    const S* v_base = v.data() + batch * v.stride(0) + kv_head * v.stride(1);
     const Index k_row_stride = k.stride(2);
     const Index v_row_stride = v.stride(2);
 
     policy.for_each_block(positions[0], positions[num_rows - 1], [&](const KeyBlock& block) {
-      const T* k_rows[kBlockK];
-      const T* v_rows[kBlockK];
+      const S* k_rows[kBlockK];
+      const S* v_rows[kBlockK];
       Index keys[kBlockK];
       for (Index j = 0; j < block.count; ++j) {
         keys[j] = block.index != nullptr ? block.index[j] : block.begin + j;
         k_rows[j] = k_base + keys[j] * k_row_stride;
         v_rows[j] = v_base + keys[j] * v_row_stride;
       }
-      const Index first_position = block.begin + block.position_offset;
-      // Inside a masked contiguous block (a causal diagonal, a band edge) whole row vectors
-      // miss some key groups and whole row groups miss some keys: the policy's bounds skip them.
-      const bool trim = block.needs_mask && block.index == nullptr;
-      const auto row_vectors_seeing = [&](Index j0, Index j1) {
-        if (!trim) return std::pair<int, int>(0, row_vectors);
-        const PositionRange seeing =
-            policy.positions_seeing(first_position + j0, first_position + j1);
-        const Index* first = positions;
-        const Index* last = positions + num_rows;
-        const Index r_begin = std::lower_bound(first, last, seeing.first) - first;
-        const Index r_end = std::upper_bound(first, last, seeing.last) - first;
-        if (r_end <= r_begin) return std::pair<int, int>(0, 0);
-        return std::pair<int, int>(static_cast<int>(r_begin / L),
-                                   static_cast<int>((r_end + L - 1) / L));
-      };
-      const auto keys_seen_by = [&](Index r0, Index r1) {
-        if (!trim) return std::pair<Index, Index>(0, block.count);
-        const KeyRange seen = policy.keys_seen(positions[r0], positions[r1 - 1]);
-        return std::pair<Index, Index>(
-            std::clamp<Index>(seen.begin - first_position, 0, block.count),
-            std::clamp<Index>(seen.end - first_position, 0, block.count));
-      };
-      if (few_rows) {
-        // The micro-kernel reads whole groups of keys: repeat the last row to fill the group.
-        const Index padded = (block.count + L - 1) / L * L;
-        std::fill(k_rows + block.count, k_rows + padded, k_rows[block.count - 1]);
-        compute_few_row_scores(scratch.q_t, query_row_stride(), k_rows, block.count, dim_,
-                               q_multiplier_, num_rows, scratch.s_t);
-      } else {
-        compute_scores(scratch.q_t, k_rows, block.count, dim_, q_multiplier_, row_vectors,
-                       row_vectors_seeing, scratch.s_t);
+      if constexpr (!std::is_same_v<S, T>) {
+        if (!few_rows) {
+          // Convert the block once; the float micro-kernels then read it.
+          const T* k_converted[kBlockK];
+          const T* v_converted[kBlockK];
+          convert_block(k_rows, v_rows, block.count, scratch.kv, k_converted, v_converted);
+          visit_block(policy, tile, scratch, block, keys, k_converted, v_converted, num_rows,
+                      row_vectors, query_index, head, positions, row_max, row_sum, alpha);
+          return;
+        }
       }
-      transform_logits(batch, block, keys, num_rows, row_vectors, query_index, head, positions,
-                       policy, scratch.s_t);
-      online_softmax(block.count, row_vectors, scratch.s_t, row_max, row_sum, alpha);
-      if constexpr (GatesKeys<Policy>::value) {
-        if (block.index != nullptr) policy.gate_probabilities(block, row_vectors, scratch.s_t);
-      }
-      // A masked-out key must not reach the rows that do not see it, but 0 * NaN (or 0 * inf)
-      // is NaN: only a masked block with a non-finite value skips zero probabilities one by
-      // one; with finite values adding 0 * v changes nothing.
-      const bool skip_zeros = block.needs_mask && !all_finite(v_rows, block.count, dim_v_);
-      accumulate_output(scratch.s_t, alpha, v_rows, num_rows, dim_v_, keys_seen_by, scratch.acc,
-                        acc_stride_, skip_zeros);
+      visit_block(policy, tile, scratch, block, keys, k_rows, v_rows, num_rows, row_vectors,
+                  query_index, head, positions, row_max, row_sum, alpha);
     });
 
     write_rows(tile, num_rows, query_index, head, row_max, row_sum, scratch.acc);
+  }
+
+  // Scores one key block against the tile's rows, updates the softmax statistics and adds the
+  // block's values to the output accumulators. Row is T or S: K and V rows as stored or
+  // converted.
+  template <typename Policy, typename Row>
+  void visit_block(const Policy& policy, const Tile<S>& tile, const TileScratch<T>& scratch,
+                   const KeyBlock& block, const Index* keys, const Row** k_rows,
+                   const Row* const* v_rows, Index num_rows, int row_vectors,
+                   const Index* query_index, const Index* head, const Index* positions, T* row_max,
+                   T* row_sum, T* alpha) const {
+    constexpr int L = kLanes<T>;
+    const Index batch = tile.batch;
+    const bool few_rows = num_rows <= kFewRows<T>;
+    const Index first_position = block.begin + block.position_offset;
+    // Inside a masked contiguous block (a causal diagonal, a band edge) whole row vectors
+    // miss some key groups and whole row groups miss some keys: the policy's bounds skip them.
+    const bool trim = block.needs_mask && block.index == nullptr;
+    const auto row_vectors_seeing = [&](Index j0, Index j1) {
+      if (!trim) return std::pair<int, int>(0, row_vectors);
+      const PositionRange seeing =
+          policy.positions_seeing(first_position + j0, first_position + j1);
+      const Index* first = positions;
+      const Index* last = positions + num_rows;
+      const Index r_begin = std::lower_bound(first, last, seeing.first) - first;
+      const Index r_end = std::upper_bound(first, last, seeing.last) - first;
+      if (r_end <= r_begin) return std::pair<int, int>(0, 0);
+      return std::pair<int, int>(static_cast<int>(r_begin / L),
+                                 static_cast<int>((r_end + L - 1) / L));
+    };
+    const auto keys_seen_by = [&](Index r0, Index r1) {
+      if (!trim) return std::pair<Index, Index>(0, block.count);
+      const KeyRange seen = policy.keys_seen(positions[r0], positions[r1 - 1]);
+      return std::pair<Index, Index>(std::clamp<Index>(seen.begin - first_position, 0, block.count),
+                                     std::clamp<Index>(seen.end - first_position, 0, block.count));
+    };
+    if (few_rows) {
+      // The micro-kernel reads whole groups of keys: repeat the last row to fill the group.
+      const Index padded = (block.count + L - 1) / L * L;
+      std::fill(k_rows + block.count, k_rows + padded, k_rows[block.count - 1]);
+      compute_few_row_scores(scratch.q_t, query_row_stride(), k_rows, block.count, dim_,
+                             q_multiplier_, num_rows, scratch.s_t);
+    } else if constexpr (std::is_same_v<Row, T>) {  // stored rows reach here converted
+      compute_scores(scratch.q_t, k_rows, block.count, dim_, q_multiplier_, row_vectors,
+                     row_vectors_seeing, scratch.s_t);
+    }
+    transform_logits(batch, block, keys, num_rows, row_vectors, query_index, head, positions,
+                     policy, scratch.s_t);
+    online_softmax(block.count, row_vectors, scratch.s_t, row_max, row_sum, alpha);
+    if constexpr (GatesKeys<Policy>::value) {
+      if (block.index != nullptr) policy.gate_probabilities(block, row_vectors, scratch.s_t);
+    }
+    // A masked-out key must not reach the rows that do not see it, but 0 * NaN (or 0 * inf)
+    // is NaN: only a masked block with a non-finite value skips zero probabilities one by
+    // one; with finite values adding 0 * v changes nothing.
+    const bool skip_zeros = block.needs_mask && !all_finite<T>(v_rows, block.count, dim_v_);
+    accumulate_output(scratch.s_t, alpha, v_rows, num_rows, dim_v_, keys_seen_by, scratch.acc,
+                      acc_stride_, skip_zeros);
+  }
+
+  // The K rows of a block converted to T in kv[0 .. count * D'), then its V rows after them
+  // (D' and Dv' rounded up to whole vectors).
+  void convert_block(const S* const* k_rows, const S* const* v_rows, Index count, T* kv,
+                     const T** k_converted, const T** v_converted) const {
+    const Index k_stride = round_up_to_lanes(dim_);
+    const Index v_stride = round_up_to_lanes(dim_v_);
+    T* v_base = kv + kBlockK * k_stride;
+    for (Index j = 0; j < count; ++j) {
+      convert_row(k_rows[j], dim_, kv + j * k_stride);
+      convert_row(v_rows[j], dim_v_, v_base + j * v_stride);
+      k_converted[j] = kv + j * k_stride;
+      v_converted[j] = v_base + j * v_stride;
+    }
+  }
+
+  static Index round_up_to_lanes(Index count) {
+    return (count + kLanes<T> - 1) / kLanes<T> * kLanes<T>;
   }
 
   // The pieces of run() that the backward (src/detail/flash_backward.hpp) shares.
@@ -481,10 +536,10 @@ class TileRunner {
     const auto& q = params_.q;
     const Index stride = query_row_stride();
     for (Index r = 0; r < num_rows; ++r) {
-      const T* q_row =
+      const S* q_row =
           q.data() + batch * q.stride(0) + head[r] * q.stride(1) + query_index[r] * q.stride(2);
       T* packed = q_rows + r * stride;
-      std::copy_n(q_row, dim_, packed);
+      for (Index d = 0; d < dim_; ++d) packed[d] = to_compute(q_row[d]);
       std::fill(packed + dim_, packed + stride, T(0));
     }
   }
@@ -494,9 +549,9 @@ class TileRunner {
                     T* q_t) const {
     const auto& q = params_.q;
     for (Index r = 0; r < num_rows; ++r) {
-      const T* q_row =
+      const S* q_row =
           q.data() + batch * q.stride(0) + head[r] * q.stride(1) + query_index[r] * q.stride(2);
-      for (Index d = 0; d < dim_; ++d) q_t[d * kBlockQ + r] = q_row[d];
+      for (Index d = 0; d < dim_; ++d) q_t[d * kBlockQ + r] = to_compute(q_row[d]);
     }
     for (Index d = 0; d < dim_; ++d)
       std::fill(q_t + d * kBlockQ + num_rows, q_t + (d + 1) * kBlockQ, T(0));
@@ -528,10 +583,10 @@ class TileRunner {
       const auto& bias = params_.bias;
       const T log2e = static_cast<T>(kLog2E);
       for (Index r = 0; r < num_rows; ++r) {
-        const T* bias_row = bias.data() + batch * bias.stride(0) + head[r] * bias.stride(1) +
+        const S* bias_row = bias.data() + batch * bias.stride(0) + head[r] * bias.stride(1) +
                             query_index[r] * bias.stride(2);
         for (Index j = 0; j < block.count; ++j)
-          s_t[j * kBlockQ + r] += bias_row[keys[j] * bias.stride(3)] * log2e;
+          s_t[j * kBlockQ + r] += to_compute(bias_row[keys[j] * bias.stride(3)]) * log2e;
       }
     }
     if constexpr (kGathered) {
@@ -595,18 +650,22 @@ class TileRunner {
 
   // out = acc / row_sum (0 for rows that saw no key); lse = ln 2 * (max + log2 sum). A NaN
   // sum (a NaN in q or in a seen key) gives NaN out and lse: NaN in, NaN out.
-  void write_rows(const Tile<T>& tile, Index num_rows, const Index* query_index, const Index* head,
+  // A tile with a state writes its rows there, in T, instead of to out.
+  void write_rows(const Tile<S>& tile, Index num_rows, const Index* query_index, const Index* head,
                   const T* row_max, const T* row_sum, const T* acc) const {
     const Index batch = tile.batch;
-    const auto& out = tile.out;
     const auto& lse = tile.lse;
     for (Index r = 0; r < num_rows; ++r) {
       const bool saw_keys = !(row_sum[r] <= T(0));  // NaN counts as seen
       const T inverse = saw_keys ? T(1) / row_sum[r] : T(0);
-      T* out_row = out.data() + batch * out.stride(0) + head[r] * out.stride(1) +
-                   query_index[r] * out.stride(2);
       const T* acc_row = acc + r * acc_stride_;
-      for (Index d = 0; d < dim_v_; ++d) out_row[d] = acc_row[d] * inverse;
+      if (tile.state.data() != nullptr) {
+        T* state_row = tile.state.address(batch, head[r], query_index[r], 0);
+        for (Index d = 0; d < dim_v_; ++d) state_row[d] = acc_row[d] * inverse;
+      } else {
+        S* out_row = tile.out.address(batch, head[r], query_index[r], 0);
+        for (Index d = 0; d < dim_v_; ++d) out_row[d] = from_compute<S>(acc_row[d] * inverse);
+      }
       if (lse.data() != nullptr) {
         lse(batch, head[r], query_index[r]) =
             saw_keys ? static_cast<T>(kLn2 * (static_cast<double>(row_max[r]) +
@@ -616,7 +675,7 @@ class TileRunner {
     }
   }
 
-  const FlashParams<T>& params_;
+  const FlashParams<S>& params_;
   Index group_;
   Index dim_;
   Index dim_v_;
@@ -626,15 +685,17 @@ class TileRunner {
 };
 
 // Per-thread scratch of TileRunner::run for tiles of queries of dimension D and values of
-// dimension Dv, allocated once per call; each part is a whole number of 64-byte lines.
+// dimension Dv, allocated once per call; each part is a whole number of 64-byte lines. With
+// `convert_kv` (16-bit storage) it holds a converted key block too.
 template <typename T>
 class TileWorkspace {
  public:
-  TileWorkspace(Index dim, Index dim_v, int num_threads)
+  TileWorkspace(Index dim, Index dim_v, int num_threads, bool convert_kv = false)
       : acc_stride_((dim_v + kLanes<T> - 1) / kLanes<T> * kLanes<T>),
         q_t_size_(round_up(std::max(dim * kBlockQ, kFewRows<T> * round_up_lanes(dim)))),
         s_t_size_(round_up(kBlockK * kBlockQ)),
         acc_size_(round_up(kBlockQ * acc_stride_)),
+        kv_size_(convert_kv ? round_up(kBlockK * (round_up_lanes(dim) + acc_stride_)) : 0),
         memory_(allocate_aligned<T>(
             static_cast<std::size_t>(per_thread() * std::max(num_threads, 1)))) {}
 
@@ -643,7 +704,8 @@ class TileWorkspace {
   // The scratch of the calling thread inside a parallel_for body.
   TileScratch<T> for_this_thread() const {
     T* base = memory_.get() + per_thread() * thread_index();
-    return {base, base + q_t_size_, base + q_t_size_ + s_t_size_};
+    T* kv = base + q_t_size_ + s_t_size_ + acc_size_;
+    return {base, base + q_t_size_, base + q_t_size_ + s_t_size_, kv_size_ > 0 ? kv : nullptr};
   }
 
  private:
@@ -654,12 +716,13 @@ class TileWorkspace {
   static Index round_up_lanes(Index count) {
     return (count + kLanes<T> - 1) / kLanes<T> * kLanes<T>;
   }
-  Index per_thread() const { return q_t_size_ + s_t_size_ + acc_size_; }
+  Index per_thread() const { return q_t_size_ + s_t_size_ + acc_size_ + kv_size_; }
 
   Index acc_stride_;
   Index q_t_size_;
   Index s_t_size_;
   Index acc_size_;
+  Index kv_size_;
   AlignedArray<T> memory_;
 };
 
@@ -668,14 +731,16 @@ class TileWorkspace {
 // thread, allocated once. plan(task, PolicyScratch&) returns the task's PlannedTile; a policy
 // may keep what it builds in the scratch it is given, which is its thread's alone while the
 // task runs. Which thread runs a task never changes what the task computes.
-template <typename T, typename Plan, typename PolicyScratch = NoPolicyScratch>
-void run_engine(const FlashParams<T>& params, Index num_tasks, Plan&& plan,
+template <typename S, typename Plan, typename PolicyScratch = NoPolicyScratch>
+void run_engine(const FlashParams<S>& params, Index num_tasks, Plan&& plan,
                 const PolicyScratch& policy_scratch = {}) {
+  using T = compute_type_t<S>;
   if (num_tasks <= 0) return;
   const int num_threads = team_size(num_tasks, params.num_threads);
-  const TileWorkspace<T> workspace(params.q.size(3), params.v.size(3), num_threads);
+  const TileWorkspace<T> workspace(params.q.size(3), params.v.size(3), num_threads,
+                                   !std::is_same_v<S, T>);
   std::vector<PolicyScratch> scratch(static_cast<std::size_t>(num_threads), policy_scratch);
-  const TileRunner<T> runner(params, workspace.acc_stride());
+  const TileRunner<S> runner(params, workspace.acc_stride());
   parallel_for(num_tasks, num_threads, [&](Index task) {
     const auto planned = plan(task, scratch[static_cast<std::size_t>(thread_index())]);
     runner.run(planned.policy, planned.tile, workspace.for_this_thread());

@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "detail/mask.hpp"
+#include "foveal/core/dtype.hpp"
 #include "foveal/core/tensor.hpp"
 
 namespace foveal::detail {
@@ -21,11 +22,12 @@ inline constexpr Index kBlockK = 128;  // keys per block
 // Everything the engine needs, validated by the entry point before the engine runs.
 // q: [B, Hq, Lq, D]  k: [B, Hkv, Lk, D]  v: [B, Hkv, Lk, Dv]  out: [B, Hq, Lq, Dv]
 // lse: [B, Hq, Lq] or null; bias: [B, Hq, Lq, Lk] (broadcast dims have stride 0) or null.
+// T is the stored element type; lse is in its compute type (float for bfloat16 and float16).
 template <typename T>
 struct FlashParams {
   TensorView<const T, 4> q, k, v;
   TensorView<T, 4> out;
-  TensorView<T, 3> lse;
+  TensorView<compute_type_t<T>, 3> lse;
   TensorView<const T, 4> bias;
   Index q_offset = 0;  // position of query 0
   double scale = 1;    // applied to q.k
@@ -38,7 +40,8 @@ struct FlashParams {
 
 // One engine task: the flat rows [flat_begin, flat_begin + kBlockQ) of (batch, kv_head), a flat
 // row being position * group + head_in_group, with query 0 at position q_offset; the rows are
-// written to out and lse (the call's outputs, or the scratch state of a split-KV chunk).
+// written to out and lse (the call's outputs), or to state and lse (the scratch state of a
+// split-KV chunk, kept in the compute type) when state is set.
 template <typename T>
 struct Tile {
   Index batch = 0;
@@ -46,13 +49,14 @@ struct Tile {
   Index flat_begin = 0;
   Index q_offset = 0;
   TensorView<T, 4> out;
-  TensorView<T, 3> lse;
+  TensorView<compute_type_t<T>, 3> lse;
+  TensorView<compute_type_t<T>, 4> state;
 };
 
 // The tile of the call's own outputs and query positions.
 template <typename T>
 Tile<T> tile_of(const FlashParams<T>& params, Index batch, Index kv_head, Index flat_begin) {
-  return {batch, kv_head, flat_begin, params.q_offset, params.out, params.lse};
+  return {batch, kv_head, flat_begin, params.q_offset, params.out, params.lse, {}};
 }
 
 // A block of keys to visit: the K/V rows [begin, begin + count), or index[0..count) when index

@@ -227,9 +227,23 @@ struct Kernels {
 #undef FOVEAL_KERNEL_POINTER
 };
 
+// The kernels that also take 16-bit storage (bfloat16, float16), computing in float.
+#define FOVEAL_HALF_KERNELS(X)                                  \
+  X(band_attention, (const FlashParams<T>&, const BandPolicy&)) \
+  X(decode_attention, (const DecodePlan<T>&))
+
+template <typename T>
+struct HalfKernels {
+#define FOVEAL_KERNEL_POINTER(name, parameters) void(*name) parameters;
+  FOVEAL_HALF_KERNELS(FOVEAL_KERNEL_POINTER)
+#undef FOVEAL_KERNEL_POINTER
+};
+
 struct KernelTable {
   Kernels<float> f32;
   Kernels<double> f64;
+  HalfKernels<bfloat16> bf16;
+  HalfKernels<float16> f16;
 };
 
 // The table of the level in use, chosen at the first call (FOVEAL_ISA or the best level the CPU
@@ -237,11 +251,16 @@ struct KernelTable {
 const KernelTable& kernel_table();
 
 template <typename T>
-const Kernels<T>& kernels() {
+const auto& kernels() {
   if constexpr (std::is_same_v<T, float>) {
     return kernel_table().f32;
-  } else {
+  } else if constexpr (std::is_same_v<T, double>) {
     return kernel_table().f64;
+  } else if constexpr (std::is_same_v<T, bfloat16>) {
+    return kernel_table().bf16;
+  } else {
+    static_assert(std::is_same_v<T, float16>, "foveal stores float, double, bfloat16, float16");
+    return kernel_table().f16;
   }
 }
 

@@ -5,7 +5,9 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
+#include "detail/convert.hpp"
 #include "detail/isa.hpp"
 #include "detail/simd.hpp"
 #include "foveal/core/tensor.hpp"
@@ -20,23 +22,23 @@ inline namespace FOVEAL_LEVEL {
 // or v) gives out = NaN, lse = NaN: NaN in, NaN out, as in one pass of attention over all the
 // keys (std::max alone would drop it). `out` may be one of outs (each element is
 // written after every state's element is read). `weights` is scratch for count values; lse may
-// be null.
-template <typename T>
+// be null. out is T or a storage type S of T (rounded as it is written).
+template <typename T, typename S = T>
 void merge_state_row(Index count, const T* const* outs, const T* lses, Index dim_v, T* weights,
-                     T* out, T* lse) {
+                     S* out, T* lse) {
   constexpr int L = kLanes<T>;
   const T negative_infinity = -std::numeric_limits<T>::infinity();
   T max = negative_infinity;
   for (Index c = 0; c < count; ++c) {
     if (std::isnan(lses[c])) {
-      std::fill(out, out + dim_v, std::numeric_limits<T>::quiet_NaN());
+      std::fill(out, out + dim_v, from_compute<S>(std::numeric_limits<T>::quiet_NaN()));
       if (lse != nullptr) *lse = std::numeric_limits<T>::quiet_NaN();
       return;
     }
     max = std::max(max, lses[c]);
   }
   if (max == negative_infinity) {
-    std::fill(out, out + dim_v, T(0));
+    std::fill(out, out + dim_v, from_compute<S>(T(0)));
     if (lse != nullptr) *lse = negative_infinity;
     return;
   }
@@ -51,12 +53,16 @@ void merge_state_row(Index count, const T* const* outs, const T* lses, Index dim
   for (; d + L <= dim_v; d += L) {
     Vec<T> sum{};
     for (Index c = 0; c < count; ++c) sum += splat(weights[c]) * load(outs[c] + d);
-    store(out + d, sum);
+    if constexpr (std::is_same_v<S, T>) {
+      store(out + d, sum);
+    } else {
+      for (int lane = 0; lane < L; ++lane) out[d + lane] = from_compute<S>(sum[lane]);
+    }
   }
   for (; d < dim_v; ++d) {
     T sum = 0;
     for (Index c = 0; c < count; ++c) sum += weights[c] * outs[c][d];
-    out[d] = sum;
+    out[d] = from_compute<S>(sum);
   }
   if (lse != nullptr) *lse = max + std::log(total);
 }

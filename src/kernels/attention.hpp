@@ -56,11 +56,13 @@ class DecodeChunkPolicy : public RulePolicy<Visibility> {
   KeyRange chunk_;
 };
 
-template <typename T>
-void decode_attention(const DecodePlan<T>& plan) {
-  const FlashParams<T>& params = plan.params;
-  const KVCache<T>& cache = *plan.cache;
-  const TensorView<T, 4> out = params.out;
+// S: the stored type of q, the cache and out; states and lse are in T = compute_type_t<S>.
+template <typename S>
+void decode_attention(const DecodePlan<S>& plan) {
+  using T = compute_type_t<S>;
+  const FlashParams<S>& params = plan.params;
+  const KVCache<S>& cache = *plan.cache;
+  const TensorView<S, 4> out = params.out;
   const TensorView<T, 3> lse = params.lse;
   const Index batch = params.q.size(0), heads_q = params.q.size(1), len_q = params.q.size(2);
   const Index heads_kv = params.k.size(1), group = heads_q / heads_kv;
@@ -81,11 +83,11 @@ void decode_attention(const DecodePlan<T>& plan) {
   run_engine(params, grid.num_tasks(), [&](Index task, NoPolicyScratch&) {
     const TileGrid::Cell cell = grid.cell(task);
     const DecodeChunk& chunk = plan.chunks[static_cast<std::size_t>(cell.outer)];
-    Tile<T> tile = tile_of(params, chunk.sequence, cell.kv_head, cell.flat_begin);
+    Tile<S> tile = tile_of(params, chunk.sequence, cell.kv_head, cell.flat_begin);
     tile.q_offset = cache.length(chunk.sequence) - len_q;
     if (plan.split) {
-      tile.out = TensorView<T, 4>(partial_out.get() + cell.outer * state_size,
-                                  {batch, heads_q, len_q, dim_v}, {0, len_q * dim_v, dim_v, 1});
+      tile.state = TensorView<T, 4>(partial_out.get() + cell.outer * state_size,
+                                    {batch, heads_q, len_q, dim_v}, {0, len_q * dim_v, dim_v, 1});
       tile.lse = TensorView<T, 3>(partial_lse.get() + cell.outer * lse_size,
                                   {batch, heads_q, len_q}, {0, len_q, 1});
     }
@@ -119,9 +121,9 @@ void decode_attention(const DecodePlan<T>& plan) {
         state_rows[scratch + c] = partial_out.get() + (first + c) * state_size + row * dim_v;
         state_lse[scratch + c] = partial_lse[(first + c) * lse_size + row];
       }
-      merge_state_row<T>(count, state_rows.data() + scratch, state_lse.data() + scratch, dim_v,
-                         weights.data() + scratch, out.address(b, h, i, 0),
-                         lse.is_null() ? nullptr : lse.address(b, h, i));
+      merge_state_row<T, S>(count, state_rows.data() + scratch, state_lse.data() + scratch, dim_v,
+                            weights.data() + scratch, out.address(b, h, i, 0),
+                            lse.is_null() ? nullptr : lse.address(b, h, i));
     }
   });
 }
@@ -183,8 +185,9 @@ void paged_attention(const PagedPlan<T>& plan) {
       const Index local = task - chunk.first_task;
       // Late tiles first: under a causal mask they see the most keys.
       const Index tile_index = tiles - 1 - local % tiles;
-      const Tile<T> tile{chunk.entry,    local / tiles, tile_index * kBlockQ,
-                         chunk.q_offset, chunk.out,     chunk.lse};
+      const Tile<T> tile{
+          chunk.entry, local / tiles, tile_index * kBlockQ, chunk.q_offset, chunk.out, chunk.lse,
+          {}};
       const auto table = static_cast<std::size_t>(chunk.table);
       return plan_tile(PagedChunkPolicy(plan.visibility[table], plan.tables[table], plan.page_size,
                                         plan.page_rows, chunk.positions),

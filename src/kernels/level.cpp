@@ -22,9 +22,18 @@ constexpr Kernels<T> level_kernels() {
 #undef FOVEAL_KERNEL_ADDRESS
 }
 
+template <typename T>
+constexpr HalfKernels<T> level_half_kernels() {
+#define FOVEAL_KERNEL_ADDRESS(name, parameters) &name<T>,
+  return {FOVEAL_HALF_KERNELS(FOVEAL_KERNEL_ADDRESS)};
+#undef FOVEAL_KERNEL_ADDRESS
+}
+
 }  // namespace FOVEAL_LEVEL
 }  // namespace foveal::detail
 
 extern const foveal::detail::KernelTable FOVEAL_CONCAT(foveal_kernels_, FOVEAL_LEVEL) = {
-    foveal::detail::level_kernels<float>(), foveal::detail::level_kernels<double>()};
+    foveal::detail::level_kernels<float>(), foveal::detail::level_kernels<double>(),
+    foveal::detail::level_half_kernels<foveal::bfloat16>(),
+    foveal::detail::level_half_kernels<foveal::float16>()};
 FOVEAL_LEVEL_POP

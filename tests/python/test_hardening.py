@@ -475,13 +475,21 @@ def test_sparsek_cache_propagates_nan(where):
 # 7. Messages.
 
 
-def test_bfloat16_tensors_get_a_type_error_naming_the_dtypes_foveal_takes(torch):
-    q = torch.ones((1, 1, 4, 8), dtype=torch.bfloat16)
+def test_bfloat16_tensors_get_a_type_error_naming_the_dtypes_an_op_takes(torch):
+    # attention takes 16-bit storage (test_half_precision.py); merge_states' states are float.
+    out = torch.ones((1, 1, 4, 8), dtype=torch.bfloat16)
+    lse = torch.zeros((1, 1, 4), dtype=torch.float32)
     with pytest.raises(
         TypeError,
-        match=r"foveal: attention: q must have dtype float32 or float64, got bfloat16",
+        match=r"foveal: merge_states: out_a must have dtype float32 or float64, got bfloat16",
     ):
-        foveal.attention(q, q, q)
+        foveal.merge_states(out, lse, out, lse)
+    with pytest.raises(
+        TypeError,
+        match=r"foveal: attention: q must have dtype float32, float64, bfloat16 or float16, "
+        r"got int8",
+    ):
+        foveal.attention(*(torch.ones((1, 1, 4, 8), dtype=torch.int8),) * 3)
 
 
 def test_integers_outside_int64_get_a_value_error_naming_the_argument():

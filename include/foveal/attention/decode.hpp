@@ -3,6 +3,7 @@
 
 #include "foveal/attention/kv_cache.hpp"
 #include "foveal/attention/options.hpp"
+#include "foveal/core/dtype.hpp"
 #include "foveal/core/tensor.hpp"
 
 namespace foveal {
@@ -29,5 +30,12 @@ void decode_attention(TensorView<const float, 4> q, const KVCache<float>& cache,
 void decode_attention(TensorView<const double, 4> q, const KVCache<double>& cache,
                       const AttentionOptions& options, TensorView<double, 4> out,
                       TensorView<double, 3> lse = {});
+// A cache of 16-bit storage: q and out of the same type, computed in float, lse float.
+void decode_attention(TensorView<const bfloat16, 4> q, const KVCache<bfloat16>& cache,
+                      const AttentionOptions& options, TensorView<bfloat16, 4> out,
+                      TensorView<float, 3> lse = {});
+void decode_attention(TensorView<const float16, 4> q, const KVCache<float16>& cache,
+                      const AttentionOptions& options, TensorView<float16, 4> out,
+                      TensorView<float, 3> lse = {});
 
 }  // namespace foveal

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "foveal/attention/options.hpp"
+#include "foveal/core/dtype.hpp"
 #include "foveal/core/tensor.hpp"
 
 namespace foveal {
@@ -23,5 +24,14 @@ void attention(TensorView<const double, 4> q, TensorView<const double, 4> k,
                TensorView<const double, 4> v, TensorView<double, 4> out,
                const AttentionOptions& options = {}, TensorView<double, 3> lse = {},
                TensorView<const double, 4> bias = {});
+// 16-bit storage: computed in float, out rounded to the storage type; lse stays float.
+void attention(TensorView<const bfloat16, 4> q, TensorView<const bfloat16, 4> k,
+               TensorView<const bfloat16, 4> v, TensorView<bfloat16, 4> out,
+               const AttentionOptions& options = {}, TensorView<float, 3> lse = {},
+               TensorView<const bfloat16, 4> bias = {});
+void attention(TensorView<const float16, 4> q, TensorView<const float16, 4> k,
+               TensorView<const float16, 4> v, TensorView<float16, 4> out,
+               const AttentionOptions& options = {}, TensorView<float, 3> lse = {},
+               TensorView<const float16, 4> bias = {});
 
 }  // namespace foveal

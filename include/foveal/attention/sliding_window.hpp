@@ -2,6 +2,7 @@
 #pragma once
 
 #include "foveal/attention/options.hpp"
+#include "foveal/core/dtype.hpp"
 #include "foveal/core/tensor.hpp"
 
 namespace foveal {
@@ -22,6 +23,13 @@ void sliding_window_attention(TensorView<const float, 4> q, TensorView<const flo
 void sliding_window_attention(TensorView<const double, 4> q, TensorView<const double, 4> k,
                               TensorView<const double, 4> v, TensorView<double, 4> out,
                               const AttentionOptions& options, TensorView<double, 3> lse = {});
+// 16-bit storage: computed in float, out rounded to the storage type; lse stays float.
+void sliding_window_attention(TensorView<const bfloat16, 4> q, TensorView<const bfloat16, 4> k,
+                              TensorView<const bfloat16, 4> v, TensorView<bfloat16, 4> out,
+                              const AttentionOptions& options, TensorView<float, 3> lse = {});
+void sliding_window_attention(TensorView<const float16, 4> q, TensorView<const float16, 4> k,
+                              TensorView<const float16, 4> v, TensorView<float16, 4> out,
+                              const AttentionOptions& options, TensorView<float, 3> lse = {});
 
 namespace detail {
 

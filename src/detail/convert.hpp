@@ -1,0 +1,124 @@
+// src/detail/convert.hpp (private) — loads of stored elements (float, double, bfloat16,
+// float16) as vectors of their compute type, and the conversions back.
+//
+// bfloat16 widens by a shift (the 16 high bits of a float); float16 uses F16C's vcvtph2ps where
+// the level has it (AVX2 and up) and a scalar conversion otherwise.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#include "detail/isa.hpp"
+#include "detail/simd.hpp"
+#include "foveal/core/dtype.hpp"
+
+// F16C's conversions: every level of 32 bytes and up lists f16c among its target features; a
+// native build has them when the compiler says so.
+#if (defined(__x86_64__) || defined(__i386__)) && FOVEAL_SIMD_BYTES >= 32 && \
+    ((defined(FOVEAL_LEVEL_VECTOR_BYTES) && FOVEAL_LEVEL_VECTOR_BYTES > 0) || defined(__F16C__))
+#define FOVEAL_HAS_F16C 1
+#else
+#define FOVEAL_HAS_F16C 0
+#endif
+
+FOVEAL_LEVEL_PUSH
+namespace foveal::detail {
+inline namespace FOVEAL_LEVEL {
+
+// A stored element as its compute type.
+template <typename T>
+inline T to_compute(T x) {
+  return x;
+}
+inline float to_compute(bfloat16 x) { return to_float(x); }
+inline float to_compute(float16 x) { return to_float(x); }
+
+// A computed value rounded to the storage type S.
+template <typename S, typename T>
+inline S from_compute(T x) {
+  if constexpr (std::is_same_v<S, bfloat16>) {
+    return to_bfloat16(x);
+  } else if constexpr (std::is_same_v<S, float16>) {
+    return to_float16(x);
+  } else {
+    return static_cast<S>(x);
+  }
+}
+
+namespace convert_detail {
+
+typedef std::uint16_t HalfBits __attribute__((vector_size(kVectorBytes / 2)));
+typedef std::uint32_t WordBits __attribute__((vector_size(kVectorBytes)));
+
+inline Vec<float> widen_bfloat16(const HalfBits& half) {
+  const WordBits words = __builtin_convertvector(half, WordBits) << 16;
+  Vec<float> vector;
+  std::memcpy(&vector, &words, sizeof(vector));
+  return vector;
+}
+
+inline Vec<float> widen_float16(const std::uint16_t* source) {
+#if FOVEAL_HAS_F16C && FOVEAL_SIMD_BYTES == 64
+  // The masked form: GCC 12's unmasked _mm512_cvtph_ps reads an undefined register (a
+  // -Wmaybe-uninitialized warning); with every lane selected it is the same instruction.
+  return reinterpret_cast<Vec<float>>(
+      _mm512_maskz_cvtph_ps(static_cast<__mmask16>(0xffff),
+                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(source))));
+#elif FOVEAL_HAS_F16C && FOVEAL_SIMD_BYTES == 32
+  return reinterpret_cast<Vec<float>>(
+      _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(source))));
+#else
+  Vec<float> vector;
+  for (int lane = 0; lane < kLanes<float>; ++lane) vector[lane] = to_float(float16{source[lane]});
+  return vector;
+#endif
+}
+
+}  // namespace convert_detail
+
+// kLanes<T> elements from any address, as a vector of T = compute_type_t<S>.
+template <typename T, typename S>
+inline Vec<T> load_as(const S* source) {
+  if constexpr (std::is_same_v<S, T>) {
+    return load(source);
+  } else if constexpr (std::is_same_v<S, bfloat16>) {
+    convert_detail::HalfBits half;
+    std::memcpy(&half, source, sizeof(half));
+    return convert_detail::widen_bfloat16(half);
+  } else {
+    static_assert(std::is_same_v<S, float16>, "a stored type of foveal");
+    std::uint16_t bits[kLanes<float>];
+    std::memcpy(bits, source, sizeof(bits));
+    return convert_detail::widen_float16(bits);
+  }
+}
+
+// The first `count` (< kLanes<T>) elements from `source`; the other lanes are 0.
+template <typename T, typename S>
+inline Vec<T> load_partial_as(const S* source, int count) {
+  if constexpr (std::is_same_v<S, T>) {
+    return load_partial(source, count);
+  } else {
+    S padded[kLanes<T>] = {};
+    std::memcpy(padded, source, sizeof(S) * static_cast<std::size_t>(count));
+    return load_as<T>(padded);
+  }
+}
+
+// to[0 .. count) = from[0 .. count) as T.
+template <typename T, typename S>
+inline void convert_row(const S* from, Index count, T* to) {
+  constexpr int L = kLanes<T>;
+  Index i = 0;
+  for (; i + L <= count; i += L) store(to + i, load_as<T>(from + i));
+  for (; i < count; ++i) to[i] = to_compute(from[i]);
+}
+
+}  // namespace FOVEAL_LEVEL
+}  // namespace foveal::detail
+FOVEAL_LEVEL_POP

@@ -1,0 +1,355 @@
+// tests/cpp/test_half_precision.cpp — bfloat16 and float16 storage: the conversions, and
+// attention, sliding_window_attention and decode_attention on 16-bit q, k, v, out and caches.
+//
+// The kernels compute in float on the stored values and round only what they write, so a
+// 16-bit call must give exactly the float call's results on the same (16-bit representable)
+// inputs, out rounded to the storage type and lse unchanged, bit for bit: that is checked over
+// random shapes, options and layouts, for the many-row tiles (which convert a key block at a
+// time) and the few-row tiles of decode (which convert as they load). The float64 reference
+// bounds the total error.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "attention_cases.hpp"
+#include "foveal/attention/decode.hpp"
+#include "foveal/attention/dense.hpp"
+#include "foveal/attention/kv_cache.hpp"
+#include "foveal/attention/sliding_window.hpp"
+#include "foveal/core/dtype.hpp"
+#include "harness.hpp"
+
+namespace foveal::test {
+namespace {
+
+template <typename H>
+double widen(H x) {
+  return static_cast<double>(to_float(x));
+}
+
+template <typename H>
+H narrow(double x) {
+  if constexpr (std::is_same_v<H, bfloat16>) {
+    return to_bfloat16(static_cast<float>(x));
+  } else {
+    return to_float16(static_cast<float>(x));
+  }
+}
+
+template <typename H>
+std::uint16_t bits_of(double x) {
+  return narrow<H>(x).bits;
+}
+
+using HalfTypes = ::testing::Types<bfloat16, float16>;
+struct HalfTypeNames {
+  template <typename H>
+  static std::string GetName(int) {
+    return std::is_same_v<H, bfloat16> ? "bfloat16" : "float16";
+  }
+};
+
+template <typename H>
+class HalfPrecision : public ::testing::Test {};
+TYPED_TEST_SUITE(HalfPrecision, HalfTypes, HalfTypeNames);
+
+bool is_nan_bits(bfloat16 x) { return (x.bits & 0x7f80) == 0x7f80 && (x.bits & 0x7f) != 0; }
+bool is_nan_bits(float16 x) { return (x.bits & 0x7c00) == 0x7c00 && (x.bits & 0x3ff) != 0; }
+
+// Every 16-bit pattern survives a round trip through float; the midpoint between two
+// neighbours rounds to the even one, and the floats just beside it to the nearer one.
+TYPED_TEST(HalfPrecision, ConversionsRoundToNearestEven) {
+  using H = TypeParam;
+  for (std::uint32_t bits = 0; bits <= 0xffff; ++bits) {
+    const H x{static_cast<std::uint16_t>(bits)};
+    const float wide = to_float(x);
+    if (is_nan_bits(x)) {
+      ASSERT_TRUE(std::isnan(wide)) << bits;
+      ASSERT_TRUE(is_nan_bits(narrow<H>(wide))) << bits;
+      continue;
+    }
+    ASSERT_EQ(narrow<H>(wide).bits, bits) << "round trip of " << wide;
+  }
+  // Neighbours a < b among the positive finite values (pattern order is value order).
+  const std::uint32_t infinity = std::is_same_v<H, bfloat16> ? 0x7f80 : 0x7c00;
+  for (std::uint32_t bits = 0; bits + 1 < infinity; ++bits) {
+    const float a = to_float(H{static_cast<std::uint16_t>(bits)});
+    const float b = to_float(H{static_cast<std::uint16_t>(bits + 1)});
+    const float middle = static_cast<float>((static_cast<double>(a) + b) / 2);
+    ASSERT_EQ(static_cast<double>(middle), (static_cast<double>(a) + b) / 2) << "exact midpoint";
+    const std::uint32_t even = (bits % 2 == 0) ? bits : bits + 1;
+    ASSERT_EQ(narrow<H>(middle).bits, even) << "tie between " << a << " and " << b;
+    ASSERT_EQ(narrow<H>(std::nextafter(middle, 0.0f)).bits, bits) << a;
+    ASSERT_EQ(narrow<H>(std::nextafter(middle, std::numeric_limits<float>::infinity())).bits,
+              bits + 1)
+        << b;
+    ASSERT_EQ(narrow<H>(-middle).bits, even | 0x8000u) << "sign of " << -middle;
+  }
+  // Past the largest finite value: infinity from the midpoint to it on.
+  const float largest = to_float(H{static_cast<std::uint16_t>(infinity - 1)});
+  EXPECT_EQ(narrow<H>(std::numeric_limits<float>::infinity()).bits, infinity);
+  EXPECT_EQ(narrow<H>(-std::numeric_limits<float>::infinity()).bits, infinity | 0x8000u);
+  EXPECT_EQ(narrow<H>(largest).bits, infinity - 1);
+  EXPECT_TRUE(is_nan_bits(narrow<H>(std::numeric_limits<float>::quiet_NaN())));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention: a 16-bit call equals the float call on the same values, out rounded.
+
+// Values rounded to H (so the float call sees the same numbers).
+template <typename H>
+std::vector<double> representable(std::vector<double> values) {
+  for (double& value : values) value = widen(narrow<H>(value));
+  return values;
+}
+
+template <typename T, int Rank>
+struct Buffer {
+  std::vector<T> data;
+  Shape<Rank> shape{};
+  Shape<Rank> strides{};
+
+  // Row-major storage of `values`, its innermost dimension padded by `pad` elements.
+  static Buffer make(const std::vector<double>& values, const Shape<Rank>& shape, Index pad,
+                     T fill) {
+    Buffer buffer;
+    buffer.shape = shape;
+    Index stride = 1;
+    for (int dim = Rank - 1; dim >= 0; --dim) {
+      buffer.strides[dim] = stride;
+      stride *= shape[dim] + (dim == Rank - 1 ? pad : 0);
+    }
+    buffer.data.assign(static_cast<std::size_t>(stride), fill);
+    Index flat = 0;
+    if (!values.empty()) {
+      for_each_element(buffer.view(), [&](T& element) {
+        element = convert(values[static_cast<std::size_t>(flat++)]);
+      });
+    }
+    return buffer;
+  }
+  static T convert(double value) {
+    if constexpr (std::is_same_v<T, bfloat16> || std::is_same_v<T, float16>) {
+      return narrow<T>(value);
+    } else {
+      return static_cast<T>(value);
+    }
+  }
+  TensorView<T, Rank> view() { return {data.data(), shape, strides}; }
+  TensorView<const T, Rank> const_view() const { return {data.data(), shape, strides}; }
+  std::vector<double> values() const {
+    std::vector<double> result;
+    for_each_element(const_view(), [&](const T& element) {
+      if constexpr (std::is_same_v<T, bfloat16> || std::is_same_v<T, float16>) {
+        result.push_back(widen(element));
+      } else {
+        result.push_back(static_cast<double>(element));
+      }
+    });
+    return result;
+  }
+};
+
+// The results of one call on T storage: out as doubles and the bits of out, lse.
+struct Run {
+  std::vector<double> out;
+  std::vector<double> lse;
+};
+
+template <typename T>
+T nan_of() {
+  if constexpr (std::is_same_v<T, bfloat16> || std::is_same_v<T, float16>) {
+    return narrow<T>(std::numeric_limits<double>::quiet_NaN());
+  } else {
+    return std::numeric_limits<T>::quiet_NaN();
+  }
+}
+
+enum class Operator { attention, sliding_window };
+
+template <typename T>
+Run run_dense(Operator op, const Problem& p, const Inputs& in, const AttentionOptions& options,
+              Index pad) {
+  using C = compute_type_t<T>;
+  const auto q = Buffer<T, 4>::make(in.q, p.q_shape(), pad, nan_of<T>());
+  const auto k = Buffer<T, 4>::make(in.k, p.k_shape(), pad, nan_of<T>());
+  const auto v = Buffer<T, 4>::make(in.v, p.v_shape(), pad, nan_of<T>());
+  const auto bias =
+      Buffer<T, 4>::make(in.bias, p.has_bias() ? p.bias_shape() : Shape<4>{}, pad, nan_of<T>());
+  auto out = Buffer<T, 4>::make({}, p.out_shape(), pad, nan_of<T>());
+  auto lse = Buffer<C, 3>::make({}, p.lse_shape(), 0, std::numeric_limits<C>::quiet_NaN());
+  if (op == Operator::attention) {
+    attention(q.const_view(), k.const_view(), v.const_view(), out.view(), options, lse.view(),
+              p.has_bias() ? bias.const_view() : TensorView<const T, 4>());
+  } else {
+    sliding_window_attention(q.const_view(), k.const_view(), v.const_view(), out.view(), options,
+                             lse.view());
+  }
+  return {out.values(), lse.values()};
+}
+
+template <typename H>
+void expect_rounded_float_results(const Run& half, const Run& single) {
+  ASSERT_EQ(half.out.size(), single.out.size());
+  for (std::size_t i = 0; i < half.out.size(); ++i) {
+    const double want = widen(narrow<H>(single.out[i]));
+    if (std::isnan(want)) {
+      ASSERT_TRUE(std::isnan(half.out[i])) << "out[" << i << "]";
+    } else {
+      ASSERT_EQ(half.out[i], want) << "out[" << i << "]: float gave " << single.out[i];
+    }
+  }
+  EXPECT_TRUE(bitwise_equal(half.lse, single.lse)) << "lse";
+}
+
+// Per element of output: rounding to H (half an ulp of the output scale: 2^-9 for bfloat16,
+// 2^-11 for float16) on top of the float engine's error, plus the inputs' own rounding, which
+// the reference sees too (it runs on the rounded inputs).
+template <typename H>
+constexpr double kHalfTolerance = std::is_same_v<H, bfloat16> ? 4e-3 : 1e-3;
+
+TYPED_TEST(HalfPrecision, AttentionIsTheFloatCallRounded) {
+  using H = TypeParam;
+  constexpr Index kLengthChoices[] = {1, 2, 17, 64, 65, 129, 200};
+  for (std::uint64_t seed = 1; seed <= 40; ++seed) {
+    Problem p = random_problem(seed * 7919, 2e6, kLengthChoices, 4);
+    RandomSource random(seed);
+    if (random.chance(0.3)) p = with_bias(p, 1, p.heads_q, 0.1);
+    Inputs in = random_inputs(p);
+    in.q = representable<H>(in.q);
+    in.k = representable<H>(in.k);
+    in.v = representable<H>(in.v);
+    in.bias = representable<H>(in.bias);
+    AttentionOptions options;
+    options.causal = random.chance(0.5);
+    if (random.chance(0.3)) options.window_left = random.integer(0, 40);
+    if (random.chance(0.2)) options.sink_tokens = random.integer(1, 4);
+    if (random.chance(0.2)) options.softcap = 20;
+    options.num_threads = static_cast<int>(random.integer(1, 2));
+    const Index pad = random.chance(0.5) ? 0 : 3;
+    SCOPED_TRACE(describe(problem_string(p), "\n  ", options_string(options), " pad=", pad));
+
+    const Run half = run_dense<H>(Operator::attention, p, in, options, pad);
+    const Run single = run_dense<float>(Operator::attention, p, in, options, 0);
+    expect_rounded_float_results<H>(half, single);
+    const Outputs want = reference_outputs(p, in, options);
+    EXPECT_TRUE(matches_reference(half.out, want.out, kHalfTolerance<H>)) << "out";
+    EXPECT_TRUE(matches_reference(half.lse, want.lse, kTolerance<float>)) << "lse";
+
+    AttentionOptions other_threads = options;
+    other_threads.num_threads = 3 - options.num_threads;
+    const Run again = run_dense<H>(Operator::attention, p, in, other_threads, 0);
+    EXPECT_TRUE(bitwise_equal(again.out, half.out)) << "thread count changed out";
+  }
+}
+
+TYPED_TEST(HalfPrecision, SlidingWindowIsTheFloatCallRounded) {
+  using H = TypeParam;
+  for (std::uint64_t seed = 1; seed <= 6; ++seed) {
+    Problem p = make_problem(2, 4, 2, 300 + static_cast<Index>(seed), 300, 64, 48, seed);
+    Inputs in = random_inputs(p);
+    in.q = representable<H>(in.q);
+    in.k = representable<H>(in.k);
+    in.v = representable<H>(in.v);
+    const AttentionOptions options = causal_window(static_cast<Index>(seed) * 20, seed % 3);
+    SCOPED_TRACE(describe(problem_string(p), "\n  ", options_string(options)));
+    const Run half = run_dense<H>(Operator::sliding_window, p, in, options, 0);
+    const Run single = run_dense<float>(Operator::sliding_window, p, in, options, 0);
+    expect_rounded_float_results<H>(half, single);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode over a 16-bit KV cache (contiguous and ring), split-KV merged into 16-bit out.
+
+// T: the storage of the call; H: the 16-bit type whose values the data are drawn in.
+template <typename T, typename H>
+Run run_decode(const std::vector<Index>& lengths, Index heads_q, Index heads_kv, Index len_q,
+               Index dim, Index dim_v, Index capacity, const KVCacheOptions& cache_options,
+               const AttentionOptions& options, std::uint64_t seed) {
+  using C = compute_type_t<T>;
+  const auto batch = static_cast<Index>(lengths.size());
+  KVCache<T> cache(batch, heads_kv, capacity, dim, dim_v, cache_options);
+  RandomSource random(seed);
+  Index longest = 0;
+  for (Index length : lengths) longest = std::max(longest, length);
+  // Appended in pieces of up to 700 steps, so that a ring wraps.
+  for (Index done = 0; done < longest;) {
+    const Index step = std::min<Index>(700, longest - done);
+    const auto k = Buffer<T, 4>::make(
+        representable<H>(random.normal(static_cast<std::size_t>(batch * heads_kv * step * dim))),
+        {batch, heads_kv, step, dim}, 0, nan_of<T>());
+    const auto v = Buffer<T, 4>::make(
+        representable<H>(random.normal(static_cast<std::size_t>(batch * heads_kv * step * dim_v))),
+        {batch, heads_kv, step, dim_v}, 0, nan_of<T>());
+    std::vector<Index> counts;
+    for (Index length : lengths) counts.push_back(std::clamp<Index>(length - done, 0, step));
+    cache.append(k.const_view(), v.const_view(), counts);
+    done += step;
+  }
+  const auto q = Buffer<T, 4>::make(
+      representable<H>(random.normal(static_cast<std::size_t>(batch * heads_q * len_q * dim))),
+      {batch, heads_q, len_q, dim}, 0, nan_of<T>());
+  auto out = Buffer<T, 4>::make({}, {batch, heads_q, len_q, dim_v}, 0, nan_of<T>());
+  auto lse =
+      Buffer<C, 3>::make({}, {batch, heads_q, len_q}, 0, std::numeric_limits<C>::quiet_NaN());
+  decode_attention(q.const_view(), cache, options, out.view(), lse.view());
+  return {out.values(), lse.values()};
+}
+
+TYPED_TEST(HalfPrecision, DecodeIsTheFloatCallRounded) {
+  using H = TypeParam;
+  struct Case {
+    std::vector<Index> lengths;
+    Index heads_q, heads_kv, len_q, dim, dim_v, capacity;
+    bool ring;
+    Index sinks, window;
+  };
+  const Case cases[] = {
+      {{3000, 1, 1025}, 8, 2, 1, 128, 128, 3000, false, 0, -1},
+      {{2500, 700}, 4, 1, 3, 64, 80, 2600, false, 0, -1},
+      {{5000, 130}, 4, 2, 1, 31, 31, 600, true, 4, 500},
+      {{1024}, 32, 8, 1, 128, 128, 1024, false, 0, -1},
+  };
+  std::uint64_t seed = 11;
+  for (const Case& c : cases) {
+    for (int threads = 1; threads <= 2; ++threads) {
+      KVCacheOptions cache_options;
+      cache_options.ring = c.ring;
+      cache_options.sink_tokens = c.sinks;
+      AttentionOptions options;
+      options.causal = true;
+      options.window_left = c.window;
+      options.sink_tokens = c.sinks;
+      options.num_threads = threads;
+      SCOPED_TRACE(
+          describe("case with dim ", c.dim, " capacity ", c.capacity, " threads ", threads));
+      const Run half = run_decode<H, H>(c.lengths, c.heads_q, c.heads_kv, c.len_q, c.dim, c.dim_v,
+                                        c.capacity, cache_options, options, seed);
+      const Run single = run_decode<float, H>(c.lengths, c.heads_q, c.heads_kv, c.len_q, c.dim,
+                                              c.dim_v, c.capacity, cache_options, options, seed);
+      expect_rounded_float_results<H>(half, single);
+    }
+    ++seed;
+  }
+}
+
+// A 16-bit cache takes 16-bit K and V only, and decode checks its arguments as for float.
+TYPED_TEST(HalfPrecision, DecodeRejectsBadArguments) {
+  using H = TypeParam;
+  KVCache<H> cache(1, 2, 16, 8, 8);
+  auto k = Buffer<H, 4>::make(std::vector<double>(2 * 4 * 8, 0.5), {1, 2, 4, 8}, 0, nan_of<H>());
+  cache.append(k.const_view(), k.const_view());
+  auto q = Buffer<H, 4>::make(std::vector<double>(2 * 5 * 8, 0.5), {1, 2, 5, 8}, 0, nan_of<H>());
+  auto out = Buffer<H, 4>::make({}, {1, 2, 5, 8}, 0, nan_of<H>());
+  EXPECT_THROW(decode_attention(q.const_view(), cache, {}, out.view()), Error);
+  for (const double value : out.values()) EXPECT_TRUE(std::isnan(value)) << "out was written";
+}
+
+}  // namespace
+}  // namespace foveal::test

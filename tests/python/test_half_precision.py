@@ -1,0 +1,189 @@
+"""bfloat16 and float16 storage from Python: torch.bfloat16 / torch.float16 tensors and
+numpy.float16 arrays in, the same dtype out, lse float32.
+
+foveal computes on 16-bit inputs in float32 and rounds only what it writes, so a 16-bit call
+equals the float32 call on the same values with out rounded (round to nearest even, as torch's
+``.to(torch.bfloat16)``), bit for bit. The accuracy rule is FlashAttention's: the error against
+float64 is at most 2x that of a plain same-precision torch implementation.
+"""
+
+from __future__ import annotations
+
+import foveal
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+HALF = [torch.bfloat16, torch.float16]
+NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def _inputs(seed, b, hq, hkv, lq, lk, d, dv, dtype):
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, hq, lq, d, generator=generator).to(dtype)
+    k = torch.randn(b, hkv, lk, d, generator=generator).to(dtype)
+    v = torch.randn(b, hkv, lk, dv, generator=generator).to(dtype)
+    return q, k, v
+
+
+CASES = [
+    # seed, B, Hq, Hkv, Lq, Lk, D, Dv, options
+    (1, 1, 2, 2, 1, 1, 1, 1, {}),
+    (2, 2, 4, 2, 65, 129, 64, 64, {"causal": True}),
+    (3, 1, 3, 1, 129, 65, 31, 17, {}),
+    (4, 1, 8, 2, 200, 200, 128, 128, {"causal": True, "window_left": 37, "sink_tokens": 2}),
+    (5, 2, 2, 1, 97, 300, 80, 80, {"softcap": 30.0}),
+]
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=lambda t: NAMES[t])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"seed{c[0]}")
+def test_attention_is_the_float32_call_rounded(dtype, case):
+    seed, b, hq, hkv, lq, lk, d, dv, options = case
+    q, k, v = _inputs(seed, b, hq, hkv, lq, lk, d, dv, dtype)
+    out, lse = foveal.attention(q, k, v, return_lse=True, **options)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    want, want_lse = foveal.attention(q.float(), k.float(), v.float(), return_lse=True, **options)
+    assert torch.equal(out, want.to(dtype))
+    assert torch.equal(lse, want_lse)
+    again = foveal.attention(q, k, v, num_threads=1, **options)
+    assert torch.equal(again, out), "thread count changed the result"
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=lambda t: NAMES[t])
+def test_bias_and_mask_in_the_storage_dtype(dtype):
+    q, k, v = _inputs(7, 1, 2, 2, 40, 50, 32, 32, dtype)
+    bias = torch.randn(1, 2, 40, 50).to(dtype)
+    out = foveal.attention(q, k, v, bias=bias)
+    want = foveal.attention(q.float(), k.float(), v.float(), bias=bias.float())
+    assert torch.equal(out, want.to(dtype))
+    mask = torch.rand(40, 50) > 0.3
+    out = foveal.attention(q, k, v, bias=mask)
+    want = foveal.attention(q.float(), k.float(), v.float(), bias=mask)
+    assert torch.equal(out, want.to(dtype))
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=lambda t: NAMES[t])
+def test_sliding_window(dtype):
+    q, k, v = _inputs(8, 1, 4, 2, 300, 300, 64, 64, dtype)
+    options = {"causal": True, "window_left": 64, "sink_tokens": 4}
+    out = foveal.sliding_window_attention(q, k, v, **options)
+    want = foveal.sliding_window_attention(q.float(), k.float(), v.float(), **options)
+    assert out.dtype == dtype and torch.equal(out, want.to(dtype))
+
+
+def test_numpy_float16():
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 2, 33, 16)).astype(np.float16)
+    k = rng.standard_normal((1, 2, 45, 16)).astype(np.float16)
+    v = rng.standard_normal((1, 2, 45, 16)).astype(np.float16)
+    out, lse = foveal.attention(q, k, v, causal=True, return_lse=True)
+    assert out.dtype == np.float16 and lse.dtype == np.float32
+    want = foveal.attention(
+        q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), causal=True
+    )
+    np.testing.assert_array_equal(out, want.astype(np.float16))
+
+
+def _plain_torch(q, k, v, causal):
+    """softmax(q k^T / sqrt(D)) v in q's dtype, as a plain implementation writes it."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    if causal:
+        lq, lk = scores.shape[-2:]
+        seen = torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq)
+        scores = scores.masked_fill(~seen, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=lambda t: NAMES[t])
+@pytest.mark.parametrize(
+    "shape",
+    [(113, 203, 32, False), (128, 128, 64, True), (108, 256, 128, True), (512, 512, 256, False)],
+    ids=lambda s: f"{s[0]}x{s[1]}d{s[2]}{'c' if s[3] else ''}",
+)
+def test_flash_attention_accuracy_rule(dtype, shape):
+    """Error against float64 <= 2x a plain torch implementation's in the same dtype."""
+    lq, lk, d, causal = shape
+    q, k, v = _inputs(lq + d, 1, 4, 2, lq, lk, d, d, dtype)
+    exact = _plain_torch(q.double(), k.double(), v.double(), causal)
+    ours = foveal.attention(q, k, v, causal=causal).double()
+    plain = _plain_torch(q, k, v, causal).double()
+    our_error = (ours - exact).abs().max().item()
+    plain_error = (plain - exact).abs().max().item()
+    assert our_error <= 2 * plain_error, (our_error, plain_error)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=lambda t: NAMES[t])
+@pytest.mark.parametrize("ring", [False, True])
+def test_decode_over_a_16_bit_cache(dtype, ring):
+    name = NAMES[dtype]
+    generator = torch.Generator().manual_seed(3)
+    lengths = [1500, 7, 1030]
+    capacity = 600 if ring else 1500
+    options = {"causal": True}
+    if ring:
+        options.update(window_left=500, sink_tokens=4)
+    half = foveal.KVCache(
+        3, 2, capacity, 64, 48, dtype=name, ring=ring, sink_tokens=4 if ring else 0
+    )
+    single = foveal.KVCache(3, 2, capacity, 64, 48, ring=ring, sink_tokens=4 if ring else 0)
+    assert half.dtype == (name if name == "bfloat16" else np.dtype(name))
+    for start in range(0, 1500, 500):
+        k = torch.randn(3, 2, 500, 64, generator=generator).to(dtype)
+        v = torch.randn(3, 2, 500, 48, generator=generator).to(dtype)
+        counts = [max(0, min(500, n - start)) for n in lengths]
+        half.append(k, v, counts=counts)
+        single.append(k.float(), v.float(), counts=counts)
+    assert half.lengths == lengths
+    keys = half.keys
+    # numpy float16 for a float16 cache, torch.bfloat16 for a bfloat16 one (numpy has none)
+    assert str(keys.dtype).replace("torch.", "") == name and tuple(keys.shape) == (
+        3,
+        2,
+        capacity,
+        64,
+    )
+    q = torch.randn(3, 8, 1, 64, generator=generator).to(dtype)
+    for threads in (1, 2):
+        out, lse = foveal.decode_attention(q, half, return_lse=True, num_threads=threads, **options)
+        want, want_lse = foveal.decode_attention(q.float(), single, return_lse=True, **options)
+        assert out.dtype == dtype and lse.dtype == torch.float32
+        assert torch.equal(out, want.to(dtype))
+        assert torch.equal(lse, want_lse)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=lambda t: NAMES[t])
+def test_wrap_16_bit_storage(dtype):
+    keys = torch.zeros(1, 2, 16, 8, dtype=dtype)
+    values = torch.zeros(1, 2, 16, 8, dtype=dtype)
+    cache = foveal.KVCache.wrap(keys, values)
+    k = torch.randn(1, 2, 3, 8).to(dtype)
+    cache.append(k, k)
+    assert torch.equal(keys[:, :, :3], k)
+    assert cache.dtype == (NAMES[dtype] if dtype == torch.bfloat16 else np.dtype("float16"))
+
+
+def test_bad_dtypes_are_named_and_write_nothing():
+    q, k, v = _inputs(9, 1, 2, 2, 5, 6, 8, 8, torch.bfloat16)
+    out = torch.full((1, 2, 5, 8), 7.0, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="k must have dtype bfloat16"):
+        foveal.attention(q, k.float(), v, out=out)
+    with pytest.raises(TypeError, match="v must have dtype bfloat16"):
+        foveal.attention(q, k, v.half(), out=out)
+    with pytest.raises(TypeError, match="lse must have dtype float32"):  # the compiled call
+        foveal._core.attention(q, k, v, out, torch.empty(1, 2, 5, dtype=torch.bfloat16), None)
+    assert (out == 7).all()
+    cache = foveal.KVCache(1, 2, 8, 8, dtype="bfloat16")
+    with pytest.raises(TypeError, match="k must have dtype bfloat16"):
+        cache.append(k.float(), v.float())
+    with pytest.raises(TypeError, match="k must have dtype bfloat16"):
+        cache.append(k.half(), v.half())
+    assert cache.lengths == [0]
+    with pytest.raises(TypeError, match="dtype must be float32, float64, bfloat16 or float16"):
+        foveal.KVCache(1, 2, 8, 8, dtype="int8")
+    with pytest.raises(TypeError, match="numpy has no bfloat16"):
+        foveal.decode_attention(np.zeros((1, 2, 1, 8), np.float32), cache)
