@@ -148,7 +148,8 @@ def _fail(message: str, error: type = ValueError) -> None:
 
 
 def _check_local(q: Any, k: Any, v: Any) -> None:
-    """Checks that need no other rank (so that every rank raises before any communication)."""
+    """Checks that need no other rank, raised at once by the rank whose input fails them (the
+    other ranks then wait in the all_gather of _make_ring until torch.distributed's timeout)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             _fail(f"{name} must be a torch.Tensor, got {type(x).__name__}", TypeError)
