@@ -23,6 +23,7 @@ back together; :func:`shard_positions` gives the global positions a rank's rows 
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -161,9 +162,76 @@ def _check_local(q: Any, k: Any, v: Any) -> None:
             _fail(f"{name} must be float32 or float64, got {x.dtype}", TypeError)
 
 
-def _without_lengths(row: list) -> list:
-    """A rank's gathered description without its three sequence lengths (which may differ)."""
-    return [value for index, value in enumerate(row) if index not in (2, 6, 10)]
+# What every rank tells the others before any data moves: its shapes, dtypes and options, as
+# float64 (the integers are exact there). The sequence lengths (q, k and v's dimension 2) may
+# differ between ranks; everything else must be the same.
+_FIELDS = (
+    *(f"q.shape[{d}]" for d in range(4)),
+    *(f"k.shape[{d}]" for d in range(4)),
+    *(f"v.shape[{d}]" for d in range(4)),
+    "q.dtype",
+    "k.dtype",
+    "v.dtype",
+    "causal",
+    "layout",
+    "scale",
+)
+_PER_RANK = ("q.shape[2]", "k.shape[2]", "v.shape[2]")
+
+
+def _describe(q, k, v, causal, scale, layout) -> torch.Tensor:
+    options = (_DTYPES.index(q.dtype), _DTYPES.index(k.dtype), _DTYPES.index(v.dtype))
+    scale_value = float("nan") if scale is None else float(scale)
+    values = (*q.shape, *k.shape, *v.shape, *options, bool(causal), LAYOUTS.index(layout))
+    return torch.tensor((*values, scale_value), dtype=torch.float64)
+
+
+def _check_ranks(rows: list) -> None:
+    """Checks every rank's description (the same checks, so the same error, on every rank)."""
+    for r, row in enumerate(rows):
+        field = dict(zip(_FIELDS, row))
+        for name in _FIELDS[:-1]:
+            field[name] = int(field[name])
+        dtypes = [str(_DTYPES[field[f"{name}.dtype"]]) for name in "qkv"]
+        if len(set(dtypes)) != 1:
+            _fail(
+                f"q, k and v must have the same dtype, got {', '.join(dtypes)} on rank {r}",
+                TypeError,
+            )
+        shape = {name: tuple(field[f"{name}.shape[{d}]"] for d in range(4)) for name in "qkv"}
+        if shape["k"][:3] != shape["v"][:3]:
+            _fail(f"k {shape['k']} and v {shape['v']} must agree in B, Hkv and L (rank {r})")
+        if shape["q"][0] != shape["k"][0] or shape["q"][3] != shape["k"][3]:
+            _fail(f"q {shape['q']} and k {shape['k']} must agree in B and D (rank {r})")
+        if shape["k"][1] < 1 or shape["q"][1] % shape["k"][1] != 0:
+            _fail(
+                f"q's heads ({shape['q'][1]}) must be a multiple of k's heads "
+                f"({shape['k'][1]}) (rank {r})"
+            )
+        if shape["q"][2] != shape["k"][2]:
+            _fail(
+                f"q and k must hold the same rows of the sequence (self-attention), got "
+                f"{shape['q'][2]} and {shape['k'][2]} rows on rank {r}"
+            )
+        for index, name in enumerate(_FIELDS):
+            mine, first = row[index], rows[0][index]
+            same = mine == first or (name == "scale" and mine != mine and first != first)  # NaN
+            if name not in _PER_RANK and not same:
+                _fail(
+                    f"every rank must pass the same shapes (but for the sequence length), "
+                    f"dtype and options: {name} is {_shown(name, first)} on rank 0 and "
+                    f"{_shown(name, mine)} on rank {r}"
+                )
+
+
+def _shown(name: str, value: float) -> str:
+    if name == "scale":
+        return "None" if value != value else repr(value)
+    if name == "layout":
+        return repr(LAYOUTS[int(value)])
+    if name.endswith("dtype"):
+        return str(_DTYPES[int(value)])
+    return str(bool(value)) if name == "causal" else str(int(value))
 
 
 def _make_ring(q, k, v, causal, scale, layout, group, num_threads) -> _Ring:
@@ -175,52 +243,21 @@ def _make_ring(q, k, v, causal, scale, layout, group, num_threads) -> _Ring:
         )
     if layout not in LAYOUTS:
         _fail(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
+        _fail(f"scale must be a float or None, got {scale!r}", TypeError)
     _check_local(q, k, v)
     group = dist.group.WORLD if group is None else group
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     if rank < 0:
         _fail("this process is not a member of group", RuntimeError)
-    # One small all_gather of every rank's shapes and options: every rank then checks all of them
-    # and raises the same error, instead of a mismatched transfer hanging or failing later.
-    described = (
-        *q.shape,
-        *k.shape,
-        *v.shape,
-        _DTYPES.index(q.dtype),
-        _DTYPES.index(k.dtype),
-        _DTYPES.index(v.dtype),
-        int(bool(causal)),
-        LAYOUTS.index(layout),
-    )
-    mine = torch.tensor(described, dtype=torch.int64)
+    # One small all_gather: every rank then checks all of them and raises the same error,
+    # instead of a mismatched transfer hanging or failing later.
+    mine = _describe(q, k, v, causal, scale, layout)
     gathered = [torch.empty_like(mine) for _ in range(world_size)]
     dist.all_gather(gathered, mine, group=group)
-    rows = [[int(x) for x in row] for row in gathered]
-    for r, row in enumerate(rows):
-        qs, ks, vs, flags = row[0:4], row[4:8], row[8:12], row[12:]
-        if flags[0:3] != [flags[0]] * 3:
-            _fail(
-                f"q, k and v must have the same dtype, got "
-                f"{', '.join(str(_DTYPES[f]) for f in flags[0:3])} on rank {r}",
-                TypeError,
-            )
-        if ks[0:3] != vs[0:3]:
-            _fail(f"k {tuple(ks)} and v {tuple(vs)} must agree in B, Hkv and L (rank {r})")
-        if qs[0] != ks[0] or qs[3] != ks[3]:
-            _fail(f"q {tuple(qs)} and k {tuple(ks)} must agree in B and D (rank {r})")
-        if ks[1] < 1 or qs[1] % ks[1] != 0:
-            _fail(f"q's heads ({qs[1]}) must be a multiple of k's heads ({ks[1]}) (rank {r})")
-        if qs[2] != ks[2]:
-            _fail(
-                f"q and k must hold the same rows of the sequence (self-attention), got "
-                f"{qs[2]} and {ks[2]} rows on rank {r}"
-            )
-        if _without_lengths(row) != _without_lengths(rows[0]):
-            _fail(
-                f"every rank must pass the same B, heads, D, Dv, dtype, causal and layout: rank 0 "
-                f"has q {tuple(rows[0][0:4])} v {tuple(rows[0][8:12])}, rank {r} has q "
-                f"{tuple(qs)} v {tuple(vs)} (flags {rows[0][12:]} vs {flags})"
-            )
+    rows = [row.tolist() for row in gathered]
+    _check_ranks(rows)
+    rows = [[int(x) for x in row[:-1]] for row in rows]
     seq_len = sum(row[2] for row in rows)
     ranges = _chunk_ranges(seq_len, world_size, layout)
     segments = []

@@ -59,7 +59,7 @@ def _inputs(case: tuple) -> dict:
     }
 
 
-def _ring_run(case: tuple, rank: int, world_size: int, num_threads: int) -> dict:
+def _ring_run(case: tuple, rank: int, world_size: int, num_threads: int, group=None) -> dict:
     _, _, _, _, _, _, _, causal, layout, _, scale = case
     full = _inputs(case)
     local = {
@@ -75,6 +75,7 @@ def _ring_run(case: tuple, rank: int, world_size: int, num_threads: int) -> dict
         layout=layout,
         return_lse=True,
         num_threads=num_threads,
+        group=group,
     )
     out.backward(local["grad"])
     result = {"out": out.detach(), "lse": lse}
@@ -104,13 +105,23 @@ def _worker(rank: int, world_size: int, port: int, directory: str) -> None:
             for name, value in first.items():
                 assert torch.equal(value, again[name]), f"{case[0]}: {name} differs between runs"
             results[case[0]] = first
+        # A subgroup: ranks 1 and 3 of 4 form a ring of 2 (group-local ranks 0 and 1).
+        subgroup = dist.new_group([1, 3]) if world_size == 4 else None
+        if rank in (1, 3) and subgroup is not None:
+            case = CASES[1]
+            results["subgroup"] = _ring_run(case, dist.get_rank(subgroup), 2, 1, subgroup)
         # Bad input: shards of the wrong length (every rank raises the same error), and
-        # heads that differ between ranks.
+        # heads or scales that differ between ranks.
         q = torch.zeros(1, 2, 5 + (rank == 0), 8)
         results["wrong_rows"] = _error_of(lambda: fdist.ring_attention(q, q[:, :1], q[:, :1]))
         heads = torch.zeros(1, 2 + 2 * (rank == 1), 8, 8)
         results["wrong_heads"] = _error_of(
             lambda: fdist.ring_attention(heads, heads[:, :1], heads[:, :1])
+        )
+        results["other_scale"] = _error_of(
+            lambda: fdist.ring_attention(
+                q[:, :, :5], q[:, :1, :5], q[:, :1, :5], scale=rank or None
+            )
         )
         results["bad_scale"] = _error_of(
             lambda: fdist.ring_attention(q[:, :, :5], q[:, :1, :5], q[:, :1, :5], scale="x")
@@ -152,13 +163,11 @@ def _reference(case: tuple) -> dict:
     return {"out": out.detach(), "lse": lse, "grad_q": q.grad, "grad_k": k.grad, "grad_v": v.grad}
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case[0] for case in CASES])
-def test_ring_matches_one_process(ring_results, case):
-    world_size, per_rank = ring_results
+def _assert_matches_one_process(case: tuple, shards_of: list, label: str) -> None:
+    """The unsharded results (``shards_of[r]`` from group rank r) against one foveal call."""
     layout, dtype = case[8], case[9]
-    expected = _reference(case)
-    for name, want in expected.items():
-        got = fdist.unshard([results[case[0]][name] for results in per_rank], layout=layout)
+    for name, want in _reference(case).items():
+        got = fdist.unshard([results[name] for results in shards_of], layout=layout)
         assert got.shape == want.shape and got.dtype == want.dtype, name
         if name == "lse":
             assert torch.equal(torch.isinf(got), torch.isinf(want)), name
@@ -170,7 +179,22 @@ def test_ring_matches_one_process(ring_results, case):
             bound = 4e-6 * max(1.0, want.abs().max().item())
         else:
             bound = 1e-6
-        assert error <= bound, f"{case[0]} N={world_size} {name}: max |diff| {error} > {bound}"
+        assert error <= bound, f"{case[0]} {label} {name}: max |diff| {error} > {bound}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case[0] for case in CASES])
+def test_ring_matches_one_process(ring_results, case):
+    world_size, per_rank = ring_results
+    shards_of = [results[case[0]] for results in per_rank]
+    _assert_matches_one_process(case, shards_of, f"N={world_size}")
+
+
+def test_ring_over_a_subgroup(ring_results):
+    world_size, per_rank = ring_results
+    if world_size != 4:
+        pytest.skip("the subgroup runs in the 4-process world")
+    shards_of = [per_rank[r]["subgroup"] for r in (1, 3)]
+    _assert_matches_one_process(CASES[1], shards_of, "ranks 1 and 3 of 4")
 
 
 def test_ring_bad_input_names_the_problem_on_every_rank(ring_results):
@@ -182,8 +206,10 @@ def test_ring_bad_input_names_the_problem_on_every_rank(ring_results):
         )
         assert "foveal.distributed.shard" in results["wrong_rows"]
         assert results["wrong_heads"].startswith("ValueError")
-        assert "same B, heads" in results["wrong_heads"]
-        assert "scale" in results["bad_scale"]
+        assert "q.shape[1] is 2 on rank 0 and 4 on rank 1" in results["wrong_heads"]
+        assert "scale is None on rank 0 and 1.0 on rank 1" in results["other_scale"]
+        assert results["bad_scale"].startswith("TypeError")
+        assert "scale must be a float or None, got 'x'" in results["bad_scale"]
     messages = {results["wrong_rows"] for results in per_rank}
     assert len(messages) == 1  # the same error on every rank
 
