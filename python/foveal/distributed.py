@@ -482,7 +482,8 @@ def ring_attention(
     Every process passes its shard (made by :func:`shard` with the same ``layout``): q
     ``[B, Hq, Lr, D]``, k ``[B, Hkv, Lr, D]``, v ``[B, Hkv, Lr, Dv]`` (CPU, float32 or float64;
     Hq a multiple of Hkv), and gets its rows of ``attention(q_full, k_full, v_full)``:
-    out ``[B, Hq, Lr, Dv]`` (and lse ``[B, Hq, Lr]`` with ``return_lse=True``). Positions are
+    out ``[B, Hq, Lr, Dv]`` (and lse ``[B, Hq, Lr]`` with ``return_lse=True``; no gradient
+    flows through lse). Positions are
     global, so ``causal=True`` masks exactly as one call over the whole sequence does.
     ``scale`` defaults to ``1/sqrt(D)``. Every process of the group must call it with the same
     B, heads, D, Dv, dtype and options; this is checked on every rank with one small all_gather
