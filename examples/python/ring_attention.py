@@ -2,14 +2,17 @@
 
     python3 examples/python/ring_attention.py [--length 4096] [--heads 8] [--kv-heads 2]
         [--dim 64] [--worlds 1 2 4] [--threads 1] [--repeats 3] [--no-causal]
+        [--layout zigzag|contiguous]
 
 For each world size N, N processes (torch.multiprocessing, gloo over 127.0.0.1) hold their
-zig-zag shards of the same random sequence and run foveal.distributed.ring_attention forward
-and backward; rank 0 reports the best of --repeats wall times of each pass (between barriers,
-after one untimed warm-up run). The shards of the output and gradients are put back together
-and compared with one foveal.torch.attention call over the whole sequence in this process,
-timed the same way. Every process runs foveal with --threads threads, so N processes use
-N * threads cores: on a machine with fewer cores they oversubscribe it.
+shards (zig-zag by default) of the same random sequence and run
+foveal.distributed.ring_attention forward and backward; rank 0 reports the best of --repeats
+wall times of each pass (between barriers, after one untimed warm-up run). The shards of the
+output and gradients are put back together and compared with one foveal.torch.attention call
+over the whole sequence in this process, timed the same way. Every process runs foveal with
+--threads threads, so N processes use N * threads cores: on a machine with fewer cores they
+oversubscribe it. Under a causal mask it also prints how many query-key pairs each rank
+computes in each layout (exact counts).
 """
 
 from __future__ import annotations
@@ -63,11 +66,11 @@ def worker(rank: int, world_size: int, port: int, args: argparse.Namespace, fold
     foveal.set_num_threads(args.threads)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     full = make_inputs(args)
-    local = {name: fdist.shard(x, rank, world_size) for name, x in full.items()}
+    local = {name: fdist.shard(x, rank, world_size, layout=args.layout) for name, x in full.items()}
 
     def run():
         inputs = {n: local[n].clone().requires_grad_() for n in ("q", "k", "v")}
-        out = fdist.ring_attention(*inputs.values(), causal=args.causal)
+        out = fdist.ring_attention(*inputs.values(), causal=args.causal, layout=args.layout)
         return out, inputs, local["grad"]
 
     forward, backward, result = best_times(run, args.repeats, dist.barrier)
@@ -75,6 +78,22 @@ def worker(rank: int, world_size: int, port: int, args: argparse.Namespace, fold
     if rank == 0:
         torch.save((forward, backward), Path(folder) / "times.pt")
     dist.destroy_process_group()
+
+
+def print_causal_balance(length: int, worlds: list) -> None:
+    """Under a causal mask, the query-key pairs each rank computes (query at position p sees p + 1
+    keys): zig-zag shards share them evenly, contiguous ones do not. Exact counts, not timings."""
+    for world_size in worlds:
+        for layout in fdist.LAYOUTS:
+            work = [
+                int((fdist.shard_positions(length, r, world_size, layout) + 1).sum())
+                for r in range(world_size)
+            ]
+            print(
+                f"causal pairs per rank, {world_size} ranks, {layout:>10}: "
+                f"{', '.join(f'{w / sum(work):.1%}' for w in work)} (largest / mean "
+                f"{max(work) * world_size / sum(work):.2f})"
+            )
 
 
 def free_port() -> int:
@@ -93,6 +112,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="foveal threads per process")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-causal", dest="causal", action="store_false")
+    parser.add_argument("--layout", choices=fdist.LAYOUTS, default="zigzag")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -105,10 +125,13 @@ def main() -> None:
 
     forward, backward, expected = best_times(one_call, args.repeats)
     print(
-        f"L={args.length} Hq={args.heads} Hkv={args.kv_heads} D={args.dim} causal={args.causal}, "
+        f"L={args.length} Hq={args.heads} Hkv={args.kv_heads} D={args.dim} causal={args.causal} "
+        f"layout={args.layout}, "
         f"{args.threads} foveal thread(s) per process, {os.cpu_count()} CPUs, best of "
         f"{args.repeats}; load average {os.getloadavg()[0]:.1f}"
     )
+    if args.causal:
+        print_causal_balance(args.length, [w for w in args.worlds if w > 1])
     largest = max(x.abs().max().item() for name, x in expected.items() if name != "out")
     print(f"(the largest gradient entry is {largest:.1f}; outputs are of size ~1)")
     print("| run | forward s | backward s | max abs diff (out) | max abs diff (grads) |")
@@ -122,7 +145,10 @@ def main() -> None:
             forward, backward = torch.load(Path(folder) / "times.pt")
             shards = [torch.load(Path(folder) / f"rank{r}.pt") for r in range(world_size)]
         diffs = {
-            name: (fdist.unshard([s[name] for s in shards]) - want).abs().max().item()
+            name: (fdist.unshard([s[name] for s in shards], layout=args.layout) - want)
+            .abs()
+            .max()
+            .item()
             for name, want in expected.items()
         }
         grads = max(value for name, value in diffs.items() if name != "out")
