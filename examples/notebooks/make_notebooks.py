@@ -195,9 +195,10 @@ figure.tight_layout()""",
     """\
 ## The attention
 
-`sparsek_attention` runs attention over exactly these keys, weighted by their gates, in
-`O(L * (topk + window) * D)`. With a budget as large as the prefix and gates forced to one
-it would be dense causal attention; here it is a sparse mix.""",
+`sparsek_attention` runs attention over exactly these keys (the window, the sinks and the
+selected keys, weighted by their gates) in `O(L * (topk + window) * D)`, never over the whole
+prefix. A query whose prefix lies inside its window sees the same keys as dense causal
+attention, so the first rows agree with it.""",
     """\
 q = rng.standard_normal((1, 1, L, MODEL_DIM))
 k = rng.standard_normal((1, 1, L, MODEL_DIM))
