@@ -18,12 +18,17 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
+# nbclient, nbformat and ipykernel execute the notebooks of examples/notebooks in the tests; the
+# kernel is ipykernel's own "python3" spec, which runs this interpreter (no spec to install).
 python3 - <<'PY' || python3 -m pip install -q --disable-pip-version-check \
-  numpy pytest pybind11 scikit-build-core matplotlib "torch==2.13.0" "transformers==5.25.0"
+  numpy pytest pybind11 scikit-build-core matplotlib "torch==2.13.0" "transformers==5.25.0" \
+  "nbclient==0.11.0" "nbformat==5.11.1" "ipykernel==7.4.0"
 import importlib.metadata as m
 for name in ("numpy", "pytest", "pybind11", "scikit-build-core", "matplotlib", "transformers"):
     m.version(name)
 assert m.version("torch").startswith("2.13.0"), m.version("torch")
+for name, version in (("nbclient", "0.11.0"), ("nbformat", "5.11.1"), ("ipykernel", "7.4.0")):
+    assert m.version(name) == version, (name, m.version(name))
 PY
 
 echo "setup: building and installing the foveal Python package"
