@@ -72,10 +72,14 @@ def _attention_op(
     return _foveal.attention(q, k, v, bias=bias, return_lse=True, **keywords)
 
 
+_HALF = (torch.bfloat16, torch.float16)
+
+
 @_attention_op.register_fake
 def _(q, k, v, bias, sliding, scale, causal, wl, wr, sinks, softcap, q_offset, threads):
     out = q.new_empty((*q.shape[:3], v.shape[3]))
-    return out, q.new_empty(q.shape[:3])
+    lse_dtype = torch.float32 if q.dtype in _HALF else q.dtype  # 16-bit storage: lse float32
+    return out, q.new_empty(q.shape[:3], dtype=lse_dtype)
 
 
 @torch.library.custom_op("foveal::attention_backward", mutates_args=())
@@ -102,16 +106,25 @@ def _attention_backward_op(
     tensors = [t.detach() for t in (q, k, v, out, lse)]
     # Autograd may hand over an expanded (stride-0) gradient: the kernel reads unit rows.
     grad_out = grad_out.detach().contiguous()
+    bias = None if bias is None else bias.detach()
+    dtypes = [t.dtype for t in (q, k, v)] + [bias.dtype if bias_grad else q.dtype]
+    if q.dtype in _HALF:
+        # 16-bit storage: the backward runs in float32 on widened copies (the values are exact
+        # in float32), its gradients rounded to the inputs' dtype.
+        tensors = [t.float() for t in tensors]
+        grad_out = grad_out.float()
+        bias = None if bias is None else bias.float()
     if sliding:
         grads = _foveal.sliding_window_attention_backward(*tensors, grad_out, **keywords)
-        return (*grads, q.new_empty(0))
-    bias = None if bias is None else bias.detach()
-    if not bias_grad:
+        grads = (*grads, q.new_empty(0))
+    elif not bias_grad:
         grads = _foveal.attention_backward(*tensors, grad_out, bias=bias, **keywords)
-        return (*grads, q.new_empty(0))  # an op returns tensors: an empty one for no gradient
-    return _foveal.attention_backward(
-        *tensors, grad_out, bias=bias, return_bias_grad=True, **keywords
-    )
+        grads = (*grads, q.new_empty(0))  # an op returns tensors: an empty one for no gradient
+    else:
+        grads = _foveal.attention_backward(
+            *tensors, grad_out, bias=bias, return_bias_grad=True, **keywords
+        )
+    return tuple(grad.to(dtype) for grad, dtype in zip(grads, dtypes))
 
 
 @_attention_backward_op.register_fake

@@ -187,3 +187,31 @@ def test_bad_dtypes_are_named_and_write_nothing():
         foveal.KVCache(1, 2, 8, 8, dtype="int8")
     with pytest.raises(TypeError, match="numpy has no bfloat16"):
         foveal.decode_attention(np.zeros((1, 2, 1, 8), np.float32), cache)
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=lambda t: NAMES[t])
+def test_autograd_through_16_bit_attention(dtype):
+    """foveal.torch.attention trains on 16-bit tensors: forward in the storage dtype, backward in
+    float32 on the widened values, gradients rounded to the inputs' dtype."""
+    import foveal.torch as ft
+
+    q, k, v = _inputs(12, 1, 4, 2, 70, 90, 32, 32, dtype)
+    bias = torch.randn(1, 4, 70, 90).to(dtype)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v, bias)]
+    wide = [t.float().requires_grad_(True) for t in (q, k, v, bias)]
+    grad_out = torch.randn(1, 4, 70, 32)
+    out = ft.attention(*leaves[:3], bias=leaves[3], causal=True)
+    assert out.dtype == dtype
+    out.backward(grad_out.to(dtype))
+    want = ft.attention(*wide[:3], bias=wide[3], causal=True)
+    want.backward(grad_out.to(dtype).float())
+    assert torch.equal(out, want.to(dtype))
+    # The backward reads the forward's 16-bit out (rounded), the float32 reference its float32
+    # out: they differ by that rounding, a few units of the 16-bit precision at most.
+    precision = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11
+    for got, ref in zip(leaves, wide):
+        assert got.grad.dtype == dtype
+        error = (got.grad.float() - ref.grad).abs().max() / ref.grad.abs().max()
+        assert error <= 4 * precision, error
+    compiled = torch.compile(lambda a, b, c: ft.attention(a, b, c, causal=True), fullgraph=True)
+    assert torch.equal(compiled(q, k, v), ft.attention(q, k, v, causal=True))
