@@ -37,7 +37,7 @@ using detail::Visibility;
 template <typename T>
 void validate(const char* function, TensorView<const T, 4> q, const PagedKVCache<T>& cache,
               const std::vector<Index>& sequences, const AttentionOptions& options,
-              TensorView<T, 4> out, TensorView<T, 3> lse, bool prefill) {
+              TensorView<T, 4> out, TensorView<compute_type_t<T>, 3> lse, bool prefill) {
   detail::require_queries_and_outputs(
       function, q, out, lse,
       {"cache.heads_kv()", cache.heads_kv(), "cache.dim_v()", cache.dim_v()});
@@ -67,8 +67,11 @@ void validate(const char* function, TensorView<const T, 4> q, const PagedKVCache
   }
 }
 
+// T: the stored type of q, the pool and out; states, stacked-query scratch aside, and lse are
+// in C = compute_type_t<T>.
 template <typename T>
 struct Planner {
+  using C = compute_type_t<T>;
   const char* function;
   TensorView<const T, 4> q;
   const PagedKVCache<T>& cache;
@@ -76,10 +79,11 @@ struct Planner {
   const std::vector<Index>& rows;  // queries in use per entry (<= Lq)
   const AttentionOptions& options;
   TensorView<T, 4> out;
-  TensorView<T, 3> lse;
+  TensorView<C, 3> lse;
 
   detail::PagedPlan<T> plan;
-  std::vector<detail::AlignedArray<T>> buffers;  // states and stacked queries
+  std::vector<detail::AlignedArray<T>> query_buffers;  // stacked queries
+  std::vector<detail::AlignedArray<C>> state_buffers;  // states and their lse
   BatchAttentionInfo info;
 
   Index entries() const { return q.size(0); }
@@ -91,7 +95,7 @@ struct Planner {
 
   // The pool as the engine's k and v for `entries` query entries.
   detail::FlashParams<T> params_for(TensorView<const T, 4> queries, TensorView<T, 4> outputs,
-                                    TensorView<T, 3> lses) const {
+                                    TensorView<C, 3> lses) const {
     detail::FlashParams<T> params;
     const TensorView<const T, 4> keys = cache.keys();
     const TensorView<const T, 4> values = cache.values();
@@ -105,15 +109,16 @@ struct Planner {
                                       {0, values.stride(1), values.stride(2), 1});
     params.out = outputs;
     params.lse = lses;
-    params.scale = detail::resolve_scale<T>(function, options, q.size(3));
+    params.scale = detail::resolve_scale<C>(function, options, q.size(3));
     params.softcap = options.softcap;
     params.num_threads = plan.num_threads;
     return params;
   }
 
-  T* allocate(Index count) {
+  template <typename E>
+  static E* allocate(std::vector<detail::AlignedArray<E>>& buffers, Index count) {
     buffers.push_back(
-        detail::allocate_aligned<T>(static_cast<std::size_t>(std::max<Index>(count, 1))));
+        detail::allocate_aligned<E>(static_cast<std::size_t>(std::max<Index>(count, 1))));
     return buffers.back().get();
   }
 
@@ -186,7 +191,7 @@ struct Planner {
         const auto members = static_cast<Index>(group.members.size());
         const Index stacked = members * len_q();
         // The members' queries stacked: row (h, m * Lq + i) = q[member m, h, i].
-        T* queries = allocate(heads_q() * stacked * q.size(3));
+        T* queries = allocate(query_buffers, heads_q() * stacked * q.size(3));
         for (Index m = 0; m < members; ++m)
           for (Index h = 0; h < heads_q(); ++h)
             for (Index i = 0; i < len_q(); ++i)
@@ -196,8 +201,9 @@ struct Planner {
         std::vector<KeyRange> ranges;
         cut({0, group.prefix}, ranges);
         const Index state_size = heads_q() * stacked * dim_v();
-        T* states = allocate(static_cast<Index>(ranges.size()) * state_size);
-        T* state_lses = allocate(static_cast<Index>(ranges.size()) * heads_q() * stacked);
+        C* states = allocate(state_buffers, static_cast<Index>(ranges.size()) * state_size);
+        C* state_lses =
+            allocate(state_buffers, static_cast<Index>(ranges.size()) * heads_q() * stacked);
         detail::PagedPass<T> pass;
         pass.params = params_for(stacked_q, {}, {});
         plan.tables.push_back(plan.tables[static_cast<std::size_t>(group.members.front())]);
@@ -210,11 +216,11 @@ struct Planner {
           chunk.positions = ranges[c];
           chunk.q_offset = 0;
           chunk.first_task = pass.num_tasks;
-          T* state = states + static_cast<Index>(c) * state_size;
-          T* state_lse = state_lses + static_cast<Index>(c) * heads_q() * stacked;
-          chunk.out = TensorView<T, 4>(state, {1, heads_q(), stacked, dim_v()},
-                                       {0, stacked * dim_v(), dim_v(), 1});
-          chunk.lse = TensorView<T, 3>(state_lse, {1, heads_q(), stacked}, {0, stacked, 1});
+          C* state = states + static_cast<Index>(c) * state_size;
+          C* state_lse = state_lses + static_cast<Index>(c) * heads_q() * stacked;
+          chunk.state = TensorView<C, 4>(state, {1, heads_q(), stacked, dim_v()},
+                                         {0, stacked * dim_v(), dim_v(), 1});
+          chunk.lse = TensorView<C, 3>(state_lse, {1, heads_q(), stacked}, {0, stacked, 1});
           pass.chunks.push_back(chunk);
           pass.num_tasks += heads_kv * tiles;
           for (Index m = 0; m < members; ++m)
@@ -255,8 +261,9 @@ struct Planner {
         state_count += static_cast<Index>(own[index].size());
     }
     const Index state_size = heads_q() * len_q() * dim_v();
-    T* states = state_count > 0 ? allocate(state_count * state_size) : nullptr;
-    T* state_lses = state_count > 0 ? allocate(state_count * heads_q() * len_q()) : nullptr;
+    C* states = state_count > 0 ? allocate(state_buffers, state_count * state_size) : nullptr;
+    C* state_lses =
+        state_count > 0 ? allocate(state_buffers, state_count * heads_q() * len_q()) : nullptr;
     detail::PagedPass<T> pass;
     pass.params = params_for(q, out, lse);
     Index state = 0;
@@ -274,12 +281,12 @@ struct Planner {
           chunk.out = out;
           chunk.lse = lse;
         } else {
-          T* state_out = states + state * state_size;
-          T* state_lse = state_lses + state * heads_q() * len_q();
+          C* state_out = states + state * state_size;
+          C* state_lse = state_lses + state * heads_q() * len_q();
           ++state;
-          chunk.out = TensorView<T, 4>(state_out, {entries(), heads_q(), len_q(), dim_v()},
-                                       {0, len_q() * dim_v(), dim_v(), 1});
-          chunk.lse = TensorView<T, 3>(state_lse, {entries(), heads_q(), len_q()}, {0, len_q(), 1});
+          chunk.state = TensorView<C, 4>(state_out, {entries(), heads_q(), len_q(), dim_v()},
+                                         {0, len_q() * dim_v(), dim_v(), 1});
+          chunk.lse = TensorView<C, 3>(state_lse, {entries(), heads_q(), len_q()}, {0, len_q(), 1});
           sources[index].push_back({state_out, state_lse, len_q() * dim_v(), len_q()});
         }
         pass.chunks.push_back(chunk);
@@ -301,8 +308,8 @@ struct Planner {
     for (Index s = 0; s < entries(); ++s)
       for (Index h = 0; h < heads_q(); ++h)
         for (Index i = rows[static_cast<std::size_t>(s)]; i < len_q(); ++i) {
-          std::fill_n(out.address(s, h, i, 0), dim_v(), T(0));
-          if (!lse.is_null()) lse(s, h, i) = -std::numeric_limits<T>::infinity();
+          std::fill_n(out.address(s, h, i, 0), dim_v(), T{});  // +0 in every stored type
+          if (!lse.is_null()) lse(s, h, i) = -std::numeric_limits<C>::infinity();
         }
   }
 };
@@ -310,9 +317,10 @@ struct Planner {
 template <typename T>
 void run_batch(const char* function, TensorView<const T, 4> q, const PagedKVCache<T>& cache,
                const std::vector<Index>& sequences, const std::vector<Index>& rows,
-               const AttentionOptions& options, TensorView<T, 4> out, TensorView<T, 3> lse,
-               PrefixSharing sharing, BatchAttentionInfo* info) {
-  Planner<T> planner{function, q, cache, sequences, rows, options, out, lse, {}, {}, {}};
+               const AttentionOptions& options, TensorView<T, 4> out,
+               TensorView<compute_type_t<T>, 3> lse, PrefixSharing sharing,
+               BatchAttentionInfo* info) {
+  Planner<T> planner{function, q, cache, sequences, rows, options, out, lse, {}, {}, {}, {}};
   if (q.size(0) > 0 && q.size(1) > 0 && q.size(2) > 0) planner.run(sharing);
   if (info != nullptr) *info = planner.info;
 }
@@ -320,7 +328,7 @@ void run_batch(const char* function, TensorView<const T, 4> q, const PagedKVCach
 template <typename T>
 void decode_impl(TensorView<const T, 4> q, const PagedKVCache<T>& cache,
                  const std::vector<Index>& sequences, const AttentionOptions& options,
-                 TensorView<T, 4> out, TensorView<T, 3> lse, PrefixSharing sharing,
+                 TensorView<T, 4> out, TensorView<compute_type_t<T>, 3> lse, PrefixSharing sharing,
                  BatchAttentionInfo* info) {
   constexpr const char* kFunction = "batch_decode_attention";
   const auto reading = cache.read_guard(kFunction);
@@ -333,7 +341,7 @@ template <typename T>
 void prefill_impl(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorView<const T, 4> v,
                   PagedKVCache<T>& cache, const std::vector<Index>& sequences,
                   const std::vector<Index>& counts, const AttentionOptions& options,
-                  TensorView<T, 4> out, TensorView<T, 3> lse, PrefixSharing sharing,
+                  TensorView<T, 4> out, TensorView<compute_type_t<T>, 3> lse, PrefixSharing sharing,
                   BatchAttentionInfo* info) {
   constexpr const char* kFunction = "batch_prefill_attention";
   {
@@ -387,6 +395,38 @@ void batch_prefill_attention(TensorView<const double, 4> q, TensorView<const dou
                              TensorView<double, 3> lse, PrefixSharing sharing,
                              BatchAttentionInfo* info) {
   prefill_impl<double>(q, k, v, cache, sequences, counts, options, out, lse, sharing, info);
+}
+
+void batch_decode_attention(TensorView<const bfloat16, 4> q, const PagedKVCache<bfloat16>& cache,
+                            const std::vector<Index>& sequences, const AttentionOptions& options,
+                            TensorView<bfloat16, 4> out, TensorView<float, 3> lse,
+                            PrefixSharing sharing, BatchAttentionInfo* info) {
+  decode_impl<bfloat16>(q, cache, sequences, options, out, lse, sharing, info);
+}
+
+void batch_prefill_attention(TensorView<const bfloat16, 4> q, TensorView<const bfloat16, 4> k,
+                             TensorView<const bfloat16, 4> v, PagedKVCache<bfloat16>& cache,
+                             const std::vector<Index>& sequences, const std::vector<Index>& counts,
+                             const AttentionOptions& options, TensorView<bfloat16, 4> out,
+                             TensorView<float, 3> lse, PrefixSharing sharing,
+                             BatchAttentionInfo* info) {
+  prefill_impl<bfloat16>(q, k, v, cache, sequences, counts, options, out, lse, sharing, info);
+}
+
+void batch_decode_attention(TensorView<const float16, 4> q, const PagedKVCache<float16>& cache,
+                            const std::vector<Index>& sequences, const AttentionOptions& options,
+                            TensorView<float16, 4> out, TensorView<float, 3> lse,
+                            PrefixSharing sharing, BatchAttentionInfo* info) {
+  decode_impl<float16>(q, cache, sequences, options, out, lse, sharing, info);
+}
+
+void batch_prefill_attention(TensorView<const float16, 4> q, TensorView<const float16, 4> k,
+                             TensorView<const float16, 4> v, PagedKVCache<float16>& cache,
+                             const std::vector<Index>& sequences, const std::vector<Index>& counts,
+                             const AttentionOptions& options, TensorView<float16, 4> out,
+                             TensorView<float, 3> lse, PrefixSharing sharing,
+                             BatchAttentionInfo* info) {
+  prefill_impl<float16>(q, k, v, cache, sequences, counts, options, out, lse, sharing, info);
 }
 
 }  // namespace foveal

@@ -325,5 +325,7 @@ void PagedKVCache<T>::append(const std::vector<Index>& sequences, TensorView<con
 
 template class PagedKVCache<float>;
 template class PagedKVCache<double>;
+template class PagedKVCache<bfloat16>;
+template class PagedKVCache<float16>;
 
 }  // namespace foveal

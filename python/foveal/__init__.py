@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import numpy as np
-
 from . import _core
 from ._common import (
     CacheGeometry,
@@ -19,9 +17,11 @@ from ._common import (
     attention_outputs,
     cache_outputs,
     dtype_name,
+    dtype_of_class,
     forwarded,
     new_like,
     shape,
+    storage_array,
     storage_dtype_arg,
 )
 
@@ -332,9 +332,7 @@ class KVCache(CacheGeometry):
         self._cache = _core.wrap_kv_cache(
             keys, values, ring=ring, sink_tokens=sink_tokens, lengths=lengths
         )
-        for name, cache_class in _KV_CACHE_CLASSES.items():
-            if type(self._cache) is cache_class:
-                self._dtype = storage_dtype_arg("KVCache.wrap", name)
+        self._dtype = dtype_of_class(_KV_CACHE_CLASSES, self._cache)
         return self
 
     batch = forwarded("batch", "Number of sequences B.")
@@ -356,13 +354,13 @@ class KVCache(CacheGeometry):
     def keys(self) -> Any:
         """The key storage ``[B, Hkv, capacity, D]``, read-only (ring rows wrap): a numpy array,
         or a torch tensor for a bfloat16 cache (numpy has no bfloat16)."""
-        return _storage_array(self._cache.keys, self._dtype)
+        return storage_array(self._cache.keys, self._dtype)
 
     @property
     def values(self) -> Any:
         """The value storage ``[B, Hkv, capacity, Dv]``, read-only (ring rows wrap): a numpy
         array, or a torch tensor for a bfloat16 cache."""
-        return _storage_array(self._cache.values, self._dtype)
+        return storage_array(self._cache.values, self._dtype)
 
     def append(self, k: Any, v: Any, *, counts: Any = None) -> None:
         """Appends ``k`` ``[B, Hkv, n, D]`` and ``v`` ``[B, Hkv, n, Dv]`` to every sequence; with
@@ -383,7 +381,7 @@ class KVCache(CacheGeometry):
         return (
             f"foveal.KVCache(batch={self.batch}, heads_kv={self.heads_kv}, "
             f"capacity={self.capacity}, dim={self.dim}, dim_v={self.dim_v}, "
-            f"dtype={self._dtype.name}{mode}, lengths={self.lengths})"
+            f"dtype={dtype_name(self._dtype)}{mode}, lengths={self.lengths})"
         )
 
 
@@ -393,20 +391,6 @@ _KV_CACHE_CLASSES = {
     "bfloat16": _core.KVCacheBF16,
     "float16": _core.KVCacheF16,
 }
-
-
-def _storage_array(array: np.ndarray, dtype: Any) -> Any:
-    """The cache's storage as handed out by the compiled module; bfloat16 storage comes as its
-    uint16 bits and is returned as a read-only-in-spirit torch.bfloat16 view of them."""
-    if dtype_name(dtype) != "bfloat16":
-        return array
-    import warnings
-
-    import torch
-
-    with warnings.catch_warnings():  # torch warns that the array is not writable
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(array).view(torch.bfloat16)
 
 
 def decode_attention(

@@ -186,6 +186,29 @@ def storage_dtype_arg(function: str, dtype: Any) -> Any:
     return name if name == "bfloat16" else np.dtype(name)
 
 
+def storage_array(array: np.ndarray, dtype: Any) -> Any:
+    """The cache's storage as handed out by the compiled module; bfloat16 storage comes as its
+    uint16 bits and is returned as a read-only-in-spirit torch.bfloat16 view of them."""
+    if dtype_name(dtype) != "bfloat16":
+        return array
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():  # torch warns that the array is not writable
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array).view(torch.bfloat16)
+
+
+def dtype_of_class(classes: dict, cache: Any) -> Any:
+    """The dtype (as storage_dtype_arg gives it) of a compiled cache object, by its class among
+    ``classes`` (dtype name -> compiled class)."""
+    for name, cache_class in classes.items():
+        if type(cache) is cache_class:
+            return storage_dtype_arg("cache", name)
+    raise TypeError(f"foveal: not a compiled cache: {type(cache).__name__}")
+
+
 def float_dtype_arg(function: str, dtype: Any) -> np.dtype:
     """A ``dtype=`` argument as a numpy dtype, float32 or float64 (TypeError otherwise)."""
     dtype = np.dtype(dtype)

@@ -148,23 +148,6 @@ struct PyKVCache {
   py::object values_owner;
 };
 
-// A read-only numpy array over `view`, keeping `owner` alive.
-template <typename T>
-py::array readonly_array(const foveal::TensorView<const T, 4>& view, const py::object& owner) {
-  std::vector<py::ssize_t> shape(view.shape().begin(), view.shape().end());
-  std::vector<py::ssize_t> strides;
-  for (foveal::Index stride : view.strides())
-    strides.push_back(static_cast<py::ssize_t>(stride * static_cast<foveal::Index>(sizeof(T))));
-  // numpy has no bfloat16: its bits are handed out as uint16 (the Python layer views them as
-  // torch.bfloat16).
-  py::dtype dtype = std::is_same_v<T, foveal::bfloat16>  ? py::dtype("uint16")
-                    : std::is_same_v<T, foveal::float16> ? py::dtype("float16")
-                                                         : py::dtype::of<T>();
-  py::array array(dtype, shape, strides, view.data(), owner);
-  array.attr("setflags")(py::arg("write") = false);
-  return array;
-}
-
 template <typename T>
 void bind_kv_cache(py::module_& m, const char* class_name) {
   using Cache = PyKVCache<T>;
@@ -198,13 +181,13 @@ void bind_kv_cache(py::module_& m, const char* class_name) {
            })
       .def_property_readonly("keys",
                              [](py::object self) {
-                               return readonly_array<T>(self.cast<const Cache&>().cache.keys(),
-                                                        self);
+                               return foveal::python::readonly_array<T>(
+                                   self.cast<const Cache&>().cache.keys(), self);
                              })
       .def_property_readonly("values",
                              [](py::object self) {
-                               return readonly_array<T>(self.cast<const Cache&>().cache.values(),
-                                                        self);
+                               return foveal::python::readonly_array<T>(
+                                   self.cast<const Cache&>().cache.values(), self);
                              })
       .def(
           "append",

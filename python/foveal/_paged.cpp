@@ -22,7 +22,10 @@ using foveal::Index;
 using foveal::python::Keywords;
 using foveal::python::optional_view;
 using foveal::python::Tensor;
-using foveal::python::with_float_type;
+using foveal::python::with_storage_type;
+
+// Where lse's dtype comes from next to a 16-bit pool.
+constexpr const char* kHalfLse = "float32 next to a 16-bit pool";
 
 // A PagedKVCache and, when it wraps caller memory, what owns that memory.
 template <typename T>
@@ -50,18 +53,6 @@ py::dict info_dict(const foveal::BatchAttentionInfo& info) {
   result["shared_groups"] = info.shared_groups;
   result["shared_tokens"] = info.shared_tokens;
   return result;
-}
-
-// A read-only numpy array over the pool, keeping `owner` alive.
-template <typename T>
-py::array pool_array(const foveal::TensorView<const T, 4>& view, const py::object& owner) {
-  std::vector<py::ssize_t> shape(view.shape().begin(), view.shape().end());
-  std::vector<py::ssize_t> strides;
-  for (Index stride : view.strides())
-    strides.push_back(static_cast<py::ssize_t>(stride * static_cast<Index>(sizeof(T))));
-  py::array array(py::dtype::of<T>(), shape, strides, view.data(), owner);
-  array.attr("setflags")(py::arg("write") = false);
-  return array;
 }
 
 template <typename T>
@@ -98,11 +89,13 @@ void bind_paged_cache(py::module_& m, const char* class_name) {
       .def_property_readonly("sequences", [](const Cache& c) { return c.cache.sequences(); })
       .def_property_readonly("keys",
                              [](py::object self) {
-                               return pool_array<T>(self.cast<const Cache&>().cache.keys(), self);
+                               return foveal::python::readonly_array<T>(
+                                   self.cast<const Cache&>().cache.keys(), self);
                              })
       .def_property_readonly("values",
                              [](py::object self) {
-                               return pool_array<T>(self.cast<const Cache&>().cache.values(), self);
+                               return foveal::python::readonly_array<T>(
+                                   self.cast<const Cache&>().cache.values(), self);
                              })
       .def("add_sequence", [](Cache& c) { return c.cache.add_sequence(); })
       .def("fork",
@@ -163,7 +156,8 @@ void bind_paged_cache(py::module_& m, const char* class_name) {
             keywords.require_all_read();
             const auto q_view = q.view<const T, 4>(fn, "q", "S, Hq, Lq, D", same);
             const auto out_view = out.view<T, 4>(fn, "out", "S, Hq, Lq, Dv", same);
-            const auto lse_view = optional_view<T, 3>(lse, fn, "lse", "S, Hq, Lq", same);
+            const auto lse_view = optional_view<foveal::compute_type_t<T>, 3>(
+                lse, fn, "lse", "S, Hq, Lq", foveal::is_half_dtype_v<T> ? kHalfLse : same);
             foveal::BatchAttentionInfo info;
             {
               py::gil_scoped_release release;
@@ -188,7 +182,8 @@ void bind_paged_cache(py::module_& m, const char* class_name) {
             const auto k_view = k.view<const T, 4>(fn, "k", "S, Hkv, n, D", same);
             const auto v_view = v.view<const T, 4>(fn, "v", "S, Hkv, n, Dv", same);
             const auto out_view = out.view<T, 4>(fn, "out", "S, Hq, n, Dv", same);
-            const auto lse_view = optional_view<T, 3>(lse, fn, "lse", "S, Hq, n", same);
+            const auto lse_view = optional_view<foveal::compute_type_t<T>, 3>(
+                lse, fn, "lse", "S, Hq, n", foveal::is_half_dtype_v<T> ? kHalfLse : same);
             foveal::BatchAttentionInfo info;
             {
               py::gil_scoped_release release;
@@ -203,7 +198,7 @@ void bind_paged_cache(py::module_& m, const char* class_name) {
 // A paged cache over the caller's pool halves, of their dtype.
 py::object wrap_paged_kv_cache(const Tensor& keys, const Tensor& values) {
   const char* fn = "PagedKVCache.wrap";
-  return with_float_type(fn, "keys", keys, [&](auto type) -> py::object {
+  return with_storage_type(fn, "keys", keys, [&](auto type) -> py::object {
     using T = decltype(type);
     return py::cast(
         new PyPagedCache<T>{
@@ -220,5 +215,7 @@ py::object wrap_paged_kv_cache(const Tensor& keys, const Tensor& values) {
 void bind_paged(py::module_& m) {
   bind_paged_cache<float>(m, "PagedKVCacheF32");
   bind_paged_cache<double>(m, "PagedKVCacheF64");
+  bind_paged_cache<foveal::bfloat16>(m, "PagedKVCacheBF16");
+  bind_paged_cache<foveal::float16>(m, "PagedKVCacheF16");
   m.def("wrap_paged_kv_cache", &wrap_paged_kv_cache, py::arg("keys"), py::arg("values"));
 }

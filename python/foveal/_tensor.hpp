@@ -268,6 +268,29 @@ decltype(auto) with_storage_type(const char* function, const char* name, const T
   return f(float{});
 }
 
+// A read-only numpy array over a cache's storage `view`, keeping `owner` alive.
+template <typename T>
+py::array readonly_array(const foveal::TensorView<const T, 4>& view, const py::object& owner) {
+  std::vector<py::ssize_t> shape(view.shape().begin(), view.shape().end());
+  std::vector<py::ssize_t> strides;
+  for (foveal::Index stride : view.strides())
+    strides.push_back(static_cast<py::ssize_t>(stride * static_cast<foveal::Index>(sizeof(T))));
+  // numpy has no bfloat16: its bits are handed out as uint16 (the Python layer views them as
+  // torch.bfloat16).
+  const py::dtype dtype = [] {
+    if constexpr (std::is_same_v<T, foveal::bfloat16>) {
+      return py::dtype("uint16");
+    } else if constexpr (std::is_same_v<T, foveal::float16>) {
+      return py::dtype("float16");
+    } else {
+      return py::dtype::of<T>();
+    }
+  }();
+  py::array array(dtype, shape, strides, view.data(), owner);
+  array.attr("setflags")(py::arg("write") = false);
+  return array;
+}
+
 // The view of an optional argument; None gives the null ("not given") view.
 template <typename T, int Rank>
 TensorView<T, Rank> optional_view(const std::optional<Tensor>& tensor, const char* function,

@@ -17,10 +17,20 @@ from ._common import (
     CacheGeometry,
     attention_options,
     cache_outputs,
-    float_dtype_arg,
+    dtype_name,
+    dtype_of_class,
     forwarded,
     shape,
+    storage_array,
+    storage_dtype_arg,
 )
+
+_PAGED_CLASSES = {
+    "float32": _core.PagedKVCacheF32,
+    "float64": _core.PagedKVCacheF64,
+    "bfloat16": _core.PagedKVCacheBF16,
+    "float16": _core.PagedKVCacheF16,
+}
 
 
 class PagedKVCache(CacheGeometry):
@@ -28,9 +38,10 @@ class PagedKVCache(CacheGeometry):
     page_size, D]``, values ``[num_pages, Hkv, page_size, Dv]``.
 
     ``PagedKVCache(num_pages, page_size, heads_kv, dim, dim_v=None, dtype="float32")`` owns its
-    pool (zeroed lazily: pages never written take no memory); ``PagedKVCache.wrap(pool)`` uses a
-    caller's ``[num_pages, 2, Hkv, page_size, D]`` tensor (keys ``pool[:, 0]``, values
-    ``pool[:, 1]``), so a Python server can own the memory.
+    pool (zeroed lazily: pages never written take no memory; ``dtype`` float32, float64,
+    "bfloat16" or float16: 16-bit pages hold half the bytes and attend in float32);
+    ``PagedKVCache.wrap(pool)`` uses a caller's ``[num_pages, 2, Hkv, page_size, D]`` tensor
+    (keys ``pool[:, 0]``, values ``pool[:, 1]``), so a Python server can own the memory.
 
     A sequence is an id (from :meth:`add_sequence` or :meth:`fork`; ids are never reused) with a
     page table: token p sits in slot ``p % page_size`` of page ``page_table(id)[p //
@@ -52,9 +63,8 @@ class PagedKVCache(CacheGeometry):
         *,
         dtype: Any = "float32",
     ) -> None:
-        self._dtype = float_dtype_arg("PagedKVCache", dtype)
-        cache_class = _core.PagedKVCacheF32 if self._dtype == np.float32 else _core.PagedKVCacheF64
-        self._cache = cache_class(
+        self._dtype = storage_dtype_arg("PagedKVCache", dtype)
+        self._cache = _PAGED_CLASSES[dtype_name(self._dtype)](
             num_pages=num_pages, page_size=page_size, heads_kv=heads_kv, dim=dim, dim_v=dim_v
         )
 
@@ -62,9 +72,9 @@ class PagedKVCache(CacheGeometry):
     def wrap(cls, pool: Any = None, *, keys: Any = None, values: Any = None) -> PagedKVCache:
         """A cache over caller memory: ``pool`` ``[num_pages, 2, Hkv, page_size, D]`` (keys are
         ``pool[:, 0]``, values ``pool[:, 1]``), or ``keys`` ``[num_pages, Hkv, page_size, D]``
-        and ``values`` ``[num_pages, Hkv, page_size, Dv]`` given separately. float32 or
-        float64, writable, innermost dimension contiguous; kept alive by the cache. The pages
-        are all free: the cache starts with no sequences."""
+        and ``values`` ``[num_pages, Hkv, page_size, Dv]`` given separately. float32, float64,
+        bfloat16 or float16, writable, innermost dimension contiguous; kept alive by the cache.
+        The pages are all free: the cache starts with no sequences."""
         if (pool is None) == (keys is None and values is None):
             raise TypeError("foveal: PagedKVCache.wrap: give either pool or both keys and values")
         if pool is not None:
@@ -77,9 +87,7 @@ class PagedKVCache(CacheGeometry):
             keys, values = pool[:, 0], pool[:, 1]
         self = cls.__new__(cls)
         self._cache = _core.wrap_paged_kv_cache(keys, values)
-        self._dtype = np.dtype(
-            np.float32 if type(self._cache) is _core.PagedKVCacheF32 else np.float64
-        )
+        self._dtype = dtype_of_class(_PAGED_CLASSES, self._cache)
         return self
 
     num_pages = forwarded("num_pages", "Pages in the pool.")
@@ -99,14 +107,15 @@ class PagedKVCache(CacheGeometry):
         return list(self._cache.sequences)
 
     @property
-    def keys(self) -> np.ndarray:
-        """The key pool ``[num_pages, Hkv, page_size, D]``, read-only."""
-        return self._cache.keys
+    def keys(self) -> Any:
+        """The key pool ``[num_pages, Hkv, page_size, D]``, read-only (a torch.bfloat16 tensor
+        for a bfloat16 pool, else numpy)."""
+        return storage_array(self._cache.keys, self._dtype)
 
     @property
-    def values(self) -> np.ndarray:
-        """The value pool ``[num_pages, Hkv, page_size, Dv]``, read-only."""
-        return self._cache.values
+    def values(self) -> Any:
+        """The value pool ``[num_pages, Hkv, page_size, Dv]``, read-only (as ``keys``)."""
+        return storage_array(self._cache.values, self._dtype)
 
     def add_sequence(self) -> int:
         """Starts an empty sequence; returns its id."""
@@ -161,7 +170,7 @@ class PagedKVCache(CacheGeometry):
         return (
             f"foveal.PagedKVCache(num_pages={self.num_pages}, page_size={self.page_size}, "
             f"heads_kv={self.heads_kv}, dim={self.dim}, dim_v={self.dim_v}, "
-            f"dtype={self._dtype.name}, sequences={len(self.sequences)}, "
+            f"dtype={dtype_name(self._dtype)}, sequences={len(self.sequences)}, "
             f"pages_in_use={self.pages_in_use})"
         )
 

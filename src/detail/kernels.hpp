@@ -18,6 +18,7 @@
 #include "detail/mask.hpp"
 #include "detail/sparsek_selection.hpp"
 #include "foveal/attention/kv_cache.hpp"
+#include "foveal/core/dtype.hpp"
 #include "foveal/sparsek/attention.hpp"
 
 namespace foveal::detail {
@@ -47,6 +48,7 @@ struct DecodePlan {
 // group of tiles visits for one query entry, written to the outputs or to a state; the states of
 // a call's output entry s are merged in the order of sources[first_source[s] ..
 // first_source[s + 1]).
+// T is the stored element type; states and lse are in its compute type.
 template <typename T>
 struct PagedChunk {
   Index entry = 0;       // dim 0 of the pass's q
@@ -54,8 +56,9 @@ struct PagedChunk {
   KeyRange positions;    // the key positions visited
   Index q_offset = 0;    // position of the entry's query 0
   Index first_task = 0;  // the chunk's tasks start here (heads_kv * tiles of them)
-  TensorView<T, 4> out;  // the outputs, or a state with stride 0 over dim 0
-  TensorView<T, 3> lse;
+  TensorView<T, 4> out;  // the outputs, unless state is set
+  TensorView<compute_type_t<T>, 4> state;  // a state with stride 0 over dim 0, or null
+  TensorView<compute_type_t<T>, 3> lse;
 };
 
 template <typename T>
@@ -69,8 +72,8 @@ struct PagedPass {
 // lse_head_stride + i.
 template <typename T>
 struct PagedSource {
-  const T* out;
-  const T* lse;
+  const compute_type_t<T>* out;
+  const compute_type_t<T>* lse;
   Index out_head_stride;
   Index lse_head_stride;
 };
@@ -85,7 +88,7 @@ struct PagedPlan {
   std::vector<PagedSource<T>> sources;
   std::vector<Index> first_source;  // [S + 1]
   TensorView<T, 4> out;             // [S, Hq, Lq, Dv]
-  TensorView<T, 3> lse;
+  TensorView<compute_type_t<T>, 3> lse;
   int num_threads = 1;
 };
 
@@ -230,7 +233,8 @@ struct Kernels {
 // The kernels that also take 16-bit storage (bfloat16, float16), computing in float.
 #define FOVEAL_HALF_KERNELS(X)                                  \
   X(band_attention, (const FlashParams<T>&, const BandPolicy&)) \
-  X(decode_attention, (const DecodePlan<T>&))
+  X(decode_attention, (const DecodePlan<T>&))                   \
+  X(paged_attention, (const PagedPlan<T>&))
 
 template <typename T>
 struct HalfKernels {

@@ -172,22 +172,23 @@ class PagedChunkPolicy : public RulePolicy<Visibility> {
   KeyRange chunk_;
 };
 
-template <typename T>
-void paged_attention(const PagedPlan<T>& plan) {
-  for (const PagedPass<T>& pass : plan.passes) {
+// S: the stored type of q, the pool and out; states and lse are in T = compute_type_t<S>.
+template <typename S>
+void paged_attention(const PagedPlan<S>& plan) {
+  using T = compute_type_t<S>;
+  for (const PagedPass<S>& pass : plan.passes) {
     const Index tiles = (pass.params.rows_per_head() + kBlockQ - 1) / kBlockQ;
-    const std::vector<PagedChunk<T>>& chunks = pass.chunks;
+    const std::vector<PagedChunk<S>>& chunks = pass.chunks;
     run_engine(pass.params, pass.num_tasks, [&](Index task, NoPolicyScratch&) {
       const auto found = std::upper_bound(
           chunks.begin(), chunks.end(), task,
-          [](Index value, const PagedChunk<T>& chunk) { return value < chunk.first_task; });
-      const PagedChunk<T>& chunk = *(found - 1);
+          [](Index value, const PagedChunk<S>& chunk) { return value < chunk.first_task; });
+      const PagedChunk<S>& chunk = *(found - 1);
       const Index local = task - chunk.first_task;
       // Late tiles first: under a causal mask they see the most keys.
       const Index tile_index = tiles - 1 - local % tiles;
-      const Tile<T> tile{
-          chunk.entry, local / tiles, tile_index * kBlockQ, chunk.q_offset, chunk.out, chunk.lse,
-          {}};
+      const Tile<S> tile{chunk.entry, local / tiles, tile_index * kBlockQ, chunk.q_offset,
+                         chunk.out,   chunk.lse,     chunk.state};
       const auto table = static_cast<std::size_t>(chunk.table);
       return plan_tile(PagedChunkPolicy(plan.visibility[table], plan.tables[table], plan.page_size,
                                         plan.page_rows, chunk.positions),
@@ -196,7 +197,7 @@ void paged_attention(const PagedPlan<T>& plan) {
   }
 
   // Merge each output row's states in order.
-  const TensorView<T, 4> out = plan.out;
+  const TensorView<S, 4> out = plan.out;
   const TensorView<T, 3> lse = plan.lse;
   const Index entries = out.size(0), heads_q = out.size(1), len_q = out.size(2);
   const Index dim_v = out.size(3);
@@ -218,13 +219,13 @@ void paged_attention(const PagedPlan<T>& plan) {
         static_cast<std::size_t>(max_sources) * static_cast<std::size_t>(thread_index());
     for (Index i = 0; i < len_q; ++i) {
       for (Index c = 0; c < count; ++c) {
-        const PagedSource<T>& source = plan.sources[static_cast<std::size_t>(first + c)];
+        const PagedSource<S>& source = plan.sources[static_cast<std::size_t>(first + c)];
         state_rows[scratch + c] = source.out + h * source.out_head_stride + i * dim_v;
         state_lse[scratch + c] = source.lse[h * source.lse_head_stride + i];
       }
-      merge_state_row<T>(count, state_rows.data() + scratch, state_lse.data() + scratch, dim_v,
-                         weights.data() + scratch, out.address(s, h, i, 0),
-                         lse.is_null() ? nullptr : lse.address(s, h, i));
+      merge_state_row<T, S>(count, state_rows.data() + scratch, state_lse.data() + scratch, dim_v,
+                            weights.data() + scratch, out.address(s, h, i, 0),
+                            lse.is_null() ? nullptr : lse.address(s, h, i));
     }
   });
 }

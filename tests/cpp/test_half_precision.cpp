@@ -14,9 +14,11 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "attention_cases.hpp"
+#include "foveal/attention/batch_attention.hpp"
 #include "foveal/attention/decode.hpp"
 #include "foveal/attention/dense.hpp"
 #include "foveal/attention/kv_cache.hpp"
@@ -336,6 +338,61 @@ TYPED_TEST(HalfPrecision, DecodeIsTheFloatCallRounded) {
       expect_rounded_float_results<H>(half, single);
     }
     ++seed;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paged pools: batch prefill and batch decode (with a forked prompt shared as a prefix).
+
+template <typename T, typename H>
+std::pair<Run, Run> run_paged(int threads) {
+  using C = compute_type_t<T>;
+  constexpr Index kHeadsKv = 2, kHeadsQ = 8, kDim = 64, kPage = 16;
+  PagedKVCache<T> pool(200, kPage, kHeadsKv, kDim, kDim);
+  RandomSource random(5);
+  const Index prompt = pool.add_sequence();
+  const Index other = pool.add_sequence();
+  AttentionOptions options;
+  options.causal = true;
+  options.num_threads = threads;
+  // Prefill: the prompt (700 tokens) and another sequence (300) in one chunked call.
+  const Index n = 700;
+  const auto draw = [&](Shape<4> shape) {
+    return Buffer<T, 4>::make(representable<H>(random.normal(static_cast<std::size_t>(
+                                  shape[0] * shape[1] * shape[2] * shape[3]))),
+                              shape, 0, nan_of<T>());
+  };
+  const auto q = draw({2, kHeadsQ, n, kDim});
+  const auto k = draw({2, kHeadsKv, n, kDim});
+  const auto v = draw({2, kHeadsKv, n, kDim});
+  auto out = Buffer<T, 4>::make({}, {2, kHeadsQ, n, kDim}, 0, nan_of<T>());
+  auto lse = Buffer<C, 3>::make({}, {2, kHeadsQ, n}, 0, std::numeric_limits<C>::quiet_NaN());
+  batch_prefill_attention(q.const_view(), k.const_view(), v.const_view(), pool, {prompt, other},
+                          {n, 300}, options, out.view(), lse.view());
+  const Run prefill{out.values(), lse.values()};
+  // Decode: three forks of the prompt and the other sequence, one new token each.
+  std::vector<Index> ids = {pool.fork(prompt), pool.fork(prompt), pool.fork(prompt), other};
+  const auto k1 = draw({4, kHeadsKv, 1, kDim});
+  const auto v1 = draw({4, kHeadsKv, 1, kDim});
+  pool.append(ids, k1.const_view(), v1.const_view());
+  const auto q1 = draw({4, kHeadsQ, 1, kDim});
+  auto out1 = Buffer<T, 4>::make({}, {4, kHeadsQ, 1, kDim}, 0, nan_of<T>());
+  auto lse1 = Buffer<C, 3>::make({}, {4, kHeadsQ, 1}, 0, std::numeric_limits<C>::quiet_NaN());
+  BatchAttentionInfo info;
+  batch_decode_attention(q1.const_view(), pool, ids, options, out1.view(), lse1.view(),
+                         PrefixSharing::detect, &info);
+  EXPECT_EQ(info.shared_groups, 1) << "the forks share the prompt's pages";
+  return {prefill, Run{out1.values(), lse1.values()}};
+}
+
+TYPED_TEST(HalfPrecision, PagedPoolsAreTheFloatCallRounded) {
+  using H = TypeParam;
+  for (int threads = 1; threads <= 2; ++threads) {
+    SCOPED_TRACE(describe("threads ", threads));
+    const auto [half_prefill, half_decode] = run_paged<H, H>(threads);
+    const auto [prefill, decode] = run_paged<float, H>(threads);
+    expect_rounded_float_results<H>(half_prefill, prefill);
+    expect_rounded_float_results<H>(half_decode, decode);
   }
 }
 

@@ -215,3 +215,37 @@ def test_autograd_through_16_bit_attention(dtype):
         assert error <= 4 * precision, error
     compiled = torch.compile(lambda a, b, c: ft.attention(a, b, c, causal=True), fullgraph=True)
     assert torch.equal(compiled(q, k, v), ft.attention(q, k, v, causal=True))
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=lambda t: NAMES[t])
+def test_paged_pool_in_16_bit(dtype):
+    """A 16-bit PagedKVCache: chunked prefill and batch decode over a forked prompt (the shared
+    prefix path) equal the float32 pool's results rounded."""
+    name = NAMES[dtype]
+    generator = torch.Generator().manual_seed(21)
+    results = {}
+    for pool_dtype in (name, "float32"):
+        wide = pool_dtype == "float32"
+
+        def draw(*shape, wide=wide):
+            values = torch.randn(*shape, generator=generator).to(dtype)
+            return values.float() if wide else values
+
+        pool = foveal.PagedKVCache(120, 16, 2, 64, dtype=pool_dtype)
+        assert foveal.paged.PagedKVCache is type(pool)
+        prompt, other = pool.add_sequence(), pool.add_sequence()
+        q, k, v = draw(2, 8, 500, 64), draw(2, 2, 500, 64), draw(2, 2, 500, 64)
+        out, lse = foveal.batch_prefill_attention(
+            q, k, v, pool, [prompt, other], counts=[500, 200], causal=True, return_lse=True
+        )
+        ids = [pool.fork(prompt), pool.fork(prompt), other]
+        pool.append(ids, draw(3, 2, 1, 64), draw(3, 2, 1, 64))
+        out1, lse1 = foveal.batch_decode_attention(draw(3, 8, 1, 64), pool, ids, return_lse=True)
+        results[pool_dtype] = (out, lse, out1, lse1)
+        generator.manual_seed(21)
+    half, single = results[name], results["float32"]
+    assert half[0].dtype == dtype and half[1].dtype == torch.float32
+    for got, want in ((half[0], single[0]), (half[2], single[2])):
+        assert torch.equal(got, want.to(dtype))
+    for got, want in ((half[1], single[1]), (half[3], single[3])):
+        assert torch.equal(got, want)

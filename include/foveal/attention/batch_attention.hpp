@@ -6,6 +6,7 @@
 
 #include "foveal/attention/options.hpp"
 #include "foveal/attention/paged_kv_cache.hpp"
+#include "foveal/core/dtype.hpp"
 #include "foveal/core/tensor.hpp"
 
 namespace foveal {
@@ -69,6 +70,33 @@ void batch_prefill_attention(TensorView<const double, 4> q, TensorView<const dou
                              const std::vector<Index>& sequences, const std::vector<Index>& counts,
                              const AttentionOptions& options, TensorView<double, 4> out,
                              TensorView<double, 3> lse = {},
+                             PrefixSharing sharing = PrefixSharing::detect,
+                             BatchAttentionInfo* info = nullptr);
+
+// 16-bit pools (PagedKVCache<bfloat16>, PagedKVCache<float16>): q, k, v and out of the pool's
+// type, computed in float32 (lse float32), out the float32 result rounded.
+void batch_decode_attention(TensorView<const bfloat16, 4> q, const PagedKVCache<bfloat16>& cache,
+                            const std::vector<Index>& sequences, const AttentionOptions& options,
+                            TensorView<bfloat16, 4> out, TensorView<float, 3> lse = {},
+                            PrefixSharing sharing = PrefixSharing::detect,
+                            BatchAttentionInfo* info = nullptr);
+void batch_prefill_attention(TensorView<const bfloat16, 4> q, TensorView<const bfloat16, 4> k,
+                             TensorView<const bfloat16, 4> v, PagedKVCache<bfloat16>& cache,
+                             const std::vector<Index>& sequences, const std::vector<Index>& counts,
+                             const AttentionOptions& options, TensorView<bfloat16, 4> out,
+                             TensorView<float, 3> lse = {},
+                             PrefixSharing sharing = PrefixSharing::detect,
+                             BatchAttentionInfo* info = nullptr);
+void batch_decode_attention(TensorView<const float16, 4> q, const PagedKVCache<float16>& cache,
+                            const std::vector<Index>& sequences, const AttentionOptions& options,
+                            TensorView<float16, 4> out, TensorView<float, 3> lse = {},
+                            PrefixSharing sharing = PrefixSharing::detect,
+                            BatchAttentionInfo* info = nullptr);
+void batch_prefill_attention(TensorView<const float16, 4> q, TensorView<const float16, 4> k,
+                             TensorView<const float16, 4> v, PagedKVCache<float16>& cache,
+                             const std::vector<Index>& sequences, const std::vector<Index>& counts,
+                             const AttentionOptions& options, TensorView<float16, 4> out,
+                             TensorView<float, 3> lse = {},
                              PrefixSharing sharing = PrefixSharing::detect,
                              BatchAttentionInfo* info = nullptr);
 

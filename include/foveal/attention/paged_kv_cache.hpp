@@ -5,6 +5,7 @@
 #include <map>
 #include <vector>
 
+#include "foveal/core/dtype.hpp"
 #include "foveal/core/tensor.hpp"
 #include "foveal/detail/use_guard.hpp"
 
@@ -139,5 +140,7 @@ class PagedKVCache {
 
 extern template class PagedKVCache<float>;
 extern template class PagedKVCache<double>;
+extern template class PagedKVCache<bfloat16>;
+extern template class PagedKVCache<float16>;
 
 }  // namespace foveal
