@@ -326,6 +326,13 @@ int threads_worth_starting(int threads, Index elements) {
   return static_cast<int>(std::clamp<Index>(elements / kElementsPerThread, 1, threads));
 }
 
+// The threads worth starting for `products` double multiply-adds of folding or finishing
+// gradients: a thread below ~1M costs more to wake than it saves (far more on a loaded
+// machine). Each task writes its own outputs, so the split never changes results.
+int threads_for_products(int threads, Index products) {
+  return threads_worth_starting(threads, products / 8);
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -667,7 +674,9 @@ SpadeEmbedding::SpadeEmbedding(SpadeSchema schema, const SpadeEmbeddingWeights& 
     };
     if (schema_.feature(f).kind == SpadeFeatureKind::discrete) {
       Tensor<float, 2> rows({w.table.size(0), row_stride_});
-      parallel_for(w.table.size(0), get_num_threads(), [&](Index id) {
+      const int threads =
+          threads_for_products(get_num_threads(), w.table.size(0) * width * d_model_);
+      parallel_for(w.table.size(0), threads, [&](Index id) {
         std::vector<double> embedding(static_cast<std::size_t>(width));
         for (Index j = 0; j < width; ++j) embedding[j] = w.table(id, j);
         if (!w.norm_weight.is_null())
@@ -889,18 +898,20 @@ void spade_embedding_backward(const SpadeSchema& schema, const SpadeEmbeddingWei
             projection(o, concat_width + c);
   }
 
-  // The kernel's sums.
+  // The kernel's sums, rows of sum_stride floats.
+  const Index sum_stride =
+      (d_model + detail::kSpadeSumFloats - 1) / detail::kSpadeSumFloats * detail::kSpadeSumFloats;
   std::vector<std::vector<float>> table_sums;
   std::vector<float*> table_pointers;
   std::vector<std::int64_t> pad_ids;
   for (Index f : schema.discrete_features()) {
-    table_sums.emplace_back(static_cast<std::size_t>(schema.feature(f).vocab_size * row_stride),
+    table_sums.emplace_back(static_cast<std::size_t>(schema.feature(f).vocab_size * sum_stride),
                             0.0f);
     table_pointers.push_back(table_sums.back().data());
     pad_ids.push_back(schema.feature(f).pad_id);
   }
-  std::vector<float> dense_sums(static_cast<std::size_t>(dense_inputs * row_stride), 0.0f);
-  std::vector<float> grad_sum(static_cast<std::size_t>(row_stride), 0.0f);
+  std::vector<float> dense_sums(static_cast<std::size_t>(dense_inputs * sum_stride), 0.0f);
+  std::vector<float> grad_sum(static_cast<std::size_t>(sum_stride), 0.0f);
   std::vector<double> hidden_grads(static_cast<std::size_t>(2 * layout.hidden_total), 0.0);
   detail::SpadeEmbeddingBackwardPlan plan;
   plan.ids = ids;
@@ -916,6 +927,7 @@ void spade_embedding_backward(const SpadeSchema& schema, const SpadeEmbeddingWei
   plan.hidden_bias = hidden_bias.data();
   plan.dense_rows = dense_rows.data();
   plan.row_stride = row_stride;
+  plan.sum_stride = sum_stride;
   plan.d_model = d_model;
   plan.dense_inputs = dense_inputs;
   plan.condition_dim = layout.condition_dim;
@@ -948,12 +960,13 @@ void spade_embedding_backward(const SpadeSchema& schema, const SpadeEmbeddingWei
       const float* sums = table_sums[static_cast<std::size_t>(schema.column(f))].data();
       const Index vocab = w.table.size(0);
       const NormalizedTable table = normalize_table(w, weights.norm_eps);
+      const int product_threads = threads_for_products(threads, vocab * width * d_model);
       if (!grad_projection.is_null()) {
-        parallel_for(d_model, threads, [&](Index o) {
+        parallel_for(d_model, product_threads, [&](Index o) {
           for (Index j = 0; j < width; ++j) {
             double sum = 0;
             for (Index v = 0; v < vocab; ++v)
-              sum += static_cast<double>(sums[v * row_stride + o]) *
+              sum += static_cast<double>(sums[v * sum_stride + o]) *
                      table.rows[static_cast<std::size_t>(v * width + j)];
             grad_projection(o, offset + j) = static_cast<float>(sum);
           }
@@ -963,9 +976,9 @@ void spade_embedding_backward(const SpadeSchema& schema, const SpadeEmbeddingWei
       const SpadeFeatureGradients& g = gradients.features[static_cast<std::size_t>(f)];
       // d loss / d embedding, per id, then through the LayerNorm.
       std::vector<double> grad_rows(static_cast<std::size_t>(vocab * width));
-      parallel_for(vocab, threads, [&](Index v) {
+      parallel_for(vocab, product_threads, [&](Index v) {
         std::vector<double> row;
-        back_project(block, width, sums + v * row_stride, row);
+        back_project(block, width, sums + v * sum_stride, row);
         std::copy(row.begin(), row.end(), grad_rows.begin() + v * width);
       });
       const bool norm = !w.norm_weight.is_null();
@@ -1003,22 +1016,23 @@ void spade_embedding_backward(const SpadeSchema& schema, const SpadeEmbeddingWei
       }
     } else {
       const Index hidden = w.hidden_weight.size(0);
-      const float* sums = dense_sums.data() + dense_row * row_stride;  // [H, row_stride]
+      const float* sums = dense_sums.data() + dense_row * sum_stride;  // [H, sum_stride]
       if (!grad_projection.is_null()) {
-        parallel_for(d_model, threads, [&](Index o) {
-          for (Index j = 0; j < width; ++j) {
-            double sum = static_cast<double>(grad_sum[o]) * w.output_bias(j);
-            for (Index k = 0; k < hidden; ++k)
-              sum += static_cast<double>(sums[k * row_stride + o]) * w.output_weight(j, k);
-            grad_projection(o, offset + j) = static_cast<float>(sum);
-          }
-        });
+        parallel_for(
+            d_model, threads_for_products(threads, hidden * width * d_model), [&](Index o) {
+              for (Index j = 0; j < width; ++j) {
+                double sum = static_cast<double>(grad_sum[o]) * w.output_bias(j);
+                for (Index k = 0; k < hidden; ++k)
+                  sum += static_cast<double>(sums[k * sum_stride + o]) * w.output_weight(j, k);
+                grad_projection(o, offset + j) = static_cast<float>(sum);
+              }
+            });
       }
       if (want_features) {
         const SpadeFeatureGradients& g = gradients.features[static_cast<std::size_t>(f)];
         if (!g.output_weight.is_null())
           for (Index k = 0; k < hidden; ++k) {
-            back_project(block, width, sums + k * row_stride, column);
+            back_project(block, width, sums + k * sum_stride, column);
             for (Index j = 0; j < width; ++j)
               g.output_weight(j, k) = static_cast<float>(column[static_cast<std::size_t>(j)]);
           }
@@ -1043,7 +1057,7 @@ void spade_embedding_backward(const SpadeSchema& schema, const SpadeEmbeddingWei
     for (Index c = 0; c < layout.condition_dim; ++c)
       for (Index o = 0; o < d_model; ++o)
         grad_projection(o, concat_width + c) =
-            dense_sums[static_cast<std::size_t>((layout.hidden_total + c) * row_stride + o)];
+            dense_sums[static_cast<std::size_t>((layout.hidden_total + c) * sum_stride + o)];
 }
 
 // ---------------------------------------------------------------------------------------------

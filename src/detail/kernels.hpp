@@ -183,6 +183,8 @@ struct PdeMomentPass {
 // SpadeEmbedding::forward: the folded rows (padded to kSpadeRowFloats, the widest level's lanes,
 // so that every level reads whole vectors) and the validated inputs. float only.
 inline constexpr Index kSpadeRowFloats = 16;
+// spade_embedding_backward's sums: rows padded to whole column blocks of every level.
+inline constexpr Index kSpadeSumFloats = 64;
 
 struct SpadeEmbeddingPlan {
   TensorView<const std::int64_t, 3> ids;  // [B, T, Fd]
@@ -220,7 +222,9 @@ struct SpadeEmbeddingBackwardPlan {
   const float* hidden_bias = nullptr;
   const float* dense_rows = nullptr;  // [dense_inputs, row_stride], zero padded
   Index row_stride = 0, d_model = 0, dense_inputs = 0, condition_dim = 0;
-  // Outputs, row_stride floats per row, zeroed by the caller and added into:
+  // Outputs, sum_stride floats per row (a multiple of kSpadeSumFloats), zeroed by the caller
+  // and added into:
+  Index sum_stride = 0;
   float* const* table_sums = nullptr;  // [Fd]: [V_f, row_stride]: sum of grad_out rows by id
   float* dense_sums = nullptr;         // [dense_inputs, row_stride]: sum of coefficient * grad_out
   float* grad_sum = nullptr;           // [row_stride]: sum of grad_out rows

@@ -83,8 +83,8 @@ inline float sum_lanes(FloatVec v) {
 // kLanes floats of a grad_out row from `column` on (zeros past `count`).
 inline FloatVec load_columns(const float* row, Index column, Index d_model) {
   const Index count = d_model - column;
-  return count >= kLanes<float> ? load(row + column)
-                                : load_partial(row + column, static_cast<int>(count));
+  if (count >= kLanes<float>) return load(row + column);
+  return count > 0 ? load_partial(row + column, static_cast<int>(count)) : FloatVec{};
 }
 
 // out[j] = rows[j] . g (d_model floats; rows zero padded to whole vectors) for kRows rows.
@@ -99,8 +99,11 @@ inline void dot_rows(const float* rows, Index row_stride, const float* g, Index 
   for (int j = 0; j < kRows; ++j) out[j] = sum_lanes(acc[j]);
 }
 
-// Vectors of columns per task of the backward's column pass.
+// The backward's column pass: vectors of columns per task (kColumnVectors * lanes divides
+// kSpadeSumFloats at every level), rows per chunk, and dense coefficients per register group.
 constexpr Index kColumnVectors = 4;
+constexpr Index kRowChunk = 64;
+constexpr Index kDenseGroup = kVectorRegisters >= 32 ? 4 : 2;
 
 }  // namespace spade
 
@@ -186,6 +189,7 @@ void spade_embedding_backward(const SpadeEmbeddingBackwardPlan& plan) {
   const Index steps = plan.grad_out.size(1);
   const Index rows = plan.grad_out.size(0) * steps;
   const Index dense = plan.dense_inputs;
+  const Index dense_padded = (dense + kDenseGroup - 1) / kDenseGroup * kDenseGroup;
   const Index hidden_total = dense - plan.condition_dim;
   const Index hidden_padded = (hidden_total + kFloatLanes - 1) / kFloatLanes * kFloatLanes;
   const Index num_tiles = (rows + kTileRows - 1) / kTileRows;
@@ -195,7 +199,7 @@ void spade_embedding_backward(const SpadeEmbeddingBackwardPlan& plan) {
   };
 
   std::vector<std::uint8_t> kept(static_cast<std::size_t>(rows));
-  std::vector<float> coefficients(static_cast<std::size_t>(rows * dense));
+  std::vector<float> coefficients(static_cast<std::size_t>(rows * dense_padded), 0.0f);
   std::vector<double> tile_hidden(static_cast<std::size_t>(num_tiles * 2 * hidden_total), 0.0);
   const int team = team_size(num_tiles, plan.num_threads);
   const Index scratch_size = 3 * hidden_padded + dense;
@@ -216,7 +220,7 @@ void spade_embedding_backward(const SpadeEmbeddingBackwardPlan& plan) {
         for (Index c = 0; c < plan.condition_dim; ++c) plan.grad_condition(b, t, c) = 0.0f;
         continue;
       }
-      float* coefficient = coefficients.data() + row * dense;
+      float* coefficient = coefficients.data() + row * dense_padded;
       Index hidden = 0;
       for (Index column = 0; column < plan.num_continuous; ++column) {
         const float x = plan.values(b, t, column);
@@ -258,37 +262,58 @@ void spade_embedding_backward(const SpadeEmbeddingBackwardPlan& plan) {
       plan.hidden_grads[j] += tile_hidden[static_cast<std::size_t>(tile * 2 * hidden_total + j)];
 
   // The column pass: each task owns kColumnVectors vectors of columns of every sum (the caller
-  // zeroed them) and reads its slice of each kept grad_out row once, in row order.
+  // zeroed them) and reads its slice of the kept grad_out rows in row order, in chunks of
+  // kRowChunk rows: first the total and the per-id table sums, then the dense sums kDenseGroup
+  // coefficients at a time in registers (the chunk's slice stays in L1).
   const Index block_columns = kColumnVectors * kFloatLanes;
   const Index column_blocks = (d_model + block_columns - 1) / block_columns;
   parallel_for(column_blocks, plan.num_threads, [&](Index block) {
     const Index first = block * block_columns;
-    const Index vectors =
-        std::min<Index>(kColumnVectors, (d_model - first + kFloatLanes - 1) / kFloatLanes);
-    FloatVec total[kColumnVectors] = {};
-    FloatVec g[kColumnVectors];
-    for (Index row = 0; row < rows; ++row) {
-      if (!kept[static_cast<std::size_t>(row)]) continue;
+    const auto load_row = [&](Index row, FloatVec* g) {
       const float* grad_row = row_of(plan.grad_out, row);
-      for (Index v = 0; v < vectors; ++v) {
+      for (Index v = 0; v < kColumnVectors; ++v)
         g[v] = load_columns(grad_row, first + v * kFloatLanes, d_model);
-        total[v] += g[v];
+    };
+    FloatVec total[kColumnVectors] = {};
+    for (Index chunk = 0; chunk < rows; chunk += kRowChunk) {
+      const Index chunk_end = std::min(rows, chunk + kRowChunk);
+      for (Index row = chunk; row < chunk_end; ++row) {
+        if (!kept[static_cast<std::size_t>(row)]) continue;
+        FloatVec g[kColumnVectors];
+        load_row(row, g);
+        for (Index v = 0; v < kColumnVectors; ++v) total[v] += g[v];
+        const Index b = row / steps, t = row % steps;
+        for (Index c = 0; c < plan.num_discrete; ++c) {
+          float* sum = plan.table_sums[c] + plan.ids(b, t, c) * plan.sum_stride + first;
+          for (Index v = 0; v < kColumnVectors; ++v)
+            store(sum + v * kFloatLanes, load(sum + v * kFloatLanes) + g[v]);
+        }
       }
-      const Index b = row / steps, t = row % steps;
-      for (Index c = 0; c < plan.num_discrete; ++c) {
-        float* sum = plan.table_sums[c] + plan.ids(b, t, c) * plan.row_stride + first;
-        for (Index v = 0; v < vectors; ++v)
-          store(sum + v * kFloatLanes, load(sum + v * kFloatLanes) + g[v]);
-      }
-      const float* coefficient = coefficients.data() + row * dense;
-      for (Index k = 0; k < dense; ++k) {
-        const FloatVec scale = splat(coefficient[k]);
-        float* sum = plan.dense_sums + k * plan.row_stride + first;
-        for (Index v = 0; v < vectors; ++v)
-          store(sum + v * kFloatLanes, load(sum + v * kFloatLanes) + scale * g[v]);
+      for (Index k0 = 0; k0 < dense; k0 += kDenseGroup) {
+        const Index group = std::min(kDenseGroup, dense - k0);
+        FloatVec acc[kDenseGroup][kColumnVectors] = {};
+        for (Index j = 0; j < group; ++j)
+          for (Index v = 0; v < kColumnVectors; ++v)
+            acc[j][v] =
+                load(plan.dense_sums + (k0 + j) * plan.sum_stride + first + v * kFloatLanes);
+        for (Index row = chunk; row < chunk_end; ++row) {
+          if (!kept[static_cast<std::size_t>(row)]) continue;
+          FloatVec g[kColumnVectors];
+          load_row(row, g);
+          const float* coefficient = coefficients.data() + row * dense_padded + k0;
+          for (Index j = 0; j < kDenseGroup; ++j) {
+            const FloatVec scale = splat(coefficient[j]);
+            for (Index v = 0; v < kColumnVectors; ++v) acc[j][v] += scale * g[v];
+          }
+        }
+        for (Index j = 0; j < group; ++j)
+          for (Index v = 0; v < kColumnVectors; ++v)
+            store(plan.dense_sums + (k0 + j) * plan.sum_stride + first + v * kFloatLanes,
+                  acc[j][v]);
       }
     }
-    for (Index v = 0; v < vectors; ++v) store(plan.grad_sum + first + v * kFloatLanes, total[v]);
+    for (Index v = 0; v < kColumnVectors; ++v)
+      store(plan.grad_sum + first + v * kFloatLanes, total[v]);
   });
 }
 
