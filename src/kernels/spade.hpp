@@ -180,7 +180,7 @@ void spade_embedding(const SpadeEmbeddingPlan& plan) {
 // The backward's sums (SpadeEmbeddingBackwardPlan). A row pass in fixed tiles of kTileRows rows
 // finds the kept rows, their dense coefficients and, from dense_rows . grad_out, the gradients
 // of the condition and of the hidden units (per-tile partial sums, added in tile order); a
-// column pass, kColumnVectors vectors of columns per task, adds the grad_out rows in row order
+// column pass, each thread owning whole blocks of columns, adds the grad_out rows in row order
 // into the per-id table sums, the dense sums and the total. No sum depends on the thread count.
 template <typename T>
 void spade_embedding_backward(const SpadeEmbeddingBackwardPlan& plan) {
@@ -261,59 +261,64 @@ void spade_embedding_backward(const SpadeEmbeddingBackwardPlan& plan) {
     for (Index j = 0; j < 2 * hidden_total; ++j)
       plan.hidden_grads[j] += tile_hidden[static_cast<std::size_t>(tile * 2 * hidden_total + j)];
 
-  // The column pass: each task owns kColumnVectors vectors of columns of every sum (the caller
-  // zeroed them) and reads its slice of the kept grad_out rows in row order, in chunks of
+  // The column pass: blocks of kColumnVectors vectors of columns of every sum (the caller zeroed
+  // them), each summing its slice of the kept grad_out rows in row order, in chunks of
   // kRowChunk rows: first the total and the per-id table sums, then the dense sums kDenseGroup
-  // coefficients at a time in registers (the chunk's slice stays in L1).
+  // coefficients at a time in registers (the chunk's slice stays in L1). Each thread owns a
+  // contiguous range of blocks and walks the chunks in order, its blocks inside, so that it
+  // reads grad_out once, front to back; a sum's order is the row order whatever the range.
   const Index block_columns = kColumnVectors * kFloatLanes;
   const Index column_blocks = (d_model + block_columns - 1) / block_columns;
-  parallel_for(column_blocks, plan.num_threads, [&](Index block) {
-    const Index first = block * block_columns;
+  const auto add_chunk = [&](Index first, Index chunk, Index chunk_end) {
     const auto load_row = [&](Index row, FloatVec* g) {
       const float* grad_row = row_of(plan.grad_out, row);
       for (Index v = 0; v < kColumnVectors; ++v)
         g[v] = load_columns(grad_row, first + v * kFloatLanes, d_model);
     };
-    FloatVec total[kColumnVectors] = {};
-    for (Index chunk = 0; chunk < rows; chunk += kRowChunk) {
-      const Index chunk_end = std::min(rows, chunk + kRowChunk);
-      for (Index row = chunk; row < chunk_end; ++row) {
-        if (!kept[static_cast<std::size_t>(row)]) continue;
-        FloatVec g[kColumnVectors];
-        load_row(row, g);
-        for (Index v = 0; v < kColumnVectors; ++v) total[v] += g[v];
-        const Index b = row / steps, t = row % steps;
-        for (Index c = 0; c < plan.num_discrete; ++c) {
-          float* sum = plan.table_sums[c] + plan.ids(b, t, c) * plan.sum_stride + first;
-          for (Index v = 0; v < kColumnVectors; ++v)
-            store(sum + v * kFloatLanes, load(sum + v * kFloatLanes) + g[v]);
-        }
-      }
-      for (Index k0 = 0; k0 < dense; k0 += kDenseGroup) {
-        const Index group = std::min(kDenseGroup, dense - k0);
-        FloatVec acc[kDenseGroup][kColumnVectors] = {};
-        for (Index j = 0; j < group; ++j)
-          for (Index v = 0; v < kColumnVectors; ++v)
-            acc[j][v] =
-                load(plan.dense_sums + (k0 + j) * plan.sum_stride + first + v * kFloatLanes);
-        for (Index row = chunk; row < chunk_end; ++row) {
-          if (!kept[static_cast<std::size_t>(row)]) continue;
-          FloatVec g[kColumnVectors];
-          load_row(row, g);
-          const float* coefficient = coefficients.data() + row * dense_padded + k0;
-          for (Index j = 0; j < kDenseGroup; ++j) {
-            const FloatVec scale = splat(coefficient[j]);
-            for (Index v = 0; v < kColumnVectors; ++v) acc[j][v] += scale * g[v];
-          }
-        }
-        for (Index j = 0; j < group; ++j)
-          for (Index v = 0; v < kColumnVectors; ++v)
-            store(plan.dense_sums + (k0 + j) * plan.sum_stride + first + v * kFloatLanes,
-                  acc[j][v]);
+    FloatVec total[kColumnVectors];
+    for (Index v = 0; v < kColumnVectors; ++v)
+      total[v] = load(plan.grad_sum + first + v * kFloatLanes);
+    for (Index row = chunk; row < chunk_end; ++row) {
+      if (!kept[static_cast<std::size_t>(row)]) continue;
+      FloatVec g[kColumnVectors];
+      load_row(row, g);
+      for (Index v = 0; v < kColumnVectors; ++v) total[v] += g[v];
+      const Index b = row / steps, t = row % steps;
+      for (Index c = 0; c < plan.num_discrete; ++c) {
+        float* sum = plan.table_sums[c] + plan.ids(b, t, c) * plan.sum_stride + first;
+        for (Index v = 0; v < kColumnVectors; ++v)
+          store(sum + v * kFloatLanes, load(sum + v * kFloatLanes) + g[v]);
       }
     }
     for (Index v = 0; v < kColumnVectors; ++v)
       store(plan.grad_sum + first + v * kFloatLanes, total[v]);
+    for (Index k0 = 0; k0 < dense; k0 += kDenseGroup) {
+      const Index group = std::min(kDenseGroup, dense - k0);
+      FloatVec acc[kDenseGroup][kColumnVectors] = {};
+      for (Index j = 0; j < group; ++j)
+        for (Index v = 0; v < kColumnVectors; ++v)
+          acc[j][v] = load(plan.dense_sums + (k0 + j) * plan.sum_stride + first + v * kFloatLanes);
+      for (Index row = chunk; row < chunk_end; ++row) {
+        if (!kept[static_cast<std::size_t>(row)]) continue;
+        FloatVec g[kColumnVectors];
+        load_row(row, g);
+        const float* coefficient = coefficients.data() + row * dense_padded + k0;
+        for (Index j = 0; j < kDenseGroup; ++j) {
+          const FloatVec scale = splat(coefficient[j]);
+          for (Index v = 0; v < kColumnVectors; ++v) acc[j][v] += scale * g[v];
+        }
+      }
+      for (Index j = 0; j < group; ++j)
+        for (Index v = 0; v < kColumnVectors; ++v)
+          store(plan.dense_sums + (k0 + j) * plan.sum_stride + first + v * kFloatLanes, acc[j][v]);
+    }
+  };
+  const int parts = team_size(column_blocks, plan.num_threads);
+  parallel_for(parts, parts, [&](Index part) {
+    const Index begin = column_blocks * part / parts, end = column_blocks * (part + 1) / parts;
+    for (Index chunk = 0; chunk < rows; chunk += kRowChunk)
+      for (Index block = begin; block < end; ++block)
+        add_chunk(block * block_columns, chunk, std::min(rows, chunk + kRowChunk));
   });
 }
 
