@@ -631,6 +631,13 @@ def main() -> None:
     parser.add_argument("--name", default=None, help="results file suffix (default: quick / full)")
     parser.add_argument("--memory-length", type=int, default=32768)
     parser.add_argument(
+        "--modules",
+        nargs="+",
+        default=None,
+        help="modules suite: only these modules (VectorQuantize, SparseKAttention, PdeSsm2d, "
+        "SpadeEmbedding; default all)",
+    )
+    parser.add_argument(
         "--ring-steps", type=int, default=None, help="ring suite steps (default 10000 full, 3000)"
     )
     parser.add_argument(
@@ -695,11 +702,13 @@ def main() -> None:
             import modules_cases
 
             print("\n[modules]")
-            rows = modules_cases.run(args.threads, seconds, interleaved, median_time, args.full)
-            import modules_cases_sparsek  # SparseKAttention and PdeSsm2d against their twins
+            rows = []
+            if args.modules is None or "VectorQuantize" in args.modules:
+                rows = modules_cases.run(args.threads, seconds, interleaved, median_time, args.full)
+            import modules_cases_sparsek  # SparseKAttention, PdeSsm2d, SpadeEmbedding vs twins
 
             rows += modules_cases_sparsek.run(
-                args.threads, seconds, interleaved, median_time, args.full
+                args.threads, seconds, interleaved, median_time, args.full, only=args.modules
             )
         own_threads = (
             "spade",

@@ -10,6 +10,10 @@ parameter; fp32, interleaved rounds).
 - ``PdeSsm2d`` (C = 256, 64 groups, periodic, initial value, skip, [B, H, W, C]) against a
   torch.fft twin of the same module (its parameter maps, then rfft2 · multiplier · irfft2 on
   [B, C, H, W], autograd backward), B = 8, 32² and 64². Target: >= 1.0x.
+- ``SpadeEmbedding`` (foveal.torch, C++ forward and backward) against the PyTorch embedding of
+  bench/spade_cases.py (nn.Embedding per bin feature, optional LayerNorm, the energy MLP, one
+  Linear) with the same weights: the case of issue 7, B = 32, n = 1024 hits, z/x/y with 30 bins
+  (width 64), energy MLP 1-16-16, d_model = 256; the gradient of every weight. Target: >= 2x.
 
 ``run(...)`` prints a table and returns rows with ``module``, ``case``, ``threads``,
 ``foveal_ms``, ``twin_ms`` and ``ratio`` (twin / foveal).
@@ -17,12 +21,14 @@ parameter; fp32, interleaved rounds).
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import foveal
 import torch
-from foveal.torch import DenseAttention, PdeSsm2d, SparseKAttention
+from foveal.torch import DenseAttention, PdeSsm2d, SpadeEmbedding, SparseKAttention
 from pde_cases import torch_pde_ssm
+from spade_cases import D_MODEL as SPADE_D_MODEL
+from spade_cases import HIDDEN, WIDTH, build_case
 
 D_MODEL, HEADS, TOPK, WINDOW = 256, 4, 64, 64
 CHANNELS, GROUPS, PDE_BATCH = 256, 64, 8
@@ -93,13 +99,65 @@ def pde_cases(full: bool) -> list:
     return cases
 
 
+def spade_module(case: dict) -> SpadeEmbedding:
+    """foveal.torch.SpadeEmbedding holding the weights of bench/spade_cases.py's torch module."""
+    twin = case["module"]
+    widths = dict(z=WIDTH, x=WIDTH, y=WIDTH, energy=HIDDEN)
+    module = SpadeEmbedding(
+        case["schema"], SPADE_D_MODEL, embedding_dim=widths, hidden=HIDDEN,
+        layer_norm=case["layer_norm"],
+    )  # fmt: skip
+    with torch.no_grad():
+        for column, name in enumerate(("z", "x", "y")):
+            module.features[name].table.weight.copy_(twin.tables[column].weight)
+            if case["layer_norm"]:
+                module.features[name].norm.load_state_dict(twin.norms[column].state_dict())
+        module.features["energy"].mlp.load_state_dict(twin.energy.state_dict())
+        module.projection.load_state_dict(twin.projection.state_dict())
+    return module
+
+
+def spade_cases(full: bool) -> list:
+    del full  # one size
+    cases = []
+    for layer_norm in (False, True):
+        case = build_case(layer_norm=layer_norm)
+        module, twin = spade_module(case), case["module"].train()
+        tokens = (case["delayed_ids"], case["delayed_values"])
+        with torch.no_grad():
+            difference = (module(*tokens) - twin(*tokens)).abs().max()
+        label = "concat + LayerNorm" if layer_norm else "concat"
+        print(f"SpadeEmbedding {label}: max |Δout| against the torch module {difference:.1e}")
+        cases.append(
+            (
+                f"SpadeEmbedding {label} B=32 T=1028",
+                training_step(module, lambda _, m=module, t=tokens: m(*t), tokens[1]),
+                training_step(twin, lambda _, m=twin, t=tokens: m(*t), tokens[1]),
+            )
+        )
+    return cases
+
+
 def run(
-    threads_list: list, seconds: float, interleaved: Callable, median_time, full: bool = True
+    threads_list: list,
+    seconds: float,
+    interleaved: Callable,
+    median_time,
+    full: bool = True,
+    only: Optional[list] = None,
 ) -> list:
-    """Prints the table and returns its rows (see the module docstring)."""
+    """Prints the table and returns its rows (see the module docstring); ``only``: the module
+    names to run (None: all)."""
     rows = []
     print(f"\n{'case':>40}{'threads':>8}{'foveal ms':>11}{'twin ms':>10}{'twin / foveal':>15}")
-    for module, cases in (("SparseKAttention", attention_cases), ("PdeSsm2d", pde_cases)):
+    suites = (
+        ("SparseKAttention", attention_cases),
+        ("PdeSsm2d", pde_cases),
+        ("SpadeEmbedding", spade_cases),
+    )
+    for module, cases in suites:
+        if only is not None and module not in only:
+            continue
         for case, run_foveal, run_twin in cases(full):
             for threads in threads_list:
                 torch.set_num_threads(threads)
@@ -129,7 +187,9 @@ def markdown_lines(rows: list) -> list:
         "| module | case | threads | foveal ms | twin ms | twin / foveal |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    twins = dict(SparseKAttention="dense twin", PdeSsm2d="torch.fft twin")
+    twins = dict(
+        SparseKAttention="dense twin", PdeSsm2d="torch.fft twin", SpadeEmbedding="torch module"
+    )
     for row in rows:
         lines.append(
             f"| {row['module']} (vs {twins[row['module']]}) | {row['case']} | {row['threads']} "

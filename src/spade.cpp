@@ -326,6 +326,13 @@ int threads_worth_starting(int threads, Index elements) {
   return static_cast<int>(std::clamp<Index>(elements / kElementsPerThread, 1, threads));
 }
 
+// The threads worth starting for `products` double multiply-adds of folding or finishing
+// gradients: a thread below ~1M costs more to wake than it saves (far more on a loaded
+// machine). Each task writes its own outputs, so the split never changes results.
+int threads_for_products(int threads, Index products) {
+  return threads_worth_starting(threads, products / 8);
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -527,11 +534,32 @@ TensorView<T, 3> as_single_step(const TensorView<T, 2>& view) {
                           {view.stride(0), 0, view.stride(1)});
 }
 
-}  // namespace
+// Every condition value [B, T, C] finite (a null view passes).
+void require_finite_condition(const char* function, TensorView<const float, 3> condition) {
+  if (condition.is_null()) return;
+  for (Index b = 0; b < condition.size(0); ++b)
+    for (Index t = 0; t < condition.size(1); ++t)
+      for (Index c = 0; c < condition.size(2); ++c)
+        if (!std::isfinite(condition(b, t, c)))  // (check's arguments cost even when it passes)
+          check(false, function, ": condition[", b, ", ", t, ", ", c, "] (sequence ", b, ", step ",
+                t, ") must be finite, got ", condition(b, t, c));
+}
 
-SpadeEmbedding::SpadeEmbedding(SpadeSchema schema, const SpadeEmbeddingWeights& weights)
-    : schema_(std::move(schema)) {
-  const Index num_features = schema_.num_features();
+// The shapes of valid weights: what the constructor and the backward read.
+struct WeightLayout {
+  std::vector<Index> widths;        // E_f per feature
+  std::vector<Index> hidden_sizes;  // H_f per continuous feature
+  Index hidden_total = 0;
+  bool concat = true;
+  Index d_model = 0;
+  Index condition_dim = 0;
+};
+
+// Checks `weights` against the schema (every weight given, valid and of matching extents);
+// returns their layout.
+WeightLayout validate_weights(const SpadeSchema& schema, const SpadeEmbeddingWeights& weights) {
+  WeightLayout layout;
+  const Index num_features = schema.num_features();
   check(num_features > 0, kEmbedding, ": the schema has no features");
   check(static_cast<Index>(weights.features.size()) == num_features, kEmbedding,
         ": weights.features must hold one entry per schema feature (", num_features, "), got ",
@@ -540,49 +568,48 @@ SpadeEmbedding::SpadeEmbedding(SpadeSchema schema, const SpadeEmbeddingWeights& 
         ": norm_eps must be finite and > 0, got ", weights.norm_eps);
 
   // Widths E_f and hidden sizes H_f, each feature's weights checked against them.
-  std::vector<Index> widths;
-  Index hidden_total = 0;
   for (Index f = 0; f < num_features; ++f) {
-    const SpadeFeature& feature = schema_.feature(f);
+    const SpadeFeature& feature = schema.feature(f);
     const SpadeFeatureWeights& w = weights.features[static_cast<std::size_t>(f)];
     if (feature.kind == SpadeFeatureKind::discrete) {
-      require_weight<2>(weight_name(schema_, f, "table"), w.table,
+      require_weight<2>(weight_name(schema, f, "table"), w.table,
                         {{{"vocab_size", feature.vocab_size}, {"E", kAnyExtent}}});
       const Index width = w.table.size(1);
       check(w.norm_weight.is_null() == w.norm_bias.is_null(), kEmbedding, ": ",
-            weight_name(schema_, f, "norm_weight"),
+            weight_name(schema, f, "norm_weight"),
             " and norm_bias must be given together (LayerNorm) or both left out");
-      require_optional_weight<1>(weight_name(schema_, f, "norm_weight"), w.norm_weight,
+      require_optional_weight<1>(weight_name(schema, f, "norm_weight"), w.norm_weight,
                                  {{{"E", width}}});
-      require_optional_weight<1>(weight_name(schema_, f, "norm_bias"), w.norm_bias,
+      require_optional_weight<1>(weight_name(schema, f, "norm_bias"), w.norm_bias,
                                  {{{"E", width}}});
-      widths.push_back(width);
+      layout.widths.push_back(width);
     } else {
-      require_weight<2>(weight_name(schema_, f, "hidden_weight"), w.hidden_weight,
+      require_weight<2>(weight_name(schema, f, "hidden_weight"), w.hidden_weight,
                         {{{"H", kAnyExtent}, {"1", 1}}});
       const Index hidden = w.hidden_weight.size(0);
-      require_weight<1>(weight_name(schema_, f, "hidden_bias"), w.hidden_bias, {{{"H", hidden}}});
-      require_weight<2>(weight_name(schema_, f, "output_weight"), w.output_weight,
+      require_weight<1>(weight_name(schema, f, "hidden_bias"), w.hidden_bias, {{{"H", hidden}}});
+      require_weight<2>(weight_name(schema, f, "output_weight"), w.output_weight,
                         {{{"E", kAnyExtent}, {"H", hidden}}});
       const Index width = w.output_weight.size(0);
-      require_weight<1>(weight_name(schema_, f, "output_bias"), w.output_bias, {{{"E", width}}});
-      widths.push_back(width);
-      hidden_sizes_.push_back(hidden);
-      hidden_total += hidden;
+      require_weight<1>(weight_name(schema, f, "output_bias"), w.output_bias, {{{"E", width}}});
+      layout.widths.push_back(width);
+      layout.hidden_sizes.push_back(hidden);
+      layout.hidden_total += hidden;
     }
   }
 
   Index concat_width = 0;
-  for (Index width : widths) concat_width += width;
-  const bool concat = weights.combine == SpadeCombine::concat;
-  if (concat) {
+  for (Index width : layout.widths) concat_width += width;
+  layout.concat = weights.combine == SpadeCombine::concat;
+  if (layout.concat) {
     check(weights.condition_dim >= 0, kEmbedding, ": condition_dim must be >= 0, got ",
           weights.condition_dim);
-    condition_dim_ = weights.condition_dim;
-    require_weight<2>("projection_weight", weights.projection_weight,
-                      {{{"d_model", kAnyExtent},
-                        {"sum of feature widths + condition_dim", concat_width + condition_dim_}}});
-    d_model_ = weights.projection_weight.size(0);
+    layout.condition_dim = weights.condition_dim;
+    require_weight<2>(
+        "projection_weight", weights.projection_weight,
+        {{{"d_model", kAnyExtent},
+          {"sum of feature widths + condition_dim", concat_width + layout.condition_dim}}});
+    layout.d_model = weights.projection_weight.size(0);
   } else {
     check(weights.projection_weight.is_null() && weights.projection_bias.is_null(), kEmbedding,
           ": combine=sum adds the feature embeddings without a projection; projection_weight and "
@@ -590,15 +617,31 @@ SpadeEmbedding::SpadeEmbedding(SpadeSchema schema, const SpadeEmbeddingWeights& 
     check(weights.condition_dim == 0, kEmbedding,
           ": combine=sum takes no condition vectors (they are concatenated), got condition_dim = ",
           weights.condition_dim);
-    d_model_ = widths[0];
+    layout.d_model = layout.widths[0];
     for (Index f = 0; f < num_features; ++f)
-      check(widths[static_cast<std::size_t>(f)] == d_model_, kEmbedding,
-            ": combine=sum needs every feature width equal to d_model = ", d_model_, ", but ",
-            weight_name(schema_, f, "embedding"), " has width ",
-            widths[static_cast<std::size_t>(f)]);
+      check(layout.widths[static_cast<std::size_t>(f)] == layout.d_model, kEmbedding,
+            ": combine=sum needs every feature width equal to d_model = ", layout.d_model, ", but ",
+            weight_name(schema, f, "embedding"), " has width ",
+            layout.widths[static_cast<std::size_t>(f)]);
   }
-  require_optional_weight<1>("projection_bias", weights.projection_bias, {{{"d_model", d_model_}}});
-  require_optional_weight<1>("pad_vector", weights.pad_vector, {{{"d_model", d_model_}}});
+  require_optional_weight<1>("projection_bias", weights.projection_bias,
+                             {{{"d_model", layout.d_model}}});
+  require_optional_weight<1>("pad_vector", weights.pad_vector, {{{"d_model", layout.d_model}}});
+  return layout;
+}
+
+}  // namespace
+
+SpadeEmbedding::SpadeEmbedding(SpadeSchema schema, const SpadeEmbeddingWeights& weights)
+    : schema_(std::move(schema)) {
+  const WeightLayout layout = validate_weights(schema_, weights);
+  const Index num_features = schema_.num_features();
+  const std::vector<Index>& widths = layout.widths;
+  const bool concat = layout.concat;
+  const Index hidden_total = layout.hidden_total;
+  hidden_sizes_ = layout.hidden_sizes;
+  d_model_ = layout.d_model;
+  condition_dim_ = layout.condition_dim;
 
   // Fold, in double precision.
   row_stride_ =
@@ -631,7 +674,9 @@ SpadeEmbedding::SpadeEmbedding(SpadeSchema schema, const SpadeEmbeddingWeights& 
     };
     if (schema_.feature(f).kind == SpadeFeatureKind::discrete) {
       Tensor<float, 2> rows({w.table.size(0), row_stride_});
-      parallel_for(w.table.size(0), get_num_threads(), [&](Index id) {
+      const int threads =
+          threads_for_products(get_num_threads(), w.table.size(0) * width * d_model_);
+      parallel_for(w.table.size(0), threads, [&](Index id) {
         std::vector<double> embedding(static_cast<std::size_t>(width));
         for (Index j = 0; j < width; ++j) embedding[j] = w.table(id, j);
         if (!w.norm_weight.is_null())
@@ -675,14 +720,7 @@ void SpadeEmbedding::forward(TensorView<const std::int64_t, 3> ids,
   detail::require_disjoint(kFunction, "out", out, "condition", condition);
   const int threads = resolve_threads(kFunction, num_threads);
   require_valid_tokens(kFunction, schema_, ids, values, {}, threads);
-  if (!condition.is_null()) {
-    for (Index b = 0; b < batch; ++b)
-      for (Index t = 0; t < steps; ++t)
-        for (Index c = 0; c < condition_dim_; ++c)
-          if (!std::isfinite(condition(b, t, c)))  // (check's arguments cost even when it passes)
-            check(false, kFunction, ": condition[", b, ", ", t, ", ", c, "] (sequence ", b,
-                  ", step ", t, ") must be finite, got ", condition(b, t, c));
-  }
+  require_finite_condition(kFunction, condition);
 
   detail::SpadeEmbeddingPlan plan;
   plan.ids = ids;
@@ -711,6 +749,315 @@ void SpadeEmbedding::forward(TensorView<const std::int64_t, 3> ids,
   plan.condition_dim = condition_dim_;
   plan.num_threads = threads;
   detail::kernels<float>().spade_embedding(plan);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The embedding's backward.
+
+namespace {
+
+constexpr const char* kBackward = "spade_embedding_backward";
+
+// A gradient view: null, or valid with its weight's shape (and then its weight is given).
+template <int Rank>
+void require_gradient(const std::string& name, const TensorView<float, Rank>& gradient,
+                      const TensorView<const float, Rank>& weight) {
+  if (gradient.is_null()) return;
+  check(!weight.is_null(), kBackward, ": gradients.", name, " is given but its weight is not");
+  detail::require_valid_view(kBackward, ("gradients." + name).c_str(), gradient);
+  for (int dim = 0; dim < Rank; ++dim)
+    check(gradient.size(dim) == weight.size(dim), kBackward, ": gradients.", name, ".shape[", dim,
+          "] must be ", weight.size(dim), " (the weight's), got ", gradient.size(dim));
+}
+
+// The normalized rows of a discrete feature's table (after its LayerNorm, if any), in double,
+// with what the LayerNorm's backward needs: the centered-and-scaled rows and 1 / std.
+struct NormalizedTable {
+  std::vector<double> rows;         // [V, E]: the embedding of each id
+  std::vector<double> normalized;   // [V, E]: (x - mean) / std (LayerNorm only)
+  std::vector<double> inverse_std;  // [V]
+};
+
+NormalizedTable normalize_table(const SpadeFeatureWeights& w, double eps) {
+  const Index vocab = w.table.size(0), width = w.table.size(1);
+  NormalizedTable table;
+  table.rows.resize(static_cast<std::size_t>(vocab * width));
+  const bool norm = !w.norm_weight.is_null();
+  if (norm) {
+    table.normalized.resize(table.rows.size());
+    table.inverse_std.resize(static_cast<std::size_t>(vocab));
+  }
+  for (Index v = 0; v < vocab; ++v) {
+    double* row = table.rows.data() + v * width;
+    for (Index j = 0; j < width; ++j) row[j] = w.table(v, j);
+    if (!norm) continue;
+    double mean = 0;
+    for (Index j = 0; j < width; ++j) mean += row[j];
+    mean /= static_cast<double>(width);
+    double variance = 0;
+    for (Index j = 0; j < width; ++j) variance += (row[j] - mean) * (row[j] - mean);
+    const double inverse_std = 1.0 / std::sqrt(variance / static_cast<double>(width) + eps);
+    table.inverse_std[static_cast<std::size_t>(v)] = inverse_std;
+    for (Index j = 0; j < width; ++j) {
+      const double normalized = (row[j] - mean) * inverse_std;
+      table.normalized[static_cast<std::size_t>(v * width + j)] = normalized;
+      row[j] = normalized * w.norm_weight(j) + w.norm_bias(j);
+    }
+  }
+  return table;
+}
+
+}  // namespace
+
+void spade_embedding_backward(const SpadeSchema& schema, const SpadeEmbeddingWeights& weights,
+                              TensorView<const std::int64_t, 3> ids,
+                              TensorView<const float, 3> values,
+                              TensorView<const float, 3> condition,
+                              TensorView<const float, 3> grad_out,
+                              const SpadeEmbeddingGradients& gradients, int num_threads) {
+  const WeightLayout layout = validate_weights(schema, weights);
+  const Index num_features = schema.num_features(), d_model = layout.d_model;
+  detail::require_valid_view(kBackward, "grad_out", grad_out);
+  detail::require_extent(kBackward, "grad_out", grad_out, 2, "d_model", d_model);
+  detail::require_unit_inner_stride(kBackward, "grad_out", grad_out);
+  const Index batch = grad_out.size(0), steps = grad_out.size(1);
+  require_feature_tensor(kBackward, "ids", ids, schema.num_discrete(), kDiscreteCount, batch,
+                         steps);
+  require_feature_tensor(kBackward, "values", values, schema.num_continuous(), kContinuousCount,
+                         batch, steps);
+  require_feature_tensor(kBackward, "condition", condition, layout.condition_dim, "condition_dim",
+                         batch, steps);
+  check(gradients.features.empty() || static_cast<Index>(gradients.features.size()) == num_features,
+        kBackward, ": gradients.features must hold one entry per schema feature (", num_features,
+        ") or none, got ", gradients.features.size());
+  for (Index f = 0; f < static_cast<Index>(gradients.features.size()); ++f) {
+    const SpadeFeatureGradients& g = gradients.features[static_cast<std::size_t>(f)];
+    const SpadeFeatureWeights& w = weights.features[static_cast<std::size_t>(f)];
+    require_gradient<2>(weight_name(schema, f, "table"), g.table, w.table);
+    require_gradient<1>(weight_name(schema, f, "norm_weight"), g.norm_weight, w.norm_weight);
+    require_gradient<1>(weight_name(schema, f, "norm_bias"), g.norm_bias, w.norm_bias);
+    require_gradient<2>(weight_name(schema, f, "hidden_weight"), g.hidden_weight, w.hidden_weight);
+    require_gradient<1>(weight_name(schema, f, "hidden_bias"), g.hidden_bias, w.hidden_bias);
+    require_gradient<2>(weight_name(schema, f, "output_weight"), g.output_weight, w.output_weight);
+    require_gradient<1>(weight_name(schema, f, "output_bias"), g.output_bias, w.output_bias);
+  }
+  require_gradient<2>("projection_weight", gradients.projection_weight, weights.projection_weight);
+  require_gradient<1>("projection_bias", gradients.projection_bias, weights.projection_bias);
+  if (!gradients.condition.is_null()) {
+    check(!condition.is_null(), kBackward, ": gradients.condition is given but condition is not");
+    detail::require_valid_view(kBackward, "gradients.condition", gradients.condition);
+    for (int dim = 0; dim < 3; ++dim)
+      check(gradients.condition.size(dim) == condition.size(dim), kBackward,
+            ": gradients.condition.shape[", dim, "] must be ", condition.size(dim),
+            " (condition's), got ", gradients.condition.size(dim));
+    detail::require_disjoint(kBackward, "gradients.condition", gradients.condition, "grad_out",
+                             grad_out);
+  }
+  const int threads = resolve_threads(kBackward, num_threads);
+  require_valid_tokens(kBackward, schema, ids, values, {}, threads);
+  require_finite_condition(kBackward, condition);
+
+  // The projection's block of each feature (the identity in sum mode) and the folded dense rows:
+  // projection times each hidden unit's output column, then the condition columns.
+  const Index row_stride =
+      (d_model + detail::kSpadeRowFloats - 1) / detail::kSpadeRowFloats * detail::kSpadeRowFloats;
+  const TensorView<const float, 2> projection =
+      layout.concat ? weights.projection_weight : TensorView<const float, 2>();
+  std::vector<Index> offsets;
+  Index concat_width = 0;
+  for (Index width : layout.widths) {
+    offsets.push_back(concat_width);
+    concat_width += width;
+  }
+  const auto block_of = [&](Index f) {
+    return ProjectionBlock{projection, layout.concat ? offsets[static_cast<std::size_t>(f)] : 0};
+  };
+  const Index dense_inputs = layout.hidden_total + layout.condition_dim;
+  std::vector<float> dense_rows(static_cast<std::size_t>(dense_inputs * row_stride), 0.0f);
+  std::vector<float> hidden_weight, hidden_bias;
+  {
+    Index dense_row = 0;
+    for (Index f : schema.continuous_features()) {
+      const SpadeFeatureWeights& w = weights.features[static_cast<std::size_t>(f)];
+      const ProjectionBlock block = block_of(f);
+      const Index width = layout.widths[static_cast<std::size_t>(f)];
+      for (Index k = 0; k < w.hidden_weight.size(0); ++k, ++dense_row) {
+        for (Index o = 0; o < d_model; ++o) {
+          double sum = 0;
+          for (Index j = 0; j < width; ++j) sum += block(o, j) * w.output_weight(j, k);
+          dense_rows[static_cast<std::size_t>(dense_row * row_stride + o)] =
+              static_cast<float>(sum);
+        }
+        hidden_weight.push_back(w.hidden_weight(k, 0));
+        hidden_bias.push_back(w.hidden_bias(k));
+      }
+    }
+    for (Index c = 0; c < layout.condition_dim; ++c, ++dense_row)
+      for (Index o = 0; o < d_model; ++o)
+        dense_rows[static_cast<std::size_t>(dense_row * row_stride + o)] =
+            projection(o, concat_width + c);
+  }
+
+  // The kernel's sums, rows of sum_stride floats.
+  const Index sum_stride =
+      (d_model + detail::kSpadeSumFloats - 1) / detail::kSpadeSumFloats * detail::kSpadeSumFloats;
+  std::vector<std::vector<float>> table_sums;
+  std::vector<float*> table_pointers;
+  std::vector<std::int64_t> pad_ids;
+  for (Index f : schema.discrete_features()) {
+    table_sums.emplace_back(static_cast<std::size_t>(schema.feature(f).vocab_size * sum_stride),
+                            0.0f);
+    table_pointers.push_back(table_sums.back().data());
+    pad_ids.push_back(schema.feature(f).pad_id);
+  }
+  std::vector<float> dense_sums(static_cast<std::size_t>(dense_inputs * sum_stride), 0.0f);
+  std::vector<float> grad_sum(static_cast<std::size_t>(sum_stride), 0.0f);
+  std::vector<double> hidden_grads(static_cast<std::size_t>(2 * layout.hidden_total), 0.0);
+  detail::SpadeEmbeddingBackwardPlan plan;
+  plan.ids = ids;
+  plan.values = values;
+  plan.condition = condition;
+  plan.grad_out = grad_out;
+  plan.grad_condition = gradients.condition;
+  plan.pad_ids = pad_ids.data();
+  plan.num_discrete = schema.num_discrete();
+  plan.hidden_sizes = layout.hidden_sizes.data();
+  plan.num_continuous = schema.num_continuous();
+  plan.hidden_weight = hidden_weight.data();
+  plan.hidden_bias = hidden_bias.data();
+  plan.dense_rows = dense_rows.data();
+  plan.row_stride = row_stride;
+  plan.sum_stride = sum_stride;
+  plan.d_model = d_model;
+  plan.dense_inputs = dense_inputs;
+  plan.condition_dim = layout.condition_dim;
+  plan.table_sums = table_pointers.data();
+  plan.dense_sums = dense_sums.data();
+  plan.grad_sum = grad_sum.data();
+  plan.hidden_grads = hidden_grads.data();
+  plan.num_threads = threads;
+  if (batch * steps > 0) detail::kernels<float>().spade_embedding_backward(plan);
+
+  // Finish in double. sum_o block(o, j) * rows[o] for the E columns j of feature f.
+  const auto back_project = [&](const ProjectionBlock& block, Index width, const float* rows,
+                                std::vector<double>& out) {
+    out.assign(static_cast<std::size_t>(width), 0.0);
+    for (Index o = 0; o < d_model; ++o)
+      for (Index j = 0; j < width; ++j) out[static_cast<std::size_t>(j)] += block(o, j) * rows[o];
+  };
+  const bool want_features = !gradients.features.empty();
+  const TensorView<float, 2> grad_projection = gradients.projection_weight;
+  if (!gradients.projection_bias.is_null())
+    for (Index o = 0; o < d_model; ++o) gradients.projection_bias(o) = grad_sum[o];
+  Index dense_row = 0;
+  std::vector<double> column;
+  for (Index f = 0; f < num_features; ++f) {
+    const SpadeFeatureWeights& w = weights.features[static_cast<std::size_t>(f)];
+    const ProjectionBlock block = block_of(f);
+    const Index width = layout.widths[static_cast<std::size_t>(f)];
+    const Index offset = offsets[static_cast<std::size_t>(f)];
+    if (schema.feature(f).kind == SpadeFeatureKind::discrete) {
+      const float* sums = table_sums[static_cast<std::size_t>(schema.column(f))].data();
+      const Index vocab = w.table.size(0);
+      const NormalizedTable table = normalize_table(w, weights.norm_eps);
+      const int product_threads = threads_for_products(threads, vocab * width * d_model);
+      if (!grad_projection.is_null()) {
+        parallel_for(d_model, product_threads, [&](Index o) {
+          for (Index j = 0; j < width; ++j) {
+            double sum = 0;
+            for (Index v = 0; v < vocab; ++v)
+              sum += static_cast<double>(sums[v * sum_stride + o]) *
+                     table.rows[static_cast<std::size_t>(v * width + j)];
+            grad_projection(o, offset + j) = static_cast<float>(sum);
+          }
+        });
+      }
+      if (!want_features) continue;
+      const SpadeFeatureGradients& g = gradients.features[static_cast<std::size_t>(f)];
+      // d loss / d embedding, per id, then through the LayerNorm.
+      std::vector<double> grad_rows(static_cast<std::size_t>(vocab * width));
+      parallel_for(vocab, product_threads, [&](Index v) {
+        std::vector<double> row;
+        back_project(block, width, sums + v * sum_stride, row);
+        std::copy(row.begin(), row.end(), grad_rows.begin() + v * width);
+      });
+      const bool norm = !w.norm_weight.is_null();
+      for (Index j = 0; j < width && norm; ++j) {
+        double grad_gamma = 0, grad_beta = 0;
+        for (Index v = 0; v < vocab; ++v) {
+          const double gy = grad_rows[static_cast<std::size_t>(v * width + j)];
+          grad_gamma += gy * table.normalized[static_cast<std::size_t>(v * width + j)];
+          grad_beta += gy;
+        }
+        if (!g.norm_weight.is_null()) g.norm_weight(j) = static_cast<float>(grad_gamma);
+        if (!g.norm_bias.is_null()) g.norm_bias(j) = static_cast<float>(grad_beta);
+      }
+      if (g.table.is_null()) continue;
+      for (Index v = 0; v < vocab; ++v) {
+        const double* gy = grad_rows.data() + v * width;
+        if (!norm) {
+          for (Index j = 0; j < width; ++j) g.table(v, j) = static_cast<float>(gy[j]);
+          continue;
+        }
+        // dx = inv_std * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dxhat = gy * gamma.
+        const double* xhat = table.normalized.data() + v * width;
+        double mean = 0, mean_x = 0;
+        for (Index j = 0; j < width; ++j) {
+          const double dxhat = gy[j] * w.norm_weight(j);
+          mean += dxhat;
+          mean_x += dxhat * xhat[j];
+        }
+        mean /= static_cast<double>(width);
+        mean_x /= static_cast<double>(width);
+        const double inverse_std = table.inverse_std[static_cast<std::size_t>(v)];
+        for (Index j = 0; j < width; ++j)
+          g.table(v, j) = static_cast<float>(inverse_std *
+                                             (gy[j] * w.norm_weight(j) - mean - xhat[j] * mean_x));
+      }
+    } else {
+      const Index hidden = w.hidden_weight.size(0);
+      const float* sums = dense_sums.data() + dense_row * sum_stride;  // [H, sum_stride]
+      if (!grad_projection.is_null()) {
+        parallel_for(
+            d_model, threads_for_products(threads, hidden * width * d_model), [&](Index o) {
+              for (Index j = 0; j < width; ++j) {
+                double sum = static_cast<double>(grad_sum[o]) * w.output_bias(j);
+                for (Index k = 0; k < hidden; ++k)
+                  sum += static_cast<double>(sums[k * sum_stride + o]) * w.output_weight(j, k);
+                grad_projection(o, offset + j) = static_cast<float>(sum);
+              }
+            });
+      }
+      if (want_features) {
+        const SpadeFeatureGradients& g = gradients.features[static_cast<std::size_t>(f)];
+        if (!g.output_weight.is_null())
+          for (Index k = 0; k < hidden; ++k) {
+            back_project(block, width, sums + k * sum_stride, column);
+            for (Index j = 0; j < width; ++j)
+              g.output_weight(j, k) = static_cast<float>(column[static_cast<std::size_t>(j)]);
+          }
+        if (!g.output_bias.is_null()) {
+          back_project(block, width, grad_sum.data(), column);
+          for (Index j = 0; j < width; ++j)
+            g.output_bias(j) = static_cast<float>(column[static_cast<std::size_t>(j)]);
+        }
+        for (Index k = 0; k < hidden; ++k) {
+          if (!g.hidden_weight.is_null())
+            g.hidden_weight(k, 0) =
+                static_cast<float>(hidden_grads[static_cast<std::size_t>(dense_row + k)]);
+          if (!g.hidden_bias.is_null())
+            g.hidden_bias(k) = static_cast<float>(
+                hidden_grads[static_cast<std::size_t>(layout.hidden_total + dense_row + k)]);
+        }
+      }
+      dense_row += hidden;
+    }
+  }
+  if (!grad_projection.is_null())
+    for (Index c = 0; c < layout.condition_dim; ++c)
+      for (Index o = 0; o < d_model; ++o)
+        grad_projection(o, concat_width + c) =
+            dense_sums[static_cast<std::size_t>((layout.hidden_total + c) * sum_stride + o)];
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ __all__: list[str] = [
     "sliding_window_attention",
     "spade_binned",
     "spade_delay",
+    "spade_embedding_backward",
     "spade_loss_mask",
     "spade_undelay",
     "spade_undelay_logits",
@@ -668,6 +669,21 @@ def spade_delay(
     delayed_ids: typing.Any | None,
     delayed_values: typing.Any | None,
     mask: typing.Any,
+    **kwargs,
+) -> None: ...
+def spade_embedding_backward(
+    schema: SpadeSchema,
+    features: dict,
+    projection_weight: typing.Any | None,
+    projection_bias: typing.Any | None,
+    ids: typing.Any | None,
+    values: typing.Any | None,
+    condition: typing.Any | None,
+    grad_out: typing.Any,
+    grad_features: dict,
+    grad_projection_weight: typing.Any | None,
+    grad_projection_bias: typing.Any | None,
+    grad_condition: typing.Any | None,
     **kwargs,
 ) -> None: ...
 def spade_loss_mask(schema: SpadeSchema, loss_mask: typing.Any, **kwargs) -> None: ...

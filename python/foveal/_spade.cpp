@@ -84,6 +84,37 @@ foveal::TensorView<const float, 3> condition_view(const OptionalTensor& conditio
   return {rows.data(), {rows.size(0), steps, rows.size(1)}, {rows.stride(0), 0, rows.stride(1)}};
 }
 
+// The element type and rank of a TensorView type.
+template <typename View>
+struct ViewTraits;
+template <typename T, int Rank>
+struct ViewTraits<foveal::TensorView<T, Rank>> {
+  using Element = T;
+  static constexpr int kRank = Rank;
+};
+
+// Reads the tensors of one feature's dict `given` (keys as SpadeFeatureWeights' members) into
+// `views` (SpadeFeatureWeights or SpadeFeatureGradients, which have the same members), naming
+// each `prefix['feature']['key']`; `kept` holds the tensors the views read.
+template <typename Views>
+void read_feature_views(const char* fn, const char* prefix, const std::string& feature,
+                        const py::dict& given, Views& views, std::vector<Tensor>& kept) {
+  const auto read = [&](const char* key, auto& view, const char* dims) {
+    if (!given.contains(key) || given[key].is_none()) return;
+    using Traits = ViewTraits<std::decay_t<decltype(view)>>;
+    const std::string name = std::string(prefix) + "['" + feature + "']['" + key + "']";
+    kept.push_back(Tensor::from(given[key]));
+    view = kept.back().view<typename Traits::Element, Traits::kRank>(fn, name.c_str(), dims);
+  };
+  read("table", views.table, "V, E");
+  read("norm_weight", views.norm_weight, "E");
+  read("norm_bias", views.norm_bias, "E");
+  read("hidden_weight", views.hidden_weight, "H, 1");
+  read("hidden_bias", views.hidden_bias, "H");
+  read("output_weight", views.output_weight, "E, H");
+  read("output_bias", views.output_bias, "E");
+}
+
 // The weights of one feature, `given` (a dict of tensors, keys as SpadeFeatureWeights' members):
 // the views, whose tensors `kept` holds.
 foveal::SpadeFeatureWeights feature_weights(const foveal::SpadeFeature& feature,
@@ -105,31 +136,19 @@ foveal::SpadeFeatureWeights feature_weights(const foveal::SpadeFeature& feature,
                 ") takes weights ", std::string(py::repr(allowed)), ", got also ",
                 std::string(py::repr(extra)));
   foveal::SpadeFeatureWeights weights;
-  const auto read = [&](const char* key, auto& view, const char* dims) {
-    if (!given.contains(key) || given[key].is_none()) return;
-    constexpr int rank = std::tuple_size_v<typename std::decay_t<decltype(view)>::Shape>;
-    const std::string name = "features['" + feature.name + "']['" + key + "']";
-    kept.push_back(Tensor::from(given[key]));
-    view = kept.back().view<const float, rank>(fn, name.c_str(), dims);
-  };
-  read("table", weights.table, "V, E");
-  read("norm_weight", weights.norm_weight, "E");
-  read("norm_bias", weights.norm_bias, "E");
-  read("hidden_weight", weights.hidden_weight, "H, 1");
-  read("hidden_bias", weights.hidden_bias, "H");
-  read("output_weight", weights.output_weight, "E, H");
-  read("output_bias", weights.output_bias, "E");
+  read_feature_views(fn, "features", feature.name, given, weights, kept);
   return weights;
 }
 
-std::unique_ptr<foveal::SpadeEmbedding> make_embedding(const foveal::SpadeSchema& schema,
-                                                       const py::dict& features,
-                                                       const OptionalTensor& projection_weight,
-                                                       const OptionalTensor& projection_bias,
-                                                       const OptionalTensor& pad_vector,
-                                                       const py::kwargs& kwargs) {
+// The weights of an embedding from the Python arguments (views of the tensors `kept` holds);
+// reads the keywords combine, condition_dim and norm_eps.
+foveal::SpadeEmbeddingWeights read_weights(const foveal::SpadeSchema& schema,
+                                           const py::dict& features,
+                                           const OptionalTensor& projection_weight,
+                                           const OptionalTensor& projection_bias,
+                                           const OptionalTensor& pad_vector,
+                                           const Keywords& keywords, std::vector<Tensor>& kept) {
   const char* fn = "SpadeEmbedding";
-  const Keywords keywords(fn, kwargs);
   const std::string combine = keywords.text("combine", "concat");
   if (combine != "concat" && combine != "sum")
     value_error(fn, ": combine must be \"concat\" or \"sum\", got \"", combine, "\"");
@@ -137,7 +156,6 @@ std::unique_ptr<foveal::SpadeEmbedding> make_embedding(const foveal::SpadeSchema
   weights.combine = combine == "sum" ? foveal::SpadeCombine::sum : foveal::SpadeCombine::concat;
   weights.condition_dim = keywords.integer("condition_dim", 0);
   weights.norm_eps = keywords.number("norm_eps", weights.norm_eps);
-  keywords.require_all_read();
 
   py::set names;
   for (const auto& feature : schema.features()) names.add(feature.name);
@@ -147,7 +165,6 @@ std::unique_ptr<foveal::SpadeEmbedding> make_embedding(const foveal::SpadeSchema
   unknown.attr("sort")();
   if (!unknown.empty())
     value_error(fn, ": features has no schema feature ", std::string(py::repr(unknown)));
-  std::vector<Tensor> kept;  // what the weight views read, until the weights are copied
   for (const auto& feature : schema.features()) {
     if (!features.contains(feature.name))
       value_error(fn, ": features must hold the weights of feature '", feature.name, "'");
@@ -162,7 +179,44 @@ std::unique_ptr<foveal::SpadeEmbedding> make_embedding(const foveal::SpadeSchema
   weights.projection_bias =
       optional_view<const float, 1>(projection_bias, fn, "projection_bias", "d_model");
   weights.pad_vector = optional_view<const float, 1>(pad_vector, fn, "pad_vector", "d_model");
+  return weights;
+}
+
+std::unique_ptr<foveal::SpadeEmbedding> make_embedding(const foveal::SpadeSchema& schema,
+                                                       const py::dict& features,
+                                                       const OptionalTensor& projection_weight,
+                                                       const OptionalTensor& projection_bias,
+                                                       const OptionalTensor& pad_vector,
+                                                       const py::kwargs& kwargs) {
+  const Keywords keywords("SpadeEmbedding", kwargs);
+  std::vector<Tensor> kept;  // what the weight views read, until the weights are copied
+  const foveal::SpadeEmbeddingWeights weights = read_weights(
+      schema, features, projection_weight, projection_bias, pad_vector, keywords, kept);
+  keywords.require_all_read();
   return std::make_unique<foveal::SpadeEmbedding>(schema, weights);
+}
+
+// spade_embedding_backward's gradient buffers: `given` maps feature names to dicts of float32
+// tensors keyed as SpadeFeatureWeights' members (any subset); the views read `kept`.
+foveal::SpadeEmbeddingGradients read_gradients(const foveal::SpadeSchema& schema,
+                                               const py::dict& given,
+                                               const OptionalTensor& projection_weight,
+                                               const OptionalTensor& projection_bias,
+                                               std::vector<Tensor>& kept) {
+  const char* fn = "spade_embedding_backward";
+  foveal::SpadeEmbeddingGradients gradients;
+  for (const auto& feature : schema.features()) {
+    foveal::SpadeFeatureGradients g;
+    if (given.contains(feature.name))
+      read_feature_views(fn, "grad_features", feature.name, py::dict(given[py::str(feature.name)]),
+                         g, kept);
+    gradients.features.push_back(g);
+  }
+  gradients.projection_weight =
+      optional_view<float, 2>(projection_weight, fn, "grad_projection_weight", "d_model, F_in");
+  gradients.projection_bias =
+      optional_view<float, 1>(projection_bias, fn, "grad_projection_bias", "d_model");
+  return gradients;
 }
 
 // A copy of a decoder's token buffer as a new numpy array.
@@ -290,6 +344,38 @@ void bind_embedding(py::module_& m) {
             embedding.forward(ids_of, values_of, out_of, condition_of, threads);
           },
           py::arg("ids"), py::arg("values"), py::arg("out"), py::arg("condition"));
+
+  m.def(
+      "spade_embedding_backward",
+      [](const foveal::SpadeSchema& schema, const py::dict& features,
+         const OptionalTensor& projection_weight, const OptionalTensor& projection_bias,
+         const OptionalTensor& ids, const OptionalTensor& values, const OptionalTensor& condition,
+         const Tensor& grad_out, const py::dict& grad_features,
+         const OptionalTensor& grad_projection_weight, const OptionalTensor& grad_projection_bias,
+         const OptionalTensor& grad_condition, const py::kwargs& kwargs) {
+        const char* fn = "spade_embedding_backward";
+        const Keywords keywords(fn, kwargs);
+        std::vector<Tensor> kept;
+        const foveal::SpadeEmbeddingWeights weights =
+            read_weights(schema, features, projection_weight, projection_bias, {}, keywords, kept);
+        const int threads = keywords.threads();
+        keywords.require_all_read();
+        foveal::SpadeEmbeddingGradients gradients = read_gradients(
+            schema, grad_features, grad_projection_weight, grad_projection_bias, kept);
+        const auto ids_of = optional_view<const std::int64_t, 3>(ids, fn, "ids", "B, T, Fd");
+        const auto values_of = optional_view<const float, 3>(values, fn, "values", "B, T, Fc");
+        const auto grad_of = grad_out.view<const float, 3>(fn, "grad_out", "B, T, d_model");
+        const auto condition_of = condition_view(condition, fn, grad_of.size(1));
+        gradients.condition =
+            optional_view<float, 3>(grad_condition, fn, "grad_condition", "B, T, C");
+        py::gil_scoped_release release;
+        foveal::spade_embedding_backward(schema, weights, ids_of, values_of, condition_of, grad_of,
+                                         gradients, threads);
+      },
+      py::arg("schema"), py::arg("features"), py::arg("projection_weight"),
+      py::arg("projection_bias"), py::arg("ids"), py::arg("values"), py::arg("condition"),
+      py::arg("grad_out"), py::arg("grad_features"), py::arg("grad_projection_weight"),
+      py::arg("grad_projection_bias"), py::arg("grad_condition"));
 }
 
 void bind_decoder(py::module_& m) {

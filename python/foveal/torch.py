@@ -550,5 +550,6 @@ class PdeSsm:
 
 
 from foveal.nn.pde import PdeSsm2d  # noqa: E402, F401
+from foveal.nn.spade import SpadeEmbedding  # noqa: E402, F401
 from foveal.nn.sparsek import DenseAttention, SparseKAttention  # noqa: E402, F401
 from foveal.nn.vq import ResidualVQ, VectorQuantize  # noqa: E402, F401

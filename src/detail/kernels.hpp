@@ -186,6 +186,8 @@ struct PdeMomentPass {
 // SpadeEmbedding::forward: the folded rows (padded to kSpadeRowFloats, the widest level's lanes,
 // so that every level reads whole vectors) and the validated inputs. float only.
 inline constexpr Index kSpadeRowFloats = 16;
+// spade_embedding_backward's sums: rows padded to whole column blocks of every level.
+inline constexpr Index kSpadeSumFloats = 64;
 
 struct SpadeEmbeddingPlan {
   TensorView<const std::int64_t, 3> ids;  // [B, T, Fd]
@@ -206,6 +208,33 @@ struct SpadeEmbeddingPlan {
   int num_threads = 1;  // resolved
 };
 
+// spade_embedding_backward: the sums the gradients of SpadeEmbedding's weights are made of
+// (src/spade.cpp finishes them in double). Rows whose discrete ids are all PAD (their output is
+// the constant pad vector) contribute nothing. float only.
+struct SpadeEmbeddingBackwardPlan {
+  TensorView<const std::int64_t, 3> ids;  // [B, T, Fd]
+  TensorView<const float, 3> values;      // [B, T, Fc]
+  TensorView<const float, 3> condition;   // [B, T, condition_dim] or null
+  TensorView<const float, 3> grad_out;    // [B, T, d_model], unit last stride
+  TensorView<float, 3> grad_condition;    // [B, T, condition_dim] or null
+  const std::int64_t* pad_ids = nullptr;  // [Fd]
+  Index num_discrete = 0;
+  const Index* hidden_sizes = nullptr;  // [Fc]
+  Index num_continuous = 0;
+  const float* hidden_weight = nullptr;  // all continuous features' hidden units
+  const float* hidden_bias = nullptr;
+  const float* dense_rows = nullptr;  // [dense_inputs, row_stride], zero padded
+  Index row_stride = 0, d_model = 0, dense_inputs = 0, condition_dim = 0;
+  // Outputs, sum_stride floats per row (a multiple of kSpadeSumFloats), zeroed by the caller
+  // and added into:
+  Index sum_stride = 0;
+  float* const* table_sums = nullptr;  // [Fd]: [V_f, row_stride]: sum of grad_out rows by id
+  float* dense_sums = nullptr;         // [dense_inputs, row_stride]: sum of coefficient * grad_out
+  float* grad_sum = nullptr;           // [row_stride]: sum of grad_out rows
+  double* hidden_grads = nullptr;      // [2, hidden total]: d/d hidden_weight, d/d hidden_bias
+  int num_threads = 1;                 // resolved
+};
+
 // X(name, parameters): every kernel, for T = float and T = double.
 #define FOVEAL_KERNELS(X)                                                      \
   X(band_attention, (const FlashParams<T>&, const BandPolicy&))                \
@@ -220,7 +249,8 @@ struct SpadeEmbeddingPlan {
   X(real_fft_2d, (Index, Index, std::shared_ptr<const RealFft2dKernel<T>>&))   \
   X(pde_multiply_spectrum, (T*, const T*, Index, Index, bool))                 \
   X(pde_moments_and_adjoint, (const PdeMomentPass<T>&, T*, const T*, double*)) \
-  X(spade_embedding, (const SpadeEmbeddingPlan&))
+  X(spade_embedding, (const SpadeEmbeddingPlan&))                              \
+  X(spade_embedding_backward, (const SpadeEmbeddingBackwardPlan&))
 
 // One level's kernels for element type T.
 template <typename T>

@@ -61,6 +61,50 @@ constexpr Index kTileRows = 64;
 // Vectors per accumulation block: 8 accumulators leave registers for the loads.
 constexpr int kBlockVectors = 8;
 
+// SiLU(z) and its derivative sigmoid(z) (1 + z (1 - sigmoid(z))) lane-wise.
+inline void silu_and_slope(FloatVec z, FloatVec& value, FloatVec& slope) {
+  const FloatVec magnitude = z < 0.0f ? -z : z;
+  const FloatVec e = exp2_nonpositive(magnitude * static_cast<float>(-kLog2E));
+  const FloatVec reciprocal = 1.0f / (1.0f + e);
+  const FloatVec sigmoid = z < 0.0f ? e * reciprocal : reciprocal;
+  value = z * sigmoid;
+  slope = sigmoid * (1.0f + z * (1.0f - sigmoid));
+}
+
+// The lanes of v added in order.
+inline float sum_lanes(FloatVec v) {
+  float lanes[kLanes<float>];
+  std::memcpy(lanes, &v, sizeof(lanes));
+  float sum = 0.0f;
+  for (float lane : lanes) sum += lane;
+  return sum;
+}
+
+// kLanes floats of a grad_out row from `column` on (zeros past `count`).
+inline FloatVec load_columns(const float* row, Index column, Index d_model) {
+  const Index count = d_model - column;
+  if (count >= kLanes<float>) return load(row + column);
+  return count > 0 ? load_partial(row + column, static_cast<int>(count)) : FloatVec{};
+}
+
+// out[j] = rows[j] . g (d_model floats; rows zero padded to whole vectors) for kRows rows.
+template <int kRows>
+inline void dot_rows(const float* rows, Index row_stride, const float* g, Index d_model,
+                     float* out) {
+  FloatVec acc[kRows] = {};
+  for (Index column = 0; column < d_model; column += kLanes<float>) {
+    const FloatVec gv = load_columns(g, column, d_model);
+    for (int j = 0; j < kRows; ++j) acc[j] += load(rows + j * row_stride + column) * gv;
+  }
+  for (int j = 0; j < kRows; ++j) out[j] = sum_lanes(acc[j]);
+}
+
+// The backward's column pass: vectors of columns per task (kColumnVectors * lanes divides
+// kSpadeSumFloats at every level), rows per chunk, and dense coefficients per register group.
+constexpr Index kColumnVectors = 4;
+constexpr Index kRowChunk = 64;
+constexpr Index kDenseGroup = kVectorRegisters >= 32 ? 4 : 2;
+
 }  // namespace spade
 
 // SPADE is float only: the double table's entry is the same code.
@@ -130,6 +174,151 @@ void spade_embedding(const SpadeEmbeddingPlan& plan) {
         }
       }
     }
+  });
+}
+
+// The backward's sums (SpadeEmbeddingBackwardPlan). A row pass in fixed tiles of kTileRows rows
+// finds the kept rows, their dense coefficients and, from dense_rows . grad_out, the gradients
+// of the condition and of the hidden units (per-tile partial sums, added in tile order); a
+// column pass, each thread owning whole blocks of columns, adds the grad_out rows in row order
+// into the per-id table sums, the dense sums and the total. No sum depends on the thread count.
+template <typename T>
+void spade_embedding_backward(const SpadeEmbeddingBackwardPlan& plan) {
+  using namespace spade;
+  constexpr Index kFloatLanes = kLanes<float>;
+  const Index steps = plan.grad_out.size(1);
+  const Index rows = plan.grad_out.size(0) * steps;
+  const Index dense = plan.dense_inputs;
+  const Index dense_padded = (dense + kDenseGroup - 1) / kDenseGroup * kDenseGroup;
+  const Index hidden_total = dense - plan.condition_dim;
+  const Index hidden_padded = (hidden_total + kFloatLanes - 1) / kFloatLanes * kFloatLanes;
+  const Index num_tiles = (rows + kTileRows - 1) / kTileRows;
+  const Index d_model = plan.d_model;
+  const auto row_of = [&](const auto& view, Index row) {
+    return view.address(row / steps, row % steps, 0);
+  };
+
+  std::vector<std::uint8_t> kept(static_cast<std::size_t>(rows));
+  std::vector<float> coefficients(static_cast<std::size_t>(rows * dense_padded), 0.0f);
+  std::vector<double> tile_hidden(static_cast<std::size_t>(num_tiles * 2 * hidden_total), 0.0);
+  const int team = team_size(num_tiles, plan.num_threads);
+  const Index scratch_size = 3 * hidden_padded + dense;
+  std::vector<float> scratch(static_cast<std::size_t>(team * scratch_size));
+  parallel_for(num_tiles, team, [&](Index tile) {
+    float* z = scratch.data() + thread_index() * scratch_size;
+    float* slope = z + hidden_padded;
+    float* x_of = slope + hidden_padded;
+    float* gradient = x_of + hidden_padded;
+    double* partial = tile_hidden.data() + tile * 2 * hidden_total;
+    for (Index row = tile * kTileRows, end = std::min(rows, row + kTileRows); row < end; ++row) {
+      const Index b = row / steps, t = row % steps;
+      bool all_pad = plan.num_discrete > 0;
+      for (Index column = 0; column < plan.num_discrete; ++column)
+        all_pad &= plan.ids(b, t, column) == plan.pad_ids[column];
+      kept[static_cast<std::size_t>(row)] = !all_pad;
+      if (all_pad) {
+        for (Index c = 0; c < plan.condition_dim; ++c) plan.grad_condition(b, t, c) = 0.0f;
+        continue;
+      }
+      float* coefficient = coefficients.data() + row * dense_padded;
+      Index hidden = 0;
+      for (Index column = 0; column < plan.num_continuous; ++column) {
+        const float x = plan.values(b, t, column);
+        for (Index k = 0; k < plan.hidden_sizes[column]; ++k, ++hidden) {
+          z[hidden] = plan.hidden_weight[hidden] * x + plan.hidden_bias[hidden];
+          x_of[hidden] = x;
+        }
+      }
+      for (; hidden < hidden_padded; ++hidden) z[hidden] = 0.0f;
+      for (Index k = 0; k < hidden_padded; k += kFloatLanes) {
+        FloatVec value, derivative;
+        silu_and_slope(load(z + k), value, derivative);
+        store(z + k, value);
+        store(slope + k, derivative);
+      }
+      std::memcpy(coefficient, z, sizeof(float) * static_cast<std::size_t>(hidden_total));
+      for (Index c = 0; c < plan.condition_dim; ++c)
+        coefficient[hidden_total + c] = plan.condition(b, t, c);
+
+      const float* g = row_of(plan.grad_out, row);
+      Index k = 0;
+      for (; k + 4 <= dense; k += 4)
+        dot_rows<4>(plan.dense_rows + k * plan.row_stride, plan.row_stride, g, d_model,
+                    gradient + k);
+      for (; k < dense; ++k)
+        dot_rows<1>(plan.dense_rows + k * plan.row_stride, plan.row_stride, g, d_model,
+                    gradient + k);
+      for (k = 0; k < hidden_total; ++k) {
+        const double dz = static_cast<double>(gradient[k]) * slope[k];
+        partial[k] += dz * x_of[k];
+        partial[hidden_total + k] += dz;
+      }
+      for (Index c = 0; c < plan.condition_dim; ++c)
+        plan.grad_condition(b, t, c) = gradient[hidden_total + c];
+    }
+  });
+  for (Index tile = 0; tile < num_tiles; ++tile)
+    for (Index j = 0; j < 2 * hidden_total; ++j)
+      plan.hidden_grads[j] += tile_hidden[static_cast<std::size_t>(tile * 2 * hidden_total + j)];
+
+  // The column pass: blocks of kColumnVectors vectors of columns of every sum (the caller zeroed
+  // them), each summing its slice of the kept grad_out rows in row order, in chunks of
+  // kRowChunk rows: first the total and the per-id table sums, then the dense sums kDenseGroup
+  // coefficients at a time in registers (the chunk's slice stays in L1). Each thread owns a
+  // contiguous range of blocks and walks the chunks in order, its blocks inside, so that it
+  // reads grad_out once, front to back; a sum's order is the row order whatever the range.
+  const Index block_columns = kColumnVectors * kFloatLanes;
+  const Index column_blocks = (d_model + block_columns - 1) / block_columns;
+  const auto add_chunk = [&](Index first, Index chunk, Index chunk_end) {
+    const auto load_row = [&](Index row, FloatVec* g) {
+      const float* grad_row = row_of(plan.grad_out, row);
+      for (Index v = 0; v < kColumnVectors; ++v)
+        g[v] = load_columns(grad_row, first + v * kFloatLanes, d_model);
+    };
+    FloatVec total[kColumnVectors];
+    for (Index v = 0; v < kColumnVectors; ++v)
+      total[v] = load(plan.grad_sum + first + v * kFloatLanes);
+    for (Index row = chunk; row < chunk_end; ++row) {
+      if (!kept[static_cast<std::size_t>(row)]) continue;
+      FloatVec g[kColumnVectors];
+      load_row(row, g);
+      for (Index v = 0; v < kColumnVectors; ++v) total[v] += g[v];
+      const Index b = row / steps, t = row % steps;
+      for (Index c = 0; c < plan.num_discrete; ++c) {
+        float* sum = plan.table_sums[c] + plan.ids(b, t, c) * plan.sum_stride + first;
+        for (Index v = 0; v < kColumnVectors; ++v)
+          store(sum + v * kFloatLanes, load(sum + v * kFloatLanes) + g[v]);
+      }
+    }
+    for (Index v = 0; v < kColumnVectors; ++v)
+      store(plan.grad_sum + first + v * kFloatLanes, total[v]);
+    for (Index k0 = 0; k0 < dense; k0 += kDenseGroup) {
+      const Index group = std::min(kDenseGroup, dense - k0);
+      FloatVec acc[kDenseGroup][kColumnVectors] = {};
+      for (Index j = 0; j < group; ++j)
+        for (Index v = 0; v < kColumnVectors; ++v)
+          acc[j][v] = load(plan.dense_sums + (k0 + j) * plan.sum_stride + first + v * kFloatLanes);
+      for (Index row = chunk; row < chunk_end; ++row) {
+        if (!kept[static_cast<std::size_t>(row)]) continue;
+        FloatVec g[kColumnVectors];
+        load_row(row, g);
+        const float* coefficient = coefficients.data() + row * dense_padded + k0;
+        for (Index j = 0; j < kDenseGroup; ++j) {
+          const FloatVec scale = splat(coefficient[j]);
+          for (Index v = 0; v < kColumnVectors; ++v) acc[j][v] += scale * g[v];
+        }
+      }
+      for (Index j = 0; j < group; ++j)
+        for (Index v = 0; v < kColumnVectors; ++v)
+          store(plan.dense_sums + (k0 + j) * plan.sum_stride + first + v * kFloatLanes, acc[j][v]);
+    }
+  };
+  const int parts = team_size(column_blocks, plan.num_threads);
+  parallel_for(parts, parts, [&](Index part) {
+    const Index begin = column_blocks * part / parts, end = column_blocks * (part + 1) / parts;
+    for (Index chunk = 0; chunk < rows; chunk += kRowChunk)
+      for (Index block = begin; block < end; ++block)
+        add_chunk(block * block_columns, chunk, std::min(rows, chunk + kRowChunk));
   });
 }
 

@@ -415,6 +415,17 @@ struct ModelOptions {
   bool pad_vector = false;
 };
 
+// Random options: LayerNorm, sum or concat, condition size, d_model among `d_models`, pad vector.
+ModelOptions random_options(RandomSource& random, std::initializer_list<Index> d_models) {
+  ModelOptions options;
+  options.layer_norm = random.chance(0.5);
+  options.sum = random.chance(0.25);
+  options.condition_dim = options.sum ? 0 : random.pick({0, 0, 1, 5});
+  options.d_model = random.pick(d_models);
+  options.pad_vector = random.chance(0.5);
+  return options;
+}
+
 // Random weights for `schema`, as float arrays the embedding reads and as the same numbers in
 // the double reference model.
 class RandomModel {
@@ -526,12 +537,7 @@ std::vector<double> run_forward(const SpadeEmbedding& embedding, const std::vect
 TEST(SpadeEmbedding, MatchesTheReference) {
   RandomSource random(kSeed + 7);
   for (int trial = 0; trial < 40; ++trial) {
-    ModelOptions options;
-    options.layer_norm = random.chance(0.5);
-    options.sum = random.chance(0.25);
-    options.condition_dim = options.sum ? 0 : random.pick({0, 0, 1, 5});
-    options.d_model = random.pick({1, 7, 16, 37, 64, 131, 256});
-    options.pad_vector = random.chance(0.5);
+    const ModelOptions options = random_options(random, {1, 7, 16, 37, 64, 131, 256});
     const bool broadcast = random.chance(0.5);
     const SpadeSchema schema = random_schema(random, 5, false);
     const Index batch = random.pick({1, 2, 3}), n = random.pick({1, 3, 8, 19});
@@ -593,6 +599,171 @@ TEST(SpadeEmbedding, IdenticalForOneTwoAndThreeThreads) {
         run_forward(embedding, tokens, condition, batch, steps, Layout::kContiguous, threads),
         single))
         << threads << " threads";
+}
+
+// ---------------------------------------------------------------------------------------------
+// The embedding's backward.
+
+// Gradient buffers for every weight of `weights` (NaN filled), their views, and the gradients
+// read back as doubles in the reference's layouts.
+class GradientBuffers {
+ public:
+  GradientBuffers(const SpadeEmbeddingWeights& weights, Index condition_size) {
+    for (const SpadeFeatureWeights& w : weights.features) {
+      SpadeFeatureGradients g;
+      g.table = like(w.table);
+      g.norm_weight = like(w.norm_weight);
+      g.norm_bias = like(w.norm_bias);
+      g.hidden_weight = like(w.hidden_weight);
+      g.hidden_bias = like(w.hidden_bias);
+      g.output_weight = like(w.output_weight);
+      g.output_bias = like(w.output_bias);
+      views.features.push_back(g);
+    }
+    views.projection_weight = like(weights.projection_weight);
+    views.projection_bias = like(weights.projection_bias);
+    condition_ = std::vector<float>(static_cast<std::size_t>(condition_size), kUnwritten);
+  }
+
+  // Every buffer as one vector per gradient, in a fixed order.
+  std::vector<std::vector<double>> all() const {
+    std::vector<std::vector<double>> out;
+    for (const auto& buffer : storage_) out.emplace_back(buffer.begin(), buffer.end());
+    out.emplace_back(condition_.begin(), condition_.end());
+    return out;
+  }
+
+  static constexpr float kUnwritten = 7.0f;
+  SpadeEmbeddingGradients views;
+  std::vector<float> condition_;
+
+ private:
+  template <int Rank>
+  TensorView<float, Rank> like(const TensorView<const float, Rank>& weight) {
+    if (weight.is_null()) return {};
+    storage_.emplace_back(static_cast<std::size_t>(weight.numel()), kUnwritten);
+    typename TensorView<float, Rank>::Shape shape;
+    for (int dim = 0; dim < Rank; ++dim) shape[static_cast<std::size_t>(dim)] = weight.size(dim);
+    return TensorView<float, Rank>(storage_.back().data(), shape);
+  }
+  std::vector<std::vector<float>> storage_;
+};
+
+// The reference's gradients in GradientBuffers::all()'s order.
+std::vector<std::vector<double>> reference_order(const SpadeEmbeddingWeights& weights,
+                                                 const reference::SpadeReferenceGradients& grads) {
+  std::vector<std::vector<double>> out;
+  for (std::size_t f = 0; f < weights.features.size(); ++f) {
+    const SpadeFeatureWeights& w = weights.features[f];
+    const reference::SpadeReferenceFeatureGradients& g = grads.features[f];
+    for (const auto& [weight_given, values] : {std::pair{!w.table.is_null(), &g.table},
+                                               {!w.norm_weight.is_null(), &g.norm_weight},
+                                               {!w.norm_bias.is_null(), &g.norm_bias},
+                                               {!w.hidden_weight.is_null(), &g.hidden_weight},
+                                               {!w.hidden_bias.is_null(), &g.hidden_bias},
+                                               {!w.output_weight.is_null(), &g.output_weight},
+                                               {!w.output_bias.is_null(), &g.output_bias}})
+      if (weight_given) out.push_back(*values);
+  }
+  if (!weights.projection_weight.is_null()) out.push_back(grads.projection_weight);
+  if (!weights.projection_bias.is_null()) out.push_back(grads.projection_bias);
+  out.push_back(grads.condition);
+  return out;
+}
+
+// spade_embedding_backward on strided buffers of `tokens` [B, T, F] and `grad_out`; returns the
+// gradients in GradientBuffers::all()'s order.
+std::vector<std::vector<double>> run_backward(const SpadeSchema& schema,
+                                              const SpadeEmbeddingWeights& weights,
+                                              const std::vector<double>& tokens,
+                                              const std::vector<double>& condition,
+                                              const std::vector<double>& grad_out, Index batch,
+                                              Index steps, Index d_model, Layout layout,
+                                              int num_threads = 0) {
+  const SplitTokens split = split_tokens(schema, tokens);
+  const StridedBuffer<std::int64_t, 3> ids(split.ids, {batch, steps, schema.num_discrete()}, layout,
+                                           0);
+  const StridedBuffer<float, 3> values(split.values, {batch, steps, schema.num_continuous()},
+                                       layout, 0);
+  const Index condition_dim = weights.condition_dim;
+  const StridedBuffer<float, 3> condition_buffer(condition, {batch, steps, condition_dim}, layout,
+                                                 0);
+  const StridedBuffer<float, 3> grad(grad_out, {batch, steps, d_model}, layout, 0);
+  GradientBuffers buffers(weights, batch * steps * condition_dim);
+  TensorView<const float, 3> condition_view;
+  if (condition_dim > 0) {
+    condition_view = condition_buffer.const_view();
+    buffers.views.condition =
+        TensorView<float, 3>(buffers.condition_.data(), {batch, steps, condition_dim});
+  }
+  spade_embedding_backward(schema, weights, ids.const_view(), values.const_view(), condition_view,
+                           grad.const_view(), buffers.views, num_threads);
+  return buffers.all();
+}
+
+TEST(SpadeEmbeddingBackward, MatchesTheReference) {
+  RandomSource random(kSeed + 31);
+  for (int trial = 0; trial < 40; ++trial) {
+    const ModelOptions options = random_options(random, {1, 7, 16, 37, 64, 131});
+    const SpadeSchema schema = random_schema(random, 5, false);
+    const Index batch = random.pick({1, 2, 3}), n = random.pick({1, 3, 8, 19});
+    const Index steps = n + schema.max_shift();
+    const Layout layout = random.pick(kRowLayouts);
+    SCOPED_TRACE(test::describe("seed=", kSeed + 31, " trial=", trial,
+                                " layer_norm=", options.layer_norm, " sum=", options.sum,
+                                " C=", options.condition_dim, " d_model=", options.d_model,
+                                " layout=", test::layout_name(layout)));
+    const RandomModel model(random, schema, options);
+    const auto tokens = delayed_tokens(random, schema, batch, n);
+    const auto condition = test::round_to<float>(
+        random.normal(static_cast<std::size_t>(batch * steps * options.condition_dim)));
+    const auto grad_out = test::round_to<float>(
+        random.normal(static_cast<std::size_t>(batch * steps * options.d_model)));
+    const auto expected = reference_order(
+        model.weights, reference::spade_embedding_backward_reference(model.reference, batch, steps,
+                                                                     tokens, condition, grad_out));
+    const auto got = run_backward(schema, model.weights, tokens, condition, grad_out, batch, steps,
+                                  options.d_model, layout);
+    ASSERT_EQ(got.size(), expected.size());
+    for (std::size_t i = 0; i < got.size(); ++i)
+      // float32 sums over at most a few hundred steps; the SiLU's polynomial exp.
+      EXPECT_TRUE(test::matches_reference(got[i], expected[i], 2e-5)) << "gradient " << i;
+  }
+}
+
+TEST(SpadeEmbeddingBackward, IdenticalForOneTwoAndThreeThreads) {
+  RandomSource random(kSeed + 32);
+  const SpadeSchema schema({SpadeFeature::binned("z", 30), SpadeFeature::binned("x", 30),
+                            SpadeFeature::binned("y", 30), SpadeFeature::continuous("E")});
+  ModelOptions options;
+  options.d_model = 101;
+  options.condition_dim = 3;
+  options.layer_norm = true;
+  const RandomModel model(random, schema, options);
+  const Index batch = 3, n = 97, steps = n + schema.max_shift();
+  const auto tokens = delayed_tokens(random, schema, batch, n);
+  const auto condition = test::round_to<float>(random.normal(batch * steps * 3));
+  const auto grad_out = test::round_to<float>(random.normal(batch * steps * options.d_model));
+  const auto single = run_backward(schema, model.weights, tokens, condition, grad_out, batch, steps,
+                                   options.d_model, Layout::kContiguous, 1);
+  for (int threads : {2, 3}) {
+    const auto got = run_backward(schema, model.weights, tokens, condition, grad_out, batch, steps,
+                                  options.d_model, Layout::kContiguous, threads);
+    for (std::size_t i = 0; i < got.size(); ++i)
+      EXPECT_TRUE(test::bitwise_equal(got[i], single[i])) << threads << " threads, gradient " << i;
+  }
+}
+
+TEST(SpadeEmbeddingBackward, PadStepsGiveNoGradient) {
+  RandomSource random(kSeed + 33);
+  const SpadeSchema schema({SpadeFeature::binned("z", 4), SpadeFeature::continuous("E")});
+  ModelOptions options;
+  const RandomModel model(random, schema, options);
+  const std::vector<double> tokens = {0, 1.5, 0, -2.0};  // two PAD steps
+  const std::vector<double> grad_out(2 * options.d_model, 1.0);
+  for (const auto& gradient : run_backward(schema, model.weights, tokens, {}, grad_out, 1, 2,
+                                           options.d_model, Layout::kContiguous))
+    for (double value : gradient) EXPECT_EQ(value, 0.0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -833,6 +1004,53 @@ TEST_F(SpadeErrors, EmbeddingRejectsWeightsOfTheWrongShape) {
   weights.features.pop_back();
   EXPECT_TRUE(test::throws_error_with([&] { SpadeEmbedding(schema, weights); },
                                       {"one entry per schema feature (4), got 3"}));
+}
+
+TEST_F(SpadeErrors, BackwardRejectsBadInputsWithoutWriting) {
+  ModelOptions options;
+  options.layer_norm = true;
+  const RandomModel model(random, schema, options);
+  const Index steps = 4;
+  std::vector<double> step_tokens(static_cast<std::size_t>(kBatch * steps * 4), 1.0);
+  const auto expect_rejected = [&](std::initializer_list<std::string> pieces, Index d_model,
+                                   const auto& edit) {
+    const SplitTokens split = split_tokens(schema, step_tokens);
+    const StridedBuffer<std::int64_t, 3> ids(split.ids, {kBatch, steps, 3}, Layout::kContiguous, 0);
+    const StridedBuffer<float, 3> values(split.values, {kBatch, steps, 1}, Layout::kContiguous, 0);
+    const StridedBuffer<float, 3> grad({kBatch, steps, d_model}, Layout::kContiguous, 1.0f);
+    GradientBuffers buffers(model.weights, 0);
+    edit(buffers.views);
+    EXPECT_TRUE(test::throws_error_with(
+        [&] {
+          spade_embedding_backward(schema, model.weights, ids.const_view(), values.const_view(), {},
+                                   grad.const_view(), buffers.views);
+        },
+        pieces));
+    for (const auto& gradient : buffers.all())
+      for (double value : gradient) ASSERT_EQ(value, GradientBuffers::kUnwritten);
+  };
+  const auto keep = [](SpadeEmbeddingGradients&) {};
+  step_tokens[(1 * steps + 3) * 4 + 2] = 40;
+  expect_rejected({"spade_embedding_backward: ids[1, 3, 2] (feature \"y\", sequence 1, "
+                   "position 3)",
+                   "must be in [0, 32), got 40"},
+                  options.d_model, keep);
+  step_tokens[(1 * steps + 3) * 4 + 2] = 1;
+  step_tokens[(0 * steps + 1) * 4 + 3] = std::numeric_limits<double>::quiet_NaN();
+  expect_rejected({"values[0, 1, 0] (feature \"energy\", sequence 0, position 1) must be finite"},
+                  options.d_model, keep);
+  step_tokens[(0 * steps + 1) * 4 + 3] = 0.5;
+  expect_rejected({"spade_embedding_backward: grad_out.shape[2] must equal d_model = 48, got 47"},
+                  options.d_model - 1, keep);
+  expect_rejected({"gradients.features[0].table (feature \"z\").shape[0] must be 32"},
+                  options.d_model, [](SpadeEmbeddingGradients& g) {
+                    g.features[0].table = TensorView<float, 2>(g.features[0].table.data(),
+                                                               {31, g.features[0].table.size(1)});
+                  });
+  expect_rejected({"gradients.features[3].table (feature \"energy\") is given but its weight is "
+                   "not"},
+                  options.d_model,
+                  [](SpadeEmbeddingGradients& g) { g.features[3].table = g.features[0].table; });
 }
 
 }  // namespace

@@ -76,4 +76,37 @@ class SpadeEmbedding {
   std::vector<float> hidden_weight_, hidden_bias_;  // all continuous features, concatenated
 };
 
+// The gradients of SpadeEmbedding's weights, in the layouts of SpadeFeatureWeights and
+// SpadeEmbeddingWeights. Every view that is given is overwritten (not accumulated into); a null
+// view is not computed. A gradient may be given only where its weight is.
+struct SpadeFeatureGradients {
+  TensorView<float, 2> table;          // [V, E]
+  TensorView<float, 1> norm_weight;    // [E]
+  TensorView<float, 1> norm_bias;      // [E]
+  TensorView<float, 2> hidden_weight;  // [H, 1]
+  TensorView<float, 1> hidden_bias;    // [H]
+  TensorView<float, 2> output_weight;  // [E, H]
+  TensorView<float, 1> output_bias;    // [E]
+};
+
+struct SpadeEmbeddingGradients {
+  std::vector<SpadeFeatureGradients> features;  // one per schema feature, or empty (none)
+  TensorView<float, 2> projection_weight;       // [d_model, sum E + condition_dim]
+  TensorView<float, 1> projection_bias;         // [d_model]
+  TensorView<float, 3> condition;               // [B, T, condition_dim]: d loss / d condition
+};
+
+// The backward of SpadeEmbedding(schema, weights).forward(ids, values, out, condition): from
+// grad_out = d loss / d out [B, T, d_model] (unit stride in its last dimension), the gradient of
+// every weight (the pad vector is a constant: steps whose discrete ids are all PAD give no
+// gradient). The sums over steps run in a fixed order: results are bitwise identical for any
+// thread count. Validates weights and inputs as the constructor and forward do, and the
+// gradients' shapes, before writing anything.
+void spade_embedding_backward(const SpadeSchema& schema, const SpadeEmbeddingWeights& weights,
+                              TensorView<const std::int64_t, 3> ids,
+                              TensorView<const float, 3> values,
+                              TensorView<const float, 3> condition,
+                              TensorView<const float, 3> grad_out,
+                              const SpadeEmbeddingGradients& gradients, int num_threads = 0);
+
 }  // namespace foveal
