@@ -14,7 +14,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and
 from . import KVCache, decode_attention
 from .transformers import LAYER_KEY
 
-_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _error(what: str) -> ValueError:
@@ -115,6 +115,11 @@ class FovealCacheLayer(CacheLayerMixin):
                 "(call reset() before a new batch)"
             )
         before, new = self.length, key_states.shape[2]
+        if before + new > self.max_cache_len:
+            raise _error(
+                f"{before} cached tokens + {new} new exceed max_cache_len={self.max_cache_len} "
+                "(make the cache with a larger max_cache_len)"
+            )
         if before > 0 and not self.attended:
             raise _error(
                 "the previous step's attention was not foveal's: FovealCache needs "
@@ -122,14 +127,13 @@ class FovealCacheLayer(CacheLayerMixin):
                 "model.set_attn_implementation('foveal'))"
             )
         attention_kwargs = kwargs.get("kwargs")
-        if isinstance(attention_kwargs, dict):
-            attention_kwargs[LAYER_KEY] = self
-        self.attended = False
-        if before + new > self.max_cache_len:
-            raise _error(
-                f"{before} cached tokens + {new} new exceed max_cache_len={self.max_cache_len} "
-                "(make the cache with a larger max_cache_len)"
+        if not isinstance(attention_kwargs, dict):
+            raise _unsupported(
+                "a model whose attention layers do not hand their kwargs to Cache.update "
+                "(update(..., kwargs=kwargs), as transformers' Llama does)"
             )
+        attention_kwargs[LAYER_KEY] = self
+        self.attended = False
         kept = None
         if self.is_sliding and before > 0 and new > 1:
             kept = self._stored(before - min(before, self.window - 1), min(before, self.window - 1))

@@ -144,6 +144,9 @@ def test_capacity_overflow_raises():
     cache = _foveal_cache(model, ids.shape[0], length=ids.shape[1] + 3)
     with pytest.raises(ValueError, match="exceed max_cache_len=26"):
         _generate(model, ids, mask, cache)
+    assert cache.get_seq_length() == 26  # the rejected step wrote nothing
+    cache.reset()
+    _generate(model, ids, mask, cache, new_tokens=3)
     with pytest.raises(ValueError, match="max_batch_size=1"):
         _generate(model, ids, mask, _foveal_cache(model, 1))
 
@@ -159,6 +162,9 @@ def test_misuse_and_unsupported_features_raise_by_name():
         _foveal_cache(model, 3, dtype=torch.float64)
     with pytest.raises(TypeError, match=r"the cache holds torch\.float16"):
         _generate(model, ids, mask, _foveal_cache(model, 3, dtype=torch.float16))
+    states = torch.zeros(3, 2, 1, 16)
+    with pytest.raises(NotImplementedError, match=r"kwargs to Cache\.update"):
+        _foveal_cache(model, 3).update(states, states, 0)
     with pytest.raises(NotImplementedError, match="beam search"), torch.no_grad():
         model.generate(
             input_ids=ids,
