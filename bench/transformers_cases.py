@@ -9,8 +9,15 @@ checks that both implementations give the same logits on the unpadded tokens, th
 alternately and reports the best of the repeats, with the seconds its attention layers took
 (the attention functions timed from transformers' side, masks excluded).
 
+The "generate" case (--cases generate) continues an L-token prompt by greedy generation on the
+Llama model: sdpa over a DynamicCache, foveal over a DynamicCache and foveal over a
+foveal.transformers.FovealCache. Decode tokens/s is (N - 1) new tokens over the time
+generate(max_new_tokens=N) takes beyond generate(max_new_tokens=1) (the prefill and the first
+token), best of the repeats; all three must give the same tokens.
+
     python bench/transformers_cases.py                 # L = 8192, 1 thread
     python bench/transformers_cases.py --length 2048 --threads 2 --repeats 3
+    python bench/transformers_cases.py --cases generate --new-tokens 64
 """
 
 from __future__ import annotations
@@ -98,12 +105,58 @@ def _case(name: str, model, ids, mask, repeats: int) -> dict:
     )
 
 
+def _generate(model, implementation: str, cache: str, ids, new_tokens: int) -> tuple:
+    """(seconds, tokens) of a greedy generate of new_tokens tokens after ids."""
+    model.set_attn_implementation(implementation)
+    extra = {}
+    if cache == "foveal":
+        extra["cache"] = foveal.transformers.FovealCache(
+            model.config, ids.shape[0], ids.shape[1] + new_tokens
+        )
+    start = time.perf_counter()
+    with torch.inference_mode():
+        tokens = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+            **extra,
+        )
+    return time.perf_counter() - start, tokens
+
+
+def _generate_case(length: int, new_tokens: int, repeats: int, generator) -> dict:
+    model = _model("LlamaConfig", length + new_tokens)
+    ids = torch.randint(3, VOCAB, (1, length), generator=generator)
+    setups = {"sdpa": ("sdpa", "dynamic"), "foveal": ("foveal", "dynamic")}
+    setups["foveal_cache"] = ("foveal", "foveal")
+    rate, prefill, tokens = {name: 0.0 for name in setups}, {}, {}
+    for _ in range(repeats):
+        for name, (implementation, cache) in setups.items():
+            first, _ = _generate(model, implementation, cache, ids, 1)
+            seconds, tokens[name] = _generate(model, implementation, cache, ids, new_tokens)
+            rate[name] = max(rate[name], (new_tokens - 1) / (seconds - first))
+            prefill[name] = min(prefill.get(name, float("inf")), first)
+    same = all(torch.equal(tokens[name], tokens["sdpa"]) for name in setups)
+    result = dict(case="llama, greedy generate", length=length, new_tokens=new_tokens)
+    for name in setups:
+        result[f"{name}_prefill_ms"] = round(prefill[name] * 1e3, 1)
+        result[f"{name}_tokens_per_s"] = round(rate[name], 1)
+    result["speedup_foveal_cache"] = round(rate["foveal_cache"] / rate["sdpa"], 2)
+    result["speedup_foveal_dynamic"] = round(rate["foveal"] / rate["sdpa"], 2)
+    result["same_tokens"] = same
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=8192)
     parser.add_argument("--padded-length", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--cases", default="llama,mistral,padded")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -114,6 +167,12 @@ def main() -> None:
     results = []
     cases = args.cases.split(",")
     for name in cases:
+        if name == "generate":
+            result = _generate_case(args.length, args.new_tokens, args.repeats, generator)
+            result["threads"] = args.threads
+            results.append(result)
+            print(json.dumps(result), flush=True)
+            continue
         if name == "padded":
             length = args.padded_length
             ids = torch.randint(3, VOCAB, (4, length), generator=generator)

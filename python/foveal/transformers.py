@@ -41,9 +41,25 @@ import torch
 from . import _core
 from . import torch as _ftorch
 
-__all__ = ["FovealMask", "attention_forward", "mask_forward", "register"]
+# FovealCache comes from the module's __getattr__.
+__all__ = ["FovealCache", "FovealMask", "attention_forward", "mask_forward", "register"]  # noqa: F822
 
 NAME = "foveal"
+# A FovealCache layer's update leaves itself in the attention kwargs under this key
+# (transformers hands the attention layer's kwargs to Cache.update, then to the attention).
+LAYER_KEY = "foveal_cache_layer"
+# Steps of at most this many new tokens over a FovealCache run foveal.decode_attention.
+DECODE_MAX_QUERIES = 8
+
+
+def __getattr__(name: str) -> Any:
+    # FovealCache subclasses transformers.Cache: imported on first use, so that importing this
+    # module never needs transformers.
+    if name in ("FovealCache", "FovealCacheLayer"):
+        from . import _transformers_cache
+
+        return getattr(_transformers_cache, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -269,6 +285,14 @@ def attention_forward(
         _fail("output_attentions=True is not supported: foveal never forms the attention weights")
     if position_bias is not None:
         _fail("position_bias (a per-layer relative position bias) is not supported")
+    layer = kwargs.get(LAYER_KEY)
+    if layer is not None:
+        layer.attended = True
+        out = _decode_over_cache(layer, query, attention_mask, scaling, softcap, s_aux)
+        if out is not None:
+            return out.transpose(1, 2).contiguous(), None
+        if layer.in_ring_order:  # the mask reads keys by position: put the ring in order
+            key, value = layer.keys_in_position_order(key.shape[2])
     # transformers' projections are [B, L, H, D] memory seen as [B, H, L, D]: foveal reads any
     # strides, but unit-stride rows per head run ~10 % faster and the copy is O(L), not O(L^2).
     query, key, value = (t.contiguous() for t in (query, key, value))
@@ -285,6 +309,31 @@ def attention_forward(
     else:
         out = _attend_key_runs(query, key, value, runs, options, s_aux)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _decode_over_cache(layer, query, mask, scaling, softcap, s_aux) -> Optional[torch.Tensor]:
+    """[B, Hq, Lq, Dv] from foveal.decode_attention over a FovealCache layer when the step is a
+    decode one it computes exactly (a few new queries, the newest keys, a band mask without
+    padding, no sink logits, no gradient), else None."""
+    q_length = query.shape[2]
+    if s_aux is not None or q_length > DECODE_MAX_QUERIES or not isinstance(mask, FovealMask):
+        return None
+    if mask.dense is not None or mask.key_mask is not None or len(mask.shape) != 4:
+        return None
+    if mask.q_offset != mask.shape[3] - q_length or (q_length > 1 and not mask.causal):
+        return None
+    if torch.is_grad_enabled() and query.requires_grad:
+        return None
+    options = {"causal": q_length > 1}
+    if mask.window_left >= 0:
+        options["window_left"] = mask.window_left
+    if layer.is_sliding and not 0 <= mask.window_left <= layer.capacity - q_length:
+        return None  # the ring no longer holds every key the window reaches (or no window)
+    if softcap:
+        options["softcap"] = float(softcap)
+    if scaling is not None:
+        options["scale"] = float(scaling)
+    return layer.decode(query, options)
 
 
 def _attend(query, key, value, bias, options: dict, s_aux) -> torch.Tensor:
