@@ -16,8 +16,10 @@ attention and SDPA, bench/sparsek_attention_cases.py) and the PDE-SSM block (vs 
 multiplier · irfft2, bench/pde_cases.py), training steps of attention, forward + backward
 (vs SDPA forward + backward, bench/backward_cases.py), serving: batch decode over a paged
 KV cache (vs separate decode calls), shared-prefix decode (vs no sharing) and a server loop
-(bench/serving_cases.py), and training steps of the foveal.nn modules (vs
-vector-quantize-pytorch and other references when installed, bench/modules_cases.py).
+(bench/serving_cases.py), training steps of the foveal.nn modules (vs
+vector-quantize-pytorch and other references when installed, bench/modules_cases.py), and
+16-bit storage: bfloat16 / float16 KV caches against float32 ones in decode, and bfloat16
+prefill against SDPA in bfloat16 with both errors against float64 (bench/precision_cases.py).
 Both libraries run interleaved on identical float32 tensors at each thread count, so machine
 noise hits both alike; each time is the median of the repetitions. Writes
 bench/results/<suite>_<quick|full>.json and, when matplotlib is installed, a .png beside it.
@@ -327,7 +329,7 @@ def peak_extra_memory(length: int, threads: int) -> int:
 
 def plot(suite: str, rows: list[dict], path: Path) -> bool:
     # A table says it all for these suites.
-    if suite in ("spade", "vq", "sparsek", "pde", "backward", "serving", "modules"):
+    if suite in ("spade", "vq", "sparsek", "pde", "backward", "serving", "modules", "precision"):
         return False
     if suite == "sparsek_attn":
         import sparsek_attention_cases
@@ -493,6 +495,10 @@ def markdown(path: Path) -> str:
             )
     elif suite == "pde":
         lines += pde_markdown(rows)
+    elif suite == "precision":
+        import precision_cases
+
+        lines += precision_cases.markdown_lines(rows)
     elif suite == "serving":
         import serving_cases
 
@@ -612,6 +618,7 @@ SUITES = (
     "pde",
     "backward",
     "serving",
+    "precision",
     "modules",
 )
 
@@ -698,6 +705,13 @@ def main() -> None:
             rows = serving_cases.run(
                 args.threads, seconds, interleaved, median_time, args.full, copy_bandwidth
             )
+        if suite == "precision":  # bench/precision_cases.py, likewise
+            import precision_cases
+
+            print("\n[precision]")
+            rows = precision_cases.run(
+                args.threads, seconds, interleaved, args.full, copy_bandwidth
+            )
         if suite == "modules":  # bench/modules_cases.py, likewise
             import modules_cases
 
@@ -719,6 +733,7 @@ def main() -> None:
             "backward",
             "serving",
             "modules",
+            "precision",
         )
         for threads in args.threads if suite not in own_threads else []:
             torch.set_num_threads(threads)

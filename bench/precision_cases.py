@@ -1,0 +1,160 @@
+"""The precision suite of bench/compare_torch.py: 16-bit storage.
+
+1. Decode over a KV cache (B 1, Hq 32, Hkv 8, D 128, one query): foveal's bfloat16 and float16
+   caches against its float32 cache, and the GB/s of cache bytes read against the machine's
+   copy bandwidth.
+2. bfloat16 prefill (B 1, H 16, D 64 / 128, causal and not): foveal against torch SDPA in
+   bfloat16, and both errors against float64 (FlashAttention's rule: foveal's at most 2x that
+   of a plain bfloat16 torch implementation, softmax(q k^T) v in bfloat16).
+"""
+
+from __future__ import annotations
+
+import foveal
+import torch
+
+
+def _decode_case(len_k: int, threads: int, seconds: float, interleaved, copy_gbps: float):
+    generator = torch.Generator().manual_seed(0)
+    k = torch.randn((1, 8, len_k, 128), generator=generator)
+    v = torch.randn((1, 8, len_k, 128), generator=generator)
+    q = torch.randn((1, 32, 1, 128), generator=generator)
+    calls = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        cache = foveal.KVCache.wrap(k.to(dtype), v.to(dtype), lengths=[len_k])
+        query = q.to(dtype)
+        out = torch.empty((1, 32, 1, 128), dtype=dtype)
+        calls[dtype] = (lambda c=cache, x=query, o=out: foveal.decode_attention(x, c, out=o), out)
+    single_s, bf16_s = interleaved(calls[torch.float32][0], calls[torch.bfloat16][0], seconds)
+    _, fp16_s = interleaved(calls[torch.float32][0], calls[torch.float16][0], seconds)
+    for call, _ in calls.values():
+        call()
+    difference = (calls[torch.bfloat16][1].float() - calls[torch.float32][1]).abs().max().item()
+    cache_bytes = 2 * k.numel()
+    return dict(
+        case="decode",
+        Lk=len_k,
+        threads=threads,
+        float32_ms=single_s * 1e3,
+        bfloat16_ms=bf16_s * 1e3,
+        float16_ms=fp16_s * 1e3,
+        bfloat16_speedup=single_s / bf16_s,
+        float16_speedup=single_s / fp16_s,
+        bfloat16_gbps=cache_bytes * 2 / bf16_s * 1e-9,
+        float32_gbps=cache_bytes * 4 / single_s * 1e-9,
+        copy_gbps=copy_gbps,
+        max_abs_diff=difference,
+    )
+
+
+def _plain(q, k, v, causal):
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if causal:
+        length = scores.shape[-1]
+        mask = torch.ones(length, length, dtype=torch.bool).tril()
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, -1) @ v
+
+
+def _prefill_case(length: int, dim: int, causal: bool, threads: int, seconds: float, interleaved):
+    generator = torch.Generator().manual_seed(length + dim)
+    q, k, v = (torch.randn((1, 16, length, dim), generator=generator).bfloat16() for _ in "qkv")
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    foveal_s, torch_s = interleaved(
+        lambda: foveal.attention(q, k, v, causal=causal),
+        lambda: sdpa(q, k, v, is_causal=causal),
+        seconds,
+    )
+    # Errors against float64 on the first 4 heads (the plain implementation forms [L, L]).
+    head = slice(0, 4)
+    exact = _plain(q[:, head].double(), k[:, head].double(), v[:, head].double(), causal)
+    ours = foveal.attention(q[:, head], k[:, head], v[:, head], causal=causal).double()
+    plain = _plain(q[:, head], k[:, head], v[:, head], causal).double()
+    sdpa_error = sdpa(q[:, head], k[:, head], v[:, head], is_causal=causal).double() - exact
+    return dict(
+        case="prefill",
+        L=length,
+        D=dim,
+        causal=causal,
+        threads=threads,
+        foveal_ms=foveal_s * 1e3,
+        torch_ms=torch_s * 1e3,
+        ratio=torch_s / foveal_s,
+        foveal_error=(ours - exact).abs().max().item(),
+        plain_error=(plain - exact).abs().max().item(),
+        sdpa_error=sdpa_error.abs().max().item(),
+    )
+
+
+def run(threads_list, seconds, interleaved, full, copy_bandwidth) -> list[dict]:
+    rows = []
+    print(
+        f"{'decode case':<30}{'threads':>8}{'f32 ms':>9}{'bf16 ms':>9}{'x':>7}{'f16 ms':>9}"
+        f"{'x':>7}{'bf16 GB/s':>11}{'of copy':>9}"
+    )
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        foveal.set_num_threads(threads)
+        copy = copy_bandwidth(seconds)
+        for len_k in (4096, 32768, 131072) if full else (4096, 32768):
+            row = _decode_case(len_k, threads, seconds, interleaved, copy)
+            rows.append(row)
+            print(
+                f"{f'Hq32 Hkv8 D128 Lk{len_k}':<30}{threads:>8}{row['float32_ms']:>9.2f}"
+                f"{row['bfloat16_ms']:>9.2f}{row['bfloat16_speedup']:>6.2f}x"
+                f"{row['float16_ms']:>9.2f}{row['float16_speedup']:>6.2f}x"
+                f"{row['bfloat16_gbps']:>11.1f}{row['bfloat16_gbps'] / copy:>9.0%}"
+            )
+    print(
+        f"\n{'bf16 prefill case':<30}{'threads':>8}{'foveal ms':>11}{'sdpa ms':>9}{'ratio':>8}"
+        f"{'err foveal':>12}{'err plain':>11}{'err sdpa':>10}"
+    )
+    lengths = (1024, 2048, 4096, 8192) if full else (1024, 2048)
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        foveal.set_num_threads(threads)
+        for dim in (64, 128):
+            for length in lengths:
+                for causal in (False, True):
+                    row = _prefill_case(length, dim, causal, threads, seconds, interleaved)
+                    rows.append(row)
+                    label = f"B1 H16 L{length} D{dim}{' causal' if causal else ''}"
+                    print(
+                        f"{label:<30}{threads:>8}{row['foveal_ms']:>11.1f}{row['torch_ms']:>9.1f}"
+                        f"{row['ratio']:>7.2f}x{row['foveal_error']:>12.1e}"
+                        f"{row['plain_error']:>11.1e}{row['sdpa_error']:>10.1e}"
+                    )
+    return rows
+
+
+def markdown_lines(rows: list[dict]) -> list[str]:
+    lines = [
+        "| decode (Hq 32, Hkv 8, D 128) | threads | float32 ms | bfloat16 ms (speed-up) "
+        "| float16 ms (speed-up) | bfloat16 GB/s (of copy) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        if row["case"] == "decode":
+            lines.append(
+                f"| Lk {row['Lk']} | {row['threads']} | {row['float32_ms']:.2f} "
+                f"| {row['bfloat16_ms']:.2f} (**{row['bfloat16_speedup']:.2f}x**) "
+                f"| {row['float16_ms']:.2f} ({row['float16_speedup']:.2f}x) "
+                f"| {row['bfloat16_gbps']:.1f} ({row['bfloat16_gbps'] / row['copy_gbps']:.0%}) |"
+            )
+    lines += [
+        "",
+        "| bfloat16 prefill (B 1, H 16) | threads | foveal ms | SDPA ms | SDPA / foveal "
+        "| error foveal | error plain bf16 | error SDPA |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        if row["case"] == "prefill":
+            lines.append(
+                f"| L {row['L']}, D {row['D']}{', causal' if row['causal'] else ''} "
+                f"| {row['threads']} | {row['foveal_ms']:.1f} | {row['torch_ms']:.1f} "
+                f"| **{row['ratio']:.2f}x** | {row['foveal_error']:.1e} "
+                f"| {row['plain_error']:.1e} | {row['sdpa_error']:.1e} |"
+            )
+    return lines
