@@ -10,6 +10,7 @@ namespace {
 
 std::atomic<int> global_num_threads{0};  // 0: OpenMP's default
 std::atomic<InterruptCheck> interrupt_check{nullptr};
+std::atomic<std::int64_t> work_per_thread{detail::kMinWorkPerThread};
 
 // OpenMP's default (OMP_NUM_THREADS or the core count), clamped to [1, kMaxThreads].
 int default_num_threads() {
@@ -43,6 +44,13 @@ namespace detail {
 void check_interrupt() {
   const InterruptCheck check = interrupt_check.load();
   if (check != nullptr) check();
+}
+
+std::int64_t min_work_per_thread() { return work_per_thread.load(std::memory_order_relaxed); }
+
+std::int64_t set_min_work_per_thread(std::int64_t work) {
+  check(work >= 0, "set_min_work_per_thread: work must be >= 0 (0 = no threshold), got ", work);
+  return work_per_thread.exchange(work);
 }
 
 }  // namespace detail

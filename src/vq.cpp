@@ -70,7 +70,9 @@ void require_finite(const char* function, const char* name, TensorView<const T, 
   constexpr Index kRowsPerTask = 1024;
   const Index tasks = (matrix.size(0) + kRowsPerTask - 1) / kRowsPerTask;
   std::vector<std::uint8_t> bad(static_cast<std::size_t>(tasks), 0);
-  parallel_for(tasks, detail::resolve_num_threads(num_threads), [&](Index task) {
+  const int threads = detail::team_size(tasks, detail::resolve_num_threads(num_threads),
+                                        matrix.size(0) * matrix.size(1));
+  parallel_for(tasks, threads, [&](Index task) {
     bool any_bad = false;
     const Index end = std::min(matrix.size(0), (task + 1) * kRowsPerTask);
     for (Index r = task * kRowsPerTask; r < end; ++r)

@@ -354,6 +354,14 @@ PYBIND11_MODULE(_core, m) {
     foveal::set_num_threads(num_threads);
   });
   m.def("get_num_threads", &foveal::get_num_threads);
+  // For bench/thread_threshold.py and the tests: the work per thread below which a loop runs on
+  // one thread (0: no threshold); returns the previous value.
+  m.def(
+      "_set_min_work_per_thread",
+      [](std::int64_t work) { return foveal::detail::set_min_work_per_thread(work); },
+      py::arg("work"));
+  m.def("_min_work_per_thread", &foveal::detail::min_work_per_thread);
+  m.attr("_MIN_WORK_PER_THREAD") = foveal::detail::kMinWorkPerThread;
   m.def("build_info", [] {
     const foveal::BuildInfo info = foveal::build_info();
     py::dict result;

@@ -589,6 +589,8 @@ class AttentionKernel:
     @property
     def name(self) -> str: ...
 
+def _min_work_per_thread() -> int: ...
+def _set_min_work_per_thread(work: typing.SupportsInt | typing.SupportsIndex) -> int: ...
 def attention(
     q: typing.Any,
     k: typing.Any,
@@ -742,4 +744,5 @@ def wrap_kv_cache(keys: typing.Any, values: typing.Any, **kwargs) -> typing.Any:
 def wrap_paged_kv_cache(keys: typing.Any, values: typing.Any) -> typing.Any: ...
 
 MAX_THREADS: int = 1024
+_MIN_WORK_PER_THREAD: int = 2097152
 __version__: str = "0.1.0"

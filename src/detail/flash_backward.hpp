@@ -387,7 +387,11 @@ void run_backward_heads(const BackwardParams<T>& params, HeadTask&& head_task,
   const Index heads_kv = params.forward.k.size(1);
   const Index num_tasks = params.forward.q.size(0) * heads_kv;
   if (num_tasks == 0) return;
-  const int num_threads = team_size(num_tasks, params.forward.num_threads);
+  // The backward recomputes the scores and adds three products per (row, key): about twice the
+  // forward's multiply-adds.
+  const Index work = dense_work(params.forward);
+  const int num_threads = team_size(num_tasks, params.forward.num_threads,
+                                    work < std::numeric_limits<Index>::max() / 2 ? 2 * work : work);
   const BackwardWorkspace<T> workspace(params.forward.q.size(3), params.forward.v.size(3),
                                        num_threads, raw_logits);
   std::vector<HeadScratch> scratch(static_cast<std::size_t>(num_threads), head_scratch);

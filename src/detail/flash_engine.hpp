@@ -726,17 +726,35 @@ class TileWorkspace {
   AlignedArray<T> memory_;
 };
 
+// The multiply-adds of `rows` query rows that each visit at most `keys` keys: rows × keys ×
+// (D + Dv), saturated at the largest Index (a bound for detail::team_size, never a size).
+template <typename S>
+Index attention_work(const FlashParams<S>& params, Index rows, Index keys) {
+  const double work = static_cast<double>(rows) * static_cast<double>(keys) *
+                      static_cast<double>(params.q.size(3) + params.v.size(3));
+  constexpr auto kLargest = static_cast<double>(std::numeric_limits<Index>::max() / 2);
+  return work < kLargest ? static_cast<Index>(work) : static_cast<Index>(kLargest);
+}
+
+// The work of a call whose every query row may see every key of params.k: an upper bound.
+template <typename S>
+Index dense_work(const FlashParams<S>& params) {
+  return attention_work(params, params.q.size(0) * params.q.size(1) * params.q.size(2),
+                        params.k.size(2));
+}
+
 // The engine's driver: runs tasks [0, num_tasks) on at most params.num_threads threads (never
-// more than there are tasks), with engine scratch and a copy of `policy_scratch` for each
-// thread, allocated once. plan(task, PolicyScratch&) returns the task's PlannedTile; a policy
-// may keep what it builds in the scratch it is given, which is its thread's alone while the
-// task runs. Which thread runs a task never changes what the task computes.
+// more than there are tasks, one for less than detail::min_work_per_thread() of `work`, the
+// call's multiply-adds or an upper bound of them), with engine scratch and a copy of
+// `policy_scratch` for each thread, allocated once. plan(task, PolicyScratch&) returns the task's
+// PlannedTile; a policy may keep what it builds in the scratch it is given, which is its thread's
+// alone while the task runs. Which thread runs a task never changes what the task computes.
 template <typename S, typename Plan, typename PolicyScratch = NoPolicyScratch>
-void run_engine(const FlashParams<S>& params, Index num_tasks, Plan&& plan,
+void run_engine(const FlashParams<S>& params, Index num_tasks, Index work, Plan&& plan,
                 const PolicyScratch& policy_scratch = {}) {
   using T = compute_type_t<S>;
   if (num_tasks <= 0) return;
-  const int num_threads = team_size(num_tasks, params.num_threads);
+  const int num_threads = team_size(num_tasks, params.num_threads, work);
   const TileWorkspace<T> workspace(params.q.size(3), params.v.size(3), num_threads,
                                    !std::is_same_v<S, T>);
   std::vector<PolicyScratch> scratch(static_cast<std::size_t>(num_threads), policy_scratch);
@@ -751,7 +769,7 @@ void run_engine(const FlashParams<S>& params, Index num_tasks, Plan&& plan,
 template <typename T, typename Policy>
 void run_flash_attention(const FlashParams<T>& params, const Policy& policy) {
   const TileGrid grid(params.q.size(0), params.k.size(1), params.rows_per_head());
-  run_engine(params, grid.num_tasks(), [&](Index task, NoPolicyScratch&) {
+  run_engine(params, grid.num_tasks(), dense_work(params), [&](Index task, NoPolicyScratch&) {
     const TileGrid::Cell cell = grid.cell(task);
     return plan_tile(policy, tile_of(params, cell.outer, cell.kv_head, cell.flat_begin));
   });

@@ -78,9 +78,14 @@ void decode_attention(const DecodePlan<S>& plan) {
   }
 
   // One task per (chunk, kv head, tile); a chunk's rows go to its own state (stride 0 over the
-  // batch dimension) when split, else straight to the outputs.
+  // batch dimension) when split, else straight to the outputs. Every row of a sequence sees
+  // at most its chunks' positions.
+  Index chunk_keys = 0;
+  for (const DecodeChunk& chunk : plan.chunks)
+    chunk_keys += std::max<Index>(chunk.positions.end - chunk.positions.begin, 0);
   const TileGrid grid(num_chunks, heads_kv, len_q * group);
-  run_engine(params, grid.num_tasks(), [&](Index task, NoPolicyScratch&) {
+  const Index work = attention_work(params, heads_q * len_q, chunk_keys);
+  run_engine(params, grid.num_tasks(), work, [&](Index task, NoPolicyScratch&) {
     const TileGrid::Cell cell = grid.cell(task);
     const DecodeChunk& chunk = plan.chunks[static_cast<std::size_t>(cell.outer)];
     Tile<S> tile = tile_of(params, chunk.sequence, cell.kv_head, cell.flat_begin);
@@ -103,7 +108,9 @@ void decode_attention(const DecodePlan<S>& plan) {
   for (Index b = 0; b < batch; ++b)
     max_chunks = std::max(max_chunks, first_chunk[static_cast<std::size_t>(b) + 1] -
                                           first_chunk[static_cast<std::size_t>(b)]);
-  const int merge_threads = team_size(batch * heads_q, params.num_threads);
+  // A row's merge reads its chunks' states: Dv multiply-adds per chunk.
+  const int merge_threads =
+      team_size(batch * heads_q, params.num_threads, num_chunks * heads_q * len_q * dim_v);
   const auto scratch_size =
       static_cast<std::size_t>(std::max<Index>(max_chunks, 1) * merge_threads);
   std::vector<const T*> state_rows(scratch_size);
@@ -179,7 +186,13 @@ void paged_attention(const PagedPlan<S>& plan) {
   for (const PagedPass<S>& pass : plan.passes) {
     const Index tiles = (pass.params.rows_per_head() + kBlockQ - 1) / kBlockQ;
     const std::vector<PagedChunk<S>>& chunks = pass.chunks;
-    run_engine(pass.params, pass.num_tasks, [&](Index task, NoPolicyScratch&) {
+    // A chunk's rows (one entry of the pass's q) see at most its positions.
+    Index chunk_keys = 0;
+    for (const PagedChunk<S>& chunk : chunks)
+      chunk_keys += std::max<Index>(chunk.positions.end - chunk.positions.begin, 0);
+    const Index work =
+        attention_work(pass.params, pass.params.q.size(1) * pass.params.q.size(2), chunk_keys);
+    run_engine(pass.params, pass.num_tasks, work, [&](Index task, NoPolicyScratch&) {
       const auto found = std::upper_bound(
           chunks.begin(), chunks.end(), task,
           [](Index value, const PagedChunk<S>& chunk) { return value < chunk.first_task; });
@@ -205,7 +218,9 @@ void paged_attention(const PagedPlan<S>& plan) {
   for (Index s = 0; s < entries; ++s)
     max_sources = std::max(max_sources, plan.first_source[static_cast<std::size_t>(s) + 1] -
                                             plan.first_source[static_cast<std::size_t>(s)]);
-  const int merge_threads = team_size(entries * heads_q, plan.num_threads);
+  const auto sources = static_cast<Index>(plan.sources.size());
+  const int merge_threads =
+      team_size(entries * heads_q, plan.num_threads, sources * heads_q * len_q * dim_v);
   const auto scratch_size = static_cast<std::size_t>(max_sources * merge_threads);
   std::vector<const T*> state_rows(scratch_size);
   std::vector<T> state_lse(scratch_size);
@@ -238,7 +253,8 @@ void merge_states(const MergePlan<T>& plan) {
   // Rows are independent: a fixed split into blocks of rows, any thread count.
   constexpr Index kRowsPerTask = 64;
   const Index num_tasks = (rows + kRowsPerTask - 1) / kRowsPerTask;
-  parallel_for(num_tasks, plan.num_threads, [&](Index task) {
+  const int threads = team_size(num_tasks, plan.num_threads, 2 * rows * dim_v);
+  parallel_for(num_tasks, threads, [&](Index task) {
     const Index row_end = std::min(rows, (task + 1) * kRowsPerTask);
     for (Index row = task * kRowsPerTask; row < row_end; ++row) {
       const Index b = row / (heads * len), h = row / len % heads, i = row % len;

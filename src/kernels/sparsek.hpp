@@ -28,7 +28,7 @@ void sparsek_attention(const SparseKPlan<T>& plan) {
                                      geometry.causal};
   const TileGrid grid(batch, heads_kv, params.rows_per_head());
   run_engine(
-      params, grid.num_tasks(),
+      params, grid.num_tasks(), dense_work(params),
       [&](Index task, PolicyScratch<T>& scratch) {
         const TileGrid::Cell cell = grid.cell(task);
         const Index head_task = cell.outer * heads_kv + cell.kv_head;
@@ -82,8 +82,11 @@ void sparsek_cache_attention(const SparseKCachePlan<T>& plan) {
   const FlashParams<T>& params = plan.params;
   const Index heads_kv = params.k.size(1);
   const TileGrid grid(params.q.size(0), heads_kv, params.rows_per_head());
+  // Each row sees the selected keys and the always-visible ones.
+  const Index work = attention_work(params, params.q.size(0) * params.q.size(1) * params.q.size(2),
+                                    plan.selected + plan.always_visible);
   run_engine(
-      params, grid.num_tasks(),
+      params, grid.num_tasks(), work,
       [&](Index task, RowThresholds<T>& scratch) {
         const TileGrid::Cell cell = grid.cell(task);
         const Index head = cell.outer * heads_kv + cell.kv_head;

@@ -163,8 +163,10 @@ template <typename T>
 void vq_assign(const VqAssignPlan<T>& plan) {
   using namespace vq;
   const Index blocks = (plan.rows + kRowsPerBlock<T> - 1) / kRowsPerBlock<T>;
+  const double work = static_cast<double>(plan.rows) * static_cast<double>(plan.codes) *
+                      static_cast<double>(plan.dim);  // multiply-adds of the scores
   const int threads =
-      static_cast<int>(std::min<Index>(plan.num_threads, std::max<Index>(blocks, 1)));
+      team_size(blocks, plan.num_threads, work < 1e18 ? static_cast<Index>(work) : Index{1} << 60);
   std::vector<AssignScratch<T>> scratch;
   scratch.reserve(static_cast<std::size_t>(threads));
   for (int t = 0; t < threads; ++t) scratch.emplace_back(plan.dim);

@@ -25,6 +25,11 @@
 
 namespace foveal::test {
 
+// The thread-count tests compare 1 thread with several on shapes small enough that the work
+// threshold would run them all on one thread: every test binary turns it off, and
+// test_parallel.cpp, which checks the threshold, turns it back on where it needs it.
+inline const bool kWorkThresholdOff = (detail::set_min_work_per_thread(0), true);
+
 template <int Rank>
 using Shape = std::array<Index, Rank>;
 

@@ -15,6 +15,18 @@ import pytest
 SEED = 20240611
 
 
+@pytest.fixture(autouse=True, scope="session")
+def work_threshold_off() -> Any:
+    """The thread-count tests compare 1 thread with 2 on shapes small enough that foveal's work
+    threshold would run both on one thread: the session turns it off (test_threads.py, which
+    checks the threshold, turns it back on where it needs it)."""
+    from foveal import _core
+
+    saved = _core._set_min_work_per_thread(0)
+    yield
+    _core._set_min_work_per_thread(saved)
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     """A seeded generator; every test that draws numbers starts from the same state."""

@@ -59,10 +59,43 @@ inline int team_size(std::int64_t num_tasks, int num_threads) {
   return static_cast<int>(team);
 }
 
+// The work a thread must have before a loop starts another one, in multiply-adds (an
+// attention call's work is rows × keys × (D + Dv)): below it, starting and waking a thread
+// costs more than the thread saves, and on a busy machine much more. Measured with
+// bench/thread_threshold.py (docs/getting_started.md#threads).
+inline constexpr std::int64_t kMinWorkPerThread = std::int64_t{1} << 21;
+
+// The work per thread in force (kMinWorkPerThread unless set_min_work_per_thread changed it).
+std::int64_t min_work_per_thread();
+
+// Replaces the work per thread (0: every loop starts the threads it has tasks for, as before
+// the threshold; what bench/thread_threshold.py uses to find it) and returns the previous
+// value; negative values are rejected. Process-wide; for benchmarks and tests.
+std::int64_t set_min_work_per_thread(std::int64_t work);
+
+// The team of a loop of `num_tasks` tasks that together do `work` multiply-adds (an upper
+// bound will do): team_size(num_tasks, num_threads), but no more threads than whole
+// min_work_per_thread() portions of the work, and so one thread for a small call whatever the
+// setting. Only how many threads run the tasks changes, never the tasks, so results do not.
+inline int team_size(std::int64_t num_tasks, int num_threads, std::int64_t work) {
+  const int team = team_size(num_tasks, num_threads);
+  const std::int64_t per_thread = min_work_per_thread();
+  if (per_thread <= 0 || team == 1) return team;
+  const std::int64_t portions = work / per_thread;
+  return portions < 2 ? 1 : (portions < team ? static_cast<int>(portions) : team);
+}
+
 // The slot of the calling thread in the innermost running parallel_for: 0 outside of one.
 inline int& thread_slot() {
   thread_local int slot = 0;
   return slot;
+}
+
+// The largest team a parallel_for called from this thread started since the caller last set it
+// to 0: what the tests read to see that a small call ran on one thread.
+inline int& widest_team() {
+  thread_local int widest = 0;
+  return widest;
 }
 
 // The index of the calling thread inside a parallel_for body, in [0, num_threads): what a
@@ -85,7 +118,8 @@ class ThreadSlot {
 }  // namespace detail
 
 // Runs body(task) for every task in [0, num_tasks) on up to team_size(num_tasks, num_threads)
-// threads (never more threads than tasks), so detail::thread_index() is below both. Tasks are
+// threads (never more threads than tasks), so detail::thread_index() is below both; a caller
+// that knows its work passes detail::team_size(num_tasks, num_threads, work). Tasks are
 // handed out dynamically, so which thread runs a task varies, but the tasks themselves are
 // fixed by the caller: when every task writes only its own outputs, results are bitwise
 // identical for any thread count. `body` must not throw.
@@ -93,6 +127,7 @@ template <typename Body>
 void parallel_for(std::int64_t num_tasks, int num_threads, Body&& body) {
   if (num_tasks <= 0) return;
   num_threads = detail::team_size(num_tasks, num_threads);
+  if (num_threads > detail::widest_team()) detail::widest_team() = num_threads;
 #ifdef _OPENMP
   if (num_threads > 1) {
     // Inside a caller's parallel region (nesting off) this team has one thread: slot 0.
