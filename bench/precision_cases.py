@@ -98,7 +98,7 @@ def run(threads_list, seconds, interleaved, full, copy_bandwidth) -> list[dict]:
         torch.set_num_threads(threads)
         foveal.set_num_threads(threads)
         copy = copy_bandwidth(seconds)
-        for len_k in (4096, 32768, 131072) if full else (4096, 32768):
+        for len_k in (4096, 32768, 131072):
             row = _decode_case(len_k, threads, seconds, interleaved, copy)
             rows.append(row)
             print(
