@@ -236,7 +236,9 @@ void spade_embedding_backward(const SpadeEmbeddingBackwardPlan& plan) {
         store(z + k, value);
         store(slope + k, derivative);
       }
-      std::memcpy(coefficient, z, sizeof(float) * static_cast<std::size_t>(hidden_total));
+      // (No continuous feature: no coefficients, and the buffers may be null.)
+      if (hidden_total > 0)
+        std::memcpy(coefficient, z, sizeof(float) * static_cast<std::size_t>(hidden_total));
       for (Index c = 0; c < plan.condition_dim; ++c)
         coefficient[hidden_total + c] = plan.condition(b, t, c);
 
