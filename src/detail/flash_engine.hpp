@@ -339,6 +339,12 @@ inline void accumulate_output(const T* p_t, const T* alpha, const S* const* v_ro
 // ---------------------------------------------------------------------------------------------
 // One tile of query rows.
 
+// `count` rounded up to whole vectors of T: the row stride of packed and converted rows.
+template <typename T>
+inline Index whole_vectors(Index count) {
+  return (count + kLanes<T> - 1) / kLanes<T> * kLanes<T>;
+}
+
 template <typename T>
 struct TileScratch {
   T* q_t;           // [D][kBlockQ]: queries, transposed (few-row tiles: [rows][D'])
@@ -503,8 +509,8 @@ class TileRunner {
   // (D' and Dv' rounded up to whole vectors).
   void convert_block(const S* const* k_rows, const S* const* v_rows, Index count, T* kv,
                      const T** k_converted, const T** v_converted) const {
-    const Index k_stride = round_up_to_lanes(dim_);
-    const Index v_stride = round_up_to_lanes(dim_v_);
+    const Index k_stride = whole_vectors<T>(dim_);
+    const Index v_stride = whole_vectors<T>(dim_v_);
     T* v_base = kv + kBlockK * k_stride;
     for (Index j = 0; j < count; ++j) {
       convert_row(k_rows[j], dim_, kv + j * k_stride);
@@ -512,10 +518,6 @@ class TileRunner {
       k_converted[j] = kv + j * k_stride;
       v_converted[j] = v_base + j * v_stride;
     }
-  }
-
-  static Index round_up_to_lanes(Index count) {
-    return (count + kLanes<T> - 1) / kLanes<T> * kLanes<T>;
   }
 
   // The pieces of run() that the backward (src/detail/flash_backward.hpp) shares.
@@ -528,7 +530,7 @@ class TileRunner {
   T query_multiplier() const { return q_multiplier_; }
 
   // Row stride of the packed queries of a few-row tile: D rounded up to whole vectors.
-  Index query_row_stride() const { return (dim_ + kLanes<T> - 1) / kLanes<T> * kLanes<T>; }
+  Index query_row_stride() const { return whole_vectors<T>(dim_); }
 
   // q_rows[r][d] = q[batch, head[r], query_index[r], d], zero past D.
   void pack_query_rows(Index batch, Index num_rows, const Index* query_index, const Index* head,
@@ -691,11 +693,11 @@ template <typename T>
 class TileWorkspace {
  public:
   TileWorkspace(Index dim, Index dim_v, int num_threads, bool convert_kv = false)
-      : acc_stride_((dim_v + kLanes<T> - 1) / kLanes<T> * kLanes<T>),
-        q_t_size_(round_up(std::max(dim * kBlockQ, kFewRows<T> * round_up_lanes(dim)))),
+      : acc_stride_(whole_vectors<T>(dim_v)),
+        q_t_size_(round_up(std::max(dim * kBlockQ, kFewRows<T> * whole_vectors<T>(dim)))),
         s_t_size_(round_up(kBlockK * kBlockQ)),
         acc_size_(round_up(kBlockQ * acc_stride_)),
-        kv_size_(convert_kv ? round_up(kBlockK * (round_up_lanes(dim) + acc_stride_)) : 0),
+        kv_size_(convert_kv ? round_up(kBlockK * (whole_vectors<T>(dim) + acc_stride_)) : 0),
         memory_(allocate_aligned<T>(
             static_cast<std::size_t>(per_thread() * std::max(num_threads, 1)))) {}
 
@@ -712,9 +714,6 @@ class TileWorkspace {
   static Index round_up(Index count) {
     constexpr Index line = static_cast<Index>(kTensorAlignment / sizeof(T));
     return (count + line - 1) / line * line;
-  }
-  static Index round_up_lanes(Index count) {
-    return (count + kLanes<T> - 1) / kLanes<T> * kLanes<T>;
   }
   Index per_thread() const { return q_t_size_ + s_t_size_ + acc_size_ + kv_size_; }
 
