@@ -114,7 +114,7 @@ def test_window_keeps_local_heads_and_misses_retrieval():
     mass and almost none of a retrieval query's, in prefill and decode."""
     data = frontier.planted("local,retrieval", 512, dim=DIM, seed=SEED, mass=0.9)
     layer = frontier.Layer("planted", data.q, data.k, data.v, data.kinds)
-    rows = frontier.sweep([layer], ["window"], ["1/8"], repeats=1)
+    rows = frontier.sweep([layer], ["window"], ["1/8"], repeats=1, min_seconds=0)
     recall = {(r["phase"], r["kind"]): r["recall"] for r in rows if r["method"] == "window"}
     assert recall["prefill", "local"] > 0.9 and recall["decode", "local"] > 0.9, recall
     assert recall["decode", "retrieval"] < 0.1, recall
@@ -159,7 +159,13 @@ def test_registry_adds_a_method_in_a_few_lines(scratch_method):
     data = frontier.planted("local", 128, dim=32, seed=SEED)
     layer = frontier.Layer("l0", data.q, data.k, data.v, data.kinds)
     rows = frontier.sweep(
-        [layer], ["half_window", "window"], ["1/4"], ["prefill"], repeats=2, num_threads=1
+        [layer],
+        ["half_window", "window"],
+        ["1/4"],
+        ["prefill"],
+        repeats=2,
+        min_seconds=0,
+        num_threads=1,
     )
     assert calls == [(0.25, 0, 1)] * 2
     recall = {r["method"]: r["recall"] for r in rows}
@@ -183,7 +189,9 @@ def test_registry_rejects_bad_registrations():
 def test_json_document_schema(tmp_path):
     data = frontier.planted("sink,retrieval", 96, dim=32, seed=SEED)
     layers = [frontier.Layer(f"layer{n}", data.q, data.k, data.v, data.kinds) for n in range(2)]
-    rows = frontier.sweep(layers, ["dense", "window"], ["1/8", "1/4", "1/2"], repeats=1)
+    rows = frontier.sweep(
+        layers, ["dense", "window"], ["1/8", "1/4", "1/2"], repeats=1, min_seconds=0
+    )
     # 2 layers x 2 phases x (dense + 3 window budgets) x 2 heads
     assert len(rows) == 2 * 2 * 4 * 2
     for row in rows:
@@ -263,27 +271,19 @@ def test_budget_scaling_fits_the_trend():
     assert trend["coefficient"] == pytest.approx(64.0)
 
 
+def run_cli(arguments: str, out) -> int:
+    """frontier.main with the arguments, one timed call per run, writing into out."""
+    return frontier.main(
+        [*arguments.split(), "--repeats", "1", "--min-seconds", "0", "--out", str(out)]
+    )
+
+
 def test_command_line_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
-    code = frontier.main(
-        [
-            "--planted",
-            "local,retrieval+sink",
-            "--length",
-            "128,256",
-            "--dim",
-            "32",
-            "--budgets",
-            "1/8,1/4",
-            "--repeats",
-            "1",
-            "--num-threads",
-            "1",
-            "--tolerance",
-            "0.5",
-            "--out",
-            str(out),
-        ]
+    code = run_cli(
+        "--planted local,retrieval+sink --length 128,256 --dim 32 --budgets 1/8,1/4 "
+        "--num-threads 1 --tolerance 0.5",
+        out,
     )
     assert code == 0
     document = json.loads((out / "frontier.json").read_text())
@@ -296,25 +296,7 @@ def test_command_line_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "recommendation at tolerance 0.5" in printed and "window" in printed
     svg = tmp_path / "svg"
-    frontier.main(
-        [
-            "--planted",
-            "sink",
-            "--length",
-            "64",
-            "--dim",
-            "32",
-            "--budgets",
-            "1/4",
-            "--repeats",
-            "1",
-            "--phases",
-            "decode",
-            "--svg",
-            "--out",
-            str(svg),
-        ]
-    )
+    run_cli("--planted sink --length 64 --dim 32 --budgets 1/4 --phases decode --svg", svg)
     root = ElementTree.parse(svg / "pareto.svg").getroot()
     assert root.tag.endswith("svg") and len(root) > 10
 
@@ -331,20 +313,7 @@ def test_command_line_rejects_bad_arguments(tmp_path, capsys):
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        frontier.main(
-            [
-                "--planted",
-                "local",
-                "--length",
-                "32",
-                "--dim",
-                "32",
-                "--methods",
-                "dense,nope",
-                "--out",
-                str(tmp_path),
-            ]
-        )
+        run_cli("--planted local --length 32 --dim 32 --methods dense,nope", tmp_path)
     assert "method 'nope' is not registered for prefill" in capsys.readouterr().err
 
 
@@ -363,18 +332,7 @@ def test_npz_round_trip(tmp_path):
     assert [layer.name for layer in layers] == ["layer0", "layer1"]
     np.testing.assert_array_equal(layers[1].k, data.k[:, :1])
     assert layers[1].kinds == [None, None]  # GQA 2:1, no kinds stored
-    code = frontier.main(
-        [
-            "--npz",
-            str(tmp_path / "qkv.npz"),
-            "--budgets",
-            "1/4",
-            "--repeats",
-            "1",
-            "--out",
-            str(tmp_path / "out"),
-        ]
-    )
+    code = run_cli(f"--npz {tmp_path / 'qkv.npz'} --budgets 1/4", tmp_path / "out")
     assert code == 0
     with pytest.raises(ValueError, match=r"layer2 lacks layer2\.v"):
         frontier.layers_of({"layer2.q": data.q, "layer2.k": data.k})
@@ -412,6 +370,8 @@ def test_bad_inputs_name_the_argument():
         frontier.sweep([(q, k, v)])
     with pytest.raises(ValueError, match="decode_queries must be an int >= 1"):
         frontier.sweep([layer], decode_queries=0)
+    with pytest.raises(ValueError, match="min_seconds must be a number >= 0"):
+        frontier.sweep([layer], min_seconds=-1)
     with pytest.raises(ValueError, match="mass must be in"):
         frontier.planted("local", 64, mass=1.0)
     with pytest.raises(TypeError, match="length must be an int"):
@@ -458,5 +418,5 @@ def test_capture_from_a_tiny_llama():
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, expected)
     layers = frontier.layers_of(captured)
-    rows = frontier.sweep(layers, ["window"], ["1/4"], ["prefill"], repeats=1)
+    rows = frontier.sweep(layers, ["window"], ["1/4"], ["prefill"], repeats=1, min_seconds=0)
     assert len(rows) == 2 * 2 * 4  # 2 layers x (dense + window) x 4 query heads

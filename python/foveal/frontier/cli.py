@@ -117,7 +117,8 @@ def parser() -> argparse.ArgumentParser:
         ("--budgets", _budgets, "1/64,1/32,1/16,1/8,1/4", "fractions of the keys"),
         ("--phases", _list, ["prefill", "decode"], "prefill, decode or both"),
         ("--decode-queries", int, 1, "the last positions that decode"),
-        ("--repeats", int, 3, "timing: the best of this many calls"),
+        ("--repeats", int, 3, "timing: the best of at least this many calls"),
+        ("--min-seconds", float, 0.2, "timing: more calls while their total stays under this"),
         ("--num-threads", int, None, "threads per foveal call (default: foveal's setting)"),
         ("--tolerance", float, 0.05, "the relative L2 error a recommendation must meet"),
     ]
@@ -146,6 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             args.phases,
             decode_queries=args.decode_queries,
             repeats=args.repeats,
+            min_seconds=args.min_seconds,
             num_threads=args.num_threads,
         )
         document = report(rows, args.tolerance, vars(args), described)

@@ -1,6 +1,7 @@
 """The Pareto plot of a sweep: error against time, one panel per phase, one marker per method,
 each point one budget (the worst head's error, the time summed over the layers) at the longest
-length measured. PNG through matplotlib when it is installed, else an SVG written here."""
+length measured; dense attention (error 0) is the dashed vertical line at its time. PNG through
+matplotlib when it is installed, else an SVG written here."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e3
 
 
 def points(rows: Sequence[dict]) -> dict:
-    """{phase: (length, {method: [(time_s, error, budget), ...] sorted by time})}."""
+    """{phase: (length, dense time_s, {method other than dense: [(time_s, error, budget), ...]
+    sorted by time})}."""
     longest = {}
     for row in rows:
         longest[row["phase"]] = max(longest.get(row["phase"], 0), row["length"])
@@ -31,13 +33,17 @@ def points(rows: Sequence[dict]) -> dict:
     for (phase, method, budget, _), (error, time) in calls.items():
         total = merged[phase, method, budget]
         total[0], total[1] = max(total[0], error), total[1] + time
-    result = {phase: (length, defaultdict(list)) for phase, length in longest.items()}
+    series = {phase: defaultdict(list) for phase in longest}
+    dense = {}
     for (phase, method, budget), (error, time) in merged.items():
-        result[phase][1][method].append((time, max(error, ERROR_FLOOR), budget))
-    for _, by_method in result.values():
-        for series in by_method.values():
-            series.sort()
-    return result
+        if method == "dense":
+            dense[phase] = time
+        else:
+            series[phase][method].append((time, max(error, ERROR_FLOOR), budget))
+    for by_method in series.values():
+        for points_of_method in by_method.values():
+            points_of_method.sort()
+    return {phase: (longest[phase], dense[phase], series[phase]) for phase in longest}
 
 
 def pareto_front(series: Sequence[tuple]) -> list:
@@ -82,24 +88,24 @@ def _style(methods: list) -> dict:
 def _matplotlib(data: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    methods = sorted({name for _, by_method in data.values() for name in by_method})
+    methods = sorted({name for _, _, by_method in data.values() for name in by_method})
     style = _style(methods)
     figure, axes = plt.subplots(1, len(data), figsize=(5.5 * len(data), 4.2), squeeze=False)
-    for axis, (phase, (length, by_method)) in zip(axes[0], sorted(data.items())):
+    for axis, (phase, (length, dense, by_method)) in zip(axes[0], sorted(data.items())):
+        axis.axvline(dense * 1e3, color="black", linestyle="--", linewidth=1, label="dense (exact)")
         every = []
         for name, series in sorted(by_method.items()):
             marker, color = style[name]
             times, errors = [p[0] * 1e3 for p in series], [p[1] for p in series]
             axis.plot(times, errors, marker, color=color, label=name, markersize=7)
             for time, error, budget in series:
-                if name != "dense":
-                    axis.annotate(
-                        budget_label(budget),
-                        (time * 1e3, error),
-                        fontsize=7,
-                        xytext=(4, 3),
-                        textcoords="offset points",
-                    )
+                axis.annotate(
+                    budget_label(budget),
+                    (time * 1e3, error),
+                    fontsize=7,
+                    xytext=(4, 3),
+                    textcoords="offset points",
+                )
             every.extend(series)
         front = pareto_front(every)
         axis.plot(
@@ -113,7 +119,7 @@ def _matplotlib(data: dict, path: Path) -> Path:
         )
         axis.set_xscale("log")
         axis.set_yscale("log")
-        axis.set_xlabel("time per layer set (ms)")
+        axis.set_xlabel("time, all layers (ms)")
         axis.set_ylabel("relative L2 error (worst head)")
         axis.set_title(f"{phase}, L = {length}")
         axis.grid(True, which="both", alpha=0.3)
@@ -127,16 +133,16 @@ def _matplotlib(data: dict, path: Path) -> Path:
 def _svg(data: dict) -> str:
     """The same panels as plain SVG text: log axes with decade ticks, one shape per method."""
     width, height, margin = 460, 340, 60
-    methods = sorted({name for _, by_method in data.values() for name in by_method})
+    methods = sorted({name for _, _, by_method in data.values() for name in by_method})
     shapes = ("circle", "square", "triangle", "diamond")
     parts = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width * len(data)}" '
         f'height="{height}" font-family="sans-serif" font-size="11">'
     ]
-    for panel, (phase, (length, by_method)) in enumerate(sorted(data.items())):
+    for panel, (phase, (length, dense, by_method)) in enumerate(sorted(data.items())):
         every = [p for series in by_method.values() for p in series]
-        x_low, x_high = _decades([p[0] for p in every])
-        y_low, y_high = _decades([p[1] for p in every])
+        x_low, x_high = _decades([p[0] for p in every] + [dense])
+        y_low, y_high = _decades([p[1] for p in every] or [1.0])
         left = panel * width + margin
 
         def x_of(time, x_low=x_low, x_high=x_high, left=left):
@@ -165,7 +171,15 @@ def _svg(data: dict) -> str:
             parts.append(
                 f'<text x="{left - 5}" y="{y + 4:.1f}" text-anchor="end">1e{decade}</text>'
             )
-        parts.append(f'<text x="{left + 100}" y="{height - 20}">time (s)</text>')
+        parts.append(f'<text x="{left + 100}" y="{height - 20}">time, all layers (s)</text>')
+        x = x_of(dense)
+        parts.append(
+            f'<line x1="{x:.1f}" y1="{0.7 * margin}" x2="{x:.1f}" y2="{height - margin}" '
+            'stroke="black" stroke-dasharray="4 3"/>'
+        )
+        parts.append(
+            f'<text x="{x - 4:.1f}" y="{0.7 * margin + 12}" text-anchor="end">dense</text>'
+        )
         parts.append(f'<text x="{left - 50}" y="{0.7 * margin - 8}">error (worst head)</text>')
         front = pareto_front(every)
         line = " ".join(f"{x_of(p[0]):.1f},{y_of(p[1]):.1f}" for p in front)
@@ -175,11 +189,10 @@ def _svg(data: dict) -> str:
             shape = shapes[index % len(shapes)]
             for time, error, budget in by_method.get(name, []):
                 parts.append(_shape(shape, x_of(time), y_of(error), color))
-                if name != "dense":
-                    parts.append(
-                        f'<text x="{x_of(time) + 5:.1f}" y="{y_of(error) - 4:.1f}" '
-                        f'font-size="8">{budget_label(budget)}</text>'
-                    )
+                parts.append(
+                    f'<text x="{x_of(time) + 5:.1f}" y="{y_of(error) - 4:.1f}" '
+                    f'font-size="8">{budget_label(budget)}</text>'
+                )
             legend_y = 0.7 * margin + 15 + 14 * index
             parts.append(_shape(shape, left + width - 1.5 * margin - 70, legend_y - 4, color))
             parts.append(

@@ -2,7 +2,7 @@
 
 Per (layer, head, method, budget, phase) a row with the relative L2 error of the method's
 output against dense attention, the recall (the dense softmax mass it keeps, from the two
-log-sum-exps, docs/frontier.md) and the time of the call (best of ``repeats``, over all heads of
+log-sum-exps, docs/frontier.md) and the time of the call (best of several, over all heads of
 the layer; dense is timed in the same run).
 """
 
@@ -103,14 +103,21 @@ def parse_budget(value) -> float:
     return budget
 
 
-def _timed(fn, repeats: int) -> tuple:
-    """(the first call's result, the best time of ``repeats`` calls in seconds)."""
+# Timing: at least ``repeats`` calls, and more (up to MAX_CALLS) until ``min_seconds`` have
+# passed, so that a sub-millisecond decode call is not timed on a single unlucky wake-up.
+MAX_CALLS = 200
+
+
+def _timed(fn, repeats: int, min_seconds: float) -> tuple:
+    """(the first call's result, the best time of the calls in seconds)."""
     best = float("inf")
     result = None
-    for _ in range(repeats):
+    calls, spent = 0, 0.0
+    while calls < repeats or (spent < min_seconds and calls < MAX_CALLS):
         start = time.perf_counter()
         outcome = fn()
-        best = min(best, time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        best, spent, calls = min(best, elapsed), spent + elapsed, calls + 1
         result = outcome if result is None else result
     return result, best
 
@@ -150,10 +157,13 @@ def sweep(
     *,
     decode_queries: int = 1,
     repeats: int = 3,
+    min_seconds: float = 0.2,
     num_threads: Optional[int] = None,
 ) -> list:
     """The result rows (dicts with ROW_FIELDS) of every method at every budget in every phase
-    over every layer. Dense attention, the reference, is always measured (once, budget 1)."""
+    over every layer. Dense attention, the reference, is always measured (once, budget 1).
+    Each time is the best of at least ``repeats`` calls, more while their total stays under
+    ``min_seconds`` (at most 200)."""
     layers = list(layers)
     if not layers:
         raise ValueError("foveal.frontier: sweep: layers must hold at least one layer, got none")
@@ -166,16 +176,17 @@ def sweep(
     budgets = sorted({parse_budget(budget) for budget in budgets})
     if not budgets:
         raise ValueError("foveal.frontier: sweep: budgets must hold at least one budget")
+    _check_count("decode_queries", decode_queries)
+    _check_count("repeats", repeats)
     if (
-        isinstance(decode_queries, bool)
-        or not isinstance(decode_queries, int)
-        or decode_queries < 1
+        isinstance(min_seconds, bool)
+        or not isinstance(min_seconds, (int, float))
+        or not (min_seconds >= 0)
     ):
         raise ValueError(
-            f"foveal.frontier: sweep: decode_queries must be an int >= 1, got {decode_queries!r}"
+            f"foveal.frontier: sweep: min_seconds must be a number >= 0, got {min_seconds!r}"
         )
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"foveal.frontier: sweep: repeats must be an int >= 1, got {repeats!r}")
+    timing = (repeats, float(min_seconds))
     plan = [
         (phase, [registry.method(name, phase) for name in methods if name != "dense"])
         for phase in phases
@@ -183,18 +194,21 @@ def sweep(
     rows = []
     for layer in layers:
         for phase, specs in plan:
-            rows.extend(
-                _measure(layer, phase, specs, budgets, decode_queries, repeats, num_threads)
-            )
+            rows.extend(_measure(layer, phase, specs, budgets, decode_queries, timing, num_threads))
     return rows
 
 
-def _measure(layer, phase, specs, budgets, decode_queries, repeats, num_threads) -> list:
+def _check_count(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"foveal.frontier: sweep: {name} must be an int >= 1, got {value!r}")
+
+
+def _measure(layer, phase, specs, budgets, decode_queries, timing, num_threads) -> list:
     q = layer.q if phase == "prefill" else layer.q[:, :, -decode_queries:]
     q = np.ascontiguousarray(q)
     reference = registry.method("dense", phase)
     (dense_out, dense_lse), dense_time = _timed(
-        lambda: _call(reference, q, layer.k, layer.v, 1.0, num_threads), repeats
+        lambda: _call(reference, q, layer.k, layer.v, 1.0, num_threads), *timing
     )
     dense_out, dense_lse = dense_out.astype(np.float64), dense_lse.astype(np.float64)
     runs = [(reference, 1.0, (dense_out, dense_lse), dense_time)]
@@ -204,7 +218,7 @@ def _measure(layer, phase, specs, budgets, decode_queries, repeats, num_threads)
                 lambda spec=spec, budget=budget: _call(
                     spec, q, layer.k, layer.v, budget, num_threads
                 ),
-                repeats,
+                *timing,
             )
             runs.append((spec, budget, result, seconds))
     rows = []
