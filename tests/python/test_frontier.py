@@ -153,6 +153,8 @@ def test_registry_adds_a_method_in_a_few_lines(scratch_method):
         )
 
     scratch_method("half_window", "prefill", half_window, sink_tokens=0)
+    scratch_method("thresholded", ("prefill", "decode"), registry.window, budget="threshold")
+    assert frontier.method("thresholded", "decode").budget == "threshold"
     assert "half_window" in frontier.method_names("prefill")
     assert "half_window" not in frontier.method_names("decode")
     assert {"dense", "window"} <= set(frontier.method_names("decode"))
@@ -169,6 +171,8 @@ def test_registry_adds_a_method_in_a_few_lines(scratch_method):
     )
     assert calls == [(0.25, 0, 1)] * 2
     recall = {r["method"]: r["recall"] for r in rows}
+    document = frontier.report(rows, 0.1)
+    assert document["methods"]["half_window"] == {"prefill": {"budget": "fraction"}}
     assert recall["half_window"] < recall["window"] < recall["dense"] == 1.0
     with pytest.raises(ValueError, match="'half_window' is not registered for decode"):
         frontier.sweep([layer], ["half_window"], ["1/4"], ["decode"])
@@ -204,7 +208,17 @@ def test_json_document_schema(tmp_path):
     path = frontier.write_report(document, tmp_path / "out")
     loaded = json.loads(path.read_text())
     assert loaded["schema"] == frontier.SCHEMA == "foveal.frontier/1"
-    assert set(loaded) == {"schema", "config", "foveal", "planted", "rows", "recommendation"}
+    assert set(loaded) == {
+        "schema",
+        "config",
+        "foveal",
+        "methods",
+        "planted",
+        "rows",
+        "recommendation",
+    }
+    fraction = {"budget": "fraction"}
+    assert loaded["methods"]["window"] == {"prefill": fraction, "decode": fraction}
     assert loaded["rows"] == rows
     assert set(loaded["recommendation"]) == {"tolerance", "phases", "heads", "scaling"}
     assert set(loaded["recommendation"]["phases"]) == {"prefill", "decode"}

@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 
 import foveal
 
+from . import methods as registry
 from .capture import load_npz
 from .planted import parse_kinds, planted
 from .plot import budget_label, write_plot
@@ -26,9 +27,14 @@ def report(
     config: Optional[dict] = None,
     planted_heads: Optional[list] = None,
 ) -> dict:
-    """The JSON document: schema, configuration, foveal build, the rows, the recommendation
-    and, for planted data, what was planted per head."""
+    """The JSON document: schema, configuration, foveal build, the measured methods (the
+    phases and budget kind of each), the rows, the recommendation and, for planted data, what
+    was planted per head."""
     build = foveal.build_info()
+    measured = defaultdict(dict)
+    for row in rows:
+        spec = registry.method(row["method"], row["phase"])
+        measured[spec.name][spec.phase] = {"budget": spec.budget}
     return {
         "schema": SCHEMA,
         "config": dict(config or {}),
@@ -37,6 +43,7 @@ def report(
             "level": build["level"],
             "threads": foveal.get_num_threads(),
         },
+        "methods": dict(measured),
         "planted": planted_heads or [],
         "rows": rows,
         "recommendation": recommend(rows, tolerance),
