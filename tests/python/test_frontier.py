@@ -283,6 +283,7 @@ def test_budget_scaling_fits_the_trend():
     assert trend["budgets"] == {"1024": 1 / 16, "2048": 1 / 32, "4096": 1 / 64}
     assert trend["exponent"] == pytest.approx(-1.0)
     assert trend["coefficient"] == pytest.approx(64.0)
+    assert trend["at_smallest"] == [4096]  # 1/64 was the smallest budget measured
 
 
 def run_cli(arguments: str, out) -> int:

@@ -222,11 +222,16 @@ def summary(document: dict) -> str:
             )
             lines.append(f"  {phase}, L = {entry['length']}: {chosen}")
     for trend in advice["scaling"]:
-        if trend["exponent"] is not None:
+        name = f"  {trend['phase']} {trend['method']}:"
+        if trend["exponent"] is None:
+            lines.append(f"{name} meets the tolerance at fewer than two lengths: no trend")
+        elif len(trend["at_smallest"]) == len(trend["budgets"]):
             lines.append(
-                f"  {trend['phase']} {trend['method']}: the budget needed scales as "
-                f"L^{trend['exponent']:.2f}"
+                f"{name} meets the tolerance at the smallest budget measured at every length; "
+                "measure smaller budgets for a trend"
             )
+        else:
+            lines.append(f"{name} the budget needed scales as L^{trend['exponent']:.2f}")
     return "\n".join(lines)
 
 

@@ -82,25 +82,33 @@ def recommend(rows: Sequence[dict], tolerance: float) -> dict:
     return result
 
 
+def _smallest_meeting(errors: dict, tolerance: float) -> dict:
+    """{key: the smallest budget whose error is within tolerance, or None} from errors
+    {(*key, budget): error}."""
+    found = {}
+    for (*key, budget), error in errors.items():
+        key = tuple(key)
+        best = found.get(key)
+        if error <= tolerance and (best is None or budget < best):
+            found[key] = budget
+        else:
+            found.setdefault(key, None)
+    return found
+
+
 def smallest_budgets(rows: Sequence[dict], tolerance: float) -> list:
     """Per (phase, length, layer, head, method other than dense): the smallest budget whose error
     for that head is within ``tolerance`` (None when no budget is)."""
     tolerance = _check_tolerance(tolerance)
-    found = {}
-    for row in rows:
-        if row["method"] == "dense":
-            continue
-        key = (row["phase"], row["length"], row["layer"], row["head"], row["method"])
-        best = found.get(key)
-        if row["error"] <= tolerance and (best is None or row["budget"] < best):
-            found[key] = row["budget"]
-        else:
-            found.setdefault(key, None)
+    errors = {
+        (r["phase"], r["length"], r["layer"], r["head"], r["method"], r["budget"]): r["error"]
+        for r in rows
+        if r["method"] != "dense"
+    }
+    found = _smallest_meeting(errors, tolerance)
+    fields = ("phase", "length", "layer", "head", "method")
     return [
-        dict(phase=phase, length=length, layer=layer, head=head, method=method, budget=budget)
-        for (phase, length, layer, head, method), budget in sorted(
-            found.items(), key=lambda i: str(i[0])
-        )
+        dict(zip(fields, key), budget=found[key]) for key in sorted(found, key=lambda k: str(k))
     ]
 
 
@@ -108,7 +116,9 @@ def budget_scaling(rows: Sequence[dict], tolerance: float) -> list:
     """Per (phase, method other than dense) measured at two or more lengths: the smallest budget
     meeting ``tolerance`` on every layer at each length, and the least-squares fit
     ``budget = c * L^exponent`` over the lengths where one does (exponent 0: a fixed fraction
-    of the keys; -1: a fixed number of keys)."""
+    of the keys; -1: a fixed number of keys). ``at_smallest``: the lengths where that budget is
+    the smallest one measured, so that the need may be smaller still (the fit is then a bound,
+    not a trend, and smaller budgets should be measured)."""
     tolerance = _check_tolerance(tolerance)
     worst = defaultdict(float)
     for row in rows:
@@ -116,13 +126,13 @@ def budget_scaling(rows: Sequence[dict], tolerance: float) -> list:
             continue
         key = (row["phase"], row["method"], row["length"], row["budget"])
         worst[key] = max(worst[key], row["error"])
+    smallest = {}
+    for phase, method, length, budget in worst:
+        key = (phase, method, length)
+        smallest[key] = min(budget, smallest.get(key, budget))
     needed = defaultdict(dict)
-    for (phase, method, length, budget), error in worst.items():
-        best = needed[phase, method].get(length)
-        if error <= tolerance and (best is None or budget < best):
-            needed[phase, method][length] = budget
-        else:
-            needed[phase, method].setdefault(length, None)
+    for (phase, method, length), budget in _smallest_meeting(worst, tolerance).items():
+        needed[phase, method][length] = budget
     trends = []
     for (phase, method), by_length in sorted(needed.items()):
         if len(by_length) < 2:
@@ -134,10 +144,15 @@ def budget_scaling(rows: Sequence[dict], tolerance: float) -> list:
             phase=phase,
             method=method,
             budgets={str(length): budget for length, budget in sorted(by_length.items())},
+            at_smallest=[
+                length
+                for length, budget in sorted(by_length.items())
+                if budget is not None and budget == smallest[phase, method, length]
+            ],
             exponent=None,
             coefficient=None,
         )
-        if len(points) >= 2 and len({length for length, _ in points}) >= 2:
+        if len(points) >= 2:
             exponent, coefficient = _power_fit(points)
             trend.update(exponent=exponent, coefficient=coefficient)
         trends.append(trend)
