@@ -79,6 +79,25 @@ def test_dense_attention_finds_the_planted_retrieval_keys(mixed):
     assert probabilities[200].max() < 0.2
 
 
+def test_decode_variant_plants_the_last_queries():
+    """decode_queries=3: the last three positions are retrieval queries with far keys, and the
+    decode phase measures those three queries (a window misses their keys)."""
+    data = frontier.planted("retrieval,local", 128, dim=32, seed=SEED, decode_queries=3)
+    pairs = data.heads[0].pairs
+    assert pairs[-3:, 0].tolist() == [125, 126, 127] and len(set(pairs[:, 1].tolist())) == 8
+    assert (pairs[:, 0] - pairs[:, 1] >= 128 // 4).all()
+    layer = frontier.Layer("l0", data.q, data.k, data.v, data.kinds)
+    rows = frontier.sweep(
+        [layer], ["window"], ["1/8"], ["decode"], decode_queries=3, repeats=1, min_seconds=0
+    )
+    recall = {r["kind"]: r["recall"] for r in rows if r["method"] == "window"}
+    assert recall["retrieval"] < 0.25 and recall["local"] > 0.5, recall
+    with pytest.raises(ValueError, match="decode_queries must be <= the length"):
+        frontier.sweep([layer], ["window"], ["1/8"], ["decode"], decode_queries=129)
+    with pytest.raises(ValueError, match="slash needs length >= 4 \\* width \\+ 4 = 36"):
+        frontier.planted("slash", 35, dim=32)
+
+
 def test_lse_recall_identity_against_float64_reference(rng):
     """exp(lse_window - lse_dense) equals the dense softmax mass on the window's keys, summed
     explicitly in float64 (GQA 4:2, a length that is not a multiple of any tile)."""

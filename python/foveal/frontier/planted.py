@@ -273,8 +273,14 @@ def _head(rng, kind, length, dim, mass, noise, decode_queries, shape) -> tuple:
             if part == "local":
                 query_code = key_code
             else:
-                low, high = 2 * shape["width"] + 1, max(2 * shape["width"] + 2, length // 2)
-                chosen = rng.choice(np.arange(low, high), size=shape["offsets"], replace=False)
+                candidates = np.arange(2 * shape["width"] + 1, length // 2)
+                if len(candidates) == 0:
+                    raise ValueError(
+                        f"foveal.frontier: planted: slash needs length >= 4 * width + 4 = "
+                        f"{4 * shape['width'] + 4}, got {length}"
+                    )
+                count = min(shape["offsets"], len(candidates))
+                chosen = rng.choice(candidates, size=count, replace=False)
                 info.offsets = tuple(sorted(int(o) for o in chosen))
                 query_code = sum(_rotary(positions - o, frequencies) for o in info.offsets)
             parts[part] = (query_code, key_code)

@@ -204,6 +204,11 @@ def _check_count(name: str, value) -> None:
 
 
 def _measure(layer, phase, specs, budgets, decode_queries, timing, num_threads) -> list:
+    if phase == "decode" and decode_queries > layer.length:
+        raise ValueError(
+            f"foveal.frontier: sweep: decode_queries must be <= the length of layer "
+            f"{layer.name!r} ({layer.length}), got {decode_queries}"
+        )
     q = layer.q if phase == "prefill" else layer.q[:, :, -decode_queries:]
     q = np.ascontiguousarray(q)
     reference = registry.method("dense", phase)
