@@ -408,6 +408,10 @@ def test_bad_inputs_name_the_argument():
         frontier.sweep([layer], min_seconds=-1)
     with pytest.raises(ValueError, match="mass must be in"):
         frontier.planted("local", 64, mass=1.0)
+    with pytest.raises(TypeError, match=r"mass must be a number, got '0\.7'"):
+        frontier.planted("local", 64, mass="0.7")
+    with pytest.raises(ValueError, match="decode_queries must be <= 4 retrieval pairs"):
+        frontier.planted("retrieval", 16, dim=16, decode_queries=5)
     with pytest.raises(TypeError, match="length must be an int"):
         frontier.planted("local", 64.0)
     with pytest.raises(ValueError, match="tolerance must be a number >= 0"):

@@ -172,6 +172,9 @@ def planted(
     _check_int("offsets", offsets, 1)
     _check_int("pairs", pairs, 1)
     _check_int("decode_queries", decode_queries, 1)
+    for name, value in (("mass", mass), ("noise", noise)):
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating)):
+            raise TypeError(f"foveal.frontier: planted: {name} must be a number, got {value!r}")
     if not 0.0 < mass < 1.0:
         raise ValueError(f"foveal.frontier: planted: mass must be in (0, 1), got {mass}")
     if not noise >= 0.0:
@@ -339,6 +342,11 @@ def _retrieval_pairs(rng, length: int, count: int, decode_queries: int) -> np.nd
     """[count, 2] (query, key): the last decode_queries positions and others drawn from the
     second half; each key drawn at least L/4 before its query, all keys distinct."""
     count = min(count, length // 4)
+    if decode_queries > count:
+        raise ValueError(
+            f"foveal.frontier: planted: decode_queries must be <= {count} retrieval pairs at "
+            f"length {length}, got {decode_queries}"
+        )
     last = np.arange(length - decode_queries, length)
     others = rng.choice(
         np.arange(length // 2, length - decode_queries), size=count - len(last), replace=False
