@@ -9,7 +9,7 @@ import xml.etree.ElementTree as ElementTree
 
 import numpy as np
 import pytest
-from conftest import SEED, visible_keys
+from conftest import SEED, reference_attention, visible_keys
 from foveal import frontier
 from foveal.frontier import methods as registry
 
@@ -121,10 +121,18 @@ def test_lse_recall_identity_against_float64_reference(rng):
     identity = np.exp(lse[0].astype(np.float64) - dense_lse[0].astype(np.float64))
     np.testing.assert_allclose(identity, kept, rtol=1e-5, atol=1e-6, err_msg=f"seed {SEED}")
     assert kept[:, -1].max() < 0.5  # the window misses most of a late row's mass
-    _, recall, recall_min = frontier.head_metrics(
-        out, lse, dense_out.astype(np.float64), dense_lse.astype(np.float64)
-    )
+    error, recall, recall_min = frontier.head_metrics(out, lse, dense_out, dense_lse)
     np.testing.assert_allclose(recall, kept.mean(axis=1), rtol=1e-5)
+    # The error against the float64 references of both (conftest's reference_attention).
+    exact, _ = reference_attention(q, k, v, causal=True)
+    windowed, _ = reference_attention(
+        q, k, v, causal=True, window_left=keys - sinks - 1, sink_tokens=sinks
+    )
+    expected = np.linalg.norm((windowed - exact)[0], axis=(1, 2)) / np.linalg.norm(
+        exact[0], axis=(1, 2)
+    )
+    np.testing.assert_allclose(error, expected, rtol=1e-4)
+    assert (error > 0.1).all()
     np.testing.assert_allclose(recall_min, kept.min(axis=1), rtol=1e-5, atol=1e-6)
 
 

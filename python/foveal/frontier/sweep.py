@@ -137,15 +137,21 @@ def _call(spec: registry.Method, q, k, v, budget: float, num_threads) -> tuple:
 
 def head_metrics(out, lse, dense_out, dense_lse) -> tuple:
     """Per head: (relative L2 error of out against dense_out over the head's [Lq, Dv],
-    mean recall over its queries, smallest recall), all ``[H]`` float64.
+    mean recall over its queries, smallest recall), all ``[H]`` float64, computed in float64
+    one head at a time (no float64 copy of a whole layer).
 
     recall_i = exp(lse_i - dense_lse_i): the dense softmax mass on the keys the method visited
     (exact for a subset of dense's keys with the same logits), clipped to 1 against float32
     rounding of a row that kept every key."""
-    difference = (out.astype(np.float64) - dense_out)[0]
-    norm = np.sqrt((dense_out[0] ** 2).sum(axis=(1, 2)))
-    error = np.sqrt((difference**2).sum(axis=(1, 2))) / np.maximum(norm, np.finfo(float).tiny)
-    recall = np.minimum(np.exp(lse[0].astype(np.float64) - dense_lse[0]), 1.0)
+    heads = out.shape[1]
+    error = np.empty(heads)
+    for head in range(heads):
+        reference = dense_out[0, head].astype(np.float64)
+        difference = out[0, head].astype(np.float64) - reference
+        norm = max(float(np.sqrt((reference**2).sum())), np.finfo(float).tiny)
+        error[head] = np.sqrt((difference**2).sum()) / norm
+    recall = np.exp(lse[0].astype(np.float64) - dense_lse[0].astype(np.float64))
+    recall = np.minimum(recall, 1.0)
     return error, recall.mean(axis=1), recall.min(axis=1)
 
 
@@ -215,19 +221,9 @@ def _measure(layer, phase, specs, budgets, decode_queries, timing, num_threads) 
     (dense_out, dense_lse), dense_time = _timed(
         lambda: _call(reference, q, layer.k, layer.v, 1.0, num_threads), *timing
     )
-    dense_out, dense_lse = dense_out.astype(np.float64), dense_lse.astype(np.float64)
-    runs = [(reference, 1.0, (dense_out, dense_lse), dense_time)]
-    for spec in specs:
-        for budget in budgets:
-            result, seconds = _timed(
-                lambda spec=spec, budget=budget: _call(
-                    spec, q, layer.k, layer.v, budget, num_threads
-                ),
-                *timing,
-            )
-            runs.append((spec, budget, result, seconds))
     rows = []
-    for spec, budget, (out, lse), seconds in runs:
+
+    def record(spec, budget, out, lse, seconds) -> None:
         error, recall, recall_min = head_metrics(out, lse, dense_out, dense_lse)
         for head in range(q.shape[1]):
             rows.append(
@@ -246,4 +242,16 @@ def _measure(layer, phase, specs, budgets, decode_queries, timing, num_threads) 
                     dense_time_s=dense_time,
                 )
             )
+
+    record(reference, 1.0, dense_out, dense_lse, dense_time)
+    # Each output is reduced to its metrics before the next call: one layer's output at a time.
+    for spec in specs:
+        for budget in budgets:
+            (out, lse), seconds = _timed(
+                lambda spec=spec, budget=budget: _call(
+                    spec, q, layer.k, layer.v, budget, num_threads
+                ),
+                *timing,
+            )
+            record(spec, budget, out, lse, seconds)
     return rows
