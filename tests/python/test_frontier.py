@@ -376,6 +376,15 @@ def test_npz_round_trip(tmp_path):
     assert layers[1].kinds == [None, None]  # GQA 2:1, no kinds stored
     code = run_cli(f"--npz {tmp_path / 'qkv.npz'} --budgets 1/4", tmp_path / "out")
     assert code == 0
+    # Two files (say, two lengths): the layers are named by file, the trend is fitted.
+    longer = frontier.planted("local,sink", 128, dim=32, seed=SEED)
+    frontier.save_npz(tmp_path / "long.npz", {f"layer0.{x}": getattr(longer, x) for x in "qkv"})
+    files = f"{tmp_path / 'qkv.npz'},{tmp_path / 'long.npz'}"
+    run_cli(f"--npz {files} --budgets 1/8,1/4 --tolerance 1", tmp_path / "two")
+    document = json.loads((tmp_path / "two" / "frontier.json").read_text())
+    names = {(row["layer"], row["length"]) for row in document["rows"]}
+    assert names == {("qkv:layer0", 64), ("qkv:layer1", 64), ("long:layer0", 128)}
+    assert len(document["recommendation"]["scaling"]) == 2  # window, prefill and decode
     with pytest.raises(ValueError, match=r"layer2 lacks layer2\.v"):
         frontier.layers_of({"layer2.q": data.q, "layer2.k": data.k})
     with pytest.raises(ValueError, match="key 'weights' is not layer<n>"):

@@ -111,7 +111,10 @@ def parser() -> argparse.ArgumentParser:
         "vertical, retrieval, or mixtures such as local+sink)",
     )
     source.add_argument(
-        "--npz", metavar="FILE", help="captured Q/K/V: layer<n>.q / .k / .v arrays [1, H, L, D]"
+        "--npz",
+        metavar="FILES",
+        help="captured Q/K/V: layer<n>.q / .k / .v arrays [1, H, L, D]; several files "
+        "(comma-separated, e.g. one per length) name their layers file:layer<n>",
     )
     # flag, type, default, help: every option with a value.
     options = [
@@ -171,7 +174,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _inputs(args: argparse.Namespace) -> tuple:
     """(layers, what was planted) from --planted or --npz."""
     if args.npz is not None:
-        return load_npz(args.npz), []
+        files = _list(args.npz)
+        layers = []
+        for path in files:
+            for layer in load_npz(path):
+                if len(files) > 1:
+                    layer.name = f"{Path(path).stem}:{layer.name}"
+                layers.append(layer)
+        return layers, []
     kinds = parse_kinds(args.planted)
     options = dict(heads=args.heads, dim=args.dim, seed=args.seed, mass=args.mass)
     layers, described = [], []

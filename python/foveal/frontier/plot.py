@@ -62,8 +62,10 @@ def budget_label(budget: float) -> str:
 
 
 def write_plot(rows: Sequence[dict], directory: str | Path, *, use_matplotlib: bool = True) -> Path:
-    """Writes ``pareto.png`` (matplotlib) or ``pareto.svg`` into ``directory``; the path."""
+    """Writes ``pareto.png`` (matplotlib) or ``pareto.svg`` into ``directory`` (created); the
+    path."""
     directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     data = points(rows)
     if use_matplotlib:
         try:
