@@ -1,0 +1,155 @@
+"""The registry of attention methods that foveal.frontier measures.
+
+A method is ``fn(q, k, v, budget, **opts) -> (out, lse)``:
+
+- prefill: q ``[1, Hq, L, D]``, k and v ``[1, Hkv, L, D]`` (Hq a multiple of Hkv), causal;
+- decode: q ``[1, Hq, n, D]``, the last n positions (bottom-right aligned), over all L keys;
+- ``budget``: the fraction of the keys a query may visit, in (0, 1] (for a method registered
+  with ``budget="threshold"``: its own adaptive threshold in (0, 1], recorded as given);
+- ``opts``: ``num_threads`` (None: foveal's global setting) and the options given at
+  registration;
+- returns float32 ``out [1, Hq, Lq, Dv]`` and natural-log ``lse [1, Hq, Lq]``, foveal's
+  convention (``return_lse=True``).
+
+The recall the tool reports, ``exp(lse - lse_dense)`` per query, is the dense softmax mass on
+the keys the method visited, and is exact only for a method that visits a subset of the causal
+keys with unchanged logits (docs/frontier.md).
+
+Adding a method is a short adapter: turn the budget into the kernel's parameters, call the kernel
+with ``return_lse=True`` and register it for the phases it serves. The block-sparse prefill
+(``block_sparse``) and Quest decode (``quest``) kernels of issue 19 register here, below
+``window``, once they exist.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+import foveal
+
+PHASES = ("prefill", "decode")
+BUDGET_KINDS = ("fraction", "threshold")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method: its name, the phase it serves, the adapter and how it reads the
+    budget (``"fraction"`` of keys, or its own ``"threshold"``)."""
+
+    name: str
+    phase: str
+    fn: Callable
+    budget: str = "fraction"
+    options: tuple = ()
+
+
+_REGISTRY: dict = {}
+
+
+def register_method(
+    name: str,
+    phase: str | Sequence[str],
+    fn: Callable,
+    *,
+    budget: str = "fraction",
+    **options,
+) -> None:
+    """Registers ``fn(q, k, v, budget, **opts) -> (out, lse)`` as ``name`` for ``phase``
+    (``"prefill"``, ``"decode"`` or both as a sequence); ``options`` are passed to every call.
+    Registering a name again for a phase replaces it."""
+    if not isinstance(name, str) or not name or "," in name:
+        raise ValueError(
+            f"foveal.frontier: register_method: name must be a non-empty string "
+            f"without commas, got {name!r}"
+        )
+    if not callable(fn):
+        raise TypeError(
+            f"foveal.frontier: register_method: fn must be callable, got {type(fn).__name__}"
+        )
+    if budget not in BUDGET_KINDS:
+        raise ValueError(
+            f"foveal.frontier: register_method: budget must be one of "
+            f"{', '.join(BUDGET_KINDS)}, got {budget!r}"
+        )
+    phases = (phase,) if isinstance(phase, str) else tuple(phase)
+    for each in phases:
+        if each not in PHASES:
+            raise ValueError(
+                f"foveal.frontier: register_method: phase must be one of "
+                f"{', '.join(PHASES)}, got {each!r}"
+            )
+    for each in phases:
+        _REGISTRY[name, each] = Method(name, each, fn, budget, tuple(sorted(options.items())))
+
+
+def method(name: str, phase: str) -> Method:
+    """The method registered as ``name`` for ``phase``; ValueError naming the known ones."""
+    if phase not in PHASES:
+        raise ValueError(
+            f"foveal.frontier: phase must be one of {', '.join(PHASES)}, got {phase!r}"
+        )
+    found = _REGISTRY.get((name, phase))
+    if found is None:
+        raise ValueError(
+            f"foveal.frontier: method {name!r} is not registered for {phase}; "
+            f"registered: {', '.join(method_names(phase))}"
+        )
+    return found
+
+
+def method_names(phase: str | None = None) -> list:
+    """The registered names (for one phase, or for any), sorted."""
+    return sorted({name for name, each in _REGISTRY if phase in (None, each)})
+
+
+def keys_for(budget: float, length: int) -> int:
+    """The number of keys a fraction ``budget`` of ``length`` keys allows (at least 1)."""
+    return max(1, min(length, round(budget * length)))
+
+
+# --------------------------------------------------------------------------------------------
+# The methods foveal has today.
+
+
+def dense(q, k, v, budget, *, num_threads=None):
+    """Causal attention over every key: the reference (the budget is ignored)."""
+    return foveal.attention(q, k, v, causal=True, return_lse=True, num_threads=num_threads)
+
+
+def window(q, k, v, budget, *, sink_tokens=4, num_threads=None):
+    """StreamingLLM's local + sink baseline on foveal.sliding_window_attention: the budget's
+    keys are ``sinks`` first keys (at most ``sink_tokens``, at most half the budget) and a
+    causal window of the rest, ending at the query."""
+    keys = keys_for(budget, k.shape[2])
+    sinks = min(sink_tokens, keys // 2)
+    return foveal.sliding_window_attention(
+        q,
+        k,
+        v,
+        window_left=keys - sinks - 1,
+        causal=True,
+        sink_tokens=sinks,
+        return_lse=True,
+        num_threads=num_threads,
+    )
+
+
+register_method("dense", PHASES, dense)
+register_method("window", PHASES, window)
+# Issue 19's block-sparse prefill ("block_sparse") and Quest decode ("quest") kernels register
+# here when they land: an adapter like `window` above (budget -> the kernel's parameters, a call
+# with return_lse=True), then register_method(name, phase, adapter).
+
+
+def as_array(value, name: str) -> np.ndarray:
+    """A method's output as a numpy array (torch tensors are converted)."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    if not isinstance(value, np.ndarray):
+        raise TypeError(
+            f"foveal.frontier: a method's {name} must be an array, got {type(value).__name__}"
+        )
+    return value
