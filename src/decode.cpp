@@ -9,6 +9,7 @@
 // data, never on the thread count, so results are bitwise identical for any number of threads.
 #include "foveal/attention/decode.hpp"
 
+#include <cmath>
 #include <vector>
 
 #include "detail/attention_setup.hpp"
@@ -23,33 +24,34 @@ using detail::KeyRange;
 using detail::KeyRanges;
 using detail::Visibility;
 
+// Validates a decode call over `cache` and fills the engine parameters and the visibility of
+// every sequence.
 template <typename T>
-void decode_impl(TensorView<const T, 4> q, const KVCache<T>& cache, const AttentionOptions& options,
-                 TensorView<T, 4> out, TensorView<compute_type_t<T>, 3> lse) {
+void prepare_decode(const char* function, TensorView<const T, 4> q, const KVCache<T>& cache,
+                    const AttentionOptions& options, TensorView<T, 4> out,
+                    TensorView<compute_type_t<T>, 3> lse, detail::FlashParams<T>& params,
+                    std::vector<Visibility>& visibility) {
   detail::require_queries_and_outputs(
-      kFunction, q, out, lse,
+      function, q, out, lse,
       {"cache.heads_kv()", cache.heads_kv(), "cache.dim_v()", cache.dim_v()});
-  detail::require_extent(kFunction, "q", q, 0, "cache.batch() (B)", cache.batch());
-  detail::require_extent(kFunction, "q", q, 3, "cache.dim() (D)", cache.dim());
-  detail::require_disjoint(kFunction, "out", out, "the cache's keys", cache.keys());
-  detail::require_disjoint(kFunction, "out", out, "the cache's values", cache.values());
+  detail::require_extent(function, "q", q, 0, "cache.batch() (B)", cache.batch());
+  detail::require_extent(function, "q", q, 3, "cache.dim() (D)", cache.dim());
+  detail::require_disjoint(function, "out", out, "the cache's keys", cache.keys());
+  detail::require_disjoint(function, "out", out, "the cache's values", cache.values());
   if (!lse.is_null()) {
-    detail::require_disjoint(kFunction, "lse", lse, "the cache's keys", cache.keys());
-    detail::require_disjoint(kFunction, "lse", lse, "the cache's values", cache.values());
+    detail::require_disjoint(function, "lse", lse, "the cache's keys", cache.keys());
+    detail::require_disjoint(function, "lse", lse, "the cache's values", cache.values());
   }
-  detail::require_attention_options(kFunction, options);
-  check(options.q_offset == -1, kFunction,
+  detail::require_attention_options(function, options);
+  check(options.q_offset == -1, function,
         ": q_offset must be -1 (the queries are the newest Lq tokens of each sequence), got ",
         options.q_offset);
 
-  const Index batch = q.size(0), heads_q = q.size(1), len_q = q.size(2), dim = q.size(3);
-  const Index heads_kv = cache.heads_kv();
-  detail::DecodePlan<T> plan;
-  std::vector<Visibility>& visibility = plan.visibility;
+  const Index batch = q.size(0), len_q = q.size(2), dim = q.size(3);
   visibility.resize(static_cast<std::size_t>(batch));
   for (Index b = 0; b < batch; ++b) {
     const Index length = cache.length(b);
-    check(len_q <= length, kFunction, ": sequence ", b, " holds ", length,
+    check(len_q <= length, function, ": sequence ", b, " holds ", length,
           " tokens but Lq = ", len_q,
           " queries need their keys appended first (Lq must be <= every length)");
     const Visibility seen =
@@ -61,7 +63,7 @@ void decode_impl(TensorView<const T, 4> q, const KVCache<T>& cache, const Attent
       for (int r = 0; r < visible.count; ++r) {
         const KeyRange range = visible.ranges[r];
         const Index first_needed = std::max(range.begin, cache.sink_tokens());
-        check(first_needed >= range.end || first_needed >= cache.first_retained(b), kFunction,
+        check(first_needed >= range.end || first_needed >= cache.first_retained(b), function,
               ": the queries of sequence ", b, " see position ", first_needed,
               ", which the ring buffer (capacity ", cache.capacity(), ", ", cache.sink_tokens(),
               " sinks) no longer holds: it keeps positions from ", cache.first_retained(b),
@@ -71,15 +73,24 @@ void decode_impl(TensorView<const T, 4> q, const KVCache<T>& cache, const Attent
     visibility[static_cast<std::size_t>(b)] = seen;
   }
 
-  detail::FlashParams<T>& params = plan.params;
   params.q = q;
   params.k = cache.keys();
   params.v = cache.values();
   params.out = out;
   params.lse = lse;
-  params.scale = detail::resolve_scale<compute_type_t<T>>(kFunction, options, dim);
+  params.scale = detail::resolve_scale<compute_type_t<T>>(function, options, dim);
   params.softcap = options.softcap;
   params.num_threads = detail::resolve_num_threads(options.num_threads);
+}
+
+template <typename T>
+void decode_impl(TensorView<const T, 4> q, const KVCache<T>& cache, const AttentionOptions& options,
+                 TensorView<T, 4> out, TensorView<compute_type_t<T>, 3> lse) {
+  detail::DecodePlan<T> plan;
+  prepare_decode(kFunction, q, cache, options, out, lse, plan.params, plan.visibility);
+  const std::vector<Visibility>& visibility = plan.visibility;
+  const Index batch = q.size(0), heads_q = q.size(1), len_q = q.size(2);
+  const Index heads_kv = cache.heads_kv();
   if (batch == 0 || heads_q == 0 || len_q == 0) return;
 
   const Index group = heads_q / heads_kv;
@@ -106,7 +117,43 @@ void decode_impl(TensorView<const T, 4> q, const KVCache<T>& cache, const Attent
   detail::kernels<T>().decode_attention(plan);
 }
 
+constexpr const char* kQuest = "quest_decode_attention";
+
+template <typename T>
+void quest_impl(TensorView<const T, 4> q, const KVCache<T>& cache, const AttentionOptions& options,
+                const QuestOptions& quest, TensorView<T, 4> out,
+                TensorView<compute_type_t<T>, 3> lse) {
+  check(std::isfinite(quest.budget) && quest.budget > 0 && quest.budget <= 1, kQuest,
+        ": budget must be in (0, 1] (the fraction of pages kept), got ", quest.budget);
+  check(quest.local_pages >= 0 && quest.local_pages <= (Index{1} << 40), kQuest,
+        ": local_pages must be in [0, 2**40], got ", quest.local_pages);
+  check(cache.page_size() > 0, kQuest,
+        ": the cache keeps no page bounds; make it with KVCacheOptions::page_bounds > 0 "
+        "(Python: KVCache(..., page_bounds=16))");
+  detail::QuestPlan<T> plan;
+  prepare_decode(kQuest, q, cache, options, out, lse, plan.params, plan.visibility);
+  if (q.size(0) == 0 || q.size(1) == 0 || q.size(2) == 0) return;
+  plan.cache = &cache;
+  plan.budget = quest.budget;
+  plan.local_pages = quest.local_pages;
+  detail::kernels<T>().quest_decode_attention(plan);
+}
+
 }  // namespace
+
+#define FOVEAL_QUEST_ENTRY_POINT(T, Lse)                                                  \
+  void quest_decode_attention(TensorView<const T, 4> q, const KVCache<T>& cache,          \
+                              const AttentionOptions& options, const QuestOptions& quest, \
+                              TensorView<T, 4> out, TensorView<Lse, 3> lse) {             \
+    const auto reading = cache.read_guard(kQuest);                                        \
+    quest_impl<T>(q, cache, options, quest, out, lse);                                    \
+  }
+
+FOVEAL_QUEST_ENTRY_POINT(float, float)
+FOVEAL_QUEST_ENTRY_POINT(double, double)
+FOVEAL_QUEST_ENTRY_POINT(bfloat16, float)
+FOVEAL_QUEST_ENTRY_POINT(float16, float)
+#undef FOVEAL_QUEST_ENTRY_POINT
 
 void decode_attention(TensorView<const float, 4> q, const KVCache<float>& cache,
                       const AttentionOptions& options, TensorView<float, 4> out,

@@ -3,6 +3,7 @@
 
 #include "foveal/attention/backward.hpp"
 #include "foveal/attention/batch_attention.hpp"
+#include "foveal/attention/block_sparse.hpp"
 #include "foveal/attention/decode.hpp"
 #include "foveal/attention/dense.hpp"
 #include "foveal/attention/kv_cache.hpp"

@@ -12,6 +12,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "detail/block_sparse_geometry.hpp"
 #include "detail/fft.hpp"
 #include "detail/flash_plan.hpp"
 #include "detail/isa.hpp"
@@ -39,6 +40,17 @@ struct DecodePlan {
   std::vector<DecodeChunk> chunks;     // in sequence order
   std::vector<Index> first_chunk;      // [B + 1]: the chunks of sequence b start here
   bool split = false;
+};
+
+// quest_decode_attention: the kernel selects each (sequence, kv head)'s pages from the cache's
+// page bounds, then runs one engine tile per (sequence, kv head, tile) over the kept pages.
+template <typename T>
+struct QuestPlan {
+  FlashParams<T> params;
+  const KVCache<T>* cache = nullptr;
+  std::vector<Visibility> visibility;  // one per sequence
+  double budget = 1;
+  Index local_pages = 1;
 };
 
 // batch_decode_attention / batch_prefill_attention over a PagedKVCache. A pass is one run of
@@ -128,6 +140,42 @@ struct SparseKCachePlan {
   Index always_visible = 0;
   std::vector<T> thresholds;  // [B * Hkv]: τ of each head
   SparseKGate gate = SparseKGate::value;
+};
+
+// block_sparse_select: the pooled estimate and the selection of every list (batch, kv head,
+// query block), list i = (b * Hkv + h) * query_blocks + (block - first_query_block). The
+// kernel writes list i's kept key blocks, ascending, at blocks[capacity[i] ..] and their number
+// at counts[i] (at most capacity[i + 1] - capacity[i], the block's `keep`).
+template <typename T>
+struct BlockSelectPlan {
+  TensorView<const T, 4> q, k;
+  Visibility visibility;
+  Index q_offset = 0;
+  double scale = 1;
+  double softcap = 0;
+  Index block_size = 64;
+  Index local_blocks = 1;
+  double budget = 1;
+  double threshold = 0;
+  Index first_query_block = 0;
+  Index query_blocks = 0;
+  Index key_blocks = 0;
+  const Index* capacity = nullptr;  // [lists + 1]
+  std::int64_t* blocks = nullptr;
+  Index* counts = nullptr;  // [lists]
+  int num_threads = 1;
+};
+
+// block_sparse_attention over a validated selection (foveal::BlockSelection's layout).
+template <typename T>
+struct BlockSparsePlan {
+  FlashParams<T> params;
+  Visibility visibility;
+  Index block_size = 64;
+  Index first_query_block = 0;
+  Index query_blocks = 0;
+  const std::int64_t* offsets = nullptr;
+  const std::int64_t* blocks = nullptr;
 };
 
 // merge_states: out = merge(a, b) row by row, rows [0, B * H * L) of [B, H, L, Dv].
@@ -240,8 +288,11 @@ struct SpadeEmbeddingBackwardPlan {
   X(band_attention, (const FlashParams<T>&, const BandPolicy&))                \
   X(band_attention_backward, (const BackwardParams<T>&, const BandPolicy&))    \
   X(decode_attention, (const DecodePlan<T>&))                                  \
+  X(quest_decode_attention, (const QuestPlan<T>&))                             \
   X(paged_attention, (const PagedPlan<T>&))                                    \
   X(sparsek_attention, (const SparseKPlan<T>&))                                \
+  X(block_sparse_select, (const BlockSelectPlan<T>&))                          \
+  X(block_sparse_attention, (const BlockSparsePlan<T>&))                       \
   X(sparsek_attention_backward, (const SparseKBackwardPlan<T>&))               \
   X(sparsek_cache_attention, (const SparseKCachePlan<T>&))                     \
   X(merge_states, (const MergePlan<T>&))                                       \
@@ -264,7 +315,10 @@ struct Kernels {
 #define FOVEAL_HALF_KERNELS(X)                                  \
   X(band_attention, (const FlashParams<T>&, const BandPolicy&)) \
   X(decode_attention, (const DecodePlan<T>&))                   \
-  X(paged_attention, (const PagedPlan<T>&))
+  X(quest_decode_attention, (const QuestPlan<T>&))              \
+  X(paged_attention, (const PagedPlan<T>&))                     \
+  X(block_sparse_select, (const BlockSelectPlan<T>&))           \
+  X(block_sparse_attention, (const BlockSparsePlan<T>&))
 
 template <typename T>
 struct HalfKernels {

@@ -74,6 +74,28 @@ inline V vector_max(const V& a, const V& b) {
   return a < b ? b : a;
 }
 
+// The sum of the lanes of `x`, lane 0 first.
+template <typename T>
+inline T sum_lanes(const Vec<T>& x) {
+  T sum = 0;
+  for (int lane = 0; lane < kLanes<T>; ++lane) sum += x[lane];
+  return sum;
+}
+
+// sum_i term(a[i], b[i]) over i < count for a lane-wise term (a product, a bound): kLanes
+// partial sums, one per lane, added up at the end (a scalar tail past the last full vector).
+// Not the order of a sequential loop, so not its rounding: for estimates, not for results.
+template <typename T, typename Term>
+inline T lanewise_sum(const T* a, const T* b, std::ptrdiff_t count, Term&& term) {
+  constexpr int L = kLanes<T>;
+  Vec<T> sums{};
+  std::ptrdiff_t i = 0;
+  for (; i + L <= count; i += L) sums += term(load(a + i), load(b + i));
+  T sum = sum_lanes<T>(sums);
+  for (; i < count; ++i) sum += term(a[i], b[i]);
+  return sum;
+}
+
 // Loads the first `count` (< kLanes<T>) elements from `source`; the other lanes are 0.
 template <typename T>
 inline Vec<T> load_partial(const T* source, int count) {

@@ -38,4 +38,38 @@ void decode_attention(TensorView<const float16, 4> q, const KVCache<float16>& ca
                       const AttentionOptions& options, TensorView<float16, 4> out,
                       TensorView<float, 3> lse = {});
 
+// Quest (query-aware page selection) for decode over a cache with page bounds
+// (KVCacheOptions::page_bounds): the keys of each sequence and kv head are visited only in the
+// pages whose bound on q.k ranks highest, so a step reads about `budget` of the cache.
+//
+// Pages are runs of page_size() storage rows. A page is a candidate when it stores a key that
+// some query sees (options' window, causal; sinks apart: the sink keys are always visited). Of
+// C candidates a (sequence, kv head) keeps n = min(C, max(ceil(budget * C), local)): the pages
+// holding the newest local_pages * page_size positions (local), then the pages with the largest
+// upper bound of the logit, max over the query rows of the head's group (Lq x query heads) of
+// sum_d max(q_d * min_d, q_d * max_d) (ties: the lower page). The query heads of a GQA group
+// share the selection (and so every K/V load).
+struct QuestOptions {
+  double budget = 1.0 / 16;  // in (0, 1]
+  Index local_pages = 1;     // >= 0
+};
+
+// decode_attention in which each query sees, of the keys decode_attention would show it, the
+// sinks and the keys of its (sequence, kv head)'s kept pages. The cache must keep page bounds.
+// Shapes, options, lse, 16-bit storage, errors and bitwise identity for any thread count as in
+// decode_attention. Work: the bounds of every candidate page (2 D values per page and kv head)
+// plus the kept pages' keys and values.
+void quest_decode_attention(TensorView<const float, 4> q, const KVCache<float>& cache,
+                            const AttentionOptions& options, const QuestOptions& quest,
+                            TensorView<float, 4> out, TensorView<float, 3> lse = {});
+void quest_decode_attention(TensorView<const double, 4> q, const KVCache<double>& cache,
+                            const AttentionOptions& options, const QuestOptions& quest,
+                            TensorView<double, 4> out, TensorView<double, 3> lse = {});
+void quest_decode_attention(TensorView<const bfloat16, 4> q, const KVCache<bfloat16>& cache,
+                            const AttentionOptions& options, const QuestOptions& quest,
+                            TensorView<bfloat16, 4> out, TensorView<float, 3> lse = {});
+void quest_decode_attention(TensorView<const float16, 4> q, const KVCache<float16>& cache,
+                            const AttentionOptions& options, const QuestOptions& quest,
+                            TensorView<float16, 4> out, TensorView<float, 3> lse = {});
+
 }  // namespace foveal

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include "foveal/core/dtype.hpp"
 #include "foveal/core/error.hpp"
 #include "foveal/core/tensor.hpp"
 #include "foveal/detail/use_guard.hpp"
@@ -26,6 +27,16 @@ void copy_strided_row(const T* from, Index stride, T* to, Index count) {
   for (Index d = 0; d < count; ++d) to[d] = from[d * stride];
 }
 
+// x in the compute type of its storage type (exact).
+template <typename T>
+compute_type_t<T> widen(T x) {
+  if constexpr (is_half_dtype_v<T>) {
+    return to_float(x);
+  } else {
+    return x;
+  }
+}
+
 }  // namespace detail
 
 struct KVCacheOptions {
@@ -34,6 +45,12 @@ struct KVCacheOptions {
   bool ring = false;
   // The first tokens of every sequence, never overwritten in ring mode (attention sinks).
   Index sink_tokens = 0;
+  // Page bounds for query-aware page selection (quest_decode_attention): when > 0, the cache
+  // keeps, for every run of `page_bounds` consecutive storage rows (a page) of every sequence and
+  // kv head, the elementwise minimum and maximum of the stored keys, updated by append,
+  // truncate and reset (a page's bounds are recomputed from its stored rows whenever a row of it
+  // changes: one page per decoded token). 0: no bounds.
+  Index page_bounds = 0;
 };
 
 // Rows [row, row + count) of a sequence's storage hold positions [position, position + count).
@@ -81,6 +98,7 @@ class KVCache {
     values_owned_ = Tensor<T, 4>({batch, heads_kv, capacity, dim_v}, "KVCache values");
     keys_ = keys_owned_.view();
     values_ = values_owned_.view();
+    allocate_bounds();
     reset();
   }
 
@@ -110,12 +128,14 @@ class KVCache {
       check(lengths[b] >= 0 && (options_.ring || lengths[b] <= capacity()), kFunction, ": lengths[",
             b, "] must be >= 0", options_.ring ? "" : " and <= capacity = ",
             options_.ring ? "" : std::to_string(capacity()), ", got ", lengths[b]);
+    allocate_bounds();
     reset();
     for (std::size_t b = 0; b < lengths.size(); ++b) {
       lengths_[b] = lengths[b];
       if (options_.ring)
         first_retained_[b] = std::max(options_.sink_tokens, lengths[b] - ring_rows());
     }
+    refresh_bounds();
   }
 
   Index batch() const { return keys_.size(0); }
@@ -125,6 +145,16 @@ class KVCache {
   Index dim_v() const { return values_.size(3); }
   bool ring() const { return options_.ring; }
   Index sink_tokens() const { return options_.sink_tokens; }
+  // Rows per page of the page bounds (0: the cache keeps none) and the number of pages.
+  Index page_size() const { return options_.page_bounds; }
+  Index pages() const {
+    return options_.page_bounds > 0 ? (capacity() + options_.page_bounds - 1) / options_.page_bounds
+                                    : 0;
+  }
+  // [B, Hkv, pages, 2, D]: [..., 0, :] the minimum and [..., 1, :] the maximum of the stored keys
+  // of each page (+inf and -inf where a page holds none), in the keys' compute type. Empty
+  // without page bounds.
+  TensorView<const compute_type_t<T>, 5> page_bounds() const { return bounds_.view(); }
 
   // Tokens appended to `sequence` so far (its next position).
   Index length(Index sequence) const {
@@ -236,6 +266,7 @@ class KVCache {
       const Index overwritten_begin = std::clamp<Index>(options_.sink_tokens - start, 0, count);
       const Index overwritten_end =
           options_.ring ? std::max(overwritten_begin, count - ring_rows()) : overwritten_begin;
+      touched_.clear();
       for (Index step = 0; step < count && heads_kv() > 0; ++step) {
         if (step == overwritten_begin) step = overwritten_end;
         if (step >= count) break;
@@ -247,11 +278,20 @@ class KVCache {
           detail::copy_strided_row(v.address(b, h, step, 0), v.stride(3),
                                    values_.address(b, h, row, 0), dim_v());
         }
+        touch_row(row);
       }
       lengths_[index] = start + count;
       if (options_.ring)
         first_retained_[index] = std::max(first_retained_[index], start + count - ring_rows());
+      recompute_touched(b);
     }
+  }
+
+  // Recomputes every page bound from the stored keys: for a cache over caller memory whose
+  // stored keys the caller changed in place (append, truncate and reset keep them current).
+  void refresh_page_bounds() {
+    const detail::UseGuard::Mutation mutation(guard_, "cache", "KVCache::refresh_page_bounds");
+    refresh_bounds();
   }
 
   // Every sequence longer than `length` is cut to `length` (speculative-decoding rollback).
@@ -277,6 +317,7 @@ class KVCache {
     const detail::UseGuard::Mutation mutation(guard_, "cache", "KVCache::reset");
     lengths_.assign(static_cast<std::size_t>(batch()), 0);
     first_retained_.assign(static_cast<std::size_t>(batch()), options_.sink_tokens);
+    clear_bounds();
   }
 
  private:
@@ -300,11 +341,87 @@ class KVCache {
   // Positions from `length` on are dropped; stored ones before it stay.
   void cut(Index sequence, Index length) {
     const auto index = static_cast<std::size_t>(sequence);
+    // The rows of the dropped positions leave their pages (at most one row per storage row).
+    touched_.clear();
+    const Index dropped_end = std::min(lengths_[index], length + capacity());
+    for (Index position = length; position < dropped_end && options_.page_bounds > 0; ++position)
+      touch_row(row_of(position));
     lengths_[index] = length;
     // Positions in [length, first_retained) were overwritten: nothing but sinks is left, and
     // the tokens appended next start a fresh run.
     if (length < first_retained_[index])
       first_retained_[index] = std::max(length, options_.sink_tokens);
+    recompute_touched(sequence);
+  }
+
+  void allocate_bounds() {
+    check(options_.page_bounds >= 0 && options_.page_bounds <= (Index{1} << 30),
+          "KVCache: page_bounds must be in [0, 2**30] (rows per page; 0 = no page bounds), got ",
+          options_.page_bounds);
+    if (options_.page_bounds == 0) return;
+    bounds_ = Tensor<compute_type_t<T>, 5>({batch(), heads_kv(), pages(), 2, dim()},
+                                           "KVCache page bounds");
+  }
+
+  // Every page empty: +inf / -inf.
+  void clear_bounds() {
+    using C = compute_type_t<T>;
+    C* bound = bounds_.data();
+    for (Index page = 0; page < batch() * heads_kv() * pages(); ++page, bound += 2 * dim()) {
+      std::fill_n(bound, dim(), std::numeric_limits<C>::infinity());
+      std::fill_n(bound + dim(), dim(), -std::numeric_limits<C>::infinity());
+    }
+  }
+
+  // Marks the page of `row` for recomputation (consecutive rows share a page: pushed once).
+  void touch_row(Index row) {
+    if (options_.page_bounds == 0) return;
+    const Index page = row / options_.page_bounds;
+    if (touched_.empty() || touched_.back() != page) touched_.push_back(page);
+  }
+
+  void recompute_touched(Index sequence) {
+    if (options_.page_bounds == 0 || touched_.empty()) return;
+    std::sort(touched_.begin(), touched_.end());
+    touched_.erase(std::unique(touched_.begin(), touched_.end()), touched_.end());
+    recompute_pages(sequence);
+  }
+
+  void refresh_bounds() {
+    for (Index b = 0; b < batch() && options_.page_bounds > 0; ++b) {
+      touched_.clear();
+      for (Index page = 0; page < pages(); ++page) touched_.push_back(page);
+      recompute_pages(b);
+    }
+  }
+
+  // The bounds of pages touched_ of `sequence` from the keys of their stored rows.
+  void recompute_pages(Index sequence) {
+    using C = compute_type_t<T>;
+    const KVCacheLayout stored = layout(sequence);
+    const Index page_size = options_.page_bounds;
+    for (const Index page : touched_) {
+      const Index row_begin = page * page_size;
+      const Index row_end = std::min(capacity(), row_begin + page_size);
+      for (Index h = 0; h < heads_kv(); ++h) {
+        C* low = bounds_.view().address(sequence, h, page, 0, 0);
+        C* high = low + dim();
+        std::fill_n(low, dim(), std::numeric_limits<C>::infinity());
+        std::fill_n(high, dim(), -std::numeric_limits<C>::infinity());
+        for (int s = 0; s < stored.count; ++s) {
+          const Index first = std::max(row_begin, stored.spans[s].row);
+          const Index last = std::min(row_end, stored.spans[s].row + stored.spans[s].count);
+          for (Index row = first; row < last; ++row) {
+            const T* key = keys_.address(sequence, h, row, 0);
+            for (Index d = 0; d < dim(); ++d) {
+              const C x = detail::widen(key[d]);
+              low[d] = std::min(low[d], x);
+              high[d] = std::max(high[d], x);
+            }
+          }
+        }
+      }
+    }
   }
 
   KVCacheOptions options_;
@@ -314,6 +431,8 @@ class KVCache {
   TensorView<T, 4> values_;
   std::vector<Index> lengths_;
   std::vector<Index> first_retained_;
+  Tensor<compute_type_t<T>, 5> bounds_;  // [B, Hkv, pages, 2, D] with page bounds
+  std::vector<Index> touched_;           // pages to recompute (append, truncate)
   detail::UseGuard guard_;
 };
 

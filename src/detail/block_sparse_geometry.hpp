@@ -1,0 +1,55 @@
+// src/detail/block_sparse_geometry.hpp (private) — which key blocks a query block of
+// block_sparse_select may keep and how many it keeps: one definition for the entry point (which
+// sizes the selection) and the level kernels (which fill it).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+
+#include "detail/mask.hpp"
+#include "foveal/core/tensor.hpp"
+
+namespace foveal::detail {
+
+// floor(value / divisor) for divisor > 0 (positions are negative when Lq > Lk, bottom-right).
+inline Index floor_divide(Index value, Index divisor) {
+  const Index quotient = value / divisor;
+  return quotient * divisor > value ? quotient - 1 : quotient;
+}
+
+struct QueryBlockGeometry {
+  Index position_lo = 0;      // the call's first query position in the block
+  Index position_hi = -1;     // its last (position_hi < position_lo: no query)
+  Index candidate_begin = 0;  // key blocks [candidate_begin, candidate_end) are candidates
+  Index candidate_end = 0;
+  Index local_begin = 0;  // the local candidates: [local_begin, candidate_end) ∩ [.., block]
+  Index local_end = 0;
+  Index keep = 0;  // how many blocks the block keeps at most (exactly, without a threshold)
+};
+
+// Query block `block` of a call whose queries sit at positions [q_offset, q_offset + len_q):
+// its candidates are the key blocks that intersect the band (window, causal) of one of its
+// queries; sinks are not candidates (they are always visible).
+inline QueryBlockGeometry query_block_geometry(const Visibility& visibility, Index q_offset,
+                                               Index len_q, Index block_size, Index block,
+                                               double budget, Index local_blocks) {
+  QueryBlockGeometry geometry;
+  geometry.position_lo = std::max(q_offset, block * block_size);
+  geometry.position_hi = std::min(q_offset + len_q, (block + 1) * block_size) - 1;
+  if (geometry.position_hi < geometry.position_lo) return geometry;
+  const KeyRange band = visibility.band(geometry.position_lo, geometry.position_hi);
+  if (band.end <= band.begin) return geometry;
+  geometry.candidate_begin = band.begin / block_size;
+  geometry.candidate_end = (band.end + block_size - 1) / block_size;
+  const Index candidates = geometry.candidate_end - geometry.candidate_begin;
+  // Local blocks: `block` and the local_blocks - 1 before it, as far as they are candidates.
+  geometry.local_end = std::clamp(block + 1, geometry.candidate_begin, geometry.candidate_end);
+  geometry.local_begin = std::clamp(block + 1 - std::min(local_blocks, block + 1),
+                                    geometry.candidate_begin, geometry.local_end);
+  const Index local = geometry.local_end - geometry.local_begin;
+  const auto wanted = static_cast<Index>(std::ceil(budget * static_cast<double>(candidates)));
+  geometry.keep = std::min(candidates, std::max(wanted, local));
+  return geometry;
+}
+
+}  // namespace foveal::detail

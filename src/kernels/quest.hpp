@@ -1,0 +1,244 @@
+// src/kernels/quest.hpp — Quest decode of one ISA level (included by level.cpp): page selection
+// from a KVCache's page bounds, then the engine over the kept pages. The entry point
+// (src/decode.cpp) validates; this computes.
+#pragma once
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+#include "detail/convert.hpp"
+#include "detail/flash_engine.hpp"
+#include "detail/isa.hpp"
+#include "detail/kernels.hpp"
+#include "detail/simd.hpp"
+#include "foveal/core/parallel.hpp"
+
+FOVEAL_LEVEL_PUSH
+namespace foveal::detail {
+inline namespace FOVEAL_LEVEL {
+
+// Stored rows [row_begin, row_end) holding positions row + offset.
+struct RowSegment {
+  Index row_begin = 0;
+  Index row_end = 0;
+  Index offset = 0;
+};
+
+// What the pages of (sequence, kv head) may show to queries at positions [lo, hi]: the stored
+// rows of the band's positions past the sinks, at most three segments (a ring's spans).
+struct QuestGeometry {
+  RowSegment segments[3];
+  int count = 0;
+  Index sinks_end = 0;  // positions [0, sinks_end) are visited as sinks
+
+  template <typename S>
+  QuestGeometry(const KVCache<S>& cache, Index sequence, const Visibility& visibility, Index lo,
+                Index hi) {
+    const KeyRange band = visibility.band(lo, hi);
+    sinks_end = visibility.sinks_end(hi);
+    const Index first = std::max(band.begin, sinks_end);
+    const KVCacheLayout layout = cache.layout(sequence);
+    for (int s = 0; s < layout.count; ++s) {
+      const KVCacheSpan& span = layout.spans[s];
+      const Index begin = std::max(first, span.position);
+      const Index end = std::min(band.end, span.position + span.count);
+      if (begin >= end) continue;
+      const Index offset = span.position - span.row;
+      segments[count++] = {begin - offset, end - offset, offset};
+    }
+  }
+};
+
+// sum_d max(q_d * low_d, q_d * high_d): at least q.k for every k with low <= k <= high; lane
+// by lane (kLanes partial sums).
+template <typename T>
+T logit_bound(const T* query, const T* low, const T* high, Index dim) {
+  constexpr int L = kLanes<T>;
+  Vec<T> sums{};
+  Index d = 0;
+  for (; d + L <= dim; d += L) {
+    const Vec<T> x = load(query + d);
+    sums += vector_max(x * load(low + d), x * load(high + d));
+  }
+  T bound = sum_lanes<T>(sums);
+  for (; d < dim; ++d) bound += std::max(query[d] * low[d], query[d] * high[d]);
+  return bound;
+}
+
+// Per-thread memory of the selection.
+template <typename T>
+struct QuestScratch {
+  std::vector<T> queries;    // [rows][D]
+  std::vector<Index> pages;  // candidates
+  std::vector<char> forced;  // per candidate
+  std::vector<T> scores;     // per candidate
+  std::vector<Index> order;
+};
+
+// Visits the sinks, then the kept pages' stored rows in the band (consecutive pieces that are
+// consecutive in rows and positions as one run), masked by the visibility rule.
+class QuestPolicy : public RulePolicy<Visibility> {
+ public:
+  QuestPolicy(const Visibility& visibility, const QuestGeometry& geometry,
+              const KVCacheLayout& layout, const Index* kept, Index kept_count, Index page_size)
+      : RulePolicy(visibility),
+        geometry_(geometry),
+        layout_(layout),
+        kept_(kept),
+        kept_count_(kept_count),
+        page_size_(page_size) {}
+
+  template <typename Visit>
+  void for_each_block(Index position_lo, Index position_hi, Visit&& visit) const {
+    const Visibility& visibility = rule();
+    const auto visit_positions = [&](Index begin, Index end, Index offset) {
+      for_each_aligned_block({begin, end}, offset, visibility, position_lo, position_hi, visit);
+    };
+    for (int s = 0; s < layout_.count; ++s) {
+      const KVCacheSpan& span = layout_.spans[s];
+      const Index end = std::min(geometry_.sinks_end, span.position + span.count);
+      if (span.position < end) visit_positions(span.position, end, span.position - span.row);
+    }
+    RowSegment run{0, 0, 0};
+    for (Index i = 0; i < kept_count_; ++i) {
+      const Index row_begin = kept_[i] * page_size_;
+      const Index row_end = row_begin + page_size_;
+      for (int s = 0; s < geometry_.count; ++s) {
+        const RowSegment& segment = geometry_.segments[s];
+        const Index begin = std::max(row_begin, segment.row_begin);
+        const Index end = std::min(row_end, segment.row_end);
+        if (begin >= end) continue;
+        if (begin == run.row_end && segment.offset == run.offset) {
+          run.row_end = end;
+          continue;
+        }
+        if (run.row_begin < run.row_end)
+          visit_positions(run.row_begin + run.offset, run.row_end + run.offset, run.offset);
+        run = {begin, end, segment.offset};
+      }
+    }
+    if (run.row_begin < run.row_end)
+      visit_positions(run.row_begin + run.offset, run.row_end + run.offset, run.offset);
+  }
+
+ private:
+  QuestGeometry geometry_;
+  KVCacheLayout layout_;
+  const Index* kept_;
+  Index kept_count_;
+  Index page_size_;
+};
+
+template <typename S>
+void quest_decode_attention(const QuestPlan<S>& plan) {
+  using T = compute_type_t<S>;
+  const FlashParams<S>& params = plan.params;
+  const KVCache<S>& cache = *plan.cache;
+  const Index batch = params.q.size(0), heads_q = params.q.size(1), len_q = params.q.size(2);
+  const Index dim = params.q.size(3), dim_v = params.v.size(3);
+  const Index heads_kv = cache.heads_kv(), group = heads_q / heads_kv;
+  const Index page_size = cache.page_size();
+  const auto bounds = cache.page_bounds();
+  const Index rows = group * len_q;
+
+  // Pass 1: each (sequence, kv head)'s kept pages, ascending.
+  const Index heads = batch * heads_kv;
+  std::vector<std::vector<Index>> kept(static_cast<std::size_t>(heads));
+  const Index bound_work = heads * cache.pages() * rows * dim;
+  const int threads = team_size(heads, params.num_threads, bound_work);
+  std::vector<QuestScratch<T>> scratch(static_cast<std::size_t>(threads));
+  parallel_for(heads, threads, [&](Index task) {
+    QuestScratch<T>& own = scratch[static_cast<std::size_t>(thread_index())];
+    const Index b = task / heads_kv, h = task % heads_kv;
+    const Index length = cache.length(b);
+    const QuestGeometry geometry(cache, b, plan.visibility[static_cast<std::size_t>(b)],
+                                 length - len_q, length - 1);
+    // Candidates, and which are local (the newest local_pages * page_size positions).
+    own.pages.clear();
+    own.forced.clear();
+    const Index local_from = length - plan.local_pages * page_size;
+    for (int s = 0; s < geometry.count; ++s) {
+      const RowSegment& segment = geometry.segments[s];
+      for (Index page = segment.row_begin / page_size; page * page_size < segment.row_end; ++page) {
+        const Index last_row = std::min(segment.row_end, (page + 1) * page_size) - 1;
+        const bool local = last_row + segment.offset >= local_from;
+        if (!own.pages.empty() && own.pages.back() == page) {
+          own.forced.back() = static_cast<char>(own.forced.back() || local);
+        } else {
+          own.pages.push_back(page);
+          own.forced.push_back(static_cast<char>(local));
+        }
+      }
+    }
+    std::vector<Index>& chosen = kept[static_cast<std::size_t>(task)];
+    const auto candidates = static_cast<Index>(own.pages.size());
+    Index forced = 0;
+    for (const char f : own.forced) forced += f;
+    const auto wanted =
+        static_cast<Index>(std::ceil(plan.budget * static_cast<double>(candidates)));
+    const Index keep = std::min(candidates, std::max(wanted, forced));
+    if (keep == candidates) {
+      chosen = own.pages;
+    } else {
+      // The group's query rows, widened.
+      own.queries.resize(static_cast<std::size_t>(rows * dim));
+      for (Index g = 0; g < group; ++g)
+        for (Index i = 0; i < len_q; ++i) {
+          const S* row = params.q.address(b, h * group + g, i, 0);
+          T* to = own.queries.data() + (g * len_q + i) * dim;
+          for (Index d = 0; d < dim; ++d) to[d] = to_compute(row[d]);
+        }
+      own.scores.assign(static_cast<std::size_t>(candidates), T(0));
+      own.order.clear();
+      for (Index c = 0; c < candidates; ++c) {
+        if (own.forced[static_cast<std::size_t>(c)]) {
+          chosen.push_back(own.pages[static_cast<std::size_t>(c)]);
+          continue;
+        }
+        const T* low = bounds.address(b, h, own.pages[static_cast<std::size_t>(c)], 0, 0);
+        const T* high = low + dim;
+        T best = -std::numeric_limits<T>::infinity();
+        for (Index r = 0; r < rows; ++r)
+          best = std::max(best, logit_bound(own.queries.data() + r * dim, low, high, dim));
+        own.scores[static_cast<std::size_t>(c)] = best;
+        own.order.push_back(c);
+      }
+      const Index others = keep - forced;
+      const auto by_score = [&](Index a, Index c) {
+        const T score_a = own.scores[static_cast<std::size_t>(a)];
+        const T score_c = own.scores[static_cast<std::size_t>(c)];
+        return score_a > score_c || (score_a == score_c && a < c);
+      };
+      std::partial_sort(own.order.begin(), own.order.begin() + others, own.order.end(), by_score);
+      for (Index r = 0; r < others; ++r)
+        chosen.push_back(
+            own.pages[static_cast<std::size_t>(own.order[static_cast<std::size_t>(r)])]);
+      std::sort(chosen.begin(), chosen.end());
+    }
+  });
+
+  // Pass 2: the engine over the kept pages.
+  Index kept_rows = 0;
+  for (const auto& pages : kept) kept_rows += static_cast<Index>(pages.size()) * page_size;
+  const Index work = attention_work(params, rows, kept_rows + cache.sink_tokens() * heads);
+  const TileGrid grid(batch, heads_kv, rows);
+  (void)dim_v;
+  run_engine(params, grid.num_tasks(), work, [&](Index task, NoPolicyScratch&) {
+    const TileGrid::Cell cell = grid.cell(task);
+    const Index b = cell.outer;
+    const Index length = cache.length(b);
+    const Visibility& visibility = plan.visibility[static_cast<std::size_t>(b)];
+    const std::vector<Index>& pages = kept[static_cast<std::size_t>(b * heads_kv + cell.kv_head)];
+    Tile<S> tile = tile_of(params, b, cell.kv_head, cell.flat_begin);
+    tile.q_offset = length - len_q;
+    return plan_tile(
+        QuestPolicy(visibility, QuestGeometry(cache, b, visibility, length - len_q, length - 1),
+                    cache.layout(b), pages.data(), static_cast<Index>(pages.size()), page_size),
+        tile);
+  });
+}
+
+}  // namespace FOVEAL_LEVEL
+}  // namespace foveal::detail
+FOVEAL_LEVEL_POP
