@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import numpy as np
+
 from . import _core
 from ._common import (
     CacheGeometry,
@@ -30,6 +32,7 @@ __version__: str = _core.__version__
 __all__ = [
     "MAX_THREADS",
     "AttentionKernel",
+    "BlockSelection",
     "KVCache",
     "PagedKVCache",
     "attention",
@@ -37,11 +40,14 @@ __all__ = [
     "attention_kernel_names",
     "batch_decode_attention",
     "batch_prefill_attention",
+    "block_sparse_attention",
+    "block_sparse_select",
     "build_info",
     "decode_attention",
     "get_num_threads",
     "make_attention",
     "merge_states",
+    "quest_decode_attention",
     "set_num_threads",
     "sliding_window_attention",
     "sliding_window_attention_backward",
@@ -282,7 +288,9 @@ class KVCache(CacheGeometry):
     tensors (kept alive by the cache). With ``ring=True`` the cache is a ring buffer for
     sliding-window layers: once full, a new token overwrites the oldest one that is not among
     the first ``sink_tokens``; without it, appending past capacity raises ValueError. A
-    rejected call changes nothing.
+    rejected call changes nothing. With ``page_bounds=P`` > 0 the cache also keeps, for every
+    run of P storage rows (a page), the elementwise min and max of its stored keys, kept current
+    by append, truncate and reset, for :func:`quest_decode_attention`.
 
     Storage is zeroed lazily (untouched rows take no memory); a size that cannot be allocated
     raises MemoryError naming the byte count. Any number of threads may decode over one cache
@@ -301,6 +309,7 @@ class KVCache(CacheGeometry):
         dtype: Any = "float32",
         ring: bool = False,
         sink_tokens: int = 0,
+        page_bounds: int = 0,
     ) -> None:
         self._dtype = storage_dtype_arg("KVCache", dtype)
         self._cache = _KV_CACHE_CLASSES[dtype_name(self._dtype)](
@@ -311,6 +320,7 @@ class KVCache(CacheGeometry):
             dim_v=dim_v,
             ring=ring,
             sink_tokens=sink_tokens,
+            page_bounds=page_bounds,
         )
 
     @classmethod
@@ -322,6 +332,7 @@ class KVCache(CacheGeometry):
         ring: bool = False,
         sink_tokens: int = 0,
         lengths: Any = None,
+        page_bounds: int = 0,
     ) -> KVCache:
         """A cache over existing storage: keys ``[B, Hkv, capacity, D]`` and values
         ``[B, Hkv, capacity, Dv]``, float32, float64, bfloat16 or float16, writable, innermost
@@ -330,7 +341,12 @@ class KVCache(CacheGeometry):
         lays them out), so storage filled elsewhere is adopted without a copy."""
         self = cls.__new__(cls)
         self._cache = _core.wrap_kv_cache(
-            keys, values, ring=ring, sink_tokens=sink_tokens, lengths=lengths
+            keys,
+            values,
+            ring=ring,
+            sink_tokens=sink_tokens,
+            lengths=lengths,
+            page_bounds=page_bounds,
         )
         self._dtype = dtype_of_class(_KV_CACHE_CLASSES, self._cache)
         return self
@@ -375,6 +391,19 @@ class KVCache(CacheGeometry):
     def reset(self) -> None:
         """Empties every sequence."""
         self._cache.reset()
+
+    page_size = forwarded("page_size", "Rows per page of the page bounds (0: none kept).")
+
+    @property
+    def page_bounds(self) -> np.ndarray:
+        """A copy of the page bounds ``[B, Hkv, pages, 2, D]`` (min, then max, of each page's
+        stored keys; +inf / -inf for a page holding none), float32 for 16-bit caches."""
+        return self._cache.page_bounds
+
+    def refresh_page_bounds(self) -> None:
+        """Recomputes every page bound: for wrapped storage whose stored keys the caller
+        changed in place (append, truncate and reset keep the bounds current)."""
+        self._cache.refresh_page_bounds()
 
     def __repr__(self) -> str:
         mode = f", ring=True, sink_tokens={self.sink_tokens}" if self.ring else ""
@@ -428,6 +457,48 @@ def decode_attention(
         q,
         out,
         lse,
+        **attention_options(locals()),
+    )
+    return (out, lse) if return_lse else out
+
+
+def quest_decode_attention(
+    q: Any,
+    cache: KVCache,
+    *,
+    budget: float = 1.0 / 16,
+    local_pages: int = 1,
+    scale: Optional[float] = None,
+    causal: bool = False,
+    window_left: int = -1,
+    window_right: int = -1,
+    sink_tokens: int = 0,
+    softcap: float = 0.0,
+    return_lse: bool = False,
+    out: Any = None,
+    num_threads: Optional[int] = None,
+):
+    """:func:`decode_attention` over the pages Quest selects (docs/sparse_attention.md): the
+    cache must keep page bounds (``KVCache(..., page_bounds=16)``). Of a (sequence, kv head)'s
+    C candidate pages (pages storing a key some query sees, sinks apart) it keeps
+    ``min(C, max(ceil(budget * C), local))``: the pages of the newest ``local_pages * page_size``
+    positions, then those with the largest bound of the logit, the max over the group's query
+    rows of ``sum_d max(q_d * min_d, q_d * max_d)``. The sinks are always seen. Options,
+    shapes, dtypes and returns as :func:`decode_attention`; the same bits for any thread
+    count. ``exp(lse - lse_dense)`` is the attention mass the kept pages hold.
+    """
+    function = "quest_decode_attention"
+    if not isinstance(cache, KVCache):
+        raise TypeError(
+            f"foveal: {function}: cache must be a foveal.KVCache, got {type(cache).__name__}"
+        )
+    out, lse = cache_outputs(q, cache, out, return_lse)
+    cache._cache.quest(
+        q,
+        out,
+        lse,
+        budget=budget,
+        local_pages=local_pages,
         **attention_options(locals()),
     )
     return (out, lse) if return_lse else out
@@ -497,9 +568,13 @@ def make_attention(
 from . import paged as paged  # noqa: E402
 from . import pde_ssm as pde_ssm  # noqa: E402  (after the helpers it uses)
 from . import spade as spade  # noqa: E402  (after the helpers it uses)
+from . import sparse as sparse  # noqa: E402
 from . import sparsek as sparsek  # noqa: E402
 from . import vq as vq  # noqa: E402
 from .paged import PagedKVCache as PagedKVCache  # noqa: E402
 from .paged import batch_decode_attention as batch_decode_attention  # noqa: E402
 from .paged import batch_prefill_attention as batch_prefill_attention  # noqa: E402
+from .sparse import BlockSelection as BlockSelection  # noqa: E402
+from .sparse import block_sparse_attention as block_sparse_attention  # noqa: E402
+from .sparse import block_sparse_select as block_sparse_select  # noqa: E402
 from .sparsek import sparsek_attention as sparsek_attention  # noqa: E402

@@ -2,6 +2,7 @@
 // (foveal/__init__.py) owns docstrings, defaults and output allocation; this module maps the
 // caller's tensors onto views without copying (_tensor.hpp), reads the options (_keywords.hpp)
 // and releases the GIL around every kernel. The library validates everything else.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -20,11 +21,12 @@
 #include "foveal/foveal.hpp"
 
 namespace py = pybind11;
-void bind_sparsek(py::module_& m);  // _sparsek.cpp
-void bind_spade(py::module_& m);    // _spade.cpp
-void bind_vq(py::module_& m);       // _vq.cpp
-void bind_pde_ssm(py::module_& m);  // _pde_ssm.cpp
-void bind_paged(py::module_& m);    // _paged.cpp
+void bind_sparsek(py::module_& m);       // _sparsek.cpp
+void bind_spade(py::module_& m);         // _spade.cpp
+void bind_vq(py::module_& m);            // _vq.cpp
+void bind_pde_ssm(py::module_& m);       // _pde_ssm.cpp
+void bind_paged(py::module_& m);         // _paged.cpp
+void bind_block_sparse(py::module_& m);  // _block_sparse.cpp
 
 namespace {
 
@@ -161,7 +163,8 @@ void bind_kv_cache(py::module_& m, const char* class_name) {
         const auto dim = keywords.integer("dim");
         const auto dim_v = keywords.integer("dim_v", dim);
         const foveal::KVCacheOptions options{keywords.flag("ring", false),
-                                             keywords.integer("sink_tokens", 0)};
+                                             keywords.integer("sink_tokens", 0),
+                                             keywords.integer("page_bounds", 0)};
         keywords.require_all_read();
         return new Cache{foveal::KVCache<T>(batch, heads_kv, capacity, dim, dim_v, options),
                          py::none(), py::none()};
@@ -218,6 +221,39 @@ void bind_kv_cache(py::module_& m, const char* class_name) {
              }
            })
       .def("reset", [](Cache& c) { c.cache.reset(); })
+      .def_property_readonly("page_size", [](const Cache& c) { return c.cache.page_size(); })
+      .def_property_readonly(
+          "page_bounds",
+          [](const Cache& c) {
+            using C = foveal::compute_type_t<T>;
+            const auto bounds = c.cache.page_bounds();
+            py::array_t<C> copy(
+                {bounds.size(0), bounds.size(1), bounds.size(2), bounds.size(3), bounds.size(4)});
+            if (bounds.numel() > 0)
+              std::copy(bounds.data(), bounds.data() + bounds.numel(), copy.mutable_data());
+            return copy;
+          })
+      .def("refresh_page_bounds", [](Cache& c) { c.cache.refresh_page_bounds(); })
+      .def(
+          "quest",
+          [same](const Cache& c, const Tensor& q, const Tensor& out,
+                 const std::optional<Tensor>& lse, const py::kwargs& kwargs) {
+            const char* fn = "quest_decode_attention";
+            const Keywords keywords(fn, kwargs);
+            const auto options = foveal::python::attention_options(keywords);
+            foveal::QuestOptions quest;
+            quest.budget = keywords.number("budget", quest.budget);
+            quest.local_pages = keywords.integer("local_pages", quest.local_pages);
+            keywords.require_all_read();
+            const auto q_view = q.view<const T, 4>(fn, "q", "B, Hq, Lq, D", same);
+            const auto out_view = out.view<T, 4>(fn, "out", "B, Hq, Lq, Dv", same);
+            const auto lse_view = optional_view<foveal::compute_type_t<T>, 3>(
+                lse, fn, "lse", "B, Hq, Lq",
+                foveal::is_half_dtype_v<T> ? "float32 next to a 16-bit cache" : same);
+            py::gil_scoped_release release;
+            foveal::quest_decode_attention(q_view, c.cache, options, quest, out_view, lse_view);
+          },
+          py::arg("q"), py::arg("out"), py::arg("lse"))
       .def(
           "decode",
           [same](const Cache& c, const Tensor& q, const Tensor& out,
@@ -242,7 +278,8 @@ py::object wrap_kv_cache(const Tensor& keys, const Tensor& values, const py::kwa
   const char* fn = "KVCache.wrap";
   const Keywords keywords(fn, kwargs);
   const foveal::KVCacheOptions options{keywords.flag("ring", false),
-                                       keywords.integer("sink_tokens", 0)};
+                                       keywords.integer("sink_tokens", 0),
+                                       keywords.integer("page_bounds", 0)};
   const auto lengths = keywords.integers("lengths").value_or(std::vector<std::int64_t>{});
   keywords.require_all_read();
   return with_storage_type(fn, "keys", keys, [&](auto type) -> py::object {
@@ -378,6 +415,7 @@ PYBIND11_MODULE(_core, m) {
   bind_sparsek(m);
   bind_pde_ssm(m);
   bind_paged(m);
+  bind_block_sparse(m);
 
   m.def(
       "attention",
