@@ -58,6 +58,11 @@ foveal::TensorView<const T, 4> bias_view(const char* fn, const std::optional<Ten
   }
   const auto allowed = bias->view_leading_ones<const bool, 4>(fn, "bias", 2, dims, nullptr);
   const auto shape = allowed.shape();
+  if (allowed.empty()) {
+    // Nothing to convert, whatever the other extents (a loop over them could run for hours).
+    mask.resize(1);
+    return foveal::TensorView<const T, 4>(mask.data(), shape, {});
+  }
   mask.resize(static_cast<std::size_t>(shape[0] * shape[1] * shape[2] * shape[3]));
   std::size_t at = 0;
   for (foveal::Index b = 0; b < shape[0]; ++b)
