@@ -52,6 +52,8 @@ void validate(const char* function, TensorView<const T, 4> q, const PagedKVCache
     detail::require_disjoint(function, "lse", lse, "out", out);
   }
   detail::require_attention_options(function, options);
+  // Before a prefill appends: the plan resolves the scale again, once the call is certain.
+  detail::resolve_scale<compute_type_t<T>>(function, options, q.size(3));
   check(options.q_offset == -1, function,
         ": q_offset must be -1 (the queries are the newest tokens of each sequence), got ",
         options.q_offset);

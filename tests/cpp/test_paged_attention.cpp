@@ -401,6 +401,13 @@ TYPED_TEST(PagedAttention, BadInputChangesNothing) {
                                        options, pout.view()),
                MemoryError);
   EXPECT_EQ(snapshot(), before);
+  // So does one whose scale and softcap are out of the compute type's range (found by
+  // fuzz_half: the check ran after the append).
+  options.softcap = std::numeric_limits<double>::denorm_min();
+  EXPECT_THROW(batch_prefill_attention(pq.view(), k.view(), v.view(), pool.cache(), {a, b}, {1, 1},
+                                       options, pout.view()),
+               Error);
+  EXPECT_EQ(snapshot(), before);
 }
 
 TEST(PagedKVCache, WrapsCallerMemoryOfACombinedPool) {
