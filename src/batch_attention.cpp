@@ -349,6 +349,9 @@ void prefill_impl(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorView
   {
     const auto reading = cache.read_guard(kFunction);
     validate(kFunction, q, cache, sequences, options, out, lse, true);
+    // k and v are views the overlap checks below can measure (cache.append checks the rest).
+    detail::require_valid_view(kFunction, "k", k);
+    detail::require_valid_view(kFunction, "v", v);
     detail::require_extent(kFunction, "k", k, 2, "q.shape[2] (n)", q.size(2));
     detail::require_disjoint(kFunction, "out", out, "k", k);
     detail::require_disjoint(kFunction, "out", out, "v", v);
