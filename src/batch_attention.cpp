@@ -52,6 +52,8 @@ void validate(const char* function, TensorView<const T, 4> q, const PagedKVCache
     detail::require_disjoint(function, "lse", lse, "out", out);
   }
   detail::require_attention_options(function, options);
+  // Before a prefill appends: the plan resolves the scale again, once the call is certain.
+  detail::resolve_scale<compute_type_t<T>>(function, options, q.size(3));
   check(options.q_offset == -1, function,
         ": q_offset must be -1 (the queries are the newest tokens of each sequence), got ",
         options.q_offset);
@@ -347,6 +349,9 @@ void prefill_impl(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorView
   {
     const auto reading = cache.read_guard(kFunction);
     validate(kFunction, q, cache, sequences, options, out, lse, true);
+    // k and v are views the overlap checks below can measure (cache.append checks the rest).
+    detail::require_valid_view(kFunction, "k", k);
+    detail::require_valid_view(kFunction, "v", v);
     detail::require_extent(kFunction, "k", k, 2, "q.shape[2] (n)", q.size(2));
     detail::require_disjoint(kFunction, "out", out, "k", k);
     detail::require_disjoint(kFunction, "out", out, "v", v);

@@ -36,18 +36,6 @@ using foveal::python::Tensor;
 using foveal::python::with_float_type;
 using foveal::python::with_storage_type;
 
-// `value` as an element of T (float, double, bfloat16 or float16).
-template <typename T>
-T element_of(float value) {
-  if constexpr (std::is_same_v<T, foveal::bfloat16>) {
-    return foveal::to_bfloat16(value);
-  } else if constexpr (std::is_same_v<T, foveal::float16>) {
-    return foveal::to_float16(value);
-  } else {
-    return static_cast<T>(value);
-  }
-}
-
 // True for a 16-bit q; a dtype foveal does not store is a TypeError naming all four.
 bool is_half(const char* fn, const Tensor& q) {
   with_storage_type(fn, "q", q, [](auto) {});
@@ -72,14 +60,19 @@ foveal::TensorView<const T, 4> bias_view(const char* fn, const std::optional<Ten
   }
   const auto allowed = bias->view_leading_ones<const bool, 4>(fn, "bias", 2, dims, nullptr);
   const auto shape = allowed.shape();
+  if (allowed.empty()) {
+    // Nothing to convert, whatever the other extents (a loop over them could run for hours).
+    mask.resize(1);
+    return foveal::TensorView<const T, 4>(mask.data(), shape, {});
+  }
   mask.resize(static_cast<std::size_t>(shape[0] * shape[1] * shape[2] * shape[3]));
   std::size_t at = 0;
   for (foveal::Index b = 0; b < shape[0]; ++b)
     for (foveal::Index h = 0; h < shape[1]; ++h)
       for (foveal::Index i = 0; i < shape[2]; ++i)
         for (foveal::Index j = 0; j < shape[3]; ++j)
-          mask[at++] =
-              element_of<T>(allowed(b, h, i, j) ? 0.0f : -std::numeric_limits<float>::infinity());
+          mask[at++] = foveal::to_storage<T>(
+              allowed(b, h, i, j) ? 0.0f : -std::numeric_limits<float>::infinity());
   return foveal::TensorView<const T, 4>(mask.data(), shape);
 }
 

@@ -38,16 +38,10 @@ inline T to_compute(T x) {
 inline float to_compute(bfloat16 x) { return to_float(x); }
 inline float to_compute(float16 x) { return to_float(x); }
 
-// A computed value rounded to the storage type S.
+// A computed value rounded to the storage type S (foveal::to_storage, the public spelling).
 template <typename S, typename T>
 inline S from_compute(T x) {
-  if constexpr (std::is_same_v<S, bfloat16>) {
-    return to_bfloat16(x);
-  } else if constexpr (std::is_same_v<S, float16>) {
-    return to_float16(x);
-  } else {
-    return static_cast<S>(x);
-  }
+  return to_storage<S>(x);
 }
 
 namespace convert_detail {

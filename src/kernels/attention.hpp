@@ -27,6 +27,16 @@ void band_attention_backward(const BackwardParams<T>& params, const BandPolicy& 
   run_flash_backward(params, policy);
 }
 
+// The positions a plan's chunks span (an empty chunk counts 0): the key count of the work
+// estimate that picks the thread count of a split-KV call.
+template <typename Chunk>
+Index keys_in_chunks(const std::vector<Chunk>& chunks) {
+  Index keys = 0;
+  for (const Chunk& chunk : chunks)
+    keys += std::max<Index>(chunk.positions.end - chunk.positions.begin, 0);
+  return keys;
+}
+
 // Visits the stored keys of one sequence inside one chunk of positions.
 class DecodeChunkPolicy : public RulePolicy<Visibility> {
  public:
@@ -80,11 +90,8 @@ void decode_attention(const DecodePlan<S>& plan) {
   // One task per (chunk, kv head, tile); a chunk's rows go to its own state (stride 0 over the
   // batch dimension) when split, else straight to the outputs. Every row of a sequence sees
   // at most its chunks' positions.
-  Index chunk_keys = 0;
-  for (const DecodeChunk& chunk : plan.chunks)
-    chunk_keys += std::max<Index>(chunk.positions.end - chunk.positions.begin, 0);
   const TileGrid grid(num_chunks, heads_kv, len_q * group);
-  const Index work = attention_work(params, heads_q * len_q, chunk_keys);
+  const Index work = attention_work(params, heads_q * len_q, keys_in_chunks(plan.chunks));
   run_engine(params, grid.num_tasks(), work, [&](Index task, NoPolicyScratch&) {
     const TileGrid::Cell cell = grid.cell(task);
     const DecodeChunk& chunk = plan.chunks[static_cast<std::size_t>(cell.outer)];
@@ -187,11 +194,8 @@ void paged_attention(const PagedPlan<S>& plan) {
     const Index tiles = (pass.params.rows_per_head() + kBlockQ - 1) / kBlockQ;
     const std::vector<PagedChunk<S>>& chunks = pass.chunks;
     // A chunk's rows (one entry of the pass's q) see at most its positions.
-    Index chunk_keys = 0;
-    for (const PagedChunk<S>& chunk : chunks)
-      chunk_keys += std::max<Index>(chunk.positions.end - chunk.positions.begin, 0);
-    const Index work =
-        attention_work(pass.params, pass.params.q.size(1) * pass.params.q.size(2), chunk_keys);
+    const Index work = attention_work(pass.params, pass.params.q.size(1) * pass.params.q.size(2),
+                                      keys_in_chunks(chunks));
     run_engine(pass.params, pass.num_tasks, work, [&](Index task, NoPolicyScratch&) {
       const auto found = std::upper_bound(
           chunks.begin(), chunks.end(), task,

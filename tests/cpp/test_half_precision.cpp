@@ -1,5 +1,6 @@
 // tests/cpp/test_half_precision.cpp — bfloat16 and float16 storage: the conversions, and
-// attention, sliding_window_attention and decode_attention on 16-bit q, k, v, out and caches.
+// attention, sliding_window_attention, decode_attention and the paged batch calls on 16-bit q,
+// k, v, out and caches, for any thread count and from several threads at once.
 //
 // The kernels compute in float on the stored values and round only what they write, so a
 // 16-bit call must give exactly the float call's results on the same (16-bit representable)
@@ -9,10 +10,14 @@
 // bounds the total error.
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <limits>
+#include <thread>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -22,6 +27,7 @@
 #include "foveal/attention/decode.hpp"
 #include "foveal/attention/dense.hpp"
 #include "foveal/attention/kv_cache.hpp"
+#include "foveal/attention/paged_kv_cache.hpp"
 #include "foveal/attention/sliding_window.hpp"
 #include "foveal/core/dtype.hpp"
 #include "harness.hpp"
@@ -34,13 +40,10 @@ double widen(H x) {
   return static_cast<double>(to_float(x));
 }
 
+// Rounded through float, as a float32 result is stored.
 template <typename H>
 H narrow(double x) {
-  if constexpr (std::is_same_v<H, bfloat16>) {
-    return to_bfloat16(static_cast<float>(x));
-  } else {
-    return to_float16(static_cast<float>(x));
-  }
+  return to_storage<H>(static_cast<float>(x));
 }
 
 template <typename H>
@@ -269,18 +272,14 @@ TYPED_TEST(HalfPrecision, SlidingWindowIsTheFloatCallRounded) {
 // ---------------------------------------------------------------------------------------------
 // Decode over a 16-bit KV cache (contiguous and ring), split-KV merged into 16-bit out.
 
-// T: the storage of the call; H: the 16-bit type whose values the data are drawn in.
+// Appends `lengths` tokens to the sequences of `cache` (of T), values of H drawn from `random`,
+// in pieces of up to 700 steps, so that a ring wraps.
 template <typename T, typename H>
-Run run_decode(const std::vector<Index>& lengths, Index heads_q, Index heads_kv, Index len_q,
-               Index dim, Index dim_v, Index capacity, const KVCacheOptions& cache_options,
-               const AttentionOptions& options, std::uint64_t seed) {
-  using C = compute_type_t<T>;
-  const auto batch = static_cast<Index>(lengths.size());
-  KVCache<T> cache(batch, heads_kv, capacity, dim, dim_v, cache_options);
-  RandomSource random(seed);
+void fill_cache(KVCache<T>& cache, const std::vector<Index>& lengths, RandomSource& random) {
+  const Index batch = cache.batch(), heads_kv = cache.heads_kv();
+  const Index dim = cache.dim(), dim_v = cache.dim_v();
   Index longest = 0;
   for (Index length : lengths) longest = std::max(longest, length);
-  // Appended in pieces of up to 700 steps, so that a ring wraps.
   for (Index done = 0; done < longest;) {
     const Index step = std::min<Index>(700, longest - done);
     const auto k = Buffer<T, 4>::make(
@@ -294,14 +293,34 @@ Run run_decode(const std::vector<Index>& lengths, Index heads_q, Index heads_kv,
     cache.append(k.const_view(), v.const_view(), counts);
     done += step;
   }
+}
+
+// decode_attention of q over `cache` into fresh outputs.
+template <typename T>
+Run decode_once(TensorView<const T, 4> q, const KVCache<T>& cache,
+                const AttentionOptions& options) {
+  using C = compute_type_t<T>;
+  const Index batch = q.size(0), heads_q = q.size(1), len_q = q.size(2);
+  auto out = Buffer<T, 4>::make({}, {batch, heads_q, len_q, cache.dim_v()}, 0, nan_of<T>());
+  auto lse =
+      Buffer<C, 3>::make({}, {batch, heads_q, len_q}, 0, std::numeric_limits<C>::quiet_NaN());
+  decode_attention(q, cache, options, out.view(), lse.view());
+  return {out.values(), lse.values()};
+}
+
+// T: the storage of the call; H: the 16-bit type whose values the data are drawn in.
+template <typename T, typename H>
+Run run_decode(const std::vector<Index>& lengths, Index heads_q, Index heads_kv, Index len_q,
+               Index dim, Index dim_v, Index capacity, const KVCacheOptions& cache_options,
+               const AttentionOptions& options, std::uint64_t seed) {
+  const auto batch = static_cast<Index>(lengths.size());
+  KVCache<T> cache(batch, heads_kv, capacity, dim, dim_v, cache_options);
+  RandomSource random(seed);
+  fill_cache<T, H>(cache, lengths, random);
   const auto q = Buffer<T, 4>::make(
       representable<H>(random.normal(static_cast<std::size_t>(batch * heads_q * len_q * dim))),
       {batch, heads_q, len_q, dim}, 0, nan_of<T>());
-  auto out = Buffer<T, 4>::make({}, {batch, heads_q, len_q, dim_v}, 0, nan_of<T>());
-  auto lse =
-      Buffer<C, 3>::make({}, {batch, heads_q, len_q}, 0, std::numeric_limits<C>::quiet_NaN());
-  decode_attention(q.const_view(), cache, options, out.view(), lse.view());
-  return {out.values(), lse.values()};
+  return decode_once(q.const_view(), cache, options);
 }
 
 TYPED_TEST(HalfPrecision, DecodeIsTheFloatCallRounded) {
@@ -393,6 +412,208 @@ TYPED_TEST(HalfPrecision, PagedPoolsAreTheFloatCallRounded) {
     const auto [prefill, decode] = run_paged<float, H>(threads);
     expect_rounded_float_results<H>(half_prefill, prefill);
     expect_rounded_float_results<H>(half_decode, decode);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Threads: the same bits for 1, 2 and 3 threads (3 divides none of the task counts below), and
+// for calls from several threads at once on shared inputs.
+
+void expect_same_bits(const Run& got, const Run& want) {
+  EXPECT_TRUE(bitwise_equal(got.out, want.out)) << "out";
+  EXPECT_TRUE(bitwise_equal(got.lse, want.lse)) << "lse";
+}
+
+TYPED_TEST(HalfPrecision, IdenticalBitsForOneTwoAndThreeThreads) {
+  using H = TypeParam;
+  const Problem dense = with_bias(make_problem(2, 6, 2, 77, 131, 40, 24, 31), 1, 6, 0.1);
+  Inputs in = random_inputs(dense);
+  in.q = representable<H>(in.q);
+  in.k = representable<H>(in.k);
+  in.v = representable<H>(in.v);
+  in.bias = representable<H>(in.bias);
+  const Problem band = make_problem(1, 4, 2, 300, 300, 64, 48, 32);
+  Inputs band_in = random_inputs(band);
+  band_in.q = representable<H>(band_in.q);
+  band_in.k = representable<H>(band_in.k);
+  band_in.v = representable<H>(band_in.v);
+  KVCacheOptions ring;
+  ring.ring = true;
+  ring.sink_tokens = 4;
+
+  Run attention_1, band_1, decode_1, ring_1, prefill_1, batch_decode_1;
+  for (int threads = 1; threads <= 3; ++threads) {
+    SCOPED_TRACE(describe("threads ", threads));
+    AttentionOptions options;
+    options.causal = true;
+    options.softcap = 30;
+    options.num_threads = threads;
+    const Run attention_run = run_dense<H>(Operator::attention, dense, in, options, 0);
+    AttentionOptions band_options = causal_window(50, 2);
+    band_options.num_threads = threads;
+    const Run band_run = run_dense<H>(Operator::sliding_window, band, band_in, band_options, 3);
+    // Split-KV decode: 1500 keys in chunks, a ragged batch; and a wrapped ring with sinks.
+    const Run decode_run = run_decode<H, H>({1500, 3, 777}, 6, 2, 1, 64, 64, 1500, {}, options, 33);
+    AttentionOptions ring_options = causal_window(500, 4);
+    ring_options.num_threads = threads;
+    const Run ring_run =
+        run_decode<H, H>({2100, 130}, 4, 2, 2, 31, 31, 600, ring, ring_options, 34);
+    const auto [prefill_run, batch_decode_run] = run_paged<H, H>(threads);
+    if (threads == 1) {
+      attention_1 = attention_run;
+      band_1 = band_run;
+      decode_1 = decode_run;
+      ring_1 = ring_run;
+      prefill_1 = prefill_run;
+      batch_decode_1 = batch_decode_run;
+      continue;
+    }
+    {
+      SCOPED_TRACE("attention");
+      expect_same_bits(attention_run, attention_1);
+    }
+    {
+      SCOPED_TRACE("sliding_window_attention");
+      expect_same_bits(band_run, band_1);
+    }
+    {
+      SCOPED_TRACE("decode_attention");
+      expect_same_bits(decode_run, decode_1);
+    }
+    {
+      SCOPED_TRACE("decode_attention, ring");
+      expect_same_bits(ring_run, ring_1);
+    }
+    {
+      SCOPED_TRACE("batch_prefill_attention");
+      expect_same_bits(prefill_run, prefill_1);
+    }
+    {
+      SCOPED_TRACE("batch_decode_attention");
+      expect_same_bits(batch_decode_run, batch_decode_1);
+    }
+  }
+}
+
+// Calls of every 16-bit entry point from eight threads at once: q, k, v, one KVCache and one
+// paged pool shared read-only by several of them, a cache and a pool of its own for others,
+// outputs of its own for each. Every call gives bitwise what it gives alone.
+TYPED_TEST(HalfPrecision, ConcurrentCallsOnSharedInputsGiveTheLoneResults) {
+  using H = TypeParam;
+  const Problem p = with_bias(make_problem(1, 4, 2, 130, 200, 32, 24, 41), 1, 4, 0.1);
+  Inputs in = random_inputs(p);
+  const auto q = Buffer<H, 4>::make(in.q, p.q_shape(), 0, nan_of<H>());
+  const auto k = Buffer<H, 4>::make(in.k, p.k_shape(), 0, nan_of<H>());
+  const auto v = Buffer<H, 4>::make(in.v, p.v_shape(), 0, nan_of<H>());
+  const auto bias = Buffer<H, 4>::make(in.bias, p.bias_shape(), 0, nan_of<H>());
+  const auto dense = [&](Operator op, int threads) {
+    return [&, op, threads] {
+      auto out = Buffer<H, 4>::make({}, p.out_shape(), 0, nan_of<H>());
+      auto lse = Buffer<float, 3>::make({}, p.lse_shape(), 0, std::nanf(""));
+      AttentionOptions options = causal_window(op == Operator::attention ? -1 : 40, 2);
+      options.num_threads = threads;
+      if (op == Operator::attention) {
+        attention(q.const_view(), k.const_view(), v.const_view(), out.view(), options, lse.view(),
+                  bias.const_view());
+      } else {
+        sliding_window_attention(q.const_view(), k.const_view(), v.const_view(), out.view(),
+                                 options, lse.view());
+      }
+      return Run{out.values(), lse.values()};
+    };
+  };
+
+  // Decode: one cache that three threads read, and a cache of its own for a fourth.
+  RandomSource random(42);
+  KVCache<H> shared_cache(2, 2, 1300, 64, 48);
+  fill_cache<H, H>(shared_cache, {1250, 333}, random);
+  KVCache<H> own_cache(1, 2, 900, 64, 48);
+  fill_cache<H, H>(own_cache, {900}, random);
+  const auto decode_q = Buffer<H, 4>::make(representable<H>(random.normal(2 * 8 * 2 * 64)),
+                                           {2, 8, 2, 64}, 0, nan_of<H>());
+  const auto decode = [&](const KVCache<H>& cache, int threads) {
+    return [&, threads] {
+      AttentionOptions options;
+      options.causal = true;
+      options.num_threads = threads;
+      // The first cache.batch() sequences' queries.
+      const TensorView<const H, 4> rows(decode_q.data.data(), {cache.batch(), 8, 2, 64},
+                                        decode_q.strides);
+      return decode_once(rows, cache, options);
+    };
+  };
+
+  // A paged pool that two threads read (a forked prompt: the shared-prefix path), and a pool
+  // of its own for each prefill, made inside the call.
+  PagedKVCache<H> pool(64, 16, 2, 32, 32);
+  const Index prompt = pool.add_sequence();
+  const auto draw = [&](Shape<4> shape) {
+    return Buffer<H, 4>::make(representable<H>(random.normal(static_cast<std::size_t>(
+                                  shape[0] * shape[1] * shape[2] * shape[3]))),
+                              shape, 0, nan_of<H>());
+  };
+  const auto prompt_k = draw({1, 2, 300, 32}), prompt_v = draw({1, 2, 300, 32});
+  pool.append({prompt}, prompt_k.const_view(), prompt_v.const_view());
+  const std::vector<Index> ids = {prompt, pool.fork(prompt), pool.add_sequence()};
+  const auto step_k = draw({3, 2, 5, 32}), step_v = draw({3, 2, 5, 32});
+  pool.append(ids, step_k.const_view(), step_v.const_view());
+  const auto pool_q = draw({3, 4, 1, 32});
+  const auto batch_decode = [&](int threads) {
+    return [&, threads] {
+      AttentionOptions options;
+      options.num_threads = threads;
+      auto out = Buffer<H, 4>::make({}, {3, 4, 1, 32}, 0, nan_of<H>());
+      auto lse = Buffer<float, 3>::make({}, {3, 4, 1}, 0, std::nanf(""));
+      batch_decode_attention(pool_q.const_view(), pool, ids, options, out.view(), lse.view());
+      return Run{out.values(), lse.values()};
+    };
+  };
+  const auto prefill_q = draw({2, 4, 150, 32});
+  const auto prefill_k = draw({2, 2, 150, 32}), prefill_v = draw({2, 2, 150, 32});
+  const auto prefill = [&](int threads) {
+    return [&, threads] {
+      PagedKVCache<H> own_pool(32, 16, 2, 32, 32);
+      const std::vector<Index> sequences = {own_pool.add_sequence(), own_pool.add_sequence()};
+      AttentionOptions options;
+      options.causal = true;
+      options.num_threads = threads;
+      auto out = Buffer<H, 4>::make({}, {2, 4, 150, 32}, 0, nan_of<H>());
+      auto lse = Buffer<float, 3>::make({}, {2, 4, 150}, 0, std::nanf(""));
+      batch_prefill_attention(prefill_q.const_view(), prefill_k.const_view(),
+                              prefill_v.const_view(), own_pool, sequences, {150, 97}, options,
+                              out.view(), lse.view());
+      return Run{out.values(), lse.values()};
+    };
+  };
+
+  const std::vector<std::function<Run()>> calls = {dense(Operator::attention, 2),
+                                                   dense(Operator::sliding_window, 3),
+                                                   decode(shared_cache, 1),
+                                                   decode(shared_cache, 2),
+                                                   decode(shared_cache, 3),
+                                                   decode(own_cache, 2),
+                                                   batch_decode(1),
+                                                   batch_decode(3),
+                                                   prefill(2)};
+  std::vector<Run> alone;
+  for (const auto& call : calls) alone.push_back(call());
+
+  constexpr int kRounds = 3;
+  std::vector<std::vector<Run>> results(calls.size());
+  std::vector<std::thread> threads;
+  std::atomic<int> waiting{static_cast<int>(calls.size())};
+  for (std::size_t i = 0; i < calls.size(); ++i) {
+    threads.emplace_back([&, i] {
+      waiting.fetch_sub(1);
+      while (waiting.load() > 0) std::this_thread::yield();  // start together
+      for (int round = 0; round < kRounds; ++round) results[i].push_back(calls[i]());
+    });
+  }
+  for (std::thread& thread : threads) thread.join();
+  for (std::size_t i = 0; i < calls.size(); ++i) {
+    SCOPED_TRACE(describe("call ", i));
+    ASSERT_EQ(results[i].size(), static_cast<std::size_t>(kRounds));
+    for (const Run& run : results[i]) expect_same_bits(run, alone[i]);
   }
 }
 

@@ -401,6 +401,21 @@ TYPED_TEST(PagedAttention, BadInputChangesNothing) {
                                        options, pout.view()),
                MemoryError);
   EXPECT_EQ(snapshot(), before);
+  // So does one whose scale and softcap are out of the compute type's range (found by
+  // fuzz_half: the check ran after the append).
+  options.softcap = std::numeric_limits<double>::denorm_min();
+  EXPECT_THROW(batch_prefill_attention(pq.view(), k.view(), v.view(), pool.cache(), {a, b}, {1, 1},
+                                       options, pout.view()),
+               Error);
+  EXPECT_EQ(snapshot(), before);
+  // And one whose k counts more elements than an Index holds, before anything measures k (the
+  // overlap check of out and k overflowed: UBSan, found by fuzz_half).
+  options.softcap = 0;
+  const TensorView<const T, 4> huge_k(k.data(), {2, Index{1} << 62, 9, 4}, {0, 0, 0, 1});
+  EXPECT_THROW(batch_prefill_attention(pq.view(), huge_k, v.view(), pool.cache(), {a, b}, {1, 1},
+                                       options, pout.view()),
+               Error);
+  EXPECT_EQ(snapshot(), before);
 }
 
 TEST(PagedKVCache, WrapsCallerMemoryOfACombinedPool) {

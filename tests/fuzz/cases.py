@@ -2,7 +2,9 @@
 
 Each strategy draws a (label, setup, call) triple of Python source (see driver.py): shapes
 with 0, 1 and huge extents (2**31 .. 2**62, through zero-stride views so nothing is
-allocated), dtypes (float32/64, float16, ints, bool, complex, torch bfloat16), memory layouts
+allocated), dtypes (float32/64, float16, ints, bool, complex, torch bfloat16; the attention,
+cache and paged strategies draw the 16-bit storage types in tame cases too, and check an
+accepted 16-bit attention call against the float32 call on the widened inputs), memory layouts
 (negative, zero, overlapping, non-contiguous strides; read-only), NaN/inf values, option values
 (negative, huge, wrong types) and aliasing (``out=q`` and the like). Shapes are mostly
 consistent so that cases reach the kernels, with one argument perturbed now and then.
@@ -109,6 +111,18 @@ class Case:
         self.huge_dim: str | None = None
         self.calls: list[str] = []
 
+    def maybe_half(self) -> None:
+        """Now and then, tame cases too, a 16-bit storage dtype (float16, or torch bfloat16),
+        for the entry points that store them; call before drawing arrays."""
+        if self.draw(st.integers(0, 3)) == 0:
+            torch_bf16 = self.lib == "torch" and self.draw(st.booleans())
+            self.dtype = "bf16" if torch_bf16 else "float16"
+
+    def cache_dtype(self) -> str:
+        """The dtype= of an owned cache holding elements of the case's dtype."""
+        names = {"float32": "float32", "float64": "float64", "float16": "float16"}
+        return "bfloat16" if self.dtype == "bf16" else names.get(self.dtype, "float32")
+
     def dims(self, names: dict, zero_for_huge: tuple = ()) -> dict:
         """Draws the named extents (name -> (low, high)); now and then one of them huge and
         one of `zero_for_huge` 0, so the huge view costs no work."""
@@ -200,7 +214,7 @@ def _expect_attention(result: str, shape: str, like: str, return_lse: str) -> st
         f"if isinstance({result}, tuple):\n"
         f"    assert {return_lse}, 'a tuple without return_lse'\n"
         f"    expect({result}[0], {shape}, {like})\n"
-        f"    expect({result}[1], ({shape})[:3], {like})\n"
+        f"    expect({result}[1], ({shape})[:3], {like}, lse_dtype({like}))\n"
         f"else:\n"
         f"    assert not {return_lse}, 'no lse with return_lse'\n"
         f"    expect({result}, {shape}, {like})\n"
@@ -246,6 +260,7 @@ def _mask_options(draw, bias_ok: bool = True) -> dict:
 @st.composite
 def attention_case(draw, function: str = "attention"):
     case = Case(draw, function)
+    case.maybe_half()
     dims = case.dims(ATTENTION_DIMS, zero_for_huge=("B", "Lq", "Hkv"))
     shape = _qkv(case, dims)
     options = draw(_mask_options())
@@ -263,6 +278,18 @@ def attention_case(draw, function: str = "attention"):
     options["num_threads"] = draw(threads())
     call = f"r = foveal.{function}(q, k, v, {_kw(**options)})\n"
     call += _expect_attention("r", shape, "q", options["return_lse"])
+    if options["out"] == "None":
+        # A 16-bit call equals the float32 call on the widened inputs, out rounded.
+        inputs = "q, k, v, bias" if "bias" in options else "q, k, v"
+        call += (
+            f"if is_half(q) and sum(int(np.prod(t.shape)) for t in ({inputs})) < 2**20:\n"
+            f"    {inputs} = (widened(t) for t in ({inputs}))\n"
+            "    try:\n"
+            f"        single = foveal.{function}(q, k, v, {_kw(**options)})\n"
+            "    except _ALLOWED as error:\n"
+            "        raise AssertionError(f'the float32 call rejected it: {error!r}') from None\n"
+            "    expect_rounded(r, single)\n"
+        )
     return case.done(call)
 
 
@@ -343,7 +370,8 @@ def kv_cache_case(draw):
         {"B": (0, 2), "Hkv": (0, 2), "C": (0, 6), "D": (1, 6), "Dv": (0, 6)}, ("B", "Hkv")
     )
     ring, sinks = draw(flag()), draw(int_option(-1, 4))
-    dtype = case.dtype if case.dtype in ("float32", "float64") else "float32"
+    case.maybe_half()
+    dtype = case.cache_dtype()
     if draw(st.booleans()):
         sizes = [str(d[n]) for n in ("B", "Hkv", "C", "D", "Dv")]
         if draw(st.integers(0, 5)) == 0:
@@ -425,7 +453,8 @@ def paged_cache_case(draw):
     sequence, page table and the free pages as they were."""
     case = Case(draw, "PagedKVCache+batch_attention")
     d = case.dims({"P": (0, 6), "page": (1, 4), "Hkv": (1, 2), "D": (1, 6), "Dv": (0, 6)}, ("P",))
-    dtype = case.dtype if case.dtype in ("float32", "float64") else "float32"
+    case.maybe_half()
+    dtype = case.cache_dtype()
     if draw(st.booleans()):
         sizes = [str(d[n]) for n in ("P", "page", "Hkv", "D", "Dv")]
         if draw(st.integers(0, 5)) == 0:

@@ -122,6 +122,40 @@ def expect(result, shape, like, dtype=None):
         f"kind {type(result).__module__} != {type(like).__module__}")
 
 
+def lse_dtype(like):
+    """The dtype of lse next to inputs like `like`: float32 for the 16-bit types."""
+    name = _dtype_name(like)
+    return "float32" if name in ("float16", "bfloat16") else name
+
+
+def is_half(x):
+    return _dtype_name(x) in ("float16", "bfloat16")
+
+
+def widened(x):
+    """A 16-bit array or tensor as float32; anything else as it is."""
+    if not is_half(x):
+        return x
+    return x.float() if hasattr(x, "float") else x.astype(np.float32)
+
+
+def _float32_numpy(x):
+    return x.detach().float().numpy() if hasattr(x, "detach") else np.asarray(x, np.float32)
+
+
+def expect_rounded(result, single):
+    """A 16-bit call's result is the float32 call's (`single`, on the widened inputs) with out
+    rounded to the 16-bit type and lse the same (NaN matches NaN)."""
+    got = result if isinstance(result, tuple) else (result,)
+    want = single if isinstance(single, tuple) else (single,)
+    assert len(got) == len(want)
+    for index, (g, w) in enumerate(zip(got, want)):
+        if index == 0:
+            w = w.to(g.dtype) if hasattr(w, "to") else w.astype(g.dtype)
+        assert np.array_equal(_float32_numpy(g), _float32_numpy(w), equal_nan=True), (
+            f"result {index} differs from the float32 call's" + (", rounded" if index == 0 else ""))
+
+
 def attempt(function, *args, state=None, **kwargs):
     """Calls function; an allowed rejection returns None. With `state` (a function returning
     the object's observable state) a rejected call must leave that state unchanged."""

@@ -1,5 +1,6 @@
 """Concurrency: foveal calls from 8 Python threads at once (the kernels release the GIL) give
-bitwise the results of the same calls run alone; a cache mutated from two threads at once is
+bitwise the results of the same calls run alone, for float32 / float64 and for the 16-bit
+storage types; a cache mutated from two threads at once is
 rejected, never corrupted. Each test runs in a child process so a crash fails it cleanly.
 """
 
@@ -105,8 +106,18 @@ def calls(index):
     return lambda: foveal.sparsek_attention(q, k, v, u, 8, window=4, return_lse=True,
                                             num_threads=threads)
 
+"""
+
+# Runs the calls of `calls(index)` alone, then from THREADS threads at once, ROUNDS times each.
+RUN = r"""
 def as_arrays(result):
-    return [np.asarray(x) for x in (result if isinstance(result, tuple) else (result,))]
+    # The bytes of every result (a torch bfloat16 tensor has no numpy dtype).
+    arrays = []
+    for x in result if isinstance(result, tuple) else (result,):
+        if hasattr(x, "detach"):
+            x = x.detach().contiguous().view(-1).view(torch.uint8).numpy()
+        arrays.append(np.asarray(x))
+    return arrays
 
 THREADS, ROUNDS = 8, 6
 work = [calls(i) for i in range(THREADS)]
@@ -131,9 +142,82 @@ for i in range(THREADS):
 print("ok", THREADS * ROUNDS)
 """
 
+# The 16-bit storage paths: torch bfloat16 / float16 and numpy float16 inputs; one 16-bit
+# KVCache and one paged pool read by several threads at once, a cache of its own for others,
+# and prefills into pools made inside the call.
+HALF_CALLS = r"""
+import threading
+import numpy as np
+import torch
+import foveal
+
+generator = torch.Generator().manual_seed(0)
+
+def draw(dtype, *shape):
+    return torch.randn(*shape, generator=generator).to(dtype)
+
+SHARED = {}
+for name, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+    cache = foveal.KVCache(2, 2, 1300, 64, 48, dtype=name)
+    cache.append(draw(dtype, 2, 2, 1300, 64), draw(dtype, 2, 2, 1300, 48), counts=[1250, 333])
+    pool = foveal.PagedKVCache(64, 16, 2, 32, dtype=name)
+    prompt = pool.add_sequence()
+    pool.append(prompt, draw(dtype, 2, 300, 32), draw(dtype, 2, 300, 32))
+    ids = [prompt, pool.fork(prompt), pool.add_sequence()]
+    pool.append(ids, draw(dtype, 3, 2, 5, 32), draw(dtype, 3, 2, 5, 32))
+    SHARED[dtype] = cache, pool, ids
+
+def calls(index):
+    # One call per index: 8 kinds in bfloat16, then in float16; two threads (of different thread
+    # counts) read each dtype's shared cache, two its shared pool.
+    kind = (0, 1, 2, 2, 3, 4, 4, 5)[index % 8]
+    dtype = torch.bfloat16 if index < 8 else torch.float16
+    name = str(dtype).replace("torch.", "")
+    threads = 1 + index % 3
+    cache, pool, ids = SHARED[dtype]
+    if kind == 0:
+        q, k, v = draw(dtype, 1, 4, 130, 32), draw(dtype, 1, 2, 200, 32), draw(dtype, 1, 2, 200, 24)
+        bias = draw(dtype, 4, 130, 200)
+        return lambda: foveal.attention(q, k, v, bias=bias, causal=True, return_lse=True,
+                                        num_threads=threads)
+    if kind == 1:
+        rng = np.random.default_rng(index)
+        q, k, v = (rng.standard_normal(shape).astype(np.float16)
+                   for shape in ((1, 4, 150, 32), (1, 2, 150, 32), (1, 2, 150, 32)))
+        return lambda: foveal.sliding_window_attention(q, k, v, causal=True, window_left=40,
+                                                       return_lse=True, num_threads=threads)
+    if kind == 2:
+        q = draw(dtype, 2, 8, 2, 64)
+        return lambda: foveal.decode_attention(q, cache, causal=True, return_lse=True,
+                                               num_threads=threads)
+    if kind == 3:
+        own = foveal.KVCache(1, 2, 900, 64, 48, dtype=name)
+        own.append(draw(dtype, 1, 2, 900, 64), draw(dtype, 1, 2, 900, 48))
+        q = draw(dtype, 1, 8, 1, 64)
+        return lambda: foveal.decode_attention(q, own, return_lse=True, num_threads=threads)
+    if kind == 4:
+        q = draw(dtype, 3, 4, 1, 32)
+        return lambda: foveal.batch_decode_attention(q, pool, ids, return_lse=True,
+                                                     num_threads=threads)
+    q, k, v = draw(dtype, 2, 4, 150, 32), draw(dtype, 2, 2, 150, 32), draw(dtype, 2, 2, 150, 32)
+
+    def prefill():
+        fresh = foveal.PagedKVCache(32, 16, 2, 32, dtype=name)
+        sequences = [fresh.add_sequence(), fresh.add_sequence()]
+        return foveal.batch_prefill_attention(q, k, v, fresh, sequences, counts=[150, 97],
+                                              causal=True, return_lse=True, num_threads=threads)
+    return prefill
+"""
+
 
 def test_eight_threads_match_lone_runs():
-    assert _run_child(CALLS).startswith("ok")
+    assert _run_child(CALLS + RUN).startswith("ok")
+
+
+def test_sixteen_bit_calls_from_sixteen_threads_match_lone_runs():
+    pytest.importorskip("torch")
+    output = _run_child(HALF_CALLS + RUN.replace("THREADS, ROUNDS = 8", "THREADS, ROUNDS = 16"))
+    assert output.startswith("ok")
 
 
 CACHE_RACE = r"""

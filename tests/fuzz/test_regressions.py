@@ -75,6 +75,15 @@ CASES = {
         "r = foveal.pde_ssm.pde_ssm(x, [0.1, 0.0, 0.1], [0.0, 0.0], [0.0], [1.0], "
         "mode='forced')\nexpect(r, x.shape, x)",
     ),
+    # attention converted a boolean bias to 0 / -inf in a loop over its leading extents even
+    # when it was empty: bias [2**40, 0, 4] (Hq = 2**40, Lq = 0) hung.
+    "attention_empty_bool_bias_huge_heads": (
+        "import numpy as np\nas_strided = np.lib.stride_tricks.as_strided\n"
+        "q = as_strided(np.zeros(1, np.float32), (1, 2**40, 0, 8), (0, 0, 0, 4))\n"
+        "k = mk((1, 1, 4, 8), 'float32')\nv = mk((1, 1, 4, 8), 'float32')\n"
+        "bias = as_strided(np.ones(1, bool), (2**40, 0, 4), (0, 0, 1))",
+        "r = foveal.attention(q, k, v, bias=bias)\nexpect(r, (1, 2**40, 0, 8), q)",
+    ),
 }
 
 

@@ -249,3 +249,99 @@ def test_paged_pool_in_16_bit(dtype):
         assert torch.equal(got, want.to(dtype))
     for got, want in ((half[1], single[1]), (half[3], single[3])):
         assert torch.equal(got, want)
+
+
+def _thread_calls(dtype):
+    """name -> a function of num_threads calling one 16-bit entry point (shapes whose task
+    counts 3 does not divide; split-KV decode; a forked prompt for the shared-prefix path)."""
+    name = NAMES[dtype]
+    generator = torch.Generator().manual_seed(31)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=generator).to(dtype)
+
+    q, k, v = draw(2, 6, 77, 40), draw(2, 2, 131, 40), draw(2, 2, 131, 24)
+    bias = draw(1, 6, 77, 131)
+    band_q, band_k, band_v = draw(1, 4, 300, 64), draw(1, 2, 300, 64), draw(1, 2, 300, 48)
+    cache = foveal.KVCache(3, 2, 1500, 64, 48, dtype=name)
+    cache.append(draw(3, 2, 1500, 64), draw(3, 2, 1500, 48), counts=[1500, 3, 777])
+    ring = foveal.KVCache(2, 2, 600, 32, dtype=name, ring=True, sink_tokens=4)
+    for _ in range(4):
+        ring.append(draw(2, 2, 500, 32), draw(2, 2, 500, 32), counts=[500, 40])
+    decode_q, ring_q = draw(3, 6, 1, 64), draw(2, 4, 2, 32)
+    pool = foveal.PagedKVCache(120, 16, 2, 64, dtype=name)
+    prompt, other = pool.add_sequence(), pool.add_sequence()
+    prefill = (draw(2, 8, 500, 64), draw(2, 2, 500, 64), draw(2, 2, 500, 64))
+    foveal.batch_prefill_attention(*prefill, pool, [prompt, other], counts=[500, 200])
+    ids = [pool.fork(prompt), pool.fork(prompt), other]
+    pool.append(ids, draw(3, 2, 1, 64), draw(3, 2, 1, 64))
+    batch_q = draw(3, 8, 1, 64)
+
+    def fresh_prefill(threads):
+        fresh = foveal.PagedKVCache(60, 16, 2, 64, dtype=name)
+        sequences = [fresh.add_sequence(), fresh.add_sequence()]
+        return foveal.batch_prefill_attention(
+            *prefill,
+            fresh,
+            sequences,
+            counts=[500, 301],
+            causal=True,
+            return_lse=True,
+            num_threads=threads,
+        )
+
+    band_options = {"causal": True, "window_left": 50, "sink_tokens": 2, "return_lse": True}
+    ring_options = {"causal": True, "window_left": 500, "sink_tokens": 4, "return_lse": True}
+    return {
+        "attention": lambda threads: foveal.attention(
+            q, k, v, bias=bias, causal=True, softcap=30.0, return_lse=True, num_threads=threads
+        ),
+        "sliding_window_attention": lambda threads: foveal.sliding_window_attention(
+            band_q, band_k, band_v, num_threads=threads, **band_options
+        ),
+        "decode_attention": lambda threads: foveal.decode_attention(
+            decode_q, cache, causal=True, return_lse=True, num_threads=threads
+        ),
+        "decode_attention_ring": lambda threads: foveal.decode_attention(
+            ring_q, ring, num_threads=threads, **ring_options
+        ),
+        "batch_decode_attention": lambda threads: foveal.batch_decode_attention(
+            batch_q, pool, ids, return_lse=True, num_threads=threads
+        ),
+        "batch_prefill_attention": fresh_prefill,
+    }
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=lambda t: NAMES[t])
+def test_identical_bits_for_one_two_and_three_threads(dtype):
+    for name, call in _thread_calls(dtype).items():
+        one = call(1)
+        for threads in (2, 3):
+            for got, want in zip(call(threads), one):
+                assert got.dtype == want.dtype
+                assert torch.equal(
+                    got.view(torch.int16 if got.itemsize == 2 else torch.int32),
+                    want.view(torch.int16 if want.itemsize == 2 else torch.int32),
+                ), f"{name}: {threads} threads changed the bits"
+
+
+def test_identical_bits_for_one_two_and_three_threads_numpy_float16():
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((1, 6, 77, 40)).astype(np.float16)
+    k = rng.standard_normal((1, 2, 131, 40)).astype(np.float16)
+    v = rng.standard_normal((1, 2, 131, 24)).astype(np.float16)
+    cache = foveal.KVCache(1, 2, 1200, 40, 24, dtype="float16")
+    cache.append(
+        rng.standard_normal((1, 2, 1200, 40)).astype(np.float16),
+        rng.standard_normal((1, 2, 1200, 24)).astype(np.float16),
+    )
+    results = [
+        (
+            foveal.attention(q, k, v, causal=True, num_threads=threads),
+            foveal.decode_attention(q[:, :, :1], cache, num_threads=threads),
+        )
+        for threads in (1, 2, 3)
+    ]
+    for dense, decode in results[1:]:
+        assert dense.tobytes() == results[0][0].tobytes()
+        assert decode.tobytes() == results[0][1].tobytes()

@@ -83,6 +83,20 @@ inline float16 to_float16(float x) {
   return {static_cast<std::uint16_t>(sign | (detail::float_to_bits(rounded) - 0x3f000000u))};
 }
 
+// `x` (a float or double the kernels computed) as an element of the type S foveal stores:
+// to_bfloat16 / to_float16 for the 16-bit types (round to nearest even), a plain conversion for
+// float and double. The kernels write every output element through it.
+template <typename S, typename T>
+inline S to_storage(T x) {
+  if constexpr (std::is_same_v<S, bfloat16>) {
+    return to_bfloat16(static_cast<float>(x));
+  } else if constexpr (std::is_same_v<S, float16>) {
+    return to_float16(static_cast<float>(x));
+  } else {
+    return static_cast<S>(x);
+  }
+}
+
 // The type lse and merge states take next to elements of S: float for the 16-bit types.
 template <typename S>
 struct compute_type {

@@ -9,11 +9,8 @@ using namespace foveal_fuzz;
 template <typename T>
 void run(FuzzedDataProvider& data) {
   Arena<T> arena(data, 3);
-  const Index batch = draw_extent(data, 2), heads_kv = draw_extent(data, 2);
-  const Index group = draw_extent(data, 3), len_q = draw_extent(data, 6);
-  const Index len_k = draw_extent(data, 8), dim = draw_extent(data, 8);
-  const Index dim_v = draw_extent(data, 8);
-  const Index heads_q = saturated_product(heads_kv, group);
+  const AttentionDims dims = draw_attention_dims(data);
+  const auto [batch, heads_kv, group, len_q, len_k, dim, dim_v, heads_q] = dims;
   Expect expect;
   auto q = draw_view<const T, T, 4>(data, arena, {batch, heads_q, len_q, dim});
   auto k = draw_view<const T, T, 4>(data, arena, {batch, heads_kv, len_k, dim});
@@ -26,27 +23,11 @@ void run(FuzzedDataProvider& data) {
     lse = draw_view<T, T, 3>(data, arena, {batch, heads_q, len_q}, true);
     expect.add(lse);
   }
-  DrawnView<const T, 4> bias;
   const bool sliding = data.ConsumeIntegralInRange<int>(0, 3) == 0;
-  if (!sliding && data.ConsumeBool()) {
-    bias = draw_view<const T, T, 4>(
-        data, arena,
-        {data.ConsumeBool() ? batch : 1, data.ConsumeBool() ? heads_q : 1, len_q, len_k});
-    expect.add(bias);
-  }
-  if (expect.unusable) return;
-  if (!expect.invalid && too_costly(batch, heads_q, len_q, len_k, double(dim) + double(dim_v) + 1))
-    return;
+  const DrawnView<const T, 4> bias = draw_bias(data, arena, dims, sliding, expect);
+  if (give_up(expect, dims)) return;
 
-  foveal::AttentionOptions options;
-  options.scale = data.ConsumeBool() ? 0.0 : draw_option(data);
-  options.causal = data.ConsumeBool();
-  options.window_left = draw_index_option(data);
-  options.window_right = draw_index_option(data);
-  options.sink_tokens = draw_index_option(data);
-  options.softcap = data.ConsumeBool() ? 0.0 : draw_option(data);
-  options.q_offset = data.ConsumeBool() ? -1 : draw_index_option(data);
-  options.num_threads = draw_threads(data);
+  const foveal::AttentionOptions options = draw_attention_options(data, true);
   if (data.ConsumeIntegralInRange<int>(0, 2) == 0) {
     // The backward: out and lse become inputs (the forward's), grad_out and the gradients are
     // drawn like the rest.

@@ -54,17 +54,19 @@ T draw_value(FuzzedDataProvider& data) {
   }
 }
 
-// `count` buffers of kBufferElements elements of T, filled from the fuzz data.
+// `count` buffers of kBufferElements elements of T (any type foveal stores: a 16-bit one
+// holds the float values rounded), filled from the fuzz data.
 template <typename T>
 struct Arena {
   std::vector<std::vector<T>> buffers;
   Arena(FuzzedDataProvider& data, int count) : buffers(static_cast<std::size_t>(count)) {
+    using C = foveal::compute_type_t<T>;
     const bool special = data.ConsumeBool();
     for (auto& buffer : buffers) {
       buffer.resize(static_cast<std::size_t>(kBufferElements));
       for (Index i = 0; i < kBufferElements; ++i)
-        buffer[static_cast<std::size_t>(i)] =
-            special && i < 8 ? draw_value<T>(data) : static_cast<T>((i * 37 % 17) - 8) / 8;
+        buffer[static_cast<std::size_t>(i)] = foveal::to_storage<T>(
+            special && i < 8 ? draw_value<C>(data) : static_cast<C>((i * 37 % 17) - 8) / 8);
     }
   }
 };
@@ -270,6 +272,93 @@ inline int draw_threads(FuzzedDataProvider& data) {
   constexpr int kOdd[] = {-1, 1025, std::numeric_limits<int>::max()};
   const int pick = data.ConsumeIntegralInRange<int>(0, 15);
   return pick < 13 ? pick % 3 : kOdd[pick - 13];
+}
+
+// The extents of one attention call: q [B, Hkv * G, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk,
+// Dv].
+struct AttentionDims {
+  Index batch, heads_kv, group, len_q, len_k, dim, dim_v, heads_q;
+};
+
+inline AttentionDims draw_attention_dims(FuzzedDataProvider& data) {
+  AttentionDims dims{};
+  dims.batch = draw_extent(data, 2);
+  dims.heads_kv = draw_extent(data, 2);
+  dims.group = draw_extent(data, 3);
+  dims.len_q = draw_extent(data, 6);
+  dims.len_k = draw_extent(data, 8);
+  dims.dim = draw_extent(data, 8);
+  dims.dim_v = draw_extent(data, 8);
+  dims.heads_q = saturated_product(dims.heads_kv, dims.group);
+  return dims;
+}
+
+// Maybe (when not `sliding`, on a coin) a bias [B or 1, Hq or 1, Lq, Lk]; else absent.
+template <typename T>
+DrawnView<const T, 4> draw_bias(FuzzedDataProvider& data, Arena<T>& arena,
+                                const AttentionDims& dims, bool sliding, Expect& expect) {
+  DrawnView<const T, 4> bias;
+  if (!sliding && data.ConsumeBool()) {
+    bias =
+        draw_view<const T, T, 4>(data, arena,
+                                 {data.ConsumeBool() ? dims.batch : 1,
+                                  data.ConsumeBool() ? dims.heads_q : 1, dims.len_q, dims.len_k});
+    expect.add(bias);
+  }
+  return bias;
+}
+
+// Whether to give up an attention input: a view reaches outside its buffer, or the valid call
+// would run long.
+inline bool give_up(const Expect& expect, const AttentionDims& dims) {
+  return expect.unusable ||
+         (!expect.invalid && too_costly(dims.batch, dims.heads_q, dims.len_q, dims.len_k,
+                                        double(dims.dim) + double(dims.dim_v) + 1));
+}
+
+// Options of an attention call; q_offset any value (`any_q_offset`), else -1 or (rejected by
+// the cache calls) 3.
+inline foveal::AttentionOptions draw_attention_options(FuzzedDataProvider& data,
+                                                       bool any_q_offset) {
+  foveal::AttentionOptions options;
+  options.scale = data.ConsumeBool() ? 0.0 : draw_option(data);
+  options.causal = data.ConsumeBool();
+  options.window_left = draw_index_option(data);
+  options.window_right = draw_index_option(data);
+  options.sink_tokens = draw_index_option(data);
+  options.softcap = data.ConsumeBool() ? 0.0 : draw_option(data);
+  if (any_q_offset)
+    options.q_offset = data.ConsumeBool() ? -1 : draw_index_option(data);
+  else
+    options.q_offset = data.ConsumeIntegralInRange<int>(0, 7) == 0 ? 3 : -1;
+  options.num_threads = draw_threads(data);
+  return options;
+}
+
+// The arguments of a KVCache append: k [B, Hkv, n, D], v [B, Hkv, n, Dv] and, when ragged,
+// counts (about B of them, any values). `expect.unusable`: no counts were drawn; give it up.
+template <typename T>
+struct DrawnAppend {
+  DrawnView<const T, 4> k, v;
+  std::vector<Index> counts;
+  bool ragged = false;
+  Expect expect;
+};
+
+template <typename T>
+DrawnAppend<T> draw_append(FuzzedDataProvider& data, Arena<T>& arena, Index batch, Index heads_kv,
+                           Index dim, Index dim_v) {
+  DrawnAppend<T> drawn;
+  const Index n = draw_extent(data, 4);
+  drawn.k = draw_view<const T, T, 4>(data, arena, {batch, heads_kv, n, dim});
+  drawn.v = draw_view<const T, T, 4>(data, arena, {batch, heads_kv, n, dim_v});
+  drawn.expect.add(drawn.k);
+  drawn.expect.add(drawn.v);
+  if (drawn.expect.unusable) return drawn;
+  drawn.ragged = data.ConsumeBool();
+  for (Index i = 0; drawn.ragged && i < batch + data.ConsumeIntegralInRange<int>(-1, 1); ++i)
+    drawn.counts.push_back(draw_index_option(data));
+  return drawn;
 }
 
 }  // namespace foveal_fuzz

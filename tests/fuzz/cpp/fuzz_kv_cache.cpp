@@ -65,24 +65,15 @@ void run(FuzzedDataProvider& data) {
     switch (data.ConsumeIntegralInRange<int>(0, 5)) {
       case 0:
       case 1: {  // append, maybe ragged
-        const Index n = draw_extent(data, 4);
-        Expect expect;
-        auto k = draw_view<const T, T, 4>(data, arena, {b, h, n, d});
-        auto v = draw_view<const T, T, 4>(data, arena, {b, h, n, dv});
-        expect.add(k);
-        expect.add(v);
-        if (expect.unusable) break;
-        std::vector<Index> counts;
-        const bool ragged = data.ConsumeBool();
-        for (Index i = 0; ragged && i < b + data.ConsumeIntegralInRange<int>(-1, 1); ++i)
-          counts.push_back(draw_index_option(data));
+        const DrawnAppend<T> drawn = draw_append(data, arena, b, h, d, dv);
+        if (drawn.expect.unusable) break;
         bool rejected = false;
-        run_call(expect, "KVCache::append", [&] {
+        run_call(drawn.expect, "KVCache::append", [&] {
           try {
-            if (ragged)
-              cache->append(k.view, v.view, counts);
+            if (drawn.ragged)
+              cache->append(drawn.k.view, drawn.v.view, drawn.counts);
             else
-              cache->append(k.view, v.view);
+              cache->append(drawn.k.view, drawn.v.view);
           } catch (const foveal::Error&) {
             rejected = true;
             throw;
@@ -105,15 +96,7 @@ void run(FuzzedDataProvider& data) {
           expect.add(lse);
         }
         if (expect.unusable) break;
-        foveal::AttentionOptions attention;
-        attention.scale = data.ConsumeBool() ? 0.0 : draw_option(data);
-        attention.causal = data.ConsumeBool();
-        attention.window_left = draw_index_option(data);
-        attention.window_right = draw_index_option(data);
-        attention.sink_tokens = draw_index_option(data);
-        attention.softcap = data.ConsumeBool() ? 0.0 : draw_option(data);
-        attention.q_offset = data.ConsumeIntegralInRange<int>(0, 7) == 0 ? 3 : -1;
-        attention.num_threads = draw_threads(data);
+        const foveal::AttentionOptions attention = draw_attention_options(data, false);
         run_call(expect, "decode_attention",
                  [&] { foveal::decode_attention(q.view, *cache, attention, out.view, lse.view); });
         check_unchanged(*cache, before, "decode_attention");
