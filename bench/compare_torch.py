@@ -19,7 +19,9 @@ KV cache (vs separate decode calls), shared-prefix decode (vs no sharing) and a 
 (bench/serving_cases.py), training steps of the foveal.nn modules (vs
 vector-quantize-pytorch and other references when installed, bench/modules_cases.py), and
 16-bit storage: bfloat16 / float16 KV caches against float32 ones in decode, and bfloat16
-prefill against SDPA in bfloat16 with both errors against float64 (bench/precision_cases.py).
+prefill against SDPA in bfloat16 with both errors against float64 (bench/precision_cases.py),
+and training-free sparse attention (block-sparse prefill, Quest decode) against foveal's own
+dense kernels (bench/sparse_cases.py).
 Both libraries run interleaved on identical float32 tensors at each thread count, so machine
 noise hits both alike; each time is the median of the repetitions. Writes
 bench/results/<suite>_<quick|full>.json and, when matplotlib is installed, a .png beside it.
@@ -329,7 +331,17 @@ def peak_extra_memory(length: int, threads: int) -> int:
 
 def plot(suite: str, rows: list[dict], path: Path) -> bool:
     # A table says it all for these suites.
-    if suite in ("spade", "vq", "sparsek", "pde", "backward", "serving", "modules", "precision"):
+    if suite in (
+        "spade",
+        "vq",
+        "sparsek",
+        "pde",
+        "backward",
+        "serving",
+        "modules",
+        "precision",
+        "sparse",
+    ):
         return False
     if suite == "sparsek_attn":
         import sparsek_attention_cases
@@ -503,6 +515,10 @@ def markdown(path: Path) -> str:
         import serving_cases
 
         lines += serving_cases.markdown_lines(rows)
+    elif suite == "sparse":
+        import sparse_cases
+
+        lines += sparse_cases.markdown_lines(rows)
     elif suite == "sparsek_attn":
         import sparsek_attention_cases
 
@@ -620,6 +636,7 @@ SUITES = (
     "serving",
     "precision",
     "modules",
+    "sparse",
 )
 
 
@@ -712,6 +729,11 @@ def main() -> None:
             rows = precision_cases.run(
                 args.threads, seconds, interleaved, args.full, copy_bandwidth
             )
+        if suite == "sparse":  # bench/sparse_cases.py, likewise
+            import sparse_cases
+
+            print("\n[sparse]")
+            rows = sparse_cases.run(args.threads, seconds, interleaved, args.full)
         if suite == "modules":  # bench/modules_cases.py, likewise
             import modules_cases
 
@@ -734,6 +756,7 @@ def main() -> None:
             "serving",
             "modules",
             "precision",
+            "sparse",
         )
         for threads in args.threads if suite not in own_threads else []:
             torch.set_num_threads(threads)

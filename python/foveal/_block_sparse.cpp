@@ -3,6 +3,7 @@
 // tensors as they are and release the GIL around every kernel. The library checks every value.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <optional>

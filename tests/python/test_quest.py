@@ -45,7 +45,10 @@ def reference_bounds(cache, keys_by_position):
 
 @pytest.mark.parametrize("ring", [False, True])
 def test_bounds_follow_appends_truncates_and_resets(ring, rng):
-    cache = foveal.KVCache(2, 2, 90, 8, ring=ring, sink_tokens=3 if ring else 0, page_bounds=10)
+    capacity = 90 if ring else 200
+    cache = foveal.KVCache(
+        2, 2, capacity, 8, ring=ring, sink_tokens=3 if ring else 0, page_bounds=10
+    )
     keys = [[], []]
     for n, counts in [(25, [25, 4]), (40, [40, 40]), (70, [70, 1])]:
         k = rng.standard_normal((2, 2, n, 8)).astype(np.float32)

@@ -193,10 +193,22 @@ def sweep(
             f"foveal.frontier: sweep: min_seconds must be a number >= 0, got {min_seconds!r}"
         )
     timing = (repeats, float(min_seconds))
+    # Every name and phase is checked before anything runs: a method runs in the phases it is
+    # registered for (block_sparse: prefill; quest: decode) and must serve at least one of them.
+    for name in methods:
+        if not any(name in registry.method_names(phase) for phase in phases):
+            registry.method(name, phases[0])  # the error naming the registered methods
     plan = [
-        (phase, [registry.method(name, phase) for name in methods if name != "dense"])
+        (
+            phase,
+            [
+                registry.method(name, phase)
+                for name in methods
+                if name != "dense" and name in registry.method_names(phase)
+            ],
+        )
         for phase in phases
-    ]  # every name and phase checked before anything runs
+    ]
     rows = []
     for layer in layers:
         for phase, specs in plan:
