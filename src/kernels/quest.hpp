@@ -76,8 +76,8 @@ struct QuestScratch {
   std::vector<Index> order;
 };
 
-// Visits the sinks, then the kept pages' stored rows in the band (consecutive pieces that are
-// consecutive in rows and positions as one run), masked by the visibility rule.
+// Visits the sinks, then the kept pages' stored rows in the band, gathered into blocks by index,
+// masked by the visibility rule.
 class QuestPolicy : public RulePolicy<Visibility> {
  public:
   QuestPolicy(const Visibility& visibility, const QuestGeometry& geometry,
@@ -100,7 +100,18 @@ class QuestPolicy : public RulePolicy<Visibility> {
       const Index end = std::min(geometry_.sinks_end, span.position + span.count);
       if (span.position < end) visit_positions(span.position, end, span.position - span.row);
     }
-    RowSegment run{0, 0, 0};
+    // The kept rows, gathered by index into blocks of up to kBlockK rows that share a position
+    // offset (a ring's segments differ): a page is too short a block to visit alone (the
+    // per-block softmax update would cost as much as its keys).
+    Index rows[kBlockK];
+    Index count = 0, offset = 0, first_position = 0, last_position = 0;
+    const auto flush = [&] {
+      if (count == 0) return;
+      const bool masked =
+          !visibility.sees_all(position_lo, position_hi, first_position, last_position + 1);
+      visit(KeyBlock{0, count, rows, masked, offset});
+      count = 0;
+    };
     for (Index i = 0; i < kept_count_; ++i) {
       const Index row_begin = kept_[i] * page_size_;
       const Index row_end = row_begin + page_size_;
@@ -109,17 +120,17 @@ class QuestPolicy : public RulePolicy<Visibility> {
         const Index begin = std::max(row_begin, segment.row_begin);
         const Index end = std::min(row_end, segment.row_end);
         if (begin >= end) continue;
-        if (begin == run.row_end && segment.offset == run.offset) {
-          run.row_end = end;
-          continue;
+        if (segment.offset != offset) flush();
+        offset = segment.offset;
+        for (Index row = begin; row < end; ++row) {
+          if (count == 0) first_position = row + offset;
+          last_position = row + offset;
+          rows[count++] = row;
+          if (count == kBlockK) flush();
         }
-        if (run.row_begin < run.row_end)
-          visit_positions(run.row_begin + run.offset, run.row_end + run.offset, run.offset);
-        run = {begin, end, segment.offset};
       }
     }
-    if (run.row_begin < run.row_end)
-      visit_positions(run.row_begin + run.offset, run.row_end + run.offset, run.offset);
+    flush();
   }
 
  private:
