@@ -147,7 +147,7 @@ void quest_decode_attention(const QuestPlan<S>& plan) {
   const FlashParams<S>& params = plan.params;
   const KVCache<S>& cache = *plan.cache;
   const Index batch = params.q.size(0), heads_q = params.q.size(1), len_q = params.q.size(2);
-  const Index dim = params.q.size(3), dim_v = params.v.size(3);
+  const Index dim = params.q.size(3);
   const Index heads_kv = cache.heads_kv(), group = heads_q / heads_kv;
   const Index page_size = cache.page_size();
   const auto bounds = cache.page_bounds();
@@ -234,7 +234,6 @@ void quest_decode_attention(const QuestPlan<S>& plan) {
   for (const auto& pages : kept) kept_rows += static_cast<Index>(pages.size()) * page_size;
   const Index work = attention_work(params, rows, kept_rows + cache.sink_tokens() * heads);
   const TileGrid grid(batch, heads_kv, rows);
-  (void)dim_v;
   run_engine(params, grid.num_tasks(), work, [&](Index task, NoPolicyScratch&) {
     const TileGrid::Cell cell = grid.cell(task);
     const Index b = cell.outer;
