@@ -447,19 +447,7 @@ def decode_attention(
     as in :func:`attention`. q and out have the cache's dtype; over a bfloat16 or float16 cache
     lse is float32.
     """
-    function = "decode_attention"
-    if not isinstance(cache, KVCache):
-        raise TypeError(
-            f"foveal: {function}: cache must be a foveal.KVCache, got {type(cache).__name__}"
-        )
-    out, lse = cache_outputs(q, cache, out, return_lse)
-    cache._cache.decode(
-        q,
-        out,
-        lse,
-        **attention_options(locals()),
-    )
-    return (out, lse) if return_lse else out
+    return _attend_cache("decode_attention", "decode", q, cache, out, return_lse, locals())
 
 
 def quest_decode_attention(
@@ -487,20 +475,31 @@ def quest_decode_attention(
     shapes, dtypes and returns as :func:`decode_attention`; the same bits for any thread
     count. ``exp(lse - lse_dense)`` is the attention mass the kept pages hold.
     """
-    function = "quest_decode_attention"
+    extra = {"budget": budget, "local_pages": local_pages}
+    return _attend_cache(
+        "quest_decode_attention", "quest", q, cache, out, return_lse, locals(), extra
+    )
+
+
+def _attend_cache(
+    function: str,
+    method: str,
+    q: Any,
+    cache: Any,
+    out: Any,
+    return_lse: bool,
+    arguments: dict,
+    extra: Optional[dict] = None,
+):
+    """Runs the compiled cache method ``method`` (decode, quest) of a KVCache call: checks the
+    cache's type, allocates out (and lse) and passes the attention options among
+    ``arguments`` with ``extra``."""
     if not isinstance(cache, KVCache):
         raise TypeError(
             f"foveal: {function}: cache must be a foveal.KVCache, got {type(cache).__name__}"
         )
     out, lse = cache_outputs(q, cache, out, return_lse)
-    cache._cache.quest(
-        q,
-        out,
-        lse,
-        budget=budget,
-        local_pages=local_pages,
-        **attention_options(locals()),
-    )
+    getattr(cache._cache, method)(q, out, lse, **(extra or {}), **attention_options(arguments))
     return (out, lse) if return_lse else out
 
 

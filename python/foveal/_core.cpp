@@ -135,6 +135,21 @@ void run_half_attention(const char* fn, const Tensor& q, const Tensor& k, const 
   });
 }
 
+// Runs run(q, out, lse) of an attention call over a cache of element type T on views of the
+// caller's tensors (lse float32 next to a 16-bit cache), the GIL released.
+template <typename T, typename Run>
+void run_over_cache(const char* fn, const Tensor& q, const Tensor& out,
+                    const std::optional<Tensor>& lse, Run&& run) {
+  const char* same = "the cache's dtype";
+  const auto q_view = q.view<const T, 4>(fn, "q", "B, Hq, Lq, D", same);
+  const auto out_view = out.view<T, 4>(fn, "out", "B, Hq, Lq, Dv", same);
+  const auto lse_view = optional_view<foveal::compute_type_t<T>, 3>(
+      lse, fn, "lse", "B, Hq, Lq",
+      foveal::is_half_dtype_v<T> ? "float32 next to a 16-bit cache" : same);
+  py::gil_scoped_release release;
+  run(q_view, out_view, lse_view);
+}
+
 // A KVCache and, when it wraps caller memory, what owns that memory.
 template <typename T>
 struct PyKVCache {
@@ -229,8 +244,8 @@ void bind_kv_cache(py::module_& m, const char* class_name) {
       .def("refresh_page_bounds", [](Cache& c) { c.cache.refresh_page_bounds(); })
       .def(
           "quest",
-          [same](const Cache& c, const Tensor& q, const Tensor& out,
-                 const std::optional<Tensor>& lse, const py::kwargs& kwargs) {
+          [](const Cache& c, const Tensor& q, const Tensor& out, const std::optional<Tensor>& lse,
+             const py::kwargs& kwargs) {
             const char* fn = "quest_decode_attention";
             const Keywords keywords(fn, kwargs);
             const auto options = foveal::python::attention_options(keywords);
@@ -238,30 +253,22 @@ void bind_kv_cache(py::module_& m, const char* class_name) {
             quest.budget = keywords.number("budget", quest.budget);
             quest.local_pages = keywords.integer("local_pages", quest.local_pages);
             keywords.require_all_read();
-            const auto q_view = q.view<const T, 4>(fn, "q", "B, Hq, Lq, D", same);
-            const auto out_view = out.view<T, 4>(fn, "out", "B, Hq, Lq, Dv", same);
-            const auto lse_view = optional_view<foveal::compute_type_t<T>, 3>(
-                lse, fn, "lse", "B, Hq, Lq",
-                foveal::is_half_dtype_v<T> ? "float32 next to a 16-bit cache" : same);
-            py::gil_scoped_release release;
-            foveal::quest_decode_attention(q_view, c.cache, options, quest, out_view, lse_view);
+            run_over_cache<T>(fn, q, out, lse, [&](auto q_view, auto out_view, auto lse_view) {
+              foveal::quest_decode_attention(q_view, c.cache, options, quest, out_view, lse_view);
+            });
           },
           py::arg("q"), py::arg("out"), py::arg("lse"))
       .def(
           "decode",
-          [same](const Cache& c, const Tensor& q, const Tensor& out,
-                 const std::optional<Tensor>& lse, const py::kwargs& kwargs) {
+          [](const Cache& c, const Tensor& q, const Tensor& out, const std::optional<Tensor>& lse,
+             const py::kwargs& kwargs) {
             const char* fn = "decode_attention";
             const Keywords keywords(fn, kwargs);
             const auto options = foveal::python::attention_options(keywords);
             keywords.require_all_read();
-            const auto q_view = q.view<const T, 4>(fn, "q", "B, Hq, Lq, D", same);
-            const auto out_view = out.view<T, 4>(fn, "out", "B, Hq, Lq, Dv", same);
-            const auto lse_view = optional_view<foveal::compute_type_t<T>, 3>(
-                lse, fn, "lse", "B, Hq, Lq",
-                foveal::is_half_dtype_v<T> ? "float32 next to a 16-bit cache" : same);
-            py::gil_scoped_release release;
-            foveal::decode_attention(q_view, c.cache, options, out_view, lse_view);
+            run_over_cache<T>(fn, q, out, lse, [&](auto q_view, auto out_view, auto lse_view) {
+              foveal::decode_attention(q_view, c.cache, options, out_view, lse_view);
+            });
           },
           py::arg("q"), py::arg("out"), py::arg("lse"));
 }
