@@ -7,6 +7,7 @@
 
 #include "detail/attention_setup.hpp"
 #include "detail/block_sparse_geometry.hpp"
+#include "detail/sparse_lists.hpp"
 
 namespace foveal {
 
@@ -38,149 +39,43 @@ void require_sparse_options(const char* function, const BlockSparseOptions& spar
         sparse.local_blocks);
 }
 
-// The block geometry of a call: first query block and counts.
-struct BlockLayout {
-  Index first_query_block = 0;
-  Index query_blocks = 0;
-  Index key_blocks = 0;
-};
-
-BlockLayout block_layout(Index q_offset, Index len_q, Index len_k, Index block_size) {
-  BlockLayout layout;
-  layout.key_blocks = (len_k + block_size - 1) / block_size;
-  if (len_q == 0) return layout;
-  layout.first_query_block = detail::floor_divide(q_offset, block_size);
-  layout.query_blocks =
-      detail::floor_divide(q_offset + len_q - 1, block_size) - layout.first_query_block + 1;
-  return layout;
-}
-
-detail::Visibility visibility_of(const AttentionOptions& options, Index len_q, Index len_k,
-                                 Index q_offset) {
-  return detail::Visibility::make(options.causal, options.window_left, options.window_right,
-                                  options.sink_tokens, len_q, len_k, q_offset);
-}
-
 template <typename T>
 BlockSelection select_impl(const char* function, TensorView<const T, 4> q, TensorView<const T, 4> k,
                            const AttentionOptions& options, const BlockSparseOptions& sparse) {
   require_sparse_options(function, sparse);
-  detail::require_valid_view(function, "q", q);
-  detail::require_valid_view(function, "k", k);
-  const Index batch = q.size(0), heads_q = q.size(1), len_q = q.size(2), dim = q.size(3);
-  const Index heads_kv = k.size(1), len_k = k.size(2);
-  check(dim >= 1, function, ": q.shape[3] (D) must be >= 1, got ", dim);
-  check(heads_kv > 0 ? heads_q % heads_kv == 0 : heads_q == 0, function,
-        ": q.shape[1] (Hq = ", heads_q, ") must be a multiple of k.shape[1] (Hkv = ", heads_kv,
-        ")");
-  detail::require_extent(function, "k", k, 0, "q.shape[0] (B)", batch);
-  detail::require_extent(function, "k", k, 3, "q.shape[3] (D)", dim);
-  detail::require_attention_options(function, options);
-  detail::require_q_offset(function, options.q_offset);
-
-  const Index q_offset = options.q_offset == -1 ? len_k - len_q : options.q_offset;
-  const BlockLayout layout = block_layout(q_offset, len_q, len_k, sparse.block_size);
-  const detail::Visibility visibility = visibility_of(options, len_q, len_k, q_offset);
-  const double scale = detail::resolve_scale<compute_type_t<T>>(function, options, dim);
-
+  const detail::SelectPlan<T> plan =
+      detail::select_plan<T>(function, q, k, options, sparse.block_size, sparse.budget,
+                             sparse.threshold, sparse.local_blocks);
+  const Index len_q = q.size(2), len_k = k.size(2);
   BlockSelection selection;
   selection.block_size = sparse.block_size;
-  selection.batch = batch;
-  selection.heads_kv = heads_kv;
-  selection.first_query_block = layout.first_query_block;
-  selection.query_blocks = layout.query_blocks;
-  selection.key_blocks = layout.key_blocks;
-  const Index lists = batch * heads_kv * layout.query_blocks;
-  // Room for each list's `keep`; the kernel may keep fewer (threshold), compacted below.
-  std::vector<Index> capacity(static_cast<std::size_t>(lists) + 1, 0);
-  for (Index list = 0; list < lists; ++list) {
-    const Index block = layout.first_query_block + list % layout.query_blocks;
-    const detail::QueryBlockGeometry geometry = detail::query_block_geometry(
-        visibility, q_offset, len_q, sparse.block_size, block, sparse.budget, sparse.local_blocks);
-    capacity[static_cast<std::size_t>(list) + 1] =
-        capacity[static_cast<std::size_t>(list)] + geometry.keep;
-  }
-  selection.blocks.resize(static_cast<std::size_t>(capacity.back()));
-  std::vector<Index> counts(static_cast<std::size_t>(lists), 0);
-  if (lists > 0) {
-    detail::BlockSelectPlan<T> plan;
-    plan.q = q;
-    plan.k = k;
-    plan.visibility = visibility;
-    plan.q_offset = q_offset;
-    plan.scale = scale;
-    plan.softcap = options.softcap;
-    plan.block_size = sparse.block_size;
-    plan.local_blocks = sparse.local_blocks;
-    plan.budget = sparse.budget;
-    plan.threshold = sparse.threshold;
-    plan.first_query_block = layout.first_query_block;
-    plan.query_blocks = layout.query_blocks;
-    plan.key_blocks = layout.key_blocks;
-    plan.capacity = capacity.data();
-    plan.blocks = selection.blocks.data();
-    plan.counts = counts.data();
-    plan.num_threads = detail::resolve_num_threads(options.num_threads);
-    detail::kernels<T>().block_sparse_select(plan);
-  }
-  selection.offsets.assign(static_cast<std::size_t>(lists) + 1, 0);
-  std::int64_t written = 0;
-  for (Index list = 0; list < lists; ++list) {
-    const auto at = static_cast<std::size_t>(list);
-    const std::int64_t* from = selection.blocks.data() + capacity[at];
-    std::copy(from, from + counts[at], selection.blocks.data() + written);
-    written += counts[at];
-    selection.offsets[at + 1] = written;
-  }
-  selection.blocks.resize(static_cast<std::size_t>(written));
+  selection.batch = q.size(0);
+  selection.heads_kv = k.size(1);
+  selection.first_query_block = plan.first_query_block;
+  selection.query_blocks = plan.query_blocks;
+  selection.key_blocks = (len_k + sparse.block_size - 1) / sparse.block_size;
+  selection.offsets = detail::run_select(
+      plan,
+      [&](Index block) {
+        return detail::query_block_geometry(plan.visibility, plan.q_offset, len_q,
+                                            sparse.block_size, block, sparse.budget,
+                                            sparse.local_blocks)
+            .keep;
+      },
+      detail::kernels<T>().block_sparse_select, selection.blocks);
   return selection;
 }
 
 // A selection must match the call's geometry and be a valid CSR of strictly increasing blocks.
 void require_selection(const char* function, const BlockSelection& selection, Index batch,
                        Index heads_kv, Index q_offset, Index len_q, Index len_k) {
-  check(selection.block_size >= 16 && selection.block_size <= 4096, function,
-        ": selection.block_size must be in [16, 4096], got ", selection.block_size);
-  const BlockLayout layout = block_layout(q_offset, len_q, len_k, selection.block_size);
-  const auto mismatch = [&](const char* name, Index got, Index expected, const char* what) {
-    check(got == expected, function, ": selection.", name, " must be ", expected, " (", what,
-          "), got ", got, "; was the selection made for other q, k or q_offset?");
-  };
-  mismatch("batch", selection.batch, batch, "q.shape[0]");
-  mismatch("heads_kv", selection.heads_kv, heads_kv, "k.shape[1]");
-  mismatch("first_query_block", selection.first_query_block, layout.first_query_block,
-           "floor(q_offset / block_size)");
-  mismatch("query_blocks", selection.query_blocks, layout.query_blocks,
-           "the query blocks holding the call's queries");
-  mismatch("key_blocks", selection.key_blocks, layout.key_blocks, "ceil(Lk / block_size)");
-  const Index lists = batch * heads_kv * layout.query_blocks;
-  check(static_cast<Index>(selection.offsets.size()) == lists + 1, function,
-        ": selection.offsets must have batch * heads_kv * query_blocks + 1 = ", lists + 1,
-        " entries, got ", selection.offsets.size());
-  check(selection.offsets[0] == 0 &&
-            selection.offsets.back() == static_cast<Index>(selection.blocks.size()),
-        function, ": selection.offsets must run from 0 to selection.blocks.size() = ",
-        selection.blocks.size(), ", got ", selection.offsets[0], " .. ", selection.offsets.back());
-  for (Index list = 0; list < lists; ++list) {
-    const auto at = static_cast<std::size_t>(list);
-    check(selection.offsets[at] <= selection.offsets[at + 1], function,
-          ": selection.offsets must not decrease, got offsets[", list,
-          "] = ", selection.offsets[at], " > offsets[", list + 1,
-          "] = ", selection.offsets[at + 1]);
-  }
-  for (Index list = 0; list < lists; ++list) {
-    const auto at = static_cast<std::size_t>(list);
-    const Index begin = selection.offsets[at], end = selection.offsets[at + 1];
-    for (Index i = begin; i < end; ++i) {
-      const std::int64_t block = selection.blocks[static_cast<std::size_t>(i)];
-      check(block >= 0 && block < layout.key_blocks, function, ": selection.blocks[", i,
-            "] = ", block, " is not a key block in [0, ", layout.key_blocks, ")");
-      check(i == begin || selection.blocks[static_cast<std::size_t>(i) - 1] < block, function,
-            ": the blocks of list ", list, " must be strictly increasing; selection.blocks[", i - 1,
-            "] = ", selection.blocks[static_cast<std::size_t>(i) - 1], ", selection.blocks[", i,
-            "] = ", block);
-    }
-  }
+  detail::require_selection_geometry(function, selection, batch, heads_kv, q_offset, len_q);
+  const Index key_blocks = (len_k + selection.block_size - 1) / selection.block_size;
+  detail::require_selection_field(function, "key_blocks", selection.key_blocks, key_blocks,
+                                  "ceil(Lk / block_size)");
+  detail::require_lists(function, selection.offsets, selection.blocks,
+                        batch * heads_kv * selection.query_blocks, key_blocks, "blocks",
+                        "a key block");
 }
 
 template <typename T>
@@ -188,17 +83,10 @@ void attend_impl(const char* function, TensorView<const T, 4> q, TensorView<cons
                  TensorView<const T, 4> v, TensorView<T, 4> out, const AttentionOptions& options,
                  const BlockSelection& selection, TensorView<compute_type_t<T>, 3> lse) {
   const auto params = detail::prepare_attention<T>(function, q, k, v, out, options, lse, {});
-  const Index len_q = q.size(2), len_k = k.size(2);
-  require_selection(function, selection, q.size(0), k.size(1), params.q_offset, len_q, len_k);
-  detail::BlockSparsePlan<T> plan;
-  plan.params = params;
-  plan.visibility = visibility_of(options, len_q, len_k, params.q_offset);
-  plan.block_size = selection.block_size;
-  plan.first_query_block = selection.first_query_block;
-  plan.query_blocks = selection.query_blocks;
-  plan.offsets = selection.offsets.data();
-  plan.blocks = selection.blocks.data();
-  detail::kernels<T>().block_sparse_attention(plan);
+  require_selection(function, selection, q.size(0), k.size(1), params.q_offset, q.size(2),
+                    k.size(2));
+  detail::kernels<T>().block_sparse_attention(
+      detail::selection_plan(params, options, selection, selection.blocks));
 }
 
 constexpr const char* kSelect = "block_sparse_select";
@@ -209,9 +97,10 @@ void select_and_attend(TensorView<const T, 4> q, TensorView<const T, 4> k, Tenso
                        TensorView<T, 4> out, const AttentionOptions& options,
                        const BlockSparseOptions& sparse, TensorView<compute_type_t<T>, 3> lse) {
   // Everything the attention checks is checked before the selection is made.
-  detail::prepare_attention<T>(kAttend, q, k, v, out, options, lse, {});
+  const auto params = detail::prepare_attention<T>(kAttend, q, k, v, out, options, lse, {});
   const BlockSelection selection = select_impl<T>(kAttend, q, k, options, sparse);
-  attend_impl<T>(kAttend, q, k, v, out, options, selection, lse);
+  detail::kernels<T>().block_sparse_attention(
+      detail::selection_plan(params, options, selection, selection.blocks));
 }
 
 }  // namespace

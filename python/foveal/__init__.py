@@ -35,6 +35,7 @@ __all__ = [
     "BlockSelection",
     "KVCache",
     "PagedKVCache",
+    "TokenSelection",
     "attention",
     "attention_backward",
     "attention_kernel_names",
@@ -52,6 +53,8 @@ __all__ = [
     "sliding_window_attention",
     "sliding_window_attention_backward",
     "sparsek_attention",
+    "token_topk_attention",
+    "token_topk_select",
 ]
 
 MAX_THREADS: int = _core.MAX_THREADS
@@ -574,6 +577,9 @@ from .paged import PagedKVCache as PagedKVCache  # noqa: E402
 from .paged import batch_decode_attention as batch_decode_attention  # noqa: E402
 from .paged import batch_prefill_attention as batch_prefill_attention  # noqa: E402
 from .sparse import BlockSelection as BlockSelection  # noqa: E402
+from .sparse import TokenSelection as TokenSelection  # noqa: E402
 from .sparse import block_sparse_attention as block_sparse_attention  # noqa: E402
 from .sparse import block_sparse_select as block_sparse_select  # noqa: E402
+from .sparse import token_topk_attention as token_topk_attention  # noqa: E402
+from .sparse import token_topk_select as token_topk_select  # noqa: E402
 from .sparsek import sparsek_attention as sparsek_attention  # noqa: E402

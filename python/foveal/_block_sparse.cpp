@@ -1,6 +1,7 @@
-// foveal._core's block-sparse bindings (docs/sparse_attention.md). foveal/sparse.py owns the
-// docstrings, defaults, output allocation and the BlockSelection class; these read the caller's
-// tensors as they are and release the GIL around every kernel. The library checks every value.
+// foveal._core's sparse prefill bindings, block_sparse_* and token_topk_*
+// (docs/sparse_attention.md). foveal/sparse.py owns the docstrings, defaults, output allocation
+// and the BlockSelection / TokenSelection classes; these read the caller's tensors as they are
+// and release the GIL around every kernel. The library checks every value.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -12,6 +13,7 @@
 #include "_keywords.hpp"
 #include "_tensor.hpp"
 #include "foveal/attention/block_sparse.hpp"
+#include "foveal/attention/token_topk.hpp"
 
 namespace py = pybind11;
 
@@ -24,14 +26,44 @@ using foveal::python::with_storage_type;
 
 using IndexArray = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
 
-foveal::BlockSparseOptions sparse_options(const Keywords& keywords) {
-  foveal::BlockSparseOptions sparse;
-  sparse.budget = keywords.number("budget", sparse.budget);
-  sparse.threshold = keywords.number("threshold", 0.0);
-  sparse.block_size = keywords.integer("block_size", sparse.block_size);
-  sparse.local_blocks = keywords.integer("local_blocks", sparse.local_blocks);
-  return sparse;
-}
+// What the two selections differ in: their options, the name of their extent (key blocks or
+// keys) and of their items.
+template <typename Selection>
+struct SelectionFields;
+
+template <>
+struct SelectionFields<foveal::BlockSelection> {
+  using Options = foveal::BlockSparseOptions;
+  static constexpr const char* kExtent = "key_blocks";
+  static constexpr const char* kItems = "blocks";
+  static std::int64_t& extent(foveal::BlockSelection& s) { return s.key_blocks; }
+  static std::vector<std::int64_t>& items(foveal::BlockSelection& s) { return s.blocks; }
+  static Options options(const Keywords& keywords) {
+    Options sparse;
+    sparse.budget = keywords.number("budget", sparse.budget);
+    sparse.threshold = keywords.number("threshold", 0.0);
+    sparse.block_size = keywords.integer("block_size", sparse.block_size);
+    sparse.local_blocks = keywords.integer("local_blocks", sparse.local_blocks);
+    return sparse;
+  }
+};
+
+template <>
+struct SelectionFields<foveal::TokenSelection> {
+  using Options = foveal::TokenTopkOptions;
+  static constexpr const char* kExtent = "len_k";
+  static constexpr const char* kItems = "keys";
+  static std::int64_t& extent(foveal::TokenSelection& s) { return s.len_k; }
+  static std::vector<std::int64_t>& items(foveal::TokenSelection& s) { return s.keys; }
+  static Options options(const Keywords& keywords) {
+    Options sparse;
+    sparse.budget = keywords.number("budget", sparse.budget);
+    sparse.threshold = keywords.number("threshold", 0.0);
+    sparse.block_size = keywords.integer("block_size", sparse.block_size);
+    sparse.local_tokens = keywords.integer("local_tokens", sparse.local_tokens);
+    return sparse;
+  }
+};
 
 IndexArray to_array(const std::vector<std::int64_t>& values) {
   IndexArray result(static_cast<py::ssize_t>(values.size()));
@@ -39,32 +71,36 @@ IndexArray to_array(const std::vector<std::int64_t>& values) {
   return result;
 }
 
-py::dict selection_dict(const foveal::BlockSelection& selection) {
+template <typename Selection>
+py::dict selection_dict(Selection& selection) {
+  using Fields = SelectionFields<Selection>;
   py::dict result;
   result["block_size"] = selection.block_size;
   result["batch"] = selection.batch;
   result["heads_kv"] = selection.heads_kv;
   result["first_query_block"] = selection.first_query_block;
   result["query_blocks"] = selection.query_blocks;
-  result["key_blocks"] = selection.key_blocks;
+  result[Fields::kExtent] = Fields::extent(selection);
   result["offsets"] = to_array(selection.offsets);
-  result["blocks"] = to_array(selection.blocks);
+  result[Fields::kItems] = to_array(Fields::items(selection));
   return result;
 }
 
 // The selection the Python layer passes as keywords (block_size, batch, heads_kv,
-// first_query_block, query_blocks, key_blocks) and two int64 arrays.
-foveal::BlockSelection selection_from(const Keywords& keywords, const IndexArray& offsets,
-                                      const IndexArray& blocks) {
-  foveal::BlockSelection selection;
+// first_query_block, query_blocks and the extent) and two int64 arrays.
+template <typename Selection>
+Selection selection_from(const Keywords& keywords, const IndexArray& offsets,
+                         const IndexArray& items) {
+  using Fields = SelectionFields<Selection>;
+  Selection selection;
   selection.block_size = keywords.integer("block_size");
   selection.batch = keywords.integer("batch");
   selection.heads_kv = keywords.integer("heads_kv");
   selection.first_query_block = keywords.integer("first_query_block");
   selection.query_blocks = keywords.integer("query_blocks");
-  selection.key_blocks = keywords.integer("key_blocks");
+  Fields::extent(selection) = keywords.integer(Fields::kExtent);
   selection.offsets.assign(offsets.data(), offsets.data() + offsets.size());
-  selection.blocks.assign(blocks.data(), blocks.data() + blocks.size());
+  Fields::items(selection).assign(items.data(), items.data() + items.size());
   return selection;
 }
 
@@ -89,25 +125,29 @@ void with_attention_views(const char* fn, const Tensor& q, const Tensor& k, cons
   });
 }
 
-}  // namespace
-
-void bind_block_sparse(py::module_& m) {
+// Binds `select_name`(q, k, **options) -> dict and `attend_name`(q, k, v, out, lse, offsets,
+// items, **options): select(q, k, options, sparse) and attend(q, k, v, out, options, selection or
+// sparse, lse) are the library's overload sets.
+template <typename Selection, typename Select, typename Attend>
+void bind_sparse_prefill(py::module_& m, const char* select_name, const char* attend_name,
+                         Select select, Attend attend) {
+  using Fields = SelectionFields<Selection>;
   m.def(
-      "block_sparse_select",
-      [](const Tensor& q, const Tensor& k, const py::kwargs& kwargs) {
-        const char* fn = "block_sparse_select";
+      select_name,
+      [select_name, select](const Tensor& q, const Tensor& k, const py::kwargs& kwargs) {
+        const char* fn = select_name;
         const Keywords keywords(fn, kwargs);
         const auto options = foveal::python::attention_options(keywords, true);
-        const auto sparse = sparse_options(keywords);
+        const auto sparse = Fields::options(keywords);
         keywords.require_all_read();
         return with_storage_type(fn, "q", q, [&](auto type) {
           using T = decltype(type);
           const auto q_view = q.view<const T, 4>(fn, "q", "B, Hq, Lq, D");
           const auto k_view = k.view<const T, 4>(fn, "k", "B, Hkv, Lk, D", "the dtype of q");
-          foveal::BlockSelection selection;
+          Selection selection;
           {
             py::gil_scoped_release release;
-            selection = foveal::block_sparse_select(q_view, k_view, options, sparse);
+            selection = select(q_view, k_view, options, sparse);
           }
           return selection_dict(selection);
         });
@@ -115,29 +155,51 @@ void bind_block_sparse(py::module_& m) {
       py::arg("q"), py::arg("k"));
 
   m.def(
-      "block_sparse_attention",
-      [](const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
-         const std::optional<Tensor>& lse, const std::optional<IndexArray>& offsets,
-         const std::optional<IndexArray>& blocks, const py::kwargs& kwargs) {
-        const char* fn = "block_sparse_attention";
+      attend_name,
+      [attend_name, attend](const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                            const std::optional<Tensor>& lse,
+                            const std::optional<IndexArray>& offsets,
+                            const std::optional<IndexArray>& items, const py::kwargs& kwargs) {
+        const char* fn = attend_name;
         const Keywords keywords(fn, kwargs);
         const auto options = foveal::python::attention_options(keywords, true);
-        if (offsets && blocks) {
-          const foveal::BlockSelection selection = selection_from(keywords, *offsets, *blocks);
+        if (offsets && items) {
+          const auto selection = selection_from<Selection>(keywords, *offsets, *items);
           keywords.require_all_read();
-          with_attention_views(
-              fn, q, k, v, out, lse, [&](auto q_, auto k_, auto v_, auto out_, auto lse_) {
-                foveal::block_sparse_attention(q_, k_, v_, out_, options, selection, lse_);
-              });
+          with_attention_views(fn, q, k, v, out, lse,
+                               [&](auto q_, auto k_, auto v_, auto out_, auto lse_) {
+                                 attend(q_, k_, v_, out_, options, selection, lse_);
+                               });
           return;
         }
-        const auto sparse = sparse_options(keywords);
+        const auto sparse = Fields::options(keywords);
         keywords.require_all_read();
-        with_attention_views(
-            fn, q, k, v, out, lse, [&](auto q_, auto k_, auto v_, auto out_, auto lse_) {
-              foveal::block_sparse_attention(q_, k_, v_, out_, options, sparse, lse_);
-            });
+        with_attention_views(fn, q, k, v, out, lse,
+                             [&](auto q_, auto k_, auto v_, auto out_, auto lse_) {
+                               attend(q_, k_, v_, out_, options, sparse, lse_);
+                             });
       },
       py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("offsets"),
-      py::arg("blocks"));
+      py::arg(Fields::kItems));
+}
+
+}  // namespace
+
+void bind_block_sparse(py::module_& m) {
+  bind_sparse_prefill<foveal::BlockSelection>(
+      m, "block_sparse_select", "block_sparse_attention",
+      [](auto q, auto k, const auto& options, const auto& sparse) {
+        return foveal::block_sparse_select(q, k, options, sparse);
+      },
+      [](auto q, auto k, auto v, auto out, const auto& options, const auto& how, auto lse) {
+        foveal::block_sparse_attention(q, k, v, out, options, how, lse);
+      });
+  bind_sparse_prefill<foveal::TokenSelection>(
+      m, "token_topk_select", "token_topk_attention",
+      [](auto q, auto k, const auto& options, const auto& sparse) {
+        return foveal::token_topk_select(q, k, options, sparse);
+      },
+      [](auto q, auto k, auto v, auto out, const auto& options, const auto& how, auto lse) {
+        foveal::token_topk_attention(q, k, v, out, options, how, lse);
+      });
 }

@@ -61,6 +61,8 @@ __all__: list[str] = [
     "sparsek_prefix_thresholds",
     "sparsek_projection_options",
     "sparsek_select",
+    "token_topk_attention",
+    "token_topk_select",
     "vq_assign",
     "vq_perplexity",
     "wrap_kv_cache",
@@ -769,6 +771,17 @@ def sparsek_prefix_thresholds(
 ) -> None: ...
 def sparsek_projection_options(**kwargs) -> dict: ...
 def sparsek_select(u: typing.Any, indices: typing.Any, gates: typing.Any, **kwargs) -> None: ...
+def token_topk_attention(
+    q: typing.Any,
+    k: typing.Any,
+    v: typing.Any,
+    out: typing.Any,
+    lse: typing.Any | None,
+    offsets: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None,
+    keys: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None,
+    **kwargs,
+) -> None: ...
+def token_topk_select(q: typing.Any, k: typing.Any, **kwargs) -> dict: ...
 def vq_assign(
     x: typing.Any,
     codebook: typing.Any,

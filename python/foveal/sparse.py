@@ -2,9 +2,11 @@
 
 ``block_sparse_attention`` is prefill attention in which each block of queries attends only to
 the key blocks a cheap pooled estimate ranks highest (plus its local blocks and the sinks), so
-its time falls with the budget. ``block_sparse_select`` makes the selection alone, as a
-:class:`BlockSelection` that can be inspected, edited, reused, or built by hand (a learned or
-fixed block mask) and passed back with ``selection=``.
+its time falls with the budget. ``token_topk_attention`` is its fine-grained sibling: each block
+of queries keeps individual keys, gathered by index into the engine's key blocks.
+``block_sparse_select`` / ``token_topk_select`` make the selection alone, as a
+:class:`BlockSelection` / :class:`TokenSelection` that can be inspected, edited, reused, or built
+by hand (a learned or fixed mask) and passed back with ``selection=``.
 """
 
 from __future__ import annotations
@@ -16,31 +18,25 @@ import numpy as np
 from . import _core
 from ._common import attention_options, attention_outputs
 
-__all__ = ["BlockSelection", "block_sparse_attention", "block_sparse_select"]
+__all__ = [
+    "BlockSelection",
+    "TokenSelection",
+    "block_sparse_attention",
+    "block_sparse_select",
+    "token_topk_attention",
+    "token_topk_select",
+]
 
 
-class BlockSelection:
-    """The key blocks each query block keeps, per (batch, kv head).
+class _Selection:
+    """What BlockSelection and TokenSelection share: the CSR of ascending items (key blocks or
+    keys) per list ``i = (b * heads_kv + h) * query_blocks + (Q - first_query_block)``, items
+    ``[offsets[i], offsets[i + 1])``; ``_extent`` names how many items there are to choose from
+    and ``_items`` the array."""
 
-    Positions are cut into blocks of ``block_size``: query position p is in query block
-    ``p // block_size``, key j in key block ``j // block_size``. List
-    ``i = (b * heads_kv + h) * query_blocks + (Q - first_query_block)`` holds the ascending
-    key blocks ``blocks[offsets[i]:offsets[i + 1]]`` that query block Q of batch entry b and
-    kv head h keeps (the query heads of a GQA group share it). ``offsets`` and ``blocks`` are
-    int64 numpy arrays; a hand-made selection must follow the same layout (checked by the call
-    that uses it).
-    """
-
-    __slots__ = (
-        "batch",
-        "block_size",
-        "blocks",
-        "first_query_block",
-        "heads_kv",
-        "key_blocks",
-        "offsets",
-        "query_blocks",
-    )
+    __slots__ = ("batch", "block_size", "first_query_block", "heads_kv", "offsets", "query_blocks")
+    _extent = ""
+    _items = ""
 
     def __init__(
         self,
@@ -50,75 +46,84 @@ class BlockSelection:
         heads_kv: int,
         first_query_block: int,
         query_blocks: int,
-        key_blocks: int,
         offsets: Any,
-        blocks: Any,
+        **extent_and_items: Any,
     ) -> None:
         self.block_size = int(block_size)
         self.batch = int(batch)
         self.heads_kv = int(heads_kv)
         self.first_query_block = int(first_query_block)
         self.query_blocks = int(query_blocks)
-        self.key_blocks = int(key_blocks)
         self.offsets = np.ascontiguousarray(offsets, dtype=np.int64)
-        self.blocks = np.ascontiguousarray(blocks, dtype=np.int64)
+        expected = {self._extent, self._items}
+        if set(extent_and_items) != expected:
+            raise TypeError(
+                f"{type(self).__name__}: expected the keywords {sorted(expected)} besides the "
+                f"block geometry, got {sorted(extent_and_items)}"
+            )
+        setattr(self, self._extent, int(extent_and_items[self._extent]))
+        setattr(
+            self, self._items, np.ascontiguousarray(extent_and_items[self._items], dtype=np.int64)
+        )
+
+    @property
+    def _item_array(self) -> np.ndarray:
+        return getattr(self, self._items)
 
     @classmethod
-    def from_mask(
-        cls, mask: Any, *, block_size: int, first_query_block: int = 0
-    ) -> "BlockSelection":
-        """A selection from a boolean block mask ``[B, Hkv, query_blocks, key_blocks]`` (True =
-        kept), the first query block being ``first_query_block``."""
+    def from_mask(cls, mask: Any, *, block_size: int, first_query_block: int = 0):
+        """A selection from a boolean mask ``[B, Hkv, query_blocks, extent]`` (True = kept), the
+        first query block being ``first_query_block``."""
         mask = np.asarray(mask)
         if mask.ndim != 4 or mask.dtype != np.bool_:
             raise ValueError(
-                "BlockSelection.from_mask: mask must be a boolean array [B, Hkv, query_blocks, "
-                f"key_blocks], got dtype {mask.dtype} with shape {mask.shape}"
+                f"{cls.__name__}.from_mask: mask must be a boolean array [B, Hkv, query_blocks, "
+                f"{cls._extent}], got dtype {mask.dtype} with shape {mask.shape}"
             )
-        batch, heads_kv, query_blocks, key_blocks = mask.shape
-        flat = mask.reshape(-1, key_blocks)
+        batch, heads_kv, query_blocks, extent = mask.shape
+        flat = mask.reshape(-1, extent)
         counts = flat.sum(axis=1)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        blocks = np.nonzero(flat)[1].astype(np.int64)
+        items = np.nonzero(flat)[1].astype(np.int64)
         return cls(
             block_size=block_size,
             batch=batch,
             heads_kv=heads_kv,
             first_query_block=first_query_block,
             query_blocks=query_blocks,
-            key_blocks=key_blocks,
             offsets=offsets,
-            blocks=blocks,
+            **{cls._extent: extent, cls._items: items},
         )
 
     def mask(self) -> np.ndarray:
-        """The selection as a boolean array ``[B, Hkv, query_blocks, key_blocks]``."""
+        """The selection as a boolean array ``[B, Hkv, query_blocks, extent]``."""
         lists = self.batch * self.heads_kv * self.query_blocks
-        result = np.zeros((lists, self.key_blocks), dtype=bool)
+        extent = getattr(self, self._extent)
+        result = np.zeros((lists, extent), dtype=bool)
         rows = np.repeat(np.arange(lists), np.diff(self.offsets))
-        result[rows, self.blocks] = True
-        return result.reshape(self.batch, self.heads_kv, self.query_blocks, self.key_blocks)
+        result[rows, self._item_array] = True
+        return result.reshape(self.batch, self.heads_kv, self.query_blocks, extent)
 
     def kept(self, b: int, h: int, query_block: int) -> np.ndarray:
-        """The key blocks query block ``query_block`` of (b, kv head h) keeps, ascending."""
+        """What query block ``query_block`` of (b, kv head h) keeps, ascending."""
         if not (
             0 <= b < self.batch
             and 0 <= h < self.heads_kv
             and self.first_query_block <= query_block < self.first_query_block + self.query_blocks
         ):
             raise ValueError(
-                f"BlockSelection.kept: (b, h, query_block) = ({b}, {h}, {query_block}) is outside "
-                f"batch {self.batch}, heads_kv {self.heads_kv}, query blocks "
+                f"{type(self).__name__}.kept: (b, h, query_block) = ({b}, {h}, {query_block}) is "
+                f"outside batch {self.batch}, heads_kv {self.heads_kv}, query blocks "
                 f"[{self.first_query_block}, {self.first_query_block + self.query_blocks})"
             )
         i = (b * self.heads_kv + h) * self.query_blocks + (query_block - self.first_query_block)
-        return self.blocks[self.offsets[i] : self.offsets[i + 1]]
+        return self._item_array[self.offsets[i] : self.offsets[i + 1]]
 
     def density(self) -> float:
-        """Kept key blocks over all (query block, key block) pairs: 1.0 for a dense selection
-        (not counting the causal or window bounds the attention applies)."""
-        pairs = self.batch * self.heads_kv * self.query_blocks * self.key_blocks
-        return float(len(self.blocks)) / pairs if pairs else 0.0
+        """Kept items over all (query block, item) pairs: 1.0 for a dense selection (not
+        counting the causal or window bounds the attention applies)."""
+        pairs = self.batch * self.heads_kv * self.query_blocks * getattr(self, self._extent)
+        return float(len(self._item_array)) / pairs if pairs else 0.0
 
     def _fields(self) -> dict:
         return {
@@ -127,12 +132,47 @@ class BlockSelection:
             "heads_kv": self.heads_kv,
             "first_query_block": self.first_query_block,
             "query_blocks": self.query_blocks,
-            "key_blocks": self.key_blocks,
+            self._extent: getattr(self, self._extent),
         }
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{name}={value}" for name, value in self._fields().items())
-        return f"BlockSelection({fields}, kept={len(self.blocks)})"
+        return f"{type(self).__name__}({fields}, kept={len(self._item_array)})"
+
+
+class BlockSelection(_Selection):
+    """The key blocks each query block keeps, per (batch, kv head).
+
+    Positions are cut into blocks of ``block_size``: query position p is in query block
+    ``p // block_size``, key j in key block ``j // block_size``. List
+    ``i = (b * heads_kv + h) * query_blocks + (Q - first_query_block)`` holds the ascending
+    key blocks ``blocks[offsets[i]:offsets[i + 1]]`` that query block Q of batch entry b and
+    kv head h keeps (the query heads of a GQA group share it); ``key_blocks`` is
+    ``ceil(Lk / block_size)``. ``offsets`` and ``blocks`` are int64 numpy arrays; a hand-made
+    selection must follow the same layout (checked by the call that uses it). ``from_mask`` and
+    ``mask`` convert from and to a boolean ``[B, Hkv, query_blocks, key_blocks]`` array.
+    """
+
+    __slots__ = ("blocks", "key_blocks")
+    _extent = "key_blocks"
+    _items = "blocks"
+
+
+class TokenSelection(_Selection):
+    """The keys each query block keeps, per (batch, kv head).
+
+    Query position p is in query block ``p // block_size``. List
+    ``i = (b * heads_kv + h) * query_blocks + (Q - first_query_block)`` holds the ascending
+    key indices ``keys[offsets[i]:offsets[i + 1]]`` that query block Q of batch entry b and kv
+    head h keeps (the query heads of a GQA group share it); ``len_k`` is Lk. ``offsets`` and
+    ``keys`` are int64 numpy arrays; a hand-made selection must follow the same layout (checked
+    by the call that uses it). ``from_mask`` and ``mask`` convert from and to a boolean
+    ``[B, Hkv, query_blocks, Lk]`` array.
+    """
+
+    __slots__ = ("keys", "len_k")
+    _extent = "len_k"
+    _items = "keys"
 
 
 def block_sparse_select(
@@ -209,30 +249,119 @@ def block_sparse_attention(
     The attention mass the selection keeps for each query row is ``exp(lse - lse_dense)`` with
     ``lse_dense`` from :func:`foveal.attention` with the same options.
     """
-    out, lse = attention_outputs(q, v, out, return_lse)
-    options = attention_options(locals())
+    sparse = dict(
+        budget=budget, threshold=threshold, block_size=block_size, local_blocks=local_blocks
+    )
+    return _attend(
+        _core.block_sparse_attention, BlockSelection, selection, sparse, return_lse, locals()
+    )
+
+
+def token_topk_select(
+    q: Any,
+    k: Any,
+    *,
+    budget: float = 1.0 / 16,
+    threshold: float = 0.0,
+    block_size: int = 64,
+    local_tokens: int = 64,
+    causal: bool = True,
+    window_left: int = -1,
+    window_right: int = -1,
+    sink_tokens: int = 0,
+    scale: Optional[float] = None,
+    softcap: float = 0.0,
+    q_offset: Optional[int] = None,
+    num_threads: Optional[int] = None,
+) -> TokenSelection:
+    """Selects the keys each query block keeps, from the block's mean query against every key.
+
+    q ``[B, Hq, Lq, D]``, k ``[B, Hkv, Lk, D]`` (float32, float64, bfloat16 or float16; Hq a
+    multiple of Hkv). Query block Q (positions ``[lo, hi]``, ``block_size`` of them) has as
+    candidates the C keys inside the window of one of its queries (``causal``, ``window_left``,
+    ``window_right`` as in :func:`foveal.attention`; sinks apart, they are always visible). It
+    keeps ``min(C, max(ceil(budget * C), local))`` of them: its local keys (the candidates in
+    ``[lo - local_tokens, hi]``) and the others with the largest estimated attention mass, the
+    group mean over query heads of ``softmax(scale * mean(q) . k)`` (softcapped when
+    ``softcap`` is set); ties go to the lower key. With ``threshold`` > 0 (adaptive) it stops
+    once the kept estimated mass reaches ``threshold``. The estimate costs ``1 / block_size`` of
+    the dense q.k products. ``block_size`` in [16, 4096]. The same selection for any thread
+    count.
+    """
+    fields = _core.token_topk_select(
+        q,
+        k,
+        budget=budget,
+        threshold=threshold,
+        block_size=block_size,
+        local_tokens=local_tokens,
+        **attention_options(locals()),
+    )
+    return TokenSelection(**fields)
+
+
+def token_topk_attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    selection: Optional[TokenSelection] = None,
+    budget: float = 1.0 / 16,
+    threshold: float = 0.0,
+    block_size: int = 64,
+    local_tokens: int = 64,
+    causal: bool = True,
+    window_left: int = -1,
+    window_right: int = -1,
+    sink_tokens: int = 0,
+    scale: Optional[float] = None,
+    softcap: float = 0.0,
+    q_offset: Optional[int] = None,
+    return_lse: bool = False,
+    out: Any = None,
+    num_threads: Optional[int] = None,
+):
+    """Token top-k attention: query i (position p) sees key j when :func:`foveal.attention`
+    with the same options would show it and j is a sink or is kept by p's query block. Without
+    ``selection`` the call selects first (see :func:`token_topk_select` for ``budget``,
+    ``threshold``, ``block_size``, ``local_tokens``); with one it attends over it (those four are
+    then unused). Causal by default; causality and windows always bound the selection. Shapes,
+    dtypes and returns as :func:`foveal.attention` (no bias): ``out``, or ``(out, lse)`` with
+    ``return_lse=True``. The kept keys are gathered by index into the engine's key blocks, so
+    the work is proportional to the kept keys however scattered they are; the same bits for any
+    thread count.
+    """
+    sparse = dict(
+        budget=budget, threshold=threshold, block_size=block_size, local_tokens=local_tokens
+    )
+    return _attend(
+        _core.token_topk_attention, TokenSelection, selection, sparse, return_lse, locals()
+    )
+
+
+def _attend(core, selection_type, selection, sparse, return_lse, arguments):
+    """Runs a sparse prefill binding: with ``selection`` over it, else selecting by ``sparse``;
+    ``arguments`` are the public function's locals (q, k, v, out and the attention options)."""
+    q, k, v = arguments["q"], arguments["k"], arguments["v"]
+    out, lse = attention_outputs(q, v, arguments["out"], return_lse)
+    options = attention_options(arguments)
     if selection is None:
-        _core.block_sparse_attention(
+        core(q, k, v, out, lse, None, None, **sparse, **options)
+    else:
+        if not isinstance(selection, selection_type):
+            raise TypeError(
+                f"{core.__name__}: selection must be a foveal.sparse.{selection_type.__name__}, "
+                f"got {type(selection).__name__}"
+            )
+        core(
             q,
             k,
             v,
             out,
             lse,
-            None,
-            None,
-            budget=budget,
-            threshold=threshold,
-            block_size=block_size,
-            local_blocks=local_blocks,
+            selection.offsets,
+            selection._item_array,
+            **selection._fields(),
             **options,
-        )
-    else:
-        if not isinstance(selection, BlockSelection):
-            raise TypeError(
-                "block_sparse_attention: selection must be a foveal.sparse.BlockSelection, got "
-                f"{type(selection).__name__}"
-            )
-        _core.block_sparse_attention(
-            q, k, v, out, lse, selection.offsets, selection.blocks, **selection._fields(), **options
         )
     return (out, lse) if return_lse else out

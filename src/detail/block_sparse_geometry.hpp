@@ -1,12 +1,13 @@
-// src/detail/block_sparse_geometry.hpp (private) — which key blocks a query block of
-// block_sparse_select may keep and how many it keeps: one definition for the entry point (which
-// sizes the selection) and the level kernels (which fill it).
+// src/detail/block_sparse_geometry.hpp (private) — which key blocks (block_sparse_select) or
+// keys (token_topk_select) a query block may keep and how many it keeps: one definition for the
+// entry points (which size the selection) and the level kernels (which fill it).
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 
 #include "detail/mask.hpp"
+#include "foveal/attention/options.hpp"
 #include "foveal/core/tensor.hpp"
 
 namespace foveal::detail {
@@ -15,6 +16,25 @@ namespace foveal::detail {
 inline Index floor_divide(Index value, Index divisor) {
   const Index quotient = value / divisor;
   return quotient * divisor > value ? quotient - 1 : quotient;
+}
+
+// The query blocks of a call whose queries sit at positions [q_offset, q_offset + len_q).
+struct QueryBlocks {
+  Index first = 0;  // floor(q_offset / block_size)
+  Index count = 0;
+};
+
+inline QueryBlocks query_blocks_of(Index q_offset, Index len_q, Index block_size) {
+  if (len_q == 0) return {};
+  const Index first = floor_divide(q_offset, block_size);
+  return {first, floor_divide(q_offset + len_q - 1, block_size) - first + 1};
+}
+
+// The visibility rule of `options` for a call's shapes.
+inline Visibility visibility_of(const AttentionOptions& options, Index len_q, Index len_k,
+                                Index q_offset) {
+  return Visibility::make(options.causal, options.window_left, options.window_right,
+                          options.sink_tokens, len_q, len_k, q_offset);
 }
 
 struct QueryBlockGeometry {
@@ -46,6 +66,44 @@ inline QueryBlockGeometry query_block_geometry(const Visibility& visibility, Ind
   geometry.local_end = std::clamp(block + 1, geometry.candidate_begin, geometry.candidate_end);
   geometry.local_begin = std::clamp(block + 1 - std::min(local_blocks, block + 1),
                                     geometry.candidate_begin, geometry.local_end);
+  const Index local = geometry.local_end - geometry.local_begin;
+  const auto wanted = static_cast<Index>(std::ceil(budget * static_cast<double>(candidates)));
+  geometry.keep = std::min(candidates, std::max(wanted, local));
+  return geometry;
+}
+
+struct TokenBlockGeometry {
+  Index position_lo = 0;      // the call's first query position in the block
+  Index position_hi = -1;     // its last (position_hi < position_lo: no query)
+  Index candidate_begin = 0;  // keys [candidate_begin, candidate_end) are candidates
+  Index candidate_end = 0;
+  Index local_begin = 0;  // the local candidates [local_begin, local_end)
+  Index local_end = 0;
+  Index keep = 0;  // how many keys the block keeps at most (exactly, without a threshold)
+};
+
+// Query block `block` of token_topk_select (see foveal/attention/token_topk.hpp): its candidates
+// are the keys past the sinks in the band of its queries, its local keys those candidates in
+// [position_lo - local_tokens, position_hi].
+inline TokenBlockGeometry token_block_geometry(const Visibility& visibility, Index q_offset,
+                                               Index len_q, Index block_size, Index block,
+                                               double budget, Index local_tokens) {
+  TokenBlockGeometry geometry;
+  geometry.position_lo = std::max(q_offset, block * block_size);
+  geometry.position_hi = std::min(q_offset + len_q, (block + 1) * block_size) - 1;
+  if (geometry.position_hi < geometry.position_lo) return geometry;
+  const KeyRange band = visibility.band(geometry.position_lo, geometry.position_hi);
+  geometry.candidate_begin = std::max(band.begin, visibility.sinks_end(geometry.position_hi));
+  geometry.candidate_end = std::max(band.end, geometry.candidate_begin);
+  const Index candidates = geometry.candidate_end - geometry.candidate_begin;
+  // position_lo - local_tokens without overflow (positions and local_tokens are bounded by the
+  // views' extents, which may be huge only when the views are empty).
+  const Index local_from = local_tokens >= geometry.position_lo - geometry.candidate_begin
+                               ? geometry.candidate_begin
+                               : geometry.position_lo - local_tokens;
+  geometry.local_begin = std::clamp(local_from, geometry.candidate_begin, geometry.candidate_end);
+  geometry.local_end =
+      std::clamp(geometry.position_hi + 1, geometry.local_begin, geometry.candidate_end);
   const Index local = geometry.local_end - geometry.local_begin;
   const auto wanted = static_cast<Index>(std::ceil(budget * static_cast<double>(candidates)));
   geometry.keep = std::min(candidates, std::max(wanted, local));

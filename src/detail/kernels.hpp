@@ -142,40 +142,41 @@ struct SparseKCachePlan {
   SparseKGate gate = SparseKGate::value;
 };
 
-// block_sparse_select: the pooled estimate and the selection of every list (batch, kv head,
-// query block), list i = (b * Hkv + h) * query_blocks + (block - first_query_block). The
-// kernel writes list i's kept key blocks, ascending, at blocks[capacity[i] ..] and their number
-// at counts[i] (at most capacity[i + 1] - capacity[i], the block's `keep`).
+// block_sparse_select and token_topk_select: the pooled estimate and the selection of every
+// list (batch, kv head, query block), list i = (b * Hkv + h) * query_blocks + (block -
+// first_query_block). The kernel writes list i's kept items (key blocks or keys), ascending, at
+// items[capacity[i] ..] and their number at counts[i] (at most capacity[i + 1] - capacity[i],
+// the block's `keep`).
 template <typename T>
-struct BlockSelectPlan {
+struct SelectPlan {
   TensorView<const T, 4> q, k;
   Visibility visibility;
   Index q_offset = 0;
   double scale = 1;
   double softcap = 0;
   Index block_size = 64;
-  Index local_blocks = 1;
+  Index local = 1;  // local_blocks or local_tokens
   double budget = 1;
   double threshold = 0;
   Index first_query_block = 0;
   Index query_blocks = 0;
-  Index key_blocks = 0;
   const Index* capacity = nullptr;  // [lists + 1]
-  std::int64_t* blocks = nullptr;
+  std::int64_t* items = nullptr;
   Index* counts = nullptr;  // [lists]
   int num_threads = 1;
 };
 
-// block_sparse_attention over a validated selection (foveal::BlockSelection's layout).
+// block_sparse_attention and token_topk_attention over a validated selection
+// (foveal::BlockSelection's or foveal::TokenSelection's layout: items are key blocks or keys).
 template <typename T>
-struct BlockSparsePlan {
+struct SelectionPlan {
   FlashParams<T> params;
   Visibility visibility;
   Index block_size = 64;
   Index first_query_block = 0;
   Index query_blocks = 0;
   const std::int64_t* offsets = nullptr;
-  const std::int64_t* blocks = nullptr;
+  const std::int64_t* items = nullptr;
 };
 
 // merge_states: out = merge(a, b) row by row, rows [0, B * H * L) of [B, H, L, Dv].
@@ -291,8 +292,10 @@ struct SpadeEmbeddingBackwardPlan {
   X(quest_decode_attention, (const QuestPlan<T>&))                             \
   X(paged_attention, (const PagedPlan<T>&))                                    \
   X(sparsek_attention, (const SparseKPlan<T>&))                                \
-  X(block_sparse_select, (const BlockSelectPlan<T>&))                          \
-  X(block_sparse_attention, (const BlockSparsePlan<T>&))                       \
+  X(block_sparse_select, (const SelectPlan<T>&))                               \
+  X(block_sparse_attention, (const SelectionPlan<T>&))                         \
+  X(token_topk_select, (const SelectPlan<T>&))                                 \
+  X(token_topk_attention, (const SelectionPlan<T>&))                           \
   X(sparsek_attention_backward, (const SparseKBackwardPlan<T>&))               \
   X(sparsek_cache_attention, (const SparseKCachePlan<T>&))                     \
   X(merge_states, (const MergePlan<T>&))                                       \
@@ -317,8 +320,10 @@ struct Kernels {
   X(decode_attention, (const DecodePlan<T>&))                   \
   X(quest_decode_attention, (const QuestPlan<T>&))              \
   X(paged_attention, (const PagedPlan<T>&))                     \
-  X(block_sparse_select, (const BlockSelectPlan<T>&))           \
-  X(block_sparse_attention, (const BlockSparsePlan<T>&))
+  X(block_sparse_select, (const SelectPlan<T>&))                \
+  X(block_sparse_attention, (const SelectionPlan<T>&))          \
+  X(token_topk_select, (const SelectPlan<T>&))                  \
+  X(token_topk_attention, (const SelectionPlan<T>&))
 
 template <typename T>
 struct HalfKernels {

@@ -38,7 +38,7 @@ struct SelectScratch {
 };
 
 template <typename S>
-void block_sparse_select(const BlockSelectPlan<S>& plan) {
+void block_sparse_select(const SelectPlan<S>& plan) {
   using T = compute_type_t<S>;
   const auto& q = plan.q;
   const auto& k = plan.k;
@@ -46,7 +46,7 @@ void block_sparse_select(const BlockSelectPlan<S>& plan) {
   const Index heads_kv = k.size(1), len_k = k.size(2);
   const Index group = heads_q / heads_kv;
   const Index bs = plan.block_size;
-  const Index key_blocks = plan.key_blocks;
+  const Index key_blocks = (len_k + bs - 1) / bs;
 
   // The mean key of every (batch, kv head, key block).
   std::vector<T> pooled_k(static_cast<std::size_t>(batch * heads_kv * key_blocks * dim));
@@ -81,9 +81,9 @@ void block_sparse_select(const BlockSelectPlan<S>& plan) {
     const Index b = list / (heads_kv * plan.query_blocks);
     const Index h = list / plan.query_blocks % heads_kv;
     const Index block = plan.first_query_block + list % plan.query_blocks;
-    const QueryBlockGeometry geometry = query_block_geometry(
-        plan.visibility, plan.q_offset, len_q, bs, block, plan.budget, plan.local_blocks);
-    std::int64_t* kept = plan.blocks + plan.capacity[list];
+    const QueryBlockGeometry geometry = query_block_geometry(plan.visibility, plan.q_offset, len_q,
+                                                             bs, block, plan.budget, plan.local);
+    std::int64_t* kept = plan.items + plan.capacity[list];
     Index count = 0;
     const Index candidates = geometry.candidate_end - geometry.candidate_begin;
     const Index local = geometry.local_end - geometry.local_begin;
@@ -247,7 +247,7 @@ class BlockSparsePolicy : public RulePolicy<Visibility> {
 };
 
 template <typename S>
-void block_sparse_attention(const BlockSparsePlan<S>& plan) {
+void block_sparse_attention(const SelectionPlan<S>& plan) {
   const FlashParams<S>& params = plan.params;
   const Index batch = params.q.size(0), heads_kv = params.k.size(1), len_k = params.k.size(2);
   const Index group = params.q.size(1) / heads_kv;
@@ -269,7 +269,7 @@ void block_sparse_attention(const BlockSparsePlan<S>& plan) {
         const Index head_lists = (cell.outer * heads_kv + cell.kv_head) * plan.query_blocks;
         return plan_tile(
             BlockSparsePolicy(plan.visibility, plan.block_size, plan.first_query_block,
-                              plan.offsets + head_lists, plan.blocks, key_rows.data(), scratch),
+                              plan.offsets + head_lists, plan.items, key_rows.data(), scratch),
             tile_of(params, cell.outer, cell.kv_head, cell.flat_begin));
       },
       std::vector<std::int64_t>{});

@@ -11,6 +11,7 @@
 #include "kernels/spade.hpp"
 #include "kernels/sparsek.hpp"
 #include "kernels/sparsek_backward.hpp"
+#include "kernels/token_topk.hpp"
 #include "kernels/vq.hpp"
 
 FOVEAL_LEVEL_PUSH

@@ -16,6 +16,7 @@
 #include "foveal/attention/dense.hpp"
 #include "harness.hpp"
 #include "reference/block_sparse_reference.hpp"
+#include "selection_cases.hpp"
 
 namespace foveal::test {
 namespace {
@@ -31,50 +32,6 @@ reference::BlockSparseReferenceOptions reference_sparse(const BlockSparseOptions
 std::string sparse_string(const BlockSparseOptions& s) {
   return describe("budget=", s.budget, " threshold=", s.threshold, " block_size=", s.block_size,
                   " local_blocks=", s.local_blocks);
-}
-
-// The selection's lists as vectors.
-std::vector<std::vector<std::int64_t>> lists_of(const BlockSelection& selection) {
-  std::vector<std::vector<std::int64_t>> lists;
-  for (std::size_t i = 0; i + 1 < selection.offsets.size(); ++i)
-    lists.emplace_back(selection.blocks.begin() + selection.offsets[i],
-                       selection.blocks.begin() + selection.offsets[i + 1]);
-  return lists;
-}
-
-// T copies of the inputs, contiguous.
-template <typename T>
-struct TypedInputs {
-  std::vector<T> q, k, v;
-  explicit TypedInputs(const Inputs& in)
-      : q(in.q.begin(), in.q.end()), k(in.k.begin(), in.k.end()), v(in.v.begin(), in.v.end()) {}
-  TensorView<const T, 4> qv(const Problem& p) const { return {q.data(), p.q_shape()}; }
-  TensorView<const T, 4> kv(const Problem& p) const { return {k.data(), p.k_shape()}; }
-  TensorView<const T, 4> vv(const Problem& p) const { return {v.data(), p.v_shape()}; }
-};
-
-// The selection agrees with the reference: the same count per list and the same blocks, except
-// that a block may stand in for another whose reference mass is within `slack` of it (the
-// float estimate of two nearly tied blocks may order them either way).
-void expect_selection_matches(const BlockSelection& got,
-                              const std::vector<reference::ReferenceList>& want, double slack) {
-  const auto lists = lists_of(got);
-  ASSERT_EQ(lists.size(), want.size());
-  for (std::size_t i = 0; i < lists.size(); ++i) {
-    const auto& have = lists[i];
-    const auto& ref = want[i];
-    ASSERT_TRUE(std::is_sorted(have.begin(), have.end())) << "list " << i;
-    EXPECT_LE(static_cast<std::int64_t>(have.size()), ref.keep) << "list " << i;
-    if (have == ref.kept) continue;
-    ASSERT_EQ(have.size(), ref.kept.size()) << "list " << i;
-    double lowest_kept = 1e300;
-    for (const std::int64_t c : ref.kept) lowest_kept = std::min(lowest_kept, ref.mass[c]);
-    for (const std::int64_t c : have) {
-      if (std::find(ref.kept.begin(), ref.kept.end(), c) == ref.kept.end()) {
-        EXPECT_GE(ref.mass[c], lowest_kept - slack) << "list " << i << " kept block " << c;
-      }
-    }
-  }
 }
 
 // block_sparse_attention<T> over a given selection, as an entry of run_entry.
@@ -114,11 +71,12 @@ void expect_block_sparse_matches(const Problem& p, const AttentionOptions& o,
   const BlockSelection selection = block_sparse_select(typed.qv(p), typed.kv(p), o, sparse);
   EXPECT_EQ(selection.block_size, sparse.block_size);
   expect_selection_matches(
-      selection,
+      lists_of(selection.offsets, selection.blocks),
       reference::block_sparse_select_reference(shape_of(p), in.q, in.k, reference_options(o),
                                                reference_sparse(sparse)),
       std::is_same_v<T, float> ? 1e-5 : 1e-12);
-  const Outputs want = reference_over(p, in, o, sparse.block_size, lists_of(selection));
+  const Outputs want =
+      reference_over(p, in, o, sparse.block_size, lists_of(selection.offsets, selection.blocks));
   for (const Layout layout : {Layout::kContiguous, Layout::kPadded}) {
     const Outputs got = run_entry<T>(AttendSelection{&selection}, p, in, o, Layouts::all(layout));
     EXPECT_TRUE(matches_reference(got.out, want.out, kTolerance<T>))
@@ -329,23 +287,12 @@ TEST(BlockSparseErrors, BadOptionsAndSelectionsAreRejectedBeforeOutIsTouched) {
   good.block_size = 32;
   good.budget = 0.5;  // the last query block keeps 2 of its 4 candidates
   const BlockSelection selection = block_sparse_select(typed.qv(p), typed.kv(p), o, good);
-  std::vector<float> out(static_cast<std::size_t>(shape_numel<4>(p.out_shape())),
-                         static_cast<float>(kSentinel));
-  const TensorView<float, 4> out_view(out.data(), p.out_shape());
+  const UntouchedOut out(p);
+  const auto& out_view = out.view;
   const auto expect_rejected = [&](const auto& call, const char* needle) {
-    try {
-      call();
-      ADD_FAILURE() << "accepted: " << needle;
-    } catch (const Error& error) {
-      EXPECT_NE(std::string(error.what()).find(needle), std::string::npos) << error.what();
-    }
-    for (const float x : out) ASSERT_EQ(x, static_cast<float>(kSentinel)) << needle;
+    out.expect_rejected(call, needle);
   };
-  const auto with = [&](auto change) {
-    BlockSparseOptions sparse = good;
-    change(sparse);
-    return sparse;
-  };
+  const auto with = [&](auto change) { return changed(good, change); };
   for (const auto& [sparse, needle] :
        {std::pair{with([](auto& s) { s.budget = 0; }), "budget"},
         std::pair{with([](auto& s) { s.budget = 1.5; }), "budget"},
@@ -360,11 +307,7 @@ TEST(BlockSparseErrors, BadOptionsAndSelectionsAreRejectedBeforeOutIsTouched) {
         [&] { block_sparse_attention(typed.qv(p), typed.kv(p), typed.vv(p), out_view, o, sparse); },
         needle);
   }
-  const auto edited = [&](auto change) {
-    BlockSelection s = selection;
-    change(s);
-    return s;
-  };
+  const auto edited = [&](auto change) { return changed(selection, change); };
   for (const auto& [bad, needle] :
        {std::pair{edited([](auto& s) { s.block_size = 64; }), "query_blocks"},
         std::pair{edited([](auto& s) { s.batch = 2; }), "batch"},

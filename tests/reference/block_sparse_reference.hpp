@@ -39,6 +39,44 @@ struct ReferenceList {
   std::int64_t keep = 0;  // n
 };
 
+// mass[candidates[i]] += weight * softmax(logits)[i].
+inline void add_softmax(const std::vector<double>& logits,
+                        const std::vector<std::int64_t>& candidates, double weight,
+                        std::vector<double>& mass) {
+  double largest = -std::numeric_limits<double>::infinity();
+  for (const double l : logits) largest = std::max(largest, l);
+  double total = 0;
+  for (const double l : logits) total += std::exp(l - largest);
+  for (std::size_t i = 0; i < candidates.size(); ++i)
+    mass[static_cast<std::size_t>(candidates[i])] += weight * std::exp(logits[i] - largest) / total;
+}
+
+// Fills list.kept (list.mass and list.keep set): the local items first, then the other
+// candidates by mass (ties: the lower item) while fewer than list.keep are kept and, with a
+// threshold, the kept mass is below it; ascending.
+inline void keep_local_then_by_mass(ReferenceList& list,
+                                    const std::vector<std::int64_t>& candidates,
+                                    const std::vector<std::int64_t>& local, double threshold) {
+  double kept_mass = 0;
+  for (const std::int64_t c : local) {
+    list.kept.push_back(c);
+    kept_mass += list.mass[static_cast<std::size_t>(c)];
+  }
+  std::vector<std::int64_t> others;
+  for (const std::int64_t c : candidates)
+    if (std::find(local.begin(), local.end(), c) == local.end()) others.push_back(c);
+  std::stable_sort(others.begin(), others.end(), [&](std::int64_t x, std::int64_t y) {
+    return list.mass[static_cast<std::size_t>(x)] > list.mass[static_cast<std::size_t>(y)];
+  });
+  for (const std::int64_t c : others) {
+    if (static_cast<std::int64_t>(list.kept.size()) >= list.keep) break;
+    if (threshold > 0 && kept_mass >= threshold) break;
+    list.kept.push_back(c);
+    kept_mass += list.mass[static_cast<std::size_t>(c)];
+  }
+  std::sort(list.kept.begin(), list.kept.end());
+}
+
 // Lists in the order (b, kv head, query block), query blocks from floor(q_offset / bs).
 inline std::vector<ReferenceList> block_sparse_select_reference(
     const AttentionShape& s, const std::vector<double>& q, const std::vector<double>& k,
@@ -97,33 +135,9 @@ inline std::vector<ReferenceList> block_sparse_select_reference(
             if (o.softcap > 0) logit = o.softcap * std::tanh(logit / o.softcap);
             logits.push_back(logit + std::log(static_cast<double>(end - begin)));
           }
-          double largest = -std::numeric_limits<double>::infinity();
-          for (const double l : logits) largest = std::max(largest, l);
-          double total = 0;
-          for (const double l : logits) total += std::exp(l - largest);
-          for (std::size_t i = 0; i < candidates.size(); ++i)
-            list.mass[static_cast<std::size_t>(candidates[i])] +=
-                std::exp(logits[i] - largest) / total / static_cast<double>(group);
+          add_softmax(logits, candidates, 1.0 / static_cast<double>(group), list.mass);
         }
-        // Local first, then by mass.
-        double kept_mass = 0;
-        for (const std::int64_t c : local) {
-          list.kept.push_back(c);
-          kept_mass += list.mass[static_cast<std::size_t>(c)];
-        }
-        std::vector<std::int64_t> others;
-        for (const std::int64_t c : candidates)
-          if (std::find(local.begin(), local.end(), c) == local.end()) others.push_back(c);
-        std::stable_sort(others.begin(), others.end(), [&](std::int64_t x, std::int64_t y) {
-          return list.mass[static_cast<std::size_t>(x)] > list.mass[static_cast<std::size_t>(y)];
-        });
-        for (const std::int64_t c : others) {
-          if (static_cast<std::int64_t>(list.kept.size()) >= list.keep) break;
-          if (sparse.threshold > 0 && kept_mass >= sparse.threshold) break;
-          list.kept.push_back(c);
-          kept_mass += list.mass[static_cast<std::size_t>(c)];
-        }
-        std::sort(list.kept.begin(), list.kept.end());
+        keep_local_then_by_mass(list, candidates, local, sparse.threshold);
         lists.push_back(list);
       }
   return lists;

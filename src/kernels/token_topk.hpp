@@ -1,0 +1,441 @@
+// src/kernels/token_topk.hpp — fine-grained (token) top-k prefill of one ISA level (included by
+// level.cpp): the pooled estimate that selects keys per query block, and the engine run over a
+// selection with the kept keys gathered by index. The entry points (src/token_topk.cpp) validate
+// and size; these compute.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "detail/block_sparse_geometry.hpp"
+#include "detail/convert.hpp"
+#include "detail/flash_engine.hpp"
+#include "detail/isa.hpp"
+#include "detail/kernels.hpp"
+#include "detail/simd.hpp"
+#include "detail/softmax_math.hpp"
+#include "foveal/core/parallel.hpp"
+
+FOVEAL_LEVEL_PUSH
+namespace foveal::detail {
+inline namespace FOVEAL_LEVEL {
+
+// An unsigned integer that orders masses as numbers (NaN, from NaN inputs, lowest): what the
+// selection sorts, so that it compares plain integers.
+template <typename T>
+using MassRank = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
+
+template <typename T>
+MassRank<T> mass_rank(T mass) {
+  using Rank = MassRank<T>;
+  if (mass != mass) return 0;
+  Rank bits;
+  std::memcpy(&bits, &mass, sizeof(bits));
+  constexpr Rank kSign = Rank{1} << (8 * sizeof(Rank) - 1);
+  return (bits & kSign) != 0 ? ~bits : bits | kSign;
+}
+
+// How many of ranks[0, n) are >= x (a loop the compiler vectorizes; no branch per element).
+template <typename Rank>
+Index count_at_least(const Rank* ranks, Index n, Rank x) {
+  Index total = 0;
+  for (Index begin = 0; begin < n; begin += Index{1} << 20) {
+    const Index end = std::min(n, begin + (Index{1} << 20));
+    Rank count = 0;
+    for (Index i = begin; i < end; ++i) count += static_cast<Rank>(ranks[i] >= x);
+    total += static_cast<Index>(count);
+  }
+  return total;
+}
+
+// The `wanted`-th largest of ranks[0, n) (1 <= wanted <= n), by bisection on its value: the
+// largest x with at least `wanted` ranks >= x. One vectorized count per bit of Rank, cheaper
+// than a selection algorithm's data-dependent branches on the few thousand ranks of a list.
+template <typename Rank>
+Rank largest_with_count(const Rank* ranks, Index n, Index wanted) {
+  Rank low = 0;                                  // count(>= low) >= wanted always
+  Rank high = std::numeric_limits<Rank>::max();  // the answer is in [low, high]
+  while (low < high) {
+    const Rank middle = static_cast<Rank>(low + (high - low) / 2 + 1);
+    if (count_at_least(ranks, n, middle) >= wanted) {
+      low = middle;
+    } else {
+      high = static_cast<Rank>(middle - 1);
+    }
+  }
+  return low;
+}
+
+// Per-thread memory of the selection.
+template <typename T>
+struct TokenSelectScratch {
+  std::vector<T> q_t;              // [D][kBlockQ]: the pass's mean queries, transposed
+  std::vector<T> s_t;              // [kBlockK][kBlockQ]: one key block's scores
+  std::vector<T> widened;          // [kBlockK][D]: 16-bit keys in the compute type
+  std::vector<const T*> k_rows;    // [kBlockK]
+  std::vector<T> logits;           // [kBlockQ][span]: the pass's base-2 logits
+  std::vector<T> mass;             // [blocks][span]: estimated mass per block and key
+  std::vector<Index> order;        // the candidates past the local keys
+  std::vector<MassRank<T>> ranks;  // their ranks, in key order
+};
+
+// The base-2 softmax of logits[0, count) (in place), scaled by `weight` and added to mass.
+template <typename T>
+void add_softmax(T* logits, Index count, T weight, T* mass) {
+  constexpr int L = kLanes<T>;
+  const T negative_infinity = -std::numeric_limits<T>::infinity();
+  Vec<T> largest_lanes = splat(negative_infinity);
+  Index j = 0;
+  for (; j + L <= count; j += L) largest_lanes = vector_max(largest_lanes, load(logits + j));
+  T largest = negative_infinity;
+  for (int lane = 0; lane < L; ++lane) largest = std::max(largest, largest_lanes[lane]);
+  for (; j < count; ++j) largest = std::max(largest, logits[j]);
+  if (!(largest > negative_infinity) || !std::isfinite(largest)) return;
+  const Vec<T> shift = splat(largest);
+  Vec<T> sum_lanes_v{};
+  for (j = 0; j + L <= count; j += L) {
+    const Vec<T> x = load(logits + j) - shift;  // <= 0 (or NaN)
+    const Vec<T> p = exp2_nonpositive(x > Vec<T>{} ? Vec<T>{} : x);
+    store(logits + j, p);
+    sum_lanes_v += p;
+  }
+  T total = sum_lanes<T>(sum_lanes_v);
+  for (; j < count; ++j) {
+    logits[j] = std::exp2(std::min(logits[j] - largest, T(0)));
+    total += logits[j];
+  }
+  if (!(total > 0) || !std::isfinite(total)) return;
+  const Vec<T> scale = splat(weight / total);
+  for (j = 0; j + L <= count; j += L) store(mass + j, load(mass + j) + load(logits + j) * scale);
+  for (; j < count; ++j) mass[j] += logits[j] * (weight / total);
+}
+
+template <typename S>
+void token_topk_select(const SelectPlan<S>& plan) {
+  using T = compute_type_t<S>;
+  constexpr int L = kLanes<T>;
+  const auto& q = plan.q;
+  const auto& k = plan.k;
+  const Index batch = q.size(0), heads_q = q.size(1), len_q = q.size(2), dim = q.size(3);
+  const Index heads_kv = k.size(1), len_k = k.size(2);
+  const Index group = heads_q / heads_kv;
+  const Index bs = plan.block_size;
+  // Query blocks per task: their group's mean queries fill one tile of kBlockQ rows, so every
+  // key the task loads is scored against all of them.
+  const Index per_task = std::max<Index>(1, kBlockQ / group);
+  const Index chunks = (plan.query_blocks + per_task - 1) / per_task;
+  const Index tasks = batch * heads_kv * chunks;
+  const Index lists = batch * heads_kv * plan.query_blocks;
+  const double work = static_cast<double>(lists) * static_cast<double>(group) *
+                      static_cast<double>(len_k) * static_cast<double>(dim);
+  const int threads =
+      team_size(tasks, plan.num_threads,
+                static_cast<Index>(
+                    std::min(work, static_cast<double>(std::numeric_limits<Index>::max() / 2))));
+  std::vector<TokenSelectScratch<T>> scratch(static_cast<std::size_t>(threads));
+  const T softcap = static_cast<T>(plan.softcap);
+  const T multiplier =
+      static_cast<T>(plan.softcap > 0 ? plan.scale / plan.softcap : plan.scale * kLog2E);
+  const T cap_multiplier = static_cast<T>(plan.softcap * kLog2E);
+  parallel_for(tasks, threads, [&](Index task) {
+    TokenSelectScratch<T>& own = scratch[static_cast<std::size_t>(thread_index())];
+    const Index b = task / (heads_kv * chunks);
+    const Index h = task / chunks % heads_kv;
+    const Index first_list = (b * heads_kv + h) * plan.query_blocks + task % chunks * per_task;
+    const Index first_block = plan.first_query_block + task % chunks * per_task;
+    const Index blocks =
+        std::min(per_task, plan.first_query_block + plan.query_blocks - first_block);
+    std::vector<TokenBlockGeometry> geometry(static_cast<std::size_t>(blocks));
+    Index span_begin = std::numeric_limits<Index>::max(), span_end = 0;
+    bool estimate = false;
+    for (Index i = 0; i < blocks; ++i) {
+      TokenBlockGeometry& g = geometry[static_cast<std::size_t>(i)];
+      g = token_block_geometry(plan.visibility, plan.q_offset, len_q, bs, first_block + i,
+                               plan.budget, plan.local);
+      const Index candidates = g.candidate_end - g.candidate_begin;
+      const Index local = g.local_end - g.local_begin;
+      const bool settled = plan.threshold <= 0 && (g.keep == candidates || g.keep == local);
+      if (settled || candidates == 0) continue;
+      estimate = true;
+      span_begin = std::min(span_begin, g.candidate_begin);
+      span_end = std::max(span_end, g.candidate_end);
+    }
+    const Index span = estimate ? span_end - span_begin : 0;
+
+    if (estimate) {
+      own.q_t.assign(static_cast<std::size_t>(dim * kBlockQ), T(0));
+      own.s_t.resize(static_cast<std::size_t>(kBlockK * kBlockQ));
+      own.k_rows.resize(static_cast<std::size_t>(kBlockK));
+      if constexpr (!std::is_same_v<S, T>)
+        own.widened.resize(static_cast<std::size_t>(kBlockK * dim));
+      own.mass.assign(static_cast<std::size_t>(blocks * span), T(0));
+      own.logits.resize(static_cast<std::size_t>(std::min(kBlockQ, blocks * group) * span));
+      // Rows (block i, head g) = i * group + g, kBlockQ at a time.
+      for (Index row0 = 0; row0 < blocks * group; row0 += kBlockQ) {
+        const Index rows = std::min(kBlockQ, blocks * group - row0);
+        std::fill(own.q_t.begin(), own.q_t.end(), T(0));
+        for (Index r = 0; r < rows; ++r) {
+          const TokenBlockGeometry& g = geometry[static_cast<std::size_t>((row0 + r) / group)];
+          const Index head = h * group + (row0 + r) % group;
+          const Index first_query = g.position_lo - plan.q_offset;
+          const Index queries = g.position_hi - g.position_lo + 1;
+          T* column = own.q_t.data() + r;
+          for (Index i = first_query; i < first_query + queries; ++i) {
+            const S* row = q.address(b, head, i, 0);
+            for (Index d = 0; d < dim; ++d) column[d * kBlockQ] += to_compute(row[d]);
+          }
+          const T inverse = T(1) / static_cast<T>(queries);
+          for (Index d = 0; d < dim; ++d) column[d * kBlockQ] *= inverse;
+        }
+        const int row_vectors = static_cast<int>((rows + L - 1) / L);
+        for (Index j0 = span_begin; j0 < span_end; j0 += kBlockK) {
+          const Index count = std::min(kBlockK, span_end - j0);
+          for (Index j = 0; j < count; ++j) {
+            const S* row = k.address(b, h, j0 + j, 0);
+            if constexpr (std::is_same_v<S, T>) {
+              own.k_rows[static_cast<std::size_t>(j)] = row;
+            } else {
+              T* to = own.widened.data() + j * dim;
+              for (Index d = 0; d < dim; ++d) to[d] = to_compute(row[d]);
+              own.k_rows[static_cast<std::size_t>(j)] = to;
+            }
+          }
+          compute_scores(
+              own.q_t.data(), own.k_rows.data(), count, dim, multiplier, row_vectors,
+              [&](Index, Index) {
+                return std::pair<int, int>{0, row_vectors};
+              },
+              own.s_t.data());
+          for (Index r = 0; r < rows; ++r) {
+            T* to = own.logits.data() + r * span + (j0 - span_begin);
+            for (Index j = 0; j < count; ++j)
+              to[j] = own.s_t[static_cast<std::size_t>(j * kBlockQ + r)];
+          }
+        }
+        // Each row's softmax over its block's candidates, averaged over the group.
+        for (Index r = 0; r < rows; ++r) {
+          const Index i = (row0 + r) / group;
+          const TokenBlockGeometry& g = geometry[static_cast<std::size_t>(i)];
+          if (g.candidate_end <= g.candidate_begin) continue;
+          T* logits = own.logits.data() + r * span + (g.candidate_begin - span_begin);
+          const Index count = g.candidate_end - g.candidate_begin;
+          if (plan.softcap > 0) {
+            Index j = 0;
+            for (; j + L <= count; j += L)
+              store(logits + j, tanh(load(logits + j)) * splat(cap_multiplier));
+            for (; j < count; ++j)
+              logits[j] = static_cast<T>(std::tanh(logits[j]) * softcap * static_cast<T>(kLog2E));
+          }
+          add_softmax(logits, count, T(1) / static_cast<T>(group),
+                      own.mass.data() + i * span + (g.candidate_begin - span_begin));
+        }
+      }
+    }
+
+    // Each block's list: local keys first, then the others by estimated mass.
+    for (Index i = 0; i < blocks; ++i) {
+      const TokenBlockGeometry& g = geometry[static_cast<std::size_t>(i)];
+      const Index list = first_list + i;
+      std::int64_t* kept = plan.items + plan.capacity[list];
+      Index count = 0;
+      const Index candidates = g.candidate_end - g.candidate_begin;
+      const Index local = g.local_end - g.local_begin;
+      if (plan.threshold <= 0 && (g.keep == candidates || g.keep == local)) {
+        const Index first = g.keep == candidates ? g.candidate_begin : g.local_begin;
+        for (Index c = 0; c < g.keep; ++c) kept[count++] = first + c;
+        plan.counts[list] = count;
+        continue;
+      }
+      const auto mass_of = [&](Index key) {
+        return own.mass[static_cast<std::size_t>(i * span + key - span_begin)];
+      };
+      const Index others = candidates - local;
+      const Index wanted = std::min(others, g.keep - local);
+      if (plan.threshold > 0) {
+        // Local keys, then the others by mass until the kept mass reaches the threshold.
+        T kept_mass = 0;
+        for (Index key = g.local_begin; key < g.local_end; ++key) {
+          kept[count++] = key;
+          kept_mass += mass_of(key);
+        }
+        own.order.clear();
+        for (Index key = g.candidate_begin; key < g.local_begin; ++key) own.order.push_back(key);
+        for (Index key = g.local_end; key < g.candidate_end; ++key) own.order.push_back(key);
+        const auto by_mass = [&](Index a, Index c) {
+          const auto rank_a = mass_rank(mass_of(a)), rank_c = mass_rank(mass_of(c));
+          return rank_a > rank_c || (rank_a == rank_c && a < c);
+        };
+        std::partial_sort(own.order.begin(), own.order.begin() + wanted, own.order.end(), by_mass);
+        for (Index r = 0; r < wanted; ++r) {
+          if (kept_mass >= static_cast<T>(plan.threshold)) break;
+          const Index key = own.order[static_cast<std::size_t>(r)];
+          kept[count++] = key;
+          kept_mass += mass_of(key);
+        }
+        std::sort(kept, kept + count);
+        plan.counts[list] = count;
+        continue;
+      }
+      // The wanted-th largest rank among the others (cut), then one ascending pass that takes
+      // the ranks above it and, of the ranks equal to it, the lowest keys: already in key order.
+      own.ranks.clear();
+      for (Index key = g.candidate_begin; key < g.local_begin; ++key)
+        own.ranks.push_back(mass_rank(mass_of(key)));
+      for (Index key = g.local_end; key < g.candidate_end; ++key)
+        own.ranks.push_back(mass_rank(mass_of(key)));
+      auto cut = decltype(mass_rank(T(0))){0};
+      Index ties = 0;  // of the ranks equal to cut, how many to take
+      if (wanted > 0) {
+        cut = largest_with_count(own.ranks.data(), static_cast<Index>(own.ranks.size()), wanted);
+        using Rank = decltype(cut);
+        const Index above =
+            cut == std::numeric_limits<Rank>::max()
+                ? 0
+                : count_at_least(own.ranks.data(), static_cast<Index>(own.ranks.size()),
+                                 static_cast<Rank>(cut + 1));
+        ties = wanted - above;
+      }
+      const auto take = [&](Index key, std::size_t at) {
+        if (wanted == 0) return;
+        const auto rank = own.ranks[at];
+        if (rank > cut || (rank == cut && ties-- > 0)) kept[count++] = key;
+      };
+      std::size_t at = 0;
+      for (Index key = g.candidate_begin; key < g.local_begin; ++key) take(key, at++);
+      for (Index key = g.local_begin; key < g.local_end; ++key) kept[count++] = key;
+      for (Index key = g.local_end; key < g.candidate_end; ++key) take(key, at++);
+      plan.counts[list] = count;
+    }
+  });
+}
+
+// Per-thread memory of the attention policy: the tile's kept keys, gathered, and which of the
+// tile's query blocks keep each key.
+struct TokenTopkScratch {
+  std::vector<std::int64_t> merged;
+  std::vector<Index> everywhere;    // kept by every query block of the tile
+  std::vector<Index> somewhere;     // kept by some of them
+  std::vector<std::uint8_t> marks;  // [Lk]: bit i: kept by the tile's i-th query block
+  Index list_lo = 0;
+  Index spanned = 1;
+};
+
+// The visit policy of one tile: the sinks, then the kept keys gathered by index into blocks of
+// up to kBlockK keys. Keys every query block of the tile keeps are masked by the visibility
+// rule alone (no mask at all off the diagonal); keys only some keep, per (row, key).
+class TokenTopkPolicy : public RulePolicy<Visibility> {
+ public:
+  TokenTopkPolicy(const Visibility& visibility, Index block_size, Index first_query_block,
+                  const std::int64_t* offsets, const std::int64_t* keys, TokenTopkScratch& scratch)
+      : RulePolicy(visibility),
+        block_size_(block_size),
+        first_query_block_(first_query_block),
+        offsets_(offsets),
+        keys_(keys),
+        scratch_(scratch) {}
+
+  bool sees(Index position, Index key) const {
+    if (!rule().sees(position, key)) return false;
+    if (key < rule().sink_tokens || scratch_.spanned == 1) return true;
+    const Index list = floor_divide(position, block_size_) - first_query_block_;
+    return (scratch_.marks[static_cast<std::size_t>(key)] >> (list - scratch_.list_lo) & 1) != 0;
+  }
+
+  template <typename Visit>
+  void for_each_block(Index position_lo, Index position_hi, Visit&& visit) const {
+    const Visibility& visibility = rule();
+    const Index sinks_end = visibility.sinks_end(position_hi);
+    for_each_aligned_block({0, sinks_end}, 0, visibility, position_lo, position_hi, visit);
+    const Index list_lo = floor_divide(position_lo, block_size_) - first_query_block_;
+    const Index list_hi = floor_divide(position_hi, block_size_) - first_query_block_;
+    scratch_.list_lo = list_lo;
+    // A tile spans at most kBlockQ positions, so at most 5 query blocks of >= 16: one bit each.
+    scratch_.spanned = list_hi - list_lo + 1;
+    // Gathered blocks of up to kBlockK keys; masked unless every row sees every key of the run
+    // [first, last] they span (by the rule; membership is settled by `masked_by_lists`).
+    const auto visit_gathered = [&](const Index* keys, Index count, bool masked_by_lists) {
+      for (Index at = 0; at < count; at += kBlockK) {
+        const Index n = std::min(kBlockK, count - at);
+        const bool masked = masked_by_lists || !visibility.sees_all(position_lo, position_hi,
+                                                                    keys[at], keys[at + n - 1] + 1);
+        visit(KeyBlock{0, n, keys + at, masked, 0});
+      }
+    };
+    if (scratch_.spanned == 1) {
+      const std::int64_t* first = keys_ + offsets_[list_lo];
+      const std::int64_t* last = keys_ + offsets_[list_lo + 1];
+      first = std::lower_bound(first, last, sinks_end);
+      visit_gathered(first, last - first, false);
+      return;
+    }
+    // Tiles that straddle query blocks: mark which blocks keep each key, split the keys into
+    // those all keep and those some keep.
+    std::vector<std::int64_t>& merged = scratch_.merged;
+    merged.clear();
+    for (Index list = list_lo; list <= list_hi; ++list) {
+      const auto bit = static_cast<std::uint8_t>(1u << (list - list_lo));
+      for (std::int64_t at = offsets_[list]; at < offsets_[list + 1]; ++at) {
+        const std::int64_t key = keys_[at];
+        if (key < sinks_end) continue;
+        std::uint8_t& mark = scratch_.marks[static_cast<std::size_t>(key)];
+        if (mark == 0) merged.push_back(key);
+        mark = static_cast<std::uint8_t>(mark | bit);
+      }
+    }
+    std::sort(merged.begin(), merged.end());
+    const auto all = static_cast<std::uint8_t>((1u << scratch_.spanned) - 1);
+    scratch_.everywhere.clear();
+    scratch_.somewhere.clear();
+    for (const std::int64_t key : merged)
+      (scratch_.marks[static_cast<std::size_t>(key)] == all ? scratch_.everywhere
+                                                            : scratch_.somewhere)
+          .push_back(key);
+    visit_gathered(scratch_.everywhere.data(), static_cast<Index>(scratch_.everywhere.size()),
+                   false);
+    visit_gathered(scratch_.somewhere.data(), static_cast<Index>(scratch_.somewhere.size()), true);
+    for (const std::int64_t key : merged) scratch_.marks[static_cast<std::size_t>(key)] = 0;
+  }
+
+ private:
+  Index block_size_;
+  Index first_query_block_;
+  const std::int64_t* offsets_;
+  const std::int64_t* keys_;
+  TokenTopkScratch& scratch_;
+};
+
+template <typename S>
+void token_topk_attention(const SelectionPlan<S>& plan) {
+  const FlashParams<S>& params = plan.params;
+  const Index batch = params.q.size(0), heads_kv = params.k.size(1), len_k = params.k.size(2);
+  const Index group = params.q.size(1) / heads_kv;
+  const Index lists = batch * heads_kv * plan.query_blocks;
+  // Work: every kept key for every row of its query block (an upper bound).
+  const double kept_keys = static_cast<double>(plan.offsets[lists]) *
+                           static_cast<double>(plan.block_size) * static_cast<double>(group);
+  const double work =
+      std::min(static_cast<double>(dense_work(params)),
+               kept_keys * static_cast<double>(params.q.size(3) + params.v.size(3)));
+  TokenTopkScratch prototype;
+  prototype.marks.assign(static_cast<std::size_t>(len_k), 0);
+  const TileGrid grid(batch, heads_kv, params.rows_per_head());
+  run_engine(
+      params, grid.num_tasks(), static_cast<Index>(work),
+      [&](Index task, TokenTopkScratch& scratch) {
+        const TileGrid::Cell cell = grid.cell(task);
+        const Index head_lists = (cell.outer * heads_kv + cell.kv_head) * plan.query_blocks;
+        return plan_tile(TokenTopkPolicy(plan.visibility, plan.block_size, plan.first_query_block,
+                                         plan.offsets + head_lists, plan.items, scratch),
+                         tile_of(params, cell.outer, cell.kv_head, cell.flat_begin));
+      },
+      prototype);
+}
+
+}  // namespace FOVEAL_LEVEL
+}  // namespace foveal::detail
+FOVEAL_LEVEL_POP

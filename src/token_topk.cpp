@@ -1,0 +1,129 @@
+// foveal::token_topk_select / token_topk_attention: validation, the selection's layout, then the
+// level kernels (src/kernels/token_topk.hpp).
+#include "foveal/attention/token_topk.hpp"
+
+#include <cmath>
+
+#include "detail/attention_setup.hpp"
+#include "detail/block_sparse_geometry.hpp"
+#include "detail/sparse_lists.hpp"
+
+namespace foveal {
+
+const std::int64_t* TokenSelection::kept(std::int64_t b, std::int64_t h, std::int64_t query_block,
+                                         std::int64_t* count) const {
+  check(b >= 0 && b < batch && h >= 0 && h < heads_kv && query_block >= first_query_block &&
+            query_block < first_query_block + query_blocks,
+        "TokenSelection::kept: (b, h, query_block) = (", b, ", ", h, ", ", query_block,
+        ") is outside batch ", batch, ", heads_kv ", heads_kv, ", query blocks [",
+        first_query_block, ", ", first_query_block + query_blocks, ")");
+  const std::int64_t list = (b * heads_kv + h) * query_blocks + (query_block - first_query_block);
+  const auto at = static_cast<std::size_t>(list);
+  *count = offsets[at + 1] - offsets[at];
+  return keys.data() + offsets[at];
+}
+
+namespace {
+
+void require_sparse_options(const char* function, const TokenTopkOptions& sparse) {
+  check(std::isfinite(sparse.budget) && sparse.budget > 0 && sparse.budget <= 1, function,
+        ": budget must be in (0, 1] (the fraction of candidate keys kept), got ", sparse.budget);
+  check(std::isfinite(sparse.threshold) && sparse.threshold >= 0 && sparse.threshold <= 1, function,
+        ": threshold must be in [0, 1] (0 = off; else the estimated attention mass to keep), "
+        "got ",
+        sparse.threshold);
+  check(sparse.block_size >= 16 && sparse.block_size <= 4096, function,
+        ": block_size must be in [16, 4096], got ", sparse.block_size);
+  check(sparse.local_tokens >= 0, function, ": local_tokens must be >= 0, got ",
+        sparse.local_tokens);
+}
+
+template <typename T>
+TokenSelection select_impl(const char* function, TensorView<const T, 4> q, TensorView<const T, 4> k,
+                           const AttentionOptions& options, const TokenTopkOptions& sparse) {
+  require_sparse_options(function, sparse);
+  const detail::SelectPlan<T> plan =
+      detail::select_plan<T>(function, q, k, options, sparse.block_size, sparse.budget,
+                             sparse.threshold, sparse.local_tokens);
+  TokenSelection selection;
+  selection.block_size = sparse.block_size;
+  selection.batch = q.size(0);
+  selection.heads_kv = k.size(1);
+  selection.first_query_block = plan.first_query_block;
+  selection.query_blocks = plan.query_blocks;
+  selection.len_k = k.size(2);
+  selection.offsets = detail::run_select(
+      plan,
+      [&](Index block) {
+        return detail::token_block_geometry(plan.visibility, plan.q_offset, q.size(2),
+                                            sparse.block_size, block, sparse.budget,
+                                            sparse.local_tokens)
+            .keep;
+      },
+      detail::kernels<T>().token_topk_select, selection.keys);
+  return selection;
+}
+
+// A selection must match the call's geometry and be a valid CSR of strictly increasing keys.
+void require_selection(const char* function, const TokenSelection& selection, Index batch,
+                       Index heads_kv, Index q_offset, Index len_q, Index len_k) {
+  detail::require_selection_geometry(function, selection, batch, heads_kv, q_offset, len_q);
+  detail::require_selection_field(function, "len_k", selection.len_k, len_k, "k.shape[2]");
+  detail::require_lists(function, selection.offsets, selection.keys,
+                        batch * heads_kv * selection.query_blocks, len_k, "keys", "a key");
+}
+
+template <typename T>
+void attend_impl(const char* function, TensorView<const T, 4> q, TensorView<const T, 4> k,
+                 TensorView<const T, 4> v, TensorView<T, 4> out, const AttentionOptions& options,
+                 const TokenSelection& selection, TensorView<compute_type_t<T>, 3> lse) {
+  const auto params = detail::prepare_attention<T>(function, q, k, v, out, options, lse, {});
+  require_selection(function, selection, q.size(0), k.size(1), params.q_offset, q.size(2),
+                    k.size(2));
+  detail::kernels<T>().token_topk_attention(
+      detail::selection_plan(params, options, selection, selection.keys));
+}
+
+constexpr const char* kSelect = "token_topk_select";
+constexpr const char* kAttend = "token_topk_attention";
+
+template <typename T>
+void select_and_attend(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorView<const T, 4> v,
+                       TensorView<T, 4> out, const AttentionOptions& options,
+                       const TokenTopkOptions& sparse, TensorView<compute_type_t<T>, 3> lse) {
+  // The attention's arguments are checked before the selection is made.
+  const auto params = detail::prepare_attention<T>(kAttend, q, k, v, out, options, lse, {});
+  const TokenSelection selection = select_impl<T>(kAttend, q, k, options, sparse);
+  detail::kernels<T>().token_topk_attention(
+      detail::selection_plan(params, options, selection, selection.keys));
+}
+
+}  // namespace
+
+#define FOVEAL_TOKEN_TOPK_ENTRY_POINTS(T, Lse)                                                \
+  TokenSelection token_topk_select(TensorView<const T, 4> q, TensorView<const T, 4> k,        \
+                                   const AttentionOptions& options,                           \
+                                   const TokenTopkOptions& sparse) {                          \
+    return select_impl<T>(kSelect, q, k, options, sparse);                                    \
+  }                                                                                           \
+  void token_topk_attention(TensorView<const T, 4> q, TensorView<const T, 4> k,               \
+                            TensorView<const T, 4> v, TensorView<T, 4> out,                   \
+                            const AttentionOptions& options, const TokenSelection& selection, \
+                            TensorView<Lse, 3> lse) {                                         \
+    attend_impl<T>(kAttend, q, k, v, out, options, selection, lse);                           \
+  }                                                                                           \
+  void token_topk_attention(TensorView<const T, 4> q, TensorView<const T, 4> k,               \
+                            TensorView<const T, 4> v, TensorView<T, 4> out,                   \
+                            const AttentionOptions& options, const TokenTopkOptions& sparse,  \
+                            TensorView<Lse, 3> lse) {                                         \
+    select_and_attend<T>(q, k, v, out, options, sparse, lse);                                 \
+  }
+
+FOVEAL_TOKEN_TOPK_ENTRY_POINTS(float, float)
+FOVEAL_TOKEN_TOPK_ENTRY_POINTS(double, double)
+FOVEAL_TOKEN_TOPK_ENTRY_POINTS(bfloat16, float)
+FOVEAL_TOKEN_TOPK_ENTRY_POINTS(float16, float)
+
+#undef FOVEAL_TOKEN_TOPK_ENTRY_POINTS
+
+}  // namespace foveal

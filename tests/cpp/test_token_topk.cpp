@@ -1,0 +1,372 @@
+// tests/cpp/test_token_topk.cpp — foveal::token_topk_select and token_topk_attention against
+// the float64 references (tests/reference/token_topk_reference.hpp: the selection;
+// attention_reference with a token mask: the attention), and the promises of the header:
+// causality and windows bound the selection, sinks stay visible, the same bits for any thread
+// count, 16-bit storage equals float32 rounded, bad arguments rejected before out is touched.
+// Shapes include 1, primes and non-multiples of the block sizes and of the engine's tiles; GQA
+// groups make tiles straddle query blocks (the per-(row, key) mask path).
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "attention_cases.hpp"
+#include "foveal/attention/dense.hpp"
+#include "foveal/attention/token_topk.hpp"
+#include "harness.hpp"
+#include "reference/token_topk_reference.hpp"
+#include "selection_cases.hpp"
+
+namespace foveal::test {
+namespace {
+
+reference::AttentionShape shape_of(const Problem& p) {
+  return {p.batch, p.heads_q, p.heads_kv, p.len_q, p.len_k, p.dim, p.dim_v};
+}
+
+std::string sparse_string(const TokenTopkOptions& s) {
+  return describe("budget=", s.budget, " threshold=", s.threshold, " block_size=", s.block_size,
+                  " local_tokens=", s.local_tokens);
+}
+
+// token_topk_attention<T> over a given selection, as an entry of run_entry.
+struct AttendSelection {
+  const TokenSelection* selection;
+  template <typename T>
+  void operator()(const TensorView<const T, 4>& q, const TensorView<const T, 4>& k,
+                  const TensorView<const T, 4>& v, const TensorView<T, 4>& out,
+                  const AttentionOptions& options, const TensorView<T, 3>& lse,
+                  const TensorView<const T, 4>& /*bias*/) const {
+    token_topk_attention(q, k, v, out, options, *selection, lse);
+  }
+};
+
+// The one-call form, as an entry of run_entry.
+struct SelectAndAttend {
+  TokenTopkOptions sparse;
+  template <typename T>
+  void operator()(const TensorView<const T, 4>& q, const TensorView<const T, 4>& k,
+                  const TensorView<const T, 4>& v, const TensorView<T, 4>& out,
+                  const AttentionOptions& options, const TensorView<T, 3>& lse,
+                  const TensorView<const T, 4>& /*bias*/) const {
+    token_topk_attention(q, k, v, out, options, sparse, lse);
+  }
+};
+
+Outputs reference_over(const Problem& p, const Inputs& in, const AttentionOptions& o,
+                       const TokenSelection& selection) {
+  const reference::AttentionShape shape = shape_of(p);
+  const reference::ReferenceOptions options = reference_options(o);
+  const std::vector<double> bias = reference::token_topk_bias(
+      shape, options, selection.block_size, lists_of(selection.offsets, selection.keys));
+  Outputs result;
+  reference::attention_reference(shape, in.q, in.k, in.v, options, result.out, result.lse, bias,
+                                 p.batch, p.heads_q);
+  return result;
+}
+
+// Selects with T, checks the selection against the reference, attends over it with T (strided
+// layouts too, and the one-call form) and checks out and lse against the reference over the same
+// selection.
+template <typename T>
+void expect_token_topk_matches(const Problem& p, const AttentionOptions& o,
+                               const TokenTopkOptions& sparse) {
+  SCOPED_TRACE(
+      describe(problem_string(p), "\n  ", options_string(o), "\n  ", sparse_string(sparse)));
+  const Inputs in = random_inputs(p);
+  const TypedInputs<T> typed(in);
+  const TokenSelection selection = token_topk_select(typed.qv(p), typed.kv(p), o, sparse);
+  EXPECT_EQ(selection.block_size, sparse.block_size);
+  EXPECT_EQ(selection.len_k, p.len_k);
+  expect_selection_matches(
+      lists_of(selection.offsets, selection.keys),
+      reference::token_topk_select_reference(
+          shape_of(p), in.q, in.k, reference_options(o),
+          {sparse.budget, sparse.threshold, sparse.block_size, sparse.local_tokens}),
+      std::is_same_v<T, float> ? 1e-4 : 1e-10);
+  const Outputs want = reference_over(p, in, o, selection);
+  for (const Layout layout : {Layout::kContiguous, Layout::kPadded}) {
+    const Outputs got = run_entry<T>(AttendSelection{&selection}, p, in, o, Layouts::all(layout));
+    EXPECT_TRUE(matches_reference(got.out, want.out, kTolerance<T>))
+        << "out " << layout_name(layout);
+    EXPECT_TRUE(matches_reference(got.lse, want.lse, kTolerance<T>))
+        << "lse " << layout_name(layout);
+  }
+  expect_identical(run_entry<T>(SelectAndAttend{sparse}, p, in, o),
+                   run_entry<T>(AttendSelection{&selection}, p, in, o));
+}
+
+template <typename T>
+class TokenTopk : public ::testing::Test {};
+TYPED_TEST_SUITE(TokenTopk, ElementTypes, ElementTypeNames);
+
+constexpr Index kLengths[] = {1, 2, 17, 63, 64, 65, 129, 200, 257};
+
+TYPED_TEST(TokenTopk, MatchesReferenceOnRandomShapesOptionsAndBudgets) {
+  for (std::uint64_t seed = 300; seed < 360; ++seed) {
+    RandomSource random(seed + 17);
+    const Problem p = random_problem(seed, 2e6, kLengths, 5);
+    AttentionOptions o;
+    o.causal = random.chance(0.7);
+    if (random.chance(0.3)) o.window_left = random.pick({Index{0}, Index{20}, Index{100}});
+    if (!o.causal && random.chance(0.3)) o.window_right = random.pick({Index{0}, Index{40}});
+    o.sink_tokens = random.pick({Index{0}, Index{0}, Index{1}, Index{4}, Index{70}});
+    o.softcap = random.pick({0.0, 0.0, 5.0});
+    o.q_offset = random.chance(0.6) ? -1 : random.integer(0, p.len_k + 3);
+    TokenTopkOptions sparse;
+    sparse.block_size = random.pick({Index{16}, Index{23}, Index{32}, Index{64}, Index{100}});
+    sparse.budget = random.pick({1.0 / 16, 0.2, 0.5, 1.0});
+    sparse.threshold = random.pick({0.0, 0.0, 0.5, 0.95});
+    sparse.local_tokens = random.pick({Index{0}, Index{5}, Index{64}});
+    expect_token_topk_matches<TypeParam>(p, o, sparse);
+  }
+}
+
+TYPED_TEST(TokenTopk, EveryGroupRatioAndLongerSequences) {
+  // Groups of 1 .. 16 query heads: a tile of 64 rows spans 64 / group positions, so with blocks
+  // of 16 and 23 positions tiles straddle query blocks (keys kept by some rows only).
+  for (Index ratio : kGroupRatios)
+    for (const Index block_size : {Index{16}, Index{23}}) {
+      AttentionOptions o;
+      o.causal = true;
+      o.sink_tokens = 3;
+      TokenTopkOptions sparse;
+      sparse.block_size = block_size;
+      sparse.budget = 0.2;
+      sparse.local_tokens = 8;
+      expect_token_topk_matches<TypeParam>(
+          make_problem(1, 2 * ratio, 2, 300, 300, 16, 8, 200 + ratio), o, sparse);
+    }
+}
+
+TYPED_TEST(TokenTopk, KeepingEveryKeyIsDenseAttention) {
+  for (const Problem& p : option_problems(300, 300, 210))
+    for (const bool causal : {true, false}) {
+      AttentionOptions o;
+      o.causal = causal;
+      o.sink_tokens = causal ? 2 : 0;
+      TokenTopkOptions sparse;
+      sparse.budget = 1;
+      sparse.block_size = 48;
+      SCOPED_TRACE(describe(problem_string(p), " causal=", causal));
+      const Inputs in = random_inputs(p);
+      const Outputs dense = run_attention<TypeParam>(p, in, o);
+      const Outputs got = run_entry<TypeParam>(SelectAndAttend{sparse}, p, in, o);
+      EXPECT_TRUE(matches_reference(got.out, dense.out, kTolerance<TypeParam>));
+      EXPECT_TRUE(matches_reference(got.lse, dense.lse, kTolerance<TypeParam>));
+    }
+}
+
+TYPED_TEST(TokenTopk, CausalityAndWindowsBoundAHandMadeSelection) {
+  // A selection that keeps every key for every query block (future ones too): the causal /
+  // window rule still decides, so the result is dense attention with those options.
+  const Problem p = make_problem(1, 4, 2, 200, 200, 16, 16, 410);
+  for (const Index window : {Index{-1}, Index{37}}) {
+    AttentionOptions o;
+    o.causal = true;
+    o.window_left = window;
+    o.sink_tokens = 5;
+    TokenSelection all;
+    all.block_size = 32;
+    all.batch = 1;
+    all.heads_kv = 2;
+    all.first_query_block = 0;
+    all.query_blocks = 7;
+    all.len_k = 200;
+    all.offsets.push_back(0);
+    for (Index list = 0; list < 14; ++list) {
+      for (Index key = 0; key < 200; ++key) all.keys.push_back(key);
+      all.offsets.push_back(static_cast<std::int64_t>(all.keys.size()));
+    }
+    const Inputs in = random_inputs(p);
+    const Outputs got = run_entry<TypeParam>(AttendSelection{&all}, p, in, o);
+    const Outputs want = reference_outputs(p, in, o);
+    EXPECT_TRUE(matches_reference(got.out, want.out, kTolerance<TypeParam>)) << window;
+    EXPECT_TRUE(matches_reference(got.lse, want.lse, kTolerance<TypeParam>)) << window;
+  }
+}
+
+TYPED_TEST(TokenTopk, FindsPlantedFarKeys) {
+  // Five scattered keys share a direction that the queries of the last block point at strongly;
+  // with room for five keys besides the local ones, those five are kept.
+  using T = TypeParam;
+  const Problem p = make_problem(1, 2, 1, 512, 512, 32, 32, 510);
+  Inputs in = random_inputs(p);
+  const Index planted[] = {3, 77, 150, 301, 402};
+  for (const Index j : planted) in.k[j * p.dim + 0] += 8.0;
+  for (Index h = 0; h < 2; ++h)
+    for (Index i = 480; i < 512; ++i) in.q[(h * p.len_q + i) * p.dim + 0] += 6.0;
+  const TypedInputs<T> typed(in);
+  AttentionOptions o;
+  o.causal = true;
+  TokenTopkOptions sparse;
+  sparse.block_size = 32;
+  sparse.local_tokens = 0;
+  sparse.budget = 37.0 / 512.0;  // ceil(budget * 512) = 37 = 32 local + 5
+  const TokenSelection selection = token_topk_select(typed.qv(p), typed.kv(p), o, sparse);
+  std::int64_t count = 0;
+  const std::int64_t* kept = selection.kept(0, 0, 15, &count);
+  ASSERT_EQ(count, 37);
+  for (int i = 0; i < 5; ++i) EXPECT_EQ(kept[i], planted[i]);
+  for (int i = 5; i < 37; ++i) EXPECT_EQ(kept[i], 480 + i - 5);
+}
+
+TYPED_TEST(TokenTopk, ThresholdKeepsFewerKeysOnAConcentratedEstimate) {
+  using T = TypeParam;
+  const Problem p = make_problem(1, 1, 1, 256, 256, 16, 16, 610);
+  Inputs in = random_inputs(p);
+  for (Index j = 0; j < 4; ++j) in.k[j * p.dim + 1] += 12.0;  // keys 0..3 dominate everyone
+  for (Index i = 0; i < 256; ++i) in.q[i * p.dim + 1] += 3.0;
+  const TypedInputs<T> typed(in);
+  AttentionOptions o;
+  o.causal = true;
+  TokenTopkOptions sparse;
+  sparse.block_size = 16;
+  sparse.budget = 0.5;
+  sparse.local_tokens = 0;
+  const TokenSelection fixed = token_topk_select(typed.qv(p), typed.kv(p), o, sparse);
+  sparse.threshold = 0.9;
+  sparse.budget = 1;  // no cap but the candidates
+  const TokenSelection adaptive = token_topk_select(typed.qv(p), typed.kv(p), o, sparse);
+  // Every block keeps its own 16 positions (local) and, past them, the four dominant keys alone
+  // (some of them: together they hold ~0.99 of the estimated mass), where a fixed budget of 0.5
+  // keeps half the candidates.
+  EXPECT_LT(adaptive.keys.size() * 3, fixed.keys.size());
+  for (Index block = 1; block < 16; ++block) {
+    std::int64_t count = 0;
+    const std::int64_t* kept = adaptive.kept(0, 0, block, &count);
+    ASSERT_GE(count, 17) << block;
+    ASSERT_LE(count, 20) << block;
+    const std::int64_t far = count - 16;
+    for (Index i = 0; i < far; ++i) EXPECT_LT(kept[i], 4) << block;
+    for (Index i = far; i < count; ++i) EXPECT_EQ(kept[i], block * 16 + i - far) << block;
+  }
+}
+
+TYPED_TEST(TokenTopk, SameBitsForAnyThreadCount) {
+  using T = TypeParam;
+  const Problem p = make_problem(2, 8, 2, 333, 333, 32, 24, 710);
+  const Inputs in = random_inputs(p);
+  const TypedInputs<T> typed(in);
+  AttentionOptions o;
+  o.causal = true;
+  o.sink_tokens = 4;
+  TokenTopkOptions sparse;
+  sparse.block_size = 24;
+  sparse.budget = 0.3;
+  sparse.threshold = 0.8;
+  std::vector<Outputs> results;
+  std::vector<TokenSelection> selections;
+  for (const int threads : {1, 2, 3}) {
+    o.num_threads = threads;
+    selections.push_back(token_topk_select(typed.qv(p), typed.kv(p), o, sparse));
+    results.push_back(run_entry<T>(AttendSelection{&selections.back()}, p, in, o));
+  }
+  for (std::size_t i = 1; i < results.size(); ++i) {
+    EXPECT_EQ(selections[i].keys, selections[0].keys);
+    EXPECT_EQ(selections[i].offsets, selections[0].offsets);
+    expect_identical(results[i], results[0]);
+  }
+}
+
+TEST(TokenTopkHalf, SixteenBitStorageIsTheFloatResultRounded) {
+  const Problem p = make_problem(1, 4, 2, 150, 150, 32, 32, 810);
+  Inputs in = random_inputs(p);
+  for (std::vector<double>* values : {&in.q, &in.k, &in.v})
+    for (double& x : *values) x = to_float(to_bfloat16(static_cast<float>(x)));
+  const TypedInputs<float> wide(in);
+  AttentionOptions o;
+  o.causal = true;
+  TokenTopkOptions sparse;
+  sparse.block_size = 32;
+  sparse.budget = 0.4;
+  sparse.local_tokens = 16;
+  const TokenSelection selection = token_topk_select(wide.qv(p), wide.kv(p), o, sparse);
+  std::vector<float> out(static_cast<std::size_t>(shape_numel<4>(p.out_shape())));
+  token_topk_attention(wide.qv(p), wide.kv(p), wide.vv(p),
+                       TensorView<float, 4>(out.data(), p.out_shape()), o, selection);
+  std::vector<bfloat16> q16, k16, v16;
+  for (const double x : in.q) q16.push_back(to_bfloat16(static_cast<float>(x)));
+  for (const double x : in.k) k16.push_back(to_bfloat16(static_cast<float>(x)));
+  for (const double x : in.v) v16.push_back(to_bfloat16(static_cast<float>(x)));
+  const TensorView<const bfloat16, 4> q(q16.data(), p.q_shape()), k(k16.data(), p.k_shape()),
+      v(v16.data(), p.v_shape());
+  const TokenSelection selection16 = token_topk_select(q, k, o, sparse);
+  EXPECT_EQ(selection16.keys, selection.keys);
+  std::vector<bfloat16> out16(out.size());
+  token_topk_attention(q, k, v, TensorView<bfloat16, 4>(out16.data(), p.out_shape()), o, selection);
+  for (std::size_t i = 0; i < out.size(); ++i)
+    ASSERT_EQ(to_float(out16[i]), to_float(to_bfloat16(out[i]))) << i;
+}
+
+TEST(TokenTopkErrors, BadOptionsAndSelectionsAreRejectedBeforeOutIsTouched) {
+  const Problem p = make_problem(1, 2, 1, 100, 100, 8, 8, 910);
+  const Inputs in = random_inputs(p);
+  const TypedInputs<float> typed(in);
+  AttentionOptions o;
+  o.causal = true;
+  TokenTopkOptions good;
+  good.block_size = 32;
+  good.budget = 0.5;
+  good.local_tokens = 4;
+  const TokenSelection selection = token_topk_select(typed.qv(p), typed.kv(p), o, good);
+  const UntouchedOut out(p);
+  const auto& out_view = out.view;
+  const auto expect_rejected = [&](const auto& call, const char* needle) {
+    out.expect_rejected(call, needle);
+  };
+  const auto with = [&](auto change) { return changed(good, change); };
+  for (const auto& [sparse, needle] :
+       {std::pair{with([](auto& s) { s.budget = 0; }), "budget"},
+        std::pair{with([](auto& s) { s.budget = 1.5; }), "budget"},
+        std::pair{with([](auto& s) { s.budget = std::nan(""); }), "budget"},
+        std::pair{with([](auto& s) { s.threshold = -0.1; }), "threshold"},
+        std::pair{with([](auto& s) { s.threshold = std::nan(""); }), "threshold"},
+        std::pair{with([](auto& s) { s.block_size = 8; }), "block_size"},
+        std::pair{with([](auto& s) { s.block_size = 5000; }), "block_size"},
+        std::pair{with([](auto& s) { s.local_tokens = -1; }), "local_tokens"}}) {
+    expect_rejected([&] { token_topk_select(typed.qv(p), typed.kv(p), o, sparse); }, needle);
+    expect_rejected(
+        [&] { token_topk_attention(typed.qv(p), typed.kv(p), typed.vv(p), out_view, o, sparse); },
+        needle);
+  }
+  const auto edited = [&](auto change) { return changed(selection, change); };
+  for (const auto& [bad, needle] :
+       {std::pair{edited([](auto& s) { s.block_size = 64; }), "query_blocks"},
+        std::pair{edited([](auto& s) { s.block_size = 7; }), "block_size"},
+        std::pair{edited([](auto& s) { s.batch = 2; }), "batch"},
+        std::pair{edited([](auto& s) { s.heads_kv = 2; }), "heads_kv"},
+        std::pair{edited([](auto& s) { s.len_k = 101; }), "len_k"},
+        std::pair{edited([](auto& s) { s.offsets.pop_back(); }), "offsets"},
+        std::pair{edited([](auto& s) { s.keys.push_back(0); }), "offsets"},
+        std::pair{edited([](auto& s) { s.keys[0] = 100; }), "not a key"},
+        std::pair{edited([](auto& s) { s.keys[0] = -1; }), "not a key"},
+        std::pair{edited([](auto& s) {
+                    std::size_t list = 0;
+                    while (s.offsets[list + 1] - s.offsets[list] < 2) ++list;
+                    s.keys[s.offsets[list] + 1] = s.keys[s.offsets[list]];
+                  }),
+                  "strictly increasing"},
+        std::pair{edited([](auto& s) { s.offsets[1] = s.offsets[2] + 1; }), "must not decrease"}}) {
+    expect_rejected(
+        [&] { token_topk_attention(typed.qv(p), typed.kv(p), typed.vv(p), out_view, o, bad); },
+        needle);
+  }
+  AttentionOptions shifted = o;
+  shifted.q_offset = 40;
+  expect_rejected(
+      [&] {
+        token_topk_attention(typed.qv(p), typed.kv(p), typed.vv(p), out_view, shifted, selection);
+      },
+      "first_query_block");
+  o.window_left = -5;
+  expect_rejected(
+      [&] { token_topk_attention(typed.qv(p), typed.kv(p), typed.vv(p), out_view, o, good); },
+      "window_left");
+  EXPECT_THROW(selection.kept(0, 0, 4, nullptr), Error);
+}
+
+}  // namespace
+}  // namespace foveal::test
