@@ -1,8 +1,9 @@
 """The sparse suite of bench/compare_torch.py: training-free sparse attention against foveal's
 own dense kernels (the baseline a sparse method has to beat), in one run.
 
-1. Prefill, causal, B 1, H 16, D 64, budget 1/16: ``block_sparse_attention`` (its selection
-   included) against ``attention(causal=True)``; L 8192 (quick) or 32768 (--full).
+1. Prefill, causal, B 1, H 16, D 64, budget 1/16: ``block_sparse_attention`` and
+   ``token_topk_attention`` (their selection included) against ``attention(causal=True)``;
+   L 8192 (quick) or 32768 (--full).
 2. Decode, Hq 32, Hkv 8, D 128, one query, budget 1/16: ``quest_decode_attention`` against
    ``decode_attention`` over the same cache; Lk 32768 (quick) or 131072 (--full); pages of 16
    and 32 rows. Page-bound upkeep is included: every timed step first drops the newest token
@@ -17,29 +18,35 @@ from __future__ import annotations
 import foveal
 import torch
 
+PREFILL_METHODS = {
+    "block_sparse": (foveal.block_sparse_attention, foveal.block_sparse_select),
+    "token_topk": (foveal.token_topk_attention, foveal.token_topk_select),
+}
 
-def _prefill_case(length: int, threads: int, seconds: float, interleaved) -> dict:
+
+def _prefill_case(method: str, length: int, threads: int, seconds: float, interleaved) -> dict:
+    attend, select = PREFILL_METHODS[method]
     generator = torch.Generator().manual_seed(length)
     q, k, v = (torch.randn((1, 16, length, 64), generator=generator) for _ in "qkv")
     budget = 1 / 16
     dense_s, sparse_s = interleaved(
         lambda: foveal.attention(q, k, v, causal=True),
-        lambda: foveal.block_sparse_attention(q, k, v, budget=budget),
+        lambda: attend(q, k, v, budget=budget),
         seconds,
         rounds=1,
     )
     select_s, _ = interleaved(
-        lambda: foveal.block_sparse_select(q, k, budget=budget),
+        lambda: select(q, k, budget=budget),
         lambda: None,
         seconds / 4,
         rounds=1,
     )
     _, dense_lse = foveal.attention(q, k, v, causal=True, return_lse=True)
-    _, lse = foveal.block_sparse_attention(q, k, v, budget=budget, return_lse=True)
+    _, lse = attend(q, k, v, budget=budget, return_lse=True)
     recall = torch.exp(lse - dense_lse).mean().item()
     return dict(
         case="prefill",
-        method="block_sparse",
+        method=method,
         L=length,
         threads=threads,
         budget=budget,
@@ -96,10 +103,14 @@ def run(threads_list, seconds, interleaved, full) -> list[dict]:
     for threads in threads_list:
         torch.set_num_threads(threads)
         foveal.set_num_threads(threads)
-        for length in (32768,) if full else (8192,):
-            row = _prefill_case(length, threads, seconds, interleaved)
+        for method, length in (
+            (method, length)
+            for method in PREFILL_METHODS
+            for length in ((32768,) if full else (8192,))
+        ):
+            row = _prefill_case(method, length, threads, seconds, interleaved)
             rows.append(row)
-            label = f"block_sparse prefill L{length} (select {row['select_ms']:.0f} ms)"
+            label = f"{method} prefill L{length} (select {row['select_ms']:.0f} ms)"
             print(
                 f"{label:<40}{threads:>8}{row['dense_ms']:>10.1f}{row['sparse_ms']:>11.1f}"
                 f"{row['speedup']:>9.2f}x{row['recall']:>8.3f}"

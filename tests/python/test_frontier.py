@@ -12,6 +12,7 @@ import pytest
 from conftest import SEED, reference_attention, visible_keys
 from foveal import frontier
 from foveal.frontier import methods as registry
+from foveal.frontier import plot
 
 DIM = 64  # small heads keep the planted generator fast
 
@@ -173,6 +174,22 @@ def test_block_sparse_and_quest_run_in_their_phases_and_find_retrieval_keys():
     assert recall["block_sparse", "prefill", "local"] > 0.8, recall
 
 
+def test_token_topk_keeps_more_of_planted_retrieval_keys_than_block_pooling():
+    """token_topk selects single keys, so lone planted retrieval keys keep more of their mass
+    than under block_sparse, whose pooled estimate averages each into its block's mean."""
+    data = frontier.planted("retrieval", 1024, dim=DIM, seed=SEED, mass=0.9)
+    layer = frontier.Layer("planted", data.q, data.k, data.v, data.kinds)
+    rows = frontier.sweep(
+        [layer], ["token_topk", "block_sparse"], ["1/16"], repeats=1, min_seconds=0
+    )
+    assert {(r["method"], r["phase"]) for r in rows if r["method"] != "dense"} == {
+        ("token_topk", "prefill"),
+        ("block_sparse", "prefill"),
+    }
+    recall = {r["method"]: r["recall"] for r in rows if r["phase"] == "prefill"}
+    assert recall["token_topk"] > 1.5 * recall["block_sparse"], recall
+
+
 @pytest.fixture
 def scratch_method():
     """Registers methods for one test and removes them afterwards."""
@@ -283,6 +300,22 @@ def _row(layer, head, method, budget, error, time, length=1024, phase="prefill")
         time_s=time,
         dense_time_s=1.0,
     )
+
+
+def test_plot_leaves_out_phases_without_a_sparse_method(tmp_path):
+    """A sweep of prefill-only methods measures dense in decode too: the plot has no decode
+    panel (nothing to trade off there) instead of failing on an empty log axis; dense alone
+    writes a note."""
+    data = frontier.planted("local", 256, dim=DIM, seed=SEED)
+    layer = frontier.Layer("planted", data.q, data.k, data.v, data.kinds)
+    rows = frontier.sweep([layer], ["block_sparse"], ["1/4"], repeats=1, min_seconds=0)
+    assert {r["phase"] for r in rows} == {"prefill", "decode"}
+    assert set(plot.points(rows)) == {"prefill"}
+    for use_matplotlib in (False, True):
+        assert plot.write_plot(rows, tmp_path / str(use_matplotlib), use_matplotlib=use_matplotlib)
+    dense_only = [r for r in rows if r["method"] == "dense"]
+    assert plot.points(dense_only) == {}
+    assert "no sparse method" in plot.write_plot(dense_only, tmp_path / "dense").read_text()
 
 
 def test_recommendation_on_a_handcrafted_table():

@@ -159,6 +159,29 @@ def block_sparse_adaptive(q, k, v, threshold, *, block_size=64, num_threads=None
     )
 
 
+def token_topk(q, k, v, budget, *, block_size=64, num_threads=None):
+    """foveal.token_topk_attention: each query block keeps ``budget`` of its candidate keys (its
+    local keys first, then the best by its mean query's estimate); selection included."""
+    return foveal.token_topk_attention(
+        q, k, v, budget=budget, block_size=block_size, return_lse=True, num_threads=num_threads
+    )
+
+
+def token_topk_adaptive(q, k, v, threshold, *, block_size=64, num_threads=None):
+    """foveal.token_topk_attention with an adaptive budget: the fewest keys whose estimated
+    attention mass reaches ``threshold`` (top-p over the mean query's estimate)."""
+    return foveal.token_topk_attention(
+        q,
+        k,
+        v,
+        budget=1.0,
+        threshold=threshold,
+        block_size=block_size,
+        return_lse=True,
+        num_threads=num_threads,
+    )
+
+
 # Quest reads page bounds that a KVCache keeps as tokens are appended; a server pays for them
 # once per token, not per call. The adapter builds one cache per captured (k, v) and reuses it,
 # so the timed calls measure the decode step alone (bench/sparse_cases.py times the upkeep).
@@ -191,6 +214,8 @@ register_method("dense", PHASES, dense)
 register_method("window", PHASES, window)
 register_method("block_sparse", "prefill", block_sparse)
 register_method("block_sparse_adaptive", "prefill", block_sparse_adaptive, budget="threshold")
+register_method("token_topk", "prefill", token_topk)
+register_method("token_topk_adaptive", "prefill", token_topk_adaptive, budget="threshold")
 register_method("quest", "decode", quest)
 
 

@@ -18,7 +18,7 @@ COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e3
 
 def points(rows: Sequence[dict]) -> dict:
     """{phase: (length, dense time_s, {method other than dense: [(time_s, error, budget), ...]
-    sorted by time})}."""
+    sorted by time})}, for the phases in which some method other than dense was measured."""
     longest = {}
     for row in rows:
         longest[row["phase"]] = max(longest.get(row["phase"], 0), row["length"])
@@ -43,7 +43,11 @@ def points(rows: Sequence[dict]) -> dict:
     for by_method in series.values():
         for points_of_method in by_method.values():
             points_of_method.sort()
-    return {phase: (longest[phase], dense[phase], series[phase]) for phase in longest}
+    return {
+        phase: (longest[phase], dense[phase], series[phase])
+        for phase in longest
+        if series[phase] and phase in dense
+    }
 
 
 def pareto_front(series: Sequence[tuple]) -> list:
@@ -67,6 +71,15 @@ def write_plot(rows: Sequence[dict], directory: str | Path, *, use_matplotlib: b
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     data = points(rows)
+    if not data:
+        # Dense alone (or no dense baseline): no trade-off to draw.
+        path = directory / "pareto.svg"
+        path.write_text(
+            '<svg xmlns="http://www.w3.org/2000/svg" width="420" height="40">'
+            '<text x="10" y="25" font-size="13">foveal.frontier: no sparse method was measured '
+            "next to dense</text></svg>\n"
+        )
+        return path
     if use_matplotlib:
         try:
             import matplotlib
