@@ -54,12 +54,17 @@ Index count_at_least(const Rank* ranks, Index n, Rank x) {
 }
 
 // The `wanted`-th largest of ranks[0, n) (1 <= wanted <= n), by bisection on its value: the
-// largest x with at least `wanted` ranks >= x. One vectorized count per bit of Rank, cheaper
-// than a selection algorithm's data-dependent branches on the few thousand ranks of a list.
+// largest x with at least `wanted` ranks >= x, between the least and the largest rank. One
+// vectorized count per bit of their difference, cheaper than a selection algorithm's
+// data-dependent branches on the few thousand ranks of a list.
 template <typename Rank>
 Rank largest_with_count(const Rank* ranks, Index n, Index wanted) {
-  Rank low = 0;                                  // count(>= low) >= wanted always
-  Rank high = std::numeric_limits<Rank>::max();  // the answer is in [low, high]
+  Rank low = std::numeric_limits<Rank>::max(), high = 0;
+  for (Index i = 0; i < n; ++i) {
+    low = std::min(low, ranks[i]);
+    high = std::max(high, ranks[i]);
+  }
+  // count(>= low) = n >= wanted, and the answer is in [low, high].
   while (low < high) {
     const Rank middle = static_cast<Rank>(low + (high - low) / 2 + 1);
     if (count_at_least(ranks, n, middle) >= wanted) {
@@ -75,6 +80,7 @@ Rank largest_with_count(const Rank* ranks, Index n, Index wanted) {
 template <typename T>
 struct TokenSelectScratch {
   std::vector<T> q_t;              // [D][kBlockQ]: the pass's mean queries, transposed
+  std::vector<T> mean;             // [D]: one of them, summed along D
   std::vector<T> s_t;              // [kBlockK][kBlockQ]: one key block's scores
   std::vector<T> widened;          // [kBlockK][D]: 16-bit keys in the compute type
   std::vector<const T*> k_rows;    // [kBlockK]
@@ -169,6 +175,7 @@ void token_topk_select(const SelectPlan<S>& plan) {
 
     if (estimate) {
       own.q_t.assign(static_cast<std::size_t>(dim * kBlockQ), T(0));
+      own.mean.resize(static_cast<std::size_t>(dim));
       own.s_t.resize(static_cast<std::size_t>(kBlockK * kBlockQ));
       own.k_rows.resize(static_cast<std::size_t>(kBlockK));
       if constexpr (!std::is_same_v<S, T>)
@@ -184,13 +191,17 @@ void token_topk_select(const SelectPlan<S>& plan) {
           const Index head = h * group + (row0 + r) % group;
           const Index first_query = g.position_lo - plan.q_offset;
           const Index queries = g.position_hi - g.position_lo + 1;
-          T* column = own.q_t.data() + r;
+          // Summed along D (contiguous), then written transposed.
+          std::fill(own.mean.begin(), own.mean.end(), T(0));
           for (Index i = first_query; i < first_query + queries; ++i) {
             const S* row = q.address(b, head, i, 0);
-            for (Index d = 0; d < dim; ++d) column[d * kBlockQ] += to_compute(row[d]);
+            for (Index d = 0; d < dim; ++d)
+              own.mean[static_cast<std::size_t>(d)] += to_compute(row[d]);
           }
           const T inverse = T(1) / static_cast<T>(queries);
-          for (Index d = 0; d < dim; ++d) column[d * kBlockQ] *= inverse;
+          T* column = own.q_t.data() + r;
+          for (Index d = 0; d < dim; ++d)
+            column[d * kBlockQ] = own.mean[static_cast<std::size_t>(d)] * inverse;
         }
         const int row_vectors = static_cast<int>((rows + L - 1) / L);
         for (Index j0 = span_begin; j0 < span_end; j0 += kBlockK) {
