@@ -727,12 +727,17 @@ class TileWorkspace {
 
 // The multiply-adds of `rows` query rows that each visit at most `keys` keys: rows × keys ×
 // (D + Dv), saturated at the largest Index (a bound for detail::team_size, never a size).
-template <typename S>
-Index attention_work(const FlashParams<S>& params, Index rows, Index keys) {
-  const double work = static_cast<double>(rows) * static_cast<double>(keys) *
-                      static_cast<double>(params.q.size(3) + params.v.size(3));
+// An amount of work computed in double, as an Index saturated at half the largest (a bound for
+// detail::team_size, never a size).
+inline Index saturated_work(double work) {
   constexpr auto kLargest = static_cast<double>(std::numeric_limits<Index>::max() / 2);
   return work < kLargest ? static_cast<Index>(work) : static_cast<Index>(kLargest);
+}
+
+template <typename S>
+Index attention_work(const FlashParams<S>& params, Index rows, Index keys) {
+  return saturated_work(static_cast<double>(rows) * static_cast<double>(keys) *
+                        static_cast<double>(params.q.size(3) + params.v.size(3)));
 }
 
 // The work of a call whose every query row may see every key of params.k: an upper bound.

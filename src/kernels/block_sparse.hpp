@@ -51,20 +51,24 @@ void block_sparse_select(const SelectPlan<S>& plan) {
   // The mean key of every (batch, kv head, key block).
   std::vector<T> pooled_k(static_cast<std::size_t>(batch * heads_kv * key_blocks * dim));
   const Index key_tasks = batch * heads_kv * key_blocks;
-  parallel_for(key_tasks, team_size(key_tasks, plan.num_threads, len_k * dim), [&](Index task) {
-    const Index b = task / (heads_kv * key_blocks);
-    const Index h = task / key_blocks % heads_kv;
-    const Index block = task % key_blocks;
-    const Index begin = block * bs, end = std::min(len_k, begin + bs);
-    T* mean = pooled_k.data() + task * dim;
-    std::fill_n(mean, dim, T(0));
-    for (Index j = begin; j < end; ++j) {
-      const S* row = k.address(b, h, j, 0);
-      for (Index d = 0; d < dim; ++d) mean[d] += to_compute(row[d]);
-    }
-    const T inverse = T(1) / static_cast<T>(end - begin);
-    for (Index d = 0; d < dim; ++d) mean[d] *= inverse;
-  });
+  // Every key row is read once (saturated: zero-stride views may have huge extents).
+  const double key_work = static_cast<double>(batch) * static_cast<double>(heads_kv) *
+                          static_cast<double>(len_k) * static_cast<double>(dim);
+  parallel_for(key_tasks, team_size(key_tasks, plan.num_threads, saturated_work(key_work)),
+               [&](Index task) {
+                 const Index b = task / (heads_kv * key_blocks);
+                 const Index h = task / key_blocks % heads_kv;
+                 const Index block = task % key_blocks;
+                 const Index begin = block * bs, end = std::min(len_k, begin + bs);
+                 T* mean = pooled_k.data() + task * dim;
+                 std::fill_n(mean, dim, T(0));
+                 for (Index j = begin; j < end; ++j) {
+                   const S* row = k.address(b, h, j, 0);
+                   for (Index d = 0; d < dim; ++d) mean[d] += to_compute(row[d]);
+                 }
+                 const T inverse = T(1) / static_cast<T>(end - begin);
+                 for (Index d = 0; d < dim; ++d) mean[d] *= inverse;
+               });
 
   const Index lists = batch * heads_kv * plan.query_blocks;
   const int threads =
@@ -263,7 +267,7 @@ void block_sparse_attention(const SelectionPlan<S>& plan) {
       std::min(bound, kept_keys * static_cast<double>(params.q.size(3) + params.v.size(3)));
   const TileGrid grid(batch, heads_kv, params.rows_per_head());
   run_engine(
-      params, grid.num_tasks(), static_cast<Index>(work),
+      params, grid.num_tasks(), saturated_work(work),
       [&](Index task, std::vector<std::int64_t>& scratch) {
         const TileGrid::Cell cell = grid.cell(task);
         const Index head_lists = (cell.outer * heads_kv + cell.kv_head) * plan.query_blocks;

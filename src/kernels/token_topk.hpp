@@ -139,10 +139,7 @@ void token_topk_select(const SelectPlan<S>& plan) {
   const Index lists = batch * heads_kv * plan.query_blocks;
   const double work = static_cast<double>(lists) * static_cast<double>(group) *
                       static_cast<double>(len_k) * static_cast<double>(dim);
-  const int threads =
-      team_size(tasks, plan.num_threads,
-                static_cast<Index>(
-                    std::min(work, static_cast<double>(std::numeric_limits<Index>::max() / 2))));
+  const int threads = team_size(tasks, plan.num_threads, saturated_work(work));
   std::vector<TokenSelectScratch<T>> scratch(static_cast<std::size_t>(threads));
   const T softcap = static_cast<T>(plan.softcap);
   const T multiplier =
@@ -436,7 +433,7 @@ void token_topk_attention(const SelectionPlan<S>& plan) {
   prototype.marks.assign(static_cast<std::size_t>(len_k), 0);
   const TileGrid grid(batch, heads_kv, params.rows_per_head());
   run_engine(
-      params, grid.num_tasks(), static_cast<Index>(work),
+      params, grid.num_tasks(), saturated_work(work),
       [&](Index task, TokenTopkScratch& scratch) {
         const TileGrid::Cell cell = grid.cell(task);
         const Index head_lists = (cell.outer * heads_kv + cell.kv_head) * plan.query_blocks;
