@@ -402,6 +402,28 @@ TYPED_TEST(Quest, SameBitsForAnyThreadCount) {
   }
 }
 
+// Regression (fuzz_sparse): over storage with no heads (no bounds to keep) the capacity may be
+// huge; the cache visited every page of it (refresh when wrapping: 2^63 pages) and every
+// dropped position (truncate), and computed ceil(capacity / page) and length + capacity with
+// overflowing adds. Now no work depends on that capacity.
+TEST(QuestRegressions, NoWorkDependsOnTheCapacityOfStorageWithNoHeads) {
+  const Index capacity = std::numeric_limits<Index>::max();
+  float key = 0, value = 0;
+  const TensorView<float, 4> keys(&key, {1, 0, capacity, 4}, {0, 0, 0, 1});
+  const TensorView<float, 4> values(&value, {1, 0, capacity, 4}, {0, 0, 0, 1});
+  for (const Index page : {Index{1}, Index{16}}) {
+    KVCacheOptions options;
+    options.page_bounds = page;
+    KVCache<float> cache(keys, values, options, {Index{1} << 40});
+    EXPECT_EQ(cache.pages(), capacity / page + (page > 1));
+    EXPECT_EQ(cache.page_bounds().size(2), cache.pages());
+    EXPECT_EQ(cache.page_bounds().numel(), 0);
+    cache.truncate(1);
+    EXPECT_EQ(cache.length(0), 1);
+    cache.refresh_page_bounds();
+  }
+}
+
 TEST(QuestErrors, BadArgumentsAreRejectedBeforeOutIsTouched) {
   KVCache<float> plain(1, 1, 64, 8, 8);
   KVCache<float> paged(1, 1, 64, 8, 8, {false, 0, 16});
