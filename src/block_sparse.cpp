@@ -12,13 +12,27 @@ namespace foveal {
 
 const std::int64_t* BlockSelection::kept(std::int64_t b, std::int64_t h, std::int64_t query_block,
                                          std::int64_t* count) const {
-  check(b >= 0 && b < batch && h >= 0 && h < heads_kv && query_block >= first_query_block &&
-            query_block < first_query_block + query_blocks,
+  // The fields of a hand-made or edited selection may be anything: no overflowing arithmetic.
+  std::int64_t relative = 0;
+  const bool in_blocks = !__builtin_sub_overflow(query_block, first_query_block, &relative) &&
+                         relative >= 0 && relative < query_blocks;
+  check(b >= 0 && b < batch && h >= 0 && h < heads_kv && in_blocks,
         "BlockSelection::kept: (b, h, query_block) = (", b, ", ", h, ", ", query_block,
-        ") is outside batch ", batch, ", heads_kv ", heads_kv, ", query blocks [",
-        first_query_block, ", ", first_query_block + query_blocks, ")");
-  const std::int64_t list = (b * heads_kv + h) * query_blocks + (query_block - first_query_block);
-  const auto at = static_cast<std::size_t>(list);
+        ") is outside batch ", batch, ", heads_kv ", heads_kv, ", the ", query_blocks,
+        " query blocks from ", first_query_block);
+  // The list (b * heads_kv + h) * query_blocks + relative; never one outside blocks.
+  std::int64_t list = 0;
+  const bool fits = !__builtin_mul_overflow(b, heads_kv, &list) &&
+                    !__builtin_add_overflow(list, h, &list) &&
+                    !__builtin_mul_overflow(list, query_blocks, &list) &&
+                    !__builtin_add_overflow(list, relative, &list);
+  const bool inside = fits && static_cast<std::size_t>(list) + 1 < offsets.size();
+  const auto at = inside ? static_cast<std::size_t>(list) : 0;
+  const auto size = static_cast<std::int64_t>(blocks.size());
+  check(inside && offsets[at] >= 0 && offsets[at] <= offsets[at + 1] && offsets[at + 1] <= size,
+        "BlockSelection::kept: the list of (b, h, query_block) = (", b, ", ", h, ", ", query_block,
+        ") is not within the ", offsets.size(), " offsets and ", size,
+        " blocks: the selection breaks its layout");
   *count = offsets[at + 1] - offsets[at];
   return blocks.data() + offsets[at];
 }
@@ -45,14 +59,31 @@ struct BlockLayout {
   Index key_blocks = 0;
 };
 
-BlockLayout block_layout(Index q_offset, Index len_q, Index len_k, Index block_size) {
+// Empty views may have huge extents: ceil(Lk / block_size) and the last query position are
+// computed without overflowing, and a call whose last query position passes 2^63 - 1 is
+// rejected.
+BlockLayout block_layout(const char* function, Index q_offset, Index len_q, Index len_k,
+                         Index block_size) {
   BlockLayout layout;
-  layout.key_blocks = (len_k + block_size - 1) / block_size;
+  layout.key_blocks = len_k / block_size + (len_k % block_size != 0);
   if (len_q == 0) return layout;
+  Index last = 0;
+  check(!__builtin_add_overflow(q_offset, len_q - 1, &last), function, ": q_offset (", q_offset,
+        ") + Lq (", len_q, ") passes the largest position, 2^63 - 1");
   layout.first_query_block = detail::floor_divide(q_offset, block_size);
-  layout.query_blocks =
-      detail::floor_divide(q_offset + len_q - 1, block_size) - layout.first_query_block + 1;
+  layout.query_blocks = detail::floor_divide(last, block_size) - layout.first_query_block + 1;
   return layout;
+}
+
+// The number of lists of a selection, batch * heads_kv * query_blocks, checked like a size.
+Index list_count(const char* function, Index batch, Index heads_kv, const BlockLayout& layout) {
+  return detail::checked_numel<std::int64_t>(function, {batch, heads_kv, layout.query_blocks});
+}
+
+// Whether a call has no query row to compute (out and lse are empty).
+template <typename T>
+bool no_rows(TensorView<const T, 4> q) {
+  return q.size(0) == 0 || q.size(1) == 0 || q.size(2) == 0;
 }
 
 detail::Visibility visibility_of(const AttentionOptions& options, Index len_q, Index len_k,
@@ -67,6 +98,9 @@ BlockSelection select_impl(const char* function, TensorView<const T, 4> q, Tenso
   require_sparse_options(function, sparse);
   detail::require_valid_view(function, "q", q);
   detail::require_valid_view(function, "k", k);
+  // The kernel pools rows of q and k as contiguous vectors.
+  detail::require_unit_inner_stride(function, "q", q);
+  detail::require_unit_inner_stride(function, "k", k);
   const Index batch = q.size(0), heads_q = q.size(1), len_q = q.size(2), dim = q.size(3);
   const Index heads_kv = k.size(1), len_k = k.size(2);
   check(dim >= 1, function, ": q.shape[3] (D) must be >= 1, got ", dim);
@@ -79,7 +113,7 @@ BlockSelection select_impl(const char* function, TensorView<const T, 4> q, Tenso
   detail::require_q_offset(function, options.q_offset);
 
   const Index q_offset = options.q_offset == -1 ? len_k - len_q : options.q_offset;
-  const BlockLayout layout = block_layout(q_offset, len_q, len_k, sparse.block_size);
+  const BlockLayout layout = block_layout(function, q_offset, len_q, len_k, sparse.block_size);
   const detail::Visibility visibility = visibility_of(options, len_q, len_k, q_offset);
   const double scale = detail::resolve_scale<compute_type_t<T>>(function, options, dim);
 
@@ -90,7 +124,7 @@ BlockSelection select_impl(const char* function, TensorView<const T, 4> q, Tenso
   selection.first_query_block = layout.first_query_block;
   selection.query_blocks = layout.query_blocks;
   selection.key_blocks = layout.key_blocks;
-  const Index lists = batch * heads_kv * layout.query_blocks;
+  const Index lists = list_count(function, batch, heads_kv, layout);
   // Room for each list's `keep`; the kernel may keep fewer (threshold), compacted below.
   std::vector<Index> capacity(static_cast<std::size_t>(lists) + 1, 0);
   for (Index list = 0; list < lists; ++list) {
@@ -141,7 +175,7 @@ void require_selection(const char* function, const BlockSelection& selection, In
                        Index heads_kv, Index q_offset, Index len_q, Index len_k) {
   check(selection.block_size >= 16 && selection.block_size <= 4096, function,
         ": selection.block_size must be in [16, 4096], got ", selection.block_size);
-  const BlockLayout layout = block_layout(q_offset, len_q, len_k, selection.block_size);
+  const BlockLayout layout = block_layout(function, q_offset, len_q, len_k, selection.block_size);
   const auto mismatch = [&](const char* name, Index got, Index expected, const char* what) {
     check(got == expected, function, ": selection.", name, " must be ", expected, " (", what,
           "), got ", got, "; was the selection made for other q, k or q_offset?");
@@ -153,7 +187,7 @@ void require_selection(const char* function, const BlockSelection& selection, In
   mismatch("query_blocks", selection.query_blocks, layout.query_blocks,
            "the query blocks holding the call's queries");
   mismatch("key_blocks", selection.key_blocks, layout.key_blocks, "ceil(Lk / block_size)");
-  const Index lists = batch * heads_kv * layout.query_blocks;
+  const Index lists = list_count(function, batch, heads_kv, layout);
   check(static_cast<Index>(selection.offsets.size()) == lists + 1, function,
         ": selection.offsets must have batch * heads_kv * query_blocks + 1 = ", lists + 1,
         " entries, got ", selection.offsets.size());
@@ -175,10 +209,12 @@ void require_selection(const char* function, const BlockSelection& selection, In
       const std::int64_t block = selection.blocks[static_cast<std::size_t>(i)];
       check(block >= 0 && block < layout.key_blocks, function, ": selection.blocks[", i,
             "] = ", block, " is not a key block in [0, ", layout.key_blocks, ")");
-      check(i == begin || selection.blocks[static_cast<std::size_t>(i) - 1] < block, function,
-            ": the blocks of list ", list, " must be strictly increasing; selection.blocks[", i - 1,
-            "] = ", selection.blocks[static_cast<std::size_t>(i) - 1], ", selection.blocks[", i,
-            "] = ", block);
+      // (The message's arguments are evaluated before the check: no blocks[-1] for i = 0.)
+      const std::int64_t previous =
+          i == begin ? -1 : selection.blocks[static_cast<std::size_t>(i) - 1];
+      check(previous < block, function, ": the blocks of list ", list,
+            " must be strictly increasing; selection.blocks[", i - 1, "] = ", previous,
+            ", selection.blocks[", i, "] = ", block);
     }
   }
 }
@@ -190,6 +226,7 @@ void attend_impl(const char* function, TensorView<const T, 4> q, TensorView<cons
   const auto params = detail::prepare_attention<T>(function, q, k, v, out, options, lse, {});
   const Index len_q = q.size(2), len_k = k.size(2);
   require_selection(function, selection, q.size(0), k.size(1), params.q_offset, len_q, len_k);
+  if (no_rows(q)) return;  // nothing to write (and no work may depend on the other extents)
   detail::BlockSparsePlan<T> plan;
   plan.params = params;
   plan.visibility = visibility_of(options, len_q, len_k, params.q_offset);
@@ -210,6 +247,10 @@ void select_and_attend(TensorView<const T, 4> q, TensorView<const T, 4> k, Tenso
                        const BlockSparseOptions& sparse, TensorView<compute_type_t<T>, 3> lse) {
   // Everything the attention checks is checked before the selection is made.
   detail::prepare_attention<T>(kAttend, q, k, v, out, options, lse, {});
+  if (no_rows(q)) {  // nothing to select nor write: only the options are left to check
+    require_sparse_options(kAttend, sparse);
+    return;
+  }
   const BlockSelection selection = select_impl<T>(kAttend, q, k, options, sparse);
   attend_impl<T>(kAttend, q, k, v, out, options, selection, lse);
 }
