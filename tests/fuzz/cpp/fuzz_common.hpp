@@ -205,6 +205,27 @@ DrawnView<T, Rank> draw_view(FuzzedDataProvider& data, Arena<Elem>& arena,
   return drawn;
 }
 
+// The flat element `flat` (row-major order) of `view`.
+template <typename T, int Rank>
+T& element(const foveal::TensorView<T, Rank>& view, Index flat) {
+  Index offset = 0;
+  for (int d = Rank - 1; d >= 0; --d) {
+    offset += (flat % view.size(d)) * view.stride(d);
+    flat /= view.size(d);
+  }
+  return view.data()[offset];
+}
+
+// x in double (a 16-bit storage type widened exactly).
+template <typename T>
+double widen(T x) {
+  if constexpr (foveal::is_half_dtype_v<T>) {
+    return foveal::to_float(x);
+  } else {
+    return static_cast<double>(x);
+  }
+}
+
 // The outcome of one fuzz input, summed over every view it drew.
 struct Expect {
   bool invalid = false;

@@ -22,17 +22,6 @@ namespace {
 using namespace foveal_fuzz;
 using foveal::TensorView;
 
-// The flat element `flat` (row-major order) of `view`.
-template <typename T, int Rank>
-T& element(const TensorView<T, Rank>& view, Index flat) {
-  Index offset = 0;
-  for (int d = Rank - 1; d >= 0; --d) {
-    offset += (flat % view.size(d)) * view.stride(d);
-    flat /= view.size(d);
-  }
-  return view.data()[offset];
-}
-
 // A view's elements as float: a contiguous copy of the same shape (all strides 0 when it is
 // empty, whatever its extents); a null view stays null. Only for views the library accepted
 // (made after the 16-bit call).
