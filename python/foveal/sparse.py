@@ -76,7 +76,7 @@ class BlockSelection:
                 f"key_blocks], got dtype {mask.dtype} with shape {mask.shape}"
             )
         batch, heads_kv, query_blocks, key_blocks = mask.shape
-        flat = mask.reshape(-1, key_blocks)
+        flat = mask.reshape(batch * heads_kv * query_blocks, key_blocks)
         counts = flat.sum(axis=1)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         blocks = np.nonzero(flat)[1].astype(np.int64)
@@ -91,9 +91,32 @@ class BlockSelection:
             blocks=blocks,
         )
 
+    def _lists(self, method: str) -> int:
+        """The number of lists, once offsets and blocks are seen to follow the layout (a
+        hand-made or edited selection may not); ValueError naming ``method`` otherwise."""
+        lists = self.batch * self.heads_kv * self.query_blocks
+        offsets, blocks = np.asarray(self.offsets), np.asarray(self.blocks)
+        if not (
+            min(self.batch, self.heads_kv, self.query_blocks, self.key_blocks) >= 0
+            and offsets.shape == (lists + 1,)
+            and blocks.ndim == 1
+            and offsets.dtype.kind in "iu"
+            and blocks.dtype.kind in "iu"
+            and offsets[0] == 0
+            and offsets[-1] == len(blocks)
+            and (np.diff(offsets) >= 0).all()
+            and (len(blocks) == 0 or (blocks.min() >= 0 and blocks.max() < self.key_blocks))
+        ):
+            raise ValueError(
+                f"BlockSelection.{method}: offsets must be batch * heads_kv * query_blocks + 1 "
+                "non-decreasing integers from 0 to len(blocks), and blocks integers in "
+                f"[0, key_blocks); got {self!r} with offsets of shape {offsets.shape}"
+            )
+        return lists
+
     def mask(self) -> np.ndarray:
         """The selection as a boolean array ``[B, Hkv, query_blocks, key_blocks]``."""
-        lists = self.batch * self.heads_kv * self.query_blocks
+        lists = self._lists("mask")
         result = np.zeros((lists, self.key_blocks), dtype=bool)
         rows = np.repeat(np.arange(lists), np.diff(self.offsets))
         result[rows, self.blocks] = True
@@ -111,6 +134,7 @@ class BlockSelection:
                 f"batch {self.batch}, heads_kv {self.heads_kv}, query blocks "
                 f"[{self.first_query_block}, {self.first_query_block + self.query_blocks})"
             )
+        self._lists("kept")
         i = (b * self.heads_kv + h) * self.query_blocks + (query_block - self.first_query_block)
         return self.blocks[self.offsets[i] : self.offsets[i + 1]]
 
