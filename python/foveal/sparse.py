@@ -9,6 +9,7 @@ fixed block mask) and passed back with ``selection=``.
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Optional
 
 import numpy as np
@@ -124,6 +125,7 @@ class BlockSelection:
 
     def kept(self, b: int, h: int, query_block: int) -> np.ndarray:
         """The key blocks query block ``query_block`` of (b, kv head h) keeps, ascending."""
+        b, h, query_block = (operator.index(x) for x in (b, h, query_block))  # TypeError if not
         if not (
             0 <= b < self.batch
             and 0 <= h < self.heads_kv
