@@ -484,7 +484,7 @@ def block_sparse_case(draw):
         return case.done(call)
     # With a selection: the one block_sparse_select made (any options), one from a random mask
     # of its geometry, or one from a mask of a drawn geometry; then maybe an edit.
-    source = draw(st.sampled_from(["selected", "remasked", "mask"]))
+    source = draw(st.sampled_from(["selected", "selected", "remasked", "remasked", "mask"]))
     if source == "mask":
         case.array("mask", (dims["B"], hkv, qb, kb), dtype="bool", perturb=False)
         case.call(
@@ -499,7 +499,7 @@ def block_sparse_case(draw):
             "sel.mask().shape) < 0.5, block_size=sel.block_size, "
             "first_query_block=sel.first_query_block)"
         )
-    if draw(st.booleans()):
+    if draw(st.integers(0, 2)) == 0:
         case.call(edit)
     kept = f"out={out}, return_lse={return_lse}, num_threads={draw(threads())}"
     call = (
