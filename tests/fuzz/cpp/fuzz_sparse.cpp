@@ -36,8 +36,6 @@ using foveal::TensorView;
 template <typename T>
 using Compute = foveal::compute_type_t<T>;
 
-std::string last_error;
-
 // Half the inputs draw only valid sizes and options (the rest anything), so that enough calls
 // get past the checks to the kernels.
 bool valid_draws = false;
@@ -71,34 +69,6 @@ foveal::AttentionOptions attention_options(FuzzedDataProvider& data, bool any_q_
       any_q_offset && data.ConsumeBool() ? data.ConsumeIntegralInRange<Index>(0, 40) : -1;
   options.num_threads = data.ConsumeIntegralInRange<int>(0, 2);
   return options;
-}
-
-[[noreturn]] void finding(const char* what, const char* message) {
-  std::fprintf(stderr, "foveal fuzz: %s: %s (the last rejection: %s)\n", what, message,
-               last_error.c_str());
-  std::abort();
-}
-
-enum class Answer { accepted, rejected, out_of_memory };
-
-// run_call (an invalid view accepted aborts), and what the call answered.
-template <typename Call>
-Answer answer_of(const Expect& expect, const char* what, Call&& call) {
-  Answer answer = Answer::accepted;
-  run_call(expect, what, [&] {
-    try {
-      call();
-    } catch (const foveal::Error& error) {
-      answer = Answer::rejected;
-      last_error = error.what();
-      throw;
-    } catch (const std::bad_alloc& error) {
-      answer = Answer::out_of_memory;
-      last_error = error.what();
-      throw;
-    }
-  });
-  return answer;
 }
 
 // Whether every element of the arena is tame: not NaN, |x| <= 8 (the ordinary fill values).
@@ -663,36 +633,10 @@ void run_quest(FuzzedDataProvider& data) {
   cache_options.sink_tokens = index_option(data, 0, 2);
   cache_options.page_bounds =
       data.ConsumeIntegralInRange<int>(0, 5) == 5 ? 0 : draw_page_bounds(data);
-  std::unique_ptr<foveal::KVCache<T>> cache;
   const bool owned = data.ConsumeBool();
-  if (owned) {
-    // Huge owned sizes are known findings (see fuzz_kv_cache.cpp): not drawn.
-    for (Index size : {batch, heads_kv, capacity, dim, dim_v})
-      if (size > 64) return;
-    try {
-      cache = std::make_unique<foveal::KVCache<T>>(batch, heads_kv, capacity, dim, dim_v,
-                                                   cache_options);
-    } catch (const foveal::Error&) {
-      return;
-    }
-  } else {
-    Expect expect;
-    auto keys = draw_view<T, T, 4>(data, inputs, {batch, heads_kv, capacity, dim}, true);
-    auto values = draw_view<T, T, 4>(data, inputs, {batch, heads_kv, capacity, dim_v}, true);
-    expect.add(keys);
-    expect.add(values);
-    if (expect.unusable) return;
-    // Memory in proportion to B and Hkv is the known "OOM on huge KVCache" (see fuzz_kv_cache).
-    if (!expect.invalid && (batch > 4096 || heads_kv > 4096)) return;
-    std::vector<Index> lengths;
-    if (data.ConsumeBool())
-      for (int b = data.ConsumeIntegralInRange<int>(0, 3); b > 0; --b)
-        lengths.push_back(draw_index_option(data));
-    run_call(expect, "KVCache(keys, values, page_bounds)", [&] {
-      cache = std::make_unique<foveal::KVCache<T>>(keys.view, values.view, cache_options, lengths);
-    });
-    if (!cache) return;
-  }
+  const std::unique_ptr<foveal::KVCache<T>> cache = draw_kv_cache(
+      data, inputs, owned, {batch, heads_kv, capacity, dim, dim_v}, cache_options, 64, 4096);
+  if (!cache) return;
   check_bounds(*cache);
   const Index b = cache->batch(), h = cache->heads_kv(), d = cache->dim(), dv = cache->dim_v();
   // An append; a rejected one changes nothing.
