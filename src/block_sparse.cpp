@@ -13,15 +13,7 @@ namespace foveal {
 
 const std::int64_t* BlockSelection::kept(std::int64_t b, std::int64_t h, std::int64_t query_block,
                                          std::int64_t* count) const {
-  check(b >= 0 && b < batch && h >= 0 && h < heads_kv && query_block >= first_query_block &&
-            query_block < first_query_block + query_blocks,
-        "BlockSelection::kept: (b, h, query_block) = (", b, ", ", h, ", ", query_block,
-        ") is outside batch ", batch, ", heads_kv ", heads_kv, ", query blocks [",
-        first_query_block, ", ", first_query_block + query_blocks, ")");
-  const std::int64_t list = (b * heads_kv + h) * query_blocks + (query_block - first_query_block);
-  const auto at = static_cast<std::size_t>(list);
-  *count = offsets[at + 1] - offsets[at];
-  return blocks.data() + offsets[at];
+  return detail::kept_list("BlockSelection::kept", *this, blocks, b, h, query_block, count);
 }
 
 namespace {
@@ -53,9 +45,9 @@ BlockSelection select_impl(const char* function, TensorView<const T, 4> q, Tenso
   selection.heads_kv = k.size(1);
   selection.first_query_block = plan.first_query_block;
   selection.query_blocks = plan.query_blocks;
-  selection.key_blocks = (len_k + sparse.block_size - 1) / sparse.block_size;
+  selection.key_blocks = detail::ceil_divide(len_k, sparse.block_size);
   selection.offsets = detail::run_select(
-      plan,
+      function, plan,
       [&](Index block) {
         return detail::query_block_geometry(plan.visibility, plan.q_offset, len_q,
                                             sparse.block_size, block, sparse.budget,
@@ -70,12 +62,12 @@ BlockSelection select_impl(const char* function, TensorView<const T, 4> q, Tenso
 void require_selection(const char* function, const BlockSelection& selection, Index batch,
                        Index heads_kv, Index q_offset, Index len_q, Index len_k) {
   detail::require_selection_geometry(function, selection, batch, heads_kv, q_offset, len_q);
-  const Index key_blocks = (len_k + selection.block_size - 1) / selection.block_size;
+  const Index key_blocks = detail::ceil_divide(len_k, selection.block_size);
   detail::require_selection_field(function, "key_blocks", selection.key_blocks, key_blocks,
                                   "ceil(Lk / block_size)");
   detail::require_lists(function, selection.offsets, selection.blocks,
-                        batch * heads_kv * selection.query_blocks, key_blocks, "blocks",
-                        "a key block");
+                        detail::list_count(function, batch, heads_kv, selection.query_blocks),
+                        key_blocks, "blocks", "a key block");
 }
 
 template <typename T>
@@ -85,6 +77,7 @@ void attend_impl(const char* function, TensorView<const T, 4> q, TensorView<cons
   const auto params = detail::prepare_attention<T>(function, q, k, v, out, options, lse, {});
   require_selection(function, selection, q.size(0), k.size(1), params.q_offset, q.size(2),
                     k.size(2));
+  if (detail::no_rows(q)) return;  // nothing to write
   detail::kernels<T>().block_sparse_attention(
       detail::selection_plan(params, options, selection, selection.blocks));
 }
@@ -98,6 +91,10 @@ void select_and_attend(TensorView<const T, 4> q, TensorView<const T, 4> k, Tenso
                        const BlockSparseOptions& sparse, TensorView<compute_type_t<T>, 3> lse) {
   // Everything the attention checks is checked before the selection is made.
   const auto params = detail::prepare_attention<T>(kAttend, q, k, v, out, options, lse, {});
+  if (detail::no_rows(q)) {  // nothing to select nor write: only the options are left to check
+    require_sparse_options(kAttend, sparse);
+    return;
+  }
   const BlockSelection selection = select_impl<T>(kAttend, q, k, options, sparse);
   detail::kernels<T>().block_sparse_attention(
       detail::selection_plan(params, options, selection, selection.blocks));

@@ -12,15 +12,7 @@ namespace foveal {
 
 const std::int64_t* TokenSelection::kept(std::int64_t b, std::int64_t h, std::int64_t query_block,
                                          std::int64_t* count) const {
-  check(b >= 0 && b < batch && h >= 0 && h < heads_kv && query_block >= first_query_block &&
-            query_block < first_query_block + query_blocks,
-        "TokenSelection::kept: (b, h, query_block) = (", b, ", ", h, ", ", query_block,
-        ") is outside batch ", batch, ", heads_kv ", heads_kv, ", query blocks [",
-        first_query_block, ", ", first_query_block + query_blocks, ")");
-  const std::int64_t list = (b * heads_kv + h) * query_blocks + (query_block - first_query_block);
-  const auto at = static_cast<std::size_t>(list);
-  *count = offsets[at + 1] - offsets[at];
-  return keys.data() + offsets[at];
+  return detail::kept_list("TokenSelection::kept", *this, keys, b, h, query_block, count);
 }
 
 namespace {
@@ -53,7 +45,7 @@ TokenSelection select_impl(const char* function, TensorView<const T, 4> q, Tenso
   selection.query_blocks = plan.query_blocks;
   selection.len_k = k.size(2);
   selection.offsets = detail::run_select(
-      plan,
+      function, plan,
       [&](Index block) {
         return detail::token_block_geometry(plan.visibility, plan.q_offset, q.size(2),
                                             sparse.block_size, block, sparse.budget,
@@ -70,7 +62,8 @@ void require_selection(const char* function, const TokenSelection& selection, In
   detail::require_selection_geometry(function, selection, batch, heads_kv, q_offset, len_q);
   detail::require_selection_field(function, "len_k", selection.len_k, len_k, "k.shape[2]");
   detail::require_lists(function, selection.offsets, selection.keys,
-                        batch * heads_kv * selection.query_blocks, len_k, "keys", "a key");
+                        detail::list_count(function, batch, heads_kv, selection.query_blocks),
+                        len_k, "keys", "a key");
 }
 
 template <typename T>
@@ -80,6 +73,7 @@ void attend_impl(const char* function, TensorView<const T, 4> q, TensorView<cons
   const auto params = detail::prepare_attention<T>(function, q, k, v, out, options, lse, {});
   require_selection(function, selection, q.size(0), k.size(1), params.q_offset, q.size(2),
                     k.size(2));
+  if (detail::no_rows(q)) return;  // nothing to write
   detail::kernels<T>().token_topk_attention(
       detail::selection_plan(params, options, selection, selection.keys));
 }
@@ -93,6 +87,10 @@ void select_and_attend(TensorView<const T, 4> q, TensorView<const T, 4> k, Tenso
                        const TokenTopkOptions& sparse, TensorView<compute_type_t<T>, 3> lse) {
   // The attention's arguments are checked before the selection is made.
   const auto params = detail::prepare_attention<T>(kAttend, q, k, v, out, options, lse, {});
+  if (detail::no_rows(q)) {  // nothing to select nor write: only the options are left to check
+    require_sparse_options(kAttend, sparse);
+    return;
+  }
   const TokenSelection selection = select_impl<T>(kAttend, q, k, options, sparse);
   detail::kernels<T>().token_topk_attention(
       detail::selection_plan(params, options, selection, selection.keys));

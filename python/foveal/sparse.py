@@ -11,6 +11,7 @@ by hand (a learned or fixed mask) and passed back with ``selection=``.
 
 from __future__ import annotations
 
+import operator
 from typing import Any, Optional
 
 import numpy as np
@@ -81,7 +82,7 @@ class _Selection:
                 f"{cls._extent}], got dtype {mask.dtype} with shape {mask.shape}"
             )
         batch, heads_kv, query_blocks, extent = mask.shape
-        flat = mask.reshape(-1, extent)
+        flat = mask.reshape(batch * heads_kv * query_blocks, extent)
         counts = flat.sum(axis=1)
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         items = np.nonzero(flat)[1].astype(np.int64)
@@ -95,9 +96,34 @@ class _Selection:
             **{cls._extent: extent, cls._items: items},
         )
 
+    def _lists(self, method: str) -> int:
+        """The number of lists, once offsets and the items are seen to follow the layout (a
+        hand-made or edited selection may not); ValueError naming ``method`` otherwise."""
+        lists = self.batch * self.heads_kv * self.query_blocks
+        extent = getattr(self, self._extent)
+        offsets, items = np.asarray(self.offsets), np.asarray(self._item_array)
+        if not (
+            min(self.batch, self.heads_kv, self.query_blocks, extent) >= 0
+            and offsets.shape == (lists + 1,)
+            and items.ndim == 1
+            and offsets.dtype.kind in "iu"
+            and items.dtype.kind in "iu"
+            and offsets[0] == 0
+            and offsets[-1] == len(items)
+            and (np.diff(offsets) >= 0).all()
+            and (len(items) == 0 or (items.min() >= 0 and items.max() < extent))
+        ):
+            raise ValueError(
+                f"{type(self).__name__}.{method}: offsets must be batch * heads_kv * "
+                f"query_blocks + 1 non-decreasing integers from 0 to len({self._items}), and "
+                f"{self._items} integers in [0, {self._extent}); got {self!r} with offsets of "
+                f"shape {offsets.shape}"
+            )
+        return lists
+
     def mask(self) -> np.ndarray:
         """The selection as a boolean array ``[B, Hkv, query_blocks, extent]``."""
-        lists = self.batch * self.heads_kv * self.query_blocks
+        lists = self._lists("mask")
         extent = getattr(self, self._extent)
         result = np.zeros((lists, extent), dtype=bool)
         rows = np.repeat(np.arange(lists), np.diff(self.offsets))
@@ -106,6 +132,7 @@ class _Selection:
 
     def kept(self, b: int, h: int, query_block: int) -> np.ndarray:
         """What query block ``query_block`` of (b, kv head h) keeps, ascending."""
+        b, h, query_block = (operator.index(x) for x in (b, h, query_block))  # TypeError if not
         if not (
             0 <= b < self.batch
             and 0 <= h < self.heads_kv
@@ -116,6 +143,7 @@ class _Selection:
                 f"outside batch {self.batch}, heads_kv {self.heads_kv}, query blocks "
                 f"[{self.first_query_block}, {self.first_query_block + self.query_blocks})"
             )
+        self._lists("kept")
         i = (b * self.heads_kv + h) * self.query_blocks + (query_block - self.first_query_block)
         return self._item_array[self.offsets[i] : self.offsets[i + 1]]
 

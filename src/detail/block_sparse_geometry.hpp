@@ -8,6 +8,7 @@
 
 #include "detail/mask.hpp"
 #include "foveal/attention/options.hpp"
+#include "foveal/core/error.hpp"
 #include "foveal/core/tensor.hpp"
 
 namespace foveal::detail {
@@ -24,10 +25,21 @@ struct QueryBlocks {
   Index count = 0;
 };
 
-inline QueryBlocks query_blocks_of(Index q_offset, Index len_q, Index block_size) {
+// Empty views may have huge extents: a call whose last query position passes 2^63 - 1 is
+// rejected (foveal::Error naming `function`) instead of overflowing.
+inline QueryBlocks query_blocks_of(const char* function, Index q_offset, Index len_q,
+                                   Index block_size) {
   if (len_q == 0) return {};
+  Index last = 0;
+  check(!__builtin_add_overflow(q_offset, len_q - 1, &last), function, ": q_offset (", q_offset,
+        ") + Lq (", len_q, ") passes the largest position, 2^63 - 1");
   const Index first = floor_divide(q_offset, block_size);
-  return {first, floor_divide(q_offset + len_q - 1, block_size) - first + 1};
+  return {first, floor_divide(last, block_size) - first + 1};
+}
+
+// ceil(count / divisor) for count >= 0, divisor > 0, without overflowing.
+inline Index ceil_divide(Index count, Index divisor) {
+  return count / divisor + (count % divisor != 0);
 }
 
 // The visibility rule of `options` for a call's shapes.

@@ -29,6 +29,9 @@ void require_select_inputs(const char* function, TensorView<const T, 4> q, Tenso
                            const AttentionOptions& options) {
   require_valid_view(function, "q", q);
   require_valid_view(function, "k", k);
+  // The selection kernels read rows of q and k as contiguous vectors.
+  require_unit_inner_stride(function, "q", q);
+  require_unit_inner_stride(function, "k", k);
   const Index batch = q.size(0), heads_q = q.size(1), dim = q.size(3);
   const Index heads_kv = k.size(1);
   check(dim >= 1, function, ": q.shape[3] (D) must be >= 1, got ", dim);
@@ -60,11 +63,55 @@ SelectPlan<T> select_plan(const char* function, TensorView<const T, 4> q, Tensor
   plan.local = local;
   plan.budget = budget;
   plan.threshold = threshold;
-  const QueryBlocks blocks = query_blocks_of(plan.q_offset, len_q, block_size);
+  const QueryBlocks blocks = query_blocks_of(function, plan.q_offset, len_q, block_size);
   plan.first_query_block = blocks.first;
   plan.query_blocks = blocks.count;
   plan.num_threads = resolve_num_threads(options.num_threads);
   return plan;
+}
+
+// The number of lists of a selection, batch * heads_kv * query_blocks, checked like a size.
+inline Index list_count(const char* function, Index batch, Index heads_kv, Index query_blocks) {
+  return checked_numel<std::int64_t>(function, {batch, heads_kv, query_blocks});
+}
+
+// Whether a call has no query row to compute (out and lse are empty): it does no work, and no
+// work may depend on the other extents (those of empty views may be anything).
+template <typename T>
+bool no_rows(TensorView<const T, 4> q) {
+  return q.size(0) == 0 || q.size(1) == 0 || q.size(2) == 0;
+}
+
+// The list of (b, h, query_block) in a selection's CSR (offsets, items): a pointer to its first
+// item and its count. The fields of a hand-made or edited selection may be anything: no
+// overflowing arithmetic, and never a list outside the items (foveal::Error naming `name`).
+template <typename Selection>
+const std::int64_t* kept_list(const char* name, const Selection& selection,
+                              const std::vector<std::int64_t>& items, std::int64_t b,
+                              std::int64_t h, std::int64_t query_block, std::int64_t* count) {
+  std::int64_t relative = 0;
+  const bool in_blocks =
+      !__builtin_sub_overflow(query_block, selection.first_query_block, &relative) &&
+      relative >= 0 && relative < selection.query_blocks;
+  check(b >= 0 && b < selection.batch && h >= 0 && h < selection.heads_kv && in_blocks, name,
+        ": (b, h, query_block) = (", b, ", ", h, ", ", query_block, ") is outside batch ",
+        selection.batch, ", heads_kv ", selection.heads_kv, ", the ", selection.query_blocks,
+        " query blocks from ", selection.first_query_block);
+  std::int64_t list = 0;
+  const bool fits = !__builtin_mul_overflow(b, selection.heads_kv, &list) &&
+                    !__builtin_add_overflow(list, h, &list) &&
+                    !__builtin_mul_overflow(list, selection.query_blocks, &list) &&
+                    !__builtin_add_overflow(list, relative, &list);
+  const auto& offsets = selection.offsets;
+  const bool inside = fits && static_cast<std::size_t>(list) + 1 < offsets.size();
+  const auto at = inside ? static_cast<std::size_t>(list) : 0;
+  const auto size = static_cast<std::int64_t>(items.size());
+  check(inside && offsets[at] >= 0 && offsets[at] <= offsets[at + 1] && offsets[at + 1] <= size,
+        name, ": the list of (b, h, query_block) = (", b, ", ", h, ", ", query_block,
+        ") is not within the ", offsets.size(), " offsets and ", size,
+        " items: the selection breaks its layout");
+  *count = offsets[at + 1] - offsets[at];
+  return items.data() + offsets[at];
 }
 
 // Moves list i's counts[i] items from items[capacity[i] ..] to the front, in order, and returns
@@ -88,10 +135,10 @@ inline std::vector<std::int64_t> compact_lists(const std::vector<Index>& capacit
 // keep_of(query block) items, and returns the CSR offsets of what it kept; `items` receives the
 // kept items, compacted.
 template <typename T, typename KeepOf>
-std::vector<std::int64_t> run_select(SelectPlan<T> plan, KeepOf&& keep_of,
+std::vector<std::int64_t> run_select(const char* function, SelectPlan<T> plan, KeepOf&& keep_of,
                                      void (*kernel)(const SelectPlan<T>&),
                                      std::vector<std::int64_t>& items) {
-  const Index lists = plan.q.size(0) * plan.k.size(1) * plan.query_blocks;
+  const Index lists = list_count(function, plan.q.size(0), plan.k.size(1), plan.query_blocks);
   // Room for each list's `keep`; the kernel may keep fewer (threshold), compacted below.
   std::vector<Index> capacity(static_cast<std::size_t>(lists) + 1, 0);
   for (Index list = 0; list < lists; ++list)
@@ -132,7 +179,7 @@ void require_selection_geometry(const char* function, const Selection& selection
                                 Index heads_kv, Index q_offset, Index len_q) {
   check(selection.block_size >= 16 && selection.block_size <= 4096, function,
         ": selection.block_size must be in [16, 4096], got ", selection.block_size);
-  const QueryBlocks blocks = query_blocks_of(q_offset, len_q, selection.block_size);
+  const QueryBlocks blocks = query_blocks_of(function, q_offset, len_q, selection.block_size);
   require_selection_field(function, "batch", selection.batch, batch, "q.shape[0]");
   require_selection_field(function, "heads_kv", selection.heads_kv, heads_kv, "k.shape[1]");
   require_selection_field(function, "first_query_block", selection.first_query_block, blocks.first,
@@ -165,10 +212,11 @@ inline void require_lists(const char* function, const std::vector<std::int64_t>&
       const std::int64_t item = items[static_cast<std::size_t>(i)];
       check(item >= 0 && item < limit, function, ": selection.", items_name, "[", i, "] = ", item,
             " is not ", what, " in [0, ", limit, ")");
-      check(i == begin || items[static_cast<std::size_t>(i) - 1] < item, function, ": the ",
-            items_name, " of list ", list, " must be strictly increasing; selection.", items_name,
-            "[", i - 1, "] = ", items[static_cast<std::size_t>(i) - 1], ", selection.", items_name,
-            "[", i, "] = ", item);
+      // (The message's arguments are evaluated before the check: no items[-1] for i = 0.)
+      const std::int64_t previous = i == begin ? -1 : items[static_cast<std::size_t>(i) - 1];
+      check(previous < item, function, ": the ", items_name, " of list ", list,
+            " must be strictly increasing; selection.", items_name, "[", i - 1, "] = ", previous,
+            ", selection.", items_name, "[", i, "] = ", item);
     }
   }
 }

@@ -46,7 +46,7 @@ void block_sparse_select(const SelectPlan<S>& plan) {
   const Index heads_kv = k.size(1), len_k = k.size(2);
   const Index group = heads_q / heads_kv;
   const Index bs = plan.block_size;
-  const Index key_blocks = (len_k + bs - 1) / bs;
+  const Index key_blocks = ceil_divide(len_k, bs);
 
   // The mean key of every (batch, kv head, key block).
   std::vector<T> pooled_k(static_cast<std::size_t>(batch * heads_kv * key_blocks * dim));

@@ -168,7 +168,10 @@ void quest_decode_attention(const QuestPlan<S>& plan) {
     // Candidates, and which are local (the newest local_pages * page_size positions).
     own.pages.clear();
     own.forced.clear();
-    const Index local_from = length - plan.local_pages * page_size;
+    // local_pages * page_size may pass 2^63 (local_pages <= 2^40, page_size <= 2^30).
+    Index local_rows = 0;
+    if (__builtin_mul_overflow(plan.local_pages, page_size, &local_rows)) local_rows = length;
+    const Index local_from = length - std::min(local_rows, length);
     for (int s = 0; s < geometry.count; ++s) {
       const RowSegment& segment = geometry.segments[s];
       for (Index page = segment.row_begin / page_size; page * page_size < segment.row_end; ++page) {

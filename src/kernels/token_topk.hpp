@@ -133,7 +133,7 @@ void token_topk_select(const SelectPlan<S>& plan) {
   const Index bs = plan.block_size;
   // Query blocks per task: their group's mean queries fill one tile of kBlockQ rows, so every
   // key the task loads is scored against all of them.
-  const Index per_task = std::max<Index>(1, kBlockQ / group);
+  const Index per_task = group > 0 ? std::max<Index>(1, kBlockQ / group) : plan.query_blocks;
   const Index chunks = (plan.query_blocks + per_task - 1) / per_task;
   const Index tasks = batch * heads_kv * chunks;
   const Index lists = batch * heads_kv * plan.query_blocks;

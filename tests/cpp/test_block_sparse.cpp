@@ -7,8 +7,10 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "attention_cases.hpp"
@@ -275,6 +277,81 @@ TEST(BlockSparseHalf, SixteenBitStorageIsTheFloatResultRounded) {
                          selection);
   for (std::size_t i = 0; i < out.size(); ++i)
     ASSERT_EQ(to_float(out16[i]), to_float(to_bfloat16(out[i]))) << i;
+}
+
+// Regressions (fuzz_sparse and the Python fuzz suite). Calls without query rows: with no kv heads
+// either the kernel divided Hq by Hkv = 0 (SIGFPE); over keys of a huge Lk (an empty view) it
+// allocated Lk entries. Extents of empty views near 2^63: ceil(Lk / block_size) and
+// q_offset + Lq overflowed.
+TEST(BlockSparseRegressions, CallsWithoutQueryRowsDoNoWork) {
+  std::vector<float> cell(8, 0.0f);
+  const auto view = [&](std::array<Index, 4> shape) {
+    return TensorView<float, 4>(cell.data(), shape, {0, 0, 0, 1});
+  };
+  AttentionOptions o;
+  o.causal = true;
+  o.q_offset = 4;
+  BlockSparseOptions sparse;
+  sparse.block_size = 41;
+  // No kv heads (and so no query heads).
+  const TensorView<const float, 4> q = view({2, 0, 46, 6}), k = view({2, 0, 85, 6});
+  const TensorView<const float, 4> v = view({2, 0, 85, 7});
+  block_sparse_attention(q, k, v, view({2, 0, 46, 7}), o, sparse);
+  const BlockSelection none = block_sparse_select(q, k, o, sparse);
+  EXPECT_EQ(none.offsets, std::vector<std::int64_t>{0});
+  block_sparse_attention(q, k, v, view({2, 0, 46, 7}), o, none);
+  // No batch, keys of a huge Lk.
+  const Index huge = Index{1} << 62;
+  const TensorView<const float, 4> q0 = view({0, 1, 4, 6}), k0 = view({0, 1, huge, 6});
+  const TensorView<const float, 4> v0 = view({0, 1, huge, 7});
+  block_sparse_attention(q0, k0, v0, view({0, 1, 4, 7}), o, sparse);
+  const BlockSelection empty = block_sparse_select(q0, k0, o, sparse);
+  EXPECT_EQ(empty.key_blocks, huge / 41 + 1);
+  block_sparse_attention(q0, k0, v0, view({0, 1, 4, 7}), o, empty);
+  // Lk = 2^63 - 1: its key blocks are counted without overflow.
+  const Index most = std::numeric_limits<Index>::max();
+  sparse.block_size = 16;
+  EXPECT_EQ(block_sparse_select(q0, view({0, 1, most, 6}), o, sparse).key_blocks, most / 16 + 1);
+  // A last query position past 2^63 - 1 is rejected.
+  o.q_offset = most / 8;
+  EXPECT_THROW(block_sparse_select(view({0, 1, most, 6}), k0, o, sparse), Error);
+}
+
+// Regression (fuzz_sparse, ASan): block_sparse_select pooled rows of q and k as contiguous
+// vectors but accepted views whose last dimension is strided, reading the wrong elements or
+// past the buffer (a stride-0 row of a view ending at its buffer's last element).
+TEST(BlockSparseRegressions, SelectRejectsRowsThatAreNotContiguous) {
+  std::vector<float> data(2 * 40 * 8, 0.5f);
+  const TensorView<const float, 4> rows(data.data(), {1, 1, 40, 8});
+  const TensorView<const float, 4> strided(data.data(), {1, 1, 40, 8}, {640, 640, 16, 2});
+  BlockSparseOptions sparse;
+  sparse.block_size = 16;
+  EXPECT_NO_THROW(block_sparse_select(rows, rows, {}, sparse));
+  EXPECT_THROW(block_sparse_select(strided, rows, {}, sparse), Error);
+  EXPECT_THROW(block_sparse_select(rows, strided, {}, sparse), Error);
+}
+
+// Regression (fuzz_sparse): BlockSelection::kept of an edited selection (offsets cut short, or
+// pointing past blocks) returned a list outside blocks; now foveal::Error.
+TEST(BlockSparseRegressions, KeptOfABrokenSelectionIsAnError) {
+  BlockSelection selection;
+  selection.block_size = 16;
+  selection.batch = selection.heads_kv = selection.query_blocks = 1;
+  selection.key_blocks = 2;
+  selection.offsets = {0, 2};
+  selection.blocks = {0, 1};
+  std::int64_t count = -1;
+  EXPECT_EQ(selection.kept(0, 0, 0, &count), selection.blocks.data());
+  EXPECT_EQ(count, 2);
+  BlockSelection cut = selection;
+  cut.offsets.pop_back();
+  EXPECT_THROW(cut.kept(0, 0, 0, &count), Error);
+  BlockSelection past = selection;
+  past.offsets[1] = 3;
+  EXPECT_THROW(past.kept(0, 0, 0, &count), Error);
+  BlockSelection shifted = selection;
+  shifted.first_query_block = std::numeric_limits<std::int64_t>::min();
+  EXPECT_THROW(shifted.kept(0, 0, 5, &count), Error);
 }
 
 TEST(BlockSparseErrors, BadOptionsAndSelectionsAreRejectedBeforeOutIsTouched) {

@@ -402,6 +402,57 @@ TYPED_TEST(Quest, SameBitsForAnyThreadCount) {
   }
 }
 
+// Regression (fuzz_sparse): over storage with no heads (no bounds to keep) the capacity may be
+// huge; the cache visited every page of it (refresh when wrapping: 2^63 pages) and every
+// dropped position (truncate), and computed ceil(capacity / page) and length + capacity with
+// overflowing adds. Now no work depends on that capacity.
+TEST(QuestRegressions, NoWorkDependsOnTheCapacityOfStorageWithNoHeads) {
+  const Index capacity = std::numeric_limits<Index>::max();
+  float key = 0, value = 0;
+  const TensorView<float, 4> keys(&key, {1, 0, capacity, 4}, {0, 0, 0, 1});
+  const TensorView<float, 4> values(&value, {1, 0, capacity, 4}, {0, 0, 0, 1});
+  for (const Index page : {Index{1}, Index{16}}) {
+    KVCacheOptions options;
+    options.page_bounds = page;
+    KVCache<float> cache(keys, values, options, {Index{1} << 40});
+    EXPECT_EQ(cache.pages(), capacity / page + (page > 1));
+    EXPECT_EQ(cache.page_bounds().size(2), cache.pages());
+    EXPECT_EQ(cache.page_bounds().numel(), 0);
+    cache.truncate(1);
+    EXPECT_EQ(cache.length(0), 1);
+    cache.refresh_page_bounds();
+  }
+}
+
+// Regression (fuzz_sparse review): local_pages * page_size overflowed (local_pages <= 2^40,
+// page_size <= 2^30). 2^40 local pages of 2^24 rows wrapped to 0 local rows, so no page was
+// kept as local and Quest dropped a page that every local page must keep: budget 1/16 of 2
+// candidate pages kept only the better-bounded one.
+TEST(QuestRegressions, HugeLocalPagesKeepEveryPage) {
+  const Index page = Index{1} << 24;
+  KVCacheOptions options;
+  options.page_bounds = page;
+  KVCache<float> cache(1, 1, page + 1, 1, 1, options);
+  // Page 0: 2^24 keys -8 with value 0; page 1: one key 8 with value 1.
+  const float low = -8, zero = 0, high = 8, one = 1;
+  const auto rows = [](const float& x, Index n) {
+    return TensorView<const float, 4>(&x, {1, 1, n, 1}, {0, 0, 0, 1});
+  };
+  cache.append(rows(low, page), rows(zero, page));
+  cache.append(rows(high, 1), rows(one, 1));
+  const float q = 1;
+  const TensorView<const float, 4> q_view(&q, {1, 1, 1, 1});
+  AttentionOptions attention;
+  attention.scale = 1;
+  float quest_out = -1, dense_out = -1;
+  quest_decode_attention(q_view, cache, attention, {1.0 / 16, Index{1} << 40},
+                         TensorView<float, 4>(&quest_out, {1, 1, 1, 1}));
+  decode_attention(q_view, cache, attention, TensorView<float, 4>(&dense_out, {1, 1, 1, 1}));
+  // The mass of page 1 is e^8 against 2^24 e^-8 (about 1.9 times it) on page 0.
+  EXPECT_NEAR(dense_out, 1 / (1 + std::ldexp(std::exp(-16.0), 24)), 1e-4);
+  EXPECT_NEAR(quest_out, dense_out, 1e-3);  // (before the fix: 1, page 1 alone)
+}
+
 TEST(QuestErrors, BadArgumentsAreRejectedBeforeOutIsTouched) {
   KVCache<float> plain(1, 1, 64, 8, 8);
   KVCache<float> paged(1, 1, 64, 8, 8, {false, 0, 16});

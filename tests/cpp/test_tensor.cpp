@@ -33,6 +33,18 @@ TEST(TensorView, ContiguousConstructorGivesRowMajorStrides) {
   EXPECT_EQ((TensorView<float, 3>::rank()), 3);
 }
 
+// Regression (fuzz_sparse): a KVCache over storage with no heads and a huge capacity made its
+// empty page-bounds tensor [B, 0, 2^62, 2, D], whose row-major strides overflowed (undefined
+// behaviour). Past the overflow the strides of such an empty view are 0.
+TEST(TensorView, EmptyViewOfHugeExtentsHasNoOverflowingStride) {
+  const Index huge = Index{1} << 62;
+  const TensorView<float, 4> view(nullptr, {1, 0, huge, 6});
+  EXPECT_EQ(view.strides(), (std::array<Index, 4>{0, 0, 6, 1}));
+  EXPECT_EQ(view.numel(), 0);
+  const Tensor<float, 5> bounds({1, 0, huge + 2, 2, 6});
+  EXPECT_EQ(bounds.view().strides(), (std::array<Index, 5>{0, 0, 12, 6, 1}));
+}
+
 TEST(TensorView, NumelIsTheProductOfTheShape) {
   float data[1] = {};
   EXPECT_EQ((TensorView<float, 3>(data, {2, 3, 4}).numel()), 24);

@@ -8,8 +8,10 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "attention_cases.hpp"
@@ -299,6 +301,59 @@ TEST(TokenTopkHalf, SixteenBitStorageIsTheFloatResultRounded) {
   token_topk_attention(q, k, v, TensorView<bfloat16, 4>(out16.data(), p.out_shape()), o, selection);
   for (std::size_t i = 0; i < out.size(); ++i)
     ASSERT_EQ(to_float(out16[i]), to_float(to_bfloat16(out[i]))) << i;
+}
+
+// The edge cases the block-sparse fuzzing found, on token_topk's shared plumbing: calls without
+// query rows do no work (no kv heads: nothing may divide by Hkv; no query heads but kv heads:
+// nothing may divide by the group of 0; huge Lk of an empty view: nothing may be sized by it),
+// rows that are not contiguous are rejected, and kept() of a broken selection is an error.
+TEST(TokenTopkRegressions, EmptyCallsStridedRowsAndBrokenSelections) {
+  std::vector<float> cell(8, 0.0f);
+  const auto view = [&](std::array<Index, 4> shape) {
+    return TensorView<float, 4>(cell.data(), shape, {0, 0, 0, 1});
+  };
+  AttentionOptions o;
+  o.causal = true;
+  o.q_offset = 4;
+  TokenTopkOptions sparse;
+  sparse.block_size = 41;
+  sparse.budget = 0.5;
+  const TensorView<const float, 4> q = view({2, 0, 46, 6}), k = view({2, 0, 85, 6});
+  token_topk_attention(q, k, view({2, 0, 85, 7}), view({2, 0, 46, 7}), o, sparse);
+  EXPECT_EQ(token_topk_select(q, k, o, sparse).offsets, std::vector<std::int64_t>{0});
+  // No query heads, two kv heads: empty lists' selection is made without estimating.
+  const TokenSelection headless = token_topk_select(q, view({2, 2, 85, 6}), o, sparse);
+  EXPECT_EQ(headless.offsets.size(), std::size_t{2 * 2 * 2 + 1});
+  const Index huge = Index{1} << 62;
+  const TensorView<const float, 4> q0 = view({0, 1, 4, 6}), k0 = view({0, 1, huge, 6});
+  token_topk_attention(q0, k0, view({0, 1, huge, 7}), view({0, 1, 4, 7}), o, sparse);
+  EXPECT_EQ(token_topk_select(q0, k0, o, sparse).len_k, huge);
+  o.q_offset = std::numeric_limits<Index>::max() / 8;
+  EXPECT_THROW(token_topk_select(view({0, 1, std::numeric_limits<Index>::max(), 6}), k0, o, sparse),
+               Error);
+
+  std::vector<float> data(2 * 40 * 8, 0.5f);
+  const TensorView<const float, 4> rows(data.data(), {1, 1, 40, 8});
+  const TensorView<const float, 4> strided(data.data(), {1, 1, 40, 8}, {640, 640, 16, 2});
+  EXPECT_NO_THROW(token_topk_select(rows, rows, {}, sparse));
+  EXPECT_THROW(token_topk_select(strided, rows, {}, sparse), Error);
+  EXPECT_THROW(token_topk_select(rows, strided, {}, sparse), Error);
+
+  TokenSelection selection;
+  selection.block_size = 16;
+  selection.batch = selection.heads_kv = selection.query_blocks = 1;
+  selection.len_k = 5;
+  selection.offsets = {0, 2};
+  selection.keys = {0, 4};
+  std::int64_t count = -1;
+  EXPECT_EQ(selection.kept(0, 0, 0, &count), selection.keys.data());
+  EXPECT_EQ(count, 2);
+  TokenSelection past = selection;
+  past.offsets[1] = 3;
+  EXPECT_THROW(past.kept(0, 0, 0, &count), Error);
+  TokenSelection shifted = selection;
+  shifted.first_query_block = std::numeric_limits<std::int64_t>::min();
+  EXPECT_THROW(shifted.kept(0, 0, 5, &count), Error);
 }
 
 TEST(TokenTopkErrors, BadOptionsAndSelectionsAreRejectedBeforeOutIsTouched) {

@@ -221,6 +221,20 @@ def _expect_attention(result: str, shape: str, like: str, return_lse: str) -> st
     )
 
 
+def _expect_widened(call: str, inputs: str) -> str:
+    """Source: the result r of a 16-bit call equals `call` on the widened `inputs` (the
+    float32 call), out rounded."""
+    return (
+        f"if is_half(q) and sum(int(np.prod(t.shape)) for t in ({inputs})) < 2**20:\n"
+        f"    {inputs} = (widened(t) for t in ({inputs}))\n"
+        "    try:\n"
+        f"        single = {call}\n"
+        "    except _ALLOWED as error:\n"
+        "        raise AssertionError(f'the float32 call rejected it: {error!r}') from None\n"
+        "    expect_rounded(r, single)\n"
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Attention.
 
@@ -279,17 +293,8 @@ def attention_case(draw, function: str = "attention"):
     call = f"r = foveal.{function}(q, k, v, {_kw(**options)})\n"
     call += _expect_attention("r", shape, "q", options["return_lse"])
     if options["out"] == "None":
-        # A 16-bit call equals the float32 call on the widened inputs, out rounded.
         inputs = "q, k, v, bias" if "bias" in options else "q, k, v"
-        call += (
-            f"if is_half(q) and sum(int(np.prod(t.shape)) for t in ({inputs})) < 2**20:\n"
-            f"    {inputs} = (widened(t) for t in ({inputs}))\n"
-            "    try:\n"
-            f"        single = foveal.{function}(q, k, v, {_kw(**options)})\n"
-            "    except _ALLOWED as error:\n"
-            "        raise AssertionError(f'the float32 call rejected it: {error!r}') from None\n"
-            "    expect_rounded(r, single)\n"
-        )
+        call += _expect_widened(f"foveal.{function}(q, k, v, {_kw(**options)})", inputs)
     return case.done(call)
 
 
@@ -361,24 +366,189 @@ def merge_states_case(draw):
     return case.done(call)
 
 
+SPARSE_DIMS = {
+    "B": (0, 2),
+    "Hkv": (0, 2),
+    "G": (0, 3),
+    "Lq": (0, 70),
+    "Lk": (0, 100),
+    "D": (0, 8),
+    "Dv": (0, 8),
+}
+# Edits of a BlockSelection `sel`, most of them breaking it (wrong geometry, offsets of the
+# wrong length or not monotone, blocks out of range or not increasing, wrong types).
+SELECTION_EDITS = [
+    "sel.block_size = {small}",
+    "sel.batch += 1",
+    "sel.heads_kv -= 1",
+    "sel.first_query_block += {small}",
+    "sel.query_blocks += 1",
+    "sel.key_blocks -= 1",
+    "sel.offsets = sel.offsets[:-1]",
+    "sel.offsets = np.append(sel.offsets, sel.offsets[-1:])",
+    "sel.offsets[{index} % len(sel.offsets)] += 1",
+    "sel.offsets = sel.offsets[::-1].copy()",
+    "sel.blocks = sel.blocks[::-1].copy()",
+    "sel.blocks = np.append(sel.blocks, {huge})",
+    "sel.blocks[{index} % max(len(sel.blocks), 1):][:1] = {huge}",
+    "sel.blocks = np.repeat(sel.blocks, 2)",
+    "sel.blocks = sel.blocks.astype(np.float64) + 0.5",
+    "sel.offsets = sel.offsets.reshape(1, -1)",
+    "sel.offsets = None",
+    "sel.batch = {wrong}",
+]
+
+
 @st.composite
-def kv_cache_case(draw):
+def _fraction(draw) -> str:
+    """A budget or threshold: in (0, 1] mostly; else 0, out of range, NaN, a wrong type."""
+    usual = ["0.0625", "0.25", "0.5", "1.0"]
+    if not _WILD[0] or draw(st.booleans()):
+        return draw(st.sampled_from(usual))
+    return draw(st.sampled_from(FLOATS + ["1.5", "2**70", "'x'", "None"]))
+
+
+@st.composite
+def block_sparse_case(draw):
+    """block_sparse_select; block_sparse_attention in one call, with the selection it made or
+    with one from a drawn block mask, maybe broken by an edit (accepted: it must follow the
+    selection's rules); BlockSelection's from_mask, mask, kept and density."""
+    function = draw(st.sampled_from(["select", "attention", "selection", "mask"]))
+    case = Case(draw, f"block_sparse.{function}")
+    case.maybe_half()
+    dims = case.dims(SPARSE_DIMS, zero_for_huge=("B", "Lq", "Hkv"))
+    shape = _qkv(case, dims)
+    options = draw(_mask_options())
+    sparse = {
+        "budget": draw(_fraction()),
+        "threshold": draw(st.sampled_from(["0.0", "0.0", "0.5", "0.9"]) | _fraction()),
+        "block_size": draw(st.sampled_from(["16", "16", "32", "48"]) | int_option(-1, 70)),
+        "local_blocks": draw(int_option(-1, 3)),
+    }
+    threads_ = draw(threads())
+    hkv, qb, kb = dims["Hkv"], draw(st.integers(0, 3)), draw(st.integers(0, 4))
+    index, small = draw(st.integers(0, 9)), draw(st.sampled_from(["8", "17", "4097", "-16"]))
+    edit = draw(st.sampled_from(SELECTION_EDITS)).format(
+        small=small,
+        index=index,
+        huge=draw(st.sampled_from(["-1", "2**40", "-(2**63)"])),
+        wrong=draw(st.sampled_from(WRONG_TYPES)),
+    )
+    inspect = (
+        "for method, args in ((sel.mask, ()), (sel.density, ()), "
+        "(sel.kept, (0, 0, sel.first_query_block))):\n"
+        "    attempt(method, *args)\n"
+        "repr(sel)\n"
+    )
+    if function == "mask":
+        case.array(
+            "mask",
+            (dims["B"], hkv, qb, kb),
+            dtype=draw(st.sampled_from(["bool", "bool", "bool", "int64", "float32"])),
+        )
+        call = (
+            f"sel = foveal.BlockSelection.from_mask(mask, block_size={sparse['block_size']}, "
+            f"first_query_block={draw(int_option(-2, 3))})\n"
+            "m = sel.mask()\n"
+            "assert m.dtype == bool and m.shape == tuple(mask.shape), (m.dtype, m.shape)\n"
+            "assert (m == np.asarray(mask)).all(), 'from_mask(m).mask() != m'\n"
+            "assert 0 <= sel.density() <= 1\n"
+            f"attempt(sel.kept, {draw(int_option(-1, 2))}, {draw(int_option(-1, 2))}, "
+            f"{draw(int_option(-1, 3))})\n"
+        )
+        if draw(st.booleans()):
+            call += f"{edit}\n{inspect}"
+        return case.done(call)
+    select = f"foveal.block_sparse_select(q, k, {_kw(**sparse, **options)}, num_threads={threads_})"
+    attend = _kw(**options)
+    if function == "select":
+        call = (
+            f"sel = {select}\n"
+            f"assert selection_ok(sel, q, k, {options['q_offset']}), 'a malformed selection'\n"
+            "assert 0 <= sel.density() <= 1\n"
+        )
+        return case.done(call + inspect)
+    return_lse = draw(flag())
+    out_shape = (dims["B"], hkv * dims["G"], dims["Lq"], dims["Dv"])
+    out = case.out_choice("out", out_shape, ["q", "k", "v"])
+    if function == "attention":
+        call = f"r = foveal.block_sparse_attention(q, k, v, {_kw(**sparse)}, {attend}, "
+        call += f"return_lse={return_lse}, out={out}, num_threads={threads_})\n"
+        call += _expect_attention("r", shape, "q", return_lse)
+        if out == "None":
+            call += _expect_widened(
+                f"foveal.block_sparse_attention(q, k, v, {_kw(**sparse)}, {attend}, "
+                f"return_lse={return_lse})",
+                "q, k, v",
+            )
+        return case.done(call)
+    # With a selection: the one block_sparse_select made (any options), one from a random mask
+    # of its geometry, or one from a mask of a drawn geometry; then maybe an edit.
+    source = draw(st.sampled_from(["selected", "selected", "remasked", "remasked", "mask"]))
+    if source == "mask":
+        case.array("mask", (dims["B"], hkv, qb, kb), dtype="bool", perturb=False)
+        case.call(
+            f"sel = foveal.BlockSelection.from_mask(mask, block_size={sparse['block_size']}, "
+            f"first_query_block={draw(int_option(-2, 3))})"
+        )
+    else:
+        case.call(f"sel = {select}")
+    if source == "remasked":
+        case.call(
+            f"sel = foveal.BlockSelection.from_mask(np.random.default_rng({index}).random("
+            "sel.mask().shape) < 0.5, block_size=sel.block_size, "
+            "first_query_block=sel.first_query_block)"
+        )
+    if draw(st.integers(0, 2)) == 0:
+        case.call(edit)
+    kept = f"out={out}, return_lse={return_lse}, num_threads={draw(threads())}"
+    call = (
+        "before = None if {out} is None else _float32_numpy({out}).tobytes()\n"
+        "try:\n"
+        "    r = foveal.block_sparse_attention(q, k, v, selection=sel, {attend}, {kept})\n"
+        "except _ALLOWED:\n"
+        "    assert before is None or _float32_numpy({out}).tobytes() == before, "
+        "'a rejected call wrote out'\n"
+        "    raise\n"
+        "assert selection_ok(sel, q, k, {q_offset}) is not False, 'accepted a malformed selection'\n"
+    ).format(q_offset=options["q_offset"], out=out, attend=attend, kept=kept)
+    call += _expect_attention("r", shape, "q", return_lse)
+    if out == "None":
+        call += _expect_widened(
+            f"foveal.block_sparse_attention(q, k, v, selection=sel, {attend}, "
+            f"return_lse={return_lse})",
+            "q, k, v",
+        )
+    return case.done(call)
+
+
+@st.composite
+def kv_cache_case(draw, quest: bool = False):
     """A cache (owned or wrapped) and a sequence of operations on it, decode among them; a
-    rejected operation must leave the lengths unchanged."""
-    case = Case(draw, "KVCache+decode_attention")
+    rejected operation must leave the lengths unchanged. With `quest`: a cache with page bounds
+    (of drawn page sizes, good or bad), quest_decode_attention and refresh_page_bounds after an
+    in-place edit of wrapped keys among the operations; after each one the page bounds must be
+    the min / max of the stored keys, and a rejected one must leave them unchanged too."""
+    case = Case(draw, "KVCache(page_bounds)+quest" if quest else "KVCache+decode_attention")
     d = case.dims(
-        {"B": (0, 2), "Hkv": (0, 2), "C": (0, 6), "D": (1, 6), "Dv": (0, 6)}, ("B", "Hkv")
+        {"B": (0, 2), "Hkv": (0, 2), "C": (0, 12 if quest else 6), "D": (1, 6), "Dv": (0, 6)},
+        ("B", "Hkv"),
     )
     ring, sinks = draw(flag()), draw(int_option(-1, 4))
+    bounds = ""
+    if quest:
+        page = draw(st.sampled_from(["1", "2", "3", "4", "16", "2**30"]) | int_option(-1, 4))
+        bounds = f", page_bounds={page}"
     case.maybe_half()
     dtype = case.cache_dtype()
-    if draw(st.booleans()):
+    wrapped = draw(st.booleans())
+    if not wrapped:
         sizes = [str(d[n]) for n in ("B", "Hkv", "C", "D", "Dv")]
         if draw(st.integers(0, 5)) == 0:
             sizes[draw(st.integers(0, 4))] = draw(int_option())
         case.call(
             f"cache = foveal.KVCache({', '.join(sizes)}, dtype={dtype!r}, ring={ring}, "
-            f"sink_tokens={sinks})"
+            f"sink_tokens={sinks}{bounds})"
         )
     else:
         case.array("keys", (d["B"], d["Hkv"], d["C"], d["D"]))
@@ -389,13 +559,16 @@ def kv_cache_case(draw):
         lengths = draw(st.sampled_from(choices))
         case.call(
             f"cache = foveal.KVCache.wrap(keys, values, ring={ring}, sink_tokens={sinks}, "
-            f"lengths={lengths})"
+            f"lengths={lengths}{bounds})"
         )
     call = [
-        "state = lambda: (cache.lengths, [cache.first_retained(b) for b in range(cache.batch)])"
+        "state = lambda: (cache.lengths, [cache.first_retained(b) for b in range(cache.batch)]"
+        + (", cache.page_bounds.tobytes())" if quest else ")")
     ]
+    ops = ["append", "append", "decode", "decode", "truncate", "misc"]
+    ops += ["quest", "quest", "refresh"] if quest else []
     for step in range(draw(st.integers(1, 6))):
-        op = draw(st.sampled_from(["append", "append", "decode", "decode", "truncate", "misc"]))
+        op = draw(st.sampled_from(ops))
         if op == "append":
             n = draw(st.integers(0, 4))
             empty = d["B"] == 0 or d["Hkv"] == 0
@@ -409,7 +582,7 @@ def kv_cache_case(draw):
             if draw(st.integers(0, 9)) == 0:
                 v = draw(st.sampled_from(["cache.keys", "cache.values", k]))
             call.append(f"attempt(cache.append, {k}, {v}, counts={counts}, state=state)")
-        elif op == "decode":
+        elif op in ("decode", "quest"):
             g, lq = draw(st.integers(0, 3)), draw(st.integers(0, 3))
             shape = (d["B"], d["Hkv"] * g, lq, d["D"])
             q = case.array(f"q{step}", shape)
@@ -420,7 +593,12 @@ def kv_cache_case(draw):
                 f"out{step}", (d["B"], d["Hkv"] * g, lq, d["Dv"]), [q, "cache.keys"]
             )
             opts["num_threads"] = draw(threads())
-            call.append(f"r = attempt(foveal.decode_attention, {q}, cache, {_kw(**opts)})")
+            function = "decode_attention"
+            if op == "quest":
+                function = "quest_decode_attention"
+                opts["budget"] = draw(_fraction())
+                opts["local_pages"] = draw(st.sampled_from(["2**40"]) | int_option(-1, 4))
+            call.append(f"r = attempt(foveal.{function}, {q}, cache, {_kw(**opts)}, state=state)")
             call.append(
                 "if r is not None:\n    "
                 + _expect_attention(
@@ -431,6 +609,15 @@ def kv_cache_case(draw):
             length = draw(int_option(-1, 6))
             seq = draw(st.sampled_from(["None", "0", "1", "-1", "2**62"]))
             call.append(f"attempt(cache.truncate, {length}, sequence={seq}, state=state)")
+        elif op == "refresh":
+            if wrapped:  # a stored key edited in place first
+                value = draw(st.sampled_from(["7.5", "-3.0", "float('nan')", "float('inf')"]))
+                call.append(
+                    "if np.prod(keys.shape) > 0 and getattr(getattr(keys, 'flags', None), "
+                    "'writeable', True):\n"
+                    f"    keys[0, 0, {draw(st.integers(0, 9))} % keys.shape[2], 0] = {value}"
+                )
+            call.append("cache.refresh_page_bounds()")
         else:
             call.append(
                 draw(
@@ -439,10 +626,13 @@ def kv_cache_case(draw):
                             "cache.reset()",
                             f"attempt(cache.first_retained, {draw(int_option())})",
                             "repr(cache); cache.keys.shape; cache.values.shape",
+                            "cache.page_size; cache.page_bounds.shape",
                         ]
                     )
                 )
             )
+        if quest:
+            call.append("check_page_bounds(cache)")
     return case.done("\n".join(call) + "\n")
 
 
@@ -1163,7 +1353,9 @@ ENTRY_POINTS = {
     "sliding_window_attention": attention_case("sliding_window_attention"),
     "attention_backward": attention_backward_case(),
     "merge_states": merge_states_case(),
+    "block_sparse": block_sparse_case(),
     "kv_cache": kv_cache_case(),
+    "quest_cache": kv_cache_case(quest=True),
     "paged_cache": paged_cache_case(),
     "make_attention": make_attention_case(),
     "sparsek_attention": sparsek_attention_case(),

@@ -156,6 +156,71 @@ def expect_rounded(result, single):
             f"result {index} differs from the float32 call's" + (", rounded" if index == 0 else ""))
 
 
+def _widened_numpy(x):
+    """A numpy copy of x, 16-bit types widened to float32 (exactly)."""
+    if hasattr(x, "detach"):
+        return x.detach().float().numpy() if is_half(x) else x.detach().numpy()
+    return np.asarray(x, np.float32) if is_half(x) else np.asarray(x)
+
+
+def check_page_bounds(cache):
+    """A KVCache's page bounds are [B, Hkv, pages, 2, D]: each page's min and max over its
+    stored keys (NaN ignored; +inf / -inf where it stores none); none without page_bounds."""
+    size, bounds = cache.page_size, cache.page_bounds
+    if size == 0:
+        assert bounds.size == 0, f"page bounds {bounds.shape} without page_bounds"
+        return
+    shape = (cache.batch, cache.heads_kv, -(-cache.capacity // size), 2, cache.dim)
+    assert tuple(bounds.shape) == shape, f"page bounds shape {tuple(bounds.shape)} != {shape}"
+    if bounds.size == 0:
+        return
+    keys, sinks, capacity = _widened_numpy(cache.keys), cache.sink_tokens, cache.capacity
+    for b, length in enumerate(cache.lengths):
+        if cache.ring:
+            kept = list(range(min(sinks, length)))
+            kept += range(max(cache.first_retained(b), sinks), length)
+            rows = [p if p < sinks else sinks + (p - sinks) % (capacity - sinks) for p in kept]
+        else:
+            rows = range(length)
+        low = np.full(bounds.shape[2:3] + bounds.shape[1:2] + bounds.shape[4:], np.inf)
+        high = -low
+        for row in rows:
+            low[row // size] = np.fmin(low[row // size], keys[b, :, row])
+            high[row // size] = np.fmax(high[row // size], keys[b, :, row])
+        want = np.stack([low.swapaxes(0, 1), high.swapaxes(0, 1)], axis=2).astype(bounds.dtype)
+        assert np.array_equal(bounds[b], want), f"page bounds of sequence {b} are not the min/max"
+
+
+def selection_ok(selection, q, k, q_offset):
+    """Whether a BlockSelection of int64 arrays follows its rules for q, k and q_offset (None or
+    -1: Lk - Lq); None when its arrays are not int64 vectors (the call may convert them)."""
+    offsets, blocks = selection.offsets, selection.blocks
+    for array in (offsets, blocks):
+        if not isinstance(array, np.ndarray) or array.dtype != np.int64 or array.ndim != 1:
+            return None
+    size = selection.block_size
+    if not isinstance(size, (int, np.integer)) or isinstance(size, bool):
+        return None
+    if not 16 <= size <= 4096:
+        return False
+    lq, lk = q.shape[2], k.shape[2]
+    offset = lk - lq if q_offset is None or q_offset == -1 else q_offset
+    first = offset // size if lq else 0
+    count = (offset + lq - 1) // size - first + 1 if lq else 0
+    want = (q.shape[0], k.shape[1], first, count, -(-lk // size))
+    got = (selection.batch, selection.heads_kv, selection.first_query_block,
+           selection.query_blocks, selection.key_blocks)
+    if want != got or len(offsets) != q.shape[0] * k.shape[1] * count + 1:
+        return False
+    if offsets[0] != 0 or offsets[-1] != len(blocks) or (np.diff(offsets) < 0).any():
+        return False
+    for begin, end in zip(offsets[:-1], offsets[1:]):
+        kept = blocks[begin:end]
+        if len(kept) and (kept[0] < 0 or kept[-1] >= want[4] or (np.diff(kept) <= 0).any()):
+            return False
+    return True
+
+
 def attempt(function, *args, state=None, **kwargs):
     """Calls function; an allowed rejection returns None. With `state` (a function returning
     the object's observable state) a rejected call must leave that state unchanged."""

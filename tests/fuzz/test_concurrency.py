@@ -1,7 +1,8 @@
 """Concurrency: foveal calls from 8 Python threads at once (the kernels release the GIL) give
 bitwise the results of the same calls run alone, for float32 / float64 and for the 16-bit
-storage types; a cache mutated from two threads at once is
-rejected, never corrupted. Each test runs in a child process so a crash fails it cleanly.
+storage types, the sparse kernels (block-sparse prefill, Quest decode) among them; a cache
+mutated from two threads at once (one with page bounds too) is rejected, never corrupted. Each
+test runs in a child process so a crash fails it cleanly.
 """
 
 from __future__ import annotations
@@ -210,6 +211,50 @@ def calls(index):
 """
 
 
+# The sparse kernels on shared read-only inputs: q, k, v and a selection made from them, a ring
+# cache with page bounds past its first wrap, a float16 cache with page bounds.
+SPARSE_CALLS = r"""
+import threading
+import numpy as np
+import foveal
+
+rng = np.random.default_rng(7)
+
+def draw(*shape, dtype=np.float32):
+    return rng.standard_normal(shape).astype(dtype)
+
+q, k, v = draw(1, 4, 300, 32), draw(1, 2, 300, 32), draw(1, 2, 300, 24)
+wide = [t.astype(np.float64) for t in (q, k, v)]
+selection = foveal.block_sparse_select(q, k, budget=0.3, block_size=32)
+ring = foveal.KVCache(2, 2, 700, 32, ring=True, sink_tokens=4, page_bounds=16)
+ring.append(draw(2, 2, 900, 32), draw(2, 2, 900, 32), counts=[900, 650])
+half = foveal.KVCache(1, 2, 800, 32, dtype="float16", page_bounds=32)
+half.append(draw(1, 2, 800, 32, dtype=np.float16), draw(1, 2, 800, 32, dtype=np.float16))
+step, half_step = draw(2, 4, 1, 32), draw(1, 8, 2, 32, dtype=np.float16)
+
+def calls(index):
+    # Two threads of different thread counts per kind.
+    kind, threads = index % 4, 1 + index % 3
+    if kind == 0:
+        threshold = 0.9 if index > 3 else 0.0
+        return lambda: foveal.block_sparse_attention(
+            q, k, v, budget=0.25, threshold=threshold, block_size=32, return_lse=True,
+            num_threads=threads)
+    if kind == 1:
+        return lambda: foveal.block_sparse_attention(
+            *wide, selection=selection, return_lse=True, num_threads=threads)
+    if kind == 2:
+        return lambda: foveal.quest_decode_attention(
+            step, ring, budget=0.2, window_left=500, return_lse=True, num_threads=threads)
+    return lambda: foveal.quest_decode_attention(
+        half_step, half, budget=0.1, causal=True, return_lse=True, num_threads=threads)
+"""
+
+
+def test_sparse_kernels_from_eight_threads_match_lone_runs():
+    assert _run_child(SPARSE_CALLS + RUN).startswith("ok")
+
+
 def test_eight_threads_match_lone_runs():
     assert _run_child(CALLS + RUN).startswith("ok")
 
@@ -262,5 +307,33 @@ print("ok", len(errors))
 """
 
 
-def test_cache_mutated_from_two_threads_raises():
-    assert _run_child(CACHE_RACE).startswith("ok")
+def _edited(source: str, *edits: tuple) -> str:
+    """source with each (old, new) edit made; every old text must be there."""
+    for old, new in edits:
+        assert old in source, old
+        source = source.replace(old, new)
+    return source
+
+
+# The same race over a cache with page bounds, the mutators refreshing them too and the reader
+# running Quest; afterwards the bounds must still be those of the stored keys.
+PAGED_RACE = _edited(
+    CACHE_RACE,
+    ("ring=True)", "ring=True, page_bounds=16)"),
+    (
+        "            cache.truncate(cache.lengths[0] // 2)\n",
+        "            cache.truncate(cache.lengths[0] // 2)\n            cache.refresh_page_bounds()\n",
+    ),
+    ("foveal.decode_attention(q, cache)", "foveal.quest_decode_attention(q, cache)"),
+    (
+        'print("ok", len(errors))',
+        "bounds = cache.page_bounds\ncache.refresh_page_bounds()\n"
+        "assert np.array_equal(bounds, cache.page_bounds), 'the race corrupted the page bounds'\n"
+        'print("ok", len(errors))',
+    ),
+)
+
+
+@pytest.mark.parametrize("source", [CACHE_RACE, PAGED_RACE], ids=["plain", "page_bounds"])
+def test_cache_mutated_from_two_threads_raises(source):
+    assert _run_child(source).startswith("ok")

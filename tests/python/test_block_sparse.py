@@ -237,3 +237,24 @@ def test_selection_from_mask_round_trips_and_bad_input_is_rejected(rng):
         foveal.block_sparse_attention(q, k, v, selection="all")
     with pytest.raises(ValueError, match="kept"):
         selection.kept(0, 0, 99)
+
+
+def test_selection_methods_reject_a_broken_layout_and_empty_key_axes_round_trip(rng):
+    # Regressions (the fuzz suite): mask() of a selection whose blocks left [0, key_blocks)
+    # raised IndexError, kept() of one with too few offsets too, and kept() of a float index;
+    # from_mask of a mask without key blocks (Lk = 0) failed to reshape.
+    q, k, _ = make_qkv(rng, (1, 2, 1, 100, 100, 8, 8), np.float32)
+    selection = foveal.block_sparse_select(q, k, block_size=32, budget=0.5)
+    selection.key_blocks -= 1
+    with pytest.raises(ValueError, match="mask"):
+        selection.mask()
+    selection.key_blocks += 1
+    selection.offsets = selection.offsets[:-1]
+    with pytest.raises(ValueError, match="kept"):
+        selection.kept(0, 0, selection.first_query_block)
+    with pytest.raises(TypeError):
+        foveal.block_sparse_select(q, k, block_size=32).kept(0, 0.5, 0)
+    no_keys = foveal.block_sparse_select(q, k[:, :, :0], block_size=32)
+    assert no_keys.mask().shape == (1, 1, 4, 0)
+    again = foveal.BlockSelection.from_mask(no_keys.mask(), block_size=32)
+    np.testing.assert_array_equal(again.offsets, no_keys.offsets)

@@ -148,8 +148,8 @@ class KVCache {
   // Rows per page of the page bounds (0: the cache keeps none) and the number of pages.
   Index page_size() const { return options_.page_bounds; }
   Index pages() const {
-    return options_.page_bounds > 0 ? (capacity() + options_.page_bounds - 1) / options_.page_bounds
-                                    : 0;
+    const Index size = options_.page_bounds;  // ceil(capacity / size) without overflowing
+    return size > 0 ? capacity() / size + (capacity() % size != 0) : 0;
   }
   // [B, Hkv, pages, 2, D]: [..., 0, :] the minimum and [..., 1, :] the maximum of the stored keys
   // of each page (+inf and -inf where a page holds none), in the keys' compute type. Empty
@@ -343,8 +343,10 @@ class KVCache {
     const auto index = static_cast<std::size_t>(sequence);
     // The rows of the dropped positions leave their pages (at most one row per storage row).
     touched_.clear();
-    const Index dropped_end = std::min(lengths_[index], length + capacity());
-    for (Index position = length; position < dropped_end && options_.page_bounds > 0; ++position)
+    // No heads: no bounds to update (and the capacity of storage of no elements may be huge).
+    const Index dropped = std::min(lengths_[index] - length, capacity());
+    for (Index position = length;
+         position < length + dropped && options_.page_bounds > 0 && heads_kv() > 0; ++position)
       touch_row(row_of(position));
     lengths_[index] = length;
     // Positions in [length, first_retained) were overwritten: nothing but sinks is left, and
@@ -388,7 +390,8 @@ class KVCache {
   }
 
   void refresh_bounds() {
-    for (Index b = 0; b < batch() && options_.page_bounds > 0; ++b) {
+    // No heads: no bounds (and storage of no elements may have a huge capacity).
+    for (Index b = 0; b < batch() && options_.page_bounds > 0 && heads_kv() > 0; ++b) {
       touched_.clear();
       for (Index page = 0; page < pages(); ++page) touched_.push_back(page);
       recompute_pages(b);

@@ -39,12 +39,13 @@ class TensorView {
 
   TensorView() = default;
 
-  // Row-major contiguous view of `shape`.
+  // Row-major contiguous view of `shape`. The strides of an empty view whose extents multiply
+  // past 2^63 (a [B, 0, 2^62, D] tensor: it addresses nothing) are 0 from the overflow on.
   TensorView(T* data, const Shape& shape) : data_(data), shape_(shape) {
     Index stride = 1;
     for (int dim = Rank - 1; dim >= 0; --dim) {
       strides_[dim] = stride;
-      stride *= shape_[dim];
+      if (__builtin_mul_overflow(stride, shape_[dim], &stride)) stride = 0;
     }
   }
 

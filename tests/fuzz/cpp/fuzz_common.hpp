@@ -18,7 +18,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <limits>
+#include <memory>
 #include <new>
+#include <string>
 #include <vector>
 
 #include "foveal/foveal.hpp"
@@ -205,6 +207,27 @@ DrawnView<T, Rank> draw_view(FuzzedDataProvider& data, Arena<Elem>& arena,
   return drawn;
 }
 
+// The flat element `flat` (row-major order) of `view`.
+template <typename T, int Rank>
+T& element(const foveal::TensorView<T, Rank>& view, Index flat) {
+  Index offset = 0;
+  for (int d = Rank - 1; d >= 0; --d) {
+    offset += (flat % view.size(d)) * view.stride(d);
+    flat /= view.size(d);
+  }
+  return view.data()[offset];
+}
+
+// x in double (a 16-bit storage type widened exactly).
+template <typename T>
+double widen(T x) {
+  if constexpr (foveal::is_half_dtype_v<T>) {
+    return foveal::to_float(x);
+  } else {
+    return static_cast<double>(x);
+  }
+}
+
 // The outcome of one fuzz input, summed over every view it drew.
 struct Expect {
   bool invalid = false;
@@ -233,6 +256,37 @@ void run_call(const Expect& expect, const char* what, Call&& call) {
     std::fprintf(stderr, "foveal fuzz: %s accepted a view it must reject\n", what);
     std::abort();
   }
+}
+
+// The message of the last rejection answer_of saw, for the report of a finding.
+inline std::string last_error;
+
+[[noreturn]] inline void finding(const char* what, const char* message) {
+  std::fprintf(stderr, "foveal fuzz: %s: %s (the last rejection: %s)\n", what, message,
+               last_error.c_str());
+  std::abort();
+}
+
+enum class Answer { accepted, rejected, out_of_memory };
+
+// run_call (an invalid view accepted aborts), and what the call answered.
+template <typename Call>
+Answer answer_of(const Expect& expect, const char* what, Call&& call) {
+  Answer answer = Answer::accepted;
+  run_call(expect, what, [&] {
+    try {
+      call();
+    } catch (const foveal::Error& error) {
+      answer = Answer::rejected;
+      last_error = error.what();
+      throw;
+    } catch (const std::bad_alloc& error) {
+      answer = Answer::out_of_memory;
+      last_error = error.what();
+      throw;
+    }
+  });
+  return answer;
 }
 
 // A cost bound: the harnesses skip inputs whose valid views would make the kernels run long
@@ -359,6 +413,46 @@ DrawnAppend<T> draw_append(FuzzedDataProvider& data, Arena<T>& arena, Index batc
   for (Index i = 0; drawn.ragged && i < batch + data.ConsumeIntegralInRange<int>(-1, 1); ++i)
     drawn.counts.push_back(draw_index_option(data));
   return drawn;
+}
+
+// A KVCache of the drawn sizes {B, Hkv, capacity, D, Dv} and options, or null (give the input
+// up). Owned (`owned`): sizes above `owned_max` are not drawn (huge ones are known findings:
+// size overflow in Tensor allocation, OOM on huge KVCache) and a rejected construction gives
+// the input up. Otherwise over writable keys and values drawn in `arena`, with drawn lengths
+// (up to 2**63 - 1: an append must not overflow the position counter); more than `wrapped_max`
+// sequences or heads allocate in proportion (the known finding "OOM on huge KVCache"): not
+// drawn. A view the cache must reject and accepts aborts (run_call).
+template <typename T>
+std::unique_ptr<foveal::KVCache<T>> draw_kv_cache(FuzzedDataProvider& data, Arena<T>& arena,
+                                                  bool owned, const std::array<Index, 5>& sizes,
+                                                  const foveal::KVCacheOptions& options,
+                                                  Index owned_max, Index wrapped_max) {
+  const auto [batch, heads_kv, capacity, dim, dim_v] = sizes;
+  std::unique_ptr<foveal::KVCache<T>> cache;
+  if (owned) {
+    for (Index size : sizes)
+      if (size > owned_max) return nullptr;
+    try {
+      cache = std::make_unique<foveal::KVCache<T>>(batch, heads_kv, capacity, dim, dim_v, options);
+    } catch (const foveal::Error&) {
+    }
+    return cache;
+  }
+  Expect expect;
+  auto keys = draw_view<T, T, 4>(data, arena, {batch, heads_kv, capacity, dim}, true);
+  auto values = draw_view<T, T, 4>(data, arena, {batch, heads_kv, capacity, dim_v}, true);
+  expect.add(keys);
+  expect.add(values);
+  if (expect.unusable) return nullptr;
+  if (!expect.invalid && (batch > wrapped_max || heads_kv > wrapped_max)) return nullptr;
+  std::vector<Index> lengths;
+  if (data.ConsumeBool())
+    for (int b = data.ConsumeIntegralInRange<int>(0, 3); b > 0; --b)
+      lengths.push_back(draw_index_option(data));
+  run_call(expect, "KVCache(keys, values)", [&] {
+    cache = std::make_unique<foveal::KVCache<T>>(keys.view, values.view, options, lengths);
+  });
+  return cache;
 }
 
 }  // namespace foveal_fuzz

@@ -22,17 +22,6 @@ namespace {
 using namespace foveal_fuzz;
 using foveal::TensorView;
 
-// The flat element `flat` (row-major order) of `view`.
-template <typename T, int Rank>
-T& element(const TensorView<T, Rank>& view, Index flat) {
-  Index offset = 0;
-  for (int d = Rank - 1; d >= 0; --d) {
-    offset += (flat % view.size(d)) * view.stride(d);
-    flat /= view.size(d);
-  }
-  return view.data()[offset];
-}
-
 // A view's elements as float: a contiguous copy of the same shape (all strides 0 when it is
 // empty, whatever its extents); a null view stays null. Only for views the library accepted
 // (made after the 16-bit call).
@@ -72,15 +61,6 @@ struct Widened {
 bool is_nan(foveal::bfloat16 x) { return (x.bits & 0x7f80) == 0x7f80 && (x.bits & 0x7f) != 0; }
 bool is_nan(foveal::float16 x) { return (x.bits & 0x7c00) == 0x7c00 && (x.bits & 0x3ff) != 0; }
 
-// The message of the last rejection answer_of saw, for the report of a finding.
-std::string last_error;
-
-[[noreturn]] void finding(const char* what, const char* message) {
-  std::fprintf(stderr, "foveal fuzz: %s: %s (the last rejection: %s)\n", what, message,
-               last_error.c_str());
-  std::abort();
-}
-
 // out of the 16-bit call == the float call's out rounded; lse bitwise the same (NaN: any NaN).
 template <typename H>
 void check_results(const char* what, const TensorView<H, 4>& out, const Widened<4>& single_out,
@@ -104,28 +84,6 @@ void check_results(const char* what, const TensorView<H, 4>& out, const Widened<
       finding(what, "lse differs from the float call's");
     }
   }
-}
-
-enum class Answer { accepted, rejected, out_of_memory };
-
-// run_call (an invalid view accepted aborts), and what the call answered.
-template <typename Call>
-Answer answer_of(const Expect& expect, const char* what, Call&& call) {
-  Answer answer = Answer::accepted;
-  run_call(expect, what, [&] {
-    try {
-      call();
-    } catch (const foveal::Error& error) {
-      answer = Answer::rejected;
-      last_error = error.what();
-      throw;
-    } catch (const std::bad_alloc& error) {
-      answer = Answer::out_of_memory;
-      last_error = error.what();
-      throw;
-    }
-  });
-  return answer;
 }
 
 // The float call on the widened inputs of a call the 16-bit call accepted must be accepted.

@@ -28,37 +28,10 @@ void run(FuzzedDataProvider& data) {
   foveal::KVCacheOptions options;
   options.ring = data.ConsumeBool();
   options.sink_tokens = draw_index_option(data);
-  std::unique_ptr<foveal::KVCache<T>> cache;
-  if (data.ConsumeBool()) {
-    // Owned storage. Huge sizes are known findings (harden: size overflow in Tensor
-    // allocation, OOM on huge KVCache): only small or negative ones are drawn.
-    for (Index size : {batch, heads_kv, capacity, dim, dim_v})
-      if (size > 16) return;
-    try {
-      cache = std::make_unique<foveal::KVCache<T>>(batch, heads_kv, capacity, dim, dim_v, options);
-    } catch (const foveal::Error&) {
-      return;
-    }
-  } else {
-    Expect expect;
-    auto keys = draw_view<T, T, 4>(data, arena, {batch, heads_kv, capacity, dim}, true);
-    auto values = draw_view<T, T, 4>(data, arena, {batch, heads_kv, capacity, dim_v}, true);
-    expect.add(keys);
-    expect.add(values);
-    if (expect.unusable) return;
-    // A cache of more than 2**20 sequences or heads allocates in proportion: the known finding
-    // "OOM on huge KVCache" (harden), not drawn.
-    if (!expect.invalid && (batch > (1 << 20) || heads_kv > (1 << 20))) return;
-    // Lengths up to 2**63 - 1: an append must not overflow the position counter.
-    std::vector<Index> lengths;
-    if (data.ConsumeBool())
-      for (int b = data.ConsumeIntegralInRange<int>(0, 3); b > 0; --b)
-        lengths.push_back(draw_index_option(data));
-    run_call(expect, "KVCache(keys, values)", [&] {
-      cache = std::make_unique<foveal::KVCache<T>>(keys.view, values.view, options, lengths);
-    });
-    if (!cache) return;
-  }
+  const bool owned = data.ConsumeBool();
+  const std::unique_ptr<foveal::KVCache<T>> cache = draw_kv_cache(
+      data, arena, owned, {batch, heads_kv, capacity, dim, dim_v}, options, 16, Index{1} << 20);
+  if (!cache) return;
   const Index b = cache->batch(), h = cache->heads_kv(), d = cache->dim(), dv = cache->dim_v();
   for (int step = data.ConsumeIntegralInRange<int>(1, 8); step > 0; --step) {
     const std::vector<Index> before = cache->lengths();
