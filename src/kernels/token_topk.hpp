@@ -162,11 +162,13 @@ void token_topk_select(const SelectPlan<S>& plan) {
                                plan.budget, plan.local);
       const Index candidates = g.candidate_end - g.candidate_begin;
       const Index local = g.local_end - g.local_begin;
-      const bool settled = plan.threshold <= 0 && (g.keep == candidates || g.keep == local);
-      if (settled || candidates == 0) continue;
-      estimate = true;
+      if (candidates == 0) continue;
+      // The span holds every block's candidates: the estimate pass runs the softmax of each
+      // row of the task, also of blocks whose list needs no estimate.
       span_begin = std::min(span_begin, g.candidate_begin);
       span_end = std::max(span_end, g.candidate_end);
+      const bool settled = plan.threshold <= 0 && (g.keep == candidates || g.keep == local);
+      estimate = estimate || !settled;
     }
     const Index span = estimate ? span_end - span_begin : 0;
 

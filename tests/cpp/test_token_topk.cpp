@@ -143,6 +143,21 @@ TYPED_TEST(TokenTopk, EveryGroupRatioAndLongerSequences) {
     }
 }
 
+TYPED_TEST(TokenTopk, BlocksWithoutAnEstimateBeforeWindowedOnes) {
+  // Regression (fuzz_sparse, ASan): the first blocks keep all their candidates (no estimate)
+  // and start at key 0; the later ones, estimated, start past it (window 120). The estimate's
+  // span covered the estimated blocks only, and the softmax of the first blocks' rows wrote
+  // before the buffer.
+  AttentionOptions o;
+  o.causal = true;
+  o.window_left = 120;
+  TokenTopkOptions sparse;
+  sparse.block_size = 16;
+  sparse.local_tokens = 16;
+  sparse.budget = 0.25;
+  expect_token_topk_matches<TypeParam>(make_problem(1, 1, 1, 300, 300, 16, 16, 220), o, sparse);
+}
+
 TYPED_TEST(TokenTopk, KeepingEveryKeyIsDenseAttention) {
   for (const Problem& p : option_problems(300, 300, 210))
     for (const bool causal : {true, false}) {

@@ -375,24 +375,25 @@ SPARSE_DIMS = {
     "D": (0, 8),
     "Dv": (0, 8),
 }
-# Edits of a BlockSelection `sel`, most of them breaking it (wrong geometry, offsets of the
-# wrong length or not monotone, blocks out of range or not increasing, wrong types).
+# Edits of a BlockSelection or TokenSelection `sel`, most of them breaking it (wrong geometry,
+# offsets of the wrong length or not monotone, items out of range or not increasing, wrong
+# types); {items} and {extent} name the items (blocks, keys) and their extent (key_blocks, len_k).
 SELECTION_EDITS = [
     "sel.block_size = {small}",
     "sel.batch += 1",
     "sel.heads_kv -= 1",
     "sel.first_query_block += {small}",
     "sel.query_blocks += 1",
-    "sel.key_blocks -= 1",
+    "sel.{extent} -= 1",
     "sel.offsets = sel.offsets[:-1]",
     "sel.offsets = np.append(sel.offsets, sel.offsets[-1:])",
     "sel.offsets[{index} % len(sel.offsets)] += 1",
     "sel.offsets = sel.offsets[::-1].copy()",
-    "sel.blocks = sel.blocks[::-1].copy()",
-    "sel.blocks = np.append(sel.blocks, {huge})",
-    "sel.blocks[{index} % max(len(sel.blocks), 1):][:1] = {huge}",
-    "sel.blocks = np.repeat(sel.blocks, 2)",
-    "sel.blocks = sel.blocks.astype(np.float64) + 0.5",
+    "sel.{items} = sel.{items}[::-1].copy()",
+    "sel.{items} = np.append(sel.{items}, {huge})",
+    "sel.{items}[{index} % max(len(sel.{items}), 1):][:1] = {huge}",
+    "sel.{items} = np.repeat(sel.{items}, 2)",
+    "sel.{items} = sel.{items}.astype(np.float64) + 0.5",
     "sel.offsets = sel.offsets.reshape(1, -1)",
     "sel.offsets = None",
     "sel.batch = {wrong}",
@@ -408,13 +409,37 @@ def _fraction(draw) -> str:
     return draw(st.sampled_from(FLOATS + ["1.5", "2**70", "'x'", "None"]))
 
 
+# What the two sparse prefill methods differ in: the entry points, the selection class, the
+# local option, the selection's items and extent.
+SPARSE_PREFILL = {
+    "block_sparse": (
+        "block_sparse_select",
+        "block_sparse_attention",
+        "BlockSelection",
+        "local_blocks",
+        "blocks",
+        "key_blocks",
+    ),
+    "token_topk": (
+        "token_topk_select",
+        "token_topk_attention",
+        "TokenSelection",
+        "local_tokens",
+        "keys",
+        "len_k",
+    ),
+}
+
+
 @st.composite
-def block_sparse_case(draw):
-    """block_sparse_select; block_sparse_attention in one call, with the selection it made or
-    with one from a drawn block mask, maybe broken by an edit (accepted: it must follow the
-    selection's rules); BlockSelection's from_mask, mask, kept and density."""
+def block_sparse_case(draw, method: str = "block_sparse"):
+    """<method>_select; <method>_attention in one call, with the selection it made or with one
+    from a drawn mask, maybe broken by an edit (accepted: it must follow the selection's rules);
+    the selection class's from_mask, mask, kept and density. `method`: block_sparse or
+    token_topk (SPARSE_PREFILL)."""
+    select_fn, attend_fn, selection_class, local_name, items, extent = SPARSE_PREFILL[method]
     function = draw(st.sampled_from(["select", "attention", "selection", "mask"]))
-    case = Case(draw, f"block_sparse.{function}")
+    case = Case(draw, f"{method}.{function}")
     case.maybe_half()
     dims = case.dims(SPARSE_DIMS, zero_for_huge=("B", "Lq", "Hkv"))
     shape = _qkv(case, dims)
@@ -423,12 +448,15 @@ def block_sparse_case(draw):
         "budget": draw(_fraction()),
         "threshold": draw(st.sampled_from(["0.0", "0.0", "0.5", "0.9"]) | _fraction()),
         "block_size": draw(st.sampled_from(["16", "16", "32", "48"]) | int_option(-1, 70)),
-        "local_blocks": draw(int_option(-1, 3)),
+        local_name: draw(int_option(-1, 3) if method == "block_sparse" else int_option(-1, 70)),
     }
     threads_ = draw(threads())
-    hkv, qb, kb = dims["Hkv"], draw(st.integers(0, 3)), draw(st.integers(0, 4))
+    hkv, qb = dims["Hkv"], draw(st.integers(0, 3))
+    kb = draw(st.integers(0, 4)) if method == "block_sparse" else dims["Lk"]
     index, small = draw(st.integers(0, 9)), draw(st.sampled_from(["8", "17", "4097", "-16"]))
     edit = draw(st.sampled_from(SELECTION_EDITS)).format(
+        items=items,
+        extent=extent,
         small=small,
         index=index,
         huge=draw(st.sampled_from(["-1", "2**40", "-(2**63)"])),
@@ -447,7 +475,7 @@ def block_sparse_case(draw):
             dtype=draw(st.sampled_from(["bool", "bool", "bool", "int64", "float32"])),
         )
         call = (
-            f"sel = foveal.BlockSelection.from_mask(mask, block_size={sparse['block_size']}, "
+            f"sel = foveal.{selection_class}.from_mask(mask, block_size={sparse['block_size']}, "
             f"first_query_block={draw(int_option(-2, 3))})\n"
             "m = sel.mask()\n"
             "assert m.dtype == bool and m.shape == tuple(mask.shape), (m.dtype, m.shape)\n"
@@ -459,7 +487,7 @@ def block_sparse_case(draw):
         if draw(st.booleans()):
             call += f"{edit}\n{inspect}"
         return case.done(call)
-    select = f"foveal.block_sparse_select(q, k, {_kw(**sparse, **options)}, num_threads={threads_})"
+    select = f"foveal.{select_fn}(q, k, {_kw(**sparse, **options)}, num_threads={threads_})"
     attend = _kw(**options)
     if function == "select":
         call = (
@@ -472,13 +500,12 @@ def block_sparse_case(draw):
     out_shape = (dims["B"], hkv * dims["G"], dims["Lq"], dims["Dv"])
     out = case.out_choice("out", out_shape, ["q", "k", "v"])
     if function == "attention":
-        call = f"r = foveal.block_sparse_attention(q, k, v, {_kw(**sparse)}, {attend}, "
+        call = f"r = foveal.{attend_fn}(q, k, v, {_kw(**sparse)}, {attend}, "
         call += f"return_lse={return_lse}, out={out}, num_threads={threads_})\n"
         call += _expect_attention("r", shape, "q", return_lse)
         if out == "None":
             call += _expect_widened(
-                f"foveal.block_sparse_attention(q, k, v, {_kw(**sparse)}, {attend}, "
-                f"return_lse={return_lse})",
+                f"foveal.{attend_fn}(q, k, v, {_kw(**sparse)}, {attend}, return_lse={return_lse})",
                 "q, k, v",
             )
         return case.done(call)
@@ -488,14 +515,14 @@ def block_sparse_case(draw):
     if source == "mask":
         case.array("mask", (dims["B"], hkv, qb, kb), dtype="bool", perturb=False)
         case.call(
-            f"sel = foveal.BlockSelection.from_mask(mask, block_size={sparse['block_size']}, "
+            f"sel = foveal.{selection_class}.from_mask(mask, block_size={sparse['block_size']}, "
             f"first_query_block={draw(int_option(-2, 3))})"
         )
     else:
         case.call(f"sel = {select}")
     if source == "remasked":
         case.call(
-            f"sel = foveal.BlockSelection.from_mask(np.random.default_rng({index}).random("
+            f"sel = foveal.{selection_class}.from_mask(np.random.default_rng({index}).random("
             "sel.mask().shape) < 0.5, block_size=sel.block_size, "
             "first_query_block=sel.first_query_block)"
         )
@@ -505,18 +532,17 @@ def block_sparse_case(draw):
     call = (
         "before = None if {out} is None else _float32_numpy({out}).tobytes()\n"
         "try:\n"
-        "    r = foveal.block_sparse_attention(q, k, v, selection=sel, {attend}, {kept})\n"
+        "    r = foveal.{attend_fn}(q, k, v, selection=sel, {attend}, {kept})\n"
         "except _ALLOWED:\n"
         "    assert before is None or _float32_numpy({out}).tobytes() == before, "
         "'a rejected call wrote out'\n"
         "    raise\n"
         "assert selection_ok(sel, q, k, {q_offset}) is not False, 'accepted a malformed selection'\n"
-    ).format(q_offset=options["q_offset"], out=out, attend=attend, kept=kept)
+    ).format(q_offset=options["q_offset"], out=out, attend=attend, kept=kept, attend_fn=attend_fn)
     call += _expect_attention("r", shape, "q", return_lse)
     if out == "None":
         call += _expect_widened(
-            f"foveal.block_sparse_attention(q, k, v, selection=sel, {attend}, "
-            f"return_lse={return_lse})",
+            f"foveal.{attend_fn}(q, k, v, selection=sel, {attend}, return_lse={return_lse})",
             "q, k, v",
         )
     return case.done(call)
@@ -1354,6 +1380,7 @@ ENTRY_POINTS = {
     "attention_backward": attention_backward_case(),
     "merge_states": merge_states_case(),
     "block_sparse": block_sparse_case(),
+    "token_topk": block_sparse_case("token_topk"),
     "kv_cache": kv_cache_case(),
     "quest_cache": kv_cache_case(quest=True),
     "paged_cache": paged_cache_case(),

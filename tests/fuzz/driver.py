@@ -192,10 +192,12 @@ def check_page_bounds(cache):
 
 
 def selection_ok(selection, q, k, q_offset):
-    """Whether a BlockSelection of int64 arrays follows its rules for q, k and q_offset (None or
-    -1: Lk - Lq); None when its arrays are not int64 vectors (the call may convert them)."""
-    offsets, blocks = selection.offsets, selection.blocks
-    for array in (offsets, blocks):
+    """Whether a BlockSelection or TokenSelection of int64 arrays follows its rules for q, k and
+    q_offset (None or -1: Lk - Lq); None when its arrays are not int64 vectors (the call may
+    convert them)."""
+    tokens = isinstance(selection, foveal.TokenSelection)
+    offsets, items = selection.offsets, selection.keys if tokens else selection.blocks
+    for array in (offsets, items):
         if not isinstance(array, np.ndarray) or array.dtype != np.int64 or array.ndim != 1:
             return None
     size = selection.block_size
@@ -207,15 +209,15 @@ def selection_ok(selection, q, k, q_offset):
     offset = lk - lq if q_offset is None or q_offset == -1 else q_offset
     first = offset // size if lq else 0
     count = (offset + lq - 1) // size - first + 1 if lq else 0
-    want = (q.shape[0], k.shape[1], first, count, -(-lk // size))
+    want = (q.shape[0], k.shape[1], first, count, lk if tokens else -(-lk // size))
     got = (selection.batch, selection.heads_kv, selection.first_query_block,
-           selection.query_blocks, selection.key_blocks)
+           selection.query_blocks, selection.len_k if tokens else selection.key_blocks)
     if want != got or len(offsets) != q.shape[0] * k.shape[1] * count + 1:
         return False
-    if offsets[0] != 0 or offsets[-1] != len(blocks) or (np.diff(offsets) < 0).any():
+    if offsets[0] != 0 or offsets[-1] != len(items) or (np.diff(offsets) < 0).any():
         return False
     for begin, end in zip(offsets[:-1], offsets[1:]):
-        kept = blocks[begin:end]
+        kept = items[begin:end]
         if len(kept) and (kept[0] < 0 or kept[-1] >= want[4] or (np.diff(kept) <= 0).any()):
             return False
     return True

@@ -211,8 +211,8 @@ def calls(index):
 """
 
 
-# The sparse kernels on shared read-only inputs: q, k, v and a selection made from them, a ring
-# cache with page bounds past its first wrap, a float16 cache with page bounds.
+# The sparse kernels on shared read-only inputs: q, k, v and the block and token selections made
+# from them, a ring cache with page bounds past its first wrap, a float16 cache with page bounds.
 SPARSE_CALLS = r"""
 import threading
 import numpy as np
@@ -226,6 +226,7 @@ def draw(*shape, dtype=np.float32):
 q, k, v = draw(1, 4, 300, 32), draw(1, 2, 300, 32), draw(1, 2, 300, 24)
 wide = [t.astype(np.float64) for t in (q, k, v)]
 selection = foveal.block_sparse_select(q, k, budget=0.3, block_size=32)
+tokens = foveal.token_topk_select(*wide[:2], budget=0.2, block_size=24, local_tokens=8)
 ring = foveal.KVCache(2, 2, 700, 32, ring=True, sink_tokens=4, page_bounds=16)
 ring.append(draw(2, 2, 900, 32), draw(2, 2, 900, 32), counts=[900, 650])
 half = foveal.KVCache(1, 2, 800, 32, dtype="float16", page_bounds=32)
@@ -234,7 +235,14 @@ step, half_step = draw(2, 4, 1, 32), draw(1, 8, 2, 32, dtype=np.float16)
 
 def calls(index):
     # Two threads of different thread counts per kind.
-    kind, threads = index % 4, 1 + index % 3
+    kind, threads = index % 6, 1 + index % 3
+    if kind == 4:
+        return lambda: foveal.token_topk_attention(
+            q, k, v, budget=0.1, threshold=0.8 if index > 5 else 0.0, block_size=16,
+            return_lse=True, num_threads=threads)
+    if kind == 5:
+        return lambda: foveal.token_topk_attention(
+            *wide, selection=tokens, return_lse=True, num_threads=threads)
     if kind == 0:
         threshold = 0.9 if index > 3 else 0.0
         return lambda: foveal.block_sparse_attention(
@@ -251,8 +259,9 @@ def calls(index):
 """
 
 
-def test_sparse_kernels_from_eight_threads_match_lone_runs():
-    assert _run_child(SPARSE_CALLS + RUN).startswith("ok")
+def test_sparse_kernels_from_twelve_threads_match_lone_runs():
+    output = _run_child(SPARSE_CALLS + RUN.replace("THREADS, ROUNDS = 8", "THREADS, ROUNDS = 12"))
+    assert output.startswith("ok")
 
 
 def test_eight_threads_match_lone_runs():

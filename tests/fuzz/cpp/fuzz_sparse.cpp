@@ -1,11 +1,12 @@
 // libFuzzer harness: the training-free sparse attention entry points, in float, double, bfloat16
-// and float16. Block-sparse prefill: block_sparse_select, block_sparse_attention with the
-// selection it made, with a hand-made BlockSelection (from a drawn block mask, then maybe
-// broken: wrong geometry, offsets of the wrong length or not monotone, blocks out of range or
-// not increasing) and in the one-call form, over drawn views and options (bad budgets,
-// thresholds, block sizes). Quest decode: quest_decode_attention over a KVCache with or
-// without page bounds (owned or over drawn views, ring or not), driven by a drawn sequence of
-// appends (across pages), truncations, resets and bound refreshes after in-place edits.
+// and float16. Sparse prefill, block-sparse and token top-k alike (BlockMethod, TokenMethod):
+// <method>_select, <method>_attention with the selection it made, with a hand-made selection
+// (from a drawn mask, then maybe broken: wrong geometry, offsets of the wrong length or not
+// monotone, items out of range or not increasing) and in the one-call form, over drawn views and
+// options (bad budgets, thresholds, block sizes). Quest decode: quest_decode_attention over a
+// KVCache with or without page bounds (owned or over drawn views, ring or not), driven by a drawn
+// sequence of appends (across pages), truncations, resets and bound refreshes after in-place
+// edits.
 //
 // The invariants of the other harnesses (no crash; errors are foveal::Error; invalid views
 // rejected), and:
@@ -14,16 +15,18 @@
 //   - an accepted call on tame inputs (no NaN or infinity, |x| <= 8) and a moderate scale and
 //     softcap gives a finite out and an lse that is finite or -inf (a query seeing no key);
 //   - every accepted call gives the same bits at another thread count; the one-call form
-//     gives the bits of block_sparse_select then block_sparse_attention with the selection;
+//     gives the bits of <method>_select then <method>_attention with the selection;
 //   - with budget 1 (every candidate kept; an all-true mask) the result is foveal::attention's
 //     (or decode_attention's) to rounding;
-//   - block_sparse_select makes a well-formed selection of the call's geometry, the same for
-//     any thread count; block_sparse_attention rejects a selection that is not one;
+//   - <method>_select makes a well-formed selection of the call's geometry, the same for
+//     any thread count; <method>_attention rejects a selection that is not one;
 //   - the cache's page bounds are always the min / max of its stored keys (NaN apart).
 #include <algorithm>
 #include <cstring>
 #include <memory>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "fuzz_common.hpp"
 
@@ -213,12 +216,67 @@ Index draw_block_size(FuzzedDataProvider& data) {
   return pick < 8 ? 16 * (1 + pick % 2) : kOdd[pick - 8];
 }
 
-foveal::BlockSparseOptions draw_sparse_options(FuzzedDataProvider& data) {
-  foveal::BlockSparseOptions sparse;
+// What block_sparse and token_topk differ in: the options (their local option), the selection's
+// items (key blocks or keys) and their extent, the entry points and the names in findings.
+struct BlockMethod {
+  using Selection = BlockSelection;
+  using Options = foveal::BlockSparseOptions;
+  static constexpr const char* kSelect = "block_sparse_select";
+  static constexpr const char* kAttendSparse = "block_sparse_attention(sparse)";
+  static constexpr const char* kAttendSelection = "block_sparse_attention(selection)";
+  static constexpr const char* kKept = "BlockSelection::kept";
+  static std::vector<std::int64_t>& items(Selection& s) { return s.blocks; }
+  static const std::vector<std::int64_t>& items(const Selection& s) { return s.blocks; }
+  static std::int64_t& extent(Selection& s) { return s.key_blocks; }
+  static std::int64_t extent(const Selection& s) { return s.key_blocks; }
+  static Index extent_for(Index len_k, Index block_size) {
+    return (len_k + block_size - 1) / block_size;
+  }
+  static void draw_local(FuzzedDataProvider& data, Options& sparse) {
+    sparse.local_blocks = index_option(data, 0, 2);
+  }
+  template <typename... Args>
+  static Selection select(Args&&... args) {
+    return foveal::block_sparse_select(std::forward<Args>(args)...);
+  }
+  template <typename... Args>
+  static void attend(Args&&... args) {
+    foveal::block_sparse_attention(std::forward<Args>(args)...);
+  }
+};
+
+struct TokenMethod {
+  using Selection = foveal::TokenSelection;
+  using Options = foveal::TokenTopkOptions;
+  static constexpr const char* kSelect = "token_topk_select";
+  static constexpr const char* kAttendSparse = "token_topk_attention(sparse)";
+  static constexpr const char* kAttendSelection = "token_topk_attention(selection)";
+  static constexpr const char* kKept = "TokenSelection::kept";
+  static std::vector<std::int64_t>& items(Selection& s) { return s.keys; }
+  static const std::vector<std::int64_t>& items(const Selection& s) { return s.keys; }
+  static std::int64_t& extent(Selection& s) { return s.len_k; }
+  static std::int64_t extent(const Selection& s) { return s.len_k; }
+  static Index extent_for(Index len_k, Index /*block_size*/) { return len_k; }
+  static void draw_local(FuzzedDataProvider& data, Options& sparse) {
+    sparse.local_tokens = index_option(data, 0, 40);
+  }
+  template <typename... Args>
+  static Selection select(Args&&... args) {
+    return foveal::token_topk_select(std::forward<Args>(args)...);
+  }
+  template <typename... Args>
+  static void attend(Args&&... args) {
+    foveal::token_topk_attention(std::forward<Args>(args)...);
+  }
+};
+
+template <typename Method>
+typename Method::Options draw_sparse_options(FuzzedDataProvider& data) {
+  typename Method::Options sparse;
   sparse.budget = draw_fraction(data, false);
   sparse.threshold = draw_fraction(data, true);
   sparse.block_size = draw_block_size(data);
-  sparse.local_blocks = index_option(data, 0, 2);
+  Method::draw_local(data, sparse);
   return sparse;
 }
 
@@ -228,7 +286,7 @@ struct Geometry {
   bool known = false;
   bool bad_block_size = false;  // outside [16, 4096]
   Index block_size = 0, batch = 0, heads_kv = 0, first_query_block = 0, query_blocks = 0,
-        key_blocks = 0;
+        extent = 0;  // key blocks (block_sparse) or keys (token_topk)
   Index lists() const { return batch * heads_kv * query_blocks; }
 };
 
@@ -236,7 +294,7 @@ Index floor_div(Index value, Index divisor) {
   return value >= 0 ? value / divisor : -((-value + divisor - 1) / divisor);
 }
 
-template <typename T>
+template <typename Method, typename T>
 Geometry geometry_of(const TensorView<const T, 4>& q, const TensorView<const T, 4>& k,
                      Index q_offset, Index block_size) {
   const Index batch = q.size(0), heads_kv = k.size(1), len_q = q.size(2), len_k = k.size(2);
@@ -252,7 +310,7 @@ Geometry geometry_of(const TensorView<const T, 4>& q, const TensorView<const T, 
   geometry.block_size = block_size;
   geometry.batch = batch;
   geometry.heads_kv = heads_kv;
-  geometry.key_blocks = (len_k + block_size - 1) / block_size;
+  geometry.extent = Method::extent_for(len_k, block_size);
   if (len_q > 0) {
     geometry.first_query_block = floor_div(offset, block_size);
     geometry.query_blocks =
@@ -261,52 +319,57 @@ Geometry geometry_of(const TensorView<const T, 4>& q, const TensorView<const T, 
   return geometry;
 }
 
-// Whether `selection` follows BlockSelection's rules for `geometry`.
-bool well_formed(const BlockSelection& selection, const Geometry& geometry) {
+// Whether `selection` follows its class's rules for `geometry`.
+template <typename Method>
+bool well_formed(const typename Method::Selection& selection, const Geometry& geometry) {
+  const std::vector<std::int64_t>& items = Method::items(selection);
   if (selection.block_size != geometry.block_size || selection.batch != geometry.batch ||
       selection.heads_kv != geometry.heads_kv ||
       selection.first_query_block != geometry.first_query_block ||
       selection.query_blocks != geometry.query_blocks ||
-      selection.key_blocks != geometry.key_blocks)
+      Method::extent(selection) != geometry.extent)
     return false;
   const std::vector<std::int64_t>& offsets = selection.offsets;
   if (static_cast<Index>(offsets.size()) != geometry.lists() + 1 || offsets.front() != 0 ||
-      offsets.back() != static_cast<Index>(selection.blocks.size()))
+      offsets.back() != static_cast<Index>(items.size()))
     return false;
   for (std::size_t list = 0; list + 1 < offsets.size(); ++list) {
     if (offsets[list] > offsets[list + 1]) return false;
     for (Index i = offsets[list]; i < offsets[list + 1]; ++i) {
-      const std::int64_t block = selection.blocks[static_cast<std::size_t>(i)];
-      if (block < 0 || block >= geometry.key_blocks) return false;
-      if (i > offsets[list] && selection.blocks[static_cast<std::size_t>(i) - 1] >= block)
-        return false;
+      const std::int64_t item = items[static_cast<std::size_t>(i)];
+      if (item < 0 || item >= geometry.extent) return false;
+      if (i > offsets[list] && items[static_cast<std::size_t>(i) - 1] >= item) return false;
     }
   }
   return true;
 }
 
-// A selection of `geometry` from a drawn block mask (or every block: `all`).
-BlockSelection selection_from_mask(FuzzedDataProvider& data, const Geometry& geometry, bool all) {
-  BlockSelection selection;
+// A selection of `geometry` from a drawn mask (or every item: `all`).
+template <typename Method>
+typename Method::Selection selection_from_mask(FuzzedDataProvider& data, const Geometry& geometry,
+                                               bool all) {
+  typename Method::Selection selection;
+  std::vector<std::int64_t>& items = Method::items(selection);
   selection.block_size = geometry.block_size;
   selection.batch = geometry.batch;
   selection.heads_kv = geometry.heads_kv;
   selection.first_query_block = geometry.first_query_block;
   selection.query_blocks = geometry.query_blocks;
-  selection.key_blocks = geometry.key_blocks;
+  Method::extent(selection) = geometry.extent;
   selection.offsets.push_back(0);
   for (Index list = 0; list < geometry.lists(); ++list) {
-    for (Index block = 0; block < geometry.key_blocks; ++block)
-      if (all || data.ConsumeBool()) selection.blocks.push_back(block);
-    selection.offsets.push_back(static_cast<std::int64_t>(selection.blocks.size()));
+    for (Index item = 0; item < geometry.extent; ++item)
+      if (all || data.ConsumeBool()) items.push_back(item);
+    selection.offsets.push_back(static_cast<std::int64_t>(items.size()));
   }
   return selection;
 }
 
 // One edit of a selection, most of them breaking it.
-void perturb(FuzzedDataProvider& data, BlockSelection& selection) {
+template <typename Method>
+void perturb(FuzzedDataProvider& data, typename Method::Selection& selection) {
   auto& offsets = selection.offsets;
-  auto& blocks = selection.blocks;
+  auto& blocks = Method::items(selection);
   const auto any_of = [&](std::size_t size) {
     return static_cast<std::size_t>(
         data.ConsumeIntegralInRange<std::size_t>(0, size > 0 ? size - 1 : 0));
@@ -329,7 +392,7 @@ void perturb(FuzzedDataProvider& data, BlockSelection& selection) {
       selection.query_blocks += delta;
       break;
     case 5:
-      selection.key_blocks += delta;
+      Method::extent(selection) += delta;
       break;
     case 6:  // one offset too many or too few (or none)
       if (data.ConsumeBool())
@@ -347,7 +410,7 @@ void perturb(FuzzedDataProvider& data, BlockSelection& selection) {
         constexpr std::int64_t kOdd[] = {-1, std::numeric_limits<std::int64_t>::min(),
                                          std::numeric_limits<std::int64_t>::max()};
         const int pick = data.ConsumeIntegralInRange<int>(0, 3);
-        blocks[any_of(blocks.size())] = pick < 3 ? kOdd[pick] : selection.key_blocks;
+        blocks[any_of(blocks.size())] = pick < 3 ? kOdd[pick] : Method::extent(selection);
       }
       break;
     case 9:  // two neighbours swapped or equal (not strictly increasing)
@@ -382,9 +445,10 @@ void perturb(FuzzedDataProvider& data, BlockSelection& selection) {
   }
 }
 
-template <typename T>
+template <typename T, typename Method>
 void run_sparse(FuzzedDataProvider& data) {
-  // 0: the one-call form; 1: block_sparse_select, then the attention with its selection;
+  using Selection = typename Method::Selection;
+  // 0: the one-call form; 1: <method>_select, then the attention with its selection;
   // 2: the attention with a selection from a drawn mask.
   const int mode = data.ConsumeIntegralInRange<int>(0, 2);
   Arena<T> inputs(data, 2);
@@ -415,18 +479,18 @@ void run_sparse(FuzzedDataProvider& data) {
   if (give_up(expect, dims)) return;
 
   foveal::AttentionOptions options = attention_options(data, true);
-  const foveal::BlockSparseOptions sparse = draw_sparse_options(data);
+  const typename Method::Options sparse = draw_sparse_options<Method>(data);
   const bool tame_call = tame(inputs) && moderate(options);
   const auto before = outputs.bytes();
-  const auto attend = [&](const BlockSelection& selection, int threads) {
+  const auto attend = [&](const Selection& selection, int threads) {
     foveal::AttentionOptions at = options;
     at.num_threads = threads;
-    foveal::block_sparse_attention(q.view, k.view, v.view, out.view, at, selection, lse.view);
+    Method::attend(q.view, k.view, v.view, out.view, at, selection, lse.view);
   };
   const auto select = [&](int threads) {
     foveal::AttentionOptions at = options;
     at.num_threads = threads;
-    return foveal::block_sparse_select(q.view, k.view, at, sparse);
+    return Method::select(q.view, k.view, at, sparse);
   };
   // With every candidate kept, the result is dense attention's to rounding.
   const auto check_dense = [&](const char* what) {
@@ -440,11 +504,11 @@ void run_sparse(FuzzedDataProvider& data) {
     if (!outputs.close(sparse_result)) finding(what, "differs from foveal::attention");
   };
   if (mode == 0) {  // the one-call form
-    const Answer answer = answer_of(expect, "block_sparse_attention(sparse)", [&] {
-      foveal::block_sparse_attention(q.view, k.view, v.view, out.view, options, sparse, lse.view);
+    const Answer answer = answer_of(expect, Method::kAttendSparse, [&] {
+      Method::attend(q.view, k.view, v.view, out.view, options, sparse, lse.view);
     });
-    check_answer<T>("block_sparse_attention(sparse)", answer, outputs, before, tame_call, out.view,
-                    lse.view, [&] {
+    check_answer<T>(Method::kAttendSparse, answer, outputs, before, tame_call, out.view, lse.view,
+                    [&] {
                       // Without query rows the one-call form skips the selection, which may
                       // be too large to make.
                       if (q.view.size(0) == 0 || q.view.size(1) == 0 || q.view.size(2) == 0)
@@ -454,20 +518,20 @@ void run_sparse(FuzzedDataProvider& data) {
                       return true;
                     });
     if (answer == Answer::accepted && sparse.budget == 1 && sparse.threshold == 0)
-      check_dense("block_sparse_attention(budget 1)");
+      check_dense(Method::kAttendSparse);
     return;
   }
-  const Geometry geometry =
-      geometry_of(q.view, k.view, options.q_offset,
-                  mode == 1 ? sparse.block_size : 16 * data.ConsumeIntegralInRange<Index>(1, 3));
-  BlockSelection selection;
+  const Geometry geometry = geometry_of<Method>(
+      q.view, k.view, options.q_offset,
+      mode == 1 ? sparse.block_size : 16 * data.ConsumeIntegralInRange<Index>(1, 3));
+  Selection selection;
   bool all = false;
   if (mode == 1) {
-    const Answer answer = answer_of(select_expect, "block_sparse_select",
-                                    [&] { selection = select(options.num_threads); });
+    const Answer answer =
+        answer_of(select_expect, Method::kSelect, [&] { selection = select(options.num_threads); });
     if (answer != Answer::accepted) return;
-    if (geometry.known && !well_formed(selection, geometry))
-      finding("block_sparse_select", "made a selection that breaks BlockSelection's rules");
+    if (geometry.known && !well_formed<Method>(selection, geometry))
+      finding(Method::kSelect, "made a selection that breaks its class's rules");
     // kept() reads the lists the offsets say.
     std::int64_t count = 0;
     for (Index list = 0; geometry.known && list < geometry.lists(); ++list) {
@@ -475,50 +539,52 @@ void run_sparse(FuzzedDataProvider& data) {
       const Index b = list / geometry.query_blocks / geometry.heads_kv;
       const std::int64_t* kept =
           selection.kept(b, h, geometry.first_query_block + list % geometry.query_blocks, &count);
-      if (kept != selection.blocks.data() + selection.offsets[static_cast<std::size_t>(list)] ||
+      if (kept !=
+              Method::items(selection).data() + selection.offsets[static_cast<std::size_t>(list)] ||
           count != selection.offsets[static_cast<std::size_t>(list) + 1] -
                        selection.offsets[static_cast<std::size_t>(list)])
-        finding("BlockSelection::kept", "not the list the offsets say");
+        finding(Method::kKept, "not the list the offsets say");
     }
     try {
-      const BlockSelection again = select(other_threads(data, options.num_threads));
-      if (again.offsets != selection.offsets || again.blocks != selection.blocks)
-        finding("block_sparse_select", "another thread count selected other blocks");
+      const Selection again = select(other_threads(data, options.num_threads));
+      if (again.offsets != selection.offsets || Method::items(again) != Method::items(selection))
+        finding(Method::kSelect, "another thread count selected otherwise");
     } catch (const std::bad_alloc&) {
     }
     all = sparse.budget == 1 && sparse.threshold == 0;
   } else {  // from a drawn block mask (all true now and then)
-    if (!geometry.known || saturated_product(geometry.lists(), geometry.key_blocks) > 4096) return;
+    if (!geometry.known || saturated_product(geometry.lists(), geometry.extent) > 4096) return;
     all = data.ConsumeBool();
-    selection = selection_from_mask(data, geometry, all);
+    selection = selection_from_mask<Method>(data, geometry, all);
   }
   if (data.ConsumeIntegralInRange<int>(0, 2) == 0) {
-    perturb(data, selection);
+    perturb<Method>(data, selection);
     all = false;
     // kept() of an edited selection: a list of it, or foveal::Error (never a read outside it).
     try {
       std::int64_t count = 0;
       const std::int64_t* kept = selection.kept(0, 0, selection.first_query_block, &count);
-      if (count < 0 || kept < selection.blocks.data() ||
-          kept + count > selection.blocks.data() + selection.blocks.size())
-        finding("BlockSelection::kept", "a list outside the blocks");
+      const std::vector<std::int64_t>& items = Method::items(selection);
+      if (count < 0 || kept < items.data() || kept + count > items.data() + items.size())
+        finding(Method::kKept, "a list outside the items");
     } catch (const foveal::Error& error) {
       last_error = error.what();
     }
   }
-  const Answer answer = answer_of(expect, "block_sparse_attention(selection)",
-                                  [&] { attend(selection, options.num_threads); });
+  const Answer answer =
+      answer_of(expect, Method::kAttendSelection, [&] { attend(selection, options.num_threads); });
   // Accepted: the selection must be well formed for the call's geometry at its block size.
-  const Geometry wanted = geometry_of(q.view, k.view, options.q_offset, selection.block_size);
+  const Geometry wanted =
+      geometry_of<Method>(q.view, k.view, options.q_offset, selection.block_size);
   if (answer == Answer::accepted &&
-      (wanted.bad_block_size || (wanted.known && !well_formed(selection, wanted))))
-    finding("block_sparse_attention(selection)", "accepted a malformed selection");
-  check_answer<T>("block_sparse_attention(selection)", answer, outputs, before, tame_call, out.view,
-                  lse.view, [&] {
+      (wanted.bad_block_size || (wanted.known && !well_formed<Method>(selection, wanted))))
+    finding(Method::kAttendSelection, "accepted a malformed selection");
+  check_answer<T>(Method::kAttendSelection, answer, outputs, before, tame_call, out.view, lse.view,
+                  [&] {
                     attend(selection, other_threads(data, options.num_threads));
                     return true;
                   });
-  if (answer == Answer::accepted && all) check_dense("block_sparse_attention(all blocks)");
+  if (answer == Answer::accepted && all) check_dense(Method::kAttendSelection);
 }
 
 // --------------------------------------------------------------------------------------------
@@ -757,18 +823,29 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* bytes, std::size_t siz
   FuzzedDataProvider data(bytes, size);
   valid_draws = !data.ConsumeBool();  // (an exhausted input draws zeros: valid ones)
   const bool quest = data.ConsumeBool();
+  const bool tokens = data.ConsumeBool();
+  const auto run = [&](auto type) {
+    using T = decltype(type);
+    if (quest) {
+      run_quest<T>(data);
+    } else if (tokens) {
+      run_sparse<T, TokenMethod>(data);
+    } else {
+      run_sparse<T, BlockMethod>(data);
+    }
+  };
   switch (data.ConsumeIntegralInRange<int>(0, 3)) {
     case 0:
-      quest ? run_quest<float>(data) : run_sparse<float>(data);
+      run(float{});
       break;
     case 1:
-      quest ? run_quest<double>(data) : run_sparse<double>(data);
+      run(double{});
       break;
     case 2:
-      quest ? run_quest<foveal::bfloat16>(data) : run_sparse<foveal::bfloat16>(data);
+      run(foveal::bfloat16{});
       break;
     default:
-      quest ? run_quest<foveal::float16>(data) : run_sparse<foveal::float16>(data);
+      run(foveal::float16{});
   }
   return 0;
 }
