@@ -384,8 +384,14 @@ class BackwardRunner {
 template <typename T, typename HeadTask, typename HeadScratch = NoPolicyScratch>
 void run_backward_heads(const BackwardParams<T>& params, HeadTask&& head_task,
                         const HeadScratch& head_scratch = {}, bool raw_logits = false) {
+  // Without query rows and keys every gradient is empty: nothing to do, however many (batch,
+  // kv head) pairs the extents of the empty views count (otherwise the gradients of q or of k
+  // hold a row per pair, so their count is bounded by real memory).
+  const auto& q = params.forward.q;
+  const bool no_rows = q.size(0) == 0 || q.size(1) == 0 || q.size(2) == 0;
+  if (no_rows && params.forward.k.size(2) == 0) return;
   const Index heads_kv = params.forward.k.size(1);
-  const Index num_tasks = params.forward.q.size(0) * heads_kv;
+  const Index num_tasks = q.size(0) * heads_kv;
   if (num_tasks == 0) return;
   // The backward recomputes the scores and adds three products per (row, key): about twice the
   // forward's multiply-adds.

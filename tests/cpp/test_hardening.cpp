@@ -4,6 +4,7 @@
 // out in every attention kernel.
 #include <gtest/gtest.h>
 
+#include <array>
 #include <atomic>
 #include <cmath>
 #include <cstdio>
@@ -112,6 +113,33 @@ TEST(HardeningSizes, VectorQuantizerWithOverflowingCodebookIsAnError) {
 
 // ---------------------------------------------------------------------------------------------
 // 2. Thread counts.
+
+// Regressions (the Python fuzz suite): backwards of calls without query rows and keys over
+// empty views whose other extents count 2^40 (batch, kv head) pairs ran one empty task per pair
+// (a hang); every gradient is empty, so they return at once.
+TEST(HardeningSizes, BackwardsWithoutRowsAndKeysDoNoWorkWhateverTheOtherExtents) {
+  std::vector<float> cell(16, 0.0f);
+  const auto view = [&](std::array<Index, 4> shape) {
+    return TensorView<float, 4>(cell.data(), shape, {0, 0, 0, 1});
+  };
+  const auto view3 = [&](std::array<Index, 3> shape) {
+    return TensorView<float, 3>(cell.data(), shape, {0, 0, 0});
+  };
+  const Index huge = Index{1} << 40;
+  AttentionOptions options;
+  options.causal = true;
+  // Hq = 0 rows, Hkv = 2^40 heads of no keys.
+  const TensorView<const float, 4> q = view({1, 0, 0, 6}), k = view({1, huge, 0, 6});
+  attention_backward(q, k, k, q, view3({1, 0, 0}), q, view({1, 0, 0, 6}), view({1, huge, 0, 6}),
+                     view({1, huge, 0, 6}), options);
+  // B = 2^40 sequences of no queries and no keys.
+  const TensorView<const float, 4> qb = view({huge, 1, 0, 6}), kb = view({huge, 1, 0, 6});
+  SparseKOptions sparse;
+  sparse.topk = 4;
+  sparsek_attention_backward(qb, kb, kb, view3({huge, 1, 0}), qb, view3({huge, 1, 0}), qb, sparse,
+                             view({huge, 1, 0, 6}), view({huge, 1, 0, 6}), view({huge, 1, 0, 6}),
+                             view3({huge, 1, 0}));
+}
 
 TEST(HardeningThreads, SetNumThreadsRejectsCountsAboveTheMaximum) {
   EXPECT_TRUE(throws_error_with([] { set_num_threads(kMaxThreads + 1); },
