@@ -102,6 +102,14 @@ inline constexpr Index kScoreRun = 64;
 template <typename T, int NK, int QV>
 inline void score_micro(const T* q_t, const T* const* k_rows, Index dim, T multiplier, T* s_t) {
   constexpr int L = kLanes<T>;
+  if (dim == 0) {  // an empty sum (the backward's dO·v with Dv = 0)
+    FOVEAL_UNROLL
+    for (int j = 0; j < NK; ++j) {
+      FOVEAL_UNROLL
+      for (int c = 0; c < QV; ++c) store(s_t + j * kBlockQ + c * L, Vec<T>{});
+    }
+    return;
+  }
   for (Index d0 = 0; d0 < dim; d0 += kScoreRun) {
     const Index d1 = std::min(dim, d0 + kScoreRun);
     Vec<T> acc[NK][QV];

@@ -716,11 +716,18 @@ TYPED_TEST(AttentionBackward, EmptyKeysGiveZeroQueryGradients) {
 
 TYPED_TEST(AttentionBackward, EmptyValueRowsGiveZeroGradients) {
   // Dv = 0: out and grad_out have no elements, so grad_out . v = 0 and every gradient is 0.
+  // Regression: dP = dO·vᵀ was an empty sum left unwritten, so the scratch held what an earlier
+  // call left there; the call with Dv = 5 first leaves such values in freed memory.
   using T = TypeParam;
-  const Problem p = make_problem(2, 2, 1, 70, 40, 8, 0, 22000);
-  const Inputs in = random_inputs(p);
   AttentionOptions options;
   options.causal = true;
+  const Problem earlier = make_problem(2, 2, 1, 70, 40, 8, 5, 22001);
+  const Inputs earlier_in = random_inputs(earlier);
+  run_backward<T>(DenseBackward{}, earlier, earlier_in,
+                  forward_outputs<T>(earlier, earlier_in, options), random_grad_out(earlier),
+                  options);
+  const Problem p = make_problem(2, 2, 1, 70, 40, 8, 0, 22000);
+  const Inputs in = random_inputs(p);
   const Gradients got =
       run_backward<T>(DenseBackward{}, p, in, forward_outputs<T>(p, in, options), {}, options);
   for (double value : got.grad_q) ASSERT_EQ(value, 0.0);
