@@ -1,9 +1,9 @@
 """The sparse suite of bench/compare_torch.py: training-free sparse attention against foveal's
 own dense kernels (the baseline a sparse method has to beat), in one run.
 
-1. Prefill, causal, B 1, H 16, D 64, budget 1/16: ``block_sparse_attention`` and
-   ``token_topk_attention`` (their selection included) against ``attention(causal=True)``;
-   L 8192 (quick) or 32768 (--full).
+1. Prefill, causal, B 1, H 16, D 64, budget 1/16: ``block_sparse_attention``,
+   ``token_topk_attention`` and ``vertical_slash_attention`` (their selection included) against
+   ``attention(causal=True)``; L 8192 (quick) or 32768 (--full).
 2. Decode, Hq 32, Hkv 8, D 128, one query, budget 1/16: ``quest_decode_attention`` against
    ``decode_attention`` over the same cache; Lk 32768 (quick) or 131072 (--full); pages of 16
    and 32 rows. Page-bound upkeep is included: every timed step first drops the newest token
@@ -21,6 +21,7 @@ import torch
 PREFILL_METHODS = {
     "block_sparse": (foveal.block_sparse_attention, foveal.block_sparse_select),
     "token_topk": (foveal.token_topk_attention, foveal.token_topk_select),
+    "vertical_slash": (foveal.vertical_slash_attention, foveal.vertical_slash_select),
 }
 
 

@@ -1,12 +1,16 @@
-// foveal::token_topk_select / token_topk_attention: validation, the selection's layout, then the
-// level kernels (src/kernels/token_topk.hpp).
+// foveal::token_topk_select / token_topk_attention and vertical_slash_select /
+// vertical_slash_attention (two ways to select a TokenSelection, one attention over it):
+// validation, the selection's layout, then the level kernels (src/kernels/token_topk.hpp,
+// src/kernels/vertical_slash.hpp).
 #include "foveal/attention/token_topk.hpp"
 
 #include <cmath>
+#include <type_traits>
 
 #include "detail/attention_setup.hpp"
 #include "detail/block_sparse_geometry.hpp"
 #include "detail/sparse_lists.hpp"
+#include "foveal/attention/vertical_slash.hpp"
 
 namespace foveal {
 
@@ -17,7 +21,8 @@ const std::int64_t* TokenSelection::kept(std::int64_t b, std::int64_t h, std::in
 
 namespace {
 
-void require_sparse_options(const char* function, const TokenTopkOptions& sparse) {
+template <typename Sparse>
+void require_sparse_options(const char* function, const Sparse& sparse) {
   check(std::isfinite(sparse.budget) && sparse.budget > 0 && sparse.budget <= 1, function,
         ": budget must be in (0, 1] (the fraction of candidate keys kept), got ", sparse.budget);
   check(std::isfinite(sparse.threshold) && sparse.threshold >= 0 && sparse.threshold <= 1, function,
@@ -28,15 +33,25 @@ void require_sparse_options(const char* function, const TokenTopkOptions& sparse
         ": block_size must be in [16, 4096], got ", sparse.block_size);
   check(sparse.local_tokens >= 0, function, ": local_tokens must be >= 0, got ",
         sparse.local_tokens);
+  if constexpr (std::is_same_v<Sparse, VerticalSlashOptions>) {
+    check(sparse.last_queries >= 1, function,
+          ": last_queries must be >= 1 (the queries that estimate the lines), got ",
+          sparse.last_queries);
+  }
 }
 
-template <typename T>
+template <typename T, typename Sparse>
 TokenSelection select_impl(const char* function, TensorView<const T, 4> q, TensorView<const T, 4> k,
-                           const AttentionOptions& options, const TokenTopkOptions& sparse) {
+                           const AttentionOptions& options, const Sparse& sparse) {
   require_sparse_options(function, sparse);
-  const detail::SelectPlan<T> plan =
+  detail::SelectPlan<T> plan =
       detail::select_plan<T>(function, q, k, options, sparse.block_size, sparse.budget,
                              sparse.threshold, sparse.local_tokens);
+  auto kernel = detail::kernels<T>().token_topk_select;
+  if constexpr (std::is_same_v<Sparse, VerticalSlashOptions>) {
+    plan.last_queries = sparse.last_queries;
+    kernel = detail::kernels<T>().vertical_slash_select;
+  }
   TokenSelection selection;
   selection.block_size = sparse.block_size;
   selection.batch = q.size(0);
@@ -52,7 +67,7 @@ TokenSelection select_impl(const char* function, TensorView<const T, 4> q, Tenso
                                             sparse.local_tokens)
             .keep;
       },
-      detail::kernels<T>().token_topk_select, selection.keys);
+      kernel, selection.keys);
   return selection;
 }
 
@@ -80,18 +95,21 @@ void attend_impl(const char* function, TensorView<const T, 4> q, TensorView<cons
 
 constexpr const char* kSelect = "token_topk_select";
 constexpr const char* kAttend = "token_topk_attention";
+constexpr const char* kLinesSelect = "vertical_slash_select";
+constexpr const char* kLinesAttend = "vertical_slash_attention";
 
-template <typename T>
-void select_and_attend(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorView<const T, 4> v,
-                       TensorView<T, 4> out, const AttentionOptions& options,
-                       const TokenTopkOptions& sparse, TensorView<compute_type_t<T>, 3> lse) {
+template <typename T, typename Sparse>
+void select_and_attend(const char* function, TensorView<const T, 4> q, TensorView<const T, 4> k,
+                       TensorView<const T, 4> v, TensorView<T, 4> out,
+                       const AttentionOptions& options, const Sparse& sparse,
+                       TensorView<compute_type_t<T>, 3> lse) {
   // The attention's arguments are checked before the selection is made.
-  const auto params = detail::prepare_attention<T>(kAttend, q, k, v, out, options, lse, {});
+  const auto params = detail::prepare_attention<T>(function, q, k, v, out, options, lse, {});
   if (detail::no_rows(q)) {  // nothing to select nor write: only the options are left to check
-    require_sparse_options(kAttend, sparse);
+    require_sparse_options(function, sparse);
     return;
   }
-  const TokenSelection selection = select_impl<T>(kAttend, q, k, options, sparse);
+  const TokenSelection selection = select_impl<T>(function, q, k, options, sparse);
   detail::kernels<T>().token_topk_attention(
       detail::selection_plan(params, options, selection, selection.keys));
 }
@@ -114,7 +132,18 @@ void select_and_attend(TensorView<const T, 4> q, TensorView<const T, 4> k, Tenso
                             TensorView<const T, 4> v, TensorView<T, 4> out,                   \
                             const AttentionOptions& options, const TokenTopkOptions& sparse,  \
                             TensorView<Lse, 3> lse) {                                         \
-    select_and_attend<T>(q, k, v, out, options, sparse, lse);                                 \
+    select_and_attend<T>(kAttend, q, k, v, out, options, sparse, lse);                        \
+  }                                                                                           \
+  TokenSelection vertical_slash_select(TensorView<const T, 4> q, TensorView<const T, 4> k,    \
+                                       const AttentionOptions& options,                       \
+                                       const VerticalSlashOptions& sparse) {                  \
+    return select_impl<T>(kLinesSelect, q, k, options, sparse);                               \
+  }                                                                                           \
+  void vertical_slash_attention(TensorView<const T, 4> q, TensorView<const T, 4> k,           \
+                                TensorView<const T, 4> v, TensorView<T, 4> out,               \
+                                const AttentionOptions& options,                              \
+                                const VerticalSlashOptions& sparse, TensorView<Lse, 3> lse) { \
+    select_and_attend<T>(kLinesAttend, q, k, v, out, options, sparse, lse);                   \
   }
 
 FOVEAL_TOKEN_TOPK_ENTRY_POINTS(float, float)

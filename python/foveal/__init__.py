@@ -55,6 +55,8 @@ __all__ = [
     "sparsek_attention",
     "token_topk_attention",
     "token_topk_select",
+    "vertical_slash_attention",
+    "vertical_slash_select",
 ]
 
 MAX_THREADS: int = _core.MAX_THREADS
@@ -582,4 +584,6 @@ from .sparse import block_sparse_attention as block_sparse_attention  # noqa: E4
 from .sparse import block_sparse_select as block_sparse_select  # noqa: E402
 from .sparse import token_topk_attention as token_topk_attention  # noqa: E402
 from .sparse import token_topk_select as token_topk_select  # noqa: E402
+from .sparse import vertical_slash_attention as vertical_slash_attention  # noqa: E402
+from .sparse import vertical_slash_select as vertical_slash_select  # noqa: E402
 from .sparsek import sparsek_attention as sparsek_attention  # noqa: E402

@@ -1,4 +1,4 @@
-// foveal._core's sparse prefill bindings, block_sparse_* and token_topk_*
+// foveal._core's sparse prefill bindings, block_sparse_*, token_topk_* and vertical_slash_*
 // (docs/sparse_attention.md). foveal/sparse.py owns the docstrings, defaults, output allocation
 // and the BlockSelection / TokenSelection classes; these read the caller's tensors as they are
 // and release the GIL around every kernel. The library checks every value.
@@ -8,12 +8,14 @@
 
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "_keywords.hpp"
 #include "_tensor.hpp"
 #include "foveal/attention/block_sparse.hpp"
 #include "foveal/attention/token_topk.hpp"
+#include "foveal/attention/vertical_slash.hpp"
 
 namespace py = pybind11;
 
@@ -33,37 +35,36 @@ struct SelectionFields;
 
 template <>
 struct SelectionFields<foveal::BlockSelection> {
-  using Options = foveal::BlockSparseOptions;
   static constexpr const char* kExtent = "key_blocks";
   static constexpr const char* kItems = "blocks";
   static std::int64_t& extent(foveal::BlockSelection& s) { return s.key_blocks; }
   static std::vector<std::int64_t>& items(foveal::BlockSelection& s) { return s.blocks; }
-  static Options options(const Keywords& keywords) {
-    Options sparse;
-    sparse.budget = keywords.number("budget", sparse.budget);
-    sparse.threshold = keywords.number("threshold", 0.0);
-    sparse.block_size = keywords.integer("block_size", sparse.block_size);
-    sparse.local_blocks = keywords.integer("local_blocks", sparse.local_blocks);
-    return sparse;
-  }
 };
 
 template <>
 struct SelectionFields<foveal::TokenSelection> {
-  using Options = foveal::TokenTopkOptions;
   static constexpr const char* kExtent = "len_k";
   static constexpr const char* kItems = "keys";
   static std::int64_t& extent(foveal::TokenSelection& s) { return s.len_k; }
   static std::vector<std::int64_t>& items(foveal::TokenSelection& s) { return s.keys; }
-  static Options options(const Keywords& keywords) {
-    Options sparse;
-    sparse.budget = keywords.number("budget", sparse.budget);
-    sparse.threshold = keywords.number("threshold", 0.0);
-    sparse.block_size = keywords.integer("block_size", sparse.block_size);
-    sparse.local_tokens = keywords.integer("local_tokens", sparse.local_tokens);
-    return sparse;
-  }
 };
+
+// The sparse options of a selection method from the call's keywords.
+template <typename Options>
+Options sparse_options(const Keywords& keywords) {
+  Options sparse;
+  sparse.budget = keywords.number("budget", sparse.budget);
+  sparse.threshold = keywords.number("threshold", 0.0);
+  sparse.block_size = keywords.integer("block_size", sparse.block_size);
+  if constexpr (std::is_same_v<Options, foveal::BlockSparseOptions>) {
+    sparse.local_blocks = keywords.integer("local_blocks", sparse.local_blocks);
+  } else {
+    sparse.local_tokens = keywords.integer("local_tokens", sparse.local_tokens);
+  }
+  if constexpr (std::is_same_v<Options, foveal::VerticalSlashOptions>)
+    sparse.last_queries = keywords.integer("last_queries", sparse.last_queries);
+  return sparse;
+}
 
 IndexArray to_array(const std::vector<std::int64_t>& values) {
   IndexArray result(static_cast<py::ssize_t>(values.size()));
@@ -127,8 +128,8 @@ void with_attention_views(const char* fn, const Tensor& q, const Tensor& k, cons
 
 // Binds `select_name`(q, k, **options) -> dict and `attend_name`(q, k, v, out, lse, offsets,
 // items, **options): select(q, k, options, sparse) and attend(q, k, v, out, options, selection or
-// sparse, lse) are the library's overload sets.
-template <typename Selection, typename Select, typename Attend>
+// sparse, lse) are the library's overload sets; `Options` is the sparse options' type.
+template <typename Selection, typename Options, typename Select, typename Attend>
 void bind_sparse_prefill(py::module_& m, const char* select_name, const char* attend_name,
                          Select select, Attend attend) {
   using Fields = SelectionFields<Selection>;
@@ -138,7 +139,7 @@ void bind_sparse_prefill(py::module_& m, const char* select_name, const char* at
         const char* fn = select_name;
         const Keywords keywords(fn, kwargs);
         const auto options = foveal::python::attention_options(keywords, true);
-        const auto sparse = Fields::options(keywords);
+        const auto sparse = sparse_options<Options>(keywords);
         keywords.require_all_read();
         return with_storage_type(fn, "q", q, [&](auto type) {
           using T = decltype(type);
@@ -172,7 +173,7 @@ void bind_sparse_prefill(py::module_& m, const char* select_name, const char* at
                                });
           return;
         }
-        const auto sparse = Fields::options(keywords);
+        const auto sparse = sparse_options<Options>(keywords);
         keywords.require_all_read();
         with_attention_views(fn, q, k, v, out, lse,
                              [&](auto q_, auto k_, auto v_, auto out_, auto lse_) {
@@ -186,7 +187,7 @@ void bind_sparse_prefill(py::module_& m, const char* select_name, const char* at
 }  // namespace
 
 void bind_block_sparse(py::module_& m) {
-  bind_sparse_prefill<foveal::BlockSelection>(
+  bind_sparse_prefill<foveal::BlockSelection, foveal::BlockSparseOptions>(
       m, "block_sparse_select", "block_sparse_attention",
       [](auto q, auto k, const auto& options, const auto& sparse) {
         return foveal::block_sparse_select(q, k, options, sparse);
@@ -194,12 +195,25 @@ void bind_block_sparse(py::module_& m) {
       [](auto q, auto k, auto v, auto out, const auto& options, const auto& how, auto lse) {
         foveal::block_sparse_attention(q, k, v, out, options, how, lse);
       });
-  bind_sparse_prefill<foveal::TokenSelection>(
+  bind_sparse_prefill<foveal::TokenSelection, foveal::TokenTopkOptions>(
       m, "token_topk_select", "token_topk_attention",
       [](auto q, auto k, const auto& options, const auto& sparse) {
         return foveal::token_topk_select(q, k, options, sparse);
       },
       [](auto q, auto k, auto v, auto out, const auto& options, const auto& how, auto lse) {
         foveal::token_topk_attention(q, k, v, out, options, how, lse);
+      });
+  // vertical_slash_attention with a selection is token_topk_attention over it.
+  bind_sparse_prefill<foveal::TokenSelection, foveal::VerticalSlashOptions>(
+      m, "vertical_slash_select", "vertical_slash_attention",
+      [](auto q, auto k, const auto& options, const auto& sparse) {
+        return foveal::vertical_slash_select(q, k, options, sparse);
+      },
+      [](auto q, auto k, auto v, auto out, const auto& options, const auto& how, auto lse) {
+        if constexpr (std::is_same_v<std::decay_t<decltype(how)>, foveal::TokenSelection>) {
+          foveal::token_topk_attention(q, k, v, out, options, how, lse);
+        } else {
+          foveal::vertical_slash_attention(q, k, v, out, options, how, lse);
+        }
       });
 }

@@ -63,6 +63,8 @@ __all__: list[str] = [
     "sparsek_select",
     "token_topk_attention",
     "token_topk_select",
+    "vertical_slash_attention",
+    "vertical_slash_select",
     "vq_assign",
     "vq_perplexity",
     "wrap_kv_cache",
@@ -782,6 +784,17 @@ def token_topk_attention(
     **kwargs,
 ) -> None: ...
 def token_topk_select(q: typing.Any, k: typing.Any, **kwargs) -> dict: ...
+def vertical_slash_attention(
+    q: typing.Any,
+    k: typing.Any,
+    v: typing.Any,
+    out: typing.Any,
+    lse: typing.Any | None,
+    offsets: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None,
+    keys: typing.Annotated[numpy.typing.ArrayLike, numpy.int64] | None,
+    **kwargs,
+) -> None: ...
+def vertical_slash_select(q: typing.Any, k: typing.Any, **kwargs) -> dict: ...
 def vq_assign(
     x: typing.Any,
     codebook: typing.Any,

@@ -367,6 +367,91 @@ def token_topk_attention(
     )
 
 
+def vertical_slash_select(
+    q: Any,
+    k: Any,
+    *,
+    budget: float = 1.0 / 16,
+    threshold: float = 0.0,
+    block_size: int = 64,
+    last_queries: int = 64,
+    local_tokens: int = 64,
+    causal: bool = True,
+    window_left: int = -1,
+    window_right: int = -1,
+    sink_tokens: int = 0,
+    scale: Optional[float] = None,
+    softcap: float = 0.0,
+    q_offset: Optional[int] = None,
+    num_threads: Optional[int] = None,
+) -> TokenSelection:
+    """Selects the keys each query block keeps on the vertical-slash pattern (MInference's).
+
+    q ``[B, Hq, Lq, D]``, k ``[B, Hkv, Lk, D]`` (float32, float64, bfloat16 or float16; Hq a
+    multiple of Hkv). The last ``last_queries`` queries (every head of a GQA group) attend over
+    their candidate keys (window past the sinks; ``scale``, ``softcap``); their probabilities give
+    each column (a key) and each slash (a query-key distance) an estimated mass. The lines are
+    ranked by mass per key they cost a query block (a column one key, a slash up to
+    ``block_size``: its distance applied to every query of the block). Query block Q (positions
+    ``[lo, hi]``) keeps ``min(C, max(ceil(budget * C), local))`` of its C candidates: its local
+    keys (``[lo - local_tokens, hi]``), then the keys of the best lines, until full. With
+    ``threshold`` > 0 (adaptive) it uses only the fewest best lines whose estimated masses reach
+    ``threshold``. Returns a :class:`TokenSelection` (attend with
+    :func:`token_topk_attention` or :func:`vertical_slash_attention`). The same selection for
+    any thread count.
+    """
+    fields = _core.vertical_slash_select(
+        q,
+        k,
+        budget=budget,
+        threshold=threshold,
+        block_size=block_size,
+        last_queries=last_queries,
+        local_tokens=local_tokens,
+        **attention_options(locals()),
+    )
+    return TokenSelection(**fields)
+
+
+def vertical_slash_attention(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    selection: Optional[TokenSelection] = None,
+    budget: float = 1.0 / 16,
+    threshold: float = 0.0,
+    block_size: int = 64,
+    last_queries: int = 64,
+    local_tokens: int = 64,
+    causal: bool = True,
+    window_left: int = -1,
+    window_right: int = -1,
+    sink_tokens: int = 0,
+    scale: Optional[float] = None,
+    softcap: float = 0.0,
+    q_offset: Optional[int] = None,
+    return_lse: bool = False,
+    out: Any = None,
+    num_threads: Optional[int] = None,
+):
+    """Vertical-slash attention: :func:`vertical_slash_select` (``budget``, ``threshold``,
+    ``block_size``, ``last_queries``, ``local_tokens``), then :func:`token_topk_attention` over
+    the selection; with ``selection`` it attends over that one. Shapes, dtypes, options and
+    returns as :func:`token_topk_attention`.
+    """
+    sparse = dict(
+        budget=budget,
+        threshold=threshold,
+        block_size=block_size,
+        last_queries=last_queries,
+        local_tokens=local_tokens,
+    )
+    return _attend(
+        _core.vertical_slash_attention, TokenSelection, selection, sparse, return_lse, locals()
+    )
+
+
 def _attend(core, selection_type, selection, sparse, return_lse, arguments):
     """Runs a sparse prefill binding: with ``selection`` over it, else selecting by ``sparse``;
     ``arguments`` are the public function's locals (q, k, v, out and the attention options)."""

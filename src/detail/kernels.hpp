@@ -155,7 +155,8 @@ struct SelectPlan {
   double scale = 1;
   double softcap = 0;
   Index block_size = 64;
-  Index local = 1;  // local_blocks or local_tokens
+  Index local = 1;         // local_blocks or local_tokens
+  Index last_queries = 0;  // vertical_slash_select: the query rows of the estimate
   double budget = 1;
   double threshold = 0;
   Index first_query_block = 0;
@@ -296,6 +297,7 @@ struct SpadeEmbeddingBackwardPlan {
   X(block_sparse_attention, (const SelectionPlan<T>&))                         \
   X(token_topk_select, (const SelectPlan<T>&))                                 \
   X(token_topk_attention, (const SelectionPlan<T>&))                           \
+  X(vertical_slash_select, (const SelectPlan<T>&))                             \
   X(sparsek_attention_backward, (const SparseKBackwardPlan<T>&))               \
   X(sparsek_cache_attention, (const SparseKCachePlan<T>&))                     \
   X(merge_states, (const MergePlan<T>&))                                       \
@@ -323,7 +325,8 @@ struct Kernels {
   X(block_sparse_select, (const SelectPlan<T>&))                \
   X(block_sparse_attention, (const SelectionPlan<T>&))          \
   X(token_topk_select, (const SelectPlan<T>&))                  \
-  X(token_topk_attention, (const SelectionPlan<T>&))
+  X(token_topk_attention, (const SelectionPlan<T>&))            \
+  X(vertical_slash_select, (const SelectPlan<T>&))
 
 template <typename T>
 struct HalfKernels {

@@ -12,6 +12,7 @@
 #include "kernels/sparsek.hpp"
 #include "kernels/sparsek_backward.hpp"
 #include "kernels/token_topk.hpp"
+#include "kernels/vertical_slash.hpp"
 #include "kernels/vq.hpp"
 
 FOVEAL_LEVEL_PUSH

@@ -90,18 +90,18 @@ struct TokenSelectScratch {
   std::vector<MassRank<T>> ranks;  // their ranks, in key order
 };
 
-// The base-2 softmax of logits[0, count) (in place), scaled by `weight` and added to mass.
+// The base-2 softmax of logits[0, count), scaled by `weight`, in place; false (logits left
+// unnormalized) when no logit is finite or the sum is not positive and finite.
 template <typename T>
-void add_softmax(T* logits, Index count, T weight, T* mass) {
+bool scaled_softmax(T* logits, Index count, T weight) {
   constexpr int L = kLanes<T>;
-  const T negative_infinity = -std::numeric_limits<T>::infinity();
-  Vec<T> largest_lanes = splat(negative_infinity);
+  Vec<T> largest_lanes = splat(-std::numeric_limits<T>::infinity());
   Index j = 0;
   for (; j + L <= count; j += L) largest_lanes = vector_max(largest_lanes, load(logits + j));
-  T largest = negative_infinity;
+  T largest = -std::numeric_limits<T>::infinity();
   for (int lane = 0; lane < L; ++lane) largest = std::max(largest, largest_lanes[lane]);
   for (; j < count; ++j) largest = std::max(largest, logits[j]);
-  if (!(largest > negative_infinity) || !std::isfinite(largest)) return;
+  if (!std::isfinite(largest)) return false;
   const Vec<T> shift = splat(largest);
   Vec<T> sum_lanes_v{};
   for (j = 0; j + L <= count; j += L) {
@@ -115,16 +115,82 @@ void add_softmax(T* logits, Index count, T weight, T* mass) {
     logits[j] = std::exp2(std::min(logits[j] - largest, T(0)));
     total += logits[j];
   }
-  if (!(total > 0) || !std::isfinite(total)) return;
+  if (!(total > 0) || !std::isfinite(total)) return false;
   const Vec<T> scale = splat(weight / total);
-  for (j = 0; j + L <= count; j += L) store(mass + j, load(mass + j) + load(logits + j) * scale);
-  for (; j < count; ++j) mass[j] += logits[j] * (weight / total);
+  for (j = 0; j + L <= count; j += L) store(logits + j, load(logits + j) * scale);
+  for (; j < count; ++j) logits[j] *= weight / total;
+  return true;
+}
+
+// The logits of the estimate (scale * q.k in base 2, through the softcap when there is one).
+template <typename T>
+struct EstimateLogits {
+  T multiplier;      // scale * log2(e), or scale / softcap
+  T cap_multiplier;  // softcap * log2(e)
+  bool capped;
+
+  explicit EstimateLogits(double scale, double softcap)
+      : multiplier(static_cast<T>(softcap > 0 ? scale / softcap : scale * kLog2E)),
+        cap_multiplier(static_cast<T>(softcap * kLog2E)),
+        capped(softcap > 0) {}
+
+  // logits[0, count) from the multiplied products to base-2 logits (the softcap's tanh).
+  void finish(T* logits, Index count) const {
+    if (!capped) return;
+    constexpr int L = kLanes<T>;
+    Index j = 0;
+    for (; j + L <= count; j += L)
+      store(logits + j, tanh(load(logits + j)) * splat(cap_multiplier));
+    for (; j < count; ++j) logits[j] = static_cast<T>(std::tanh(logits[j]) * cap_multiplier);
+  }
+};
+
+// Scores the `rows` query rows in own.q_t ([D][kBlockQ], transposed) against the keys
+// [span_begin, span_end) of (b, kv head h): multiplier * q.k into logits[r * span + j -
+// span_begin].
+template <typename S, typename T>
+void score_span(const TensorView<const S, 4>& k, Index b, Index h, Index span_begin, Index span_end,
+                Index rows, T multiplier, TokenSelectScratch<T>& own, T* logits) {
+  constexpr int L = kLanes<T>;
+  const Index dim = k.size(3), span = span_end - span_begin;
+  const int row_vectors = static_cast<int>((rows + L - 1) / L);
+  for (Index j0 = span_begin; j0 < span_end; j0 += kBlockK) {
+    const Index count = std::min(kBlockK, span_end - j0);
+    for (Index j = 0; j < count; ++j) {
+      const S* row = k.address(b, h, j0 + j, 0);
+      if constexpr (std::is_same_v<S, T>) {
+        own.k_rows[static_cast<std::size_t>(j)] = row;
+      } else {
+        T* to = own.widened.data() + j * dim;
+        for (Index d = 0; d < dim; ++d) to[d] = to_compute(row[d]);
+        own.k_rows[static_cast<std::size_t>(j)] = to;
+      }
+    }
+    compute_scores(
+        own.q_t.data(), own.k_rows.data(), count, dim, multiplier, row_vectors,
+        [&](Index, Index) {
+          return std::pair<int, int>{0, row_vectors};
+        },
+        own.s_t.data());
+    for (Index r = 0; r < rows; ++r) {
+      T* to = logits + r * span + (j0 - span_begin);
+      for (Index j = 0; j < count; ++j) to[j] = own.s_t[static_cast<std::size_t>(j * kBlockQ + r)];
+    }
+  }
+}
+
+// Sizes own's buffers for scoring against keys of dimension `dim` (q_t zeroed).
+template <typename S, typename T>
+void prepare_scoring(Index dim, TokenSelectScratch<T>& own) {
+  own.q_t.assign(static_cast<std::size_t>(dim * kBlockQ), T(0));
+  own.s_t.resize(static_cast<std::size_t>(kBlockK * kBlockQ));
+  own.k_rows.resize(static_cast<std::size_t>(kBlockK));
+  if constexpr (!std::is_same_v<S, T>) own.widened.resize(static_cast<std::size_t>(kBlockK * dim));
 }
 
 template <typename S>
 void token_topk_select(const SelectPlan<S>& plan) {
   using T = compute_type_t<S>;
-  constexpr int L = kLanes<T>;
   const auto& q = plan.q;
   const auto& k = plan.k;
   const Index batch = q.size(0), heads_q = q.size(1), len_q = q.size(2), dim = q.size(3);
@@ -141,10 +207,7 @@ void token_topk_select(const SelectPlan<S>& plan) {
                       static_cast<double>(len_k) * static_cast<double>(dim);
   const int threads = team_size(tasks, plan.num_threads, saturated_work(work));
   std::vector<TokenSelectScratch<T>> scratch(static_cast<std::size_t>(threads));
-  const T softcap = static_cast<T>(plan.softcap);
-  const T multiplier =
-      static_cast<T>(plan.softcap > 0 ? plan.scale / plan.softcap : plan.scale * kLog2E);
-  const T cap_multiplier = static_cast<T>(plan.softcap * kLog2E);
+  const EstimateLogits<T> logits_of(plan.scale, plan.softcap);
   parallel_for(tasks, threads, [&](Index task) {
     TokenSelectScratch<T>& own = scratch[static_cast<std::size_t>(thread_index())];
     const Index b = task / (heads_kv * chunks);
@@ -173,12 +236,8 @@ void token_topk_select(const SelectPlan<S>& plan) {
     const Index span = estimate ? span_end - span_begin : 0;
 
     if (estimate) {
-      own.q_t.assign(static_cast<std::size_t>(dim * kBlockQ), T(0));
+      prepare_scoring<S>(dim, own);
       own.mean.resize(static_cast<std::size_t>(dim));
-      own.s_t.resize(static_cast<std::size_t>(kBlockK * kBlockQ));
-      own.k_rows.resize(static_cast<std::size_t>(kBlockK));
-      if constexpr (!std::is_same_v<S, T>)
-        own.widened.resize(static_cast<std::size_t>(kBlockK * dim));
       own.mass.assign(static_cast<std::size_t>(blocks * span), T(0));
       own.logits.resize(static_cast<std::size_t>(std::min(kBlockQ, blocks * group) * span));
       // Rows (block i, head g) = i * group + g, kBlockQ at a time.
@@ -202,31 +261,8 @@ void token_topk_select(const SelectPlan<S>& plan) {
           for (Index d = 0; d < dim; ++d)
             column[d * kBlockQ] = own.mean[static_cast<std::size_t>(d)] * inverse;
         }
-        const int row_vectors = static_cast<int>((rows + L - 1) / L);
-        for (Index j0 = span_begin; j0 < span_end; j0 += kBlockK) {
-          const Index count = std::min(kBlockK, span_end - j0);
-          for (Index j = 0; j < count; ++j) {
-            const S* row = k.address(b, h, j0 + j, 0);
-            if constexpr (std::is_same_v<S, T>) {
-              own.k_rows[static_cast<std::size_t>(j)] = row;
-            } else {
-              T* to = own.widened.data() + j * dim;
-              for (Index d = 0; d < dim; ++d) to[d] = to_compute(row[d]);
-              own.k_rows[static_cast<std::size_t>(j)] = to;
-            }
-          }
-          compute_scores(
-              own.q_t.data(), own.k_rows.data(), count, dim, multiplier, row_vectors,
-              [&](Index, Index) {
-                return std::pair<int, int>{0, row_vectors};
-              },
-              own.s_t.data());
-          for (Index r = 0; r < rows; ++r) {
-            T* to = own.logits.data() + r * span + (j0 - span_begin);
-            for (Index j = 0; j < count; ++j)
-              to[j] = own.s_t[static_cast<std::size_t>(j * kBlockQ + r)];
-          }
-        }
+        score_span(k, b, h, span_begin, span_end, rows, logits_of.multiplier, own,
+                   own.logits.data());
         // Each row's softmax over its block's candidates, averaged over the group.
         for (Index r = 0; r < rows; ++r) {
           const Index i = (row0 + r) / group;
@@ -234,15 +270,10 @@ void token_topk_select(const SelectPlan<S>& plan) {
           if (g.candidate_end <= g.candidate_begin) continue;
           T* logits = own.logits.data() + r * span + (g.candidate_begin - span_begin);
           const Index count = g.candidate_end - g.candidate_begin;
-          if (plan.softcap > 0) {
-            Index j = 0;
-            for (; j + L <= count; j += L)
-              store(logits + j, tanh(load(logits + j)) * splat(cap_multiplier));
-            for (; j < count; ++j)
-              logits[j] = static_cast<T>(std::tanh(logits[j]) * softcap * static_cast<T>(kLog2E));
-          }
-          add_softmax(logits, count, T(1) / static_cast<T>(group),
-                      own.mass.data() + i * span + (g.candidate_begin - span_begin));
+          logits_of.finish(logits, count);
+          if (!scaled_softmax(logits, count, T(1) / static_cast<T>(group))) continue;
+          T* mass = own.mass.data() + i * span + (g.candidate_begin - span_begin);
+          for (Index j = 0; j < count; ++j) mass[j] += logits[j];
         }
       }
     }

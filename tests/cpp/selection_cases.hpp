@@ -11,9 +11,36 @@
 #include <vector>
 
 #include "attention_cases.hpp"
+#include "foveal/attention/token_topk.hpp"
 #include "reference/block_sparse_reference.hpp"
 
 namespace foveal::test {
+
+// The lengths of the random problems of the selection tests: 1, primes, non-multiples of the
+// block sizes and tiles.
+constexpr Index kSelectionLengths[] = {1, 2, 17, 63, 64, 65, 129, 200, 257};
+
+// Random attention options for a sparse prefill (causal or not, windows, sinks, softcap,
+// q_offset) and the options every selection method shares (block_size, budget, threshold).
+template <typename Sparse>
+AttentionOptions random_prefill_options(RandomSource& random, const Problem& p, Sparse& sparse) {
+  AttentionOptions o;
+  o.causal = random.chance(0.7);
+  if (random.chance(0.3)) o.window_left = random.pick({Index{0}, Index{20}, Index{100}});
+  if (!o.causal && random.chance(0.3)) o.window_right = random.pick({Index{0}, Index{40}});
+  o.sink_tokens = random.pick({Index{0}, Index{0}, Index{1}, Index{4}, Index{70}});
+  o.softcap = random.pick({0.0, 0.0, 5.0});
+  o.q_offset = random.chance(0.6) ? -1 : random.integer(0, p.len_k + 3);
+  sparse.block_size = random.pick({Index{16}, Index{23}, Index{32}, Index{64}, Index{100}});
+  sparse.budget = random.pick({1.0 / 16, 0.2, 0.5, 1.0});
+  sparse.threshold = random.pick({0.0, 0.0, 0.5, 0.95});
+  return o;
+}
+
+// The reference's shape of a problem.
+inline reference::AttentionShape shape_of(const Problem& p) {
+  return {p.batch, p.heads_q, p.heads_kv, p.len_q, p.len_k, p.dim, p.dim_v};
+}
 
 // A CSR selection's lists as vectors.
 inline std::vector<std::vector<std::int64_t>> lists_of(const std::vector<std::int64_t>& offsets,
@@ -83,6 +110,38 @@ struct UntouchedOut {
     for (const float x : values) ASSERT_EQ(x, static_cast<float>(kSentinel)) << needle;
   }
 };
+
+// token_topk_attention<T> over a given selection (made by token_topk_select or
+// vertical_slash_select), as an entry of run_entry.
+struct AttendTokenSelection {
+  const TokenSelection* selection;
+  template <typename T>
+  void operator()(const TensorView<const T, 4>& q, const TensorView<const T, 4>& k,
+                  const TensorView<const T, 4>& v, const TensorView<T, 4>& out,
+                  const AttentionOptions& options, const TensorView<T, 3>& lse,
+                  const TensorView<const T, 4>& /*bias*/) const {
+    token_topk_attention(q, k, v, out, options, *selection, lse);
+  }
+};
+
+// `select_and_attend`, a one-call entry of run_entry whose budget keeps every candidate, is
+// foveal::attention with the same options (causal with sinks, and not) on problems of
+// option_problems(300, 300, seed).
+template <typename T, typename Entry>
+void expect_keeping_everything_is_dense(const Entry& select_and_attend, std::uint64_t seed) {
+  for (const Problem& p : option_problems(300, 300, seed))
+    for (const bool causal : {true, false}) {
+      AttentionOptions o;
+      o.causal = causal;
+      o.sink_tokens = causal ? 2 : 0;
+      SCOPED_TRACE(describe(problem_string(p), " causal=", causal));
+      const Inputs in = random_inputs(p);
+      const Outputs dense = run_attention<T>(p, in, o);
+      const Outputs got = run_entry<T>(select_and_attend, p, in, o);
+      EXPECT_TRUE(matches_reference(got.out, dense.out, kTolerance<T>));
+      EXPECT_TRUE(matches_reference(got.lse, dense.lse, kTolerance<T>));
+    }
+}
 
 // A copy of `value` changed by change(copy).
 template <typename Value, typename Change>

@@ -23,10 +23,6 @@
 namespace foveal::test {
 namespace {
 
-reference::AttentionShape shape_of(const Problem& p) {
-  return {p.batch, p.heads_q, p.heads_kv, p.len_q, p.len_k, p.dim, p.dim_v};
-}
-
 reference::BlockSparseReferenceOptions reference_sparse(const BlockSparseOptions& s) {
   return {s.budget, s.threshold, s.block_size, s.local_blocks};
 }
@@ -92,23 +88,12 @@ template <typename T>
 class BlockSparse : public ::testing::Test {};
 TYPED_TEST_SUITE(BlockSparse, ElementTypes, ElementTypeNames);
 
-constexpr Index kLengths[] = {1, 2, 17, 63, 64, 65, 129, 200, 257};
-
 TYPED_TEST(BlockSparse, MatchesReferenceOnRandomShapesOptionsAndBudgets) {
   for (std::uint64_t seed = 100; seed < 160; ++seed) {
     RandomSource random(seed + 11);
-    const Problem p = random_problem(seed, 2e6, kLengths, 5);
-    AttentionOptions o;
-    o.causal = random.chance(0.7);
-    if (random.chance(0.3)) o.window_left = random.pick({Index{0}, Index{20}, Index{100}});
-    if (!o.causal && random.chance(0.3)) o.window_right = random.pick({Index{0}, Index{40}});
-    o.sink_tokens = random.pick({Index{0}, Index{0}, Index{1}, Index{4}, Index{70}});
-    o.softcap = random.pick({0.0, 0.0, 5.0});
-    o.q_offset = random.chance(0.6) ? -1 : random.integer(0, p.len_k + 3);
+    const Problem p = random_problem(seed, 2e6, kSelectionLengths, 5);
     BlockSparseOptions sparse;
-    sparse.block_size = random.pick({Index{16}, Index{23}, Index{32}, Index{64}, Index{100}});
-    sparse.budget = random.pick({1.0 / 16, 0.2, 0.5, 1.0});
-    sparse.threshold = random.pick({0.0, 0.0, 0.5, 0.95});
+    const AttentionOptions o = random_prefill_options(random, p, sparse);
     sparse.local_blocks = random.pick({Index{0}, Index{1}, Index{1}, Index{3}});
     expect_block_sparse_matches<TypeParam>(p, o, sparse);
   }

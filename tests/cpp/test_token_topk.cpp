@@ -24,26 +24,10 @@
 namespace foveal::test {
 namespace {
 
-reference::AttentionShape shape_of(const Problem& p) {
-  return {p.batch, p.heads_q, p.heads_kv, p.len_q, p.len_k, p.dim, p.dim_v};
-}
-
 std::string sparse_string(const TokenTopkOptions& s) {
   return describe("budget=", s.budget, " threshold=", s.threshold, " block_size=", s.block_size,
                   " local_tokens=", s.local_tokens);
 }
-
-// token_topk_attention<T> over a given selection, as an entry of run_entry.
-struct AttendSelection {
-  const TokenSelection* selection;
-  template <typename T>
-  void operator()(const TensorView<const T, 4>& q, const TensorView<const T, 4>& k,
-                  const TensorView<const T, 4>& v, const TensorView<T, 4>& out,
-                  const AttentionOptions& options, const TensorView<T, 3>& lse,
-                  const TensorView<const T, 4>& /*bias*/) const {
-    token_topk_attention(q, k, v, out, options, *selection, lse);
-  }
-};
 
 // The one-call form, as an entry of run_entry.
 struct SelectAndAttend {
@@ -90,37 +74,27 @@ void expect_token_topk_matches(const Problem& p, const AttentionOptions& o,
       std::is_same_v<T, float> ? 1e-4 : 1e-10);
   const Outputs want = reference_over(p, in, o, selection);
   for (const Layout layout : {Layout::kContiguous, Layout::kPadded}) {
-    const Outputs got = run_entry<T>(AttendSelection{&selection}, p, in, o, Layouts::all(layout));
+    const Outputs got =
+        run_entry<T>(AttendTokenSelection{&selection}, p, in, o, Layouts::all(layout));
     EXPECT_TRUE(matches_reference(got.out, want.out, kTolerance<T>))
         << "out " << layout_name(layout);
     EXPECT_TRUE(matches_reference(got.lse, want.lse, kTolerance<T>))
         << "lse " << layout_name(layout);
   }
   expect_identical(run_entry<T>(SelectAndAttend{sparse}, p, in, o),
-                   run_entry<T>(AttendSelection{&selection}, p, in, o));
+                   run_entry<T>(AttendTokenSelection{&selection}, p, in, o));
 }
 
 template <typename T>
 class TokenTopk : public ::testing::Test {};
 TYPED_TEST_SUITE(TokenTopk, ElementTypes, ElementTypeNames);
 
-constexpr Index kLengths[] = {1, 2, 17, 63, 64, 65, 129, 200, 257};
-
 TYPED_TEST(TokenTopk, MatchesReferenceOnRandomShapesOptionsAndBudgets) {
   for (std::uint64_t seed = 300; seed < 360; ++seed) {
     RandomSource random(seed + 17);
-    const Problem p = random_problem(seed, 2e6, kLengths, 5);
-    AttentionOptions o;
-    o.causal = random.chance(0.7);
-    if (random.chance(0.3)) o.window_left = random.pick({Index{0}, Index{20}, Index{100}});
-    if (!o.causal && random.chance(0.3)) o.window_right = random.pick({Index{0}, Index{40}});
-    o.sink_tokens = random.pick({Index{0}, Index{0}, Index{1}, Index{4}, Index{70}});
-    o.softcap = random.pick({0.0, 0.0, 5.0});
-    o.q_offset = random.chance(0.6) ? -1 : random.integer(0, p.len_k + 3);
+    const Problem p = random_problem(seed, 2e6, kSelectionLengths, 5);
     TokenTopkOptions sparse;
-    sparse.block_size = random.pick({Index{16}, Index{23}, Index{32}, Index{64}, Index{100}});
-    sparse.budget = random.pick({1.0 / 16, 0.2, 0.5, 1.0});
-    sparse.threshold = random.pick({0.0, 0.0, 0.5, 0.95});
+    const AttentionOptions o = random_prefill_options(random, p, sparse);
     sparse.local_tokens = random.pick({Index{0}, Index{5}, Index{64}});
     expect_token_topk_matches<TypeParam>(p, o, sparse);
   }
@@ -159,21 +133,10 @@ TYPED_TEST(TokenTopk, BlocksWithoutAnEstimateBeforeWindowedOnes) {
 }
 
 TYPED_TEST(TokenTopk, KeepingEveryKeyIsDenseAttention) {
-  for (const Problem& p : option_problems(300, 300, 210))
-    for (const bool causal : {true, false}) {
-      AttentionOptions o;
-      o.causal = causal;
-      o.sink_tokens = causal ? 2 : 0;
-      TokenTopkOptions sparse;
-      sparse.budget = 1;
-      sparse.block_size = 48;
-      SCOPED_TRACE(describe(problem_string(p), " causal=", causal));
-      const Inputs in = random_inputs(p);
-      const Outputs dense = run_attention<TypeParam>(p, in, o);
-      const Outputs got = run_entry<TypeParam>(SelectAndAttend{sparse}, p, in, o);
-      EXPECT_TRUE(matches_reference(got.out, dense.out, kTolerance<TypeParam>));
-      EXPECT_TRUE(matches_reference(got.lse, dense.lse, kTolerance<TypeParam>));
-    }
+  TokenTopkOptions sparse;
+  sparse.budget = 1;
+  sparse.block_size = 48;
+  expect_keeping_everything_is_dense<TypeParam>(SelectAndAttend{sparse}, 210);
 }
 
 TYPED_TEST(TokenTopk, CausalityAndWindowsBoundAHandMadeSelection) {
@@ -198,7 +161,7 @@ TYPED_TEST(TokenTopk, CausalityAndWindowsBoundAHandMadeSelection) {
       all.offsets.push_back(static_cast<std::int64_t>(all.keys.size()));
     }
     const Inputs in = random_inputs(p);
-    const Outputs got = run_entry<TypeParam>(AttendSelection{&all}, p, in, o);
+    const Outputs got = run_entry<TypeParam>(AttendTokenSelection{&all}, p, in, o);
     const Outputs want = reference_outputs(p, in, o);
     EXPECT_TRUE(matches_reference(got.out, want.out, kTolerance<TypeParam>)) << window;
     EXPECT_TRUE(matches_reference(got.lse, want.lse, kTolerance<TypeParam>)) << window;
@@ -279,7 +242,7 @@ TYPED_TEST(TokenTopk, SameBitsForAnyThreadCount) {
   for (const int threads : {1, 2, 3}) {
     o.num_threads = threads;
     selections.push_back(token_topk_select(typed.qv(p), typed.kv(p), o, sparse));
-    results.push_back(run_entry<T>(AttendSelection{&selections.back()}, p, in, o));
+    results.push_back(run_entry<T>(AttendTokenSelection{&selections.back()}, p, in, o));
   }
   for (std::size_t i = 1; i < results.size(); ++i) {
     EXPECT_EQ(selections[i].keys, selections[0].keys);

@@ -409,8 +409,8 @@ def _fraction(draw) -> str:
     return draw(st.sampled_from(FLOATS + ["1.5", "2**70", "'x'", "None"]))
 
 
-# What the two sparse prefill methods differ in: the entry points, the selection class, the
-# local option, the selection's items and extent.
+# What the sparse prefill methods differ in: the entry points, the selection class, the local
+# option, the selection's items and extent (vertical_slash selects a TokenSelection).
 SPARSE_PREFILL = {
     "block_sparse": (
         "block_sparse_select",
@@ -428,6 +428,14 @@ SPARSE_PREFILL = {
         "keys",
         "len_k",
     ),
+    "vertical_slash": (
+        "vertical_slash_select",
+        "vertical_slash_attention",
+        "TokenSelection",
+        "local_tokens",
+        "keys",
+        "len_k",
+    ),
 }
 
 
@@ -435,8 +443,8 @@ SPARSE_PREFILL = {
 def block_sparse_case(draw, method: str = "block_sparse"):
     """<method>_select; <method>_attention in one call, with the selection it made or with one
     from a drawn mask, maybe broken by an edit (accepted: it must follow the selection's rules);
-    the selection class's from_mask, mask, kept and density. `method`: block_sparse or
-    token_topk (SPARSE_PREFILL)."""
+    the selection class's from_mask, mask, kept and density. `method`: block_sparse,
+    token_topk or vertical_slash (SPARSE_PREFILL)."""
     select_fn, attend_fn, selection_class, local_name, items, extent = SPARSE_PREFILL[method]
     function = draw(st.sampled_from(["select", "attention", "selection", "mask"]))
     case = Case(draw, f"{method}.{function}")
@@ -450,6 +458,8 @@ def block_sparse_case(draw, method: str = "block_sparse"):
         "block_size": draw(st.sampled_from(["16", "16", "32", "48"]) | int_option(-1, 70)),
         local_name: draw(int_option(-1, 3) if method == "block_sparse" else int_option(-1, 70)),
     }
+    if method == "vertical_slash":
+        sparse["last_queries"] = draw(int_option(-1, 70))
     threads_ = draw(threads())
     hkv, qb = dims["Hkv"], draw(st.integers(0, 3))
     kb = draw(st.integers(0, 4)) if method == "block_sparse" else dims["Lk"]
@@ -1381,6 +1391,7 @@ ENTRY_POINTS = {
     "merge_states": merge_states_case(),
     "block_sparse": block_sparse_case(),
     "token_topk": block_sparse_case("token_topk"),
+    "vertical_slash": block_sparse_case("vertical_slash"),
     "kv_cache": kv_cache_case(),
     "quest_cache": kv_cache_case(quest=True),
     "paged_cache": paged_cache_case(),

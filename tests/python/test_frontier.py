@@ -190,6 +190,26 @@ def test_token_topk_keeps_more_of_planted_retrieval_keys_than_block_pooling():
     assert recall["token_topk"] > 1.5 * recall["block_sparse"], recall
 
 
+def test_vertical_slash_follows_planted_slash_and_vertical_heads():
+    """vertical_slash keeps whole lines: on heads whose mass lies on a few diagonals or columns
+    (planted slash and vertical heads) it keeps more than half of it, and on the diagonals more than
+    token_topk, whose block-mean query cannot tell a diagonal from its neighbours. (At 1/16 of
+    2048 keys both keep only their 128 local keys: the budget is 1/4.)"""
+    recall = {}
+    for kind in ("slash", "vertical"):
+        data = frontier.planted(kind, 2048, dim=DIM, seed=SEED, mass=0.9)
+        layer = frontier.Layer("planted", data.q, data.k, data.v, data.kinds)
+        rows = frontier.sweep(
+            [layer], ["vertical_slash", "token_topk"], ["1/4"], repeats=1, min_seconds=0
+        )
+        for r in rows:
+            if r["phase"] == "prefill":
+                recall[kind, r["method"]] = r["recall"]
+    assert recall["slash", "vertical_slash"] > 0.55, recall
+    assert recall["vertical", "vertical_slash"] > 0.55, recall
+    assert recall["slash", "vertical_slash"] > 1.3 * recall["slash", "token_topk"], recall
+
+
 @pytest.fixture
 def scratch_method():
     """Registers methods for one test and removes them afterwards."""

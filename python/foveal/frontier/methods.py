@@ -188,6 +188,40 @@ def token_topk_adaptive(q, k, v, threshold, *, block_size=64, num_threads=None):
 _QUEST_CACHES: dict = {}
 
 
+def vertical_slash(q, k, v, budget, *, block_size=64, last_queries=64, num_threads=None):
+    """foveal.vertical_slash_attention: the last ``last_queries`` queries estimate the mass of
+    every column (key) and slash (query-key distance); each query block keeps ``budget`` of its
+    candidate keys, its local keys first, then the best lines' keys; selection included."""
+    return foveal.vertical_slash_attention(
+        q,
+        k,
+        v,
+        budget=budget,
+        block_size=block_size,
+        last_queries=last_queries,
+        return_lse=True,
+        num_threads=num_threads,
+    )
+
+
+def vertical_slash_adaptive(
+    q, k, v, threshold, *, block_size=64, last_queries=64, num_threads=None
+):
+    """foveal.vertical_slash_attention with an adaptive budget: the fewest best lines whose
+    estimated masses reach ``threshold``."""
+    return foveal.vertical_slash_attention(
+        q,
+        k,
+        v,
+        budget=1.0,
+        threshold=threshold,
+        block_size=block_size,
+        last_queries=last_queries,
+        return_lse=True,
+        num_threads=num_threads,
+    )
+
+
 def _quest_cache(k, v, page_size):
     key = (id(k), id(v), page_size)
     found = _QUEST_CACHES.get(key)
@@ -216,6 +250,8 @@ register_method("block_sparse", "prefill", block_sparse)
 register_method("block_sparse_adaptive", "prefill", block_sparse_adaptive, budget="threshold")
 register_method("token_topk", "prefill", token_topk)
 register_method("token_topk_adaptive", "prefill", token_topk_adaptive, budget="threshold")
+register_method("vertical_slash", "prefill", vertical_slash)
+register_method("vertical_slash_adaptive", "prefill", vertical_slash_adaptive, budget="threshold")
 register_method("quest", "decode", quest)
 
 

@@ -25,6 +25,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -267,6 +268,29 @@ struct TokenMethod {
   template <typename... Args>
   static void attend(Args&&... args) {
     foveal::token_topk_attention(std::forward<Args>(args)...);
+  }
+};
+
+// vertical_slash: token_topk's selection type and attention, its own options and selection.
+struct LinesMethod : TokenMethod {
+  using Options = foveal::VerticalSlashOptions;
+  static constexpr const char* kSelect = "vertical_slash_select";
+  static constexpr const char* kAttendSparse = "vertical_slash_attention(sparse)";
+  static void draw_local(FuzzedDataProvider& data, Options& sparse) {
+    sparse.local_tokens = index_option(data, 0, 40);
+    sparse.last_queries = index_option(data, 1, 50);
+  }
+  template <typename... Args>
+  static Selection select(Args&&... args) {
+    return foveal::vertical_slash_select(std::forward<Args>(args)...);
+  }
+  template <typename... Args>
+  static void attend(Args&&... args) {
+    if constexpr ((std::is_same_v<std::decay_t<Args>, Options> || ...)) {
+      foveal::vertical_slash_attention(std::forward<Args>(args)...);
+    } else {
+      foveal::token_topk_attention(std::forward<Args>(args)...);
+    }
   }
 };
 
@@ -824,10 +848,13 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* bytes, std::size_t siz
   valid_draws = !data.ConsumeBool();  // (an exhausted input draws zeros: valid ones)
   const bool quest = data.ConsumeBool();
   const bool tokens = data.ConsumeBool();
+  const bool lines = tokens && data.ConsumeBool();
   const auto run = [&](auto type) {
     using T = decltype(type);
     if (quest) {
       run_quest<T>(data);
+    } else if (lines) {
+      run_sparse<T, LinesMethod>(data);
     } else if (tokens) {
       run_sparse<T, TokenMethod>(data);
     } else {
