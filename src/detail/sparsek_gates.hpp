@@ -111,7 +111,7 @@ class GatedKeyHooks {
           dm += dx * (load(b.raw_t + at) * unit);
           ds = dx * gate;
         }
-        dm = (excess > zero) & (excess < one) & (p != zero) ? dm : zero;
+        dm = ((excess > zero) & (excess < one) & (p != zero)) ? dm : zero;
         key_sum += dm;
         row_sums[c] += dm;
         store(b.p_t + at, p * gate);

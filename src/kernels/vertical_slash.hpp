@@ -6,6 +6,7 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <limits>
 #include <utility>
@@ -37,7 +38,23 @@ struct LineScratch {
   std::vector<T> column_mass;
   std::vector<T> slash_mass;
   std::vector<std::pair<MassRank<T>, Index>> entries;
+  std::vector<std::uint64_t> packed, buffer;
 };
+
+// Sorts `keys` ascending: least significant byte first, skipping the bytes all keys share.
+inline void radix_sort(std::vector<std::uint64_t>& keys, std::vector<std::uint64_t>& buffer) {
+  buffer.resize(keys.size());
+  std::uint64_t differ = 0;
+  for (const std::uint64_t key : keys) differ |= key ^ keys.front();
+  for (int shift = 0; shift < 64; shift += 8) {
+    if (((differ >> shift) & 0xff) == 0) continue;
+    std::array<std::size_t, 257> start{};
+    for (const std::uint64_t key : keys) ++start[((key >> shift) & 0xff) + 1];
+    for (std::size_t digit = 1; digit < start.size(); ++digit) start[digit] += start[digit - 1];
+    for (const std::uint64_t key : keys) buffer[start[(key >> shift) & 0xff]++] = key;
+    keys.swap(buffer);
+  }
+}
 
 // The candidates of the query at `position`: its band past the sinks.
 inline KeyRange row_candidates(const Visibility& visibility, Index position) {
@@ -109,18 +126,34 @@ void rank_lines(const SelectPlan<S>& plan, Index b, Index h, const EstimateLogit
 
   // Ranked by mass per key a query block pays for the line: a column brings one key, a slash up
   // to block_size (its keys for the block's queries). Ties: columns first, then the lower id.
-  own.entries.clear();
   const T per_slash_key = T(1) / static_cast<T>(plan.block_size);
-  for (Index c = 0; c < span; ++c)
-    own.entries.emplace_back(mass_rank(own.column_mass[static_cast<std::size_t>(c)]), c);
-  for (Index s = 0; s < slashes; ++s)
-    own.entries.emplace_back(mass_rank(own.slash_mass[static_cast<std::size_t>(s)] * per_slash_key),
-                             span + s);
-  std::sort(own.entries.begin(), own.entries.end(), [](const auto& x, const auto& y) {
-    return x.first > y.first || (x.first == y.first && x.second < y.second);
-  });
-  lines.order.resize(own.entries.size());
-  for (std::size_t at = 0; at < own.entries.size(); ++at) lines.order[at] = own.entries[at].second;
+  const auto rank_of = [&](Index id) {
+    return id < span
+               ? mass_rank(own.column_mass[static_cast<std::size_t>(id)])
+               : mass_rank(own.slash_mass[static_cast<std::size_t>(id - span)] * per_slash_key);
+  };
+  const Index count = span + slashes;
+  lines.order.resize(static_cast<std::size_t>(count));
+  if (sizeof(MassRank<T>) == 4 && count <= (Index{1} << 32)) {
+    // (~rank, id) packed in 64 bits: ascending order is the ranking.
+    own.packed.resize(static_cast<std::size_t>(count));
+    for (Index id = 0; id < count; ++id)
+      own.packed[static_cast<std::size_t>(id)] =
+          static_cast<std::uint64_t>(static_cast<std::uint32_t>(~rank_of(id))) << 32 |
+          static_cast<std::uint64_t>(id);
+    radix_sort(own.packed, own.buffer);
+    for (Index at = 0; at < count; ++at)
+      lines.order[static_cast<std::size_t>(at)] =
+          static_cast<Index>(own.packed[static_cast<std::size_t>(at)] & 0xffffffffu);
+  } else {
+    own.entries.clear();
+    for (Index id = 0; id < count; ++id) own.entries.emplace_back(rank_of(id), id);
+    std::sort(own.entries.begin(), own.entries.end(), [](const auto& x, const auto& y) {
+      return x.first > y.first || (x.first == y.first && x.second < y.second);
+    });
+    for (Index at = 0; at < count; ++at)
+      lines.order[static_cast<std::size_t>(at)] = own.entries[static_cast<std::size_t>(at)].second;
+  }
   lines.chosen = static_cast<Index>(lines.order.size());
   if (plan.threshold > 0) {
     // The fewest lines whose estimated masses reach τ (a key on a kept column and a kept slash
@@ -139,18 +172,21 @@ void rank_lines(const SelectPlan<S>& plan, Index b, Index h, const EstimateLogit
 }
 
 // Query block `block`'s list: its local keys, then the keys of the lines in rank order, until
-// it holds `keep` keys (the last line's lowest keys first).
+// it holds `keep` keys (the last line's lowest keys first). `taken` is a zeroed bit per key (left
+// zeroed): the keys are marked there and read back in ascending order, no sort.
 inline Index fill_list(const TokenBlockGeometry& g, const RankedLines& lines, bool adaptive,
-                       std::vector<std::uint8_t>& taken, std::int64_t* kept) {
+                       std::vector<std::uint64_t>& taken, std::int64_t* kept) {
   Index count = 0;
   if (!adaptive && g.keep == g.candidate_end - g.candidate_begin) {
     for (Index key = g.candidate_begin; key < g.candidate_end; ++key) kept[count++] = key;
     return count;
   }
+  if (g.candidate_end <= g.candidate_begin) return 0;
   const auto take = [&](Index key) {
-    if (taken[static_cast<std::size_t>(key)] != 0) return;
-    taken[static_cast<std::size_t>(key)] = 1;
-    kept[count++] = key;
+    std::uint64_t& word = taken[static_cast<std::size_t>(key >> 6)];
+    const std::uint64_t bit = std::uint64_t{1} << (key & 63);
+    count += (word & bit) == 0;
+    word |= bit;
   };
   for (Index key = g.local_begin; key < g.local_end; ++key) take(key);
   for (Index at = 0; at < lines.chosen && count < g.keep; ++at) {
@@ -165,9 +201,14 @@ inline Index fill_list(const TokenBlockGeometry& g, const RankedLines& lines, bo
     const Index last = std::min(g.candidate_end - 1, g.position_hi - distance);
     for (Index key = first; key <= last && count < g.keep; ++key) take(key);
   }
-  std::sort(kept, kept + count);
-  for (Index i = 0; i < count; ++i) taken[static_cast<std::size_t>(kept[i])] = 0;
-  return count;
+  // Every marked key is a candidate: read the candidates' words back, clearing them.
+  Index written = 0;
+  for (Index word = g.candidate_begin >> 6; word <= (g.candidate_end - 1) >> 6; ++word) {
+    std::uint64_t bits = taken[static_cast<std::size_t>(word)];
+    taken[static_cast<std::size_t>(word)] = 0;
+    for (; bits != 0; bits &= bits - 1) kept[written++] = word * 64 + __builtin_ctzll(bits);
+  }
+  return written;
 }
 
 template <typename S>
@@ -199,10 +240,10 @@ void vertical_slash_select(const SelectPlan<S>& plan) {
   const double list_work = static_cast<double>(plan.capacity[heads * plan.query_blocks]) *
                            static_cast<double>(plan.block_size);
   const int list_threads = team_size(heads * chunks, plan.num_threads, saturated_work(list_work));
-  std::vector<std::vector<std::uint8_t>> taken(static_cast<std::size_t>(list_threads));
+  std::vector<std::vector<std::uint64_t>> taken(static_cast<std::size_t>(list_threads));
   parallel_for(heads * chunks, list_threads, [&](Index task) {
-    std::vector<std::uint8_t>& own = taken[static_cast<std::size_t>(thread_index())];
-    if (own.empty()) own.assign(static_cast<std::size_t>(len_k), 0);
+    std::vector<std::uint64_t>& own = taken[static_cast<std::size_t>(thread_index())];
+    if (own.empty()) own.assign(static_cast<std::size_t>(len_k / 64 + 1), 0);
     const Index head = task / chunks;
     const Index first = task % chunks * kBlocksPerTask;
     const Index last = std::min(plan.query_blocks, first + kBlocksPerTask);
