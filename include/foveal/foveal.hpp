@@ -13,6 +13,7 @@
 #include "foveal/attention/registry.hpp"
 #include "foveal/attention/sliding_window.hpp"
 #include "foveal/attention/token_topk.hpp"
+#include "foveal/attention/snapkv.hpp"
 #include "foveal/core/build_info.hpp"
 #include "foveal/core/dtype.hpp"
 #include "foveal/core/error.hpp"
