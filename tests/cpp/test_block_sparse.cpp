@@ -23,10 +23,6 @@
 namespace foveal::test {
 namespace {
 
-reference::AttentionShape shape_of(const Problem& p) {
-  return {p.batch, p.heads_q, p.heads_kv, p.len_q, p.len_k, p.dim, p.dim_v};
-}
-
 reference::BlockSparseReferenceOptions reference_sparse(const BlockSparseOptions& s) {
   return {s.budget, s.threshold, s.block_size, s.local_blocks};
 }

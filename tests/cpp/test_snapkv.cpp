@@ -23,10 +23,6 @@
 namespace foveal::test {
 namespace {
 
-reference::AttentionShape shape_of(const Problem& p) {
-  return {p.batch, p.heads_q, p.heads_kv, p.len_q, p.len_k, p.dim, p.dim_v};
-}
-
 std::string snap_string(const SnapKVOptions& s) {
   return describe("budget=", s.budget, " threshold=", s.threshold, " window=", s.window,
                   " pool=", s.pool, " local_tokens=", s.local_tokens);

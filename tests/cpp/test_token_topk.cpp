@@ -24,10 +24,6 @@
 namespace foveal::test {
 namespace {
 
-reference::AttentionShape shape_of(const Problem& p) {
-  return {p.batch, p.heads_q, p.heads_kv, p.len_q, p.len_k, p.dim, p.dim_v};
-}
-
 std::string sparse_string(const TokenTopkOptions& s) {
   return describe("budget=", s.budget, " threshold=", s.threshold, " block_size=", s.block_size,
                   " local_tokens=", s.local_tokens);
