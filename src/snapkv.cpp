@@ -96,6 +96,9 @@ struct VotePlan {
   Index pool = 1;
 };
 
+// Keys whose logits one pass computes together.
+constexpr Index kKeysAtOnce = 8;
+
 // pooled[0, Lk) = the pooled vote of (b, kv head h) (see SnapKVOptions).
 template <typename T>
 void vote(const TensorView<const T, 4>& q, const TensorView<const T, 4>& k, const VotePlan& plan,
@@ -112,16 +115,32 @@ void vote(const TensorView<const T, 4>& q, const TensorView<const T, 4>& k, cons
       if (visible == 0) continue;
       const T* row = q.address(b, head, i, 0);
       for (Index d = 0; d < dim; ++d) own.query[static_cast<std::size_t>(d)] = widen(row[d]);
+      // q . k_j for kKeysAtOnce keys at a time: independent sums (each in the order of d, as
+      // the reference adds them) that the CPU overlaps instead of waiting on one chain.
       double largest = -std::numeric_limits<double>::infinity();
-      for (Index j = 0; j < visible; ++j) {
-        const T* key = k.address(b, h, j, 0);
-        double dot = 0;
-        for (Index d = 0; d < dim; ++d)
-          dot += own.query[static_cast<std::size_t>(d)] * widen(key[d]);
+      const auto keep_logit = [&](Index j, double dot) {
         double logit = plan.scale * dot;
         if (plan.softcap > 0) logit = plan.softcap * std::tanh(logit / plan.softcap);
         own.logits[static_cast<std::size_t>(j)] = logit;
         if (logit > largest) largest = logit;
+      };
+      Index j = 0;
+      for (; j + kKeysAtOnce <= visible; j += kKeysAtOnce) {
+        const T* keys[kKeysAtOnce];
+        for (Index u = 0; u < kKeysAtOnce; ++u) keys[u] = k.address(b, h, j + u, 0);
+        double dots[kKeysAtOnce] = {};
+        for (Index d = 0; d < dim; ++d) {
+          const double query_d = own.query[static_cast<std::size_t>(d)];
+          for (Index u = 0; u < kKeysAtOnce; ++u) dots[u] += query_d * widen(keys[u][d]);
+        }
+        for (Index u = 0; u < kKeysAtOnce; ++u) keep_logit(j + u, dots[u]);
+      }
+      for (; j < visible; ++j) {
+        const T* key = k.address(b, h, j, 0);
+        double dot = 0;
+        for (Index d = 0; d < dim; ++d)
+          dot += own.query[static_cast<std::size_t>(d)] * widen(key[d]);
+        keep_logit(j, dot);
       }
       if (!std::isfinite(largest)) continue;
       double total = 0;
