@@ -486,6 +486,11 @@ def snapkv_gather(
             "snapkv_gather: selection must be a foveal.sparse.SnapKVSelection, "
             f"got {type(selection).__name__}"
         )
+    keys = np.asarray(selection.keys)
+    if keys.dtype.kind not in "iu":
+        raise TypeError(
+            f"snapkv_gather: selection.keys must be an integer array, got {keys.dtype.name}"
+        )
     k_shape, v_shape = shape(k), shape(v)
     kept = size(selection.kept)
     if out_k is None:
@@ -497,7 +502,7 @@ def snapkv_gather(
         v,
         out_k,
         out_v,
-        selection.keys.reshape(-1),
+        np.ascontiguousarray(keys, dtype=np.int64).reshape(-1),
         batch=selection.batch,
         heads_kv=selection.heads_kv,
         len_k=selection.len_k,
