@@ -198,6 +198,10 @@ def test_bad_arguments_name_the_argument(rng):
     selection = foveal.snapkv_select(q, k, budget=0.5, local_tokens=2)
     with pytest.raises(TypeError, match="SnapKVSelection"):
         foveal.snapkv_gather(selection.keys, k, v)
+    floating = foveal.snapkv_select(q, k, budget=0.5, local_tokens=2)
+    floating.keys = floating.keys.astype(np.float64)
+    with pytest.raises(TypeError, match="integer array"):
+        foveal.snapkv_gather(floating, k, v)
     selection.keys[0, 0, 1] = selection.keys[0, 0, 0]
     with pytest.raises(ValueError, match="strictly increasing"):
         foveal.snapkv_gather(selection, k, v)
