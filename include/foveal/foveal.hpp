@@ -12,6 +12,7 @@
 #include "foveal/attention/paged_kv_cache.hpp"
 #include "foveal/attention/registry.hpp"
 #include "foveal/attention/sliding_window.hpp"
+#include "foveal/attention/snapkv.hpp"
 #include "foveal/attention/token_topk.hpp"
 #include "foveal/attention/vertical_slash.hpp"
 #include "foveal/core/build_info.hpp"

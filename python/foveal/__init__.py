@@ -35,6 +35,7 @@ __all__ = [
     "BlockSelection",
     "KVCache",
     "PagedKVCache",
+    "SnapKVSelection",
     "TokenSelection",
     "attention",
     "attention_backward",
@@ -52,6 +53,9 @@ __all__ = [
     "set_num_threads",
     "sliding_window_attention",
     "sliding_window_attention_backward",
+    "snapkv_compress",
+    "snapkv_gather",
+    "snapkv_select",
     "sparsek_attention",
     "token_topk_attention",
     "token_topk_select",
@@ -579,9 +583,13 @@ from .paged import PagedKVCache as PagedKVCache  # noqa: E402
 from .paged import batch_decode_attention as batch_decode_attention  # noqa: E402
 from .paged import batch_prefill_attention as batch_prefill_attention  # noqa: E402
 from .sparse import BlockSelection as BlockSelection  # noqa: E402
+from .sparse import SnapKVSelection as SnapKVSelection  # noqa: E402
 from .sparse import TokenSelection as TokenSelection  # noqa: E402
 from .sparse import block_sparse_attention as block_sparse_attention  # noqa: E402
 from .sparse import block_sparse_select as block_sparse_select  # noqa: E402
+from .sparse import snapkv_compress as snapkv_compress  # noqa: E402
+from .sparse import snapkv_gather as snapkv_gather  # noqa: E402
+from .sparse import snapkv_select as snapkv_select  # noqa: E402
 from .sparse import token_topk_attention as token_topk_attention  # noqa: E402
 from .sparse import token_topk_select as token_topk_select  # noqa: E402
 from .sparse import vertical_slash_attention as vertical_slash_attention  # noqa: E402

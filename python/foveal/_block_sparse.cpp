@@ -1,4 +1,5 @@
-// foveal._core's sparse prefill bindings, block_sparse_*, token_topk_* and vertical_slash_*
+// foveal._core's sparse prefill bindings, block_sparse_*, token_topk_* and vertical_slash_*,
+// and SnapKV's snapkv_select / snapkv_gather
 // (docs/sparse_attention.md). foveal/sparse.py owns the docstrings, defaults, output allocation
 // and the BlockSelection / TokenSelection classes; these read the caller's tensors as they are
 // and release the GIL around every kernel. The library checks every value.
@@ -14,6 +15,7 @@
 #include "_keywords.hpp"
 #include "_tensor.hpp"
 #include "foveal/attention/block_sparse.hpp"
+#include "foveal/attention/snapkv.hpp"
 #include "foveal/attention/token_topk.hpp"
 #include "foveal/attention/vertical_slash.hpp"
 
@@ -216,4 +218,65 @@ void bind_block_sparse(py::module_& m) {
           foveal::vertical_slash_attention(q, k, v, out, options, how, lse);
         }
       });
+
+  // snapkv_select(q, k, **options) -> dict(batch, heads_kv, len_k, kept, keys).
+  m.def(
+      "snapkv_select",
+      [](const Tensor& q, const Tensor& k, const py::kwargs& kwargs) {
+        const char* fn = "snapkv_select";
+        const Keywords keywords(fn, kwargs);
+        const auto options = foveal::python::attention_options(keywords, true);
+        foveal::SnapKVOptions snap;
+        snap.budget = keywords.number("budget", snap.budget);
+        snap.threshold = keywords.number("threshold", 0.0);
+        snap.window = keywords.integer("window", snap.window);
+        snap.pool = keywords.integer("pool", snap.pool);
+        snap.local_tokens = keywords.integer("local_tokens", snap.local_tokens);
+        keywords.require_all_read();
+        return with_storage_type(fn, "q", q, [&](auto type) {
+          using T = decltype(type);
+          const auto q_view = q.view<const T, 4>(fn, "q", "B, Hq, Lq, D");
+          const auto k_view = k.view<const T, 4>(fn, "k", "B, Hkv, Lk, D", "the dtype of q");
+          foveal::SnapKVSelection selection;
+          {
+            py::gil_scoped_release release;
+            selection = foveal::snapkv_select(q_view, k_view, options, snap);
+          }
+          py::dict result;
+          result["batch"] = selection.batch;
+          result["heads_kv"] = selection.heads_kv;
+          result["len_k"] = selection.len_k;
+          result["kept"] = selection.kept;
+          result["keys"] = to_array(selection.keys);
+          return result;
+        });
+      },
+      py::arg("q"), py::arg("k"));
+
+  // snapkv_gather(k, v, out_k, out_v, keys, batch=, heads_kv=, len_k=, kept=).
+  m.def(
+      "snapkv_gather",
+      [](const Tensor& k, const Tensor& v, const Tensor& out_k, const Tensor& out_v,
+         const IndexArray& keys, const py::kwargs& kwargs) {
+        const char* fn = "snapkv_gather";
+        const Keywords keywords(fn, kwargs);
+        foveal::SnapKVSelection selection;
+        selection.batch = keywords.integer("batch");
+        selection.heads_kv = keywords.integer("heads_kv");
+        selection.len_k = keywords.integer("len_k");
+        selection.kept = keywords.integer("kept");
+        keywords.require_all_read();
+        selection.keys.assign(keys.data(), keys.data() + keys.size());
+        with_storage_type(fn, "k", k, [&](auto type) {
+          using T = decltype(type);
+          const char* same = "the dtype of k";
+          const auto k_view = k.view<const T, 4>(fn, "k", "B, Hkv, Lk, D");
+          const auto v_view = v.view<const T, 4>(fn, "v", "B, Hkv, Lk, Dv", same);
+          const auto out_k_view = out_k.view<T, 4>(fn, "out_k", "B, Hkv, kept, D", same);
+          const auto out_v_view = out_v.view<T, 4>(fn, "out_v", "B, Hkv, kept, Dv", same);
+          py::gil_scoped_release release;
+          foveal::snapkv_gather(selection, k_view, v_view, out_k_view, out_v_view);
+        });
+      },
+      py::arg("k"), py::arg("v"), py::arg("out_k"), py::arg("out_v"), py::arg("keys"));
 }

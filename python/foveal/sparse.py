@@ -17,7 +17,7 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _core
-from ._common import attention_options, attention_outputs
+from ._common import attention_options, attention_outputs, new_like, shape, size
 
 __all__ = [
     "BlockSelection",
@@ -478,3 +478,126 @@ def _attend(core, selection_type, selection, sparse, return_lse, arguments):
             **options,
         )
     return (out, lse) if return_lse else out
+
+
+# SnapKV: decode-time KV eviction (docs/sparse_attention.md#snapkv).
+
+__all__ += ["SnapKVSelection", "snapkv_compress", "snapkv_gather", "snapkv_select"]
+
+
+class SnapKVSelection:
+    """The prompt keys SnapKV keeps: ``keys[b, h]`` (int64 ``[B, Hkv, kept]``) are the kept
+    key indices of sequence b, kv head h, ascending; every head keeps ``kept`` of the ``len_k``
+    prompt keys. Made by :func:`snapkv_select`; may be built or edited by hand within those
+    rules (:func:`snapkv_gather` checks them)."""
+
+    __slots__ = ("batch", "heads_kv", "kept", "keys", "len_k")
+
+    def __init__(self, *, batch: int, heads_kv: int, len_k: int, kept: int, keys: Any) -> None:
+        self.batch = int(batch)
+        self.heads_kv = int(heads_kv)
+        self.len_k = int(len_k)
+        self.kept = int(kept)
+        keys = np.ascontiguousarray(keys, dtype=np.int64)
+        if keys.size == self.batch * self.heads_kv * self.kept:
+            keys = keys.reshape(self.batch, self.heads_kv, self.kept)
+        self.keys = keys
+
+    @property
+    def density(self) -> float:
+        """The share of the prompt's keys kept (1 for an empty prompt)."""
+        return self.kept / self.len_k if self.len_k > 0 else 1.0
+
+    def __repr__(self) -> str:
+        return (
+            f"SnapKVSelection(batch={self.batch}, heads_kv={self.heads_kv}, "
+            f"len_k={self.len_k}, kept={self.kept})"
+        )
+
+
+def snapkv_select(
+    q: Any,
+    k: Any,
+    *,
+    budget: float = 1.0 / 16,
+    threshold: float = 0.0,
+    window: int = 64,
+    pool: int = 7,
+    local_tokens: int = 64,
+    causal: bool = True,
+    sink_tokens: int = 0,
+    scale: Optional[float] = None,
+    softcap: float = 0.0,
+    q_offset: Optional[int] = None,
+    num_threads: Optional[int] = None,
+) -> SnapKVSelection:
+    """SnapKV's selection (Li et al. 2024): which prompt keys each (sequence, kv head) keeps.
+
+    q ``[B, Hq, Lq, D]`` (the prompt's queries; only the last ``min(window, Lq)`` rows, the
+    observation window, are read), k ``[B, Hkv, Lk, D]`` (float32, float64, bfloat16 or
+    float16; Hq a multiple of Hkv). Each observation row votes with its causal softmax over the
+    keys it sees (``scale``, ``softcap``, ``q_offset`` as in :func:`foveal.attention`); votes are
+    summed over the rows, averaged over the query heads of a GQA group and average-pooled along
+    the keys with an odd kernel ``pool`` (zero padding). Every head keeps the sinks
+    (``sink_tokens``), the newest ``local_tokens`` keys, then the best-voted others (ties to the
+    lower key): ``min(Lk, max(ceil(budget * Lk), sinks + locals))`` keys. With ``threshold`` in
+    (0, 1] (adaptive) a head needs the fewest keys whose pooled vote reaches ``threshold`` of its
+    total; every head keeps the largest count any head of the batch needs (one cache length per
+    sequence). ``causal`` must be True. Votes are float64; the same selection for any thread
+    count.
+    """
+    fields = _core.snapkv_select(
+        q,
+        k,
+        budget=budget,
+        threshold=threshold,
+        window=window,
+        pool=pool,
+        local_tokens=local_tokens,
+        **attention_options(locals()),
+    )
+    return SnapKVSelection(**fields)
+
+
+def snapkv_gather(
+    selection: SnapKVSelection, k: Any, v: Any, *, out_k: Any = None, out_v: Any = None
+) -> tuple[Any, Any]:
+    """The kept rows of k ``[B, Hkv, Lk, D]`` and v ``[B, Hkv, Lk, Dv]``:
+    ``(k_kept [B, Hkv, kept, D], v_kept [B, Hkv, kept, Dv])`` of k's kind and dtype (or written
+    into ``out_k`` / ``out_v``). Append them to a :class:`foveal.KVCache` and decode on: the
+    cache's positions are then slots, so a decode window counts kept keys."""
+    if not isinstance(selection, SnapKVSelection):
+        raise TypeError(
+            "snapkv_gather: selection must be a foveal.sparse.SnapKVSelection, "
+            f"got {type(selection).__name__}"
+        )
+    keys = np.asarray(selection.keys)
+    if keys.dtype.kind not in "iu":
+        raise TypeError(
+            f"snapkv_gather: selection.keys must be an integer array, got {keys.dtype.name}"
+        )
+    k_shape, v_shape = shape(k), shape(v)
+    kept = size(selection.kept)
+    if out_k is None:
+        out_k = new_like(k, (*k_shape[:2], kept, *k_shape[3:4]))
+    if out_v is None:
+        out_v = new_like(k, (*v_shape[:2], kept, *v_shape[3:4]))
+    _core.snapkv_gather(
+        k,
+        v,
+        out_k,
+        out_v,
+        np.ascontiguousarray(keys, dtype=np.int64).reshape(-1),
+        batch=selection.batch,
+        heads_kv=selection.heads_kv,
+        len_k=selection.len_k,
+        kept=selection.kept,
+    )
+    return out_k, out_v
+
+
+def snapkv_compress(q: Any, k: Any, v: Any, **options: Any) -> tuple[Any, Any]:
+    """:func:`snapkv_select` (``q``, ``k`` and its keyword ``options``) then
+    :func:`snapkv_gather`: the compressed prompt ``(k_kept [B, Hkv, kept, D],
+    v_kept [B, Hkv, kept, Dv])``, same kind and dtype as k."""
+    return snapkv_gather(snapkv_select(q, k, **options), k, v)

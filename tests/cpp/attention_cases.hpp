@@ -78,6 +78,11 @@ struct Problem {
 };
 
 // A problem without bias.
+// The shape of p as the references spell it.
+inline reference::AttentionShape shape_of(const Problem& p) {
+  return {p.batch, p.heads_q, p.heads_kv, p.len_q, p.len_k, p.dim, p.dim_v};
+}
+
 inline Problem make_problem(Index batch, Index heads_q, Index heads_kv, Index len_q, Index len_k,
                             Index dim, Index dim_v, std::uint64_t seed) {
   return Problem{batch, heads_q, heads_kv, len_q, len_k, dim, dim_v, 0, 0, 0, seed};

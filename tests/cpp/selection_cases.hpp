@@ -37,11 +37,6 @@ AttentionOptions random_prefill_options(RandomSource& random, const Problem& p, 
   return o;
 }
 
-// The reference's shape of a problem.
-inline reference::AttentionShape shape_of(const Problem& p) {
-  return {p.batch, p.heads_q, p.heads_kv, p.len_q, p.len_k, p.dim, p.dim_v};
-}
-
 // A CSR selection's lists as vectors.
 inline std::vector<std::vector<std::int64_t>> lists_of(const std::vector<std::int64_t>& offsets,
                                                        const std::vector<std::int64_t>& items) {

@@ -54,9 +54,6 @@ struct Grads {
   std::vector<double> q, k, v, u;  // logical row-major
 };
 
-reference::AttentionShape shape_of(const Problem& p) {
-  return {p.batch, p.heads_q, p.heads_kv, p.len_q, p.len_k, p.dim, p.dim_v};
-}
 Shape<3> u_shape(const Problem& p) { return {p.batch, p.heads_kv, p.len_k}; }
 
 std::vector<double> draw_grad_out(const Problem& p) {

@@ -1374,6 +1374,82 @@ def torch_sparsek_case(draw):
     return case.done(call)
 
 
+# Edits of a SnapKVSelection `sel`, most of them breaking it.
+SNAPKV_EDITS = [
+    "sel.batch += 1",
+    "sel.heads_kv -= 1",
+    "sel.len_k -= 1",
+    "sel.kept += 1",
+    "sel.kept = {huge}",
+    "sel.keys = sel.keys[..., ::-1].copy()",
+    "sel.keys = np.append(sel.keys, {huge})",
+    "sel.keys.reshape(-1)[{index} % max(sel.keys.size, 1):][:1] = {huge}",
+    "sel.keys = sel.keys.astype(np.float64) + 0.5",
+    "sel.keys = None",
+    "sel.batch = {wrong}",
+]
+
+# A SnapKVSelection `sel` for k: kept keys per (b, kv head), strictly increasing, in range.
+# (An edited one may keep its keys in another shape: their count is what counts.)
+_SNAPKV_KEYS_OK = (
+    "assert sel.keys.size == k.shape[0] * k.shape[1] * sel.kept, (sel.keys.shape, sel.kept)\n"
+    "assert 0 <= sel.kept <= k.shape[2], sel.kept\n"
+    "keys = sel.keys.reshape(k.shape[0], k.shape[1], sel.kept)\n"
+    "assert keys.size == 0 or ((np.diff(keys, axis=-1) > 0).all() and "
+    "keys.min() >= 0 and keys.max() < k.shape[2]), 'malformed keys'\n"
+)
+
+
+@st.composite
+def snapkv_case(draw):
+    """snapkv_select (its keys follow the selection's rules), snapkv_compress (shapes: the kept
+    rows of k and v), snapkv_gather over the selection, maybe edited (accepted: the kept rows)."""
+    function = draw(st.sampled_from(["select", "compress", "gather"]))
+    case = Case(draw, f"snapkv.{function}")
+    case.maybe_half()
+    dims = case.dims(SPARSE_DIMS, zero_for_huge=("B", "Lq", "Hkv"))
+    _qkv(case, dims)
+    options = dict(
+        budget=draw(_fraction()),
+        threshold=draw(st.sampled_from(["0.0", "0.0", "0.5", "0.9"]) | _fraction()),
+        window=draw(st.sampled_from(["64", "1", "7"]) | int_option(-1, 70)),
+        pool=draw(st.sampled_from(["7", "1", "3"]) | int_option(-1, 9)),
+        local_tokens=draw(int_option(-1, 70)),
+        causal=draw(st.sampled_from(["True", "True"]) | flag()),
+        sink_tokens=draw(int_option(-1, 70)),
+        scale=draw(st.one_of(st.just("None"), float_option("None"))),
+        softcap=draw(float_option()),
+        q_offset=draw(st.one_of(st.just("None"), int_option(-2, 12))),
+    )
+    threads_ = draw(threads())
+    select = f"foveal.snapkv_select(q, k, {_kw(**options)}, num_threads={threads_})"
+    if function == "select":
+        call = f"sel = {select}\nassert sel.keys.shape == (k.shape[0], k.shape[1], sel.kept)\n"
+        return case.done(f"{call}{_SNAPKV_KEYS_OK}repr(sel)\n")
+    if function == "compress":
+        call = (
+            f"kk, vv = foveal.snapkv_compress(q, k, v, {_kw(**options)}, num_threads={threads_})\n"
+            "assert tuple(kk.shape[:2]) == tuple(k.shape[:2]) and kk.shape[3] == k.shape[3]\n"
+            "assert tuple(vv.shape) == (*v.shape[:2], kk.shape[2], v.shape[3]), vv.shape\n"
+        )
+        return case.done(call)
+    call = f"sel = {select}\n"
+    if draw(st.booleans()):
+        call += draw(st.sampled_from(SNAPKV_EDITS)).format(
+            huge=draw(st.sampled_from(["-1", "2**40", "-(2**63)"])),
+            index=draw(st.integers(0, 9)),
+            wrong=draw(st.sampled_from(WRONG_TYPES)),
+        )
+        call += "\n"
+    call += (
+        "kk, vv = foveal.snapkv_gather(sel, k, v)\n"
+        f"{_SNAPKV_KEYS_OK}"
+        "assert tuple(kk.shape) == (*k.shape[:2], sel.kept, k.shape[3]), kk.shape\n"
+        "assert tuple(vv.shape) == (*v.shape[:2], sel.kept, v.shape[3]), vv.shape\n"
+    )
+    return case.done(call)
+
+
 @st.composite
 def num_threads_case(draw):
     case = Case(draw, "set_num_threads")
@@ -1392,6 +1468,7 @@ ENTRY_POINTS = {
     "block_sparse": block_sparse_case(),
     "token_topk": block_sparse_case("token_topk"),
     "vertical_slash": block_sparse_case("vertical_slash"),
+    "snapkv": snapkv_case(),
     "kv_cache": kv_cache_case(),
     "quest_cache": kv_cache_case(quest=True),
     "paged_cache": paged_cache_case(),

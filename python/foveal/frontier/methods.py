@@ -7,7 +7,9 @@ A method is ``fn(q, k, v, budget, **opts) -> (out, lse)``:
 - ``budget``: the fraction of the keys a query may visit, in (0, 1] (for a method registered
   with ``budget="threshold"``: its own adaptive threshold in (0, 1], recorded as given);
 - ``opts``: ``num_threads`` (None: foveal's global setting) and the options given at
-  registration;
+  registration; a decode method registered with ``prompt_queries=True`` also gets
+  ``prompt_q`` ``[1, Hq, L - n, D]``: the queries of the positions before the decode queries
+  (the prompt whose keys it may compress, as SnapKV does after the prefill);
 - returns float32 ``out [1, Hq, Lq, Dv]`` and natural-log ``lse [1, Hq, Lq]``, foveal's
   convention (``return_lse=True``).
 
@@ -43,6 +45,7 @@ class Method:
     fn: Callable
     budget: str = "fraction"
     options: tuple = ()
+    prompt_queries: bool = False
 
 
 _REGISTRY: dict = {}
@@ -54,11 +57,13 @@ def register_method(
     fn: Callable,
     *,
     budget: str = "fraction",
+    prompt_queries: bool = False,
     **options,
 ) -> None:
     """Registers ``fn(q, k, v, budget, **opts) -> (out, lse)`` as ``name`` for ``phase``
     (``"prefill"``, ``"decode"`` or both as a sequence); ``options`` are passed to every call.
-    Registering a name again for a phase replaces it."""
+    With ``prompt_queries=True`` a decode call also gets ``prompt_q``, the queries before the
+    decode queries. Registering a name again for a phase replaces it."""
     if not isinstance(name, str) or not name or "," in name:
         raise ValueError(
             f"foveal.frontier: register_method: name must be a non-empty string "
@@ -81,7 +86,9 @@ def register_method(
                 f"{', '.join(PHASES)}, got {each!r}"
             )
     for each in phases:
-        _REGISTRY[name, each] = Method(name, each, fn, budget, tuple(sorted(options.items())))
+        _REGISTRY[name, each] = Method(
+            name, each, fn, budget, tuple(sorted(options.items())), bool(prompt_queries)
+        )
 
 
 def method(name: str, phase: str) -> Method:
@@ -244,6 +251,80 @@ def quest(q, k, v, budget, *, page_size=16, num_threads=None):
     )
 
 
+# SnapKV compresses the prompt once, after the prefill, and every decode step then reads the
+# compressed cache. The adapter keeps the compressed prompt of the captured layer (per budget
+# and options), so the timed calls measure the decode step alone, as for Quest.
+_SNAPKV_PROMPTS: dict = {}
+
+
+def _snapkv_prompt(prompt_q, k, v, decode_queries, settings):
+    key = (id(prompt_q), id(k), id(v), decode_queries, settings)
+    found = _SNAPKV_PROMPTS.get(key)
+    if found is not None and found[0] is prompt_q and found[1] is k and found[2] is v:
+        return found[3]
+    prompt = k.shape[2] - decode_queries
+    compressed = foveal.snapkv_compress(
+        prompt_q, k[:, :, :prompt], v[:, :, :prompt], **dict(settings)
+    )
+    if len(_SNAPKV_PROMPTS) > 64:  # one captured layer's budgets at a time
+        _SNAPKV_PROMPTS.clear()
+    _SNAPKV_PROMPTS[key] = (prompt_q, k, v, compressed)
+    return compressed
+
+
+def snapkv(
+    q,
+    k,
+    v,
+    budget,
+    *,
+    prompt_q,
+    threshold=0.0,
+    window=64,
+    pool=7,
+    local_tokens=64,
+    sink_tokens=4,
+    num_threads=None,
+):
+    """foveal.snapkv_compress, then decode: the last ``window`` prompt queries (``prompt_q``,
+    the positions before the decode queries) vote for the prompt's keys; each kv head keeps
+    ``budget`` of them (sinks, the newest ``local_tokens``, then the best pooled votes), and the
+    decode queries attend causally over the kept prompt keys followed by their own keys. Sinks
+    and locals take at most a quarter and a half of the budget's keys, so that the votes always
+    choose some (at small budgets the locals alone would fill it)."""
+    decode_queries = q.shape[2]
+    keys = keys_for(budget, max(1, k.shape[2] - decode_queries))
+    sink_tokens = min(sink_tokens, keys // 4)
+    local_tokens = min(local_tokens, keys // 2)
+    settings = tuple(
+        sorted(
+            dict(
+                budget=budget,
+                threshold=threshold,
+                window=window,
+                pool=pool,
+                local_tokens=local_tokens,
+                sink_tokens=sink_tokens,
+                num_threads=num_threads,
+            ).items()
+        )
+    )
+    k_kept, v_kept = _snapkv_prompt(prompt_q, k, v, decode_queries, settings)
+    prompt = k.shape[2] - decode_queries
+    k_all = np.concatenate([k_kept, k[:, :, prompt:]], axis=2)
+    v_all = np.concatenate([v_kept, v[:, :, prompt:]], axis=2)
+    return foveal.attention(q, k_all, v_all, causal=True, return_lse=True, num_threads=num_threads)
+
+
+def snapkv_adaptive(q, k, v, threshold, *, prompt_q, num_threads=None, **options):
+    """SnapKV with an adaptive budget: every kv head keeps the fewest prompt keys whose pooled
+    vote reaches ``threshold`` of its total, the largest count any head needs (one cache length
+    per sequence)."""
+    return snapkv(
+        q, k, v, 1.0, prompt_q=prompt_q, threshold=threshold, num_threads=num_threads, **options
+    )
+
+
 register_method("dense", PHASES, dense)
 register_method("window", PHASES, window)
 register_method("block_sparse", "prefill", block_sparse)
@@ -253,6 +334,10 @@ register_method("token_topk_adaptive", "prefill", token_topk_adaptive, budget="t
 register_method("vertical_slash", "prefill", vertical_slash)
 register_method("vertical_slash_adaptive", "prefill", vertical_slash_adaptive, budget="threshold")
 register_method("quest", "decode", quest)
+register_method("snapkv", "decode", snapkv, prompt_queries=True)
+register_method(
+    "snapkv_adaptive", "decode", snapkv_adaptive, budget="threshold", prompt_queries=True
+)
 
 
 def as_array(value, name: str) -> np.ndarray:

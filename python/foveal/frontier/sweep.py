@@ -122,8 +122,9 @@ def _timed(fn, repeats: int, min_seconds: float) -> tuple:
     return result, best
 
 
-def _call(spec: registry.Method, q, k, v, budget: float, num_threads) -> tuple:
-    out, lse = spec.fn(q, k, v, budget, num_threads=num_threads, **dict(spec.options))
+def _call(spec: registry.Method, q, k, v, budget: float, num_threads, prompt_q=None) -> tuple:
+    extra = {"prompt_q": prompt_q} if spec.prompt_queries and spec.phase == "decode" else {}
+    out, lse = spec.fn(q, k, v, budget, num_threads=num_threads, **dict(spec.options), **extra)
     out, lse = registry.as_array(out, "out"), registry.as_array(lse, "lse")
     expected = ((*q.shape[:3], v.shape[3]), q.shape[:3])
     if out.shape != expected[0] or lse.shape != expected[1]:
@@ -229,6 +230,8 @@ def _measure(layer, phase, specs, budgets, decode_queries, timing, num_threads) 
         )
     q = layer.q if phase == "prefill" else layer.q[:, :, -decode_queries:]
     q = np.ascontiguousarray(q)
+    # The queries before the decode queries, for methods that compress the prompt (SnapKV).
+    prompt_q = None if phase == "prefill" else layer.q[:, :, : layer.length - decode_queries]
     reference = registry.method("dense", phase)
     (dense_out, dense_lse), dense_time = _timed(
         lambda: _call(reference, q, layer.k, layer.v, 1.0, num_threads), *timing
@@ -261,7 +264,7 @@ def _measure(layer, phase, specs, budgets, decode_queries, timing, num_threads) 
         for budget in budgets:
             (out, lse), seconds = _timed(
                 lambda spec=spec, budget=budget: _call(
-                    spec, q, layer.k, layer.v, budget, num_threads
+                    spec, q, layer.k, layer.v, budget, num_threads, prompt_q
                 ),
                 *timing,
             )
