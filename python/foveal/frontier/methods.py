@@ -252,24 +252,30 @@ def quest(q, k, v, budget, *, page_size=16, num_threads=None):
 
 
 # SnapKV compresses the prompt once, after the prefill, and every decode step then reads the
-# compressed cache. The adapter keeps the compressed prompt of the captured layer (per budget
+# compressed cache. The adapter keeps the compressed cache of the captured layer (per budget
 # and options), so the timed calls measure the decode step alone, as for Quest.
 _SNAPKV_PROMPTS: dict = {}
 
 
-def _snapkv_prompt(prompt_q, k, v, decode_queries, settings):
+def _snapkv_cache(prompt_q, k, v, decode_queries, settings):
+    """The KVCache a decode step reads after SnapKV: the kept prompt keys, then the decode
+    positions' own keys."""
     key = (id(prompt_q), id(k), id(v), decode_queries, settings)
     found = _SNAPKV_PROMPTS.get(key)
     if found is not None and found[0] is prompt_q and found[1] is k and found[2] is v:
         return found[3]
     prompt = k.shape[2] - decode_queries
-    compressed = foveal.snapkv_compress(
+    k_kept, v_kept = foveal.snapkv_compress(
         prompt_q, k[:, :, :prompt], v[:, :, :prompt], **dict(settings)
     )
+    batch, heads_kv, kept, dim = k_kept.shape
+    cache = foveal.KVCache(batch, heads_kv, kept + decode_queries, dim, v.shape[3])
+    cache.append(k_kept, v_kept)
+    cache.append(np.ascontiguousarray(k[:, :, prompt:]), np.ascontiguousarray(v[:, :, prompt:]))
     if len(_SNAPKV_PROMPTS) > 64:  # one captured layer's budgets at a time
         _SNAPKV_PROMPTS.clear()
-    _SNAPKV_PROMPTS[key] = (prompt_q, k, v, compressed)
-    return compressed
+    _SNAPKV_PROMPTS[key] = (prompt_q, k, v, cache)
+    return cache
 
 
 def snapkv(
@@ -291,7 +297,8 @@ def snapkv(
     ``budget`` of them (sinks, the newest ``local_tokens``, then the best pooled votes), and the
     decode queries attend causally over the kept prompt keys followed by their own keys. Sinks
     and locals take at most a quarter and a half of the budget's keys, so that the votes always
-    choose some (at small budgets the locals alone would fill it)."""
+    choose some (at small budgets the locals alone would fill it). The compressed cache is made
+    once per layer and budget (a KVCache), so the time is a decode step's."""
     decode_queries = q.shape[2]
     keys = keys_for(budget, max(1, k.shape[2] - decode_queries))
     sink_tokens = min(sink_tokens, keys // 4)
@@ -309,11 +316,8 @@ def snapkv(
             ).items()
         )
     )
-    k_kept, v_kept = _snapkv_prompt(prompt_q, k, v, decode_queries, settings)
-    prompt = k.shape[2] - decode_queries
-    k_all = np.concatenate([k_kept, k[:, :, prompt:]], axis=2)
-    v_all = np.concatenate([v_kept, v[:, :, prompt:]], axis=2)
-    return foveal.attention(q, k_all, v_all, causal=True, return_lse=True, num_threads=num_threads)
+    cache = _snapkv_cache(prompt_q, k, v, decode_queries, settings)
+    return foveal.decode_attention(q, cache, causal=True, return_lse=True, num_threads=num_threads)
 
 
 def snapkv_adaptive(q, k, v, threshold, *, prompt_q, num_threads=None, **options):
