@@ -210,6 +210,25 @@ def test_vertical_slash_follows_planted_slash_and_vertical_heads():
     assert recall["slash", "vertical_slash"] > 1.3 * recall["slash", "token_topk"], recall
 
 
+def test_found_counts_the_planted_retrieval_keys_a_method_visits():
+    """``found``: the share of a retrieval head's planted pairs whose query visited its planted
+    key (one more call with values that mark the planted keys). Dense finds all, a window
+    (the keys lie at least L/4 back) almost none; other heads have none to find."""
+    data = frontier.planted("retrieval,local", 2048, dim=DIM, seed=3, mass=0.9, heads=2)
+    layer = frontier.Layer("planted", data.q, data.k, data.v, data.kinds, data.pairs)
+    rows = frontier.sweep([layer], ["window", "token_topk"], ["1/4"], repeats=1, min_seconds=0)
+    found = {(r["method"], r["phase"], r["kind"]): r["found"] for r in rows}
+    assert found["dense", "prefill", "retrieval"] == 1.0
+    assert found["dense", "decode", "retrieval"] == 1.0
+    assert found["dense", "prefill", "local"] is None
+    assert found["window", "prefill", "retrieval"] == 0.0, found
+    assert found["token_topk", "prefill", "retrieval"] >= 0.5, found
+    # Without pairs (captured layers) nothing is counted.
+    plain = frontier.Layer("plain", data.q, data.k, data.v, data.kinds)
+    rows = frontier.sweep([plain], ["window"], ["1/16"], repeats=1, min_seconds=0)
+    assert all(r["found"] is None for r in rows)
+
+
 @pytest.fixture
 def scratch_method():
     """Registers methods for one test and removes them afterwards."""

@@ -8,7 +8,7 @@ method and budget that meets an error tolerance (docs/frontier.md)::
 
     from foveal import frontier
     data = frontier.planted("local,retrieval", 1024, seed=0)
-    layers = [frontier.Layer("planted", data.q, data.k, data.v, data.kinds)]
+    layers = [frontier.Layer("planted", data.q, data.k, data.v, data.kinds, data.pairs)]
     rows = frontier.sweep(layers, methods=["dense", "window"], budgets=["1/16", "1/4"])
     advice = frontier.recommend(rows, tolerance=0.05)
 

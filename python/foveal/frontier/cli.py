@@ -187,7 +187,7 @@ def _inputs(args: argparse.Namespace) -> tuple:
     layers, described = [], []
     for length in args.length:
         data = planted(kinds, length, decode_queries=args.decode_queries, **options)
-        layers.append(Layer("planted", data.q, data.k, data.v, data.kinds))
+        layers.append(Layer("planted", data.q, data.k, data.v, data.kinds, data.pairs))
         described.extend(describe(head, length, index) for index, head in enumerate(data.heads))
     return layers, described
 
@@ -247,21 +247,23 @@ def summary(document: dict) -> str:
 
 def _recall_by_kind(rows: list) -> list:
     """Lines of the mean recall per planted kind and budget, for each phase, length and method
-    other than dense (nothing for inputs without kinds)."""
-    recall = defaultdict(list)
-    for row in rows:
-        if row["kind"] is not None and row["method"] != "dense":
-            key = (row["phase"], row["length"], row["method"], row["kind"], row["budget"])
-            recall[key].append(row["recall"])
-    tables = defaultdict(lambda: defaultdict(dict))
-    for (phase, length, method, kind, budget), values in recall.items():
-        tables[phase, length, method][kind][budget] = sum(values) / len(values)
+    other than dense (nothing for inputs without kinds), then of the planted retrieval keys
+    found (for kinds with retrieval pairs)."""
     lines = []
-    for (phase, length, method), by_kind in sorted(tables.items()):
-        budgets = sorted({budget for values in by_kind.values() for budget in values})
-        lines.append(f"recall by kind: {phase}, L = {length}, {method}")
-        lines.append(f"  {'kind':18}" + "".join(f"{budget_label(b):>8}" for b in budgets))
-        for kind, values in sorted(by_kind.items()):
-            cells = "".join(f"{values[b]:8.3f}" if b in values else f"{'':8}" for b in budgets)
-            lines.append(f"  {kind:18}{cells}")
+    for field, title in (("recall", "recall"), ("found", "planted retrieval keys found")):
+        values = defaultdict(list)
+        for row in rows:
+            if row["kind"] is not None and row["method"] != "dense" and row[field] is not None:
+                key = (row["phase"], row["length"], row["method"], row["kind"], row["budget"])
+                values[key].append(row[field])
+        tables = defaultdict(lambda: defaultdict(dict))
+        for (phase, length, method, kind, budget), each in values.items():
+            tables[phase, length, method][kind][budget] = sum(each) / len(each)
+        for (phase, length, method), by_kind in sorted(tables.items()):
+            budgets = sorted({budget for cells in by_kind.values() for budget in cells})
+            lines.append(f"{title} by kind: {phase}, L = {length}, {method}")
+            lines.append(f"  {'kind':18}" + "".join(f"{budget_label(b):>8}" for b in budgets))
+            for kind, cells in sorted(by_kind.items()):
+                text = "".join(f"{cells[b]:8.3f}" if b in cells else f"{'':8}" for b in budgets)
+                lines.append(f"  {kind:18}{text}")
     return lines

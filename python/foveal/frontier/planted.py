@@ -112,6 +112,12 @@ class Planted:
     def kinds(self) -> list:
         return [head.kind for head in self.heads]
 
+    @property
+    def pairs(self) -> list:
+        """Per head, its retrieval pairs ``[R, 2]`` (query position, planted key); empty for a
+        head without a retrieval component."""
+        return [head.pairs for head in self.heads]
+
 
 def parse_kinds(kinds: Sequence[str] | str) -> list:
     """``"local,sink+vertical"`` or a list of such names -> checked names, one per head."""

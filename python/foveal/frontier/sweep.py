@@ -29,6 +29,7 @@ ROW_FIELDS = (
     "error",
     "recall",
     "recall_min",
+    "found",
     "time_s",
     "dense_time_s",
 )
@@ -37,13 +38,17 @@ ROW_FIELDS = (
 @dataclass
 class Layer:
     """One attention layer's inputs: q ``[1, Hq, L, D]``, k and v ``[1, Hkv, L, D]`` float32
-    (Hq a multiple of Hkv); ``kinds``: a label per query head (the planted kind, or None)."""
+    (Hq a multiple of Hkv); ``kinds``: a label per query head (the planted kind, or None);
+    ``pairs``: for planted data, per query head the ``[R, 2]`` (query position, planted key)
+    pairs of its retrieval component (empty for other heads), which the sweep's ``found`` counts
+    (see :func:`found_fraction`)."""
 
     name: str
     q: np.ndarray
     k: np.ndarray
     v: np.ndarray
     kinds: list = field(default_factory=list)
+    pairs: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         check_layer(self)
@@ -156,6 +161,40 @@ def head_metrics(out, lse, dense_out, dense_lse) -> tuple:
     return error, recall.mean(axis=1), recall.min(axis=1)
 
 
+def _probe(layer: Layer, first_row: int) -> tuple:
+    """The values that reveal which planted keys a method visits: v ``[1, H, L, R]`` with
+    v[h, key_r, r] = 1 for each retrieval pair r of head h whose query is a row of the phase
+    (position >= first_row), and the pairs ``(head, row, r)``; None without such pairs or when
+    Hq != Hkv (a GQA group shares its values)."""
+    heads = layer.q.shape[1]
+    if not layer.pairs or layer.k.shape[1] != heads:
+        return None
+    pairs = [
+        [(int(query) - first_row, int(key)) for query, key in np.asarray(layer.pairs[h]).tolist()]
+        for h in range(heads)
+    ]
+    pairs = [[(row, key) for row, key in head if row >= 0] for head in pairs]
+    width = max((len(head) for head in pairs), default=0)
+    if width == 0:
+        return None
+    values = np.zeros((1, heads, layer.length, width), dtype=np.float32)
+    for h, head in enumerate(pairs):
+        for r, (_, key) in enumerate(head):
+            values[0, h, key, r] = 1.0
+    return values, pairs
+
+
+def found_fraction(out: np.ndarray, pairs: list) -> np.ndarray:
+    """Per head, the fraction of its planted pairs whose query gave its planted key a positive
+    weight (visited it), from a method's output over :func:`_probe`'s values; NaN for a head
+    without pairs."""
+    found = np.full(len(pairs), np.nan)
+    for h, head in enumerate(pairs):
+        if head:
+            found[h] = np.mean([out[0, h, row, r] > 0 for r, (row, _) in enumerate(head)])
+    return found
+
+
 def sweep(
     layers: Sequence[Layer],
     methods: Sequence[str] = ("dense", "window"),
@@ -237,9 +276,15 @@ def _measure(layer, phase, specs, budgets, decode_queries, timing, num_threads) 
         lambda: _call(reference, q, layer.k, layer.v, 1.0, num_threads), *timing
     )
     rows = []
+    probe = _probe(layer, 0 if phase == "prefill" else layer.length - decode_queries)
 
     def record(spec, budget, out, lse, seconds) -> None:
         error, recall, recall_min = head_metrics(out, lse, dense_out, dense_lse)
+        found = np.full(q.shape[1], np.nan)
+        if probe is not None:
+            # One more call (untimed) over the probe values: which planted keys it visited.
+            seen, _ = _call(spec, q, layer.k, probe[0], budget, num_threads, prompt_q)
+            found = found_fraction(seen, probe[1])
         for head in range(q.shape[1]):
             rows.append(
                 dict(
@@ -253,6 +298,7 @@ def _measure(layer, phase, specs, budgets, decode_queries, timing, num_threads) 
                     error=float(error[head]),
                     recall=float(recall[head]),
                     recall_min=float(recall_min[head]),
+                    found=None if np.isnan(found[head]) else float(found[head]),
                     time_s=seconds,
                     dense_time_s=dense_time,
                 )
