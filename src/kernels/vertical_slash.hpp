@@ -71,6 +71,8 @@ void rank_lines(const SelectPlan<S>& plan, Index b, Index h, const EstimateLogit
   const auto& k = plan.k;
   const Index heads_kv = k.size(1), len_q = q.size(2), dim = q.size(3);
   const Index group = q.size(1) / heads_kv;
+  // No query heads: no estimate rows (and Lq, of an empty view, may be anything).
+  if (group == 0) return;
   const Index estimate_rows = std::min(plan.last_queries, len_q);
   const Index first_row = len_q - estimate_rows;
   Index span_begin = std::numeric_limits<Index>::max(), span_end = 0;
