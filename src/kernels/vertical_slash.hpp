@@ -43,6 +43,7 @@ struct LineScratch {
 
 // Sorts `keys` ascending: least significant byte first, skipping the bytes all keys share.
 inline void radix_sort(std::vector<std::uint64_t>& keys, std::vector<std::uint64_t>& buffer) {
+  if (keys.empty()) return;
   buffer.resize(keys.size());
   std::uint64_t differ = 0;
   for (const std::uint64_t key : keys) differ |= key ^ keys.front();
