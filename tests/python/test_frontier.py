@@ -223,6 +223,10 @@ def test_found_counts_the_planted_retrieval_keys_a_method_visits():
     assert found["dense", "prefill", "local"] is None
     assert found["window", "prefill", "retrieval"] == 0.0, found
     assert found["token_topk", "prefill", "retrieval"] >= 0.5, found
+    with pytest.raises(ValueError, match="pairs"):
+        frontier.Layer("bad", data.q, data.k, data.v, data.kinds, [[(0, 5000)], []])
+    with pytest.raises(ValueError, match="one entry per query head"):
+        frontier.Layer("bad", data.q, data.k, data.v, data.kinds, [[]])
     # Without pairs (captured layers) nothing is counted.
     plain = frontier.Layer("plain", data.q, data.k, data.v, data.kinds)
     rows = frontier.sweep([plain], ["window"], ["1/16"], repeats=1, min_seconds=0)

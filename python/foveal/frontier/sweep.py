@@ -54,10 +54,34 @@ class Layer:
         check_layer(self)
         if not self.kinds:
             self.kinds = [None] * self.q.shape[1]
+        if self.pairs:
+            check_pairs(self)
 
     @property
     def length(self) -> int:
         return self.k.shape[2]
+
+
+def check_pairs(layer: Layer) -> None:
+    """ValueError naming the layer when ``pairs`` is not one ``[R, 2]`` integer array of
+    (query position, key) in [0, L) per query head."""
+    where = f"foveal.frontier: layer {layer.name!r}"
+    heads, length = layer.q.shape[1], layer.length
+    if len(layer.pairs) != heads:
+        raise ValueError(
+            f"{where}: pairs must have one entry per query head ({heads}), got {len(layer.pairs)}"
+        )
+    for head, pairs in enumerate(layer.pairs):
+        pairs = np.asarray(pairs)
+        if pairs.size == 0:
+            continue
+        if pairs.ndim != 2 or pairs.shape[1] != 2 or pairs.dtype.kind not in "iu":
+            raise ValueError(
+                f"{where}: pairs[{head}] must be an [R, 2] integer array, got "
+                f"{pairs.dtype} {list(pairs.shape)}"
+            )
+        if pairs.min() < 0 or pairs.max() >= length:
+            raise ValueError(f"{where}: pairs[{head}] must hold positions in [0, {length})")
 
 
 def check_layer(layer: Layer) -> None:
@@ -164,8 +188,8 @@ def head_metrics(out, lse, dense_out, dense_lse) -> tuple:
 def _probe(layer: Layer, first_row: int) -> tuple:
     """The values that reveal which planted keys a method visits: v ``[1, H, L, R]`` with
     v[h, key_r, r] = 1 for each retrieval pair r of head h whose query is a row of the phase
-    (position >= first_row), and the pairs ``(head, row, r)``; None without such pairs or when
-    Hq != Hkv (a GQA group shares its values)."""
+    (position >= first_row), and per head its pairs as (row of the phase, key); None without
+    such pairs or when Hq != Hkv (a GQA group shares its values)."""
     heads = layer.q.shape[1]
     if not layer.pairs or layer.k.shape[1] != heads:
         return None
