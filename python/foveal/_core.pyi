@@ -46,6 +46,8 @@ __all__: list[str] = [
     "pde_ssm_options",
     "set_num_threads",
     "sliding_window_attention",
+    "snapkv_gather",
+    "snapkv_select",
     "spade_binned",
     "spade_delay",
     "spade_embedding_backward",
@@ -704,6 +706,15 @@ def set_num_threads(**kwargs) -> None: ...
 def sliding_window_attention(
     q: typing.Any, k: typing.Any, v: typing.Any, out: typing.Any, lse: typing.Any | None, **kwargs
 ) -> None: ...
+def snapkv_gather(
+    k: typing.Any,
+    v: typing.Any,
+    out_k: typing.Any,
+    out_v: typing.Any,
+    keys: typing.Annotated[numpy.typing.ArrayLike, numpy.int64],
+    **kwargs,
+) -> None: ...
+def snapkv_select(q: typing.Any, k: typing.Any, **kwargs) -> dict: ...
 def spade_binned(**kwargs) -> tuple[int, int, int]: ...
 def spade_delay(
     schema: SpadeSchema,
