@@ -57,6 +57,19 @@ inline void radix_sort(std::vector<std::uint64_t>& keys, std::vector<std::uint64
   }
 }
 
+// The index of the lowest set bit of a nonzero word, by a de Bruijn multiplication: baseline
+// code may not hold the BMI instruction (tzcnt) a count-trailing-zeros builtin compiles to.
+inline int lowest_bit(std::uint64_t bits) {
+  constexpr std::uint64_t kDeBruijn = 0x022fdd63cc95386dULL;  // every 6-bit window once
+  constexpr std::array<std::uint8_t, 64> kIndex = [] {
+    std::array<std::uint8_t, 64> index{};
+    for (int bit = 0; bit < 64; ++bit)
+      index[(kDeBruijn << bit) >> 58] = static_cast<std::uint8_t>(bit);
+    return index;
+  }();
+  return kIndex[((bits & (~bits + 1)) * kDeBruijn) >> 58];
+}
+
 // The candidates of the query at `position`: its band past the sinks.
 inline KeyRange row_candidates(const Visibility& visibility, Index position) {
   const KeyRange band = visibility.band(position, position);
@@ -209,7 +222,7 @@ inline Index fill_list(const TokenBlockGeometry& g, const RankedLines& lines, bo
   for (Index word = g.candidate_begin >> 6; word <= (g.candidate_end - 1) >> 6; ++word) {
     std::uint64_t bits = taken[static_cast<std::size_t>(word)];
     taken[static_cast<std::size_t>(word)] = 0;
-    for (; bits != 0; bits &= bits - 1) kept[written++] = word * 64 + __builtin_ctzll(bits);
+    for (; bits != 0; bits &= bits - 1) kept[written++] = word * 64 + lowest_bit(bits);
   }
   return written;
 }
