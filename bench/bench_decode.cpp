@@ -1,6 +1,7 @@
 // Google Benchmark for decode_attention and the machine's memory bandwidth.
 //
-// BM_Decode reads K and V once per step: GB/s = 2 * B * Hkv * Lk * D * sizeof(float) / time.
+// BM_Decode reads K and V once per step: GB/s = the cache bytes of K and V / time, for float,
+// bfloat16 and 8-bit (q8_block) caches.
 // BM_Copy copies a buffer far larger than the caches with OpenMP threads; its GB/s counts
 // bytes read plus bytes written (the STREAM convention), the yardstick decode is held to.
 // BM_SlidingWindow reports GFLOP/s of the visible (query, key) pairs and ns per query row, flat
@@ -12,6 +13,7 @@
 
 #include <cstring>
 #include <random>
+#include <type_traits>
 
 #include "foveal/foveal.hpp"
 
@@ -26,17 +28,30 @@ void fill_random(float* data, Index count, unsigned seed) {
 }
 
 // Args: Lk, threads. B = 1, Hq = 32, Hkv = 8, D = 128, one query (the decode shape).
+// KV: the cache's element type (float, bfloat16, or q8_block: an 8-bit cache of 36 bytes per 32
+// values); q and out are float for float and 8-bit caches, the cache's type otherwise.
+template <typename KV>
 void BM_Decode(benchmark::State& state) {
+  using Q = std::conditional_t<std::is_same_v<KV, foveal::q8_block>, float, KV>;
   const Index batch = 1, heads_q = 32, heads_kv = 8, dim = 128, len_k = state.range(0);
-  foveal::KVCache<float> cache(batch, heads_kv, len_k, dim, dim);
+  foveal::KVCache<KV> cache(batch, heads_kv, len_k, dim, dim);
   {
     foveal::Tensor<float, 4> k({batch, heads_kv, len_k, dim}), v({batch, heads_kv, len_k, dim});
     fill_random(k.data(), k.numel(), 1);
     fill_random(v.data(), v.numel(), 2);
-    cache.append(k, v);
+    foveal::Tensor<Q, 4> k_in({batch, heads_kv, len_k, dim}), v_in({batch, heads_kv, len_k, dim});
+    for (Index i = 0; i < k.numel(); ++i) {
+      k_in.data()[i] = foveal::to_storage<Q>(k.data()[i]);
+      v_in.data()[i] = foveal::to_storage<Q>(v.data()[i]);
+    }
+    cache.append(k_in, v_in);
   }
-  foveal::Tensor<float, 4> q({batch, heads_q, 1, dim}), out({batch, heads_q, 1, dim});
-  fill_random(q.data(), q.numel(), 3);
+  foveal::Tensor<Q, 4> q({batch, heads_q, 1, dim}), out({batch, heads_q, 1, dim});
+  {
+    foveal::Tensor<float, 4> q_values({batch, heads_q, 1, dim});
+    fill_random(q_values.data(), q_values.numel(), 3);
+    for (Index i = 0; i < q.numel(); ++i) q.data()[i] = foveal::to_storage<Q>(q_values.data()[i]);
+  }
   foveal::AttentionOptions options;
   options.num_threads = static_cast<int>(state.range(1));
   for (auto _ : state) {
@@ -44,11 +59,23 @@ void BM_Decode(benchmark::State& state) {
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   }
-  const double bytes = 2.0 * batch * heads_kv * len_k * dim * sizeof(float);
+  // Bytes of cache read per step: the stored rows of K and V.
+  const double bytes = 2.0 * batch * heads_kv * len_k * static_cast<double>(sizeof(KV)) *
+                       static_cast<double>(foveal::detail::stored_width<KV>(dim));
   state.counters["GB/s"] =
       benchmark::Counter(bytes * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
-BENCHMARK(BM_Decode)
+BENCHMARK_TEMPLATE(BM_Decode, float)
+    ->ArgNames({"Lk", "threads"})
+    ->ArgsProduct({{4096, 32768, 131072}, {1, 2}})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+BENCHMARK_TEMPLATE(BM_Decode, foveal::bfloat16)
+    ->ArgNames({"Lk", "threads"})
+    ->ArgsProduct({{4096, 32768, 131072}, {1, 2}})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+BENCHMARK_TEMPLATE(BM_Decode, foveal::q8_block)
     ->ArgNames({"Lk", "threads"})
     ->ArgsProduct({{4096, 32768, 131072}, {1, 2}})
     ->Unit(benchmark::kMillisecond)

@@ -1,8 +1,9 @@
 """The precision suite of bench/compare_torch.py: 16-bit storage.
 
-1. Decode over a KV cache (B 1, Hq 32, Hkv 8, D 128, one query): foveal's bfloat16 and float16
-   caches against its float32 cache, and the GB/s of cache bytes read against the machine's
-   copy bandwidth.
+1. Decode over a KV cache (B 1, Hq 32, Hkv 8, D 128, one query): foveal's bfloat16, float16 and
+   8-bit (int8 blocks of 32 with a float32 scale) caches against its float32 cache, the GB/s of
+   cache bytes read against the machine's copy bandwidth, and each cache's output error
+   against float64 attention over the unquantized keys and values.
 2. bfloat16 prefill (B 1, H 16, D 64 / 128, causal and not): foveal against torch SDPA in
    bfloat16, and both errors against float64 (FlashAttention's rule: foveal's at most 2x that
    of a plain bfloat16 torch implementation, softmax(q k^T) v in bfloat16).
@@ -25,11 +26,21 @@ def _decode_case(len_k: int, threads: int, seconds: float, interleaved, copy_gbp
         query = q.to(dtype)
         out = torch.empty((1, 32, 1, 128), dtype=dtype)
         calls[dtype] = (lambda c=cache, x=query, o=out: foveal.decode_attention(x, c, out=o), out)
+    int8 = foveal.KVCache(1, 8, len_k, 128, dtype="int8")
+    int8.append(k, v)
+    int8_out = torch.empty((1, 32, 1, 128))
+    calls["int8"] = (lambda: foveal.decode_attention(q, int8, out=int8_out), int8_out)
     single_s, bf16_s = interleaved(calls[torch.float32][0], calls[torch.bfloat16][0], seconds)
     _, fp16_s = interleaved(calls[torch.float32][0], calls[torch.float16][0], seconds)
+    single_s_int8, int8_s = interleaved(calls[torch.float32][0], calls["int8"][0], seconds)
     for call, _ in calls.values():
         call()
     difference = (calls[torch.bfloat16][1].float() - calls[torch.float32][1]).abs().max().item()
+    exact = _exact_decode(q, k, v)
+    errors = {
+        name: ((out.double() - exact).norm() / exact.norm()).item()
+        for name, (_, out) in zip(("float32", "bfloat16", "float16", "int8"), calls.values())
+    }
     cache_bytes = 2 * k.numel()
     return dict(
         case="decode",
@@ -38,13 +49,25 @@ def _decode_case(len_k: int, threads: int, seconds: float, interleaved, copy_gbp
         float32_ms=single_s * 1e3,
         bfloat16_ms=bf16_s * 1e3,
         float16_ms=fp16_s * 1e3,
+        int8_ms=int8_s * 1e3,
         bfloat16_speedup=single_s / bf16_s,
         float16_speedup=single_s / fp16_s,
+        int8_speedup=single_s_int8 / int8_s,
         bfloat16_gbps=cache_bytes * 2 / bf16_s * 1e-9,
         float32_gbps=cache_bytes * 4 / single_s * 1e-9,
+        int8_gbps=cache_bytes * 36 / 32 / int8_s * 1e-9,
         copy_gbps=copy_gbps,
         max_abs_diff=difference,
+        **{f"{name}_error": error for name, error in errors.items()},
     )
+
+
+def _exact_decode(q, k, v):
+    """float64 decode of q [1, 32, 1, D] over k, v [1, 8, Lk, D] (GQA groups of 4: the 4 query
+    heads of a group as 4 rows)."""
+    rows = q.double().reshape(1, 8, 4, q.shape[-1])
+    scores = (rows @ k.double().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return (torch.softmax(scores, -1) @ v.double()).reshape(q.shape)
 
 
 def _plain(q, k, v, causal):
@@ -92,7 +115,8 @@ def run(threads_list, seconds, interleaved, full, copy_bandwidth) -> list[dict]:
     rows = []
     print(
         f"{'decode case':<30}{'threads':>8}{'f32 ms':>9}{'bf16 ms':>9}{'x':>7}{'f16 ms':>9}"
-        f"{'x':>7}{'bf16 GB/s':>11}{'of copy':>9}"
+        f"{'x':>7}{'int8 ms':>9}{'x':>7}{'bf16 GB/s':>11}{'of copy':>9}{'int8 GB/s':>11}"
+        f"{'err f32':>9}{'err bf16':>10}{'err int8':>10}"
     )
     for threads in threads_list:
         torch.set_num_threads(threads)
@@ -105,7 +129,10 @@ def run(threads_list, seconds, interleaved, full, copy_bandwidth) -> list[dict]:
                 f"{f'Hq32 Hkv8 D128 Lk{len_k}':<30}{threads:>8}{row['float32_ms']:>9.2f}"
                 f"{row['bfloat16_ms']:>9.2f}{row['bfloat16_speedup']:>6.2f}x"
                 f"{row['float16_ms']:>9.2f}{row['float16_speedup']:>6.2f}x"
+                f"{row['int8_ms']:>9.2f}{row['int8_speedup']:>6.2f}x"
                 f"{row['bfloat16_gbps']:>11.1f}{row['bfloat16_gbps'] / copy:>9.0%}"
+                f"{row['int8_gbps']:>11.1f}{row['float32_error']:>9.1e}"
+                f"{row['bfloat16_error']:>10.1e}{row['int8_error']:>10.1e}"
             )
     print(
         f"\n{'bf16 prefill case':<30}{'threads':>8}{'foveal ms':>11}{'sdpa ms':>9}{'ratio':>8}"
@@ -132,8 +159,9 @@ def run(threads_list, seconds, interleaved, full, copy_bandwidth) -> list[dict]:
 def markdown_lines(rows: list[dict]) -> list[str]:
     lines = [
         "| decode (Hq 32, Hkv 8, D 128) | threads | float32 ms | bfloat16 ms (speed-up) "
-        "| float16 ms (speed-up) | bfloat16 GB/s (of copy) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| float16 ms (speed-up) | int8 ms (speed-up) | bfloat16 GB/s (of copy) | int8 GB/s "
+        "| error float32 / bfloat16 / int8 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for row in rows:
         if row["case"] == "decode":
@@ -141,7 +169,10 @@ def markdown_lines(rows: list[dict]) -> list[str]:
                 f"| Lk {row['Lk']} | {row['threads']} | {row['float32_ms']:.2f} "
                 f"| {row['bfloat16_ms']:.2f} (**{row['bfloat16_speedup']:.2f}x**) "
                 f"| {row['float16_ms']:.2f} ({row['float16_speedup']:.2f}x) "
-                f"| {row['bfloat16_gbps']:.1f} ({row['bfloat16_gbps'] / row['copy_gbps']:.0%}) |"
+                f"| {row['int8_ms']:.2f} (**{row['int8_speedup']:.2f}x**) "
+                f"| {row['bfloat16_gbps']:.1f} ({row['bfloat16_gbps'] / row['copy_gbps']:.0%}) "
+                f"| {row['int8_gbps']:.1f} | {row['float32_error']:.1e} / "
+                f"{row['bfloat16_error']:.1e} / {row['int8_error']:.1e} |"
             )
     lines += [
         "",

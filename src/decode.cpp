@@ -26,10 +26,10 @@ using detail::Visibility;
 
 // Validates a decode call over `cache` and fills the engine parameters and the visibility of
 // every sequence.
-template <typename T>
-void prepare_decode(const char* function, TensorView<const T, 4> q, const KVCache<T>& cache,
+template <typename T, typename KV>
+void prepare_decode(const char* function, TensorView<const T, 4> q, const KVCache<KV>& cache,
                     const AttentionOptions& options, TensorView<T, 4> out,
-                    TensorView<compute_type_t<T>, 3> lse, detail::FlashParams<T>& params,
+                    TensorView<compute_type_t<T>, 3> lse, detail::FlashParams<T, KV>& params,
                     std::vector<Visibility>& visibility) {
   detail::require_queries_and_outputs(
       function, q, out, lse,
@@ -76,6 +76,7 @@ void prepare_decode(const char* function, TensorView<const T, 4> q, const KVCach
   params.q = q;
   params.k = cache.keys();
   params.v = cache.values();
+  params.value_dim = cache.dim_v();
   params.out = out;
   params.lse = lse;
   params.scale = detail::resolve_scale<compute_type_t<T>>(function, options, dim);
@@ -83,10 +84,11 @@ void prepare_decode(const char* function, TensorView<const T, 4> q, const KVCach
   params.num_threads = detail::resolve_num_threads(options.num_threads);
 }
 
-template <typename T>
-void decode_impl(TensorView<const T, 4> q, const KVCache<T>& cache, const AttentionOptions& options,
-                 TensorView<T, 4> out, TensorView<compute_type_t<T>, 3> lse) {
-  detail::DecodePlan<T> plan;
+template <typename T, typename KV = T>
+void decode_impl(TensorView<const T, 4> q, const KVCache<KV>& cache,
+                 const AttentionOptions& options, TensorView<T, 4> out,
+                 TensorView<compute_type_t<T>, 3> lse) {
+  detail::DecodePlan<T, KV> plan;
   prepare_decode(kFunction, q, cache, options, out, lse, plan.params, plan.visibility);
   const std::vector<Visibility>& visibility = plan.visibility;
   const Index batch = q.size(0), heads_q = q.size(1), len_q = q.size(2);
@@ -114,13 +116,13 @@ void decode_impl(TensorView<const T, 4> q, const KVCache<T>& cache, const Attent
     }
     plan.first_chunk[static_cast<std::size_t>(b) + 1] = static_cast<Index>(chunks.size());
   }
-  detail::kernels<T>().decode_attention(plan);
+  detail::kernels<KV>().decode_attention(plan);
 }
 
 constexpr const char* kQuest = "quest_decode_attention";
 
-template <typename T>
-void quest_impl(TensorView<const T, 4> q, const KVCache<T>& cache, const AttentionOptions& options,
+template <typename T, typename KV = T>
+void quest_impl(TensorView<const T, 4> q, const KVCache<KV>& cache, const AttentionOptions& options,
                 const QuestOptions& quest, TensorView<T, 4> out,
                 TensorView<compute_type_t<T>, 3> lse) {
   check(std::isfinite(quest.budget) && quest.budget > 0 && quest.budget <= 1, kQuest,
@@ -130,29 +132,30 @@ void quest_impl(TensorView<const T, 4> q, const KVCache<T>& cache, const Attenti
   check(cache.page_size() > 0, kQuest,
         ": the cache keeps no page bounds; make it with KVCacheOptions::page_bounds > 0 "
         "(Python: KVCache(..., page_bounds=16))");
-  detail::QuestPlan<T> plan;
+  detail::QuestPlan<T, KV> plan;
   prepare_decode(kQuest, q, cache, options, out, lse, plan.params, plan.visibility);
   if (q.size(0) == 0 || q.size(1) == 0 || q.size(2) == 0) return;
   plan.cache = &cache;
   plan.budget = quest.budget;
   plan.local_pages = quest.local_pages;
-  detail::kernels<T>().quest_decode_attention(plan);
+  detail::kernels<KV>().quest_decode_attention(plan);
 }
 
 }  // namespace
 
-#define FOVEAL_QUEST_ENTRY_POINT(T, Lse)                                                  \
-  void quest_decode_attention(TensorView<const T, 4> q, const KVCache<T>& cache,          \
+#define FOVEAL_QUEST_ENTRY_POINT(T, KV, Lse)                                              \
+  void quest_decode_attention(TensorView<const T, 4> q, const KVCache<KV>& cache,         \
                               const AttentionOptions& options, const QuestOptions& quest, \
                               TensorView<T, 4> out, TensorView<Lse, 3> lse) {             \
     const auto reading = cache.read_guard(kQuest);                                        \
-    quest_impl<T>(q, cache, options, quest, out, lse);                                    \
+    quest_impl<T, KV>(q, cache, options, quest, out, lse);                                \
   }
 
-FOVEAL_QUEST_ENTRY_POINT(float, float)
-FOVEAL_QUEST_ENTRY_POINT(double, double)
-FOVEAL_QUEST_ENTRY_POINT(bfloat16, float)
-FOVEAL_QUEST_ENTRY_POINT(float16, float)
+FOVEAL_QUEST_ENTRY_POINT(float, float, float)
+FOVEAL_QUEST_ENTRY_POINT(double, double, double)
+FOVEAL_QUEST_ENTRY_POINT(bfloat16, bfloat16, float)
+FOVEAL_QUEST_ENTRY_POINT(float16, float16, float)
+FOVEAL_QUEST_ENTRY_POINT(float, q8_block, float)
 #undef FOVEAL_QUEST_ENTRY_POINT
 
 void decode_attention(TensorView<const float, 4> q, const KVCache<float>& cache,
@@ -181,6 +184,13 @@ void decode_attention(TensorView<const float16, 4> q, const KVCache<float16>& ca
                       TensorView<float, 3> lse) {
   const auto reading = cache.read_guard(kFunction);
   decode_impl<float16>(q, cache, options, out, lse);
+}
+
+void decode_attention(TensorView<const float, 4> q, const KVCache<q8_block>& cache,
+                      const AttentionOptions& options, TensorView<float, 4> out,
+                      TensorView<float, 3> lse) {
+  const auto reading = cache.read_guard(kFunction);
+  decode_impl<float, q8_block>(q, cache, options, out, lse);
 }
 
 }  // namespace foveal

@@ -121,9 +121,11 @@ def cache_outputs(q: Any, cache: Any, out: Any, return_lse: bool) -> tuple[Any, 
     asked for, lse ``[S, Hq, Lq]`` (float32 for a 16-bit cache), for attention over a cache
     (``dim_v`` and ``dtype``)."""
     q_shape = shape(q)
+    # An 8-bit cache takes and gives float32.
+    dtype = np.dtype(np.float32) if dtype_name(cache.dtype) == "int8" else cache.dtype
     if out is None:
-        out = new_like(q, (*q_shape[:3], cache.dim_v), cache.dtype)
-    return out, new_like(q, q_shape[:3], lse_dtype(cache.dtype)) if return_lse else None
+        out = new_like(q, (*q_shape[:3], cache.dim_v), dtype)
+    return out, new_like(q, q_shape[:3], lse_dtype(dtype)) if return_lse else None
 
 
 def forwarded(name: str, doc: str) -> property:
@@ -138,7 +140,7 @@ class CacheGeometry:
     _dtype: Any
     dtype = property(
         lambda self: self._dtype,
-        doc="float32, float64 or float16 (a numpy dtype), or the name 'bfloat16'.",
+        doc="float32, float64, float16 or int8 (a numpy dtype), or the name 'bfloat16'.",
     )
     heads_kv = forwarded("heads_kv", "Number of key/value heads Hkv.")
     dim = forwarded("dim", "Key dimension D.")

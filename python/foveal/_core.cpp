@@ -137,13 +137,16 @@ void run_half_attention(const char* fn, const Tensor& q, const Tensor& k, const 
 
 // Runs run(q, out, lse) of an attention call over a cache of element type T on views of the
 // caller's tensors (lse float32 next to a 16-bit cache), the GIL released.
+// T: the cache's element type; q and out are its input_type (float for an 8-bit cache).
 template <typename T, typename Run>
 void run_over_cache(const char* fn, const Tensor& q, const Tensor& out,
                     const std::optional<Tensor>& lse, Run&& run) {
-  const char* same = "the cache's dtype";
-  const auto q_view = q.view<const T, 4>(fn, "q", "B, Hq, Lq, D", same);
-  const auto out_view = out.view<T, 4>(fn, "out", "B, Hq, Lq, Dv", same);
-  const auto lse_view = optional_view<foveal::compute_type_t<T>, 3>(
+  using Q = typename foveal::KVCache<T>::input_type;
+  constexpr bool kQuantized = std::is_same_v<T, foveal::q8_block>;
+  const char* same = kQuantized ? "an 8-bit cache takes float32" : "the cache's dtype";
+  const auto q_view = q.view<const Q, 4>(fn, "q", "B, Hq, Lq, D", same);
+  const auto out_view = out.view<Q, 4>(fn, "out", "B, Hq, Lq, Dv", same);
+  const auto lse_view = optional_view<foveal::compute_type_t<Q>, 3>(
       lse, fn, "lse", "B, Hq, Lq",
       foveal::is_half_dtype_v<T> ? "float32 next to a 16-bit cache" : same);
   py::gil_scoped_release release;
@@ -158,10 +161,38 @@ struct PyKVCache {
   py::object values_owner;
 };
 
+// The storage of an 8-bit cache as float32 [B, Hkv, capacity, D]: every value dequantized (a
+// copy; the storage itself is blocks of 36 bytes).
+py::array_t<float> dequantized_array(const foveal::TensorView<const foveal::q8_block, 4>& view,
+                                     foveal::Index dim) {
+  py::array_t<float> copy({view.size(0), view.size(1), view.size(2), dim});
+  float* to = copy.mutable_data();
+  for (foveal::Index b = 0; b < view.size(0); ++b)
+    for (foveal::Index h = 0; h < view.size(1); ++h)
+      for (foveal::Index row = 0; row < view.size(2); ++row, to += dim)
+        for (foveal::Index d = 0; d < dim; ++d)
+          to[d] = foveal::detail::stored_value(view.address(b, h, row, 0), d);
+  return copy;
+}
+
+// The storage of a cache: read-only numpy over it, or a dequantized copy for an 8-bit cache.
+template <typename T>
+py::object storage_of(py::object self, bool keys) {
+  const auto& cache = self.cast<const PyKVCache<T>&>().cache;
+  if constexpr (std::is_same_v<T, foveal::q8_block>) {
+    return keys ? dequantized_array(cache.keys(), cache.dim())
+                : dequantized_array(cache.values(), cache.dim_v());
+  } else {
+    return foveal::python::readonly_array<T>(keys ? cache.keys() : cache.values(), self);
+  }
+}
+
 template <typename T>
 void bind_kv_cache(py::module_& m, const char* class_name) {
   using Cache = PyKVCache<T>;
-  const char* same = "the cache's dtype";
+  using Input = typename foveal::KVCache<T>::input_type;
+  const char* same =
+      std::is_same_v<T, foveal::q8_block> ? "an 8-bit cache takes float32" : "the cache's dtype";
   py::class_<Cache>(m, class_name)
       .def(py::init([](const py::kwargs& kwargs) {
         const Keywords keywords("KVCache", kwargs);
@@ -190,16 +221,8 @@ void bind_kv_cache(py::module_& m, const char* class_name) {
              const Keywords keywords("KVCache.first_retained", kwargs);
              return c.cache.first_retained(keywords.integer("sequence"));
            })
-      .def_property_readonly("keys",
-                             [](py::object self) {
-                               return foveal::python::readonly_array<T>(
-                                   self.cast<const Cache&>().cache.keys(), self);
-                             })
-      .def_property_readonly("values",
-                             [](py::object self) {
-                               return foveal::python::readonly_array<T>(
-                                   self.cast<const Cache&>().cache.values(), self);
-                             })
+      .def_property_readonly("keys", [](py::object self) { return storage_of<T>(self, true); })
+      .def_property_readonly("values", [](py::object self) { return storage_of<T>(self, false); })
       .def(
           "append",
           [same](Cache& c, const Tensor& k, const Tensor& v, const py::kwargs& kwargs) {
@@ -207,8 +230,8 @@ void bind_kv_cache(py::module_& m, const char* class_name) {
             const Keywords keywords(fn, kwargs);
             const auto counts = keywords.integers("counts");
             keywords.require_all_read();
-            const auto k_view = k.view<const T, 4>(fn, "k", "B, Hkv, n, D", same);
-            const auto v_view = v.view<const T, 4>(fn, "v", "B, Hkv, n, Dv", same);
+            const auto k_view = k.view<const Input, 4>(fn, "k", "B, Hkv, n, D", same);
+            const auto v_view = v.view<const Input, 4>(fn, "v", "B, Hkv, n, Dv", same);
             py::gil_scoped_release release;
             if (counts) {
               c.cache.append(k_view, v_view,
@@ -469,6 +492,7 @@ PYBIND11_MODULE(_core, m) {
   bind_kv_cache<double>(m, "KVCacheF64");
   bind_kv_cache<foveal::bfloat16>(m, "KVCacheBF16");
   bind_kv_cache<foveal::float16>(m, "KVCacheF16");
+  bind_kv_cache<foveal::q8_block>(m, "KVCacheQ8");
   m.def("wrap_kv_cache", &wrap_kv_cache, py::arg("keys"), py::arg("values"));
 
   // The attention options of a call as plain values (None where the default applies), their

@@ -73,6 +73,32 @@ inline Vec<float> widen_float16(const std::uint16_t* source) {
 #endif
 }
 
+// kLanes<float> int8 values as floats: one sign-extending load and one conversion where the
+// level has them (GCC 12 scalarizes __builtin_convertvector from 8-bit lanes: 16 scalar
+// conversions per vector, slower than reading float32).
+inline Vec<float> widen_int8(const std::int8_t* source) {
+#if (defined(__x86_64__) || defined(__i386__)) && FOVEAL_SIMD_BYTES == 64
+  // The masked forms, every lane selected (as widen_float16: GCC 12's unmasked ones read an
+  // undefined register).
+  const auto all = static_cast<__mmask16>(0xffff);
+  return reinterpret_cast<Vec<float>>(_mm512_maskz_cvtepi32_ps(
+      all,
+      _mm512_maskz_cvtepi8_epi32(all, _mm_loadu_si128(reinterpret_cast<const __m128i*>(source)))));
+#elif (defined(__x86_64__) || defined(__i386__)) && FOVEAL_SIMD_BYTES == 32 && \
+    ((defined(FOVEAL_LEVEL_VECTOR_BYTES) && FOVEAL_LEVEL_VECTOR_BYTES > 0) || defined(__AVX2__))
+  return reinterpret_cast<Vec<float>>(_mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(source)))));
+#elif (defined(__x86_64__) || defined(__i386__)) && FOVEAL_SIMD_BYTES == 16 && defined(__SSE4_1__)
+  std::int32_t bits;
+  std::memcpy(&bits, source, sizeof(bits));
+  return reinterpret_cast<Vec<float>>(_mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(bits))));
+#else
+  Vec<float> vector;
+  for (int lane = 0; lane < kLanes<float>; ++lane) vector[lane] = static_cast<float>(source[lane]);
+  return vector;
+#endif
+}
+
 }  // namespace convert_detail
 
 // kLanes<T> elements from any address, as a vector of T = compute_type_t<S>.
@@ -104,13 +130,52 @@ inline Vec<T> load_partial_as(const S* source, int count) {
   }
 }
 
-// to[0 .. count) = from[0 .. count) as T.
+// Rows of stored values, as the engine reads K and V: a row of S is S[0 .. count), a row of
+// q8_block is ceil(count / 32) blocks (value d is block d / 32's scale times its value d % 32).
+
+// Lanes [d, d + kLanes<T>) of a row, d a multiple of kLanes<T> (which divides 32, so the lanes of
+// a q8_block row lie in one block: one load, one conversion and one multiply by its scale).
+template <typename T, typename S>
+inline Vec<T> load_row(const S* row, Index d) {
+  if constexpr (std::is_same_v<S, q8_block>) {
+    static_assert(std::is_same_v<T, float> && q8_block::kValues % kLanes<float> == 0,
+                  "q8_block rows are read as whole float vectors inside one block");
+    const q8_block& block = row[d / q8_block::kValues];
+    return convert_detail::widen_int8(block.values + d % q8_block::kValues) * splat(block.scale);
+  } else {
+    return load_as<T>(row + d);
+  }
+}
+
+// Lanes [d, d + count) of a row, count < kLanes<T> (the row's tail); the other lanes are 0. A
+// q8_block row reads a whole vector: its last block is zero past the row's end.
+template <typename T, typename S>
+inline Vec<T> load_row_partial(const S* row, Index d, int count) {
+  if constexpr (std::is_same_v<S, q8_block>) {
+    return load_row<T>(row, d);
+  } else {
+    return load_partial_as<T>(row + d, count);
+  }
+}
+
+// Value d of a row as T.
+template <typename T, typename S>
+inline T row_value(const S* row, Index d) {
+  if constexpr (std::is_same_v<S, q8_block>) {
+    const q8_block& block = row[d / q8_block::kValues];
+    return block.scale * static_cast<float>(block.values[d % q8_block::kValues]);
+  } else {
+    return to_compute(row[d]);
+  }
+}
+
+// to[0 .. count) = the row's values [0 .. count) as T.
 template <typename T, typename S>
 inline void convert_row(const S* from, Index count, T* to) {
   constexpr int L = kLanes<T>;
   Index i = 0;
-  for (; i + L <= count; i += L) store(to + i, load_as<T>(from + i));
-  for (; i < count; ++i) to[i] = to_compute(from[i]);
+  for (; i + L <= count; i += L) store(to + i, load_row<T>(from, i));
+  for (; i < count; ++i) to[i] = row_value<T>(from, i);
 }
 
 }  // namespace FOVEAL_LEVEL

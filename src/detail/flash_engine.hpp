@@ -142,6 +142,11 @@ inline void score_micro(const T* q_t, const T* const* k_rows, Index dim, T multi
   }
 }
 
+// How far ahead of the 8-bit block being read its row's successors are prefetched: the
+// conversions make the loop compute-bound enough that the hardware prefetcher alone leaves
+// memory stalls (consecutive keys' rows are consecutive in a cache).
+inline constexpr Index kQ8PrefetchBytes = 2048;
+
 // Scores of a few rows as dot products along D: s_t[j][r] = multiplier * sum_d k_rows[j][d] *
 // q_rows[r][d] for j < kLanes / NR, r < NR. q_rows has row stride q_stride (a multiple of kLanes,
 // zero padded past D); the kLanes (key, row) sums are reduced together by one transposing sum.
@@ -156,17 +161,48 @@ inline void dot_score_micro(const T* q_rows, Index q_stride, const S* const* k_r
   for (int i = 0; i < L; ++i) acc[i] = Vec<T>{};
   // Key by key, each row read front to back: K streams through memory in address order (four
   // rows read side by side stall on misses: 10-15% fewer GB/s in decode from DRAM).
+  if constexpr (std::is_same_v<S, q8_block>) {
+    // 8-bit keys block by block: one scale per 32 values, the block's vectors at fixed offsets
+    // (no address arithmetic per vector). The last block is zero past D, q_rows past D too.
+    constexpr int kPerBlock = q8_block::kValues / L;
+    const Index vectors = (dim + L - 1) / L;
+    FOVEAL_UNROLL
+    for (int j = 0; j < NK; ++j) {
+      const q8_block* block = k_rows[j];
+      const T* q_column = q_rows;
+      for (Index v = 0; v < vectors; v += kPerBlock, ++block, q_column += kPerBlock * L) {
+        __builtin_prefetch(reinterpret_cast<const char*>(block) + kQ8PrefetchBytes);
+        const Vec<T> scale = splat(block->scale);
+        const int count = static_cast<int>(std::min<Index>(kPerBlock, vectors - v));
+        FOVEAL_UNROLL
+        for (int i = 0; i < kPerBlock; ++i) {
+          if (i >= count) break;
+          const Vec<T> key = convert_detail::widen_int8(block->values + i * L) * scale;
+          FOVEAL_UNROLL
+          for (int r = 0; r < NR; ++r)
+            acc[j * NR + r] += key * load(q_column + r * q_stride + i * L);
+        }
+      }
+    }
+    const Vec<T> sums = sum_lanes_of_each<T>(acc) * multiplier;
+    FOVEAL_UNROLL
+    for (int j = 0; j < NK; ++j) {
+      FOVEAL_UNROLL
+      for (int r = 0; r < NR; ++r) s_t[j * kBlockQ + r] = sums[j * NR + r];
+    }
+    return;
+  }
   const Index full = dim / L * L;
   FOVEAL_UNROLL
   for (int j = 0; j < NK; ++j) {
     const S* key_row = k_rows[j];
     for (Index d = 0; d < full; d += L) {
-      const Vec<T> key = load_as<T>(key_row + d);
+      const Vec<T> key = load_row<T>(key_row, d);
       FOVEAL_UNROLL
       for (int r = 0; r < NR; ++r) acc[j * NR + r] += key * load(q_rows + r * q_stride + d);
     }
     if (full < dim) {
-      const Vec<T> key = load_partial_as<T>(key_row + full, static_cast<int>(dim - full));
+      const Vec<T> key = load_row_partial<T>(key_row, full, static_cast<int>(dim - full));
       FOVEAL_UNROLL
       for (int r = 0; r < NR; ++r) acc[j * NR + r] += key * load(q_rows + r * q_stride + full);
     }
@@ -255,10 +291,23 @@ inline void output_micro(const T* p_t, const T* alpha, const S* const* v_rows, I
     for (int c = 0; c < CV; ++c) sums[r][c] = Vec<T>{};
   }
   for (Index j = 0; j < num_keys; ++j) {
-    const S* v_row = v_rows[j] + col0;
+    const S* v_row = v_rows[j];
     Vec<T> values[CV];
-    FOVEAL_UNROLL
-    for (int c = 0; c < CV; ++c) values[c] = load_as<T>(v_row + c * L);
+    if constexpr (std::is_same_v<S, q8_block> &&
+                  (kColVectorsPerMicro * L) % q8_block::kValues == 0) {
+      // col0 is a whole number of 8-bit blocks: every vector's block and offset is constant.
+      const q8_block* blocks = v_row + col0 / q8_block::kValues;
+      __builtin_prefetch(reinterpret_cast<const char*>(blocks) + kQ8PrefetchBytes);
+      FOVEAL_UNROLL
+      for (int c = 0; c < CV; ++c) {
+        const q8_block& block = blocks[c * L / q8_block::kValues];
+        values[c] = convert_detail::widen_int8(block.values + c * L % q8_block::kValues) *
+                    splat(block.scale);
+      }
+    } else {
+      FOVEAL_UNROLL
+      for (int c = 0; c < CV; ++c) values[c] = load_row<T>(v_row, col0 + c * L);
+    }
     const T* p_row = p_t + j * kBlockQ;
     FOVEAL_UNROLL
     for (int r = 0; r < NR; ++r) {
@@ -289,10 +338,10 @@ inline bool all_finite(const S* const* rows, Index count, Index cols) {
   for (Index j = 0; j < count; ++j) {
     const S* row = rows[j];
     for (Index c = 0; c < full; c += L) {
-      const Vec<T> x = load_as<T>(row + c);
+      const Vec<T> x = load_row<T>(row, c);
       sum += x - x;
     }
-    for (Index c = full; c < cols; ++c) sum[0] += to_compute(row[c]) - to_compute(row[c]);
+    for (Index c = full; c < cols; ++c) sum[0] += row_value<T>(row, c) - row_value<T>(row, c);
   }
   for (int lane = 0; lane < L; ++lane)
     if (sum[lane] != T(0)) return false;
@@ -337,7 +386,7 @@ inline void accumulate_output(const T* p_t, const T* alpha, const S* const* v_ro
         T sum = 0;
         for (Index j = j_begin; j < j_end; ++j)
           if (!masked || p_t[j * kBlockQ + r] != T(0))
-            sum += p_t[j * kBlockQ + r] * to_compute(v_rows[j][col]);
+            sum += p_t[j * kBlockQ + r] * row_value<T>(v_rows[j], col);
         acc[r * acc_stride + col] = acc[r * acc_stride + col] * alpha[r] + sum;
       }
     }
@@ -361,20 +410,20 @@ struct TileScratch {
   T* kv = nullptr;  // 16-bit storage: the key block's K rows, then its V rows, as T
 };
 
-// S is the stored element type of q, k, v, out and bias; the tile computes in T =
-// compute_type_t<S>. Few-row tiles convert K and V rows as the micro-kernels load them; larger
-// tiles convert each key block once into scratch.kv (a cost of 1 / kBlockQ of the block's
-// arithmetic) and run the float micro-kernels on it.
-template <typename S>
+// S is the stored element type of q, out and bias, KV that of k and v (S, or q8_block under
+// float queries); the tile computes in T = compute_type_t<S>. Few-row tiles convert K and V rows
+// as the micro-kernels load them; larger tiles convert each key block once into scratch.kv (a
+// cost of 1 / kBlockQ of the block's arithmetic) and run the float micro-kernels on it.
+template <typename S, typename KV = S>
 class TileRunner {
   using T = compute_type_t<S>;
 
  public:
-  TileRunner(const FlashParams<S>& params, Index acc_stride)
+  TileRunner(const FlashParams<S, KV>& params, Index acc_stride)
       : params_(params),
         group_(params.q.size(1) / params.k.size(1)),
         dim_(params.q.size(3)),
-        dim_v_(params.v.size(3)),
+        dim_v_(params.dim_v()),
         acc_stride_(acc_stride) {
     // Logits are produced in base 2. With a softcap the queries carry scale / softcap and the
     // cap multiplies tanh by softcap * log2 e afterwards.
@@ -423,21 +472,21 @@ class TileRunner {
 
     const auto& k = params_.k;
     const auto& v = params_.v;
-    const S* k_base = k.data() + batch * k.stride(0) + kv_head * k.stride(1);
-    const S* v_base = v.data() + batch * v.stride(0) + kv_head * v.stride(1);
+    const KV* k_base = k.data() + batch * k.stride(0) + kv_head * k.stride(1);
+    const KV* v_base = v.data() + batch * v.stride(0) + kv_head * v.stride(1);
     const Index k_row_stride = k.stride(2);
     const Index v_row_stride = v.stride(2);
 
     policy.for_each_block(positions[0], positions[num_rows - 1], [&](const KeyBlock& block) {
-      const S* k_rows[kBlockK];
-      const S* v_rows[kBlockK];
+      const KV* k_rows[kBlockK];
+      const KV* v_rows[kBlockK];
       Index keys[kBlockK];
       for (Index j = 0; j < block.count; ++j) {
         keys[j] = block.index != nullptr ? block.index[j] : block.begin + j;
         k_rows[j] = k_base + keys[j] * k_row_stride;
         v_rows[j] = v_base + keys[j] * v_row_stride;
       }
-      if constexpr (!std::is_same_v<S, T>) {
+      if constexpr (!std::is_same_v<KV, T>) {
         if (!few_rows) {
           // Convert the block once; the float micro-kernels then read it.
           const T* k_converted[kBlockK];
@@ -515,7 +564,7 @@ class TileRunner {
 
   // The K rows of a block converted to T in kv[0 .. count * D'), then its V rows after them
   // (D' and Dv' rounded up to whole vectors).
-  void convert_block(const S* const* k_rows, const S* const* v_rows, Index count, T* kv,
+  void convert_block(const KV* const* k_rows, const KV* const* v_rows, Index count, T* kv,
                      const T** k_converted, const T** v_converted) const {
     const Index k_stride = whole_vectors<T>(dim_);
     const Index v_stride = whole_vectors<T>(dim_v_);
@@ -685,7 +734,7 @@ class TileRunner {
     }
   }
 
-  const FlashParams<S>& params_;
+  const FlashParams<S, KV>& params_;
   Index group_;
   Index dim_;
   Index dim_v_;
@@ -742,10 +791,10 @@ inline Index saturated_work(double work) {
   return work < kLargest ? static_cast<Index>(work) : static_cast<Index>(kLargest);
 }
 
-template <typename S>
-Index attention_work(const FlashParams<S>& params, Index rows, Index keys) {
+template <typename S, typename KV>
+Index attention_work(const FlashParams<S, KV>& params, Index rows, Index keys) {
   return saturated_work(static_cast<double>(rows) * static_cast<double>(keys) *
-                        static_cast<double>(params.q.size(3) + params.v.size(3)));
+                        static_cast<double>(params.q.size(3) + params.dim_v()));
 }
 
 // The work of a call whose every query row may see every key of params.k: an upper bound.
@@ -761,16 +810,16 @@ Index dense_work(const FlashParams<S>& params) {
 // `policy_scratch` for each thread, allocated once. plan(task, PolicyScratch&) returns the task's
 // PlannedTile; a policy may keep what it builds in the scratch it is given, which is its thread's
 // alone while the task runs. Which thread runs a task never changes what the task computes.
-template <typename S, typename Plan, typename PolicyScratch = NoPolicyScratch>
-void run_engine(const FlashParams<S>& params, Index num_tasks, Index work, Plan&& plan,
+template <typename S, typename KV, typename Plan, typename PolicyScratch = NoPolicyScratch>
+void run_engine(const FlashParams<S, KV>& params, Index num_tasks, Index work, Plan&& plan,
                 const PolicyScratch& policy_scratch = {}) {
   using T = compute_type_t<S>;
   if (num_tasks <= 0) return;
   const int num_threads = team_size(num_tasks, params.num_threads, work);
-  const TileWorkspace<T> workspace(params.q.size(3), params.v.size(3), num_threads,
-                                   !std::is_same_v<S, T>);
+  const TileWorkspace<T> workspace(params.q.size(3), params.dim_v(), num_threads,
+                                   !std::is_same_v<KV, T>);
   std::vector<PolicyScratch> scratch(static_cast<std::size_t>(num_threads), policy_scratch);
-  const TileRunner<S> runner(params, workspace.acc_stride());
+  const TileRunner<S, KV> runner(params, workspace.acc_stride());
   parallel_for(num_tasks, num_threads, [&](Index task) {
     const auto planned = plan(task, scratch[static_cast<std::size_t>(thread_index())]);
     runner.run(planned.policy, planned.tile, workspace.for_this_thread());

@@ -23,9 +23,12 @@ inline constexpr Index kBlockK = 128;  // keys per block
 // q: [B, Hq, Lq, D]  k: [B, Hkv, Lk, D]  v: [B, Hkv, Lk, Dv]  out: [B, Hq, Lq, Dv]
 // lse: [B, Hq, Lq] or null; bias: [B, Hq, Lq, Lk] (broadcast dims have stride 0) or null.
 // T is the stored element type; lse is in its compute type (float for bfloat16 and float16).
-template <typename T>
+// KV is the stored type of k and v: T, or q8_block under float queries (an 8-bit KV cache,
+// whose k and v are [B, Hkv, Lk, ceil(D / 32)] blocks and whose Dv is value_dim).
+template <typename T, typename KV = T>
 struct FlashParams {
-  TensorView<const T, 4> q, k, v;
+  TensorView<const T, 4> q;
+  TensorView<const KV, 4> k, v;
   TensorView<T, 4> out;
   TensorView<compute_type_t<T>, 3> lse;
   TensorView<const T, 4> bias;
@@ -34,8 +37,18 @@ struct FlashParams {
   double softcap = 0;  // 0: off
   int num_threads = 1;
 
+  Index value_dim = 0;  // Dv of q8_block values (unused otherwise)
+
   // Query rows per (batch, kv head): Lq times the GQA group (0 without kv heads).
   Index rows_per_head() const { return k.size(1) > 0 ? q.size(2) * (q.size(1) / k.size(1)) : 0; }
+  // Dv: the values' last extent, or value_dim for q8_block values.
+  Index dim_v() const {
+    if constexpr (std::is_same_v<KV, q8_block>) {
+      return value_dim;
+    } else {
+      return v.size(3);
+    }
+  }
 };
 
 // One engine task: the flat rows [flat_begin, flat_begin + kBlockQ) of (batch, kv_head), a flat
@@ -54,8 +67,8 @@ struct Tile {
 };
 
 // The tile of the call's own outputs and query positions.
-template <typename T>
-Tile<T> tile_of(const FlashParams<T>& params, Index batch, Index kv_head, Index flat_begin) {
+template <typename T, typename KV>
+Tile<T> tile_of(const FlashParams<T, KV>& params, Index batch, Index kv_head, Index flat_begin) {
   return {batch, kv_head, flat_begin, params.q_offset, params.out, params.lse, {}};
 }
 

@@ -32,10 +32,11 @@ struct DecodeChunk {
   KeyRange positions;
 };
 
-template <typename T>
+// KV is the cache's element type: T, or q8_block under float queries.
+template <typename T, typename KV = T>
 struct DecodePlan {
-  FlashParams<T> params;
-  const KVCache<T>* cache = nullptr;
+  FlashParams<T, KV> params;
+  const KVCache<KV>* cache = nullptr;
   std::vector<Visibility> visibility;  // one per sequence
   std::vector<DecodeChunk> chunks;     // in sequence order
   std::vector<Index> first_chunk;      // [B + 1]: the chunks of sequence b start here
@@ -44,10 +45,10 @@ struct DecodePlan {
 
 // quest_decode_attention: the kernel selects each (sequence, kv head)'s pages from the cache's
 // page bounds, then runs one engine tile per (sequence, kv head, tile) over the kept pages.
-template <typename T>
+template <typename T, typename KV = T>
 struct QuestPlan {
-  FlashParams<T> params;
-  const KVCache<T>* cache = nullptr;
+  FlashParams<T, KV> params;
+  const KVCache<KV>* cache = nullptr;
   std::vector<Visibility> visibility;  // one per sequence
   double budget = 1;
   Index local_pages = 1;
@@ -335,11 +336,18 @@ struct HalfKernels {
 #undef FOVEAL_KERNEL_POINTER
 };
 
+// The kernels over an 8-bit KV cache (KVCache<q8_block>) with float queries.
+struct Q8Kernels {
+  void (*decode_attention)(const DecodePlan<float, q8_block>&);
+  void (*quest_decode_attention)(const QuestPlan<float, q8_block>&);
+};
+
 struct KernelTable {
   Kernels<float> f32;
   Kernels<double> f64;
   HalfKernels<bfloat16> bf16;
   HalfKernels<float16> f16;
+  Q8Kernels q8;
 };
 
 // The table of the level in use, chosen at the first call (FOVEAL_ISA or the best level the CPU
@@ -354,6 +362,8 @@ const auto& kernels() {
     return kernel_table().f64;
   } else if constexpr (std::is_same_v<T, bfloat16>) {
     return kernel_table().bf16;
+  } else if constexpr (std::is_same_v<T, q8_block>) {
+    return kernel_table().q8;
   } else {
     static_assert(std::is_same_v<T, float16>, "foveal stores float, double, bfloat16, float16");
     return kernel_table().f16;

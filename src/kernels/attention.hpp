@@ -66,18 +66,19 @@ class DecodeChunkPolicy : public RulePolicy<Visibility> {
   KeyRange chunk_;
 };
 
-// S: the stored type of q, the cache and out; states and lse are in T = compute_type_t<S>.
-template <typename S>
-void decode_attention(const DecodePlan<S>& plan) {
+// S: the stored type of q and out, KV that of the cache (S, or q8_block under float queries);
+// states and lse are in T = compute_type_t<S>.
+template <typename S, typename KV = S>
+void decode_attention(const DecodePlan<S, KV>& plan) {
   using T = compute_type_t<S>;
-  const FlashParams<S>& params = plan.params;
-  const KVCache<S>& cache = *plan.cache;
+  const FlashParams<S, KV>& params = plan.params;
+  const KVCache<KV>& cache = *plan.cache;
   const TensorView<S, 4> out = params.out;
   const TensorView<T, 3> lse = params.lse;
   const Index batch = params.q.size(0), heads_q = params.q.size(1), len_q = params.q.size(2);
   const Index heads_kv = params.k.size(1), group = heads_q / heads_kv;
   const Index num_chunks = static_cast<Index>(plan.chunks.size());
-  const Index dim_v = params.v.size(3);
+  const Index dim_v = params.dim_v();
   const Index state_size = heads_q * len_q * dim_v;  // one chunk's partial outputs
   const Index lse_size = heads_q * len_q;
   AlignedArray<T> partial_out;

@@ -37,7 +37,10 @@ constexpr HalfKernels<T> level_half_kernels() {
 }  // namespace foveal::detail
 
 extern const foveal::detail::KernelTable FOVEAL_CONCAT(foveal_kernels_, FOVEAL_LEVEL) = {
-    foveal::detail::level_kernels<float>(), foveal::detail::level_kernels<double>(),
+    foveal::detail::level_kernels<float>(),
+    foveal::detail::level_kernels<double>(),
     foveal::detail::level_half_kernels<foveal::bfloat16>(),
-    foveal::detail::level_half_kernels<foveal::float16>()};
+    foveal::detail::level_half_kernels<foveal::float16>(),
+    {&foveal::detail::decode_attention<float, foveal::q8_block>,
+     &foveal::detail::quest_decode_attention<float, foveal::q8_block>}};
 FOVEAL_LEVEL_POP

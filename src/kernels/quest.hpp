@@ -141,11 +141,12 @@ class QuestPolicy : public RulePolicy<Visibility> {
   Index page_size_;
 };
 
-template <typename S>
-void quest_decode_attention(const QuestPlan<S>& plan) {
+// S: the stored type of q and out, KV that of the cache (S, or q8_block under float queries).
+template <typename S, typename KV = S>
+void quest_decode_attention(const QuestPlan<S, KV>& plan) {
   using T = compute_type_t<S>;
-  const FlashParams<S>& params = plan.params;
-  const KVCache<S>& cache = *plan.cache;
+  const FlashParams<S, KV>& params = plan.params;
+  const KVCache<KV>& cache = *plan.cache;
   const Index batch = params.q.size(0), heads_q = params.q.size(1), len_q = params.q.size(2);
   const Index dim = params.q.size(3);
   const Index heads_kv = cache.heads_kv(), group = heads_q / heads_kv;

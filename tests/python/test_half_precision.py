@@ -183,8 +183,10 @@ def test_bad_dtypes_are_named_and_write_nothing():
     with pytest.raises(TypeError, match="k must have dtype bfloat16"):
         cache.append(k.half(), v.half())
     assert cache.lengths == [0]
-    with pytest.raises(TypeError, match="dtype must be float32, float64, bfloat16 or float16"):
-        foveal.KVCache(1, 2, 8, 8, dtype="int8")
+    with pytest.raises(
+        TypeError, match="dtype must be float32, float64, bfloat16, float16 or int8"
+    ):
+        foveal.KVCache(1, 2, 8, 8, dtype="int16")
     with pytest.raises(TypeError, match="numpy has no bfloat16"):
         foveal.decode_attention(np.zeros((1, 2, 1, 8), np.float32), cache)
 

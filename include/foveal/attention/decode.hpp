@@ -37,6 +37,13 @@ void decode_attention(TensorView<const bfloat16, 4> q, const KVCache<bfloat16>& 
 void decode_attention(TensorView<const float16, 4> q, const KVCache<float16>& cache,
                       const AttentionOptions& options, TensorView<float16, 4> out,
                       TensorView<float, 3> lse = {});
+// An 8-bit cache (KVCache<q8_block>): float q, out and lse. The engine reads the stored blocks
+// and multiplies each loaded vector by its block's scale (no dequantized copy of the cache; a
+// tile of more than a few query rows dequantizes one key block at a time into its scratch), so
+// the result is decode_attention over the dequantized keys and values, to float rounding.
+void decode_attention(TensorView<const float, 4> q, const KVCache<q8_block>& cache,
+                      const AttentionOptions& options, TensorView<float, 4> out,
+                      TensorView<float, 3> lse = {});
 
 // Quest (query-aware page selection) for decode over a cache with page bounds
 // (KVCacheOptions::page_bounds): the keys of each sequence and kv head are visited only in the
@@ -71,5 +78,9 @@ void quest_decode_attention(TensorView<const bfloat16, 4> q, const KVCache<bfloa
 void quest_decode_attention(TensorView<const float16, 4> q, const KVCache<float16>& cache,
                             const AttentionOptions& options, const QuestOptions& quest,
                             TensorView<float16, 4> out, TensorView<float, 3> lse = {});
+// An 8-bit cache: float q, out and lse; the page bounds are those of the dequantized keys.
+void quest_decode_attention(TensorView<const float, 4> q, const KVCache<q8_block>& cache,
+                            const AttentionOptions& options, const QuestOptions& quest,
+                            TensorView<float, 4> out, TensorView<float, 3> lse = {});
 
 }  // namespace foveal

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "foveal/core/dtype.hpp"
@@ -34,6 +35,46 @@ compute_type_t<T> widen(T x) {
     return to_float(x);
   } else {
     return x;
+  }
+}
+
+// What a cache of elements T takes in append: float for an 8-bit cache, T otherwise.
+template <typename T>
+using cache_input_t = std::conditional_t<std::is_same_v<T, q8_block>, float, T>;
+
+// Elements of T that hold a row of `count` values: ceil(count / 32) blocks for q8_block.
+template <typename T>
+constexpr Index stored_width(Index count) {
+  if constexpr (std::is_same_v<T, q8_block>) {
+    return count / q8_block::kValues + (count % q8_block::kValues != 0);
+  } else {
+    return count;
+  }
+}
+
+// Value d of a stored row, in its compute type (exact: an 8-bit value times its block's scale).
+template <typename T>
+compute_type_t<T> stored_value(const T* row, Index d) {
+  if constexpr (std::is_same_v<T, q8_block>) {
+    const q8_block& block = row[d / q8_block::kValues];
+    return block.scale * static_cast<float>(block.values[d % q8_block::kValues]);
+  } else {
+    return widen(row[d]);
+  }
+}
+
+// Stores `count` values from[0], from[stride], ... as a row of T (quantized for q8_block).
+template <typename T>
+void store_row(const cache_input_t<T>* from, Index stride, T* to, Index count) {
+  if constexpr (std::is_same_v<T, q8_block>) {
+    float gathered[q8_block::kValues];
+    for (Index first = 0; first < count; first += q8_block::kValues) {
+      const int values = static_cast<int>(std::min<Index>(q8_block::kValues, count - first));
+      for (int i = 0; i < values; ++i) gathered[i] = from[(first + i) * stride];
+      to[first / q8_block::kValues] = quantize_q8(gathered, values);
+    }
+  } else {
+    copy_strided_row(from, stride, to, count);
   }
 }
 
@@ -83,19 +124,31 @@ struct KVCacheLayout {
 // truncate and reset must run alone. A mutation that overlaps another mutation or a read, and a
 // read that overlaps a mutation, throws foveal::Error ("the cache is being modified by another
 // thread") instead of corrupting memory; the call that throws changes nothing.
+//
+// T is float, double, bfloat16, float16 or q8_block. KVCache<q8_block> is an 8-bit cache: it
+// takes float keys and values (input_type) and stores each row of D values as ceil(D / 32)
+// blocks (storage [B, Hkv, capacity, ceil(D / 32)]), quantized as it appends; decode_attention
+// reads the blocks and scales them in its K/V loads. Over caller memory its D is 32 * blocks.
 template <typename T>
 class KVCache {
  public:
+  // The element type append takes: float for an 8-bit cache, T otherwise.
+  using input_type = detail::cache_input_t<T>;
+  // Values of a row one stored element holds: 32 for q8_block, 1 otherwise.
+  static constexpr Index kValuesPerElement = std::is_same_v<T, q8_block> ? q8_block::kValues : 1;
+
   // An owned cache of `batch` empty sequences.
   KVCache(Index batch, Index heads_kv, Index capacity, Index dim, Index dim_v,
           const KVCacheOptions& options = {})
-      : options_(options) {
+      : options_(options), dim_(dim), dim_v_(dim_v) {
     check(batch >= 0 && heads_kv >= 0 && capacity >= 0 && dim >= 1 && dim_v >= 0,
           "KVCache: sizes must be >= 0 (D >= 1), got batch = ", batch, ", heads_kv = ", heads_kv,
           ", capacity = ", capacity, ", dim = ", dim, ", dim_v = ", dim_v);
     require_options(capacity);
-    keys_owned_ = Tensor<T, 4>({batch, heads_kv, capacity, dim}, "KVCache keys");
-    values_owned_ = Tensor<T, 4>({batch, heads_kv, capacity, dim_v}, "KVCache values");
+    keys_owned_ =
+        Tensor<T, 4>({batch, heads_kv, capacity, detail::stored_width<T>(dim)}, "KVCache keys");
+    values_owned_ =
+        Tensor<T, 4>({batch, heads_kv, capacity, detail::stored_width<T>(dim_v)}, "KVCache values");
     keys_ = keys_owned_.view();
     values_ = values_owned_.view();
     allocate_bounds();
@@ -108,7 +161,11 @@ class KVCache {
   // as this cache lays them out (so a cache can adopt storage that was filled elsewhere).
   KVCache(TensorView<T, 4> keys, TensorView<T, 4> values, const KVCacheOptions& options = {},
           const std::vector<Index>& lengths = {})
-      : options_(options), keys_(keys), values_(values) {
+      : options_(options),
+        keys_(keys),
+        values_(values),
+        dim_(keys.size(3) * kValuesPerElement),
+        dim_v_(values.size(3) * kValuesPerElement) {
     constexpr const char* kFunction = "KVCache";
     detail::require_valid_view(kFunction, "keys", keys);
     detail::require_valid_view(kFunction, "values", values);
@@ -141,8 +198,8 @@ class KVCache {
   Index batch() const { return keys_.size(0); }
   Index heads_kv() const { return keys_.size(1); }
   Index capacity() const { return keys_.size(2); }
-  Index dim() const { return keys_.size(3); }
-  Index dim_v() const { return values_.size(3); }
+  Index dim() const { return dim_; }
+  Index dim_v() const { return dim_v_; }
   bool ring() const { return options_.ring; }
   Index sink_tokens() const { return options_.sink_tokens; }
   // Rows per page of the page bounds (0: the cache keeps none) and the number of pages.
@@ -213,20 +270,21 @@ class KVCache {
     return layout;
   }
 
-  // The storage: [B, Hkv, capacity, D] and [B, Hkv, capacity, Dv].
+  // The storage: [B, Hkv, capacity, D] and [B, Hkv, capacity, Dv] (blocks for q8_block:
+  // [..., ceil(D / 32)] and [..., ceil(Dv / 32)]).
   TensorView<const T, 4> keys() const { return keys_; }
   TensorView<const T, 4> values() const { return values_; }
 
   // k: [B, Hkv, n, D]  v: [B, Hkv, n, Dv]
   // Appends n steps to every sequence (positions length .. length + n - 1).
-  void append(TensorView<const T, 4> k, TensorView<const T, 4> v) {
+  void append(TensorView<const input_type, 4> k, TensorView<const input_type, 4> v) {
     append(k, v, std::vector<Index>(static_cast<std::size_t>(batch()), k.size(2)));
   }
 
   // k: [B, Hkv, n, D]  v: [B, Hkv, n, Dv]  counts: B values in [0, n]
   // Appends the first counts[b] steps of k[b] and v[b] to sequence b (a ragged append). Without
   // ring mode a sequence may not grow past capacity.
-  void append(TensorView<const T, 4> k, TensorView<const T, 4> v,
+  void append(TensorView<const input_type, 4> k, TensorView<const input_type, 4> v,
               const std::vector<Index>& counts) {
     constexpr const char* kFunction = "KVCache::append";
     const detail::UseGuard::Mutation mutation(guard_, "cache", kFunction);
@@ -273,10 +331,10 @@ class KVCache {
         const Index position = start + step;
         const Index row = row_of(position);
         for (Index h = 0; h < heads_kv(); ++h) {
-          detail::copy_strided_row(k.address(b, h, step, 0), k.stride(3),
-                                   keys_.address(b, h, row, 0), dim());
-          detail::copy_strided_row(v.address(b, h, step, 0), v.stride(3),
-                                   values_.address(b, h, row, 0), dim_v());
+          detail::store_row(k.address(b, h, step, 0), k.stride(3), keys_.address(b, h, row, 0),
+                            dim());
+          detail::store_row(v.address(b, h, step, 0), v.stride(3), values_.address(b, h, row, 0),
+                            dim_v());
         }
         touch_row(row);
       }
@@ -417,7 +475,7 @@ class KVCache {
           for (Index row = first; row < last; ++row) {
             const T* key = keys_.address(sequence, h, row, 0);
             for (Index d = 0; d < dim(); ++d) {
-              const C x = detail::widen(key[d]);
+              const C x = detail::stored_value(key, d);
               low[d] = std::min(low[d], x);
               high[d] = std::max(high[d], x);
             }
@@ -432,6 +490,8 @@ class KVCache {
   Tensor<T, 4> values_owned_;
   TensorView<T, 4> keys_;
   TensorView<T, 4> values_;
+  Index dim_ = 0;    // D (values per stored key row)
+  Index dim_v_ = 0;  // Dv
   std::vector<Index> lengths_;
   std::vector<Index> first_retained_;
   Tensor<compute_type_t<T>, 5> bounds_;  // [B, Hkv, pages, 2, D] with page bounds

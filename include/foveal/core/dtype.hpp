@@ -6,8 +6,10 @@
 // float for them: compute_type_t<S> names the type of those.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 
 namespace foveal {
@@ -23,6 +25,46 @@ struct float16 {
 };
 
 enum class DType { float32, float64, bfloat16, float16 };
+
+// Thirty-two consecutive values of a row quantized to 8 bits (the element of an 8-bit KV
+// cache, KVCache<q8_block>): value i is scale * values[i], symmetric, with one float scale per
+// block (a row of D values is ceil(D / 32) blocks; the values past D are 0). Per block rather
+// than per row: real keys have a few channels of outliers, and a block confines the coarse
+// steps their large scale brings to the 31 values that share it. 36 bytes per 32 values: 3.56x
+// fewer than float32.
+struct q8_block {
+  static constexpr int kValues = 32;
+  float scale;
+  std::int8_t values[kValues];
+};
+
+// `count` <= 32 floats as one q8_block: scale = max |x| / 127, values[i] = x[i] / scale rounded
+// to nearest (ties to even), the rest 0. A block holding a NaN or an infinity gets a NaN scale
+// (every value of it reads back as NaN: NaN in, NaN out); an all-zero block scale 0.
+inline q8_block quantize_q8(const float* x, int count) {
+  q8_block block{};
+  float largest = 0;
+  bool finite = true;
+  for (int i = 0; i < count; ++i) {
+    const float magnitude = std::fabs(x[i]);
+    finite = finite && magnitude <= std::numeric_limits<float>::max();  // false for inf, NaN
+    largest = magnitude > largest ? magnitude : largest;
+  }
+  if (!finite) {
+    block.scale = std::numeric_limits<float>::quiet_NaN();
+    return block;
+  }
+  if (largest == 0) return block;
+  block.scale = largest / 127.0f;
+  const float inverse = 127.0f / largest;
+  for (int i = 0; i < count; ++i) {
+    // |x * inverse| <= 127 up to one rounding, which the clamp absorbs.
+    float q = std::nearbyint(x[i] * inverse);
+    q = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);
+    block.values[i] = static_cast<std::int8_t>(q);
+  }
+  return block;
+}
 
 namespace detail {
 
@@ -108,6 +150,10 @@ struct compute_type<bfloat16> {
 };
 template <>
 struct compute_type<float16> {
+  using type = float;
+};
+template <>
+struct compute_type<q8_block> {
   using type = float;
 };
 template <typename S>

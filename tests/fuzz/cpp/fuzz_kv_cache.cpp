@@ -1,6 +1,6 @@
-// libFuzzer harness: a KVCache (owned or over drawn views) and a drawn sequence of appends,
-// truncations, resets, layout queries and decode_attention calls. A rejected call must leave
-// the cache's lengths unchanged.
+// libFuzzer harness: a KVCache (owned or over drawn views; float, double, or an owned 8-bit
+// cache of float inputs) and a drawn sequence of appends, truncations, resets, layout queries
+// and decode_attention calls. A rejected call must leave the cache's lengths unchanged.
 #include <algorithm>
 #include <memory>
 
@@ -19,7 +19,9 @@ void check_unchanged(const foveal::KVCache<T>& cache, const std::vector<Index>& 
   }
 }
 
-template <typename T>
+// T: the element type of the views drawn (q, out, k and v appended); KV: the cache's (T, or
+// q8_block for T = float, owned only).
+template <typename T, typename KV = T>
 void run(FuzzedDataProvider& data) {
   Arena<T> arena(data, 3);
   const Index batch = draw_extent(data, 2), heads_kv = draw_extent(data, 2);
@@ -29,8 +31,17 @@ void run(FuzzedDataProvider& data) {
   options.ring = data.ConsumeBool();
   options.sink_tokens = draw_index_option(data);
   const bool owned = data.ConsumeBool();
-  const std::unique_ptr<foveal::KVCache<T>> cache = draw_kv_cache(
-      data, arena, owned, {batch, heads_kv, capacity, dim, dim_v}, options, 16, Index{1} << 20);
+  std::unique_ptr<foveal::KVCache<KV>> cache;
+  if constexpr (std::is_same_v<KV, T>) {
+    cache = draw_kv_cache(data, arena, owned, {batch, heads_kv, capacity, dim, dim_v}, options, 16,
+                          Index{1} << 20);
+  } else {
+    if (std::max({batch, heads_kv, capacity, dim, dim_v}) > 64) return;
+    try {
+      cache = std::make_unique<foveal::KVCache<KV>>(batch, heads_kv, capacity, dim, dim_v, options);
+    } catch (const foveal::Error&) {
+    }
+  }
   if (!cache) return;
   const Index b = cache->batch(), h = cache->heads_kv(), d = cache->dim(), dv = cache->dim_v();
   for (int step = data.ConsumeIntegralInRange<int>(1, 8); step > 0; --step) {
@@ -120,9 +131,15 @@ void run(FuzzedDataProvider& data) {
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* bytes, std::size_t size) {
   FuzzedDataProvider data(bytes, size);
-  if (data.ConsumeBool())
-    run<float>(data);
-  else
-    run<double>(data);
+  switch (data.ConsumeIntegralInRange<int>(0, 2)) {
+    case 0:
+      run<float>(data);
+      break;
+    case 1:
+      run<double>(data);
+      break;
+    default:
+      run<float, foveal::q8_block>(data);
+  }
   return 0;
 }
