@@ -90,7 +90,9 @@ template <typename Seen, typename Visit>
 void for_each_aligned_block(KeyRange positions, Index position_offset, const Seen& visibility,
                             Index position_lo, Index position_hi, Visit&& visit) {
   for (Index begin = positions.begin; begin < positions.end;) {
-    const Index end = std::min(positions.end, (begin / kBlockK + 1) * kBlockK);
+    // The next multiple of kBlockK, without forming it (positions reach 2^63 - 1).
+    const Index room = kBlockK - begin % kBlockK;
+    const Index end = positions.end - begin <= room ? positions.end : begin + room;
     visit(KeyBlock{begin - position_offset, end - begin, nullptr,
                    !visibility.sees_all(position_lo, position_hi, begin, end), position_offset});
     begin = end;

@@ -54,6 +54,14 @@ inline KeyRanges sinks_and_band(Index sinks_end, KeyRange band) {
 struct Visibility {
   Index window_left = -1;   // -1: unbounded
   Index window_right = -1;  // -1: unbounded
+
+  // a + b saturated to the Index range: positions may reach 2^63 - 1 (a cache's length), and a
+  // window's edge past it must not wrap around.
+  static Index plus(Index a, Index b) {
+    Index sum = 0;
+    if (!__builtin_add_overflow(a, b, &sum)) return sum;
+    return b > 0 ? std::numeric_limits<Index>::max() : std::numeric_limits<Index>::min();
+  }
   Index sink_tokens = 0;
   Index len_k = 0;
 
@@ -78,16 +86,16 @@ struct Visibility {
 
   // True when a query at `position` sees `key`.
   bool sees(Index position, Index key) const {
-    const bool before_right_edge = window_right < 0 || key <= position + window_right;
+    const bool before_right_edge = window_right < 0 || key <= plus(position, window_right);
     if (key < sink_tokens) return before_right_edge;
-    return before_right_edge && (window_left < 0 || key >= position - window_left);
+    return before_right_edge && (window_left < 0 || key >= plus(position, -window_left));
   }
 
   // The keys inside the window of at least one position in [position_lo, position_hi],
   // clamped to [0, Lk). Sinks are not included.
   KeyRange band(Index position_lo, Index position_hi) const {
-    const Index begin = window_left < 0 ? 0 : position_lo - window_left;
-    const Index end = window_right < 0 ? len_k : position_hi + window_right + 1;
+    const Index begin = window_left < 0 ? 0 : plus(position_lo, -window_left);
+    const Index end = window_right < 0 ? len_k : plus(plus(position_hi, window_right), 1);
     return {std::clamp<Index>(begin, 0, len_k), std::clamp<Index>(end, 0, len_k)};
   }
 
@@ -95,7 +103,7 @@ struct Visibility {
   // its window are not visible yet.
   Index sinks_end(Index position_hi) const {
     if (window_right < 0) return sink_tokens;
-    return std::clamp<Index>(position_hi + window_right + 1, 0, sink_tokens);
+    return std::clamp<Index>(plus(plus(position_hi, window_right), 1), 0, sink_tokens);
   }
 
   // The keys that some position in [position_lo, position_hi] may see, as the sinks and the
@@ -119,14 +127,15 @@ struct Visibility {
     constexpr Index kUnbounded = std::numeric_limits<Index>::max() / 4;
     const Index first = window_right < 0 ? -kUnbounded : key_begin - window_right;
     if (key_begin < sink_tokens) return {first, kUnbounded};
-    return {first, window_left < 0 ? kUnbounded : key_end - 1 + window_left};
+    return {first, window_left < 0 ? kUnbounded : plus(key_end - 1, window_left)};
   }
 
   // True when every position in [position_lo, position_hi] sees every key in [key_begin, key_end).
   bool sees_all(Index position_lo, Index position_hi, Index key_begin, Index key_end) const {
-    const bool before_right_edge = window_right < 0 || key_end - 1 <= position_lo + window_right;
+    const bool before_right_edge =
+        window_right < 0 || key_end - 1 <= plus(position_lo, window_right);
     if (key_end <= sink_tokens) return before_right_edge;
-    return before_right_edge && (window_left < 0 || key_begin >= position_hi - window_left);
+    return before_right_edge && (window_left < 0 || key_begin >= plus(position_hi, -window_left));
   }
 };
 

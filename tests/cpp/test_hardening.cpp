@@ -84,6 +84,29 @@ TEST(HardeningSizes, VisibilityOfHugeEmptyExtentsDoesNotOverflow) {
   EXPECT_EQ(huge_window.window_left, -1);  // a window no smaller than the reach bounds nothing
 }
 
+// A ring buffer's positions may reach 2^63 - 1 (a ring over caller memory adopting such a
+// length); a decode there with a right window computed window edges and the next split-KV
+// chunk boundary past the Index range (found by fuzz_kv_cache under UBSan).
+TEST(HardeningSizes, DecodeNearTheLargestPositionDoesNotOverflow) {
+  constexpr Index kHuge = std::numeric_limits<Index>::max();
+  KVCacheOptions ring;
+  ring.ring = true;
+  const std::vector<float> row = {1, 2, 3, 4};
+  Tensor<float, 4> keys({1, 1, 8, 4}), values({1, 1, 8, 4});
+  for (Index r = 0; r < 8; ++r)
+    for (Index d = 0; d < 4; ++d)
+      keys(0, 0, r, d) = values(0, 0, r, d) = row[static_cast<std::size_t>(d)];
+  KVCache<float> cache(keys.view(), values.view(), ring, {kHuge - 1});
+  EXPECT_EQ(cache.length(0), kHuge - 1);
+  const Tensor<float, 4> q({1, 2, 1, 4});
+  Tensor<float, 4> out({1, 2, 1, 4});
+  AttentionOptions options;
+  options.window_left = 5;
+  options.window_right = 6;
+  decode_attention(q.view(), cache, options, out.view());
+  for (Index d = 0; d < 4; ++d) EXPECT_EQ(out(0, 0, 0, d), row[static_cast<std::size_t>(d)]);
+}
+
 TEST(HardeningSizes, KVCacheWithOverflowingCapacityIsAnError) {
   EXPECT_TRUE(throws_error_with([] { KVCache<float>(1, 1, Index{1} << 62, 128, 128); },
                                 {"KVCache keys: shape [1, 1, 4611686018427387904, 128]"}));

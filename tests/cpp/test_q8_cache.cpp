@@ -93,6 +93,19 @@ TEST(QuantizeQ8, AllZeroBlockHasScaleZeroAndReadsBackAsZeros) {
   for (int i = 0; i < q8_block::kValues; ++i) EXPECT_EQ(block.values[i], 0);
 }
 
+TEST(QuantizeQ8, SubnormalBlocksStayFinite) {
+  // 127 / max|x| overflows float here; the values are rounded in double (found by fuzzing: a
+  // NaN converted to int8).
+  const float tiny = std::numeric_limits<float>::denorm_min();
+  const float x[4] = {0, tiny, -3 * tiny, 2 * tiny};
+  const q8_block block = quantize_q8(x, 4);
+  EXPECT_EQ(block.values[0], 0);
+  EXPECT_EQ(block.values[2], -127);
+  EXPECT_EQ(block.values[1], 42);  // 127 / 3 = 42.3
+  EXPECT_TRUE(std::isfinite(block.scale));
+  for (int i = 0; i < 4; ++i) EXPECT_LE(std::abs(dequantized_value(block, i) - x[i]), 3 * tiny);
+}
+
 TEST(QuantizeQ8, NaNOrInfinityMakesTheWholeBlockNaN) {
   for (const float bad :
        {kNaN, std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity()}) {

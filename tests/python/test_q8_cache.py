@@ -23,9 +23,10 @@ def quantize_rows(x: np.ndarray) -> np.ndarray:
     blocks = padded.reshape((*x.shape[:-1], -1, 32))
     largest = np.abs(blocks).max(axis=-1, keepdims=True)
     scale = largest / np.float32(127)
+    # The values rounded in float64 (127 / largest overflows float32 for subnormal blocks).
     with np.errstate(divide="ignore", invalid="ignore"):
-        inverse = np.where(largest > 0, np.float32(127) / largest, np.float32(0))
-    values = np.clip(np.rint(blocks * inverse), -127, 127)
+        inverse = np.where(largest > 0, 127.0 / largest.astype(np.float64), 0.0)
+    values = np.clip(np.rint(blocks.astype(np.float64) * inverse), -127, 127)
     dequantized = scale.astype(np.float64) * values
     return dequantized.reshape(padded.shape)[..., :dim]
 

@@ -55,12 +55,13 @@ inline q8_block quantize_q8(const float* x, int count) {
     return block;
   }
   if (largest == 0) return block;
-  block.scale = largest / 127.0f;
-  const float inverse = 127.0f / largest;
+  block.scale = largest / 127.0f;  // (0 or subnormal for blocks below ~1e-36: no UB, values ~0)
+  // In double: 127 / largest overflows float for subnormal blocks (x * inf would be NaN).
+  const double inverse = 127.0 / static_cast<double>(largest);
   for (int i = 0; i < count; ++i) {
     // |x * inverse| <= 127 up to one rounding, which the clamp absorbs.
-    float q = std::nearbyint(x[i] * inverse);
-    q = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);
+    double q = std::nearbyint(static_cast<double>(x[i]) * inverse);
+    q = q > 127.0 ? 127.0 : (q < -127.0 ? -127.0 : q);
     block.values[i] = static_cast<std::int8_t>(q);
   }
   return block;
