@@ -527,6 +527,12 @@ TEST(Q8Cache, OverCallerMemoryDIsThirtyTwoValuesPerBlock) {
   EXPECT_EQ(keys(0, 0, 0, 1).values[31], 127);
 }
 
+TEST(Q8Cache, OverCallerMemoryOfAnUnaddressableShapeIsAnError) {
+  Tensor<q8_block, 4> storage({1, 1, 1, 1});
+  const TensorView<q8_block, 4> huge(storage.data(), {1, 1, 2, Index{1} << 60}, {1, 1, 1, 1});
+  EXPECT_THROW(KVCache<q8_block>(huge, storage.view()), Error);
+}
+
 TEST(Q8Cache, NaNInAKeyMakesTheRowsThatSeeItNaN) {
   KVCache<q8_block> cache(1, 1, 4, 32, 32);
   Tensor<float, 4> k({1, 1, 2, 32});

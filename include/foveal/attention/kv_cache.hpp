@@ -161,14 +161,13 @@ class KVCache {
   // as this cache lays them out (so a cache can adopt storage that was filled elsewhere).
   KVCache(TensorView<T, 4> keys, TensorView<T, 4> values, const KVCacheOptions& options = {},
           const std::vector<Index>& lengths = {})
-      : options_(options),
-        keys_(keys),
-        values_(values),
-        dim_(keys.size(3) * kValuesPerElement),
-        dim_v_(values.size(3) * kValuesPerElement) {
+      : options_(options), keys_(keys), values_(values) {
     constexpr const char* kFunction = "KVCache";
     detail::require_valid_view(kFunction, "keys", keys);
     detail::require_valid_view(kFunction, "values", values);
+    // Valid views address every element in 64 bits, so 32 values per 36-byte block fit too.
+    dim_ = keys.size(3) * kValuesPerElement;
+    dim_v_ = values.size(3) * kValuesPerElement;
     detail::require_extent(kFunction, "values", values, 0, "keys.shape[0] (B)", keys.size(0));
     detail::require_extent(kFunction, "values", values, 1, "keys.shape[1] (Hkv)", keys.size(1));
     detail::require_extent(kFunction, "values", values, 2, "keys.shape[2] (capacity)",
