@@ -232,10 +232,19 @@ ring.append(draw(2, 2, 900, 32), draw(2, 2, 900, 32), counts=[900, 650])
 half = foveal.KVCache(1, 2, 800, 32, dtype="float16", page_bounds=32)
 half.append(draw(1, 2, 800, 32, dtype=np.float16), draw(1, 2, 800, 32, dtype=np.float16))
 step, half_step = draw(2, 4, 1, 32), draw(1, 8, 2, 32, dtype=np.float16)
+int8 = foveal.KVCache(1, 2, 1500, 40, dtype="int8", page_bounds=16)
+int8.append(draw(1, 2, 1300, 40), draw(1, 2, 1300, 40))
+int8_step = draw(1, 8, 1, 40)
 
 def calls(index):
     # Two threads of different thread counts per kind.
-    kind, threads = index % 8, 1 + index % 3
+    kind, threads = index % 9, 1 + index % 3
+    if kind == 8:  # the 8-bit cache: decode, then Quest
+        if index < 9:
+            return lambda: foveal.decode_attention(
+                int8_step, int8, return_lse=True, num_threads=threads)
+        return lambda: foveal.quest_decode_attention(
+            int8_step, int8, budget=0.25, return_lse=True, num_threads=threads)
     if kind == 7:
         return lambda: foveal.snapkv_compress(
             q, k, v, budget=0.2, threshold=0.6 if index > 7 else 0.0, window=32,
@@ -267,8 +276,8 @@ def calls(index):
 """
 
 
-def test_sparse_kernels_from_sixteen_threads_match_lone_runs():
-    output = _run_child(SPARSE_CALLS + RUN.replace("THREADS, ROUNDS = 8", "THREADS, ROUNDS = 16"))
+def test_sparse_kernels_and_the_8_bit_cache_from_eighteen_threads_match_lone_runs():
+    output = _run_child(SPARSE_CALLS + RUN.replace("THREADS, ROUNDS = 8", "THREADS, ROUNDS = 18"))
     assert output.startswith("ok")
 
 
