@@ -147,17 +147,6 @@ inline Vec<T> load_row(const S* row, Index d) {
   }
 }
 
-// Lanes [d, d + count) of a row, count < kLanes<T> (the row's tail); the other lanes are 0. A
-// q8_block row reads a whole vector: its last block is zero past the row's end.
-template <typename T, typename S>
-inline Vec<T> load_row_partial(const S* row, Index d, int count) {
-  if constexpr (std::is_same_v<S, q8_block>) {
-    return load_row<T>(row, d);
-  } else {
-    return load_partial_as<T>(row + d, count);
-  }
-}
-
 // Value d of a row as T.
 template <typename T, typename S>
 inline T row_value(const S* row, Index d) {

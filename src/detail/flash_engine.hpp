@@ -184,27 +184,21 @@ inline void dot_score_micro(const T* q_rows, Index q_stride, const S* const* k_r
         }
       }
     }
-    const Vec<T> sums = sum_lanes_of_each<T>(acc) * multiplier;
+  } else {
+    const Index full = dim / L * L;
     FOVEAL_UNROLL
     for (int j = 0; j < NK; ++j) {
-      FOVEAL_UNROLL
-      for (int r = 0; r < NR; ++r) s_t[j * kBlockQ + r] = sums[j * NR + r];
-    }
-    return;
-  }
-  const Index full = dim / L * L;
-  FOVEAL_UNROLL
-  for (int j = 0; j < NK; ++j) {
-    const S* key_row = k_rows[j];
-    for (Index d = 0; d < full; d += L) {
-      const Vec<T> key = load_row<T>(key_row, d);
-      FOVEAL_UNROLL
-      for (int r = 0; r < NR; ++r) acc[j * NR + r] += key * load(q_rows + r * q_stride + d);
-    }
-    if (full < dim) {
-      const Vec<T> key = load_row_partial<T>(key_row, full, static_cast<int>(dim - full));
-      FOVEAL_UNROLL
-      for (int r = 0; r < NR; ++r) acc[j * NR + r] += key * load(q_rows + r * q_stride + full);
+      const S* key_row = k_rows[j];
+      for (Index d = 0; d < full; d += L) {
+        const Vec<T> key = load_as<T>(key_row + d);
+        FOVEAL_UNROLL
+        for (int r = 0; r < NR; ++r) acc[j * NR + r] += key * load(q_rows + r * q_stride + d);
+      }
+      if (full < dim) {
+        const Vec<T> key = load_partial_as<T>(key_row + full, static_cast<int>(dim - full));
+        FOVEAL_UNROLL
+        for (int r = 0; r < NR; ++r) acc[j * NR + r] += key * load(q_rows + r * q_stride + full);
+      }
     }
   }
   const Vec<T> sums = sum_lanes_of_each<T>(acc) * multiplier;
