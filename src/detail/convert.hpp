@@ -151,8 +151,7 @@ inline Vec<T> load_row(const S* row, Index d) {
 template <typename T, typename S>
 inline T row_value(const S* row, Index d) {
   if constexpr (std::is_same_v<S, q8_block>) {
-    const q8_block& block = row[d / q8_block::kValues];
-    return block.scale * static_cast<float>(block.values[d % q8_block::kValues]);
+    return q8_value(row, d);
   } else {
     return to_compute(row[d]);
   }

@@ -56,8 +56,7 @@ constexpr Index stored_width(Index count) {
 template <typename T>
 compute_type_t<T> stored_value(const T* row, Index d) {
   if constexpr (std::is_same_v<T, q8_block>) {
-    const q8_block& block = row[d / q8_block::kValues];
-    return block.scale * static_cast<float>(block.values[d % q8_block::kValues]);
+    return q8_value(row, d);
   } else {
     return widen(row[d]);
   }

@@ -38,6 +38,12 @@ struct q8_block {
   std::int8_t values[kValues];
 };
 
+// Value d of a row of q8_blocks (exact: an 8-bit value times its block's scale).
+inline float q8_value(const q8_block* row, std::int64_t d) {
+  const q8_block& block = row[d / q8_block::kValues];
+  return block.scale * static_cast<float>(block.values[d % q8_block::kValues]);
+}
+
 // `count` <= 32 floats as one q8_block: scale = max |x| / 127, values[i] = x[i] / scale rounded
 // to nearest (ties to even), the rest 0. A block holding a NaN or an infinity gets a NaN scale
 // (every value of it reads back as NaN: NaN in, NaN out); an all-zero block scale 0.
