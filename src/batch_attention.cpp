@@ -32,10 +32,10 @@ using detail::KeyRange;
 using detail::KeyRanges;
 using detail::Visibility;
 
-// The checks of both entry points. `appending` is the prefill's counts (or null for decode):
-// then the lengths are those after the append.
-template <typename T>
-void validate(const char* function, TensorView<const T, 4> q, const PagedKVCache<T>& cache,
+// The checks of both entry points. With `prefill`, the lengths are checked after the append.
+// T: the element type of q and out; KV: the pool's (T, or q8_block under float queries).
+template <typename T, typename KV>
+void validate(const char* function, TensorView<const T, 4> q, const PagedKVCache<KV>& cache,
               const std::vector<Index>& sequences, const AttentionOptions& options,
               TensorView<T, 4> out, TensorView<compute_type_t<T>, 3> lse, bool prefill) {
   detail::require_queries_and_outputs(
@@ -69,21 +69,21 @@ void validate(const char* function, TensorView<const T, 4> q, const PagedKVCache
   }
 }
 
-// T: the stored type of q, the pool and out; states, stacked-query scratch aside, and lse are
-// in C = compute_type_t<T>.
-template <typename T>
+// T: the stored type of q and out, KV the pool's; states, stacked-query scratch aside, and lse
+// are in C = compute_type_t<T>.
+template <typename T, typename KV>
 struct Planner {
   using C = compute_type_t<T>;
   const char* function;
   TensorView<const T, 4> q;
-  const PagedKVCache<T>& cache;
+  const PagedKVCache<KV>& cache;
   const std::vector<Index>& sequences;
   const std::vector<Index>& rows;  // queries in use per entry (<= Lq)
   const AttentionOptions& options;
   TensorView<T, 4> out;
   TensorView<C, 3> lse;
 
-  detail::PagedPlan<T> plan;
+  detail::PagedPlan<T, KV> plan;
   std::vector<detail::AlignedArray<T>> query_buffers;  // stacked queries
   std::vector<detail::AlignedArray<C>> state_buffers;  // states and their lse
   BatchAttentionInfo info;
@@ -96,19 +96,20 @@ struct Planner {
   Index q_offset(Index s) const { return length(s) - rows[static_cast<std::size_t>(s)]; }
 
   // The pool as the engine's k and v for `entries` query entries.
-  detail::FlashParams<T> params_for(TensorView<const T, 4> queries, TensorView<T, 4> outputs,
-                                    TensorView<C, 3> lses) const {
-    detail::FlashParams<T> params;
-    const TensorView<const T, 4> keys = cache.keys();
-    const TensorView<const T, 4> values = cache.values();
+  detail::FlashParams<T, KV> params_for(TensorView<const T, 4> queries, TensorView<T, 4> outputs,
+                                        TensorView<C, 3> lses) const {
+    detail::FlashParams<T, KV> params;
+    const TensorView<const KV, 4> keys = cache.keys();
+    const TensorView<const KV, 4> values = cache.values();
     const Index pool_rows = cache.num_pages() * cache.page_rows();
     params.q = queries;
-    params.k = TensorView<const T, 4>(keys.data(),
-                                      {queries.size(0), keys.size(1), pool_rows, keys.size(3)},
-                                      {0, keys.stride(1), keys.stride(2), 1});
-    params.v = TensorView<const T, 4>(values.data(),
-                                      {queries.size(0), values.size(1), pool_rows, values.size(3)},
-                                      {0, values.stride(1), values.stride(2), 1});
+    params.k = TensorView<const KV, 4>(keys.data(),
+                                       {queries.size(0), keys.size(1), pool_rows, keys.size(3)},
+                                       {0, keys.stride(1), keys.stride(2), 1});
+    params.v = TensorView<const KV, 4>(values.data(),
+                                       {queries.size(0), values.size(1), pool_rows, values.size(3)},
+                                       {0, values.stride(1), values.stride(2), 1});
+    params.value_dim = cache.dim_v();
     params.out = outputs;
     params.lse = lses;
     params.scale = detail::resolve_scale<C>(function, options, q.size(3));
@@ -206,7 +207,7 @@ struct Planner {
         C* states = allocate(state_buffers, static_cast<Index>(ranges.size()) * state_size);
         C* state_lses =
             allocate(state_buffers, static_cast<Index>(ranges.size()) * heads_q() * stacked);
-        detail::PagedPass<T> pass;
+        detail::PagedPass<T, KV> pass;
         pass.params = params_for(stacked_q, {}, {});
         plan.tables.push_back(plan.tables[static_cast<std::size_t>(group.members.front())]);
         plan.visibility.push_back(Visibility::make(false, -1, -1, 0, stacked, group.prefix, 0));
@@ -266,7 +267,7 @@ struct Planner {
     C* states = state_count > 0 ? allocate(state_buffers, state_count * state_size) : nullptr;
     C* state_lses =
         state_count > 0 ? allocate(state_buffers, state_count * heads_q() * len_q()) : nullptr;
-    detail::PagedPass<T> pass;
+    detail::PagedPass<T, KV> pass;
     pass.params = params_for(q, out, lse);
     Index state = 0;
     for (Index s = 0; s < entries(); ++s) {
@@ -304,7 +305,7 @@ struct Planner {
       plan.sources.insert(plan.sources.end(), list.begin(), list.end());
       plan.first_source.push_back(static_cast<Index>(plan.sources.size()));
     }
-    detail::kernels<T>().paged_attention(plan);
+    detail::kernels<KV>().paged_attention(plan);
 
     // Rows past an entry's count (a ragged prefill) are padding.
     for (Index s = 0; s < entries(); ++s)
@@ -316,19 +317,19 @@ struct Planner {
   }
 };
 
-template <typename T>
-void run_batch(const char* function, TensorView<const T, 4> q, const PagedKVCache<T>& cache,
+template <typename T, typename KV>
+void run_batch(const char* function, TensorView<const T, 4> q, const PagedKVCache<KV>& cache,
                const std::vector<Index>& sequences, const std::vector<Index>& rows,
                const AttentionOptions& options, TensorView<T, 4> out,
                TensorView<compute_type_t<T>, 3> lse, PrefixSharing sharing,
                BatchAttentionInfo* info) {
-  Planner<T> planner{function, q, cache, sequences, rows, options, out, lse, {}, {}, {}, {}};
+  Planner<T, KV> planner{function, q, cache, sequences, rows, options, out, lse, {}, {}, {}, {}};
   if (q.size(0) > 0 && q.size(1) > 0 && q.size(2) > 0) planner.run(sharing);
   if (info != nullptr) *info = planner.info;
 }
 
-template <typename T>
-void decode_impl(TensorView<const T, 4> q, const PagedKVCache<T>& cache,
+template <typename T, typename KV = T>
+void decode_impl(TensorView<const T, 4> q, const PagedKVCache<KV>& cache,
                  const std::vector<Index>& sequences, const AttentionOptions& options,
                  TensorView<T, 4> out, TensorView<compute_type_t<T>, 3> lse, PrefixSharing sharing,
                  BatchAttentionInfo* info) {
@@ -339,9 +340,9 @@ void decode_impl(TensorView<const T, 4> q, const PagedKVCache<T>& cache,
   run_batch(kFunction, q, cache, sequences, rows, options, out, lse, sharing, info);
 }
 
-template <typename T>
+template <typename T, typename KV = T>
 void prefill_impl(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorView<const T, 4> v,
-                  PagedKVCache<T>& cache, const std::vector<Index>& sequences,
+                  PagedKVCache<KV>& cache, const std::vector<Index>& sequences,
                   const std::vector<Index>& counts, const AttentionOptions& options,
                   TensorView<T, 4> out, TensorView<compute_type_t<T>, 3> lse, PrefixSharing sharing,
                   BatchAttentionInfo* info) {
@@ -432,6 +433,23 @@ void batch_prefill_attention(TensorView<const float16, 4> q, TensorView<const fl
                              TensorView<float, 3> lse, PrefixSharing sharing,
                              BatchAttentionInfo* info) {
   prefill_impl<float16>(q, k, v, cache, sequences, counts, options, out, lse, sharing, info);
+}
+
+void batch_decode_attention(TensorView<const float, 4> q, const PagedKVCache<q8_block>& cache,
+                            const std::vector<Index>& sequences, const AttentionOptions& options,
+                            TensorView<float, 4> out, TensorView<float, 3> lse,
+                            PrefixSharing sharing, BatchAttentionInfo* info) {
+  decode_impl<float, q8_block>(q, cache, sequences, options, out, lse, sharing, info);
+}
+
+void batch_prefill_attention(TensorView<const float, 4> q, TensorView<const float, 4> k,
+                             TensorView<const float, 4> v, PagedKVCache<q8_block>& cache,
+                             const std::vector<Index>& sequences, const std::vector<Index>& counts,
+                             const AttentionOptions& options, TensorView<float, 4> out,
+                             TensorView<float, 3> lse, PrefixSharing sharing,
+                             BatchAttentionInfo* info) {
+  prefill_impl<float, q8_block>(q, k, v, cache, sequences, counts, options, out, lse, sharing,
+                                info);
 }
 
 }  // namespace foveal

@@ -11,6 +11,7 @@
 #include <limits>
 #include <map>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "foveal/attention/kv_cache.hpp"
@@ -21,6 +22,12 @@ namespace foveal {
 namespace {
 
 Index ceil_div(Index a, Index b) { return a / b + (a % b != 0 ? 1 : 0); }
+
+// Values one stored element holds: 32 for an 8-bit block, 1 otherwise.
+template <typename T>
+constexpr Index values_per_element() {
+  return std::is_same_v<T, q8_block> ? q8_block::kValues : 1;
+}
 
 // view[s] of a [S, ...] view.
 template <typename T>
@@ -62,11 +69,15 @@ PagedKVCache<T>::PagedKVCache(Index num_pages, Index page_size, Index heads_kv, 
   // Head-major storage [Hkv, num_pages, page_size, D] seen as [num_pages, Hkv, page_size, D]:
   // the rows of consecutive pages of one head are consecutive, so a sequence whose pages are
   // consecutive (what a long append gets from the free stack) is read as long blocks.
-  keys_owned_ = Tensor<T, 4>({heads_kv, num_pages, page_size, dim}, "PagedKVCache keys");
-  values_owned_ = Tensor<T, 4>({heads_kv, num_pages, page_size, dim_v}, "PagedKVCache values");
+  keys_owned_ = Tensor<T, 4>({heads_kv, num_pages, page_size, detail::stored_width<T>(dim)},
+                             "PagedKVCache keys");
+  values_owned_ = Tensor<T, 4>({heads_kv, num_pages, page_size, detail::stored_width<T>(dim_v)},
+                               "PagedKVCache values");
   keys_ = keys_owned_.view().transpose(0, 1);
   values_ = values_owned_.view().transpose(0, 1);
   page_rows_ = page_size;
+  dim_ = dim;
+  dim_v_ = dim_v;
   validate_pool();
 }
 
@@ -95,6 +106,9 @@ PagedKVCache<T>::PagedKVCache(TensorView<T, 4> keys, TensorView<T, 4> values)
           ")");
     return view.stride(0) / view.stride(2);
   };
+  // (The views are valid: their element counts, hence these products, fit an Index.)
+  dim_ = keys.size(3) * values_per_element<T>();
+  dim_v_ = values.size(3) * values_per_element<T>();
   const Index key_rows = rows_per_page("keys", keys);
   const Index value_rows = dim_v() > 0 ? rows_per_page("values", values) : key_rows;
   check(key_rows == value_rows || value_rows == -1 || key_rows == -1, kFunction,
@@ -171,9 +185,9 @@ void PagedKVCache<T>::copy_slots(Index from_page, Index to_page, Index slots) {
   for (Index h = 0; h < heads_kv(); ++h)
     for (Index r = 0; r < slots; ++r) {
       detail::copy_strided_row(keys_.address(from_page, h, r, 0), 1,
-                               keys_.address(to_page, h, r, 0), dim());
+                               keys_.address(to_page, h, r, 0), keys_.size(3));
       detail::copy_strided_row(values_.address(from_page, h, r, 0), 1,
-                               values_.address(to_page, h, r, 0), dim_v());
+                               values_.address(to_page, h, r, 0), values_.size(3));
     }
 }
 
@@ -245,8 +259,8 @@ Index PagedKVCache<T>::pages_for_append(const Sequence& sequence, Index count,
 }
 
 template <typename T>
-void PagedKVCache<T>::append_rows(Sequence& sequence, TensorView<const T, 3> k,
-                                  TensorView<const T, 3> v, Index count) {
+void PagedKVCache<T>::append_rows(Sequence& sequence, TensorView<const input_type, 3> k,
+                                  TensorView<const input_type, 3> v, Index count) {
   if (count == 0) return;
   const Index partial = sequence.length % page_size();
   if (partial > 0 && references_[static_cast<std::size_t>(sequence.pages.back())] > 1) {
@@ -261,27 +275,28 @@ void PagedKVCache<T>::append_rows(Sequence& sequence, TensorView<const T, 3> k,
     if (slot == 0) sequence.pages.push_back(take_page());
     const Index page = sequence.pages.back();
     for (Index h = 0; h < heads_kv(); ++h) {
-      detail::copy_strided_row(k.address(h, step, 0), k.stride(2), keys_.address(page, h, slot, 0),
-                               dim());
-      detail::copy_strided_row(v.address(h, step, 0), v.stride(2),
-                               values_.address(page, h, slot, 0), dim_v());
+      detail::store_row<T>(k.address(h, step, 0), k.stride(2), keys_.address(page, h, slot, 0),
+                           dim());
+      detail::store_row<T>(v.address(h, step, 0), v.stride(2), values_.address(page, h, slot, 0),
+                           dim_v());
     }
   }
   sequence.length += count;
 }
 
 template <typename T>
-void PagedKVCache<T>::append(Index sequence, TensorView<const T, 3> k, TensorView<const T, 3> v) {
-  const TensorView<const T, 4> k4(k.data(), {1, k.size(0), k.size(1), k.size(2)},
-                                  {0, k.stride(0), k.stride(1), k.stride(2)});
-  const TensorView<const T, 4> v4(v.data(), {1, v.size(0), v.size(1), v.size(2)},
-                                  {0, v.stride(0), v.stride(1), v.stride(2)});
+void PagedKVCache<T>::append(Index sequence, TensorView<const input_type, 3> k,
+                             TensorView<const input_type, 3> v) {
+  const TensorView<const input_type, 4> k4(k.data(), {1, k.size(0), k.size(1), k.size(2)},
+                                           {0, k.stride(0), k.stride(1), k.stride(2)});
+  const TensorView<const input_type, 4> v4(v.data(), {1, v.size(0), v.size(1), v.size(2)},
+                                           {0, v.stride(0), v.stride(1), v.stride(2)});
   append(std::vector<Index>{sequence}, k4, v4);
 }
 
 template <typename T>
-void PagedKVCache<T>::append(const std::vector<Index>& sequences, TensorView<const T, 4> k,
-                             TensorView<const T, 4> v, const std::vector<Index>& counts) {
+void PagedKVCache<T>::append(const std::vector<Index>& sequences, TensorView<const input_type, 4> k,
+                             TensorView<const input_type, 4> v, const std::vector<Index>& counts) {
   constexpr const char* kFunction = "PagedKVCache::append";
   const detail::UseGuard::Mutation mutation(guard_, "paged cache", kFunction);
   const auto num = static_cast<Index>(sequences.size());
@@ -327,5 +342,6 @@ template class PagedKVCache<float>;
 template class PagedKVCache<double>;
 template class PagedKVCache<bfloat16>;
 template class PagedKVCache<float16>;
+template class PagedKVCache<q8_block>;
 
 }  // namespace foveal

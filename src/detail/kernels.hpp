@@ -61,7 +61,8 @@ struct QuestPlan {
 // group of tiles visits for one query entry, written to the outputs or to a state; the states of
 // a call's output entry s are merged in the order of sources[first_source[s] ..
 // first_source[s + 1]).
-// T is the stored element type; states and lse are in its compute type.
+// T is the element type of q and out (states and lse are in its compute type); KV the pool's:
+// T, or q8_block under float queries.
 template <typename T>
 struct PagedChunk {
   Index entry = 0;       // dim 0 of the pass's q
@@ -74,9 +75,9 @@ struct PagedChunk {
   TensorView<compute_type_t<T>, 3> lse;
 };
 
-template <typename T>
+template <typename T, typename KV = T>
 struct PagedPass {
-  FlashParams<T> params;
+  FlashParams<T, KV> params;
   std::vector<PagedChunk<T>> chunks;
   Index num_tasks = 0;
 };
@@ -91,9 +92,9 @@ struct PagedSource {
   Index lse_head_stride;
 };
 
-template <typename T>
+template <typename T, typename KV = T>
 struct PagedPlan {
-  std::vector<PagedPass<T>> passes;
+  std::vector<PagedPass<T, KV>> passes;
   std::vector<const Index*> tables;    // page tables
   std::vector<Visibility> visibility;  // one per table entry
   Index page_size = 0;
@@ -336,10 +337,12 @@ struct HalfKernels {
 #undef FOVEAL_KERNEL_POINTER
 };
 
-// The kernels over an 8-bit KV cache (KVCache<q8_block>) with float queries.
+// The kernels over an 8-bit KV cache (KVCache<q8_block>, PagedKVCache<q8_block>) with float
+// queries.
 struct Q8Kernels {
   void (*decode_attention)(const DecodePlan<float, q8_block>&);
   void (*quest_decode_attention)(const QuestPlan<float, q8_block>&);
+  void (*paged_attention)(const PagedPlan<float, q8_block>&);
 };
 
 struct KernelTable {

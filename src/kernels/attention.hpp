@@ -187,11 +187,11 @@ class PagedChunkPolicy : public RulePolicy<Visibility> {
   KeyRange chunk_;
 };
 
-// S: the stored type of q, the pool and out; states and lse are in T = compute_type_t<S>.
-template <typename S>
-void paged_attention(const PagedPlan<S>& plan) {
+// S: the stored type of q and out, KV the pool's; states and lse are in T = compute_type_t<S>.
+template <typename S, typename KV = S>
+void paged_attention(const PagedPlan<S, KV>& plan) {
   using T = compute_type_t<S>;
-  for (const PagedPass<S>& pass : plan.passes) {
+  for (const PagedPass<S, KV>& pass : plan.passes) {
     const Index tiles = (pass.params.rows_per_head() + kBlockQ - 1) / kBlockQ;
     const std::vector<PagedChunk<S>>& chunks = pass.chunks;
     // A chunk's rows (one entry of the pass's q) see at most its positions.

@@ -42,5 +42,6 @@ extern const foveal::detail::KernelTable FOVEAL_CONCAT(foveal_kernels_, FOVEAL_L
     foveal::detail::level_half_kernels<foveal::bfloat16>(),
     foveal::detail::level_half_kernels<foveal::float16>(),
     {&foveal::detail::decode_attention<float, foveal::q8_block>,
-     &foveal::detail::quest_decode_attention<float, foveal::q8_block>}};
+     &foveal::detail::quest_decode_attention<float, foveal::q8_block>,
+     &foveal::detail::paged_attention<float, foveal::q8_block>}};
 FOVEAL_LEVEL_POP

@@ -5,19 +5,27 @@
 // record), and the reference reads only that record, never the pool: a page table that points
 // at the wrong page, a copy-on-write that writes into a shared page, or a prefix read for the
 // wrong group all show. Lengths straddle the page sizes and the 1024-key chunks; page sizes
-// include 1 and primes. Every test runs for float and double.
+// include 1 and primes. Every typed test runs for float, double and 8-bit pools
+// (PagedKVCache<q8_block>, float queries): for those the record holds what quantize_q8 makes of
+// each appended row, read back as scale * value, so the reference is the float64 attention over
+// the dequantized pool and a kernel that reads the wrong block or scale shows.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <map>
+#include <string>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "attention_cases.hpp"
 #include "foveal/attention/batch_attention.hpp"
+#include "foveal/attention/decode.hpp"
+#include "foveal/attention/kv_cache.hpp"
 #include "foveal/attention/paged_kv_cache.hpp"
 #include "foveal/core/parallel.hpp"
 #include "harness.hpp"
@@ -25,6 +33,26 @@
 
 namespace foveal::test {
 namespace {
+
+// The element type of q, k, v and out next to a pool of T (float for an 8-bit pool).
+template <typename T>
+using Input = typename PagedKVCache<T>::input_type;
+
+// Appends `count` values from[0 .. count) to `record` as a pool of T stores them: exactly, or
+// quantized to blocks of 32 and read back.
+template <typename T>
+void record_row(const Input<T>* from, Index count, std::vector<double>& record) {
+  if constexpr (std::is_same_v<T, q8_block>) {
+    for (Index first = 0; first < count; first += q8_block::kValues) {
+      const int values = static_cast<int>(std::min<Index>(q8_block::kValues, count - first));
+      const q8_block block = quantize_q8(from + first, values);
+      for (int i = 0; i < values; ++i)
+        record.push_back(static_cast<double>(block.scale) * block.values[i]);
+    }
+  } else {
+    for (Index d = 0; d < count; ++d) record.push_back(from[d]);
+  }
+}
 
 // A paged cache and the record of what each of its sequences holds.
 template <typename T>
@@ -60,26 +88,26 @@ class RecordedPool {
   }
 
   // Random keys and values for `ids` (n steps each; k: [S, Hkv, n, D]).
-  std::pair<Tensor<T, 4>, Tensor<T, 4>> random_steps(Index sequences, Index n) {
+  std::pair<Tensor<Input<T>, 4>, Tensor<Input<T>, 4>> random_steps(Index sequences, Index n) {
     const Index heads_kv = cache_.heads_kv(), dim = cache_.dim(), dim_v = cache_.dim_v();
-    Tensor<T, 4> k({sequences, heads_kv, n, dim});
-    Tensor<T, 4> v({sequences, heads_kv, n, dim_v});
+    Tensor<Input<T>, 4> k({sequences, heads_kv, n, dim});
+    Tensor<Input<T>, 4> v({sequences, heads_kv, n, dim_v});
     scatter(round_to<float>(random_.normal(static_cast<std::size_t>(k.numel()))), k.view());
     scatter(round_to<float>(random_.normal(static_cast<std::size_t>(v.numel()))), v.view());
     return {std::move(k), std::move(v)};
   }
 
   // Records the first counts[s] steps of k[s], v[s] as appended to ids[s].
-  void record_steps(const std::vector<Index>& ids, const Tensor<T, 4>& k, const Tensor<T, 4>& v,
-                    const std::vector<Index>& counts) {
+  void record_steps(const std::vector<Index>& ids, const Tensor<Input<T>, 4>& k,
+                    const Tensor<Input<T>, 4>& v, const std::vector<Index>& counts) {
     for (std::size_t s = 0; s < ids.size(); ++s) {
       reference::SequenceRecord& record = records_.at(ids[s]);
       const Index count = counts.empty() ? k.size(2) : counts[s];
       const auto entry = static_cast<Index>(s);
       for (Index step = 0; step < count; ++step)
         for (Index h = 0; h < cache_.heads_kv(); ++h) {
-          for (Index d = 0; d < cache_.dim(); ++d) record.k.push_back(k(entry, h, step, d));
-          for (Index d = 0; d < cache_.dim_v(); ++d) record.v.push_back(v(entry, h, step, d));
+          record_row<T>(k.view().address(entry, h, step, 0), cache_.dim(), record.k);
+          record_row<T>(v.view().address(entry, h, step, 0), cache_.dim_v(), record.v);
         }
       record.length += count;
     }
@@ -119,15 +147,16 @@ std::pair<Outputs, Outputs> decode_and_reference(RecordedPool<T>& pool,
                                                  const std::vector<Index>& ids, const Call& call,
                                                  std::uint64_t seed,
                                                  BatchAttentionInfo* info = nullptr) {
+  using Q = Input<T>;
   const PagedKVCache<T>& cache = pool.cache();
   const auto entries = static_cast<Index>(ids.size());
   const Shape<4> q_shape{entries, call.heads_q, call.len_q, cache.dim()};
   RandomSource random(seed);
   const std::vector<double> q_values = round_to<float>(random.normal(shape_numel<4>(q_shape)));
-  Tensor<T, 4> q(q_shape);
+  Tensor<Q, 4> q(q_shape);
   scatter(q_values, q.view());
-  Tensor<T, 4> out({entries, call.heads_q, call.len_q, cache.dim_v()});
-  Tensor<T, 3> lse({entries, call.heads_q, call.len_q});
+  Tensor<Q, 4> out({entries, call.heads_q, call.len_q, cache.dim_v()});
+  Tensor<Q, 3> lse({entries, call.heads_q, call.len_q});
   AttentionOptions options = call.options;
   options.num_threads = call.num_threads;
   batch_decode_attention(q.view(), cache, ids, options, out.view(), lse.view(), call.sharing, info);
@@ -144,13 +173,23 @@ std::pair<Outputs, Outputs> decode_and_reference(RecordedPool<T>& pool,
 
 template <typename T>
 void expect_matches(const std::pair<Outputs, Outputs>& result) {
-  EXPECT_TRUE(matches_reference(result.first.out, result.second.out, kTolerance<T>)) << "out";
-  EXPECT_TRUE(matches_reference(result.first.lse, result.second.lse, kTolerance<T>)) << "lse";
+  EXPECT_TRUE(matches_reference(result.first.out, result.second.out, kTolerance<Input<T>>))
+      << "out";
+  EXPECT_TRUE(matches_reference(result.first.lse, result.second.lse, kTolerance<Input<T>>))
+      << "lse";
 }
+
+using PoolTypes = ::testing::Types<float, double, q8_block>;
+struct PoolTypeNames {
+  template <typename T>
+  static std::string GetName(int) {
+    return std::is_same_v<T, q8_block> ? "int8" : (std::is_same_v<T, float> ? "float" : "double");
+  }
+};
 
 template <typename T>
 class PagedAttention : public ::testing::Test {};
-TYPED_TEST_SUITE(PagedAttention, ElementTypes, ElementTypeNames);
+TYPED_TEST_SUITE(PagedAttention, PoolTypes, PoolTypeNames);
 
 TYPED_TEST(PagedAttention, RaggedBatchesMatchReferenceForEveryPageSize) {
   using T = TypeParam;
@@ -297,6 +336,7 @@ TYPED_TEST(PagedAttention, CopyOnWriteAndPageAccounting) {
 
 TYPED_TEST(PagedAttention, ChunkedPrefillMatchesReference) {
   using T = TypeParam;
+  using Q = Input<T>;
   RecordedPool<T> pool(4096, 16, 2, 16, 8, 23);
   std::vector<Index> ids = {pool.add(), pool.add(), pool.add()};
   pool.grow(ids[1], 100);
@@ -305,11 +345,11 @@ TYPED_TEST(PagedAttention, ChunkedPrefillMatchesReference) {
   for (int round = 0; round < 3; ++round) {
     const std::vector<Index> counts = {chunk, 7, round == 1 ? 0 : 33};
     auto [k, v] = pool.random_steps(3, chunk);
-    Tensor<T, 4> q({3, heads_q, chunk, 16});
+    Tensor<Q, 4> q({3, heads_q, chunk, 16});
     const std::vector<double> q_values = round_to<float>(random.normal(q.numel()));
     scatter(q_values, q.view());
-    Tensor<T, 4> out({3, heads_q, chunk, 8});
-    Tensor<T, 3> lse({3, heads_q, chunk});
+    Tensor<Q, 4> out({3, heads_q, chunk, 8});
+    Tensor<Q, 3> lse({3, heads_q, chunk});
     AttentionOptions options;
     options.causal = true;
     batch_prefill_attention(q.view(), k.view(), v.view(), pool.cache(), ids, counts, options,
@@ -333,17 +373,17 @@ TYPED_TEST(PagedAttention, ChunkedPrefillMatchesReference) {
             if (used) {
               got_out.push_back(out(static_cast<Index>(s), h, i, d));
             } else {
-              EXPECT_EQ(out(static_cast<Index>(s), h, i, d), T(0));
+              EXPECT_EQ(out(static_cast<Index>(s), h, i, d), Q(0));
             }
           }
           if (used) {
             got_lse.push_back(lse(static_cast<Index>(s), h, i));
           } else {
-            EXPECT_EQ(lse(static_cast<Index>(s), h, i), -std::numeric_limits<T>::infinity());
+            EXPECT_EQ(lse(static_cast<Index>(s), h, i), -std::numeric_limits<Q>::infinity());
           }
         }
-      EXPECT_TRUE(matches_reference(got_out, want_out, kTolerance<T>)) << "round " << round;
-      EXPECT_TRUE(matches_reference(got_lse, want_lse, kTolerance<T>)) << "round " << round;
+      EXPECT_TRUE(matches_reference(got_out, want_out, kTolerance<Q>)) << "round " << round;
+      EXPECT_TRUE(matches_reference(got_lse, want_lse, kTolerance<Q>)) << "round " << round;
     }
   }
 }
@@ -351,6 +391,7 @@ TYPED_TEST(PagedAttention, ChunkedPrefillMatchesReference) {
 // Every rejected call throws before changing anything.
 TYPED_TEST(PagedAttention, BadInputChangesNothing) {
   using T = TypeParam;
+  using Q = Input<T>;
   RecordedPool<T> pool(6, 4, 1, 4, 4, 31);
   const Index a = pool.add();
   pool.grow(a, 10);              // 3 pages
@@ -378,15 +419,15 @@ TYPED_TEST(PagedAttention, BadInputChangesNothing) {
   EXPECT_THROW(pool.cache().remove(c), Error);  // removed
   EXPECT_EQ(snapshot(), before);
 
-  Tensor<T, 4> q({2, 2, 1, 4});
-  Tensor<T, 4> out({2, 2, 1, 4});
-  const T nan = std::numeric_limits<T>::quiet_NaN();
+  Tensor<Q, 4> q({2, 2, 1, 4});
+  Tensor<Q, 4> out({2, 2, 1, 4});
+  const Q nan = std::numeric_limits<Q>::quiet_NaN();
   std::fill_n(out.data(), out.numel(), nan);
   AttentionOptions options;
   EXPECT_THROW(batch_decode_attention(q.view(), pool.cache(), {a, c}, options, out.view()), Error);
   EXPECT_THROW(batch_decode_attention(q.view(), pool.cache(), {a}, options, out.view()), Error);
-  Tensor<T, 4> long_q({2, 2, 11, 4});
-  Tensor<T, 4> long_out({2, 2, 11, 4});
+  Tensor<Q, 4> long_q({2, 2, 11, 4});
+  Tensor<Q, 4> long_out({2, 2, 11, 4});
   EXPECT_THROW(
       batch_decode_attention(long_q.view(), pool.cache(), {a, b}, options, long_out.view()),
       Error);  // Lq > length
@@ -394,8 +435,8 @@ TYPED_TEST(PagedAttention, BadInputChangesNothing) {
   EXPECT_THROW(batch_decode_attention(q.view(), pool.cache(), {a, b}, options, out.view()), Error);
   for (Index i = 0; i < out.numel(); ++i) EXPECT_TRUE(std::isnan(out.data()[i]));
   // A prefill that does not fit changes no sequence.
-  Tensor<T, 4> pq({2, 2, 9, 4});
-  Tensor<T, 4> pout({2, 2, 9, 4});
+  Tensor<Q, 4> pq({2, 2, 9, 4});
+  Tensor<Q, 4> pout({2, 2, 9, 4});
   options.q_offset = -1;
   EXPECT_THROW(batch_prefill_attention(pq.view(), k.view(), v.view(), pool.cache(), {a, b}, {},
                                        options, pout.view()),
@@ -411,22 +452,30 @@ TYPED_TEST(PagedAttention, BadInputChangesNothing) {
   // And one whose k counts more elements than an Index holds, before anything measures k (the
   // overlap check of out and k overflowed: UBSan, found by fuzz_half).
   options.softcap = 0;
-  const TensorView<const T, 4> huge_k(k.data(), {2, Index{1} << 62, 9, 4}, {0, 0, 0, 1});
+  const TensorView<const Q, 4> huge_k(k.data(), {2, Index{1} << 62, 9, 4}, {0, 0, 0, 1});
   EXPECT_THROW(batch_prefill_attention(pq.view(), huge_k, v.view(), pool.cache(), {a, b}, {1, 1},
                                        options, pout.view()),
                Error);
   EXPECT_EQ(snapshot(), before);
 }
 
+// A pool over `memory`, a caller's [num_pages, 2, Hkv, page, width] array of E: keys are [:, 0],
+// values [:, 1]. `strides` gets the views' strides.
+template <typename E>
+PagedKVCache<E> combined_pool(std::vector<E>& memory, Index pages, Index heads, Index page,
+                              Index width, Shape<4>& strides) {
+  memory.assign(static_cast<std::size_t>(pages * 2 * heads * page * width), E{});
+  const Shape<4> shape{pages, heads, page, width};
+  strides = {2 * heads * page * width, page * width, width, 1};
+  return PagedKVCache<E>(TensorView<E, 4>(memory.data(), shape, strides),
+                         TensorView<E, 4>(memory.data() + heads * page * width, shape, strides));
+}
+
 TEST(PagedKVCache, WrapsCallerMemoryOfACombinedPool) {
-  // [num_pages, 2, Hkv, page, D]: keys are [:, 0], values [:, 1].
   constexpr Index kPages = 10, kHeads = 2, kPage = 4, kDim = 8;
-  std::vector<float> memory(static_cast<std::size_t>(kPages * 2 * kHeads * kPage * kDim));
-  const Shape<4> shape{kPages, kHeads, kPage, kDim};
-  const Shape<4> strides{2 * kHeads * kPage * kDim, kPage * kDim, kDim, 1};
-  PagedKVCache<float> cache(
-      TensorView<float, 4>(memory.data(), shape, strides),
-      TensorView<float, 4>(memory.data() + kHeads * kPage * kDim, shape, strides));
+  std::vector<float> memory;
+  Shape<4> strides;
+  PagedKVCache<float> cache = combined_pool(memory, kPages, kHeads, kPage, kDim, strides);
   EXPECT_EQ(cache.page_rows(), 2 * kHeads * kPage);
   const Index id = cache.add_sequence();
   Tensor<float, 3> k({kHeads, 6, kDim});
@@ -449,6 +498,74 @@ TEST(PagedKVCache, WrapsCallerMemoryOfACombinedPool) {
       PagedKVCache<float>(TensorView<float, 4>(memory.data(), {3, 1, 4, 8}, {33, 32, 8, 1}),
                           TensorView<float, 4>(memory.data() + 200, {3, 1, 4, 8}, {33, 32, 8, 1})),
       Error);
+}
+
+// An 8-bit pool stores what an 8-bit KVCache stores: the same blocks, bit for bit, whatever the
+// page a token lands in, and batch decode over it agrees with decode_attention over the cache.
+TEST(PagedKVCache, EightBitPagesHoldTheBlocksOfAnEightBitKVCache) {
+  constexpr Index kHeads = 2, kDim = 80, kDimV = 40, kLength = 300;
+  PagedKVCache<q8_block> pool(40, 16, kHeads, kDim, kDimV);
+  KVCache<q8_block> contiguous(1, kHeads, kLength, kDim, kDimV);
+  EXPECT_EQ(pool.keys().size(3), 3);  // ceil(80 / 32) blocks per key
+  EXPECT_EQ(pool.values().size(3), 2);
+  EXPECT_EQ(pool.page_bytes(), static_cast<std::size_t>(kHeads * 16 * 5) * sizeof(q8_block));
+  RandomSource random(41);
+  Tensor<float, 4> k({1, kHeads, kLength, kDim});
+  Tensor<float, 4> v({1, kHeads, kLength, kDimV});
+  scatter(random.normal(static_cast<std::size_t>(k.numel()), 0, 4), k.view());
+  scatter(random.normal(static_cast<std::size_t>(v.numel())), v.view());
+  const Index id = pool.add_sequence();
+  pool.append({id}, k.view(), v.view());
+  contiguous.append(k.view(), v.view());
+  const auto same_block = [](const q8_block& a, const q8_block& b) {
+    return std::memcmp(&a, &b, sizeof(q8_block)) == 0;
+  };
+  for (Index position = 0; position < kLength; ++position) {
+    const Index page = pool.page_table(id)[static_cast<std::size_t>(position / 16)];
+    for (Index h = 0; h < kHeads; ++h) {
+      for (Index block = 0; block < 3; ++block)
+        ASSERT_TRUE(same_block(pool.keys()(page, h, position % 16, block),
+                               contiguous.keys()(0, h, position, block)))
+            << position;
+      for (Index block = 0; block < 2; ++block)
+        ASSERT_TRUE(same_block(pool.values()(page, h, position % 16, block),
+                               contiguous.values()(0, h, position, block)))
+            << position;
+    }
+  }
+  Tensor<float, 4> q({1, 6, 1, kDim});
+  scatter(random.normal(static_cast<std::size_t>(q.numel())), q.view());
+  Tensor<float, 4> paged_out({1, 6, 1, kDimV});
+  Tensor<float, 4> contiguous_out({1, 6, 1, kDimV});
+  batch_decode_attention(q.view(), pool, {id}, {}, paged_out.view());
+  decode_attention(q.view(), contiguous, {}, contiguous_out.view());
+  EXPECT_TRUE(matches_reference(gather(paged_out.view()), gather(contiguous_out.view()),
+                                kTolerance<float>));
+}
+
+TEST(PagedKVCache, EightBitPoolOverCallerMemoryHoldsThirtyTwoValuesPerBlock) {
+  constexpr Index kHeads = 1;
+  std::vector<q8_block> memory;
+  Shape<4> strides;
+  PagedKVCache<q8_block> cache = combined_pool(memory, 6, kHeads, 4, 2, strides);
+  EXPECT_EQ(cache.dim(), 64);
+  EXPECT_EQ(cache.dim_v(), 64);
+  const Index id = cache.add_sequence();
+  Tensor<float, 3> k({kHeads, 5, 64});
+  Tensor<float, 3> v({kHeads, 5, 64});
+  for (Index i = 0; i < k.numel(); ++i) {
+    k.data()[i] = static_cast<float>(i % 64 - 20);
+    v.data()[i] = static_cast<float>(i % 7);
+  }
+  cache.append(id, k.view(), v.view());
+  // Token 4 is slot 0 of the second page: its first key block holds k(0, 4, 0 .. 31).
+  const q8_block& block = memory[static_cast<std::size_t>(cache.page_table(id)[1] * strides[0])];
+  for (int i = 0; i < q8_block::kValues; ++i)
+    EXPECT_NEAR(q8_value(&block, i), k(0, 4, i), block.scale / 2) << i;
+  // A row of the wrong width (D counts values, 64 here) is rejected and changes nothing.
+  Tensor<float, 3> narrow({kHeads, 1, 60});
+  EXPECT_THROW(cache.append(id, narrow.view(), v.view()), Error);
+  EXPECT_EQ(cache.length(id), 5);
 }
 
 }  // namespace

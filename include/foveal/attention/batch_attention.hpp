@@ -100,4 +100,20 @@ void batch_prefill_attention(TensorView<const float16, 4> q, TensorView<const fl
                              PrefixSharing sharing = PrefixSharing::detect,
                              BatchAttentionInfo* info = nullptr);
 
+// 8-bit pools (PagedKVCache<q8_block>): float32 q, k, v, out and lse; the keys and values are
+// read from their blocks inside the engine (never dequantized into a copy), so a result is
+// that of the float32 call over the dequantized pool.
+void batch_decode_attention(TensorView<const float, 4> q, const PagedKVCache<q8_block>& cache,
+                            const std::vector<Index>& sequences, const AttentionOptions& options,
+                            TensorView<float, 4> out, TensorView<float, 3> lse = {},
+                            PrefixSharing sharing = PrefixSharing::detect,
+                            BatchAttentionInfo* info = nullptr);
+void batch_prefill_attention(TensorView<const float, 4> q, TensorView<const float, 4> k,
+                             TensorView<const float, 4> v, PagedKVCache<q8_block>& cache,
+                             const std::vector<Index>& sequences, const std::vector<Index>& counts,
+                             const AttentionOptions& options, TensorView<float, 4> out,
+                             TensorView<float, 3> lse = {},
+                             PrefixSharing sharing = PrefixSharing::detect,
+                             BatchAttentionInfo* info = nullptr);
+
 }  // namespace foveal

@@ -5,6 +5,7 @@
 #include <map>
 #include <vector>
 
+#include "foveal/attention/kv_cache.hpp"
 #include "foveal/core/dtype.hpp"
 #include "foveal/core/tensor.hpp"
 #include "foveal/detail/use_guard.hpp"
@@ -36,12 +37,20 @@ namespace foveal {
 // whole blocks. A pool over caller memory (e.g. the two halves of a torch tensor [num_pages, 2,
 // Hkv, page_size, D]) must outlive the cache. Sequence ids are never reused.
 //
+// 8-bit pools (PagedKVCache<q8_block>). Each row of D values is stored as ceil(D / 32) blocks of
+// 32 int8 values and a float scale (foveal::q8_block, as in KVCache<q8_block>): append takes
+// float32 K and V and quantizes them, keys() and values() are views of blocks, and dim() /
+// dim_v() count values, not blocks. Over caller memory, D is 32 values per block.
+//
 // Threads. Any number of threads may read the cache at once (batch_decode_attention); add, fork,
 // append, truncate and remove must run alone: overlapping misuse throws foveal::Error ("the
 // paged cache is being modified by another thread") and changes nothing.
 template <typename T>
 class PagedKVCache {
  public:
+  // What append takes: float for an 8-bit pool, T otherwise.
+  using input_type = detail::cache_input_t<T>;
+
   // An owned pool of `num_pages` pages of `page_size` tokens.
   PagedKVCache(Index num_pages, Index page_size, Index heads_kv, Index dim, Index dim_v);
 
@@ -55,14 +64,16 @@ class PagedKVCache {
   Index num_pages() const { return keys_.size(0); }
   Index heads_kv() const { return keys_.size(1); }
   Index page_size() const { return keys_.size(2); }
-  Index dim() const { return keys_.size(3); }
-  Index dim_v() const { return values_.size(3); }
+  // Values per key and per value row (for an 8-bit pool, not the blocks that hold them).
+  Index dim() const { return dim_; }
+  Index dim_v() const { return dim_v_; }
 
   Index free_pages() const { return static_cast<Index>(free_.size()); }
   Index pages_in_use() const { return num_pages() - free_pages(); }
   // Bytes of K and V one page holds (all heads).
   std::size_t page_bytes() const {
-    return static_cast<std::size_t>(heads_kv() * page_size() * (dim() + dim_v())) * sizeof(T);
+    return static_cast<std::size_t>(heads_kv() * page_size() * (keys_.size(3) + values_.size(3))) *
+           sizeof(T);
   }
   // How many page tables hold `page` (0: free).
   Index references(Index page) const;
@@ -78,12 +89,12 @@ class PagedKVCache {
   void truncate(Index sequence, Index length);
 
   // k: [Hkv, n, D]  v: [Hkv, n, Dv]: appends n tokens to `sequence`.
-  void append(Index sequence, TensorView<const T, 3> k, TensorView<const T, 3> v);
+  void append(Index sequence, TensorView<const input_type, 3> k, TensorView<const input_type, 3> v);
   // k: [S, Hkv, n, D]  v: [S, Hkv, n, Dv]  counts: S values in [0, n] (empty: all n)
   // Appends the first counts[s] tokens of k[s], v[s] to sequences[s] (distinct ids), all or
   // nothing: if the pool cannot hold every append, none happens.
-  void append(const std::vector<Index>& sequences, TensorView<const T, 4> k,
-              TensorView<const T, 4> v, const std::vector<Index>& counts = {});
+  void append(const std::vector<Index>& sequences, TensorView<const input_type, 4> k,
+              TensorView<const input_type, 4> v, const std::vector<Index>& counts = {});
 
   bool contains(Index sequence) const { return sequences_.count(sequence) != 0; }
   Index length(Index sequence) const { return find(sequence, "length").length; }
@@ -94,7 +105,8 @@ class PagedKVCache {
   // The ids of the live sequences, increasing.
   std::vector<Index> sequences() const;
 
-  // The pool: [num_pages, Hkv, page_size, D] and [num_pages, Hkv, page_size, Dv].
+  // The pool: [num_pages, Hkv, page_size, D] and [num_pages, Hkv, page_size, Dv] (the last
+  // extent in blocks for an 8-bit pool).
   TensorView<const T, 4> keys() const { return keys_; }
   TensorView<const T, 4> values() const { return values_; }
   // Rows of the pool's row stride from one page to the next (same for keys and values): slot
@@ -123,14 +135,16 @@ class PagedKVCache {
   // shared pages earlier appends of the same call copy.
   Index pages_for_append(const Sequence& sequence, Index count,
                          std::map<Index, Index>& copied) const;
-  void append_rows(Sequence& sequence, TensorView<const T, 3> k, TensorView<const T, 3> v,
-                   Index count);
+  void append_rows(Sequence& sequence, TensorView<const input_type, 3> k,
+                   TensorView<const input_type, 3> v, Index count);
 
   Tensor<T, 4> keys_owned_;
   Tensor<T, 4> values_owned_;
   TensorView<T, 4> keys_;
   TensorView<T, 4> values_;
   Index page_rows_ = 0;
+  Index dim_ = 0;
+  Index dim_v_ = 0;
   std::map<Index, Sequence> sequences_;
   Index next_id_ = 0;
   std::vector<Index> free_;        // a stack: the next page handed out is free_.back()
@@ -142,5 +156,6 @@ extern template class PagedKVCache<float>;
 extern template class PagedKVCache<double>;
 extern template class PagedKVCache<bfloat16>;
 extern template class PagedKVCache<float16>;
+extern template class PagedKVCache<q8_block>;
 
 }  // namespace foveal
