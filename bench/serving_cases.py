@@ -3,7 +3,8 @@
 1. Batch decode of S sequences with lengths drawn from 512-16384 (Hq 32, Hkv 8, D 128, one
    query each): one batch_decode_attention call over a PagedKVCache against S separate
    decode_attention calls on contiguous caches holding the same keys, and the GB/s of K/V read
-   against the machine's copy bandwidth.
+   against the machine's copy bandwidth; then the same batch over an int8 pool (36 bytes per 32
+   values) against the float32 pool, with the relative error of its outputs.
 2. Shared prefix: 32 sequences forked from one 8192-token prompt, 256 own tokens each; the
    batch call with prefix sharing against the same call without, and the bytes the pool holds
    against what 32 private caches would.
@@ -35,13 +36,20 @@ def _kv_bytes(tokens: int) -> int:
 
 
 def batch_decode_case(
-    threads: int, seconds: float, interleaved, copy_gbps: float, sequences: int, page: int
+    threads: int,
+    seconds: float,
+    interleaved,
+    copy_gbps: float,
+    sequences: int,
+    page: int,
+    int8: bool = False,
 ) -> dict:
     rng = np.random.default_rng(0)
     lengths = rng.integers(512, 16385, sequences).tolist()
     tokens = sum(lengths)
     pages = sum(math.ceil(length / page) for length in lengths)
     cache = foveal.PagedKVCache(pages, page, HEADS_KV, DIM)
+    cache8 = foveal.PagedKVCache(pages, page, HEADS_KV, DIM, dtype="int8") if int8 else None
     contiguous = []
     ids = []
     for length in lengths:
@@ -49,6 +57,9 @@ def batch_decode_case(
         v = rng.standard_normal((1, HEADS_KV, length, DIM), dtype=np.float32)
         ids.append(cache.add_sequence())
         cache.append(ids[-1], k[0], v[0])
+        if cache8 is not None:
+            assert cache8.add_sequence() == ids[-1]
+            cache8.append(ids[-1], k[0], v[0])
         contiguous.append(foveal.KVCache.wrap(k, v, lengths=[length]))
     q = rng.standard_normal((sequences, HEADS_Q, 1, DIM), dtype=np.float32)
     out = np.empty((sequences, HEADS_Q, 1, DIM), np.float32)
@@ -66,6 +77,23 @@ def batch_decode_case(
     difference = float(np.abs(out - np.concatenate(outs)).max())
     batched_s, separate_s = interleaved(batched, separate, seconds)
     gbps = _kv_bytes(tokens) / batched_s * 1e-9
+    extra = {}
+    if cache8 is not None:
+        out8 = np.empty_like(out)
+
+        def batched8():
+            foveal.batch_decode_attention(q, cache8, ids, out=out8, num_threads=threads)
+
+        batched8()
+        float_s, int8_s = interleaved(batched, batched8, seconds)
+        extra = dict(
+            int8_ms=int8_s * 1e3,
+            float_ms=float_s * 1e3,
+            int8_ratio=float_s / int8_s,
+            int8_error=float(np.linalg.norm(out8 - out) / np.linalg.norm(out)),
+            int8_mib=cache8.bytes_in_use / 2**20,
+            float_mib=cache.bytes_in_use / 2**20,
+        )
     return dict(
         case="batch decode",
         sequences=sequences,
@@ -80,6 +108,7 @@ def batch_decode_case(
         of_copy=gbps / copy_gbps,
         copy_gbps=copy_gbps,
         max_abs_diff=difference,
+        **extra,
     )
 
 
@@ -242,13 +271,27 @@ def run(threads_list, seconds, interleaved, median_time, full, copy_bandwidth) -
     )
     for page in (128,) if not full else (16, 128):
         for threads in threads_list:
-            row = batch_decode_case(threads, seconds, interleaved, copies[threads], sequences, page)
+            row = batch_decode_case(
+                threads, seconds, interleaved, copies[threads], sequences, page, page == 128
+            )
             rows.append(row)
             label = f"{sequences} seqs, {row['tokens']} tokens, page {page}"
             print(
                 f"{label:<40}{threads:>8}"
                 f"{row['foveal_ms']:>10.1f}{row['separate_ms']:>10.1f}{row['ratio']:>7.2f}x"
                 f"{row['foveal_gbps']:>7.1f}{row['of_copy']:>9.0%}{row['max_abs_diff']:>11.1e}"
+            )
+    print(
+        f"\n{'int8 pool vs float32 pool':<40}{'threads':>8}{'int8 ms':>10}{'float32':>10}"
+        f"{'ratio':>8}{'MiB':>7}{'float32':>9}{'rel err':>9}"
+    )
+    for row in rows:
+        if "int8_ms" in row:
+            label = f"{sequences} seqs, {row['tokens']} tokens, page {row['page']}"
+            print(
+                f"{label:<40}{row['threads']:>8}{row['int8_ms']:>10.1f}{row['float_ms']:>10.1f}"
+                f"{row['int8_ratio']:>7.2f}x{row['int8_mib']:>7.0f}{row['float_mib']:>9.0f}"
+                f"{row['int8_error']:>9.1e}"
             )
     print(
         f"\n{'case':<40}{'threads':>8}{'shared ms':>10}{'unshared':>10}{'ratio':>8}"
@@ -288,6 +331,13 @@ def markdown_lines(rows: list[dict]) -> list[str]:
                 f"{row['separate_ms']:.1f} | **{row['ratio']:.2f}x** | {row['foveal_gbps']:.1f} "
                 f"({row['of_copy']:.0%}) | {row['max_abs_diff']:.1e} |"
             )
+            if "int8_ms" in row:
+                lines.append(
+                    f"| the same over an int8 pool ({row['int8_mib']:.0f} MiB) vs the float32 pool "
+                    f"({row['float_mib']:.0f} MiB) | {row['threads']} | {row['int8_ms']:.1f} | "
+                    f"{row['float_ms']:.1f} | **{row['int8_ratio']:.2f}x** | - | relative "
+                    f"{row['int8_error']:.1e} |"
+                )
         elif row["case"] == "shared prefix":
             lines.append(
                 f"| {row['sequences']} seqs, {row['prefix']} shared + {row['own']} own, vs "

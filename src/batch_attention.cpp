@@ -69,6 +69,33 @@ void validate(const char* function, TensorView<const T, 4> q, const PagedKVCache
   }
 }
 
+// Throws unless every key that the `rows` newest queries of sequence `id` (of `length` tokens,
+// q.shape[2] = len_q) see is still held: none of them in a released page.
+template <typename KV>
+void require_held(const char* function, const PagedKVCache<KV>& cache, Index id, Index length,
+                  Index rows, Index len_q, const AttentionOptions& options) {
+  if (rows <= 0 || cache.released_pages(id) == 0) return;
+  const Index q_offset = length - rows;
+  const Visibility seen =
+      Visibility::make(options.causal, options.window_left, options.window_right,
+                       options.sink_tokens, len_q, length, q_offset);
+  const KeyRanges visible = seen.visible_ranges(q_offset, length - 1);
+  const std::vector<Index>& table = cache.page_table(id);
+  const Index page_size = cache.page_size();
+  for (int r = 0; r < visible.count; ++r) {
+    const KeyRange range = visible.ranges[r];
+    // (Pages past the table hold a prefill's new tokens.)
+    for (Index page = range.begin / page_size;
+         page < static_cast<Index>(table.size()) && page * page_size < range.end; ++page)
+      check(table[static_cast<std::size_t>(page)] != PagedKVCache<KV>::kReleased, function,
+            ": the queries of sequence ", id, " see position ",
+            std::max(range.begin, page * page_size),
+            ", whose page was released "
+            "(PagedKVCache::release); release only what no query will see (with window_left w "
+            "and s sinks, a query at position p sees [0, s) and [p - w, p])");
+  }
+}
+
 // T: the stored type of q and out, KV the pool's; states, stacked-query scratch aside, and lse
 // are in C = compute_type_t<T>.
 template <typename T, typename KV>
@@ -145,6 +172,7 @@ struct Planner {
     }
     std::vector<Group> groups;
     for (auto& [first_page, group] : by_first_page) {
+      if (first_page == PagedKVCache<KV>::kReleased) continue;
       if (group.members.size() < 2) continue;
       const std::vector<Index>& lead =
           cache.page_table(sequences[static_cast<std::size_t>(group.members.front())]);
@@ -153,7 +181,9 @@ struct Planner {
       for (Index s : group.members) {
         const std::vector<Index>& table = cache.page_table(sequences[static_cast<std::size_t>(s)]);
         std::size_t same = 0;
-        while (same < std::min(common, table.size()) && table[same] == lead[same]) ++same;
+        while (same < std::min(common, table.size()) && table[same] == lead[same] &&
+               lead[same] != PagedKVCache<KV>::kReleased)
+          ++same;
         common = same;
         prefix = std::min(prefix, q_offset(s));
       }
@@ -336,6 +366,8 @@ void decode_impl(TensorView<const T, 4> q, const PagedKVCache<KV>& cache,
   constexpr const char* kFunction = "batch_decode_attention";
   const auto reading = cache.read_guard(kFunction);
   validate(kFunction, q, cache, sequences, options, out, lse, false);
+  for (Index id : sequences)
+    require_held(kFunction, cache, id, cache.length(id), q.size(2), q.size(2), options);
   const std::vector<Index> rows(sequences.size(), q.size(2));
   run_batch(kFunction, q, cache, sequences, rows, options, out, lse, sharing, info);
 }
@@ -359,6 +391,16 @@ void prefill_impl(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorView
     if (!lse.is_null()) {
       detail::require_disjoint(kFunction, "lse", lse, "k", k);
       detail::require_disjoint(kFunction, "lse", lse, "v", v);
+    }
+    // The new rows' keys, counted after the append (a bad count is cache.append's to reject).
+    if (counts.empty() || counts.size() == sequences.size()) {
+      for (std::size_t s = 0; s < sequences.size(); ++s) {
+        const Index count = counts.empty() ? q.size(2) : counts[s];
+        const Index length = cache.length(sequences[s]);
+        if (count >= 0 && count <= q.size(2) &&
+            count <= std::numeric_limits<Index>::max() / 2 - length)
+          require_held(kFunction, cache, sequences[s], length + count, count, q.size(2), options);
+      }
     }
   }
   // Checks the rest (k, v, counts, distinct ids, free pages) and appends, or throws unchanged.

@@ -176,7 +176,8 @@ Index PagedKVCache<T>::take_page() {
 }
 
 template <typename T>
-void PagedKVCache<T>::release(Index page) {
+void PagedKVCache<T>::unreference(Index page) {
+  if (page == kReleased) return;
   if (--references_[static_cast<std::size_t>(page)] == 0) free_.push_back(page);
 }
 
@@ -209,8 +210,10 @@ Index PagedKVCache<T>::fork(Index parent) {
   Sequence child;
   child.length = source.length;
   child.pages = source.pages;
+  child.released = source.released;
   const Index full = source.length / page_size();
-  for (Index i = 0; i < full; ++i) ++references_[static_cast<std::size_t>(child.pages[i])];
+  for (Index i = 0; i < full; ++i)
+    if (child.pages[i] != kReleased) ++references_[static_cast<std::size_t>(child.pages[i])];
   if (partial > 0) {
     const Index copy = take_page();
     copy_slots(source.pages[static_cast<std::size_t>(full)], copy, partial);
@@ -225,7 +228,7 @@ template <typename T>
 void PagedKVCache<T>::remove(Index sequence) {
   const detail::UseGuard::Mutation mutation(guard_, "paged cache", "PagedKVCache::remove");
   const Sequence& found = find(sequence, "remove");
-  for (Index page : found.pages) release(page);
+  for (Index page : found.pages) unreference(page);
   sequences_.erase(sequence);
 }
 
@@ -236,9 +239,45 @@ void PagedKVCache<T>::truncate(Index sequence, Index length) {
   check(length >= 0 && length <= found.length, "PagedKVCache::truncate: length of sequence ",
         sequence, " must be in [0, ", found.length, "], got ", length);
   const auto keep = static_cast<std::size_t>(ceil_div(length, page_size()));
-  for (std::size_t i = keep; i < found.pages.size(); ++i) release(found.pages[i]);
+  // Appends would write into the kept partial page, which a released one no longer is.
+  check(length % page_size() == 0 || found.pages[keep - 1] != kReleased,
+        "PagedKVCache::truncate: length ", length, " of sequence ", sequence,
+        " would end inside a released page (positions [", (length / page_size()) * page_size(),
+        ", ", (length / page_size() + 1) * page_size(), ")); cut at a page boundary or later");
+  for (std::size_t i = keep; i < found.pages.size(); ++i) {
+    found.released -= found.pages[i] == kReleased ? 1 : 0;
+    unreference(found.pages[i]);
+  }
   found.pages.resize(keep);
   found.length = length;
+}
+
+template <typename T>
+Index PagedKVCache<T>::release(Index sequence, Index begin, Index end) {
+  const detail::UseGuard::Mutation mutation(guard_, "paged cache", "PagedKVCache::release");
+  Sequence& found = find(sequence, "release");
+  check(begin >= 0 && begin <= end && end <= found.length, "PagedKVCache::release: positions [",
+        begin, ", ", end, ") of sequence ", sequence,
+        " must satisfy 0 <= begin <= end <= ", found.length, " (its length)");
+  Index count = 0;
+  // The pages wholly inside [begin, end): from the first that starts at or after begin to the
+  // last that ends at or before end (never the partial last page: end <= length).
+  for (Index index = ceil_div(begin, page_size()); index < end / page_size(); ++index) {
+    Index& page = found.pages[static_cast<std::size_t>(index)];
+    if (page == kReleased) continue;
+    unreference(page);
+    page = kReleased;
+    ++count;
+  }
+  found.released += count;
+  return count;
+}
+
+template <typename T>
+bool PagedKVCache<T>::holds(Index sequence, Index position) const {
+  const Sequence& found = find(sequence, "holds");
+  return position >= 0 && position < found.length &&
+         found.pages[static_cast<std::size_t>(position / page_size())] != kReleased;
 }
 
 template <typename T>
@@ -266,7 +305,7 @@ void PagedKVCache<T>::append_rows(Sequence& sequence, TensorView<const input_typ
   if (partial > 0 && references_[static_cast<std::size_t>(sequence.pages.back())] > 1) {
     const Index copy = take_page();
     copy_slots(sequence.pages.back(), copy, partial);
-    release(sequence.pages.back());
+    unreference(sequence.pages.back());
     sequence.pages.back() = copy;
   }
   for (Index step = 0; step < count; ++step) {

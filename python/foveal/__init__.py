@@ -17,6 +17,7 @@ from ._common import (
     CacheGeometry,
     attention_options,
     attention_outputs,
+    cache_dtype_arg,
     cache_outputs,
     dtype_name,
     dtype_of_class,
@@ -24,7 +25,6 @@ from ._common import (
     new_like,
     shape,
     storage_array,
-    storage_dtype_arg,
 )
 
 __version__: str = _core.__version__
@@ -323,16 +323,7 @@ class KVCache(CacheGeometry):
         sink_tokens: int = 0,
         page_bounds: int = 0,
     ) -> None:
-        if _is_int8(dtype):
-            self._dtype = np.dtype(np.int8)
-        else:
-            try:
-                self._dtype = storage_dtype_arg("KVCache", dtype)
-            except TypeError:
-                raise TypeError(
-                    "foveal: KVCache: dtype must be float32, float64, bfloat16, float16 or "
-                    f"int8, got {dtype}"
-                ) from None
+        self._dtype = cache_dtype_arg("KVCache", dtype)
         self._cache = _KV_CACHE_CLASSES[dtype_name(self._dtype)](
             batch=batch,
             heads_kv=heads_kv,
@@ -444,14 +435,6 @@ _KV_CACHE_CLASSES = {
     "float16": _core.KVCacheF16,
     "int8": _core.KVCacheQ8,
 }
-
-
-def _is_int8(dtype: Any) -> bool:
-    """Whether ``dtype`` (a numpy or torch dtype, or anything else) is int8."""
-    try:
-        return dtype_name(dtype) == "int8"
-    except TypeError:
-        return False
 
 
 def decode_attention(

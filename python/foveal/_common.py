@@ -188,6 +188,23 @@ def storage_dtype_arg(function: str, dtype: Any) -> Any:
     return name if name == "bfloat16" else np.dtype(name)
 
 
+def cache_dtype_arg(function: str, dtype: Any) -> Any:
+    """A ``dtype=`` argument of a KV cache: what :func:`storage_dtype_arg` takes, or int8 (an
+    8-bit cache, as ``np.dtype(np.int8)``; numpy and torch int8 and the name accepted)."""
+    try:
+        if dtype_name(dtype) == "int8":
+            return np.dtype(np.int8)
+    except TypeError:
+        pass
+    try:
+        return storage_dtype_arg(function, dtype)
+    except TypeError:
+        raise TypeError(
+            f"foveal: {function}: dtype must be float32, float64, bfloat16, float16 or int8, "
+            f"got {dtype}"
+        ) from None
+
+
 def storage_array(array: np.ndarray, dtype: Any) -> Any:
     """The cache's storage as handed out by the compiled module; bfloat16 storage comes as its
     uint16 bits and is returned as a read-only-in-spirit torch.bfloat16 view of them."""
@@ -207,7 +224,7 @@ def dtype_of_class(classes: dict, cache: Any) -> Any:
     ``classes`` (dtype name -> compiled class)."""
     for name, cache_class in classes.items():
         if type(cache) is cache_class:
-            return storage_dtype_arg("cache", name)
+            return cache_dtype_arg("cache", name)
     raise TypeError(f"foveal: not a compiled cache: {type(cache).__name__}")
 
 

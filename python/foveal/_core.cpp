@@ -161,30 +161,12 @@ struct PyKVCache {
   py::object values_owner;
 };
 
-// The storage of an 8-bit cache as float32 [B, Hkv, capacity, D]: every value dequantized (a
-// copy; the storage itself is blocks of 36 bytes).
-py::array_t<float> dequantized_array(const foveal::TensorView<const foveal::q8_block, 4>& view,
-                                     foveal::Index dim) {
-  py::array_t<float> copy({view.size(0), view.size(1), view.size(2), dim});
-  float* to = copy.mutable_data();
-  for (foveal::Index b = 0; b < view.size(0); ++b)
-    for (foveal::Index h = 0; h < view.size(1); ++h)
-      for (foveal::Index row = 0; row < view.size(2); ++row, to += dim)
-        for (foveal::Index d = 0; d < dim; ++d)
-          to[d] = foveal::detail::stored_value(view.address(b, h, row, 0), d);
-  return copy;
-}
-
 // The storage of a cache: read-only numpy over it, or a dequantized copy for an 8-bit cache.
 template <typename T>
 py::object storage_of(py::object self, bool keys) {
   const auto& cache = self.cast<const PyKVCache<T>&>().cache;
-  if constexpr (std::is_same_v<T, foveal::q8_block>) {
-    return keys ? dequantized_array(cache.keys(), cache.dim())
-                : dequantized_array(cache.values(), cache.dim_v());
-  } else {
-    return foveal::python::readonly_array<T>(keys ? cache.keys() : cache.values(), self);
-  }
+  return keys ? foveal::python::storage_array<T>(cache.keys(), cache.dim(), self)
+              : foveal::python::storage_array<T>(cache.values(), cache.dim_v(), self);
 }
 
 template <typename T>

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "_keywords.hpp"
@@ -55,10 +56,13 @@ py::dict info_dict(const foveal::BatchAttentionInfo& info) {
   return result;
 }
 
+// T: the pool's element type; q, k, v and out are its input_type (float for an 8-bit pool).
 template <typename T>
 void bind_paged_cache(py::module_& m, const char* class_name) {
   using Cache = PyPagedCache<T>;
-  const char* same = "the cache's dtype";
+  using Input = typename foveal::PagedKVCache<T>::input_type;
+  const char* same =
+      std::is_same_v<T, foveal::q8_block> ? "an 8-bit pool takes float32" : "the cache's dtype";
   // The integer keyword `name` of a method.
   const auto integer = [](const char* method, const py::kwargs& kwargs, const char* name) {
     const Keywords keywords(method, kwargs);
@@ -89,13 +93,15 @@ void bind_paged_cache(py::module_& m, const char* class_name) {
       .def_property_readonly("sequences", [](const Cache& c) { return c.cache.sequences(); })
       .def_property_readonly("keys",
                              [](py::object self) {
-                               return foveal::python::readonly_array<T>(
-                                   self.cast<const Cache&>().cache.keys(), self);
+                               const auto& cache = self.cast<const Cache&>().cache;
+                               return foveal::python::storage_array<T>(cache.keys(), cache.dim(),
+                                                                       self);
                              })
       .def_property_readonly("values",
                              [](py::object self) {
-                               return foveal::python::readonly_array<T>(
-                                   self.cast<const Cache&>().cache.values(), self);
+                               const auto& cache = self.cast<const Cache&>().cache;
+                               return foveal::python::storage_array<T>(cache.values(),
+                                                                       cache.dim_v(), self);
                              })
       .def("add_sequence", [](Cache& c) { return c.cache.add_sequence(); })
       .def("fork",
@@ -130,6 +136,28 @@ void bind_paged_cache(py::module_& m, const char* class_name) {
              keywords.require_all_read();
              c.cache.truncate(sequence, length);
            })
+      .def("release",
+           [](Cache& c, const py::kwargs& kwargs) {
+             const Keywords keywords("PagedKVCache.release", kwargs);
+             const Index sequence = keywords.integer("sequence");
+             const Index begin = keywords.integer("begin");
+             const Index end = keywords.integer("end");
+             keywords.require_all_read();
+             return c.cache.release(sequence, begin, end);
+           })
+      .def("holds",
+           [](const Cache& c, const py::kwargs& kwargs) {
+             const Keywords keywords("PagedKVCache.holds", kwargs);
+             const Index sequence = keywords.integer("sequence");
+             const Index position = keywords.integer("position");
+             keywords.require_all_read();
+             return c.cache.holds(sequence, position);
+           })
+      .def("released_pages",
+           [integer](const Cache& c, const py::kwargs& kwargs) {
+             return c.cache.released_pages(
+                 integer("PagedKVCache.released_pages", kwargs, "sequence"));
+           })
       .def(
           "append",
           [same](Cache& c, const Tensor& k, const Tensor& v, const py::kwargs& kwargs) {
@@ -138,8 +166,8 @@ void bind_paged_cache(py::module_& m, const char* class_name) {
             const std::vector<Index> sequences = ids(keywords, "sequences");
             const std::vector<Index> counts = ids(keywords, "counts");
             keywords.require_all_read();
-            const auto k_view = k.view<const T, 4>(fn, "k", "S, Hkv, n, D", same);
-            const auto v_view = v.view<const T, 4>(fn, "v", "S, Hkv, n, Dv", same);
+            const auto k_view = k.view<const Input, 4>(fn, "k", "S, Hkv, n, D", same);
+            const auto v_view = v.view<const Input, 4>(fn, "v", "S, Hkv, n, Dv", same);
             py::gil_scoped_release release;
             c.cache.append(sequences, k_view, v_view, counts);
           },
@@ -154,9 +182,9 @@ void bind_paged_cache(py::module_& m, const char* class_name) {
             const foveal::PrefixSharing share = sharing(keywords);
             const auto options = foveal::python::attention_options(keywords);
             keywords.require_all_read();
-            const auto q_view = q.view<const T, 4>(fn, "q", "S, Hq, Lq, D", same);
-            const auto out_view = out.view<T, 4>(fn, "out", "S, Hq, Lq, Dv", same);
-            const auto lse_view = optional_view<foveal::compute_type_t<T>, 3>(
+            const auto q_view = q.view<const Input, 4>(fn, "q", "S, Hq, Lq, D", same);
+            const auto out_view = out.view<Input, 4>(fn, "out", "S, Hq, Lq, Dv", same);
+            const auto lse_view = optional_view<foveal::compute_type_t<Input>, 3>(
                 lse, fn, "lse", "S, Hq, Lq", foveal::is_half_dtype_v<T> ? kHalfLse : same);
             foveal::BatchAttentionInfo info;
             {
@@ -178,11 +206,11 @@ void bind_paged_cache(py::module_& m, const char* class_name) {
             const foveal::PrefixSharing share = sharing(keywords);
             const auto options = foveal::python::attention_options(keywords);
             keywords.require_all_read();
-            const auto q_view = q.view<const T, 4>(fn, "q", "S, Hq, n, D", same);
-            const auto k_view = k.view<const T, 4>(fn, "k", "S, Hkv, n, D", same);
-            const auto v_view = v.view<const T, 4>(fn, "v", "S, Hkv, n, Dv", same);
-            const auto out_view = out.view<T, 4>(fn, "out", "S, Hq, n, Dv", same);
-            const auto lse_view = optional_view<foveal::compute_type_t<T>, 3>(
+            const auto q_view = q.view<const Input, 4>(fn, "q", "S, Hq, n, D", same);
+            const auto k_view = k.view<const Input, 4>(fn, "k", "S, Hkv, n, D", same);
+            const auto v_view = v.view<const Input, 4>(fn, "v", "S, Hkv, n, Dv", same);
+            const auto out_view = out.view<Input, 4>(fn, "out", "S, Hq, n, Dv", same);
+            const auto lse_view = optional_view<foveal::compute_type_t<Input>, 3>(
                 lse, fn, "lse", "S, Hq, n", foveal::is_half_dtype_v<T> ? kHalfLse : same);
             foveal::BatchAttentionInfo info;
             {
@@ -217,5 +245,6 @@ void bind_paged(py::module_& m) {
   bind_paged_cache<double>(m, "PagedKVCacheF64");
   bind_paged_cache<foveal::bfloat16>(m, "PagedKVCacheBF16");
   bind_paged_cache<foveal::float16>(m, "PagedKVCacheF16");
+  bind_paged_cache<foveal::q8_block>(m, "PagedKVCacheQ8");
   m.def("wrap_paged_kv_cache", &wrap_paged_kv_cache, py::arg("keys"), py::arg("values"));
 }

@@ -291,6 +291,25 @@ py::array readonly_array(const foveal::TensorView<const T, 4>& view, const py::o
   return array;
 }
 
+// A cache's storage [.., .., rows, `dim` values] for Python: readonly_array over it, or for
+// 8-bit storage (blocks of q8_block) a float32 copy with every value dequantized.
+template <typename T>
+py::array storage_array(const foveal::TensorView<const T, 4>& view, foveal::Index dim,
+                        const py::object& owner) {
+  if constexpr (std::is_same_v<T, foveal::q8_block>) {
+    py::array_t<float> copy({view.size(0), view.size(1), view.size(2), dim});
+    float* to = copy.mutable_data();
+    for (foveal::Index a = 0; a < view.size(0); ++a)
+      for (foveal::Index b = 0; b < view.size(1); ++b)
+        for (foveal::Index row = 0; row < view.size(2); ++row, to += dim)
+          for (foveal::Index d = 0; d < dim; ++d)
+            to[d] = foveal::q8_value(view.address(a, b, row, 0), d);
+    return std::move(copy);
+  } else {
+    return readonly_array<T>(view, owner);
+  }
+}
+
 // The view of an optional argument; None gives the null ("not given") view.
 template <typename T, int Rank>
 TensorView<T, Rank> optional_view(const std::optional<Tensor>& tensor, const char* function,

@@ -16,13 +16,13 @@ from . import _core
 from ._common import (
     CacheGeometry,
     attention_options,
+    cache_dtype_arg,
     cache_outputs,
     dtype_name,
     dtype_of_class,
     forwarded,
     shape,
     storage_array,
-    storage_dtype_arg,
 )
 
 _PAGED_CLASSES = {
@@ -30,6 +30,7 @@ _PAGED_CLASSES = {
     "float64": _core.PagedKVCacheF64,
     "bfloat16": _core.PagedKVCacheBF16,
     "float16": _core.PagedKVCacheF16,
+    "int8": _core.PagedKVCacheQ8,
 }
 
 
@@ -39,7 +40,10 @@ class PagedKVCache(CacheGeometry):
 
     ``PagedKVCache(num_pages, page_size, heads_kv, dim, dim_v=None, dtype="float32")`` owns its
     pool (zeroed lazily: pages never written take no memory; ``dtype`` float32, float64,
-    "bfloat16" or float16: 16-bit pages hold half the bytes and attend in float32);
+    "bfloat16" or float16: 16-bit pages hold half the bytes and attend in float32; int8: each
+    run of 32 values of a row is stored as int8 with one float32 scale, 36 bytes per 32 values,
+    quantized as it is appended; such a pool takes float32 k, v and q, gives float32 out, and its
+    ``keys`` and ``values`` are float32 copies of the dequantized pool);
     ``PagedKVCache.wrap(pool)`` uses a caller's ``[num_pages, 2, Hkv, page_size, D]`` tensor
     (keys ``pool[:, 0]``, values ``pool[:, 1]``), so a Python server can own the memory.
 
@@ -63,7 +67,7 @@ class PagedKVCache(CacheGeometry):
         *,
         dtype: Any = "float32",
     ) -> None:
-        self._dtype = storage_dtype_arg("PagedKVCache", dtype)
+        self._dtype = cache_dtype_arg("PagedKVCache", dtype)
         self._cache = _PAGED_CLASSES[dtype_name(self._dtype)](
             num_pages=num_pages, page_size=page_size, heads_kv=heads_kv, dim=dim, dim_v=dim_v
         )
@@ -132,15 +136,33 @@ class PagedKVCache(CacheGeometry):
 
     def truncate(self, sequence: int, length: int) -> None:
         """Cuts ``sequence`` to ``length`` tokens (<= its length), freeing pages it no longer
-        needs (speculative-decoding rollback)."""
+        needs (speculative-decoding rollback); a length inside a released page is a
+        ValueError."""
         self._cache.truncate(sequence=sequence, length=length)
+
+    def release(self, sequence: int, begin: int, end: int) -> int:
+        """Frees the pages of ``sequence`` that lie wholly inside positions ``[begin, end)``
+        (``0 <= begin <= end <= length``), for a sliding-window layer: after each step,
+        ``release(s, sink_tokens, length - 1 - window)`` keeps only the pages its next query can
+        see. Positions keep their numbers; ``page_table`` shows a released page as -1; a batch
+        call whose queries would see a released position raises ValueError. Returns how many
+        pages this call released."""
+        return self._cache.release(sequence=sequence, begin=begin, end=end)
+
+    def holds(self, sequence: int, position: int) -> bool:
+        """Whether ``sequence`` still holds the key at ``position`` (False once released)."""
+        return bool(self._cache.holds(sequence=sequence, position=position))
+
+    def released_pages(self, sequence: int) -> int:
+        """How many entries of ``sequence``'s page table are released."""
+        return self._cache.released_pages(sequence=sequence)
 
     def length(self, sequence: int) -> int:
         """Tokens ``sequence`` holds (the position of its next token)."""
         return self._cache.length(sequence=sequence)
 
     def page_table(self, sequence: int) -> list[int]:
-        """The pages of ``sequence``, in position order."""
+        """The pages of ``sequence``, in position order (-1 for a released page)."""
         return list(self._cache.page_table(sequence=sequence))
 
     def references(self, page: int) -> int:

@@ -388,6 +388,79 @@ TYPED_TEST(PagedAttention, ChunkedPrefillMatchesReference) {
   }
 }
 
+// A sliding-window server: after every step each sequence releases the pages its window and
+// sinks no longer see, so it holds a bounded number of pages however long it grows, and batch
+// decode and prefill still match the reference (which reads the full record).
+TYPED_TEST(PagedAttention, ReleasedPagesKeepAWindowedSequenceBounded) {
+  using T = TypeParam;
+  using Q = Input<T>;
+  constexpr Index kPage = 16, kWindow = 40, kSinks = 3;
+  RecordedPool<T> pool(24, kPage, 2, 16, 8, 37);
+  const std::vector<Index> ids = {pool.add(), pool.add()};
+  pool.grow(ids[0], 5);
+  Call call;
+  call.heads_q = 4;
+  call.options.causal = true;
+  call.options.window_left = kWindow;
+  call.options.sink_tokens = kSinks;
+  Index released = 0;
+  for (int step = 0; step < 60; ++step) {
+    pool.append(ids, 1 + step % 7);
+    for (Index id : ids) {
+      // The next query (at the newest position) sees [length - 1 - window, length) and sinks.
+      const Index length = pool.cache().length(id);
+      const Index begin = std::min(kSinks, length);
+      released += pool.cache().release(id, begin, std::max(begin, length - 1 - kWindow));
+      // Page 0 (the sinks), the pages of the window and the partial last one at most.
+      EXPECT_LE(
+          static_cast<Index>(pool.cache().page_table(id).size()) - pool.cache().released_pages(id),
+          1 + (kWindow + 1) / kPage + 2)
+          << step;
+      if (length - 1 - kWindow >= 0) {
+        EXPECT_TRUE(pool.cache().holds(id, length - 1 - kWindow));
+      }
+      EXPECT_TRUE(pool.cache().holds(id, 0));
+    }
+    if (step % 10 == 9) expect_matches<T>(decode_and_reference(pool, ids, call, 50 + step));
+  }
+  EXPECT_GT(released, 10);
+  EXPECT_FALSE(pool.cache().holds(ids[0], kPage + 1));
+  // Holding every page it ever used would need more than the pool has.
+  EXPECT_GT(pool.cache().length(ids[0]) / kPage, pool.cache().num_pages() / 2);
+
+  // A query that sees a released key (no window) is rejected, and out stays as it was.
+  Tensor<Q, 4> q({2, 4, 1, 16});
+  Tensor<Q, 4> out({2, 4, 1, 8});
+  std::fill_n(out.data(), out.numel(), Q(7));
+  EXPECT_THROW(batch_decode_attention(q.view(), pool.cache(), ids, {}, out.view()), Error);
+  for (Index i = 0; i < out.numel(); ++i) ASSERT_EQ(out.data()[i], Q(7));
+  // So is a prefill whose new rows would see one, before it appends.
+  const Index length = pool.cache().length(ids[1]);
+  auto [k, v] = pool.random_steps(1, 3);
+  Tensor<Q, 4> pq({1, 4, 3, 16});
+  Tensor<Q, 4> pout({1, 4, 3, 8});
+  AttentionOptions wide = call.options;
+  wide.window_left = kWindow + 3 * kPage;
+  EXPECT_THROW(batch_prefill_attention(pq.view(), k.view(), v.view(), pool.cache(), {ids[1]}, {},
+                                       wide, pout.view()),
+               Error);
+  EXPECT_EQ(pool.cache().length(ids[1]), length);
+  // A fork shares the released entries; truncating into a released page is an error, cutting
+  // at a page boundary inside the released run is not.
+  const Index child = pool.fork(ids[0]);
+  EXPECT_EQ(pool.cache().released_pages(child), pool.cache().released_pages(ids[0]));
+  expect_matches<T>(decode_and_reference(pool, {ids[0], child}, call, 99));
+  EXPECT_THROW(pool.cache().truncate(child, kPage + 5), Error);
+  EXPECT_EQ(pool.cache().length(child), pool.cache().length(ids[0]));
+  EXPECT_THROW(pool.cache().release(child, 5, pool.cache().length(child) + 1), Error);
+  pool.truncate(child, 2 * kPage);
+  EXPECT_EQ(pool.cache().released_pages(child), 1);
+  pool.remove(child);
+  pool.remove(ids[0]);
+  pool.remove(ids[1]);
+  EXPECT_EQ(pool.cache().free_pages(), pool.cache().num_pages());
+}
+
 // Every rejected call throws before changing anything.
 TYPED_TEST(PagedAttention, BadInputChangesNothing) {
   using T = TypeParam;

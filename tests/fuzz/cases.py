@@ -683,7 +683,10 @@ def paged_cache_case(draw):
     d = case.dims({"P": (0, 6), "page": (1, 4), "Hkv": (1, 2), "D": (1, 6), "Dv": (0, 6)}, ("P",))
     case.maybe_half()
     dtype = case.cache_dtype()
-    if draw(st.booleans()):
+    owned = draw(st.booleans())
+    if owned and dtype == "float32" and draw(st.integers(0, 3)) == 0:
+        dtype = "int8"  # the 8-bit pool: takes float32 like a float32 one
+    if owned:
         sizes = [str(d[n]) for n in ("P", "page", "Hkv", "D", "Dv")]
         if draw(st.integers(0, 5)) == 0:
             sizes[draw(st.integers(0, 4))] = draw(int_option())
@@ -754,10 +757,14 @@ def paged_cache_case(draw):
             )
         elif op == "cut":
             seq = draw(st.sampled_from(one_id))
-            if draw(st.booleans()):
+            cut = draw(st.sampled_from(["truncate", "remove", "release"]))
+            if cut == "truncate":
                 call.append(
                     f"attempt(cache.truncate, {seq}, {draw(int_option(-1, 6))}, state=state)"
                 )
+            elif cut == "release":  # pages a window no longer sees; later calls may see them
+                begin, end = draw(int_option(-1, 6)), draw(int_option(-1, 12))
+                call.append(f"attempt(cache.release, {seq}, {begin}, {end}, state=state)")
             else:
                 call.append(f"attempt(cache.remove, {seq}, state=state)")
         else:
@@ -767,6 +774,8 @@ def paged_cache_case(draw):
                         [
                             f"attempt(cache.length, {draw(st.sampled_from(one_id))})",
                             f"attempt(cache.page_table, {draw(st.sampled_from(one_id))})",
+                            f"attempt(cache.holds, {draw(st.sampled_from(one_id))}, "
+                            f"{draw(int_option(-1, 8))})",
                             f"attempt(cache.references, {draw(int_option(-1, 8))})",
                             "repr(cache); cache.keys.shape; cache.pages_in_use; cache.bytes_in_use",
                         ]

@@ -212,7 +212,8 @@ def calls(index):
 
 
 # The sparse kernels on shared read-only inputs: q, k, v and the block and token selections made
-# from them, a ring cache with page bounds past its first wrap, a float16 cache with page bounds.
+# from them, a ring cache with page bounds past its first wrap, a float16 cache with page bounds;
+# and the 8-bit storage: a KVCache (decode, Quest) and a paged pool with a forked prompt.
 SPARSE_CALLS = r"""
 import threading
 import numpy as np
@@ -235,10 +236,19 @@ step, half_step = draw(2, 4, 1, 32), draw(1, 8, 2, 32, dtype=np.float16)
 int8 = foveal.KVCache(1, 2, 1500, 40, dtype="int8", page_bounds=16)
 int8.append(draw(1, 2, 1300, 40), draw(1, 2, 1300, 40))
 int8_step = draw(1, 8, 1, 40)
+int8_pool = foveal.PagedKVCache(64, 16, 2, 40, dtype="int8")
+prompt = int8_pool.add_sequence()
+int8_pool.append(prompt, draw(2, 300, 40), draw(2, 300, 40))
+int8_ids = [prompt, int8_pool.fork(prompt), int8_pool.add_sequence()]
+int8_pool.append(int8_ids, draw(3, 2, 5, 40), draw(3, 2, 5, 40))
+int8_batch = draw(3, 4, 1, 40)
 
 def calls(index):
     # Two threads of different thread counts per kind.
-    kind, threads = index % 9, 1 + index % 3
+    kind, threads = index % 10, 1 + index % 3
+    if kind == 9:  # the 8-bit pool, with a shared prefix
+        return lambda: foveal.batch_decode_attention(
+            int8_batch, int8_pool, int8_ids, return_lse=True, num_threads=threads)
     if kind == 8:  # the 8-bit cache: decode, then Quest
         if index < 9:
             return lambda: foveal.decode_attention(
@@ -276,8 +286,8 @@ def calls(index):
 """
 
 
-def test_sparse_kernels_and_the_8_bit_cache_from_eighteen_threads_match_lone_runs():
-    output = _run_child(SPARSE_CALLS + RUN.replace("THREADS, ROUNDS = 8", "THREADS, ROUNDS = 18"))
+def test_sparse_kernels_and_the_8_bit_caches_from_twenty_threads_match_lone_runs():
+    output = _run_child(SPARSE_CALLS + RUN.replace("THREADS, ROUNDS = 8", "THREADS, ROUNDS = 20"))
     assert output.startswith("ok")
 
 

@@ -168,6 +168,25 @@ def reference_attention(
     return out, lse
 
 
+def quantize_rows(x: np.ndarray) -> np.ndarray:
+    """The spec of an 8-bit cache or pool (dtype="int8"): x [..., D] float32 as it stores it, in
+    blocks of 32 values with scale max |x| / 127 and values rounded to nearest, dequantized
+    (float64)."""
+    x = np.asarray(x, np.float32)
+    dim = x.shape[-1]
+    padded = np.zeros((*x.shape[:-1], -(-dim // 32) * 32), np.float32)
+    padded[..., :dim] = x
+    blocks = padded.reshape((*x.shape[:-1], padded.shape[-1] // 32, 32))
+    largest = np.abs(blocks).max(axis=-1, keepdims=True)
+    scale = largest / np.float32(127)
+    # The values rounded in float64 (127 / largest overflows float32 for subnormal blocks).
+    with np.errstate(divide="ignore", invalid="ignore"):
+        inverse = np.where(largest > 0, 127.0 / largest.astype(np.float64), 0.0)
+    values = np.clip(np.rint(blocks.astype(np.float64) * inverse), -127, 127)
+    dequantized = scale.astype(np.float64) * values
+    return dequantized.reshape(padded.shape)[..., :dim]
+
+
 # Tolerances (elementwise, relative to max(1, max|ref|)): float32 2e-5 (a few float32 ulps of
 # softmax rounding), float64 1e-10.
 DTYPES = [np.float32, np.float64]

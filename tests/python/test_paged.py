@@ -2,7 +2,8 @@
 
 Every check compares against the float64 reference over each sequence's history, which the
 test keeps itself (forks copy it), never read back from the pool; tolerances as in
-test_attention.py (conftest.TOLERANCE).
+test_attention.py (conftest.TOLERANCE). For an int8 pool the history holds what the pool's spec
+makes of each appended row (conftest.quantize_rows), and the tolerance is float32's.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import threading
 import foveal
 import numpy as np
 import pytest
-from conftest import DTYPES, assert_close, reference_attention
+from conftest import DTYPES, assert_close, quantize_rows, reference_attention
+
+POOL_DTYPES = [*DTYPES, "int8"]
 
 
 class Server:
@@ -21,6 +24,8 @@ class Server:
     def __init__(self, rng, num_pages, page_size, heads_kv, dim, dim_v, dtype, cache=None):
         self.rng = rng
         self.dtype = dtype
+        # What q, k, v and out are: float32 next to an int8 pool.
+        self.input = np.float32 if dtype == "int8" else dtype
         self.cache = cache or foveal.PagedKVCache(
             num_pages, page_size, heads_kv, dim, dim_v, dtype=dtype
         )
@@ -37,17 +42,20 @@ class Server:
 
     def steps(self, sequences, n):
         c = self.cache
-        k = self.rng.standard_normal((len(sequences), c.heads_kv, n, c.dim)).astype(self.dtype)
-        v = self.rng.standard_normal((len(sequences), c.heads_kv, n, c.dim_v)).astype(self.dtype)
+        k = self.rng.standard_normal((len(sequences), c.heads_kv, n, c.dim)).astype(self.input)
+        v = self.rng.standard_normal((len(sequences), c.heads_kv, n, c.dim_v)).astype(self.input)
         return k, v
 
     def record(self, sequences, k, v, counts=None):
         for s, sequence in enumerate(sequences):
             n = k.shape[2] if counts is None else counts[s]
+            new_k, new_v = k[s, :, :n], v[s, :, :n]
+            if self.dtype == "int8":
+                new_k, new_v = quantize_rows(new_k), quantize_rows(new_v)
             keys, values = self.history[sequence]
             self.history[sequence] = (
-                np.concatenate([keys, k[s, :, :n]], axis=1),
-                np.concatenate([values, v[s, :, :n]], axis=1),
+                np.concatenate([keys, new_k], axis=1),
+                np.concatenate([values, new_v], axis=1),
             )
 
     def append(self, sequences, n, counts=None):
@@ -80,13 +88,13 @@ class Server:
 
     def check(self, sequences, heads_q=4, len_q=1, **options):
         q = self.rng.standard_normal((len(sequences), heads_q, len_q, self.cache.dim))
-        q = q.astype(self.dtype)
+        q = q.astype(self.input)
         out, lse = foveal.batch_decode_attention(
             q, self.cache, sequences, return_lse=True, **options
         )
         want_out, want_lse = self.reference(q, sequences, **options)
-        assert_close(out, want_out, self.dtype)
-        assert_close(lse, want_lse, self.dtype, "lse")
+        assert_close(out, want_out, self.input)
+        assert_close(lse, want_lse, self.input, "lse")
 
     def expected_pages(self):
         """Pages in use from the page tables: every page any sequence holds, once."""
@@ -101,7 +109,7 @@ class Server:
         )
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", POOL_DTYPES)
 def test_server_loop_matches_reference(rng, dtype):
     """Random add / append / fork / truncate / remove steps, some of which exhaust the pool;
     every 50th step a batch decode of all live sequences is checked, and the pages in use are
@@ -142,7 +150,7 @@ def test_server_loop_matches_reference(rng, dtype):
     assert exhausted > 0  # the loop did reach the pool's limit
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", POOL_DTYPES)
 def test_forks_share_the_prompt_and_its_reads(rng, dtype):
     server = Server(rng, 512, 32, 2, 24, 16, dtype)
     prompt = server.add()
@@ -153,7 +161,7 @@ def test_forks_share_the_prompt_and_its_reads(rng, dtype):
     for i, child in enumerate(children):
         server.append([child], 5 + i)
     sequences = [prompt, *children]
-    q = rng.standard_normal((7, 8, 1, 24)).astype(dtype)
+    q = rng.standard_normal((7, 8, 1, 24)).astype(server.input)
     out, info = foveal.batch_decode_attention(q, server.cache, sequences, return_info=True)
     assert info["shared_groups"] == 1 and info["shared_tokens"] == 1088
     alone, info = foveal.batch_decode_attention(
@@ -161,8 +169,8 @@ def test_forks_share_the_prompt_and_its_reads(rng, dtype):
     )
     assert info["shared_groups"] == 0
     want, _ = server.reference(q, sequences)
-    assert_close(out, want, dtype)
-    assert_close(alone, want, dtype)
+    assert_close(out, want, server.input)
+    assert_close(alone, want, server.input)
 
 
 def test_bitwise_identical_for_any_thread_count(rng):
@@ -183,9 +191,10 @@ def test_bitwise_identical_for_any_thread_count(rng):
         assert np.array_equal(out, results[0][0]) and np.array_equal(lse, results[0][1])
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", POOL_DTYPES)
 def test_chunked_prefill_matches_reference(rng, dtype):
     server = Server(rng, 256, 16, 2, 16, 16, dtype)
+    dtype = server.input
     sequences = [server.add(), server.add()]
     server.append([sequences[1]], 50)
     for counts in ([20, 7], [0, 20], [13, 13]):
@@ -224,8 +233,46 @@ def test_wraps_a_torch_pool(rng, torch):
     assert_close(out.numpy(), server.reference(q.numpy(), [a, b])[0], np.float32)
 
 
-def test_bad_input_changes_nothing(rng):
-    server = Server(rng, 6, 4, 1, 8, 8, np.float32)
+@pytest.mark.parametrize("dtype", [np.float32, "int8"])
+def test_released_pages_bound_a_windowed_server(rng, dtype):
+    """Sliding window 48 with 4 sinks: after every step each sequence releases what its next
+    query cannot see, so 8 sequences of ~400 tokens live in a pool of 64 pages of 16 (they
+    would need 200); decode matches the reference over the full history; a call that would see
+    a released key raises and writes nothing."""
+    window, sinks = 48, 4
+    server = Server(rng, 64, 16, 2, 16, 8, dtype)
+    sequences = [server.add() for _ in range(8)]
+    for step in range(100):
+        server.append(sequences, int(rng.integers(1, 8)))
+        for sequence in sequences:
+            length = server.cache.length(sequence)
+            server.cache.release(sequence, sinks, max(sinks, length - 1 - window))
+        if step % 20 == 19:
+            server.check(sequences, causal=True, window_left=window, sink_tokens=sinks)
+    assert min(server.cache.length(s) for s in sequences) > 300
+    assert server.cache.pages_in_use == server.expected_pages() - 1  # less the released -1
+    assert all(server.cache.released_pages(s) > 10 for s in sequences)
+    assert not server.cache.holds(sequences[0], 20) and server.cache.holds(sequences[0], 0)
+    assert -1 in server.cache.page_table(sequences[0])
+    q = np.zeros((8, 4, 1, 16), np.float32)
+    out = np.full((8, 4, 1, 8), 7, np.float32)
+    with pytest.raises(ValueError, match="released"):
+        foveal.batch_decode_attention(q, server.cache, sequences, causal=True, out=out)
+    assert (out == 7).all()
+    before = server.state()
+    with pytest.raises(ValueError, match="released page"):
+        server.cache.truncate(sequences[0], 21)
+    with pytest.raises(ValueError, match="begin"):
+        server.cache.release(sequences[0], 5, 4)
+    assert server.state() == before
+    for sequence in sequences:
+        server.remove(sequence)
+    assert server.cache.free_pages == 64
+
+
+@pytest.mark.parametrize("dtype", [np.float32, "int8"])
+def test_bad_input_changes_nothing(rng, dtype):
+    server = Server(rng, 6, 4, 1, 8, 8, dtype)
     a = server.add()
     server.append([a], 10)
     b = server.fork(a)
@@ -264,6 +311,41 @@ def test_bad_input_changes_nothing(rng):
     assert np.isnan(out).all()
     with pytest.raises(ValueError, match="pool"):
         foveal.PagedKVCache.wrap(np.zeros((4, 3, 1, 4, 8), np.float32))
+
+
+def test_int8_pool_stores_blocks_and_hands_out_its_dequantized_values(rng):
+    """An int8 pool: 36 bytes per 32 values of a row; ``keys`` / ``values`` are float32 copies of
+    exactly what the spec stores; decode over it is within the quantization error of the
+    float32 pool's."""
+    pools = {dtype: Server(rng, 64, 16, 2, 80, 48, dtype) for dtype in (np.float32, "int8")}
+    assert pools["int8"].cache.page_bytes == 2 * 16 * (3 + 2) * 36
+    assert pools[np.float32].cache.page_bytes == 2 * 16 * (80 + 48) * 4
+    k = rng.standard_normal((1, 2, 300, 80)).astype(np.float32)
+    v = rng.standard_normal((1, 2, 300, 48)).astype(np.float32)
+    for server in pools.values():
+        sequence = server.add()
+        server.cache.append([sequence], k, v)
+        server.record([sequence], k, v)
+    cache = pools["int8"].cache
+    keys, values = cache.keys, cache.values
+    assert keys.dtype == np.float32 and keys.shape == (64, 2, 16, 80)
+    assert values.shape == (64, 2, 16, 48)
+    table = cache.page_table(0)
+    for position in (0, 17, 299):
+        page, slot = table[position // 16], position % 16
+        want_k, want_v = quantize_rows(k[0, :, position]), quantize_rows(v[0, :, position])
+        np.testing.assert_array_equal(keys[page, :, slot], want_k.astype(np.float32))
+        np.testing.assert_array_equal(values[page, :, slot], want_v.astype(np.float32))
+    q = rng.standard_normal((1, 8, 1, 80)).astype(np.float32)
+    exact = foveal.batch_decode_attention(q, pools[np.float32].cache, [0])
+    quantized = foveal.batch_decode_attention(q, cache, [0])
+    assert quantized.dtype == np.float32
+    error = np.linalg.norm(quantized - exact) / np.linalg.norm(exact)
+    assert 0 < error < 0.02, error
+    with pytest.raises(TypeError, match="float32"):
+        foveal.batch_decode_attention(q.astype(np.float64), cache, [0])
+    with pytest.raises(TypeError, match="int8"):
+        foveal.PagedKVCache(4, 4, 1, 8, dtype=np.int16)
 
 
 def test_a_fork_during_an_append_is_refused_or_sees_a_whole_append(rng):

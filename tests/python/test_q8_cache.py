@@ -11,24 +11,7 @@ from __future__ import annotations
 import foveal
 import numpy as np
 import pytest
-from conftest import assert_close, reference_attention
-
-
-def quantize_rows(x: np.ndarray) -> np.ndarray:
-    """The spec: x [..., D] float32 as the cache stores it, dequantized (float64)."""
-    x = np.asarray(x, np.float32)
-    dim = x.shape[-1]
-    padded = np.zeros((*x.shape[:-1], -(-dim // 32) * 32), np.float32)
-    padded[..., :dim] = x
-    blocks = padded.reshape((*x.shape[:-1], -1, 32))
-    largest = np.abs(blocks).max(axis=-1, keepdims=True)
-    scale = largest / np.float32(127)
-    # The values rounded in float64 (127 / largest overflows float32 for subnormal blocks).
-    with np.errstate(divide="ignore", invalid="ignore"):
-        inverse = np.where(largest > 0, 127.0 / largest.astype(np.float64), 0.0)
-    values = np.clip(np.rint(blocks.astype(np.float64) * inverse), -127, 127)
-    dequantized = scale.astype(np.float64) * values
-    return dequantized.reshape(padded.shape)[..., :dim]
+from conftest import assert_close, quantize_rows, reference_attention
 
 
 def filled(rng, lengths, heads_kv, dim, dim_v, capacity=None, outliers=0.0, **options):

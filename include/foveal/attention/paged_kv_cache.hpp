@@ -37,6 +37,14 @@ namespace foveal {
 // whole blocks. A pool over caller memory (e.g. the two halves of a torch tensor [num_pages, 2,
 // Hkv, page_size, D]) must outlive the cache. Sequence ids are never reused.
 //
+// Released pages. A sliding-window layer never reads its old tokens again: release(sequence,
+// begin, end) frees the sequence's pages that lie wholly inside positions [begin, end) (with
+// window_left w and s sinks, [s, p - w) once the next query sits at position p), so the pages
+// a windowed sequence holds stay bounded by its window and sinks. A released page stays in the page
+// table as kReleased (-1), positions keep their numbers, and a batch call whose queries would see a
+// released position throws foveal::Error naming it. A fork shares the parent's released entries
+// (nothing to share); truncate may cut whole released pages off but not into one.
+//
 // 8-bit pools (PagedKVCache<q8_block>). Each row of D values is stored as ceil(D / 32) blocks of
 // 32 int8 values and a float scale (foveal::q8_block, as in KVCache<q8_block>): append takes
 // float32 K and V and quantizes them, keys() and values() are views of blocks, and dim() /
@@ -50,6 +58,8 @@ class PagedKVCache {
  public:
   // What append takes: float for an 8-bit pool, T otherwise.
   using input_type = detail::cache_input_t<T>;
+  // A page table's entry for a released page.
+  static constexpr Index kReleased = -1;
 
   // An owned pool of `num_pages` pages of `page_size` tokens.
   PagedKVCache(Index num_pages, Index page_size, Index heads_kv, Index dim, Index dim_v);
@@ -85,8 +95,17 @@ class PagedKVCache {
   Index fork(Index parent);
   // Frees the sequence's pages (those no other sequence holds) and forgets its id.
   void remove(Index sequence);
-  // Cuts `sequence` to `length` <= its length, freeing the pages it no longer needs.
+  // Cuts `sequence` to `length` <= its length, freeing the pages it no longer needs. A length
+  // inside a released page (not at its start) is an error.
   void truncate(Index sequence, Index length);
+  // Releases the pages of `sequence` that lie wholly inside positions [begin, end), 0 <= begin
+  // <= end <= its length (a page shared with another sequence is freed when its last holder
+  // lets it go). Returns how many of its pages this call released.
+  Index release(Index sequence, Index begin, Index end);
+  // Whether `sequence` still holds the key at `position` (false once its page is released).
+  bool holds(Index sequence, Index position) const;
+  // How many of the pages in `sequence`'s table are released.
+  Index released_pages(Index sequence) const { return find(sequence, "released_pages").released; }
 
   // k: [Hkv, n, D]  v: [Hkv, n, Dv]: appends n tokens to `sequence`.
   void append(Index sequence, TensorView<const input_type, 3> k, TensorView<const input_type, 3> v);
@@ -98,7 +117,7 @@ class PagedKVCache {
 
   bool contains(Index sequence) const { return sequences_.count(sequence) != 0; }
   Index length(Index sequence) const { return find(sequence, "length").length; }
-  // The pages of `sequence` in position order.
+  // The pages of `sequence` in position order (kReleased for released pages).
   const std::vector<Index>& page_table(Index sequence) const {
     return find(sequence, "page_table").pages;
   }
@@ -122,6 +141,7 @@ class PagedKVCache {
   struct Sequence {
     std::vector<Index> pages;
     Index length = 0;
+    Index released = 0;  // entries of pages that are kReleased
   };
 
   void validate_pool();
@@ -129,7 +149,8 @@ class PagedKVCache {
   Sequence& find(Index sequence, const char* method);
   void require_pages(const char* function, Index needed, const char* what) const;
   Index take_page();
-  void release(Index page);
+  // Drops one reference to `page` (none for kReleased); a page nobody holds is free again.
+  void unreference(Index page);
   void copy_slots(Index from_page, Index to_page, Index slots);
   // Pages an append of `count` tokens to `sequence` takes from the pool; `copied` counts the
   // shared pages earlier appends of the same call copy.

@@ -465,27 +465,30 @@ void run_paged(FuzzedDataProvider& data) {
                  [&] { (void)(fork ? single.fork(parent) : single.add_sequence()); });
       ids.push_back(id);
       check_lockstep("PagedKVCache::fork");
-    } else {  // truncate or remove
-      const bool remove = data.ConsumeBool();
+    } else {  // truncate, remove, or release (later calls that see released keys must throw)
+      const int cut = data.ConsumeIntegralInRange<int>(0, 2);
       const Index sequence = draw_id();
       const Index length = draw_index_option(data);
-      const Answer answer = answer_of(Expect{}, "16-bit PagedKVCache::truncate", [&] {
-        if (remove)
-          pool->remove(sequence);
+      const Index end = draw_index_option(data);  // release's; `length` is its begin
+      const char* what = cut == 0   ? "PagedKVCache::remove"
+                         : cut == 1 ? "PagedKVCache::truncate"
+                                    : "PagedKVCache::release";
+      // The same operation on either pool.
+      const auto apply = [&](auto& cache) {
+        if (cut == 0)
+          cache.remove(sequence);
+        else if (cut == 1)
+          cache.truncate(sequence, length);
         else
-          pool->truncate(sequence, length);
-      });
+          (void)cache.release(sequence, length, end);
+      };
+      const Answer answer = answer_of(Expect{}, what, [&] { apply(*pool); });
       if (answer != Answer::accepted) {
-        check_unchanged(remove ? "PagedKVCache::remove" : "PagedKVCache::truncate");
+        check_unchanged(what);
         continue;
       }
-      float_call("16-bit PagedKVCache::truncate", [&] {
-        if (remove)
-          single.remove(sequence);
-        else
-          single.truncate(sequence, length);
-      });
-      check_lockstep("PagedKVCache::truncate");
+      float_call(what, [&] { apply(single); });
+      check_lockstep(what);
     }
   }
 }
