@@ -350,7 +350,10 @@ class KVCache(CacheGeometry):
         ``[B, Hkv, capacity, Dv]``, float32, float64, bfloat16 or float16, writable, innermost
         dimension contiguous. The cache writes appended tokens into them. ``lengths`` (default
         all 0) says how many tokens each sequence already holds there (laid out as the cache
-        lays them out), so storage filled elsewhere is adopted without a copy."""
+        lays them out), so storage filled elsewhere is adopted without a copy. An int8 cache's
+        storage is uint8 with one more dimension, the 36 bytes of each block of 32 values (its
+        float32 scale, then 32 int8 values): ``[B, Hkv, capacity, blocks, 36]`` (D = 32 *
+        blocks), the blocks of a row contiguous, 4-byte aligned."""
         self = cls.__new__(cls)
         self._cache = _core.wrap_kv_cache(
             keys,

@@ -287,15 +287,25 @@ py::object wrap_kv_cache(const Tensor& keys, const Tensor& values, const py::kwa
                                        keywords.integer("page_bounds", 0)};
   const auto lengths = keywords.integers("lengths").value_or(std::vector<std::int64_t>{});
   keywords.require_all_read();
+  const std::vector<foveal::Index> initial(lengths.begin(), lengths.end());
+  if (keys.dtype() == foveal::python::DType::uint8) {  // 8-bit storage: blocks of 36 bytes
+    constexpr const char* kDims = "B, Hkv, capacity, blocks, 36";
+    return py::cast(
+        new PyKVCache<foveal::q8_block>{
+            foveal::KVCache<foveal::q8_block>(
+                foveal::python::q8_view<4>(keys, fn, "keys", kDims),
+                foveal::python::q8_view<4>(values, fn, "values", kDims), options, initial),
+            keys.owner(), values.owner()},
+        py::return_value_policy::take_ownership);
+  }
   return with_storage_type(fn, "keys", keys, [&](auto type) -> py::object {
     using T = decltype(type);
     return py::cast(
-        new PyKVCache<T>{
-            foveal::KVCache<T>(
-                keys.view<T, 4>(fn, "keys", "B, Hkv, capacity, D"),
-                values.view<T, 4>(fn, "values", "B, Hkv, capacity, Dv", "the dtype of keys"),
-                options, std::vector<foveal::Index>(lengths.begin(), lengths.end())),
-            keys.owner(), values.owner()},
+        new PyKVCache<T>{foveal::KVCache<T>(keys.view<T, 4>(fn, "keys", "B, Hkv, capacity, D"),
+                                            values.view<T, 4>(fn, "values", "B, Hkv, capacity, Dv",
+                                                              "the dtype of keys"),
+                                            options, initial),
+                         keys.owner(), values.owner()},
         py::return_value_policy::take_ownership);
   });
 }

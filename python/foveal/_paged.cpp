@@ -223,9 +223,20 @@ void bind_paged_cache(py::module_& m, const char* class_name) {
           py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"));
 }
 
-// A paged cache over the caller's pool halves, of their dtype.
+// A paged cache over the caller's pool halves, of their dtype (uint8 [..., blocks, 36]: 8-bit
+// blocks).
 py::object wrap_paged_kv_cache(const Tensor& keys, const Tensor& values) {
   const char* fn = "PagedKVCache.wrap";
+  if (keys.dtype() == foveal::python::DType::uint8) {
+    constexpr const char* kDims = "num_pages, Hkv, page_size, blocks, 36";
+    return py::cast(
+        new PyPagedCache<foveal::q8_block>{
+            foveal::PagedKVCache<foveal::q8_block>(
+                foveal::python::q8_view<4>(keys, fn, "keys", kDims),
+                foveal::python::q8_view<4>(values, fn, "values", kDims)),
+            keys.owner(), values.owner()},
+        py::return_value_policy::take_ownership);
+  }
   return with_storage_type(fn, "keys", keys, [&](auto type) -> py::object {
     using T = decltype(type);
     return py::cast(

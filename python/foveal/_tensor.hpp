@@ -268,6 +268,41 @@ decltype(auto) with_storage_type(const char* function, const char* name, const T
   return f(float{});
 }
 
+// A view of 8-bit cache storage (foveal::q8_block) held by a uint8 tensor whose last dimension
+// is the 36 bytes of one block (its float32 scale, then its 32 int8 values): Rank dimensions of
+// blocks, the last of them contiguous. The data must be 4-byte aligned (the scale) and every
+// other stride a whole number of blocks; ValueError otherwise.
+template <int Rank>
+foveal::TensorView<foveal::q8_block, Rank> q8_view(const Tensor& tensor, const char* function,
+                                                   const char* name, const char* dims) {
+  static_assert(sizeof(foveal::q8_block) == 36 && alignof(foveal::q8_block) == 4,
+                "a q8_block is a float and 32 int8 values");
+  constexpr Index kBytes = sizeof(foveal::q8_block);
+  const auto bytes = tensor.view<std::uint8_t, Rank + 1>(function, name, dims);
+  if (bytes.size(Rank) != kBytes || bytes.stride(Rank) != 1)
+    value_error(function, ": ", name,
+                " must end in a contiguous dimension of 36 bytes (one 8-bit block: a float32 "
+                "scale, then 32 int8 values), got shape ",
+                tensor.shape_string());
+  if (reinterpret_cast<std::uintptr_t>(bytes.data()) % alignof(foveal::q8_block) != 0)
+    value_error(function, ": ", name,
+                " must start at a 4-byte aligned address (each block begins with a float32)");
+  typename TensorView<foveal::q8_block, Rank>::Shape shape{}, strides{};
+  for (int dim = 0; dim < Rank; ++dim) {
+    shape[dim] = bytes.size(dim);
+    const Index stride = bytes.stride(dim);
+    const bool blocks = dim == Rank - 1;  // the blocks of a row: contiguous
+    if (shape[dim] > 1 && (blocks ? stride != kBytes : stride % kBytes != 0))
+      value_error(
+          function, ": ", name, ".stride(", dim, ") must be ",
+          blocks ? "36 bytes (the blocks of a row contiguous)" : "a whole number of 36-byte blocks",
+          ", got ", stride, " bytes");
+    strides[dim] = shape[dim] > 1 ? stride / kBytes : (blocks ? 1 : 0);
+  }
+  return TensorView<foveal::q8_block, Rank>(reinterpret_cast<foveal::q8_block*>(bytes.data()),
+                                            shape, strides);
+}
+
 // A read-only numpy array over a cache's storage `view`, keeping `owner` alive.
 template <typename T>
 py::array readonly_array(const foveal::TensorView<const T, 4>& view, const py::object& owner) {

@@ -23,6 +23,7 @@ from ._common import (
     forwarded,
     shape,
     storage_array,
+    tensor_dtype_name,
 )
 
 _PAGED_CLASSES = {
@@ -78,15 +79,20 @@ class PagedKVCache(CacheGeometry):
         ``pool[:, 0]``, values ``pool[:, 1]``), or ``keys`` ``[num_pages, Hkv, page_size, D]``
         and ``values`` ``[num_pages, Hkv, page_size, Dv]`` given separately. float32, float64,
         bfloat16 or float16, writable, innermost dimension contiguous; kept alive by the cache.
-        The pages are all free: the cache starts with no sequences."""
+        An int8 pool is uint8 memory with one more dimension, the 36 bytes of each block of 32
+        values (its float32 scale, then 32 int8 values): ``[num_pages, 2, Hkv, page_size,
+        blocks, 36]`` (D = 32 * blocks), 4-byte aligned. The pages are all free: the cache
+        starts with no sequences."""
         if (pool is None) == (keys is None and values is None):
             raise TypeError("foveal: PagedKVCache.wrap: give either pool or both keys and values")
         if pool is not None:
             pool_shape = shape(pool)
-            if len(pool_shape) != 5 or pool_shape[1] != 2:
+            blocks = tensor_dtype_name(pool) == "uint8"  # an 8-bit pool's bytes
+            if len(pool_shape) != (6 if blocks else 5) or pool_shape[1] != 2:
+                layout = "blocks, 36" if blocks else "D"
                 raise ValueError(
                     "foveal: PagedKVCache.wrap: pool must have shape [num_pages, 2, Hkv, "
-                    f"page_size, D], got {list(pool_shape)}"
+                    f"page_size, {layout}], got {list(pool_shape)}"
                 )
             keys, values = pool[:, 0], pool[:, 1]
         self = cls.__new__(cls)

@@ -270,6 +270,34 @@ def test_released_pages_bound_a_windowed_server(rng, dtype):
     assert server.cache.free_pages == 64
 
 
+def test_wraps_a_torch_uint8_pool_of_8_bit_blocks(rng, torch):
+    """An int8 pool over a caller's uint8 [num_pages, 2, Hkv, page, blocks, 36] tensor: the
+    blocks land in the tensor, and batch decode matches an owned int8 pool (to float rounding:
+    the owned pool's consecutive pages are read as one run, the wrapped one's page by page)."""
+    pool = torch.zeros((20, 2, 2, 8, 2, 36), dtype=torch.uint8)
+    cache = foveal.PagedKVCache.wrap(pool)
+    assert cache.dtype == np.int8 and cache.dim == 64 and cache.page_size == 8
+    owned = foveal.PagedKVCache(20, 8, 2, 64, dtype="int8")
+    k = rng.standard_normal((2, 30, 64)).astype(np.float32)
+    v = rng.standard_normal((2, 30, 64)).astype(np.float32)
+    for c in (cache, owned):
+        s = c.add_sequence()
+        c.append(s, k, v)
+        c.fork(s)
+    page, slot = cache.page_table(0)[29 // 8], 29 % 8  # token 29
+    stored = pool[page, 0, :, slot].numpy()  # [Hkv, blocks, 36]
+    scale = np.ascontiguousarray(stored[..., :4]).view(np.float32)
+    values = np.ascontiguousarray(stored[..., 4:]).view(np.int8)
+    np.testing.assert_array_equal(
+        (scale * values).reshape(2, 64), quantize_rows(k[:, 29]).astype(np.float32)
+    )
+    q = rng.standard_normal((2, 4, 1, 64)).astype(np.float32)
+    out = foveal.batch_decode_attention(q, cache, [0, 1])
+    assert_close(out, foveal.batch_decode_attention(q, owned, [0, 1]), np.float32)
+    with pytest.raises(ValueError, match="blocks, 36"):
+        foveal.PagedKVCache.wrap(torch.zeros((20, 2, 2, 8, 64), dtype=torch.uint8))
+
+
 @pytest.mark.parametrize("dtype", [np.float32, "int8"])
 def test_bad_input_changes_nothing(rng, dtype):
     server = Server(rng, 6, 4, 1, 8, 8, dtype)

@@ -141,3 +141,49 @@ def test_bad_dtypes_are_named_and_change_nothing():
         TypeError, match="dtype must be float32, float64, bfloat16, float16 or int8"
     ):
         foveal.KVCache(1, 2, 8, 8, dtype="int16")
+
+
+def blocks_of(storage: np.ndarray) -> np.ndarray:
+    """The values a uint8 [..., blocks, 36] storage holds, dequantized (float32 scale * int8)."""
+    scale = np.ascontiguousarray(storage[..., :4]).view(np.float32)
+    values = np.ascontiguousarray(storage[..., 4:]).view(np.int8).astype(np.float32)
+    return (scale * values).reshape(*storage.shape[:-2], -1)
+
+
+def test_wrapped_uint8_storage_holds_the_blocks_and_decodes_like_an_owned_cache():
+    """KVCache.wrap of uint8 [B, Hkv, capacity, blocks, 36]: appends write the spec's blocks
+    into the caller's bytes, decode gives the owned int8 cache's bits, and storage filled
+    elsewhere (here: a copy) is adopted through lengths."""
+    rng = np.random.default_rng(5)
+    owned, raw = filled(rng, [50], 2, 96, 64)
+    keys = np.zeros((1, 2, 64, 3, 36), np.uint8)
+    values = np.zeros((1, 2, 64, 2, 36), np.uint8)
+    cache = foveal.KVCache.wrap(keys, values)
+    assert cache.dtype == np.int8 and cache.dim == 96 and cache.dim_v == 64
+    k, v = (x.astype(np.float32)[None] for x in raw[0])
+    cache.append(k, v)
+    want = quantize_rows(k[0]).astype(np.float32)
+    np.testing.assert_array_equal(blocks_of(keys)[0, :, :50], want)
+    np.testing.assert_array_equal(cache.keys[0, :, :50], want)
+    q = rng.standard_normal((1, 8, 1, 96)).astype(np.float32)
+    out, lse = foveal.decode_attention(q, cache, return_lse=True)
+    want_out, want_lse = foveal.decode_attention(q, owned, return_lse=True)
+    np.testing.assert_array_equal(out, want_out)
+    np.testing.assert_array_equal(lse, want_lse)
+    adopted = foveal.KVCache.wrap(keys.copy(), values.copy(), lengths=[50])
+    np.testing.assert_array_equal(foveal.decode_attention(q, adopted), out)
+
+
+def test_wrapped_uint8_storage_of_a_bad_layout_is_rejected():
+    good = np.zeros((1, 1, 8, 2, 36), np.uint8)
+    with pytest.raises(ValueError, match="36 bytes"):
+        foveal.KVCache.wrap(np.zeros((1, 1, 8, 2, 35), np.uint8), good)
+    with pytest.raises(ValueError, match="aligned"):
+        foveal.KVCache.wrap(np.zeros((1, 1, 8, 2, 37), np.uint8)[..., 1:], good)
+    with pytest.raises(ValueError, match="stride"):
+        foveal.KVCache.wrap(np.zeros((1, 1, 8, 4, 36), np.uint8)[:, :, :, ::2], good)
+    with pytest.raises(ValueError, match="whole number"):  # sequences 580 bytes apart
+        wide = np.zeros((2, 1, 8 * 2 * 36 + 4), np.uint8)[..., : 8 * 2 * 36]
+        foveal.KVCache.wrap(wide.reshape(2, 1, 8, 2, 36), good)
+    with pytest.raises(TypeError, match="uint8"):
+        foveal.KVCache.wrap(good, np.zeros((1, 1, 8, 2, 36), np.float32))
