@@ -571,6 +571,7 @@ def kv_cache_case(draw, quest: bool = False):
         ("B", "Hkv"),
     )
     ring, sinks = draw(flag()), draw(int_option(-1, 4))
+    bytes_storage = False  # a wrapped 8-bit cache over uint8 blocks
     bounds = ""
     if quest:
         page = draw(st.sampled_from(["1", "2", "3", "4", "16", "2**30"]) | int_option(-1, 4))
@@ -589,8 +590,16 @@ def kv_cache_case(draw, quest: bool = False):
             f"sink_tokens={sinks}{bounds})"
         )
     else:
-        case.array("keys", (d["B"], d["Hkv"], d["C"], d["D"]))
-        case.array("values", (d["B"], d["Hkv"], d["C"], d["Dv"]))
+        if dtype == "float32" and draw(st.integers(0, 3)) == 0:
+            # 8-bit storage: uint8 bytes of 36 per block (random bytes: any scale, NaN included)
+            blocks, blocks_v = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+            case.array("keys", (d["B"], d["Hkv"], d["C"], blocks, 36), dtype="uint8")
+            case.array("values", (d["B"], d["Hkv"], d["C"], blocks_v, 36), dtype="uint8")
+            d["D"], d["Dv"] = 32 * max(blocks, 1), 32 * blocks_v
+            bytes_storage = True
+        else:
+            case.array("keys", (d["B"], d["Hkv"], d["C"], d["D"]))
+            case.array("values", (d["B"], d["Hkv"], d["C"], d["Dv"]))
         choices = ["None", "[]", "[0]", "[1, 2]", "[3]", "[-1]", "[2**62]"]
         if not known("ring_length_overflow"):
             choices.append("[2**63 - 1]")
@@ -648,7 +657,7 @@ def kv_cache_case(draw, quest: bool = False):
             seq = draw(st.sampled_from(["None", "0", "1", "-1", "2**62"]))
             call.append(f"attempt(cache.truncate, {length}, sequence={seq}, state=state)")
         elif op == "refresh":
-            if wrapped:  # a stored key edited in place first
+            if wrapped and not bytes_storage:  # a stored key edited in place first
                 value = draw(st.sampled_from(["7.5", "-3.0", "float('nan')", "float('inf')"]))
                 call.append(
                     "if np.prod(keys.shape) > 0 and getattr(getattr(keys, 'flags', None), "
