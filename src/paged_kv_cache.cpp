@@ -11,7 +11,6 @@
 #include <limits>
 #include <map>
 #include <string>
-#include <type_traits>
 #include <utility>
 
 #include "foveal/attention/kv_cache.hpp"
@@ -22,12 +21,6 @@ namespace foveal {
 namespace {
 
 Index ceil_div(Index a, Index b) { return a / b + (a % b != 0 ? 1 : 0); }
-
-// Values one stored element holds: 32 for an 8-bit block, 1 otherwise.
-template <typename T>
-constexpr Index values_per_element() {
-  return std::is_same_v<T, q8_block> ? q8_block::kValues : 1;
-}
 
 // view[s] of a [S, ...] view.
 template <typename T>
@@ -107,8 +100,8 @@ PagedKVCache<T>::PagedKVCache(TensorView<T, 4> keys, TensorView<T, 4> values)
     return view.stride(0) / view.stride(2);
   };
   // (The views are valid: their element counts, hence these products, fit an Index.)
-  dim_ = keys.size(3) * values_per_element<T>();
-  dim_v_ = values.size(3) * values_per_element<T>();
+  dim_ = keys.size(3) * KVCache<T>::kValuesPerElement;
+  dim_v_ = values.size(3) * KVCache<T>::kValuesPerElement;
   const Index key_rows = rows_per_page("keys", keys);
   const Index value_rows = dim_v() > 0 ? rows_per_page("values", values) : key_rows;
   check(key_rows == value_rows || value_rows == -1 || key_rows == -1, kFunction,
