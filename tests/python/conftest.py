@@ -187,6 +187,13 @@ def quantize_rows(x: np.ndarray) -> np.ndarray:
     return dequantized.reshape(padded.shape)[..., :dim]
 
 
+def blocks_of(storage: np.ndarray) -> np.ndarray:
+    """The values a uint8 [..., blocks, 36] storage holds, dequantized (float32 scale * int8)."""
+    scale = np.ascontiguousarray(storage[..., :4]).view(np.float32)
+    values = np.ascontiguousarray(storage[..., 4:]).view(np.int8).astype(np.float32)
+    return (scale * values).reshape(*storage.shape[:-2], -1)
+
+
 # Tolerances (elementwise, relative to max(1, max|ref|)): float32 2e-5 (a few float32 ulps of
 # softmax rounding), float64 1e-10.
 DTYPES = [np.float32, np.float64]

@@ -13,7 +13,7 @@ import threading
 import foveal
 import numpy as np
 import pytest
-from conftest import DTYPES, assert_close, quantize_rows, reference_attention
+from conftest import DTYPES, assert_close, blocks_of, quantize_rows, reference_attention
 
 POOL_DTYPES = [*DTYPES, "int8"]
 
@@ -286,11 +286,7 @@ def test_wraps_a_torch_uint8_pool_of_8_bit_blocks(rng, torch):
         c.fork(s)
     page, slot = cache.page_table(0)[29 // 8], 29 % 8  # token 29
     stored = pool[page, 0, :, slot].numpy()  # [Hkv, blocks, 36]
-    scale = np.ascontiguousarray(stored[..., :4]).view(np.float32)
-    values = np.ascontiguousarray(stored[..., 4:]).view(np.int8)
-    np.testing.assert_array_equal(
-        (scale * values).reshape(2, 64), quantize_rows(k[:, 29]).astype(np.float32)
-    )
+    np.testing.assert_array_equal(blocks_of(stored), quantize_rows(k[:, 29]).astype(np.float32))
     q = rng.standard_normal((2, 4, 1, 64)).astype(np.float32)
     out = foveal.batch_decode_attention(q, cache, [0, 1])
     assert_close(out, foveal.batch_decode_attention(q, owned, [0, 1]), np.float32)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import foveal
 import numpy as np
 import pytest
-from conftest import assert_close, quantize_rows, reference_attention
+from conftest import assert_close, blocks_of, quantize_rows, reference_attention
 
 
 def filled(rng, lengths, heads_kv, dim, dim_v, capacity=None, outliers=0.0, **options):
@@ -141,13 +141,6 @@ def test_bad_dtypes_are_named_and_change_nothing():
         TypeError, match="dtype must be float32, float64, bfloat16, float16 or int8"
     ):
         foveal.KVCache(1, 2, 8, 8, dtype="int16")
-
-
-def blocks_of(storage: np.ndarray) -> np.ndarray:
-    """The values a uint8 [..., blocks, 36] storage holds, dequantized (float32 scale * int8)."""
-    scale = np.ascontiguousarray(storage[..., :4]).view(np.float32)
-    values = np.ascontiguousarray(storage[..., 4:]).view(np.int8).astype(np.float32)
-    return (scale * values).reshape(*storage.shape[:-2], -1)
 
 
 def test_wrapped_uint8_storage_holds_the_blocks_and_decodes_like_an_owned_cache():
