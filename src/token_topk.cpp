@@ -37,6 +37,10 @@ void require_sparse_options(const char* function, const Sparse& sparse) {
     check(sparse.last_queries >= 1, function,
           ": last_queries must be >= 1 (the queries that estimate the lines), got ",
           sparse.last_queries);
+  } else {
+    check(sparse.outliers >= 0 && sparse.outliers < sparse.block_size, function,
+          ": outliers must be in [0, block_size) = [0, ", sparse.block_size,
+          ") (the queries of a block scored on their own), got ", sparse.outliers);
   }
 }
 
@@ -51,6 +55,8 @@ TokenSelection select_impl(const char* function, TensorView<const T, 4> q, Tenso
   if constexpr (std::is_same_v<Sparse, VerticalSlashOptions>) {
     plan.last_queries = sparse.last_queries;
     kernel = detail::kernels<T>().vertical_slash_select;
+  } else {
+    plan.outliers = sparse.outliers;
   }
   TokenSelection selection;
   selection.block_size = sparse.block_size;

@@ -65,6 +65,8 @@ Options sparse_options(const Keywords& keywords) {
   }
   if constexpr (std::is_same_v<Options, foveal::VerticalSlashOptions>)
     sparse.last_queries = keywords.integer("last_queries", sparse.last_queries);
+  if constexpr (std::is_same_v<Options, foveal::TokenTopkOptions>)
+    sparse.outliers = keywords.integer("outliers", sparse.outliers);
   return sparse;
 }
 

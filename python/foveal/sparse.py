@@ -293,6 +293,7 @@ def token_topk_select(
     threshold: float = 0.0,
     block_size: int = 64,
     local_tokens: int = 64,
+    outliers: int = 1,
     causal: bool = True,
     window_left: int = -1,
     window_right: int = -1,
@@ -302,19 +303,23 @@ def token_topk_select(
     q_offset: Optional[int] = None,
     num_threads: Optional[int] = None,
 ) -> TokenSelection:
-    """Selects the keys each query block keeps, from the block's mean query against every key.
+    """Selects the keys each query block keeps, from the block's queries against every key.
 
     q ``[B, Hq, Lq, D]``, k ``[B, Hkv, Lk, D]`` (float32, float64, bfloat16 or float16; Hq a
     multiple of Hkv). Query block Q (positions ``[lo, hi]``, ``block_size`` of them) has as
     candidates the C keys inside the window of one of its queries (``causal``, ``window_left``,
     ``window_right`` as in :func:`foveal.attention`; sinks apart, they are always visible). It
     keeps ``min(C, max(ceil(budget * C), local))`` of them: its local keys (the candidates in
-    ``[lo - local_tokens, hi]``) and the others with the largest estimated attention mass, the
-    group mean over query heads of ``softmax(scale * mean(q) . k)`` (softcapped when
-    ``softcap`` is set); ties go to the lower key. With ``threshold`` > 0 (adaptive) it stops
-    once the kept estimated mass reaches ``threshold``. The estimate costs ``1 / block_size`` of
-    the dense q.k products. ``block_size`` in [16, 4096]. The same selection for any thread
-    count.
+    ``[lo - local_tokens, hi]``) and the others with the largest estimated attention mass: per
+    query head, the block's ``o = min(outliers, n - 1)`` queries farthest from its mean query
+    are scored on their own and the other ``n - o`` by their mean, ``((n - o) / n) *
+    softmax(scale * mean . k) + (1 / n) * sum of softmax(scale * outlier . k)`` (softcapped when
+    ``softcap`` is set), averaged over the group; ties go to the lower key. A query that asks
+    what the rest of its block does not (a retrieval query) keeps its own answer. With
+    ``threshold`` > 0 (adaptive) it stops once the kept estimated mass reaches ``threshold``.
+    The estimate costs ``(1 + outliers) / block_size`` of the dense q.k products.
+    ``block_size`` in [16, 4096], ``outliers`` in [0, block_size). The same selection for any
+    thread count.
     """
     fields = _core.token_topk_select(
         q,
@@ -323,6 +328,7 @@ def token_topk_select(
         threshold=threshold,
         block_size=block_size,
         local_tokens=local_tokens,
+        outliers=outliers,
         **attention_options(locals()),
     )
     return TokenSelection(**fields)
@@ -338,6 +344,7 @@ def token_topk_attention(
     threshold: float = 0.0,
     block_size: int = 64,
     local_tokens: int = 64,
+    outliers: int = 1,
     causal: bool = True,
     window_left: int = -1,
     window_right: int = -1,
@@ -352,15 +359,19 @@ def token_topk_attention(
     """Token top-k attention: query i (position p) sees key j when :func:`foveal.attention`
     with the same options would show it and j is a sink or is kept by p's query block. Without
     ``selection`` the call selects first (see :func:`token_topk_select` for ``budget``,
-    ``threshold``, ``block_size``, ``local_tokens``); with one it attends over it (those four are
-    then unused). Causal by default; causality and windows always bound the selection. Shapes,
+    ``threshold``, ``block_size``, ``local_tokens``, ``outliers``); with one it attends over it
+    (those five are then unused). Causal by default; causality and windows always bound the selection. Shapes,
     dtypes and returns as :func:`foveal.attention` (no bias): ``out``, or ``(out, lse)`` with
     ``return_lse=True``. The kept keys are gathered by index into the engine's key blocks, so
     the work is proportional to the kept keys however scattered they are; the same bits for any
     thread count.
     """
     sparse = dict(
-        budget=budget, threshold=threshold, block_size=block_size, local_tokens=local_tokens
+        budget=budget,
+        threshold=threshold,
+        block_size=block_size,
+        local_tokens=local_tokens,
+        outliers=outliers,
     )
     return _attend(
         _core.token_topk_attention, TokenSelection, selection, sparse, return_lse, locals()

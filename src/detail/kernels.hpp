@@ -159,6 +159,7 @@ struct SelectPlan {
   Index block_size = 64;
   Index local = 1;         // local_blocks or local_tokens
   Index last_queries = 0;  // vertical_slash_select: the query rows of the estimate
+  Index outliers = 0;      // token_topk_select: the queries per block scored on their own
   double budget = 1;
   double threshold = 0;
   Index first_query_block = 0;

@@ -26,37 +26,80 @@ namespace foveal::detail {
 inline namespace FOVEAL_LEVEL {
 
 // An unsigned integer that orders masses as numbers (NaN, from NaN inputs, lowest): what the
-// selection sorts, so that it compares plain integers.
+// selection sorts, so that it compares plain integers. Branch-free, so that a loop of it
+// vectorizes.
 template <typename T>
 using MassRank = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
 
 template <typename T>
 MassRank<T> mass_rank(T mass) {
   using Rank = MassRank<T>;
-  if (mass != mass) return 0;
   Rank bits;
   std::memcpy(&bits, &mass, sizeof(bits));
   constexpr Rank kSign = Rank{1} << (8 * sizeof(Rank) - 1);
-  return (bits & kSign) != 0 ? ~bits : bits | kSign;
+  const Rank ordered = (bits & kSign) != 0 ? ~bits : bits | kSign;
+  return mass == mass ? ordered : Rank{0};
 }
 
-// How many of ranks[0, n) are >= x (a loop the compiler vectorizes; no branch per element).
+// Vectors of ranks, and how many ranks a vector holds.
+template <typename Rank>
+using RankVec __attribute__((vector_size(kVectorBytes))) = Rank;
+template <typename Rank>
+inline constexpr Index kRankLanes = kVectorBytes / static_cast<Index>(sizeof(Rank));
+
+// How many of ranks[0, n) are >= x: four vector counters (independent chains), then the rest.
 template <typename Rank>
 Index count_at_least(const Rank* ranks, Index n, Rank x) {
+  using V = RankVec<Rank>;
+  constexpr Index L = kRankLanes<Rank>;
   Index total = 0;
+  // Lane counters of Rank width: at most 2^20 / L per lane per chunk, no overflow.
   for (Index begin = 0; begin < n; begin += Index{1} << 20) {
     const Index end = std::min(n, begin + (Index{1} << 20));
-    Rank count = 0;
-    for (Index i = begin; i < end; ++i) count += static_cast<Rank>(ranks[i] >= x);
-    total += static_cast<Index>(count);
+    const V bound = V{} + x;
+    V counts[4] = {};
+    Index i = begin;
+    for (; i + 4 * L <= end; i += 4 * L)
+      for (int c = 0; c < 4; ++c) {
+        V value;
+        std::memcpy(&value, ranks + i + c * L, sizeof(value));
+        counts[c] -= reinterpret_cast<V>(value >= bound);  // -1 where true
+      }
+    const V sum = counts[0] + counts[1] + counts[2] + counts[3];
+    for (Index lane = 0; lane < L; ++lane) total += static_cast<Index>(sum[lane]);
+    for (; i < end; ++i) total += static_cast<Index>(ranks[i] >= x);
   }
   return total;
 }
 
+// The least of ranks[0, n) that is >= x (the largest Rank when none is).
+template <typename Rank>
+Rank least_at_least(const Rank* ranks, Index n, Rank x) {
+  using V = RankVec<Rank>;
+  constexpr Index L = kRankLanes<Rank>;
+  constexpr Rank kNone = std::numeric_limits<Rank>::max();
+  const V bound = V{} + x, none = V{} + kNone;
+  V least = none;
+  Index i = 0;
+  for (; i + L <= n; i += L) {
+    V value;
+    std::memcpy(&value, ranks + i, sizeof(value));
+    const V candidate = value >= bound ? value : none;
+    least = candidate < least ? candidate : least;
+  }
+  Rank result = kNone;
+  for (Index lane = 0; lane < L; ++lane) result = std::min(result, static_cast<Rank>(least[lane]));
+  for (; i < n; ++i)
+    if (ranks[i] >= x) result = std::min(result, ranks[i]);
+  return result;
+}
+
 // The `wanted`-th largest of ranks[0, n) (1 <= wanted <= n), by bisection on its value: the
 // largest x with at least `wanted` ranks >= x, between the least and the largest rank. One
-// vectorized count per bit of their difference, cheaper than a selection algorithm's
-// data-dependent branches on the few thousand ranks of a list.
+// vectorized count per step, cheaper than a selection algorithm's data-dependent branches on
+// the few thousand ranks of a list. A step that counts exactly `wanted` ranks >= its middle
+// ends the search: the answer is the least of them (about log2(n) steps on distinct masses
+// instead of one per bit of the range).
 template <typename Rank>
 Rank largest_with_count(const Rank* ranks, Index n, Index wanted) {
   Rank low = std::numeric_limits<Rank>::max(), high = 0;
@@ -67,7 +110,9 @@ Rank largest_with_count(const Rank* ranks, Index n, Index wanted) {
   // count(>= low) = n >= wanted, and the answer is in [low, high].
   while (low < high) {
     const Rank middle = static_cast<Rank>(low + (high - low) / 2 + 1);
-    if (count_at_least(ranks, n, middle) >= wanted) {
+    const Index count = count_at_least(ranks, n, middle);
+    if (count == wanted) return least_at_least(ranks, n, middle);
+    if (count > wanted) {
       low = middle;
     } else {
       high = static_cast<Rank>(middle - 1);
@@ -76,24 +121,36 @@ Rank largest_with_count(const Rank* ranks, Index n, Index wanted) {
   return low;
 }
 
+// One row of the estimate: a representative query of (query block `block`, query head `head`)
+// and the weight of its softmax in the block's mass.
+template <typename T>
+struct EstimateRow {
+  Index block;  // within the task
+  T weight;     // (its share of the block's queries) / group
+};
+
 // Per-thread memory of the selection.
 template <typename T>
 struct TokenSelectScratch {
-  std::vector<T> q_t;              // [D][kBlockQ]: the pass's mean queries, transposed
-  std::vector<T> mean;             // [D]: one of them, summed along D
-  std::vector<T> s_t;              // [kBlockK][kBlockQ]: one key block's scores
-  std::vector<T> widened;          // [kBlockK][D]: 16-bit keys in the compute type
-  std::vector<const T*> k_rows;    // [kBlockK]
-  std::vector<T> logits;           // [kBlockQ][span]: the pass's base-2 logits
-  std::vector<T> mass;             // [blocks][span]: estimated mass per block and key
-  std::vector<Index> order;        // the candidates past the local keys
-  std::vector<MassRank<T>> ranks;  // their ranks, in key order
+  std::vector<T> q_t;                // [D][kBlockQ]: a pass's representative queries, transposed
+  std::vector<T> sum;                // [D]: a block's queries of one head, summed
+  std::vector<T> distance;           // [block_size]: each query's squared distance to the mean
+  std::vector<Index> chosen;         // the block's queries by distance, farthest first
+  std::vector<EstimateRow<T>> rows;  // the task's estimate rows
+  std::vector<T> queries;            // [rows][D]: their representative queries
+  std::vector<T> s_t;                // [kBlockK][kBlockQ]: one key block's scores
+  std::vector<T> widened;            // [kBlockK][D]: 16-bit keys in the compute type
+  std::vector<const T*> k_rows;      // [kBlockK]
+  std::vector<T> logits;             // [kBlockQ][span]: a pass's base-2 logits
+  std::vector<T> mass;               // [blocks][span]: estimated mass per block and key
+  std::vector<Index> order;          // the candidates past the local keys
+  std::vector<MassRank<T>> ranks;    // their ranks, in key order
+  std::vector<std::int64_t> list;    // one block's kept keys
 };
 
-// The base-2 softmax of logits[0, count), scaled by `weight`, in place; false (logits left
-// unnormalized) when no logit is finite or the sum is not positive and finite.
+// The largest of logits[0, count) (-inf when empty; NaN lanes ignored).
 template <typename T>
-bool scaled_softmax(T* logits, Index count, T weight) {
+T largest_of(const T* logits, Index count) {
   constexpr int L = kLanes<T>;
   Vec<T> largest_lanes = splat(-std::numeric_limits<T>::infinity());
   Index j = 0;
@@ -101,10 +158,17 @@ bool scaled_softmax(T* logits, Index count, T weight) {
   T largest = -std::numeric_limits<T>::infinity();
   for (int lane = 0; lane < L; ++lane) largest = std::max(largest, largest_lanes[lane]);
   for (; j < count; ++j) largest = std::max(largest, logits[j]);
-  if (!std::isfinite(largest)) return false;
+  return largest;
+}
+
+// logits[0, count) to exp2(logit - largest) in place; returns their sum.
+template <typename T>
+T exponentiate(T* logits, Index count, T largest) {
+  constexpr int L = kLanes<T>;
   const Vec<T> shift = splat(largest);
   Vec<T> sum_lanes_v{};
-  for (j = 0; j + L <= count; j += L) {
+  Index j = 0;
+  for (; j + L <= count; j += L) {
     const Vec<T> x = load(logits + j) - shift;  // <= 0 (or NaN)
     const Vec<T> p = exp2_nonpositive(x > Vec<T>{} ? Vec<T>{} : x);
     store(logits + j, p);
@@ -115,11 +179,39 @@ bool scaled_softmax(T* logits, Index count, T weight) {
     logits[j] = std::exp2(std::min(logits[j] - largest, T(0)));
     total += logits[j];
   }
+  return total;
+}
+
+// The base-2 softmax of logits[0, count), scaled by `weight`, in place; false (logits left
+// unnormalized) when no logit is finite or the sum is not positive and finite.
+template <typename T>
+bool scaled_softmax(T* logits, Index count, T weight) {
+  constexpr int L = kLanes<T>;
+  const T largest = largest_of(logits, count);
+  if (!std::isfinite(largest)) return false;
+  const T total = exponentiate(logits, count, largest);
   if (!(total > 0) || !std::isfinite(total)) return false;
   const Vec<T> scale = splat(weight / total);
-  for (j = 0; j + L <= count; j += L) store(logits + j, load(logits + j) * scale);
+  Index j = 0;
+  for (; j + L <= count; j += L) store(logits + j, load(logits + j) * scale);
   for (; j < count; ++j) logits[j] *= weight / total;
   return true;
+}
+
+// mass[0, count) += weight * softmax(logits[0, count)) (base 2; logits overwritten); nothing
+// when no logit is finite or the sum is not positive and finite.
+template <typename T>
+void add_softmax(T* logits, Index count, T weight, T* mass) {
+  constexpr int L = kLanes<T>;
+  const T largest = largest_of(logits, count);
+  if (!std::isfinite(largest)) return;
+  const T total = exponentiate(logits, count, largest);
+  if (!(total > 0) || !std::isfinite(total)) return;
+  const T factor = weight / total;
+  const Vec<T> scale = splat(factor);
+  Index j = 0;
+  for (; j + L <= count; j += L) store(mass + j, load(mass + j) + load(logits + j) * scale);
+  for (; j < count; ++j) mass[j] += logits[j] * factor;
 }
 
 // The logits of the estimate (scale * q.k in base 2, through the softcap when there is one).
@@ -151,9 +243,9 @@ struct EstimateLogits {
 template <typename S, typename T>
 void score_span(const TensorView<const S, 4>& k, Index b, Index h, Index span_begin, Index span_end,
                 Index rows, T multiplier, TokenSelectScratch<T>& own, T* logits) {
-  constexpr int L = kLanes<T>;
   const Index dim = k.size(3), span = span_end - span_begin;
-  const int row_vectors = static_cast<int>((rows + L - 1) / L);
+  const int row_vectors = static_cast<int>((rows + kLanes<T> - 1) / kLanes<T>);
+  static_assert(kBlockQ % kLanes<T> == 0, "the score tile holds whole row vectors");
   for (Index j0 = span_begin; j0 < span_end; j0 += kBlockK) {
     const Index count = std::min(kBlockK, span_end - j0);
     for (Index j = 0; j < count; ++j) {
@@ -172,10 +264,21 @@ void score_span(const TensorView<const S, 4>& k, Index b, Index h, Index span_be
           return std::pair<int, int>{0, row_vectors};
         },
         own.s_t.data());
-    for (Index r = 0; r < rows; ++r) {
-      T* to = logits + r * span + (j0 - span_begin);
-      for (Index j = 0; j < count; ++j) to[j] = own.s_t[static_cast<std::size_t>(j * kBlockQ + r)];
-    }
+    // own.s_t is [key][row]; logits are [row][key]: whole kLanes x kLanes tiles transposed in
+    // registers, the last keys one by one.
+    constexpr Index L = kLanes<T>;
+    const T* scores = own.s_t.data();
+    T* to = logits + (j0 - span_begin);
+    Index j = 0;
+    for (; j + L <= count; j += L)
+      for (Index r0 = 0; r0 < rows; r0 += L) {
+        Vec<T> tile[L];
+        for (Index i = 0; i < L; ++i) tile[i] = load(scores + (j + i) * kBlockQ + r0);
+        transpose<T>(tile);
+        for (Index r = r0; r < std::min(rows, r0 + L); ++r) store(to + r * span + j, tile[r - r0]);
+      }
+    for (; j < count; ++j)
+      for (Index r = 0; r < rows; ++r) to[r * span + j] = scores[j * kBlockQ + r];
   }
 }
 
@@ -188,6 +291,64 @@ void prepare_scoring(Index dim, TokenSelectScratch<T>& own) {
   if constexpr (!std::is_same_v<S, T>) own.widened.resize(static_cast<std::size_t>(kBlockK * dim));
 }
 
+// The estimate rows of query block `block` (within the task) of query head `head`: the mean of
+// its queries but the outliers, then each outlier (see foveal::TokenTopkOptions), appended to
+// own.rows / own.queries.
+template <typename S, typename T>
+void add_estimate_rows(const SelectPlan<S>& plan, Index b, Index head, Index block,
+                       const TokenBlockGeometry& g, Index group, TokenSelectScratch<T>& own) {
+  const auto& q = plan.q;
+  const Index dim = q.size(3);
+  const Index first = g.position_lo - plan.q_offset;
+  const Index n = g.position_hi - g.position_lo + 1;
+  const Index outliers = std::min(plan.outliers, n - 1);
+  own.sum.assign(static_cast<std::size_t>(dim), T(0));
+  T* sum = own.sum.data();
+  for (Index i = first; i < first + n; ++i) {
+    const S* row = q.address(b, head, i, 0);
+    for (Index d = 0; d < dim; ++d) sum[d] += to_compute(row[d]);
+  }
+  const auto at = own.queries.size();
+  own.queries.resize(at + static_cast<std::size_t>((1 + outliers) * dim));
+  T* mean = own.queries.data() + at;  // the first row: the mean of the others
+  const T inverse_n = T(1) / static_cast<T>(n);
+  if (outliers > 0) {
+    for (Index d = 0; d < dim; ++d) mean[d] = sum[d] * inverse_n;
+    own.distance.resize(static_cast<std::size_t>(n));
+    own.chosen.resize(static_cast<std::size_t>(n));
+    for (Index i = 0; i < n; ++i) {
+      const S* row = q.address(b, head, first + i, 0);
+      T total = 0;
+      for (Index d = 0; d < dim; ++d) {
+        const T x = to_compute(row[d]) - mean[d];
+        total += x * x;
+      }
+      own.distance[static_cast<std::size_t>(i)] = total;
+      own.chosen[static_cast<std::size_t>(i)] = i;
+    }
+    // Farthest first, ties to the earlier query (NaN distances last).
+    const auto farther = [&](Index a, Index c) {
+      const auto rank_a = mass_rank(own.distance[static_cast<std::size_t>(a)]);
+      const auto rank_c = mass_rank(own.distance[static_cast<std::size_t>(c)]);
+      return rank_a > rank_c || (rank_a == rank_c && a < c);
+    };
+    std::partial_sort(own.chosen.begin(), own.chosen.begin() + outliers, own.chosen.end(), farther);
+    for (Index o = 0; o < outliers; ++o) {
+      const S* row = q.address(b, head, first + own.chosen[static_cast<std::size_t>(o)], 0);
+      T* to = own.queries.data() + at + static_cast<std::size_t>((1 + o) * dim);
+      for (Index d = 0; d < dim; ++d) {
+        to[d] = to_compute(row[d]);
+        sum[d] -= to[d];
+      }
+    }
+  }
+  const T inverse_rest = T(1) / static_cast<T>(n - outliers);
+  for (Index d = 0; d < dim; ++d) mean[d] = sum[d] * inverse_rest;
+  const T per_head = T(1) / static_cast<T>(group);
+  own.rows.push_back({block, static_cast<T>(n - outliers) * inverse_n * per_head});
+  for (Index o = 0; o < outliers; ++o) own.rows.push_back({block, inverse_n * per_head});
+}
+
 template <typename S>
 void token_topk_select(const SelectPlan<S>& plan) {
   using T = compute_type_t<S>;
@@ -197,13 +358,15 @@ void token_topk_select(const SelectPlan<S>& plan) {
   const Index heads_kv = k.size(1), len_k = k.size(2);
   const Index group = heads_q / heads_kv;
   const Index bs = plan.block_size;
-  // Query blocks per task: their group's mean queries fill one tile of kBlockQ rows, so every
-  // key the task loads is scored against all of them.
-  const Index per_task = group > 0 ? std::max<Index>(1, kBlockQ / group) : plan.query_blocks;
+  // Query blocks per task: their group's representative queries fill about one tile of kBlockQ
+  // rows, so every key the task loads is scored against all of them.
+  const Index rows_per_block = group * (1 + plan.outliers);
+  const Index per_task =
+      group > 0 ? std::max<Index>(1, kBlockQ / rows_per_block) : plan.query_blocks;
   const Index chunks = (plan.query_blocks + per_task - 1) / per_task;
   const Index tasks = batch * heads_kv * chunks;
   const Index lists = batch * heads_kv * plan.query_blocks;
-  const double work = static_cast<double>(lists) * static_cast<double>(group) *
+  const double work = static_cast<double>(lists) * static_cast<double>(rows_per_block) *
                       static_cast<double>(len_k) * static_cast<double>(dim);
   const int threads = team_size(tasks, plan.num_threads, saturated_work(work));
   std::vector<TokenSelectScratch<T>> scratch(static_cast<std::size_t>(threads));
@@ -217,63 +380,51 @@ void token_topk_select(const SelectPlan<S>& plan) {
     const Index blocks =
         std::min(per_task, plan.first_query_block + plan.query_blocks - first_block);
     std::vector<TokenBlockGeometry> geometry(static_cast<std::size_t>(blocks));
+    std::vector<char> settled(static_cast<std::size_t>(blocks));
     Index span_begin = std::numeric_limits<Index>::max(), span_end = 0;
-    bool estimate = false;
+    own.rows.clear();
+    own.queries.clear();
     for (Index i = 0; i < blocks; ++i) {
       TokenBlockGeometry& g = geometry[static_cast<std::size_t>(i)];
       g = token_block_geometry(plan.visibility, plan.q_offset, len_q, bs, first_block + i,
                                plan.budget, plan.local);
       const Index candidates = g.candidate_end - g.candidate_begin;
       const Index local = g.local_end - g.local_begin;
-      if (candidates == 0) continue;
-      // The span holds every block's candidates: the estimate pass runs the softmax of each
-      // row of the task, also of blocks whose list needs no estimate.
+      // A list that is every candidate or exactly the local keys needs no estimate.
+      settled[static_cast<std::size_t>(i)] =
+          plan.threshold <= 0 && (g.keep == candidates || g.keep == local);
+      if (candidates == 0 || settled[static_cast<std::size_t>(i)]) continue;
       span_begin = std::min(span_begin, g.candidate_begin);
       span_end = std::max(span_end, g.candidate_end);
-      const bool settled = plan.threshold <= 0 && (g.keep == candidates || g.keep == local);
-      estimate = estimate || !settled;
+      for (Index head = h * group; head < (h + 1) * group; ++head)
+        add_estimate_rows(plan, b, head, i, g, group, own);
     }
-    const Index span = estimate ? span_end - span_begin : 0;
+    const auto row_count = static_cast<Index>(own.rows.size());
+    const Index span = row_count > 0 ? span_end - span_begin : 0;
 
-    if (estimate) {
+    if (row_count > 0) {
       prepare_scoring<S>(dim, own);
-      own.mean.resize(static_cast<std::size_t>(dim));
       own.mass.assign(static_cast<std::size_t>(blocks * span), T(0));
-      own.logits.resize(static_cast<std::size_t>(std::min(kBlockQ, blocks * group) * span));
-      // Rows (block i, head g) = i * group + g, kBlockQ at a time.
-      for (Index row0 = 0; row0 < blocks * group; row0 += kBlockQ) {
-        const Index rows = std::min(kBlockQ, blocks * group - row0);
+      own.logits.resize(static_cast<std::size_t>(std::min(kBlockQ, row_count) * span));
+      for (Index row0 = 0; row0 < row_count; row0 += kBlockQ) {
+        const Index rows = std::min(kBlockQ, row_count - row0);
         std::fill(own.q_t.begin(), own.q_t.end(), T(0));
         for (Index r = 0; r < rows; ++r) {
-          const TokenBlockGeometry& g = geometry[static_cast<std::size_t>((row0 + r) / group)];
-          const Index head = h * group + (row0 + r) % group;
-          const Index first_query = g.position_lo - plan.q_offset;
-          const Index queries = g.position_hi - g.position_lo + 1;
-          // Summed along D (contiguous), then written transposed.
-          std::fill(own.mean.begin(), own.mean.end(), T(0));
-          for (Index i = first_query; i < first_query + queries; ++i) {
-            const S* row = q.address(b, head, i, 0);
-            for (Index d = 0; d < dim; ++d)
-              own.mean[static_cast<std::size_t>(d)] += to_compute(row[d]);
-          }
-          const T inverse = T(1) / static_cast<T>(queries);
+          const T* from = own.queries.data() + (row0 + r) * dim;
           T* column = own.q_t.data() + r;
-          for (Index d = 0; d < dim; ++d)
-            column[d * kBlockQ] = own.mean[static_cast<std::size_t>(d)] * inverse;
+          for (Index d = 0; d < dim; ++d) column[d * kBlockQ] = from[d];
         }
         score_span(k, b, h, span_begin, span_end, rows, logits_of.multiplier, own,
                    own.logits.data());
-        // Each row's softmax over its block's candidates, averaged over the group.
+        // Each row's softmax over its block's candidates, weighted into the block's mass.
         for (Index r = 0; r < rows; ++r) {
-          const Index i = (row0 + r) / group;
-          const TokenBlockGeometry& g = geometry[static_cast<std::size_t>(i)];
-          if (g.candidate_end <= g.candidate_begin) continue;
+          const EstimateRow<T>& row = own.rows[static_cast<std::size_t>(row0 + r)];
+          const TokenBlockGeometry& g = geometry[static_cast<std::size_t>(row.block)];
           T* logits = own.logits.data() + r * span + (g.candidate_begin - span_begin);
           const Index count = g.candidate_end - g.candidate_begin;
           logits_of.finish(logits, count);
-          if (!scaled_softmax(logits, count, T(1) / static_cast<T>(group))) continue;
-          T* mass = own.mass.data() + i * span + (g.candidate_begin - span_begin);
-          for (Index j = 0; j < count; ++j) mass[j] += logits[j];
+          add_softmax(logits, count, row.weight,
+                      own.mass.data() + row.block * span + (g.candidate_begin - span_begin));
         }
       }
     }
@@ -286,15 +437,14 @@ void token_topk_select(const SelectPlan<S>& plan) {
       Index count = 0;
       const Index candidates = g.candidate_end - g.candidate_begin;
       const Index local = g.local_end - g.local_begin;
-      if (plan.threshold <= 0 && (g.keep == candidates || g.keep == local)) {
+      if (candidates == 0 || settled[static_cast<std::size_t>(i)]) {
         const Index first = g.keep == candidates ? g.candidate_begin : g.local_begin;
         for (Index c = 0; c < g.keep; ++c) kept[count++] = first + c;
         plan.counts[list] = count;
         continue;
       }
-      const auto mass_of = [&](Index key) {
-        return own.mass[static_cast<std::size_t>(i * span + key - span_begin)];
-      };
+      // mass[key - candidate_begin]: the block's estimated mass of each candidate.
+      const T* mass = own.mass.data() + i * span + (g.candidate_begin - span_begin);
       const Index others = candidates - local;
       const Index wanted = std::min(others, g.keep - local);
       if (plan.threshold > 0) {
@@ -302,13 +452,14 @@ void token_topk_select(const SelectPlan<S>& plan) {
         T kept_mass = 0;
         for (Index key = g.local_begin; key < g.local_end; ++key) {
           kept[count++] = key;
-          kept_mass += mass_of(key);
+          kept_mass += mass[key - g.candidate_begin];
         }
         own.order.clear();
         for (Index key = g.candidate_begin; key < g.local_begin; ++key) own.order.push_back(key);
         for (Index key = g.local_end; key < g.candidate_end; ++key) own.order.push_back(key);
         const auto by_mass = [&](Index a, Index c) {
-          const auto rank_a = mass_rank(mass_of(a)), rank_c = mass_rank(mass_of(c));
+          const auto rank_a = mass_rank(mass[a - g.candidate_begin]);
+          const auto rank_c = mass_rank(mass[c - g.candidate_begin]);
           return rank_a > rank_c || (rank_a == rank_c && a < c);
         };
         std::partial_sort(own.order.begin(), own.order.begin() + wanted, own.order.end(), by_mass);
@@ -316,7 +467,7 @@ void token_topk_select(const SelectPlan<S>& plan) {
           if (kept_mass >= static_cast<T>(plan.threshold)) break;
           const Index key = own.order[static_cast<std::size_t>(r)];
           kept[count++] = key;
-          kept_mass += mass_of(key);
+          kept_mass += mass[key - g.candidate_begin];
         }
         std::sort(kept, kept + count);
         plan.counts[list] = count;
@@ -324,32 +475,49 @@ void token_topk_select(const SelectPlan<S>& plan) {
       }
       // The wanted-th largest rank among the others (cut), then one ascending pass that takes
       // the ranks above it and, of the ranks equal to it, the lowest keys: already in key order.
-      own.ranks.clear();
-      for (Index key = g.candidate_begin; key < g.local_begin; ++key)
-        own.ranks.push_back(mass_rank(mass_of(key)));
-      for (Index key = g.local_end; key < g.candidate_end; ++key)
-        own.ranks.push_back(mass_rank(mass_of(key)));
-      auto cut = decltype(mass_rank(T(0))){0};
+      const Index before = g.local_begin - g.candidate_begin;
+      own.ranks.resize(static_cast<std::size_t>(others));
+      auto* ranks = own.ranks.data();
+      const T* after = mass + (g.local_end - g.candidate_begin) - before;
+      for (Index j = 0; j < before; ++j) ranks[j] = mass_rank(mass[j]);
+      for (Index j = before; j < others; ++j) ranks[j] = mass_rank(after[j]);
+      using Rank = MassRank<T>;
+      Rank cut = 0;
       Index ties = 0;  // of the ranks equal to cut, how many to take
       if (wanted > 0) {
-        cut = largest_with_count(own.ranks.data(), static_cast<Index>(own.ranks.size()), wanted);
-        using Rank = decltype(cut);
-        const Index above =
-            cut == std::numeric_limits<Rank>::max()
-                ? 0
-                : count_at_least(own.ranks.data(), static_cast<Index>(own.ranks.size()),
-                                 static_cast<Rank>(cut + 1));
+        cut = largest_with_count(ranks, others, wanted);
+        const Index above = cut == std::numeric_limits<Rank>::max()
+                                ? 0
+                                : count_at_least(ranks, others, static_cast<Rank>(cut + 1));
         ties = wanted - above;
+      } else {
+        cut = std::numeric_limits<Rank>::max();  // takes nothing: no rank is above it
       }
-      const auto take = [&](Index key, std::size_t at) {
+      // One ascending pass, branch-free: every key is written, the count advances for the taken
+      // ones (the ranks above the cut and, of those equal to it, the lowest `ties` keys).
+      own.list.resize(static_cast<std::size_t>(candidates));
+      std::int64_t* to = own.list.data();
+      const Index equal = wanted > 0 ? count_at_least(ranks, others, cut) - (wanted - ties) : 0;
+      const auto take = [&](Index first_key, const Rank* from, Index n) {
         if (wanted == 0) return;
-        const auto rank = own.ranks[at];
-        if (rank > cut || (rank == cut && ties-- > 0)) kept[count++] = key;
+        if (ties == equal) {  // every tie is taken (the usual case)
+          for (Index j = 0; j < n; ++j) {
+            to[count] = first_key + j;
+            count += static_cast<Index>(from[j] >= cut);
+          }
+          return;
+        }
+        for (Index j = 0; j < n; ++j) {
+          const bool tie = from[j] == cut && ties > 0;
+          ties -= static_cast<Index>(tie);
+          to[count] = first_key + j;
+          count += static_cast<Index>(from[j] > cut || tie);
+        }
       };
-      std::size_t at = 0;
-      for (Index key = g.candidate_begin; key < g.local_begin; ++key) take(key, at++);
-      for (Index key = g.local_begin; key < g.local_end; ++key) kept[count++] = key;
-      for (Index key = g.local_end; key < g.candidate_end; ++key) take(key, at++);
+      take(g.candidate_begin, ranks, before);
+      for (Index key = g.local_begin; key < g.local_end; ++key) to[count++] = key;
+      take(g.local_end, ranks + before, others - before);
+      std::copy(to, to + count, kept);
       plan.counts[list] = count;
     }
   });

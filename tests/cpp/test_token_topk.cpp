@@ -26,7 +26,7 @@ namespace {
 
 std::string sparse_string(const TokenTopkOptions& s) {
   return describe("budget=", s.budget, " threshold=", s.threshold, " block_size=", s.block_size,
-                  " local_tokens=", s.local_tokens);
+                  " local_tokens=", s.local_tokens, " outliers=", s.outliers);
 }
 
 // The one-call form, as an entry of run_entry.
@@ -68,9 +68,9 @@ void expect_token_topk_matches(const Problem& p, const AttentionOptions& o,
   EXPECT_EQ(selection.len_k, p.len_k);
   expect_selection_matches(
       lists_of(selection.offsets, selection.keys),
-      reference::token_topk_select_reference(
-          shape_of(p), in.q, in.k, reference_options(o),
-          {sparse.budget, sparse.threshold, sparse.block_size, sparse.local_tokens}),
+      reference::token_topk_select_reference(shape_of(p), in.q, in.k, reference_options(o),
+                                             {sparse.budget, sparse.threshold, sparse.block_size,
+                                              sparse.local_tokens, sparse.outliers}),
       std::is_same_v<T, float> ? 1e-4 : 1e-10);
   const Outputs want = reference_over(p, in, o, selection);
   for (const Layout layout : {Layout::kContiguous, Layout::kPadded}) {
@@ -96,6 +96,7 @@ TYPED_TEST(TokenTopk, MatchesReferenceOnRandomShapesOptionsAndBudgets) {
     TokenTopkOptions sparse;
     const AttentionOptions o = random_prefill_options(random, p, sparse);
     sparse.local_tokens = random.pick({Index{0}, Index{5}, Index{64}});
+    sparse.outliers = random.pick({Index{0}, Index{1}, Index{2}, Index{7}});
     expect_token_topk_matches<TypeParam>(p, o, sparse);
   }
 }
@@ -359,7 +360,9 @@ TEST(TokenTopkErrors, BadOptionsAndSelectionsAreRejectedBeforeOutIsTouched) {
         std::pair{with([](auto& s) { s.threshold = std::nan(""); }), "threshold"},
         std::pair{with([](auto& s) { s.block_size = 8; }), "block_size"},
         std::pair{with([](auto& s) { s.block_size = 5000; }), "block_size"},
-        std::pair{with([](auto& s) { s.local_tokens = -1; }), "local_tokens"}}) {
+        std::pair{with([](auto& s) { s.local_tokens = -1; }), "local_tokens"},
+        std::pair{with([](auto& s) { s.outliers = -1; }), "outliers"},
+        std::pair{with([](auto& s) { s.outliers = 32; }), "outliers"}}) {
     expect_rejected([&] { token_topk_select(typed.qv(p), typed.kv(p), o, sparse); }, needle);
     expect_rejected(
         [&] { token_topk_attention(typed.qv(p), typed.kv(p), typed.vv(p), out_view, o, sparse); },

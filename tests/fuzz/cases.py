@@ -460,6 +460,8 @@ def block_sparse_case(draw, method: str = "block_sparse"):
     }
     if method == "vertical_slash":
         sparse["last_queries"] = draw(int_option(-1, 70))
+    if method == "token_topk":
+        sparse["outliers"] = draw(st.sampled_from(["1", "1", "0", "2"]) | int_option(-1, 70))
     threads_ = draw(threads())
     hkv, qb = dims["Hkv"], draw(st.integers(0, 3))
     kb = draw(st.integers(0, 4)) if method == "block_sparse" else dims["Lk"]

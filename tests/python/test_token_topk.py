@@ -25,6 +25,7 @@ def reference_select(
     threshold,
     block_size,
     local_tokens,
+    outliers=1,
     causal=True,
     window_left=-1,
     window_right=-1,
@@ -55,13 +56,23 @@ def reference_select(
                 keep = min(len(cands), max(math.ceil(budget * len(cands)), len(local)))
                 mass = np.zeros(len_k)
                 for g in range(group):
-                    mq = q[b, h * group + g, rows].mean(axis=0)
-                    logits = scale * (k[b, h, cands] @ mq)
-                    if softcap > 0:
-                        logits = softcap * np.tanh(logits / softcap)
-                    if len(cands):
-                        w = np.exp(logits - logits.max())
-                        mass[cands] += w / w.sum() / group
+                    block = q[b, h * group + g, rows]
+                    n = len(block)
+                    # Outliers: farthest from the block's mean query, ties to the earlier one.
+                    distance = ((block - block.mean(axis=0)) ** 2).sum(axis=1)
+                    count = min(outliers, n - 1)
+                    chosen = sorted(range(n), key=lambda i: (-distance[i], i))[:count]
+                    rest = np.delete(block, chosen, axis=0).mean(axis=0)
+                    representatives = [(rest, (n - count) / n)] + [
+                        (block[i], 1 / n) for i in chosen
+                    ]
+                    for query, weight in representatives:
+                        logits = scale * (k[b, h, cands] @ query)
+                        if softcap > 0:
+                            logits = softcap * np.tanh(logits / softcap)
+                        if len(cands):
+                            w = np.exp(logits - logits.max())
+                            mass[cands] += weight * w / w.sum() / group
                 kept = list(local)
                 kept_mass = mass[kept].sum()
                 others = sorted(
@@ -107,6 +118,8 @@ CASES = [
     # shape (B, Hq, Hkv, Lq, Lk, D, Dv), attention options, sparse options
     ((1, 2, 1, 200, 200, 16, 16), dict(), dict(block_size=32, budget=0.25, local_tokens=8)),
     ((2, 4, 2, 129, 129, 31, 13), dict(sink_tokens=4), dict(block_size=16, budget=0.1)),
+    ((1, 2, 2, 150, 150, 16, 16), dict(), dict(block_size=32, budget=0.1, outliers=0)),
+    ((1, 4, 2, 140, 140, 16, 16), dict(), dict(block_size=16, budget=0.2, outliers=15)),
     ((1, 6, 2, 67, 300, 8, 8), dict(softcap=5.0), dict(block_size=23, budget=0.5, threshold=0.9)),
     ((1, 3, 3, 1, 257, 16, 16), dict(), dict(block_size=64, budget=1 / 16, local_tokens=0)),
     (
@@ -131,7 +144,7 @@ def test_matches_references(case, dtype, rng):
     shape, options, sparse = case
     q, k, v = make_qkv(rng, shape, dtype)
     selection = foveal.token_topk_select(q, k, **options, **sparse)
-    full = dict(dict(threshold=0.0, local_tokens=64), **sparse)
+    full = dict(dict(threshold=0.0, local_tokens=64, outliers=1), **sparse)
     ref_options = {
         n: options[n]
         for n in ("causal", "window_left", "window_right", "sink_tokens", "softcap", "q_offset")
@@ -172,6 +185,32 @@ def test_planted_keys_are_found_and_recall_is_the_kept_mass(rng):
     _, dense_lse = foveal.attention(q, k, v, causal=True, return_lse=True)
     recall = np.exp(lse - dense_lse)
     assert recall[0, :, 480:].mean() > 0.9
+
+
+def test_a_retrieval_query_keeps_its_own_key_as_an_outlier(rng):
+    """One query of a block asks for a key far back that the rest of its block does not want:
+    the block's mean dilutes it 64 times and loses it among keys the others prefer; scored on
+    its own as an outlier, its key is kept (and the planted retrieval row sees it)."""
+    length, dim, bs = 4096, 32, 64
+    q = np.zeros((1, 1, length, dim))
+    k = rng.standard_normal((1, 1, length, dim)) * 0.5
+    q[0, 0, :, 1] = 8.0  # every query likes keys with a large component 1 ...
+    k[0, 0, :, 0] = 0.0
+    k[0, 0, 100, 1] = 0.0  # ... which the planted key lacks
+    k[0, 0, 100, 0] = 12.0
+    row = 3600  # in block 56; only it asks for component 0
+    q[0, 0, row] = 0.0
+    q[0, 0, row, 0] = 12.0
+    kept = {}
+    for outliers in (0, 1, 2):
+        selection = foveal.token_topk_select(
+            q, k, budget=1 / 16, block_size=bs, local_tokens=0, outliers=outliers
+        )
+        kept[outliers] = 100 in selection.kept(0, 0, row // bs).tolist()
+    assert kept == {0: False, 1: True, 2: True}
+    out, lse = foveal.token_topk_attention(q, k, k, budget=1 / 16, return_lse=True)
+    _, dense_lse = foveal.attention(q, k, k, causal=True, return_lse=True)
+    assert np.exp(lse - dense_lse)[0, 0, row] > 0.99
 
 
 def test_budget_one_is_dense_and_threads_agree(rng):

@@ -6,13 +6,18 @@
 // sinks visible to it; it keeps n = min(C, max(ceil(budget * C), local)) of its C candidates: the
 // local ones (candidates in [lo - local_tokens, hi]), then the others by estimated mass, ties to
 // the lower key; with a threshold it stops once the kept mass reaches it. The mass of candidate j
-// is the group mean over query heads h of softmax_j(scale * mean_Q(q_h) . k_j (softcapped)).
+// is the group mean over query heads h of
+//   ((n - o) / n) softmax_j(s(mean of the others)) + (1 / n) sum_x softmax_j(s(x)),
+// s(x) = scale * x . k_j (softcapped), over Q's n queries of head h of which the o =
+// min(outliers, n - 1) farthest from their mean (squared distance, ties to the earlier query)
+// are the outliers x and the rest "the others".
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "reference/attention_reference.hpp"
@@ -25,6 +30,7 @@ struct TokenTopkReferenceOptions {
   double threshold = 0;
   std::int64_t block_size = 64;
   std::int64_t local_tokens = 64;
+  std::int64_t outliers = 1;
 };
 
 // Lists in the order (b, kv head, query block), query blocks from floor(q_offset / bs); each
@@ -65,21 +71,51 @@ inline std::vector<ReferenceList> token_topk_select_reference(
         list.keep = std::min(count, std::max(wanted, static_cast<std::int64_t>(local.size())));
         for (std::int64_t g = 0; g < group; ++g) {
           const std::int64_t head = h * group + g;
+          const std::int64_t n = hi - lo + 1;
+          const auto query = [&](std::int64_t pos, std::int64_t d) {
+            return q[static_cast<std::size_t>(
+                ((b * s.heads_q + head) * s.len_q + (pos - q_offset)) * s.dim + d)];
+          };
           std::vector<double> mean_q(static_cast<std::size_t>(s.dim), 0.0);
           for (std::int64_t pos = lo; pos <= hi; ++pos)
+            for (std::int64_t d = 0; d < s.dim; ++d) mean_q[d] += query(pos, d);
+          for (double& x : mean_q) x /= static_cast<double>(n);
+          // Outliers: farthest from the mean first, ties to the earlier query.
+          std::vector<std::pair<double, std::int64_t>> far;
+          for (std::int64_t pos = lo; pos <= hi; ++pos) {
+            double distance = 0;
             for (std::int64_t d = 0; d < s.dim; ++d)
-              mean_q[d] += q[((b * s.heads_q + head) * s.len_q + (pos - q_offset)) * s.dim + d];
-          for (double& x : mean_q) x /= static_cast<double>(hi - lo + 1);
-          std::vector<double> logits;
-          for (const std::int64_t j : candidates) {
-            double dot = 0;
-            for (std::int64_t d = 0; d < s.dim; ++d)
-              dot += mean_q[d] * k[((b * s.heads_kv + h) * s.len_k + j) * s.dim + d];
-            double logit = scale * dot;
-            if (o.softcap > 0) logit = o.softcap * std::tanh(logit / o.softcap);
-            logits.push_back(logit);
+              distance += (query(pos, d) - mean_q[d]) * (query(pos, d) - mean_q[d]);
+            far.emplace_back(-distance, pos);
           }
-          add_softmax(logits, candidates, 1.0 / static_cast<double>(group), list.mass);
+          std::sort(far.begin(), far.end());
+          const std::int64_t chosen = std::min(sparse.outliers, n - 1);
+          std::vector<std::int64_t> outliers;
+          for (std::int64_t x = 0; x < chosen; ++x) outliers.push_back(far[x].second);
+          std::vector<double> rest(static_cast<std::size_t>(s.dim), 0.0);
+          for (std::int64_t pos = lo; pos <= hi; ++pos) {
+            if (std::find(outliers.begin(), outliers.end(), pos) != outliers.end()) continue;
+            for (std::int64_t d = 0; d < s.dim; ++d) rest[d] += query(pos, d);
+          }
+          for (double& x : rest) x /= static_cast<double>(n - chosen);
+          const auto add_row = [&](const std::vector<double>& row, double weight) {
+            std::vector<double> logits;
+            for (const std::int64_t j : candidates) {
+              double dot = 0;
+              for (std::int64_t d = 0; d < s.dim; ++d)
+                dot += row[d] * k[((b * s.heads_kv + h) * s.len_k + j) * s.dim + d];
+              double logit = scale * dot;
+              if (o.softcap > 0) logit = o.softcap * std::tanh(logit / o.softcap);
+              logits.push_back(logit);
+            }
+            add_softmax(logits, candidates, weight / static_cast<double>(group), list.mass);
+          };
+          add_row(rest, static_cast<double>(n - chosen) / static_cast<double>(n));
+          for (const std::int64_t pos : outliers) {
+            std::vector<double> row(static_cast<std::size_t>(s.dim));
+            for (std::int64_t d = 0; d < s.dim; ++d) row[d] = query(pos, d);
+            add_row(row, 1.0 / static_cast<double>(n));
+          }
         }
         keep_local_then_by_mass(list, candidates, local, sparse.threshold);
         lists.push_back(list);

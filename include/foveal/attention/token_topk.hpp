@@ -24,15 +24,23 @@ namespace foveal {
 // estimated attention mass. With threshold > 0 (adaptive, "top-p") it keeps the fewest keys,
 // local ones first, whose estimated mass reaches threshold, at most n of them.
 //
-// The estimate of key j for query block Q, for each query head h of a GQA group:
-// softmax over Q's candidates of scale * mean_Q(q_h) . k_j (through the softcap when there is
-// one), averaged over the group's heads. It costs 1 / block_size of the dense q.k products
-// (every key is scored once per query block, not once per query). Ties go to the lower key.
+// The estimate, for each query head h of a GQA group: Q's n queries of head h are split into
+// its o = min(outliers, n - 1) outlier queries (the o farthest from the block's mean query in
+// squared distance, ties to the earlier query) and the other n - o, represented by their mean
+// m_h. The estimated mass of candidate j is the block's mean attention with the others
+// answered by their mean,
+//   ((n - o) / n) softmax_j(s(m_h, k_j)) + (1 / n) sum over outliers x of softmax_j(s(x, k_j)),
+// s(x, k) = scale * x . k (through the softcap when there is one), the softmaxes over Q's
+// candidates, averaged over the group's heads. A query that asks something the rest of its
+// block does not (a retrieval query) is an outlier and keeps its own answer instead of being
+// diluted in the mean. It costs (1 + o) / block_size of the dense q.k products (every key is
+// scored 1 + o times per query block, not once per query). Ties go to the lower key.
 struct TokenTopkOptions {
   double budget = 1.0 / 16;        // in (0, 1]
   double threshold = 0;            // 0: off; else in (0, 1]
   std::int64_t block_size = 64;    // in [16, 4096]
   std::int64_t local_tokens = 64;  // >= 0
+  std::int64_t outliers = 1;       // in [0, block_size)
 };
 
 // The keys each query block keeps, per (batch, kv head): for list

@@ -168,7 +168,8 @@ def block_sparse_adaptive(q, k, v, threshold, *, block_size=64, num_threads=None
 
 def token_topk(q, k, v, budget, *, block_size=64, num_threads=None):
     """foveal.token_topk_attention: each query block keeps ``budget`` of its candidate keys (its
-    local keys first, then the best by its mean query's estimate); selection included."""
+    local keys first, then the best by its estimate: its mean query and its farthest query);
+    selection included."""
     return foveal.token_topk_attention(
         q, k, v, budget=budget, block_size=block_size, return_lse=True, num_threads=num_threads
     )
@@ -176,7 +177,7 @@ def token_topk(q, k, v, budget, *, block_size=64, num_threads=None):
 
 def token_topk_adaptive(q, k, v, threshold, *, block_size=64, num_threads=None):
     """foveal.token_topk_attention with an adaptive budget: the fewest keys whose estimated
-    attention mass reaches ``threshold`` (top-p over the mean query's estimate)."""
+    attention mass reaches ``threshold`` (top-p over the same estimate)."""
     return foveal.token_topk_attention(
         q,
         k,

@@ -260,6 +260,7 @@ struct TokenMethod {
   static Index extent_for(Index len_k, Index /*block_size*/) { return len_k; }
   static void draw_local(FuzzedDataProvider& data, Options& sparse) {
     sparse.local_tokens = index_option(data, 0, 40);
+    sparse.outliers = index_option(data, 0, 15);
   }
   template <typename... Args>
   static Selection select(Args&&... args) {
