@@ -169,9 +169,7 @@ FlashParams<T> prepare_attention(const char* function, TensorView<const T, 4> q,
 template <typename Chunk>
 void for_each_decode_chunk(KeyRange range, Chunk&& chunk) {
   for (Index begin = range.begin; begin < range.end;) {
-    // The next multiple of kDecodeChunkKeys, without forming it (positions reach 2^63 - 1).
-    const Index room = kDecodeChunkKeys - begin % kDecodeChunkKeys;
-    const Index end = range.end - begin <= room ? range.end : begin + room;
+    const Index end = aligned_piece_end(begin, range.end, kDecodeChunkKeys);
     chunk(KeyRange{begin, end});
     begin = end;
   }

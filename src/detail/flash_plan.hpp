@@ -83,6 +83,14 @@ struct KeyBlock {
   Index position_offset = 0;
 };
 
+// The end of the piece of [begin, end) that starts at begin and stops at the next multiple of
+// `step` after begin, or at end if that comes first; the multiple is never formed (positions
+// reach 2^63 - 1).
+inline Index aligned_piece_end(Index begin, Index end, Index step) {
+  const Index room = step - begin % step;
+  return end - begin <= room ? end : begin + room;
+}
+
 // Visits the keys at `positions` in blocks aligned to multiples of kBlockK positions, so that
 // any two policies covering the same keys use identical blocks (and identical arithmetic). The
 // key at position p is stored in row p - position_offset.
@@ -90,9 +98,7 @@ template <typename Seen, typename Visit>
 void for_each_aligned_block(KeyRange positions, Index position_offset, const Seen& visibility,
                             Index position_lo, Index position_hi, Visit&& visit) {
   for (Index begin = positions.begin; begin < positions.end;) {
-    // The next multiple of kBlockK, without forming it (positions reach 2^63 - 1).
-    const Index room = kBlockK - begin % kBlockK;
-    const Index end = positions.end - begin <= room ? positions.end : begin + room;
+    const Index end = aligned_piece_end(begin, positions.end, kBlockK);
     visit(KeyBlock{begin - position_offset, end - begin, nullptr,
                    !visibility.sees_all(position_lo, position_hi, begin, end), position_offset});
     begin = end;
