@@ -70,34 +70,31 @@ void require_selection(const char* function, const BlockSelection& selection, In
                         key_blocks, "blocks", "a key block");
 }
 
-template <typename T>
-void attend_impl(const char* function, TensorView<const T, 4> q, TensorView<const T, 4> k,
-                 TensorView<const T, 4> v, TensorView<T, 4> out, const AttentionOptions& options,
-                 const BlockSelection& selection, TensorView<compute_type_t<T>, 3> lse) {
-  const auto params = detail::prepare_attention<T>(function, q, k, v, out, options, lse, {});
-  require_selection(function, selection, q.size(0), k.size(1), params.q_offset, q.size(2),
-                    k.size(2));
-  if (detail::no_rows(q)) return;  // nothing to write
-  detail::kernels<T>().block_sparse_attention(
-      detail::selection_plan(params, options, selection, selection.blocks));
-}
-
 constexpr const char* kSelect = "block_sparse_select";
 constexpr const char* kAttend = "block_sparse_attention";
+
+template <typename T>
+void attend_impl(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorView<const T, 4> v,
+                 TensorView<T, 4> out, const AttentionOptions& options,
+                 const BlockSelection& selection, TensorView<compute_type_t<T>, 3> lse) {
+  detail::attend_selection<T>(
+      kAttend, q, k, v, out, options, selection, lse,
+      [&](const auto& params) {
+        require_selection(kAttend, selection, q.size(0), k.size(1), params.q_offset, q.size(2),
+                          k.size(2));
+      },
+      detail::kernels<T>().block_sparse_attention);
+}
 
 template <typename T>
 void select_and_attend(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorView<const T, 4> v,
                        TensorView<T, 4> out, const AttentionOptions& options,
                        const BlockSparseOptions& sparse, TensorView<compute_type_t<T>, 3> lse) {
-  // Everything the attention checks is checked before the selection is made.
-  const auto params = detail::prepare_attention<T>(kAttend, q, k, v, out, options, lse, {});
-  if (detail::no_rows(q)) {  // nothing to select nor write: only the options are left to check
-    require_sparse_options(kAttend, sparse);
-    return;
-  }
-  const BlockSelection selection = select_impl<T>(kAttend, q, k, options, sparse);
-  detail::kernels<T>().block_sparse_attention(
-      detail::selection_plan(params, options, selection, selection.blocks));
+  detail::select_and_attend<T>(
+      kAttend, q, k, v, out, options, lse,
+      [&] { return select_impl<T>(kAttend, q, k, options, sparse); },
+      [&] { require_sparse_options(kAttend, sparse); },
+      detail::kernels<T>().block_sparse_attention);
 }
 
 }  // namespace
@@ -112,7 +109,7 @@ void select_and_attend(TensorView<const T, 4> q, TensorView<const T, 4> k, Tenso
                               TensorView<const T, 4> v, TensorView<T, 4> out,                    \
                               const AttentionOptions& options, const BlockSelection& selection,  \
                               TensorView<Lse, 3> lse) {                                          \
-    attend_impl<T>(kAttend, q, k, v, out, options, selection, lse);                              \
+    attend_impl<T>(q, k, v, out, options, selection, lse);                                       \
   }                                                                                              \
   void block_sparse_attention(TensorView<const T, 4> q, TensorView<const T, 4> k,                \
                               TensorView<const T, 4> v, TensorView<T, 4> out,                    \

@@ -91,12 +91,13 @@ template <typename T>
 void attend_impl(const char* function, TensorView<const T, 4> q, TensorView<const T, 4> k,
                  TensorView<const T, 4> v, TensorView<T, 4> out, const AttentionOptions& options,
                  const TokenSelection& selection, TensorView<compute_type_t<T>, 3> lse) {
-  const auto params = detail::prepare_attention<T>(function, q, k, v, out, options, lse, {});
-  require_selection(function, selection, q.size(0), k.size(1), params.q_offset, q.size(2),
-                    k.size(2));
-  if (detail::no_rows(q)) return;  // nothing to write
-  detail::kernels<T>().token_topk_attention(
-      detail::selection_plan(params, options, selection, selection.keys));
+  detail::attend_selection<T>(
+      function, q, k, v, out, options, selection, lse,
+      [&](const auto& params) {
+        require_selection(function, selection, q.size(0), k.size(1), params.q_offset, q.size(2),
+                          k.size(2));
+      },
+      detail::kernels<T>().token_topk_attention);
 }
 
 constexpr const char* kSelect = "token_topk_select";
@@ -104,20 +105,16 @@ constexpr const char* kAttend = "token_topk_attention";
 constexpr const char* kLinesSelect = "vertical_slash_select";
 constexpr const char* kLinesAttend = "vertical_slash_attention";
 
+// The one-call form; vertical_slash_attention too, over token top-k's engine.
 template <typename T, typename Sparse>
 void select_and_attend(const char* function, TensorView<const T, 4> q, TensorView<const T, 4> k,
                        TensorView<const T, 4> v, TensorView<T, 4> out,
                        const AttentionOptions& options, const Sparse& sparse,
                        TensorView<compute_type_t<T>, 3> lse) {
-  // The attention's arguments are checked before the selection is made.
-  const auto params = detail::prepare_attention<T>(function, q, k, v, out, options, lse, {});
-  if (detail::no_rows(q)) {  // nothing to select nor write: only the options are left to check
-    require_sparse_options(function, sparse);
-    return;
-  }
-  const TokenSelection selection = select_impl<T>(function, q, k, options, sparse);
-  detail::kernels<T>().token_topk_attention(
-      detail::selection_plan(params, options, selection, selection.keys));
+  detail::select_and_attend<T>(
+      function, q, k, v, out, options, lse,
+      [&] { return select_impl<T>(function, q, k, options, sparse); },
+      [&] { require_sparse_options(function, sparse); }, detail::kernels<T>().token_topk_attention);
 }
 
 }  // namespace

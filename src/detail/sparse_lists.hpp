@@ -1,7 +1,8 @@
 // src/detail/sparse_lists.hpp (private) — what the selections of block_sparse_select and
 // token_topk_select share: the checks of the q / k pair they estimate from and the plan of the
 // selection kernel, the run that turns the kernels' fixed-capacity lists into a CSR, the checks
-// of a caller's selection and the plan of the attention over it.
+// of a caller's selection, the plan of the attention over it and the two ways to run that
+// attention (over a caller's selection, or selecting first).
 #pragma once
 
 #include <algorithm>
@@ -11,6 +12,8 @@
 #include "detail/attention_setup.hpp"
 #include "detail/block_sparse_geometry.hpp"
 #include "detail/kernels.hpp"
+#include "foveal/attention/block_sparse.hpp"
+#include "foveal/attention/token_topk.hpp"
 #include "foveal/core/error.hpp"
 #include "foveal/core/tensor.hpp"
 
@@ -170,6 +173,47 @@ SelectionPlan<T> selection_plan(const FlashParams<T>& params, const AttentionOpt
   plan.offsets = selection.offsets.data();
   plan.items = items.data();
   return plan;
+}
+
+// The items of a selection: key blocks or keys.
+inline const std::vector<std::int64_t>& selection_items(const BlockSelection& selection) {
+  return selection.blocks;
+}
+inline const std::vector<std::int64_t>& selection_items(const TokenSelection& selection) {
+  return selection.keys;
+}
+
+// A sparse prefill attention over a caller's selection (block_sparse_attention,
+// token_topk_attention): the attention's checks, then require_selection(params) (the selection
+// against the call), then `kernel` over it. Nothing is written before every check has passed.
+template <typename T, typename Selection, typename RequireSelection>
+void attend_selection(const char* function, TensorView<const T, 4> q, TensorView<const T, 4> k,
+                      TensorView<const T, 4> v, TensorView<T, 4> out,
+                      const AttentionOptions& options, const Selection& selection,
+                      TensorView<compute_type_t<T>, 3> lse, RequireSelection&& require_selection,
+                      void (*kernel)(const SelectionPlan<T>&)) {
+  const auto params = prepare_attention<T>(function, q, k, v, out, options, lse, {});
+  require_selection(params);
+  if (no_rows(q)) return;  // nothing to write
+  kernel(selection_plan(params, options, selection, selection_items(selection)));
+}
+
+// The one-call form: the attention's checks first, then select() (which checks the sparse
+// options and makes the selection), then `kernel` over it. Without query rows there is nothing
+// to select nor write, and only require_options() runs.
+template <typename T, typename Select, typename RequireOptions>
+void select_and_attend(const char* function, TensorView<const T, 4> q, TensorView<const T, 4> k,
+                       TensorView<const T, 4> v, TensorView<T, 4> out,
+                       const AttentionOptions& options, TensorView<compute_type_t<T>, 3> lse,
+                       Select&& select, RequireOptions&& require_options,
+                       void (*kernel)(const SelectionPlan<T>&)) {
+  const auto params = prepare_attention<T>(function, q, k, v, out, options, lse, {});
+  if (no_rows(q)) {
+    require_options();
+    return;
+  }
+  const auto selection = select();
+  kernel(selection_plan(params, options, selection, selection_items(selection)));
 }
 
 // The geometry fields a selection must share with the call (batch, heads_kv, the query blocks),
