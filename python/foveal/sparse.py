@@ -360,11 +360,11 @@ def token_topk_attention(
     with the same options would show it and j is a sink or is kept by p's query block. Without
     ``selection`` the call selects first (see :func:`token_topk_select` for ``budget``,
     ``threshold``, ``block_size``, ``local_tokens``, ``outliers``); with one it attends over it
-    (those five are then unused). Causal by default; causality and windows always bound the selection. Shapes,
-    dtypes and returns as :func:`foveal.attention` (no bias): ``out``, or ``(out, lse)`` with
-    ``return_lse=True``. The kept keys are gathered by index into the engine's key blocks, so
-    the work is proportional to the kept keys however scattered they are; the same bits for any
-    thread count.
+    (those five are then unused). Causal by default; causality and windows always bound the
+    selection. Shapes, dtypes and returns as :func:`foveal.attention` (no bias): ``out``, or
+    ``(out, lse)`` with ``return_lse=True``. The kept keys are gathered by index into the
+    engine's key blocks, so the work is proportional to the kept keys however scattered they
+    are; the same bits for any thread count.
     """
     sparse = dict(
         budget=budget,

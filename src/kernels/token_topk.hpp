@@ -400,11 +400,12 @@ void token_topk_select(const SelectPlan<S>& plan) {
         add_estimate_rows(plan, b, head, i, g, group, own);
     }
     const auto row_count = static_cast<Index>(own.rows.size());
-    const Index span = row_count > 0 ? span_end - span_begin : 0;
+    // Blocks that need an estimate have a mass (zero without query heads: no rows to score).
+    const Index span = span_end > span_begin ? span_end - span_begin : 0;
+    own.mass.assign(static_cast<std::size_t>(blocks * span), T(0));
 
     if (row_count > 0) {
       prepare_scoring<S>(dim, own);
-      own.mass.assign(static_cast<std::size_t>(blocks * span), T(0));
       own.logits.resize(static_cast<std::size_t>(std::min(kBlockQ, row_count) * span));
       for (Index row0 = 0; row0 < row_count; row0 += kBlockQ) {
         const Index rows = std::min(kBlockQ, row_count - row0);

@@ -303,6 +303,13 @@ TEST(TokenTopkRegressions, EmptyCallsStridedRowsAndBrokenSelections) {
   // No query heads, two kv heads: empty lists' selection is made without estimating.
   const TokenSelection headless = token_topk_select(q, view({2, 2, 85, 6}), o, sparse);
   EXPECT_EQ(headless.offsets.size(), std::size_t{2 * 2 * 2 + 1});
+  // ... and with a threshold every list needs an estimate, with no rows to make one (regression,
+  // Python fuzz: the lists read a mass that was never allocated): zero masses, the lowest keys.
+  TokenTopkOptions adaptive = sparse;
+  adaptive.threshold = 0.9;
+  const TokenSelection headless_adaptive = token_topk_select(q, view({2, 2, 85, 6}), o, adaptive);
+  EXPECT_EQ(headless_adaptive.offsets, headless.offsets);
+  EXPECT_EQ(headless_adaptive.keys, headless.keys);
   const Index huge = Index{1} << 62;
   const TensorView<const float, 4> q0 = view({0, 1, 4, 6}), k0 = view({0, 1, huge, 6});
   token_topk_attention(q0, k0, view({0, 1, huge, 7}), view({0, 1, 4, 7}), o, sparse);

@@ -208,7 +208,7 @@ def test_a_retrieval_query_keeps_its_own_key_as_an_outlier(rng):
         )
         kept[outliers] = 100 in selection.kept(0, 0, row // bs).tolist()
     assert kept == {0: False, 1: True, 2: True}
-    out, lse = foveal.token_topk_attention(q, k, k, budget=1 / 16, return_lse=True)
+    _, lse = foveal.token_topk_attention(q, k, k, budget=1 / 16, return_lse=True)
     _, dense_lse = foveal.attention(q, k, k, causal=True, return_lse=True)
     assert np.exp(lse - dense_lse)[0, 0, row] > 0.99
 
