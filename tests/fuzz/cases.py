@@ -687,8 +687,8 @@ def kv_cache_case(draw, quest: bool = False):
 
 @st.composite
 def paged_cache_case(draw):
-    """A paged cache (owned or over a [P, 2, Hkv, page, D] pool) and a sequence of operations
-    on it, batch decode and prefill among them; a rejected operation must leave every
+    """A paged cache (owned, or over a [P, 2, Hkv, page, D] pool or an 8-bit [P, 2, Hkv, page,
+    blocks, 36] uint8 one) and a sequence of operations on it, batch decode and prefill among them; a rejected operation must leave every
     sequence, page table and the free pages as they were."""
     case = Case(draw, "PagedKVCache+batch_attention")
     d = case.dims({"P": (0, 6), "page": (1, 4), "Hkv": (1, 2), "D": (1, 6), "Dv": (0, 6)}, ("P",))
@@ -703,7 +703,14 @@ def paged_cache_case(draw):
             sizes[draw(st.integers(0, 4))] = draw(int_option())
         case.call(f"cache = foveal.PagedKVCache({', '.join(sizes)}, dtype={dtype!r})")
     else:
-        case.array("pool", (d["P"], 2, d["Hkv"], d["page"], d["D"]))
+        if dtype == "float32" and draw(st.integers(0, 3)) == 0:
+            # An 8-bit pool: uint8 bytes of 36 per block of 32 values (random bytes: any scale,
+            # NaN included); it takes float32 like a float32 one.
+            blocks = draw(st.integers(0, 2))
+            case.array("pool", (d["P"], 2, d["Hkv"], d["page"], blocks, 36), dtype="uint8")
+            d["D"] = 32 * max(blocks, 1)
+        else:
+            case.array("pool", (d["P"], 2, d["Hkv"], d["page"], d["D"]))
         case.call("cache = foveal.PagedKVCache.wrap(pool)")
         d["Dv"] = d["D"]
     call = [

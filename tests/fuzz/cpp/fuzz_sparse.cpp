@@ -20,7 +20,10 @@
 //     (or decode_attention's) to rounding;
 //   - <method>_select makes a well-formed selection of the call's geometry, the same for
 //     any thread count; <method>_attention rejects a selection that is not one;
-//   - the cache's page bounds are always the min / max of its stored keys (NaN apart).
+//   - the cache's page bounds are always the min / max of its stored keys (NaN apart);
+//   - snapkv_select's selection follows its rules, keeps the sinks and the newest keys, and is
+//     the same for any thread count; snapkv_gather copies exactly the selected rows and rejects
+//     (writing nothing) a selection that breaks the rules.
 #include <algorithm>
 #include <cstring>
 #include <memory>
@@ -470,14 +473,8 @@ void perturb(FuzzedDataProvider& data, typename Method::Selection& selection) {
   }
 }
 
-template <typename T, typename Method>
-void run_sparse(FuzzedDataProvider& data) {
-  using Selection = typename Method::Selection;
-  // 0: the one-call form; 1: <method>_select, then the attention with its selection;
-  // 2: the attention with a selection from a drawn mask.
-  const int mode = data.ConsumeIntegralInRange<int>(0, 2);
-  Arena<T> inputs(data, 2);
-  Outputs<T> outputs(data);
+// The extents of a sparse prefill (or SnapKV) call: small, valid ones for valid draws.
+AttentionDims draw_prefill_dims(FuzzedDataProvider& data) {
   AttentionDims dims{};
   dims.batch = extent(data, 1, 2);
   dims.heads_kv = extent(data, 1, 2);
@@ -487,11 +484,34 @@ void run_sparse(FuzzedDataProvider& data) {
   dims.dim = extent(data, 1, 3);
   dims.dim_v = extent(data, 1, 3);
   dims.heads_q = saturated_product(dims.heads_kv, dims.group);
+  return dims;
+}
+
+// q [B, Hq, Lq, D], k [B, Hkv, Lk, D] and v [B, Hkv, Lk, Dv] drawn over `inputs`.
+template <typename T>
+std::array<DrawnView<const T, 4>, 3> draw_qkv(FuzzedDataProvider& data, Arena<T>& inputs,
+                                              const AttentionDims& d) {
+  auto q = draw_view<const T, T, 4>(data, inputs, {d.batch, d.heads_q, d.len_q, d.dim});
+  auto k = draw_view<const T, T, 4>(data, inputs, {d.batch, d.heads_kv, d.len_k, d.dim});
+  auto v = draw_view<const T, T, 4>(data, inputs, {d.batch, d.heads_kv, d.len_k, d.dim_v});
+  return {q, k, v};
+}
+
+template <typename T, typename Method>
+void run_sparse(FuzzedDataProvider& data) {
+  using Selection = typename Method::Selection;
+  // 0: the one-call form; 1: <method>_select, then the attention with its selection;
+  // 2: the attention with a selection from a drawn mask.
+  const int mode = data.ConsumeIntegralInRange<int>(0, 2);
+  Arena<T> inputs(data, 2);
+  Outputs<T> outputs(data);
+  const AttentionDims dims = draw_prefill_dims(data);
   const auto [batch, heads_kv, group, len_q, len_k, dim, dim_v, heads_q] = dims;
   Expect expect, select_expect;
-  auto q = draw_view<const T, T, 4>(data, inputs, {batch, heads_q, len_q, dim});
-  auto k = draw_view<const T, T, 4>(data, inputs, {batch, heads_kv, len_k, dim});
-  auto v = draw_view<const T, T, 4>(data, inputs, {batch, heads_kv, len_k, dim_v});
+  auto qkv = draw_qkv<T>(data, inputs, dims);
+  const auto& q = qkv[0];
+  const auto& k = qkv[1];
+  const auto& v = qkv[2];
   auto out = draw_view<T, T, 4>(data, outputs.out, {batch, heads_q, len_q, dim_v}, true);
   DrawnView<Compute<T>, 3> lse;
   if (data.ConsumeBool())
@@ -844,15 +864,160 @@ void run_quest(FuzzedDataProvider& data) {
 
 }  // namespace
 
+// --------------------------------------------------------------------------------------------
+// SnapKV: snapkv_select over drawn views and options, then snapkv_gather with its selection or
+// an edited one.
+
+// Whether `selection` follows SnapKVSelection's rules for B, Hkv, Lk and keeps the forced keys
+// (the sinks and the newest local_tokens keys).
+bool well_formed_snapkv(const foveal::SnapKVSelection& selection, Index batch, Index heads_kv,
+                        Index len_k, Index sinks, Index local) {
+  if (selection.batch != batch || selection.heads_kv != heads_kv || selection.len_k != len_k ||
+      selection.kept < 0 || selection.kept > len_k ||
+      static_cast<Index>(selection.keys.size()) != batch * heads_kv * selection.kept)
+    return false;
+  for (Index list = 0; list < batch * heads_kv; ++list) {
+    const std::int64_t* keys = selection.keys.data() + list * selection.kept;
+    for (Index i = 0; i < selection.kept; ++i) {
+      if (keys[i] < 0 || keys[i] >= len_k || (i > 0 && keys[i] <= keys[i - 1])) return false;
+    }
+    const auto holds = [&](Index key) {
+      return std::binary_search(keys, keys + selection.kept, static_cast<std::int64_t>(key));
+    };
+    for (Index key = 0; key < std::min(sinks, len_k); ++key)
+      if (!holds(key)) return false;
+    for (Index key = std::max<Index>(0, len_k - local); key < len_k; ++key)
+      if (!holds(key)) return false;
+  }
+  return true;
+}
+
+template <typename T>
+void run_snapkv(FuzzedDataProvider& data) {
+  constexpr const char* kSelect = "snapkv_select";
+  constexpr const char* kGather = "snapkv_gather";
+  Arena<T> inputs(data, 2);
+  Arena<T> gathered_k(data, 1), gathered_v(data, 1);  // apart: the outputs never overlap
+  const AttentionDims dims = draw_prefill_dims(data);
+  Expect select_expect, gather_expect;
+  auto qkv = draw_qkv<T>(data, inputs, dims);
+  const auto& q = qkv[0];
+  const auto& k = qkv[1];
+  const auto& v = qkv[2];
+  select_expect.add(q);
+  select_expect.add(k);
+  gather_expect.add(k);
+  gather_expect.add(v);
+  if (give_up(select_expect, dims) || gather_expect.unusable) return;
+
+  foveal::AttentionOptions options = attention_options(data, true);
+  if (valid_draws) {  // SnapKV's own rules: the prompt's causal attention, no window
+    options.causal = true;
+    options.window_left = -1;
+    options.window_right = -1;
+  }
+  foveal::SnapKVOptions snap;
+  snap.budget = draw_fraction(data, false);
+  snap.threshold = draw_fraction(data, true);
+  snap.window = index_option(data, 1, 50);
+  constexpr Index kPools[] = {1, 3, 7, 5, 2, 0, -1, Index{1} << 40};
+  snap.pool = kPools[data.ConsumeIntegralInRange<int>(0, valid_draws ? 3 : 7)];
+  snap.local_tokens = index_option(data, 0, 40);
+  const auto select = [&](int threads) {
+    foveal::AttentionOptions at = options;
+    at.num_threads = threads;
+    return foveal::snapkv_select(q.view, k.view, at, snap);
+  };
+  foveal::SnapKVSelection selection;
+  if (answer_of(select_expect, kSelect, [&] { selection = select(options.num_threads); }) !=
+      Answer::accepted)
+    return;
+  // (The views' extents: a drawn view may differ from the drawn dims.)
+  const Index views_batch = k.view.size(0), views_heads = k.view.size(1),
+              views_len = k.view.size(2);
+  if (!select_expect.invalid && !well_formed_snapkv(selection, views_batch, views_heads, views_len,
+                                                    options.sink_tokens, snap.local_tokens))
+    finding(kSelect, "made a selection that breaks its rules or drops a forced key");
+  try {
+    const foveal::SnapKVSelection again = select(other_threads(data, options.num_threads));
+    if (again.kept != selection.kept || again.keys != selection.keys)
+      finding(kSelect, "another thread count selected otherwise");
+  } catch (const std::bad_alloc&) {
+  }
+
+  // Now and then an edited selection, which snapkv_gather must reject unless it still follows
+  // the rules.
+  if (data.ConsumeIntegralInRange<int>(0, 2) == 0 && !selection.keys.empty()) {
+    const auto at = static_cast<std::size_t>(
+        data.ConsumeIntegralInRange<Index>(0, static_cast<Index>(selection.keys.size()) - 1));
+    switch (data.ConsumeIntegralInRange<int>(0, 4)) {
+      case 0:
+        selection.keys[at] = data.ConsumeBool() ? -1 : selection.len_k;
+        break;
+      case 1:
+        selection.keys[at] = selection.keys[at > 0                           ? at - 1
+                                            : at + 1 < selection.keys.size() ? at + 1
+                                                                             : at];
+        break;
+      case 2:
+        ++selection.kept;
+        break;
+      case 3:
+        selection.keys.pop_back();
+        break;
+      default:
+        selection.len_k = data.ConsumeBool() ? selection.len_k + 1 : -1;
+    }
+  }
+  const Index kept = selection.kept;
+  const Index dim = k.view.size(3), dim_v = v.view.size(3);
+  auto out_k = draw_view<T, T, 4>(data, gathered_k, {views_batch, views_heads, kept, dim}, true);
+  auto out_v = draw_view<T, T, 4>(data, gathered_v, {views_batch, views_heads, kept, dim_v}, true);
+  gather_expect.add(out_k);
+  gather_expect.add(out_v);
+  if (gather_expect.unusable) return;
+  const auto unchanged = [](const Arena<T>& arena, const std::vector<T>& bytes) {
+    return std::memcmp(arena.buffers[0].data(), bytes.data(), bytes.size() * sizeof(T)) == 0;
+  };
+  const std::vector<T> before_k = gathered_k.buffers[0], before_v = gathered_v.buffers[0];
+  const Answer answer = answer_of(gather_expect, kGather, [&] {
+    foveal::snapkv_gather(selection, k.view, v.view, out_k.view, out_v.view);
+  });
+  const bool rules = !gather_expect.invalid &&
+                     well_formed_snapkv(selection, views_batch, views_heads, views_len, 0, 0);
+  if (answer == Answer::rejected &&
+      (!unchanged(gathered_k, before_k) || !unchanged(gathered_v, before_v)))
+    finding(kGather, "a rejected call wrote an output");
+  if (answer == Answer::accepted && !rules) finding(kGather, "accepted a malformed selection");
+  if (answer != Answer::accepted) return;
+  // Row i of (b, h) is the prompt's row keys[(b * Hkv + h) * kept + i], bit for bit.
+  const auto same_bits = [](T a, T b) { return std::memcmp(&a, &b, sizeof(T)) == 0; };
+  for (Index b = 0; b < views_batch; ++b)
+    for (Index h = 0; h < views_heads; ++h)
+      for (Index i = 0; i < kept; ++i) {
+        const Index key =
+            selection.keys[static_cast<std::size_t>((b * views_heads + h) * kept + i)];
+        for (Index d = 0; d < dim; ++d)
+          if (!same_bits(out_k.view(b, h, i, d), k.view(b, h, key, d)))
+            finding(kGather, "a gathered key row is not the selected prompt row");
+        for (Index d = 0; d < dim_v; ++d)
+          if (!same_bits(out_v.view(b, h, i, d), v.view(b, h, key, d)))
+            finding(kGather, "a gathered value row is not the selected prompt row");
+      }
+}
+
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* bytes, std::size_t size) {
   FuzzedDataProvider data(bytes, size);
   valid_draws = !data.ConsumeBool();  // (an exhausted input draws zeros: valid ones)
   const bool quest = data.ConsumeBool();
+  const bool snapkv = quest && data.ConsumeBool();
   const bool tokens = data.ConsumeBool();
   const bool lines = tokens && data.ConsumeBool();
   const auto run = [&](auto type) {
     using T = decltype(type);
-    if (quest) {
+    if (snapkv) {
+      run_snapkv<T>(data);
+    } else if (quest) {
       run_quest<T>(data);
     } else if (lines) {
       run_sparse<T, LinesMethod>(data);
