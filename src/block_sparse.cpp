@@ -58,33 +58,8 @@ BlockSelection select_impl(const char* function, TensorView<const T, 4> q, Tenso
   return selection;
 }
 
-// A selection must match the call's geometry and be a valid CSR of strictly increasing blocks.
-void require_selection(const char* function, const BlockSelection& selection, Index batch,
-                       Index heads_kv, Index q_offset, Index len_q, Index len_k) {
-  detail::require_selection_geometry(function, selection, batch, heads_kv, q_offset, len_q);
-  const Index key_blocks = detail::ceil_divide(len_k, selection.block_size);
-  detail::require_selection_field(function, "key_blocks", selection.key_blocks, key_blocks,
-                                  "ceil(Lk / block_size)");
-  detail::require_lists(function, selection.offsets, selection.blocks,
-                        detail::list_count(function, batch, heads_kv, selection.query_blocks),
-                        key_blocks, "blocks", "a key block");
-}
-
 constexpr const char* kSelect = "block_sparse_select";
 constexpr const char* kAttend = "block_sparse_attention";
-
-template <typename T>
-void attend_impl(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorView<const T, 4> v,
-                 TensorView<T, 4> out, const AttentionOptions& options,
-                 const BlockSelection& selection, TensorView<compute_type_t<T>, 3> lse) {
-  detail::attend_selection<T>(
-      kAttend, q, k, v, out, options, selection, lse,
-      [&](const auto& params) {
-        require_selection(kAttend, selection, q.size(0), k.size(1), params.q_offset, q.size(2),
-                          k.size(2));
-      },
-      detail::kernels<T>().block_sparse_attention);
-}
 
 template <typename T>
 void select_and_attend(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorView<const T, 4> v,
@@ -109,7 +84,8 @@ void select_and_attend(TensorView<const T, 4> q, TensorView<const T, 4> k, Tenso
                               TensorView<const T, 4> v, TensorView<T, 4> out,                    \
                               const AttentionOptions& options, const BlockSelection& selection,  \
                               TensorView<Lse, 3> lse) {                                          \
-    attend_impl<T>(q, k, v, out, options, selection, lse);                                       \
+    detail::attend_selection<T>(kAttend, q, k, v, out, options, selection, lse,                  \
+                                detail::kernels<T>().block_sparse_attention);                    \
   }                                                                                              \
   void block_sparse_attention(TensorView<const T, 4> q, TensorView<const T, 4> k,                \
                               TensorView<const T, 4> v, TensorView<T, 4> out,                    \

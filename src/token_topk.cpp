@@ -77,29 +77,6 @@ TokenSelection select_impl(const char* function, TensorView<const T, 4> q, Tenso
   return selection;
 }
 
-// A selection must match the call's geometry and be a valid CSR of strictly increasing keys.
-void require_selection(const char* function, const TokenSelection& selection, Index batch,
-                       Index heads_kv, Index q_offset, Index len_q, Index len_k) {
-  detail::require_selection_geometry(function, selection, batch, heads_kv, q_offset, len_q);
-  detail::require_selection_field(function, "len_k", selection.len_k, len_k, "k.shape[2]");
-  detail::require_lists(function, selection.offsets, selection.keys,
-                        detail::list_count(function, batch, heads_kv, selection.query_blocks),
-                        len_k, "keys", "a key");
-}
-
-template <typename T>
-void attend_impl(const char* function, TensorView<const T, 4> q, TensorView<const T, 4> k,
-                 TensorView<const T, 4> v, TensorView<T, 4> out, const AttentionOptions& options,
-                 const TokenSelection& selection, TensorView<compute_type_t<T>, 3> lse) {
-  detail::attend_selection<T>(
-      function, q, k, v, out, options, selection, lse,
-      [&](const auto& params) {
-        require_selection(function, selection, q.size(0), k.size(1), params.q_offset, q.size(2),
-                          k.size(2));
-      },
-      detail::kernels<T>().token_topk_attention);
-}
-
 constexpr const char* kSelect = "token_topk_select";
 constexpr const char* kAttend = "token_topk_attention";
 constexpr const char* kLinesSelect = "vertical_slash_select";
@@ -129,7 +106,8 @@ void select_and_attend(const char* function, TensorView<const T, 4> q, TensorVie
                             TensorView<const T, 4> v, TensorView<T, 4> out,                   \
                             const AttentionOptions& options, const TokenSelection& selection, \
                             TensorView<Lse, 3> lse) {                                         \
-    attend_impl<T>(kAttend, q, k, v, out, options, selection, lse);                           \
+    detail::attend_selection<T>(kAttend, q, k, v, out, options, selection, lse,               \
+                                detail::kernels<T>().token_topk_attention);                   \
   }                                                                                           \
   void token_topk_attention(TensorView<const T, 4> q, TensorView<const T, 4> k,               \
                             TensorView<const T, 4> v, TensorView<T, 4> out,                   \

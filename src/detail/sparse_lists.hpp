@@ -175,47 +175,6 @@ SelectionPlan<T> selection_plan(const FlashParams<T>& params, const AttentionOpt
   return plan;
 }
 
-// The items of a selection: key blocks or keys.
-inline const std::vector<std::int64_t>& selection_items(const BlockSelection& selection) {
-  return selection.blocks;
-}
-inline const std::vector<std::int64_t>& selection_items(const TokenSelection& selection) {
-  return selection.keys;
-}
-
-// A sparse prefill attention over a caller's selection (block_sparse_attention,
-// token_topk_attention): the attention's checks, then require_selection(params) (the selection
-// against the call), then `kernel` over it. Nothing is written before every check has passed.
-template <typename T, typename Selection, typename RequireSelection>
-void attend_selection(const char* function, TensorView<const T, 4> q, TensorView<const T, 4> k,
-                      TensorView<const T, 4> v, TensorView<T, 4> out,
-                      const AttentionOptions& options, const Selection& selection,
-                      TensorView<compute_type_t<T>, 3> lse, RequireSelection&& require_selection,
-                      void (*kernel)(const SelectionPlan<T>&)) {
-  const auto params = prepare_attention<T>(function, q, k, v, out, options, lse, {});
-  require_selection(params);
-  if (no_rows(q)) return;  // nothing to write
-  kernel(selection_plan(params, options, selection, selection_items(selection)));
-}
-
-// The one-call form: the attention's checks first, then select() (which checks the sparse
-// options and makes the selection), then `kernel` over it. Without query rows there is nothing
-// to select nor write, and only require_options() runs.
-template <typename T, typename Select, typename RequireOptions>
-void select_and_attend(const char* function, TensorView<const T, 4> q, TensorView<const T, 4> k,
-                       TensorView<const T, 4> v, TensorView<T, 4> out,
-                       const AttentionOptions& options, TensorView<compute_type_t<T>, 3> lse,
-                       Select&& select, RequireOptions&& require_options,
-                       void (*kernel)(const SelectionPlan<T>&)) {
-  const auto params = prepare_attention<T>(function, q, k, v, out, options, lse, {});
-  if (no_rows(q)) {
-    require_options();
-    return;
-  }
-  const auto selection = select();
-  kernel(selection_plan(params, options, selection, selection_items(selection)));
-}
-
 // The geometry fields a selection must share with the call (batch, heads_kv, the query blocks),
 // named selection.<field> in the errors.
 template <typename Selection>
@@ -263,6 +222,69 @@ inline void require_lists(const char* function, const std::vector<std::int64_t>&
             ", selection.", items_name, "[", i, "] = ", item);
     }
   }
+}
+
+// The items of a selection: key blocks or keys.
+inline const std::vector<std::int64_t>& selection_items(const BlockSelection& selection) {
+  return selection.blocks;
+}
+inline const std::vector<std::int64_t>& selection_items(const TokenSelection& selection) {
+  return selection.keys;
+}
+
+// A selection must match the call's geometry and be a valid CSR of strictly increasing key
+// blocks (BlockSelection) or keys (TokenSelection).
+inline void require_selection(const char* function, const BlockSelection& selection, Index batch,
+                              Index heads_kv, Index q_offset, Index len_q, Index len_k) {
+  require_selection_geometry(function, selection, batch, heads_kv, q_offset, len_q);
+  const Index key_blocks = ceil_divide(len_k, selection.block_size);
+  require_selection_field(function, "key_blocks", selection.key_blocks, key_blocks,
+                          "ceil(Lk / block_size)");
+  require_lists(function, selection.offsets, selection.blocks,
+                list_count(function, batch, heads_kv, selection.query_blocks), key_blocks, "blocks",
+                "a key block");
+}
+inline void require_selection(const char* function, const TokenSelection& selection, Index batch,
+                              Index heads_kv, Index q_offset, Index len_q, Index len_k) {
+  require_selection_geometry(function, selection, batch, heads_kv, q_offset, len_q);
+  require_selection_field(function, "len_k", selection.len_k, len_k, "k.shape[2]");
+  require_lists(function, selection.offsets, selection.keys,
+                list_count(function, batch, heads_kv, selection.query_blocks), len_k, "keys",
+                "a key");
+}
+
+// A sparse prefill attention over a caller's selection (block_sparse_attention,
+// token_topk_attention): the attention's checks, then the selection's against the call, then
+// `kernel` over it. Nothing is written before every check has passed.
+template <typename T, typename Selection>
+void attend_selection(const char* function, TensorView<const T, 4> q, TensorView<const T, 4> k,
+                      TensorView<const T, 4> v, TensorView<T, 4> out,
+                      const AttentionOptions& options, const Selection& selection,
+                      TensorView<compute_type_t<T>, 3> lse,
+                      void (*kernel)(const SelectionPlan<T>&)) {
+  const auto params = prepare_attention<T>(function, q, k, v, out, options, lse, {});
+  require_selection(function, selection, q.size(0), k.size(1), params.q_offset, q.size(2),
+                    k.size(2));
+  if (no_rows(q)) return;  // nothing to write
+  kernel(selection_plan(params, options, selection, selection_items(selection)));
+}
+
+// The one-call form: the attention's checks first, then select() (which checks the sparse
+// options and makes the selection), then `kernel` over it. Without query rows there is nothing
+// to select nor write, and only require_options() runs.
+template <typename T, typename Select, typename RequireOptions>
+void select_and_attend(const char* function, TensorView<const T, 4> q, TensorView<const T, 4> k,
+                       TensorView<const T, 4> v, TensorView<T, 4> out,
+                       const AttentionOptions& options, TensorView<compute_type_t<T>, 3> lse,
+                       Select&& select, RequireOptions&& require_options,
+                       void (*kernel)(const SelectionPlan<T>&)) {
+  const auto params = prepare_attention<T>(function, q, k, v, out, options, lse, {});
+  if (no_rows(q)) {
+    require_options();
+    return;
+  }
+  const auto selection = select();
+  kernel(selection_plan(params, options, selection, selection_items(selection)));
 }
 
 }  // namespace foveal::detail
