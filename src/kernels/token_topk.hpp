@@ -498,16 +498,7 @@ void token_topk_select(const SelectPlan<S>& plan) {
       // ones (the ranks above the cut and, of those equal to it, the lowest `ties` keys).
       own.list.resize(static_cast<std::size_t>(candidates));
       std::int64_t* to = own.list.data();
-      const Index equal = wanted > 0 ? count_at_least(ranks, others, cut) - (wanted - ties) : 0;
       const auto take = [&](Index first_key, const Rank* from, Index n) {
-        if (wanted == 0) return;
-        if (ties == equal) {  // every tie is taken (the usual case)
-          for (Index j = 0; j < n; ++j) {
-            to[count] = first_key + j;
-            count += static_cast<Index>(from[j] >= cut);
-          }
-          return;
-        }
         for (Index j = 0; j < n; ++j) {
           const bool tie = from[j] == cut && ties > 0;
           ties -= static_cast<Index>(tie);
