@@ -210,6 +210,42 @@ def test_vertical_slash_follows_planted_slash_and_vertical_heads():
     assert recall["slash", "vertical_slash"] > 1.3 * recall["slash", "token_topk"], recall
 
 
+def test_channels_basis_keeps_the_logits_and_lets_quest_bounds_find_retrieval_keys():
+    """The same heads in both bases (values equal, logits equal to float32 rounding); in the
+    channels basis each planted direction lies in a channel of its own, so Quest's per-channel
+    page bounds find every planted retrieval key of the decode queries at 1/16, where the
+    rotation (which spreads each direction over all channels) hides most of them."""
+    # Four decode queries share one selection (Quest keeps the pages any of them needs): their
+    # four planted pages and the newest page fit the 8 pages of 1/16.
+    options = dict(dim=DIM, seed=SEED, mass=0.9, pairs=8, decode_queries=4)
+    rotated = frontier.planted("retrieval,retrieval+local", 2048, **options)
+    channels = frontier.planted("retrieval,retrieval+local", 2048, basis="channels", **options)
+    assert channels.basis == "channels" and rotated.basis == "rotated"
+    np.testing.assert_array_equal(channels.v, rotated.v)
+    for head in range(2):
+        np.testing.assert_array_equal(channels.heads[head].pairs, rotated.heads[head].pairs)
+        rows = channels.heads[head].pairs[:, 0]
+        logits = channels.q[0, head, rows].astype(np.float64) @ channels.k[0, head].T
+        turned = rotated.q[0, head, rows].astype(np.float64) @ rotated.k[0, head].T
+        np.testing.assert_allclose(logits, turned, atol=1e-3 * np.abs(turned).max())
+        # The planted key of each pair: one channel holds its whole retrieval part.
+        for index, key in enumerate(channels.heads[head].pairs[:, 1].tolist()):
+            column = channels.k[0, head, :, DIM // 4 + index]
+            assert np.count_nonzero(column) == 1 and column[key] > 0
+    found = {}
+    for data in (rotated, channels):
+        layer = frontier.Layer("planted", data.q, data.k, data.v, data.kinds, data.pairs)
+        rows = frontier.sweep(
+            [layer], ["quest"], ["1/16"], ["decode"], decode_queries=4, repeats=1, min_seconds=0
+        )
+        for r in rows:
+            if r["method"] == "quest":
+                found[data.basis, r["kind"]] = r["found"]
+    assert found["channels", "retrieval"] == 1.0, found
+    assert found["channels", "retrieval+local"] == 1.0, found
+    assert found["rotated", "retrieval"] < 0.75, found
+
+
 def test_found_counts_the_planted_retrieval_keys_a_method_visits():
     """``found``: the share of a retrieval head's planted pairs whose query visited its planted
     key (one more call with values that mark the planted keys). Dense finds all, a window
@@ -524,6 +560,8 @@ def test_bad_inputs_name_the_argument():
         frontier.planted("retrieval", 16, dim=16, decode_queries=5)
     with pytest.raises(TypeError, match="length must be an int"):
         frontier.planted("local", 64.0)
+    with pytest.raises(ValueError, match="basis must be one of rotated, channels, got 'pca'"):
+        frontier.planted("local", 64, basis="pca")
     with pytest.raises(ValueError, match="tolerance must be a number >= 0"):
         frontier.recommend([], -1)
 

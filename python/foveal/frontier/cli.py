@@ -123,6 +123,13 @@ def parser() -> argparse.ArgumentParser:
         ("--dim", int, 128, "planted head dimension"),
         ("--seed", int, 0, "planted seed"),
         ("--mass", float, 0.7, "planted softmax mass on each component's keys"),
+        (
+            "--basis",
+            str,
+            "rotated",
+            "planted basis: rotated (a random rotation hides the structure from every channel) "
+            "or channels (each component in channels of its own)",
+        ),
         ("--methods", _list, ["dense", "window"], "registered methods, comma-separated"),
         ("--budgets", _budgets, "1/64,1/32,1/16,1/8,1/4", "fractions of the keys"),
         ("--phases", _list, ["prefill", "decode"], "prefill, decode or both"),
@@ -183,7 +190,7 @@ def _inputs(args: argparse.Namespace) -> tuple:
                 layers.append(layer)
         return layers, []
     kinds = parse_kinds(args.planted)
-    options = dict(heads=args.heads, dim=args.dim, seed=args.seed, mass=args.mass)
+    options = dict(heads=args.heads, dim=args.dim, seed=args.seed, mass=args.mass, basis=args.basis)
     layers, described = [], []
     for length in args.length:
         data = planted(kinds, length, decode_queries=args.decode_queries, **options)

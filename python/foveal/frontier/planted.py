@@ -3,8 +3,15 @@
 Every head's logits are ``l_ij = q_i . k_j / sqrt(D) = noise_ij + sum_c beta_c S_c(i, j)``: a
 background ``noise_ij`` ~ N(0, sigma^2) from a block of random dimensions, plus one structured
 term per planted component ``c`` in its own block of dimensions (the blocks are orthogonal, so
-the terms add exactly); then the whole head is turned by one random rotation of the D
-dimensions, which keeps every dot product and hides the blocks from per-channel statistics.
+the terms add exactly); then, in the default ``basis="rotated"``, the whole head is turned by one
+random rotation of the D dimensions, which keeps every dot product and hides the blocks from
+per-channel statistics. ``basis="channels"`` leaves the blocks in their own channels: the same
+logits, but each component shows in a few channels of Q and K, as the structure of real keys
+concentrates in a few outlier channels. Methods that use only dot products (dense, window,
+block_sparse, token_topk, vertical_slash, snapkv) answer the same in both bases; per-channel
+summaries (Quest's page bounds) need the channels: in the rotated basis a planted direction
+spreads over all D channels, about 1/sqrt(D) of its length in each, less than the spread of the
+other keys in a channel.
 ``S_c`` peaks at 1 on the component's *planted keys* ``P_c(i)``:
 
 - ``local``: ``S = K(i - j)``, a rotary-style code (pairs of dimensions rotating at per-head
@@ -48,6 +55,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 KINDS = ("local", "slash", "sink", "vertical", "retrieval")
+BASES = ("rotated", "channels")
 
 # The share of the D dimensions that carries the background noise; the rest is structure.
 NOISE_SHARE = 4
@@ -100,13 +108,15 @@ class PlantedHead:
 
 @dataclass
 class Planted:
-    """q, k, v: float32 ``[1, H, L, D]``; ``heads``: one PlantedHead per head."""
+    """q, k, v: float32 ``[1, H, L, D]``; ``heads``: one PlantedHead per head; ``basis``:
+    ``"rotated"`` or ``"channels"`` (see the module docstring)."""
 
     q: np.ndarray
     k: np.ndarray
     v: np.ndarray
     heads: list
     seed: int
+    basis: str = "rotated"
 
     @property
     def kinds(self) -> list:
@@ -156,6 +166,7 @@ def planted(
     offsets: int = 3,
     pairs: int = 8,
     decode_queries: int = 1,
+    basis: str = "rotated",
 ) -> Planted:
     """Q/K/V ``[1, H, L, D]`` float32 with planted structure, deterministic in ``seed``.
 
@@ -165,7 +176,9 @@ def planted(
     puts on its planted keys, in (0, 1); ``noise``: the background logits' standard deviation;
     ``width``: the local and slash bands; ``sinks``, ``columns``, ``offsets``, ``pairs``: how
     many sink keys, vertical columns, slash lines and retrieval pairs per head;
-    ``decode_queries``: the last positions that are retrieval queries.
+    ``decode_queries``: the last positions that are retrieval queries; ``basis``:
+    ``"rotated"`` (a random rotation hides the structure from every channel) or ``"channels"``
+    (each component in channels of its own; the same heads otherwise).
     """
     kinds = parse_kinds(kinds)
     heads = len(kinds) if heads is None else heads
@@ -185,6 +198,10 @@ def planted(
         raise ValueError(f"foveal.frontier: planted: mass must be in (0, 1), got {mass}")
     if not noise >= 0.0:
         raise ValueError(f"foveal.frontier: planted: noise must be >= 0, got {noise}")
+    if basis not in BASES:
+        raise ValueError(
+            f"foveal.frontier: planted: basis must be one of {', '.join(BASES)}, got {basis!r}"
+        )
     if decode_queries > pairs:
         raise ValueError(
             f"foveal.frontier: planted: decode_queries must be <= pairs ({pairs}), got "
@@ -201,12 +218,15 @@ def planted(
         rng = np.random.default_rng(streams[head])
         kind = kinds[head % len(kinds)]
         q_head, k_head, info = _head(rng, kind, length, dim, mass, noise, decode_queries, shape)
+        # Drawn in both bases, so that a head's values are the same in both.
         rotation = _rotation(rng, dim)
-        q[0, head] = q_head @ rotation
-        k[0, head] = k_head @ rotation
+        if basis == "rotated":
+            q_head, k_head = q_head @ rotation, k_head @ rotation
+        q[0, head] = q_head
+        k[0, head] = k_head
         v[0, head] = rng.standard_normal((length, dim))
         described.append(info)
-    return Planted(q, k, v, described, seed)
+    return Planted(q, k, v, described, seed, basis)
 
 
 def _check_int(name: str, value: object, least: int) -> None:
