@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "detail/attention_setup.hpp"
@@ -117,12 +118,23 @@ const std::int64_t* kept_list(const char* name, const Selection& selection,
   return items.data() + offsets[at];
 }
 
+// `count` elements of E in `vector`, or a foveal::MemoryError naming `what` where the system
+// cannot provide them: the extents of a call without rows (Hq = 0) may be huge while its
+// selection still has B * Hkv * query_blocks lists, and std::vector would throw a bare
+// std::bad_alloc (or abort under a sanitizer). The probe is malloc's, which says no.
+template <typename E>
+void assign_checked(std::vector<E>& vector, Index count, const char* what) {
+  { const AlignedArray<E> probe = allocate_aligned<E>(static_cast<std::size_t>(count), what); }
+  vector.assign(static_cast<std::size_t>(count), E{});
+}
+
 // Moves list i's counts[i] items from items[capacity[i] ..] to the front, in order, and returns
 // the CSR offsets; items is shrunk to the total.
 inline std::vector<std::int64_t> compact_lists(const std::vector<Index>& capacity,
                                                const std::vector<Index>& counts,
-                                               std::vector<std::int64_t>& items) {
-  std::vector<std::int64_t> offsets(counts.size() + 1, 0);
+                                               std::vector<std::int64_t>& items, const char* what) {
+  std::vector<std::int64_t> offsets;
+  assign_checked(offsets, static_cast<Index>(counts.size()) + 1, what);
   std::int64_t written = 0;
   for (std::size_t at = 0; at < counts.size(); ++at) {
     const std::int64_t* from = items.data() + capacity[at];
@@ -142,21 +154,23 @@ std::vector<std::int64_t> run_select(const char* function, SelectPlan<T> plan, K
                                      void (*kernel)(const SelectPlan<T>&),
                                      std::vector<std::int64_t>& items) {
   const Index lists = list_count(function, plan.q.size(0), plan.k.size(1), plan.query_blocks);
+  const std::string what = std::string(function) + ": the selection's lists";
   // Room for each list's `keep`; the kernel may keep fewer (threshold), compacted below.
-  std::vector<Index> capacity(static_cast<std::size_t>(lists) + 1, 0);
+  std::vector<Index> capacity, counts;
+  assign_checked(capacity, lists + 1, what.c_str());
+  assign_checked(counts, lists, what.c_str());
   for (Index list = 0; list < lists; ++list)
     capacity[static_cast<std::size_t>(list) + 1] =
         capacity[static_cast<std::size_t>(list)] +
         keep_of(plan.first_query_block + list % plan.query_blocks);
-  items.resize(static_cast<std::size_t>(capacity.back()));
-  std::vector<Index> counts(static_cast<std::size_t>(lists), 0);
+  assign_checked(items, capacity.back(), what.c_str());
   if (lists > 0) {
     plan.capacity = capacity.data();
     plan.items = items.data();
     plan.counts = counts.data();
     kernel(plan);
   }
-  return compact_lists(capacity, counts, items);
+  return compact_lists(capacity, counts, items, what.c_str());
 }
 
 // The attention kernel's plan over a selection whose items are `items`.

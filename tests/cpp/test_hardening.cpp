@@ -164,6 +164,32 @@ TEST(HardeningSizes, BackwardsWithoutRowsAndKeysDoNoWorkWhateverTheOtherExtents)
                              view3({huge, 1, 0}));
 }
 
+// Regression (fuzz_sparse): a selection without query rows (Hq = 0) whose Lq counts 2^61 + 1
+// still has B * Hkv * query_blocks = 2^57 lists; sizing their offsets threw a bare
+// std::bad_alloc (under ASan, an abort). No system holds them: a foveal::MemoryError that names
+// the call, and a selection of an ordinary size still works.
+TEST(HardeningSizes, SelectionsTooLargeToHoldAreAMemoryError) {
+  std::vector<float> cell(16, 0.0f);
+  const Index huge = (Index{1} << 61) + 1;
+  const TensorView<const float, 4> q(cell.data(), {2, 0, huge, 1}, {0, 0, 0, 1});
+  const TensorView<const float, 4> k(cell.data(), {2, 2, 12, 1}, {0, 0, 1, 1});
+  const auto memory_error_naming = [](auto&& call, const std::string& name) {
+    try {
+      call();
+    } catch (const MemoryError& error) {
+      return std::string(error.what()).find(name + ": the selection's lists") != std::string::npos;
+    }
+    return false;
+  };
+  EXPECT_TRUE(
+      memory_error_naming([&] { block_sparse_select(q, k, {}, {}); }, "block_sparse_select"));
+  EXPECT_TRUE(memory_error_naming([&] { token_topk_select(q, k, {}, {}); }, "token_topk_select"));
+  const TensorView<const float, 4> few(cell.data(), {2, 0, 100, 1}, {0, 0, 0, 1});
+  const BlockSelection selection = block_sparse_select(few, k, {}, {});
+  EXPECT_GE(selection.query_blocks, 1);
+  EXPECT_EQ(static_cast<Index>(selection.offsets.size()), 2 * 2 * selection.query_blocks + 1);
+}
+
 TEST(HardeningThreads, SetNumThreadsRejectsCountsAboveTheMaximum) {
   EXPECT_TRUE(throws_error_with([] { set_num_threads(kMaxThreads + 1); },
                                 {"set_num_threads: num_threads must be in [0, 1024]", "got 1025"}));
