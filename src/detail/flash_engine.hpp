@@ -238,18 +238,61 @@ inline void compute_scores(const T* q_t, const T* const* k_rows, Index num_keys,
   }
 }
 
+// Rows gathered by index (pages, selected keys) lie anywhere: the hardware prefetcher, which
+// follows one address stream, finds each run cold, and decode (a few rows per key: little
+// compute to hide the misses) reads them at half the speed of contiguous rows. While it scores
+// key j the decode loop prefetches the K row kGatherPrefetchKeys keys ahead and the V row of key
+// j, which the output reads once the block is scored (Quest over pages of 16 at Lk 131072, one
+// thread: about 6% less time per step, the kept pages' pass about 10%).
+inline constexpr Index kGatherPrefetchKeys = 16;
+
+// The rows of a gathered block that compute_few_row_scores prefetches (none when k is null).
+template <typename S>
+struct GatherPrefetch {
+  const S* const* k = nullptr;
+  const S* const* v = nullptr;
+  Index k_bytes = 0;  // bytes of a K row, and of a V row
+  Index v_bytes = 0;
+};
+
+// Bytes of a stored row of `values` values (8-bit rows: whole blocks).
+template <typename S>
+constexpr Index row_bytes(Index values) {
+  if constexpr (std::is_same_v<S, q8_block>) {
+    return (values + q8_block::kValues - 1) / q8_block::kValues *
+           static_cast<Index>(sizeof(q8_block));
+  } else {
+    return values * static_cast<Index>(sizeof(S));
+  }
+}
+
+inline void prefetch_row(const void* row, Index bytes) {
+  constexpr Index kLine = 64;
+  const char* first = static_cast<const char*>(row);
+  for (Index at = 0; at < bytes; at += kLine) __builtin_prefetch(first + at);
+}
+
 // Scores of num_rows <= kFewRows rows (see dot_score_micro). k_rows must hold valid pointers up
 // to num_keys rounded up to kLanes; s_t rows past num_keys receive scores of those repeats.
 template <typename T, typename S>
 inline void compute_few_row_scores(const T* q_rows, Index q_stride, const S* const* k_rows,
-                                   Index num_keys, Index dim, T multiplier, Index num_rows,
-                                   T* s_t) {
+                                   Index num_keys, Index dim, T multiplier, Index num_rows, T* s_t,
+                                   const GatherPrefetch<S>& prefetch = {}) {
   constexpr int L = kLanes<T>;
   const auto rows_at_a_time = [&](Index r0, auto nr) {
     constexpr int NR = decltype(nr)::value;
-    for (Index j0 = 0; j0 < num_keys; j0 += L / NR)
+    constexpr Index NK = L / NR;
+    for (Index j0 = 0; j0 < num_keys; j0 += NK) {
+      if (prefetch.k != nullptr && r0 == 0) {  // the first pass over the keys reads them
+        const Index ahead = std::min(num_keys, j0 + kGatherPrefetchKeys + NK);
+        for (Index j = j0 + kGatherPrefetchKeys; j < ahead; ++j)
+          prefetch_row(prefetch.k[j], prefetch.k_bytes);
+        for (Index j = j0; j < std::min(num_keys, j0 + NK); ++j)
+          prefetch_row(prefetch.v[j], prefetch.v_bytes);
+      }
       dot_score_micro<T, NR, S>(q_rows + r0 * q_stride, q_stride, k_rows + j0, dim, multiplier,
                                 s_t + j0 * kBlockQ + r0);
+    }
     return NR;
   };
   // 4, 2 or 1 rows at a time (never more than kMaxDotRows).
@@ -536,8 +579,16 @@ class TileRunner {
       // The micro-kernel reads whole groups of keys: repeat the last row to fill the group.
       const Index padded = (block.count + L - 1) / L * L;
       std::fill(k_rows + block.count, k_rows + padded, k_rows[block.count - 1]);
+      GatherPrefetch<Row> prefetch;
+      if (block.index != nullptr) {
+        // The first kGatherPrefetchKeys K rows now: the loop prefetches from there on.
+        const Index k_bytes = row_bytes<Row>(dim_), v_bytes = row_bytes<Row>(dim_v_);
+        for (Index j = 0; j < std::min(block.count, kGatherPrefetchKeys); ++j)
+          prefetch_row(k_rows[j], k_bytes);
+        prefetch = {k_rows, v_rows, k_bytes, v_bytes};
+      }
       compute_few_row_scores(scratch.q_t, query_row_stride(), k_rows, block.count, dim_,
-                             q_multiplier_, num_rows, scratch.s_t);
+                             q_multiplier_, num_rows, scratch.s_t, prefetch);
     } else if constexpr (std::is_same_v<Row, T>) {  // stored rows reach here converted
       compute_scores(scratch.q_t, k_rows, block.count, dim_, q_multiplier_, row_vectors,
                      row_vectors_seeing, scratch.s_t);
