@@ -251,6 +251,8 @@ def test_selection_from_mask_round_trips_and_bad_input_is_rejected(rng):
         (dict(block_size=8), "block_size"),
         (dict(threshold=1.5), "threshold"),
         (dict(local_tokens=-1), "local_tokens"),
+        (dict(outliers=-1), r"outliers must be in \[0, block_size\) = \[0, 64\) .*got -1"),
+        (dict(block_size=32, outliers=32), r"outliers must be in \[0, block_size\) = \[0, 32\)"),
     ]:
         with pytest.raises(ValueError, match=needle):
             foveal.token_topk_attention(q, k, v, out=out, **kwargs)
