@@ -414,7 +414,9 @@ class KVCache(CacheGeometry):
     @property
     def page_bounds(self) -> np.ndarray:
         """A copy of the page bounds ``[B, Hkv, pages, 2, D]`` (min, then max, of each page's
-        stored keys; +inf / -inf for a page holding none), float32 for 16-bit caches."""
+        stored keys; +inf / -inf for a page holding none). float64 caches keep them exactly; the
+        others keep them in bfloat16, the min rounded down and the max rounded up (still bounds:
+        half the bytes for the page selection to read), returned as float32."""
         return self._cache.page_bounds
 
     def refresh_page_bounds(self) -> None:

@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <exception>
@@ -242,8 +243,16 @@ void bind_kv_cache(py::module_& m, const char* class_name) {
             const auto bounds = c.cache.page_bounds();
             py::array_t<C> copy(
                 {bounds.size(0), bounds.size(1), bounds.size(2), bounds.size(3), bounds.size(4)});
+            // Widened: bfloat16 bounds become float32 exactly.
             if (bounds.numel() > 0)
-              std::copy(bounds.data(), bounds.data() + bounds.numel(), copy.mutable_data());
+              std::transform(bounds.data(), bounds.data() + bounds.numel(), copy.mutable_data(),
+                             [](auto x) {
+                               if constexpr (std::is_same_v<decltype(x), foveal::bfloat16>) {
+                                 return static_cast<C>(foveal::to_float(x));
+                               } else {
+                                 return static_cast<C>(x);
+                               }
+                             });
             return copy;
           })
       .def("refresh_page_bounds", [](Cache& c) { c.cache.refresh_page_bounds(); })

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -12,6 +13,7 @@
 #include "detail/isa.hpp"
 #include "detail/kernels.hpp"
 #include "detail/simd.hpp"
+#include "detail/with_count.hpp"
 #include "foveal/core/parallel.hpp"
 
 FOVEAL_LEVEL_PUSH
@@ -50,20 +52,67 @@ struct QuestGeometry {
   }
 };
 
-// sum_d max(q_d * low_d, q_d * high_d): at least q.k for every k with low <= k <= high; lane
-// by lane (kLanes partial sums).
-template <typename T>
-T logit_bound(const T* query, const T* low, const T* high, Index dim) {
+// Quest's page scores: scores[i] = max over the rows r of sum_d max(q_rd * low_d, q_rd *
+// high_d), at least q_r.k for every key k of page i (low <= k <= high). queries: [rows][dim];
+// bounds_of(i): page i's bounds, low[0 .. dim) then high. The selection reads every page's
+// bounds at every step, so this must keep up with memory: a page's bounds are widened once for
+// up to four rows, and the lane sums of kLanes (page, row) pairs are reduced together
+// (sum_lanes_of_each) where one horizontal sum per pair would cost more than its bounds.
+template <typename T, typename B, typename BoundsOf>
+void score_pages(const T* queries, Index rows, Index dim, Index count, BoundsOf&& bounds_of,
+                 T* scores) {
   constexpr int L = kLanes<T>;
-  Vec<T> sums{};
-  Index d = 0;
-  for (; d + L <= dim; d += L) {
-    const Vec<T> x = load(query + d);
-    sums += vector_max(x * load(low + d), x * load(high + d));
+  constexpr int kRowsAtATime = 4;
+  const Index full = dim / L * L;
+  // Pages per reduction: each takes `rows` of the L sums (one row alone past L rows).
+  const Index per_reduction = rows <= L ? L / rows : 1;
+  Vec<T> acc[L];
+  for (Index first = 0; first < count; first += per_reduction) {
+    const Index pages = std::min(per_reduction, count - first);
+    T best[L];
+    std::fill_n(best, L, -std::numeric_limits<T>::infinity());
+    for (Index r_begin = 0; r_begin < rows; r_begin += L) {
+      const Index r_count = std::min<Index>(L, rows - r_begin);
+      for (int i = 0; i < L; ++i) acc[i] = Vec<T>{};
+      for (Index p = 0; p < pages; ++p) {
+        const B* low = bounds_of(first + p);
+        const B* high = low + dim;
+        for (Index r0 = 0; r0 < r_count; r0 += kRowsAtATime) {
+          const int nr = static_cast<int>(std::min<Index>(kRowsAtATime, r_count - r0));
+          with_count<kRowsAtATime>(nr, [&](auto n) {
+            constexpr int NR = decltype(n)::value;
+            const T* q = queries + (r_begin + r0) * dim;
+            Vec<T> sums[NR] = {};
+            for (Index d = 0; d < full; d += L) {
+              const Vec<T> below = load_as<T>(low + d), above = load_as<T>(high + d);
+              FOVEAL_UNROLL
+              for (int r = 0; r < NR; ++r) {
+                const Vec<T> x = load(q + r * dim + d);
+                sums[r] += vector_max(x * below, x * above);
+              }
+            }
+            FOVEAL_UNROLL
+            for (int r = 0; r < NR; ++r) acc[p * r_count + r0 + r] = sums[r];
+          });
+        }
+      }
+      const Vec<T> sums = sum_lanes_of_each<T>(acc);
+      for (Index p = 0; p < pages; ++p) {
+        const B* low = bounds_of(first + p);
+        const B* high = low + dim;
+        for (Index r = 0; r < r_count; ++r) {
+          T bound = sums[p * r_count + r];
+          const T* q = queries + (r_begin + r) * dim;
+          for (Index d = full; d < dim; ++d) {
+            const T below = to_compute(low[d]), above = to_compute(high[d]);
+            bound += std::max(q[d] * below, q[d] * above);
+          }
+          best[p] = std::max(best[p], bound);
+        }
+      }
+    }
+    std::copy_n(best, pages, scores + first);
   }
-  T bound = sum_lanes<T>(sums);
-  for (; d < dim; ++d) bound += std::max(query[d] * low[d], query[d] * high[d]);
-  return bound;
 }
 
 // Per-thread memory of the selection.
@@ -73,7 +122,8 @@ struct QuestScratch {
   std::vector<Index> pages;  // candidates
   std::vector<char> forced;  // per candidate
   std::vector<T> scores;     // per candidate
-  std::vector<Index> order;
+  std::vector<Index> order;  // the candidates that are not forced, then ranked
+  std::vector<T> bounded;    // their scores, in that order
 };
 
 // Visits the sinks, then the kept pages' stored rows in the band, gathered into blocks by index,
@@ -204,20 +254,30 @@ void quest_decode_attention(const QuestPlan<S, KV>& plan) {
           T* to = own.queries.data() + (g * len_q + i) * dim;
           for (Index d = 0; d < dim; ++d) to[d] = to_compute(row[d]);
         }
-      own.scores.assign(static_cast<std::size_t>(candidates), T(0));
       own.order.clear();
       for (Index c = 0; c < candidates; ++c) {
         if (own.forced[static_cast<std::size_t>(c)]) {
           chosen.push_back(own.pages[static_cast<std::size_t>(c)]);
-          continue;
+        } else {
+          own.order.push_back(c);
         }
-        const T* low = bounds.address(b, h, own.pages[static_cast<std::size_t>(c)], 0, 0);
-        const T* high = low + dim;
-        T best = -std::numeric_limits<T>::infinity();
-        for (Index r = 0; r < rows; ++r)
-          best = std::max(best, logit_bound(own.queries.data() + r * dim, low, high, dim));
-        own.scores[static_cast<std::size_t>(c)] = best;
-        own.order.push_back(c);
+      }
+      own.scores.assign(static_cast<std::size_t>(candidates), T(0));
+      own.bounded.resize(own.order.size());
+      using B = page_bound_t<KV>;
+      score_pages<T, B>(
+          own.queries.data(), rows, dim, static_cast<Index>(own.order.size()),
+          [&](Index i) {
+            const Index c = own.order[static_cast<std::size_t>(i)];
+            return bounds.address(b, h, own.pages[static_cast<std::size_t>(c)], 0, 0);
+          },
+          own.bounded.data());
+      // A NaN bound (an infinite key where a query is 0: 0 * inf) ranks first, as an infinite
+      // one: the comparison below needs an order, and such a page is one dense attention sees.
+      for (std::size_t i = 0; i < own.order.size(); ++i) {
+        const T bound = own.bounded[i];
+        own.scores[static_cast<std::size_t>(own.order[i])] =
+            std::isnan(bound) ? std::numeric_limits<T>::infinity() : bound;
       }
       const Index others = keep - forced;
       const auto by_score = [&](Index a, Index c) {
@@ -225,7 +285,10 @@ void quest_decode_attention(const QuestPlan<S, KV>& plan) {
         const T score_c = own.scores[static_cast<std::size_t>(c)];
         return score_a > score_c || (score_a == score_c && a < c);
       };
-      std::partial_sort(own.order.begin(), own.order.begin() + others, own.order.end(), by_score);
+      // The set of the `others` best (a strict total order: one set); sorted by page below.
+      if (others > 0 && others < static_cast<Index>(own.order.size()))
+        std::nth_element(own.order.begin(), own.order.begin() + (others - 1), own.order.end(),
+                         by_score);
       for (Index r = 0; r < others; ++r)
         chosen.push_back(
             own.pages[static_cast<std::size_t>(own.order[static_cast<std::size_t>(r)])]);

@@ -22,6 +22,7 @@
 #include "foveal/core/parallel.hpp"
 #include "harness.hpp"
 #include "reference/decode_reference.hpp"
+#include "reference/page_bound_reference.hpp"
 
 namespace foveal::test {
 namespace {
@@ -499,8 +500,10 @@ TEST(Q8Cache, PageBoundsAreThoseOfTheDequantizedKeys) {
           low = std::min(low, x);
           high = std::max(high, x);
         }
-        EXPECT_EQ(bounds(0, h, page, 0, d), static_cast<float>(low));
-        EXPECT_EQ(bounds(0, h, page, 1, d), static_cast<float>(high));
+        EXPECT_EQ(reference::bound_value(bounds(0, h, page, 0, d)),
+                  reference::stored_bound<q8_block>(low, false));
+        EXPECT_EQ(reference::bound_value(bounds(0, h, page, 1, d)),
+                  reference::stored_bound<q8_block>(high, true));
       }
 }
 

@@ -1,8 +1,9 @@
 // tests/cpp/test_quest.cpp — KVCache page bounds and foveal::quest_decode_attention against
-// float64 references: the bounds equal the min / max of each page's stored keys after appends,
-// ring wraps, truncates and resets; the page selection (local pages, then the largest bound of
-// q.k) and the attention over the kept pages and the sinks match plain loops; a planted key far
-// back is found; budget 1 is decode_attention; the same bits for any thread count; errors.
+// float64 references: the bounds equal the min / max of each page's stored keys (rounded
+// outward to bfloat16 but for float64 caches) after appends, ring wraps, truncates and resets;
+// the page selection (local pages, then the largest bound of q.k) and the attention over the
+// kept pages and the sinks match plain loops; a planted key far back is found; budget 1 is
+// decode_attention; the same bits for any thread count; errors.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -16,6 +17,7 @@
 #include "foveal/attention/kv_cache.hpp"
 #include "harness.hpp"
 #include "reference/attention_reference.hpp"
+#include "reference/page_bound_reference.hpp"
 
 namespace foveal::test {
 namespace {
@@ -86,7 +88,8 @@ struct Recorded {
   }
 };
 
-// Every page bound equals the min / max over the page's stored rows (+inf / -inf for none).
+// Every page bound equals the min / max over the page's stored rows (+inf / -inf for none),
+// rounded outward to bfloat16 unless T is double.
 template <typename T>
 void expect_bounds_exact(const Recorded<T>& r) {
   const auto bounds = r.cache.page_bounds();
@@ -103,9 +106,11 @@ void expect_bounds_exact(const Recorded<T>& r) {
             low = std::min(low, r.key(b, position, h, d));
             high = std::max(high, r.key(b, position, h, d));
           }
-          ASSERT_EQ(static_cast<double>(bounds(b, h, page, 0, d)), low)
+          ASSERT_EQ(reference::bound_value(bounds(b, h, page, 0, d)),
+                    reference::stored_bound<T>(low, false))
               << "b=" << b << " h=" << h << " page=" << page << " d=" << d;
-          ASSERT_EQ(static_cast<double>(bounds(b, h, page, 1, d)), high)
+          ASSERT_EQ(reference::bound_value(bounds(b, h, page, 1, d)),
+                    reference::stored_bound<T>(high, true))
               << "b=" << b << " h=" << h << " page=" << page << " d=" << d;
         }
 }
@@ -181,7 +186,8 @@ void quest_reference(const Recorded<T>& r, const std::vector<double>& q, Index l
               }
               const double x = q[static_cast<std::size_t>(
                   (((b * c.heads_q + h * group + g) * len_q) + qi) * c.dim + d)];
-              bound += std::max(x * low, x * high);
+              bound += std::max(x * reference::stored_bound<T>(low, false),
+                                x * reference::stored_bound<T>(high, true));
             }
             best = std::max(best, bound);
           }

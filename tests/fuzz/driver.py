@@ -165,7 +165,8 @@ def _widened_numpy(x):
 
 def check_page_bounds(cache):
     """A KVCache's page bounds are [B, Hkv, pages, 2, D]: each page's min and max over its
-    stored keys (NaN ignored; +inf / -inf where it stores none); none without page_bounds."""
+    stored keys (NaN ignored; +inf / -inf where it stores none), rounded outward to bfloat16
+    unless the keys are float64; none without page_bounds."""
     size, bounds = cache.page_size, cache.page_bounds
     if size == 0:
         assert bounds.size == 0, f"page bounds {bounds.shape} without page_bounds"
@@ -187,8 +188,21 @@ def check_page_bounds(cache):
         for row in rows:
             low[row // size] = np.fmin(low[row // size], keys[b, :, row])
             high[row // size] = np.fmax(high[row // size], keys[b, :, row])
+        if bounds.dtype != np.float64:  # kept in bfloat16, rounded outward
+            low, high = _bfloat16_toward(low, False), _bfloat16_toward(high, True)
         want = np.stack([low.swapaxes(0, 1), high.swapaxes(0, 1)], axis=2).astype(bounds.dtype)
         assert np.array_equal(bounds[b], want), f"page bounds of sequence {b} are not the min/max"
+
+
+def _bfloat16_toward(x, up):
+    """float32 values (infinities included) to the bfloat16 next to them toward +inf (``up``)
+    or -inf, by their bits: dropping the low 16 bits moves toward zero, so one step away from
+    zero where that is the wrong side."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    negative = (bits >> np.uint32(31)) == 1
+    away = ((bits & np.uint32(0xFFFF)) != 0) & (negative != up)
+    moved = (bits & np.uint32(0xFFFF0000)) + away.astype(np.uint32) * np.uint32(0x10000)
+    return moved.view(np.float32)
 
 
 def selection_ok(selection, q, k, q_offset):

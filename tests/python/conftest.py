@@ -200,6 +200,23 @@ DTYPES = [np.float32, np.float64]
 TOLERANCE = {np.dtype(np.float32): 2e-5, np.dtype(np.float64): 1e-10}
 
 
+def bfloat16_toward(x: Any, up: bool) -> np.ndarray:
+    """The bfloat16 next to each value toward +inf (``up``) or -inf, as float64: what a KVCache
+    of a type other than float64 stores as a page's maximum or minimum key (from the definition:
+    multiples of the binade's spacing; infinities, NaN and zero stay)."""
+    x = np.asarray(x, dtype=np.float64)
+    moved = np.isfinite(x) & (x != 0)
+    safe = np.where(moved, x, 1.0)
+    # frexp: x = m 2^e with 0.5 <= |m| < 1, so the binade starts at 2^(e - 1); 8 significant bits
+    # and float32's exponent range (subnormals from 2^-126 down).
+    exponent = np.maximum(np.frexp(safe)[1] - 1, -126)
+    spacing = np.ldexp(1.0, exponent - 7)
+    rounded = (np.ceil if up else np.floor)(safe / spacing) * spacing
+    largest = 3.3895313892515355e38  # (2 - 2^-7) 2^127
+    rounded = np.where(np.abs(rounded) > largest, np.copysign(np.inf, rounded), rounded)
+    return np.where(moved, rounded, x)
+
+
 def tolerance(dtype: Any) -> float:
     return TOLERANCE[np.dtype(dtype)]
 

@@ -10,6 +10,7 @@ import math
 import foveal
 import numpy as np
 import pytest
+from conftest import bfloat16_toward
 
 
 def stored_positions(cache, b):
@@ -40,6 +41,8 @@ def reference_bounds(cache, keys_by_position):
             key = keys_by_position[b][position]  # [Hkv, D]
             low[b, :, page] = np.minimum(low[b, :, page], key)
             high[b, :, page] = np.maximum(high[b, :, page], key)
+    if cache.page_bounds.dtype != np.float64:  # kept in bfloat16, rounded outward
+        low, high = bfloat16_toward(low, False), bfloat16_toward(high, True)
     return np.stack([low, high], axis=3)
 
 

@@ -87,11 +87,34 @@ struct KVCacheOptions {
   Index sink_tokens = 0;
   // Page bounds for query-aware page selection (quest_decode_attention): when > 0, the cache
   // keeps, for every run of `page_bounds` consecutive storage rows (a page) of every sequence and
-  // kv head, the elementwise minimum and maximum of the stored keys, updated by append,
-  // truncate and reset (a page's bounds are recomputed from its stored rows whenever a row of it
-  // changes: one page per decoded token). 0: no bounds.
+  // kv head, the elementwise minimum and maximum of the stored keys (page_bound_t: rounded
+  // outward to bfloat16 unless the keys are float64), updated by append, truncate and reset (a
+  // page's bounds are recomputed from its stored rows whenever a row of it changes: one page
+  // per decoded token). 0: no bounds.
   Index page_bounds = 0;
 };
+
+// The element of a cache's page bounds. bfloat16, the minimum rounded down and the maximum
+// rounded up (still bounds of every stored key, looser by at most 2^-8 of each value): the page
+// selection reads the bounds of every page each step, and half the bytes of float bounds make
+// it about twice as fast (it is bound by memory). float64 caches keep exact float64 bounds.
+template <typename T>
+using page_bound_t =
+    std::conditional_t<std::is_same_v<compute_type_t<T>, double>, double, bfloat16>;
+
+namespace detail {
+
+// x as a lower (`up` false) or upper bound of type B: rounded toward -inf or +inf.
+template <typename B, typename C>
+B bound_toward(C x, bool up) {
+  if constexpr (std::is_same_v<B, bfloat16>) {
+    return to_bfloat16_toward(x, up);
+  } else {
+    return x;
+  }
+}
+
+}  // namespace detail
 
 // Rows [row, row + count) of a sequence's storage hold positions [position, position + count).
 struct KVCacheSpan {
@@ -207,9 +230,9 @@ class KVCache {
     return size > 0 ? capacity() / size + (capacity() % size != 0) : 0;
   }
   // [B, Hkv, pages, 2, D]: [..., 0, :] the minimum and [..., 1, :] the maximum of the stored keys
-  // of each page (+inf and -inf where a page holds none), in the keys' compute type. Empty
-  // without page bounds.
-  TensorView<const compute_type_t<T>, 5> page_bounds() const { return bounds_.view(); }
+  // of each page (+inf and -inf where a page holds none), rounded outward to page_bound_t.
+  // Empty without page bounds.
+  TensorView<const page_bound_t<T>, 5> page_bounds() const { return bounds_.view(); }
 
   // Tokens appended to `sequence` so far (its next position).
   Index length(Index sequence) const {
@@ -417,17 +440,23 @@ class KVCache {
           "KVCache: page_bounds must be in [0, 2**30] (rows per page; 0 = no page bounds), got ",
           options_.page_bounds);
     if (options_.page_bounds == 0) return;
-    bounds_ = Tensor<compute_type_t<T>, 5>({batch(), heads_kv(), pages(), 2, dim()},
-                                           "KVCache page bounds");
+    bounds_ =
+        Tensor<page_bound_t<T>, 5>({batch(), heads_kv(), pages(), 2, dim()}, "KVCache page bounds");
+    // Scratch of one page's exact extremes: no bounds, no scratch (the extents of empty
+    // storage may be huge).
+    if (bounds_.numel() > 0) extremes_.resize(static_cast<std::size_t>(2 * dim()));
   }
 
   // Every page empty: +inf / -inf.
   void clear_bounds() {
+    using B = page_bound_t<T>;
     using C = compute_type_t<T>;
-    C* bound = bounds_.data();
+    constexpr C kInf = std::numeric_limits<C>::infinity();
+    const B low = detail::bound_toward<B>(kInf, false), high = detail::bound_toward<B>(-kInf, true);
+    B* bound = bounds_.data();
     for (Index page = 0; page < batch() * heads_kv() * pages(); ++page, bound += 2 * dim()) {
-      std::fill_n(bound, dim(), std::numeric_limits<C>::infinity());
-      std::fill_n(bound + dim(), dim(), -std::numeric_limits<C>::infinity());
+      std::fill_n(bound, dim(), low);
+      std::fill_n(bound + dim(), dim(), high);
     }
   }
 
@@ -456,6 +485,7 @@ class KVCache {
 
   // The bounds of pages touched_ of `sequence` from the keys of their stored rows.
   void recompute_pages(Index sequence) {
+    using B = page_bound_t<T>;
     using C = compute_type_t<T>;
     const KVCacheLayout stored = layout(sequence);
     const Index page_size = options_.page_bounds;
@@ -463,7 +493,7 @@ class KVCache {
       const Index row_begin = page * page_size;
       const Index row_end = std::min(capacity(), row_begin + page_size);
       for (Index h = 0; h < heads_kv(); ++h) {
-        C* low = bounds_.view().address(sequence, h, page, 0, 0);
+        C* low = extremes_.data();
         C* high = low + dim();
         std::fill_n(low, dim(), std::numeric_limits<C>::infinity());
         std::fill_n(high, dim(), -std::numeric_limits<C>::infinity());
@@ -479,6 +509,11 @@ class KVCache {
             }
           }
         }
+        B* bound = bounds_.view().address(sequence, h, page, 0, 0);
+        for (Index d = 0; d < dim(); ++d) {
+          bound[d] = detail::bound_toward<B>(low[d], false);
+          bound[dim() + d] = detail::bound_toward<B>(high[d], true);
+        }
       }
     }
   }
@@ -492,8 +527,9 @@ class KVCache {
   Index dim_v_ = 0;  // Dv
   std::vector<Index> lengths_;
   std::vector<Index> first_retained_;
-  Tensor<compute_type_t<T>, 5> bounds_;  // [B, Hkv, pages, 2, D] with page bounds
-  std::vector<Index> touched_;           // pages to recompute (append, truncate)
+  Tensor<page_bound_t<T>, 5> bounds_;        // [B, Hkv, pages, 2, D] with page bounds
+  std::vector<compute_type_t<T>> extremes_;  // [2, D]: a page's exact min and max
+  std::vector<Index> touched_;               // pages to recompute (append, truncate)
   detail::UseGuard guard_;
 };
 

@@ -112,6 +112,20 @@ inline bfloat16 to_bfloat16(float x) {
   return {static_cast<std::uint16_t>(bits >> 16)};
 }
 
+// The bfloat16 next to x toward +inf (`up`: the smallest one >= x) or toward -inf (the largest
+// one <= x): an upper or lower bound rounded so stays one. NaN stays a (quiet) NaN.
+inline bfloat16 to_bfloat16_toward(float x, bool up) {
+  const std::uint32_t bits = detail::float_to_bits(x);
+  if ((bits & 0x7fffffffu) > 0x7f800000u)
+    return {static_cast<std::uint16_t>((bits >> 16) | 0x0040u)};
+  auto high = static_cast<std::uint16_t>(bits >> 16);
+  // Dropping the low bits moves toward zero; one step away from zero where that is the wrong
+  // side (the largest finite float rounds up to infinity).
+  const bool negative = (bits >> 31) != 0;
+  if ((bits & 0xffffu) != 0 && up != negative) ++high;
+  return {high};
+}
+
 // Rounds to the nearest float16, ties to even: magnitudes from 65520 on become infinity, those
 // below 2^-14 subnormals; NaN stays a (quiet) NaN.
 inline float16 to_float16(float x) {

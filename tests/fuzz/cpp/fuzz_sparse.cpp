@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "fuzz_common.hpp"
+#include "reference/page_bound_reference.hpp"
 
 namespace {
 
@@ -657,7 +658,7 @@ Index draw_page_bounds(FuzzedDataProvider& data) {
 template <typename T>
 struct CacheState {
   std::vector<Index> lengths, first_retained;
-  std::vector<Compute<T>> bounds;
+  std::vector<foveal::page_bound_t<T>> bounds;
   std::vector<T> keys, values;
   std::vector<std::vector<T>> arena;
 
@@ -688,7 +689,8 @@ struct CacheState {
   }
 };
 
-// The page bounds are the min and max of each page's stored keys (+inf / -inf for none).
+// The page bounds are the min and max of each page's stored keys (+inf / -inf for none),
+// rounded outward to bfloat16 unless the keys are float64.
 template <typename T>
 void check_bounds(const foveal::KVCache<T>& cache) {
   using C = Compute<T>;
@@ -724,9 +726,11 @@ void check_bounds(const foveal::KVCache<T>& cache) {
       for (Index page = 0; page < pages; ++page)
         for (Index d = 0; d < dim; ++d) {
           const auto at = static_cast<std::size_t>(page * dim + d);
-          if (*bounds.address(b, h, page, 0, d) != low[at] ||
-              *bounds.address(b, h, page, 1, d) != high[at])
-            finding("KVCache page bounds", "not the min / max of the page's stored keys");
+          using foveal::reference::bound_value, foveal::reference::stored_bound;
+          if (bound_value(*bounds.address(b, h, page, 0, d)) != stored_bound<T>(low[at], false) ||
+              bound_value(*bounds.address(b, h, page, 1, d)) != stored_bound<T>(high[at], true))
+            finding("KVCache page bounds",
+                    "not the min / max of the page's stored keys rounded outward");
         }
     }
   }
