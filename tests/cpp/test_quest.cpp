@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include "attention_cases.hpp"
@@ -329,6 +330,30 @@ TYPED_TEST(Quest, MatchesReferenceOverOptionsAndBudgets) {
         o.softcap = 5;
         expect_quest_matches(r, len_q, o, {budget, local}, seed++);
       }
+}
+
+// The page scorer's shapes: a group's rows (heads x Lq) from one to more than one reduction
+// holds (16 float lanes at AVX-512: 32 rows), row counts that leave reduction slots empty
+// (5, 36), and D with a tail past the last full vector (20).
+TYPED_TEST(Quest, MatchesReferenceForWideGroupsAndDimensionTails) {
+  const std::vector<std::pair<Index, Index>> shapes = {{1, 1}, {5, 1}, {16, 2}, {12, 3}};
+  std::uint64_t seed = 400;
+  for (const auto& [group, len_q] : shapes) {
+    QuestCase c;
+    c.heads_kv = 2;
+    c.heads_q = 2 * group;
+    c.dim = 20;
+    c.dim_v = 9;
+    c.capacity = 500;
+    c.cache_options.page_bounds = c.page = 16;
+    Recorded<TypeParam> r(c);
+    RandomSource random(seed++);
+    r.append(random, {470, 301});
+    AttentionOptions o;
+    o.causal = true;
+    for (const double budget : {1.0 / 16, 0.3})
+      expect_quest_matches(r, len_q, o, {budget, 1}, seed++);
+  }
 }
 
 TYPED_TEST(Quest, MatchesReferenceOverARingBuffer) {
