@@ -121,10 +121,14 @@ const std::int64_t* kept_list(const char* name, const Selection& selection,
 // `count` elements of E in `vector`, or a foveal::MemoryError naming `what` where the system
 // cannot provide them: the extents of a call without rows (Hq = 0) may be huge while its
 // selection still has B * Hkv * query_blocks lists, and std::vector would throw a bare
-// std::bad_alloc (or abort under a sanitizer). The probe is malloc's, which says no.
+// std::bad_alloc (or abort under a sanitizer). The probe asks for zeroed memory, which large
+// requests take from mmap: refused without an abort, and nothing is touched.
 template <typename E>
 void assign_checked(std::vector<E>& vector, Index count, const char* what) {
-  { const AlignedArray<E> probe = allocate_aligned<E>(static_cast<std::size_t>(count), what); }
+  {
+    const AlignedArray<E> probe =
+        allocate_aligned<E>(static_cast<std::size_t>(count), what, /*zeroed=*/true);
+  }
   vector.assign(static_cast<std::size_t>(count), E{});
 }
 
