@@ -64,6 +64,7 @@
 #include "detail/simd.hpp"
 #include "detail/softmax_math.hpp"
 #include "detail/with_count.hpp"
+#include "foveal/attention/kv_cache.hpp"  // stored_width
 #include "foveal/core/parallel.hpp"
 #include "foveal/core/tensor.hpp"
 
@@ -255,17 +256,6 @@ struct GatherPrefetch {
   Index v_bytes = 0;
 };
 
-// Bytes of a stored row of `values` values (8-bit rows: whole blocks).
-template <typename S>
-constexpr Index row_bytes(Index values) {
-  if constexpr (std::is_same_v<S, q8_block>) {
-    return (values + q8_block::kValues - 1) / q8_block::kValues *
-           static_cast<Index>(sizeof(q8_block));
-  } else {
-    return values * static_cast<Index>(sizeof(S));
-  }
-}
-
 inline void prefetch_row(const void* row, Index bytes) {
   constexpr Index kLine = 64;
   const char* first = static_cast<const char*>(row);
@@ -279,6 +269,10 @@ inline void compute_few_row_scores(const T* q_rows, Index q_stride, const S* con
                                    Index num_keys, Index dim, T multiplier, Index num_rows, T* s_t,
                                    const GatherPrefetch<S>& prefetch = {}) {
   constexpr int L = kLanes<T>;
+  // The first kGatherPrefetchKeys K rows now: the loop prefetches from there on.
+  if (prefetch.k != nullptr)
+    for (Index j = 0; j < std::min(num_keys, kGatherPrefetchKeys); ++j)
+      prefetch_row(prefetch.k[j], prefetch.k_bytes);
   const auto rows_at_a_time = [&](Index r0, auto nr) {
     constexpr int NR = decltype(nr)::value;
     constexpr Index NK = L / NR;
@@ -581,11 +575,9 @@ class TileRunner {
       std::fill(k_rows + block.count, k_rows + padded, k_rows[block.count - 1]);
       GatherPrefetch<Row> prefetch;
       if (block.index != nullptr) {
-        // The first kGatherPrefetchKeys K rows now: the loop prefetches from there on.
-        const Index k_bytes = row_bytes<Row>(dim_), v_bytes = row_bytes<Row>(dim_v_);
-        for (Index j = 0; j < std::min(block.count, kGatherPrefetchKeys); ++j)
-          prefetch_row(k_rows[j], k_bytes);
-        prefetch = {k_rows, v_rows, k_bytes, v_bytes};
+        constexpr auto kSize = static_cast<Index>(sizeof(Row));
+        prefetch = {k_rows, v_rows, stored_width<Row>(dim_) * kSize,
+                    stored_width<Row>(dim_v_) * kSize};
       }
       compute_few_row_scores(scratch.q_t, query_row_stride(), k_rows, block.count, dim_,
                              q_multiplier_, num_rows, scratch.s_t, prefetch);
