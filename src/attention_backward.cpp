@@ -43,6 +43,8 @@ void require_bias_gradient(const char* function, const detail::BackwardParams<T>
   for (const auto& entry : reads)
     detail::require_disjoint(function, "grad_bias", grad_bias, entry.name, entry.view);
   detail::require_disjoint(function, "grad_bias", grad_bias, "lse", params.lse);
+  if (!params.grad_lse.is_null())
+    detail::require_disjoint(function, "grad_bias", grad_bias, "grad_lse", params.grad_lse);
 }
 
 template <typename T>
@@ -51,9 +53,9 @@ void backward_impl(const char* function, TensorView<const T, 4> q, TensorView<co
                    TensorView<const T, 4> grad_out, TensorView<T, 4> grad_q,
                    TensorView<T, 4> grad_k, TensorView<T, 4> grad_v,
                    const AttentionOptions& options, TensorView<const T, 4> bias,
-                   TensorView<T, 4> grad_bias) {
+                   TensorView<T, 4> grad_bias, TensorView<const T, 3> grad_lse) {
   detail::BackwardParams<T> params = detail::prepare_backward<T>(
-      function, q, k, v, out, lse, grad_out, grad_q, grad_k, grad_v, options, bias);
+      function, q, k, v, out, lse, grad_out, grad_q, grad_k, grad_v, options, bias, grad_lse);
   if (grad_bias.is_null()) {
     detail::kernels<T>().band_attention_backward(params,
                                                  detail::band_policy(params.forward, options));
@@ -100,9 +102,10 @@ void attention_backward(TensorView<const float, 4> q, TensorView<const float, 4>
                         TensorView<const float, 3> lse, TensorView<const float, 4> grad_out,
                         TensorView<float, 4> grad_q, TensorView<float, 4> grad_k,
                         TensorView<float, 4> grad_v, const AttentionOptions& options,
-                        TensorView<const float, 4> bias, TensorView<float, 4> grad_bias) {
+                        TensorView<const float, 4> bias, TensorView<float, 4> grad_bias,
+                        TensorView<const float, 3> grad_lse) {
   backward_impl<float>("attention_backward", q, k, v, out, lse, grad_out, grad_q, grad_k, grad_v,
-                       options, bias, grad_bias);
+                       options, bias, grad_bias, grad_lse);
 }
 
 void attention_backward(TensorView<const double, 4> q, TensorView<const double, 4> k,
@@ -110,9 +113,10 @@ void attention_backward(TensorView<const double, 4> q, TensorView<const double, 
                         TensorView<const double, 3> lse, TensorView<const double, 4> grad_out,
                         TensorView<double, 4> grad_q, TensorView<double, 4> grad_k,
                         TensorView<double, 4> grad_v, const AttentionOptions& options,
-                        TensorView<const double, 4> bias, TensorView<double, 4> grad_bias) {
+                        TensorView<const double, 4> bias, TensorView<double, 4> grad_bias,
+                        TensorView<const double, 3> grad_lse) {
   backward_impl<double>("attention_backward", q, k, v, out, lse, grad_out, grad_q, grad_k, grad_v,
-                        options, bias, grad_bias);
+                        options, bias, grad_bias, grad_lse);
 }
 
 void sliding_window_attention_backward(TensorView<const float, 4> q, TensorView<const float, 4> k,
@@ -120,21 +124,22 @@ void sliding_window_attention_backward(TensorView<const float, 4> q, TensorView<
                                        TensorView<const float, 3> lse,
                                        TensorView<const float, 4> grad_out,
                                        TensorView<float, 4> grad_q, TensorView<float, 4> grad_k,
-                                       TensorView<float, 4> grad_v,
-                                       const AttentionOptions& options) {
+                                       TensorView<float, 4> grad_v, const AttentionOptions& options,
+                                       TensorView<const float, 3> grad_lse) {
   detail::require_bounded_window("sliding_window_attention_backward", options);
   backward_impl<float>("sliding_window_attention_backward", q, k, v, out, lse, grad_out, grad_q,
-                       grad_k, grad_v, options, {}, {});
+                       grad_k, grad_v, options, {}, {}, grad_lse);
 }
 
 void sliding_window_attention_backward(
     TensorView<const double, 4> q, TensorView<const double, 4> k, TensorView<const double, 4> v,
     TensorView<const double, 4> out, TensorView<const double, 3> lse,
     TensorView<const double, 4> grad_out, TensorView<double, 4> grad_q,
-    TensorView<double, 4> grad_k, TensorView<double, 4> grad_v, const AttentionOptions& options) {
+    TensorView<double, 4> grad_k, TensorView<double, 4> grad_v, const AttentionOptions& options,
+    TensorView<const double, 3> grad_lse) {
   detail::require_bounded_window("sliding_window_attention_backward", options);
   backward_impl<double>("sliding_window_attention_backward", q, k, v, out, lse, grad_out, grad_q,
-                        grad_k, grad_v, options, {}, {});
+                        grad_k, grad_v, options, {}, {}, grad_lse);
 }
 
 }  // namespace foveal

@@ -194,12 +194,13 @@ def _attention_backward(
     grad_out: Any,
     bias: Any,
     bias_grad: bool,
+    grad_lse: Any,
     options: dict,
 ) -> tuple:
     grads = tuple(new_like(q, shape(x)) for x in (q, k, v))
     grad_bias = new_like(q, shape(bias)) if bias_grad else None
     _core.attention_backward(
-        sliding, q, k, v, out, lse, grad_out, *grads, bias, grad_bias, **options
+        sliding, q, k, v, out, lse, grad_out, *grads, bias, grad_bias, grad_lse, **options
     )
     return (*grads, grad_bias) if bias_grad else grads
 
@@ -221,6 +222,7 @@ def attention_backward(
     q_offset: Optional[int] = None,
     bias: Any = None,
     return_bias_grad: bool = False,
+    grad_lse: Any = None,
     num_threads: Optional[int] = None,
 ):
     """The gradients of :func:`attention`: ``(grad_q, grad_k, grad_v)`` for the loss gradient
@@ -228,12 +230,16 @@ def attention_backward(
     ``return_lse=True``) and the same inputs and options. ``bias`` is read as in the forward;
     with ``return_bias_grad=True`` the result also holds ``grad_bias`` (the bias's shape: the
     logits' gradient summed over the dimensions it broadcasts; a float bias, not a mask).
+    ``grad_lse`` ``[B, Hq, Lq]`` (optional): the loss's gradient with respect to ``lse`` too, for
+    losses that read it (learned sink logits do).
     grad_k and grad_v sum over the query heads of a GQA group. Recomputes the probabilities tile
     by tile (never an ``[Lq, Lk]`` matrix, except grad_bias); bitwise identical for any thread
     count. For autograd use :func:`foveal.torch.attention`.
     """
     options = attention_options(locals())
-    return _attention_backward(False, q, k, v, out, lse, grad_out, bias, return_bias_grad, options)
+    return _attention_backward(
+        False, q, k, v, out, lse, grad_out, bias, return_bias_grad, grad_lse, options
+    )
 
 
 def sliding_window_attention_backward(
@@ -251,12 +257,13 @@ def sliding_window_attention_backward(
     scale: Optional[float] = None,
     softcap: float = 0.0,
     q_offset: Optional[int] = None,
+    grad_lse: Any = None,
     num_threads: Optional[int] = None,
 ):
-    """The gradients of :func:`sliding_window_attention` (see :func:`attention_backward`); work
-    grows with ``L * window`` as in the forward."""
+    """The gradients of :func:`sliding_window_attention` (see :func:`attention_backward`,
+    ``grad_lse`` included); work grows with ``L * window`` as in the forward."""
     options = attention_options(locals())
-    return _attention_backward(True, q, k, v, out, lse, grad_out, None, False, options)
+    return _attention_backward(True, q, k, v, out, lse, grad_out, None, False, grad_lse, options)
 
 
 def merge_states(

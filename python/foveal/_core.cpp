@@ -324,7 +324,7 @@ void attention_backward(bool sliding, const Tensor& q, const Tensor& k, const Te
                         const Tensor& out, const Tensor& lse, const Tensor& grad_out,
                         const Tensor& grad_q, const Tensor& grad_k, const Tensor& grad_v,
                         const std::optional<Tensor>& bias, const std::optional<Tensor>& grad_bias,
-                        const py::kwargs& kwargs) {
+                        const std::optional<Tensor>& grad_lse, const py::kwargs& kwargs) {
   const char* fn = sliding ? "sliding_window_attention_backward" : "attention_backward";
   const Keywords keywords(fn, kwargs);
   const auto options = foveal::python::attention_options(keywords);
@@ -350,15 +350,17 @@ void attention_backward(bool sliding, const Tensor& q, const Tensor& k, const Te
       grad_bias_view =
           grad_bias->view_leading_ones<T, 4>(fn, "grad_bias", 2, "the bias's shape", same);
     }
+    foveal::TensorView<const T, 3> grad_lse_view;
+    if (grad_lse) grad_lse_view = grad_lse->view<const T, 3>(fn, "grad_lse", "B, Hq, Lq", same);
     py::gil_scoped_release release;
     if (sliding) {
       foveal::sliding_window_attention_backward(q_view, k_view, v_view, out_view, lse_view,
                                                 grad_out_view, grad_q_view, grad_k_view,
-                                                grad_v_view, options);
+                                                grad_v_view, options, grad_lse_view);
     } else {
       foveal::attention_backward(q_view, k_view, v_view, out_view, lse_view, grad_out_view,
                                  grad_q_view, grad_k_view, grad_v_view, options, bias_view_,
-                                 grad_bias_view);
+                                 grad_bias_view, grad_lse_view);
     }
   });
 }
@@ -487,7 +489,8 @@ PYBIND11_MODULE(_core, m) {
         py::arg("lse_b"), py::arg("out"), py::arg("lse"));
   m.def("attention_backward", &attention_backward, py::arg("sliding"), py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("grad_out"), py::arg("grad_q"),
-        py::arg("grad_k"), py::arg("grad_v"), py::arg("bias"), py::arg("grad_bias"));
+        py::arg("grad_k"), py::arg("grad_v"), py::arg("bias"), py::arg("grad_bias"),
+        py::arg("grad_lse"));
 
   bind_kv_cache<float>(m, "KVCacheF32");
   bind_kv_cache<double>(m, "KVCacheF64");

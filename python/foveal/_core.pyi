@@ -740,6 +740,7 @@ def attention_backward(
     grad_v: typing.Any,
     bias: typing.Any | None,
     grad_bias: typing.Any | None,
+    grad_lse: typing.Any | None,
     **kwargs,
 ) -> None: ...
 def attention_kernel_names() -> list[str]: ...

@@ -90,6 +90,7 @@ def _attention_backward_op(
     out: torch.Tensor,
     lse: torch.Tensor,
     grad_out: torch.Tensor,
+    grad_lse: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
     bias_grad: bool,
     sliding: bool,
@@ -106,6 +107,8 @@ def _attention_backward_op(
     tensors = [t.detach() for t in (q, k, v, out, lse)]
     # Autograd may hand over an expanded (stride-0) gradient: the kernel reads unit rows.
     grad_out = grad_out.detach().contiguous()
+    # lse's gradient in lse's dtype (float32 for 16-bit storage); any strides.
+    grad_lse = None if grad_lse is None else grad_lse.detach().to(lse.dtype)
     bias = None if bias is None else bias.detach()
     dtypes = [t.dtype for t in (q, k, v)] + [bias.dtype if bias_grad else q.dtype]
     if q.dtype in _HALF:
@@ -115,20 +118,24 @@ def _attention_backward_op(
         grad_out = grad_out.float()
         bias = None if bias is None else bias.float()
     if sliding:
-        grads = _foveal.sliding_window_attention_backward(*tensors, grad_out, **keywords)
+        grads = _foveal.sliding_window_attention_backward(
+            *tensors, grad_out, grad_lse=grad_lse, **keywords
+        )
         grads = (*grads, q.new_empty(0))
     elif not bias_grad:
-        grads = _foveal.attention_backward(*tensors, grad_out, bias=bias, **keywords)
+        grads = _foveal.attention_backward(
+            *tensors, grad_out, bias=bias, grad_lse=grad_lse, **keywords
+        )
         grads = (*grads, q.new_empty(0))  # an op returns tensors: an empty one for no gradient
     else:
         grads = _foveal.attention_backward(
-            *tensors, grad_out, bias=bias, return_bias_grad=True, **keywords
+            *tensors, grad_out, bias=bias, return_bias_grad=True, grad_lse=grad_lse, **keywords
         )
     return tuple(grad.to(dtype) for grad, dtype in zip(grads, dtypes))
 
 
 @_attention_backward_op.register_fake
-def _(q, k, v, out, lse, grad_out, bias, bias_grad, sliding, *options):
+def _(q, k, v, out, lse, grad_out, grad_lse, bias, bias_grad, sliding, *options):
     grads = tuple(t.new_empty(t.shape) for t in (q, k, v))  # contiguous, as the op returns
     return (*grads, bias.new_empty(bias.shape) if bias_grad else q.new_empty(0))
 
@@ -140,10 +147,14 @@ def _attention_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     ctx.options = options
 
 
-def _attention_backward(ctx: Any, grad_out: torch.Tensor, _grad_lse: Any) -> tuple:
+def _attention_backward(ctx: Any, grad_out: Optional[torch.Tensor], grad_lse: Any) -> tuple:
     q, k, v, out, lse, bias = ctx.saved_tensors
     bias_grad = bias is not None and ctx.needs_input_grad[3]
-    grads = _attention_backward_op(q, k, v, out, lse, grad_out, bias, bias_grad, *ctx.options)
+    if grad_out is None:  # only lse reached the loss
+        grad_out = torch.zeros_like(out)
+    grads = _attention_backward_op(
+        q, k, v, out, lse, grad_out, grad_lse, bias, bias_grad, *ctx.options
+    )
     return (*grads[:3], grads[3] if bias_grad else None, *(None for _ in ctx.options))
 
 
@@ -171,12 +182,21 @@ def attention(
     softcap: float = 0.0,
     q_offset: Optional[int] = None,
     bias: Optional[torch.Tensor] = None,
+    sink_logits: Optional[torch.Tensor] = None,
     num_threads: Optional[int] = None,
 ) -> torch.Tensor:
     """``foveal.attention`` differentiable in q, k, v and a float bias (the arguments are the
-    same; a bias that requires grad gets ``foveal.attention_backward``'s grad_bias)."""
+    same; a bias that requires grad gets ``foveal.attention_backward``'s grad_bias).
+
+    ``sink_logits`` ``[Hq]`` (optional; gpt-oss's learned sinks): one more logit per query head
+    in every row's softmax denominator, a key no value stands for, so a row may give part of
+    its attention to nothing: ``out_i = Σ_j e^(l_ij) v_j / (e^(s_h) + Σ_j e^(l_ij))``, which is
+    the plain output times ``sigmoid(lse_i - s_h)``. Differentiable in ``sink_logits`` too (its
+    gradient and the one it sends back through lse are exact, see
+    ``foveal.attention_backward``'s ``grad_lse``)."""
     options = _checked_options("attention", attention_options(locals()))
-    return _attention_op(q, k, v, bias, False, **options)[0]
+    out, lse = _attention_op(q, k, v, bias, False, **options)
+    return out if sink_logits is None else _with_sink_logits("attention", out, lse, sink_logits)
 
 
 def sliding_window_attention(
@@ -191,11 +211,46 @@ def sliding_window_attention(
     scale: Optional[float] = None,
     softcap: float = 0.0,
     q_offset: Optional[int] = None,
+    sink_logits: Optional[torch.Tensor] = None,
     num_threads: Optional[int] = None,
 ) -> torch.Tensor:
-    """``foveal.sliding_window_attention`` differentiable in q, k and v."""
+    """``foveal.sliding_window_attention`` differentiable in q and k and v (and in
+    ``sink_logits``, as in :func:`attention`)."""
     options = _checked_options("sliding_window_attention", attention_options(locals()))
-    return _attention_op(q, k, v, None, True, **options)[0]
+    out, lse = _attention_op(q, k, v, None, True, **options)
+    if sink_logits is None:
+        return out
+    return _with_sink_logits("sliding_window_attention", out, lse, sink_logits)
+
+
+def _with_sink_logits(
+    function: str, out: torch.Tensor, lse: torch.Tensor, sink_logits: object
+) -> torch.Tensor:
+    """out [B, Hq, Lq, Dv] scaled by each row's share of a softmax that also holds the head's
+    sink logit: sigmoid(lse - s_h), computed in lse's dtype (float32 for 16-bit outputs). A
+    row that sees no key (lse = -inf) stays 0."""
+    if not isinstance(sink_logits, torch.Tensor):
+        raise TypeError(
+            f"foveal: {function}: sink_logits must be a torch tensor, got "
+            f"{type(sink_logits).__name__}"
+        )
+    if not torch.compiler.is_compiling():
+        heads = out.shape[1]
+        if sink_logits.dim() != 1 or sink_logits.shape[0] != heads:
+            raise ValueError(
+                f"foveal: {function}: sink_logits must have shape [Hq] = [{heads}] (one logit "
+                f"per query head), got {list(sink_logits.shape)}"
+            )
+        if not sink_logits.is_floating_point():
+            raise TypeError(
+                f"foveal: {function}: sink_logits must be a float tensor, got {sink_logits.dtype}"
+            )
+        if not bool(torch.isfinite(sink_logits).all()):
+            raise ValueError(
+                f"foveal: {function}: sink_logits must be finite (it holds NaN or inf)"
+            )
+    share = torch.sigmoid(lse - sink_logits.to(lse.dtype).reshape(1, -1, 1))
+    return (out.to(lse.dtype) * share.unsqueeze(-1)).to(out.dtype)
 
 
 # SparseK attention as custom ops, differentiable in q, k, v and the scores u.

@@ -38,7 +38,6 @@ from typing import Any, Optional
 
 import torch
 
-from . import _core
 from . import torch as _ftorch
 
 # FovealCache comes from the module's __getattr__.
@@ -274,8 +273,8 @@ def attention_forward(
     ``[B, Hkv, Lk, D]`` -> ``([B, Lq, Hq, Dv], None)`` on ``foveal.torch.attention``.
 
     ``s_aux`` (``[Hq]``, gpt-oss's learned sink logits) adds one key per head whose logit is
-    ``s_aux[h]`` and whose value is zero: ``out * sigmoid(lse - s_aux)``, exact; supported
-    without gradients only (the custom op does not carry a gradient through lse)."""
+    ``s_aux[h]`` and whose value is zero: ``out * sigmoid(lse - s_aux)``, exact, and
+    differentiable in s_aux as in q, k and v (``foveal.torch.attention``'s ``sink_logits``)."""
     if dropout and dropout > 0:
         _fail(
             f"attention dropout (dropout={dropout}) is not supported; call model.eval() or set "
@@ -338,19 +337,8 @@ def _decode_over_cache(layer, query, mask, scaling, softcap, s_aux) -> Optional[
 
 def _attend(query, key, value, bias, options: dict, s_aux) -> torch.Tensor:
     """[B, Hq, Lq, Dv] from foveal.torch.attention; with sink logits, scaled by each row's
-    share of the softmax that the sink leaves: sigmoid(lse - s_aux)."""
-    if s_aux is None:
-        return _ftorch.attention(query, key, value, bias=bias, **options)
-    tensors = (query, key, value, s_aux)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        _fail(
-            "learned sink logits (s_aux) are supported without gradients only (under "
-            "torch.no_grad() or torch.inference_mode()); training through them is not"
-        )
-    options = _core.attention_options("attention", **options)  # checked, defaults filled
-    out, lse = _ftorch._attention_op(query, key, value, bias, False, **options)
-    sinks = s_aux.to(lse.dtype).reshape(1, -1, 1)
-    return out * torch.sigmoid(lse - sinks).unsqueeze(-1)
+    share of the softmax that the sink leaves: sigmoid(lse - s_aux) (differentiable)."""
+    return _ftorch.attention(query, key, value, bias=bias, sink_logits=s_aux, **options)
 
 
 def _attend_key_runs(query, key, value, runs: tuple, options: dict, s_aux) -> torch.Tensor:

@@ -16,7 +16,8 @@ BackwardParams<T> prepare_backward(const char* function, TensorView<const T, 4> 
                                    TensorView<const T, 4> out, TensorView<const T, 3> lse,
                                    TensorView<const T, 4> grad_out, TensorView<T, 4> grad_q,
                                    TensorView<T, 4> grad_k, TensorView<T, 4> grad_v,
-                                   const AttentionOptions& options, TensorView<const T, 4> bias) {
+                                   const AttentionOptions& options, TensorView<const T, 4> bias,
+                                   TensorView<const T, 3> grad_lse = {}) {
   check(!lse.is_null(), function, ": lse is required (the forward's, return_lse)");
   BackwardParams<T> params;
   // The forward's checks of q, k, v, bias and the options, with out and lse as the forward
@@ -73,6 +74,16 @@ BackwardParams<T> prepare_backward(const char* function, TensorView<const T, 4> 
     require_disjoint(function, entry.name, entry.gradient, "lse", lse);
     require_disjoint(function, entry.name, entry.gradient, "grad_out", grad_out);
     if (!bias.is_null()) require_disjoint(function, entry.name, entry.gradient, "bias", bias);
+  }
+  if (!grad_lse.is_null()) {
+    // Read like lse, one value per query row; the gradients must not overwrite it.
+    require_valid_view(function, "grad_lse", grad_lse);
+    const char* dims[3] = {"q.shape[0] (B)", "q.shape[1] (Hq)", "q.shape[2] (Lq)"};
+    for (int d = 0; d < 3; ++d)
+      require_extent(function, "grad_lse", grad_lse, d, dims[d], q.size(d));
+    for (const auto& entry : gradients)
+      require_disjoint(function, entry.name, entry.gradient, "grad_lse", grad_lse);
+    params.grad_lse = grad_lse;
   }
   require_disjoint(function, "grad_q", grad_q, "grad_k", grad_k);
   require_disjoint(function, "grad_q", grad_q, "grad_v", grad_v);

@@ -262,6 +262,7 @@ class BackwardRunner {
       const T* out_row = params_.out.address(batch, head[r], query_index[r], 0);
       T delta = 0;
       for (Index d = 0; d < dim_v_; ++d) delta += grad_out_rows[r][d] * out_row[d];
+      if (!params_.grad_lse.is_null()) delta -= params_.grad_lse(batch, head[r], query_index[r]);
       row_delta[r] = delta;
     }
     forward_.pack_queries(batch, num_rows, query_index, head, scratch.q_t);

@@ -253,6 +253,10 @@ struct BackwardParams {
   // Optional: [B, Hq, Lq, Lk], zeroed, receives ∂loss/∂bias (the logits' gradient) of every key a
   // task visits; each entry belongs to one (batch, kv head) task.
   TensorView<T, 4> grad_logits;
+  // Optional: [B, Hq, Lq], ∂loss/∂lse when the loss also reads the forward's lse (e.g. through
+  // learned sink logits): since ∂lse_i/∂l_ij = P_ij, it adds g_i P_ij to each logit's gradient,
+  // which is D_i replaced by D_i - g_i in dS = P ∘ (dP - D).
+  TensorView<const T, 3> grad_lse;
 };
 
 }  // namespace foveal::detail

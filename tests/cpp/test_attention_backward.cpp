@@ -1679,5 +1679,181 @@ TYPED_TEST(AttentionBackwardErrors, BiasGradientIsCheckedAndSummedOverBroadcasts
   EXPECT_EQ(again, broadcast_grad);
 }
 
+// ---------------------------------------------------------------------------------------------
+// 6. grad_lse: a loss that also reads the forward's lse (learned sink logits scale out by
+//    sigmoid(lse - s)) adds grad_lse_i P_ij to each logit's gradient.
+
+// grad_lse ~ N(0, 1) rounded to float, from a stream of its own.
+std::vector<double> random_grad_lse(const Problem& p) {
+  RandomSource random(p.seed ^ 0x5851F42D4C957F2DULL);
+  return round_to<float>(random.normal(static_cast<std::size_t>(shape_numel<3>(p.lse_shape()))));
+}
+
+Gradients reference_gradients_with_lse(const Problem& p, const Inputs& in,
+                                       const std::vector<double>& grad_out,
+                                       const std::vector<double>& grad_lse,
+                                       const AttentionOptions& o) {
+  Gradients result;
+  reference::attention_backward_reference(reference_shape(p), in.q, in.k, in.v, grad_out,
+                                          reference_options(o), result.grad_q, result.grad_k,
+                                          result.grad_v, in.bias, p.has_bias() ? p.bias_batch : 1,
+                                          p.has_bias() ? p.bias_heads : 1, grad_lse);
+  return result;
+}
+
+// The reference with grad_lse against central differences of sum(grad_out * out) +
+// sum(grad_lse * lse) (rows that see no key have lse = -inf whatever the inputs: left out).
+void expect_lse_reference_matches_finite_differences(const Problem& p, const AttentionOptions& o) {
+  SCOPED_TRACE(describe(problem_string(p), "\n  ", options_string(o)));
+  const Inputs in = random_inputs(p);
+  const std::vector<double> grad_out = random_grad_out(p);
+  const std::vector<double> grad_lse = random_grad_lse(p);
+  Inputs moved = in;
+  const auto loss = [&] {
+    const Outputs forward = reference_outputs(p, moved, o);
+    double sum = 0;
+    for (std::size_t i = 0; i < grad_out.size(); ++i) sum += grad_out[i] * forward.out[i];
+    for (std::size_t i = 0; i < grad_lse.size(); ++i)
+      if (std::isfinite(forward.lse[i])) sum += grad_lse[i] * forward.lse[i];
+    return sum;
+  };
+  Gradients numeric;
+  numeric.grad_q = central_differences(moved.q, 1e-5, loss);
+  numeric.grad_k = central_differences(moved.k, 1e-5, loss);
+  numeric.grad_v = central_differences(moved.v, 1e-5, loss);
+  const Gradients analytic = reference_gradients_with_lse(p, in, grad_out, grad_lse, o);
+  expect_gradients_match(analytic, numeric, 1e-7);
+  // And the lse term changes the answer (a reference that ignored grad_lse would fail above).
+  const Gradients without = reference_gradients(p, in, grad_out, o);
+  EXPECT_GT(max_normalized_error(without.grad_q, analytic.grad_q).value, 1e-3);
+}
+
+TEST(AttentionBackwardReference, LseGradientMatchesFiniteDifferences) {
+  expect_lse_reference_matches_finite_differences(make_problem(2, 2, 1, 5, 7, 3, 4, 116), {});
+  AttentionOptions options;
+  options.causal = true;  // Lq > Lk: two rows see nothing
+  options.softcap = 1.5;
+  expect_lse_reference_matches_finite_differences(
+      with_bias(make_problem(1, 4, 2, 7, 5, 3, 3, 117), 1, 4, 0.2), options);
+}
+
+// attention_backward / sliding_window_attention_backward with grad_lse, as run_backward's entry.
+template <typename T>
+struct BackwardWithLse {
+  TensorView<const T, 3> grad_lse;
+  bool sliding = false;
+  void operator()(const TensorView<const T, 4>& q, const TensorView<const T, 4>& k,
+                  const TensorView<const T, 4>& v, const TensorView<const T, 4>& out,
+                  const TensorView<const T, 3>& lse, const TensorView<const T, 4>& grad_out,
+                  const TensorView<T, 4>& grad_q, const TensorView<T, 4>& grad_k,
+                  const TensorView<T, 4>& grad_v, const AttentionOptions& options,
+                  const TensorView<const T, 4>& bias) const {
+    if (sliding) {
+      sliding_window_attention_backward(q, k, v, out, lse, grad_out, grad_q, grad_k, grad_v,
+                                        options, grad_lse);
+    } else {
+      attention_backward(q, k, v, out, lse, grad_out, grad_q, grad_k, grad_v, options, bias, {},
+                         grad_lse);
+    }
+  }
+};
+
+template <typename T>
+void expect_lse_backward_matches_reference(const Problem& p, const AttentionOptions& o,
+                                           bool sliding, Layout grad_lse_layout) {
+  SCOPED_TRACE(describe(problem_string(p), "\n  ", options_string(o), sliding ? " (sliding)" : ""));
+  const Inputs in = random_inputs(p);
+  const std::vector<double> grad_out = random_grad_out(p);
+  const std::vector<double> grad_lse = random_grad_lse(p);
+  const StridedBuffer<T, 3> grad_lse_buffer(grad_lse, p.lse_shape(), grad_lse_layout,
+                                            std::numeric_limits<T>::quiet_NaN());
+  const BackwardWithLse<T> entry{grad_lse_buffer.const_view(), sliding};
+  const Gradients got = run_backward<T>(entry, p, in, forward_outputs<T>(p, in, o), grad_out, o);
+  expect_gradients_match(got, reference_gradients_with_lse(p, in, grad_out, grad_lse, o),
+                         kBackwardTolerance<T>);
+}
+
+TYPED_TEST(AttentionBackward, LseGradientMatchesReference) {
+  for (std::uint64_t seed = 31000; seed < 31016; ++seed) {
+    RandomSource random(seed + 1);
+    Problem p = random_problem(seed, 2e6, kLengths, kMaxMqaHeads);
+    AttentionOptions options;
+    options.causal = random.chance(0.5);
+    options.softcap = random.pick({0.0f, 0.0f, 5.0f});
+    if (random.chance(0.3)) p = with_bias(p, 1, p.heads_q, 0.1);
+    const Layout layout = random.pick({Layout::kContiguous, Layout::kPadded});
+    expect_lse_backward_matches_reference<TypeParam>(p, options, false, layout);
+  }
+}
+
+TYPED_TEST(SlidingWindowBackwardTest, LseGradientMatchesReference) {
+  for (std::uint64_t seed = 32000; seed < 32008; ++seed) {
+    RandomSource random(seed + 1);
+    const Problem p = random_problem(seed, 2e6, kLengths, kMaxMqaHeads);
+    AttentionOptions options;
+    options.window_left = random.pick({Index{0}, Index{17}, Index{130}});
+    options.causal = true;
+    options.sink_tokens = random.pick({Index{0}, Index{2}});
+    expect_lse_backward_matches_reference<TypeParam>(p, options, true, Layout::kContiguous);
+  }
+}
+
+TYPED_TEST(AttentionBackward, LseGradientGivesIdenticalBitsForAnyThreadCount) {
+  const Problem p = make_problem(2, 4, 2, 130, 257, 24, 20, 33000);
+  const Inputs in = random_inputs(p);
+  const std::vector<double> grad_out = random_grad_out(p);
+  const StridedBuffer<TypeParam, 3> grad_lse(random_grad_lse(p), p.lse_shape(), Layout::kContiguous,
+                                             std::numeric_limits<TypeParam>::quiet_NaN());
+  AttentionOptions options;
+  options.causal = true;
+  const Outputs forward = forward_outputs<TypeParam>(p, in, options);
+  const BackwardWithLse<TypeParam> entry{grad_lse.const_view(), false};
+  options.num_threads = 1;
+  const Gradients one = run_backward<TypeParam>(entry, p, in, forward, grad_out, options);
+  for (int threads : {2, 3, 8}) {
+    options.num_threads = threads;
+    expect_identical(run_backward<TypeParam>(entry, p, in, forward, grad_out, options), one);
+  }
+}
+
+TYPED_TEST(AttentionBackwardErrors, MisshapenOrOverlappingGradLseIsNamed) {
+  using T = TypeParam;
+  std::vector<T> storage(static_cast<std::size_t>(shape_numel<3>(this->lse.shape())) + 8, T(0));
+  const Shape<3> shape = this->lse.shape();
+  // One extent wrong at a time.
+  for (int d = 0; d < 3; ++d) {
+    Shape<3> wrong = shape;
+    wrong[d] += 1;
+    const TensorView<const T, 3> bad(storage.data(), wrong);
+    this->expect_rejected(
+        [&] {
+          attention_backward(this->q, this->k, this->v, this->out, this->lse, this->grad_out,
+                             this->grad_q, this->grad_k, this->grad_v, this->options, this->bias,
+                             {}, bad);
+        },
+        "attention_backward", {"grad_lse"});
+    this->expect_rejected(
+        [&] {
+          sliding_window_attention_backward(this->q, this->k, this->v, this->out, this->lse,
+                                            this->grad_out, this->grad_q, this->grad_k,
+                                            this->grad_v, causal_window(2), bad);
+        },
+        "sliding_window_attention_backward", {"grad_lse"});
+  }
+  // Read from the memory of a gradient the call writes.
+  const TensorView<const T, 3> inside_grad_q(this->grad_q.data(), shape);
+  this->expect_rejected(
+      [&] {
+        attention_backward(this->q, this->k, this->v, this->out, this->lse, this->grad_out,
+                           this->grad_q, this->grad_k, this->grad_v, this->options, this->bias, {},
+                           inside_grad_q);
+      },
+      "attention_backward", {"grad_q", "grad_lse"});
+  // A well-formed grad_lse is accepted.
+  const TensorView<const T, 3> good(storage.data(), shape);
+  EXPECT_NO_THROW(attention_backward(this->q, this->k, this->v, this->out, this->lse,
+                                     this->grad_out, this->grad_q, this->grad_k, this->grad_v,
+                                     this->options, this->bias, {}, good));
+}
 }  // namespace
 }  // namespace foveal::test

@@ -320,6 +320,8 @@ def attention_backward_case(draw):
             case.lines.clear()
             case.seed = 0
             _qkv(case, dims)
+        if draw(st.booleans()):  # learned sink logits: the gradient through lse
+            options["sink_logits"] = case.array("sinks", (hq,))
         call = (
             "import foveal.torch\n"
             "q, k, v = (t.detach().requires_grad_(t.dtype.is_floating_point) "
@@ -338,6 +340,8 @@ def attention_backward_case(draw):
     if function == "attention_backward" and draw(st.booleans()):
         bias_shape = (1, 1, dims["Lq"], dims["Lk"])
         options["bias"] = case.array("bias", bias_shape)
+    if draw(st.booleans()):
+        options["grad_lse"] = case.array("grad_lse", out_shape[:3])
     call = (
         f"r = foveal.{function}(q, k, v, out, lse, grad_out, {_kw(**options)})\n"
         "assert isinstance(r, tuple) and len(r) == 3, type(r)\n"

@@ -574,3 +574,118 @@ def test_sliding_window_requires_a_bounded_window(rng):
         foveal.sliding_window_attention_backward(**_valid_call(rng), window_left=3)  # right open
     with pytest.raises(TypeError):
         foveal.sliding_window_attention_backward(**_valid_call(rng), window_left=3, bias=None)
+
+
+# --- Sink logits (gpt-oss's learned sinks) and the gradient through lse -----------------------
+
+
+def sink_reference(torch: Any, q, k, v, sinks, **options) -> Any:
+    """torch_reference whose softmax holds one more logit per query head (no value): the plain
+    output times the share the sink leaves, exp(lse) / (exp(lse) + exp(s_h))."""
+    _, heads_q, len_q, dim = q.shape
+    group = heads_q // k.shape[1]
+    keys = k.repeat_interleave(group, dim=1)
+    scale = 1.0 / math.sqrt(dim) if options.get("scale") is None else options["scale"]
+    logits = scale * (q @ keys.transpose(-1, -2))
+    if options.get("softcap", 0.0) > 0:
+        logits = options["softcap"] * torch.tanh(logits / options["softcap"])
+    mask = visible_keys(
+        len_q,
+        k.shape[2],
+        options.get("causal", False),
+        options.get("window_left", -1),
+        options.get("window_right", -1),
+        options.get("sink_tokens", 0),
+        options.get("q_offset"),
+    )
+    logits = torch.where(torch.from_numpy(mask), logits, torch.full_like(logits, -math.inf))
+    column = sinks.reshape(1, -1, 1, 1).expand(*logits.shape[:3], 1)
+    weights = torch.softmax(torch.cat((logits, column), dim=-1), dim=-1)[..., :-1]
+    return weights @ v.repeat_interleave(group, dim=1)
+
+
+SINK_CASES = {
+    "causal-gqa": ((2, 4, 2, 6, 6, 3, 3), {"causal": True}),
+    "lq-gt-lk-softcap": ((1, 2, 1, 7, 4, 3, 2), {"causal": True, "softcap": 1.5}),
+    "window-sinks": ((1, 2, 2, 8, 8, 4, 3), {"window_left": 2, "causal": True, "sink_tokens": 1}),
+}
+
+
+@pytest.mark.parametrize("case", list(SINK_CASES))
+def test_sink_logits_match_the_reference_and_gradcheck(case, rng, torch, foveal_torch):
+    shape, options = SINK_CASES[case]
+    q, k, v = (torch.from_numpy(x).requires_grad_() for x in make_qkv(rng, shape, np.float64))
+    sinks = torch.from_numpy(rng.standard_normal(shape[1])).requires_grad_()
+
+    def f(q, k, v, sinks):
+        return foveal_torch.attention(q, k, v, sink_logits=sinks, **options)
+
+    out = f(q, k, v, sinks)
+    expected = sink_reference(torch, q, k, v, sinks, **options)
+    assert (out - expected).abs().max().item() <= 1e-13
+    # Every gradient against autograd through the reference, then gradcheck.
+    weights = torch.from_numpy(rng.standard_normal(out.shape))
+    got = torch.autograd.grad((out * weights).sum(), (q, k, v, sinks))
+    want = torch.autograd.grad((expected * weights).sum(), (q, k, v, sinks))
+    for name, a, b in zip(("q", "k", "v", "sink_logits"), got, want):
+        assert (a - b).abs().max().item() <= 1e-12, name
+    assert torch.autograd.gradcheck(f, (q, k, v, sinks))
+
+
+def test_sliding_window_sink_logits_gradcheck(rng, torch, foveal_torch):
+    shape = (1, 4, 2, 9, 11, 3, 2)
+    q, k, v = (torch.from_numpy(x).requires_grad_() for x in make_qkv(rng, shape, np.float64))
+    sinks = torch.from_numpy(rng.standard_normal(4)).requires_grad_()
+
+    def f(q, k, v, sinks):
+        return foveal_torch.sliding_window_attention(
+            q, k, v, window_left=3, causal=True, sink_logits=sinks
+        )
+
+    expected = sink_reference(torch, q, k, v, sinks, window_left=3, causal=True, q_offset=None)
+    assert (f(q, k, v, sinks) - expected).abs().max().item() <= 1e-13
+    assert torch.autograd.gradcheck(f, (q, k, v, sinks))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_grad_lse_matches_autograd_through_the_reference(dtype, rng, torch):
+    # foveal.attention_backward(grad_lse=...) against autograd of sum(g * out) + sum(h * lse)
+    # through float64 torch (lse = logsumexp of the masked logits).
+    shape = (2, 4, 2, 70, 130, 12, 10)
+    options = {"causal": True, "softcap": 5.0}
+    q, k, v = make_qkv(rng, shape, dtype)
+    out, lse = foveal.attention(q, k, v, return_lse=True, **options)
+    grad_out = make_grad_out(rng, shape, dtype)
+    grad_lse = rng.standard_normal(lse.shape).astype(dtype)
+    grads = foveal.attention_backward(q, k, v, out, lse, grad_out, grad_lse=grad_lse, **options)
+    leaves = [torch.from_numpy(np.asarray(x, np.float64)).requires_grad_() for x in (q, k, v)]
+    keys = leaves[1].repeat_interleave(2, dim=1)
+    logits = 5.0 * torch.tanh(leaves[0] @ keys.transpose(-1, -2) / math.sqrt(12) / 5.0)
+    mask = visible_keys(70, 130, True, -1, -1, 0, None)
+    logits = torch.where(torch.from_numpy(mask), logits, torch.full_like(logits, -math.inf))
+    reference_lse = torch.logsumexp(logits, dim=-1)
+    reference_out = torch.softmax(logits, dim=-1) @ leaves[2].repeat_interleave(2, dim=1)
+    loss = (reference_out * torch.from_numpy(grad_out.astype(np.float64))).sum() + (
+        reference_lse * torch.from_numpy(grad_lse.astype(np.float64))
+    ).sum()
+    expected = torch.autograd.grad(loss, leaves)
+    for name, got, want in zip(("grad_q", "grad_k", "grad_v"), grads, expected):
+        assert_gradient_close(got, want.numpy(), dtype, name)
+    # Without grad_lse the answer differs (the test would catch an ignored argument).
+    plain = foveal.attention_backward(q, k, v, out, lse, grad_out, **options)
+    assert np.abs(np.asarray(plain[0]) - np.asarray(grads[0])).max() > 1e-3
+
+
+def test_bad_sink_logits_are_named(rng, torch, foveal_torch):
+    q, k, v = (torch.from_numpy(x) for x in make_qkv(rng, (1, 4, 2, 5, 5, 3, 3), np.float32))
+    with pytest.raises(ValueError, match=r"sink_logits must have shape \[Hq\] = \[4\]"):
+        foveal_torch.attention(q, k, v, sink_logits=torch.zeros(2))
+    with pytest.raises(ValueError, match="sink_logits must be finite"):
+        foveal_torch.attention(q, k, v, sink_logits=torch.tensor([0.0, math.inf, 0.0, 0.0]))
+    with pytest.raises(TypeError, match="sink_logits must be a torch tensor"):
+        foveal_torch.attention(q, k, v, sink_logits=[0.0, 0.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="grad_lse"):
+        out, lse = foveal.attention(q.numpy(), k.numpy(), v.numpy(), return_lse=True)
+        foveal.attention_backward(
+            q.numpy(), k.numpy(), v.numpy(), out, lse, out, grad_lse=np.zeros((1, 4, 6), np.float32)
+        )

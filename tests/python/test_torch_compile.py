@@ -18,6 +18,8 @@ class TinyBlock(torch.nn.Module):
         self.qkv = torch.nn.Linear(dim, 3 * dim, dtype=torch.float64)
         if kind == "sparsek":  # the scores u come from a trained linear scorer
             self.scorer = torch.nn.Linear(dim, heads, dtype=torch.float64)
+        if kind == "sink-logits":  # gpt-oss's learned sinks: a gradient through lse
+            self.sinks = torch.nn.Parameter(torch.randn(heads, dtype=torch.float64))
         self.proj = torch.nn.Linear(dim, dim, dtype=torch.float64)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -31,12 +33,14 @@ class TinyBlock(torch.nn.Module):
         elif self.kind == "sparsek":
             u = self.scorer(x).transpose(1, 2)
             out = foveal_torch.sparsek_attention(q, k, v, u, 4, window=3, sink_tokens=1)
+        elif self.kind == "sink-logits":
+            out = foveal_torch.attention(q, k, v, causal=True, sink_logits=self.sinks)
         else:
             out = foveal_torch.attention(q, k, v, causal=True, softcap=10.0)
         return self.proj(out.transpose(1, 2).reshape(batch, length, dim))
 
 
-@pytest.mark.parametrize("kind", ["dense", "sliding-window", "sparsek"])
+@pytest.mark.parametrize("kind", ["dense", "sliding-window", "sparsek", "sink-logits"])
 def test_compiled_model_runs_without_graph_breaks_and_matches_eager(kind):
     torch.manual_seed(0)
     model = TinyBlock(32, 4, kind)

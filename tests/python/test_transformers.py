@@ -264,26 +264,51 @@ def test_missing_mask_is_top_left_causal():
     assert (out - expected.transpose(1, 2)).abs().max().item() <= 1e-5
 
 
+def _sink_reference(q, k, v, sinks):
+    """Causal GQA attention whose softmax holds one more logit per head (no value)."""
+    logits = q @ k.repeat_interleave(2, dim=1).transpose(2, 3) / 4.0
+    logits = logits.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
+    logits = torch.cat([logits, sinks.reshape(1, 4, 1, 1).expand(1, 4, 6, 1)], dim=-1)
+    weights = logits.softmax(dim=-1)[..., :-1]
+    return weights @ v.repeat_interleave(2, dim=1)
+
+
 def test_sink_logits_are_exact_without_gradients():
     q, k, v = _attention_inputs()
     sinks = torch.tensor([0.5, -1.0, 2.0, 0.0])
     mask = ftransformers.FovealMask(causal=True, q_offset=0)
     with torch.no_grad():
         out, _ = ftransformers.attention_forward(_Module(), q, k, v, mask, s_aux=sinks)
-    logits = q @ k.repeat_interleave(2, dim=1).transpose(2, 3) / 4.0
-    logits = logits.masked_fill(torch.ones(6, 6, dtype=torch.bool).triu(1), float("-inf"))
-    logits = torch.cat([logits, sinks.reshape(1, 4, 1, 1).expand(1, 4, 6, 1)], dim=-1)
-    weights = logits.softmax(dim=-1)[..., :-1]
-    expected = weights @ v.repeat_interleave(2, dim=1)
+    expected = _sink_reference(q, k, v, sinks)
     assert (out - expected.transpose(1, 2)).abs().max().item() <= 1e-5
+
+
+def test_sink_logits_train_like_the_reference():
+    # gpt-oss's sinks are parameters: every gradient (q, k, v and s_aux) against autograd
+    # through the float64 reference.
+    q, k, v = (t.double() for t in _attention_inputs())
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=torch.float64)
+    weights = torch.randn(
+        1, 6, 4, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(5)
+    )
+    mask = ftransformers.FovealMask(causal=True, q_offset=0)
+    grads = []
+    for function in ("foveal", "reference"):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v, sinks)]
+        if function == "foveal":
+            out, _ = ftransformers.attention_forward(_Module(), *inputs[:3], mask, s_aux=inputs[3])
+        else:
+            out = _sink_reference(*inputs).transpose(1, 2)
+        (out * weights).sum().backward()
+        grads.append([t.grad for t in inputs])
+    for name, got, expected in zip(("q", "k", "v", "s_aux"), *grads):
+        assert (got - expected).abs().max().item() <= 1e-12, name
 
 
 def test_unsupported_features_raise_by_name():
     q, k, v = _attention_inputs(requires_grad=True)
     mask = ftransformers.FovealMask(causal=True)
     module = _Module()
-    with pytest.raises(NotImplementedError, match="s_aux"):
-        ftransformers.attention_forward(module, q, k, v, mask, s_aux=torch.zeros(4))
     with pytest.raises(NotImplementedError, match="dropout"):
         ftransformers.attention_forward(module, q, k, v, mask, dropout=0.1)
     with pytest.raises(NotImplementedError, match="output_attentions"):
@@ -319,6 +344,25 @@ def test_gradients_flow_through_foveal(padding):
     model.zero_grad()
     scale = grads["sdpa"].abs().max().item()
     assert (grads["foveal"] - grads["sdpa"]).abs().max().item() <= TOL * max(scale, 1.0)
+
+
+def test_gpt_oss_sinks_train_through_foveal():
+    # gpt-oss's learned sink logits get the gradient eager attention gives them, and so does
+    # every projection upstream of the lse they read.
+    model, reference = _model("gpt_oss")
+    ids, mask = _batch("left")
+    grads = {}
+    for implementation in (reference, "foveal"):
+        model.set_attn_implementation(implementation)
+        model.zero_grad()
+        model(input_ids=ids, attention_mask=mask).logits[mask.bool()].square().mean().backward()
+        attention = model.model.layers[1].self_attn
+        grads[implementation] = (attention.sinks.grad.clone(), attention.k_proj.weight.grad.clone())
+    model.zero_grad()
+    for name, got, want in zip(("sinks", "k_proj"), grads["foveal"], grads[reference]):
+        scale = want.abs().max().item()  # ~1e-4 in this tiny model: the bound is relative
+        assert scale > 0, name
+        assert (got - want).abs().max().item() <= TOL * scale, name
 
 
 def test_foveal_imports_without_transformers():

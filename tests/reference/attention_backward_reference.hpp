@@ -12,7 +12,9 @@
 //   dT_j = dL_j * dl_j/dt_j, dl_j/dt_j = s (1 - tanh^2(a_j / c)) with a softcap, else s ;
 //   grad_q[i] += dT_j k_j ;  grad_k[j] += dT_j q_i   (summed over the heads of a GQA group).
 // The bias is a constant (no gradient). A row that sees no key contributes nothing to any
-// gradient; a key that no row sees gets grad_k = grad_v = 0.
+// gradient; a key that no row sees gets grad_k = grad_v = 0. With grad_lse (the loss also reads
+// lse_i = log sum_j exp(l_j), whose derivative in l_j is P_j): dL_j += grad_lse_i P_j, i.e.
+// D_i is replaced by D_i - grad_lse_i.
 #pragma once
 
 #include <cmath>
@@ -24,7 +26,8 @@
 
 namespace foveal::reference {
 
-// The gradients of sum(grad_out * attention_reference(q, k, v).out) with respect to q, k and v.
+// The gradients of sum(grad_out * attention_reference(q, k, v).out) (+ sum(grad_lse * lse) when
+// grad_lse [B, Hq, Lq] is given) with respect to q, k and v.
 // Inputs are contiguous row-major as in attention_reference, plus grad_out [B, Hq, Lq, Dv].
 // Writes grad_q [B, Hq, Lq, D], grad_k [B, Hkv, Lk, D] and grad_v [B, Hkv, Lk, Dv].
 inline void attention_backward_reference(const AttentionShape& s, const std::vector<double>& q,
@@ -33,7 +36,8 @@ inline void attention_backward_reference(const AttentionShape& s, const std::vec
                                          const ReferenceOptions& o, std::vector<double>& grad_q,
                                          std::vector<double>& grad_k, std::vector<double>& grad_v,
                                          const std::vector<double>& bias = {},
-                                         std::int64_t bias_batch = 1, std::int64_t bias_heads = 1) {
+                                         std::int64_t bias_batch = 1, std::int64_t bias_heads = 1,
+                                         const std::vector<double>& grad_lse = {}) {
   const double scale = o.scale > 0 ? o.scale : 1.0 / std::sqrt(static_cast<double>(s.dim));
   const std::int64_t q_offset = o.q_offset >= 0 ? o.q_offset : s.len_k - s.len_q;
   const std::int64_t group = s.heads_kv > 0 ? s.heads_q / s.heads_kv : 1;
@@ -92,6 +96,7 @@ inline void attention_backward_reference(const AttentionShape& s, const std::vec
         }
         double row_dot = 0;  // D_i = g . out_i
         for (std::int64_t d = 0; d < s.dim_v; ++d) row_dot += g_row[d] * out_row[d];
+        if (!grad_lse.empty()) row_dot -= grad_lse[row];
         // Back through P v, the softmax, the softcap and the scale, into q, k and v.
         double* gq_row = &grad_q[row * s.dim];
         for (std::int64_t j = 0; j < s.len_k; ++j) {
