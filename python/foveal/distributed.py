@@ -32,6 +32,8 @@ import torch.distributed as dist
 
 import foveal as _foveal
 
+from . import torch as _ftorch
+
 __all__ = ["LAYOUTS", "ring_attention", "shard", "shard_positions", "unshard"]
 
 LAYOUTS = ("zigzag", "contiguous")
@@ -134,6 +136,9 @@ class _Ring:
     dtype: torch.dtype
     causal: bool
     scale: Optional[float]
+    softcap: float
+    window_left: int  # -1: no window (causal only)
+    sink_tokens: int  # global positions [0, sink_tokens) stay visible to a windowed query
     num_threads: Optional[int]
 
     def peer(self, step: int) -> int:
@@ -174,16 +179,20 @@ _FIELDS = (
     "v.dtype",
     "causal",
     "layout",
+    "softcap",
+    "window_left",
+    "sink_tokens",
     "scale",
 )
 _PER_RANK = ("q.shape[2]", "k.shape[2]", "v.shape[2]")
 
 
-def _describe(q, k, v, causal, scale, layout) -> torch.Tensor:
+def _describe(q, k, v, causal, scale, layout, softcap, window_left, sink_tokens) -> torch.Tensor:
     options = (_DTYPES.index(q.dtype), _DTYPES.index(k.dtype), _DTYPES.index(v.dtype))
     scale_value = float("nan") if scale is None else float(scale)
     values = (*q.shape, *k.shape, *v.shape, *options, bool(causal), LAYOUTS.index(layout))
-    return torch.tensor((*values, scale_value), dtype=torch.float64)
+    band = (float(softcap), window_left, sink_tokens)
+    return torch.tensor((*values, *band, scale_value), dtype=torch.float64)
 
 
 def _check_ranks(rows: list) -> None:
@@ -191,7 +200,8 @@ def _check_ranks(rows: list) -> None:
     for r, row in enumerate(rows):
         field = dict(zip(_FIELDS, row))
         for name in _FIELDS[:-1]:
-            field[name] = int(field[name])
+            if name != "softcap":
+                field[name] = int(field[name])
         dtypes = [str(_DTYPES[field[f"{name}.dtype"]]) for name in "qkv"]
         if len(set(dtypes)) != 1:
             _fail(
@@ -227,6 +237,8 @@ def _check_ranks(rows: list) -> None:
 def _shown(name: str, value: float) -> str:
     if name == "scale":
         return "None" if value != value else repr(value)
+    if name == "softcap":
+        return repr(value)
     if name == "layout":
         return repr(LAYOUTS[int(value)])
     if name.endswith("dtype"):
@@ -234,7 +246,26 @@ def _shown(name: str, value: float) -> str:
     return str(bool(value)) if name == "causal" else str(int(value))
 
 
-def _make_ring(q, k, v, causal, scale, layout, group, num_threads) -> _Ring:
+def _check_band(causal: Any, softcap: Any, window_left: Any, sink_tokens: Any) -> None:
+    """The band options, checked on the rank that passes them (the all_gather then compares)."""
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not softcap >= 0:
+        _fail(f"softcap must be a float >= 0, got {softcap!r}")
+    if softcap == float("inf"):
+        _fail("softcap must be finite, got inf")
+    for name, value in (("window_left", window_left), ("sink_tokens", sink_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            _fail(f"{name} must be an int, got {type(value).__name__}", TypeError)
+    if window_left < -1:
+        _fail(f"window_left must be -1 (no window) or >= 0, got {window_left}")
+    if window_left >= 0 and not causal:
+        _fail("window_left needs causal=True (a window over the keys before each query)")
+    if sink_tokens < 0:
+        _fail(f"sink_tokens must be >= 0, got {sink_tokens}")
+
+
+def _make_ring(
+    q, k, v, causal, scale, layout, group, num_threads, softcap=0.0, window_left=-1, sink_tokens=0
+) -> _Ring:
     if not dist.is_available() or not dist.is_initialized():
         _fail(
             "torch.distributed is not initialized: call "
@@ -246,18 +277,19 @@ def _make_ring(q, k, v, causal, scale, layout, group, num_threads) -> _Ring:
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
         _fail(f"scale must be a float or None, got {scale!r}", TypeError)
     _check_local(q, k, v)
+    _check_band(causal, softcap, window_left, sink_tokens)
     group = dist.group.WORLD if group is None else group
     rank, world_size = dist.get_rank(group), dist.get_world_size(group)
     if rank < 0:
         _fail("this process is not a member of group", RuntimeError)
     # One small all_gather: every rank then checks all of them and raises the same error,
     # instead of a mismatched transfer hanging or failing later.
-    mine = _describe(q, k, v, causal, scale, layout)
+    mine = _describe(q, k, v, causal, scale, layout, softcap, window_left, sink_tokens)
     gathered = [torch.empty_like(mine) for _ in range(world_size)]
     dist.all_gather(gathered, mine, group=group)
     rows = [row.tolist() for row in gathered]
     _check_ranks(rows)
-    rows = [[int(x) for x in row[:-1]] for row in rows]
+    rows = [[int(x) for x in row[:12]] for row in rows]
     seq_len = sum(row[2] for row in rows)
     ranges = _chunk_ranges(seq_len, world_size, layout)
     segments = []
@@ -276,7 +308,18 @@ def _make_ring(q, k, v, causal, scale, layout, group, num_threads) -> _Ring:
         segments.append(parts)
     kv_shapes = [(tuple(row[4:8]), tuple(row[8:12])) for row in rows]
     return _Ring(
-        group, rank, world_size, segments, kv_shapes, q.dtype, bool(causal), scale, num_threads
+        group,
+        rank,
+        world_size,
+        segments,
+        kv_shapes,
+        q.dtype,
+        bool(causal),
+        scale,
+        float(softcap),
+        window_left,
+        sink_tokens,
+        num_threads,
     )
 
 
@@ -285,19 +328,37 @@ def _pairs(ring: _Ring, peer: int) -> list:
     block; one whole-shard call when every query sees every key of the block. Positions are
     global, so the causal mask between blocks is exact: a key segment after the last query is
     skipped, one before the first query is seen whole, and an overlapping one (the same chunk:
-    chunks are aligned) gets the causal mask with q_offset = its distance from the keys."""
-    base = {"scale": ring.scale, "num_threads": ring.num_threads}
+    chunks are aligned) gets the causal mask with q_offset = its distance from the keys.
+
+    With a window (window_left = w) every call gets the causal mask, the window and q_offset =
+    qs.begin - ks.begin, so a query at global position p sees the keys of ks in [p - w, p]
+    exactly; the global sinks [0, sink_tokens) are the first sink_tokens - ks.begin keys of a
+    segment that starts before sink_tokens. A segment wholly before every query's window and
+    past the sinks is skipped."""
+    base = {"scale": ring.scale, "softcap": ring.softcap, "num_threads": ring.num_threads}
     q_segments, k_segments = ring.segments[ring.rank], ring.segments[peer]
     if not ring.causal:
         q_rows = sum(segment.length for segment in q_segments)
         k_rows = sum(segment.length for segment in k_segments)
         return [((0, q_rows), (0, k_rows), base)] if q_rows and k_rows else []
+    window, sinks = ring.window_left, ring.sink_tokens
     calls = []
     for qs in q_segments:
         for ks in k_segments:
             if not qs.length or not ks.length or ks.begin > qs.end - 1:
                 continue  # no query of qs sees a key of ks
-            if ks.end - 1 <= qs.begin:
+            if window >= 0:
+                # The first query (the earliest window) sees back to qs.begin - window.
+                if ks.end - 1 < qs.begin - window and ks.begin >= sinks:
+                    continue
+                keywords = {
+                    **base,
+                    "causal": True,
+                    "q_offset": qs.begin - ks.begin,
+                    "window_left": window,
+                    "sink_tokens": min(max(sinks - ks.begin, 0), ks.length),
+                }
+            elif ks.end - 1 <= qs.begin:
                 keywords = base
             else:
                 assert ks.begin <= qs.begin, "chunks of a layout are aligned"
@@ -395,7 +456,7 @@ def _ring_forward(ring: _Ring, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return out, lse
 
 
-def _ring_backward(ring, q, k, v, out, lse, grad_out):
+def _ring_backward(ring, q, k, v, out, lse, grad_out, grad_lse):
     grad_q = torch.zeros_like(q)
     block = _pack(k, v)
     carried = None  # the gradient of the visiting block, summed over the ranks it has visited
@@ -414,6 +475,7 @@ def _ring_backward(ring, q, k, v, out, lse, grad_out):
         grad_k, grad_v = _unpack(part, shapes)
         for (q_local, q_len), (k_local, k_len), keywords in _pairs(ring, peer):
             rows = [x.narrow(2, q_local, q_len) for x in (q, out, lse, grad_out)]
+            # The rows' global lse and its gradient: the same dS = P (dP - D + g) per block.
             dq, dk, dv = _foveal.attention_backward(
                 rows[0],
                 k_block.narrow(2, k_local, k_len),
@@ -421,6 +483,7 @@ def _ring_backward(ring, q, k, v, out, lse, grad_out):
                 rows[1],
                 rows[2],
                 rows[3],
+                grad_lse=None if grad_lse is None else grad_lse.narrow(2, q_local, q_len),
                 **keywords,
             )
             grad_q.narrow(2, q_local, q_len).add_(dq)
@@ -453,14 +516,15 @@ class _RingAttention(torch.autograd.Function):
         out, lse = _ring_forward(ring, q, k, v)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.ring = ring
-        ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
-    def backward(ctx: Any, grad_out, _grad_lse):
+    def backward(ctx: Any, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
         # Autograd may hand over an expanded (stride-0) gradient: the kernel reads unit rows.
-        grads = _ring_backward(ctx.ring, q, k, v, out, lse, grad_out.detach().contiguous())
+        grad_out = torch.zeros_like(out) if grad_out is None else grad_out.detach().contiguous()
+        grad_lse = None if grad_lse is None else grad_lse.detach()
+        grads = _ring_backward(ctx.ring, q, k, v, out, lse, grad_out, grad_lse)
         return (*grads, None)
 
 
@@ -471,6 +535,10 @@ def ring_attention(
     *,
     causal: bool = False,
     scale: Optional[float] = None,
+    softcap: float = 0.0,
+    window_left: int = -1,
+    sink_tokens: int = 0,
+    sink_logits: Optional[torch.Tensor] = None,
     layout: str = "zigzag",
     group: Any = None,
     return_lse: bool = False,
@@ -482,14 +550,22 @@ def ring_attention(
     Every process passes its shard (made by :func:`shard` with the same ``layout``): q
     ``[B, Hq, Lr, D]``, k ``[B, Hkv, Lr, D]``, v ``[B, Hkv, Lr, Dv]`` (CPU, float32 or float64;
     Hq a multiple of Hkv), and gets its rows of ``attention(q_full, k_full, v_full)``:
-    out ``[B, Hq, Lr, Dv]`` (and lse ``[B, Hq, Lr]`` with ``return_lse=True``; no gradient
-    flows through lse). Positions are
-    global, so ``causal=True`` masks exactly as one call over the whole sequence does.
-    ``scale`` defaults to ``1/sqrt(D)``. Every process of the group must call it with the same
+    out ``[B, Hq, Lr, Dv]`` (and lse ``[B, Hq, Lr]`` with ``return_lse=True``, differentiable
+    too). Positions are global, so ``causal=True`` masks exactly as one call over the whole
+    sequence does, and so do the band options of :func:`foveal.attention`: ``softcap``,
+    ``window_left`` (with ``causal=True``: query p sees keys p - window_left .. p) and
+    ``sink_tokens`` (the sequence's first tokens, seen by every later query). ``sink_logits``
+    ``[Hq]`` (learned sinks, as in :func:`foveal.torch.attention`) scales each row by
+    ``sigmoid(lse - s_h)``, with gradients. ``scale`` defaults to ``1/sqrt(D)``. Every process
+    of the group must call it with the same
     B, heads, D, Dv, dtype and options; this is checked on every rank with one small all_gather
     and a mismatch raises the same error everywhere. ``torch.distributed`` must be initialized
     (the gloo backend: CPU tensors). ``num_threads`` is foveal's per-call thread count.
     """
-    ring = _make_ring(q, k, v, causal, scale, layout, group, num_threads)
+    ring = _make_ring(
+        q, k, v, causal, scale, layout, group, num_threads, softcap, window_left, sink_tokens
+    )
     out, lse = _RingAttention.apply(q, k, v, ring)
+    if sink_logits is not None:
+        out = _ftorch._with_sink_logits("ring_attention", out, lse, sink_logits)
     return (out, lse) if return_lse else out

@@ -30,8 +30,11 @@ import foveal.torch as ftorch  # noqa: E402
 
 SEED = 20240611
 
-# (name, B, Hq, Hkv, L, D, Dv, causal, layout, dtype, scale): L = 37 and 3 are no multiple of
-# 2N (the chunks differ by a row; with L = 3 and 4 ranks some shards are empty), 64 is one.
+# (name, B, Hq, Hkv, L, D, Dv, causal, layout, dtype, scale[, band options]): L = 37 and 3 are
+# no multiple of 2N (the chunks differ by a row; with L = 3 and 4 ranks some shards are empty), 64
+# is one. The band options: a softcap, windows shorter and longer than a chunk (with 4 ranks a
+# 64-row sequence has chunks of 8), sinks inside the first chunk and past it, and learned sink
+# logits (their gradient reaches q and k through lse).
 CASES = [
     ("causal_zigzag_gqa", 1, 4, 2, 64, 16, 8, True, "zigzag", torch.float32, None),
     ("causal_uneven", 2, 2, 1, 37, 8, 8, True, "zigzag", torch.float32, 0.3),
@@ -39,12 +42,74 @@ CASES = [
     ("causal_contiguous", 1, 3, 3, 29, 8, 8, True, "contiguous", torch.float32, None),
     ("causal_float64", 1, 2, 1, 40, 8, 8, True, "zigzag", torch.float64, None),
     ("causal_tiny", 1, 1, 1, 3, 4, 4, True, "zigzag", torch.float32, None),
+    ("softcap_full", 1, 2, 1, 37, 8, 8, False, "zigzag", torch.float32, None, {"softcap": 2.0}),
+    (
+        "window_short",
+        1,
+        4,
+        2,
+        64,
+        8,
+        8,
+        True,
+        "zigzag",
+        torch.float32,
+        None,
+        {"window_left": 5, "softcap": 3.0},
+    ),
+    (
+        "window_sinks",
+        2,
+        2,
+        1,
+        61,
+        8,
+        4,
+        True,
+        "zigzag",
+        torch.float64,
+        0.4,
+        {"window_left": 11, "sink_tokens": 3},
+    ),
+    (
+        "window_wide_sinks",
+        1,
+        2,
+        2,
+        40,
+        8,
+        8,
+        True,
+        "contiguous",
+        torch.float32,
+        None,
+        {"window_left": 23, "sink_tokens": 13},
+    ),
+    (
+        "sink_logits",
+        1,
+        4,
+        2,
+        37,
+        8,
+        8,
+        True,
+        "zigzag",
+        torch.float64,
+        None,
+        {"window_left": 9, "sink_logits": True},
+    ),
 ]
+
+
+def _band(case: tuple) -> dict:
+    """A case's band options (sink_logits=True: the case's learned sinks, drawn in _inputs)."""
+    return dict(case[11]) if len(case) > 11 else {}
 
 
 def _inputs(case: tuple) -> dict:
     """The full-sequence tensors of a case (the same in every process: a seeded generator)."""
-    _, batch, hq, hkv, length, dim, dim_v, _, _, dtype, _ = case
+    _, batch, hq, hkv, length, dim, dim_v, _, _, dtype, _ = case[:11]
     generator = torch.Generator().manual_seed(SEED + length * 7 + hq)
 
     def draw(*shape):
@@ -55,16 +120,21 @@ def _inputs(case: tuple) -> dict:
         "k": draw(batch, hkv, length, dim),
         "v": draw(batch, hkv, length, dim_v),
         "grad": draw(batch, hq, length, dim_v),
+        "sinks": draw(hq),
     }
 
 
 def _ring_run(case: tuple, rank: int, world_size: int, num_threads: int, group=None) -> dict:
-    _, _, _, _, _, _, _, causal, layout, _, scale = case
+    _, _, _, _, _, _, _, causal, layout, _, scale = case[:11]
     full = _inputs(case)
+    sinks = full.pop("sinks").requires_grad_()
     local = {
         name: fdist.shard(x, rank, world_size, layout=layout).requires_grad_(name != "grad")
         for name, x in full.items()
     }
+    band = _band(case)
+    if band.pop("sink_logits", False):
+        band["sink_logits"] = sinks
     out, lse = fdist.ring_attention(
         local["q"],
         local["k"],
@@ -75,10 +145,13 @@ def _ring_run(case: tuple, rank: int, world_size: int, num_threads: int, group=N
         return_lse=True,
         num_threads=num_threads,
         group=group,
+        **band,
     )
     out.backward(local["grad"])
-    result = {"out": out.detach(), "lse": lse}
+    result = {"out": out.detach(), "lse": lse.detach()}
     result.update({f"grad_{name}": local[name].grad for name in ("q", "k", "v")})
+    if sinks.grad is not None:  # each rank's rows' share of the sinks' gradient
+        result["grad_sinks"] = sinks.grad
     return result
 
 
@@ -125,6 +198,14 @@ def _worker(rank: int, world_size: int, port: int, directory: str) -> None:
         results["bad_scale"] = _error_of(
             lambda: fdist.ring_attention(q[:, :, :5], q[:, :1, :5], q[:, :1, :5], scale="x")
         )
+        five = (q[:, :, :5], q[:, :1, :5], q[:, :1, :5])
+        results["window_not_causal"] = _error_of(lambda: fdist.ring_attention(*five, window_left=3))
+        results["other_window"] = _error_of(
+            lambda: fdist.ring_attention(*five, causal=True, window_left=3 + rank)
+        )
+        results["bad_sinks"] = _error_of(
+            lambda: fdist.ring_attention(*five, sink_logits=torch.zeros(3))
+        )
         torch.save(results, Path(directory) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -148,22 +229,33 @@ def ring_results(request, tmp_path_factory) -> tuple:
 
 
 def _reference(case: tuple) -> dict:
-    _, _, _, _, _, _, _, causal, _, _, scale = case
+    _, _, _, _, _, _, _, causal, _, _, scale = case[:11]
     full = _inputs(case)
-    q, k, v = (full[name].clone().requires_grad_() for name in ("q", "k", "v"))
-    out = ftorch.attention(q, k, v, causal=causal, scale=scale)
+    q, k, v, sinks = (full[name].clone().requires_grad_() for name in ("q", "k", "v", "sinks"))
+    band = _band(case)
+    learned = band.pop("sink_logits", False)
+    out = ftorch.attention(
+        q, k, v, causal=causal, scale=scale, sink_logits=sinks if learned else None, **band
+    )
     out.backward(full["grad"])
     _, lse = foveal.attention(
-        full["q"], full["k"], full["v"], causal=causal, scale=scale, return_lse=True
+        full["q"], full["k"], full["v"], causal=causal, scale=scale, return_lse=True, **band
     )
-    return {"out": out.detach(), "lse": lse, "grad_q": q.grad, "grad_k": k.grad, "grad_v": v.grad}
+    result = {"out": out.detach(), "lse": lse, "grad_q": q.grad, "grad_k": k.grad}
+    result["grad_v"] = v.grad
+    if learned:
+        result["grad_sinks"] = sinks.grad
+    return result
 
 
 def _assert_matches_one_process(case: tuple, shards_of: list, label: str) -> None:
     """The unsharded results (``shards_of[r]`` from group rank r) against one foveal call."""
     layout, dtype = case[8], case[9]
     for name, want in _reference(case).items():
-        got = fdist.unshard([results[name] for results in shards_of], layout=layout)
+        if name == "grad_sinks":  # summed over the ranks' rows (a sum in rank order)
+            got = torch.stack([results[name] for results in shards_of]).sum(dim=0)
+        else:
+            got = fdist.unshard([results[name] for results in shards_of], layout=layout)
         assert got.shape == want.shape and got.dtype == want.dtype, name
         if name == "lse":
             assert torch.equal(torch.isinf(got), torch.isinf(want)), name
@@ -206,6 +298,9 @@ def test_ring_bad_input_names_the_problem_on_every_rank(ring_results):
         assert "scale is None on rank 0 and 1.0 on rank 1" in results["other_scale"]
         assert results["bad_scale"].startswith("TypeError")
         assert "scale must be a float or None, got 'x'" in results["bad_scale"]
+        assert "window_left needs causal=True" in results["window_not_causal"]
+        assert "window_left is 3 on rank 0 and 4 on rank 1" in results["other_window"]
+        assert "sink_logits must have shape [Hq] = [2]" in results["bad_sinks"]
     messages = {results["wrong_rows"] for results in per_rank}
     assert len(messages) == 1  # the same error on every rank
 
