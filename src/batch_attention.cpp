@@ -157,48 +157,73 @@ struct Planner {
     detail::for_each_decode_chunk(range, [&chunks](KeyRange chunk) { chunks.push_back(chunk); });
   }
 
+  // One level of the cascade: `members` (entries, in order) hold the same pages for the keys
+  // [begin, end), and every query of every member sees all of them.
   struct Group {
-    std::vector<Index> members;  // entries, in order
-    Index prefix = 0;
+    std::vector<Index> members;
+    Index begin = 0;
+    Index end = 0;
   };
 
-  // Step 1: groups of entries that share their first pages, and their usable prefixes.
-  std::vector<Group> find_groups() const {
-    std::map<Index, Group> by_first_page;
-    for (Index s = 0; s < entries(); ++s) {
-      const std::vector<Index>& table = cache.page_table(sequences[static_cast<std::size_t>(s)]);
-      if (!table.empty() && rows[static_cast<std::size_t>(s)] > 0)
-        by_first_page[table.front()].members.push_back(s);
+  const std::vector<Index>& table_of(Index entry) const {
+    return cache.page_table(sequences[static_cast<std::size_t>(entry)]);
+  }
+
+  // Where the pages `members` share from page `first` on end, in tokens, capped by their cached
+  // lengths (a member's own newest keys are not shared).
+  Index shared_end(const std::vector<Index>& members, std::size_t first) const {
+    const std::vector<Index>& lead = table_of(members.front());
+    std::size_t common = lead.size();
+    Index end = std::numeric_limits<Index>::max();
+    for (Index s : members) {
+      const std::vector<Index>& table = table_of(s);
+      std::size_t same = first;
+      while (same < std::min(common, table.size()) && table[same] == lead[same] &&
+             lead[same] != PagedKVCache<KV>::kReleased)
+        ++same;
+      common = same;
+      end = std::min(end, q_offset(s));
     }
-    std::vector<Group> groups;
-    for (auto& [first_page, group] : by_first_page) {
-      if (first_page == PagedKVCache<KV>::kReleased) continue;
-      if (group.members.size() < 2) continue;
-      const std::vector<Index>& lead =
-          cache.page_table(sequences[static_cast<std::size_t>(group.members.front())]);
-      std::size_t common = lead.size();
-      Index prefix = std::numeric_limits<Index>::max();
-      for (Index s : group.members) {
-        const std::vector<Index>& table = cache.page_table(sequences[static_cast<std::size_t>(s)]);
-        std::size_t same = 0;
-        while (same < std::min(common, table.size()) && table[same] == lead[same] &&
-               lead[same] != PagedKVCache<KV>::kReleased)
-          ++same;
-        common = same;
-        prefix = std::min(prefix, q_offset(s));
-      }
-      prefix = std::min(prefix, static_cast<Index>(common) * cache.page_size());
-      if (prefix <= 0) continue;
-      // Every query of every member must see the whole prefix (a window may cut into it).
+    return std::min(end, static_cast<Index>(common) * cache.page_size());
+  }
+
+  // Step 1: the levels of the cascade. `members` share every page before `begin` (a page
+  // boundary); those that also share the page at `begin` form a group over the keys they share
+  // from there, and the members of a group that share still more pages form a deeper one (a
+  // prompt forked into samples, one of which was extended and forked again). A group is taken
+  // only when every query of every member sees all its keys, and only a taken group is looked
+  // into: the keys before a member's deepest level are then all read by its levels. The groups
+  // and their order depend on the page tables and lengths alone.
+  void collect_groups(const std::vector<Index>& members, Index begin,
+                      std::vector<Group>& groups) const {
+    const auto page = static_cast<std::size_t>(begin / cache.page_size());
+    std::map<Index, std::vector<Index>> by_page;
+    for (Index s : members) {
+      const std::vector<Index>& table = table_of(s);
+      if (table.size() > page && q_offset(s) > begin && rows[static_cast<std::size_t>(s)] > 0)
+        by_page[table[page]].push_back(s);
+    }
+    for (auto& [first_page, subset] : by_page) {
+      if (first_page == PagedKVCache<KV>::kReleased || subset.size() < 2) continue;
+      const Index end = shared_end(subset, page);
+      if (end <= begin) continue;
+      // Every query of every member must see the whole level (a window may cut into it).
       bool all_see = true;
-      for (Index s : group.members)
+      for (Index s : subset)
         all_see = all_see &&
                   plan.visibility[static_cast<std::size_t>(s)].sees_all(
-                      q_offset(s), q_offset(s) + rows[static_cast<std::size_t>(s)] - 1, 0, prefix);
+                      q_offset(s), q_offset(s) + rows[static_cast<std::size_t>(s)] - 1, begin, end);
       if (!all_see) continue;
-      group.prefix = prefix;
-      groups.push_back(std::move(group));
+      groups.push_back({subset, begin, end});
+      if (end % cache.page_size() == 0) collect_groups(subset, end, groups);
     }
+  }
+
+  std::vector<Group> find_groups() const {
+    std::vector<Index> everyone(static_cast<std::size_t>(entries()));
+    for (Index s = 0; s < entries(); ++s) everyone[static_cast<std::size_t>(s)] = s;
+    std::vector<Group> groups;
+    collect_groups(everyone, 0, groups);
     return groups;
   }
 
@@ -232,7 +257,7 @@ struct Planner {
                           queries + ((h * stacked) + m * len_q() + i) * q.size(3));
         const TensorView<const T, 4> stacked_q(queries, {1, heads_q(), stacked, q.size(3)});
         std::vector<KeyRange> ranges;
-        cut({0, group.prefix}, ranges);
+        cut({group.begin, group.end}, ranges);
         const Index state_size = heads_q() * stacked * dim_v();
         C* states = allocate(state_buffers, static_cast<Index>(ranges.size()) * state_size);
         C* state_lses =
@@ -240,7 +265,7 @@ struct Planner {
         detail::PagedPass<T, KV> pass;
         pass.params = params_for(stacked_q, {}, {});
         plan.tables.push_back(plan.tables[static_cast<std::size_t>(group.members.front())]);
-        plan.visibility.push_back(Visibility::make(false, -1, -1, 0, stacked, group.prefix, 0));
+        plan.visibility.push_back(Visibility::make(false, -1, -1, 0, stacked, group.end, 0));
         const Index tiles = (stacked * group_size + detail::kBlockQ - 1) / detail::kBlockQ;
         for (std::size_t c = 0; c < ranges.size(); ++c) {
           detail::PagedChunk<T> chunk;
@@ -261,9 +286,11 @@ struct Planner {
                 {state + m * len_q() * dim_v(), state_lse + m * len_q(), stacked * dim_v(),
                  stacked});
         }
-        for (Index s : group.members) own_start[static_cast<std::size_t>(s)] = group.prefix;
+        for (Index s : group.members)
+          own_start[static_cast<std::size_t>(s)] =
+              std::max(own_start[static_cast<std::size_t>(s)], group.end);
         info.shared_groups += 1;
-        info.shared_tokens += group.prefix;
+        info.shared_tokens += group.end - group.begin;
         info.chunks += static_cast<Index>(ranges.size());
         info.tasks += pass.num_tasks;
         plan.passes.push_back(std::move(pass));

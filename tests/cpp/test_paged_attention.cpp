@@ -285,6 +285,45 @@ TYPED_TEST(PagedAttention, ForkedSequencesShareThePrefix) {
   }
 }
 
+// A prompt forked into samples, one of which is extended and forked again, and one of those
+// once more: three nested levels of sharing (a multi-level cascade), each read once, and the
+// reference's results with and without sharing.
+TYPED_TEST(PagedAttention, NestedForksShareEveryLevel) {
+  using T = TypeParam;
+  constexpr Index kPage = 16;
+  RecordedPool<T> pool(2048, kPage, 2, 32, 24, 31);
+  const Index prompt = pool.add();
+  pool.grow(prompt, 1005);  // 62 full pages (992 tokens) and a partial one
+  std::vector<Index> ids = {prompt};
+  for (int child = 0; child < 3; ++child) ids.push_back(pool.fork(prompt));
+  const Index extended = ids[1];
+  pool.grow(extended, 700);  // 1705 tokens: 106 full pages (1696 tokens)
+  for (int child = 0; child < 3; ++child) ids.push_back(pool.fork(extended));
+  const Index deeper = ids[4];
+  pool.grow(deeper, 300);  // 2005 tokens: 125 full pages (2000 tokens)
+  ids.push_back(pool.fork(deeper));
+  const Index unrelated = pool.add();
+  pool.grow(unrelated, 500);
+  ids.push_back(unrelated);
+  for (std::size_t s = 0; s < ids.size(); ++s) pool.grow(ids[s], static_cast<Index>(2 * s + 1));
+  for (Index len_q : {1, 2}) {
+    SCOPED_TRACE(describe("Lq=", len_q));
+    Call call;
+    call.heads_q = 8;
+    call.len_q = len_q;
+    call.options.causal = true;
+    BatchAttentionInfo info;
+    expect_matches<T>(decode_and_reference(pool, ids, call, 41, &info));
+    // All eight forks over [0, 992); the extended sample, its three forks and the fork of a
+    // fork over [992, 1696); that last pair over [1696, 2000).
+    EXPECT_EQ(info.shared_groups, 3);
+    EXPECT_EQ(info.shared_tokens, 992 + (1696 - 992) + (2000 - 1696));
+    call.sharing = PrefixSharing::off;
+    expect_matches<T>(decode_and_reference(pool, ids, call, 41, &info));
+    EXPECT_EQ(info.shared_groups, 0);
+  }
+}
+
 TYPED_TEST(PagedAttention, BitwiseIdenticalForAnyThreadCount) {
   using T = TypeParam;
   RecordedPool<T> pool(4096, 64, 2, 16, 16, 13);

@@ -173,6 +173,25 @@ def test_forks_share_the_prompt_and_its_reads(rng, dtype):
     assert_close(alone, want, server.input)
 
 
+@pytest.mark.parametrize("dtype", POOL_DTYPES)
+def test_nested_forks_share_every_level(rng, dtype):
+    # A multi-level cascade: all five over the prompt's 34 full pages, then the extended sample
+    # and its two forks over its own next 16 full pages.
+    server = Server(rng, 512, 32, 2, 24, 16, dtype)
+    prompt = server.add()
+    server.append([prompt], 1100)
+    extended, other = server.fork(prompt), server.fork(prompt)
+    server.append([extended], 510)  # 1610 tokens: 50 full pages
+    sequences = [prompt, extended, other, server.fork(extended), server.fork(extended)]
+    for i, sequence in enumerate(sequences):
+        server.append([sequence], 3 + i)
+    q = rng.standard_normal((5, 8, 1, 24)).astype(server.input)
+    out, info = foveal.batch_decode_attention(q, server.cache, sequences, return_info=True)
+    assert info["shared_groups"] == 2 and info["shared_tokens"] == 1088 + (1600 - 1088)
+    want, _ = server.reference(q, sequences)
+    assert_close(out, want, server.input)
+
+
 def test_bitwise_identical_for_any_thread_count(rng):
     server = Server(rng, 1024, 64, 2, 32, 32, np.float32)
     prompt = server.add()

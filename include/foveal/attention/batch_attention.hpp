@@ -22,8 +22,8 @@ enum class PrefixSharing {
 struct BatchAttentionInfo {
   Index tasks = 0;          // engine tasks (one tile of query rows over one chunk of keys)
   Index chunks = 0;         // chunks of keys, each read once per kv head
-  Index shared_groups = 0;  // groups of sequences whose common prefix was read once
-  Index shared_tokens = 0;  // sum over those groups of the common prefix's length
+  Index shared_groups = 0;  // groups (levels of the cascade) whose shared keys were read once
+  Index shared_tokens = 0;  // sum over those groups of the number of keys they share
 };
 
 // q: [S, Hq, Lq, D]  ->  out: [S, Hq, Lq, Dv], lse (optional): [S, Hq, Lq].
@@ -38,7 +38,10 @@ struct BatchAttentionInfo {
 // whose page tables begin with the same pages form a group: the queries of the whole group are
 // stacked into one tile set and attend over the shared prefix with each page read once (when
 // every query of the group sees the whole prefix: no window cutting into it), and each
-// sequence adds its own suffix through a merge of the states. Throws foveal::Error on invalid
+// sequence adds its own suffix through a merge of the states. Sharing nests (a multi-level
+// cascade): members of a group that hold still more pages in common (a sample that was extended
+// and forked again) form a deeper group over the keys past the first level, and so on; each
+// sequence reads only what lies past its deepest level. Throws foveal::Error on invalid
 // arguments (an unknown id, Lq > a length, shape or dtype mismatches) before writing anything.
 void batch_decode_attention(TensorView<const float, 4> q, const PagedKVCache<float>& cache,
                             const std::vector<Index>& sequences, const AttentionOptions& options,
