@@ -24,7 +24,7 @@ if [ "${1:-}" = "--long" ]; then
   py_seconds=${PY_SECONDS:-600}
   export FOVEAL_FUZZ_SEED=${FOVEAL_FUZZ_SEED:-$(date +%Y%m%d)}
 fi
-harnesses=(attention kv_cache half sparsek pde_ssm spade sparse)
+harnesses=(attention kv_cache half paged sparsek pde_ssm spade sparse)
 status=0
 start=$SECONDS
 

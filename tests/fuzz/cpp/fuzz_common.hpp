@@ -21,6 +21,8 @@
 #include <memory>
 #include <new>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "foveal/foveal.hpp"
@@ -453,6 +455,27 @@ std::unique_ptr<foveal::KVCache<T>> draw_kv_cache(FuzzedDataProvider& data, Aren
     cache = std::make_unique<foveal::KVCache<T>>(keys.view, values.view, options, lengths);
   });
   return cache;
+}
+
+// A PagedKVCache's observable state: every sequence's id, length and page table, and the number
+// of free pages (what a rejected call must leave as it was).
+template <typename KV>
+auto pool_state(const foveal::PagedKVCache<KV>& pool) {
+  std::vector<std::tuple<Index, Index, std::vector<Index>>> sequences;
+  for (Index id : pool.sequences())
+    sequences.emplace_back(id, pool.length(id), pool.page_table(id));
+  return std::make_pair(sequences, pool.free_pages());
+}
+
+// The counts of a ragged paged append or prefill of `sequences` sequences: none (every row
+// appends all n), or one per sequence give or take one, now and then any number.
+inline std::vector<Index> draw_append_counts(FuzzedDataProvider& data, Index sequences) {
+  std::vector<Index> counts;
+  if (data.ConsumeBool())
+    for (Index i = sequences + data.ConsumeIntegralInRange<int>(-1, 1); i > 0; --i)
+      counts.push_back(data.ConsumeIntegralInRange<int>(0, 7) == 0 ? draw_index_option(data)
+                                                                   : draw_extent(data, 4));
+  return counts;
 }
 
 }  // namespace foveal_fuzz

@@ -337,14 +337,6 @@ void run_kv_cache(FuzzedDataProvider& data) {
 // ---------------------------------------------------------------------------------------------
 // The paged batch calls over a PagedKVCache<H>, a float pool in lockstep.
 
-template <typename T>
-auto pool_state(const foveal::PagedKVCache<T>& pool) {
-  std::vector<std::tuple<Index, Index, std::vector<Index>>> sequences;
-  for (Index id : pool.sequences())
-    sequences.emplace_back(id, pool.length(id), pool.page_table(id));
-  return std::make_pair(sequences, pool.free_pages());
-}
-
 template <typename H>
 void run_paged(FuzzedDataProvider& data) {
   Buffers<H> buffers(data);
@@ -391,10 +383,7 @@ void run_paged(FuzzedDataProvider& data) {
         v = draw_view<const H, H, 4>(data, buffers.inputs, {count, heads_kv, n, dim_v});
         expect.add(k);
         expect.add(v);
-        if (data.ConsumeBool())
-          for (Index i = count + data.ConsumeIntegralInRange<int>(-1, 1); i > 0; --i)
-            counts.push_back(data.ConsumeIntegralInRange<int>(0, 7) == 0 ? draw_index_option(data)
-                                                                         : draw_extent(data, 4));
+        counts = draw_append_counts(data, count);
       }
       if (op == 0) {
         if (expect.unusable) continue;
