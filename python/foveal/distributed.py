@@ -483,7 +483,7 @@ def _ring_backward(ring, q, k, v, out, lse, grad_out, grad_lse):
                 rows[1],
                 rows[2],
                 rows[3],
-                grad_lse=None if grad_lse is None else grad_lse.narrow(2, q_local, q_len),
+                grad_lse=grad_lse.narrow(2, q_local, q_len),
                 **keywords,
             )
             grad_q.narrow(2, q_local, q_len).add_(dq)
@@ -520,11 +520,11 @@ class _RingAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out, grad_lse):
+        # Autograd materializes both gradients (zeros for an output the loss does not read).
         q, k, v, out, lse = ctx.saved_tensors
         # Autograd may hand over an expanded (stride-0) gradient: the kernel reads unit rows.
-        grad_out = torch.zeros_like(out) if grad_out is None else grad_out.detach().contiguous()
-        grad_lse = None if grad_lse is None else grad_lse.detach()
-        grads = _ring_backward(ctx.ring, q, k, v, out, lse, grad_out, grad_lse)
+        grad_out = grad_out.detach().contiguous()
+        grads = _ring_backward(ctx.ring, q, k, v, out, lse, grad_out, grad_lse.detach())
         return (*grads, None)
 
 

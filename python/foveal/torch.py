@@ -147,11 +147,10 @@ def _attention_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
     ctx.options = options
 
 
-def _attention_backward(ctx: Any, grad_out: Optional[torch.Tensor], grad_lse: Any) -> tuple:
+def _attention_backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor) -> tuple:
+    # Autograd materializes both gradients (zeros for an output the loss does not read).
     q, k, v, out, lse, bias = ctx.saved_tensors
     bias_grad = bias is not None and ctx.needs_input_grad[3]
-    if grad_out is None:  # only lse reached the loss
-        grad_out = torch.zeros_like(out)
     grads = _attention_backward_op(
         q, k, v, out, lse, grad_out, grad_lse, bias, bias_grad, *ctx.options
     )
