@@ -9,8 +9,9 @@ template <typename T>
 void attention_impl(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorView<const T, 4> v,
                     TensorView<T, 4> out, const AttentionOptions& options,
                     TensorView<compute_type_t<T>, 3> lse, TensorView<const T, 4> bias) {
-  const auto params = detail::prepare_attention<T>("attention", q, k, v, out, options, lse, bias);
-  detail::run_band_attention(params, options);
+  const auto params = detail::prepare_attention<T>("attention", q, k, v, out, options, lse, bias,
+                                                   /*variable_length=*/true);
+  detail::run_band_attention("attention", params, options);
 }
 
 }  // namespace

@@ -54,8 +54,14 @@ void backward_impl(const char* function, TensorView<const T, 4> q, TensorView<co
                    TensorView<T, 4> grad_k, TensorView<T, 4> grad_v,
                    const AttentionOptions& options, TensorView<const T, 4> bias,
                    TensorView<T, 4> grad_bias, TensorView<const T, 3> grad_lse) {
-  detail::BackwardParams<T> params = detail::prepare_backward<T>(
-      function, q, k, v, out, lse, grad_out, grad_q, grad_k, grad_v, options, bias, grad_lse);
+  detail::BackwardParams<T> params =
+      detail::prepare_backward<T>(function, q, k, v, out, lse, grad_out, grad_q, grad_k, grad_v,
+                                  options, bias, grad_lse, /*variable_length=*/true);
+  // Variable-length calls: every (batch, kv head) task reads its row's keys, unless the call has
+  // neither query rows nor keys (then the backward does nothing).
+  const detail::AlignedArray<detail::SequenceKeys> sequences = detail::sequence_keys(
+      function, options, params.forward, params.forward.rows_per_head() > 0 || k.size(2) > 0);
+  params.forward.sequences = sequences.get();
   if (grad_bias.is_null()) {
     detail::kernels<T>().band_attention_backward(params,
                                                  detail::band_policy(params.forward, options));

@@ -30,7 +30,7 @@ template <typename T, typename KV>
 void prepare_decode(const char* function, TensorView<const T, 4> q, const KVCache<KV>& cache,
                     const AttentionOptions& options, TensorView<T, 4> out,
                     TensorView<compute_type_t<T>, 3> lse, detail::FlashParams<T, KV>& params,
-                    std::vector<Visibility>& visibility) {
+                    std::vector<Visibility>& visibility, std::vector<Index>* first_key = nullptr) {
   detail::require_queries_and_outputs(
       function, q, out, lse,
       {"cache.heads_kv()", cache.heads_kv(), "cache.dim_v()", cache.dim_v()});
@@ -42,26 +42,42 @@ void prepare_decode(const char* function, TensorView<const T, 4> q, const KVCach
     detail::require_disjoint(function, "lse", lse, "the cache's keys", cache.keys());
     detail::require_disjoint(function, "lse", lse, "the cache's values", cache.values());
   }
-  detail::require_attention_options(function, options);
+  detail::require_attention_options(function, options, first_key != nullptr);
   check(options.q_offset == -1, function,
         ": q_offset must be -1 (the queries are the newest Lq tokens of each sequence), got ",
         options.q_offset);
+  // Left padding: each sequence's first real position (key_start); its end is its length.
+  const auto& start = options.key_start;
+  check(options.key_length.is_null(), function,
+        ": key_length must be null (each sequence's keys end at its length in the cache); "
+        "key_start gives where they begin");
+  if (!start.is_null()) {
+    detail::require_valid_view(function, "key_start", start);
+    detail::require_extent(function, "key_start", start, 0, "q.shape[0] (B)", q.size(0));
+  }
 
   const Index batch = q.size(0), len_q = q.size(2), dim = q.size(3);
   visibility.resize(static_cast<std::size_t>(batch));
+  if (first_key != nullptr)
+    first_key->assign(start.is_null() ? 0 : static_cast<std::size_t>(batch), 0);
   for (Index b = 0; b < batch; ++b) {
     const Index length = cache.length(b);
     check(len_q <= length, function, ": sequence ", b, " holds ", length,
           " tokens but Lq = ", len_q,
           " queries need their keys appended first (Lq must be <= every length)");
+    const Index first = start.is_null() ? 0 : start(b);
+    check(first >= 0 && first <= length, function, ": key_start[", b,
+          "] must be in [0, the sequence's length = ", length, "], got ", first);
+    if (!start.is_null()) (*first_key)[static_cast<std::size_t>(b)] = first;
+    // Positions relative to the first real key (the sinks are counted from it).
     const Visibility seen =
         Visibility::make(options.causal, options.window_left, options.window_right,
-                         options.sink_tokens, len_q, length, length - len_q);
+                         options.sink_tokens, len_q, length - first, length - len_q - first);
     // Every key a query may see must still be stored (a ring buffer overwrites old tokens).
     if (len_q > 0) {
-      const KeyRanges visible = seen.visible_ranges(length - len_q, length - 1);
+      const KeyRanges visible = seen.visible_ranges(length - len_q - first, length - 1 - first);
       for (int r = 0; r < visible.count; ++r) {
-        const KeyRange range = visible.ranges[r];
+        const KeyRange range = {visible.ranges[r].begin + first, visible.ranges[r].end + first};
         const Index first_needed = std::max(range.begin, cache.sink_tokens());
         check(first_needed >= range.end || first_needed >= cache.first_retained(b), function,
               ": the queries of sequence ", b, " see position ", first_needed,
@@ -89,7 +105,8 @@ void decode_impl(TensorView<const T, 4> q, const KVCache<KV>& cache,
                  const AttentionOptions& options, TensorView<T, 4> out,
                  TensorView<compute_type_t<T>, 3> lse) {
   detail::DecodePlan<T, KV> plan;
-  prepare_decode(kFunction, q, cache, options, out, lse, plan.params, plan.visibility);
+  prepare_decode(kFunction, q, cache, options, out, lse, plan.params, plan.visibility,
+                 &plan.first_key);
   const std::vector<Visibility>& visibility = plan.visibility;
   const Index batch = q.size(0), heads_q = q.size(1), len_q = q.size(2);
   const Index heads_kv = cache.heads_kv();
@@ -104,15 +121,19 @@ void decode_impl(TensorView<const T, 4> q, const KVCache<KV>& cache,
   plan.first_chunk.assign(static_cast<std::size_t>(batch) + 1, 0);
   for (Index b = 0; b < batch; ++b) {
     const Index length = cache.length(b);
+    const Index first = plan.first_key.empty() ? 0 : plan.first_key[static_cast<std::size_t>(b)];
     if (!plan.split) {
-      chunks.push_back({b, {0, length}});
+      chunks.push_back({b, {first, length}});
     } else {
-      const KeyRanges visible =
-          visibility[static_cast<std::size_t>(b)].visible_ranges(length - len_q, length - 1);
+      // The visible keys (relative to the first real one) as absolute positions, cut into
+      // chunks.
+      const KeyRanges visible = visibility[static_cast<std::size_t>(b)].visible_ranges(
+          length - len_q - first, length - 1 - first);
       for (int r = 0; r < visible.count; ++r)
-        detail::for_each_decode_chunk(visible.ranges[r], [&](KeyRange chunk) {
-          chunks.push_back({b, chunk});
-        });
+        detail::for_each_decode_chunk(
+            {visible.ranges[r].begin + first, visible.ranges[r].end + first}, [&](KeyRange chunk) {
+              chunks.push_back({b, chunk});
+            });
     }
     plan.first_chunk[static_cast<std::size_t>(b) + 1] = static_cast<Index>(chunks.size());
   }

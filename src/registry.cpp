@@ -36,6 +36,11 @@ class OptionsKernel : public AttentionKernel {
  public:
   explicit OptionsKernel(const AttentionConfig& config) : options_(config.options) {
     require_no_params(Derived::kName, config);
+    // A kernel outlives the call that made it: it keeps no views of the caller's memory.
+    check(options_.key_start.is_null() && options_.key_length.is_null(), "make_attention: kernel '",
+          Derived::kName,
+          "' keeps its options, so key_start and key_length must be null (pass per-call key "
+          "ranges to foveal::attention)");
   }
   std::string name() const override { return Derived::kName; }
   void forward(const AttentionArgs<float>& args) const override { run(args); }

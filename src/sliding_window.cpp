@@ -28,8 +28,9 @@ void sliding_window_impl(TensorView<const T, 4> q, TensorView<const T, 4> k,
                          TensorView<const T, 4> v, TensorView<T, 4> out,
                          const AttentionOptions& options, TensorView<compute_type_t<T>, 3> lse) {
   detail::require_bounded_window(kFunction, options);
-  const auto params = detail::prepare_attention<T>(kFunction, q, k, v, out, options, lse, {});
-  detail::run_band_attention(params, options);
+  const auto params = detail::prepare_attention<T>(kFunction, q, k, v, out, options, lse, {},
+                                                   /*variable_length=*/true);
+  detail::run_band_attention(kFunction, params, options);
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include <limits>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "detail/flash_plan.hpp"
 #include "detail/kernels.hpp"
@@ -20,8 +21,14 @@
 namespace foveal::detail {
 
 // The options every attention entry point takes (the q_offset check is the caller's: its
-// allowed range depends on where the keys come from).
-inline void require_attention_options(const char* function, const AttentionOptions& options) {
+// allowed range depends on where the keys come from). Key ranges (variable-length batches) are
+// for the callers that say they take them; their values are checked by sequence_keys.
+inline void require_attention_options(const char* function, const AttentionOptions& options,
+                                      bool variable_length = false) {
+  check(variable_length || (options.key_start.is_null() && options.key_length.is_null()), function,
+        ": key_start and key_length (variable-length batches) are taken by attention, "
+        "sliding_window_attention, their backwards and decode_attention (key_start) only; here "
+        "they must be null");
   require_finite_nonnegative(function, "scale", options.scale, "0 = 1/sqrt(D)");
   require_finite_nonnegative(function, "softcap", options.softcap, "0 = off");
   require_window(function, "window_left", options.window_left);
@@ -107,7 +114,8 @@ template <typename T, typename Out = T>
 FlashParams<T> prepare_attention(const char* function, TensorView<const T, 4> q,
                                  TensorView<const T, 4> k, TensorView<const T, 4> v,
                                  TensorView<Out, 4> out, const AttentionOptions& options,
-                                 TensorView<LseOf<Out>, 3> lse, TensorView<const T, 4> bias) {
+                                 TensorView<LseOf<Out>, 3> lse, TensorView<const T, 4> bias,
+                                 bool variable_length = false) {
   require_valid_view(function, "k", k);
   require_valid_view(function, "v", v);
   require_queries_and_outputs<T, Out>(function, q, out, lse,
@@ -138,7 +146,7 @@ FlashParams<T> prepare_attention(const char* function, TensorView<const T, 4> q,
     require_disjoint(function, "out", out, "bias", bias);
     if (!lse.is_null()) require_disjoint(function, "lse", lse, "bias", bias);
   }
-  require_attention_options(function, options);
+  require_attention_options(function, options, variable_length);
   require_q_offset(function, options.q_offset);
 
   FlashParams<T> params;
@@ -184,9 +192,51 @@ BandPolicy band_policy(const FlashParams<T>& params, const AttentionOptions& opt
                                      params.q_offset));
 }
 
-// Runs the level's engine with the band policy of `options`.
+// The key rows and positions of each batch row of a variable-length call (options.key_start
+// and key_length), checked against the call's B and Lk: [B] entries, or none (null) when the
+// options have no key ranges or the call is not `needed` (it visits no key: then the views'
+// shapes are checked and their values are not read, since B may count 2^40 empty rows).
 template <typename T>
-void run_band_attention(const FlashParams<T>& params, const AttentionOptions& options) {
+AlignedArray<SequenceKeys> sequence_keys(const char* function, const AttentionOptions& options,
+                                         const FlashParams<T>& params, bool needed) {
+  const auto& start = options.key_start;
+  const auto& length = options.key_length;
+  if (start.is_null() && length.is_null()) return nullptr;
+  const Index batch = params.q.size(0), len_q = params.q.size(2), len_k = params.k.size(2);
+  for (const auto& [name, view] :
+       {std::pair<const char*, TensorView<const std::int64_t, 1>>("key_start", start),
+        {"key_length", length}}) {
+    if (view.is_null()) continue;
+    require_valid_view(function, name, view);
+    require_extent(function, name, view, 0, "q.shape[0] (B)", batch);
+  }
+  if (!needed) return nullptr;
+  AlignedArray<SequenceKeys> sequences =
+      allocate_aligned<SequenceKeys>(static_cast<std::size_t>(batch), function);
+  for (Index b = 0; b < batch; ++b) {
+    const Index first = start.is_null() ? 0 : start(b);
+    check(first >= 0 && first <= len_k, function, ": key_start[", b,
+          "] must be in [0, Lk = ", len_k, "], got ", first);
+    const Index count = length.is_null() ? len_k - first : length(b);
+    check(count >= 0 && count <= len_k - first, function, ": key_length[", b,
+          "] must be in [0, Lk - key_start[", b, "] = ", len_k - first, "], got ", count);
+    const Index q_offset = params.q_offset - first;
+    sequences[static_cast<std::size_t>(b)] = {
+        first, q_offset,
+        Visibility::make(options.causal, options.window_left, options.window_right,
+                         options.sink_tokens, len_q, count, q_offset)};
+  }
+  return sequences;
+}
+
+// Runs the level's engine with the band policy of `options`, each batch row over its own keys
+// when the options have key ranges.
+template <typename T>
+void run_band_attention(const char* function, FlashParams<T> params,
+                        const AttentionOptions& options) {
+  const AlignedArray<SequenceKeys> sequences =
+      sequence_keys(function, options, params, params.rows_per_head() > 0);
+  params.sequences = sequences.get();
   kernels<T>().band_attention(params, band_policy(params, options));
 }
 

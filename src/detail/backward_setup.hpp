@@ -17,12 +17,14 @@ BackwardParams<T> prepare_backward(const char* function, TensorView<const T, 4> 
                                    TensorView<const T, 4> grad_out, TensorView<T, 4> grad_q,
                                    TensorView<T, 4> grad_k, TensorView<T, 4> grad_v,
                                    const AttentionOptions& options, TensorView<const T, 4> bias,
-                                   TensorView<const T, 3> grad_lse = {}) {
+                                   TensorView<const T, 3> grad_lse = {},
+                                   bool variable_length = false) {
   check(!lse.is_null(), function, ": lse is required (the forward's, return_lse)");
   BackwardParams<T> params;
   // The forward's checks of q, k, v, bias and the options, with out and lse as the forward
   // returned them (read here, not written).
-  params.forward = prepare_attention<T, const T>(function, q, k, v, out, options, lse, bias);
+  params.forward =
+      prepare_attention<T, const T>(function, q, k, v, out, options, lse, bias, variable_length);
   params.out = out;
   params.lse = lse;
   params.grad_out = grad_out;

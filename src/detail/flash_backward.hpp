@@ -200,9 +200,15 @@ class BackwardRunner {
   // Every gradient of (batch, kv_head): grad_q of the group's query heads, grad_k and grad_v of
   // the kv head. policy_of_tile(flat_begin) gives the visit policy of the tile of rows
   // [flat_begin, flat_begin + kBlockQ), the forward's for that tile; tiles run in increasing
-  // order.
+  // order. Query 0 sits at position q_offset (the forward's unless a variable-length call's
+  // row says otherwise).
   template <typename PolicyOfTile>
   void run_head(Index batch, Index kv_head, const BackwardWorkspace<T>& ws,
+                PolicyOfTile&& policy_of_tile) const {
+    run_head(batch, kv_head, ws, params_.forward.q_offset, policy_of_tile);
+  }
+  template <typename PolicyOfTile>
+  void run_head(Index batch, Index kv_head, const BackwardWorkspace<T>& ws, Index q_offset,
                 PolicyOfTile&& policy_of_tile) const {
     const auto& grad_k = params_.grad_k;
     const auto& grad_v = params_.grad_v;
@@ -214,7 +220,8 @@ class BackwardRunner {
     const typename BackwardWorkspace<T>::Scratch scratch = ws.for_this_thread();
     const Index rows_per_head = params_.forward.q.size(2) * group_;
     for (Index flat_begin = 0; flat_begin < rows_per_head; flat_begin += kBlockQ)
-      run_tile(policy_of_tile(flat_begin), batch, kv_head, flat_begin, scratch, ws.dq_stride());
+      run_tile(policy_of_tile(flat_begin), batch, kv_head, flat_begin, q_offset, scratch,
+               ws.dq_stride());
     // dK was accumulated from unscaled queries.
     const T scale = static_cast<T>(params_.forward.scale);
     for (Index key = 0; key < len_k; ++key) {
@@ -225,7 +232,7 @@ class BackwardRunner {
 
  private:
   template <typename Policy>
-  void run_tile(const Policy& policy, Index batch, Index kv_head, Index flat_begin,
+  void run_tile(const Policy& policy, Index batch, Index kv_head, Index flat_begin, Index q_offset,
                 const typename BackwardWorkspace<T>::Scratch& scratch, Index dq_stride) const {
     static_assert(!GatesKeys<Policy>::value || HasGateGradientHooks<Policy, T>::value,
                   "a policy with kGatesKeys needs gates_outputs, gates_logits and gate_gradients "
@@ -248,7 +255,7 @@ class BackwardRunner {
       const Index flat = flat_begin + std::min(r, num_rows - 1);
       query_index[r] = flat / group_;
       head[r] = kv_head * group_ + flat % group_;
-      positions[r] = forward.q_offset + query_index[r];
+      positions[r] = q_offset + query_index[r];
       dq_rows[r] = scratch.dq + r * dq_stride;
       if (r >= num_rows) {
         row_lse2[r] = infinity;
@@ -415,6 +422,19 @@ void run_flash_backward(const BackwardParams<T>& params, const Policy& policy) {
   run_backward_heads(params, [&](const BackwardRunner<T>& runner, Index batch, Index kv_head,
                                  const BackwardWorkspace<T>& workspace, NoPolicyScratch&) {
     runner.run_head(batch, kv_head, workspace, [&](Index) -> const Policy& { return policy; });
+  });
+}
+
+// The backward of a variable-length band call: each batch row with its own keys and positions
+// (params.forward.sequences), as its forward ran.
+template <typename T>
+void run_sequence_band_backward(const BackwardParams<T>& params) {
+  run_backward_heads(params, [&](const BackwardRunner<T>& runner, Index batch, Index kv_head,
+                                 const BackwardWorkspace<T>& workspace, NoPolicyScratch&) {
+    const SequenceKeys& sequence = params.forward.sequences[batch];
+    const BandPolicy policy(sequence.visibility, sequence.first_row);
+    runner.run_head(batch, kv_head, workspace, sequence.q_offset,
+                    [&](Index) -> const BandPolicy& { return policy; });
   });
 }
 

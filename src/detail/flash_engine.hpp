@@ -837,8 +837,7 @@ Index attention_work(const FlashParams<S, KV>& params, Index rows, Index keys) {
 // The work of a call whose every query row may see every key of params.k: an upper bound.
 template <typename S>
 Index dense_work(const FlashParams<S>& params) {
-  return attention_work(params, params.q.size(0) * params.q.size(1) * params.q.size(2),
-                        params.k.size(2));
+  return attention_work(params, params.query_rows(), params.k.size(2));
 }
 
 // The engine's driver: runs tasks [0, num_tasks) on at most params.num_threads threads (never
@@ -870,6 +869,20 @@ void run_flash_attention(const FlashParams<T>& params, const Policy& policy) {
   run_engine(params, grid.num_tasks(), dense_work(params), [&](Index task, NoPolicyScratch&) {
     const TileGrid::Cell cell = grid.cell(task);
     return plan_tile(policy, tile_of(params, cell.outer, cell.kv_head, cell.flat_begin));
+  });
+}
+
+// Runs the engine over every tile of a variable-length band call: the tiles of batch row b with
+// its own keys and positions (params.sequences[b]).
+template <typename T>
+void run_sequence_band_attention(const FlashParams<T>& params) {
+  const TileGrid grid(params.q.size(0), params.k.size(1), params.rows_per_head());
+  run_engine(params, grid.num_tasks(), dense_work(params), [&](Index task, NoPolicyScratch&) {
+    const TileGrid::Cell cell = grid.cell(task);
+    const SequenceKeys& sequence = params.sequences[cell.outer];
+    Tile<T> tile = tile_of(params, cell.outer, cell.kv_head, cell.flat_begin);
+    tile.q_offset = sequence.q_offset;
+    return plan_tile(BandPolicy(sequence.visibility, sequence.first_row), tile);
   });
 }
 

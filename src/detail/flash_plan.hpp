@@ -5,6 +5,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
+#include <limits>
 #include <type_traits>
 #include <utility>
 
@@ -19,6 +21,32 @@ inline constexpr double kLn2 = 0.69314718055994530941723212145818;
 
 inline constexpr Index kBlockQ = 64;   // query rows per tile
 inline constexpr Index kBlockK = 128;  // keys per block
+
+// The product of extents: 0 when one is 0, else saturated at the largest Index. The extents of an
+// empty view may multiply past 2^63 (only its element count, 0, must fit), so counts of rows or
+// tiles taken from them are formed this way; for a view with elements the product is exact.
+inline Index extent_product(std::initializer_list<Index> extents) {
+  for (const Index extent : extents)
+    if (extent == 0) return 0;
+  Index product = 1;
+  for (const Index extent : extents)
+    if (__builtin_mul_overflow(product, extent, &product)) return std::numeric_limits<Index>::max();
+  return product;
+}
+
+// ceil(count / step) for count >= 0, step > 0, without forming count + step - 1.
+inline Index ceil_div(Index count, Index step) { return count / step + (count % step != 0); }
+
+// One batch row of a variable-length call (AttentionOptions::key_start / key_length): its keys
+// are the rows [first_row, first_row + visibility.len_k) of k and v, and positions count from
+// first_row, so its query 0 sits at q_offset (the call's absolute q_offset minus first_row) and
+// visibility is the call's rule over the row's keys alone.
+struct SequenceKeys {
+  Index first_row = 0;
+  Index q_offset = 0;
+  Visibility visibility;
+};
+
 // Everything the engine needs, validated by the entry point before the engine runs.
 // q: [B, Hq, Lq, D]  k: [B, Hkv, Lk, D]  v: [B, Hkv, Lk, Dv]  out: [B, Hq, Lq, Dv]
 // lse: [B, Hq, Lq] or null; bias: [B, Hq, Lq, Lk] (broadcast dims have stride 0) or null.
@@ -38,9 +66,16 @@ struct FlashParams {
   int num_threads = 1;
 
   Index value_dim = 0;  // Dv of q8_block values (unused otherwise)
+  // [B] the key rows of each batch row in a variable-length call (band policies only), or null.
+  const SequenceKeys* sequences = nullptr;
 
-  // Query rows per (batch, kv head): Lq times the GQA group (0 without kv heads).
-  Index rows_per_head() const { return k.size(1) > 0 ? q.size(2) * (q.size(1) / k.size(1)) : 0; }
+  // Query rows per (batch, kv head): Lq times the GQA group (0 without kv heads; saturated
+  // when an empty query's Lq and Hq multiply past 2^63, as [0, 2^40, 2^40, D] does).
+  Index rows_per_head() const {
+    return k.size(1) > 0 ? extent_product({q.size(2), q.size(1) / k.size(1)}) : 0;
+  }
+  // Query rows of the call: B * Hq * Lq (saturated likewise).
+  Index query_rows() const { return extent_product({q.size(0), q.size(1), q.size(2)}); }
   // Dv: the values' last extent, or value_dim for q8_block values.
   Index dim_v() const {
     if constexpr (std::is_same_v<KV, q8_block>) {
@@ -136,15 +171,23 @@ class RulePolicy {
   Rule rule_;
 };
 
-// Dense attention with windows and sinks: visits the sink keys and the band of the tile.
+// Dense attention with windows and sinks: visits the sink keys and the band of the tile. The key
+// at position p is stored in row first_row + p (first_row > 0: a row of a variable-length call).
 class BandPolicy : public RulePolicy<Visibility> {
  public:
-  using RulePolicy::RulePolicy;
+  explicit BandPolicy(const Visibility& visibility, Index first_row = 0)
+      : RulePolicy(visibility), first_row_(first_row) {}
 
   template <typename Visit>
   void for_each_block(Index position_lo, Index position_hi, Visit&& visit) const {
-    for_each_visible_block(position_lo, position_hi, visit);
+    const KeyRanges visible = rule().visible_ranges(position_lo, position_hi);
+    for (int i = 0; i < visible.count; ++i)
+      for_each_aligned_block(visible.ranges[i], -first_row_, rule(), position_lo, position_hi,
+                             visit);
   }
+
+ private:
+  Index first_row_;
 };
 
 // True for policies with the gathered-key hooks (see the file comment).
@@ -206,11 +249,10 @@ struct TileGrid {
   Index tiles_per_head = 0;
 
   TileGrid(Index outer_units, Index kv_heads, Index rows_per_head)
-      : outer(outer_units),
-        heads_kv(kv_heads),
-        tiles_per_head((rows_per_head + kBlockQ - 1) / kBlockQ) {}
+      : outer(outer_units), heads_kv(kv_heads), tiles_per_head(ceil_div(rows_per_head, kBlockQ)) {}
 
-  Index num_tasks() const { return outer * heads_kv * tiles_per_head; }
+  // Exact whenever a task exists (then the queries are not empty and B * Hq * Lq fits).
+  Index num_tasks() const { return extent_product({outer, heads_kv, tiles_per_head}); }
 
   struct Cell {
     Index outer;

@@ -37,8 +37,9 @@ template <typename T, typename KV = T>
 struct DecodePlan {
   FlashParams<T, KV> params;
   const KVCache<KV>* cache = nullptr;
-  std::vector<Visibility> visibility;  // one per sequence
-  std::vector<DecodeChunk> chunks;     // in sequence order
+  std::vector<Visibility> visibility;  // one per sequence, positions from its first key
+  std::vector<Index> first_key;        // [B] each sequence's first real position, or empty: 0
+  std::vector<DecodeChunk> chunks;     // in sequence order, absolute positions
   std::vector<Index> first_chunk;      // [B + 1]: the chunks of sequence b start here
   bool split = false;
 };

@@ -17,14 +17,24 @@ FOVEAL_LEVEL_PUSH
 namespace foveal::detail {
 inline namespace FOVEAL_LEVEL {
 
+// A variable-length call (params.sequences set) runs each batch row with its own band; the
+// policy is then unused.
 template <typename T>
 void band_attention(const FlashParams<T>& params, const BandPolicy& policy) {
-  run_flash_attention(params, policy);
+  if (params.sequences != nullptr) {
+    run_sequence_band_attention(params);
+  } else {
+    run_flash_attention(params, policy);
+  }
 }
 
 template <typename T>
 void band_attention_backward(const BackwardParams<T>& params, const BandPolicy& policy) {
-  run_flash_backward(params, policy);
+  if (params.forward.sequences != nullptr) {
+    run_sequence_band_backward(params);
+  } else {
+    run_flash_backward(params, policy);
+  }
 }
 
 // The positions a plan's chunks span (an empty chunk counts 0): the key count of the work
@@ -37,22 +47,28 @@ Index keys_in_chunks(const std::vector<Chunk>& chunks) {
   return keys;
 }
 
-// Visits the stored keys of one sequence inside one chunk of positions.
+// Visits the stored keys of one sequence inside one chunk of positions. The rule and the tile's
+// positions count from the sequence's first real key, at absolute position first_key (0 unless
+// the batch is left-padded); the chunk and the cache's layout speak of absolute positions.
 class DecodeChunkPolicy : public RulePolicy<Visibility> {
  public:
-  DecodeChunkPolicy(const Visibility& visibility, const KVCacheLayout& layout, KeyRange chunk)
-      : RulePolicy(visibility), layout_(layout), chunk_(chunk) {}
+  DecodeChunkPolicy(const Visibility& visibility, const KVCacheLayout& layout, KeyRange chunk,
+                    Index first_key = 0)
+      : RulePolicy(visibility), layout_(layout), chunk_(chunk), first_key_(first_key) {}
 
   template <typename Visit>
   void for_each_block(Index position_lo, Index position_hi, Visit&& visit) const {
     const KeyRanges visible = rule().visible_ranges(position_lo, position_hi);
     for (int r = 0; r < visible.count; ++r) {
-      const KeyRange wanted = intersect(visible.ranges[r], chunk_);
+      const KeyRange absolute = {visible.ranges[r].begin + first_key_,
+                                 visible.ranges[r].end + first_key_};
+      const KeyRange wanted = intersect(absolute, chunk_);
       for (int s = 0; s < layout_.count; ++s) {
         const KVCacheSpan& span = layout_.spans[s];
         const KeyRange stored = intersect(wanted, {span.position, span.position + span.count});
-        for_each_aligned_block(stored, span.position - span.row, rule(), position_lo, position_hi,
-                               visit);
+        for_each_aligned_block({stored.begin - first_key_, stored.end - first_key_},
+                               span.position - span.row - first_key_, rule(), position_lo,
+                               position_hi, visit);
       }
     }
   }
@@ -64,6 +80,7 @@ class DecodeChunkPolicy : public RulePolicy<Visibility> {
 
   KVCacheLayout layout_;
   KeyRange chunk_;
+  Index first_key_;
 };
 
 // S: the stored type of q and out, KV that of the cache (S, or q8_block under float queries);
@@ -91,21 +108,24 @@ void decode_attention(const DecodePlan<S, KV>& plan) {
   // One task per (chunk, kv head, tile); a chunk's rows go to its own state (stride 0 over the
   // batch dimension) when split, else straight to the outputs. Every row of a sequence sees
   // at most its chunks' positions.
-  const TileGrid grid(num_chunks, heads_kv, len_q * group);
-  const Index work = attention_work(params, heads_q * len_q, keys_in_chunks(plan.chunks));
+  const TileGrid grid(num_chunks, heads_kv, extent_product({len_q, group}));
+  const Index work =
+      attention_work(params, extent_product({heads_q, len_q}), keys_in_chunks(plan.chunks));
   run_engine(params, grid.num_tasks(), work, [&](Index task, NoPolicyScratch&) {
     const TileGrid::Cell cell = grid.cell(task);
     const DecodeChunk& chunk = plan.chunks[static_cast<std::size_t>(cell.outer)];
+    const auto sequence = static_cast<std::size_t>(chunk.sequence);
+    const Index first_key = plan.first_key.empty() ? 0 : plan.first_key[sequence];
     Tile<S> tile = tile_of(params, chunk.sequence, cell.kv_head, cell.flat_begin);
-    tile.q_offset = cache.length(chunk.sequence) - len_q;
+    tile.q_offset = cache.length(chunk.sequence) - len_q - first_key;
     if (plan.split) {
       tile.state = TensorView<T, 4>(partial_out.get() + cell.outer * state_size,
                                     {batch, heads_q, len_q, dim_v}, {0, len_q * dim_v, dim_v, 1});
       tile.lse = TensorView<T, 3>(partial_lse.get() + cell.outer * lse_size,
                                   {batch, heads_q, len_q}, {0, len_q, 1});
     }
-    return plan_tile(DecodeChunkPolicy(plan.visibility[static_cast<std::size_t>(chunk.sequence)],
-                                       cache.layout(chunk.sequence), chunk.positions),
+    return plan_tile(DecodeChunkPolicy(plan.visibility[sequence], cache.layout(chunk.sequence),
+                                       chunk.positions, first_key),
                      tile);
   });
   if (!plan.split) return;
@@ -192,7 +212,7 @@ template <typename S, typename KV = S>
 void paged_attention(const PagedPlan<S, KV>& plan) {
   using T = compute_type_t<S>;
   for (const PagedPass<S, KV>& pass : plan.passes) {
-    const Index tiles = (pass.params.rows_per_head() + kBlockQ - 1) / kBlockQ;
+    const Index tiles = ceil_div(pass.params.rows_per_head(), kBlockQ);
     const std::vector<PagedChunk<S>>& chunks = pass.chunks;
     // A chunk's rows (one entry of the pass's q) see at most its positions.
     const Index work = attention_work(pass.params, pass.params.q.size(1) * pass.params.q.size(2),

@@ -202,12 +202,12 @@ void quest_decode_attention(const QuestPlan<S, KV>& plan) {
   const Index heads_kv = cache.heads_kv(), group = heads_q / heads_kv;
   const Index page_size = cache.page_size();
   const auto bounds = cache.page_bounds();
-  const Index rows = group * len_q;
+  const Index rows = extent_product({group, len_q});
 
   // Pass 1: each (sequence, kv head)'s kept pages, ascending.
   const Index heads = batch * heads_kv;
   std::vector<std::vector<Index>> kept(static_cast<std::size_t>(heads));
-  const Index bound_work = heads * cache.pages() * rows * dim;
+  const Index bound_work = extent_product({heads, cache.pages(), rows, dim});
   const int threads = team_size(heads, params.num_threads, bound_work);
   std::vector<QuestScratch<T>> scratch(static_cast<std::size_t>(threads));
   parallel_for(heads, threads, [&](Index task) {

@@ -83,8 +83,8 @@ void sparsek_cache_attention(const SparseKCachePlan<T>& plan) {
   const Index heads_kv = params.k.size(1);
   const TileGrid grid(params.q.size(0), heads_kv, params.rows_per_head());
   // Each row sees the selected keys and the always-visible ones.
-  const Index work = attention_work(params, params.q.size(0) * params.q.size(1) * params.q.size(2),
-                                    plan.selected + plan.always_visible);
+  const Index work =
+      attention_work(params, params.query_rows(), plan.selected + plan.always_visible);
   run_engine(
       params, grid.num_tasks(), work,
       [&](Index task, RowThresholds<T>& scratch) {

@@ -108,11 +108,61 @@ inline std::string problem_string(const Problem& p) {
   return text.str();
 }
 
+// "[3 0 7]" for a 1-D index view, "null" for none.
+inline std::string index_string(const TensorView<const std::int64_t, 1>& view) {
+  if (view.is_null()) return "null";
+  std::ostringstream text;
+  text << "[";
+  for (Index b = 0; b < view.size(0); ++b) text << (b > 0 ? " " : "") << view(b);
+  text << "]";
+  return text.str();
+}
+
 // Every field of the options, for SCOPED_TRACE.
 inline std::string options_string(const AttentionOptions& o) {
   return describe("scale=", o.scale, " causal=", o.causal, " window_left=", o.window_left,
                   " window_right=", o.window_right, " sink_tokens=", o.sink_tokens,
-                  " softcap=", o.softcap, " q_offset=", o.q_offset, " num_threads=", o.num_threads);
+                  " softcap=", o.softcap, " q_offset=", o.q_offset, " num_threads=", o.num_threads,
+                  " key_start=", index_string(o.key_start),
+                  " key_length=", index_string(o.key_length));
+}
+
+// The key ranges of a variable-length case (AttentionOptions::key_start / key_length), owned;
+// an empty vector stands for a null view.
+struct KeyRangeCase {
+  std::vector<std::int64_t> start, length;
+
+  // `options` with views of these ranges.
+  AttentionOptions applied_to(AttentionOptions options) const {
+    const auto view = [](const std::vector<std::int64_t>& values) {
+      return values.empty() ? TensorView<const std::int64_t, 1>()
+                            : TensorView<const std::int64_t, 1>(
+                                  values.data(), {static_cast<Index>(values.size())});
+    };
+    options.key_start = view(start);
+    options.key_length = view(length);
+    return options;
+  }
+};
+
+// Key ranges for `batch` rows of `len_k` keys, drawn from `seed` in one of four kinds: left
+// padding (every range ends at Lk), right padding (every range starts at 0, null start), both,
+// and start-only (null length). Rows of no keys and of every key come up among them.
+inline KeyRangeCase random_key_ranges(Index batch, Index len_k, std::uint64_t seed) {
+  RandomSource random(seed);
+  const int kind = static_cast<int>(random.integer(0, 3));
+  KeyRangeCase ranges;
+  for (Index b = 0; b < batch; ++b) {
+    const auto pick = [&](Index hi) {  // 0, hi, or anything in between
+      const Index draw = random.integer(0, 19);
+      return draw < 3 ? Index{0} : draw < 6 ? hi : random.integer(0, hi);
+    };
+    const Index start = kind == 1 ? 0 : pick(len_k);
+    const Index length = kind == 0 || kind == 3 ? len_k - start : pick(len_k - start);
+    if (kind != 1) ranges.start.push_back(start);
+    if (kind != 3) ranges.length.push_back(length);
+  }
+  return ranges;
 }
 
 // A random problem without bias whose reference costs at most `max_work`: Lq and Lk from
@@ -201,6 +251,8 @@ inline reference::ReferenceOptions reference_options(const AttentionOptions& o) 
   options.sink_tokens = o.sink_tokens;
   options.softcap = o.softcap;
   options.q_offset = o.q_offset;
+  for (Index b = 0; b < o.key_start.size(0); ++b) options.key_start.push_back(o.key_start(b));
+  for (Index b = 0; b < o.key_length.size(0); ++b) options.key_length.push_back(o.key_length(b));
   return options;
 }
 

@@ -7,8 +7,10 @@
 // doubles per vector); every case prints its seed and shapes on failure.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "attention_cases.hpp"
@@ -451,6 +453,132 @@ TYPED_TEST(Attention, IdenticalBitsForAnyGlobalThreadCount) {
     set_num_threads(threads);
     const Outputs multi = run_attention<TypeParam>(p, in, options);
     expect_identical(multi, single);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Variable-length batches: each batch row over its own key rows (key_start / key_length).
+
+// The option sets the variable-length tests sweep: none, causal, a causal window with sinks, a
+// two-sided window, softcap and scale, and an explicit q_offset past every range's start.
+std::vector<AttentionOptions> variable_length_options(Index len_k) {
+  std::vector<AttentionOptions> sets(6);
+  sets[1].causal = true;
+  sets[2] = causal_window(17, 3);
+  sets[3].window_left = 40;
+  sets[3].window_right = 9;
+  sets[4].causal = true;
+  sets[4].softcap = 2.5;
+  sets[4].scale = 0.3;
+  sets[5].causal = true;
+  sets[5].q_offset = len_k;
+  sets[5].sink_tokens = 2;
+  return sets;
+}
+
+TYPED_TEST(Attention, VariableLengthMatchesReference) {
+  std::vector<Problem> problems = option_problems(21000);
+  problems.push_back(make_problem(4, 6, 2, 130, 257, 16, 16, 21010));
+  problems.push_back(with_bias(make_problem(3, 2, 1, 70, 140, 8, 8, 21011), 1, 2, 0.05));
+  for (const Problem& p : problems)
+    for (std::uint64_t draw = 0; draw < 4; ++draw) {
+      const KeyRangeCase ranges = random_key_ranges(p.batch, p.len_k, p.seed * 16 + draw);
+      for (const AttentionOptions& options : variable_length_options(p.len_k))
+        expect_matches_reference<TypeParam>(p, ranges.applied_to(options));
+    }
+}
+
+// Padding keys are never read: NaN there changes nothing (a visited NaN key would poison the
+// row even where masked, through 0 * NaN in the value sum).
+TYPED_TEST(Attention, VariableLengthNeverReadsPaddingKeys) {
+  const Problem p = make_problem(3, 4, 2, 150, 300, 16, 12, 21100);
+  KeyRangeCase ranges;
+  ranges.start = {0, 130, 299};
+  ranges.length = {170, 170, 1};
+  Inputs in = random_inputs(p);
+  Inputs poisoned = in;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  for (Index b = 0; b < p.batch; ++b)
+    for (Index h = 0; h < p.heads_kv; ++h)
+      for (Index j = 0; j < p.len_k; ++j) {
+        const std::size_t b_index = static_cast<std::size_t>(b);
+        if (j >= ranges.start[b_index] && j < ranges.start[b_index] + ranges.length[b_index])
+          continue;
+        const Index row = (b * p.heads_kv + h) * p.len_k + j;
+        std::fill_n(poisoned.k.begin() + row * p.dim, p.dim, nan);
+        std::fill_n(poisoned.v.begin() + row * p.dim_v, p.dim_v, nan);
+      }
+  for (const AttentionOptions& options : variable_length_options(p.len_k)) {
+    const AttentionOptions o = ranges.applied_to(options);
+    SCOPED_TRACE(options_string(o));
+    expect_identical(run_attention<TypeParam>(p, poisoned, o), run_attention<TypeParam>(p, in, o));
+  }
+}
+
+// Where every row's query positions are past its range's start (an explicit q_offset), a row
+// of a variable-length call is a call on its own keys with q_offset moved by the start: the
+// same tiles, blocks and bits.
+TYPED_TEST(Attention, VariableLengthRowsGiveTheBitsOfCallsOnTheirOwnKeys) {
+  using T = TypeParam;
+  const Problem p = with_bias(make_problem(3, 4, 2, 70, 260, 16, 8, 21200), 3, 4, 0.05);
+  const Inputs in = random_inputs(p);
+  KeyRangeCase ranges;
+  ranges.start = {0, 77, 200};
+  ranges.length = {260, 150, 0};
+  AttentionOptions options = causal_window(100, 4);
+  options.q_offset = 210;
+  const Outputs whole = run_attention<T>(p, in, ranges.applied_to(options));
+  for (Index b = 0; b < p.batch; ++b) {
+    SCOPED_TRACE(test::describe("row ", b));
+    const auto start = static_cast<Index>(ranges.start[static_cast<std::size_t>(b)]);
+    const auto length = static_cast<Index>(ranges.length[static_cast<std::size_t>(b)]);
+    Problem row = p;
+    row.batch = 1;
+    row.bias_batch = 1;
+    row.len_k = length;
+    Inputs own;
+    const auto slice = [&](const std::vector<double>& from, Index heads, Index columns, Index first,
+                           Index count, Index width) {
+      std::vector<double> to;
+      for (Index h = 0; h < heads; ++h)
+        for (Index j = first; j < first + count; ++j) {
+          const auto at = from.begin() + ((b * heads + h) * columns + j) * width;
+          to.insert(to.end(), at, at + width);
+        }
+      return to;
+    };
+    own.q = slice(in.q, p.heads_q, p.len_q, 0, p.len_q, p.dim);
+    own.k = slice(in.k, p.heads_kv, p.len_k, start, length, p.dim);
+    own.v = slice(in.v, p.heads_kv, p.len_k, start, length, p.dim_v);
+    // The bias rows of batch row b, columns [start, start + length).
+    for (Index h = 0; h < p.heads_q; ++h)
+      for (Index i = 0; i < p.len_q; ++i) {
+        const auto at = in.bias.begin() + ((b * p.heads_q + h) * p.len_q + i) * p.len_k + start;
+        own.bias.insert(own.bias.end(), at, at + length);
+      }
+    AttentionOptions alone = options;
+    alone.q_offset = options.q_offset - start;
+    const Outputs want = run_attention<T>(row, own, alone);
+    const Index out_row = p.heads_q * p.len_q * p.dim_v, lse_row = p.heads_q * p.len_q;
+    EXPECT_TRUE(test::bitwise_equal(
+        std::vector<double>(whole.out.begin() + b * out_row, whole.out.begin() + (b + 1) * out_row),
+        want.out));
+    EXPECT_TRUE(test::bitwise_equal(
+        std::vector<double>(whole.lse.begin() + b * lse_row, whole.lse.begin() + (b + 1) * lse_row),
+        want.lse));
+  }
+}
+
+TYPED_TEST(Attention, VariableLengthGivesIdenticalBitsForAnyThreadCount) {
+  const Problem p = make_problem(5, 4, 2, 90, 200, 32, 16, 21300);
+  const Inputs in = random_inputs(p);
+  const KeyRangeCase ranges = random_key_ranges(p.batch, p.len_k, 21301);
+  AttentionOptions options = causal_window(60, 2);
+  options.num_threads = 1;
+  const Outputs single = run_attention<TypeParam>(p, in, ranges.applied_to(options));
+  for (int threads : {2, 3}) {
+    options.num_threads = threads;
+    expect_identical(run_attention<TypeParam>(p, in, ranges.applied_to(options)), single);
   }
 }
 

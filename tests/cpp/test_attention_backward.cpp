@@ -974,6 +974,92 @@ TYPED_TEST(SlidingWindowBackwardTest, IdenticalBitsForAnyThreadCountAndLayout) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// 4b. Variable-length batches (key_start / key_length): each batch row over its own keys.
+
+// Dense and sliding-window backwards of variable-length calls agree with the reference (which
+// gives padding keys no gradient), over left, right and two-sided padding and empty rows.
+TYPED_TEST(AttentionBackward, VariableLengthMatchesReference) {
+  std::vector<Problem> problems = {make_problem(3, 4, 2, 70, 140, 16, 8, 33000),
+                                   make_problem(2, 3, 1, 130, 129, 8, 8, 33001),
+                                   make_problem(4, 2, 2, 1, 200, 16, 16, 33002)};
+  problems.push_back(with_bias(make_problem(2, 2, 1, 65, 90, 8, 5, 33003), 1, 2, 0.05));
+  for (const Problem& p : problems)
+    for (std::uint64_t draw = 0; draw < 3; ++draw) {
+      const KeyRangeCase ranges = random_key_ranges(p.batch, p.len_k, p.seed * 8 + draw);
+      AttentionOptions causal;
+      causal.causal = true;
+      AttentionOptions capped = causal_window(30, 2);
+      capped.softcap = 3.0;
+      AttentionOptions offset = causal_window(50, 1);
+      offset.q_offset = p.len_k;
+      for (const AttentionOptions& options : {AttentionOptions{}, causal, capped, offset})
+        expect_backward_matches_reference<TypeParam>(p, ranges.applied_to(options));
+      if (p.has_bias()) continue;
+      AttentionOptions two_sided;
+      two_sided.window_left = 20;
+      two_sided.window_right = 7;
+      for (const AttentionOptions& options : {capped, two_sided})
+        expect_backward_matches_reference<TypeParam>(SlidingWindowBackward{}, p,
+                                                     ranges.applied_to(options));
+    }
+}
+
+// Padding keys are never read and get exact zero gradients: NaN in them changes no bit.
+TYPED_TEST(AttentionBackward, VariableLengthPaddingKeysAreNeverReadAndGetZeroGradients) {
+  using T = TypeParam;
+  const Problem p = make_problem(3, 4, 2, 100, 260, 16, 12, 33100);
+  KeyRangeCase ranges;
+  ranges.start = {0, 130, 259};
+  ranges.length = {150, 130, 1};
+  const AttentionOptions options = ranges.applied_to(causal_window(70, 2));
+  const Inputs in = random_inputs(p);
+  Inputs poisoned = in;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const auto padding = [&](Index b, Index j) {
+    const auto at = static_cast<std::size_t>(b);
+    return j < ranges.start[at] || j >= ranges.start[at] + ranges.length[at];
+  };
+  for (Index b = 0; b < p.batch; ++b)
+    for (Index h = 0; h < p.heads_kv; ++h)
+      for (Index j = 0; j < p.len_k; ++j) {
+        if (!padding(b, j)) continue;
+        const Index row = (b * p.heads_kv + h) * p.len_k + j;
+        std::fill_n(poisoned.k.begin() + row * p.dim, p.dim, nan);
+        std::fill_n(poisoned.v.begin() + row * p.dim_v, p.dim_v, nan);
+      }
+  const std::vector<double> grad_out = random_grad_out(p);
+  const Outputs forward = forward_outputs<T>(p, in, options);
+  const Gradients clean = run_backward<T>(DenseBackward{}, p, in, forward, grad_out, options);
+  expect_identical(run_backward<T>(DenseBackward{}, p, poisoned, forward, grad_out, options),
+                   clean);
+  for (Index b = 0; b < p.batch; ++b)
+    for (Index h = 0; h < p.heads_kv; ++h)
+      for (Index j = 0; j < p.len_k; ++j) {
+        if (!padding(b, j)) continue;
+        const Index row = (b * p.heads_kv + h) * p.len_k + j;
+        for (Index d = 0; d < p.dim; ++d) ASSERT_EQ(clean.grad_k[row * p.dim + d], 0.0);
+        for (Index d = 0; d < p.dim_v; ++d) ASSERT_EQ(clean.grad_v[row * p.dim_v + d], 0.0);
+      }
+}
+
+TYPED_TEST(AttentionBackward, VariableLengthGivesIdenticalBitsForAnyThreadCount) {
+  using T = TypeParam;
+  const Problem p = make_problem(5, 4, 2, 80, 180, 16, 16, 33200);
+  const Inputs in = random_inputs(p);
+  const std::vector<double> grad_out = random_grad_out(p);
+  const KeyRangeCase ranges = random_key_ranges(p.batch, p.len_k, 33201);
+  AttentionOptions options = ranges.applied_to(causal_window(50, 2));
+  options.num_threads = 1;
+  const Outputs forward = forward_outputs<T>(p, in, options);
+  const Gradients single = run_backward<T>(DenseBackward{}, p, in, forward, grad_out, options);
+  for (int threads : {2, 3}) {
+    SCOPED_TRACE(describe("num_threads=", threads));
+    options.num_threads = threads;
+    expect_identical(run_backward<T>(DenseBackward{}, p, in, forward, grad_out, options), single);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // 5. Rejected input: a foveal::Error naming what was wrong, thrown before any gradient is
 // written.
 

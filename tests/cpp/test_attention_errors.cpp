@@ -384,5 +384,42 @@ TEST_F(AttentionErrors, NegativeThreadCountIsRejected) {
   expect_rejected({"num_threads must be in [0, 1024]", "got -1"});
 }
 
+// Key ranges (variable-length batches): one entry per batch row, inside [0, Lk].
+TEST_F(AttentionErrors, KeyRangesOfTheWrongLengthAreRejected) {
+  const std::int64_t starts[3] = {0, 1, 2};
+  options.key_start = TensorView<const std::int64_t, 1>(starts, {3});
+  expect_rejected({"key_start.shape[0] must equal q.shape[0] (B) = 2", "got 3"});
+  options.key_start = {};
+  options.key_length = TensorView<const std::int64_t, 1>(starts, {1});
+  expect_rejected({"key_length.shape[0] must equal q.shape[0] (B) = 2", "got 1"});
+}
+
+TEST_F(AttentionErrors, KeyStartOutsideTheKeysIsRejected) {
+  for (const std::int64_t bad : {std::int64_t{-1}, std::int64_t{8}}) {
+    const std::int64_t starts[2] = {0, bad};
+    options.key_start = TensorView<const std::int64_t, 1>(starts, {2});
+    expect_rejected({"key_start[1] must be in [0, Lk = 7]", "got " + std::to_string(bad)});
+  }
+}
+
+TEST_F(AttentionErrors, KeyLengthPastTheKeysIsRejected) {
+  const std::int64_t starts[2] = {3, 0};
+  for (const std::int64_t bad : {std::int64_t{-1}, std::int64_t{5}}) {
+    const std::int64_t lengths[2] = {bad, 7};
+    options.key_start = TensorView<const std::int64_t, 1>(starts, {2});
+    options.key_length = TensorView<const std::int64_t, 1>(lengths, {2});
+    expect_rejected(
+        {"key_length[0] must be in [0, Lk - key_start[0] = 4]", "got " + std::to_string(bad)});
+  }
+}
+
+TEST_F(AttentionErrors, ValidKeyRangesAreAccepted) {
+  const std::int64_t starts[2] = {7, 2};
+  const std::int64_t lengths[2] = {0, 5};
+  options.key_start = TensorView<const std::int64_t, 1>(starts, {2});
+  options.key_length = TensorView<const std::int64_t, 1>(lengths, {2});
+  EXPECT_NO_THROW(call());
+}
+
 }  // namespace
 }  // namespace foveal

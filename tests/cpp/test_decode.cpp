@@ -295,6 +295,25 @@ TYPED_TEST(DecodeAttention, WindowsAndSinksMatchReference) {
       }
 }
 
+// Left-padded sequences (key_start): each sequence's keys from its first real position on,
+// with sinks counted from there, over ragged lengths and both sides of the chunk boundaries.
+TYPED_TEST(DecodeAttention, LeftPaddedSequencesMatchReference) {
+  for (const Index len_q : {Index{1}, Index{3}, Index{70}}) {
+    const DecodeProblem p = make_problem(4, 2, len_q, 16, 24, {3000, 1025, 130, 600}, 4100 + len_q);
+    const RecordedCache<TypeParam> recorded = filled_cache<TypeParam>(p);
+    const std::vector<std::int64_t> starts = {1000, 0, 130 - len_q + 1, 599};
+    for (Index window : {Index{-1}, Index{0}, Index{5}, Index{300}})
+      for (Index sinks : {0, 2}) {
+        AttentionOptions options;
+        options.causal = true;
+        options.window_left = window;
+        options.sink_tokens = sinks;
+        options.key_start = TensorView<const std::int64_t, 1>(starts.data(), {4});
+        expect_decode_matches_reference<TypeParam>(p, recorded, options);
+      }
+  }
+}
+
 TYPED_TEST(DecodeAttention, SoftcapAndScaleMatchReference) {
   const DecodeProblem p = make_problem(8, 2, 2, 64, 64, {2048, 1100}, 5000);
   const RecordedCache<TypeParam> recorded = filled_cache<TypeParam>(p);
@@ -632,6 +651,23 @@ TYPED_TEST_SUITE(DecodeErrors, ElementTypes, ElementTypeNames);
 TYPED_TEST(DecodeErrors, ValidCallIsAccepted) {
   EXPECT_NO_THROW(this->call());
   EXPECT_FALSE(holds_sentinel(this->out_storage_));
+}
+
+// Left padding: key_start per sequence, inside its length; the ends are the cache's lengths.
+TYPED_TEST(DecodeErrors, KeyRangesAreCheckedAgainstTheSequences) {
+  const std::int64_t too_far[2] = {0, 3};  // the lengths are 5 and 2
+  this->options.key_start = TensorView<const std::int64_t, 1>(too_far, {2});
+  this->expect_rejected(
+      {"decode_attention: key_start[1] must be in [0, the sequence's length = 2], got 3"});
+  const std::int64_t fine[2] = {4, 2};
+  this->options.key_start = TensorView<const std::int64_t, 1>(fine, {1});
+  this->expect_rejected({"key_start.shape[0] must equal q.shape[0] (B) = 2", "got 1"});
+  this->options.key_start = TensorView<const std::int64_t, 1>(fine, {2});
+  EXPECT_NO_THROW(this->call());
+  this->options.key_length = TensorView<const std::int64_t, 1>(fine, {2});
+  std::fill(this->out_storage_.begin(), this->out_storage_.end(), TypeParam(kSentinel));
+  std::fill(this->lse_storage_.begin(), this->lse_storage_.end(), TypeParam(kSentinel));
+  this->expect_rejected({"key_length must be null (each sequence's keys end at its length"});
 }
 
 TYPED_TEST(DecodeErrors, MoreQueriesThanASequenceHoldsAreRejected) {

@@ -137,17 +137,25 @@ TEST(HardeningSizes, VectorQuantizerWithOverflowingCodebookIsAnError) {
 // ---------------------------------------------------------------------------------------------
 // 2. Thread counts.
 
+// Views of any extents over one small buffer, every stride 0 but the last: the empty views
+// (and huge broadcast inputs) of the size regressions below.
+struct EmptyViews {
+  std::vector<float> cell = std::vector<float>(16, 0.0f);
+  TensorView<float, 4> view(std::array<Index, 4> shape) {
+    return TensorView<float, 4>(cell.data(), shape, {0, 0, 0, 1});
+  }
+  TensorView<float, 3> view3(std::array<Index, 3> shape) {
+    return TensorView<float, 3>(cell.data(), shape, {0, 0, 0});
+  }
+};
+
 // Regressions (the Python fuzz suite): backwards of calls without query rows and keys over
 // empty views whose other extents count 2^40 (batch, kv head) pairs ran one empty task per pair
 // (a hang); every gradient is empty, so they return at once.
 TEST(HardeningSizes, BackwardsWithoutRowsAndKeysDoNoWorkWhateverTheOtherExtents) {
-  std::vector<float> cell(16, 0.0f);
-  const auto view = [&](std::array<Index, 4> shape) {
-    return TensorView<float, 4>(cell.data(), shape, {0, 0, 0, 1});
-  };
-  const auto view3 = [&](std::array<Index, 3> shape) {
-    return TensorView<float, 3>(cell.data(), shape, {0, 0, 0});
-  };
+  EmptyViews cell;
+  const auto view = [&](std::array<Index, 4> shape) { return cell.view(shape); };
+  const auto view3 = [&](std::array<Index, 3> shape) { return cell.view3(shape); };
   const Index huge = Index{1} << 40;
   AttentionOptions options;
   options.causal = true;
@@ -162,6 +170,69 @@ TEST(HardeningSizes, BackwardsWithoutRowsAndKeysDoNoWorkWhateverTheOtherExtents)
   sparsek_attention_backward(qb, kb, kb, view3({huge, 1, 0}), qb, view3({huge, 1, 0}), qb, sparse,
                              view({huge, 1, 0, 6}), view({huge, 1, 0, 6}), view({huge, 1, 0, 6}),
                              view3({huge, 1, 0}));
+}
+
+// Regression (fuzz_attention in CI): an empty query whose Lq and GQA group multiply past 2^63
+// ([0, 2^40, 2^40, D] against one kv head) overflowed the rows per head while the call was
+// planned (UBSan: signed overflow). Counts of rows and tiles now saturate; there is nothing to
+// compute, and nothing is written.
+TEST(HardeningSizes, EmptyQueriesWhoseExtentsMultiplyPast64BitsDoNoWork) {
+  EmptyViews cell;
+  const auto view = [&](std::array<Index, 4> shape) { return cell.view(shape); };
+  const auto view3 = [&](std::array<Index, 3> shape) { return cell.view3(shape); };
+  const Index huge = Index{1} << 40;
+  for (const bool causal : {false, true}) {
+    AttentionOptions options;
+    options.causal = causal;
+    options.q_offset = 0;
+    // B = 0: Lq * Hq / Hkv = 2^80 rows per head.
+    attention(view({0, huge, huge, 6}), view({0, 1, 3, 6}), view({0, 1, 3, 5}),
+              view({0, huge, huge, 5}), options, view3({0, huge, huge}));
+    options.window_left = 2;
+    options.window_right = causal ? -1 : 1;
+    sliding_window_attention(view({0, huge, huge, 6}), view({0, 1, 3, 6}), view({0, 1, 3, 5}),
+                             view({0, huge, huge, 5}), options, view3({0, huge, huge}));
+  }
+  for (const float value : cell.cell) EXPECT_EQ(value, 0.0f);
+}
+
+// Key ranges (variable-length batches) are taken by the band entry points (and key_start by
+// decode_attention) only: every other one that shares AttentionOptions names them instead of
+// ignoring them, and writes nothing.
+TEST(HardeningOptions, KeyRangesOutsideTheBandEntryPointsAreRejected) {
+  const Index batch = 2, heads = 2, len = 9, dim = 4;
+  std::vector<float> q_storage(batch * heads * len * dim, 0.5f);
+  std::vector<float> out_storage(q_storage.size(), 7.0f);
+  const TensorView<const float, 4> q(q_storage.data(), {batch, heads, len, dim});
+  const TensorView<float, 4> out(out_storage.data(), {batch, heads, len, dim});
+  const std::int64_t starts[2] = {0, 3};
+  AttentionOptions options;
+  options.causal = true;
+  options.key_start = TensorView<const std::int64_t, 1>(starts, {2});
+  const std::string expected = "key_start and key_length (variable-length batches)";
+
+  KVCacheOptions paged;
+  paged.page_bounds = 4;
+  KVCache<float> cache(batch, heads, 16, dim, dim, paged);
+  cache.append(q, q);
+  EXPECT_TRUE(test::throws_error_with([&] { quest_decode_attention(q, cache, options, {}, out); },
+                                      {"quest_decode_attention", expected}));
+  std::vector<float> u_storage(batch * heads * len, 0.0f);
+  const TensorView<const float, 3> u(u_storage.data(), {batch, heads, len});
+  SparseKOptions sparse;
+  static_cast<AttentionOptions&>(sparse) = options;
+  sparse.topk = 4;
+  EXPECT_TRUE(test::throws_error_with([&] { sparsek_attention(q, q, q, u, sparse, out); },
+                                      {"sparsek_attention", expected}));
+  BlockSparseOptions blocks;
+  blocks.block_size = 4;
+  EXPECT_TRUE(test::throws_error_with(
+      [&] { block_sparse_attention(q, q, q, out, options, blocks); }, {expected}));
+  AttentionConfig config;
+  config.options = options;
+  EXPECT_TRUE(test::throws_error_with([&] { make_attention("dense", config); },
+                                      {"keeps its options", "key_start and key_length"}));
+  for (const float value : out_storage) ASSERT_EQ(value, 7.0f);
 }
 
 // Regression (fuzz_sparse): a selection without query rows (Hq = 0) whose Lq counts 2^61 + 1

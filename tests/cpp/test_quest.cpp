@@ -124,7 +124,7 @@ void quest_reference(const Recorded<T>& r, const std::vector<double>& q, Index l
   const QuestCase& c = r.c;
   const Index group = c.heads_q / c.heads_kv;
   const reference::ReferenceOptions ro{
-      o.scale, o.causal, o.window_left, o.window_right, o.sink_tokens, o.softcap, -1};
+      o.scale, o.causal, o.window_left, o.window_right, o.sink_tokens, o.softcap, -1, {}, {}};
   const double scale = o.scale > 0 ? o.scale : 1.0 / std::sqrt(static_cast<double>(c.dim));
   out.assign(static_cast<std::size_t>(c.batch * c.heads_q * len_q * c.dim_v), 0.0);
   lse.assign(static_cast<std::size_t>(c.batch * c.heads_q * len_q), -kInf);

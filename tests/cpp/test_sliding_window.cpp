@@ -141,6 +141,21 @@ TYPED_TEST(SlidingWindow, MatchesReferenceForTwoSidedWindows) {
     }
 }
 
+// Variable-length batches: each row's window and sinks over its own keys.
+TYPED_TEST(SlidingWindow, VariableLengthMatchesReference) {
+  for (const Problem& p : {make_problem(4, 4, 2, 130, 200, 16, 16, 24000),
+                           make_problem(3, 3, 1, 1, 129, 31, 8, 24001)})
+    for (std::uint64_t draw = 0; draw < 4; ++draw) {
+      const KeyRangeCase ranges = random_key_ranges(p.batch, p.len_k, p.seed * 8 + draw);
+      AttentionOptions two_sided;
+      two_sided.window_left = 33;
+      two_sided.window_right = 5;
+      for (const AttentionOptions& options : {causal_window(0), causal_window(40, 3), two_sided})
+        expect_matches_reference<TypeParam>(SlidingWindowAttention{}, p,
+                                            ranges.applied_to(options));
+    }
+}
+
 TYPED_TEST(SlidingWindow, SinkTokensMatchReference) {
   // 130 sinks reach past the first key block and, for Lk = 65 or 129, past every key; the
   // largest Index makes every key a sink.

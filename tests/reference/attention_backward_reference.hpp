@@ -77,7 +77,7 @@ inline void attention_backward_reference(const AttentionShape& s, const std::vec
             const std::int64_t bh = bias_heads == 1 ? 0 : h;
             logit += bias[((bb * bias_heads + bh) * s.len_q + i) * s.len_k + j];
           }
-          visible[j] = reference_sees(o, q_offset + i, j) &&
+          visible[j] = reference_sees_in_row(o, s.len_k, b, q_offset + i, j) &&
                        logit != -std::numeric_limits<double>::infinity();
           if (!visible[j]) continue;
           logits[j] = logit;

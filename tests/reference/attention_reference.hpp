@@ -23,6 +23,10 @@ struct ReferenceOptions {
   std::int64_t window_left = -1, window_right = -1, sink_tokens = 0;
   double softcap = 0;
   std::int64_t q_offset = -1;  // -1 -> Lk - Lq
+  // Variable-length batches: batch row b's keys are [key_start[b], key_start[b] + key_length[b])
+  // (empty vectors: 0 and Lk - start). Positions stay absolute; the sinks are the first keys
+  // of the row's range.
+  std::vector<std::int64_t> key_start, key_length;
 };
 
 // True when the query at absolute position `pos` sees key `j` (docs/attention.md): j inside
@@ -32,6 +36,18 @@ inline bool reference_sees(const ReferenceOptions& o, std::int64_t pos, std::int
   const bool right_ok = right < 0 || j <= pos + right;
   const bool left_ok = o.window_left < 0 || j >= pos - o.window_left;
   return right_ok && (left_ok || j < o.sink_tokens);
+}
+
+// reference_sees for batch row b of a variable-length call: nothing outside the row's keys, and
+// inside them the rule with the sinks counted from the range's first key (the rule depends on
+// pos - j only, apart from the sinks).
+inline bool reference_sees_in_row(const ReferenceOptions& o, std::int64_t len_k, std::int64_t b,
+                                  std::int64_t pos, std::int64_t j) {
+  if (o.key_start.empty() && o.key_length.empty()) return reference_sees(o, pos, j);
+  const std::int64_t start = o.key_start.empty() ? 0 : o.key_start[b];
+  const std::int64_t length = o.key_length.empty() ? len_k - start : o.key_length[b];
+  if (j < start || j >= start + length) return false;
+  return reference_sees(o, pos - start, j - start);
 }
 
 // Inputs are contiguous row-major: q [B, Hq, Lq, D], k [B, Hkv, Lk, D], v [B, Hkv, Lk, Dv],
@@ -57,7 +73,7 @@ inline void attention_reference(const AttentionShape& s, const std::vector<doubl
         double max_logit = -std::numeric_limits<double>::infinity();
         bool any = false;
         for (std::int64_t j = 0; j < s.len_k; ++j) {
-          visible[j] = reference_sees(o, q_offset + i, j);
+          visible[j] = reference_sees_in_row(o, s.len_k, b, q_offset + i, j);
           const double* k_row = &k[((b * s.heads_kv + hk) * s.len_k + j) * s.dim];
           double dot = 0;
           for (std::int64_t d = 0; d < s.dim; ++d) dot += q_row[d] * k_row[d];

@@ -4,7 +4,8 @@
 // Plain float64 loops, no chunks, no tricks:
 //   decode: query i of sequence b sits at position length_b - Lq + i and attends, as in
 //           attention_reference, over that sequence's keys at positions [0, length_b) as
-//           appended (a ring buffer's overwriting is the kernel's business, not the spec's).
+//           appended (a ring buffer's overwriting is the kernel's business, not the spec's);
+//           with o.key_start (left padding), only from position key_start[b] on.
 //   merge:  m = max(lse_a, lse_b), w_a = e^(lse_a - m), w_b = e^(lse_b - m),
 //           out = (w_a out_a + w_b out_b) / (w_a + w_b), lse = m + log(w_a + w_b);
 //           two -inf states give out = 0, lse = -inf.
@@ -58,7 +59,7 @@ inline void decode_reference(const DecodeShape& s, const std::vector<double>& q,
           const auto jj = static_cast<std::size_t>(j);
           // Keys the query does not see are skipped before their logit is formed: the result
           // is the same, and long sequences with short windows stay cheap.
-          visible[jj] = reference_sees(o, position, j);
+          visible[jj] = reference_sees_in_row(o, sequence.length, b, position, j);
           if (!visible[jj]) continue;
           const double* k_row =
               &sequence.k[static_cast<std::size_t>((j * s.heads_kv + hk) * s.dim)];
