@@ -111,6 +111,8 @@ def attention(
     softcap: float = 0.0,
     q_offset: Optional[int] = None,
     bias: Any = None,
+    key_start: Any = None,
+    key_length: Any = None,
     return_lse: bool = False,
     out: Any = None,
     num_threads: Optional[int] = None,
@@ -130,6 +132,13 @@ def attention(
     ``[B or 1, Hq or 1, Lq, Lk]`` (or ``[Lq, Lk]``, ``[Hq, Lq, Lk]``); a boolean mask
     (True = attend) is accepted too. A query that sees no key gets output 0 (and lse -inf); a
     NaN in q, or in the key or value of a key a query sees, gives NaN in that row only.
+
+    Variable-length batches: ``key_start`` and ``key_length`` (``[B]`` ints each, a list, array
+    or tensor; None = 0 and every key from the start) make batch row b's keys the rows
+    ``[key_start[b], key_start[b] + key_length[b])`` of k and v, as left padding (transformers'
+    batched generate), right padding or both leave them. Padding keys are never read, their key
+    blocks are skipped, positions stay absolute, and the sinks are the first ``sink_tokens``
+    keys of each row's range: the result of row b is that of a call on its own keys.
 
     Returns ``out``, or ``(out, lse)`` with ``return_lse=True`` (lse ``[B, Hq, Lq]``, natural
     log of each row's softmax denominator). ``out=`` writes into a given tensor.
@@ -160,6 +169,8 @@ def sliding_window_attention(
     scale: Optional[float] = None,
     softcap: float = 0.0,
     q_offset: Optional[int] = None,
+    key_start: Any = None,
+    key_length: Any = None,
     return_lse: bool = False,
     out: Any = None,
     num_threads: Optional[int] = None,
@@ -170,7 +181,8 @@ def sliding_window_attention(
     bounded: ``window_left >= 0`` keys before each query, and on the right ``causal=True`` or
     ``window_right >= 0``; the first ``sink_tokens`` keys stay visible (attention sinks). Runs
     the same kernel as ``attention`` with these options and gives the same bits; a window of at
-    least Lk gives full (causal) attention.
+    least Lk gives full (causal) attention. ``key_start`` / ``key_length``: variable-length
+    batches, as in :func:`attention`.
     """
     out, lse = attention_outputs(q, v, out, return_lse)
     _core.sliding_window_attention(
@@ -223,6 +235,8 @@ def attention_backward(
     bias: Any = None,
     return_bias_grad: bool = False,
     grad_lse: Any = None,
+    key_start: Any = None,
+    key_length: Any = None,
     num_threads: Optional[int] = None,
 ):
     """The gradients of :func:`attention`: ``(grad_q, grad_k, grad_v)`` for the loss gradient
@@ -231,7 +245,8 @@ def attention_backward(
     with ``return_bias_grad=True`` the result also holds ``grad_bias`` (the bias's shape: the
     logits' gradient summed over the dimensions it broadcasts; a float bias, not a mask).
     ``grad_lse`` ``[B, Hq, Lq]`` (optional): the loss's gradient with respect to ``lse`` too, for
-    losses that read it (learned sink logits do).
+    losses that read it (learned sink logits do). ``key_start`` / ``key_length``: the forward's
+    key ranges (padding keys get zero gradients).
     grad_k and grad_v sum over the query heads of a GQA group. Recomputes the probabilities tile
     by tile (never an ``[Lq, Lk]`` matrix, except grad_bias); bitwise identical for any thread
     count. For autograd use :func:`foveal.torch.attention`.
@@ -258,6 +273,8 @@ def sliding_window_attention_backward(
     softcap: float = 0.0,
     q_offset: Optional[int] = None,
     grad_lse: Any = None,
+    key_start: Any = None,
+    key_length: Any = None,
     num_threads: Optional[int] = None,
 ):
     """The gradients of :func:`sliding_window_attention` (see :func:`attention_backward`,
@@ -459,6 +476,7 @@ def decode_attention(
     window_right: int = -1,
     sink_tokens: int = 0,
     softcap: float = 0.0,
+    key_start: Any = None,
     return_lse: bool = False,
     out: Any = None,
     num_threads: Optional[int] = None,
@@ -472,7 +490,9 @@ def decode_attention(
     keys are split into fixed chunks computed in parallel and merged in order, so results do not
     depend on the thread count. A NaN in q or in a key or value a query sees makes its row NaN,
     as in :func:`attention`. q and out have the cache's dtype (float32 over an int8 cache); over
-    a bfloat16 or float16 cache lse is float32.
+    a bfloat16 or float16 cache lse is float32. ``key_start`` (``[B]`` ints, optional): left
+    padding, sequence b's real keys start at position ``key_start[b]`` (the keys before it are
+    never read; sinks count from it), as in :func:`attention`'s variable-length batches.
     """
     return _attend_cache("decode_attention", "decode", q, cache, out, return_lse, locals())
 

@@ -26,6 +26,8 @@ ATTENTION_OPTIONS = (
     "softcap",
     "q_offset",
     "num_threads",
+    "key_start",
+    "key_length",
 )
 
 

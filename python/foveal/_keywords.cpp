@@ -43,8 +43,12 @@ std::int64_t Keywords::integer(const char* name) const {
 }
 
 std::optional<std::vector<std::int64_t>> Keywords::integers(const char* name) const {
-  const py::object value = get(name);
-  if (value.is_none()) return std::nullopt;
+  const py::object given = get(name);
+  if (given.is_none()) return std::nullopt;
+  // Arrays and tensors as Python values (a torch tensor's elements are 0-d tensors, not ints).
+  const bool convert = !py::isinstance<py::list>(given) && !py::isinstance<py::tuple>(given) &&
+                       py::hasattr(given, "tolist");
+  const py::object value = convert ? given.attr("tolist")() : given;
   const bool sequence = !py::isinstance<py::str>(value) && !py::isinstance<py::bytes>(value) &&
                         PySequence_Check(value.ptr()) != 0;
   std::vector<std::int64_t> result;
@@ -71,7 +75,18 @@ std::optional<std::vector<std::int64_t>> Keywords::integers(const char* name) co
     if (result.size() == static_cast<std::size_t>(py::len(value))) return result;
   }
   type_error(function_, ": ", name, " must be a sequence of ints, got ",
-             std::string(py::str(py::type::handle_of(value).attr("__name__"))));
+             std::string(py::str(py::type::handle_of(given).attr("__name__"))));
+}
+
+TensorView<const std::int64_t, 1> Keywords::index_view(const char* name) const {
+  std::optional<std::vector<std::int64_t>> values = integers(name);
+  if (!values) return {};
+  // An empty sequence is still a sequence (of the wrong length, unless B = 0): its view must not
+  // be null, which would mean "none given".
+  static const std::int64_t kNoElement = 0;
+  const std::vector<std::int64_t>& held = held_.emplace_back(std::move(*values));
+  return TensorView<const std::int64_t, 1>(held.empty() ? &kNoElement : held.data(),
+                                           {static_cast<Index>(held.size())});
 }
 
 double Keywords::number(const char* name, double fallback) const {
@@ -133,6 +148,8 @@ AttentionOptions attention_options(const Keywords& keywords, bool causal_default
   options.softcap = keywords.number("softcap", 0.0);
   options.q_offset = keywords.integer("q_offset", -1);
   options.num_threads = keywords.threads();
+  options.key_start = keywords.index_view("key_start");
+  options.key_length = keywords.index_view("key_length");
   return options;
 }
 

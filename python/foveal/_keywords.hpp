@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <deque>
 #include <optional>
 #include <set>
 #include <string>
@@ -34,6 +35,9 @@ class Keywords {
   std::int64_t integer(const char* name) const;
   // A sequence of ints (list, tuple or 1-D integer array); None or absent gives nullopt.
   std::optional<std::vector<std::int64_t>> integers(const char* name) const;
+  // A sequence of ints as integers() reads it, as a 1-D view of storage these keywords keep
+  // (valid while they live); None or absent gives a null view.
+  TensorView<const std::int64_t, 1> index_view(const char* name) const;
   // A real number (int or float); None or absent gives `fallback`.
   double number(const char* name, double fallback) const;
   // bool(value); absent gives `fallback`.
@@ -51,11 +55,13 @@ class Keywords {
 
   const char* function_;
   const py::kwargs& kwargs_;
-  mutable std::set<std::string> read_;  // the names asked for
+  mutable std::set<std::string> read_;                  // the names asked for
+  mutable std::deque<std::vector<std::int64_t>> held_;  // what index_view() points at
 };
 
 // scale (None = 1/sqrt(D); a given scale must be finite and > 0), causal, window_left,
-// window_right, sink_tokens, softcap, q_offset (None = bottom-right), num_threads.
+// window_right, sink_tokens, softcap, q_offset (None = bottom-right), num_threads, and the key
+// ranges key_start and key_length (None = none; views of storage `keywords` keeps).
 AttentionOptions attention_options(const Keywords& keywords, bool causal_default = false);
 
 // The options as Python values, None where the default applies (scale 0, q_offset -1,

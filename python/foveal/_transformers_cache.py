@@ -168,7 +168,7 @@ class FovealCacheLayer(CacheLayerMixin):
 
     def decode(self, query: torch.Tensor, options: dict) -> torch.Tensor:
         """foveal.decode_attention of query ``[B, Hq, Lq, D]`` (the newest Lq tokens) over the
-        cache, with band options (window_left, causal, scale, softcap)."""
+        cache, with band options (window_left, causal, scale, softcap, key_start)."""
         return decode_attention(query.contiguous(), self.cache, **options)
 
     def get_seq_length(self) -> int:

@@ -54,6 +54,8 @@ def _attention_op(
     k: torch.Tensor,
     v: torch.Tensor,
     bias: Optional[torch.Tensor],
+    key_start: Optional[torch.Tensor],
+    key_length: Optional[torch.Tensor],
     sliding: bool,
     scale: Optional[float],
     causal: bool,
@@ -64,7 +66,7 @@ def _attention_op(
     q_offset: Optional[int],
     num_threads: Optional[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    keywords = attention_options(locals())
+    keywords = _with_key_ranges(attention_options(locals()))
     q, k, v = q.detach(), k.detach(), v.detach()
     if sliding:
         return _foveal.sliding_window_attention(q, k, v, return_lse=True, **keywords)
@@ -75,8 +77,16 @@ def _attention_op(
 _HALF = (torch.bfloat16, torch.float16)
 
 
+def _with_key_ranges(keywords: dict) -> dict:
+    """The keywords with the key ranges (int64 tensors inside the ops) as lists of ints."""
+    for name in ("key_start", "key_length"):
+        if keywords.get(name) is not None:
+            keywords[name] = keywords[name].tolist()
+    return keywords
+
+
 @_attention_op.register_fake
-def _(q, k, v, bias, sliding, scale, causal, wl, wr, sinks, softcap, q_offset, threads):
+def _(q, k, v, bias, starts, lengths, sliding, scale, causal, wl, wr, sinks, softcap, q_offset, n):
     out = q.new_empty((*q.shape[:3], v.shape[3]))
     lse_dtype = torch.float32 if q.dtype in _HALF else q.dtype  # 16-bit storage: lse float32
     return out, q.new_empty(q.shape[:3], dtype=lse_dtype)
@@ -92,6 +102,8 @@ def _attention_backward_op(
     grad_out: torch.Tensor,
     grad_lse: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
+    key_start: Optional[torch.Tensor],
+    key_length: Optional[torch.Tensor],
     bias_grad: bool,
     sliding: bool,
     scale: Optional[float],
@@ -103,7 +115,7 @@ def _attention_backward_op(
     q_offset: Optional[int],
     num_threads: Optional[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    keywords = attention_options(locals())
+    keywords = _with_key_ranges(attention_options(locals()))
     tensors = [t.detach() for t in (q, k, v, out, lse)]
     # Autograd may hand over an expanded (stride-0) gradient: the kernel reads unit rows.
     grad_out = grad_out.detach().contiguous()
@@ -135,37 +147,62 @@ def _attention_backward_op(
 
 
 @_attention_backward_op.register_fake
-def _(q, k, v, out, lse, grad_out, grad_lse, bias, bias_grad, sliding, *options):
+def _(q, k, v, out, lse, grad_out, grad_lse, bias, starts, lengths, bias_grad, sliding, *options):
     grads = tuple(t.new_empty(t.shape) for t in (q, k, v))  # contiguous, as the op returns
     return (*grads, bias.new_empty(bias.shape) if bias_grad else q.new_empty(0))
 
 
 def _attention_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    q, k, v, bias, *options = inputs
+    q, k, v, bias, key_start, key_length, *options = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, bias)
+    ctx.save_for_backward(q, k, v, out, lse, bias, key_start, key_length)
     ctx.options = options
 
 
 def _attention_backward(ctx: Any, grad_out: torch.Tensor, grad_lse: torch.Tensor) -> tuple:
     # Autograd materializes both gradients (zeros for an output the loss does not read).
-    q, k, v, out, lse, bias = ctx.saved_tensors
+    q, k, v, out, lse, bias, key_start, key_length = ctx.saved_tensors
     bias_grad = bias is not None and ctx.needs_input_grad[3]
     grads = _attention_backward_op(
-        q, k, v, out, lse, grad_out, grad_lse, bias, bias_grad, *ctx.options
+        q, k, v, out, lse, grad_out, grad_lse, bias, key_start, key_length, bias_grad, *ctx.options
     )
-    return (*grads[:3], grads[3] if bias_grad else None, *(None for _ in ctx.options))
+    bias_gradient = grads[3] if bias_grad else None
+    return (*grads[:3], bias_gradient, None, None, *(None for _ in ctx.options))
 
 
 _attention_op.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
-def _checked_options(function: str, options: dict) -> dict:
-    """The options with their types checked (the custom ops' schema would raise RuntimeError);
+def _checked_options(function: str, options: dict) -> tuple:
+    """(key_start, key_length, the other options): the key ranges as int64 tensors (or None),
+    the options with their types checked (the custom ops' schema would raise RuntimeError);
     under torch.compile they are the traced program's constants and go to the op as they are."""
+    ranges = tuple(_index_tensor(function, name, options.pop(name)) for name in _KEY_RANGES)
     if torch.compiler.is_compiling():
-        return options
-    return _core.attention_options(function, **options)
+        return (*ranges, options)
+    return (*ranges, _core.attention_options(function, **options))
+
+
+_KEY_RANGES = ("key_start", "key_length")
+
+
+def _index_tensor(function: str, name: str, value: Any) -> Optional[torch.Tensor]:
+    """value (None, a sequence of ints, an integer array or tensor) as a 1-D int64 CPU tensor;
+    its shape and values are checked by the compiled call."""
+    if value is None:
+        return None
+    try:
+        tensor = value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+        raise TypeError(
+            f"foveal: {function}: {name} must be a sequence of 64-bit ints, got "
+            f"{type(value).__name__} ({error})"
+        ) from None
+    if tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool:
+        raise TypeError(
+            f"foveal: {function}: {name} must be a sequence of ints, got {tensor.dtype} values"
+        )
+    return tensor.to(device="cpu", dtype=torch.int64)
 
 
 def attention(
@@ -182,10 +219,13 @@ def attention(
     q_offset: Optional[int] = None,
     bias: Optional[torch.Tensor] = None,
     sink_logits: Optional[torch.Tensor] = None,
+    key_start: Any = None,
+    key_length: Any = None,
     num_threads: Optional[int] = None,
 ) -> torch.Tensor:
     """``foveal.attention`` differentiable in q, k, v and a float bias (the arguments are the
-    same; a bias that requires grad gets ``foveal.attention_backward``'s grad_bias).
+    same, variable-length ``key_start`` / ``key_length`` included; a bias that requires grad
+    gets ``foveal.attention_backward``'s grad_bias).
 
     ``sink_logits`` ``[Hq]`` (optional; gpt-oss's learned sinks): one more logit per query head
     in every row's softmax denominator, a key no value stands for, so a row may give part of
@@ -193,8 +233,8 @@ def attention(
     the plain output times ``sigmoid(lse_i - s_h)``. Differentiable in ``sink_logits`` too (its
     gradient and the one it sends back through lse are exact, see
     ``foveal.attention_backward``'s ``grad_lse``)."""
-    options = _checked_options("attention", attention_options(locals()))
-    out, lse = _attention_op(q, k, v, bias, False, **options)
+    key_start, key_length, options = _checked_options("attention", attention_options(locals()))
+    out, lse = _attention_op(q, k, v, bias, key_start, key_length, False, **options)
     return out if sink_logits is None else _with_sink_logits("attention", out, lse, sink_logits)
 
 
@@ -211,12 +251,16 @@ def sliding_window_attention(
     softcap: float = 0.0,
     q_offset: Optional[int] = None,
     sink_logits: Optional[torch.Tensor] = None,
+    key_start: Any = None,
+    key_length: Any = None,
     num_threads: Optional[int] = None,
 ) -> torch.Tensor:
     """``foveal.sliding_window_attention`` differentiable in q and k and v (and in
-    ``sink_logits``, as in :func:`attention`)."""
-    options = _checked_options("sliding_window_attention", attention_options(locals()))
-    out, lse = _attention_op(q, k, v, None, True, **options)
+    ``sink_logits``, as in :func:`attention`; variable-length ``key_start`` / ``key_length``
+    too)."""
+    function = "sliding_window_attention"
+    key_start, key_length, options = _checked_options(function, attention_options(locals()))
+    out, lse = _attention_op(q, k, v, None, key_start, key_length, True, **options)
     if sink_logits is None:
         return out
     return _with_sink_logits("sliding_window_attention", out, lse, sink_logits)

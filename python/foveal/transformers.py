@@ -18,8 +18,10 @@ materialize the ``[B, 1, Lq, Lk]`` boolean matrix when the pattern is one foveal
 (causal, causal + sliding window, bidirectional): it returns a :class:`FovealMask` that names
 the band (causal, window, where the queries sit among the keys) and, only when some key is
 padding, the ``[B, Lk]`` key-padding mask. The attention function then runs foveal's banded
-kernel, which skips the key blocks outside the band; padding becomes a boolean bias read only
-inside the band. Any other pattern (packed sequences, custom ``or``/``and`` mask functions,
+kernel, which skips the key blocks outside the band; left or right padding (one run of real
+keys per row) becomes foveal's per-row key ranges (``key_start`` / ``key_length``: one
+variable-length call that also skips the padding's blocks), other padding a boolean bias read
+only inside the band. Any other pattern (packed sequences, custom ``or``/``and`` mask functions,
 chunked attention, ...) is materialized exactly as transformers' own ``sdpa`` mask would be and
 passed as a boolean bias (correct, without block skipping).
 
@@ -312,18 +314,27 @@ def attention_forward(
 
 def _decode_over_cache(layer, query, mask, scaling, softcap, s_aux) -> Optional[torch.Tensor]:
     """[B, Hq, Lq, Dv] from foveal.decode_attention over a FovealCache layer when the step is a
-    decode one it computes exactly (a few new queries, the newest keys, a band mask without
-    padding, no sink logits, no gradient), else None."""
+    decode one it computes exactly (a few new queries, the newest keys, a band mask with no
+    padding or, in a full-attention layer, left padding only, no sink logits, no gradient),
+    else None."""
     q_length = query.shape[2]
     if s_aux is not None or q_length > DECODE_MAX_QUERIES or not isinstance(mask, FovealMask):
         return None
-    if mask.dense is not None or mask.key_mask is not None or len(mask.shape) != 4:
+    if mask.dense is not None or len(mask.shape) != 4:
         return None
+    options = {}
+    if mask.key_mask is not None:
+        # Left padding (each row's real keys run to the newest): decode_attention's key_start.
+        # A ring's positions are not the mask's columns: sliding layers take the masked path.
+        runs = mask.key_ranges
+        if runs is None or layer.is_sliding or any(stop < mask.shape[3] for _, stop in runs):
+            return None
+        options["key_start"] = [start for start, _ in runs]
     if mask.q_offset != mask.shape[3] - q_length or (q_length > 1 and not mask.causal):
         return None
     if torch.is_grad_enabled() and query.requires_grad:
         return None
-    options = {"causal": q_length > 1}
+    options["causal"] = q_length > 1
     if mask.window_left >= 0:
         options["window_left"] = mask.window_left
     if layer.is_sliding and not 0 <= mask.window_left <= layer.capacity - q_length:
@@ -342,23 +353,15 @@ def _attend(query, key, value, bias, options: dict, s_aux) -> torch.Tensor:
 
 
 def _attend_key_runs(query, key, value, runs: tuple, options: dict, s_aux) -> torch.Tensor:
-    """Attention where row b's real keys are the run runs[b] = (start, stop): each row runs
-    over its own keys with the band options and no bias. Under a causal mask the queries
-    before the run see no key and get zeros (as foveal gives a query that sees none)."""
-    heads, q_length, dim = query.shape[1], query.shape[2], value.shape[3]
-    offset, causal = options["q_offset"], options.get("causal", False)
-    rows = []
-    for b, (start, stop) in enumerate(runs):
-        stop = min(stop, key.shape[2])
-        first = min(max(0, start - offset), q_length) if causal else 0
-        pieces = [query.new_zeros(1, heads, first if stop > start else q_length, dim)]
-        if stop > start and first < q_length:
-            # Query `first` sits at key offset + first: offset + first - start in the run.
-            row_options = dict(options, q_offset=offset + first - start if causal else 0)
-            keys = (t[b : b + 1, :, start:stop] for t in (key, value))
-            pieces.append(_attend(query[b : b + 1, :, first:], *keys, None, row_options, s_aux))
-        rows.append(torch.cat(pieces, dim=2))
-    return torch.cat(rows, dim=0)
+    """Attention where row b's real keys are the run runs[b] = (start, stop): one
+    variable-length call (foveal's key_start / key_length) with the band options and no bias;
+    the key blocks outside each row's run are skipped. Under a causal mask the queries before
+    the run see no key and get zeros (as foveal gives a query that sees none)."""
+    k_length = key.shape[2]
+    starts = [min(start, k_length) for start, _ in runs]
+    lengths = [max(0, min(stop, k_length) - start) for start, (_, stop) in zip(starts, runs)]
+    ranges = {"key_start": starts, "key_length": lengths}
+    return _attend(query, key, value, None, dict(options, **ranges), s_aux)
 
 
 def register(name: str = NAME) -> str:

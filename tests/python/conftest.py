@@ -95,12 +95,17 @@ def visible_keys(
     window_right: int = -1,
     sink_tokens: int = 0,
     q_offset: Optional[int] = None,
+    key_start: int = 0,
+    key_length: Optional[int] = None,
 ) -> np.ndarray:
     """[Lq, Lk] booleans: query i (at position q_offset + i) sees key j (docs/attention.md):
-    j inside the window, or j a sink not past the window's right edge (causal always wins)."""
+    j inside the window, or j a sink not past the window's right edge (causal always wins).
+    With key_start / key_length (one row of a variable-length batch) only the keys
+    [key_start, key_start + key_length) exist, and the sinks are the first of them."""
     offset = len_k - len_q if q_offset is None or q_offset == -1 else q_offset
     position = offset + np.arange(len_q)[:, None]
     key = np.arange(len_k)[None, :]
+    end = len_k if key_length is None else key_start + key_length
     right = 0 if causal else window_right
     before_right_edge = np.ones((len_q, len_k), dtype=bool)
     if right >= 0:
@@ -108,7 +113,8 @@ def visible_keys(
     inside_left_edge = np.ones((len_q, len_k), dtype=bool)
     if window_left >= 0:
         inside_left_edge &= key >= position - window_left
-    return before_right_edge & (inside_left_edge | (key < sink_tokens))
+    exists = (key >= key_start) & (key < end)
+    return exists & before_right_edge & (inside_left_edge | (key - key_start < sink_tokens))
 
 
 def bias_as_float(bias: Any) -> np.ndarray:

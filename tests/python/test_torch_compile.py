@@ -62,7 +62,7 @@ def test_the_ops_are_registered_with_torch():
     assert hasattr(torch.ops.foveal, "attention_backward")
     q = torch.randn(1, 2, 5, 8)
     out, lse = torch.ops.foveal.attention(
-        q, q, q, None, False, None, True, -1, -1, 0, 0.0, None, None
+        q, q, q, None, None, None, False, None, True, -1, -1, 0, 0.0, None, None
     )
     assert out.shape == (1, 2, 5, 8) and lse.shape == (1, 2, 5)
 
@@ -73,7 +73,14 @@ def test_opcheck_of_the_attention_op():
     q, k, v = (torch.randn(1, 2, 7, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     torch.library.opcheck(
         torch.ops.foveal.attention.default,
-        (q, k, v, None, False, None, True, -1, -1, 0, 0.0, None, None),
+        (q, k, v, None, None, None, False, None, True, -1, -1, 0, 0.0, None, None),
+    )
+    # Variable-length: key ranges as int64 tensors (inputs without gradients).
+    q, k, v = (torch.randn(3, 2, 7, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    starts, lengths = torch.tensor([0, 2, 7]), torch.tensor([7, 3, 0])
+    torch.library.opcheck(
+        torch.ops.foveal.attention.default,
+        (q, k, v, None, starts, lengths, False, None, True, -1, -1, 1, 0.0, None, None),
     )
 
 
