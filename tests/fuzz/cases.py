@@ -272,6 +272,23 @@ def _mask_options(draw, bias_ok: bool = True) -> dict:
 
 
 @st.composite
+def _key_ranges(draw, dims: dict) -> dict:
+    """key_start / key_length of a variable-length call, as code, each one time in four: about
+    B entries, mostly in [0, Lk], sometimes just outside or the largest int64."""
+    options = {}
+    batch, keys = min(dims["B"], 6), max(0, min(dims["Lk"], 1 << 20))
+    for name in ("key_start", "key_length"):
+        if draw(st.integers(0, 3)) != 0:
+            continue
+        count = max(0, batch + draw(st.sampled_from([0, 0, 0, 0, 1, -1])))
+        value = st.one_of(
+            st.integers(0, keys), st.integers(0, keys), st.integers(-2, 3), st.just(2**63 - 1)
+        )
+        options[name] = repr([draw(value) for _ in range(count)])
+    return options
+
+
+@st.composite
 def attention_case(draw, function: str = "attention"):
     case = Case(draw, function)
     case.maybe_half()
@@ -285,6 +302,7 @@ def attention_case(draw, function: str = "attention"):
         full += (dims["Lq"], dims["Lk"])
         dtype = draw(st.sampled_from([case.dtype, case.dtype, "bool", "int64"]))
         options["bias"] = case.array("bias", full[4 - rank :], dtype=dtype)
+    options.update(draw(_key_ranges(dims)))
     options["return_lse"] = draw(flag())
     hq = dims["Hkv"] * dims["G"]
     out_shape = (dims["B"], hq, dims["Lq"], dims["Dv"])
@@ -311,6 +329,7 @@ def attention_backward_case(draw):
     dims = case.dims(ATTENTION_DIMS, zero_for_huge=("B", "Lq", "Hkv"))
     _qkv(case, dims)
     options = draw(_mask_options())
+    options.update(draw(_key_ranges(dims)))
     hq = dims["Hkv"] * dims["G"]
     out_shape = (dims["B"], hq, dims["Lq"], dims["Dv"])
     options["num_threads"] = draw(threads())

@@ -1,5 +1,5 @@
 // libFuzzer harness: dense and sliding-window attention, forward and backward, over drawn views
-// and options.
+// and options (key ranges of variable-length batches included).
 #include "fuzz_common.hpp"
 
 namespace {
@@ -27,7 +27,10 @@ void run(FuzzedDataProvider& data) {
   const DrawnView<const T, 4> bias = draw_bias(data, arena, dims, sliding, expect);
   if (give_up(expect, dims)) return;
 
-  const foveal::AttentionOptions options = draw_attention_options(data, true);
+  foveal::AttentionOptions options = draw_attention_options(data, true);
+  DrawnKeyRanges ranges;
+  ranges.draw(data, batch, len_k);
+  ranges.apply(options);
   if (data.ConsumeIntegralInRange<int>(0, 2) == 0) {
     // The backward: out and lse become inputs (the forward's), grad_out and the gradients are
     // drawn like the rest.

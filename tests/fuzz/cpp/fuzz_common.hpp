@@ -391,6 +391,46 @@ inline foveal::AttentionOptions draw_attention_options(FuzzedDataProvider& data,
   return options;
 }
 
+// Key ranges of a variable-length call (AttentionOptions::key_start / key_length), owned, or
+// none: one in three calls draws each of start and length, about B entries (now and then one
+// more or one fewer) of values mostly in [0, Lk], sometimes just outside or extreme.
+struct DrawnKeyRanges {
+  std::vector<std::int64_t> start, length;
+  bool has_start = false, has_length = false;
+
+  void draw(FuzzedDataProvider& data, Index batch, Index len_k) {
+    const auto values = [&](std::vector<std::int64_t>& into) {
+      Index count = std::min<Index>(batch, 64);
+      const int change = data.ConsumeIntegralInRange<int>(0, 15);
+      if (change == 0) count += 1;
+      if (change == 1 && count > 0) count -= 1;
+      for (Index b = 0; b < count; ++b) {
+        const int pick = data.ConsumeIntegralInRange<int>(0, 15);
+        const Index bound = std::clamp<Index>(len_k, 0, Index{1} << 20);  // extents may be < 0
+        into.push_back(pick < 13   ? data.ConsumeIntegralInRange<Index>(0, bound)
+                       : pick < 15 ? draw_index_option(data)
+                                   : (pick % 2 ? std::numeric_limits<Index>::max() : -2));
+      }
+    };
+    has_start = data.ConsumeIntegralInRange<int>(0, 2) == 0;
+    if (has_start) values(start);
+    has_length = data.ConsumeIntegralInRange<int>(0, 2) == 0;
+    if (has_length) values(length);
+  }
+
+  // `options` with views of the drawn ranges (null where none was drawn).
+  void apply(foveal::AttentionOptions& options) const {
+    static const std::int64_t kNone = 0;
+    const auto view = [](bool given, const std::vector<std::int64_t>& values) {
+      if (!given) return foveal::TensorView<const std::int64_t, 1>();
+      return foveal::TensorView<const std::int64_t, 1>(values.empty() ? &kNone : values.data(),
+                                                       {static_cast<Index>(values.size())});
+    };
+    options.key_start = view(has_start, start);
+    options.key_length = view(has_length, length);
+  }
+};
+
 // The arguments of a KVCache append: k [B, Hkv, n, D], v [B, Hkv, n, Dv] and, when ragged,
 // counts (about B of them, any values). `expect.unusable`: no counts were drawn; give it up.
 template <typename T>

@@ -218,7 +218,10 @@ void run_dense(FuzzedDataProvider& data) {
   const bool sliding = data.ConsumeIntegralInRange<int>(0, 3) == 0;
   const DrawnView<const H, 4> bias = draw_bias(data, buffers.inputs, dims, sliding, expect);
   if (give_up(expect, dims)) return;
-  const foveal::AttentionOptions options = draw_attention_options(data, true);
+  foveal::AttentionOptions options = draw_attention_options(data, true);
+  DrawnKeyRanges ranges;
+  ranges.draw(data, batch, len_k);
+  ranges.apply(options);
   check_against_float(
       data, buffers, expect, sliding ? "16-bit sliding_window_attention" : "16-bit attention",
       views, options,

@@ -80,7 +80,10 @@ void run(FuzzedDataProvider& data) {
           expect.add(lse);
         }
         if (expect.unusable) break;
-        const foveal::AttentionOptions attention = draw_attention_options(data, false);
+        foveal::AttentionOptions attention = draw_attention_options(data, false);
+        DrawnKeyRanges ranges;  // key_start: left padding (a key_length is rejected)
+        ranges.draw(data, b, cache->capacity());
+        ranges.apply(attention);
         run_call(expect, "decode_attention",
                  [&] { foveal::decode_attention(q.view, *cache, attention, out.view, lse.view); });
         check_unchanged(*cache, before, "decode_attention");
