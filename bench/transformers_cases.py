@@ -13,11 +13,13 @@ The "generate" case (--cases generate) continues an L-token prompt by greedy gen
 Llama model: sdpa over a DynamicCache, foveal over a DynamicCache and foveal over a
 foveal.transformers.FovealCache. Decode tokens/s is (N - 1) new tokens over the time
 generate(max_new_tokens=N) takes beyond generate(max_new_tokens=1) (the prefill and the first
-token), best of the repeats; all three must give the same tokens.
+token), best of the repeats; all three must give the same tokens. "generate-padded" does the
+same for the batch of 4 left-padded prompts of --padded-length tokens.
 
     python bench/transformers_cases.py                 # L = 8192, 1 thread
     python bench/transformers_cases.py --length 2048 --threads 2 --repeats 3
     python bench/transformers_cases.py --cases generate --new-tokens 64
+    python bench/transformers_cases.py --cases generate-padded --padded-length 2048
 """
 
 from __future__ import annotations
@@ -105,8 +107,9 @@ def _case(name: str, model, ids, mask, repeats: int) -> dict:
     )
 
 
-def _generate(model, implementation: str, cache: str, ids, new_tokens: int) -> tuple:
-    """(seconds, tokens) of a greedy generate of new_tokens tokens after ids."""
+def _generate(model, implementation: str, cache: str, ids, new_tokens: int, mask=None) -> tuple:
+    """(seconds, tokens) of a greedy generate of new_tokens tokens after ids (mask: the 2-D
+    padding mask, None for none)."""
     model.set_attn_implementation(implementation)
     extra = {}
     if cache == "foveal":
@@ -117,7 +120,7 @@ def _generate(model, implementation: str, cache: str, ids, new_tokens: int) -> t
     with torch.inference_mode():
         tokens = model.generate(
             input_ids=ids,
-            attention_mask=torch.ones_like(ids),
+            attention_mask=torch.ones_like(ids) if mask is None else mask,
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
             do_sample=False,
@@ -127,20 +130,36 @@ def _generate(model, implementation: str, cache: str, ids, new_tokens: int) -> t
     return time.perf_counter() - start, tokens
 
 
-def _generate_case(length: int, new_tokens: int, repeats: int, generator) -> dict:
+def _left_padded(length: int, generator) -> tuple:
+    """(ids, mask) of 4 prompts of `length` tokens whose rows are 0, 1/12, 2/12 and 3/12
+    left padding."""
+    ids = torch.randint(3, VOCAB, (4, length), generator=generator)
+    mask = torch.ones_like(ids)
+    for row in range(4):
+        mask[row, : row * length // 12] = 0
+    return ids, mask
+
+
+def _generate_case(
+    length: int, new_tokens: int, repeats: int, generator, padded: bool = False
+) -> dict:
     model = _model("LlamaConfig", length + new_tokens)
-    ids = torch.randint(3, VOCAB, (1, length), generator=generator)
+    if padded:
+        ids, mask = _left_padded(length, generator)
+    else:
+        ids, mask = torch.randint(3, VOCAB, (1, length), generator=generator), None
     setups = {"sdpa": ("sdpa", "dynamic"), "foveal": ("foveal", "dynamic")}
     setups["foveal_cache"] = ("foveal", "foveal")
     rate, prefill, tokens = {name: 0.0 for name in setups}, {}, {}
     for _ in range(repeats):
         for name, (implementation, cache) in setups.items():
-            first, _ = _generate(model, implementation, cache, ids, 1)
-            seconds, tokens[name] = _generate(model, implementation, cache, ids, new_tokens)
+            first, _ = _generate(model, implementation, cache, ids, 1, mask)
+            seconds, tokens[name] = _generate(model, implementation, cache, ids, new_tokens, mask)
             rate[name] = max(rate[name], (new_tokens - 1) / (seconds - first))
             prefill[name] = min(prefill.get(name, float("inf")), first)
     same = all(torch.equal(tokens[name], tokens["sdpa"]) for name in setups)
-    result = dict(case="llama, greedy generate", length=length, new_tokens=new_tokens)
+    case = "llama, greedy generate" + (", batch 4 left-padded" if padded else "")
+    result = dict(case=case, length=length, new_tokens=new_tokens)
     for name in setups:
         result[f"{name}_prefill_ms"] = round(prefill[name] * 1e3, 1)
         result[f"{name}_tokens_per_s"] = round(rate[name], 1)
@@ -167,18 +186,17 @@ def main() -> None:
     results = []
     cases = args.cases.split(",")
     for name in cases:
-        if name == "generate":
-            result = _generate_case(args.length, args.new_tokens, args.repeats, generator)
+        if name in ("generate", "generate-padded"):
+            padded = name == "generate-padded"
+            length = args.padded_length if padded else args.length
+            result = _generate_case(length, args.new_tokens, args.repeats, generator, padded)
             result["threads"] = args.threads
             results.append(result)
             print(json.dumps(result), flush=True)
             continue
         if name == "padded":
             length = args.padded_length
-            ids = torch.randint(3, VOCAB, (4, length), generator=generator)
-            mask = torch.ones_like(ids)
-            for row in range(4):
-                mask[row, : row * length // 12] = 0  # left padding: 0, 1/12, 2/12, 3/12
+            ids, mask = _left_padded(length, generator)
             model = _model("LlamaConfig", length)
             case = "llama, left-padded batch"
         else:
