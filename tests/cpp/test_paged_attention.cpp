@@ -318,6 +318,18 @@ TYPED_TEST(PagedAttention, NestedForksShareEveryLevel) {
     // fork over [992, 1696); that last pair over [1696, 2000).
     EXPECT_EQ(info.shared_groups, 3);
     EXPECT_EQ(info.shared_tokens, 992 + (1696 - 992) + (2000 - 1696));
+    // Each level's shared pass and the merges run in a fixed order: the same bits for any
+    // thread count.
+    const int threads_before = call.num_threads;
+    call.num_threads = 1;
+    const Outputs one = decode_and_reference(pool, ids, call, 41).first;
+    for (int threads : {2, 3}) {
+      call.num_threads = threads;
+      const Outputs many = decode_and_reference(pool, ids, call, 41).first;
+      EXPECT_TRUE(bitwise_equal(many.out, one.out)) << threads << " threads";
+      EXPECT_TRUE(bitwise_equal(many.lse, one.lse)) << threads << " threads";
+    }
+    call.num_threads = threads_before;
     call.sharing = PrefixSharing::off;
     expect_matches<T>(decode_and_reference(pool, ids, call, 41, &info));
     EXPECT_EQ(info.shared_groups, 0);

@@ -46,13 +46,13 @@ def calls(index):
     kind = index % 7
     threads = 1 + index % 3
     dtype = np.float32 if index % 2 == 0 else np.float64
-    if kind == 0:
-        b, hkv, g, lq, lk, d = 1, 1 + index % 2, 2, 3 + index, 40 + 7 * index, 16 + index
+    if kind == 0:  # a variable-length batch: the second row left-padded by 5
+        b, hkv, g, lq, lk, d = 2, 1 + index % 2, 2, 3 + index, 40 + 7 * index, 16 + index
         q = rng.standard_normal((b, hkv * g, lq, d)).astype(dtype)
         k = rng.standard_normal((b, hkv, lk, d)).astype(dtype)
         v = rng.standard_normal((b, hkv, lk, d + 1)).astype(dtype)
         return lambda: foveal.attention(q, k, v, causal=index % 3 == 0, return_lse=True,
-                                        num_threads=threads)
+                                        key_start=[0, 5], num_threads=threads)
     if kind == 1:
         b, hkv, d = 2, 2, 8 + index
         cache = foveal.KVCache(b, hkv, 1500, d, dtype=dtype)
@@ -84,9 +84,10 @@ def calls(index):
         out, lse = foveal.attention(q, k, v, causal=True, sink_tokens=2, bias=bias,
                                     return_lse=True)
         g = rng.standard_normal(out.shape).astype(dtype)
+        g_lse = rng.standard_normal(lse.shape).astype(dtype)  # a loss that reads lse too
         return lambda: foveal.attention_backward(q, k, v, out, lse, g, causal=True,
                                                  sink_tokens=2, bias=bias, return_bias_grad=True,
-                                                 num_threads=threads)
+                                                 grad_lse=g_lse, num_threads=threads)
     if kind == 6:
         hkv, d = 2, 8 + index
         cache = foveal.PagedKVCache(64, 16, hkv, d, dtype=dtype)
