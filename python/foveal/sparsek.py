@@ -76,6 +76,8 @@ def sparsek_attention(
     scale: Optional[float] = None,
     softcap: float = 0.0,
     q_offset: Optional[int] = None,
+    key_start: Any = None,
+    key_length: Any = None,
     return_lse: bool = False,
     out: Any = None,
     num_threads: Optional[int] = None,
@@ -92,6 +94,8 @@ def sparsek_attention(
     queries share one selection from every key after the sinks (``window`` must be 0).
     ``gate``: ``"value"`` scales each selected value by its gate, ``"kv"`` scales key and
     value, ``"none"`` is hard top-k. ``topk`` larger than the pool selects all of it.
+    ``key_start`` / ``key_length`` (``[B]`` ints): variable-length batches as in
+    :func:`foveal.attention`; row b is the call on its own keys and scores.
 
     Returns ``out``, or ``(out, lse)`` with ``return_lse=True``. Gradients:
     :func:`sparsek_attention_backward`; autograd: :func:`foveal.torch.sparsek_attention`.
@@ -130,6 +134,8 @@ def sparsek_attention_backward(
     softcap: float = 0.0,
     q_offset: Optional[int] = None,
     score_grad: bool = True,
+    key_start: Any = None,
+    key_length: Any = None,
     num_threads: Optional[int] = None,
 ) -> tuple[Any, Any, Any, Any]:
     """The gradients of :func:`sparsek_attention`: ``(grad_q, grad_k, grad_v, grad_u)`` for the
@@ -142,7 +148,8 @@ def sparsek_attention_backward(
     It is what trains a scorer such as :func:`linear_scores`; ``score_grad=False`` skips it
     (None is returned). Gate ``"none"`` has no derivative in u: zeros. grad_k, grad_v and
     grad_u sum over the query heads of a group. Bitwise identical for any thread count. For
-    autograd use :func:`foveal.torch.sparsek_attention`.
+    autograd use :func:`foveal.torch.sparsek_attention`. ``key_start`` / ``key_length``: the
+    forward's key ranges (padding keys get zero gradients).
     """
     grads = [new_like(q, shape(x)) for x in (q, k, v)]
     grad_u = new_like(q, shape(u)) if score_grad else None

@@ -307,6 +307,8 @@ def _sparsek_attention_op(
     k: torch.Tensor,
     v: torch.Tensor,
     u: torch.Tensor,
+    key_start: Optional[torch.Tensor],
+    key_length: Optional[torch.Tensor],
     topk: int,
     window: int,
     gate: str,
@@ -319,7 +321,7 @@ def _sparsek_attention_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v, u = (t.detach() for t in (q, k, v, u))
     options = {name: value for name, value in locals().items() if name not in ("q", "k", "v", "u")}
-    return _sparsek.sparsek_attention(q, k, v, u, return_lse=True, **options)
+    return _sparsek.sparsek_attention(q, k, v, u, return_lse=True, **_with_key_ranges(options))
 
 
 @_sparsek_attention_op.register_fake
@@ -336,6 +338,8 @@ def _sparsek_attention_backward_op(
     out: torch.Tensor,
     lse: torch.Tensor,
     grad_out: torch.Tensor,
+    key_start: Optional[torch.Tensor],
+    key_length: Optional[torch.Tensor],
     score_grad: bool,
     topk: int,
     window: int,
@@ -353,10 +357,10 @@ def _sparsek_attention_backward_op(
     options = {
         name: value
         for name, value in locals().items()
-        if name in (*_SPARSEK_OPTIONS, "q_offset", "num_threads", "score_grad")
+        if name in (*_SPARSEK_OPTIONS, *_KEY_RANGES, "q_offset", "num_threads", "score_grad")
     }
     grad_q, grad_k, grad_v, grad_u = _sparsek.sparsek_attention_backward(
-        *tensors, grad_out, **options
+        *tensors, grad_out, **_with_key_ranges(options)
     )
     return grad_q, grad_k, grad_v, torch.zeros_like(u) if grad_u is None else grad_u
 
@@ -367,17 +371,20 @@ def _(q, k, v, u, out, lse, grad_out, *options):
 
 
 def _sparsek_setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-    q, k, v, u, *options = inputs
+    q, k, v, u, key_start, key_length, *options = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, u, out, lse)
+    ctx.save_for_backward(q, k, v, u, out, lse, key_start, key_length)
     ctx.options = options
 
 
 def _sparsek_backward(ctx: Any, grad_out: torch.Tensor, _grad_lse: Any) -> tuple:
-    q, k, v, u, out, lse = ctx.saved_tensors
+    q, k, v, u, out, lse, key_start, key_length = ctx.saved_tensors
     score_grad = ctx.needs_input_grad[3]
-    grads = _sparsek_attention_backward_op(q, k, v, u, out, lse, grad_out, score_grad, *ctx.options)
-    return (*grads[:3], grads[3] if score_grad else None, *(None for _ in ctx.options))
+    grads = _sparsek_attention_backward_op(
+        q, k, v, u, out, lse, grad_out, key_start, key_length, score_grad, *ctx.options
+    )
+    grad_u = grads[3] if score_grad else None
+    return (*grads[:3], grad_u, None, None, *(None for _ in ctx.options))
 
 
 _sparsek_attention_op.register_autograd(_sparsek_backward, setup_context=_sparsek_setup_context)
@@ -397,15 +404,21 @@ def sparsek_attention(
     scale: Optional[float] = None,
     softcap: float = 0.0,
     q_offset: Optional[int] = None,
+    key_start: Any = None,
+    key_length: Any = None,
     num_threads: Optional[int] = None,
 ) -> torch.Tensor:
     """``foveal.sparsek.sparsek_attention`` differentiable in q, k, v and the scores u (the
-    arguments are the same): the scores' gradient flows through the SPARSEK gates, so a scorer
-    such as ``foveal.sparsek.linear_scores`` (or any torch module producing u) trains."""
+    arguments are the same, variable-length ``key_start`` / ``key_length`` included): the
+    scores' gradient flows through the SPARSEK gates, so a scorer such as
+    ``foveal.sparsek.linear_scores`` (or any torch module producing u) trains."""
     options = {name: value for name, value in locals().items() if name not in ("q", "k", "v", "u")}
+    # (no comprehension over options: it would make options a cell that locals() reads unset)
+    starts = _index_tensor("sparsek_attention", "key_start", options.pop("key_start"))
+    lengths = _index_tensor("sparsek_attention", "key_length", options.pop("key_length"))
     if not torch.compiler.is_compiling():
         options = _core.sparsek_options("sparsek_attention", **options)
-    return _sparsek_attention_op(q, k, v, u, **options)[0]
+    return _sparsek_attention_op(q, k, v, u, starts, lengths, **options)[0]
 
 
 # The SPARSEK projection as custom ops.

@@ -27,8 +27,8 @@ inline void require_attention_options(const char* function, const AttentionOptio
                                       bool variable_length = false) {
   check(variable_length || (options.key_start.is_null() && options.key_length.is_null()), function,
         ": key_start and key_length (variable-length batches) are taken by attention, "
-        "sliding_window_attention, their backwards and decode_attention (key_start) only; here "
-        "they must be null");
+        "sliding_window_attention, sparsek_attention, their backwards and decode_attention "
+        "(key_start) only; here they must be null");
   require_finite_nonnegative(function, "scale", options.scale, "0 = 1/sqrt(D)");
   require_finite_nonnegative(function, "softcap", options.softcap, "0 = off");
   require_window(function, "window_left", options.window_left);
@@ -227,6 +227,15 @@ AlignedArray<SequenceKeys> sequence_keys(const char* function, const AttentionOp
                          options.sink_tokens, len_q, count, q_offset)};
   }
   return sequences;
+}
+
+// `view` with dimension `dim` narrowed to [begin, begin + count) (within its extent).
+template <typename T, int Rank>
+TensorView<T, Rank> narrow(const TensorView<T, Rank>& view, int dim, Index begin, Index count) {
+  if (view.is_null()) return view;
+  auto shape = view.shape();
+  shape[static_cast<std::size_t>(dim)] = count;
+  return TensorView<T, Rank>(view.data() + begin * view.stride(dim), shape, view.strides());
 }
 
 // Runs the level's engine with the band policy of `options`, each batch row over its own keys

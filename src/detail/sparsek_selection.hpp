@@ -20,7 +20,9 @@ namespace foveal::detail {
 // The checks of SparseKOptions: the shared attention options (require_attention_options), then
 // its own fields (topk, window, gate, window = 0 when not causal, the dense windows unused);
 // messages begin with `function`. The q_offset check is the caller's.
-void require_sparsek_options(const char* function, const SparseKOptions& options);
+// variable_length: the caller takes key ranges (sparsek_attention and its backward).
+void require_sparsek_options(const char* function, const SparseKOptions& options,
+                             bool variable_length = false);
 
 // Positions and pools of one call (SparseKOptions, with the sizes applied).
 struct SparseKGeometry {

@@ -132,8 +132,9 @@ void build_tile_unions(const HeadSelection& selection, const SparseKGeometry& ge
   for (Index& key : unions.keys) key += geometry.sinks;
 }
 
-void require_sparsek_options(const char* function, const SparseKOptions& options) {
-  require_attention_options(function, options);
+void require_sparsek_options(const char* function, const SparseKOptions& options,
+                             bool variable_length) {
+  require_attention_options(function, options, variable_length);
   check(options.window_left == -1 &&
             (options.window_right == -1 || (options.causal && options.window_right == 0)),
         function,
@@ -164,20 +165,15 @@ using detail::select_all;
 using detail::SparseKGeometry;
 using detail::TileUnions;
 
+// SparseK attention of validated parameters (query 0 at params.q_offset, any value) and scores.
 template <typename T>
-void attention_impl(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorView<const T, 4> v,
-                    TensorView<const T, 3> u, const SparseKOptions& options, TensorView<T, 4> out,
-                    TensorView<T, 3> lse) {
-  detail::require_sparsek_options(kAttention, options);
-  const detail::FlashParams<T> params =
-      detail::prepare_attention<T>(kAttention, q, k, v, out, options, lse, {});
-  const Index batch = q.size(0), heads_kv = k.size(1), len_q = q.size(2), len_k = k.size(2);
-  require_scores(kAttention, u, batch, heads_kv, len_k);
-  detail::require_disjoint(kAttention, "out", out, "u", u);
-  if (!lse.is_null()) detail::require_disjoint(kAttention, "lse", lse, "u", u);
+void run_sparsek_attention(const detail::FlashParams<T>& params, TensorView<const T, 3> u,
+                           const SparseKOptions& options) {
+  const Index batch = params.q.size(0), heads_kv = params.k.size(1), len_q = params.q.size(2);
+  const Index len_k = params.k.size(2);
   if (batch == 0 || heads_kv == 0 || len_q == 0) return;
 
-  const Index group = q.size(1) / heads_kv;
+  const Index group = params.q.size(1) / heads_kv;
   detail::SparseKPlan<T> plan;
   plan.params = params;
   plan.u = u;
@@ -185,6 +181,7 @@ void attention_impl(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorVi
   SparseKGeometry& geometry = plan.geometry;
   geometry = SparseKGeometry::make(options, len_q, len_k);
   geometry.q_offset = params.q_offset;
+  geometry.window = std::min<Index>(options.window, std::abs(params.q_offset) + len_q + len_k);
   plan.selections = select_all(u, geometry, params.num_threads);
   const std::vector<HeadSelection>& selections = plan.selections;
 
@@ -200,6 +197,40 @@ void attention_impl(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorVi
     for (std::size_t t = 0; t + 1 < head.offsets.size(); ++t)
       plan.widest_union = std::max(plan.widest_union, head.offsets[t + 1] - head.offsets[t]);
   detail::kernels<T>().sparsek_attention(plan);
+}
+
+template <typename T>
+void attention_impl(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorView<const T, 4> v,
+                    TensorView<const T, 3> u, const SparseKOptions& options, TensorView<T, 4> out,
+                    TensorView<T, 3> lse) {
+  detail::require_sparsek_options(kAttention, options, /*variable_length=*/true);
+  const detail::FlashParams<T> params = detail::prepare_attention<T>(
+      kAttention, q, k, v, out, options, lse, {}, /*variable_length=*/true);
+  const Index batch = q.size(0), heads_kv = k.size(1), len_k = k.size(2);
+  require_scores(kAttention, u, batch, heads_kv, len_k);
+  detail::require_disjoint(kAttention, "out", out, "u", u);
+  if (!lse.is_null()) detail::require_disjoint(kAttention, "lse", lse, "u", u);
+  const detail::AlignedArray<detail::SequenceKeys> sequences =
+      detail::sequence_keys(kAttention, options, params, params.rows_per_head() > 0);
+  if (sequences == nullptr) {
+    run_sparsek_attention(params, u, options);
+    return;
+  }
+  // A variable-length batch: each row is the call on its own keys (and scores), its positions
+  // counted from its first key. The rows run one after the other, each on every thread.
+  for (Index b = 0; b < batch; ++b) {
+    const detail::SequenceKeys& row = sequences[static_cast<std::size_t>(b)];
+    const Index first = row.first_row, count = row.visibility.len_k;
+    detail::FlashParams<T> own = params;
+    own.q = detail::narrow(params.q, 0, b, 1);
+    own.k = detail::narrow(detail::narrow(params.k, 0, b, 1), 2, first, count);
+    own.v = detail::narrow(detail::narrow(params.v, 0, b, 1), 2, first, count);
+    own.out = detail::narrow(params.out, 0, b, 1);
+    own.lse = detail::narrow(params.lse, 0, b, 1);
+    own.q_offset = row.q_offset;
+    run_sparsek_attention(own, detail::narrow(detail::narrow(u, 0, b, 1), 2, first, count),
+                          options);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

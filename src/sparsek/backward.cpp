@@ -4,8 +4,11 @@
 // them.
 #include "foveal/sparsek/backward.hpp"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 
+#include "detail/attention_setup.hpp"
 #include "detail/backward_setup.hpp"
 #include "detail/kernels.hpp"
 #include "detail/sparsek_selection.hpp"
@@ -30,16 +33,35 @@ void require_finite_grad_out(const TensorView<const T, 4>& grad_out) {
       }
 }
 
+// The backward of validated parameters (query 0 at params.forward.q_offset, any value).
+template <typename T>
+void run_backward(const detail::BackwardParams<T>& params, TensorView<const T, 3> u,
+                  TensorView<T, 3> grad_u, const SparseKOptions& options) {
+  const auto& forward = params.forward;
+  const Index len_q = forward.q.size(2), len_k = forward.k.size(2);
+  detail::SparseKBackwardPlan<T> plan;
+  plan.params = params;
+  plan.u = u;
+  plan.grad_u = grad_u;
+  plan.gate = options.gate;
+  plan.geometry = SparseKGeometry::make(options, len_q, len_k);
+  plan.geometry.q_offset = forward.q_offset;
+  plan.geometry.window =
+      std::min<Index>(options.window, std::abs(forward.q_offset) + len_q + len_k);
+  detail::kernels<T>().sparsek_attention_backward(plan);
+}
+
 template <typename T>
 void backward_impl(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorView<const T, 4> v,
                    TensorView<const T, 3> u, TensorView<const T, 4> out, TensorView<const T, 3> lse,
                    TensorView<const T, 4> grad_out, const SparseKOptions& options,
                    TensorView<T, 4> grad_q, TensorView<T, 4> grad_k, TensorView<T, 4> grad_v,
                    TensorView<T, 3> grad_u) {
-  detail::require_sparsek_options(kBackward, options);
-  const detail::BackwardParams<T> params = detail::prepare_backward<T>(
-      kBackward, q, k, v, out, lse, grad_out, grad_q, grad_k, grad_v, options, {});
-  const Index batch = q.size(0), heads_kv = k.size(1), len_q = q.size(2), len_k = k.size(2);
+  detail::require_sparsek_options(kBackward, options, /*variable_length=*/true);
+  const detail::BackwardParams<T> params =
+      detail::prepare_backward<T>(kBackward, q, k, v, out, lse, grad_out, grad_q, grad_k, grad_v,
+                                  options, {}, {}, /*variable_length=*/true);
+  const Index batch = q.size(0), heads_kv = k.size(1), len_k = k.size(2);
   detail::require_scores(kBackward, u, batch, heads_kv, len_k);
   detail::require_disjoint(kBackward, "grad_q", grad_q, "u", u);
   detail::require_disjoint(kBackward, "grad_k", grad_k, "u", u);
@@ -61,16 +83,40 @@ void backward_impl(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorVie
     detail::require_disjoint(kBackward, "grad_u", grad_u, "grad_v", grad_v);
   }
   require_finite_grad_out(grad_out);
+  const detail::AlignedArray<detail::SequenceKeys> sequences = detail::sequence_keys(
+      kBackward, options, params.forward, params.forward.rows_per_head() > 0 || len_k > 0);
   if (batch == 0 || heads_kv == 0) return;
-
-  detail::SparseKBackwardPlan<T> plan;
-  plan.params = params;
-  plan.u = u;
-  plan.grad_u = grad_u;
-  plan.gate = options.gate;
-  plan.geometry = SparseKGeometry::make(options, len_q, len_k);
-  plan.geometry.q_offset = params.forward.q_offset;
-  detail::kernels<T>().sparsek_attention_backward(plan);
+  if (sequences == nullptr) {
+    run_backward(params, u, grad_u, options);
+    return;
+  }
+  // A variable-length batch: each row is the backward of the call on its own keys; the padding
+  // keys get zero gradients.
+  using detail::narrow;
+  for (Index b = 0; b < batch; ++b) {
+    const detail::SequenceKeys& row = sequences[static_cast<std::size_t>(b)];
+    const Index first = row.first_row, count = row.visibility.len_k;
+    detail::BackwardParams<T> own = params;
+    const auto keys = [&](auto view) { return narrow(narrow(view, 0, b, 1), 2, first, count); };
+    own.forward.q = narrow(params.forward.q, 0, b, 1);
+    own.forward.k = keys(params.forward.k);
+    own.forward.v = keys(params.forward.v);
+    own.forward.q_offset = row.q_offset;
+    own.out = narrow(params.out, 0, b, 1);
+    own.lse = narrow(params.lse, 0, b, 1);
+    own.grad_out = narrow(params.grad_out, 0, b, 1);
+    own.grad_q = narrow(params.grad_q, 0, b, 1);
+    own.grad_k = keys(params.grad_k);
+    own.grad_v = keys(params.grad_v);
+    for (Index h = 0; h < heads_kv; ++h)
+      for (Index j = 0; j < len_k; ++j) {
+        if (j >= first && j < first + count) continue;
+        std::fill_n(grad_k.address(b, h, j, 0), grad_k.size(3), T(0));
+        std::fill_n(grad_v.address(b, h, j, 0), grad_v.size(3), T(0));
+        if (!grad_u.is_null()) grad_u(b, h, j) = 0;
+      }
+    run_backward(own, keys(u), keys(grad_u), options);
+  }
 }
 
 }  // namespace

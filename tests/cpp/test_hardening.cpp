@@ -196,9 +196,9 @@ TEST(HardeningSizes, EmptyQueriesWhoseExtentsMultiplyPast64BitsDoNoWork) {
   for (const float value : cell.cell) EXPECT_EQ(value, 0.0f);
 }
 
-// Key ranges (variable-length batches) are taken by the band entry points (and key_start by
-// decode_attention) only: every other one that shares AttentionOptions names them instead of
-// ignoring them, and writes nothing.
+// Key ranges (variable-length batches) are taken by the band entry points, SparseK attention
+// (and key_start by decode_attention) only: every other one that shares AttentionOptions names them
+// instead of ignoring them, and writes nothing.
 TEST(HardeningOptions, KeyRangesOutsideTheBandEntryPointsAreRejected) {
   const Index batch = 2, heads = 2, len = 9, dim = 4;
   std::vector<float> q_storage(batch * heads * len * dim, 0.5f);
@@ -222,8 +222,12 @@ TEST(HardeningOptions, KeyRangesOutsideTheBandEntryPointsAreRejected) {
   SparseKOptions sparse;
   static_cast<AttentionOptions&>(sparse) = options;
   sparse.topk = 4;
-  EXPECT_TRUE(test::throws_error_with([&] { sparsek_attention(q, q, q, u, sparse, out); },
-                                      {"sparsek_attention", expected}));
+  std::vector<std::int64_t> indices_storage(batch * heads * len * 4, 0);
+  std::vector<float> gates_storage(indices_storage.size(), 0.0f);
+  const TensorView<std::int64_t, 4> indices(indices_storage.data(), {batch, heads, len, 4});
+  const TensorView<float, 4> gates(gates_storage.data(), {batch, heads, len, 4});
+  EXPECT_TRUE(test::throws_error_with([&] { sparsek_select(u, len, sparse, indices, gates); },
+                                      {"sparsek_select", expected}));
   BlockSparseOptions blocks;
   blocks.block_size = 4;
   EXPECT_TRUE(test::throws_error_with(

@@ -199,6 +199,6 @@ def test_the_custom_op_passes_opcheck(torch):
     q, k, v, u = inputs(torch, 6, (1, 2, 1, 5, 7, 3, 3))
     torch.library.opcheck(
         torch.ops.foveal.sparsek_attention.default,
-        (q, k, v, u, 3, 1, "value", 1, True, None, 0.0, None, None),
+        (q, k, v, u, None, None, 3, 1, "value", 1, True, None, 0.0, None, None),
     )
     assert foveal.sparsek.sparsek_attention_backward is sk.sparsek_attention_backward

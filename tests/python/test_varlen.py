@@ -261,3 +261,45 @@ def test_decode_over_a_left_padded_cache(options, rng):
         want_out, want_lse = reference_attention(q, k, v, bias=masks)
         assert_close(out, want_out, np.float64)
         assert_close(lse, want_lse, np.float64, "lse")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparsek_rows_are_calls_on_their_own_keys(dtype, rng, torch):
+    """sparsek_attention (forward, backward and foveal.torch's autograd) over a left-padded
+    batch: each row gives the bits of the call on its own keys and scores."""
+    import foveal.sparsek
+
+    ftorch = importlib.import_module("foveal.torch")
+    batch, length = 3, 60
+    q, k, v = make_qkv(rng, (batch, 4, 2, 25, length, 8, 8), dtype)
+    u = rng.standard_normal((batch, 2, length)).astype(dtype)
+    starts = [0, 20, 59]
+    options = {"window": 3, "sink_tokens": 1}
+    out, lse = foveal.sparsek.sparsek_attention(
+        q, k, v, u, 6, key_start=starts, return_lse=True, **options
+    )
+    grad_out = rng.standard_normal(out.shape).astype(dtype)
+    grads = foveal.sparsek.sparsek_attention_backward(
+        q, k, v, u, out, lse, grad_out, 6, key_start=starts, **options
+    )
+    leaves = [torch.from_numpy(x).requires_grad_() for x in (q, k, v, u)]
+    taped = ftorch.sparsek_attention(*leaves, 6, key_start=torch.tensor(starts), **options)
+    taped.backward(torch.from_numpy(grad_out))
+    np.testing.assert_array_equal(taped.detach().numpy(), out)
+    for leaf, grad in zip(leaves, grads):
+        np.testing.assert_array_equal(leaf.grad.numpy(), grad)
+    for b, start in enumerate(starts):
+        keys = [x[b : b + 1, :, start:] for x in (k, v)]
+        own_u = u[b : b + 1, :, start:]
+        own_out, own_lse = foveal.sparsek.sparsek_attention(
+            q[b : b + 1], *keys, own_u, 6, return_lse=True, **options
+        )
+        np.testing.assert_array_equal(out[b : b + 1], own_out)
+        np.testing.assert_array_equal(lse[b : b + 1], own_lse)
+        own = foveal.sparsek.sparsek_attention_backward(
+            q[b : b + 1], *keys, own_u, own_out, own_lse, grad_out[b : b + 1], 6, **options
+        )
+        np.testing.assert_array_equal(grads[0][b : b + 1], own[0])
+        for grad, own_grad in zip(grads[1:], own[1:]):
+            np.testing.assert_array_equal(grad[b : b + 1, :, start:], own_grad)
+            assert not grad[b, :, :start].any()  # padding keys: no gradient

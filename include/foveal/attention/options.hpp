@@ -14,11 +14,11 @@ namespace foveal {
 // never past its right edge, so causal always wins (no causal query sees a later key, sinks
 // included). A query that sees no key gets output 0 and lse = -inf.
 //
-// Variable-length batches (attention, sliding_window_attention and their backwards, and
-// key_start alone in decode_attention, where it marks each sequence's first real position in
-// a left-padded cache; the other entry points reject them): batch row b's keys are the rows
-// [key_start[b], key_start[b] + key_length[b]) of k and v, and the rows outside are padding that
-// no query of row b sees (left padding, right padding, or both). A null key_start means 0 for
+// Variable-length batches (attention, sliding_window_attention, sparsek_attention and their
+// backwards, and key_start alone in decode_attention, where it marks each sequence's first real
+// position in a left-padded cache; the other entry points reject them): batch row b's keys are the
+// rows [key_start[b], key_start[b] + key_length[b]) of k and v, and the rows outside are padding
+// that no query of row b sees (left padding, right padding, or both). A null key_start means 0 for
 // every row, a null length every row from the start to Lk. Positions stay absolute (key row j is
 // at position j, query i at q_offset + i), so a row's result is what its own keys give under
 // the same options, except that the sinks are the first sink_tokens keys of the row's range.
