@@ -51,10 +51,7 @@ void prepare_decode(const char* function, TensorView<const T, 4> q, const KVCach
   check(options.key_length.is_null(), function,
         ": key_length must be null (each sequence's keys end at its length in the cache); "
         "key_start gives where they begin");
-  if (!start.is_null()) {
-    detail::require_valid_view(function, "key_start", start);
-    detail::require_extent(function, "key_start", start, 0, "q.shape[0] (B)", q.size(0));
-  }
+  detail::require_key_range_views(function, options, q.size(0));
 
   const Index batch = q.size(0), len_q = q.size(2), dim = q.size(3);
   visibility.resize(static_cast<std::size_t>(batch));
@@ -77,7 +74,7 @@ void prepare_decode(const char* function, TensorView<const T, 4> q, const KVCach
     if (len_q > 0) {
       const KeyRanges visible = seen.visible_ranges(length - len_q - first, length - 1 - first);
       for (int r = 0; r < visible.count; ++r) {
-        const KeyRange range = {visible.ranges[r].begin + first, visible.ranges[r].end + first};
+        const KeyRange range = detail::shifted(visible.ranges[r], first);
         const Index first_needed = std::max(range.begin, cache.sink_tokens());
         check(first_needed >= range.end || first_needed >= cache.first_retained(b), function,
               ": the queries of sequence ", b, " see position ", first_needed,
@@ -130,10 +127,10 @@ void decode_impl(TensorView<const T, 4> q, const KVCache<KV>& cache,
       const KeyRanges visible = visibility[static_cast<std::size_t>(b)].visible_ranges(
           length - len_q - first, length - 1 - first);
       for (int r = 0; r < visible.count; ++r)
-        detail::for_each_decode_chunk(
-            {visible.ranges[r].begin + first, visible.ranges[r].end + first}, [&](KeyRange chunk) {
-              chunks.push_back({b, chunk});
-            });
+        detail::for_each_decode_chunk(detail::shifted(visible.ranges[r], first),
+                                      [&](KeyRange chunk) {
+                                        chunks.push_back({b, chunk});
+                                      });
     }
     plan.first_chunk[static_cast<std::size_t>(b) + 1] = static_cast<Index>(chunks.size());
   }

@@ -66,7 +66,7 @@ def _attention_op(
     q_offset: Optional[int],
     num_threads: Optional[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    keywords = _with_key_ranges(attention_options(locals()))
+    keywords = attention_options(locals())
     q, k, v = q.detach(), k.detach(), v.detach()
     if sliding:
         return _foveal.sliding_window_attention(q, k, v, return_lse=True, **keywords)
@@ -75,14 +75,6 @@ def _attention_op(
 
 
 _HALF = (torch.bfloat16, torch.float16)
-
-
-def _with_key_ranges(keywords: dict) -> dict:
-    """The keywords with the key ranges (int64 tensors inside the ops) as lists of ints."""
-    for name in ("key_start", "key_length"):
-        if keywords.get(name) is not None:
-            keywords[name] = keywords[name].tolist()
-    return keywords
 
 
 @_attention_op.register_fake
@@ -115,7 +107,7 @@ def _attention_backward_op(
     q_offset: Optional[int],
     num_threads: Optional[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    keywords = _with_key_ranges(attention_options(locals()))
+    keywords = attention_options(locals())
     tensors = [t.detach() for t in (q, k, v, out, lse)]
     # Autograd may hand over an expanded (stride-0) gradient: the kernel reads unit rows.
     grad_out = grad_out.detach().contiguous()
@@ -321,7 +313,7 @@ def _sparsek_attention_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v, u = (t.detach() for t in (q, k, v, u))
     options = {name: value for name, value in locals().items() if name not in ("q", "k", "v", "u")}
-    return _sparsek.sparsek_attention(q, k, v, u, return_lse=True, **_with_key_ranges(options))
+    return _sparsek.sparsek_attention(q, k, v, u, return_lse=True, **options)
 
 
 @_sparsek_attention_op.register_fake
@@ -360,7 +352,7 @@ def _sparsek_attention_backward_op(
         if name in (*_SPARSEK_OPTIONS, *_KEY_RANGES, "q_offset", "num_threads", "score_grad")
     }
     grad_q, grad_k, grad_v, grad_u = _sparsek.sparsek_attention_backward(
-        *tensors, grad_out, **_with_key_ranges(options)
+        *tensors, grad_out, **options
     )
     return grad_q, grad_k, grad_v, torch.zeros_like(u) if grad_u is None else grad_u
 

@@ -192,6 +192,18 @@ BandPolicy band_policy(const FlashParams<T>& params, const AttentionOptions& opt
                                      params.q_offset));
 }
 
+// The given key ranges of `options` are valid 1-D views of one entry per batch row.
+inline void require_key_range_views(const char* function, const AttentionOptions& options,
+                                    Index batch) {
+  for (const auto& [name, view] :
+       {std::pair<const char*, TensorView<const std::int64_t, 1>>("key_start", options.key_start),
+        {"key_length", options.key_length}}) {
+    if (view.is_null()) continue;
+    require_valid_view(function, name, view);
+    require_extent(function, name, view, 0, "q.shape[0] (B)", batch);
+  }
+}
+
 // The key rows and positions of each batch row of a variable-length call (options.key_start
 // and key_length), checked against the call's B and Lk: [B] entries, or none (null) when the
 // options have no key ranges or the call is not `needed` (it visits no key: then the views'
@@ -203,13 +215,7 @@ AlignedArray<SequenceKeys> sequence_keys(const char* function, const AttentionOp
   const auto& length = options.key_length;
   if (start.is_null() && length.is_null()) return nullptr;
   const Index batch = params.q.size(0), len_q = params.q.size(2), len_k = params.k.size(2);
-  for (const auto& [name, view] :
-       {std::pair<const char*, TensorView<const std::int64_t, 1>>("key_start", start),
-        {"key_length", length}}) {
-    if (view.is_null()) continue;
-    require_valid_view(function, name, view);
-    require_extent(function, name, view, 0, "q.shape[0] (B)", batch);
-  }
+  require_key_range_views(function, options, batch);
   if (!needed) return nullptr;
   AlignedArray<SequenceKeys> sequences =
       allocate_aligned<SequenceKeys>(static_cast<std::size_t>(batch), function);
@@ -236,6 +242,29 @@ TensorView<T, Rank> narrow(const TensorView<T, Rank>& view, int dim, Index begin
   auto shape = view.shape();
   shape[static_cast<std::size_t>(dim)] = count;
   return TensorView<T, Rank>(view.data() + begin * view.stride(dim), shape, view.strides());
+}
+
+// Batch row b's keys (dimension 2, [row.first_row, + row.visibility.len_k)) of a [B, H, Lk, ...]
+// view.
+template <typename View>
+View row_keys(const View& view, Index b, const SequenceKeys& row) {
+  return narrow(narrow(view, 0, b, 1), 2, row.first_row, row.visibility.len_k);
+}
+
+// Batch row b of a variable-length call as a call of its own: its queries, outputs and lse, its
+// keys, values and bias columns, and its positions (query 0 at row.q_offset).
+template <typename T>
+FlashParams<T> row_params(const FlashParams<T>& params, Index b, const SequenceKeys& row) {
+  FlashParams<T> own = params;
+  own.q = narrow(params.q, 0, b, 1);
+  own.k = row_keys(params.k, b, row);
+  own.v = row_keys(params.v, b, row);
+  own.out = narrow(params.out, 0, b, 1);
+  own.lse = narrow(params.lse, 0, b, 1);
+  own.bias = narrow(narrow(params.bias, 0, b, 1), 3, row.first_row, row.visibility.len_k);
+  own.q_offset = row.q_offset;
+  own.sequences = nullptr;
+  return own;
 }
 
 // Runs the level's engine with the band policy of `options`, each batch row over its own keys

@@ -21,6 +21,9 @@ struct KeyRange {
   Index end = 0;
 };
 
+// `range` moved by `by` positions (between coordinates that count from different keys).
+inline KeyRange shifted(KeyRange range, Index by) { return {range.begin + by, range.end + by}; }
+
 // At most two disjoint key ranges in increasing order.
 struct KeyRanges {
   KeyRange ranges[2];

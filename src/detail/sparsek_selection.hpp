@@ -34,6 +34,10 @@ struct SparseKGeometry {
   Index topk = 1;       // clamped to max(pool_size, 1)
   bool causal = true;
 
+  // q_offset: the position of query 0 as resolved by the call (options.q_offset resolved, or a
+  // variable-length row's, which may be negative); the two-argument form resolves options'.
+  static SparseKGeometry make(const SparseKOptions& options, Index len_q, Index len_k,
+                              Index q_offset);
   static SparseKGeometry make(const SparseKOptions& options, Index len_q, Index len_k);
   // How many pool keys (in key order) a query at `position` selects from.
   Index pool_length(Index position) const;

@@ -60,15 +60,12 @@ class DecodeChunkPolicy : public RulePolicy<Visibility> {
   void for_each_block(Index position_lo, Index position_hi, Visit&& visit) const {
     const KeyRanges visible = rule().visible_ranges(position_lo, position_hi);
     for (int r = 0; r < visible.count; ++r) {
-      const KeyRange absolute = {visible.ranges[r].begin + first_key_,
-                                 visible.ranges[r].end + first_key_};
-      const KeyRange wanted = intersect(absolute, chunk_);
+      const KeyRange wanted = intersect(shifted(visible.ranges[r], first_key_), chunk_);
       for (int s = 0; s < layout_.count; ++s) {
         const KVCacheSpan& span = layout_.spans[s];
         const KeyRange stored = intersect(wanted, {span.position, span.position + span.count});
-        for_each_aligned_block({stored.begin - first_key_, stored.end - first_key_},
-                               span.position - span.row - first_key_, rule(), position_lo,
-                               position_hi, visit);
+        for_each_aligned_block(shifted(stored, -first_key_), span.position - span.row - first_key_,
+                               rule(), position_lo, position_hi, visit);
       }
     }
   }

@@ -58,10 +58,15 @@ Index SparseKGeometry::pool_length(Index position) const {
 }
 
 SparseKGeometry SparseKGeometry::make(const SparseKOptions& options, Index len_q, Index len_k) {
+  return make(options, len_q, len_k, options.q_offset == -1 ? len_k - len_q : options.q_offset);
+}
+
+SparseKGeometry SparseKGeometry::make(const SparseKOptions& options, Index len_q, Index len_k,
+                                      Index q_offset) {
   SparseKGeometry geometry;
   geometry.len_q = len_q;
   geometry.len_k = len_k;
-  geometry.q_offset = options.q_offset == -1 ? len_k - len_q : options.q_offset;
+  geometry.q_offset = q_offset;
   geometry.causal = options.causal;
   geometry.sinks = std::min<Index>(options.sink_tokens, len_k);
   // A window wider than every distance between a query and a key shows every earlier key.
@@ -179,9 +184,7 @@ void run_sparsek_attention(const detail::FlashParams<T>& params, TensorView<cons
   plan.u = u;
   plan.gate = options.gate;
   SparseKGeometry& geometry = plan.geometry;
-  geometry = SparseKGeometry::make(options, len_q, len_k);
-  geometry.q_offset = params.q_offset;
-  geometry.window = std::min<Index>(options.window, std::abs(params.q_offset) + len_q + len_k);
+  geometry = SparseKGeometry::make(options, len_q, len_k, params.q_offset);
   plan.selections = select_all(u, geometry, params.num_threads);
   const std::vector<HeadSelection>& selections = plan.selections;
 
@@ -220,16 +223,7 @@ void attention_impl(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorVi
   // counted from its first key. The rows run one after the other, each on every thread.
   for (Index b = 0; b < batch; ++b) {
     const detail::SequenceKeys& row = sequences[static_cast<std::size_t>(b)];
-    const Index first = row.first_row, count = row.visibility.len_k;
-    detail::FlashParams<T> own = params;
-    own.q = detail::narrow(params.q, 0, b, 1);
-    own.k = detail::narrow(detail::narrow(params.k, 0, b, 1), 2, first, count);
-    own.v = detail::narrow(detail::narrow(params.v, 0, b, 1), 2, first, count);
-    own.out = detail::narrow(params.out, 0, b, 1);
-    own.lse = detail::narrow(params.lse, 0, b, 1);
-    own.q_offset = row.q_offset;
-    run_sparsek_attention(own, detail::narrow(detail::narrow(u, 0, b, 1), 2, first, count),
-                          options);
+    run_sparsek_attention(detail::row_params(params, b, row), detail::row_keys(u, b, row), options);
   }
 }
 

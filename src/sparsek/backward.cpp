@@ -6,7 +6,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 
 #include "detail/attention_setup.hpp"
 #include "detail/backward_setup.hpp"
@@ -44,10 +43,7 @@ void run_backward(const detail::BackwardParams<T>& params, TensorView<const T, 3
   plan.u = u;
   plan.grad_u = grad_u;
   plan.gate = options.gate;
-  plan.geometry = SparseKGeometry::make(options, len_q, len_k);
-  plan.geometry.q_offset = forward.q_offset;
-  plan.geometry.window =
-      std::min<Index>(options.window, std::abs(forward.q_offset) + len_q + len_k);
+  plan.geometry = SparseKGeometry::make(options, len_q, len_k, forward.q_offset);
   detail::kernels<T>().sparsek_attention_backward(plan);
 }
 
@@ -93,21 +89,18 @@ void backward_impl(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorVie
   // A variable-length batch: each row is the backward of the call on its own keys; the padding
   // keys get zero gradients.
   using detail::narrow;
+  using detail::row_keys;
   for (Index b = 0; b < batch; ++b) {
     const detail::SequenceKeys& row = sequences[static_cast<std::size_t>(b)];
     const Index first = row.first_row, count = row.visibility.len_k;
     detail::BackwardParams<T> own = params;
-    const auto keys = [&](auto view) { return narrow(narrow(view, 0, b, 1), 2, first, count); };
-    own.forward.q = narrow(params.forward.q, 0, b, 1);
-    own.forward.k = keys(params.forward.k);
-    own.forward.v = keys(params.forward.v);
-    own.forward.q_offset = row.q_offset;
+    own.forward = detail::row_params(params.forward, b, row);
     own.out = narrow(params.out, 0, b, 1);
     own.lse = narrow(params.lse, 0, b, 1);
     own.grad_out = narrow(params.grad_out, 0, b, 1);
     own.grad_q = narrow(params.grad_q, 0, b, 1);
-    own.grad_k = keys(params.grad_k);
-    own.grad_v = keys(params.grad_v);
+    own.grad_k = row_keys(params.grad_k, b, row);
+    own.grad_v = row_keys(params.grad_v, b, row);
     for (Index h = 0; h < heads_kv; ++h)
       for (Index j = 0; j < len_k; ++j) {
         if (j >= first && j < first + count) continue;
@@ -115,7 +108,7 @@ void backward_impl(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorVie
         std::fill_n(grad_v.address(b, h, j, 0), grad_v.size(3), T(0));
         if (!grad_u.is_null()) grad_u(b, h, j) = 0;
       }
-    run_backward(own, keys(u), keys(grad_u), options);
+    run_backward(own, row_keys(u, b, row), row_keys(grad_u, b, row), options);
   }
 }
 

@@ -10,6 +10,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -143,6 +144,14 @@ struct KeyRangeCase {
     options.key_length = view(length);
     return options;
   }
+
+  // True when key row j is padding for batch row b (outside its range) among len_k keys.
+  bool is_padding(Index b, Index j, Index len_k) const {
+    const auto at = static_cast<std::size_t>(b);
+    const Index first = start.empty() ? 0 : start[at];
+    const Index count = length.empty() ? len_k - first : length[at];
+    return j < first || j >= first + count;
+  }
 };
 
 // Key ranges for `batch` rows of `len_k` keys, drawn from `seed` in one of four kinds: left
@@ -233,6 +242,20 @@ inline Inputs random_inputs(const Problem& p) {
     for (double& entry : in.bias)
       if (random.chance(p.masked_bias_share)) entry = -kInfinity;
   }
+  return in;
+}
+
+// `in` with NaN in every key and value row that `ranges` makes padding.
+inline Inputs with_nan_padding(const Problem& p, Inputs in, const KeyRangeCase& ranges) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  for (Index b = 0; b < p.batch; ++b)
+    for (Index h = 0; h < p.heads_kv; ++h)
+      for (Index j = 0; j < p.len_k; ++j) {
+        if (!ranges.is_padding(b, j, p.len_k)) continue;
+        const Index row = (b * p.heads_kv + h) * p.len_k + j;
+        std::fill_n(in.k.begin() + row * p.dim, p.dim, nan);
+        std::fill_n(in.v.begin() + row * p.dim_v, p.dim_v, nan);
+      }
   return in;
 }
 

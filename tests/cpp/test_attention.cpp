@@ -495,19 +495,8 @@ TYPED_TEST(Attention, VariableLengthNeverReadsPaddingKeys) {
   KeyRangeCase ranges;
   ranges.start = {0, 130, 299};
   ranges.length = {170, 170, 1};
-  Inputs in = random_inputs(p);
-  Inputs poisoned = in;
-  const double nan = std::numeric_limits<double>::quiet_NaN();
-  for (Index b = 0; b < p.batch; ++b)
-    for (Index h = 0; h < p.heads_kv; ++h)
-      for (Index j = 0; j < p.len_k; ++j) {
-        const std::size_t b_index = static_cast<std::size_t>(b);
-        if (j >= ranges.start[b_index] && j < ranges.start[b_index] + ranges.length[b_index])
-          continue;
-        const Index row = (b * p.heads_kv + h) * p.len_k + j;
-        std::fill_n(poisoned.k.begin() + row * p.dim, p.dim, nan);
-        std::fill_n(poisoned.v.begin() + row * p.dim_v, p.dim_v, nan);
-      }
+  const Inputs in = random_inputs(p);
+  const Inputs poisoned = with_nan_padding(p, in, ranges);
   for (const AttentionOptions& options : variable_length_options(p.len_k)) {
     const AttentionOptions o = ranges.applied_to(options);
     SCOPED_TRACE(options_string(o));

@@ -1013,20 +1013,7 @@ TYPED_TEST(AttentionBackward, VariableLengthPaddingKeysAreNeverReadAndGetZeroGra
   ranges.length = {150, 130, 1};
   const AttentionOptions options = ranges.applied_to(causal_window(70, 2));
   const Inputs in = random_inputs(p);
-  Inputs poisoned = in;
-  const double nan = std::numeric_limits<double>::quiet_NaN();
-  const auto padding = [&](Index b, Index j) {
-    const auto at = static_cast<std::size_t>(b);
-    return j < ranges.start[at] || j >= ranges.start[at] + ranges.length[at];
-  };
-  for (Index b = 0; b < p.batch; ++b)
-    for (Index h = 0; h < p.heads_kv; ++h)
-      for (Index j = 0; j < p.len_k; ++j) {
-        if (!padding(b, j)) continue;
-        const Index row = (b * p.heads_kv + h) * p.len_k + j;
-        std::fill_n(poisoned.k.begin() + row * p.dim, p.dim, nan);
-        std::fill_n(poisoned.v.begin() + row * p.dim_v, p.dim_v, nan);
-      }
+  const Inputs poisoned = with_nan_padding(p, in, ranges);
   const std::vector<double> grad_out = random_grad_out(p);
   const Outputs forward = forward_outputs<T>(p, in, options);
   const Gradients clean = run_backward<T>(DenseBackward{}, p, in, forward, grad_out, options);
@@ -1035,7 +1022,7 @@ TYPED_TEST(AttentionBackward, VariableLengthPaddingKeysAreNeverReadAndGetZeroGra
   for (Index b = 0; b < p.batch; ++b)
     for (Index h = 0; h < p.heads_kv; ++h)
       for (Index j = 0; j < p.len_k; ++j) {
-        if (!padding(b, j)) continue;
+        if (!ranges.is_padding(b, j, p.len_k)) continue;
         const Index row = (b * p.heads_kv + h) * p.len_k + j;
         for (Index d = 0; d < p.dim; ++d) ASSERT_EQ(clean.grad_k[row * p.dim + d], 0.0);
         for (Index d = 0; d < p.dim_v; ++d) ASSERT_EQ(clean.grad_v[row * p.dim_v + d], 0.0);
