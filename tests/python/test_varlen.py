@@ -303,3 +303,32 @@ def test_sparsek_rows_are_calls_on_their_own_keys(dtype, rng, torch):
         for grad, own_grad in zip(grads[1:], own[1:]):
             np.testing.assert_array_equal(grad[b : b + 1, :, start:], own_grad)
             assert not grad[b, :, :start].any()  # padding keys: no gradient
+
+
+def test_decode_and_sparsek_give_identical_bits_for_any_thread_count(rng):
+    """decode_attention's key_start and SparseK's key ranges, forward and backward: 1, 2 and 3
+    threads give the same bits."""
+    import foveal.sparsek
+
+    q, k, v = make_qkv(rng, (4, 4, 2, 30, 300, 16, 16), np.float32)
+    u = rng.standard_normal((4, 2, 300)).astype(np.float32)
+    grad_out = rng.standard_normal((4, 4, 30, 16)).astype(np.float32)
+    cache = foveal.KVCache(4, 2, 512, 16, 16)
+    cache.append(k, v)
+    starts, lengths = [0, 100, 250, 299], [300, 150, 50, 1]
+    results = []
+    for threads in (1, 2, 3):
+        decoded = foveal.decode_attention(
+            q[:, :, -2:], cache, causal=True, key_start=starts, num_threads=threads
+        )
+        ranges = {"key_start": starts, "key_length": lengths, "num_threads": threads}
+        out, lse = foveal.sparsek.sparsek_attention(
+            q, k, v, u, 8, window=4, return_lse=True, **ranges
+        )
+        grads = foveal.sparsek.sparsek_attention_backward(
+            q, k, v, u, out, lse, grad_out, 8, window=4, **ranges
+        )
+        results.append((decoded, out, lse, *grads))
+    for other in results[1:]:
+        for one, two in zip(results[0], other):
+            np.testing.assert_array_equal(one, two)
