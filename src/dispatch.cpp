@@ -3,6 +3,11 @@
 #include <string>
 #include <vector>
 
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "detail/isa.hpp"
 #include "detail/kernels.hpp"
 #include "foveal/core/build_info.hpp"
@@ -20,6 +25,7 @@ struct Level {
   const char* name;
   bool (*supported)();
   const KernelTable* table;
+  bool amx_tiles = false;  // bfloat16 attention multiplies on AMX tiles (detail/amx_tiles.hpp)
 };
 
 // Each level's CPU check: every feature of the level, with the OS saving its registers
@@ -32,11 +38,36 @@ struct Level {
 FOVEAL_ISA_LEVELS(FOVEAL_ISA_SUPPORTED)
 #undef FOVEAL_ISA_SUPPORTED
 
+#ifdef FOVEAL_ISA_AMX_LEVEL
+// The OS must grant a process the tile data state before it uses AMX (Linux: arch_prctl
+// ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA, once per process; asking again is harmless).
+bool os_grants_tile_data() {
+#if defined(__linux__) && defined(__x86_64__)
+  constexpr long kRequestPermission = 0x1023;  // ARCH_REQ_XCOMP_PERM
+  constexpr long kTileData = 18;               // XFEATURE_XTILEDATA
+  static const bool granted = syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  return granted;
+#else
+  return false;
+#endif
+}
+
+// The AVX-512 level with AMX-TILE and AMX-BF16 (and AVX512-BF16 for the conversions).
+bool supported_amx() {
+  return FOVEAL_CONCAT(supported_, FOVEAL_ISA_AMX_LEVEL)() && __builtin_cpu_supports("amx-tile") &&
+         __builtin_cpu_supports("amx-bf16") && __builtin_cpu_supports("avx512bf16") &&
+         os_grants_tile_data();
+}
+#endif
+
 // The compiled levels, lowest first.
 const Level kLevels[] = {
 #define FOVEAL_ISA_LEVEL(ns, name, check) {name, &supported_##ns, &foveal_kernels_##ns},
     FOVEAL_ISA_LEVELS(FOVEAL_ISA_LEVEL)
 #undef FOVEAL_ISA_LEVEL
+#ifdef FOVEAL_ISA_AMX_LEVEL
+        {"avx512-amx", &supported_amx, &FOVEAL_CONCAT(foveal_kernels_, FOVEAL_ISA_AMX_LEVEL), true},
+#endif
 };
 
 std::string level_list(bool supported_only) {
@@ -83,6 +114,8 @@ const Level& level_in_use() {
 }  // namespace
 
 const KernelTable& kernel_table() { return *level_in_use().table; }
+
+bool amx_tiles_enabled() { return level_in_use().amx_tiles; }
 
 }  // namespace detail
 

@@ -57,6 +57,7 @@
 #include <utility>
 #include <vector>
 
+#include "detail/amx_tiles.hpp"
 #include "detail/convert.hpp"
 #include "detail/flash_plan.hpp"
 #include "detail/isa.hpp"
@@ -435,10 +436,11 @@ inline Index whole_vectors(Index count) {
 
 template <typename T>
 struct TileScratch {
-  T* q_t;           // [D][kBlockQ]: queries, transposed (few-row tiles: [rows][D'])
-  T* s_t;           // [kBlockK][kBlockQ]: scores, then probabilities, of the current key block
-  T* acc;           // [kBlockQ][acc_stride]: unnormalized output
-  T* kv = nullptr;  // 16-bit storage: the key block's K rows, then its V rows, as T
+  T* q_t;               // [D][kBlockQ]: queries, transposed (few-row tiles: [rows][D'])
+  T* s_t;               // [kBlockK][kBlockQ]: scores, then probabilities, of the current key block
+  T* acc;               // [kBlockQ][acc_stride]: unnormalized output
+  T* kv = nullptr;      // 16-bit storage: the key block's K rows, then its V rows, as T
+  void* amx = nullptr;  // bfloat16 tiles on AMX: amx::Scratch
 };
 
 // S is the stored element type of q, out and bias, KV that of k and v (S, or q8_block under
@@ -461,6 +463,17 @@ class TileRunner {
     const Multipliers multipliers = logit_multipliers<T>(params.scale, params.softcap);
     q_multiplier_ = multipliers.query;
     cap_multiplier_ = multipliers.cap;
+#if FOVEAL_AMX_TILES
+    if constexpr (kAmxCapable) use_amx_ = amx::supports(dim_, dim_v_) && amx_tiles_enabled();
+#endif
+  }
+
+  // Bytes of per-thread scratch the AMX tiles need (0 when they are not used).
+  Index amx_scratch_bytes() const {
+#if FOVEAL_AMX_TILES
+    if (use_amx_) return amx::Scratch::bytes(dim_, dim_v_);
+#endif
+    return 0;
   }
 
   // Runs the rows of `tile` with `policy`.
@@ -488,6 +501,17 @@ class TileRunner {
     }
 
     const bool few_rows = num_rows <= kFewRows<T>;
+#if FOVEAL_AMX_TILES
+    // bfloat16 tiles of many rows multiply on AMX: queries packed for it, tiles configured for
+    // this thread until the tile is done.
+    const bool amx_tile = use_amx_ && !few_rows;
+    amx::Scratch amx_scratch{};
+    if (amx_tile) {
+      amx_scratch = amx::Scratch::at(scratch.amx, dim_);
+      pack_amx_queries(batch, num_rows, query_index, head, amx_scratch.q_vnni);
+      amx::configure();
+    }
+#endif
     if (few_rows) {
       pack_query_rows(batch, num_rows, query_index, head, scratch.q_t);
     } else {
@@ -499,7 +523,10 @@ class TileRunner {
     T alpha[kBlockQ];
     std::fill(row_max, row_max + kBlockQ, -std::numeric_limits<T>::infinity());
     std::fill(row_sum, row_sum + kBlockQ, T(0));
-    for (Index r = 0; r < num_rows; ++r) std::fill_n(scratch.acc + r * acc_stride_, dim_v_, T(0));
+    // (The AMX tiles accumulate whole tiles of 16 rows.)
+    const Index zeroed_rows = std::min(kBlockQ, whole_vectors<T>(num_rows));
+    for (Index r = 0; r < zeroed_rows; ++r)
+      std::fill_n(scratch.acc + r * acc_stride_, dim_v_, T(0));
 
     const auto& k = params_.k;
     const auto& v = params_.v;
@@ -519,6 +546,14 @@ class TileRunner {
       }
       if constexpr (!std::is_same_v<KV, T>) {
         if (!few_rows) {
+#if FOVEAL_AMX_TILES
+          if (amx_tile && block.index == nullptr) {
+            visit_block_amx(policy, tile, scratch, amx_scratch, block, keys, k_rows, v_rows,
+                            num_rows, row_vectors, query_index, head, positions, row_max, row_sum,
+                            alpha);
+            return;
+          }
+#endif
           // Convert the block once; the float micro-kernels then read it.
           const T* k_converted[kBlockK];
           const T* v_converted[kBlockK];
@@ -532,8 +567,73 @@ class TileRunner {
                   query_index, head, positions, row_max, row_sum, alpha);
     });
 
+#if FOVEAL_AMX_TILES
+    if (amx_tile) amx::release();
+#endif
     write_rows(tile, num_rows, query_index, head, row_max, row_sum, scratch.acc);
   }
+
+#if FOVEAL_AMX_TILES
+  // visit_block for a contiguous key block of a bfloat16 tile on AMX (amx_tiles.hpp): the two
+  // products on tiles, the logits' transforms and the softmax as in visit_block.
+  template <typename Policy>
+  void visit_block_amx(const Policy& policy, const Tile<S>& tile, const TileScratch<T>& scratch,
+                       const amx::Scratch& amx_scratch, const KeyBlock& block, const Index* keys,
+                       const KV* const* k_rows, const KV* const* v_rows, Index num_rows,
+                       int row_vectors, const Index* query_index, const Index* head,
+                       const Index* positions, T* row_max, T* row_sum, T* alpha) const {
+    const Index count = block.count;
+    const auto bits = [](const KV* row) { return reinterpret_cast<const std::uint16_t*>(row); };
+    // A partial last tile of 16 keys is staged with zeros after it (the rows after the block's
+    // may lie past the end of k).
+    const Index whole = count / amx::kTileRows * amx::kTileRows;
+    if (whole < count) {
+      std::memset(amx_scratch.k_tail, 0,
+                  static_cast<std::size_t>(amx::kTileRows * dim_) * sizeof(std::uint16_t));
+      for (Index j = whole; j < count; ++j)
+        std::memcpy(amx_scratch.k_tail + (j - whole) * dim_, bits(k_rows[j]),
+                    static_cast<std::size_t>(dim_) * sizeof(std::uint16_t));
+    }
+    // A masked-out key's non-finite value must not reach the rows that do not see it (0 * inf
+    // is NaN on tiles too): such a block's values go through the float kernels, skipping zeros.
+    const bool tiles_output = !block.needs_mask || all_finite<T>(v_rows, count, dim_v_);
+    // Without softcap and bias only masks (-inf) transform the logits: the softmax applies the
+    // logit multiplier as it reads them, saving a pass over the scores.
+    const bool late_multiplier =
+        tiles_output && cap_multiplier_ == 0 && params_.bias.data() == nullptr;
+    amx::scores(bits(k_rows[0]), params_.k.stride(2), count, amx_scratch.k_tail, amx_scratch.q_vnni,
+                dim_, row_vectors, late_multiplier ? T(1) : q_multiplier_, scratch.s_t);
+    transform_logits(tile.batch, block, keys, num_rows, row_vectors, query_index, head, positions,
+                     policy, scratch.s_t);
+    if (!tiles_output) {
+      online_softmax(count, row_vectors, scratch.s_t, row_max, row_sum, alpha);
+      accumulate_output(
+          scratch.s_t, alpha, v_rows, num_rows, dim_v_,
+          [&](Index, Index) { return std::pair<Index, Index>(0, count); }, scratch.acc, acc_stride_,
+          true);
+      return;
+    }
+    const Index steps = (count + amx::kStepValues - 1) / amx::kStepValues;
+    amx::softmax_to_rows(scratch.s_t, count, row_vectors, steps,
+                         late_multiplier ? q_multiplier_ : T(1), row_max, row_sum, alpha,
+                         amx_scratch.p_rows);
+    amx::pack_values(bits(v_rows[0]), params_.v.stride(2), count, steps, dim_v_,
+                     amx_scratch.v_vnni);
+    amx::accumulate(amx_scratch.p_rows, amx_scratch.v_vnni, steps, row_vectors, dim_v_, alpha,
+                    scratch.acc, acc_stride_);
+  }
+
+  // amx::pack_queries on the tile's query rows.
+  void pack_amx_queries(Index batch, Index num_rows, const Index* query_index, const Index* head,
+                        std::uint16_t* q_vnni) const {
+    const auto& q = params_.q;
+    const std::uint16_t* rows[kBlockQ];
+    for (Index r = 0; r < num_rows; ++r)
+      rows[r] = reinterpret_cast<const std::uint16_t*>(
+          q.data() + batch * q.stride(0) + head[r] * q.stride(1) + query_index[r] * q.stride(2));
+    amx::pack_queries(rows, num_rows, dim_, q_vnni);
+  }
+#endif
 
   // Scores one key block against the tile's rows, updates the softmax statistics and adds the
   // block's values to the output accumulators. Row is T or S: K and V rows as stored or
@@ -771,6 +871,9 @@ class TileRunner {
     }
   }
 
+  // bfloat16 storage: the tiles of many rows may multiply on AMX (amx_tiles.hpp).
+  static constexpr bool kAmxCapable = std::is_same_v<S, bfloat16> && std::is_same_v<KV, bfloat16>;
+
   const FlashParams<S, KV>& params_;
   Index group_;
   Index dim_;
@@ -778,6 +881,7 @@ class TileRunner {
   Index acc_stride_;
   T q_multiplier_ = 1;
   T cap_multiplier_ = 0;
+  bool use_amx_ = false;
 };
 
 // Per-thread scratch of TileRunner::run for tiles of queries of dimension D and values of
@@ -786,12 +890,15 @@ class TileRunner {
 template <typename T>
 class TileWorkspace {
  public:
-  TileWorkspace(Index dim, Index dim_v, int num_threads, bool convert_kv = false)
+  TileWorkspace(Index dim, Index dim_v, int num_threads, bool convert_kv = false,
+                Index amx_bytes = 0)
       : acc_stride_(whole_vectors<T>(dim_v)),
         q_t_size_(round_up(std::max(dim * kBlockQ, kFewRows<T> * whole_vectors<T>(dim)))),
         s_t_size_(round_up(kBlockK * kBlockQ)),
         acc_size_(round_up(kBlockQ * acc_stride_)),
         kv_size_(convert_kv ? round_up(kBlockK * (whole_vectors<T>(dim) + acc_stride_)) : 0),
+        amx_size_(round_up((amx_bytes + static_cast<Index>(sizeof(T)) - 1) /
+                           static_cast<Index>(sizeof(T)))),
         memory_(allocate_aligned<T>(
             static_cast<std::size_t>(per_thread() * std::max(num_threads, 1)))) {}
 
@@ -801,7 +908,9 @@ class TileWorkspace {
   TileScratch<T> for_this_thread() const {
     T* base = memory_.get() + per_thread() * thread_index();
     T* kv = base + q_t_size_ + s_t_size_ + acc_size_;
-    return {base, base + q_t_size_, base + q_t_size_ + s_t_size_, kv_size_ > 0 ? kv : nullptr};
+    T* amx = kv + kv_size_;
+    return {base, base + q_t_size_, base + q_t_size_ + s_t_size_, kv_size_ > 0 ? kv : nullptr,
+            amx_size_ > 0 ? amx : nullptr};
   }
 
  private:
@@ -809,13 +918,14 @@ class TileWorkspace {
     constexpr Index line = static_cast<Index>(kTensorAlignment / sizeof(T));
     return (count + line - 1) / line * line;
   }
-  Index per_thread() const { return q_t_size_ + s_t_size_ + acc_size_ + kv_size_; }
+  Index per_thread() const { return q_t_size_ + s_t_size_ + acc_size_ + kv_size_ + amx_size_; }
 
   Index acc_stride_;
   Index q_t_size_;
   Index s_t_size_;
   Index acc_size_;
   Index kv_size_;
+  Index amx_size_;
   AlignedArray<T> memory_;
 };
 
@@ -852,10 +962,10 @@ void run_engine(const FlashParams<S, KV>& params, Index num_tasks, Index work, P
   using T = compute_type_t<S>;
   if (num_tasks <= 0) return;
   const int num_threads = team_size(num_tasks, params.num_threads, work);
+  const TileRunner<S, KV> runner(params, whole_vectors<T>(params.dim_v()));
   const TileWorkspace<T> workspace(params.q.size(3), params.dim_v(), num_threads,
-                                   !std::is_same_v<KV, T>);
+                                   !std::is_same_v<KV, T>, runner.amx_scratch_bytes());
   std::vector<PolicyScratch> scratch(static_cast<std::size_t>(num_threads), policy_scratch);
-  const TileRunner<S, KV> runner(params, workspace.acc_stride());
   parallel_for(num_tasks, num_threads, [&](Index task) {
     const auto planned = plan(task, scratch[static_cast<std::size_t>(thread_index())]);
     runner.run(planned.policy, planned.tile, workspace.for_this_thread());

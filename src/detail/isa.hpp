@@ -78,4 +78,8 @@ enum class IsaLevel : int {
 #undef FOVEAL_ISA_ENUM
 };
 
+// True when the dispatcher chose the avx512-amx level: the AVX-512 level's kernels, with
+// bfloat16 attention multiplying on AMX tiles (detail/amx_tiles.hpp; src/dispatch.cpp).
+bool amx_tiles_enabled();
+
 }  // namespace foveal::detail

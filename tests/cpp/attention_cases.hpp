@@ -23,6 +23,7 @@
 
 #include "foveal/attention/dense.hpp"
 #include "foveal/attention/options.hpp"
+#include "foveal/core/build_info.hpp"
 #include "harness.hpp"
 #include "reference/attention_reference.hpp"
 
@@ -39,6 +40,12 @@ inline constexpr double kInfinity = std::numeric_limits<double>::infinity();
 // computation that drops to fp32 on the way.
 template <typename T>
 inline constexpr double kTolerance = std::is_same_v<T, float> ? 2e-5 : 1e-10;
+
+// True on the avx512-amx level: there the bfloat16 tiles of more than a few rows whose D is a
+// whole number of 32-value steps and Dv of 16-column tiles multiply on AMX tiles, with the
+// probabilities rounded to bfloat16 (src/detail/amx_tiles.hpp), so their results are the float
+// call's within bfloat16 rounding, not its rounded bits.
+inline bool amx_tiles_in_use() { return build_info().level == "avx512-amx"; }
 
 // The head dims and GQA ratios the sweeps draw from.
 inline constexpr Index kHeadDims[] = {1, 3, 16, 31, 64, 80, 128};

@@ -160,6 +160,16 @@ struct Buffer {
   }
 };
 
+// The inputs rounded to H (q, k, v and the bias): what a call on H storage reads.
+template <typename H>
+Inputs representable_inputs(Inputs in) {
+  in.q = representable<H>(in.q);
+  in.k = representable<H>(in.k);
+  in.v = representable<H>(in.v);
+  in.bias = representable<H>(in.bias);
+  return in;
+}
+
 // The results of one call on T storage: out as doubles and the bits of out, lse.
 struct Run {
   std::vector<double> out;
@@ -198,8 +208,27 @@ Run run_dense(Operator op, const Problem& p, const Inputs& in, const AttentionOp
   return {out.values(), lse.values()};
 }
 
+// Per element of output: rounding to H (half an ulp of the output scale: 2^-9 for bfloat16,
+// 2^-11 for float16) on top of the float engine's error, plus the inputs' own rounding, which
+// the reference sees too (it runs on the rounded inputs).
 template <typename H>
-void expect_rounded_float_results(const Run& half, const Run& single) {
+constexpr double kHalfTolerance = std::is_same_v<H, bfloat16> ? 4e-3 : 1e-3;
+
+// On AMX tiles (amx_tiles_in_use) a bfloat16 call's results are the float call's within
+// bfloat16 rounding.
+template <typename H>
+bool on_amx_tiles(Index dim, Index dim_v) {
+  return std::is_same_v<H, bfloat16> && amx_tiles_in_use() && dim % 32 == 0 && dim_v % 16 == 0;
+}
+
+// half holds the float call's results rounded to H (on AMX tiles: within H's rounding of them).
+template <typename H>
+void expect_rounded_float_results(const Run& half, const Run& single, bool tiles = false) {
+  if (tiles) {
+    EXPECT_TRUE(matches_reference(half.out, single.out, kHalfTolerance<H>)) << "out";
+    EXPECT_TRUE(matches_reference(half.lse, single.lse, kTolerance<float>)) << "lse";
+    return;
+  }
   ASSERT_EQ(half.out.size(), single.out.size());
   for (std::size_t i = 0; i < half.out.size(); ++i) {
     const double want = widen(narrow<H>(single.out[i]));
@@ -212,12 +241,6 @@ void expect_rounded_float_results(const Run& half, const Run& single) {
   EXPECT_TRUE(bitwise_equal(half.lse, single.lse)) << "lse";
 }
 
-// Per element of output: rounding to H (half an ulp of the output scale: 2^-9 for bfloat16,
-// 2^-11 for float16) on top of the float engine's error, plus the inputs' own rounding, which
-// the reference sees too (it runs on the rounded inputs).
-template <typename H>
-constexpr double kHalfTolerance = std::is_same_v<H, bfloat16> ? 4e-3 : 1e-3;
-
 TYPED_TEST(HalfPrecision, AttentionIsTheFloatCallRounded) {
   using H = TypeParam;
   constexpr Index kLengthChoices[] = {1, 2, 17, 64, 65, 129, 200};
@@ -226,10 +249,7 @@ TYPED_TEST(HalfPrecision, AttentionIsTheFloatCallRounded) {
     RandomSource random(seed);
     if (random.chance(0.3)) p = with_bias(p, 1, p.heads_q, 0.1);
     Inputs in = random_inputs(p);
-    in.q = representable<H>(in.q);
-    in.k = representable<H>(in.k);
-    in.v = representable<H>(in.v);
-    in.bias = representable<H>(in.bias);
+    in = representable_inputs<H>(in);
     AttentionOptions options;
     options.causal = random.chance(0.5);
     if (random.chance(0.3)) options.window_left = random.integer(0, 40);
@@ -241,7 +261,7 @@ TYPED_TEST(HalfPrecision, AttentionIsTheFloatCallRounded) {
 
     const Run half = run_dense<H>(Operator::attention, p, in, options, pad);
     const Run single = run_dense<float>(Operator::attention, p, in, options, 0);
-    expect_rounded_float_results<H>(half, single);
+    expect_rounded_float_results<H>(half, single, on_amx_tiles<H>(p.dim, p.dim_v));
     const Outputs want = reference_outputs(p, in, options);
     EXPECT_TRUE(matches_reference(half.out, want.out, kHalfTolerance<H>)) << "out";
     EXPECT_TRUE(matches_reference(half.lse, want.lse, kTolerance<float>)) << "lse";
@@ -258,14 +278,12 @@ TYPED_TEST(HalfPrecision, SlidingWindowIsTheFloatCallRounded) {
   for (std::uint64_t seed = 1; seed <= 6; ++seed) {
     Problem p = make_problem(2, 4, 2, 300 + static_cast<Index>(seed), 300, 64, 48, seed);
     Inputs in = random_inputs(p);
-    in.q = representable<H>(in.q);
-    in.k = representable<H>(in.k);
-    in.v = representable<H>(in.v);
+    in = representable_inputs<H>(in);
     const AttentionOptions options = causal_window(static_cast<Index>(seed) * 20, seed % 3);
     SCOPED_TRACE(describe(problem_string(p), "\n  ", options_string(options)));
     const Run half = run_dense<H>(Operator::sliding_window, p, in, options, 0);
     const Run single = run_dense<float>(Operator::sliding_window, p, in, options, 0);
-    expect_rounded_float_results<H>(half, single);
+    expect_rounded_float_results<H>(half, single, on_amx_tiles<H>(p.dim, p.dim_v));
   }
 }
 
@@ -354,7 +372,7 @@ TYPED_TEST(HalfPrecision, DecodeIsTheFloatCallRounded) {
                                         c.capacity, cache_options, options, seed);
       const Run single = run_decode<float, H>(c.lengths, c.heads_q, c.heads_kv, c.len_q, c.dim,
                                               c.dim_v, c.capacity, cache_options, options, seed);
-      expect_rounded_float_results<H>(half, single);
+      expect_rounded_float_results<H>(half, single, on_amx_tiles<H>(c.dim, c.dim_v));
     }
     ++seed;
   }
@@ -410,8 +428,8 @@ TYPED_TEST(HalfPrecision, PagedPoolsAreTheFloatCallRounded) {
     SCOPED_TRACE(describe("threads ", threads));
     const auto [half_prefill, half_decode] = run_paged<H, H>(threads);
     const auto [prefill, decode] = run_paged<float, H>(threads);
-    expect_rounded_float_results<H>(half_prefill, prefill);
-    expect_rounded_float_results<H>(half_decode, decode);
+    expect_rounded_float_results<H>(half_prefill, prefill, on_amx_tiles<H>(64, 64));
+    expect_rounded_float_results<H>(half_decode, decode, on_amx_tiles<H>(64, 64));
   }
 }
 
@@ -428,15 +446,10 @@ TYPED_TEST(HalfPrecision, IdenticalBitsForOneTwoAndThreeThreads) {
   using H = TypeParam;
   const Problem dense = with_bias(make_problem(2, 6, 2, 77, 131, 40, 24, 31), 1, 6, 0.1);
   Inputs in = random_inputs(dense);
-  in.q = representable<H>(in.q);
-  in.k = representable<H>(in.k);
-  in.v = representable<H>(in.v);
-  in.bias = representable<H>(in.bias);
+  in = representable_inputs<H>(in);
   const Problem band = make_problem(1, 4, 2, 300, 300, 64, 48, 32);
   Inputs band_in = random_inputs(band);
-  band_in.q = representable<H>(band_in.q);
-  band_in.k = representable<H>(band_in.k);
-  band_in.v = representable<H>(band_in.v);
+  band_in = representable_inputs<H>(band_in);
   KVCacheOptions ring;
   ring.ring = true;
   ring.sink_tokens = 4;
@@ -627,6 +640,80 @@ TYPED_TEST(HalfPrecision, DecodeRejectsBadArguments) {
   auto out = Buffer<H, 4>::make({}, {1, 2, 5, 8}, 0, nan_of<H>());
   EXPECT_THROW(decode_attention(q.const_view(), cache, {}, out.view()), Error);
   for (const double value : out.values()) EXPECT_TRUE(std::isnan(value)) << "out was written";
+}
+
+// ---------------------------------------------------------------------------------------------
+// The shapes AMX tiles serve (D a multiple of 32, Dv of 16): on the avx512-amx level these
+// bfloat16 calls run on the tiles (src/detail/amx_tiles.hpp), elsewhere on the float kernels;
+// both meet the same checks.
+
+TEST(AmxTileShapes, MatchTheReferenceOnRandomShapesAndOptions) {
+  constexpr Index kDims[] = {32, 64, 96, 128, 160, 256};
+  constexpr Index kValueDims[] = {16, 32, 48, 64, 128, 256};
+  constexpr Index kLengths[] = {1, 9, 16, 17, 31, 33, 64, 65, 127, 128, 129, 200, 257};
+  for (std::uint64_t seed = 1; seed <= 36; ++seed) {
+    RandomSource random(seed * 104729);
+    Problem p;
+    p.seed = seed;
+    p.batch = random.integer(1, 2);
+    p.heads_kv = random.integer(1, 2);
+    p.heads_q = p.heads_kv * random.pick(kGroupRatios);
+    p.len_q = random.pick(kLengths);
+    p.len_k = random.pick(kLengths);
+    p.dim = random.pick(kDims);
+    p.dim_v = random.pick(kValueDims);
+    if (random.chance(0.25)) p = with_bias(p, 1, p.heads_q, 0.1);
+    Inputs in = random_inputs(p);
+    in = representable_inputs<bfloat16>(in);
+    AttentionOptions options;
+    options.causal = random.chance(0.5);
+    if (random.chance(0.3)) options.window_left = random.integer(0, 150);
+    if (random.chance(0.2)) options.sink_tokens = random.integer(1, 4);
+    if (random.chance(0.2)) options.softcap = 20;
+    options.num_threads = 1;
+    const Index pad = random.chance(0.5) ? 0 : 5;  // strided rows
+    SCOPED_TRACE(describe(problem_string(p), "\n  ", options_string(options), " pad=", pad));
+    const ::foveal::test::Run one = run_dense<bfloat16>(Operator::attention, p, in, options, pad);
+    const Outputs want = reference_outputs(p, in, options);
+    EXPECT_TRUE(matches_reference(one.out, want.out, kHalfTolerance<bfloat16>)) << "out";
+    EXPECT_TRUE(matches_reference(one.lse, want.lse, kTolerance<float>)) << "lse";
+    for (const int threads : {2, 3}) {
+      options.num_threads = threads;
+      expect_same_bits(run_dense<bfloat16>(Operator::attention, p, in, options, 0), one);
+    }
+  }
+}
+
+// A key that a window hides from some rows: its NaN value reaches only the rows that see it (on
+// tiles, 0 * NaN would be NaN for every row of the block), and an infinite key does the same.
+TEST(AmxTileShapes, AMaskedOutNonFiniteKeyReachesOnlyTheRowsThatSeeIt) {
+  const Problem p = make_problem(1, 2, 1, 300, 300, 64, 64, 41);
+  Inputs in = random_inputs(p);
+  in = representable_inputs<bfloat16>(in);
+  constexpr Index kBadValue = 100, kBadKey = 200, kWindow = 20;
+  for (Index d = 0; d < p.dim_v; ++d) in.v[static_cast<std::size_t>(kBadValue * p.dim_v + d)] = NAN;
+  in.k[static_cast<std::size_t>(kBadKey * p.dim)] = INFINITY;
+  AttentionOptions options;
+  options.causal = true;
+  options.window_left = kWindow;
+  const ::foveal::test::Run got = run_dense<bfloat16>(Operator::attention, p, in, options, 0);
+  Inputs clean = in;
+  for (Index d = 0; d < p.dim_v; ++d)
+    clean.v[static_cast<std::size_t>(kBadValue * p.dim_v + d)] = 0;
+  clean.k[static_cast<std::size_t>(kBadKey * p.dim)] = 0;
+  const Outputs want = reference_outputs(p, clean, options);
+  const auto sees = [&](Index row, Index key) { return key <= row && key >= row - kWindow; };
+  for (Index h = 0; h < p.heads_q; ++h)
+    for (Index row = 0; row < p.len_q; ++row)
+      for (Index d = 0; d < p.dim_v; ++d) {
+        const auto at = static_cast<std::size_t>((h * p.len_q + row) * p.dim_v + d);
+        if (sees(row, kBadValue)) {
+          EXPECT_TRUE(std::isnan(got.out[at])) << "row " << row;
+        } else if (!sees(row, kBadKey)) {
+          ASSERT_TRUE(std::isfinite(got.out[at])) << "row " << row;
+          ASSERT_NEAR(got.out[at], want.out[at], 2e-2) << "row " << row;
+        }
+      }
 }
 
 }  // namespace

@@ -251,3 +251,31 @@ def make_qkv(rng: np.random.Generator, shape: tuple, dtype: Any):
 def reference() -> Any:
     """The reference function, for tests that prefer a fixture over an import."""
     return reference_attention
+
+
+def on_amx_tiles(dtype: Any, d: int, dv: int) -> bool:
+    """On the avx512-amx level, bfloat16 calls whose D is a multiple of 32 and Dv of 16 multiply
+    on AMX tiles with the probabilities rounded to bfloat16: their results are the float32
+    call's within bfloat16 rounding, not its rounded bits."""
+    import foveal
+
+    level = foveal.build_info()["level"]
+    return "bfloat16" in str(dtype) and level == "avx512-amx" and d % 32 == 0 and dv % 16 == 0
+
+
+def assert_rounded(out: Any, want: Any, d: int, dv: int, lse: Any = None, want_lse: Any = None):
+    """out (a 16-bit tensor) is want (float32) rounded to out's dtype, and lse is want_lse;
+    on AMX tiles (on_amx_tiles), within bfloat16 rounding of them."""
+    import torch
+
+    if on_amx_tiles(out.dtype, d, dv):
+        scale = want.abs().max().clamp_min(1e-30)
+        assert ((out.float() - want).abs().max() / scale).item() <= 4e-3
+        if lse is not None:
+            finite = want_lse.isfinite()
+            assert torch.equal(lse.isfinite(), finite)
+            assert (lse[finite] - want_lse[finite]).abs().max().item() <= 1e-4
+        return
+    assert torch.equal(out, want.to(out.dtype))
+    if lse is not None:
+        assert torch.equal(lse, want_lse)
