@@ -24,6 +24,7 @@
 // the tile state belongs to the thread.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -110,18 +111,49 @@ FOVEAL_AMX_TARGET inline void configure() {
 
 FOVEAL_AMX_TARGET inline void release() { _tile_release(); }
 
+// Transposes a 16 x 16 matrix of 32-bit elements held one row per register. (The zero-masking
+// forms with every lane selected: GCC 12's unmasked ones read an undefined register.)
+FOVEAL_AMX_TARGET inline void transpose_16x16(__m512i* rows) {
+  constexpr __mmask16 kAll32 = 0xffff;
+  constexpr __mmask8 kAll64 = 0xff;
+  __m512i t[16];
+  for (int k = 0; k < 8; ++k) {
+    t[2 * k] = _mm512_maskz_unpacklo_epi32(kAll32, rows[2 * k], rows[2 * k + 1]);
+    t[2 * k + 1] = _mm512_maskz_unpackhi_epi32(kAll32, rows[2 * k], rows[2 * k + 1]);
+  }
+  __m512i u[16];  // u[4k + m], 128-bit lane l: rows 4k .. 4k + 3 of column 4l + m
+  for (int k = 0; k < 4; ++k) {
+    u[4 * k] = _mm512_maskz_unpacklo_epi64(kAll64, t[4 * k], t[4 * k + 2]);
+    u[4 * k + 1] = _mm512_maskz_unpackhi_epi64(kAll64, t[4 * k], t[4 * k + 2]);
+    u[4 * k + 2] = _mm512_maskz_unpacklo_epi64(kAll64, t[4 * k + 1], t[4 * k + 3]);
+    u[4 * k + 3] = _mm512_maskz_unpackhi_epi64(kAll64, t[4 * k + 1], t[4 * k + 3]);
+  }
+  for (int m = 0; m < 4; ++m) {
+    const __m512i even_lo = _mm512_maskz_shuffle_i32x4(kAll32, u[m], u[4 + m], 0x88);
+    const __m512i odd_lo = _mm512_maskz_shuffle_i32x4(kAll32, u[m], u[4 + m], 0xdd);
+    const __m512i even_hi = _mm512_maskz_shuffle_i32x4(kAll32, u[8 + m], u[12 + m], 0x88);
+    const __m512i odd_hi = _mm512_maskz_shuffle_i32x4(kAll32, u[8 + m], u[12 + m], 0xdd);
+    rows[m] = _mm512_maskz_shuffle_i32x4(kAll32, even_lo, even_hi, 0x88);
+    rows[8 + m] = _mm512_maskz_shuffle_i32x4(kAll32, even_lo, even_hi, 0xdd);
+    rows[4 + m] = _mm512_maskz_shuffle_i32x4(kAll32, odd_lo, odd_hi, 0x88);
+    rows[12 + m] = _mm512_maskz_shuffle_i32x4(kAll32, odd_lo, odd_hi, 0xdd);
+  }
+}
+
 // q_vnni[d / 2][r][d % 2] = q_rows[r][d] for r < num_rows, 0 for the other rows of the tile.
-// q_rows[r] points at query row r (bfloat16 bits, D values).
+// q_rows[r] points at query row r (bfloat16 bits, D values): 16 rows by 16 pairs at a time,
+// transposed as 32-bit pairs.
 FOVEAL_AMX_TARGET inline void pack_queries(const std::uint16_t* const* q_rows, Index num_rows,
                                            Index dim, std::uint16_t* q_vnni) {
   auto* pairs = reinterpret_cast<std::uint32_t*>(q_vnni);  // [D / 2][kBlockQ]
-  std::memset(q_vnni, 0, static_cast<std::size_t>(dim * kBlockQ) * sizeof(std::uint16_t));
-  for (Index r = 0; r < num_rows; ++r) {
-    const std::uint16_t* row = q_rows[r];
-    for (Index i = 0; i < dim / 2; ++i) {
-      std::uint32_t pair;
-      std::memcpy(&pair, row + 2 * i, sizeof pair);
-      pairs[i * kBlockQ + r] = pair;
+  const __m512i zero = _mm512_setzero_si512();
+  for (Index r0 = 0; r0 < kBlockQ; r0 += kTileRows) {
+    for (Index i0 = 0; i0 < dim / 2; i0 += 16) {
+      __m512i block[16];  // block[r][i] = pair i0 + i of row r0 + r
+      for (int r = 0; r < 16; ++r)
+        block[r] = r0 + r < num_rows ? _mm512_loadu_si512(q_rows[r0 + r] + 2 * i0) : zero;
+      transpose_16x16(block);  // block[i][r]
+      for (int i = 0; i < 16; ++i) _mm512_storeu_si512(pairs + (i0 + i) * kBlockQ + r0, block[i]);
     }
   }
 }
@@ -158,16 +190,21 @@ FOVEAL_AMX_TARGET inline void score_tiles(const std::uint16_t* k, Index k_stride
 }
 
 // s_t[j][r] = multiplier * sum_d k[j][d] q[r][d] for j < num_keys rounded up to 16 (the rows
-// past num_keys score the zero keys of k_tail) and r < 16 * row_tiles. Key j's row is
-// k + j * k_stride for the whole tiles; a partial last tile is read from k_tail ([16][D], zero
-// past the block), which the caller stages.
+// past num_keys score the zero keys of k_tail) and r < 16 * row_tiles, except where row tile c
+// sees no key: the 32-key pieces from key_end[c] on (and key_end[c + 1] for the pair of row
+// tiles computed together) are left as they were. Key j's row is k + j * k_stride for the whole
+// tiles; a partial last tile is read from k_tail ([16][D], zero past the block), which the
+// caller stages.
 FOVEAL_AMX_TARGET inline void scores(const std::uint16_t* k, Index k_stride, Index num_keys,
                                      const std::uint16_t* k_tail, const std::uint16_t* q_vnni,
-                                     Index dim, int row_tiles, float multiplier, float* s_t) {
+                                     Index dim, int row_tiles, const Index* key_end,
+                                     float multiplier, float* s_t) {
   const Index whole = num_keys / kTileRows;
   const auto row_pass = [&](const std::uint16_t* keys, Index stride, Index j0, auto nk) {
     constexpr int NK = decltype(nk)::value;
     for (int c = 0; c < row_tiles; c += 2) {
+      const Index end = c + 1 < row_tiles ? std::max(key_end[c], key_end[c + 1]) : key_end[c];
+      if (j0 >= end) continue;
       const std::uint16_t* q = q_vnni + c * kTileRows * 2;
       float* s = s_t + j0 * kBlockQ + c * kTileFloats;
       if (c + 1 < row_tiles) {
@@ -195,41 +232,13 @@ FOVEAL_AMX_TARGET inline void scores(const std::uint16_t* k, Index k_stride, Ind
     }
 }
 
-// Transposes a 16 x 16 matrix of 32-bit elements held one row per register. (The zero-masking
-// forms with every lane selected: GCC 12's unmasked ones read an undefined register.)
-FOVEAL_AMX_TARGET inline void transpose_16x16(__m512i* rows) {
-  constexpr __mmask16 kAll32 = 0xffff;
-  constexpr __mmask8 kAll64 = 0xff;
-  __m512i t[16];
-  for (int k = 0; k < 8; ++k) {
-    t[2 * k] = _mm512_maskz_unpacklo_epi32(kAll32, rows[2 * k], rows[2 * k + 1]);
-    t[2 * k + 1] = _mm512_maskz_unpackhi_epi32(kAll32, rows[2 * k], rows[2 * k + 1]);
-  }
-  __m512i u[16];  // u[4k + m], 128-bit lane l: rows 4k .. 4k + 3 of column 4l + m
-  for (int k = 0; k < 4; ++k) {
-    u[4 * k] = _mm512_maskz_unpacklo_epi64(kAll64, t[4 * k], t[4 * k + 2]);
-    u[4 * k + 1] = _mm512_maskz_unpackhi_epi64(kAll64, t[4 * k], t[4 * k + 2]);
-    u[4 * k + 2] = _mm512_maskz_unpacklo_epi64(kAll64, t[4 * k + 1], t[4 * k + 3]);
-    u[4 * k + 3] = _mm512_maskz_unpackhi_epi64(kAll64, t[4 * k + 1], t[4 * k + 3]);
-  }
-  for (int m = 0; m < 4; ++m) {
-    const __m512i even_lo = _mm512_maskz_shuffle_i32x4(kAll32, u[m], u[4 + m], 0x88);
-    const __m512i odd_lo = _mm512_maskz_shuffle_i32x4(kAll32, u[m], u[4 + m], 0xdd);
-    const __m512i even_hi = _mm512_maskz_shuffle_i32x4(kAll32, u[8 + m], u[12 + m], 0x88);
-    const __m512i odd_hi = _mm512_maskz_shuffle_i32x4(kAll32, u[8 + m], u[12 + m], 0xdd);
-    rows[m] = _mm512_maskz_shuffle_i32x4(kAll32, even_lo, even_hi, 0x88);
-    rows[8 + m] = _mm512_maskz_shuffle_i32x4(kAll32, even_lo, even_hi, 0xdd);
-    rows[4 + m] = _mm512_maskz_shuffle_i32x4(kAll32, odd_lo, odd_hi, 0x88);
-    rows[12 + m] = _mm512_maskz_shuffle_i32x4(kAll32, odd_lo, odd_hi, 0xdd);
-  }
-}
-
 // The engine's online softmax of one block (flash_engine.hpp), fused with the conversion of the
-// probabilities for the tiles: for every row tile c and key j < num_keys the logit is
-// multiplier * s_t[j][r] (multiplier > 0); row_max, row_sum and alpha are updated as
-// online_softmax does, and p_rows[r][j] = bfloat16(p[j][r]) (round to nearest even) for
-// j < 32 * steps, 0 past num_keys. s_t is left as it was.
-FOVEAL_AMX_TARGET inline void softmax_to_rows(const float* s_t, Index num_keys, int row_tiles,
+// probabilities for the tiles: for every row tile c and key j < key_end[c] (<= the block's key
+// count; the tile's rows see no later key) the logit is multiplier * s_t[j][r]
+// (multiplier > 0); row_max, row_sum and alpha are updated as online_softmax does, and
+// p_rows[r][j] = bfloat16(p[j][r]) (round to nearest even) for j < 32 * steps, 0 from
+// key_end[c] on. s_t is left as it was.
+FOVEAL_AMX_TARGET inline void softmax_to_rows(const float* s_t, const Index* key_end, int row_tiles,
                                               Index steps, float multiplier, float* row_max,
                                               float* row_sum, float* alpha, std::uint16_t* p_rows) {
   // Lanes 0-15 of a converted pair of keys hold key 2i's rows, lanes 16-31 key 2i + 1's: this
@@ -243,10 +252,9 @@ FOVEAL_AMX_TARGET inline void softmax_to_rows(const float* s_t, Index num_keys, 
   const float negative_infinity = -std::numeric_limits<float>::infinity();
   for (int c = 0; c < row_tiles; ++c) {
     const float* column = s_t + c * kTileFloats;
-    Vec<float> block_max = splat(negative_infinity);
-    for (Index j = 0; j < num_keys; ++j)
-      block_max = vector_max(block_max, load(column + j * kBlockQ));
-    block_max *= multiplier;  // the largest logit: multiplying by a positive number is monotone
+    const Index num_keys = key_end[c];
+    // The largest logit: multiplying by a positive number is monotone.
+    const Vec<float> block_max = column_max(column, num_keys, kBlockQ) * multiplier;
     const Vec<float> old_max = load(row_max + c * kTileFloats);
     const Vec<float> new_max = vector_max(old_max, block_max);
     // A row that has seen only masked keys keeps max -inf; subtracting 0 keeps exp2 at 0.
@@ -349,11 +357,12 @@ FOVEAL_AMX_TARGET inline void accumulate_tiles(const std::uint16_t* p_rows,
   if constexpr (NR > 1 && NC > 1) _tile_stored(3, acc_tiles[3], acc_bytes);
 }
 
-// acc[r][c] = acc[r][c] * alpha[r] + sum_{j < 32 * steps} p_rows[r][j] v[j][c] for
-// r < 16 * row_tiles, c < Dv (acc: row stride acc_stride). The products accumulate onto the
-// rescaled rows in float, 32 keys per rounding; rows whose alpha is 1 are not rescaled.
+// acc[r][c] = acc[r][c] * alpha[r] + sum_j p_rows[r][j] v[j][c] for r < 16 * row_tiles,
+// c < Dv (acc: row stride acc_stride), over the 32-key steps before key_end of the row tile (of
+// the pair of row tiles computed together). The products accumulate onto the rescaled rows in
+// float, 32 keys per rounding; rows whose alpha is 1 are not rescaled.
 FOVEAL_AMX_TARGET inline void accumulate(const std::uint16_t* p_rows, const std::uint16_t* v_vnni,
-                                         Index steps, int row_tiles, Index dim_v,
+                                         const Index* key_end, int row_tiles, Index dim_v,
                                          const float* alpha, float* acc, Index acc_stride) {
   for (Index r = 0; r < row_tiles * kTileRows; ++r) {
     if (alpha[r] == 1.0f) continue;
@@ -366,6 +375,9 @@ FOVEAL_AMX_TARGET inline void accumulate(const std::uint16_t* p_rows, const std:
   for (int r = 0; r < row_tiles; r += 2) {
     const std::uint16_t* p = p_rows + r * kTileRows * kBlockK;
     const bool two_rows = r + 1 < row_tiles;
+    const Index end = two_rows ? std::max(key_end[r], key_end[r + 1]) : key_end[r];
+    const Index steps = (end + kStepValues - 1) / kStepValues;
+    if (steps == 0) continue;
     for (Index c = 0; c < col_tiles; c += 2) {
       const std::uint16_t* v = v_vnni + c * kTileFloats * 2;
       float* a = acc + r * kTileRows * acc_stride + c * kTileFloats;

@@ -512,11 +512,23 @@ class TileRunner {
       amx::configure();
     }
 #endif
-    if (few_rows) {
-      pack_query_rows(batch, num_rows, query_index, head, scratch.q_t);
-    } else {
-      pack_queries(batch, num_rows, query_index, head, scratch.q_t);
-    }
+    // The float kernels' packed queries; a tile on AMX packs them only if a block gathered by
+    // index (which the tiles do not take) comes.
+    bool queries_packed = false;
+    const auto pack_float_queries = [&] {
+      if (queries_packed) return;
+      queries_packed = true;
+      if (few_rows) {
+        pack_query_rows(batch, num_rows, query_index, head, scratch.q_t);
+      } else {
+        pack_queries(batch, num_rows, query_index, head, scratch.q_t);
+      }
+    };
+#if FOVEAL_AMX_TILES
+    if (!amx_tile) pack_float_queries();
+#else
+    pack_float_queries();
+#endif
 
     T row_max[kBlockQ];
     T row_sum[kBlockQ];
@@ -554,6 +566,7 @@ class TileRunner {
             return;
           }
 #endif
+          pack_float_queries();
           // Convert the block once; the float micro-kernels then read it.
           const T* k_converted[kBlockK];
           const T* v_converted[kBlockK];
@@ -601,8 +614,18 @@ class TileRunner {
     // logit multiplier as it reads them, saving a pass over the scores.
     const bool late_multiplier =
         tiles_output && cap_multiplier_ == 0 && params_.bias.data() == nullptr;
+    // Where a row tile's last row sees its last key (a causal diagonal, a band's right edge):
+    // the later keys' products and probabilities are skipped for the tile.
+    Index key_end[kBlockQ / amx::kTileRows] = {};
+    for (int c = 0; c < row_vectors; ++c) {
+      key_end[c] = count;
+      if (!block.needs_mask) continue;
+      const Index last_row = std::min(num_rows, (c + 1) * amx::kTileRows) - 1;
+      const KeyRange seen = policy.keys_seen(positions[c * amx::kTileRows], positions[last_row]);
+      key_end[c] = std::clamp<Index>(seen.end - (block.begin + block.position_offset), 0, count);
+    }
     amx::scores(bits(k_rows[0]), params_.k.stride(2), count, amx_scratch.k_tail, amx_scratch.q_vnni,
-                dim_, row_vectors, late_multiplier ? T(1) : q_multiplier_, scratch.s_t);
+                dim_, row_vectors, key_end, late_multiplier ? T(1) : q_multiplier_, scratch.s_t);
     transform_logits(tile.batch, block, keys, num_rows, row_vectors, query_index, head, positions,
                      policy, scratch.s_t);
     if (!tiles_output) {
@@ -614,12 +637,12 @@ class TileRunner {
       return;
     }
     const Index steps = (count + amx::kStepValues - 1) / amx::kStepValues;
-    amx::softmax_to_rows(scratch.s_t, count, row_vectors, steps,
+    amx::softmax_to_rows(scratch.s_t, key_end, row_vectors, steps,
                          late_multiplier ? q_multiplier_ : T(1), row_max, row_sum, alpha,
                          amx_scratch.p_rows);
     amx::pack_values(bits(v_rows[0]), params_.v.stride(2), count, steps, dim_v_,
                      amx_scratch.v_vnni);
-    amx::accumulate(amx_scratch.p_rows, amx_scratch.v_vnni, steps, row_vectors, dim_v_, alpha,
+    amx::accumulate(amx_scratch.p_rows, amx_scratch.v_vnni, key_end, row_vectors, dim_v_, alpha,
                     scratch.acc, acc_stride_);
   }
 
@@ -824,9 +847,7 @@ class TileRunner {
     const T negative_infinity = -std::numeric_limits<T>::infinity();
     for (int c = 0; c < row_vectors; ++c) {
       T* column = s_t + c * L;
-      Vec<T> block_max = splat(negative_infinity);
-      for (Index j = 0; j < num_keys; ++j)
-        block_max = vector_max(block_max, load(column + j * kBlockQ));
+      const Vec<T> block_max = column_max(column, num_keys, kBlockQ);
       const Vec<T> old_max = load(row_max + c * L);
       const Vec<T> new_max = vector_max(old_max, block_max);
       // A row that has seen only masked keys keeps max -inf; subtracting 0 keeps exp2 at 0.
