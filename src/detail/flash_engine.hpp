@@ -52,6 +52,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <utility>
@@ -636,12 +637,13 @@ class TileRunner {
           true);
       return;
     }
-    const Index steps = (count + amx::kStepValues - 1) / amx::kStepValues;
+    // The values of the keys some row tile sees, in whole 32-key steps.
+    const Index seen = *std::max_element(key_end, key_end + row_vectors);
+    const Index steps = (seen + amx::kStepValues - 1) / amx::kStepValues;
     amx::softmax_to_rows(scratch.s_t, key_end, row_vectors, steps,
                          late_multiplier ? q_multiplier_ : T(1), row_max, row_sum, alpha,
                          amx_scratch.p_rows);
-    amx::pack_values(bits(v_rows[0]), params_.v.stride(2), count, steps, dim_v_,
-                     amx_scratch.v_vnni);
+    amx::pack_values(bits(v_rows[0]), params_.v.stride(2), seen, steps, dim_v_, amx_scratch.v_vnni);
     amx::accumulate(amx_scratch.p_rows, amx_scratch.v_vnni, key_end, row_vectors, dim_v_, alpha,
                     scratch.acc, acc_stride_);
   }

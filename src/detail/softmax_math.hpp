@@ -21,7 +21,11 @@ inline namespace FOVEAL_LEVEL {
 // ulp at worst) scaled by 2^round(x). Degree 5 (2.2 ulp) was one FMA cheaper, but its error
 // alone put the fp32 output error past twice a plain fp32 softmax's on FlashAttention's grid.
 // x <= -160 (and -inf) gives exactly 0, x in (-149, -126) a subnormal, and NaN stays NaN.
+// Degree 4 (relative error 3e-6, two FMAs fewer) serves probabilities that are rounded to
+// bfloat16 (2^-9) before they are used: the AMX tiles' softmax (amx_tiles.hpp).
+template <int Degree = 6>
 inline Vec<float> exp2_nonpositive(Vec<float> x) {
+  static_assert(Degree == 6 || Degree == 4, "the fitted degrees are 4 and 6");
 #if FOVEAL_SIMD_BYTES == 64 && defined(__x86_64__)
   // max(-160, x) keeps NaN (vmaxps returns its second operand when one is NaN), and vscalefps
   // inserts the exponent with correct underflow to 0, so no masks or integer tricks are needed.
@@ -42,12 +46,20 @@ inline Vec<float> exp2_nonpositive(Vec<float> x) {
 #endif
   // Minimax-fitted with the constant term pinned to 1, so that 2^0 is exactly 1 (a row that
   // sees a single key copies its value exactly).
-  Vec<float> poly = splat(0.00015353361959569156f);
-  poly = poly * fraction + 0.0013398875016719103f;
-  poly = poly * fraction + 0.00961843691766262f;
-  poly = poly * fraction + 0.055503323674201965f;
-  poly = poly * fraction + 0.24022647738456726f;
-  poly = poly * fraction + 0.6931471824645996f;
+  Vec<float> poly;
+  if constexpr (Degree == 6) {
+    poly = splat(0.00015353361959569156f);
+    poly = poly * fraction + 0.0013398875016719103f;
+    poly = poly * fraction + 0.00961843691766262f;
+    poly = poly * fraction + 0.055503323674201965f;
+    poly = poly * fraction + 0.24022647738456726f;
+    poly = poly * fraction + 0.6931471824645996f;
+  } else {
+    poly = splat(0.00958563294261694f);
+    poly = poly * fraction + 0.055905889719724655f;
+    poly = poly * fraction + 0.2402404099702835f;
+    poly = poly * fraction + 0.6931242942810059f;
+  }
   poly = poly * fraction + 1.0f;
 #if FOVEAL_SIMD_BYTES == 64 && defined(__x86_64__)
   return (Vec<float>)_mm512_mask_scalef_ps((__m512)poly, all, (__m512)poly, rounded);
