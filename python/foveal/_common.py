@@ -151,14 +151,13 @@ class CacheGeometry:
 
 def _allocate(empty: Any, shape: tuple, dtype: Any) -> Any:
     """empty(shape, dtype=dtype); running out of memory is MemoryError naming the shape and the
-    byte count (torch raises RuntimeError)."""
+    byte count (torch raises RuntimeError), and so is a shape whose strides do not fit 64 bits
+    (torch: "Stride calculation overflowed", even for an empty shape)."""
     try:
         return empty(shape, dtype=dtype)
     except (RuntimeError, MemoryError) as error:
-        if (
-            isinstance(error, RuntimeError)
-            and "memory" not in str(error)
-            and "allocat" not in str(error)
+        if isinstance(error, RuntimeError) and not any(
+            word in str(error) for word in ("memory", "allocat", "overflow")
         ):
             raise
         name = str(dtype).replace("torch.", "")

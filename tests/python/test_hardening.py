@@ -280,6 +280,13 @@ def test_a_large_kv_cache_takes_no_memory_until_written():
 def test_torch_output_allocation_failure_is_memory_error(torch):
     with pytest.raises(MemoryError, match=r"cannot allocate an output tensor of shape"):
         foveal._common.new_like(torch.empty(1), (2**40, 2**20))
+    # An empty shape whose strides pass 2^63 (a fuzz finding: sparsek_select's top-k output
+    # over an empty batch with k near 2^63): torch cannot represent it either.
+    with pytest.raises(MemoryError, match=r"cannot allocate an output tensor of shape"):
+        foveal._common.new_like(torch.empty(1), (2**31 + 1, 0, 2**63 - 1, 3))
+    u = torch.zeros(2**31 + 1, 0, 6, dtype=torch.float64)
+    with pytest.raises(MemoryError, match=r"cannot allocate an output tensor of shape"):
+        foveal.sparsek.sparsek_select(u, 3, 2**63 - 1, window=3)
 
 
 # ---------------------------------------------------------------------------------------------
