@@ -8,14 +8,16 @@
 //   scores  s_t[key][row] = K[key][:] . Q[row][:]   A = K rows read in place (any row stride),
 //                                                    B = the tile's queries in pair-interleaved
 //                                                    ("VNNI") form, packed once per tile
-//   output  out[row][col] = sum_key P[row][key] V[key][col]
+//   output  acc[row][col] += sum_key P[row][key] V[key][col]
 //                                                    A = the probabilities, rounded to bfloat16
 //                                                    and transposed from s_t, B = the block's V
-//                                                    rows pair-interleaved
-// Everything else (softcap, bias, masks, the online softmax, the rescaling of the accumulators)
-// stays the engine's float code. The products accumulate in float; rounding P to bfloat16 for
-// the second product is what every bfloat16 flash attention does (the output is rounded to
-// bfloat16 anyway).
+//                                                    rows pair-interleaved, C = the float32
+//                                                    accumulators, loaded and stored back
+// The online softmax runs here too (softmax_to_rows: the engine's, fused with the rounding and
+// transposition of P); softcap, bias and masks stay the engine's float code, on s_t. The products
+// accumulate in float; rounding P to bfloat16 for the second product is what every bfloat16
+// flash attention does (the output is rounded to bfloat16 anyway). Keys a row tile does not see
+// (key_end) are skipped in both products.
 //
 // Only the AVX-512 level of a GCC build compiles this code (FOVEAL_AMX_TILES), each function
 // with AMX among its target features, so no other code holds an AMX instruction; it runs only
