@@ -465,7 +465,10 @@ class TileRunner {
     q_multiplier_ = multipliers.query;
     cap_multiplier_ = multipliers.cap;
 #if FOVEAL_AMX_TILES
-    if constexpr (kAmxCapable) use_amx_ = amx::supports(dim_, dim_v_) && amx_tiles_enabled();
+    // (A call whose tiles all have few rows, a decode step, runs none on AMX: no scratch.)
+    if constexpr (kAmxCapable)
+      use_amx_ = amx::supports(dim_, dim_v_) && params.rows_per_head() > kFewRows<T> &&
+                 amx_tiles_enabled();
 #endif
   }
 
@@ -924,8 +927,6 @@ class TileWorkspace {
                            static_cast<Index>(sizeof(T)))),
         memory_(allocate_aligned<T>(
             static_cast<std::size_t>(per_thread() * std::max(num_threads, 1)))) {}
-
-  Index acc_stride() const { return acc_stride_; }
 
   // The scratch of the calling thread inside a parallel_for body.
   TileScratch<T> for_this_thread() const {
