@@ -676,6 +676,17 @@ def test_grad_lse_matches_autograd_through_the_reference(dtype, rng, torch):
     assert np.abs(np.asarray(plain[0]) - np.asarray(grads[0])).max() > 1e-3
 
 
+def test_broadcast_sink_logits_of_an_empty_batch_allocate_nothing(torch, foveal_torch):
+    # Fuzz finding: 2^40 heads over an empty batch, sink_logits one value seen through a zero
+    # stride. Checking their values materialized terabytes; no row uses them.
+    heads = 1 << 40
+    q = torch.zeros(1).as_strided((0, heads, 3, 4), (0, 0, 0, 0))
+    k = torch.zeros(1).as_strided((0, heads, 5, 4), (0, 0, 0, 0))
+    sinks = torch.zeros(1).as_strided((heads,), (0,))
+    out = foveal_torch.attention(q, k, k, sink_logits=sinks)
+    assert tuple(out.shape) == (0, heads, 3, 4)
+
+
 def test_bad_sink_logits_are_named(rng, torch, foveal_torch):
     q, k, v = (torch.from_numpy(x) for x in make_qkv(rng, (1, 4, 2, 5, 5, 3, 3), np.float32))
     with pytest.raises(ValueError, match=r"sink_logits must have shape \[Hq\] = \[4\]"):
