@@ -185,6 +185,11 @@ void vq_assign(TensorView<const double, 2> x, TensorView<const double, 2> codebo
 double vq_perplexity(TensorView<const std::int64_t, 1> counts) {
   constexpr const char* kFunction = "vq_perplexity";
   detail::require_valid_view(kFunction, "counts", counts);
+  if (counts.size(0) > 0 && counts.stride(0) == 0) {
+    // One count seen K times (a broadcast view, K unbounded by memory): K equal uses.
+    check(counts(0) >= 0, kFunction, ": counts[0] must be >= 0, got ", counts(0));
+    return counts(0) == 0 ? 0.0 : static_cast<double>(counts.size(0));
+  }
   double total = 0;
   for (Index k = 0; k < counts.size(0); ++k) {
     check(counts(k) >= 0, kFunction, ": counts[", k, "] must be >= 0, got ", counts(k));

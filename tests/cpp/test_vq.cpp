@@ -169,6 +169,20 @@ TEST(VqDiagnostics, PerplexityMatchesReference) {
   EXPECT_NEAR(vq_perplexity(TensorView<const std::int64_t, 1>(even.data(), {16})), 16, 1e-12);
 }
 
+// Fuzz finding: one count seen 2^40 times through a zero stride took hours to sum. It is K equal
+// uses (0 when the count is 0); the same answer as the loop on a small broadcast.
+TEST(VqDiagnostics, BroadcastCountsAnswerAtOnce) {
+  const std::int64_t three = 3, zero = 0, negative = -1;
+  const Index huge = Index{1} << 40;
+  EXPECT_EQ(vq_perplexity(TensorView<const std::int64_t, 1>(&three, {huge}, {0})),
+            static_cast<double>(huge));
+  EXPECT_EQ(vq_perplexity(TensorView<const std::int64_t, 1>(&zero, {huge}, {0})), 0.0);
+  const std::vector<std::int64_t> seven(7, 3);
+  EXPECT_NEAR(vq_perplexity(TensorView<const std::int64_t, 1>(&three, {7}, {0})),
+              vq_perplexity(TensorView<const std::int64_t, 1>(seven.data(), {7})), 1e-12);
+  EXPECT_THROW(vq_perplexity(TensorView<const std::int64_t, 1>(&negative, {huge}, {0})), Error);
+}
+
 TEST(VqDiagnostics, EffectiveRankMatchesReference) {
   RandomSource random(21);
   const Index m = 50, dim = 8;
