@@ -188,10 +188,14 @@ void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const
 }
 
 // SparseKCache<T> as the class `class_name`; foveal/sparsek.py wraps it.
+// T: the storage type of K, V, u, q and out; lse and the gates are in its compute type
+// (float32 next to a 16-bit cache).
 template <typename T>
 void bind_sparsek_cache(py::module_& m, const char* class_name) {
   using Cache = foveal::SparseKCache<T>;
+  using Compute = typename Cache::Compute;
   const char* same = "the cache's dtype";
+  const char* lse_dtype = foveal::is_half_dtype_v<T> ? "float32 next to a 16-bit cache" : same;
   py::class_<Cache>(m, class_name)
       .def(py::init([](const py::kwargs& kwargs) {
         const Keywords keywords("SparseKCache", kwargs);
@@ -224,12 +228,12 @@ void bind_sparsek_cache(py::module_& m, const char* class_name) {
           py::arg("k"), py::arg("v"), py::arg("u"))
       .def(
           "attend",
-          [same](const Cache& cache, const Tensor& q, const Tensor& out,
-                 const std::optional<Tensor>& lse) {
+          [same, lse_dtype](const Cache& cache, const Tensor& q, const Tensor& out,
+                            const std::optional<Tensor>& lse) {
             const char* fn = "SparseKCache.attend";
             const auto q_view = q.view<const T, 4>(fn, "q", "B, Hq, 1, D", same);
             const auto out_view = out.view<T, 4>(fn, "out", "B, Hq, 1, Dv", same);
-            const auto lse_view = optional_view<T, 3>(lse, fn, "lse", "B, Hq, 1", same);
+            const auto lse_view = optional_view<Compute, 3>(lse, fn, "lse", "B, Hq, 1", lse_dtype);
             py::gil_scoped_release release;
             cache.attend(q_view, out_view, lse_view);
           },
@@ -244,8 +248,8 @@ void bind_sparsek_cache(py::module_& m, const char* class_name) {
              return py::make_tuple(
                  py::array_t<std::int64_t>(static_cast<py::ssize_t>(selection.positions.size()),
                                            selection.positions.data()),
-                 py::array_t<T>(static_cast<py::ssize_t>(selection.gates.size()),
-                                selection.gates.data()));
+                 py::array_t<Compute>(static_cast<py::ssize_t>(selection.gates.size()),
+                                      selection.gates.data()));
            })
       .def("threshold", [](const Cache& cache, const py::kwargs& kwargs) {
         const Keywords keywords("SparseKCache.threshold", kwargs);
@@ -286,4 +290,6 @@ void bind_sparsek(py::module_& m) {
   m.def("sparsek_linear_scores", &linear_scores, py::arg("x"), py::arg("w"), py::arg("u"));
   bind_sparsek_cache<float>(m, "SparseKCacheF32");
   bind_sparsek_cache<double>(m, "SparseKCacheF64");
+  bind_sparsek_cache<foveal::bfloat16>(m, "SparseKCacheBF16");
+  bind_sparsek_cache<foveal::float16>(m, "SparseKCacheF16");
 }

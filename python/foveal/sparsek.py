@@ -15,7 +15,15 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _core
-from ._common import attention_options, attention_outputs, float_dtype_arg, new_like, shape, size
+from ._common import (
+    attention_options,
+    attention_outputs,
+    dtype_name,
+    new_like,
+    shape,
+    size,
+    storage_dtype_arg,
+)
 
 __all__ = [
     "SparseKCache",
@@ -237,7 +245,10 @@ class SparseKCache:
     newest token of ``batch`` sequences that grow together, one token or a few at a time.
 
     ``SparseKCache(batch, heads_kv, dim, dim_v=None, topk=..., window=0, sink_tokens=0,
-    gate="value", scale=None, softcap=0.0, dtype="float32")``. After appending the tokens at
+    gate="value", scale=None, softcap=0.0, dtype="float32")``; ``dtype`` float32, float64,
+    "bfloat16" or float16 (a 16-bit cache stores K and V in half the bytes and takes k, v, u, q
+    in its dtype — torch tensors for bfloat16 — computing in float32; lse and the gates are
+    float32). After appending the tokens at
     positions ``0 .. p`` (keys, values and their scores ``u``), :meth:`attend` with the query of
     position ``p`` equals row ``p`` of ``sparsek_attention(q, k, v, u, topk, window=...,
     sink_tokens=..., gate=...)`` over the whole sequence, to rounding.
@@ -268,9 +279,8 @@ class SparseKCache:
         dtype: Any = "float32",
         num_threads: Optional[int] = None,
     ) -> None:
-        self._dtype = float_dtype_arg("SparseKCache", dtype)
-        cache_class = _core.SparseKCacheF32 if self._dtype == np.float32 else _core.SparseKCacheF64
-        self._cache = cache_class(
+        self._dtype = storage_dtype_arg("SparseKCache", dtype)
+        self._cache = _SPARSEK_CACHE_CLASSES[dtype_name(self._dtype)](
             batch=batch,
             heads_kv=heads_kv,
             dim=dim,
@@ -285,7 +295,10 @@ class SparseKCache:
         )
         self._options = dict(topk=topk, window=window, sink_tokens=sink_tokens, gate=gate)
 
-    dtype = property(lambda self: self._dtype, doc="float32 or float64 (numpy dtype).")
+    dtype = property(
+        lambda self: self._dtype,
+        doc='float32, float64 or float16 (numpy dtype), or "bfloat16".',
+    )
     batch = property(lambda self: self._cache.batch, doc="Number of sequences B.")
     heads_kv = property(lambda self: self._cache.heads_kv, doc="Number of key/value heads Hkv.")
     dim = property(lambda self: self._cache.dim, doc="Key dimension D.")
@@ -324,7 +337,8 @@ class SparseKCache:
         q_shape = shape(q)
         if out is None:
             out = new_like(q, (*q_shape[:3], self.dim_v), self._dtype)
-        lse = new_like(q, q_shape[:3], self._dtype) if return_lse else None
+        lse_dtype = self._dtype if dtype_name(self._dtype) in ("float32", "float64") else "float32"
+        lse = new_like(q, q_shape[:3], lse_dtype) if return_lse else None
         self._cache.attend(q, out, lse)
         return (out, lse) if return_lse else out
 
@@ -345,6 +359,15 @@ class SparseKCache:
         return (
             f"foveal.sparsek.SparseKCache(batch={self.batch}, heads_kv={self.heads_kv}, "
             f"dim={self.dim}, dim_v={self.dim_v}, topk={self.topk}, window={self.window}, "
-            f"sink_tokens={self.sink_tokens}, gate={self.gate!r}, dtype={self._dtype.name}, "
+            f"sink_tokens={self.sink_tokens}, gate={self.gate!r}, "
+            f"dtype={dtype_name(self._dtype)}, "
             f"length={self.length})"
         )
+
+
+_SPARSEK_CACHE_CLASSES = {
+    "float32": _core.SparseKCacheF32,
+    "float64": _core.SparseKCacheF64,
+    "bfloat16": _core.SparseKCacheBF16,
+    "float16": _core.SparseKCacheF16,
+}

@@ -137,11 +137,11 @@ template <typename T>
 struct SparseKCachePlan {
   FlashParams<T> params;
   const Index* slot_rows = nullptr;
-  const T* scores = nullptr;
+  const compute_type_t<T>* scores = nullptr;  // (16-bit storage: float scores)
   Index score_stride = 0;
   Index selected = 0;
   Index always_visible = 0;
-  std::vector<T> thresholds;  // [B * Hkv]: τ of each head
+  std::vector<compute_type_t<T>> thresholds;  // [B * Hkv]: τ of each head
   SparseKGate gate = SparseKGate::value;
 };
 
@@ -330,7 +330,8 @@ struct Kernels {
   X(block_sparse_attention, (const SelectionPlan<T>&))          \
   X(token_topk_select, (const SelectPlan<T>&))                  \
   X(token_topk_attention, (const SelectionPlan<T>&))            \
-  X(vertical_slash_select, (const SelectPlan<T>&))
+  X(vertical_slash_select, (const SelectPlan<T>&))              \
+  X(sparsek_cache_attention, (const SparseKCachePlan<T>&))
 
 template <typename T>
 struct HalfKernels {

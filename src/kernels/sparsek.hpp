@@ -77,9 +77,11 @@ struct RowThresholds {
   T values[kBlockQ];
 };
 
-template <typename T>
-void sparsek_cache_attention(const SparseKCachePlan<T>& plan) {
-  const FlashParams<T>& params = plan.params;
+// S: the cache's storage type; scores, gates and thresholds in T = compute_type_t<S>.
+template <typename S>
+void sparsek_cache_attention(const SparseKCachePlan<S>& plan) {
+  using T = compute_type_t<S>;
+  const FlashParams<S>& params = plan.params;
   const Index heads_kv = params.k.size(1);
   const TileGrid grid(params.q.size(0), heads_kv, params.rows_per_head());
   // Each row sees the selected keys and the always-visible ones.

@@ -22,8 +22,8 @@
 
 namespace foveal {
 
-template <typename T>
-SparseKCache<T>::SparseKCache(Index batch, Index heads_kv, Index dim, Index dim_v,
+template <typename S>
+SparseKCache<S>::SparseKCache(Index batch, Index heads_kv, Index dim, Index dim_v,
                               const SparseKOptions& options)
     : options_(options) {
   constexpr const char* kFunction = "SparseKCache";
@@ -35,7 +35,7 @@ SparseKCache<T>::SparseKCache(Index batch, Index heads_kv, Index dim, Index dim_
         ": causal must be true (the query is the newest token and sees only earlier ones)");
   check(options.q_offset == -1, kFunction,
         ": q_offset must be -1 (the query sits at the newest position), got ", options.q_offset);
-  scale_ = detail::resolve_scale<T>(kFunction, options, dim);
+  scale_ = detail::resolve_scale<Compute>(kFunction, options, dim);
   // Storage is allocated once, for every row the cache may ever hold.
   const Index capacity =
       detail::checked_add("SparseKCache: sink_tokens + window + topk",
@@ -43,9 +43,9 @@ SparseKCache<T>::SparseKCache(Index batch, Index heads_kv, Index dim, Index dim_
                                               options.sink_tokens, options.window),
                           options.topk);
   const Index heads = detail::checked_numel<HeadState>("SparseKCache heads", {batch, heads_kv});
-  keys_ = Tensor<T, 4>({batch, heads_kv, capacity, dim}, "SparseKCache keys");
-  values_ = Tensor<T, 4>({batch, heads_kv, capacity, dim_v}, "SparseKCache values");
-  scores_ = Tensor<T, 3>({batch, heads_kv, capacity}, "SparseKCache scores");
+  keys_ = Tensor<S, 4>({batch, heads_kv, capacity, dim}, "SparseKCache keys");
+  values_ = Tensor<S, 4>({batch, heads_kv, capacity, dim_v}, "SparseKCache values");
+  scores_ = Tensor<Compute, 3>({batch, heads_kv, capacity}, "SparseKCache scores");
   detail::checked_numel<Index>("SparseKCache top-k slots", {heads, options.topk});
   heads_.reserve(static_cast<std::size_t>(heads));
   for (Index head = 0; head < heads; ++head) heads_.emplace_back(options.topk);
@@ -54,48 +54,48 @@ SparseKCache<T>::SparseKCache(Index batch, Index heads_kv, Index dim, Index dim_
     slot_rows_[static_cast<std::size_t>(slot)] = options.sink_tokens + options.window + slot;
 }
 
-template <typename T>
-Index SparseKCache<T>::selected_count() const {
+template <typename S>
+Index SparseKCache<S>::selected_count() const {
   const Index pool = std::max<Index>(length_ - options_.sink_tokens - options_.window, 0);
   return std::min(pool, options_.topk);
 }
 
-template <typename T>
-Index SparseKCache<T>::always_visible_rows() const {
+template <typename S>
+Index SparseKCache<S>::always_visible_rows() const {
   const Index sinks = std::min(length_, options_.sink_tokens);
   const Index window = std::clamp<Index>(length_ - options_.sink_tokens, 0, options_.window);
   return sinks + window;
 }
 
-template <typename T>
-Index SparseKCache<T>::stored_rows() const {
+template <typename S>
+Index SparseKCache<S>::stored_rows() const {
   return always_visible_rows() + selected_count();
 }
 
-template <typename T>
-Index SparseKCache<T>::threshold_entries() const {
+template <typename S>
+Index SparseKCache<S>::threshold_entries() const {
   Index most = 0;
   for (const HeadState& head : heads_) most = std::max(most, head.threshold.held());
   return most;
 }
 
-template <typename T>
-Index SparseKCache<T>::ring_row(Index position) const {
+template <typename S>
+Index SparseKCache<S>::ring_row(Index position) const {
   return options_.sink_tokens + (position - options_.sink_tokens) % options_.window;
 }
 
-template <typename T>
-void SparseKCache<T>::write_row(Index head_index, Index row, const T* k_row, Index k_stride,
-                                const T* v_row, Index v_stride, T score) {
+template <typename S>
+void SparseKCache<S>::write_row(Index head_index, Index row, const S* k_row, Index k_stride,
+                                const S* v_row, Index v_stride, Compute score) {
   const Index b = head_index / heads_kv(), h = head_index % heads_kv();
   detail::copy_strided_row(k_row, k_stride, keys_.view().address(b, h, row, 0), dim());
   detail::copy_strided_row(v_row, v_stride, values_.view().address(b, h, row, 0), dim_v());
   scores_(b, h, row) = score;
 }
 
-template <typename T>
-void SparseKCache<T>::enter_pool(Index head_index, Index position, const T* k_row, Index k_stride,
-                                 const T* v_row, Index v_stride, T score) {
+template <typename S>
+void SparseKCache<S>::enter_pool(Index head_index, Index position, const S* k_row, Index k_stride,
+                                 const S* v_row, Index v_stride, Compute score) {
   HeadState& head = heads_[static_cast<std::size_t>(head_index)];
   const auto z = static_cast<double>(score);
   head.threshold.push(z);
@@ -110,9 +110,9 @@ void SparseKCache<T>::enter_pool(Index head_index, Index position, const T* k_ro
             k_row, k_stride, v_row, v_stride, score);
 }
 
-template <typename T>
-void SparseKCache<T>::push_token(Index head_index, Index position, const T* k_row, Index k_stride,
-                                 const T* v_row, Index v_stride, T score) {
+template <typename S>
+void SparseKCache<S>::push_token(Index head_index, Index position, const S* k_row, Index k_stride,
+                                 const S* v_row, Index v_stride, Compute score) {
   const Index sinks = options_.sink_tokens, window = options_.window;
   if (position < sinks) {
     write_row(head_index, position, k_row, k_stride, v_row, v_stride, score);
@@ -133,9 +133,9 @@ void SparseKCache<T>::push_token(Index head_index, Index position, const T* k_ro
   write_row(head_index, row, k_row, k_stride, v_row, v_stride, score);
 }
 
-template <typename T>
-void SparseKCache<T>::append(TensorView<const T, 4> k, TensorView<const T, 4> v,
-                             TensorView<const T, 3> u) {
+template <typename S>
+void SparseKCache<S>::append(TensorView<const S, 4> k, TensorView<const S, 4> v,
+                             TensorView<const S, 3> u) {
   constexpr const char* kFunction = "SparseKCache::append";
   const detail::UseGuard::Mutation mutation(guard_, "cache", kFunction);
   detail::require_valid_view(kFunction, "k", k);
@@ -152,16 +152,16 @@ void SparseKCache<T>::append(TensorView<const T, 4> k, TensorView<const T, 4> v,
   detail::require_extent(kFunction, "u", u, 0, "the cache's batch (B)", batch());
   detail::require_extent(kFunction, "u", u, 1, "the cache's heads_kv (Hkv)", heads_kv());
   detail::require_extent(kFunction, "u", u, 2, "k.shape[2] (n)", count);
-  const TensorView<const T, 4> keys = keys_.view(), values = values_.view();
-  const TensorView<const T, 3> scores = scores_.view();
+  const TensorView<const S, 4> keys = keys_.view(), values = values_.view();
+  const TensorView<const Compute, 3> scores = scores_.view();
   detail::require_disjoint(kFunction, "the cache's keys", keys, "k", k);
   detail::require_disjoint(kFunction, "the cache's values", values, "v", v);
   detail::require_disjoint(kFunction, "the cache's scores", scores, "u", u);
   for (Index b = 0; b < batch(); ++b)
     for (Index h = 0; h < heads_kv(); ++h)
       for (Index j = 0; j < count; ++j)
-        check(std::isfinite(u(b, h, j)), kFunction, ": u[", b, ", ", h, ", ", j, "] (position ",
-              length_ + j, ") must be finite, got ", u(b, h, j));
+        check(std::isfinite(detail::widen(u(b, h, j))), kFunction, ": u[", b, ", ", h, ", ", j,
+              "] (position ", length_ + j, ") must be finite, got ", detail::widen(u(b, h, j)));
 
   // Heads are independent; a few tokens are not worth waking threads for.
   const Index heads = batch() * heads_kv();
@@ -170,14 +170,14 @@ void SparseKCache<T>::append(TensorView<const T, 4> k, TensorView<const T, 4> v,
     const Index b = head_index / heads_kv(), h = head_index % heads_kv();
     for (Index j = 0; j < count; ++j)
       push_token(head_index, length_ + j, k.address(b, h, j, 0), k.stride(3), v.address(b, h, j, 0),
-                 v.stride(3), u(b, h, j));
+                 v.stride(3), detail::widen(u(b, h, j)));
   });
   length_ += count;
 }
 
-template <typename T>
-void SparseKCache<T>::attend(TensorView<const T, 4> q, TensorView<T, 4> out,
-                             TensorView<T, 3> lse) const {
+template <typename S>
+void SparseKCache<S>::attend(TensorView<const S, 4> q, TensorView<S, 4> out,
+                             TensorView<Compute, 3> lse) const {
   constexpr const char* kFunction = "SparseKCache::attend";
   const detail::UseGuard::Read reading(guard_, "cache", kFunction);
   detail::require_queries_and_outputs(
@@ -198,8 +198,8 @@ void SparseKCache<T>::attend(TensorView<const T, 4> q, TensorView<T, 4> out,
   const Index heads_q = q.size(1);
   if (batch() == 0 || heads_q == 0) return;
 
-  detail::SparseKCachePlan<T> plan;
-  detail::FlashParams<T>& params = plan.params;
+  detail::SparseKCachePlan<S> plan;
+  detail::FlashParams<S>& params = plan.params;
   params.q = q;
   params.k = keys();
   params.v = values();
@@ -218,12 +218,12 @@ void SparseKCache<T>::attend(TensorView<const T, 4> q, TensorView<T, 4> out,
   plan.gate = options_.gate;
   plan.thresholds.resize(heads_.size());
   for (std::size_t head = 0; head < heads_.size(); ++head)
-    plan.thresholds[head] = static_cast<T>(heads_[head].threshold.threshold());
-  detail::kernels<T>().sparsek_cache_attention(plan);
+    plan.thresholds[head] = static_cast<Compute>(heads_[head].threshold.threshold());
+  detail::kernels<S>().sparsek_cache_attention(plan);
 }
 
-template <typename T>
-void SparseKCache<T>::reset() {
+template <typename S>
+void SparseKCache<S>::reset() {
   const detail::UseGuard::Mutation mutation(guard_, "cache", "SparseKCache::reset");
   length_ = 0;
   for (HeadState& head : heads_) {
@@ -233,22 +233,23 @@ void SparseKCache<T>::reset() {
   }
 }
 
-template <typename T>
-void SparseKCache<T>::require_head(const char* method, Index sequence, Index head) const {
+template <typename S>
+void SparseKCache<S>::require_head(const char* method, Index sequence, Index head) const {
   check(sequence >= 0 && sequence < batch(), "SparseKCache::", method, ": sequence must be in [0, ",
         batch(), "), got ", sequence);
   check(head >= 0 && head < heads_kv(), "SparseKCache::", method, ": head must be in [0, ",
         heads_kv(), "), got ", head);
 }
 
-template <typename T>
-double SparseKCache<T>::threshold(Index sequence, Index head) const {
+template <typename S>
+double SparseKCache<S>::threshold(Index sequence, Index head) const {
   require_head("threshold", sequence, head);
   return heads_[static_cast<std::size_t>(sequence * heads_kv() + head)].threshold.threshold();
 }
 
-template <typename T>
-SparseKCacheSelection<T> SparseKCache<T>::selected(Index sequence, Index head) const {
+template <typename S>
+SparseKCacheSelection<compute_type_t<S>> SparseKCache<S>::selected(Index sequence,
+                                                                   Index head) const {
   require_head("selected", sequence, head);
   const HeadState& state = heads_[static_cast<std::size_t>(sequence * heads_kv() + head)];
   const double tau = state.threshold.threshold();
@@ -256,17 +257,19 @@ SparseKCacheSelection<T> SparseKCache<T>::selected(Index sequence, Index head) c
   for (Index slot = 0; slot < selected_count(); ++slot)
     by_position.emplace_back(state.slot_position[static_cast<std::size_t>(slot)], slot);
   std::sort(by_position.begin(), by_position.end());
-  SparseKCacheSelection<T> selection;
+  SparseKCacheSelection<Compute> selection;
   for (const auto& [position, slot] : by_position) {
-    const T score = scores_(sequence, head, slot_rows_[static_cast<std::size_t>(slot)]);
+    const Compute score = scores_(sequence, head, slot_rows_[static_cast<std::size_t>(slot)]);
     selection.positions.push_back(position);
     selection.gates.push_back(
-        static_cast<T>(std::clamp(static_cast<double>(score) - tau, 0.0, 1.0)));
+        static_cast<Compute>(std::clamp(static_cast<double>(score) - tau, 0.0, 1.0)));
   }
   return selection;
 }
 
 template class SparseKCache<float>;
 template class SparseKCache<double>;
+template class SparseKCache<bfloat16>;
+template class SparseKCache<float16>;
 
 }  // namespace foveal

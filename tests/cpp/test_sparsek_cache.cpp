@@ -18,6 +18,8 @@
 #include <vector>
 
 #include "cpp/harness.hpp"
+#include "foveal/core/build_info.hpp"
+#include "foveal/core/dtype.hpp"
 #include "foveal/sparsek/attention.hpp"
 #include "foveal/sparsek/cache.hpp"
 #include "reference/sparsek_reference.hpp"
@@ -464,6 +466,128 @@ TEST(SparseKCache, ResultsIdenticalForOneTwoThreeThreads) {
         ASSERT_TRUE(bitwise_equal(attend_once(caches[i], s, p - 1), single)) << "step " << p - 1;
     }
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 16-bit storage: the float cache on the same (representable) values, rounded.
+
+template <typename H>
+std::vector<H> to_half(const std::vector<float>& x) {
+  std::vector<H> result;
+  for (float value : x) result.push_back(to_storage<H>(value));
+  return result;
+}
+
+template <typename H>
+std::vector<float> representable(const std::vector<float>& x) {
+  std::vector<float> result;
+  for (float value : x) result.push_back(to_float(to_storage<H>(value)));
+  return result;
+}
+
+template <typename H>
+void check_half_cache_is_the_float_cache_rounded() {
+  struct Case {
+    Index batch, heads_kv, heads_q, dim, dim_v;
+    SparseKOptions options;
+  };
+  // Decode groups of 1-4 rows (few-row tiles, gathered slots and contiguous sinks / window), a
+  // group of 12 (many-row tiles: on AMX for bfloat16 with D % 32 == 0, Dv % 16 == 0), every gate.
+  const Case cases[] = {
+      {1, 1, 1, 8, 8, make_options(5, 0, 0, SparseKGate::value)},
+      {2, 2, 8, 19, 11, make_options(7, 4, 2, SparseKGate::kv)},
+      {1, 3, 6, 64, 40, make_options(9, 16, 1, SparseKGate::none, 2)},
+      {1, 1, 12, 32, 16, make_options(6, 5, 2, SparseKGate::value, 3)},
+  };
+  std::uint64_t seed = 9700;
+  for (const Case& c : cases) {
+    Sequence<float> s = make_sequence<float>(++seed, c.batch, c.heads_kv, c.heads_q, 260, c.dim,
+                                             c.dim_v, Scores::spread);
+    s.q = representable<H>(s.q);
+    s.k = representable<H>(s.k);
+    s.v = representable<H>(s.v);
+    s.u = representable<H>(s.u);
+    SCOPED_TRACE(describe("seed=", seed, " B=", c.batch, " Hkv=", c.heads_kv, " Hq=", c.heads_q,
+                          " D=", c.dim, " Dv=", c.dim_v, " ", describe_options(c.options)));
+    const std::vector<H> q = to_half<H>(s.q), k = to_half<H>(s.k), v = to_half<H>(s.v),
+                         u = to_half<H>(s.u);
+    // The 16-bit views share s's layout: the same offsets into the 16-bit copies.
+    SparseKCache<float> single(s.batch, s.heads_kv, s.dim, s.dim_v, c.options);
+    SparseKCache<H> half(s.batch, s.heads_kv, s.dim, s.dim_v, c.options);
+    const bool tiles = std::is_same_v<H, bfloat16> && build_info().level == "avx512-amx" &&
+                       c.heads_q / c.heads_kv > 8 && c.dim % 32 == 0 && c.dim_v % 16 == 0;
+    const auto offset = [](const TensorView<const float, 4>& view, const std::vector<float>& base) {
+      return view.data() - base.data();
+    };
+    for (Index p = 0; p < s.length;) {
+      const Index n = p % 97 == 0 ? std::min<Index>(40, s.length - p) : 1;
+      const auto ks = s.k_steps(p, n), vs = s.v_steps(p, n), qs = s.q_steps(p + n - 1, 1);
+      const auto us = s.u_steps(p, n);
+      single.append(ks, vs, us);
+      half.append(
+          TensorView<const H, 4>(k.data() + offset(ks, s.k), ks.shape(), ks.strides()),
+          TensorView<const H, 4>(v.data() + offset(vs, s.v), vs.shape(), vs.strides()),
+          TensorView<const H, 3>(u.data() + (us.data() - s.u.data()), us.shape(), us.strides()));
+      p += n;
+      std::vector<float> out(static_cast<std::size_t>(s.batch * s.heads_q * s.dim_v));
+      std::vector<float> lse(static_cast<std::size_t>(s.batch * s.heads_q), -7.0f);
+      std::vector<H> half_out(out.size(), to_storage<H>(-7.0f));
+      std::vector<float> half_lse(lse.size(), -7.0f);
+      single.attend(qs, TensorView<float, 4>(out.data(), {s.batch, s.heads_q, 1, s.dim_v}),
+                    TensorView<float, 3>(lse.data(), {s.batch, s.heads_q, 1}));
+      half.attend(TensorView<const H, 4>(q.data() + offset(qs, s.q), qs.shape(), qs.strides()),
+                  TensorView<H, 4>(half_out.data(), {s.batch, s.heads_q, 1, s.dim_v}),
+                  TensorView<float, 3>(half_lse.data(), {s.batch, s.heads_q, 1}));
+      for (std::size_t i = 0; i < out.size(); ++i) {
+        if (tiles) {
+          ASSERT_NEAR(to_float(half_out[i]), out[i], 4e-3 * (1 + std::abs(out[i])))
+              << "step " << p - 1 << " out[" << i << "]";
+        } else {
+          ASSERT_EQ(half_out[i].bits, to_storage<H>(out[i]).bits)
+              << "step " << p - 1 << " out[" << i << "]: float gave " << out[i];
+        }
+      }
+      for (std::size_t i = 0; i < lse.size(); ++i) {
+        if (tiles) {
+          ASSERT_NEAR(half_lse[i], lse[i], 2e-5 * (1 + std::abs(lse[i]))) << "step " << p - 1;
+        } else {
+          ASSERT_EQ(half_lse[i], lse[i]) << "step " << p - 1 << " lse[" << i << "]";
+        }
+      }
+    }
+    for (Index b = 0; b < s.batch; ++b)
+      for (Index head = 0; head < s.heads_kv; ++head) {
+        const auto want = single.selected(b, head);
+        const auto got = half.selected(b, head);
+        EXPECT_EQ(got.positions, want.positions);
+        EXPECT_EQ(got.gates, want.gates);
+        EXPECT_EQ(half.threshold(b, head), single.threshold(b, head));
+      }
+    EXPECT_EQ(half.stored_rows(), single.stored_rows());
+  }
+}
+
+TEST(SparseKCache, HalfStorageBFloat16IsTheFloatCacheRounded) {
+  check_half_cache_is_the_float_cache_rounded<bfloat16>();
+}
+TEST(SparseKCache, HalfStorageFloat16IsTheFloatCacheRounded) {
+  check_half_cache_is_the_float_cache_rounded<float16>();
+}
+
+TEST(SparseKCache, HalfStorageRejectsNonFiniteScoresNaming) {
+  SparseKCache<bfloat16> cache(1, 1, 4, 4, make_options(2, 0, 0, SparseKGate::value));
+  const std::vector<bfloat16> rows(4, to_storage<bfloat16>(1.0f));
+  const bfloat16 score = to_storage<bfloat16>(std::numeric_limits<float>::infinity());
+  const TensorView<const bfloat16, 4> row(rows.data(), {1, 1, 1, 4});
+  try {
+    cache.append(row, row, TensorView<const bfloat16, 3>(&score, {1, 1, 1}));
+    FAIL() << "no error";
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("u[0, 0, 0] (position 0) must be finite, got inf"),
+              std::string::npos)
+        << error.what();
+  }
+  EXPECT_EQ(cache.length(), 0);
 }
 
 TEST(SparseKCache, ResetStartsOver) {

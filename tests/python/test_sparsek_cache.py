@@ -11,6 +11,7 @@ from __future__ import annotations
 import foveal
 import numpy as np
 import pytest
+from conftest import assert_rounded, on_amx_tiles
 from foveal.sparsek import SparseKCache
 
 TOLERANCE = {np.float32: 2e-5, np.float64: 1e-11}
@@ -69,6 +70,57 @@ def test_torch_inputs_give_torch_outputs(rng, torch):
         out = cache.attend(tensors[0][:, :, p : p + 1])
         assert isinstance(out, torch.Tensor) and out.shape == (1, 6, 1, 7)
         assert_close(out.numpy(), want[:, :, p : p + 1], TOLERANCE[np.float32])
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+@pytest.mark.parametrize(
+    "heads_q, dim, dim_v, gate", [(4, 8, 6, "value"), (2, 32, 16, "kv"), (12, 32, 16, "none")]
+)
+def test_half_storage_is_the_float32_cache_rounded(
+    rng, torch, dtype_name, heads_q, dim, dim_v, gate
+):
+    # 16-bit K, V, u, q and out, float32 lse and gates: the float32 cache on the same values,
+    # rounded (within bfloat16 rounding where the tiles of a 12-row group run on AMX).
+    half = getattr(torch, dtype_name)
+    arrays = make_sequence(rng, 1, 2, heads_q, 300, dim, dim_v, np.float32)
+    q, k, v, u = (torch.from_numpy(x).to(half) for x in arrays)
+    options = dict(topk=9, window=6, sink_tokens=1, gate=gate)
+    single = SparseKCache(1, 2, dim, dim_v, **options)
+    cache = SparseKCache(1, 2, dim, dim_v, dtype=dtype_name, **options)
+    assert "bfloat16" in repr(cache) or "float16" in repr(cache)
+    tiles = heads_q // 2 > 8 and on_amx_tiles(half, dim, dim_v)
+    for p in range(300):
+        step = slice(p, p + 1)
+        cache.append(k[:, :, step], v[:, :, step], u[:, :, step])
+        single.append(*(x[:, :, step].float() for x in (k, v, u)))
+        out, lse = cache.attend(q[:, :, step], return_lse=True)
+        want, want_lse = single.attend(q[:, :, step].float(), return_lse=True)
+        assert out.dtype == half and lse.dtype == torch.float32
+        if tiles:
+            assert_rounded(out, want, dim, dim_v, lse, want_lse)
+        else:
+            assert torch.equal(out, want.to(half)), f"step {p}"
+            assert torch.equal(lse, want_lse), f"step {p}"
+    for head in range(2):
+        positions, gates = cache.selected(0, head)
+        want_positions, want_gates = single.selected(0, head)
+        assert np.array_equal(positions, want_positions)
+        assert gates.dtype == np.float32 and np.array_equal(gates, want_gates)
+
+
+def test_half_storage_rejects_other_dtypes(rng, torch):
+    cache = SparseKCache(1, 1, 4, 4, topk=2, dtype="bfloat16")
+    rows = torch.zeros((1, 1, 1, 4), dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="u"):
+        cache.append(rows, rows, torch.zeros((1, 1, 1)))
+    with pytest.raises(TypeError, match="k"):
+        cache.append(rows.float(), rows, torch.zeros((1, 1, 1), dtype=torch.bfloat16))
+    assert cache.length == 0
+    cache.append(rows, rows, torch.zeros((1, 1, 1), dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="lse"):
+        cache._cache.attend(rows, rows.clone(), torch.zeros((1, 1, 1), dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="q"):
+        cache.attend(rows.float())
 
 
 def test_appending_several_tokens_equals_one_at_a_time(rng):
@@ -137,7 +189,7 @@ def test_bad_input_raises_and_changes_nothing(rng):
         SparseKCache(1, 1, 2, topk=1, window=-1)
     with pytest.raises(ValueError, match='gate must be "value", "kv" or "none", got "soft"'):
         SparseKCache(1, 1, 2, topk=1, gate="soft")
-    with pytest.raises(TypeError, match="dtype must be float32 or float64"):
+    with pytest.raises(TypeError, match="dtype must be float32, float64, bfloat16 or float16"):
         SparseKCache(1, 1, 2, topk=1, dtype=np.int32)
     with pytest.raises(ValueError, match="sink_tokens must be >= 0"):
         SparseKCache(1, 1, 2, topk=1, sink_tokens=-1)

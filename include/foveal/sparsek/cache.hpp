@@ -5,6 +5,7 @@
 
 #include <vector>
 
+#include "foveal/core/dtype.hpp"
 #include "foveal/core/tensor.hpp"
 #include "foveal/detail/sparsek_prefix.hpp"
 #include "foveal/detail/use_guard.hpp"
@@ -52,9 +53,15 @@ struct SparseKCacheSelection {
 // run alone; an overlapping mutation, or a read that overlaps a mutation, throws foveal::Error
 // ("the cache is being modified by another thread") and changes nothing. Sizes whose byte count
 // overflows throw foveal::Error; storage the system cannot provide throws foveal::MemoryError.
-template <typename T>
+//
+// Storage: S = float or double, or bfloat16 / float16 (K, V, q, out and u in S: half the bytes
+// of float; scores, gates, τ and lse in float, the kernels computing in float as for a 16-bit
+// KVCache).
+template <typename S>
 class SparseKCache {
  public:
+  using Compute = compute_type_t<S>;  // of scores, gates and lse: float for 16-bit storage
+
   // An empty cache of `batch` sequences with `heads_kv` key/value heads, keys of dimension
   // `dim` and values of dimension `dim_v`. options as for sparsek_attention: topk >= 1,
   // window >= 0, sink_tokens >= 0, gate, scale (0: 1/sqrt(dim)), softcap, num_threads (0: the
@@ -79,13 +86,13 @@ class SparseKCache {
 
   // The storage, [B, Hkv, capacity, D] and [B, Hkv, capacity, Dv] (row layout above; rows not
   // in use hold stale data).
-  TensorView<const T, 4> keys() const { return keys_.view(); }
-  TensorView<const T, 4> values() const { return values_.view(); }
+  TensorView<const S, 4> keys() const { return keys_.view(); }
+  TensorView<const S, 4> values() const { return values_.view(); }
 
   // k: [B, Hkv, n, D]  v: [B, Hkv, n, Dv]  u: [B, Hkv, n] (finite)
   // Appends n >= 0 tokens to every sequence (positions length() .. length() + n − 1); the
   // same as n appends of one token. Any strides.
-  void append(TensorView<const T, 4> k, TensorView<const T, 4> v, TensorView<const T, 3> u);
+  void append(TensorView<const S, 4> k, TensorView<const S, 4> v, TensorView<const S, 3> u);
 
   // q: [B, Hq, 1, D]  ->  out: [B, Hq, 1, Dv]  lse: [B, Hq, 1] (optional)
   // SparseK attention of the query at the newest position of every sequence (GQA: Hq a multiple
@@ -93,13 +100,14 @@ class SparseKCache {
   // One task per (sequence, kv head) on the shared engine: the selected tokens in gathered
   // blocks with their gates, then the sinks and the window; results are bitwise identical for
   // any thread count and equal sparsek_attention's row p to rounding.
-  void attend(TensorView<const T, 4> q, TensorView<T, 4> out, TensorView<T, 3> lse = {}) const;
+  void attend(TensorView<const S, 4> q, TensorView<S, 4> out,
+              TensorView<Compute, 3> lse = {}) const;
 
   // Empties every sequence (storage is kept; its contents are stale).
   void reset();
 
   // The selection of the newest query of `sequence` on kv head `head`, for inspection.
-  SparseKCacheSelection<T> selected(Index sequence, Index head) const;
+  SparseKCacheSelection<Compute> selected(Index sequence, Index head) const;
   // τ of that query's pool (−inf while the pool holds <= topk tokens).
   double threshold(Index sequence, Index head) const;
 
@@ -115,13 +123,13 @@ class SparseKCache {
 
   void require_head(const char* method, Index sequence, Index head) const;
   // Adds the token at `position` of head `head_index` (k, v rows with their strides, score).
-  void push_token(Index head_index, Index position, const T* k_row, Index k_stride, const T* v_row,
-                  Index v_stride, T score);
+  void push_token(Index head_index, Index position, const S* k_row, Index k_stride, const S* v_row,
+                  Index v_stride, Compute score);
   // The pool token at `position` (rows as above) enters the pool of head `head_index`.
-  void enter_pool(Index head_index, Index position, const T* k_row, Index k_stride, const T* v_row,
-                  Index v_stride, T score);
-  void write_row(Index head_index, Index row, const T* k_row, Index k_stride, const T* v_row,
-                 Index v_stride, T score);
+  void enter_pool(Index head_index, Index position, const S* k_row, Index k_stride, const S* v_row,
+                  Index v_stride, Compute score);
+  void write_row(Index head_index, Index row, const S* k_row, Index k_stride, const S* v_row,
+                 Index v_stride, Compute score);
   // Storage row of the window token at `position` (>= sink_tokens).
   Index ring_row(Index position) const;
   // Tokens in the top-k slots of every head: min(pool size, topk).
@@ -132,9 +140,9 @@ class SparseKCache {
   SparseKOptions options_;
   double scale_ = 1;  // options_.scale resolved (0 -> 1/sqrt(dim))
   Index length_ = 0;
-  Tensor<T, 4> keys_;             // [B, Hkv, capacity, D]
-  Tensor<T, 4> values_;           // [B, Hkv, capacity, Dv]
-  Tensor<T, 3> scores_;           // [B, Hkv, capacity]: u of each stored row
+  Tensor<S, 4> keys_;             // [B, Hkv, capacity, D]
+  Tensor<S, 4> values_;           // [B, Hkv, capacity, Dv]
+  Tensor<Compute, 3> scores_;     // [B, Hkv, capacity]: u of each stored row
   std::vector<HeadState> heads_;  // B * Hkv, sequence-major
   std::vector<Index> slot_rows_;  // [topk]: the storage row of each top-k slot
   detail::UseGuard guard_;        // detects concurrent append / reset / attend
@@ -142,5 +150,7 @@ class SparseKCache {
 
 extern template class SparseKCache<float>;
 extern template class SparseKCache<double>;
+extern template class SparseKCache<bfloat16>;
+extern template class SparseKCache<float16>;
 
 }  // namespace foveal
