@@ -514,6 +514,10 @@ void check_half_cache_is_the_float_cache_rounded() {
     // The 16-bit views share s's layout: the same offsets into the 16-bit copies.
     SparseKCache<float> single(s.batch, s.heads_kv, s.dim, s.dim_v, c.options);
     SparseKCache<H> half(s.batch, s.heads_kv, s.dim, s.dim_v, c.options);
+    // The same 16-bit cache on another thread count: the same bits.
+    SparseKOptions other_options = c.options;
+    other_options.num_threads = c.options.num_threads == 3 ? 1 : 3;
+    SparseKCache<H> other(s.batch, s.heads_kv, s.dim, s.dim_v, other_options);
     const bool tiles = std::is_same_v<H, bfloat16> && build_info().level == "avx512-amx" &&
                        c.heads_q / c.heads_kv > 8 && c.dim % 32 == 0 && c.dim_v % 16 == 0;
     const auto offset = [](const TensorView<const float, 4>& view, const std::vector<float>& base) {
@@ -524,10 +528,12 @@ void check_half_cache_is_the_float_cache_rounded() {
       const auto ks = s.k_steps(p, n), vs = s.v_steps(p, n), qs = s.q_steps(p + n - 1, 1);
       const auto us = s.u_steps(p, n);
       single.append(ks, vs, us);
-      half.append(
-          TensorView<const H, 4>(k.data() + offset(ks, s.k), ks.shape(), ks.strides()),
-          TensorView<const H, 4>(v.data() + offset(vs, s.v), vs.shape(), vs.strides()),
-          TensorView<const H, 3>(u.data() + (us.data() - s.u.data()), us.shape(), us.strides()));
+      const TensorView<const H, 4> half_k(k.data() + offset(ks, s.k), ks.shape(), ks.strides());
+      const TensorView<const H, 4> half_v(v.data() + offset(vs, s.v), vs.shape(), vs.strides());
+      const TensorView<const H, 3> half_u(u.data() + (us.data() - s.u.data()), us.shape(),
+                                          us.strides());
+      half.append(half_k, half_v, half_u);
+      other.append(half_k, half_v, half_u);
       p += n;
       std::vector<float> out(static_cast<std::size_t>(s.batch * s.heads_q * s.dim_v));
       std::vector<float> lse(static_cast<std::size_t>(s.batch * s.heads_q), -7.0f);
@@ -535,9 +541,16 @@ void check_half_cache_is_the_float_cache_rounded() {
       std::vector<float> half_lse(lse.size(), -7.0f);
       single.attend(qs, TensorView<float, 4>(out.data(), {s.batch, s.heads_q, 1, s.dim_v}),
                     TensorView<float, 3>(lse.data(), {s.batch, s.heads_q, 1}));
-      half.attend(TensorView<const H, 4>(q.data() + offset(qs, s.q), qs.shape(), qs.strides()),
-                  TensorView<H, 4>(half_out.data(), {s.batch, s.heads_q, 1, s.dim_v}),
+      const TensorView<const H, 4> half_q(q.data() + offset(qs, s.q), qs.shape(), qs.strides());
+      half.attend(half_q, TensorView<H, 4>(half_out.data(), {s.batch, s.heads_q, 1, s.dim_v}),
                   TensorView<float, 3>(half_lse.data(), {s.batch, s.heads_q, 1}));
+      std::vector<H> other_out(out.size());
+      std::vector<float> other_lse(lse.size());
+      other.attend(half_q, TensorView<H, 4>(other_out.data(), {s.batch, s.heads_q, 1, s.dim_v}),
+                   TensorView<float, 3>(other_lse.data(), {s.batch, s.heads_q, 1}));
+      for (std::size_t i = 0; i < out.size(); ++i)
+        ASSERT_EQ(other_out[i].bits, half_out[i].bits) << "threads, step " << p - 1;
+      ASSERT_EQ(other_lse, half_lse) << "threads, step " << p - 1;
       for (std::size_t i = 0; i < out.size(); ++i) {
         if (tiles) {
           ASSERT_NEAR(to_float(half_out[i]), out[i], 4e-3 * (1 + std::abs(out[i])))
