@@ -157,7 +157,9 @@ void SparseKCache<S>::append(TensorView<const S, 4> k, TensorView<const S, 4> v,
   detail::require_disjoint(kFunction, "the cache's keys", keys, "k", k);
   detail::require_disjoint(kFunction, "the cache's values", values, "v", v);
   detail::require_disjoint(kFunction, "the cache's scores", scores, "u", u);
-  for (Index b = 0; b < batch(); ++b)
+  // (No scores, no loop: a cache of no heads may have any batch, even 2^58.)
+  const bool has_scores = heads_kv() > 0 && count > 0;
+  for (Index b = 0; has_scores && b < batch(); ++b)
     for (Index h = 0; h < heads_kv(); ++h)
       for (Index j = 0; j < count; ++j)
         check(std::isfinite(detail::widen(u(b, h, j))), kFunction, ": u[", b, ", ", h, ", ", j,

@@ -975,7 +975,8 @@ def sparsek_functions_case(draw):
 def sparsek_cache_case(draw):
     case = Case(draw, "SparseKCache")
     d = case.dims({"B": (0, 2), "Hkv": (0, 2), "D": (0, 5), "Dv": (0, 5)}, ("B", "Hkv"))
-    dtype = case.dtype if case.dtype in ("float32", "float64") else "float32"
+    case.maybe_half()
+    dtype = case.cache_dtype()
     sizes = [str(d[n]) for n in ("B", "Hkv", "D", "Dv")]
     if draw(st.integers(0, 5)) == 0:
         sizes[draw(st.integers(0, 3))] = draw(int_option())

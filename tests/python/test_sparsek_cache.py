@@ -123,6 +123,22 @@ def test_half_storage_rejects_other_dtypes(rng, torch):
         cache.attend(rows.float())
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_huge_batch_of_no_heads_appends_and_attends_at_once(dtype):
+    # Fuzz finding: B = 2^58 with Hkv = 0 looped over the batch to check no scores.
+    from numpy.lib.stride_tricks import as_strided
+
+    def broadcast(shape):
+        return as_strided(np.zeros(1, dtype), shape, (0,) * len(shape))
+
+    batch = 2**58
+    cache = SparseKCache(batch, 0, 2, 1, topk=4, sink_tokens=3, dtype=dtype)
+    cache.append(broadcast((batch, 0, 0, 2)), broadcast((batch, 0, 0, 1)), broadcast((batch, 0, 0)))
+    cache.append(broadcast((batch, 0, 1, 2)), broadcast((batch, 0, 1, 1)), broadcast((batch, 0, 1)))
+    assert cache.length == 1
+    assert cache.attend(broadcast((batch, 0, 1, 2))).shape == (batch, 0, 1, 1)
+
+
 def test_appending_several_tokens_equals_one_at_a_time(rng):
     q, k, v, u = make_sequence(rng, 2, 1, 3, 400, 4, 4, np.float64)
     single = SparseKCache(2, 1, 4, 4, topk=7, window=3, sink_tokens=2, dtype=np.float64)
