@@ -26,6 +26,7 @@ using foveal::python::Keywords;
 using foveal::python::optional_view;
 using foveal::python::Tensor;
 using foveal::python::with_float_type;
+using foveal::python::with_storage_type;
 
 // An output of the caller's must have the shape of the input it mirrors.
 void require_shape_of(const char* fn, const char* name, const Tensor& tensor, const char* of,
@@ -143,7 +144,8 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
   const Keywords keywords(fn, kwargs);
   const auto options = foveal::python::sparsek_options(keywords);
   keywords.require_all_read();
-  with_float_type(fn, "q", q, [&](auto type) {
+  // 16-bit q: k, v, u and out in its dtype, lse float32.
+  with_storage_type(fn, "q", q, [&](auto type) {
     using T = decltype(type);
     const char* same = "the dtype of q";
     const auto q_view = q.view<const T, 4>(fn, "q", "B, Hq, Lq, D");
@@ -151,7 +153,9 @@ void attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& 
     const auto v_view = v.view<const T, 4>(fn, "v", "B, Hkv, Lk, Dv", same);
     const auto u_view = u.view<const T, 3>(fn, "u", "B, Hkv, Lk", same);
     const auto out_view = out.view<T, 4>(fn, "out", "B, Hq, Lq, Dv", same);
-    const auto lse_view = optional_view<T, 3>(lse, fn, "lse", "B, Hq, Lq", same);
+    const auto lse_view = optional_view<foveal::compute_type_t<T>, 3>(
+        lse, fn, "lse", "B, Hq, Lq",
+        foveal::is_half_dtype_v<T> ? "float32 next to 16-bit q" : same);
     py::gil_scoped_release release;
     foveal::sparsek_attention(q_view, k_view, v_view, u_view, options, out_view, lse_view);
   });

@@ -320,7 +320,8 @@ def _sparsek_attention_op(
 
 @_sparsek_attention_op.register_fake
 def _(q, k, v, u, *options):
-    return q.new_empty((*q.shape[:3], v.shape[3])), q.new_empty(q.shape[:3])
+    lse_dtype = torch.float32 if q.dtype in _HALF else q.dtype  # 16-bit storage: lse float32
+    return q.new_empty((*q.shape[:3], v.shape[3])), q.new_empty(q.shape[:3], dtype=lse_dtype)
 
 
 @torch.library.custom_op("foveal::sparsek_attention_backward", mutates_args=())
@@ -353,10 +354,17 @@ def _sparsek_attention_backward_op(
         for name, value in locals().items()
         if name in (*_SPARSEK_OPTIONS, *_KEY_RANGES, "q_offset", "num_threads", "score_grad")
     }
+    dtypes = [t.dtype for t in (q, k, v, u)]
+    if q.dtype in _HALF:
+        # 16-bit storage: the backward runs in float32 on widened copies (the values are exact
+        # in float32, lse is float32 already), its gradients rounded to the inputs' dtypes.
+        tensors = [t.float() for t in tensors]
+        grad_out = grad_out.float()
     grad_q, grad_k, grad_v, grad_u = _sparsek.sparsek_attention_backward(
         *tensors, grad_out, **options
     )
-    return grad_q, grad_k, grad_v, torch.zeros_like(u) if grad_u is None else grad_u
+    grads = (grad_q, grad_k, grad_v, torch.zeros_like(u) if grad_u is None else grad_u)
+    return tuple(grad.to(dtype) for grad, dtype in zip(grads, dtypes))
 
 
 @_sparsek_attention_backward_op.register_fake

@@ -326,6 +326,7 @@ struct Kernels {
   X(decode_attention, (const DecodePlan<T>&))                   \
   X(quest_decode_attention, (const QuestPlan<T>&))              \
   X(paged_attention, (const PagedPlan<T>&))                     \
+  X(sparsek_attention, (const SparseKPlan<T>&))                 \
   X(block_sparse_select, (const SelectPlan<T>&))                \
   X(block_sparse_attention, (const SelectionPlan<T>&))          \
   X(token_topk_select, (const SelectPlan<T>&))                  \

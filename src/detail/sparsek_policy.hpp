@@ -55,8 +55,10 @@ struct GateGradientSums {
 template <typename T>
 class SparseKPolicy : public GatedKeyHooks<T>, public RulePolicy<AlwaysVisible> {
  public:
+  // u: the head's scores, in T or in the 16-bit storage type T computes for.
+  template <typename U>
   SparseKPolicy(const SparseKGeometry& geometry, const AlwaysVisible& always_visible,
-                const HeadSelection& selection, const T* u, Index u_stride, const Index* keys,
+                const HeadSelection& selection, const U* u, Index u_stride, const Index* keys,
                 Index key_count, Index group, Index flat_begin, SparseKGate gate,
                 PolicyScratch<T>& scratch, const GateGradientSums<T>& sums = {})
       : GatedKeyHooks<T>({keys, scratch.score.data(), scratch.row_threshold.data(),
@@ -90,7 +92,7 @@ class SparseKPolicy : public GatedKeyHooks<T>, public RulePolicy<AlwaysVisible> 
       }
       scratch.row_begin[static_cast<std::size_t>(i)] = row_begin;
       scratch.row_end[static_cast<std::size_t>(i)] = row_end;
-      scratch.score[static_cast<std::size_t>(i)] = u[key * u_stride];
+      scratch.score[static_cast<std::size_t>(i)] = widen(u[key * u_stride]);
     }
     for (Index r = 0; r < kBlockQ; ++r) {
       const Index flat = flat_begin + std::min(r, rows - 1);

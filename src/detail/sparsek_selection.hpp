@@ -140,8 +140,8 @@ void require_scores(const char* function, const TensorView<const T, 3>& u, Index
   for (Index b = 0; b < batch; ++b)
     for (Index h = 0; h < heads_kv; ++h)
       for (Index j = 0; j < len_k; ++j)
-        check(std::isfinite(u(b, h, j)), function, ": u[", b, ", ", h, ", ", j,
-              "] must be finite, got ", u(b, h, j));
+        check(std::isfinite(widen(u(b, h, j))), function, ": u[", b, ", ", h, ", ", j,
+              "] must be finite, got ", widen(u(b, h, j)));
 }
 
 // The selection of every (batch, kv head), one task each.

@@ -18,9 +18,11 @@ FOVEAL_LEVEL_PUSH
 namespace foveal::detail {
 inline namespace FOVEAL_LEVEL {
 
-template <typename T>
-void sparsek_attention(const SparseKPlan<T>& plan) {
-  const FlashParams<T>& params = plan.params;
+// S: the storage type; scores, gates and thresholds in T = compute_type_t<S>.
+template <typename S>
+void sparsek_attention(const SparseKPlan<S>& plan) {
+  using T = compute_type_t<S>;
+  const FlashParams<S>& params = plan.params;
   const SparseKGeometry& geometry = plan.geometry;
   const Index batch = params.q.size(0), heads_kv = params.k.size(1);
   const Index group = params.q.size(1) / heads_kv;

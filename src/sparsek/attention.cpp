@@ -87,7 +87,7 @@ void select_head(const T* u, Index u_stride, const SparseKGeometry& geometry,
   PrefixThreshold threshold(geometry.topk);
   PrefixTopK top(geometry.topk);
   for (Index key = 0; key < pool; ++key) {
-    const double z = static_cast<double>(u[(geometry.sinks + key) * u_stride]);
+    const double z = static_cast<double>(widen(u[(geometry.sinks + key) * u_stride]));
     threshold.push(z);
     const Index evicted = top.push(key, z);
     if (evicted >= 0) selection.evicted_at[static_cast<std::size_t>(evicted)] = key + 1;
@@ -97,6 +97,8 @@ void select_head(const T* u, Index u_stride, const SparseKGeometry& geometry,
 
 template void select_head(const float*, Index, const SparseKGeometry&, HeadSelection&);
 template void select_head(const double*, Index, const SparseKGeometry&, HeadSelection&);
+template void select_head(const bfloat16*, Index, const SparseKGeometry&, HeadSelection&);
+template void select_head(const float16*, Index, const SparseKGeometry&, HeadSelection&);
 
 void SelectionSweep::advance_to(Index length) {
   const auto& evicted_at = selection_.evicted_at;
@@ -205,7 +207,7 @@ void run_sparsek_attention(const detail::FlashParams<T>& params, TensorView<cons
 template <typename T>
 void attention_impl(TensorView<const T, 4> q, TensorView<const T, 4> k, TensorView<const T, 4> v,
                     TensorView<const T, 3> u, const SparseKOptions& options, TensorView<T, 4> out,
-                    TensorView<T, 3> lse) {
+                    TensorView<compute_type_t<T>, 3> lse) {
   detail::require_sparsek_options(kAttention, options, /*variable_length=*/true);
   const detail::FlashParams<T> params = detail::prepare_attention<T>(
       kAttention, q, k, v, out, options, lse, {}, /*variable_length=*/true);
@@ -358,6 +360,19 @@ void sparsek_attention(TensorView<const double, 4> q, TensorView<const double, 4
                        const SparseKOptions& options, TensorView<double, 4> out,
                        TensorView<double, 3> lse) {
   attention_impl<double>(q, k, v, u, options, out, lse);
+}
+
+void sparsek_attention(TensorView<const bfloat16, 4> q, TensorView<const bfloat16, 4> k,
+                       TensorView<const bfloat16, 4> v, TensorView<const bfloat16, 3> u,
+                       const SparseKOptions& options, TensorView<bfloat16, 4> out,
+                       TensorView<float, 3> lse) {
+  attention_impl<bfloat16>(q, k, v, u, options, out, lse);
+}
+void sparsek_attention(TensorView<const float16, 4> q, TensorView<const float16, 4> k,
+                       TensorView<const float16, 4> v, TensorView<const float16, 3> u,
+                       const SparseKOptions& options, TensorView<float16, 4> out,
+                       TensorView<float, 3> lse) {
+  attention_impl<float16>(q, k, v, u, options, out, lse);
 }
 
 void sparsek_select(TensorView<const float, 3> u, Index len_q, const SparseKOptions& options,

@@ -17,6 +17,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <utility>
@@ -30,6 +31,7 @@
 #include "foveal/attention/paged_kv_cache.hpp"
 #include "foveal/attention/sliding_window.hpp"
 #include "foveal/core/dtype.hpp"
+#include "foveal/sparsek/attention.hpp"
 #include "harness.hpp"
 
 namespace foveal::test {
@@ -285,6 +287,104 @@ TYPED_TEST(HalfPrecision, SlidingWindowIsTheFloatCallRounded) {
     const Run single = run_dense<float>(Operator::sliding_window, p, in, options, 0);
     expect_rounded_float_results<H>(half, single, on_amx_tiles<H>(p.dim, p.dim_v));
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SparseK attention on 16-bit q, k, v, scores u and out: the scores are widened exactly, so the
+// selection, the thresholds and the gates are the float call's, and so is everything after.
+
+template <typename T>
+Run run_sparsek(const Problem& p, const Inputs& in, const std::vector<double>& u,
+                const SparseKOptions& options, Index pad) {
+  using C = compute_type_t<T>;
+  const auto q = Buffer<T, 4>::make(in.q, p.q_shape(), pad, nan_of<T>());
+  const auto k = Buffer<T, 4>::make(in.k, p.k_shape(), pad, nan_of<T>());
+  const auto v = Buffer<T, 4>::make(in.v, p.v_shape(), pad, nan_of<T>());
+  const auto scores = Buffer<T, 3>::make(u, {p.batch, p.heads_kv, p.len_k}, pad, nan_of<T>());
+  auto out = Buffer<T, 4>::make({}, p.out_shape(), pad, nan_of<T>());
+  auto lse = Buffer<C, 3>::make({}, p.lse_shape(), 0, std::numeric_limits<C>::quiet_NaN());
+  sparsek_attention(q.const_view(), k.const_view(), v.const_view(), scores.const_view(), options,
+                    out.view(), lse.view());
+  return {out.values(), lse.values()};
+}
+
+TYPED_TEST(HalfPrecision, SparseKAttentionIsTheFloatCallRounded) {
+  using H = TypeParam;
+  constexpr Index kLengthChoices[] = {1, 2, 17, 64, 65, 129, 200, 301};
+  constexpr SparseKGate kGates[] = {SparseKGate::value, SparseKGate::kv, SparseKGate::none};
+  for (std::uint64_t seed = 1; seed <= 44; ++seed) {
+    // The last cases: shapes for AMX tiles (D % 32 == 0, Dv % 16 == 0), many rows per head.
+    const Problem p =
+        seed <= 40 ? random_problem(seed * 104729, 2e6, kLengthChoices, 4)
+                   : make_problem(1, 4, 1, 230 + static_cast<Index>(seed), 301, 64, 32, seed);
+    RandomSource random(seed + 500);
+    const Inputs in = representable_inputs<H>(random_inputs(p));
+    // Scores rounded to H; a third of the cases in small integers (ties: the lower index wins).
+    std::vector<double> u;
+    const auto count = static_cast<std::size_t>(p.batch * p.heads_kv * p.len_k);
+    if (random.chance(0.3)) {
+      for (std::size_t i = 0; i < count; ++i)
+        u.push_back(static_cast<double>(random.integer(0, 4)));
+    } else {
+      u = representable<H>(random.normal(count, 0, 1.5));
+    }
+    SparseKOptions options;
+    options.topk = random.pick({Index{1}, Index{7}, Index{64}, p.len_k + 3});
+    options.causal = random.chance(0.8);
+    options.window = options.causal ? random.pick({Index{0}, Index{1}, Index{33}}) : 0;
+    options.sink_tokens = random.pick({Index{0}, Index{3}});
+    if (seed > 40) {
+      options.causal = true;
+      options.window = 40;
+      options.sink_tokens = static_cast<Index>(seed % 3);
+    }
+    options.gate = random.pick(kGates);
+    if (random.chance(0.2)) options.softcap = 20;
+    options.num_threads = static_cast<int>(random.integer(1, 2));
+    const Index pad = random.chance(0.5) ? 0 : 3;
+    SCOPED_TRACE(describe(problem_string(p), "\n  topk=", options.topk, " window=", options.window,
+                          " sinks=", options.sink_tokens, " gate=", to_string(options.gate),
+                          " causal=", options.causal, " softcap=", options.softcap, " pad=", pad));
+
+    const Run half = run_sparsek<H>(p, in, u, options, pad);
+    const Run single = run_sparsek<float>(p, in, u, options, 0);
+    // The selected keys are gathered (converted to float, as the float call computes); only the
+    // window and the sinks, contiguous, may run on AMX tiles.
+    const bool contiguous_keys = options.window > 0 || options.sink_tokens > 0;
+    expect_rounded_float_results<H>(half, single,
+                                    contiguous_keys && on_amx_tiles<H>(p.dim, p.dim_v));
+
+    SparseKOptions other_threads = options;
+    other_threads.num_threads = 3 - options.num_threads;
+    const Run again = run_sparsek<H>(p, in, u, other_threads, 0);
+    EXPECT_TRUE(bitwise_equal(again.out, half.out)) << "thread count changed out";
+    EXPECT_TRUE(bitwise_equal(again.lse, half.lse)) << "thread count changed lse";
+  }
+}
+
+TYPED_TEST(HalfPrecision, SparseKAttentionRejectsNonFiniteScoresNaming) {
+  using H = TypeParam;
+  const Problem p = make_problem(1, 2, 1, 5, 9, 8, 8, 77);
+  const Inputs in = representable_inputs<H>(random_inputs(p));
+  std::vector<double> u(9, 0.5);
+  u[4] = std::numeric_limits<double>::infinity();
+  SparseKOptions options;
+  options.topk = 2;
+  const auto q = Buffer<H, 4>::make(in.q, p.q_shape(), 0, nan_of<H>());
+  const auto k = Buffer<H, 4>::make(in.k, p.k_shape(), 0, nan_of<H>());
+  const auto v = Buffer<H, 4>::make(in.v, p.v_shape(), 0, nan_of<H>());
+  const auto scores = Buffer<H, 3>::make(u, {1, 1, 9}, 0, nan_of<H>());
+  auto out = Buffer<H, 4>::make(std::vector<double>(10 * 8, 0.25), p.out_shape(), 0, nan_of<H>());
+  try {
+    sparsek_attention(q.const_view(), k.const_view(), v.const_view(), scores.const_view(), options,
+                      out.view());
+    FAIL() << "an infinite score was accepted";
+  } catch (const Error& error) {
+    EXPECT_NE(std::string(error.what()).find("u[0, 0, 4] must be finite, got inf"),
+              std::string::npos)
+        << error.what();
+  }
+  for (double value : out.values()) ASSERT_EQ(value, 0.25) << "out changed";
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -868,6 +868,7 @@ def sparsek_attention_case(draw):
     dims = case.dims(ATTENTION_DIMS, zero_for_huge=("B", "Lq", "Hkv"))
     if function == "torch_sparsek_attention":
         case.lib = "torch"
+    case.maybe_half()
     shape = _qkv(case, dims)
     case.array("u", (dims["B"], dims["Hkv"], dims["Lk"]))
     out_shape = (dims["B"], dims["Hkv"] * dims["G"], dims["Lq"], dims["Dv"])

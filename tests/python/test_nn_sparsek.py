@@ -196,6 +196,43 @@ def test_decode_cache_gives_the_rows_of_forward(dtype):
     torch.testing.assert_close(got, want, rtol=tolerance, atol=tolerance)
 
 
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_16_bit_layer_trains_and_decodes_as_the_float32_layer(half):
+    # The same weights in 16 bits: forward and every parameter's gradient within the dtype's
+    # rounding of the float32 layer's (16-bit gradients from the float32 backward of the widened
+    # values), and the 16-bit decode cache gives the 16-bit forward's rows.
+    options = dict(seed=4, topk=6, window=4, sink_tokens=2)
+    single = make_layer(dtype=torch.float32, **options)
+    layer = make_layer(dtype=half, **options)
+    layer.load_state_dict({name: p.to(half) for name, p in single.state_dict().items()})
+    single.load_state_dict({name: p.float() for name, p in layer.state_dict().items()})
+    x = torch.randn(2, 45, CONFIG["d_model"]).to(half)
+    weights = torch.randn(2, 45, CONFIG["d_model"])
+    y = layer(x)
+    want = single(x.float())
+    assert y.dtype == half
+    tolerance = 1e-2 if half == torch.bfloat16 else 2e-3
+    scale = want.abs().max()
+    assert ((y.float() - want).abs().max() / scale).item() <= tolerance
+    got_grads = gradients(layer, (y.float() * weights).sum())
+    want_grads = gradients(single, (want * weights).sum())
+    names = [name for name, _ in layer.named_parameters()]
+    for name, got, expected in zip(names, got_grads, want_grads):
+        assert got.dtype == half, name
+        error = (got.float() - expected).abs().max() / expected.abs().max().clamp_min(1e-6)
+        assert error.item() <= 2 * tolerance, name
+    cache = layer.new_cache(2)
+    rows = [layer.decode(x[:, :30], cache)] + [
+        layer.decode(x[:, t : t + 1], cache) for t in range(30, 45)
+    ]
+    got = torch.cat(rows, dim=1)
+    assert got.dtype == half
+    with torch.no_grad():
+        forward = layer(x)
+    scale = forward.float().abs().max()
+    assert ((got.float() - forward.float()).abs().max() / scale).item() <= tolerance
+
+
 def test_decode_rejects_a_cache_that_does_not_match():
     layer = make_layer()
     other = make_layer(topk=9).new_cache(1)

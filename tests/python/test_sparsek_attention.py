@@ -17,7 +17,7 @@ import math
 import foveal
 import numpy as np
 import pytest
-from conftest import DTYPES, assert_close
+from conftest import DTYPES, assert_close, assert_rounded, on_amx_tiles
 from foveal import sparsek as sk
 
 GATES = ["value", "kv", "none"]
@@ -486,3 +486,116 @@ def test_empty_batch_and_no_queries_are_no_ops():
         out, lse = foveal.sparsek_attention(q, k, v, u, 3, return_lse=True)
         assert out.shape == (shape[0], shape[1], shape[3], shape[6]) and out.size == 0
         assert lse.size == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# 16-bit storage: q, k, v, u and out in bfloat16 or float16, lse float32.
+
+# (B, Hq, Hkv, Lq, Lk, D, Dv): odd dims (the float kernels), AMX-shaped dims (D % 32, Dv % 16)
+# with many rows per head, and a single query.
+HALF_SHAPES = [(2, 4, 2, 37, 53, 7, 5), (1, 4, 1, 150, 203, 64, 32), (1, 2, 2, 1, 70, 32, 16)]
+
+
+def _half_inputs(torch, rng, shape, half, integer_scores=False):
+    arrays = make_inputs(rng, shape, np.float32, integer_scores)
+    return [torch.from_numpy(x).to(half) for x in arrays]
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+@pytest.mark.parametrize("shape", HALF_SHAPES)
+@pytest.mark.parametrize("settings", SETTINGS)
+def test_half_storage_is_the_float32_call_rounded(torch, dtype_name, shape, settings):
+    # The scores are widened exactly, so the selection and the gates are the float32 call's on
+    # the same values, and so is out (rounded) and lse; where the window or the sinks of a
+    # bfloat16 call run on AMX tiles, within bfloat16 rounding.
+    half = getattr(torch, dtype_name)
+    topk, window, sinks, causal = settings
+    rng = np.random.default_rng(sum(shape) + topk)
+    for gate in GATES:
+        q, k, v, u = _half_inputs(torch, rng, shape, half, integer_scores=gate == "none")
+        options = dict(window=window, sink_tokens=sinks, causal=causal, gate=gate)
+        out, lse = foveal.sparsek_attention(q, k, v, u, topk, return_lse=True, **options)
+        want, want_lse = foveal.sparsek_attention(
+            *(x.float() for x in (q, k, v, u)), topk, return_lse=True, **options
+        )
+        assert out.dtype == half and lse.dtype == torch.float32
+        if (window > 0 or sinks > 0) and on_amx_tiles(half, shape[5], shape[6]):
+            assert_rounded(out, want, shape[5], shape[6], lse, want_lse)
+        else:
+            assert torch.equal(out, want.to(half)), gate
+            assert torch.equal(lse, want_lse), gate
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+@pytest.mark.parametrize("gate", GATES)
+def test_half_storage_error_is_within_twice_plain_torch(torch, dtype_name, gate):
+    # FlashAttention's rule: against float64, foveal's 16-bit error is at most twice that of a
+    # plain implementation in the same dtype (torch: logits, masked softmax, gates and the
+    # product with v, all in 16 bits), on the reference's selection and gates.
+    half = getattr(torch, dtype_name)
+    shape = (1, 4, 2, 96, 300, 64, 64)
+    rng = np.random.default_rng(71 + GATES.index(gate))
+    q, k, v, u = _half_inputs(torch, rng, shape, half)
+    options = dict(window=16, sink_tokens=2)
+    wide = [x.double().numpy() for x in (q, k, v, u)]
+    want, _ = reference_sparsek_attention(*wide, 24, gate=gate, **options)
+    out = foveal.sparsek_attention(q, k, v, u, 24, gate=gate, **options)
+
+    visible, gates = reference_key_gates(wide[3], shape[3], 24, **options)
+    group = shape[1] // shape[2]
+    visible = torch.from_numpy(np.repeat(visible, group, axis=1))
+    gates = torch.from_numpy(np.repeat(gates, group, axis=1)).to(half)
+    if gate == "none":
+        gates = torch.ones_like(gates)
+    keys, values = (x.repeat_interleave(group, dim=1) for x in (k, v))
+    logits = (q @ keys.transpose(-1, -2)) * half_scale(torch, half, shape[5])
+    if gate == "kv":
+        logits = logits * gates
+    weights = torch.softmax(logits.masked_fill(~visible, -math.inf), dim=-1)
+    plain = (weights * gates) @ values
+
+    error = np.abs(out.double().numpy() - want).max()
+    plain_error = np.abs(plain.double().numpy() - want).max()
+    assert error <= 2 * plain_error, (error, plain_error)
+
+
+def half_scale(torch, half, dim):
+    return torch.tensor(1.0 / math.sqrt(dim), dtype=half)
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_half_storage_trains_through_foveal_torch(torch, dtype_name):
+    # foveal.torch.sparsek_attention on 16-bit leaves: 16-bit gradients, those of the float32
+    # backward on the same values (run on widened copies) within the dtype's rounding.
+    import foveal.torch as ft
+
+    half = getattr(torch, dtype_name)
+    shape = (1, 4, 2, 40, 40, 16, 8)
+    rng = np.random.default_rng(5)
+    leaves = [x.requires_grad_() for x in _half_inputs(torch, rng, shape, half)]
+    grad_out = torch.from_numpy(rng.standard_normal((1, 4, 40, 8)).astype(np.float32))
+    options = dict(window=4, sink_tokens=1, gate="value")
+    out = ft.sparsek_attention(*leaves, 6, **options)
+    out.backward(grad_out.to(half))
+    wide = [x.detach().float().requires_grad_() for x in leaves]
+    ft.sparsek_attention(*wide, 6, **options).backward(grad_out.to(half).float())
+    assert out.dtype == half
+    for leaf, reference in zip(leaves, wide):
+        assert leaf.grad.dtype == half
+        scale = reference.grad.abs().max().clamp_min(1e-6)
+        assert ((leaf.grad.float() - reference.grad).abs().max() / scale).item() <= 2e-2
+
+
+def test_half_storage_rejects_mixed_dtypes(torch):
+    q = torch.zeros((1, 1, 3, 4), dtype=torch.bfloat16)
+    u = torch.zeros((1, 1, 3), dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="u must have dtype bfloat16"):
+        foveal.sparsek_attention(q, q, q, u.float(), 2)
+    with pytest.raises(TypeError, match="k must have dtype bfloat16"):
+        foveal.sparsek_attention(q, q.half(), q, u, 2)
+    out = torch.full((1, 1, 3, 4), 7.0, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="lse"):
+        foveal._core.sparsek_attention(
+            q, q, q, u, out, torch.zeros((1, 1, 3), dtype=torch.bfloat16), topk=2
+        )
+    assert bool((out == 7).all()), "out changed"

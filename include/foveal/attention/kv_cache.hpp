@@ -28,16 +28,6 @@ void copy_strided_row(const T* from, Index stride, T* to, Index count) {
   for (Index d = 0; d < count; ++d) to[d] = from[d * stride];
 }
 
-// x in the compute type of its storage type (exact).
-template <typename T>
-compute_type_t<T> widen(T x) {
-  if constexpr (is_half_dtype_v<T>) {
-    return to_float(x);
-  } else {
-    return x;
-  }
-}
-
 // What a cache of elements T takes in append: float for an 8-bit cache, T otherwise.
 template <typename T>
 using cache_input_t = std::conditional_t<std::is_same_v<T, q8_block>, float, T>;

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "foveal/attention/options.hpp"
+#include "foveal/core/dtype.hpp"
 #include "foveal/core/tensor.hpp"
 
 namespace foveal {
@@ -60,6 +61,17 @@ void sparsek_attention(TensorView<const double, 4> q, TensorView<const double, 4
                        TensorView<const double, 4> v, TensorView<const double, 3> u,
                        const SparseKOptions& options, TensorView<double, 4> out,
                        TensorView<double, 3> lse = {});
+// 16-bit storage: q, k, v, u and out in bfloat16 (or float16), computed in float: the scores
+// widened (exact), so the selection, τ and the gates are those of the same values in float32;
+// out rounded to the storage type; lse stays float.
+void sparsek_attention(TensorView<const bfloat16, 4> q, TensorView<const bfloat16, 4> k,
+                       TensorView<const bfloat16, 4> v, TensorView<const bfloat16, 3> u,
+                       const SparseKOptions& options, TensorView<bfloat16, 4> out,
+                       TensorView<float, 3> lse = {});
+void sparsek_attention(TensorView<const float16, 4> q, TensorView<const float16, 4> k,
+                       TensorView<const float16, 4> v, TensorView<const float16, 3> u,
+                       const SparseKOptions& options, TensorView<float16, 4> out,
+                       TensorView<float, 3> lse = {});
 
 // u: [B, Hkv, Lk]  ->  indices: [B, Hkv, Lq, topk] (int64)  gates: [B, Hkv, Lq, topk]
 // The selection sparsek_attention makes for each query position, for inspection: the selected

@@ -333,14 +333,23 @@ class SparseKAttention(_CausalAttention):
     def new_cache(self, batch: int) -> _sparsek.SparseKCache:
         """An empty decode cache for ``batch`` sequences (the parameters' dtype)."""
         dtype = self.q_proj.weight.dtype
-        if dtype not in (torch.float32, torch.float64):
-            raise TypeError(f"foveal: {self._name}: decode needs float32 or float64, got {dtype}")
+        names = {
+            torch.float32: "float32",
+            torch.float64: "float64",
+            torch.bfloat16: "bfloat16",
+            torch.float16: "float16",
+        }
+        if dtype not in names:
+            raise TypeError(
+                f"foveal: {self._name}: decode needs float32, float64, bfloat16 or float16, got "
+                f"{dtype}"
+            )
         return _sparsek.SparseKCache(
             batch,
             self.num_kv_heads,
             self.head_dim,
             topk=self.topk,
-            dtype="float64" if dtype == torch.float64 else "float32",
+            dtype=names[dtype],
             num_threads=self.num_threads,
             **self._options(),
         )
