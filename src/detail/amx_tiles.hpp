@@ -3,9 +3,10 @@
 //
 // AMX multiplies 16 x 32 bfloat16 tiles into 16 x 16 float accumulators (TDPBF16PS: 8192
 // multiply-adds per instruction, about 16 times what AVX-512 FMAs do in the same time). The
-// engine uses it for the two products of a bfloat16 tile against a contiguous key block, keeping
-// its own layouts (flash_engine.hpp):
-//   scores  s_t[key][row] = K[key][:] . Q[row][:]   A = K rows read in place (any row stride),
+// engine uses it for the two products of a bfloat16 tile against a key block, keeping its own
+// layouts (flash_engine.hpp):
+//   scores  s_t[key][row] = K[key][:] . Q[row][:]   A = K rows read in place (any row stride;
+//                                                    a gathered block's rows staged contiguous),
 //                                                    B = the tile's queries in pair-interleaved
 //                                                    ("VNNI") form, packed once per tile
 //   output  acc[row][col] += sum_key P[row][key] V[key][col]
@@ -14,7 +15,8 @@
 //                                                    rows pair-interleaved, C = the float32
 //                                                    accumulators, loaded and stored back
 // The online softmax runs here too (softmax_to_rows: the engine's, fused with the rounding and
-// transposition of P); softcap, bias and masks stay the engine's float code, on s_t. The products
+// transposition of P); softcap, bias, masks and gates stay the engine's float code, on s_t (a
+// gated block's probabilities are rounded after the gates: probabilities_to_rows). The products
 // accumulate in float; rounding P to bfloat16 for the second product is what every bfloat16
 // flash attention does (the output is rounded to bfloat16 anyway). Keys a row tile does not see
 // (key_end) are skipped in both products.
@@ -73,19 +75,22 @@ inline bool supports(Index dim, Index dim_v) {
 // head would not pack the same blocks again, was tried: the B tiles then came from L2 instead of
 // L1, and the time went from the packing to the products, unchanged.)
 struct Scratch {
-  std::uint16_t* q_vnni;  // [D / 2][kBlockQ][2]
-  std::uint16_t* k_tail;  // [16][D]
-  std::uint16_t* p_rows;  // [kBlockQ][kBlockK]
-  std::uint16_t* v_vnni;  // [kBlockK / 2][Dv][2]
+  std::uint16_t* q_vnni;   // [D / 2][kBlockQ][2]
+  std::uint16_t* k_block;  // [kBlockK][D]: a gathered block's K rows, zero to a whole tile
+  std::uint16_t* k_tail;   // [16][D]
+  std::uint16_t* p_rows;   // [kBlockQ][kBlockK]
+  std::uint16_t* v_vnni;   // [kBlockK / 2][Dv][2]
 
   static Index bytes(Index dim, Index dim_v) {
-    return 2 * (dim * kBlockQ + kTileRows * dim + kBlockQ * kBlockK + kBlockK * dim_v);
+    return 2 *
+           (dim * kBlockQ + kBlockK * dim + kTileRows * dim + kBlockQ * kBlockK + kBlockK * dim_v);
   }
   static Scratch at(void* memory, Index dim) {
     auto* base = static_cast<std::uint16_t*>(memory);
     Scratch scratch{};
     scratch.q_vnni = base;
-    scratch.k_tail = scratch.q_vnni + dim * kBlockQ;
+    scratch.k_block = scratch.q_vnni + dim * kBlockQ;
+    scratch.k_tail = scratch.k_block + kBlockK * dim;
     scratch.p_rows = scratch.k_tail + kTileRows * dim;
     scratch.v_vnni = scratch.p_rows + kBlockQ * kBlockK;
     return scratch;
@@ -236,6 +241,35 @@ FOVEAL_AMX_TARGET inline void scores(const std::uint16_t* k, Index k_stride, Ind
     }
 }
 
+// The index that interleaves a converted pair of keys (lanes 0-15: key 2i's rows, lanes 16-31:
+// key 2i + 1's) into one 32-bit (key 2i, key 2i + 1) pair per row.
+FOVEAL_AMX_TARGET inline __m512i pair_interleave() {
+  alignas(64) std::uint16_t interleave[32];
+  for (int r = 0; r < 16; ++r) {
+    interleave[2 * r] = static_cast<std::uint16_t>(r);
+    interleave[2 * r + 1] = static_cast<std::uint16_t>(16 + r);
+  }
+  return _mm512_load_si512(interleave);
+}
+
+// out[r * kBlockK + i] = bfloat16(probability(j0 + i)[r]) (round to nearest even) for the 32 keys
+// of one step from j0 and the 16 rows of a row tile; probability(j) is called once per key, in
+// key order.
+template <typename Probability>
+FOVEAL_AMX_TARGET inline void store_step_rows(Probability&& probability, Index j0, __m512i index,
+                                              std::uint16_t* out) {
+  __m512i pairs[16];  // pairs[i][r] = (P[r][2i], P[r][2i + 1]) of this step's keys
+  for (int i = 0; i < 16; ++i) {
+    const Vec<float> first = probability(j0 + 2 * i);
+    const Vec<float> second = probability(j0 + 2 * i + 1);
+    const auto both = reinterpret_cast<__m512i>(
+        _mm512_cvtne2ps_pbh(reinterpret_cast<__m512>(second), reinterpret_cast<__m512>(first)));
+    pairs[i] = _mm512_permutexvar_epi16(index, both);
+  }
+  transpose_16x16(pairs);  // pairs[r][i]
+  for (int r = 0; r < 16; ++r) _mm512_storeu_si512(out + r * kBlockK, pairs[r]);
+}
+
 // The engine's online softmax of one block (flash_engine.hpp), fused with the conversion of the
 // probabilities for the tiles: for every row tile c and key j < key_end[c] (<= the block's key
 // count; the tile's rows see no later key) the logit is multiplier * s_t[j][r]
@@ -245,14 +279,7 @@ FOVEAL_AMX_TARGET inline void scores(const std::uint16_t* k, Index k_stride, Ind
 FOVEAL_AMX_TARGET inline void softmax_to_rows(const float* s_t, const Index* key_end, int row_tiles,
                                               Index steps, float multiplier, float* row_max,
                                               float* row_sum, float* alpha, std::uint16_t* p_rows) {
-  // Lanes 0-15 of a converted pair of keys hold key 2i's rows, lanes 16-31 key 2i + 1's: this
-  // index interleaves them into one 32-bit (key 2i, key 2i + 1) pair per row.
-  alignas(64) std::uint16_t interleave[32];
-  for (int r = 0; r < 16; ++r) {
-    interleave[2 * r] = static_cast<std::uint16_t>(r);
-    interleave[2 * r + 1] = static_cast<std::uint16_t>(16 + r);
-  }
-  const __m512i index = _mm512_load_si512(interleave);
+  const __m512i index = pair_interleave();
   const float negative_infinity = -std::numeric_limits<float>::infinity();
   for (int c = 0; c < row_tiles; ++c) {
     const float* column = s_t + c * kTileFloats;
@@ -264,37 +291,47 @@ FOVEAL_AMX_TARGET inline void softmax_to_rows(const float* s_t, const Index* key
     // A row that has seen only masked keys keeps max -inf; subtracting 0 keeps exp2 at 0.
     const Vec<float> safe_max = new_max == negative_infinity ? Vec<float>{} : new_max;
     const Vec<float> rescale = exp2_nonpositive(old_max - safe_max);
-    const auto probability = [&](Index j) {
-      return j < num_keys ? exp2_nonpositive<4>(load(column + j * kBlockQ) * multiplier - safe_max)
-                          : Vec<float>{};
-    };
     Vec<float> block_sum{};
-    for (Index step = 0; step < steps; ++step) {
-      __m512i pairs[16];  // pairs[i][r] = (P[r][2i], P[r][2i + 1]) of this step's keys
-      for (int i = 0; i < 16; ++i) {
-        const Index j = step * kStepValues + 2 * i;
-        const Vec<float> first = probability(j);
-        const Vec<float> second = probability(j + 1);
-        block_sum += first;
-        block_sum += second;
-        const auto both = reinterpret_cast<__m512i>(
-            _mm512_cvtne2ps_pbh(reinterpret_cast<__m512>(second), reinterpret_cast<__m512>(first)));
-        pairs[i] = _mm512_permutexvar_epi16(index, both);
-      }
-      transpose_16x16(pairs);  // pairs[r][i]
-      std::uint16_t* out = p_rows + c * kTileRows * kBlockK + step * kStepValues;
-      for (int r = 0; r < 16; ++r) _mm512_storeu_si512(out + r * kBlockK, pairs[r]);
-    }
+    const auto probability = [&](Index j) {
+      const Vec<float> p =
+          j < num_keys ? exp2_nonpositive<4>(load(column + j * kBlockQ) * multiplier - safe_max)
+                       : Vec<float>{};
+      block_sum += p;
+      return p;
+    };
+    std::uint16_t* out = p_rows + c * kTileRows * kBlockK;
+    for (Index step = 0; step < steps; ++step)
+      store_step_rows(probability, step * kStepValues, index, out + step * kStepValues);
     store(row_max + c * kTileFloats, new_max);
     store(row_sum + c * kTileFloats, load(row_sum + c * kTileFloats) * rescale + block_sum);
     store(alpha + c * kTileFloats, rescale);
   }
 }
 
+// p_rows[r][j] = bfloat16(s_t[j][r]) for the probabilities the engine's online softmax left in
+// s_t (and the policy weighted), j < 32 * steps, 0 from key_end[c] on: the conversion half of
+// softmax_to_rows.
+FOVEAL_AMX_TARGET inline void probabilities_to_rows(const float* s_t, const Index* key_end,
+                                                    int row_tiles, Index steps,
+                                                    std::uint16_t* p_rows) {
+  const __m512i index = pair_interleave();
+  for (int c = 0; c < row_tiles; ++c) {
+    const float* column = s_t + c * kTileFloats;
+    const Index num_keys = key_end[c];
+    const auto probability = [&](Index j) {
+      return j < num_keys ? load(column + j * kBlockQ) : Vec<float>{};
+    };
+    std::uint16_t* out = p_rows + c * kTileRows * kBlockK;
+    for (Index step = 0; step < steps; ++step)
+      store_step_rows(probability, step * kStepValues, index, out + step * kStepValues);
+  }
+}
+
 // v_vnni[i][c][t] = v[2i + t][c] for i < 16 * steps, c < Dv; 0 for keys >= num_keys. Key j's
-// row is v + j * v_stride.
-FOVEAL_AMX_TARGET inline void pack_values(const std::uint16_t* v, Index v_stride, Index num_keys,
-                                          Index steps, Index dim_v, std::uint16_t* v_vnni) {
+// row is row(j) (bfloat16 bits).
+template <typename Row>
+FOVEAL_AMX_TARGET inline void pack_values(Row&& row, Index num_keys, Index steps, Index dim_v,
+                                          std::uint16_t* v_vnni) {
   alignas(64) std::uint16_t low[32];
   alignas(64) std::uint16_t high[32];
   for (int c = 0; c < 16; ++c) {
@@ -307,8 +344,8 @@ FOVEAL_AMX_TARGET inline void pack_values(const std::uint16_t* v, Index v_stride
   const __m512i high_index = _mm512_load_si512(high);
   const __m512i zero = _mm512_setzero_si512();
   for (Index i = 0; i < kTileRows * steps; ++i) {
-    const std::uint16_t* first = 2 * i < num_keys ? v + 2 * i * v_stride : nullptr;
-    const std::uint16_t* second = 2 * i + 1 < num_keys ? v + (2 * i + 1) * v_stride : nullptr;
+    const std::uint16_t* first = 2 * i < num_keys ? row(2 * i) : nullptr;
+    const std::uint16_t* second = 2 * i + 1 < num_keys ? row(2 * i + 1) : nullptr;
     std::uint16_t* out = v_vnni + i * dim_v * 2;
     Index c0 = 0;
     for (; c0 + 32 <= dim_v; c0 += 32) {

@@ -575,7 +575,7 @@ class TileRunner {
       if constexpr (!std::is_same_v<KV, T>) {
         if (!few_rows) {
 #if FOVEAL_AMX_TILES
-          if (amx_tile && block.index == nullptr) {
+          if (amx_tile) {
             visit_block_amx(policy, tile, scratch, amx_scratch, block, keys, k_rows, v_rows,
                             num_rows, row_vectors, query_index, head, positions, row_max, row_sum,
                             alpha);
@@ -603,8 +603,10 @@ class TileRunner {
   }
 
 #if FOVEAL_AMX_TILES
-  // visit_block for a contiguous key block of a bfloat16 tile on AMX (amx_tiles.hpp): the two
-  // products on tiles, the logits' transforms and the softmax as in visit_block.
+  // visit_block for a key block of a bfloat16 tile on AMX (amx_tiles.hpp): the two products on
+  // tiles, the logits' transforms and the softmax as in visit_block. A gathered block's K rows
+  // are staged contiguous first; its gates (a policy with kGatesKeys) weight the probabilities
+  // in float before they are rounded for the tiles.
   template <typename Policy>
   void visit_block_amx(const Policy& policy, const Tile<S>& tile, const TileScratch<T>& scratch,
                        const amx::Scratch& amx_scratch, const KeyBlock& block, const Index* keys,
@@ -613,39 +615,58 @@ class TileRunner {
                        const Index* positions, T* row_max, T* row_sum, T* alpha) const {
     const Index count = block.count;
     const auto bits = [](const KV* row) { return reinterpret_cast<const std::uint16_t*>(row); };
-    // A partial last tile of 16 keys is staged with zeros after it (the rows after the block's
-    // may lie past the end of k).
+    const auto row_bytes = static_cast<std::size_t>(dim_) * sizeof(std::uint16_t);
+    const bool gathered = block.index != nullptr;
+    // K rows in place with their stride, or (gathered) staged in k_block; a partial last tile of
+    // 16 keys is read with zeros after it (the rows after the block's may lie past the end of k).
     const Index whole = count / amx::kTileRows * amx::kTileRows;
-    if (whole < count) {
-      std::memset(amx_scratch.k_tail, 0,
-                  static_cast<std::size_t>(amx::kTileRows * dim_) * sizeof(std::uint16_t));
+    const std::uint16_t* k_first = bits(k_rows[0]);
+    Index k_stride = params_.k.stride(2);
+    const std::uint16_t* k_tail = amx_scratch.k_tail;
+    if (gathered) {
+      for (Index j = 0; j < count; ++j)
+        std::memcpy(amx_scratch.k_block + j * dim_, bits(k_rows[j]), row_bytes);
+      const Index padded = (count + amx::kTileRows - 1) / amx::kTileRows * amx::kTileRows;
+      std::memset(amx_scratch.k_block + count * dim_, 0,
+                  static_cast<std::size_t>(padded - count) * row_bytes);
+      k_first = amx_scratch.k_block;
+      k_stride = dim_;
+      k_tail = amx_scratch.k_block + whole * dim_;
+    } else if (whole < count) {
+      std::memset(amx_scratch.k_tail, 0, static_cast<std::size_t>(amx::kTileRows) * row_bytes);
       for (Index j = whole; j < count; ++j)
-        std::memcpy(amx_scratch.k_tail + (j - whole) * dim_, bits(k_rows[j]),
-                    static_cast<std::size_t>(dim_) * sizeof(std::uint16_t));
+        std::memcpy(amx_scratch.k_tail + (j - whole) * dim_, bits(k_rows[j]), row_bytes);
     }
     // A masked-out key's non-finite value must not reach the rows that do not see it (0 * inf
     // is NaN on tiles too): such a block's values go through the float kernels, skipping zeros.
     const bool tiles_output = !block.needs_mask || all_finite<T>(v_rows, count, dim_v_);
-    // Without softcap and bias only masks (-inf) transform the logits: the softmax applies the
-    // logit multiplier as it reads them, saving a pass over the scores.
+    // Gates weight a gathered block's probabilities: the engine's softmax leaves them in s_t.
+    bool gates = false;
+    if constexpr (GatesKeys<Policy>::value) gates = gathered;
+    // Without softcap, bias and gates only masks (-inf) transform the logits: the softmax
+    // applies the logit multiplier as it reads them, saving a pass over the scores.
     const bool late_multiplier =
-        tiles_output && cap_multiplier_ == 0 && params_.bias.data() == nullptr;
+        tiles_output && !gates && cap_multiplier_ == 0 && params_.bias.data() == nullptr;
     // Where a row tile's last row sees its last key (a causal diagonal, a band's right edge):
     // the later keys' products and probabilities are skipped for the tile.
     Index key_end[kBlockQ / amx::kTileRows] = {};
     for (int c = 0; c < row_vectors; ++c) {
       key_end[c] = count;
-      if (!block.needs_mask) continue;
+      if (!block.needs_mask || gathered) continue;
       const Index last_row = std::min(num_rows, (c + 1) * amx::kTileRows) - 1;
       const KeyRange seen = policy.keys_seen(positions[c * amx::kTileRows], positions[last_row]);
       key_end[c] = std::clamp<Index>(seen.end - (block.begin + block.position_offset), 0, count);
     }
-    amx::scores(bits(k_rows[0]), params_.k.stride(2), count, amx_scratch.k_tail, amx_scratch.q_vnni,
-                dim_, row_vectors, key_end, late_multiplier ? T(1) : q_multiplier_, scratch.s_t);
+    amx::scores(k_first, k_stride, count, k_tail, amx_scratch.q_vnni, dim_, row_vectors, key_end,
+                late_multiplier ? T(1) : q_multiplier_, scratch.s_t);
     transform_logits(tile.batch, block, keys, num_rows, row_vectors, query_index, head, positions,
                      policy, scratch.s_t);
-    if (!tiles_output) {
+    if (!tiles_output || gates)
       online_softmax(count, row_vectors, scratch.s_t, row_max, row_sum, alpha);
+    if constexpr (GatesKeys<Policy>::value) {
+      if (gates) policy.gate_probabilities(block, row_vectors, scratch.s_t);
+    }
+    if (!tiles_output) {
       accumulate_output(
           scratch.s_t, alpha, v_rows, num_rows, dim_v_,
           [&](Index, Index) { return std::pair<Index, Index>(0, count); }, scratch.acc, acc_stride_,
@@ -655,10 +676,22 @@ class TileRunner {
     // The values of the keys some row tile sees, in whole 32-key steps.
     const Index seen = *std::max_element(key_end, key_end + row_vectors);
     const Index steps = (seen + amx::kStepValues - 1) / amx::kStepValues;
-    amx::softmax_to_rows(scratch.s_t, key_end, row_vectors, steps,
-                         late_multiplier ? q_multiplier_ : T(1), row_max, row_sum, alpha,
-                         amx_scratch.p_rows);
-    amx::pack_values(bits(v_rows[0]), params_.v.stride(2), seen, steps, dim_v_, amx_scratch.v_vnni);
+    if (gates) {
+      amx::probabilities_to_rows(scratch.s_t, key_end, row_vectors, steps, amx_scratch.p_rows);
+    } else {
+      amx::softmax_to_rows(scratch.s_t, key_end, row_vectors, steps,
+                           late_multiplier ? q_multiplier_ : T(1), row_max, row_sum, alpha,
+                           amx_scratch.p_rows);
+    }
+    if (gathered) {
+      amx::pack_values([&](Index j) { return bits(v_rows[j]); }, seen, steps, dim_v_,
+                       amx_scratch.v_vnni);
+    } else {
+      const std::uint16_t* v_first = bits(v_rows[0]);
+      const Index v_stride = params_.v.stride(2);
+      amx::pack_values([&](Index j) { return v_first + j * v_stride; }, seen, steps, dim_v_,
+                       amx_scratch.v_vnni);
+    }
     amx::accumulate(amx_scratch.p_rows, amx_scratch.v_vnni, key_end, row_vectors, dim_v_, alpha,
                     scratch.acc, acc_stride_);
   }

@@ -278,8 +278,14 @@ TEST(TokenTopkHalf, SixteenBitStorageIsTheFloatResultRounded) {
   EXPECT_EQ(selection16.keys, selection.keys);
   std::vector<bfloat16> out16(out.size());
   token_topk_attention(q, k, v, TensorView<bfloat16, 4>(out16.data(), p.out_shape()), o, selection);
-  for (std::size_t i = 0; i < out.size(); ++i)
-    ASSERT_EQ(to_float(out16[i]), to_float(to_bfloat16(out[i]))) << i;
+  // On AMX tiles (D and Dv multiples of 32, 8 rows per head and more): within bfloat16 rounding.
+  for (std::size_t i = 0; i < out.size(); ++i) {
+    if (amx_tiles_in_use()) {
+      ASSERT_NEAR(to_float(out16[i]), out[i], 4e-3 * (1 + std::abs(out[i]))) << i;
+    } else {
+      ASSERT_EQ(to_float(out16[i]), to_float(to_bfloat16(out[i]))) << i;
+    }
+  }
 }
 
 // The edge cases the block-sparse fuzzing found, on token_topk's shared plumbing: calls without
