@@ -7,6 +7,8 @@
 2. bfloat16 prefill (B 1, H 16, D 64 / 128, causal and not): foveal against torch SDPA in
    bfloat16, and both errors against float64 (FlashAttention's rule: foveal's at most 2x that
    of a plain bfloat16 torch implementation, softmax(q k^T) v in bfloat16).
+3. SparseK prefill (B 1, Hq 16, Hkv 4, D 64 / 128, topk 256, window 256): foveal's bfloat16 call
+   against its float32 call on the same values, both errors against its float64 call.
 """
 
 from __future__ import annotations
@@ -111,6 +113,36 @@ def _prefill_case(length: int, dim: int, causal: bool, threads: int, seconds: fl
     )
 
 
+def _sparsek_case(length: int, dim: int, threads: int, seconds: float, interleaved):
+    """SparseK prefill (B 1, Hq 16, Hkv 4, topk 256, window 256, gate value) in bfloat16 against
+    foveal's float32 call on the same values; both errors against foveal's float64 call."""
+    generator = torch.Generator().manual_seed(length + dim + 5)
+    q = torch.randn((1, 16, length, dim), generator=generator).bfloat16()
+    k, v = (torch.randn((1, 4, length, dim), generator=generator).bfloat16() for _ in "kv")
+    u = (2 * torch.randn((1, 4, length), generator=generator)).bfloat16()
+    wide = [x.float() for x in (q, k, v, u)]
+    options = dict(window=256)
+    half_s, single_s = interleaved(
+        lambda: foveal.sparsek_attention(q, k, v, u, 256, **options),
+        lambda: foveal.sparsek_attention(*wide, 256, **options),
+        seconds,
+    )
+    exact = foveal.sparsek_attention(*(x.double() for x in wide), 256, **options)
+    half = foveal.sparsek_attention(q, k, v, u, 256, **options).double()
+    single = foveal.sparsek_attention(*wide, 256, **options).double()
+    return dict(
+        case="sparsek",
+        L=length,
+        D=dim,
+        threads=threads,
+        float32_ms=single_s * 1e3,
+        bfloat16_ms=half_s * 1e3,
+        speedup=single_s / half_s,
+        bfloat16_error=(half - exact).abs().max().item(),
+        float32_error=(single - exact).abs().max().item(),
+    )
+
+
 def run(threads_list, seconds, interleaved, full, copy_bandwidth) -> list[dict]:
     rows = []
     print(
@@ -153,6 +185,22 @@ def run(threads_list, seconds, interleaved, full, copy_bandwidth) -> list[dict]:
                         f"{row['ratio']:>7.2f}x{row['foveal_error']:>12.1e}"
                         f"{row['plain_error']:>11.1e}{row['sdpa_error']:>10.1e}"
                     )
+    print(
+        f"\n{'SparseK prefill (window 256)':<30}{'threads':>8}{'f32 ms':>9}{'bf16 ms':>9}"
+        f"{'x':>7}{'err f32':>9}{'err bf16':>10}"
+    )
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        foveal.set_num_threads(threads)
+        for dim in (64, 128):
+            for length in (4096, 16384) if full else (4096,):
+                row = _sparsek_case(length, dim, threads, seconds, interleaved)
+                rows.append(row)
+                print(
+                    f"{f'Hq16 Hkv4 topk256 L{length} D{dim}':<30}{threads:>8}"
+                    f"{row['float32_ms']:>9.1f}{row['bfloat16_ms']:>9.1f}{row['speedup']:>6.2f}x"
+                    f"{row['float32_error']:>9.1e}{row['bfloat16_error']:>10.1e}"
+                )
     return rows
 
 
@@ -187,5 +235,18 @@ def markdown_lines(rows: list[dict]) -> list[str]:
                 f"| {row['threads']} | {row['foveal_ms']:.1f} | {row['torch_ms']:.1f} "
                 f"| **{row['ratio']:.2f}x** | {row['foveal_error']:.1e} "
                 f"| {row['plain_error']:.1e} | {row['sdpa_error']:.1e} |"
+            )
+    lines += [
+        "",
+        "| SparseK prefill (Hq 16, Hkv 4, topk 256, window 256) | threads | float32 ms "
+        "| bfloat16 ms | speed-up | error float32 | error bfloat16 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        if row["case"] == "sparsek":
+            lines.append(
+                f"| L {row['L']}, D {row['D']} | {row['threads']} | {row['float32_ms']:.1f} "
+                f"| {row['bfloat16_ms']:.1f} | **{row['speedup']:.2f}x** "
+                f"| {row['float32_error']:.1e} | {row['bfloat16_error']:.1e} |"
             )
     return lines
