@@ -1,6 +1,8 @@
-// Google Benchmark for SparseK attention (fp32, B = 1, H = 16, D = 64, causal, topk = 256).
+// Google Benchmark for SparseK attention (fp32 and bf16, B = 1, H = 16, D = 64, causal,
+// topk = 256).
 //
-// BM_SparseK: the whole call. GFLOP/s counts the visible (query, key) pairs, 4 D flops each
+// BM_SparseK<float>, BM_SparseK<foveal::bfloat16>: the whole call (the second on bfloat16
+//   copies of the same inputs). GFLOP/s counts the visible (query, key) pairs, 4 D flops each
 //   (q·k and p·v), i.e. the work an ideal kernel does: Lq * min(topk + window + 1, ...) pairs.
 // BM_SparseKSelection: the selection phase alone (thresholds, top-k, tile unions), the part the
 //   issue asks to report separately.
@@ -70,24 +72,41 @@ double visible_pairs(Index len, Index window) {
   return pairs * kHeads;
 }
 
-// Args: L, window, threads.
+// Args: L, window, threads. T: float, or bfloat16 copies of the same inputs (float32
+// arithmetic on the stored values, on AMX tiles where the CPU has them).
+template <typename T>
 void BM_SparseK(benchmark::State& state) {
   const Index len = state.range(0);
-  Inputs inputs(len);
+  const Inputs inputs(len);
+  const auto copy = [](const auto& from, auto& to) {
+    for (Index i = 0; i < from.numel(); ++i) to.data()[i] = foveal::to_storage<T>(from.data()[i]);
+  };
+  foveal::Tensor<T, 4> q({1, kHeads, len, kDim}), k({1, kHeads, len, kDim}),
+      v({1, kHeads, len, kDim}), out({1, kHeads, len, kDim});
+  foveal::Tensor<T, 3> u({1, kHeads, len});
+  copy(inputs.q, q);
+  copy(inputs.k, k);
+  copy(inputs.v, v);
+  copy(inputs.u, u);
   foveal::SparseKOptions options;
   options.topk = kTopK;
   options.window = state.range(1);
   options.num_threads = static_cast<int>(state.range(2));
   for (auto _ : state) {
-    foveal::sparsek_attention(inputs.q, inputs.k, inputs.v, inputs.u, options, inputs.out);
-    benchmark::DoNotOptimize(inputs.out.data());
+    foveal::sparsek_attention(q, k, v, u, options, out);
+    benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   }
   state.counters["GFLOP/s"] =
       benchmark::Counter(visible_pairs(len, options.window) * 4 * kDim * 1e-9,
                          benchmark::Counter::kIsIterationInvariantRate);
 }
-BENCHMARK(BM_SparseK)
+BENCHMARK_TEMPLATE(BM_SparseK, float)
+    ->ArgNames({"L", "W", "threads"})
+    ->ArgsProduct({{4096, 16384, 65536}, {0, 256}, {1, 2}})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+BENCHMARK_TEMPLATE(BM_SparseK, foveal::bfloat16)
     ->ArgNames({"L", "W", "threads"})
     ->ArgsProduct({{4096, 16384, 65536}, {0, 256}, {1, 2}})
     ->Unit(benchmark::kMillisecond)
