@@ -683,15 +683,8 @@ class TileRunner {
                            late_multiplier ? q_multiplier_ : T(1), row_max, row_sum, alpha,
                            amx_scratch.p_rows);
     }
-    if (gathered) {
-      amx::pack_values([&](Index j) { return bits(v_rows[j]); }, seen, steps, dim_v_,
-                       amx_scratch.v_vnni);
-    } else {
-      const std::uint16_t* v_first = bits(v_rows[0]);
-      const Index v_stride = params_.v.stride(2);
-      amx::pack_values([&](Index j) { return v_first + j * v_stride; }, seen, steps, dim_v_,
-                       amx_scratch.v_vnni);
-    }
+    amx::pack_values([&](Index j) { return bits(v_rows[j]); }, seen, steps, dim_v_,
+                     amx_scratch.v_vnni);
     amx::accumulate(amx_scratch.p_rows, amx_scratch.v_vnni, key_end, row_vectors, dim_v_, alpha,
                     scratch.acc, acc_stride_);
   }

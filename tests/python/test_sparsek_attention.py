@@ -550,7 +550,7 @@ def test_half_storage_error_is_within_twice_plain_torch(torch, dtype_name, gate)
     if gate == "none":
         gates = torch.ones_like(gates)
     keys, values = (x.repeat_interleave(group, dim=1) for x in (k, v))
-    logits = (q @ keys.transpose(-1, -2)) * half_scale(torch, half, shape[5])
+    logits = (q @ keys.transpose(-1, -2)) * torch.tensor(1 / math.sqrt(shape[5]), dtype=half)
     if gate == "kv":
         logits = logits * gates
     weights = torch.softmax(logits.masked_fill(~visible, -math.inf), dim=-1)
@@ -559,10 +559,6 @@ def test_half_storage_error_is_within_twice_plain_torch(torch, dtype_name, gate)
     error = np.abs(out.double().numpy() - want).max()
     plain_error = np.abs(plain.double().numpy() - want).max()
     assert error <= 2 * plain_error, (error, plain_error)
-
-
-def half_scale(torch, half, dim):
-    return torch.tensor(1.0 / math.sqrt(dim), dtype=half)
 
 
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])

@@ -180,20 +180,6 @@ struct compute_type<q8_block> {
 template <typename S>
 using compute_type_t = typename compute_type<std::remove_const_t<S>>::type;
 
-namespace detail {
-
-// x in the compute type of its storage type (exact).
-template <typename T>
-compute_type_t<T> widen(T x) {
-  if constexpr (std::is_same_v<T, bfloat16> || std::is_same_v<T, float16>) {
-    return to_float(x);
-  } else {
-    return x;
-  }
-}
-
-}  // namespace detail
-
 // True for the element types the kernels compute in (float, double).
 template <typename T>
 inline constexpr bool is_supported_dtype_v =
@@ -203,6 +189,20 @@ inline constexpr bool is_supported_dtype_v =
 template <typename T>
 inline constexpr bool is_half_dtype_v = std::is_same_v<std::remove_const_t<T>, bfloat16> ||
                                         std::is_same_v<std::remove_const_t<T>, float16>;
+
+namespace detail {
+
+// x in the compute type of its storage type (exact).
+template <typename T>
+compute_type_t<T> widen(T x) {
+  if constexpr (is_half_dtype_v<T>) {
+    return to_float(x);
+  } else {
+    return x;
+  }
+}
+
+}  // namespace detail
 
 // The DType tag of an element type.
 template <typename T>

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from foveal import sparsek as _sparsek
+from foveal._common import HALF_DTYPES, dtype_name
 
 __all__ = ["DenseAttention", "DeterministicLinear", "SparseKAttention"]
 
@@ -333,13 +334,8 @@ class SparseKAttention(_CausalAttention):
     def new_cache(self, batch: int) -> _sparsek.SparseKCache:
         """An empty decode cache for ``batch`` sequences (the parameters' dtype)."""
         dtype = self.q_proj.weight.dtype
-        names = {
-            torch.float32: "float32",
-            torch.float64: "float64",
-            torch.bfloat16: "bfloat16",
-            torch.float16: "float16",
-        }
-        if dtype not in names:
+        name = dtype_name(dtype)
+        if name not in ("float32", "float64", *HALF_DTYPES):
             raise TypeError(
                 f"foveal: {self._name}: decode needs float32, float64, bfloat16 or float16, got "
                 f"{dtype}"
@@ -349,7 +345,7 @@ class SparseKAttention(_CausalAttention):
             self.num_kv_heads,
             self.head_dim,
             topk=self.topk,
-            dtype=names[dtype],
+            dtype=name,
             num_threads=self.num_threads,
             **self._options(),
         )
