@@ -352,11 +352,14 @@ TYPED_TEST(HalfPrecision, SparseKAttentionIsTheFloatCallRounded) {
     const bool many_rows = p.len_q * (p.heads_q / p.heads_kv) > 8;
     expect_rounded_float_results<H>(half, single, many_rows && on_amx_tiles<H>(p.dim, p.dim_v));
 
-    SparseKOptions other_threads = options;
-    other_threads.num_threads = 3 - options.num_threads;
-    const Run again = run_sparsek<H>(p, in, u, other_threads, 0);
-    EXPECT_TRUE(bitwise_equal(again.out, half.out)) << "thread count changed out";
-    EXPECT_TRUE(bitwise_equal(again.lse, half.lse)) << "thread count changed lse";
+    for (const int threads : {1, 2, 3}) {
+      if (threads == options.num_threads) continue;
+      SparseKOptions other_threads = options;
+      other_threads.num_threads = threads;
+      const Run again = run_sparsek<H>(p, in, u, other_threads, 0);
+      EXPECT_TRUE(bitwise_equal(again.out, half.out)) << threads << " threads changed out";
+      EXPECT_TRUE(bitwise_equal(again.lse, half.lse)) << threads << " threads changed lse";
+    }
   }
 }
 
@@ -697,6 +700,19 @@ TYPED_TEST(HalfPrecision, ConcurrentCallsOnSharedInputsGiveTheLoneResults) {
     };
   };
 
+  // SparseK on the dense call's q, k, v with scores of its own.
+  const std::vector<double> scores = representable<H>(random.normal(2 * 200, 0, 1.5));
+  const auto sparsek = [&](int threads) {
+    return [&, threads] {
+      SparseKOptions options;
+      options.topk = 20;
+      options.window = 16;
+      options.sink_tokens = 2;
+      options.num_threads = threads;
+      return run_sparsek<H>(p, in, scores, options, 0);
+    };
+  };
+
   const std::vector<std::function<Run()>> calls = {dense(Operator::attention, 2),
                                                    dense(Operator::sliding_window, 3),
                                                    decode(shared_cache, 1),
@@ -705,7 +721,9 @@ TYPED_TEST(HalfPrecision, ConcurrentCallsOnSharedInputsGiveTheLoneResults) {
                                                    decode(own_cache, 2),
                                                    batch_decode(1),
                                                    batch_decode(3),
-                                                   prefill(2)};
+                                                   prefill(2),
+                                                   sparsek(1),
+                                                   sparsek(3)};
   std::vector<Run> alone;
   for (const auto& call : calls) alone.push_back(call());
 

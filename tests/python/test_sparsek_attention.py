@@ -584,6 +584,21 @@ def test_half_storage_trains_through_foveal_torch(torch, dtype_name):
         assert ((leaf.grad.float() - reference.grad).abs().max() / scale).item() <= 2e-2
 
 
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_half_storage_thread_counts_give_identical_bits(torch, dtype_name):
+    # D 32, Dv 16 and 8 rows per kv head: bfloat16 runs on AMX tiles where the CPU has them.
+    half = getattr(torch, dtype_name)
+    q, k, v, u = _half_inputs(torch, np.random.default_rng(13), (2, 8, 2, 150, 200, 32, 16), half)
+    results = [
+        foveal.sparsek_attention(
+            q, k, v, u, 20, window=9, sink_tokens=2, return_lse=True, num_threads=threads
+        )
+        for threads in (1, 2, 3)
+    ]
+    for out, lse in results[1:]:
+        assert torch.equal(out, results[0][0]) and torch.equal(lse, results[0][1])
+
+
 def test_half_storage_rejects_mixed_dtypes(torch):
     q = torch.zeros((1, 1, 3, 4), dtype=torch.bfloat16)
     u = torch.zeros((1, 1, 3), dtype=torch.bfloat16)
