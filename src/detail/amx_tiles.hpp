@@ -50,6 +50,10 @@
 
 #if FOVEAL_AMX_TILES
 
+// The tile helpers of one step are inlined into their loops, so that their 16 registers of
+// pairs stay in registers (an out-of-line call passes them through memory).
+#define FOVEAL_AMX_INLINE inline __attribute__((always_inline))
+
 #define FOVEAL_AMX_TARGET                                                     \
   __attribute__((                                                             \
       target("avx,avx2,fma,f16c,avx512f,avx512bw,avx512cd,avx512dq,avx512vl," \
@@ -122,7 +126,7 @@ FOVEAL_AMX_TARGET inline void release() { _tile_release(); }
 
 // Transposes a 16 x 16 matrix of 32-bit elements held one row per register. (The zero-masking
 // forms with every lane selected: GCC 12's unmasked ones read an undefined register.)
-FOVEAL_AMX_TARGET inline void transpose_16x16(__m512i* rows) {
+FOVEAL_AMX_TARGET FOVEAL_AMX_INLINE void transpose_16x16(__m512i* rows) {
   constexpr __mmask16 kAll32 = 0xffff;
   constexpr __mmask8 kAll64 = 0xff;
   __m512i t[16];
@@ -256,9 +260,10 @@ FOVEAL_AMX_TARGET inline __m512i pair_interleave() {
 // of one step from j0 and the 16 rows of a row tile; probability(j) is called once per key, in
 // key order.
 template <typename Probability>
-FOVEAL_AMX_TARGET inline void store_step_rows(Probability&& probability, Index j0, __m512i index,
-                                              std::uint16_t* out) {
+FOVEAL_AMX_TARGET FOVEAL_AMX_INLINE void store_step_rows(Probability&& probability, Index j0,
+                                                         __m512i index, std::uint16_t* out) {
   __m512i pairs[16];  // pairs[i][r] = (P[r][2i], P[r][2i + 1]) of this step's keys
+#pragma GCC unroll 16
   for (int i = 0; i < 16; ++i) {
     const Vec<float> first = probability(j0 + 2 * i);
     const Vec<float> second = probability(j0 + 2 * i + 1);
@@ -293,15 +298,20 @@ FOVEAL_AMX_TARGET inline void softmax_to_rows(const float* s_t, const Index* key
     const Vec<float> rescale = exp2_nonpositive(old_max - safe_max);
     Vec<float> block_sum{};
     const auto probability = [&](Index j) {
-      const Vec<float> p =
-          j < num_keys ? exp2_nonpositive<4>(load(column + j * kBlockQ) * multiplier - safe_max)
-                       : Vec<float>{};
+      const Vec<float> p = exp2_nonpositive<3>(load(column + j * kBlockQ) * multiplier - safe_max);
       block_sum += p;
       return p;
     };
+    const auto tail_probability = [&](Index j) {
+      return j < num_keys ? probability(j) : Vec<float>{};
+    };
     std::uint16_t* out = p_rows + c * kTileRows * kBlockK;
-    for (Index step = 0; step < steps; ++step)
+    // Whole steps of seen keys, then the steps with keys past key_end[c] (zeros).
+    const Index whole = std::min(steps, num_keys / kStepValues);
+    for (Index step = 0; step < whole; ++step)
       store_step_rows(probability, step * kStepValues, index, out + step * kStepValues);
+    for (Index step = whole; step < steps; ++step)
+      store_step_rows(tail_probability, step * kStepValues, index, out + step * kStepValues);
     store(row_max + c * kTileFloats, new_max);
     store(row_sum + c * kTileFloats, load(row_sum + c * kTileFloats) * rescale + block_sum);
     store(alpha + c * kTileFloats, rescale);
