@@ -8,9 +8,11 @@
 //   BM_AmxSoftmax     the online softmax fused with rounding P to bfloat16 and transposing it
 //   BM_AmxPackValues  the block's V rows pair-interleaved for the tiles
 //   BM_AmxAccumulate  acc += P V on tiles
-//   BM_AmxTile        one query tile over the 32 blocks of a 4096-key head, the four phases in
+//   BM_AmxTile/D/0    one query tile over the 32 blocks of a 4096-key head, the four phases in
 //                     turn as the engine runs them, with each phase's share of the time
 //                     (counters scores, softmax, pack_v, accumulate, from the time-stamp counter)
+//   BM_AmxTile/D/1    the same with the head's V pair-interleaved once beforehand (as a dense
+//                     or band call does, TileRunner::pack_values_once), not per block
 //   BM_FmaChain/0|1   a chain of dependent FMAs, without (0) or with (1) one TDPBF16PS per
 //                     iteration: the tiles' effect on the clock of everything else
 // The file is compiled with the avx512 level's flags (bench/CMakeLists.txt); each benchmark
@@ -83,16 +85,22 @@ struct TileState {
     const std::uint16_t* v = values.data() + block * kBlockK * dim;
     amx::pack_values([&](Index j) { return v + j * dim; }, kBlockK, kSteps, dim, scratch.v_vnni);
   }
-  void accumulate() {
-    amx::accumulate(scratch.p_rows, scratch.v_vnni, key_end, kRowTiles, dim, alpha, acc.data(),
-                    dim);
+  // The whole head's V pair-interleaved, as the tiles of a dense call read it.
+  void pack_head_values() {
+    packed_head.resize(static_cast<std::size_t>(kHeadKeys * dim));
+    amx::pack_values([&](Index j) { return values.data() + j * dim; }, kHeadKeys,
+                     kHeadKeys / amx::kStepValues, dim, packed_head.data());
   }
+  void accumulate(const std::uint16_t* v_vnni) {
+    amx::accumulate(scratch.p_rows, v_vnni, key_end, kRowTiles, dim, alpha, acc.data(), dim);
+  }
+  void accumulate() { accumulate(scratch.v_vnni); }
 
   Index dim;
   std::vector<std::uint16_t> scratch_memory;
   amx::Scratch scratch{};
   std::vector<float> s_t, acc;
-  std::vector<std::uint16_t> keys, values;
+  std::vector<std::uint16_t> keys, values, packed_head;
   Index key_end[kRowTiles] = {kBlockK, kBlockK, kBlockK, kBlockK};
   float row_max[kBlockQ], row_sum[kBlockQ], alpha[kBlockQ];
 };
@@ -165,6 +173,8 @@ void BM_AmxAccumulate(benchmark::State& state) {
 
 void BM_AmxTile(benchmark::State& state) {
   TileState tile(state.range(0));
+  const bool packed_once = state.range(1) != 0;
+  if (packed_once) tile.pack_head_values();
   constexpr Index kBlocks = kHeadKeys / kBlockK;
   std::uint64_t cycles[4] = {};
   with_tiles(state, [&] {
@@ -176,9 +186,13 @@ void BM_AmxTile(benchmark::State& state) {
         const std::uint64_t t1 = __rdtsc();
         tile.softmax();
         const std::uint64_t t2 = __rdtsc();
-        tile.pack_values(block);
+        if (!packed_once) tile.pack_values(block);
         const std::uint64_t t3 = __rdtsc();
-        tile.accumulate();
+        if (packed_once) {
+          tile.accumulate(tile.packed_head.data() + block * kBlockK * tile.dim);
+        } else {
+          tile.accumulate();
+        }
         const std::uint64_t t4 = __rdtsc();
         cycles[0] += t1 - t0;
         cycles[1] += t2 - t1;
@@ -225,7 +239,7 @@ BENCHMARK(BM_AmxScores)->Arg(64)->Arg(128);
 BENCHMARK(BM_AmxSoftmax)->Arg(64)->Arg(128);
 BENCHMARK(BM_AmxPackValues)->Arg(64)->Arg(128);
 BENCHMARK(BM_AmxAccumulate)->Arg(64)->Arg(128);
-BENCHMARK(BM_AmxTile)->Arg(64)->Arg(128);
+BENCHMARK(BM_AmxTile)->Args({64, 0})->Args({64, 1})->Args({128, 0})->Args({128, 1});
 BENCHMARK(BM_FmaChain)->Arg(0)->Arg(1);
 
 }  // namespace
