@@ -832,5 +832,34 @@ TEST(AmxTileShapes, AMaskedOutNonFiniteKeyReachesOnlyTheRowsThatSeeIt) {
       }
 }
 
+// A variable-length call on tiles: NaN in every padding key and value never reaches a row (the
+// same bits as without it), and every row matches the reference. The ranges cover the ways a
+// block meets V interleaved once per call (a dense call with many rows per kv head): whole
+// blocks, a row ending on a 32-key step inside the keys, a row ending mid-step inside them, a
+// row starting at an odd key, a row reaching the last key, and a one-key row.
+TEST(AmxTileShapes, VariableLengthPaddingNeverReachesARow) {
+  const Problem p = make_problem(4, 4, 2, 200, 300, 64, 32, 43);
+  const Inputs in = representable_inputs<bfloat16>(random_inputs(p));
+  KeyRangeCase ranges;
+  ranges.start = {0, 131, 0, 299};
+  ranges.length = {160, 169, 170, 1};
+  const Inputs poisoned = with_nan_padding(p, in, ranges);
+  std::vector<AttentionOptions> option_sets(4);
+  option_sets[1].causal = true;
+  option_sets[2].causal = true;
+  option_sets[2].window_left = 40;
+  option_sets[2].sink_tokens = 2;
+  option_sets[3].softcap = 20;
+  for (const AttentionOptions& base : option_sets) {
+    const AttentionOptions options = ranges.applied_to(base);
+    SCOPED_TRACE(options_string(options));
+    const ::foveal::test::Run clean = run_dense<bfloat16>(Operator::attention, p, in, options, 0);
+    expect_same_bits(run_dense<bfloat16>(Operator::attention, p, poisoned, options, 0), clean);
+    const Outputs want = reference_outputs(p, in, options);
+    EXPECT_TRUE(matches_reference(clean.out, want.out, kHalfTolerance<bfloat16>)) << "out";
+    EXPECT_TRUE(matches_reference(clean.lse, want.lse, kTolerance<float>)) << "lse";
+  }
+}
+
 }  // namespace
 }  // namespace foveal::test
