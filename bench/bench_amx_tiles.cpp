@@ -19,6 +19,7 @@
 // reports an error where the dispatcher did not choose the avx512-amx level.
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
