@@ -5,7 +5,7 @@
 # Python API (tests/fuzz) on a fixed seed and time budget. Prints execs and findings per
 # harness and cases per entry point; fails on any crash, hang or sanitizer report.
 #
-#   bash scripts/fuzz.sh            CI budget: 12 s per harness, 90 s of Python cases
+#   bash scripts/fuzz.sh            CI budget: 12 s per harness, 60 s of Python cases
 #   bash scripts/fuzz.sh --long     an hour: 10 min per harness, 10 min of Python cases on a
 #                                   new seed (FOVEAL_FUZZ_SEED, default: the date)
 #   FUZZ_SECONDS=60 PY_SECONDS=300 bash scripts/fuzz.sh   any other budget
@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 jobs=$(nproc)
 python=${PYTHON:-python3}
 fuzz_seconds=${FUZZ_SECONDS:-12}
-py_seconds=${PY_SECONDS:-90}
+py_seconds=${PY_SECONDS:-60}
 if [ "${1:-}" = "--long" ]; then
   fuzz_seconds=${FUZZ_SECONDS:-600}
   py_seconds=${PY_SECONDS:-600}
