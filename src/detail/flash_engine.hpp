@@ -487,7 +487,7 @@ class TileRunner {
   // With the AMX tiles and more than one tile of rows per head, every tile of a head would
   // pair-interleave the same V blocks again: pack_values_once does it once per call for every
   // (batch, kv head), into `memory` (values_once_count() elements), which the tiles then read
-  // (15-20% less time per block in bench_amx_tiles' BM_AmxTile, V packed once or per block).
+  // (16-18% less time per block in bench_amx_tiles' BM_AmxTile/D/1 than /D/0, medians of 5).
   // Only where that is less packing: the queries span at least half the keys (every tile
   // visits at least a block, so the tiles visit at least as many keys as there are), else 0.
   // The keys are padded with zeros to a whole 32-key step and one step more, so that a block at
