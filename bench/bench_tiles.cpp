@@ -2,6 +2,7 @@
 // foveal's micro-kernels against Eigen 3.4's GEMM on the same operands. This is the measurement
 // behind the choice of hand-written micro-kernels over Eigen for these tiles (they win here;
 // Eigen serves where a general algorithm is needed, such as VQ's SVD: docs/getting_started.md).
+// Compiled as the avx512 level's code, Eigen included (bench/CMakeLists.txt): an AVX-512 CPU only.
 //
 //   build/bench/bench/bench_tiles
 #include <benchmark/benchmark.h>
@@ -10,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "detail/flash_backward.hpp"
 #include "detail/flash_engine.hpp"
 
 namespace {
@@ -49,7 +51,7 @@ void BM_ScoresFoveal(benchmark::State& state) {
   const int row_vectors = static_cast<int>(kRows / foveal::detail::kLanes<float>);
   const auto all_rows = [row_vectors](Index, Index) { return std::pair<int, int>(0, row_vectors); };
   for (auto _ : state) {
-    foveal::detail::compute_scores(q_t.data(), k_rows, kKeys, dim, row_vectors, all_rows,
+    foveal::detail::compute_scores(q_t.data(), k_rows, kKeys, dim, 1.0f, row_vectors, all_rows,
                                    s_t.data());
     benchmark::DoNotOptimize(s_t.data());
   }
@@ -84,10 +86,38 @@ void BM_OutputFoveal(benchmark::State& state) {
   set_flops(state, dim);
 }
 
+// The backward's accumulations on one tile and block (accumulate_rows, 6 rows x 64 columns per
+// micro-kernel): dK/dV (transposed weights: acc rows are the block's keys, summed over the tile's
+// rows) and dQ (acc rows are the tile's rows, summed over the block's keys).
+void BM_AccumulateFoveal(benchmark::State& state) {
+  const Index dim = state.range(0);
+  const bool keys_major = state.range(1) == 0;  // 0: dK/dV, 1: dQ
+  const Index num_acc = keys_major ? kKeys : kRows, count = keys_major ? kRows : kKeys;
+  const RowMatrix src = RowMatrix::Random(count, dim);
+  RowMatrix acc = RowMatrix::Zero(num_acc, dim);
+  std::vector<float> w(kBlockK * kBlockQ, 0.001f);
+  std::vector<const float*> src_rows(count);
+  std::vector<float*> acc_rows(num_acc);
+  for (Index j = 0; j < count; ++j) src_rows[j] = &src(j, 0);
+  for (Index r = 0; r < num_acc; ++r) acc_rows[r] = &acc(r, 0);
+  for (auto _ : state) {
+    if (keys_major)
+      foveal::detail::accumulate_rows(w.data(), 1, kBlockQ, src_rows.data(), count, dim,
+                                      acc_rows.data(), num_acc);
+    else
+      foveal::detail::accumulate_rows(w.data(), kBlockQ, 1, src_rows.data(), count, dim,
+                                      acc_rows.data(), num_acc);
+    benchmark::DoNotOptimize(acc.data());
+  }
+  set_flops(state, dim);
+}
+
 BENCHMARK(BM_ScoresEigen)->ArgName("D")->Arg(64)->Arg(128);
-BENCHMARK(BM_ScoresFoveal)->ArgName("D")->Arg(64)->Arg(128);
+BENCHMARK(BM_ScoresFoveal)->ArgName("D")->Arg(16)->Arg(32)->Arg(64)->Arg(128)->Arg(256);
 BENCHMARK(BM_OutputEigen)->ArgName("D")->Arg(64)->Arg(128);
-BENCHMARK(BM_OutputFoveal)->ArgName("D")->Arg(64)->Arg(128);
+BENCHMARK(BM_OutputFoveal)->ArgName("D")->Arg(16)->Arg(32)->Arg(64)->Arg(128)->Arg(256);
+
+BENCHMARK(BM_AccumulateFoveal)->ArgNames({"D", "dQ"})->ArgsProduct({{64, 128}, {0, 1}});
 
 }  // namespace
 
