@@ -97,21 +97,32 @@ inline void accumulate_micro(const T* w, Index j_stride, Index r_stride, const T
   }
 }
 
-// acc_rows[r][0 .. cols) += Σ_{j < count} w[j * j_stride + r * r_stride] * src_rows[j][0 .. cols)
-// for r < num_acc (a product of the weights, read either way round, with rows of `cols`).
-template <typename T>
+// acc_rows[r][0 .. cols) += Σ_{j in range(r)} w[j * j_stride + r * r_stride] * src_rows[j][0 ..
+// cols) for r < num_acc (a product of the weights, read either way round, with rows of `cols`).
+// count_range(r0, r1) -> {j_begin, j_end} bounds the terms of rows [r0, r1) with a nonzero
+// weight (a masked block's trimmed edges); the others are skipped. Their weights are exact
+// zeros and the accumulators never hold -0 (they start at +0, and +0 + -0 is +0), so skipping
+// them changes no bit.
+template <typename T, typename CountRange>
 inline void accumulate_rows(const T* w, Index j_stride, Index r_stride, const T* const* src_rows,
-                            Index count, Index cols, T* const* acc_rows, Index num_acc) {
+                            Index count, Index cols, T* const* acc_rows, Index num_acc,
+                            CountRange&& count_range) {
   constexpr int L = kLanes<T>;
   const Index full_vectors = cols / L;
   for (Index r0 = 0; r0 < num_acc; r0 += kRowsPerMicro) {
     const int rows = static_cast<int>(std::min<Index>(kRowsPerMicro, num_acc - r0));
+    const auto [range_begin, range_end] = count_range(r0, r0 + rows);
+    const Index j_begin = std::clamp<Index>(range_begin, 0, count);
+    const Index j_end = std::clamp<Index>(range_end, j_begin, count);
+    if (j_end == j_begin) continue;
+    const T* w_part = w + r0 * r_stride + j_begin * j_stride;
     for (Index c0 = 0; c0 < full_vectors; c0 += kColVectorsPerMicro) {
       const int vectors = static_cast<int>(std::min<Index>(kColVectorsPerMicro, full_vectors - c0));
       with_count<kRowsPerMicro>(rows, [&](auto nr) {
         with_count<kColVectorsPerMicro>(vectors, [&](auto cv) {
           accumulate_micro<T, decltype(nr)::value, decltype(cv)::value>(
-              w + r0 * r_stride, j_stride, r_stride, src_rows, count, c0 * L, acc_rows + r0);
+              w_part, j_stride, r_stride, src_rows + j_begin, j_end - j_begin, c0 * L,
+              acc_rows + r0);
         });
       });
     }
@@ -119,10 +130,19 @@ inline void accumulate_rows(const T* w, Index j_stride, Index r_stride, const T*
     for (Index col = full_vectors * L; col < cols; ++col)
       for (Index r = r0; r < r0 + rows; ++r) {
         T sum = acc_rows[r][col];
-        for (Index j = 0; j < count; ++j) sum += w[j * j_stride + r * r_stride] * src_rows[j][col];
+        for (Index j = j_begin; j < j_end; ++j)
+          sum += w[j * j_stride + r * r_stride] * src_rows[j][col];
         acc_rows[r][col] = sum;
       }
   }
+}
+
+// The same over every term.
+template <typename T>
+inline void accumulate_rows(const T* w, Index j_stride, Index r_stride, const T* const* src_rows,
+                            Index count, Index cols, T* const* acc_rows, Index num_acc) {
+  accumulate_rows(w, j_stride, r_stride, src_rows, count, cols, acc_rows, num_acc,
+                  [count](Index, Index) { return std::pair<Index, Index>(0, count); });
 }
 
 // Per-thread scratch of BackwardRunner::run_head, allocated once per call.
@@ -283,9 +303,6 @@ class BackwardRunner {
     const auto& v = forward.v;
     const T* k_base = k.data() + batch * k.stride(0) + kv_head * k.stride(1);
     const T* v_base = v.data() + batch * v.stride(0) + kv_head * v.stride(1);
-    const auto all_rows = [row_vectors](Index, Index) {
-      return std::pair<int, int>(0, row_vectors);
-    };
     policy.for_each_block(positions[0], positions[num_rows - 1], [&](const KeyBlock& block) {
       const T* k_rows[kBlockK];
       const T* v_rows[kBlockK];
@@ -299,13 +316,31 @@ class BackwardRunner {
         grad_k_rows[j] = params_.grad_k.address(batch, kv_head, keys[j], 0);
         grad_v_rows[j] = params_.grad_v.address(batch, kv_head, keys[j], 0);
       }
+      // Inside a masked contiguous block (a causal diagonal, a band edge) the policy's bounds
+      // skip the row vectors, rows and keys whose probabilities are all zero, as in the
+      // forward: their scores are -inf uncomputed, P and dS there are exact zeros.
+      const bool trim = block.needs_mask && block.index == nullptr;
+      const Index first_position = block.begin + block.position_offset;
+      const auto rows_seeing = [&](Index j0, Index j1) {
+        if (!trim) return std::pair<Index, Index>(0, num_rows);
+        return rows_seeing_keys(policy, positions, num_rows, first_position + j0,
+                                first_position + j1);
+      };
+      const auto row_vectors_seeing = [&](Index j0, Index j1) {
+        return row_vectors_holding<T>(rows_seeing(j0, j1));
+      };
+      const auto keys_seen_by = [&](Index r0, Index r1) {
+        if (!trim) return std::pair<Index, Index>(0, block.count);
+        const KeyRange seen = policy.keys_seen(positions[r0], positions[r1 - 1]);
+        return std::pair<Index, Index>(seen.begin - first_position, seen.end - first_position);
+      };
       // A gathered block of a policy with gates: its hook computes dS (below).
       bool gated = false;
       if constexpr (GatesKeys<Policy>::value)
         gated = block.index != nullptr && policy.gates_outputs();
       // The forward's logits, then P = 2^(s - lse2).
       compute_scores(scratch.q_t, k_rows, block.count, dim_, forward_.query_multiplier(),
-                     row_vectors, all_rows, scratch.s_t);
+                     row_vectors, row_vectors_seeing, scratch.s_t);
       if constexpr (GatesKeys<Policy>::value) {
         if (gated && policy.gates_logits())
           std::copy_n(scratch.s_t, block.count * kBlockQ, scratch.raw_t);
@@ -321,8 +356,8 @@ class BackwardRunner {
       // dP = dO Vᵀ, then dS = P ∘ (dP − D), times 1 − tanh² under a softcap. Where P = 0 (a
       // key the row does not see) dS is 0 even if the key's value is NaN: NaN reaches only the
       // rows that see it, as in the forward.
-      compute_scores(scratch.do_t, v_rows, block.count, dim_v_, T(1), row_vectors, all_rows,
-                     scratch.dp_t);
+      compute_scores(scratch.do_t, v_rows, block.count, dim_v_, T(1), row_vectors,
+                     row_vectors_seeing, scratch.dp_t);
       if constexpr (GatesKeys<Policy>::value) {
         if (gated) {
           policy.gate_gradients(
@@ -343,9 +378,11 @@ class BackwardRunner {
       if (!gated) logit_gradients(block.count, row_vectors, row_delta, scratch);
       // dV[key] += Σ_r P[key][r] dO[r];  dK[key] += Σ_r dS[key][r] q[r];  dQ[r] += Σ_key dS k.
       accumulate_rows(scratch.s_t, 1, kBlockQ, grad_out_rows, num_rows, dim_v_, grad_v_rows,
-                      block.count);
-      accumulate_rows(scratch.dp_t, 1, kBlockQ, q_rows, num_rows, dim_, grad_k_rows, block.count);
-      accumulate_rows(scratch.dp_t, kBlockQ, 1, k_rows, block.count, dim_, dq_rows, num_rows);
+                      block.count, rows_seeing);
+      accumulate_rows(scratch.dp_t, 1, kBlockQ, q_rows, num_rows, dim_, grad_k_rows, block.count,
+                      rows_seeing);
+      accumulate_rows(scratch.dp_t, kBlockQ, 1, k_rows, block.count, dim_, dq_rows, num_rows,
+                      keys_seen_by);
     });
 
     const T scale = static_cast<T>(forward.scale);

@@ -252,6 +252,25 @@ inline void compute_scores(const T* q_t, const T* const* k_rows, Index num_keys,
   }
 }
 
+// The rows [first, end) of a tile (positions[0 .. num_rows), nondecreasing) that may see a key
+// at positions [key_lo, key_hi), by the policy's conservative bound; first == end when none.
+template <typename Policy>
+inline std::pair<Index, Index> rows_seeing_keys(const Policy& policy, const Index* positions,
+                                                Index num_rows, Index key_lo, Index key_hi) {
+  const PositionRange seeing = policy.positions_seeing(key_lo, key_hi);
+  const Index first = std::lower_bound(positions, positions + num_rows, seeing.first) - positions;
+  const Index end = std::upper_bound(positions, positions + num_rows, seeing.last) - positions;
+  return {first, std::max(first, end)};
+}
+
+// The row vectors (kLanes rows each) that hold rows [first, end).
+template <typename T>
+inline std::pair<int, int> row_vectors_holding(std::pair<Index, Index> rows) {
+  constexpr Index L = kLanes<T>;
+  if (rows.second <= rows.first) return {0, 0};
+  return {static_cast<int>(rows.first / L), static_cast<int>((rows.second + L - 1) / L)};
+}
+
 // Rows gathered by index (pages, selected keys) lie anywhere: the hardware prefetcher, which
 // follows one address stream, finds each run cold, and decode (a few rows per key: little
 // compute to hide the misses) reads them at half the speed of contiguous rows. While it scores
@@ -765,15 +784,8 @@ class TileRunner {
     const bool trim = block.needs_mask && block.index == nullptr;
     const auto row_vectors_seeing = [&](Index j0, Index j1) {
       if (!trim) return std::pair<int, int>(0, row_vectors);
-      const PositionRange seeing =
-          policy.positions_seeing(first_position + j0, first_position + j1);
-      const Index* first = positions;
-      const Index* last = positions + num_rows;
-      const Index r_begin = std::lower_bound(first, last, seeing.first) - first;
-      const Index r_end = std::upper_bound(first, last, seeing.last) - first;
-      if (r_end <= r_begin) return std::pair<int, int>(0, 0);
-      return std::pair<int, int>(static_cast<int>(r_begin / L),
-                                 static_cast<int>((r_end + L - 1) / L));
+      return row_vectors_holding<T>(
+          rows_seeing_keys(policy, positions, num_rows, first_position + j0, first_position + j1));
     };
     const auto keys_seen_by = [&](Index r0, Index r1) {
       if (!trim) return std::pair<Index, Index>(0, block.count);
