@@ -10,6 +10,8 @@ three gradient products) next to its forward GFLOP/s.
 
 from __future__ import annotations
 
+import math
+
 import foveal
 import foveal.torch as foveal_torch
 import torch
@@ -125,3 +127,41 @@ def run(threads_list, seconds, interleaved, median_time, full: bool) -> list[dic
             torch_ms = f"{row['torch_ms']:>11.1f}" if "torch_ms" in row else f"{'':>11}"
             print(f"{label:<34}{row['foveal_ms']:>11.1f}{torch_ms}{ratio}")
     return rows
+
+
+def markdown_lines(rows: list[dict]) -> list[str]:
+    """The dense grid (with its geometric mean per thread count), then the window rows."""
+    dense = [row for row in rows if "forward_gflops" in row]
+    lines = [
+        "| threads | D | L | mask | foveal ms | torch ms | torch / foveal | fwd GFLOP/s "
+        "| bwd GFLOP/s |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in dense:
+        lines.append(
+            f"| {row['threads']} | {row['D']} | {row['L']} | "
+            f"{'causal' if row['causal'] else 'none'} | {row['foveal_ms']:.1f} "
+            f"| {row['torch_ms']:.1f} | {row['ratio']:.2f}x | {row['forward_gflops']:.0f} "
+            f"| {row['backward_gflops']:.0f} |"
+        )
+    for threads in sorted({row["threads"] for row in dense}):
+        ratios = [row["ratio"] for row in dense if row["threads"] == threads]
+        mean = math.exp(sum(math.log(ratio) for ratio in ratios) / len(ratios))
+        lines.append(
+            f"\n{threads} thread(s): geometric mean {mean:.2f}x, "
+            f"{min(ratios):.2f}x-{max(ratios):.2f}x over {len(ratios)} cells."
+        )
+    window = [row for row in rows if row.get("op") == "window"]
+    if window:
+        lines += [
+            "",
+            f"| threads | window W{WINDOW}, D 64: L | foveal ms | masked SDPA ms | ratio |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for row in window:
+            torch_ms = f"{row['torch_ms']:.1f}" if "torch_ms" in row else "-"
+            ratio = f"**{row['ratio']:.2f}x**" if "ratio" in row else "-"
+            lines.append(
+                f"| {row['threads']} | {row['L']} | {row['foveal_ms']:.1f} | {torch_ms} | {ratio} |"
+            )
+    return lines

@@ -531,6 +531,10 @@ def markdown(path: Path) -> str:
         others = [row for row in rows if "twin_ms" not in row]
         lines += modules_cases.markdown_lines(others) if others else []
         lines += ["", *modules_cases_sparsek.markdown_lines(twinned)] if twinned else []
+    elif suite == "backward":
+        import backward_cases
+
+        lines += backward_cases.markdown_lines(rows)
     elif suite == "vq":
         lines += [
             "| K | threads | foveal ms | cdist ms | vs cdist | matmul ms | vs matmul | GFLOP/s "
