@@ -316,24 +316,15 @@ class BackwardRunner {
         grad_k_rows[j] = params_.grad_k.address(batch, kv_head, keys[j], 0);
         grad_v_rows[j] = params_.grad_v.address(batch, kv_head, keys[j], 0);
       }
-      // Inside a masked contiguous block (a causal diagonal, a band edge) the policy's bounds
-      // skip the row vectors, rows and keys whose probabilities are all zero, as in the
-      // forward: their scores are -inf uncomputed, P and dS there are exact zeros.
-      const bool trim = block.needs_mask && block.index == nullptr;
-      const Index first_position = block.begin + block.position_offset;
-      const auto rows_seeing = [&](Index j0, Index j1) {
-        if (!trim) return std::pair<Index, Index>(0, num_rows);
-        return rows_seeing_keys(policy, positions, num_rows, first_position + j0,
-                                first_position + j1);
-      };
+      // Inside a masked contiguous block the five products skip the rows and keys whose
+      // probabilities are all zero, as in the forward (BlockBounds): their scores are -inf
+      // uncomputed, P and dS there are exact zeros.
+      const BlockBounds<Policy> bounds(policy, block, positions, num_rows);
+      const auto rows_seeing = [&](Index j0, Index j1) { return bounds.rows_seeing(j0, j1); };
       const auto row_vectors_seeing = [&](Index j0, Index j1) {
-        return row_vectors_holding<T>(rows_seeing(j0, j1));
+        return bounds.template row_vectors_seeing<T>(j0, j1);
       };
-      const auto keys_seen_by = [&](Index r0, Index r1) {
-        if (!trim) return std::pair<Index, Index>(0, block.count);
-        const KeyRange seen = policy.keys_seen(positions[r0], positions[r1 - 1]);
-        return std::pair<Index, Index>(seen.begin - first_position, seen.end - first_position);
-      };
+      const auto keys_seen_by = [&](Index r0, Index r1) { return bounds.keys_seen_by(r0, r1); };
       // A gathered block of a policy with gates: its hook computes dS (below).
       bool gated = false;
       if constexpr (GatesKeys<Policy>::value)

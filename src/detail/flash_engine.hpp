@@ -252,24 +252,58 @@ inline void compute_scores(const T* q_t, const T* const* k_rows, Index num_keys,
   }
 }
 
-// The rows [first, end) of a tile (positions[0 .. num_rows), nondecreasing) that may see a key
-// at positions [key_lo, key_hi), by the policy's conservative bound; first == end when none.
+// The bounds of a block visited by a tile's rows (positions[0 .. num_rows), nondecreasing). Inside
+// a masked contiguous block (a causal diagonal, a band edge) whole row vectors miss some key
+// groups and whole row groups miss some keys: the policy's conservative bounds name the rows and
+// keys that may contribute, and the products skip the rest (their probabilities are exact
+// zeros). Any other block: every row and key. Keys and rows are indices into the block and tile.
 template <typename Policy>
-inline std::pair<Index, Index> rows_seeing_keys(const Policy& policy, const Index* positions,
-                                                Index num_rows, Index key_lo, Index key_hi) {
-  const PositionRange seeing = policy.positions_seeing(key_lo, key_hi);
-  const Index first = std::lower_bound(positions, positions + num_rows, seeing.first) - positions;
-  const Index end = std::upper_bound(positions, positions + num_rows, seeing.last) - positions;
-  return {first, std::max(first, end)};
-}
+class BlockBounds {
+ public:
+  BlockBounds(const Policy& policy, const KeyBlock& block, const Index* positions, Index num_rows)
+      : policy_(policy),
+        positions_(positions),
+        num_rows_(num_rows),
+        count_(block.count),
+        first_position_(block.begin + block.position_offset),
+        trim_(block.needs_mask && block.index == nullptr) {}
 
-// The row vectors (kLanes rows each) that hold rows [first, end).
-template <typename T>
-inline std::pair<int, int> row_vectors_holding(std::pair<Index, Index> rows) {
-  constexpr Index L = kLanes<T>;
-  if (rows.second <= rows.first) return {0, 0};
-  return {static_cast<int>(rows.first / L), static_cast<int>((rows.second + L - 1) / L)};
-}
+  // The rows [first, end) that may see a key of [j0, j1); first == end when none.
+  std::pair<Index, Index> rows_seeing(Index j0, Index j1) const {
+    if (!trim_) return {0, num_rows_};
+    const PositionRange seeing =
+        policy_.positions_seeing(first_position_ + j0, first_position_ + j1);
+    const Index* end = positions_ + num_rows_;
+    const Index first = std::lower_bound(positions_, end, seeing.first) - positions_;
+    const Index last = std::upper_bound(positions_, end, seeing.last) - positions_;
+    return {first, std::max(first, last)};
+  }
+
+  // The row vectors (kLanes<T> rows each) holding rows_seeing(j0, j1).
+  template <typename T>
+  std::pair<int, int> row_vectors_seeing(Index j0, Index j1) const {
+    constexpr Index L = kLanes<T>;
+    const auto [first, end] = rows_seeing(j0, j1);
+    if (end <= first) return {0, 0};
+    return {static_cast<int>(first / L), static_cast<int>((end + L - 1) / L)};
+  }
+
+  // The keys [begin, end) that rows [r0, r1) may see.
+  std::pair<Index, Index> keys_seen_by(Index r0, Index r1) const {
+    if (!trim_) return {0, count_};
+    const KeyRange seen = policy_.keys_seen(positions_[r0], positions_[r1 - 1]);
+    return {std::clamp<Index>(seen.begin - first_position_, 0, count_),
+            std::clamp<Index>(seen.end - first_position_, 0, count_)};
+  }
+
+ private:
+  const Policy& policy_;
+  const Index* positions_;
+  Index num_rows_;
+  Index count_;
+  Index first_position_;
+  bool trim_;
+};
 
 // Rows gathered by index (pages, selected keys) lie anywhere: the hardware prefetcher, which
 // follows one address stream, finds each run cold, and decode (a few rows per key: little
@@ -778,21 +812,11 @@ class TileRunner {
     constexpr int L = kLanes<T>;
     const Index batch = tile.batch;
     const bool few_rows = num_rows <= kFewRows<T>;
-    const Index first_position = block.begin + block.position_offset;
-    // Inside a masked contiguous block (a causal diagonal, a band edge) whole row vectors
-    // miss some key groups and whole row groups miss some keys: the policy's bounds skip them.
-    const bool trim = block.needs_mask && block.index == nullptr;
+    const BlockBounds<Policy> bounds(policy, block, positions, num_rows);
     const auto row_vectors_seeing = [&](Index j0, Index j1) {
-      if (!trim) return std::pair<int, int>(0, row_vectors);
-      return row_vectors_holding<T>(
-          rows_seeing_keys(policy, positions, num_rows, first_position + j0, first_position + j1));
+      return bounds.template row_vectors_seeing<T>(j0, j1);
     };
-    const auto keys_seen_by = [&](Index r0, Index r1) {
-      if (!trim) return std::pair<Index, Index>(0, block.count);
-      const KeyRange seen = policy.keys_seen(positions[r0], positions[r1 - 1]);
-      return std::pair<Index, Index>(std::clamp<Index>(seen.begin - first_position, 0, block.count),
-                                     std::clamp<Index>(seen.end - first_position, 0, block.count));
-    };
+    const auto keys_seen_by = [&](Index r0, Index r1) { return bounds.keys_seen_by(r0, r1); };
     if (few_rows) {
       // The micro-kernel reads whole groups of keys: repeat the last row to fill the group.
       const Index padded = (block.count + L - 1) / L * L;
